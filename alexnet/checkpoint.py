@@ -1,0 +1,109 @@
+"""Checkpoints: atomic writes by one rank, layout-independent contents, `weights_only` loads.
+
+The model and the optimizer's momentum are stored in the single-device layout, keyed by parameter
+name, so a run can resume under another parallel layout or world size. A write never leaves a
+half-written `last.pt`: the new file is written beside it, fsynced, and renamed over it; the
+previous checkpoint survives as `previous.pt` until the next write.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+LAST = "last.pt"
+PREVIOUS = "previous.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (so names carry no `module.` prefix)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, Any]:
+    """The optimizer's per-parameter state keyed by parameter name instead of position."""
+    state = {names[p]: {k: v for k, v in s.items()} for p, s in optimizer.state.items()}
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], params: dict[str, nn.Parameter]
+) -> None:
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for key, value in saved_group.items():
+            if key != "params":
+                group[key] = value
+    for name, values in saved["state"].items():
+        if name in params:
+            p = params[name]
+            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in values.items()}
+
+
+def atomic_save(payload: dict[str, Any], folder: Path) -> Path:
+    """Write `folder/last.pt` so that a crash at any moment leaves a loadable file behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / LAST
+    tmp = folder / f".{LAST}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        # previous.pt <- last.pt through a hard link, so last.pt exists at every instant.
+        link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
+        if link.exists():
+            link.unlink()
+        os.link(final, link)
+        os.replace(link, folder / PREVIOUS)
+    os.replace(tmp, final)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True (no code runs from the file); errors name the file."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a zip, unsafe pickle: all are "cannot load"
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT_VERSION} checkpoint of this trainer")
+    return payload
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict load with a message that says which parameters do not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}")
+        if wrong:
+            parts.append(
+                "shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
+            )
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,326 @@
+"""Typed run configuration: dataclass defaults < YAML file < `key=value` overrides.
+
+Unknown keys and wrong types fail with a message that names the key (and the closest valid key);
+nothing mutates a Config after `load_config` returns. Numbers derived from it (global batch,
+scaled learning rate, run folder) live in `alexnet.plan.RunPlan`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from alexnet.model import min_input_size
+
+IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    variant: Literal["paper", "torchvision"] = "paper"
+    num_classes: int = 0  # 0: the number of class folders in the training data
+    dropout: float = 0.5
+    init: Literal["paper", "kaiming"] = "paper"  # paper: N(0, 0.01), biases 0/1 (section 5)
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder with train/ and val/ class folders; "" = the built-in demo dataset
+    pipeline: Literal["dali", "torchvision", "synthetic"] = "dali"
+    batch_size: int = 128  # per data-parallel replica
+    resize: int = 256  # shorter side before cropping (section 2 of the paper)
+    crop: int = 227  # network input size
+    train_crop: Literal["paper", "random_resized"] = "paper"
+    decoder: Literal["auto", "mixed", "cpu"] = "auto"  # auto: mixed (GPU) when CUDA is in use
+    num_threads: int = 4  # DALI CPU threads, or DataLoader workers, per rank
+    prefetch: int = 2  # batches decoded ahead
+    hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    synthetic_steps: int = 100  # steps per epoch of the synthetic pipeline
+    seed: int = 0  # data order and augmentation; the model's seed is train.seed
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # for a global batch of lr_reference_batch; scaled linearly with it
+    lr_reference_batch: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on weights, not biases (cuda-convnet's layer definitions)
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["plateau", "step", "cosine", "constant"] = "plateau"
+    warmup_epochs: float = 0.0  # linear ramp from warmup_start_factor * lr
+    warmup_start_factor: float = 0.1
+    factor: float = 0.1  # multiplier at each decay (step and plateau)
+    step_epochs: int = 30  # step: decay every step_epochs epochs
+    patience: int = 1  # plateau: epochs without improvement of val error before decaying
+    min_delta: float = 0.0  # plateau: an improvement smaller than this (in top-1 %) does not count
+    max_reductions: int = 3  # plateau: the paper divided the rate by 10 three times
+    min_lr_factor: float = 0.0  # cosine: final lr as a fraction of the peak
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0 = no limit
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where supported on GPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
+    seed: int = 0
+    log_every: int = 50  # steps between progress lines and train metrics
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run aborts
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    deterministic: bool = False  # deterministic kernels (slower); CPU runs are deterministic anyway
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # also written at every epoch end; 0 = only at epoch ends
+    resume: str = "auto"  # auto: continue the run folder's last checkpoint; none; or a path
+
+
+@dataclass
+class ParallelConfig:
+    mode: Literal["dp", "towers", "hybrid"] = "dp"
+    timeout_s: float = 600.0  # collective timeout: a dead rank stops the others after this
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = True
+    static_graph: bool = False
+    comm_hook: Literal["none", "bf16", "fp16", "powersgd"] = "none"
+    powersgd_rank: int = 4
+    fc_group: int = 0  # hybrid: ranks sharing the FC layers; 0 = the ranks of one node
+
+
+@dataclass
+class RunConfig:
+    root: str = "runs"
+    name: str = ""  # "" = the config file's name (plus the job id under Slurm)
+    tensorboard: bool = False
+    progress: Literal["auto", "bar", "log"] = "auto"  # auto: a bar only on a terminal
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides, then validation."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _flatten(_read_yaml(Path(path)), source=str(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        values[key] = value
+    cfg = _build(Config, values)
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(valid_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, source, dotted + "."))
+        else:
+            flat[dotted] = _Sourced(value, source)
+    return flat
+
+
+@dataclass(frozen=True)
+class _Sourced:
+    """A value and where it came from, for error messages."""
+
+    value: Any
+    source: str
+    raw: str | None = None  # the override's text, kept for str-typed keys
+
+
+def _parse_override(item: str) -> tuple[str, _Sourced]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (for example train.epochs=10)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), _Sourced(value, "the command line", raw=text)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in [k for k in values if k.startswith(prefix)]:
+        head = key[len(prefix):].split(".", 1)[0]
+        if head not in names:
+            _unknown_key(key, values[key])
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        dotted = prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            if dotted in values:
+                raise ConfigError(f"config key {dotted!r} is a section; set its keys, e.g. {dotted}.<key>=...")
+            kwargs[f.name] = _build(hint, values, dotted + ".")
+        elif dotted in values:
+            kwargs[f.name] = _coerce(dotted, hint, values[dotted])
+    return cls(**kwargs)
+
+
+def _unknown_key(key: str, sourced: _Sourced) -> None:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown config key {key!r} from {sourced.source}{hint}")
+
+
+def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
+    value = sourced.value
+    origin = typing.get_origin(hint)
+    where = f"config key {key!r} (from {sourced.source})"
+    if hint is str:
+        if sourced.raw is not None:
+            return sourced.raw
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    elif origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", item_type, _Sourced(v, sourced.source)) for i, v in enumerate(value)]
+    elif origin in (typing.Union, types.UnionType):
+        raise TypeError(f"union types are not supported in Config ({key})")
+    raise ConfigError(f"{where} expects {_type_name(hint)}; got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def validate_config(cfg: Config) -> None:
+    """Checks that span more than one key's type; each message names the key."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.crop": cfg.data.crop,
+        "data.resize": cfg.data.resize,
+        "data.num_threads": cfg.data.num_threads,
+        "data.prefetch": cfg.data.prefetch,
+        "data.synthetic_steps": cfg.data.synthetic_steps,
+        "optim.lr": cfg.optim.lr,
+        "optim.lr_reference_batch": cfg.optim.lr_reference_batch,
+        "train.epochs": cfg.train.epochs,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "parallel.timeout_s": cfg.parallel.timeout_s,
+        "parallel.bucket_cap_mb": cfg.parallel.bucket_cap_mb,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0; got {value}")
+    non_negative = {
+        "model.num_classes": cfg.model.num_classes,
+        "train.max_steps": cfg.train.max_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
+        "train.grad_clip": cfg.train.grad_clip,
+        "parallel.fc_group": cfg.parallel.fc_group,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0; got {value}")
+    if cfg.model.num_classes == 1:
+        raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
+    if cfg.data.crop > cfg.data.resize:
+        raise ConfigError(
+            f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})"
+        )
+    smallest = min_input_size(cfg.model.variant)
+    if cfg.data.crop < smallest:
+        raise ConfigError(
+            f"config key 'data.crop' is {cfg.data.crop}, below the smallest input the "
+            f"{cfg.model.variant} variant's pooling allows ({smallest})"
+        )
+    for key in ("data.mean", "data.std"):
+        vals = getattr(cfg.data, key.split(".")[1])
+        if len(vals) != 3:
+            raise ConfigError(f"config key {key!r} needs 3 values (R, G, B); got {len(vals)}")
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"config key 'data.std' must be > 0 per channel; got {cfg.data.std}")
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
+    if not 0.0 < cfg.schedule.factor <= 1.0:
+        raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")

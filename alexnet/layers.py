@@ -1,0 +1,103 @@
+"""Layers shared by both AlexNet variants.
+
+`CounterDropout` draws its mask from a counter-based hash of (seed, step, layer, sample, feature)
+instead of a stateful generator. The mask of a sample therefore does not depend on which rank
+computes it, how the global batch is split, or how a layer's neurons are spread over devices:
+a data-parallel, tower-split or hybrid run drops exactly the same units as one process on the
+whole global batch, and a resumed run drops the same units as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding values < 2**32.
+
+    Products are taken modulo 2**64 by int64 wrap-around and then masked, so the low 32 bits are
+    exact on every backend.
+    """
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _mix_scalar(h: int, value: int) -> int:
+    """Python-int twin of one hashing round, for the per-step constants."""
+    h = (h ^ (value & _MASK32)) * 0x01000193 & _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def counter_uniform_bits(
+    seed: int, step: int, stream: int, sample_ids: Tensor, num_features: int, feature_offset: int = 0
+) -> Tensor:
+    """32-bit hash for every (sample, feature) pair: shape [len(sample_ids), num_features]."""
+    base = _mix_scalar(_mix_scalar(_mix_scalar(0x811C9DC5, seed), step), stream)
+    rows = _fmix32((sample_ids.to(torch.int64) * _GOLDEN + base) & _MASK32)
+    cols = torch.arange(
+        feature_offset, feature_offset + num_features, device=sample_ids.device, dtype=torch.int64
+    )
+    return _fmix32(rows[:, None] ^ ((cols[None, :] * 0x27D4EB2F) & _MASK32))
+
+
+@dataclass(frozen=True)
+class DropoutContext:
+    """What makes a dropout mask reproducible: the run's seed, the optimizer step, and the
+    position of each row of the batch in the step's global batch."""
+
+    seed: int
+    step: int
+    sample_ids: Tensor
+
+
+class CounterDropout(nn.Module):
+    """Inverted dropout (Krizhevsky et al. 2012, section 4.2) with a layout-independent mask.
+
+    Without a context (a model used on its own) it falls back to `F.dropout`.
+    """
+
+    def __init__(self, p: float, stream: int) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.stream = stream
+        self.context: DropoutContext | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        ctx = self.context
+        if ctx is None:
+            return F.dropout(x, self.p, training=True)
+        if ctx.sample_ids.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"dropout context has {ctx.sample_ids.shape[0]} sample ids for a batch of {x.shape[0]}"
+            )
+        flat = x.reshape(x.shape[0], -1)
+        bits = counter_uniform_bits(ctx.seed, ctx.step, self.stream, ctx.sample_ids.to(x.device), flat.shape[1])
+        keep = bits >= int(self.p * 2**32)
+        return (flat * keep.to(flat.dtype) * (1.0 / (1.0 - self.p))).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, stream={self.stream}"
+
+
+def apply_dropout_context(model: nn.Module, context: DropoutContext | None) -> None:
+    """Point every CounterDropout in `model` at `context` (None restores plain dropout)."""
+    for module in model.modules():
+        if isinstance(module, CounterDropout):
+            module.context = context

@@ -1,0 +1,189 @@
+"""Single-device AlexNet, in two variants.
+
+* ``paper``: Krizhevsky, Sutskever & Hinton, "ImageNet Classification with Deep Convolutional
+  Neural Networks", NIPS 2012. The two GPU towers of figure 2 are written out: every layer is a
+  pair of modules (one per tower) and the points where the paper's GPUs communicate are calls to
+  ``self.exchange``, a concatenation on one device. Splitting the model over two ranks
+  (``alexnet.parallel.towers``) keeps one tower's modules and swaps ``exchange`` for an
+  all-gather; it is a transformation of this module, not a second model.
+* ``torchvision``: the single-tower variant of "One weird trick" (Krizhevsky 2014) with parameter
+  names identical to ``torchvision.models.alexnet``, so weights move between the two freely.
+
+Both expose ``forward_features`` (pixels -> flattened pool5, 9216 values at 227x227) and ``forward_head``
+(fc6..fc8), the seam at which the 2014 hybrid layout splits data- from model-parallelism.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from alexnet.layers import CounterDropout
+
+Variant = Literal["paper", "torchvision"]
+Init = Literal["paper", "kaiming"]
+
+# Section 3.3: k = 2, n = 5, alpha = 1e-4, beta = 0.75 with
+#   b = a / (k + alpha * sum_{5 neighbours} a^2) ** beta.
+# torch.nn.LocalResponseNorm divides alpha by n (as Caffe does), so the paper's formula, taken
+# literally, needs alpha * n here.
+LRN_SIZE = 5
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+LRN_K = 2.0
+
+PAPER_INPUT = 227
+TOWERS = (0, 1)
+DROPOUT_STREAMS = {"fc6": 6, "fc7": 7}
+
+Exchange = Callable[[Sequence[Tensor]], Tensor]
+
+
+def concat_towers(parts: Sequence[Tensor]) -> Tensor:
+    """Where the paper's GPUs exchange activations, one device just concatenates channels."""
+    return torch.cat(list(parts), dim=1)
+
+
+def pool5_size(input_size: int) -> int:
+    """Side of the paper model's pool5 map: 6 at 227 (section 3.5). fc6's fan-in follows it, so a
+    smaller input gives a smaller fc6 instead of features copied up to 6x6 (which would multiply
+    fc6's effective learning rate by the number of copies)."""
+    side = (input_size - 11) // 4 + 1  # conv1: 11x11, stride 4, no padding
+    for _ in range(3):  # three overlapping 3x3 stride-2 poolings; conv2..conv5 keep the size
+        side = (side - 3) // 2 + 1
+    if side < 1:
+        raise ValueError(f"input size {input_size} is below the smallest the paper model allows (67)")
+    return side
+
+
+def split_classes(num_classes: int) -> tuple[int, int]:
+    """fc8 is split between the towers (500 + 500 logits at 1000 classes)."""
+    first = (num_classes + 1) // 2
+    return first, num_classes - first
+
+
+class PaperAlexNet(nn.Module):
+    """AlexNet as in Krizhevsky et al. 2012: 60,965,224 parameters at 1000 classes."""
+
+    def __init__(
+        self, num_classes: int = 1000, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "paper"
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.input_size = input_size
+        side = pool5_size(input_size)
+        pair = range(len(TOWERS))
+        # Section 3.5: conv widths 48/128/192/192/128 per tower; conv3 and the FC layers read
+        # both towers, conv2/conv4/conv5 only their own.
+        self.conv1 = nn.ModuleList(nn.Conv2d(3, 48, 11, stride=4) for _ in pair)
+        self.conv2 = nn.ModuleList(nn.Conv2d(48, 128, 5, padding=2) for _ in pair)
+        self.conv3 = nn.ModuleList(nn.Conv2d(256, 192, 3, padding=1) for _ in pair)
+        self.conv4 = nn.ModuleList(nn.Conv2d(192, 192, 3, padding=1) for _ in pair)
+        self.conv5 = nn.ModuleList(nn.Conv2d(192, 128, 3, padding=1) for _ in pair)
+        self.fc6 = nn.ModuleList(nn.Linear(256 * side * side, 2048) for _ in pair)
+        self.fc7 = nn.ModuleList(nn.Linear(4096, 2048) for _ in pair)
+        self.fc8 = nn.ModuleList(nn.Linear(4096, n) for n in split_classes(num_classes))
+        # Section 3.3: LRN after the ReLU of conv1 and conv2, within each tower's own kernels.
+        self.lrn = nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
+        # Section 3.4: overlapping pooling, z = 3, s = 2.
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
+        # Section 4.2: dropout 0.5 on the inputs of fc6 and fc7.
+        self.drop6 = CounterDropout(dropout, DROPOUT_STREAMS["fc6"])
+        self.drop7 = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
+        self.towers: tuple[int, ...] = TOWERS
+        self.exchange: Exchange = concat_towers
+        if init == "paper":
+            init_paper_weights(self)
+        else:
+            init_kaiming_weights(self)
+
+    def _conv1_2(self, t: int, x: Tensor) -> Tensor:
+        h = self.pool(self.lrn(F.relu(self.conv1[t](x))))
+        return self.pool(self.lrn(F.relu(self.conv2[t](h))))
+
+    def _conv3_5(self, t: int, x: Tensor) -> Tensor:
+        h = F.relu(self.conv3[t](x))
+        h = F.relu(self.conv4[t](h))
+        return torch.flatten(self.pool(F.relu(self.conv5[t](h))), 1)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x3 = self.exchange([self._conv1_2(t, x) for t in self.towers])
+        # Each tower's pool5 is flattened channel-major, so concatenating the flat halves equals
+        # flattening the concatenated feature maps.
+        return self.exchange([self._conv3_5(t, x3) for t in self.towers])
+
+    def forward_head(self, z: Tensor) -> Tensor:
+        h = self.drop6(z)
+        h = self.exchange([F.relu(self.fc6[t](h)) for t in self.towers])
+        h = self.drop7(h)
+        h = self.exchange([F.relu(self.fc7[t](h)) for t in self.towers])
+        return self.exchange([self.fc8[t](h) for t in self.towers])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def init_paper_weights(model: PaperAlexNet) -> None:
+    """Section 5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the fully-connected
+    hidden layers (fc6, fc7), which "accelerates the early stages of learning by providing the
+    ReLUs with positive inputs"; biases 0 in the remaining layers (conv1, conv3, fc8)."""
+    ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+    for name, layers in model.named_children():
+        if not isinstance(layers, nn.ModuleList):
+            continue
+        for layer in layers:
+            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            nn.init.constant_(layer.bias, 1.0 if name in ones else 0.0)
+
+
+def init_kaiming_weights(model: nn.Module) -> None:
+    """He et al. 2015 (fan-in, ReLU gain) with zero biases. The paper's N(0, 0.01) start leaves the
+    logits almost independent of the input (their spread over samples is ~0.1% of their size) and
+    needs thousands of steps to break out; a few-minute run does not have them."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+
+
+class TorchvisionAlexNet(torchvision.models.AlexNet):
+    """`torchvision.models.alexnet` with the same parameter names and torchvision's own init;
+    only its two dropout layers (no parameters) are made layout-independent."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+        super().__init__(num_classes=num_classes, dropout=dropout)
+        self.classifier[0] = CounterDropout(dropout, DROPOUT_STREAMS["fc6"])
+        self.classifier[3] = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+    def forward_head(self, z: Tensor) -> Tensor:
+        return self.classifier(z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_model(
+    variant: Variant, num_classes: int, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "paper"
+) -> nn.Module:
+    """`input_size` sets the paper model's fc6 fan-in; torchvision's variant pools any input to
+    6x6 (torchvision's own choice, kept for weight compatibility). `init` applies to the paper
+    variant; the torchvision variant keeps torchvision's initialisation."""
+    if variant == "paper":
+        return PaperAlexNet(num_classes, dropout, input_size, init)
+    if variant == "torchvision":
+        return TorchvisionAlexNet(num_classes, dropout)
+    raise ValueError(f"model.variant: unknown variant {variant!r} (choose 'paper' or 'torchvision')")
+
+
+def min_input_size(variant: Variant) -> int:
+    """Smallest square input for which pool5 is at least 1x1."""
+    return 67 if variant == "paper" else 63

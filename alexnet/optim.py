@@ -1,0 +1,96 @@
+"""The paper's optimizer and learning-rate policies.
+
+Section 5: SGD, batch 128, momentum 0.9, weight decay 0.0005, lr 0.01 divided by 10 when the
+validation error stops improving (three times in all). The rate is given for a reference global
+batch and scaled linearly with the actual global batch (Goyal et al. 2017), with optional warmup.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from alexnet.config import OptimConfig, ScheduleConfig
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    return cfg.lr * global_batch / cfg.lr_reference_batch
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+    """Weight decay on weights only: cuda-convnet, which trained the paper's model, sets no decay
+    on biases."""
+    decay = [p for n, p in named_params if p.ndim > 1]
+    no_decay = [p for n, p in named_params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "weights"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "biases"},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+@dataclass
+class PlateauState:
+    best_top1: float = -math.inf
+    bad_evals: int = 0
+    reductions: int = 0
+
+
+class LrSchedule:
+    """lr(step) = peak * warmup(step) * policy(step); plateau decisions come from validations."""
+
+    def __init__(self, cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int, epochs: int) -> None:
+        self.cfg = cfg
+        self.peak_lr = peak_lr
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * epochs
+        self.plateau = PlateauState()
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
+        warm = 1.0
+        if step < warmup_steps:
+            warm = cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup_steps
+        if cfg.name == "constant":
+            policy = 1.0
+        elif cfg.name == "step":
+            policy = cfg.factor ** (step // (cfg.step_epochs * self.steps_per_epoch))
+        elif cfg.name == "cosine":
+            span = max(self.total_steps - warmup_steps, 1)
+            t = min(max(step - warmup_steps, 0) / span, 1.0)
+            policy = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        else:
+            policy = cfg.factor**self.plateau.reductions
+        return self.peak_lr * warm * policy
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def observe_validation(self, top1: float) -> bool:
+        """Record a validation top-1 (%); True when the plateau policy just divided the rate."""
+        if self.cfg.name != "plateau":
+            return False
+        p = self.plateau
+        if top1 > p.best_top1 + self.cfg.min_delta:
+            p.best_top1 = top1
+            p.bad_evals = 0
+            return False
+        p.bad_evals += 1
+        if p.bad_evals >= self.cfg.patience and p.reductions < self.cfg.max_reductions:
+            p.reductions += 1
+            p.bad_evals = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_top1": self.plateau.best_top1, "bad_evals": self.plateau.bad_evals, "reductions": self.plateau.reductions}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau = PlateauState(float(state["best_top1"]), int(state["bad_evals"]), int(state["reductions"]))

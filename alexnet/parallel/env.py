@@ -1,0 +1,77 @@
+"""torchrun's environment -> DistEnv: who am I, on which device, over which backend."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
+    """Read torchrun's variables (LOCAL_RANK from the environment: the --local-rank flag changed
+    in PyTorch 2.0), pick the device, and start the process group when WORLD_SIZE > 1.
+
+    CUDA: NCCL, device = cuda:LOCAL_RANK, set before init_process_group so NCCL binds the right
+    GPU. Otherwise gloo on the CPU. The timeout is finite so that a dead rank ends the others.
+    """
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    use_cuda = torch.cuda.is_available() and not force_cpu
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
+                "start at most one process per GPU (torchrun --nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None,
+        )
+    return DistEnv(rank, local_rank, world, local_world, device, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""Numbers derived from the config and the environment, computed once (the Config stays as loaded)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alexnet.config import Config
+from alexnet.optim import scaled_lr
+from alexnet.parallel.env import DistEnv
+from alexnet.parallel.mesh import Mesh
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_dir: Path
+    global_batch: int
+    peak_lr: float
+    channels_last: bool
+    decoder: str  # "mixed" or "cpu"
+
+
+def default_run_name(config_path: str | None) -> str:
+    """The config file's name, plus the Slurm job id when there is one, so that a requeued job
+    finds its own run folder again."""
+    name = Path(config_path).stem if config_path else "demo"
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        name = f"{name}-{job}" + (f"_{task}" if task else "")
+    return name
+
+
+def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -> RunPlan:
+    run_dir = Path(cfg.run.root).expanduser() / (cfg.run.name or default_run_name(config_path))
+    global_batch = cfg.data.batch_size * mesh.data_size
+    on_cuda = env.device.type == "cuda"
+    channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_cuda)
+    decoder = cfg.data.decoder if cfg.data.decoder != "auto" else ("mixed" if on_cuda else "cpu")
+    if decoder == "mixed" and not on_cuda:
+        raise ValueError("config key 'data.decoder' is 'mixed' but no CUDA device is in use")
+    return RunPlan(run_dir, global_batch, scaled_lr(cfg.optim, global_batch), channels_last, decoder)
+
+
+def set_determinism(enabled: bool) -> None:
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True

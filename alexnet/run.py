@@ -1,0 +1,33 @@
+"""One training run, start to finish, in the calling process (one torchrun worker)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from alexnet.config import Config
+from alexnet.parallel.env import init_distributed, shutdown_distributed
+from alexnet.parallel.mesh import build_mesh
+from alexnet.plan import build_plan, set_determinism
+from alexnet.trainer import Trainer
+
+
+def init_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
+    init_logging(int(os.environ.get("RANK", "0")))
+    env = init_distributed(cfg.parallel.timeout_s)
+    try:
+        set_determinism(cfg.train.deterministic)
+        mesh = build_mesh(env, cfg.parallel.mode)
+        plan = build_plan(cfg, env, mesh, config_path)
+        return Trainer(cfg, env, mesh, plan).fit()
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,38 @@
+"""Train AlexNet: `torchrun --nproc_per_node=N launch/train.py [--config FILE] [key=value ...]`.
+
+Without --config it trains on the built-in demo dataset (launch/configs/demo.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alexnet.checkpoint import CheckpointError
+from alexnet.config import ConfigError, load_config
+from alexnet.run import run_training
+from pipelines.index import DataError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: the demo)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run_training(cfg, args.config)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0 if summary["completed"] or summary["steps"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

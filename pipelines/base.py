@@ -1,0 +1,81 @@
+"""The one Loader protocol every pipeline implements, and the numbers they share.
+
+A loader yields `(images, labels)` on the training device. Iterating it once runs one epoch to
+StopIteration (never count to len() by hand) and moves it to the next epoch. Every rank gets the
+same number of steps:
+
+* train: `train_steps` batches per epoch, all of real samples (a shard's incomplete last batch is
+  dropped, like DataLoader's drop_last, because the shards differ in size by one sample);
+* val: `val_steps` batches per epoch of constant shape; rows that only pad a shard to a whole
+  batch carry label -1 (PAD_LABEL), so that every image is counted exactly once across ranks.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+PAD_LABEL = -1
+Split = Literal["train", "val"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What an image becomes; identical for every pipeline kind."""
+
+    crop: int
+    resize: int
+    train_crop: Literal["paper", "random_resized"]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How this rank reads: its data-parallel shard and batch."""
+
+    shard_id: int
+    num_shards: int
+    batch_size: int
+    seed: int
+
+
+class Loader(Protocol):
+    split: Split
+    num_samples: int  # real samples in the whole split (all shards)
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous shard [start, end), the split DALI's readers use."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def train_steps(num_samples: int, num_shards: int, batch_size: int) -> int:
+    """Whole batches in the smallest shard: the same on every rank."""
+    return (num_samples // num_shards) // batch_size
+
+
+def val_steps(num_samples: int, num_shards: int, batch_size: int) -> int:
+    """Batches that cover the largest shard; smaller shards are padded to it."""
+    largest = -(-num_samples // num_shards)
+    return -(-largest // batch_size)
+
+
+def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: str) -> None:
+    if train_steps(num_samples, num_shards, batch_size) == 0:
+        raise ValueError(
+            f"{where}: {num_samples} training images over {num_shards} data-parallel shard(s) leave "
+            f"{num_samples // num_shards} per shard, fewer than one batch of data.batch_size={batch_size}"
+        )

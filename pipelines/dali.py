@@ -1,0 +1,202 @@
+"""NVIDIA DALI input pipeline: one graph; the decoder's device is the only GPU/CPU difference.
+
+Sharding follows the data-parallel rank (`ShardSpec.shard_id`), never LOCAL_RANK. Training reads
+a fresh global permutation every epoch (`shuffle_after_epoch`: the same permutation on every rank,
+so the shards of one epoch are disjoint and cover the data); validation reads fixed contiguous
+shards (`stick_to_shard`) in file order. `pad_last_batch` makes every shard the same number of
+batches, so no rank waits for another at a collective.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.backend import TensorGPU
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
+from pipelines.index import FileIndex
+
+READER_NAME = "Reader"
+DecoderDevice = Literal["mixed", "cpu"]
+
+
+@pipeline_def
+def image_graph(
+    files: list[str],
+    labels: list[int],
+    image: ImageSpec,
+    shard: ShardSpec,
+    training: bool,
+    decoder: DecoderDevice,
+    hw_decoder_load: float,
+    layout: str,
+):
+    jpegs, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        shard_id=shard.shard_id,
+        num_shards=shard.num_shards,
+        pad_last_batch=True,
+        shuffle_after_epoch=training,
+        stick_to_shard=not training,
+        name=READER_NAME,
+    )
+    decode: dict[str, Any] = {"device": decoder, "output_type": types.RGB}
+    if decoder == "mixed":
+        decode["hw_decoder_load"] = hw_decoder_load
+    normalize: dict[str, Any] = {
+        "dtype": types.FLOAT,
+        "output_layout": layout,
+        "mean": list(image.mean),
+        "std": list(image.std),
+    }
+    if training and image.train_crop == "random_resized":
+        # Inception-style crop (Szegedy et al. 2015): decode only the sampled window.
+        images = fn.decoders.image_random_crop(
+            jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10, **decode
+        )
+        images = fn.resize(images, resize_x=image.crop, resize_y=image.crop)
+        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), **normalize)
+    elif training:
+        # Section 2 and 4.1: shorter side to `resize`, the central resize x resize square, then a
+        # random crop x crop patch of it and its horizontal reflection.
+        images = fn.decoders.image(jpegs, **decode)
+        images = fn.resize(images, resize_shorter=image.resize)
+        images = fn.crop(images, crop=(image.resize, image.resize))
+        images = fn.crop_mirror_normalize(
+            images,
+            crop=(image.crop, image.crop),
+            crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
+            mirror=fn.random.coin_flip(probability=0.5),
+            **normalize,
+        )
+    else:
+        images = fn.decoders.image(jpegs, **decode)
+        images = fn.resize(images, resize_shorter=image.resize)
+        images = fn.crop_mirror_normalize(images, crop=(image.crop, image.crop), **normalize)
+    return images, label
+
+
+class DaliLoader:
+    """The Loader protocol over a DALI pipeline, built once and reused every epoch (rebuilding
+    pipelines leaks their memory pools)."""
+
+    def __init__(
+        self,
+        index: FileIndex,
+        split: Split,
+        image: ImageSpec,
+        shard: ShardSpec,
+        device: torch.device,
+        num_threads: int,
+        prefetch: int,
+        decoder: DecoderDevice,
+        hw_decoder_load: float = 0.65,
+        channels_last: bool = False,
+    ) -> None:
+        if decoder == "mixed" and device.type != "cuda":
+            raise ValueError("data.decoder=mixed needs a CUDA device; use data.decoder=cpu or auto")
+        self.split = split
+        self.num_samples = len(index)
+        self._index = index
+        self._image = image
+        self._shard = shard
+        self._device = device
+        self._num_threads = num_threads
+        self._prefetch = prefetch
+        self._decoder = decoder
+        self._hw_decoder_load = hw_decoder_load
+        self._channels_last = channels_last
+        n, k, b = len(index), shard.num_shards, shard.batch_size
+        # Batches in one pass of the reader over a padded shard; training uses only the whole
+        # batches of real samples and skips the rest.
+        self._reader_batches = val_steps(n, k, b)
+        self._steps = train_steps(n, k, b) if split == "train" else self._reader_batches
+        start, end = shard_bounds(n, shard.shard_id, k)
+        self._real_in_shard = end - start
+        self._pipe = None
+        self._restore: str | None = None
+        self._epoch = 0
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def _build(self):
+        if self._pipe is None:
+            training = self.split == "train"
+            # The reader's shuffle is shared by all ranks; augmentation differs per shard.
+            aug_seed = (self._shard.seed * 1_000_003 + self._shard.shard_id * 2 + int(training)) % (2**31)
+            self._pipe = image_graph(
+                files=self._index.files,
+                labels=self._index.labels,
+                image=self._image,
+                shard=self._shard,
+                training=training,
+                decoder=self._decoder,
+                hw_decoder_load=self._hw_decoder_load,
+                layout="HWC" if self._channels_last else "CHW",
+                batch_size=self._shard.batch_size,
+                num_threads=self._num_threads,
+                device_id=self._device.index if self._device.type == "cuda" else None,
+                seed=aug_seed,
+                prefetch_queue_depth=self._prefetch,
+                enable_checkpointing=True,
+                checkpoint=self._restore,
+            )
+            self._pipe.build()
+        return self._pipe
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        tensor = tensor_list.as_tensor()
+        on_gpu = isinstance(tensor, TensorGPU)
+        target_device = self._device if on_gpu else torch.device("cpu")
+        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=target_device)
+        stream = torch.cuda.current_stream(self._device) if on_gpu else None
+        feed_ndarray(tensor, out, cuda_stream=stream)
+        return out
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images_tl, labels_tl = self._pipe.run()
+        images = self._to_torch(images_tl)
+        labels = self._to_torch(labels_tl).reshape(-1).to(torch.int64)
+        if self.split == "val":
+            first = self._pos * self._shard.batch_size
+            row = torch.arange(first, first + labels.shape[0])
+            labels[row >= self._real_in_shard] = PAD_LABEL
+        if self._channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
+        return images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._build()
+        while self._pos < self._steps:
+            batch = self._next_batch()
+            self._pos += 1
+            yield batch
+        for _ in range(self._reader_batches - self._steps):
+            self._pipe.run()  # the padded tail of the shard: keeps every rank's reader in step
+        self._pos = 0
+        self._epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self._epoch, "pos": self._pos, "num_shards": self._shard.num_shards}
+        if self._pipe is not None:
+            state["dali"] = self._pipe.checkpoint()
+        elif self._restore is not None:
+            state["dali"] = self._restore
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._pipe is not None:
+            raise RuntimeError("load_state_dict must come before the first epoch")
+        self._epoch = int(state["epoch"])
+        self._pos = int(state["pos"])
+        self._restore = state.get("dali")
+
+    def close(self) -> None:
+        self._pipe = None

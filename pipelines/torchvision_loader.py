@@ -1,0 +1,146 @@
+"""torchvision ImageFolder-style pipeline: PIL decoding in DataLoader workers.
+
+The fallback where DALI is missing, and the baseline the benchmark compares DALI with. Same file
+index (so the same class indices), same transforms and the same batching contract as the DALI
+loader. Augmentation is seeded per (run seed, epoch, sample), so a sample is augmented the same way
+whichever worker decodes it and whether or not the run was resumed.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
+from pipelines.index import FileIndex
+
+
+def build_transform(image: ImageSpec, split: Split) -> T.Compose:
+    normalize = [T.ToTensor(), T.Normalize([m / 255 for m in image.mean], [s / 255 for s in image.std])]
+    if split == "val":
+        return T.Compose([T.Resize(image.resize), T.CenterCrop(image.crop), *normalize])
+    if image.train_crop == "random_resized":
+        return T.Compose([T.RandomResizedCrop(image.crop), T.RandomHorizontalFlip(), *normalize])
+    # Section 2 and 4.1 of the paper, as in the DALI graph.
+    return T.Compose(
+        [
+            T.Resize(image.resize),
+            T.CenterCrop(image.resize),
+            T.RandomCrop(image.crop),
+            T.RandomHorizontalFlip(),
+            *normalize,
+        ]
+    )
+
+
+def sample_seed(seed: int, epoch: int, sample: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + sample
+
+
+class IndexedImages(Dataset):
+    """Items are keyed by (sample index, augmentation seed); index PAD_LABEL gives a padding row."""
+
+    def __init__(self, index: FileIndex, transform: T.Compose, crop: int) -> None:
+        self.index = index
+        self.transform = transform
+        self.crop = crop
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = key
+        if i == PAD_LABEL:
+            return torch.zeros(3, self.crop, self.crop), PAD_LABEL
+        with Image.open(self.index.files[i]) as img:
+            rgb = img.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(rgb), self.index.labels[i]
+
+
+class _EpochBatches:
+    """Batch sampler over this shard, starting at the loader's current position."""
+
+    def __init__(self, loader: TorchvisionLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.loader._pos
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        ld = self.loader
+        b = ld._shard.batch_size
+        order = ld._shard_order(ld._epoch)
+        seeds = [sample_seed(ld._shard.seed, ld._epoch, i) for i in order]
+        for step in range(ld._pos, len(ld)):
+            yield list(zip(order[step * b : (step + 1) * b], seeds[step * b : (step + 1) * b]))
+
+
+class TorchvisionLoader:
+    def __init__(
+        self,
+        index: FileIndex,
+        split: Split,
+        image: ImageSpec,
+        shard: ShardSpec,
+        device: torch.device,
+        num_workers: int,
+        prefetch: int,
+        channels_last: bool = False,
+    ) -> None:
+        self.split = split
+        self.num_samples = len(index)
+        self._index = index
+        self._shard = shard
+        self._device = device
+        self._channels_last = channels_last
+        n, k, b = len(index), shard.num_shards, shard.batch_size
+        self._steps = train_steps(n, k, b) if split == "train" else val_steps(n, k, b)
+        self._epoch = 0
+        self._pos = 0
+        dataset = IndexedImages(index, build_transform(image, split), image.crop)
+        self._loader = DataLoader(
+            dataset,
+            batch_sampler=_EpochBatches(self),
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch if num_workers > 0 else None,
+        )
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def _shard_order(self, epoch: int) -> list[int]:
+        n, k, b = self.num_samples, self._shard.num_shards, self._shard.batch_size
+        if self.split == "train":
+            # One permutation per epoch, shared by all ranks (DistributedSampler's scheme).
+            g = torch.Generator().manual_seed(self._shard.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g).tolist()
+            return perm[self._shard.shard_id :: k][: self._steps * b]
+        start, end = shard_bounds(n, self._shard.shard_id, k)
+        return list(range(start, end)) + [PAD_LABEL] * (self._steps * b - (end - start))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._loader:
+            self._pos += 1
+            if self._channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        self._pos = 0
+        self._epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "pos": self._pos, "num_shards": self._shard.num_shards}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch = int(state["epoch"])
+        self._pos = int(state["pos"])
+
+    def close(self) -> None:
+        self._loader = None
