@@ -14,22 +14,52 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
 from pipelines.index import FileIndex
 
 
+class ResizeShorter:
+    """Shorter side to `size`, the longer side rounded to nearest as DALI's resize_shorter does
+    (torchvision's Resize truncates, which differs by a pixel for some aspect ratios)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w <= h:
+            new = (self.size, int(h * self.size / w + 0.5))
+        else:
+            new = (int(w * self.size / h + 0.5), self.size)
+        return TF.resize(img, [new[1], new[0]], interpolation=T.InterpolationMode.BILINEAR)
+
+
+class CenterCropHalfUp:
+    """Centre crop whose offset rounds halves up, as DALI's crop does (torchvision's CenterCrop
+    rounds halves to even, one pixel away for odd margins)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        top, left = (h - self.size + 1) // 2, (w - self.size + 1) // 2
+        return TF.crop(img, top, left, self.size, self.size)
+
+
 def build_transform(image: ImageSpec, split: Split) -> T.Compose:
     normalize = [T.ToTensor(), T.Normalize([m / 255 for m in image.mean], [s / 255 for s in image.std])]
     if split == "val":
-        return T.Compose([T.Resize(image.resize), T.CenterCrop(image.crop), *normalize])
+        return T.Compose([ResizeShorter(image.resize), CenterCropHalfUp(image.crop), *normalize])
     if image.train_crop == "random_resized":
         return T.Compose([T.RandomResizedCrop(image.crop), T.RandomHorizontalFlip(), *normalize])
     # Section 2 and 4.1 of the paper, as in the DALI graph.
     return T.Compose(
         [
-            T.Resize(image.resize),
-            T.CenterCrop(image.resize),
+            ResizeShorter(image.resize),
+            CenterCropHalfUp(image.resize),
             T.RandomCrop(image.crop),
             T.RandomHorizontalFlip(),
             *normalize,

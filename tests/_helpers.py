@@ -1,0 +1,34 @@
+"""Helpers for tests that start real processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+
+# A small, fast recipe: the paper model at its smallest input on the tiny dataset.
+TINY_TRAIN = [
+    "data.batch_size=8",
+    "data.resize=76",
+    "data.crop=67",
+    "data.num_threads=1",
+    "model.init=kaiming",
+    "train.log_every=2",
+    "run.progress=log",
+]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc ARGS` with this interpreter; output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from alexnet.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+    unwrap,
+)
+from alexnet.model import PaperAlexNet
+
+
+def payload(value: float) -> dict:
+    return {"format": 1, "model": {"w": torch.full((3,), value)}}
+
+
+def test_atomic_save_keeps_previous_and_leaves_no_temp_files(tmp_path):
+    atomic_save(payload(1.0), tmp_path)
+    atomic_save(payload(2.0), tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["w"][0] == 2.0
+    assert load_checkpoint(tmp_path / "previous.pt")["model"]["w"][0] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+
+
+def test_load_errors_name_the_file(tmp_path):
+    atomic_save(payload(1.0), tmp_path)
+    good = (tmp_path / "last.pt").read_bytes()
+    broken = tmp_path / "truncated.pt"
+    broken.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt cannot be loaded"):
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match=r"missing\.pt does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pt is not a format-1 checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_weights_only_refuses_pickled_code(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": 1, "obj": torch.nn.ReLU()}, evil)  # a module needs code to unpickle
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_checkpoint(evil)
+
+
+def test_model_mismatch_is_explained(tmp_path):
+    state = PaperAlexNet(10, input_size=67).state_dict()
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt does not fit this model: shape mismatch fc8\.0\.bias \(5,\) vs \(6,\)"):
+        load_model_state(PaperAlexNet(12, input_size=67), state, tmp_path / "ckpt.pt")
+
+
+def test_optimizer_state_round_trips_by_name():
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=67)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 67, 67)).sum().backward()
+    opt.step()
+    names = {p: n for n, p in model.named_parameters()}
+    saved = optimizer_state_by_name(opt, names)
+    assert "fc6.1.weight" in saved["state"]
+    twin = PaperAlexNet(10, input_size=67)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
+    load_optimizer_state_by_name(twin_opt, saved, dict(twin.named_parameters()))
+    assert twin_opt.param_groups[0]["lr"] == 0.1
+    for n, p in twin.named_parameters():
+        assert torch.equal(twin_opt.state[p]["momentum_buffer"], saved["state"][n]["momentum_buffer"])
+
+
+def test_unwrap_passes_plain_modules_through():
+    model = PaperAlexNet(10, input_size=67)
+    assert unwrap(model) is model

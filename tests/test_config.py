@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alexnet.config import Config, ConfigError, load_config, valid_keys, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "data:\n  batch_size: 32\n  crop: 99\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.epochs=7", "optim.lr=0.02"])
+    assert cfg.data.batch_size == 32  # from the file
+    assert cfg.data.crop == 99  # from the file
+    assert cfg.train.epochs == 7  # the override beats the file
+    assert cfg.optim.lr == 0.02  # override of a default
+    assert cfg.optim.momentum == 0.9  # default untouched
+    assert load_config(None).train.epochs == Config().train.epochs
+
+
+def test_unknown_key_names_key_and_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'.*did you mean 'data\.batch_size'"):
+        load_config(None, ["data.batchsize=4"])
+    path = write(tmp_path, "optim:\n  momentun: 0.8\n")
+    with pytest.raises(ConfigError, match=r"'optim\.momentun' from .*c\.yaml.*did you mean 'optim\.momentum'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle\.variant'.*'model\.variant'"):
+        load_config(None, ["modle.variant=paper"])
+
+
+def test_wrong_types_name_the_key():
+    with pytest.raises(ConfigError, match=r"'train\.epochs'.*expects int; got 'ten'"):
+        load_config(None, ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match=r"'train\.epochs'.*expects int; got 2\.5"):
+        load_config(None, ["train.epochs=2.5"])
+    with pytest.raises(ConfigError, match=r"'data\.pipeline'.*one of dali, torchvision, synthetic; got 'pil'"):
+        load_config(None, ["data.pipeline=pil"])
+    with pytest.raises(ConfigError, match=r"'train\.deterministic'.*expects bool"):
+        load_config(None, ["train.deterministic=3"])
+    with pytest.raises(ConfigError, match=r"'data\.mean\[1\]'.*expects float"):
+        load_config(None, ["data.mean=[1, x, 3]"])
+    with pytest.raises(ConfigError, match=r"'data' is a section"):
+        load_config(None, ["data=3"])
+
+
+def test_values_are_typed():
+    cfg = load_config(None, ["optim.lr=1", "run.name=007", "data.mean=[1, 2, 3]", "train.deterministic=true"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.run.name == "007"  # a str key keeps the text as typed
+    assert cfg.data.mean == [1.0, 2.0, 3.0]
+    assert cfg.train.deterministic is True
+
+
+def test_cross_key_validation():
+    with pytest.raises(ConfigError, match=r"'data\.crop' \(300\) must not exceed 'data\.resize' \(256\)"):
+        load_config(None, ["data.crop=300"])
+    with pytest.raises(ConfigError, match=r"'data\.crop' is 60, below the smallest"):
+        load_config(None, ["data.crop=60", "data.resize=70"])
+    with pytest.raises(ConfigError, match=r"'data\.batch_size' must be > 0"):
+        load_config(None, ["data.batch_size=0"])
+
+
+def test_written_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "launch" / "configs" / "imagenet.yaml", ["data.root=/data/imagenet", "run.name=x"])
+    out = tmp_path / "config.yaml"
+    write_config(cfg, out)
+    assert load_config(out) == cfg
+    assert yaml.safe_load(out.read_text())["data"]["root"] == "/data/imagenet"
+
+
+def test_every_recipe_loads():
+    recipes = sorted((REPO / "launch" / "configs").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"demo", "imagenet"}
+    for path in recipes:
+        load_config(path)
+
+
+def test_imagenet_recipe_is_the_papers():
+    cfg = load_config(REPO / "launch" / "configs" / "imagenet.yaml")
+    assert (cfg.data.batch_size, cfg.optim.momentum, cfg.optim.weight_decay) == (128, 0.9, 5e-4)
+    assert (cfg.optim.lr, cfg.optim.lr_reference_batch) == (0.01, 128)
+    assert cfg.schedule.name == "plateau" and cfg.schedule.factor == 0.1
+    assert (cfg.data.crop, cfg.data.resize, cfg.model.init) == (227, 256, "paper")
+
+
+def test_valid_keys_lists_dotted_leaves():
+    keys = valid_keys()
+    assert "data.batch_size" in keys and "parallel.mode" in keys and "data" not in keys

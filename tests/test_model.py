@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+import torchvision
+from torch.nn import functional as F
+
+from alexnet.layers import CounterDropout, DropoutContext, apply_dropout_context, counter_uniform_bits
+from alexnet.model import PaperAlexNet, TorchvisionAlexNet, build_model, min_input_size, pool5_size
+
+
+def test_paper_parameter_count_at_1000_classes():
+    model = PaperAlexNet(1000)
+    assert sum(p.numel() for p in model.parameters()) == 60_965_224
+    conv = sum(p.numel() for n, p in model.named_parameters() if n.startswith("conv"))
+    assert conv == 2_334_080  # the ~2.3M parameters the hybrid layout all-reduces
+
+
+def test_paper_layer_shapes_at_227():
+    model = PaperAlexNet(1000).eval()
+    x = torch.randn(2, 3, 227, 227)
+    seen = {}
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        for t, layer in enumerate(getattr(model, name)):
+            layer.register_forward_hook(lambda m, i, o, key=f"{name}.{t}": seen.__setitem__(key, tuple(o.shape)))
+    features = model.forward_features(x)
+    assert seen["conv1.0"] == (2, 48, 55, 55)
+    assert seen["conv2.1"] == (2, 128, 27, 27)
+    assert seen["conv3.0"] == (2, 192, 13, 13)
+    assert seen["conv4.1"] == (2, 192, 13, 13)
+    assert seen["conv5.0"] == (2, 128, 13, 13)
+    assert features.shape == (2, 256 * 6 * 6)  # pool5: 6x6 per channel
+    assert model(x).shape == (2, 1000)
+
+
+def test_small_inputs_work_and_too_small_fails():
+    assert pool5_size(227) == 6 and pool5_size(67) == 1 and pool5_size(99) == 2
+    for variant in ("paper", "torchvision"):
+        size = min_input_size(variant)
+        model = build_model(variant, 10, input_size=size).eval()
+        assert model(torch.randn(3, 3, size, size)).shape == (3, 10)
+    with pytest.raises(ValueError, match="smallest"):
+        PaperAlexNet(10, input_size=66)
+
+
+def test_paper_init_statistics():
+    torch.manual_seed(0)
+    model = PaperAlexNet(1000)
+    ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        for layer in getattr(model, name):
+            w = layer.weight.detach()
+            assert abs(w.mean().item()) < 3 * 0.01 / w.numel() ** 0.5 + 1e-4
+            assert w.std().item() == pytest.approx(0.01, rel=0.05 if w.numel() > 10_000 else 0.15)
+            expected_bias = 1.0 if name in ones else 0.0
+            assert torch.all(layer.bias == expected_bias), name
+
+
+def test_towers_see_only_their_own_tower_in_conv2_conv4_conv5():
+    """Perturbing tower 1's conv1 must not change tower 0's conv2 output (conv2 sees its own
+    tower only) but must change conv3 outputs of both towers (conv3 sees both)."""
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=99).eval()
+    x = torch.randn(2, 3, 99, 99) * 50
+    before_t0 = model._conv1_2(0, x)
+    x3_before = torch.cat([model._conv1_2(t, x) for t in (0, 1)], 1)
+    with torch.no_grad():
+        model.conv1[1].weight.add_(0.05)
+    assert torch.equal(model._conv1_2(0, x), before_t0)
+    x3_after = torch.cat([model._conv1_2(t, x) for t in (0, 1)], 1)
+    for t in (0, 1):
+        assert not torch.allclose(model.conv3[t](x3_before), model.conv3[t](x3_after))
+
+
+def test_torchvision_weights_interchange():
+    torch.manual_seed(0)
+    reference = torchvision.models.alexnet(weights=None).eval()
+    ours = TorchvisionAlexNet(1000).eval()
+    result = ours.load_state_dict(reference.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
+    # and back: our weights load into torchvision
+    torchvision.models.alexnet(weights=None).load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_counter_dropout_mask_is_a_function_of_sample_ids():
+    drop = CounterDropout(0.5, stream=6).train()
+    x = torch.ones(8, 1000)
+    drop.context = DropoutContext(seed=3, step=11, sample_ids=torch.arange(8))
+    full = drop(x)
+    # the same samples computed in two halves (two data-parallel ranks) give the same rows
+    drop.context = DropoutContext(seed=3, step=11, sample_ids=torch.arange(4, 8))
+    assert torch.equal(drop(x[4:]), full[4:])
+    keep = (full > 0).float().mean().item()
+    assert keep == pytest.approx(0.5, abs=0.02)
+    assert set(full.unique().tolist()) == {0.0, 2.0}  # inverted dropout scales kept units by 1/(1-p)
+    # another step or another layer draws another mask
+    drop.context = DropoutContext(seed=3, step=12, sample_ids=torch.arange(8))
+    assert not torch.equal(drop(x), full)
+    bits_a = counter_uniform_bits(3, 11, 6, torch.arange(8), 1000)
+    bits_b = counter_uniform_bits(3, 11, 7, torch.arange(8), 1000)
+    assert (bits_a != bits_b).float().mean() > 0.99
+    # a feature slice of the layer draws the same bits as the whole layer does there
+    assert torch.equal(counter_uniform_bits(3, 11, 6, torch.arange(8), 300, feature_offset=500), bits_a[:, 500:800])
+
+
+def test_dropout_off_in_eval_and_context_applied_model_wide():
+    model = PaperAlexNet(10, input_size=67)
+    ctx = DropoutContext(seed=0, step=0, sample_ids=torch.arange(2))
+    apply_dropout_context(model, ctx)
+    assert model.drop6.context is ctx and model.drop7.context is ctx
+    model.eval()
+    x = torch.randn(2, 3, 67, 67)
+    assert torch.equal(model(x), model(x))
+
+
+def test_initial_loss_is_about_log_num_classes():
+    """Pitfall 12: the initial loss must be about ln(1000) = 6.91. With the paper's init the fc7
+    units sit near their bias of 1, so fc8's logits spread with std s ~ 0.01 * sqrt(4096) ~ 1 and
+    the expected loss is ln(1000) + s^2 / 2 (log-sum-exp of Gaussian logits)."""
+    torch.manual_seed(0)
+    model = PaperAlexNet(1000).eval()
+    logits = model(torch.randn(4, 3, 227, 227) * 50)
+    # the loss averaged over every possible label, so that no label draw decides the test
+    loss = (torch.logsumexp(logits, dim=1) - logits.mean(dim=1)).mean().item()
+    spread = logits.std(dim=1).mean().item()
+    assert 0.5 < spread < 1.5
+    assert loss == pytest.approx(math.log(1000) + spread**2 / 2, abs=0.1)
+    assert 6.9 < loss < 8.0

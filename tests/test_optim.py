@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from alexnet.config import OptimConfig, ScheduleConfig
+from alexnet.model import PaperAlexNet
+from alexnet.optim import LrSchedule, build_optimizer, scaled_lr
+
+
+def test_linear_scaling_of_the_learning_rate():
+    assert scaled_lr(OptimConfig(lr=0.01, lr_reference_batch=128), 1024) == pytest.approx(0.08)
+
+
+def test_weight_decay_on_weights_only():
+    model = PaperAlexNet(10, input_size=67)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def schedule(**kw):
+    return LrSchedule(ScheduleConfig(**kw), peak_lr=1.0, steps_per_epoch=10, epochs=10)
+
+
+def test_warmup_then_step():
+    s = schedule(name="step", warmup_epochs=1, warmup_start_factor=0.1, step_epochs=3, factor=0.1)
+    assert s.lr_at(0) == pytest.approx(0.1)
+    assert s.lr_at(5) == pytest.approx(0.55)
+    assert s.lr_at(10) == pytest.approx(1.0)
+    assert s.lr_at(29) == pytest.approx(1.0) and s.lr_at(30) == pytest.approx(0.1) and s.lr_at(60) == pytest.approx(0.01)
+
+
+def test_cosine_reaches_the_floor():
+    s = schedule(name="cosine", min_lr_factor=0.1)
+    assert s.lr_at(0) == pytest.approx(1.0)
+    assert s.lr_at(50) == pytest.approx(0.55)
+    assert s.lr_at(100) == pytest.approx(0.1)
+
+
+def test_plateau_divides_when_validation_stops_improving_at_most_three_times():
+    s = schedule(name="plateau", patience=1, factor=0.1, max_reductions=3)
+    assert [s.observe_validation(v) for v in (10.0, 20.0, 30.0)] == [False, False, False]
+    assert s.lr_at(0) == 1.0
+    assert s.observe_validation(29.0) is True and s.lr_at(0) == pytest.approx(0.1)
+    assert s.observe_validation(35.0) is False  # improved again at the new rate
+    assert [s.observe_validation(v) for v in (34.0, 33.0, 32.0, 31.0)] == [True, True, False, False]
+    assert s.plateau.reductions == 3 and s.lr_at(0) == pytest.approx(1e-3)
+    restored = schedule(name="plateau")
+    restored.load_state_dict(s.state_dict())
+    assert restored.lr_at(0) == s.lr_at(0)
+
+
+def test_apply_sets_every_group():
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+    schedule(name="constant").apply(opt, 3)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]

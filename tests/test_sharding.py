@@ -1,0 +1,87 @@
+"""Shards follow the data-parallel rank: disjoint, covering, equal step counts on every rank."""
+import pytest
+import torch
+
+from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, train_steps, val_steps
+from pipelines.dali import DaliLoader
+from pipelines.index import FileIndex, build_file_index
+from pipelines.torchvision_loader import TorchvisionLoader
+
+CPU = torch.device("cpu")
+IMAGE = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+
+
+def numbered(tiny_data, n: int) -> FileIndex:
+    """The first n training files, each labelled with its own position, so labels identify files."""
+    files = build_file_index(tiny_data / "train").files[:n]
+    return FileIndex(files, list(range(n)), [str(i) for i in range(n)])
+
+
+def build(kind, index, split, shard, shards, batch):
+    shard_spec = ShardSpec(shard, shards, batch, seed=3)
+    if kind == "dali":
+        return DaliLoader(index, split, IMAGE, shard_spec, CPU, 1, 2, "cpu")
+    return TorchvisionLoader(index, split, IMAGE, shard_spec, CPU, 0, 2)
+
+
+def epoch_labels(loader) -> tuple[list[int], int]:
+    labels = [y for _, y in loader]
+    return [int(v) for y in labels for v in y if v != PAD_LABEL], len(labels)
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_two_ranks_train_epochs_are_disjoint_and_cover(tiny_data, kind):
+    n, batch = 64, 8  # 32 per rank: whole batches, nothing dropped
+    index = numbered(tiny_data, n)
+    ranks = [build(kind, index, "train", r, 2, batch) for r in range(2)]
+    for epoch in range(2):
+        (a, steps_a), (b, steps_b) = (epoch_labels(r) for r in ranks)
+        assert steps_a == steps_b == 4
+        assert not set(a) & set(b), f"epoch {epoch}: a sample is on both ranks"
+        assert sorted(a + b) == list(range(n)), f"epoch {epoch}: the ranks do not cover the data"
+    # the order changes between epochs (a fresh shuffle, not a fixed one)
+    first = epoch_labels(build(kind, index, "train", 0, 2, batch))[0]
+    second_loader = build(kind, index, "train", 0, 2, batch)
+    list(second_loader)
+    assert epoch_labels(second_loader)[0] != first
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("n", [61, 63, 64, 71])
+def test_unequal_shards_give_equal_step_counts(tiny_data, kind, n):
+    batch, shards = 8, 2
+    index = numbered(tiny_data, n)
+    loaders = [build(kind, index, "train", r, shards, batch) for r in range(shards)]
+    counts = [epoch_labels(ld)[1] for ld in loaders]
+    assert counts == [train_steps(n, shards, batch)] * shards
+    seen = [set(epoch_labels(ld)[0]) for ld in loaders]  # second epoch, too
+    assert not seen[0] & seen[1]
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_validation_counts_every_image_exactly_once(tiny_data, kind, shards):
+    n, batch = 50, 8  # 50 = 25+25 or 16+17+17: the last batch of each shard is padded
+    index = numbered(tiny_data, n)
+    all_labels, steps = [], []
+    for r in range(shards):
+        loader = build(kind, index, "val", r, shards, batch)
+        for _ in range(2):  # and again next epoch
+            labels, count = epoch_labels(loader)
+            all_labels.append(labels)
+            steps.append(count)
+    assert steps == [val_steps(n, shards, batch)] * (2 * shards)
+    first_epoch = [lab for i, lab in enumerate(all_labels) if i % 2 == 0]
+    assert sorted(sum(first_epoch, [])) == list(range(n))
+    assert all_labels[0] == all_labels[1]  # validation is the same every epoch
+
+
+def test_data_rank_comes_from_the_global_rank_not_local_rank():
+    """Two nodes x one process each: LOCAL_RANK is 0 on both, the data ranks must differ."""
+    from alexnet.parallel.env import DistEnv
+    from alexnet.parallel.mesh import build_mesh
+
+    nodes = [DistEnv(rank=r, local_rank=0, world_size=2, local_world_size=1, device=CPU, backend="gloo") for r in range(2)]
+    meshes = [build_mesh(env, "dp") for env in nodes]
+    assert [m.data_rank for m in meshes] == [0, 1]
+    assert all(m.data_size == 2 for m in meshes)

@@ -1,0 +1,78 @@
+"""launch/train.py under torchrun with 2 gloo ranks, end to end, and exact mid-epoch resume."""
+import json
+
+import pytest
+import torch
+
+from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
+from alexnet.config import load_config
+from alexnet.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
+
+
+def train(tiny_data, tmp_path, name, *extra, nproc=2):
+    args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}", *extra]
+    return torchrun(args, nproc=nproc)
+
+
+def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
+    proc = check(train(tiny_data, tmp_path, "e2e", "train.epochs=2", "checkpoint.every_steps=3"))
+    run = tmp_path / "e2e"
+    # 120 train images over 2 ranks at batch 8: 7 steps per epoch
+    records = read_metrics(run / "metrics.jsonl")
+    train_records = [r for r in records if r["split"] == "train"]
+    val_records = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8, 10, 12, 14]
+    assert [r["epoch"] for r in val_records] == [1, 2]
+    for r in records:
+        assert {"split", "epoch", "step", "loss", "top1", "top5", "images_per_sec", "lr"} <= set(r)
+        assert r["images_per_sec"] > 0 and 0 <= r["top1"] <= r["top5"] <= 100
+    assert all(r["count"] == 50 for r in val_records)  # every val image exactly once
+    assert load_config(run / "config.yaml") == load_config(
+        DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=e2e", "train.epochs=2", "checkpoint.every_steps=3"]
+    )
+    payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert payload["progress"]["epoch"] == 2 and payload["progress"]["step"] == 14
+    assert "conv1.0.weight" in payload["model"] and not any(k.startswith("module.") for k in payload["model"])
+    assert set(payload["loaders"]["train"]) == {"0", "1"}
+    assert (run / "checkpoints" / "previous.pt").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 14 and summary["world_size"] == 2
+    assert "best val top-1" in proc.stderr + proc.stdout
+
+
+def test_resume_mid_epoch_gives_identical_weights(tiny_data, tmp_path):
+    """10 steps straight vs 5 steps, stop, resume, 5 more: bitwise equal weights. Step 5 is in
+    the middle of epoch 1 (7 steps per epoch), so the resume restores the loaders' positions,
+    the dropout counter and the momentum, and crosses an epoch boundary and a validation."""
+    common = ("train.epochs=3", "schedule.name=cosine", "checkpoint.every_steps=0")
+    check(train(tiny_data, tmp_path, "straight", *common, "train.max_steps=10"))
+    first = check(train(tiny_data, tmp_path, "resumed", *common, "train.max_steps=5"))
+    assert "stopped" in first.stderr + first.stdout
+    half = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert half["progress"]["step"] == 5 and half["loaders"]["train"]["0"]["pos"] == 5
+    second = check(train(tiny_data, tmp_path, "resumed", *common, "train.max_steps=10"))
+    assert "resumed from" in second.stderr + second.stdout
+
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["progress"]["step"] == b["progress"]["step"] == 10
+    assert not torch.equal(a["model"]["fc8.0.weight"], half["model"]["fc8.0.weight"])
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][name]["momentum_buffer"]), name
+    straight_val = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if r["split"] == "val"]
+    resumed_val = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if r["split"] == "val"]
+    assert straight_val[0]["top1"] == resumed_val[0]["top1"] and straight_val[0]["loss"] == resumed_val[0]["loss"]
+
+
+def test_fresh_start_refuses_to_overwrite_a_run(tiny_data, tmp_path):
+    check(train(tiny_data, tmp_path, "keep", "train.max_steps=2", "train.epochs=1", nproc=1))
+    before = (tmp_path / "keep" / "checkpoints" / "last.pt").read_bytes()
+    proc = train(tiny_data, tmp_path, "keep", "checkpoint.resume=none", "train.epochs=1", nproc=1)
+    assert proc.returncode != 0
+    assert "already holds checkpoints" in proc.stderr
+    assert (tmp_path / "keep" / "checkpoints" / "last.pt").read_bytes() == before
