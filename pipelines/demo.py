@@ -8,6 +8,7 @@ seed), so every machine gets the same files; a file lock lets many ranks ask at 
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 import shutil
@@ -59,6 +60,7 @@ def ensure_demo_dataset(root: Path | None = None, spec: DemoSpec = DemoSpec()) -
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / READY).exists():
+            logging.getLogger("alexnet").info("generating the demo dataset into %s (first use only)", root)
             tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             write_demo_dataset(tmp, spec)
