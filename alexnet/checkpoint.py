@@ -5,6 +5,7 @@ name, so a run can resume under another parallel layout or world size. A write n
 half-written `last.pt`: the new file is written beside it, fsynced, and renamed over it; the
 previous checkpoint survives as `previous.pt` until the next write.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,7 +104,8 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
             parts.append(f"unexpected {', '.join(unexpected[:4])}")
         if wrong:
             parts.append(
-                "shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
+                "shape mismatch "
+                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
             )
         raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)

@@ -4,6 +4,7 @@ Unknown keys and wrong types fail with a message that names the key (and the clo
 nothing mutates a Config after `load_config` returns. Numbers derived from it (global batch,
 scaled learning rate, run folder) live in `alexnet.plan.RunPlan`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -209,7 +210,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
     for key in [k for k in values if k.startswith(prefix)]:
-        head = key[len(prefix):].split(".", 1)[0]
+        head = key[len(prefix) :].split(".", 1)[0]
         if head not in names:
             _unknown_key(key, values[key])
     for f in dataclasses.fields(cls):
@@ -305,9 +306,7 @@ def validate_config(cfg: Config) -> None:
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
     if cfg.data.crop > cfg.data.resize:
-        raise ConfigError(
-            f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})"
-        )
+        raise ConfigError(f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})")
     smallest = min_input_size(cfg.model.variant)
     if cfg.data.crop < smallest:
         raise ConfigError(

@@ -1,4 +1,5 @@
 """From the data section of the config to the train and val loaders of this rank."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ def build_loader(
     if cfg.pipeline == "torchvision":
         from pipelines.torchvision_loader import TorchvisionLoader
 
-        return TorchvisionLoader(index, split, image_spec(cfg), shard, device, cfg.num_threads, cfg.prefetch, channels_last)
+        return TorchvisionLoader(
+            index, split, image_spec(cfg), shard, device, cfg.num_threads, cfg.prefetch, channels_last
+        )
     from pipelines.dali import DaliLoader
 
     return DaliLoader(

@@ -4,6 +4,7 @@ Mixed precision: bf16 autocast needs no loss scaling; fp16 uses a GradScaler (un
 clipping). A step whose loss is not finite on any rank is skipped on every rank (the decision is
 all-reduced, so replicas never diverge), and the caller aborts after too many in a row.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext

@@ -6,6 +6,7 @@ computes it, how the global batch is split, or how a layer's neurons are spread 
 a data-parallel, tower-split or hybrid run drops exactly the same units as one process on the
 whole global batch, and a resumed run drops the same units as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,9 +48,7 @@ def counter_uniform_bits(
     """32-bit hash for every (sample, feature) pair: shape [len(sample_ids), num_features]."""
     base = _mix_scalar(_mix_scalar(_mix_scalar(0x811C9DC5, seed), step), stream)
     rows = _fmix32((sample_ids.to(torch.int64) * _GOLDEN + base) & _MASK32)
-    cols = torch.arange(
-        feature_offset, feature_offset + num_features, device=sample_ids.device, dtype=torch.int64
-    )
+    cols = torch.arange(feature_offset, feature_offset + num_features, device=sample_ids.device, dtype=torch.int64)
     return _fmix32(rows[:, None] ^ ((cols[None, :] * 0x27D4EB2F) & _MASK32))
 
 
@@ -84,9 +83,7 @@ class CounterDropout(nn.Module):
         if ctx is None:
             return F.dropout(x, self.p, training=True)
         if ctx.sample_ids.shape[0] != x.shape[0]:
-            raise RuntimeError(
-                f"dropout context has {ctx.sample_ids.shape[0]} sample ids for a batch of {x.shape[0]}"
-            )
+            raise RuntimeError(f"dropout context has {ctx.sample_ids.shape[0]} sample ids for a batch of {x.shape[0]}")
         flat = x.reshape(x.shape[0], -1)
         bits = counter_uniform_bits(ctx.seed, ctx.step, self.stream, ctx.sample_ids.to(x.device), flat.shape[1])
         keep = bits >= int(self.p * 2**32)

@@ -3,6 +3,7 @@
 Accuracy across ranks is (sum of correct) / (sum of counted), never an average of per-rank
 percentages; rows labelled PAD_LABEL (shard padding) are not counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,12 @@ class Tally:
 
     def add(self, loss_sum: Tensor, correct: Tensor, count: Tensor | int) -> None:
         self.sums += torch.stack(
-            [loss_sum.detach().double(), correct[0].double(), correct[1].double(), torch.as_tensor(count, device=self.device).double()]
+            [
+                loss_sum.detach().double(),
+                correct[0].double(),
+                correct[1].double(),
+                torch.as_tensor(count, device=self.device).double(),
+            ]
         )
 
     def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:

@@ -12,6 +12,7 @@
 Both expose ``forward_features`` (pixels -> flattened pool5, 9216 values at 227x227) and ``forward_head``
 (fc6..fc8), the seam at which the 2014 hybrid layout splits data- from model-parallelism.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

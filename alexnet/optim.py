@@ -4,6 +4,7 @@ Section 5: SGD, batch 128, momentum 0.9, weight decay 0.0005, lr 0.01 divided by
 validation error stops improving (three times in all). The rate is given for a reference global
 batch and scaled linearly with the actual global batch (Goyal et al. 2017), with optional warmup.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,11 @@ class LrSchedule:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_top1": self.plateau.best_top1, "bad_evals": self.plateau.bad_evals, "reductions": self.plateau.reductions}
+        return {
+            "best_top1": self.plateau.best_top1,
+            "bad_evals": self.plateau.bad_evals,
+            "reductions": self.plateau.reductions,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau = PlateauState(float(state["best_top1"]), int(state["bad_evals"]), int(state["reductions"]))

@@ -1,4 +1,5 @@
 """Numbers derived from the config and the environment, computed once (the Config stays as loaded)."""
+
 from __future__ import annotations
 
 import os

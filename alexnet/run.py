@@ -1,4 +1,5 @@
 """One training run, start to finish, in the calling process (one torchrun worker)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Builds the parts of a run from its config and runs the epochs. No argparse, no globals."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ from alexnet.parallel.data_parallel import apply_data_parallel
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
+from alexnet.stop import StopRequest
 
 log = logging.getLogger("alexnet")
 
@@ -72,10 +74,10 @@ class Trainer:
         memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.model: nn.Module = build_model(
             cfg.model.variant, num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init
-        ).to(
-            env.device, memory_format=memory_format
+        ).to(env.device, memory_format=memory_format)
+        self.train_loader = build_loader(
+            cfg.data, "train", self.splits, mesh, env.device, plan.decoder, plan.channels_last
         )
-        self.train_loader = build_loader(cfg.data, "train", self.splits, mesh, env.device, plan.decoder, plan.channels_last)
         self.val_loader = build_loader(cfg.data, "val", self.splits, mesh, env.device, plan.decoder, plan.channels_last)
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.optim, plan.peak_lr)
         self.schedule = LrSchedule(cfg.schedule, plan.peak_lr, len(self.train_loader), cfg.train.epochs)
@@ -85,6 +87,8 @@ class Trainer:
         self.resumed_from = self._resume()
         self.ddp = apply_data_parallel(self.model, env.device, cfg.parallel)
         self.writer = MetricsWriter(plan.run_dir, cfg.run.tensorboard) if env.is_main else None
+        self.stop = StopRequest.from_environment(env.device)
+        self.stop.install()
         self._session_start = time.perf_counter()
         self._seconds_before = self.progress.train_seconds
         self._sample_base = torch.arange(cfg.data.batch_size, device=env.device) + mesh.data_rank * cfg.data.batch_size
@@ -135,7 +139,11 @@ class Trainer:
         self.progress = Progress(**payload["progress"])
         loader_states = payload["loaders"]["train"]
         mine = loader_states.get(str(self.mesh.data_rank))
-        if mine is not None and mine.get("num_shards", self.mesh.data_size) == self.mesh.data_size and len(loader_states) == self.mesh.data_size:
+        if (
+            mine is not None
+            and mine.get("num_shards", self.mesh.data_size) == self.mesh.data_size
+            and len(loader_states) == self.mesh.data_size
+        ):
             self.train_loader.load_state_dict(mine)
         else:
             # Another data-parallel size: the interrupted epoch restarts under the new sharding,
@@ -190,20 +198,20 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._log_start()
-        stopped_early = False
+        stop_reason = ""
         for epoch in range(self.progress.epoch, cfg.train.epochs):
-            if self._train_epoch(epoch):
-                stopped_early = True
+            stop_reason = self._train_epoch(epoch)
+            if stop_reason:
                 break
             last = epoch + 1 == cfg.train.epochs
             if last or (epoch + 1) % cfg.train.eval_every == 0:
                 self._validate(epoch)
             self.progress.epoch = epoch + 1
             self.save_checkpoint()
-        if stopped_early:
+        if stop_reason:
             self.save_checkpoint()
         self._update_clock()
-        summary = self._summary(stopped_early, time.perf_counter() - self._session_start)
+        summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         if self.env.is_main:
             (self.plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._log_summary(summary)
@@ -214,10 +222,10 @@ class Trainer:
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step
 
-    def _train_epoch(self, epoch: int) -> bool:
-        """Run the rest of this epoch; True when train.max_steps stopped it early."""
+    def _train_epoch(self, epoch: int) -> str:
+        """Run the rest of this epoch; returns why it stopped early ("" when it did not)."""
         if self._reached_max_steps():
-            return True
+            return "max_steps"
         cfg, p = self.cfg, self.progress
         self.ddp.train()
         tally = Tally(self.env.device)
@@ -244,9 +252,12 @@ class Trainer:
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
             if self._reached_max_steps():
-                return True
+                return "max_steps"
+            if self.stop.agreed():
+                log.warning("stopping at step %d on %s: writing a checkpoint", p.step, self.stop.reason())
+                return "preempted"
             waited = time.perf_counter()
-        return False
+        return ""
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict[str, float]:
@@ -268,7 +279,10 @@ class Trainer:
         if stats["top1"] > p.best_top1:
             p.best_top1, p.best_top5 = stats["top1"], stats["top5"]
         if self.schedule.observe_validation(stats["top1"]):
-            log.info("validation top-1 stopped improving: learning rate divided (reduction %d)", self.schedule.plateau.reductions)
+            log.info(
+                "validation top-1 stopped improving: learning rate divided (reduction %d)",
+                self.schedule.plateau.reductions,
+            )
         record = {
             "split": "val",
             "epoch": epoch + 1,
@@ -283,7 +297,12 @@ class Trainer:
         self._emit(record)
         log.info(
             "epoch %d/%d  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d images)",
-            epoch + 1, self.cfg.train.epochs, stats["loss"], stats["top1"], stats["top5"], stats["count"],
+            epoch + 1,
+            self.cfg.train.epochs,
+            stats["loss"],
+            stats["top1"],
+            stats["top5"],
+            stats["count"],
         )
         return stats
 
@@ -295,7 +314,13 @@ class Trainer:
             return loader
         from tqdm import tqdm
 
-        return tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, dynamic_ncols=True)
+        return tqdm(
+            loader,
+            total=len(loader),
+            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def _emit(self, record: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -317,11 +342,19 @@ class Trainer:
         }
         self._emit(record)
         if hasattr(batches, "set_postfix"):
-            batches.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}", img_s=f"{speed['images_per_sec']:.0f}")
+            batches.set_postfix(
+                loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}", img_s=f"{speed['images_per_sec']:.0f}"
+            )
         else:
             log.info(
                 "epoch %d  step %d  loss %.4f  top-1 %.2f%%  lr %.4g  %.0f img/s  data wait %.0f%%",
-                epoch + 1, self.progress.step, stats["loss"], stats["top1"], lr, speed["images_per_sec"], 100 * speed["data_wait_share"],
+                epoch + 1,
+                self.progress.step,
+                stats["loss"],
+                stats["top1"],
+                lr,
+                speed["images_per_sec"],
+                100 * speed["data_wait_share"],
             )
         tally.reset()
         meter.reset()
@@ -331,21 +364,35 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
             "run %s: %s AlexNet (%s parameters, %d classes), %s, world %d on %s (%s), amp %s",
-            plan.run_dir, cfg.model.variant, f"{n_params:,}", len(self.splits.classes) if not cfg.model.num_classes else cfg.model.num_classes,
-            self.mesh.describe(), self.env.world_size, self.env.device.type, self.env.backend, self.amp.name,
+            plan.run_dir,
+            cfg.model.variant,
+            f"{n_params:,}",
+            len(self.splits.classes) if not cfg.model.num_classes else cfg.model.num_classes,
+            self.mesh.describe(),
+            self.env.world_size,
+            self.env.device.type,
+            self.env.backend,
+            self.amp.name,
         )
         log.info(
             "data: %s pipeline (%s decoding), %d train / %d val images, batch %d per replica (global %d), "
             "%d steps per epoch, peak lr %.4g",
-            cfg.data.pipeline, plan.decoder, self.train_loader.num_samples, self.val_loader.num_samples,
-            cfg.data.batch_size, plan.global_batch, len(self.train_loader), plan.peak_lr,
+            cfg.data.pipeline,
+            plan.decoder,
+            self.train_loader.num_samples,
+            self.val_loader.num_samples,
+            cfg.data.batch_size,
+            plan.global_batch,
+            len(self.train_loader),
+            plan.peak_lr,
         )
 
-    def _summary(self, stopped_early: bool, session_seconds: float) -> dict[str, Any]:
+    def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:
         p = self.progress
         return {
             "run_dir": str(self.plan.run_dir),
-            "completed": not stopped_early and p.epoch >= self.cfg.train.epochs,
+            "completed": not stop_reason and p.epoch >= self.cfg.train.epochs,
+            "stop_reason": stop_reason or "completed",
             "epochs": p.epoch,
             "steps": p.step,
             "best_top1": p.best_top1,
@@ -367,5 +414,13 @@ class Trainer:
         log.info(
             "%s after %d epochs / %d steps: best val top-1 %.2f%% (top-5 %.2f%%), final top-1 %.2f%%, "
             "%.0f s of training, %.0f images/s; run folder %s",
-            state, s["epochs"], s["steps"], s["best_top1"], s["best_top5"], s["final_top1"], s["wall_seconds"], s["images_per_sec"], s["run_dir"],
+            state,
+            s["epochs"],
+            s["steps"],
+            s["best_top1"],
+            s["best_top5"],
+            s["final_top1"],
+            s["wall_seconds"],
+            s["images_per_sec"],
+            s["run_dir"],
         )

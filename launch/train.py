@@ -2,6 +2,7 @@
 
 Without --config it trains on the built-in demo dataset (launch/configs/demo.yaml).
 """
+
 from __future__ import annotations
 
 import argparse

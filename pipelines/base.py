@@ -9,6 +9,7 @@ same number of steps:
 * val: `val_steps` batches per epoch of constant shape; rows that only pad a shard to a whole
   batch carry label -1 (PAD_LABEL), so that every image is counted exactly once across ranks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -6,6 +6,7 @@ so the shards of one epoch are disjoint and cover the data); validation reads fi
 shards (`stick_to_shard`) in file order. `pad_last_batch` makes every shard the same number of
 batches, so no rank waits for another at a collective.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

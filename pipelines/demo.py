@@ -5,6 +5,7 @@ rotation on a noisy background, so a CNN has to look at the picture (not at a co
 them apart, and AlexNet learns them in a few CPU minutes. Generation is deterministic (fixed
 seed), so every machine gets the same files; a file lock lets many ranks ask at once.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -114,7 +115,10 @@ def draw_sample(label: int, rng: np.random.Generator, spec: DemoSpec) -> Image.I
 def _polygon(draw, box, color, angle, corners):
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     r = (box[2] - box[0]) / 2
-    points = [(cx + r * math.cos(angle + 2 * math.pi * k / corners), cy + r * math.sin(angle + 2 * math.pi * k / corners)) for k in range(corners)]
+    points = [
+        (cx + r * math.cos(angle + 2 * math.pi * k / corners), cy + r * math.sin(angle + 2 * math.pi * k / corners))
+        for k in range(corners)
+    ]
     draw.polygon(points, fill=color)
 
 
@@ -140,7 +144,9 @@ def _checker(draw, box, color, angle, size):
     for i in range(cells):
         for j in range(cells):
             if (i + j) % 2 == 0:
-                draw.rectangle((box[0] + i * cell, box[1] + j * cell, box[0] + (i + 1) * cell, box[1] + (j + 1) * cell), fill=color)
+                draw.rectangle(
+                    (box[0] + i * cell, box[1] + j * cell, box[0] + (i + 1) * cell, box[1] + (j + 1) * cell), fill=color
+                )
 
 
 def _dots(draw, box, color, angle, size):

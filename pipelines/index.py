@@ -4,6 +4,7 @@ Class indices follow torchvision's ImageFolder: class folders sorted by name, fi
 extension (case-insensitive) sorted within each folder. Both the DALI and the torchvision pipeline
 read this list, so their labels agree by construction.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,7 +72,6 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
         labels.extend([label] * len(names))
     if empty:
         raise DataError(
-            f"class folders without images in {split_dir}: {', '.join(empty[:5])}"
-            + (" ..." if len(empty) > 5 else "")
+            f"class folders without images in {split_dir}: {', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else "")
         )
     return FileIndex(files, labels, list(classes))

@@ -1,4 +1,5 @@
 """Random tensors made once on the training device: measures compute and communication only."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -5,6 +5,7 @@ index (so the same class indices), same transforms and the same batching contrac
 loader. Augmentation is seeded per (run seed, epoch, sample), so a sample is augmented the same way
 whichever worker decodes it and whether or not the run was resumed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -1,4 +1,5 @@
 """Helpers for tests that start real processes."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,9 @@ TINY_TRAIN = [
 ]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=nproc ARGS` with this interpreter; output captured."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -30,5 +33,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | 
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc

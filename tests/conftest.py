@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny real-JPEG dataset in ImageFolder layout."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -49,7 +49,9 @@ def test_weights_only_refuses_pickled_code(tmp_path):
 
 def test_model_mismatch_is_explained(tmp_path):
     state = PaperAlexNet(10, input_size=67).state_dict()
-    with pytest.raises(CheckpointError, match=r"ckpt\.pt does not fit this model: shape mismatch fc8\.0\.bias \(5,\) vs \(6,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"ckpt\.pt does not fit this model: shape mismatch fc8\.0\.bias \(5,\) vs \(6,\)"
+    ):
         load_model_state(PaperAlexNet(12, input_size=67), state, tmp_path / "ckpt.pt")
 
 

@@ -1,9 +1,8 @@
 """DDP over 2 gloo ranks computes the same step as one process on the concatenated batch."""
+
 import sys
-from pathlib import Path
 
 import torch
-
 from _helpers import REPO, check, torchrun
 
 sys.path.insert(0, str(REPO / "tests" / "dist"))

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torchvision
-from torch.nn import functional as F
 
 from alexnet.layers import CounterDropout, DropoutContext, apply_dropout_context, counter_uniform_bits
 from alexnet.model import PaperAlexNet, TorchvisionAlexNet, build_model, min_input_size, pool5_size

@@ -28,7 +28,9 @@ def test_warmup_then_step():
     assert s.lr_at(0) == pytest.approx(0.1)
     assert s.lr_at(5) == pytest.approx(0.55)
     assert s.lr_at(10) == pytest.approx(1.0)
-    assert s.lr_at(29) == pytest.approx(1.0) and s.lr_at(30) == pytest.approx(0.1) and s.lr_at(60) == pytest.approx(0.01)
+    assert (
+        s.lr_at(29) == pytest.approx(1.0) and s.lr_at(30) == pytest.approx(0.1) and s.lr_at(60) == pytest.approx(0.01)
+    )
 
 
 def test_cosine_reaches_the_floor():

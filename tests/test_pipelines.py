@@ -1,4 +1,5 @@
 """DALI CPU pipeline against the torchvision pipeline, on real JPEG files."""
+
 from pathlib import Path
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Shards follow the data-parallel rank: disjoint, covering, equal step counts on every rank."""
+
 import pytest
 import torch
 
@@ -81,7 +82,9 @@ def test_data_rank_comes_from_the_global_rank_not_local_rank():
     from alexnet.parallel.env import DistEnv
     from alexnet.parallel.mesh import build_mesh
 
-    nodes = [DistEnv(rank=r, local_rank=0, world_size=2, local_world_size=1, device=CPU, backend="gloo") for r in range(2)]
+    nodes = [
+        DistEnv(rank=r, local_rank=0, world_size=2, local_world_size=1, device=CPU, backend="gloo") for r in range(2)
+    ]
     meshes = [build_mesh(env, "dp") for env in nodes]
     assert [m.data_rank for m in meshes] == [0, 1]
     assert all(m.data_size == 2 for m in meshes)

@@ -1,10 +1,11 @@
 """launch/train.py under torchrun with 2 gloo ranks, end to end, and exact mid-epoch resume."""
+
 import json
 
 import pytest
 import torch
-
 from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
+
 from alexnet.config import load_config
 from alexnet.metrics import read_metrics
 
@@ -31,7 +32,15 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
         assert r["images_per_sec"] > 0 and 0 <= r["top1"] <= r["top5"] <= 100
     assert all(r["count"] == 50 for r in val_records)  # every val image exactly once
     assert load_config(run / "config.yaml") == load_config(
-        DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=e2e", "train.epochs=2", "checkpoint.every_steps=3"]
+        DEMO_CONFIG,
+        [
+            *TINY_TRAIN,
+            f"data.root={tiny_data}",
+            f"run.root={tmp_path}",
+            "run.name=e2e",
+            "train.epochs=2",
+            "checkpoint.every_steps=3",
+        ],
     )
     payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert payload["progress"]["epoch"] == 2 and payload["progress"]["step"] == 14
@@ -76,3 +85,27 @@ def test_fresh_start_refuses_to_overwrite_a_run(tiny_data, tmp_path):
     assert proc.returncode != 0
     assert "already holds checkpoints" in proc.stderr
     assert (tmp_path / "keep" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tmp_path):
+    """A stop file (what the Slurm script writes on SIGUSR1) present from the start: both ranks
+    agree to stop after their first step, write one checkpoint, exit 0; the rerun finishes with
+    the weights of an uninterrupted run."""
+    common = ("train.epochs=1", "checkpoint.every_steps=0")
+    stop = tmp_path / "STOP"
+    stop.write_text("")
+    first = check(
+        torchrun(
+            [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=pre", *common],
+            env={"ALEXNET_STOP_FILE": str(stop)},
+        )
+    )
+    assert "stopping at step 1 on stop file" in first.stderr
+    summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
+    assert summary["stop_reason"] == "preempted" and summary["steps"] == 1
+    stop.unlink()
+    check(train(tiny_data, tmp_path, "pre", *common))
+    check(train(tiny_data, tmp_path, "whole", *common))
+    a = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,7 @@ fp32 per step) is large next to its compute: a larger `bucket_cap_mb` means fewe
 all-reduces; `gradient_as_bucket_view` saves a copy of every gradient; the bf16/fp16 hooks halve
 the bytes on the wire; PowerSGD sends a low-rank approximation (much less for fc6/fc7).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ def apply_data_parallel(
     return ddp
 
 
-def apply_comm_hook(ddp: nn.parallel.DistributedDataParallel, cfg: ParallelConfig, group: dist.ProcessGroup | None) -> None:
+def apply_comm_hook(
+    ddp: nn.parallel.DistributedDataParallel, cfg: ParallelConfig, group: dist.ProcessGroup | None
+) -> None:
     state_group = group if group is not None else dist.group.WORLD
     if cfg.comm_hook == "bf16":
         ddp.register_comm_hook(state_group, default_hooks.bf16_compress_hook)

@@ -1,4 +1,5 @@
 """torchrun's environment -> DistEnv: who am I, on which device, over which backend."""
+
 from __future__ import annotations
 
 import datetime

@@ -3,6 +3,7 @@
 Data is indexed by the data-parallel coordinate, never by LOCAL_RANK: on two nodes, local rank 0
 exists twice and would read the same shard twice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

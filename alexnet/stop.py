@@ -1,0 +1,56 @@
+"""Stopping on request: a signal (SIGUSR1 from Slurm's --signal, SIGTERM from torchrun or a
+scheduler) or a stop file, agreed across all ranks at the same step.
+
+torchrun does not forward SIGUSR1 to its workers, so the Slurm script turns the signal into a
+stop file (ALEXNET_STOP_FILE) that every worker polls; a signal delivered to a worker directly
+works as well. Ranks all-reduce their flag every step, so they stop at the same step, write one
+checkpoint together and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+STOP_FILE_ENV = "ALEXNET_STOP_FILE"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self, device: torch.device, stop_file: str | None = None) -> None:
+        self.device = device
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.signal_name: str | None = None
+        self._flag = torch.zeros(1, device=device)
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> StopRequest:
+        return cls(device, os.environ.get(STOP_FILE_ENV) or None)
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.signal_name = signal.Signals(signum).name
+
+    def requested_here(self) -> bool:
+        return self.signal_name is not None or (self.stop_file is not None and self.stop_file.exists())
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank has been asked to stop (a collective)."""
+        self._flag.fill_(1.0 if self.requested_here() else 0.0)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        return bool(self._flag.item() > 0)
+
+    def reason(self) -> str:
+        if self.signal_name:
+            return f"signal {self.signal_name}"
+        if self.stop_file is not None and self.stop_file.exists():
+            return f"stop file {self.stop_file}"
+        return "another rank was asked to stop"
