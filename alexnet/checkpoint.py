@@ -24,37 +24,37 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the reason."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (so names carry no `module.` prefix)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def optimizer_hyperparams(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """Each parameter group's settings, keyed by the group's name ("weights", "biases")."""
+    return {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
 
 
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, Any]:
-    """The optimizer's per-parameter state keyed by parameter name instead of position."""
-    state = {names[p]: {k: v for k, v in s.items()} for p, s in optimizer.state.items()}
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
-        for g in optimizer.param_groups
-    ]
-    return {"state": state, "param_groups": groups}
+def optimizer_momentum(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """SGD's momentum buffers keyed by parameter name instead of position."""
+    return {
+        names[p]: s["momentum_buffer"].detach()
+        for p, s in optimizer.state.items()
+        if s.get("momentum_buffer") is not None
+    }
 
 
-def load_optimizer_state_by_name(
-    optimizer: torch.optim.Optimizer, saved: dict[str, Any], params: dict[str, nn.Parameter]
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    hyperparams: dict[str, dict[str, Any]],
+    momentum: dict[str, torch.Tensor],
+    params: dict[str, nn.Parameter],
 ) -> None:
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        for key, value in saved_group.items():
-            if key != "params":
-                group[key] = value
-    for name, values in saved["state"].items():
-        if name in params:
-            p = params[name]
-            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in values.items()}
+    for group in optimizer.param_groups:
+        group.update({k: v for k, v in hyperparams.get(group["name"], {}).items() if k != "name"})
+    for name, buffer in momentum.items():
+        p = params[name]
+        optimizer.state[p] = {"momentum_buffer": buffer.to(device=p.device, dtype=p.dtype).clone()}
 
 
 def atomic_save(payload: dict[str, Any], folder: Path) -> Path:
     """Write `folder/last.pt` so that a crash at any moment leaves a loadable file behind."""
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
     final = folder / LAST
     tmp = folder / f".{LAST}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -75,6 +75,16 @@ def atomic_save(payload: dict[str, Any], folder: Path) -> Path:
     finally:
         os.close(dir_fd)
     return final
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes that a crash interrupted. Each holds a whole
+    checkpoint (about 250 MB for ImageNet AlexNet) and restarted writers have other PIDs, so
+    without this every crash during a write would leave one behind. One process writes a run's
+    checkpoints, so no other write can be in flight."""
+    for pattern in (f".{LAST}.tmp*", f".{PREVIOUS}.tmp*"):
+        for stale in folder.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ all-reduced, so replicas never diverge), and the caller aborts after too many in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -75,7 +76,10 @@ def train_step(
     amp: AmpPolicy,
     dropout: DropoutContext,
     grad_clip: float = 0.0,
+    after_backward: Callable[[], None] | None = None,
 ) -> StepResult:
+    """One optimizer step. `after_backward` finishes gradients a layout keeps outside DDP (the
+    hybrid's FC slices) before they are checked and applied."""
     apply_dropout_context(model, dropout)
     with amp.autocast():
         logits = model(images)
@@ -85,6 +89,8 @@ def train_step(
         amp.scaler.scale(loss).backward()
     else:
         loss.backward()
+    if after_backward is not None:
+        after_backward()
     applied = _all_ranks_finite(loss, None)
     if applied:
         if amp.scaler is not None:

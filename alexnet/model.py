@@ -41,10 +41,12 @@ PAPER_INPUT = 227
 TOWERS = (0, 1)
 DROPOUT_STREAMS = {"fc6": 6, "fc7": 7}
 
-Exchange = Callable[[Sequence[Tensor]], Tensor]
+# The points of figure 2 where the two GPUs exchange activations.
+EXCHANGE_POINTS = ("conv3_input", "fc6_input", "fc7_input", "fc8_input", "logits")
+Exchange = Callable[[Sequence[Tensor], str], Tensor]
 
 
-def concat_towers(parts: Sequence[Tensor]) -> Tensor:
+def concat_towers(parts: Sequence[Tensor], point: str) -> Tensor:  # noqa: ARG001 - same on every point
     """Where the paper's GPUs exchange activations, one device just concatenates channels."""
     return torch.cat(list(parts), dim=1)
 
@@ -114,17 +116,17 @@ class PaperAlexNet(nn.Module):
         return torch.flatten(self.pool(F.relu(self.conv5[t](h))), 1)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x3 = self.exchange([self._conv1_2(t, x) for t in self.towers])
+        x3 = self.exchange([self._conv1_2(t, x) for t in self.towers], "conv3_input")
         # Each tower's pool5 is flattened channel-major, so concatenating the flat halves equals
         # flattening the concatenated feature maps.
-        return self.exchange([self._conv3_5(t, x3) for t in self.towers])
+        return self.exchange([self._conv3_5(t, x3) for t in self.towers], "fc6_input")
 
     def forward_head(self, z: Tensor) -> Tensor:
         h = self.drop6(z)
-        h = self.exchange([F.relu(self.fc6[t](h)) for t in self.towers])
+        h = self.exchange([F.relu(self.fc6[t](h)) for t in self.towers], "fc7_input")
         h = self.drop7(h)
-        h = self.exchange([F.relu(self.fc7[t](h)) for t in self.towers])
-        return self.exchange([self.fc8[t](h) for t in self.towers])
+        h = self.exchange([F.relu(self.fc7[t](h)) for t in self.towers], "fc8_input")
+        return self.exchange([self.fc8[t](h) for t in self.towers], "logits")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -170,6 +172,21 @@ class TorchvisionAlexNet(torchvision.models.AlexNet):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def head_pieces(model: nn.Module) -> dict[str, list[str]]:
+    """The fully-connected layers as ordered lists of modules whose output rows, stacked, make the
+    whole layer: the paper's towers each hold half of a layer's neurons (fc8: half the logits)."""
+    if isinstance(model, PaperAlexNet):
+        return {name: [f"{name}.{t}" for t in TOWERS] for name in ("fc6", "fc7", "fc8")}
+    return {"fc6": ["classifier.1"], "fc7": ["classifier.4"], "fc8": ["classifier.6"]}
+
+
+def head_dropout(model: nn.Module) -> tuple[CounterDropout, CounterDropout]:
+    """The dropout layers before fc6 and fc7."""
+    if isinstance(model, PaperAlexNet):
+        return model.drop6, model.drop7
+    return model.classifier[0], model.classifier[3]
 
 
 def build_model(

@@ -27,7 +27,7 @@ def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
     env = init_distributed(cfg.parallel.timeout_s)
     try:
         set_determinism(cfg.train.deterministic)
-        mesh = build_mesh(env, cfg.parallel.mode)
+        mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
         plan = build_plan(cfg, env, mesh, config_path)
         return Trainer(cfg, env, mesh, plan).fit()
     finally:

@@ -6,11 +6,13 @@ from alexnet.checkpoint import (
     atomic_save,
     load_checkpoint,
     load_model_state,
-    load_optimizer_state_by_name,
-    optimizer_state_by_name,
-    unwrap,
+    load_optimizer_state,
+    optimizer_hyperparams,
+    optimizer_momentum,
 )
+from alexnet.config import OptimConfig
 from alexnet.model import PaperAlexNet
+from alexnet.optim import build_optimizer
 
 
 def payload(value: float) -> dict:
@@ -58,20 +60,16 @@ def test_model_mismatch_is_explained(tmp_path):
 def test_optimizer_state_round_trips_by_name():
     torch.manual_seed(0)
     model = PaperAlexNet(10, input_size=67)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.1)
     model(torch.randn(2, 3, 67, 67)).sum().backward()
     opt.step()
-    names = {p: n for n, p in model.named_parameters()}
-    saved = optimizer_state_by_name(opt, names)
-    assert "fc6.1.weight" in saved["state"]
+    momentum = optimizer_momentum(opt, {p: n for n, p in model.named_parameters()})
+    groups = optimizer_hyperparams(opt)
+    assert set(groups) == {"weights", "biases"} and groups["weights"]["weight_decay"] == 5e-4
+    assert set(momentum) == {n for n, _ in model.named_parameters()}
     twin = PaperAlexNet(10, input_size=67)
-    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
-    load_optimizer_state_by_name(twin_opt, saved, dict(twin.named_parameters()))
-    assert twin_opt.param_groups[0]["lr"] == 0.1
+    twin_opt = build_optimizer(list(twin.named_parameters()), OptimConfig(), lr=0.5)
+    load_optimizer_state(twin_opt, groups, momentum, dict(twin.named_parameters()))
+    assert [g["lr"] for g in twin_opt.param_groups] == [0.1, 0.1]
     for n, p in twin.named_parameters():
-        assert torch.equal(twin_opt.state[p]["momentum_buffer"], saved["state"][n]["momentum_buffer"])
-
-
-def test_unwrap_passes_plain_modules_through():
-    model = PaperAlexNet(10, input_size=67)
-    assert unwrap(model) is model
+        assert torch.equal(twin_opt.state[p]["momentum_buffer"], momentum[n])

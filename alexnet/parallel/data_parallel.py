@@ -1,12 +1,21 @@
-"""DistributedDataParallel over a data-parallel group, tuned from the config.
+"""DistributedDataParallel over a data-parallel group, tuned from the config, with its gradient
+traffic counted.
 
-AlexNet keeps 96% of its 61M parameters in the FC layers, so its gradient all-reduce (~244 MB in
-fp32 per step) is large next to its compute: a larger `bucket_cap_mb` means fewer, larger
-all-reduces; `gradient_as_bucket_view` saves a copy of every gradient; the bf16/fp16 hooks halve
-the bytes on the wire; PowerSGD sends a low-rank approximation (much less for fc6/fc7).
+AlexNet keeps 96% of its 61M parameters in the FC layers, so its gradient all-reduce (244 MB in
+fp32 per step) is large next to its compute:
+* `bucket_cap_mb`: larger buckets mean fewer, larger all-reduces (fc6 alone is 151 MB; the
+  default 25 MB cuts it into several calls); raise it on fast links, lower it to start the first
+  all-reduce earlier in the backward pass;
+* `gradient_as_bucket_view`: gradients live inside the buckets, saving one copy (244 MB);
+* `static_graph`: the same parameters are used every step, which lets DDP skip per-step checks;
+* `comm_hook`: `bf16`/`fp16` halve the bytes on the wire (use on slow inter-node links; bf16 keeps
+  fp32's range); `powersgd` sends a rank-r approximation of each weight matrix (fc6's 4096x9216
+  gradient becomes (4096+9216) x r numbers): for clusters with slow networks, at some accuracy
+  risk; `none`: exact fp32 all-reduce, the default.
 """
-
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,13 +23,70 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from alexnet.config import ParallelConfig
+from alexnet.parallel.comm import CommCounter, allreduce_sent
+
+GRAD_KIND = "grad_allreduce"
+
+
+@dataclass
+class _CountingState:
+    group: dist.ProcessGroup | None
+    world: int
+    counter: CommCounter
+    wire_bytes_per_element: int | None  # None: as the bucket's dtype
+    powersgd: powerSGD_hook.PowerSGDState | None = None
+
+
+def _count_bucket(state: _CountingState, bucket: dist.GradBucket) -> None:
+    buf = bucket.buffer()
+    per_element = state.wire_bytes_per_element or buf.element_size()
+    if state.powersgd is not None and state.powersgd.iter >= state.powersgd.start_powerSGD_iter:
+        # P and Q factors for matrices, the rest uncompressed (PowerSGD's own split).
+        r = state.powersgd.matrix_approximation_rank
+        elements = sum(
+            (g.shape[0] + g.numel() // g.shape[0]) * r if g.dim() > 1 else g.numel() for g in bucket.gradients()
+        )
+    else:
+        elements = buf.numel()
+    nbytes = elements * per_element
+    state.counter.add(GRAD_KIND, nbytes, allreduce_sent(nbytes, state.world))
+
+
+def _plain_hook(state: _CountingState, bucket):
+    _count_bucket(state, bucket)
+    return default_hooks.allreduce_hook(state.group, bucket)
+
+
+def _fp16_hook(state: _CountingState, bucket):
+    _count_bucket(state, bucket)
+    return default_hooks.fp16_compress_hook(state.group, bucket)
+
+
+def _bf16_hook(state: _CountingState, bucket):
+    _count_bucket(state, bucket)
+    return default_hooks.bf16_compress_hook(state.group, bucket)
+
+
+def _powersgd_hook(state: _CountingState, bucket):
+    _count_bucket(state, bucket)
+    return powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
 
 
 def apply_data_parallel(
-    model: nn.Module, device: torch.device, cfg: ParallelConfig, group: dist.ProcessGroup | None = None
+    model: nn.Module,
+    device: torch.device,
+    cfg: ParallelConfig,
+    counter: CommCounter,
+    group: dist.ProcessGroup | None = None,
+    group_size: int = 1,
+    ignore: list[str] | None = None,
 ) -> nn.Module:
-    if not (dist.is_available() and dist.is_initialized()):
+    """Wrap `model` in DDP over `group` (None: the world), leaving the parameters named in
+    `ignore` to their layout (the hybrid's FC slices). A group of one rank needs no wrapper."""
+    if not (dist.is_available() and dist.is_initialized()) or group_size == 1:
         return model
+    if ignore:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -29,20 +95,25 @@ def apply_data_parallel(
         gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         static_graph=cfg.static_graph,
     )
-    apply_comm_hook(ddp, cfg, group)
+    apply_comm_hook(ddp, cfg, counter, group, group_size)
     return ddp
 
 
 def apply_comm_hook(
-    ddp: nn.parallel.DistributedDataParallel, cfg: ParallelConfig, group: dist.ProcessGroup | None
+    ddp: nn.parallel.DistributedDataParallel, cfg: ParallelConfig, counter: CommCounter,
+    group: dist.ProcessGroup | None, group_size: int,
 ) -> None:
-    state_group = group if group is not None else dist.group.WORLD
-    if cfg.comm_hook == "bf16":
-        ddp.register_comm_hook(state_group, default_hooks.bf16_compress_hook)
+    state = _CountingState(group, group_size, counter, None)
+    if cfg.comm_hook == "none":
+        ddp.register_comm_hook(state, _plain_hook)
     elif cfg.comm_hook == "fp16":
-        ddp.register_comm_hook(state_group, default_hooks.fp16_compress_hook)
+        state.wire_bytes_per_element = 2
+        ddp.register_comm_hook(state, _fp16_hook)
+    elif cfg.comm_hook == "bf16":
+        state.wire_bytes_per_element = 2
+        ddp.register_comm_hook(state, _bf16_hook)
     elif cfg.comm_hook == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=state_group, matrix_approximation_rank=cfg.powersgd_rank, start_powerSGD_iter=2
+        state.powersgd = powerSGD_hook.PowerSGDState(
+            process_group=group, matrix_approximation_rank=cfg.powersgd_rank, start_powerSGD_iter=2
         )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        ddp.register_comm_hook(state, _powersgd_hook)

@@ -12,6 +12,7 @@ from alexnet.engine import build_amp, train_step
 from alexnet.layers import DropoutContext
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
+from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.data_parallel import apply_data_parallel
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 
@@ -40,7 +41,7 @@ def fresh_model():
 def main(out: str) -> None:
     env = init_distributed(timeout_s=60)
     model = fresh_model()
-    ddp = apply_data_parallel(model, env.device, ParallelConfig())
+    ddp = apply_data_parallel(model, env.device, ParallelConfig(), CommCounter(), None, env.world_size)
     images, labels = global_batch(env.world_size)
     rows = slice(env.rank * PER_RANK, (env.rank + 1) * PER_RANK)
     one_step(ddp, images[rows], labels[rows], torch.arange(rows.start, rows.stop))

@@ -1,0 +1,121 @@
+"""Collectives that know what they cost: an autograd-aware all-gather and a byte counter.
+
+Bytes are counted two ways for every collective a rank starts:
+* payload: the size of the tensor this rank hands to the collective (what "244 MB of fp32
+  gradients per step" means for plain data parallelism);
+* sent: what this rank puts on the wire under the ring algorithms NCCL and gloo use:
+  all-reduce of N bytes over P ranks sends 2N(P-1)/P; all-gather of a part of S bytes sends
+  S(P-1); reduce-scatter with a result of S bytes sends S(P-1).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def allreduce_sent(nbytes: int, world: int) -> int:
+    return 2 * nbytes * (world - 1) // world
+
+
+@dataclass
+class CommCounter:
+    """Bytes per kind ("grad_allreduce", "activation_exchange", ...) since the last take()."""
+
+    payload: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, payload: int, sent: int) -> None:
+        self.payload[kind] += payload
+        self.sent[kind] += sent
+
+    def take(self) -> tuple[dict[str, int], dict[str, int]]:
+        payload, sent = dict(self.payload), dict(self.sent)
+        self.payload.clear()
+        self.sent.clear()
+        return payload, sent
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of `parts` nearly equal slices of n (the first n % parts get one more)."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def _pad_to(x: Tensor, dim: int, size: int) -> Tensor:
+    if x.shape[dim] == size:
+        return x.contiguous()
+    pad_shape = list(x.shape)
+    pad_shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim).contiguous()
+
+
+class _GatherCat(torch.autograd.Function):
+    """Forward: concatenate every rank's part along `dim` (all-gather). Backward: each rank's part
+    receives the sum over ranks of the gradient for it (reduce-scatter), because every rank's
+    downstream computation used every part."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, sizes: Sequence[int], group, counter: CommCounter | None, kind: str):
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        if x.shape[dim] != sizes[rank]:
+            raise RuntimeError(f"gather along dim {dim}: local part has {x.shape[dim]}, expected {sizes[rank]}")
+        ctx.dim, ctx.sizes, ctx.group, ctx.counter, ctx.kind, ctx.rank = dim, list(sizes), group, counter, kind, rank
+        biggest = max(sizes)
+        local = _pad_to(x, dim, biggest)
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local, group=group)
+        if counter is not None:
+            nbytes = local.numel() * local.element_size()
+            counter.add(kind, nbytes, nbytes * (world - 1))
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dim, sizes = ctx.dim, ctx.sizes
+        biggest = max(sizes)
+        chunks = [_pad_to(g, dim, biggest) for g in grad.split(sizes, dim=dim)]
+        out = torch.empty_like(chunks[ctx.rank])
+        dist.reduce_scatter(out, chunks, group=ctx.group)
+        if ctx.counter is not None:
+            nbytes = out.numel() * out.element_size()
+            ctx.counter.add(ctx.kind, nbytes * len(sizes), nbytes * (len(sizes) - 1))
+        return out.narrow(dim, 0, sizes[ctx.rank]), None, None, None, None, None
+
+
+def gather_cat(
+    x: Tensor, dim: int, group, sizes: Sequence[int] | None = None, counter: CommCounter | None = None,
+    kind: str = "activation_exchange",
+) -> Tensor:
+    """All ranks of `group` get the concatenation of their parts along `dim`; autograd-aware."""
+    world = dist.get_world_size(group)
+    if sizes is None:
+        sizes = [x.shape[dim]] * world
+    return _GatherCat.apply(x, dim, tuple(sizes), group, counter, kind)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """Identity forward; gradient multiplied by `factor` on the way back."""
+    return _ScaleGrad.apply(x, factor)
+
+
+def gather_plain(x: Tensor, group) -> Tensor:
+    """Concatenate every rank's (equal-sized) tensor along dim 0, outside autograd."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)

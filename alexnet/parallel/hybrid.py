@@ -1,0 +1,179 @@
+"""Krizhevsky 2014, "One weird trick for parallelizing convolutional neural networks".
+
+Convolutions hold 4% of AlexNet's parameters and 95% of its compute: they run data-parallel on
+every rank (gradients all-reduced over the world). The FC layers hold the other 96%: each rank of
+an FC group of K ranks keeps 1/K of the neurons of fc6, fc7 and fc8 and computes them for the K
+batches of its group (all-gathered conv features), so FC weights never cross the wire inside a
+group; only ranks holding the same slice in different groups all-reduce its gradient.
+
+Every rank's loss covers its own batch. Each gather's backward is a reduce-scatter, so a slice's
+gradient sums over the K batches it served; summed again over the groups and divided by the
+world size it equals the single-device gradient of the mean loss over the global batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from alexnet.layers import CounterDropout, DropoutContext
+from alexnet.model import head_dropout, head_pieces
+from alexnet.parallel.comm import CommCounter, allreduce_sent, gather_cat, gather_plain, split_sizes
+from alexnet.parallel.layout import Layout, Moved, State, gather_states, replace_module
+from alexnet.parallel.mesh import Mesh
+
+FC_LAYERS = ("fc6", "fc7", "fc8")
+
+
+def _full_layer(model: nn.Module, pieces: list[str]) -> tuple[Tensor, Tensor]:
+    mods = [model.get_submodule(p) for p in pieces]
+    return torch.cat([m.weight.detach() for m in mods]), torch.cat([m.bias.detach() for m in mods])
+
+
+class SlicedHead(nn.Module):
+    """This rank's slice of fc6, fc7 and fc8, computed for the whole FC group's batches."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, counter: CommCounter | None) -> None:
+        super().__init__()
+        self.group = mesh.model_group
+        self.slice = mesh.shape.model_rank
+        self.counter = counter
+        k = mesh.shape.model_size
+        self.sizes: dict[str, list[int]] = {}
+        for name, pieces in head_pieces(model).items():
+            weight, bias = _full_layer(model, pieces)
+            sizes = split_sizes(weight.shape[0], k)
+            start = sum(sizes[: self.slice])
+            layer = nn.Linear(weight.shape[1], sizes[self.slice], device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(weight[start : start + sizes[self.slice]])
+                layer.bias.copy_(bias[start : start + sizes[self.slice]])
+            self.add_module(name, layer)
+            self.sizes[name] = sizes
+        drop6, drop7 = head_dropout(model)
+        self.drop6 = CounterDropout(drop6.p, drop6.stream)
+        self.drop7 = CounterDropout(drop7.p, drop7.stream)
+
+    def _exchange(self, h: Tensor, name: str) -> Tensor:
+        return gather_cat(h, 1, self.group, self.sizes[name], self.counter)
+
+    def forward(self, z: Tensor, sample_ids: Tensor | None) -> Tensor:
+        """z: the group's gathered features [K*B, F]; returns logits for all K*B rows."""
+        for drop in (self.drop6, self.drop7):
+            if drop.context is not None and sample_ids is not None:
+                drop.context = DropoutContext(drop.context.seed, drop.context.step, sample_ids)
+        h = self.drop6(z)
+        h = self.drop7(self._exchange(F.relu(self.fc6(h)), "fc6"))
+        h = self._exchange(F.relu(self.fc7(h)), "fc7")
+        return self._exchange(self.fc8(h), "fc8")
+
+
+class HybridAlexNet(nn.Module):
+    """`trunk`: the single-device model without its FC layers; `head`: this rank's FC slice."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, counter: CommCounter | None) -> None:
+        super().__init__()
+        self.head = SlicedHead(model, mesh, counter)
+        for pieces in head_pieces(model).values():
+            for piece in pieces:
+                replace_module(model, piece, Moved("the FC slices of the hybrid layout"))
+        self.trunk = model
+        self.group = mesh.model_group
+        self.slice = mesh.shape.model_rank
+        self.counter = counter
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.trunk.forward_features(x)
+        rows = z.shape[0]
+        z_all = gather_cat(z, 0, self.group, counter=self.counter)
+        ids = None
+        if self.training and self.head.drop6.context is not None:
+            ids = gather_plain(self.head.drop6.context.sample_ids.to(z.device), self.group)
+        logits = self.head(z_all, ids)
+        return logits[self.slice * rows : (self.slice + 1) * rows]
+
+
+class HybridLayout(Layout):
+    mode = "hybrid"
+
+    def __init__(
+        self, model: HybridAlexNet, mesh: Mesh, pieces: dict[str, list[str]], rows: dict[str, int],
+        counter: CommCounter | None,
+    ) -> None:
+        super().__init__(model)
+        self.mesh = mesh
+        self.pieces = pieces  # FC layer -> single-device modules holding its rows, in order
+        self.piece_rows = {name: [rows[p] for p in plist] for name, plist in pieces.items()}
+        self.counter = counter
+
+    def to_local(self, full: State) -> State:
+        local: State = {}
+        head = self.model.head
+        for key, value in full.items():
+            if self._fc_owner(key) is None:
+                local[f"trunk.{key}"] = value
+        for name, plist in self.pieces.items():
+            for kind in ("weight", "bias"):
+                keys = [f"{p}.{kind}" for p in plist]
+                if not all(k in full for k in keys):
+                    continue
+                whole = torch.cat([full[k] for k in keys])
+                sizes = head.sizes[name]
+                start = sum(sizes[: head.slice])
+                local[f"head.{name}.{kind}"] = whole[start : start + sizes[head.slice]]
+        return local
+
+    def _fc_owner(self, key: str) -> str | None:
+        for name, plist in self.pieces.items():
+            if any(key.startswith(p + ".") for p in plist):
+                return name
+        return None
+
+    def to_full(self, local: State) -> State | None:
+        if self.mesh.shape.model_group_index != 0:  # FC groups are replicas: group 0 speaks for all
+            return None
+        parts = gather_states({k: v for k, v in local.items() if k.startswith("head.")}, self.mesh.model_group)
+        if self.mesh.shape.model_rank != 0:
+            return None
+        full: State = {k[len("trunk."):]: v for k, v in local.items() if k.startswith("trunk.")}
+        for name, plist in self.pieces.items():
+            rows = self.piece_rows[name]
+            for kind in ("weight", "bias"):
+                key = f"head.{name}.{kind}"
+                if not all(key in p for p in parts):
+                    continue
+                whole = torch.cat([p[key] for p in parts])
+                for piece, chunk in zip(plist, whole.split(rows)):
+                    full[f"{piece}.{kind}"] = chunk
+        return full
+
+    def after_backward(self) -> Callable[[], None]:
+        head_params = list(self.model.head.parameters())
+        mesh, counter = self.mesh, self.counter
+
+        def sync_fc_grads() -> None:
+            grads = [p.grad for p in head_params if p.grad is not None]
+            if mesh.fc_replicas > 1:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, group=mesh.fc_replica_group)
+                if counter is not None:
+                    nbytes = flat.numel() * flat.element_size()
+                    counter.add("fc_grad_allreduce", nbytes, allreduce_sent(nbytes, mesh.fc_replicas))
+                for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(chunk.view_as(g))
+            for g in grads:
+                g.div_(mesh.world_size)
+
+        return sync_fc_grads
+
+
+def apply_hybrid(model: nn.Module, mesh: Mesh, counter: CommCounter | None = None) -> tuple[HybridAlexNet, HybridLayout]:
+    """Split `model`'s FC layers over the FC group (the model is changed in place and becomes the
+    trunk of the returned module)."""
+    pieces = head_pieces(model)
+    rows = {p: model.get_submodule(p).out_features for plist in pieces.values() for p in plist}
+    hybrid = HybridAlexNet(model, mesh, counter)
+    return hybrid, HybridLayout(hybrid, mesh, pieces, rows, counter)

@@ -1,0 +1,80 @@
+"""What a run tells people and machines: log lines or a progress bar, metrics records, the summary."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from alexnet.metrics import MetricsWriter
+
+log = logging.getLogger("alexnet")
+MB = 1e6
+
+
+def comm_per_step(totals: dict[str, int], steps: int) -> dict[str, float]:
+    """Megabytes per step, by kind."""
+    return {kind: value / MB / max(steps, 1) for kind, value in sorted(totals.items())}
+
+
+class Reporter:
+    """Rank 0 writes; the other ranks stay quiet."""
+
+    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress: str, epochs: int) -> None:
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.epochs = epochs
+        self.writer = MetricsWriter(run_dir, tensorboard) if is_main else None
+        self.bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
+
+    def wrap_epoch(self, loader, epoch: int):
+        """The loader itself, or a tqdm bar around it on rank 0 when it writes to a terminal."""
+        if not self.bar:
+            return loader
+        from tqdm import tqdm
+
+        desc = f"epoch {epoch + 1}/{self.epochs}"
+        return tqdm(loader, total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
+
+    def train(self, record: dict[str, Any], batches) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}",
+                                img_s=f"{record['images_per_sec']:.0f}")
+            return
+        comm = sum(record.get("comm_sent_mb", {}).values())
+        log.info(
+            "epoch %d  step %d  loss %.4f  top-1 %.2f%%  lr %.4g  %.0f img/s  data wait %.0f%%%s",
+            record["epoch"], record["step"], record["loss"], record["top1"], record["lr"],
+            record["images_per_sec"], 100 * record["data_wait_share"],
+            f"  sent {comm:.1f} MB/step" if comm else "",
+        )
+
+    def validation(self, record: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+        log.info(
+            "epoch %d/%d  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d images)",
+            record["epoch"], self.epochs, record["loss"], record["top1"], record["top5"], record["count"],
+        )
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        state = "finished" if summary["completed"] else f"stopped ({summary['stop_reason']}; the same command resumes)"
+        log.info(
+            "%s after %d epochs / %d steps: best val top-1 %.2f%% (top-5 %.2f%%), final top-1 %.2f%%, "
+            "%.0f s of training, %.0f images/s; run folder %s",
+            state, summary["epochs"], summary["steps"], summary["best_top1"], summary["best_top5"],
+            summary["final_top1"], summary["wall_seconds"], summary["images_per_sec"], summary["run_dir"],
+        )
+        if summary.get("comm_sent_mb_per_step"):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in summary["comm_sent_mb_per_step"].items())
+            log.info("sent per rank per step (MB): %s", parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,157 @@
+"""What a checkpoint holds for a training run, and how a run is put back where it stopped.
+
+The model and the momentum go through the layout (single-device names in the file, this rank's
+part in memory); every data rank's loader position is gathered, so the loaders resume exactly
+when the number of data shards is unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from alexnet.checkpoint import (
+    FORMAT_VERSION,
+    LAST,
+    PREVIOUS,
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    optimizer_hyperparams,
+    optimizer_momentum,
+)
+from alexnet.config import CheckpointConfig, Config, config_to_dict
+from alexnet.engine import AmpPolicy
+from alexnet.optim import LrSchedule
+from alexnet.parallel.layout import Layout
+from alexnet.parallel.mesh import Mesh
+from pipelines.base import Loader
+
+log = logging.getLogger("alexnet")
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken in total (also the dropout and lr counter)
+    images: int = 0  # training images processed in total
+    train_seconds: float = 0.0  # wall time of all sessions of this run
+    best_top1: float = 0.0
+    best_top5: float = 0.0
+    last_top1: float = 0.0
+    last_top5: float = 0.0
+    nonfinite_streak: int = 0
+
+
+def resume_candidates(cfg: CheckpointConfig, ckpt_dir: Path) -> list[Path]:
+    if cfg.resume == "none":
+        return []
+    if cfg.resume == "auto":
+        return [p for p in (ckpt_dir / LAST, ckpt_dir / PREVIOUS) if p.exists()]
+    return [Path(cfg.resume).expanduser()]
+
+
+def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Module) -> tuple[dict, Path] | None:
+    """Load the newest usable checkpoint's weights into the single-device `model`. With
+    `resume=auto`, a checkpoint that cannot be used (truncated, another model) gives way to the
+    previous one, with a warning naming both."""
+    candidates = resume_candidates(cfg, ckpt_dir)
+    for i, path in enumerate(candidates):
+        try:
+            payload = load_checkpoint(path)
+            load_model_state(model, payload["model"], path)
+            return payload, path
+        except CheckpointError as exc:
+            if cfg.resume != "auto" or i == len(candidates) - 1:
+                raise
+            log.warning("%s; falling back to %s", exc, candidates[i + 1])
+    return None
+
+
+def restore_training(
+    payload: dict[str, Any],
+    path: Path,
+    layout: Layout,
+    local_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    amp: AmpPolicy,
+    train_loader: Loader,
+    mesh: Mesh,
+) -> Progress:
+    """Everything but the weights (already in the model before the layout split it)."""
+    optim = payload["optimizer"]
+    momentum = layout.to_local(optim["momentum"])
+    load_optimizer_state(optimizer, optim["groups"], momentum, dict(local_model.named_parameters()))
+    schedule.load_state_dict(payload["schedule"])
+    if amp.scaler is not None and payload.get("scaler"):
+        amp.scaler.load_state_dict(payload["scaler"])
+    restore_loader(train_loader, payload["loaders"]["train"], mesh, path)
+    return Progress(**payload["progress"])
+
+
+def restore_loader(loader: Loader, states: dict[str, Any], mesh: Mesh, path: Path) -> None:
+    mine = states.get(str(mesh.data_rank))
+    if mine is not None and len(states) == mesh.data_size:
+        loader.load_state_dict(mine)
+        return
+    # Another number of data shards: the interrupted epoch restarts under the new sharding for
+    # its remaining steps; exact replay needs the same number of shards.
+    log.warning(
+        "checkpoint %s was written with %d data shards, this run has %d: the data order of the "
+        "interrupted epoch is not replayed exactly",
+        path, len(states), mesh.data_size,
+    )
+    any_state = next(iter(states.values()))
+    loader.load_state_dict({**any_state, "dali": None, "num_shards": mesh.data_size})
+
+
+def gather_loader_states(loader: Loader, mesh: Mesh) -> dict[str, Any]:
+    """Every data rank's loader position (a collective over the world)."""
+    state = (mesh.data_rank, loader.state_dict())
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, state)
+    else:
+        gathered = [state]
+    return {str(rank): s for rank, s in gathered}
+
+
+def build_payload(
+    cfg: Config,
+    layout: Layout,
+    local_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    amp: AmpPolicy,
+    train_loader: Loader,
+    mesh: Mesh,
+    progress: Progress,
+) -> dict[str, Any] | None:
+    """The checkpoint's contents on global rank 0 (None elsewhere). Collective: every rank calls it."""
+    loaders = gather_loader_states(train_loader, mesh)
+    names = {p: n for n, p in local_model.named_parameters()}
+    model = layout.to_full({k: v.detach().cpu() for k, v in local_model.state_dict().items()})
+    momentum = layout.to_full({k: v.cpu() for k, v in optimizer_momentum(optimizer, names).items()})
+    if model is None:
+        return None
+    return {
+        "format": FORMAT_VERSION,
+        "model": model,
+        "optimizer": {"groups": optimizer_hyperparams(optimizer), "momentum": momentum},
+        "schedule": schedule.state_dict(),
+        "scaler": amp.scaler.state_dict() if amp.scaler is not None else {},
+        "progress": asdict(progress),
+        "loaders": {"train": loaders},
+        "rng": {"torch": torch.get_rng_state()},
+        "config": config_to_dict(cfg),
+        "world": {"world_size": mesh.world_size, "data_size": mesh.data_size, "mode": mesh.mode},
+    }

@@ -1,0 +1,116 @@
+"""Run under torchrun: a layout against the single-device model on the same global batch.
+
+Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py MODE OUT_DIR [FC_GROUP]
+
+Every rank computes the single-device reference itself (same seed, the whole global batch),
+then its own part under MODE, and writes OUT_DIR/rank<R>.json with the largest differences:
+one float32 step (logits, loss, every gradient) with dropout on, the bytes that step sent, and
+the weights after 3 optimizer steps (float64).
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from alexnet.config import OptimConfig, ParallelConfig
+from alexnet.engine import build_amp, train_step
+from alexnet.layers import DropoutContext, apply_dropout_context
+from alexnet.model import build_model
+from alexnet.optim import build_optimizer
+from alexnet.parallel.apply import apply_parallelism
+from alexnet.parallel.comm import CommCounter
+from alexnet.parallel.env import init_distributed, shutdown_distributed
+from alexnet.parallel.mesh import build_mesh
+
+PER_REPLICA = 2
+SIZE = 99  # pool5 is 2x2: fc6 sees 1024 features
+CLASSES = 9  # odd: the towers split the logits 5 + 4, an FC group of 4 splits them 3 + 2 + 2 + 2
+SEED = 11
+STEPS = 3
+CPU = torch.device("cpu")
+
+
+def batch(step: int, replicas: int):
+    g = torch.Generator().manual_seed(100 + step)
+    images = torch.randn(PER_REPLICA * replicas, 3, SIZE, SIZE, generator=g)
+    return images, torch.randint(0, CLASSES, (PER_REPLICA * replicas,), generator=g)
+
+
+def fresh_model():
+    torch.manual_seed(SEED)
+    return build_model("paper", CLASSES, dropout=0.5, input_size=SIZE, init="kaiming")
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def main(mode: str, out_dir: str, fc_group: int) -> None:
+    env = init_distributed(timeout_s=120)
+    mesh = build_mesh(env, mode, fc_group)
+    replicas, me = mesh.data_size, mesh.data_rank
+    rows = slice(me * PER_REPLICA, (me + 1) * PER_REPLICA)
+    ids = torch.arange(rows.start, rows.stop)
+
+    reference = fresh_model()
+    images, labels = batch(0, replicas)
+    apply_dropout_context(reference, DropoutContext(SEED, 0, torch.arange(len(labels))))
+    ref_logits = reference(images)
+    F.cross_entropy(ref_logits, labels).backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+
+    counter = CommCounter()
+    par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), counter)
+    apply_dropout_context(par.local, DropoutContext(SEED, 0, ids))
+    logits = par.module(images[rows])
+    loss = F.cross_entropy(logits, labels[rows])
+    loss.backward()
+    hook = par.layout.after_backward()
+    if hook is not None:
+        hook()
+    payload, sent = counter.take()
+    local_ref_grads = par.layout.to_local(ref_grads)
+    grads = {n: p.grad for n, p in par.local.named_parameters()}
+    result = {
+        "rank": env.rank,
+        "logits": max_diff(logits, ref_logits[rows]),
+        "logit_scale": ref_logits.abs().max().item(),
+        "loss": abs(loss.item() - F.cross_entropy(ref_logits[rows], labels[rows]).item()),
+        "grads": {n: max_diff(g, local_ref_grads[n]) for n, g in grads.items()},
+        "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
+        "local_names": sorted(grads),
+        "payload": payload,
+        "sent": sent,
+    }
+
+    # Optimizer steps with dropout on, on both sides, from fresh models, in float64: in float32
+    # the two sides' rounding differences (~1e-7) can flip a ReLU or a max-pool choice within a
+    # few steps, which says nothing about the layout; in float64 they match to ~1e-12.
+    torch.set_default_dtype(torch.float64)
+    amp = build_amp("off", CPU)
+    reference = fresh_model()
+    ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.002)
+    par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), CommCounter())
+    opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
+    after_backward = par.layout.after_backward()
+    for step in range(STEPS):
+        images, labels = batch(step, replicas)
+        train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, torch.arange(len(labels))))
+        train_step(par.module, images[rows], labels[rows], opt, amp, DropoutContext(SEED, step, ids),
+                   after_backward=after_backward)
+    ref_state = par.layout.to_local(reference.state_dict())
+    result["weights_after_steps"] = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
+    moved = max(max_diff(v, fresh_model().state_dict()[k]) for k, v in reference.state_dict().items())
+    result["weights_moved"] = moved
+    full = par.layout.to_full(par.local.state_dict())
+    if full is not None:
+        result["full_state_diff"] = max(max_diff(v, reference.state_dict()[k]) for k, v in full.items())
+        result["full_state_keys_match"] = sorted(full) == sorted(reference.state_dict())
+    Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)

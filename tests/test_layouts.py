@@ -1,0 +1,86 @@
+"""towers and hybrid compute the single-device function: logits, loss, gradients, trajectories;
+their byte counters match the arithmetic of what they exchange."""
+import json
+import math
+import sys
+
+import pytest
+
+from _helpers import REPO, check, torchrun
+from alexnet.model import build_model
+from alexnet.parallel.mesh import LayoutError, plan_mesh
+
+sys.path.insert(0, str(REPO / "tests" / "dist"))
+import layout_check as lc  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CASES = [("towers", 2, 0), ("towers", 4, 0), ("hybrid", 2, 0), ("hybrid", 4, 0), ("hybrid", 4, 2)]
+
+
+def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dict, dict]:
+    """Per-rank bytes of one step, from the shapes alone (fp32). Conv2's pooled map is 5x5 and
+    pool5 2x2 at 99 pixels."""
+    b, f32 = lc.PER_REPLICA, 4
+    model = build_model("paper", lc.CLASSES, input_size=lc.SIZE)
+    conv = sum(p.numel() for n, p in model.named_parameters() if n.startswith("conv"))
+    payload, sent = {}, {}
+    if mode == "towers":
+        tower = rank % 2
+        parts = b * (128 * 5 * 5 + 128 * 2 * 2 + 2048 + 2048 + math.ceil(lc.CLASSES / 2)) * f32
+        payload["activation_exchange"] = parts + 2 * parts  # all-gather own part, reduce-scatter the whole
+        sent["activation_exchange"] = 2 * parts  # to the one peer, each way
+        replicas = world // 2
+        if replicas > 1:
+            grads = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[1] == str(tower)) * f32
+            payload["grad_allreduce"] = grads
+            sent["grad_allreduce"] = 2 * grads * (replicas - 1) // replicas
+        return payload, sent
+    k = fc_group or world
+    parts = (b * 1024 + 2 * b * 4096 + k * b * math.ceil(lc.CLASSES / k)) * f32  # features, fc6, fc7, logits
+    payload["activation_exchange"] = parts * (1 + k)
+    sent["activation_exchange"] = 2 * parts * (k - 1)
+    payload["grad_allreduce"] = conv * f32
+    sent["grad_allreduce"] = 2 * conv * f32 * (world - 1) // world
+    groups = world // k
+    if groups > 1:
+        s = rank % k
+        rows = {name: [n // k + (1 if i < n % k else 0) for i in range(k)][s] for name, n in
+                (("fc6", 4096), ("fc7", 4096), ("fc8", lc.CLASSES))}
+        slice_params = rows["fc6"] * (1024 + 1) + rows["fc7"] * (4096 + 1) + rows["fc8"] * (4096 + 1)
+        payload["fc_grad_allreduce"] = slice_params * f32
+        sent["fc_grad_allreduce"] = 2 * slice_params * f32 * (groups - 1) // groups
+    return payload, sent
+
+
+@pytest.mark.parametrize(("mode", "world", "fc_group"), CASES)
+def test_layout_computes_the_single_device_function(tmp_path, mode, world, fc_group):
+    check(torchrun([REPO / "tests" / "dist" / "layout_check.py", mode, tmp_path, fc_group], nproc=world))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for r in results:
+        # float32, one step: the only differences are summation orders (~1e-7 relative).
+        assert r["logits"] <= 1e-5 * r["logit_scale"], r["rank"]
+        assert r["loss"] <= 1e-5
+        assert max(r["grads"].values()) <= 1e-5 * r["grad_scale"], r["rank"]
+        # float64, 3 steps with dropout: the same trajectory.
+        assert r["weights_moved"] > 1e-3  # the steps did change the weights
+        assert r["weights_after_steps"] <= 1e-10, r["rank"]
+        payload, sent = expected_bytes(mode, world, fc_group, r["rank"])
+        assert r["payload"] == payload, r["rank"]
+        assert r["sent"] == sent, r["rank"]
+    owner = results[0]
+    assert owner["full_state_keys_match"] and owner["full_state_diff"] <= 1e-10
+    if mode == "towers":  # each rank holds exactly its own tower
+        assert all(n.split(".")[1] == str(r["rank"] % 2) for r in results for n in r["local_names"])
+
+
+def test_world_sizes_a_layout_cannot_use_show_the_arithmetic():
+    with pytest.raises(LayoutError, match=r"towers .* 3 ranks: 3 = 1 x 2 \+ 1"):
+        plan_mesh("towers", 0, 3, 3)
+    with pytest.raises(LayoutError, match=r"each node runs 3 processes: 3 = 1 x 2 \+ 1"):
+        plan_mesh("towers", 0, 6, 3)
+    with pytest.raises(LayoutError, match=r"fc_group=4 .* 6 ranks: 6 = 1 x 4 \+ 2"):
+        plan_mesh("hybrid", 0, 6, 6, fc_group=4)
+    shape = plan_mesh("towers", 5, 8, 8)
+    assert (shape.data_rank, shape.data_size, shape.model_rank) == (2, 4, 1)
+    shape = plan_mesh("hybrid", 5, 8, 4)  # two nodes of 4: FC group = the node
+    assert (shape.data_rank, shape.data_size, shape.model_rank, shape.model_size) == (5, 8, 1, 4)
