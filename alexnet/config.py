@@ -51,6 +51,11 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     synthetic_steps: int = 100  # steps per epoch of the synthetic pipeline
     seed: int = 0  # data order and augmentation; the model's seed is train.seed
+    lighting_std: float = 0.0  # std of the PCA lighting coefficients (section 4.1: 0.1); 0 = off
+    lighting_stats: str = ""  # eigen statistics JSON; "" = <root>/pca_lighting.json, else ImageNet's
+    val_ten_crop: bool = False  # validate on 10 crops, softmax averaged (section 4.1); DALI only
+    train_files: str = ""  # file list from launch/scan.py to train on instead of <root>/train's files
+    val_files: str = ""  # the same for <root>/val
 
 
 @dataclass
@@ -130,7 +135,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file at `path`, then `key=value` overrides, then validation."""
     values: dict[str, Any] = {}
     if path is not None:
-        values = _flatten(_read_yaml(Path(path)), source=str(path))
+        values = _flatten(_read_recipe(Path(path)), source=str(path))
     for item in overrides:
         key, value = _parse_override(item)
         values[key] = value
@@ -156,6 +161,31 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + f.name)
     return keys
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML recipe; `extends: other.yaml` (relative to the file) starts from another recipe and
+    overrides it key by key, so the 8-GPU recipes restate only what differs from imagenet.yaml."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
+    tree = _read_yaml(path)
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config key 'extends' in {path} must be a file name; got {base!r}")
+    return _merge(_read_recipe(path.parent / base, (*seen, path)), tree)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -297,6 +327,7 @@ def validate_config(cfg: Config) -> None:
         "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
         "train.grad_clip": cfg.train.grad_clip,
         "parallel.fc_group": cfg.parallel.fc_group,
+        "data.lighting_std": cfg.data.lighting_std,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -323,3 +354,14 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
     if not 0.0 < cfg.schedule.factor <= 1.0:
         raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
+    if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
+        raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
+
+
+def config_from_dict(tree: dict[str, Any], source: str) -> Config:
+    """A Config from a nested dict such as a checkpoint's payload["config"]; errors name `source`."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"the config stored in {source} is not a mapping of sections")
+    cfg = _build(Config, _flatten(tree, source=source))
+    validate_config(cfg)
+    return cfg

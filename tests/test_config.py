@@ -93,3 +93,21 @@ def test_imagenet_recipe_is_the_papers():
 def test_valid_keys_lists_dotted_leaves():
     keys = valid_keys()
     assert "data.batch_size" in keys and "parallel.mode" in keys and "data" not in keys
+
+
+def test_extends_starts_from_another_recipe(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  batch_size: 64\n  crop: 99\ntrain:\n  epochs: 5\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ndata:\n  crop: 83\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.epochs=6"])
+    assert (cfg.data.batch_size, cfg.data.crop, cfg.train.epochs) == (64, 83, 6)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_eight_gpu_recipes_set_the_layout_over_the_paper_recipe():
+    base = load_config(REPO / "launch" / "configs" / "imagenet.yaml")
+    for mode in ("dp", "towers", "hybrid"):
+        cfg = load_config(REPO / "launch" / "configs" / f"imagenet_8gpu_{mode}.yaml")
+        assert cfg.parallel.mode == mode
+        assert cfg.optim == base.optim and cfg.model == base.model and cfg.data.batch_size == 128
