@@ -9,8 +9,10 @@ Bytes are counted two ways for every collective a rank starts:
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +26,15 @@ def allreduce_sent(nbytes: int, world: int) -> int:
 
 @dataclass
 class CommCounter:
-    """Bytes per kind ("grad_allreduce", "activation_exchange", ...) since the last take()."""
+    """Bytes per kind ("grad_allreduce", "activation_exchange", ...) since the last take().
 
+    With `timed`, the blocking exchanges also add up their seconds (after synchronizing the
+    device, which costs overlap: for benchmarks, not for training)."""
+
+    timed: bool = False
     payload: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def add(self, kind: str, payload: int, sent: int) -> None:
         self.payload[kind] += payload
@@ -38,6 +45,24 @@ class CommCounter:
         self.payload.clear()
         self.sent.clear()
         return payload, sent
+
+    def take_seconds(self) -> dict[str, float]:
+        seconds = dict(self.seconds)
+        self.seconds.clear()
+        return seconds
+
+    @contextmanager
+    def timing(self, kind: str, device: torch.device):
+        if not self.timed:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[kind] += time.perf_counter() - start
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -68,7 +93,8 @@ class _GatherCat(torch.autograd.Function):
         biggest = max(sizes)
         local = _pad_to(x, dim, biggest)
         parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local, group=group)
+        with counter.timing(kind, x.device) if counter is not None else nullcontext():
+            dist.all_gather(parts, local, group=group)
         if counter is not None:
             nbytes = local.numel() * local.element_size()
             counter.add(kind, nbytes, nbytes * (world - 1))
@@ -80,7 +106,8 @@ class _GatherCat(torch.autograd.Function):
         biggest = max(sizes)
         chunks = [_pad_to(g, dim, biggest) for g in grad.split(sizes, dim=dim)]
         out = torch.empty_like(chunks[ctx.rank])
-        dist.reduce_scatter(out, chunks, group=ctx.group)
+        with ctx.counter.timing(ctx.kind, grad.device) if ctx.counter is not None else nullcontext():
+            dist.reduce_scatter(out, chunks, group=ctx.group)
         if ctx.counter is not None:
             nbytes = out.numel() * out.element_size()
             ctx.counter.add(ctx.kind, nbytes * len(sizes), nbytes * (len(sizes) - 1))

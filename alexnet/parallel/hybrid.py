@@ -13,6 +13,7 @@ world size it equals the single-device gradient of the mean loss over the global
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -158,7 +159,8 @@ class HybridLayout(Layout):
             grads = [p.grad for p in head_params if p.grad is not None]
             if mesh.fc_replicas > 1:
                 flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat, group=mesh.fc_replica_group)
+                with counter.timing("fc_grad_allreduce", flat.device) if counter is not None else nullcontext():
+                    dist.all_reduce(flat, group=mesh.fc_replica_group)
                 if counter is not None:
                     nbytes = flat.numel() * flat.element_size()
                     counter.add("fc_grad_allreduce", nbytes, allreduce_sent(nbytes, mesh.fc_replicas))
