@@ -68,6 +68,9 @@ def atomic_save(payload: dict[str, Any], folder: Path) -> Path:
             link.unlink()
         os.link(final, link)
         os.replace(link, folder / PREVIOUS)
+        # rename(2) does nothing when both names are links to one file (previous.pt and last.pt
+        # after a write that died between its two renames): the link would stay behind.
+        link.unlink(missing_ok=True)
     os.replace(tmp, final)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:

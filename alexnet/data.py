@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from alexnet.config import DataConfig
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_trainable
 from pipelines.demo import ensure_demo_dataset
-from pipelines.index import FileIndex, build_file_index
+from pipelines.index import DataError, FileIndex, build_file_index, check_val_covers_train, load_file_list
+from pipelines.lighting import Lighting, resolve_lighting_stats
+
+log = logging.getLogger("alexnet")
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,38 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
         n = num_classes or 1000
         return DataSplits(None, None, [f"class_{i}" for i in range(n)])
     root = resolve_data_root(cfg)
-    train = build_file_index(root / "train")
-    val = build_file_index(root / "val", classes=train.classes)
+    train_dir, val_dir = split_folder(root, "train"), split_folder(root, "val")
+    if cfg.train_files:
+        train = load_file_list(cfg.train_files, train_dir)
+    else:
+        train = build_file_index(train_dir)
+    check_val_covers_train(val_dir, train.classes)
+    if cfg.val_files:
+        val = load_file_list(cfg.val_files, val_dir, classes=train.classes)
+    else:
+        val = build_file_index(val_dir, classes=train.classes)
     return DataSplits(train, val, train.classes)
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """root/split, or a DataError that says which of the two is missing (before any work starts)."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} (config key 'data.root') does not exist")
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"data folder {root} has no {split}/ folder (expected {folder}/<class>/<image>)")
+    return folder
 
 
 def image_spec(cfg: DataConfig) -> ImageSpec:
     return ImageSpec(cfg.crop, cfg.resize, cfg.train_crop, tuple(cfg.mean), tuple(cfg.std))  # type: ignore[arg-type]
+
+
+def build_lighting(cfg: DataConfig) -> Lighting | None:
+    """Section 4.1's PCA lighting for the training graph, or None when data.lighting_std is 0."""
+    if cfg.lighting_std == 0.0:
+        return None
+    return Lighting(cfg.lighting_std, resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg)))
 
 
 def build_loader(
@@ -61,8 +90,19 @@ def build_loader(
     if cfg.pipeline == "torchvision":
         from pipelines.torchvision_loader import TorchvisionLoader
 
+        if split == "train" and cfg.lighting_std > 0:
+            log.warning("data.lighting_std is set but PCA lighting exists only in the DALI pipeline: not applied")
+
         return TorchvisionLoader(
             index, split, image_spec(cfg), shard, device, cfg.num_threads, cfg.prefetch, channels_last
+        )
+    if split == "val" and cfg.val_ten_crop:
+        from pipelines.tencrop import TenCropLoader
+
+        # Batches of [B, 10, 3, crop, crop]: evaluate them with alexnet.evaluate.eval_batch.
+        image = image_spec(cfg)
+        return TenCropLoader(
+            index, image, shard, device, cfg.num_threads, cfg.prefetch, decoder, cfg.hw_decoder_load, channels_last
         )
     from pipelines.dali import DaliLoader
 
@@ -77,4 +117,5 @@ def build_loader(
         decoder,  # type: ignore[arg-type]
         cfg.hw_decoder_load,
         channels_last,
+        lighting=build_lighting(cfg) if split == "train" else None,
     )

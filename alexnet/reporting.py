@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.metrics import MetricsWriter
+from alexnet.report import RunSummary, write_run_report
 
 log = logging.getLogger("alexnet")
 MB = 1e6
@@ -60,20 +61,18 @@ class Reporter:
             record["epoch"], self.epochs, record["loss"], record["top1"], record["top5"], record["count"],
         )
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: dict[str, Any], final: RunSummary) -> None:
+        """summary.json, the closing log lines, and training_curves.png (rank 0)."""
         if not self.is_main:
             return
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         state = "finished" if summary["completed"] else f"stopped ({summary['stop_reason']}; the same command resumes)"
-        log.info(
-            "%s after %d epochs / %d steps: best val top-1 %.2f%% (top-5 %.2f%%), final top-1 %.2f%%, "
-            "%.0f s of training, %.0f images/s; run folder %s",
-            state, summary["epochs"], summary["steps"], summary["best_top1"], summary["best_top5"],
-            summary["final_top1"], summary["wall_seconds"], summary["images_per_sec"], summary["run_dir"],
-        )
+        log.info("%s after %d epochs / %d steps (final val top-1 %.2f%%); run folder %s",
+                 state, summary["epochs"], summary["steps"], summary["final_top1"], summary["run_dir"])
         if summary.get("comm_sent_mb_per_step"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in summary["comm_sent_mb_per_step"].items())
             log.info("sent per rank per step (MB): %s", parts)
+        write_run_report(self.run_dir, final)
 
     def close(self) -> None:
         if self.writer is not None:

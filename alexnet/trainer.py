@@ -12,7 +12,8 @@ import torch.distributed as dist
 from alexnet.checkpoint import LAST, CheckpointError, atomic_save
 from alexnet.config import Config, write_config
 from alexnet.data import DataSplits, build_loader, build_splits
-from alexnet.engine import AmpPolicy, build_amp, eval_step, train_step
+from alexnet.engine import AmpPolicy, build_amp, train_step
+from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import build_model
@@ -22,6 +23,7 @@ from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
+from alexnet.report import summarize_run
 from alexnet.reporting import Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, load_resume_checkpoint, restore_training
 from alexnet.stop import StopRequest
@@ -120,7 +122,11 @@ class Trainer:
             self.save_checkpoint()
         self._update_clock()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
-        self.reporter.summary(summary)
+        p = self.progress
+        final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
+                              self.env.device.type, self.num_classes)
+        summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
+        self.reporter.summary(summary, final)
         self.reporter.close()
         return summary
 
@@ -174,7 +180,7 @@ class Trainer:
         tally = Tally(self.env.device)
         start = time.perf_counter()
         for images, labels in self.val_loader:
-            result = eval_step(self.model, images, labels, self.amp)
+            result = eval_batch(self.model, images, labels, self.amp)  # one crop, or ten averaged
             tally.add(result.loss_sum, result.correct, result.count)
         stats = tally.reduce(self.mesh.metric_group)
         if stats["count"] != self.val_loader.num_samples:

@@ -19,6 +19,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
 from pipelines.index import FileIndex
+from pipelines.lighting import Lighting, with_lighting
 
 READER_NAME = "Reader"
 DecoderDevice = Literal["mixed", "cpu"]
@@ -34,6 +35,7 @@ def image_graph(
     decoder: DecoderDevice,
     hw_decoder_load: float,
     layout: str,
+    lighting: Lighting | None = None,
 ):
     jpegs, label = fn.readers.file(
         files=files,
@@ -60,26 +62,53 @@ def image_graph(
             jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10, **decode
         )
         images = fn.resize(images, resize_x=image.crop, resize_y=image.crop)
-        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), **normalize)
+        images = fn.crop_mirror_normalize(
+            images, mirror=fn.random.coin_flip(probability=0.5), **with_lighting(normalize, lighting)
+        )
     elif training:
         # Section 2 and 4.1: shorter side to `resize`, the central resize x resize square, then a
         # random crop x crop patch of it and its horizontal reflection.
         images = fn.decoders.image(jpegs, **decode)
         images = fn.resize(images, resize_shorter=image.resize)
         images = fn.crop(images, crop=(image.resize, image.resize))
+        # Section 4.1's PCA lighting (when on) is folded into the mean that the normalization subtracts.
         images = fn.crop_mirror_normalize(
             images,
             crop=(image.crop, image.crop),
             crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
             crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
             mirror=fn.random.coin_flip(probability=0.5),
-            **normalize,
+            **with_lighting(normalize, lighting),
         )
     else:
         images = fn.decoders.image(jpegs, **decode)
         images = fn.resize(images, resize_shorter=image.resize)
         images = fn.crop_mirror_normalize(images, crop=(image.crop, image.crop), **normalize)
     return images, label
+
+
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """Copy a DALI batch into a new torch tensor (DALI reuses its buffers): GPU outputs on
+    `device` in the current stream, CPU outputs on the CPU."""
+    tensor = tensor_list.as_tensor()
+    on_gpu = isinstance(tensor, TensorGPU)
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device if on_gpu else "cpu")
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device) if on_gpu else None)
+    return out
+
+
+def run_checked(pipe, files: list[str]):
+    """pipe.run(); a file the decoder cannot read becomes a DataError naming it (DALI cannot drop
+    a bad sample, and its own message names the file only for some failures)."""
+    try:
+        return pipe.run()
+    except RuntimeError as exc:
+        from pipelines.filecheck import explain_decode_failure
+
+        error = explain_decode_failure(str(exc), files)
+        if error is None:
+            raise
+        raise error from exc
 
 
 class DaliLoader:
@@ -98,6 +127,7 @@ class DaliLoader:
         decoder: DecoderDevice,
         hw_decoder_load: float = 0.65,
         channels_last: bool = False,
+        lighting: Lighting | None = None,
     ) -> None:
         if decoder == "mixed" and device.type != "cuda":
             raise ValueError("data.decoder=mixed needs a CUDA device; use data.decoder=cpu or auto")
@@ -112,6 +142,7 @@ class DaliLoader:
         self._decoder = decoder
         self._hw_decoder_load = hw_decoder_load
         self._channels_last = channels_last
+        self._lighting = lighting if split == "train" else None
         n, k, b = len(index), shard.num_shards, shard.batch_size
         # Batches in one pass of the reader over a padded shard; training uses only the whole
         # batches of real samples and skips the rest.
@@ -141,6 +172,7 @@ class DaliLoader:
                 decoder=self._decoder,
                 hw_decoder_load=self._hw_decoder_load,
                 layout="HWC" if self._channels_last else "CHW",
+                lighting=self._lighting,
                 batch_size=self._shard.batch_size,
                 num_threads=self._num_threads,
                 device_id=self._device.index if self._device.type == "cuda" else None,
@@ -152,19 +184,13 @@ class DaliLoader:
             self._pipe.build()
         return self._pipe
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        tensor = tensor_list.as_tensor()
-        on_gpu = isinstance(tensor, TensorGPU)
-        target_device = self._device if on_gpu else torch.device("cpu")
-        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=target_device)
-        stream = torch.cuda.current_stream(self._device) if on_gpu else None
-        feed_ndarray(tensor, out, cuda_stream=stream)
-        return out
+    def _run_pipeline(self):
+        return run_checked(self._pipe, self._index.files)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images_tl, labels_tl = self._pipe.run()
-        images = self._to_torch(images_tl)
-        labels = self._to_torch(labels_tl).reshape(-1).to(torch.int64)
+        images_tl, labels_tl = self._run_pipeline()
+        images = to_torch(images_tl, self._device)
+        labels = to_torch(labels_tl, self._device).reshape(-1).to(torch.int64)
         if self.split == "val":
             first = self._pos * self._shard.batch_size
             row = torch.arange(first, first + labels.shape[0])
@@ -180,7 +206,7 @@ class DaliLoader:
             self._pos += 1
             yield batch
         for _ in range(self._reader_batches - self._steps):
-            self._pipe.run()  # the padded tail of the shard: keeps every rank's reader in step
+            self._run_pipeline()  # the padded tail of the shard: keeps every rank's reader in step
         self._pos = 0
         self._epoch += 1
 

@@ -40,6 +40,70 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
+def image_names(folder: Path) -> list[str]:
+    """The image files of one class folder, sorted: the files every pipeline reads."""
+    return sorted(
+        entry.name for entry in os.scandir(folder) if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def check_split_classes(split_dir: Path, found: list[str], classes: list[str]) -> None:
+    """A split indexed with the training split's classes may not bring classes of its own."""
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataError(f"{split_dir} has class folders absent from the training data: {_some(extra)}")
+
+
+def check_val_covers_train(val_dir: Path, classes: list[str]) -> None:
+    """Training validates on every training class: each needs a folder in the validation split."""
+    missing = sorted(set(classes) - set(find_classes(val_dir)))
+    if missing:
+        raise DataError(
+            f"{len(missing)} training class(es) have no folder in {val_dir}: {_some(missing)}; "
+            "every training class needs a validation folder (validation accuracy would leave them out)"
+        )
+
+
+def load_file_list(list_file: str | Path, split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:
+    """A file list written by `launch/scan.py`: one path per line, relative to `split_dir` or
+    absolute; '#' starts a comment. A file's class is the name of its parent folder, and class
+    indices are those of `split_dir`'s class folders (or `classes`, the training split's), so a
+    list labels its files exactly as the folder index would."""
+    list_file, split_dir = Path(list_file), Path(split_dir)
+    found = find_classes(split_dir)
+    if classes is None:
+        classes = found
+    else:
+        check_split_classes(split_dir, found, classes)
+    try:
+        lines = list_file.read_text().splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read file list {list_file}: {exc.strerror}") from exc
+    label_of = {name: i for i, name in enumerate(classes)}
+    files: list[str] = []
+    labels: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry) if Path(entry).is_absolute() else split_dir / entry
+        label = label_of.get(path.parent.name)
+        if label is None:
+            raise DataError(
+                f"file list {list_file} line {number}: {entry} is in folder {path.parent.name!r}, "
+                f"which is not a class folder of {split_dir}"
+            )
+        files.append(str(path))
+        labels.append(label)
+    if not files:
+        raise DataError(f"file list {list_file} names no files")
+    return FileIndex(files, labels, list(classes))
+
+
 def build_file_index(split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:
     """Index `split_dir/<class>/<image>`. Pass `classes` (from the training split) to index a
     validation split with the training split's class indices."""
@@ -48,12 +112,7 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
     if classes is None:
         classes = found
     else:
-        extra = sorted(set(found) - set(classes))
-        if extra:
-            raise DataError(
-                f"{split_dir} has class folders absent from the training data: {', '.join(extra[:5])}"
-                + (" ..." if len(extra) > 5 else "")
-            )
+        check_split_classes(split_dir, found, classes)
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
@@ -61,11 +120,7 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
         folder = split_dir / name
         if not folder.is_dir():
             continue
-        names = sorted(
-            entry.name
-            for entry in os.scandir(folder)
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        names = image_names(folder)
         if not names:
             empty.append(name)
         files.extend(str(folder / n) for n in names)

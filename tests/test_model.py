@@ -18,6 +18,8 @@ def test_paper_parameter_count_at_1000_classes():
 def test_paper_layer_shapes_at_227():
     model = PaperAlexNet(1000).eval()
     x = torch.randn(2, 3, 227, 227)
+    assert model(x).shape == (2, 1000)  # the fused single-device path
+    model.exchange = lambda parts, point: torch.cat(parts, dim=1)  # tower by tower, so hooks see each layer
     seen = {}
     for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         for t, layer in enumerate(getattr(model, name)):
@@ -129,3 +131,35 @@ def test_initial_loss_is_about_log_num_classes():
     assert 0.5 < spread < 1.5
     assert loss == pytest.approx(math.log(1000) + spread**2 / 2, abs=0.1)
     assert 6.9 < loss < 8.0
+
+
+def test_lrn_is_the_papers_formula_with_the_right_gradient():
+    from alexnet.layers import LocalResponseNorm
+
+    x = (torch.randn(2, 10, 5, 5, dtype=torch.float64) * 40).requires_grad_()
+    ours = LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    # torch divides alpha by n: alpha * n there is the paper's alpha here
+    reference = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    torch.testing.assert_close(ours(x), reference(x))
+    g = torch.randn_like(x)
+    (ga,) = torch.autograd.grad(ours(x), x, g)
+    (gb,) = torch.autograd.grad(reference(x), x, g)
+    torch.testing.assert_close(ga, gb)
+    assert torch.autograd.gradcheck(lambda t: ours(t, 2), (x.detach()[:, :, :2, :2].requires_grad_(),))
+    # groups: the window stops at each group's edge (each tower normalizes its own kernels)
+    halves = torch.cat([reference(x[:, :5]), reference(x[:, 5:])], 1)
+    torch.testing.assert_close(ours(x, 2), halves)
+
+
+def test_fused_single_device_path_equals_the_written_out_towers():
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=99)
+    x = torch.randn(3, 3, 99, 99) * 50
+    fused = model.forward_features(x)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), model.conv2[1].weight)
+    model.exchange = lambda parts, point: torch.cat(parts, dim=1)  # not concat_towers: tower by tower
+    assert not model._both_towers_here()
+    towers = model.forward_features(x)
+    (g_towers,) = torch.autograd.grad(towers.square().sum(), model.conv2[1].weight)
+    torch.testing.assert_close(fused, towers, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_towers, rtol=1e-4, atol=1e-4)

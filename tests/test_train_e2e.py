@@ -49,6 +49,8 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
     assert (run / "checkpoints" / "previous.pt").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 14 and summary["world_size"] == 2
+    assert summary["gpu_hours"] == 0.0 and not summary["paper"]["comparable"]  # CPU; 10 classes, not ImageNet
+    assert (run / "training_curves.png").stat().st_size > 10_000
     assert "best val top-1" in proc.stderr + proc.stdout
 
 

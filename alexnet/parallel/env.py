@@ -69,8 +69,24 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if use_cuda else None,
+            **_restart_safe_store(rank, world, timeout_s),
         )
     return DistEnv(rank, local_rank, world, local_world, device, backend)
+
+
+def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
+    """Under torchrun (which shares its rendezvous store with the workers since torch 2.5), a
+    worker group restarted by --max-restarts would read the dead group's addresses from that
+    store and fail to connect about half the time (pytorch/pytorch#135712). Keys under a prefix
+    per restart keep every attempt to itself."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"alexnet-attempt-{attempt}", store), "rank": rank, "world_size": world}
 
 
 def shutdown_distributed() -> None:

@@ -1,0 +1,224 @@
+"""Evaluate a checkpoint: centre-crop or ten-crop (section 4.1) top-1/top-5 and per-class accuracy.
+
+Counts are exact across ranks: each rank reads its own padded shard of the split (sharded by rank,
+as the trainer's data-parallel ranks are), rows that only pad a shard carry PAD_LABEL and are not
+counted, and the per-class (correct, count) vectors are summed with one all_reduce. Accuracy is
+(sum of correct) / (sum of counted), and the count must equal the number of files.
+`eval_batch` is also what the trainer's validation calls, so that ten-crop batches
+([B, 10, 3, H, W]) are scored on the softmax averaged over their crops.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from alexnet.config import Config
+from alexnet.data import image_spec, resolve_data_root
+from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
+from alexnet.imagenet import class_names
+from alexnet.inference import build_model_from_checkpoint
+from alexnet.metrics import topk_correct
+from alexnet.parallel.env import DistEnv
+from alexnet.report import paper_comparison
+from pipelines.base import PAD_LABEL, Loader, ShardSpec
+from pipelines.index import DataError, FileIndex, build_file_index, find_classes
+
+
+# ---- scoring a batch ---------------------------------------------------------------------------
+def predict_log_probs(model: nn.Module, images: Tensor, amp: AmpPolicy) -> Tensor:
+    """Log class probabilities [B, K] (float32). For ten-crop batches [B, N, 3, H, W] the softmax
+    outputs of the N crops are averaged (section 4.1) before the log."""
+    if images.ndim == 4:
+        with amp.autocast():
+            logits = model(images)
+        return F.log_softmax(logits.float(), dim=1)
+    if images.ndim != 5:
+        raise ValueError(f"expected images [B, 3, H, W] or [B, crops, 3, H, W], got {tuple(images.shape)}")
+    b, n = images.shape[:2]
+    with amp.autocast():
+        logits = model(images.flatten(0, 1))
+    probs = F.softmax(logits.float(), dim=1).view(b, n, -1).mean(dim=1)
+    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+@torch.no_grad()
+def eval_batch(model: nn.Module, images: Tensor, labels: Tensor, amp: AmpPolicy) -> StepResult:
+    """engine.eval_step for [B, 3, H, W] batches; for ten-crop batches the loss is the negative log
+    of the averaged softmax and top-k ranks the averaged softmax."""
+    if images.ndim == 4:
+        return eval_step(model, images, labels, amp)
+    log_probs = predict_log_probs(model, images, amp)
+    loss_sum = F.nll_loss(log_probs, labels, ignore_index=PAD_LABEL, reduction="sum")
+    count = (labels != PAD_LABEL).sum()
+    return StepResult(loss_sum, topk_correct(log_probs, labels), count, True)
+
+
+# ---- per-class counts --------------------------------------------------------------------------
+@dataclass
+class ClassTally:
+    """Per-class top-1 hits, top-5 hits and images, plus the loss sum; float64 on the device."""
+
+    num_classes: int
+    device: torch.device
+    sums: Tensor = field(init=False)  # [3, K]: top-1 hits, top-5 hits, images
+    loss_sum: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(3, self.num_classes, dtype=torch.float64, device=self.device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(self, log_probs: Tensor, labels: Tensor) -> None:
+        valid = labels != PAD_LABEL
+        log_probs, labels = log_probs[valid], labels[valid]
+        top = log_probs.topk(min(5, self.num_classes), dim=1).indices
+        hit1 = (top[:, 0] == labels).double()
+        hit5 = (top == labels[:, None]).any(dim=1).double()
+        ones = torch.ones_like(hit1)
+        for row, values in enumerate((hit1, hit5, ones)):
+            self.sums[row].index_add_(0, labels, values)
+        self.loss_sum += F.nll_loss(log_probs, labels, reduction="sum").double()
+
+    def reduce(self) -> tuple[Tensor, float]:
+        """Sums over all ranks (one all_reduce): ([3, K] on the CPU, loss sum)."""
+        packed = torch.cat([self.sums.flatten(), self.loss_sum.reshape(1)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed)
+        packed = packed.cpu()
+        return packed[:-1].view(3, self.num_classes), float(packed[-1])
+
+
+# ---- a whole evaluation ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalOptions:
+    checkpoint: Path
+    data: str = ""  # dataset root (with val/ and train/) or a folder of class folders; "" = the run's
+    split: str = "val"
+    ten_crop: bool = False
+    batch_size: int = 0  # 0 = the run's data.batch_size
+    num_threads: int = 0  # 0 = the run's data.num_threads
+    decoder: str = "auto"  # auto: mixed (GPU) on CUDA, else cpu
+
+
+def resolve_eval_index(cfg: Config, data: str, split: str) -> tuple[FileIndex, Path]:
+    """The files to evaluate and their folder. Class indices come from <root>/train when it exists
+    (the order the model was trained with), else from the evaluated folder's own class folders."""
+    root = Path(data).expanduser() if data else resolve_data_root(cfg.data)
+    split_dir = root / split if (root / split).is_dir() else root
+    classes = find_classes(root / "train") if (root / "train").is_dir() and split_dir != root else None
+    return build_file_index(split_dir, classes=classes), split_dir
+
+
+def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: DistEnv, channels_last: bool) -> Loader:
+    batch = opts.batch_size or cfg.data.batch_size
+    threads = opts.num_threads or cfg.data.num_threads
+    shard = ShardSpec(env.rank, env.world_size, batch, seed=0)
+    decoder = opts.decoder if opts.decoder != "auto" else ("mixed" if env.device.type == "cuda" else "cpu")
+    rest = (image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch, decoder, cfg.data.hw_decoder_load)
+    if opts.ten_crop:
+        from pipelines.tencrop import TenCropLoader
+
+        return TenCropLoader(index, *rest, channels_last)
+    from pipelines.dali import DaliLoader
+
+    return DaliLoader(index, "val", *rest, channels_last)
+
+
+def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
+    """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
+    loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
+    cfg = loaded.config
+    index, split_dir = resolve_eval_index(cfg, opts.data, opts.split)
+    if len(index.classes) != loaded.num_classes:
+        raise DataError(
+            f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
+        )
+    channels_last = env.device.type == "cuda"
+    model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
+    amp = build_amp(cfg.train.amp, env.device)
+    loader = build_eval_loader(cfg, index, opts, env, channels_last)
+    tally = ClassTally(loaded.num_classes, env.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for images, labels in loader:
+            tally.add(predict_log_probs(model, images, amp), labels)
+    sums, loss_sum = tally.reduce()
+    seconds = time.perf_counter() - start
+    loader.close()
+    return build_result(opts, loaded.progress, cfg, index, split_dir, sums, loss_sum, env, seconds)
+
+
+def build_result(
+    opts: EvalOptions,
+    progress: dict[str, Any],
+    cfg: Config,
+    index: FileIndex,
+    split_dir: Path,
+    sums: Tensor,
+    loss_sum: float,
+    env: DistEnv,
+    seconds: float,
+) -> dict[str, Any]:
+    hits1, hits5, counts = (sums[i].round().long().tolist() for i in range(3))
+    total = sum(counts)
+    if total != len(index):
+        raise RuntimeError(f"evaluation counted {total} images but the split has {len(index)}")
+    top1, top5 = 100.0 * sum(hits1) / total, 100.0 * sum(hits5) / total
+    names = class_names(index.classes)
+    per_class = [
+        {
+            "index": k,
+            "folder": folder,
+            "name": names[k],
+            "images": counts[k],
+            "top1": 100.0 * hits1[k] / counts[k] if counts[k] else None,
+            "top5": 100.0 * hits5[k] / counts[k] if counts[k] else None,
+        }
+        for k, folder in enumerate(index.classes)
+    ]
+    return {
+        "checkpoint": str(opts.checkpoint),
+        "variant": cfg.model.variant,
+        "epoch": progress.get("epoch"),
+        "step": progress.get("step"),
+        "data": str(split_dir),
+        "crops": "ten" if opts.ten_crop else "centre",
+        "crop": cfg.data.crop,
+        "resize": cfg.data.resize,
+        "images": total,
+        "num_classes": len(index.classes),
+        "top1": top1,
+        "top5": top5,
+        "top1_error": 100.0 - top1,
+        "top5_error": 100.0 - top5,
+        "loss": loss_sum / total,
+        "paper": paper_comparison(top1, top5, len(index.classes)),
+        "world_size": env.world_size,
+        "device": env.device.type,
+        "seconds": seconds,
+        "images_per_sec": total / max(seconds, 1e-9),
+        "per_class": per_class,
+    }
+
+
+def format_result(result: dict[str, Any], worst: int = 5) -> str:
+    lines = [
+        f"{result['checkpoint']}: {result['images']} images, {result['crops']}-crop, "
+        f"top-1 {result['top1']:.2f}% (error {result['top1_error']:.2f}%), "
+        f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}",
+        result["paper"]["note"],
+    ]
+    scored = [c for c in result["per_class"] if c["top1"] is not None]
+    if len(scored) > worst:
+        hardest = sorted(scored, key=lambda c: (c["top1"], c["index"]))[:worst]
+        lines.append(
+            "hardest classes (top-1): " + ", ".join(f"{c['name']} ({c['folder']}) {c['top1']:.0f}%" for c in hardest)
+        )
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Export a trained model: TorchScript, ONNX, and a plain torchvision state dict.
+
+Both variants export to TorchScript and ONNX from the eval-mode model (dropout is the identity, so
+CounterDropout's training-only code never runs). TorchScript uses tracing: the forward pass of
+either variant has no data-dependent control flow, and the paper model's tower loop and exchange
+callable, which `torch.jit.script` cannot compile, are unrolled by the trace. ONNX uses
+`torch.onnx.export(dynamo=True)` (the TorchScript-based exporter cannot export the torchvision
+variant's adaptive pooling at small inputs). The batch dimension stays dynamic in both; every
+export is run on a batch of another size and compared with PyTorch's output before it is kept.
+
+The torchvision variant's parameter names are those of `torchvision.models.alexnet`, so its
+checkpoint's state dict loads there strictly, with nothing renamed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from alexnet.checkpoint import CheckpointError
+from alexnet.inference import build_model_from_checkpoint
+
+FORMATS = ("torchscript", "onnx", "torchvision")
+
+
+class ExportCheckError(RuntimeError):
+    """An exported model's output differs from PyTorch's beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    path: Path
+    max_abs_diff: float
+    max_abs_output: float
+    batch: int
+
+
+def example_input(input_size: int, batch: int = 2, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, input_size, input_size, generator=g)
+
+
+def compare_outputs(expected: Tensor, got: Tensor | np.ndarray, path: Path, rtol: float, atol: float) -> ExportCheck:
+    got_t = torch.as_tensor(np.asarray(got)) if not isinstance(got, Tensor) else got
+    if tuple(got_t.shape) != tuple(expected.shape):
+        raise ExportCheckError(f"{path}: output shape {tuple(got_t.shape)}, PyTorch gives {tuple(expected.shape)}")
+    diff = float((got_t.float() - expected.float()).abs().max())
+    scale = float(expected.abs().max())
+    if not diff <= atol + rtol * scale:
+        raise ExportCheckError(
+            f"{path}: outputs differ from PyTorch by up to {diff:.3g} (outputs up to {scale:.3g}; "
+            f"allowed {atol:g} + {rtol:g} x {scale:.3g})"
+        )
+    return ExportCheck(path, diff, scale, int(expected.shape[0]))
+
+
+@torch.no_grad()
+def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> Path:
+    model.eval()
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is still what C++
+        # (libtorch) deployments load; the warning would only repeat that.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        # LRN's `if input.numel() == 0` becomes a constant in the trace: right for any real batch.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+@torch.no_grad()
+def check_torchscript(
+    path: Path, model: nn.Module, check: Tensor, rtol: float = 1e-4, atol: float = 1e-5
+) -> ExportCheck:
+    return compare_outputs(model.eval()(check), load_torchscript(path)(check), path, rtol, atol)
+
+
+@torch.no_grad()  # inference graph only: no autograd.Function (the paper model's LRN) to record
+def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        external_data=False,  # one self-contained file (AlexNet's 244 MB is under protobuf's 2 GB)
+        verbose=False,
+    )
+    return path
+
+
+@torch.no_grad()
+def check_onnx(path: Path, model: nn.Module, check: Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> ExportCheck:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: check.numpy()})
+    return compare_outputs(model.eval()(check), got, path, rtol, atol)
+
+
+def to_torchvision_alexnet(state: dict[str, Tensor], num_classes: int) -> torchvision.models.AlexNet:
+    """`torchvision.models.alexnet(num_classes=...)` holding a torchvision-variant checkpoint's
+    weights, loaded strictly (a missing or extra parameter is an error)."""
+    model = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_torchvision_state(model: nn.Module, path: Path) -> Path:
+    """The weights alone, loadable with torchvision.models.alexnet().load_state_dict(torch.load(path))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@torch.no_grad()
+def export_torchvision(model: nn.Module, num_classes: int, path: Path, check: Tensor) -> ExportCheck:
+    """Save the weights for torchvision, load them back into torchvision's own AlexNet and compare."""
+    save_torchvision_state(to_torchvision_alexnet(model.state_dict(), num_classes), path)
+    reloaded = to_torchvision_alexnet(torch.load(path, map_location="cpu", weights_only=True), num_classes)
+    return compare_outputs(model.eval()(check), reloaded(check), path, rtol=1e-6, atol=1e-6)
+
+
+def export_checkpoint(
+    checkpoint: Path, out_dir: Path, name: str, formats: list[str] | tuple[str, ...] | None = None
+) -> list[ExportCheck]:
+    """Every requested format (default: all that apply to the checkpoint's variant), each checked
+    on a batch of 3 after tracing with a batch of 2 (so a batch size baked into the graph fails)."""
+    loaded = build_model_from_checkpoint(checkpoint)
+    variant = loaded.config.model.variant
+    formats = list(formats) if formats else [f for f in FORMATS if f != "torchvision" or variant == "torchvision"]
+    if "torchvision" in formats and variant != "torchvision":
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is the {variant!r} variant; only 'torchvision' checkpoints load into "
+            "torchvision.models.alexnet (the paper's two towers and LRN have no counterpart there)"
+        )
+    size = loaded.config.data.crop
+    example, check = example_input(size, batch=2, seed=0), example_input(size, batch=3, seed=1)
+    results = []
+    for fmt in formats:
+        if fmt == "torchscript":
+            path = export_torchscript(loaded.model, example, out_dir / f"{name}.torchscript.pt")
+            results.append(check_torchscript(path, loaded.model, check))
+        elif fmt == "onnx":
+            path = export_onnx(loaded.model, example, out_dir / f"{name}.onnx")
+            results.append(check_onnx(path, loaded.model, check))
+        elif fmt == "torchvision":
+            results.append(
+                export_torchvision(loaded.model, loaded.num_classes, out_dir / f"{name}.torchvision.pth", check)
+            )
+        else:
+            raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return results

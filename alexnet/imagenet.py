@@ -1,0 +1,212 @@
+"""ILSVRC-2012 knowledge: human class names, and the validation set's ground truth and layout.
+
+Class names: `alexnet/data/imagenet_classes.json` lists the 1000 classes in sorted-WordNet-id
+order (the class index of an ImageFolder over train/<wnid>/) with torchvision's short English
+names (BSD-3-Clause; they tell the two "crane" and two "maillot" synsets apart) and WordNet's
+lemmas (taken from timm's synset files, Apache-2.0). The file says where each column comes from.
+
+Validation layout: the official archive ILSVRC2012_img_val.tar holds 50,000 files in one folder
+(ILSVRC2012_val_00000001.JPEG ...). Their labels come either from the devkit
+(ILSVRC2012_devkit_t12.tar.gz: data/ILSVRC2012_validation_ground_truth.txt has one ILSVRC2012_ID
+per line in file order, and data/meta.mat maps ILSVRC2012_ID -> WNID) or from Kaggle's
+LOC_val_solution.csv (ImageId,PredictionString with the wnid as the first word).
+`convert_val_folder` lays the files out as val/<wnid>/<file> so ImageFolder-style indexing works.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+WNID = re.compile(r"^n\d{8}$")
+GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
+META_MAT = "meta.mat"
+VAL_FILE = re.compile(r"^(ILSVRC2012_val_(\d{8}))\.JPEG$", re.IGNORECASE)
+Mode = Literal["symlink", "copy", "move"]
+
+
+class ImageNetLayoutError(RuntimeError):
+    """A devkit, ground-truth file or validation folder is not what ILSVRC-2012 ships; the message
+    names the file."""
+
+
+# ---- class names -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageNetClass:
+    wnid: str
+    name: str  # short English name, e.g. "tench"
+    lemmas: str  # WordNet's synonyms, e.g. "tench, Tinca tinca"
+
+
+def load_imagenet_classes() -> list[ImageNetClass]:
+    """The 1000 ILSVRC-2012 classes in class-index order (sorted wnids)."""
+    text = resources.files("alexnet").joinpath("data", "imagenet_classes.json").read_text(encoding="utf-8")
+    return [ImageNetClass(**row) for row in json.loads(text)["classes"]]
+
+
+def class_names(folders: list[str], known: list[ImageNetClass] | None = None) -> list[str]:
+    """A readable name for each class folder: the English name where the folder is an ILSVRC-2012
+    WordNet id (n01440764 -> "tench"), the folder's own name otherwise."""
+    by_wnid = {c.wnid: c.name for c in (known if known is not None else load_imagenet_classes())}
+    return [by_wnid.get(folder, folder) if WNID.match(folder) else folder for folder in folders]
+
+
+# ---- validation ground truth -------------------------------------------------------------------
+def _devkit_member(devkit: Path, name: str) -> bytes:
+    """data/<name> from an extracted devkit folder or from the devkit .tar.gz itself."""
+    if devkit.is_dir():
+        for candidate in (devkit / "data" / name, devkit / name):
+            if candidate.is_file():
+                return candidate.read_bytes()
+        found = sorted(devkit.rglob(name))
+        if found:
+            return found[0].read_bytes()
+        raise ImageNetLayoutError(f"devkit folder {devkit} has no data/{name}")
+    try:
+        with tarfile.open(devkit) as tar:
+            member = next((m for m in tar.getmembers() if m.isfile() and Path(m.name).name == name), None)
+            if member is None:
+                raise ImageNetLayoutError(f"devkit archive {devkit} has no data/{name}")
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            return extracted.read()
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageNetLayoutError(f"cannot read devkit {devkit}: {exc}") from exc
+
+
+def read_devkit_ids(devkit: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid for the 1000 leaf classes of meta.mat (those with no children)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as exc:  # pragma: no cover - scipy is in the extras
+        raise ImageNetLayoutError("reading the devkit's meta.mat needs scipy (pip install scipy)") from exc
+    raw = _devkit_member(devkit, META_MAT)
+    try:
+        synsets = loadmat(io.BytesIO(raw), squeeze_me=True)["synsets"]
+        ids = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets.ravel() if int(s["num_children"]) == 0}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ImageNetLayoutError(f"{devkit}: data/{META_MAT} has no usable 'synsets' table ({exc})") from exc
+    if not ids:
+        raise ImageNetLayoutError(f"{devkit}: data/{META_MAT} lists no leaf synsets")
+    return ids
+
+
+def read_devkit_ground_truth(devkit: Path) -> dict[str, str]:
+    """File stem (ILSVRC2012_val_00000001) -> wnid, from the devkit."""
+    ids = read_devkit_ids(devkit)
+    lines = _devkit_member(devkit, GROUND_TRUTH_TXT).decode().split()
+    truth: dict[str, str] = {}
+    for number, text in enumerate(lines, start=1):
+        try:
+            truth[f"ILSVRC2012_val_{number:08d}"] = ids[int(text)]
+        except (ValueError, KeyError) as exc:
+            raise ImageNetLayoutError(
+                f"{devkit}: line {number} of {GROUND_TRUTH_TXT} is {text!r}, not an ILSVRC2012_ID of meta.mat"
+            ) from exc
+    return truth
+
+
+def read_loc_solution(path: Path) -> dict[str, str]:
+    """File stem -> wnid from Kaggle's LOC_val_solution.csv (the first word of PredictionString)."""
+    truth: dict[str, str] = {}
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+                raise ImageNetLayoutError(f"{path} needs the columns ImageId,PredictionString")
+            for line, row in enumerate(reader, start=2):
+                words = (row["PredictionString"] or "").split()
+                if not words or not WNID.match(words[0]):
+                    raise ImageNetLayoutError(f"{path}: line {line} has no wnid in PredictionString")
+                truth[row["ImageId"]] = words[0]
+    except OSError as exc:
+        raise ImageNetLayoutError(f"cannot read {path}: {exc.strerror}") from exc
+    return truth
+
+
+def read_ground_truth(source: Path) -> dict[str, str]:
+    """A devkit (folder or .tar.gz) or a LOC_val_solution.csv, chosen by what `source` is."""
+    if source.suffix.lower() == ".csv":
+        return read_loc_solution(source)
+    return read_devkit_ground_truth(source)
+
+
+# ---- layout conversion -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Conversion:
+    images: int
+    classes: int
+    out_dir: Path
+
+
+def _check_coverage(stems: Iterable[str], truth: dict[str, str], where: Path) -> None:
+    stems = set(stems)
+    unknown = sorted(stems - set(truth))
+    if unknown:
+        raise ImageNetLayoutError(f"{where}: {len(unknown)} files have no ground truth, e.g. {', '.join(unknown[:3])}")
+    missing = sorted(set(truth) - stems)
+    if missing:
+        raise ImageNetLayoutError(
+            f"{where}: {len(missing)} validation files of the ground truth are missing, e.g. {', '.join(missing[:3])}"
+        )
+
+
+def _place(src: Path, dst: Path, mode: Mode) -> None:
+    if dst.is_symlink() or dst.exists():
+        if mode == "symlink" and dst.is_symlink() and Path(os.readlink(dst)) == src:
+            return  # already done by an earlier run
+        raise ImageNetLayoutError(f"{dst} already exists; remove it or choose another output folder")
+    if mode == "symlink":
+        dst.symlink_to(src)
+    elif mode == "copy":
+        shutil.copy2(src, dst)
+    else:
+        shutil.move(src, dst)
+
+
+def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode: Mode = "symlink") -> Conversion:
+    """Lay the flat ILSVRC-2012 validation folder out as out_dir/<wnid>/<file> (symlinks to the
+    originals by default: no second copy of 6.4 GB)."""
+    files = {}
+    for entry in os.scandir(val_dir):
+        match = VAL_FILE.match(entry.name)
+        if entry.is_file() and match:
+            files[match.group(1)] = Path(entry.path).resolve()
+    if not files:
+        raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
+    _check_coverage(files, truth, val_dir)
+    for wnid in sorted(set(truth.values())):
+        (out_dir / wnid).mkdir(parents=True, exist_ok=True)
+    for stem in sorted(files):
+        src = files[stem]
+        _place(src, out_dir / truth[stem] / src.name, mode)
+    return Conversion(len(files), len(set(truth.values())), out_dir)
+
+
+def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:
+    """ILSVRC2012_img_val.tar straight into out_dir/<wnid>/<file>, without a flat copy first."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and VAL_FILE.match(Path(m.name).name)]
+            stems = {VAL_FILE.match(Path(m.name).name).group(1): m for m in members}  # type: ignore[union-attr]
+            _check_coverage(stems, truth, archive)
+            for stem, member in sorted(stems.items()):
+                dst = out_dir / truth[stem] / Path(member.name).name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None
+                with source, open(dst, "wb") as out:
+                    shutil.copyfileobj(source, out)
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageNetLayoutError(f"cannot read {archive}: {exc}") from exc
+    return Conversion(len(stems), len(set(truth.values())), out_dir)

@@ -1,0 +1,66 @@
+"""A trained model back from a checkpoint, for evaluation and export.
+
+The checkpoint's own config (payload["config"]) says which variant, input size and class count
+the weights belong to, so a checkpoint needs no command-line flags to be rebuilt. The weights
+load strictly (every parameter, every shape), and the model comes back in eval mode: dropout off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alexnet.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from alexnet.config import Config, ConfigError, config_from_dict
+from alexnet.model import build_model
+
+# The bias of the last layer: its length is the number of classes (the paper's fc8 is split
+# over the two towers).
+_OUTPUT_BIASES = {"paper": ("fc8.0.bias", "fc8.1.bias"), "torchvision": ("classifier.6.bias",)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    config: Config
+    num_classes: int
+    path: Path
+    progress: dict[str, Any]
+
+
+def num_classes_in_state(variant: str, state: dict[str, torch.Tensor], path: Path) -> int:
+    keys = _OUTPUT_BIASES.get(variant, ())
+    if not keys or any(k not in state for k in keys):
+        raise CheckpointError(f"checkpoint {path} has no output layer {', '.join(keys)} for variant {variant!r}")
+    return sum(int(state[k].numel()) for k in keys)
+
+
+def load_config_of_checkpoint(payload: dict[str, Any], path: Path) -> Config:
+    if "config" not in payload:
+        raise CheckpointError(f"checkpoint {path} holds no config (key 'config')")
+    try:
+        return config_from_dict(payload["config"], source=f"checkpoint {path}")
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its stored config does not load: {exc}") from exc
+
+
+def build_model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    path = Path(path)
+    payload = load_checkpoint(path)
+    cfg = load_config_of_checkpoint(payload, path)
+    if "model" not in payload:
+        raise CheckpointError(f"checkpoint {path} holds no model weights (key 'model')")
+    state = payload["model"]
+    num_classes = num_classes_in_state(cfg.model.variant, state, path)
+    if cfg.model.num_classes and cfg.model.num_classes != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: config says model.num_classes={cfg.model.num_classes}, the weights have {num_classes}"
+        )
+    model = build_model(cfg.model.variant, num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init)
+    load_model_state(model, state, path)
+    model.eval().to(device)
+    return LoadedModel(model, cfg, num_classes, path, dict(payload.get("progress", {})))

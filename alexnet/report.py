@@ -1,0 +1,214 @@
+"""The end of a run, for people: a PNG of the training curves and the final summary's figures.
+
+The plot is for users without TensorBoard: it reads metrics.jsonl (what the trainer writes anyway)
+and draws, against the optimizer step, the loss and the top-1/top-5 accuracy of training and
+validation, the learning rate, and the throughput with the share of time spent waiting for data.
+
+The summary compares with the paper only where that means something: Krizhevsky et al. 2012,
+Table 2, report 40.7% top-1 and 18.2% top-5 error for one CNN on the ILSVRC-2012 validation set,
+with the softmax averaged over ten crops (section 4.1). A run on other data or another number of
+classes gets no comparison, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("alexnet")
+PLOT_FILE = "training_curves.png"
+PAPER_TOP1_ERROR = 40.7  # Table 2, "1 CNN", ILSVRC-2012 validation
+PAPER_TOP5_ERROR = 18.2
+PAPER_NUM_CLASSES = 1000
+
+
+def paper_comparison(top1: float, top5: float, num_classes: int) -> dict[str, Any]:
+    """Our error minus the paper's, in percentage points (positive: worse than the paper)."""
+    top1_error, top5_error = 100.0 - top1, 100.0 - top5
+    result: dict[str, Any] = {
+        "paper_top1_error": PAPER_TOP1_ERROR,
+        "paper_top5_error": PAPER_TOP5_ERROR,
+        "top1_error": top1_error,
+        "top5_error": top5_error,
+        "comparable": num_classes == PAPER_NUM_CLASSES,
+        "top1_error_gap": None,
+        "top5_error_gap": None,
+    }
+    if num_classes != PAPER_NUM_CLASSES:
+        result["note"] = (
+            f"no comparison with the paper's {PAPER_TOP1_ERROR}% / {PAPER_TOP5_ERROR}% top-1/top-5 error: those are "
+            f"for the {PAPER_NUM_CLASSES} ILSVRC-2012 classes and this data has {num_classes}"
+        )
+        return result
+    result["top1_error_gap"] = top1_error - PAPER_TOP1_ERROR
+    result["top5_error_gap"] = top5_error - PAPER_TOP5_ERROR
+    result["note"] = (
+        f"top-1 error {top1_error:.2f}% vs the paper's {PAPER_TOP1_ERROR}% ({result['top1_error_gap']:+.2f} points), "
+        f"top-5 error {top5_error:.2f}% vs {PAPER_TOP5_ERROR}% ({result['top5_error_gap']:+.2f}); the paper's "
+        "figures average ten crops (section 4.1): compare with launch/evaluate.py --ten-crop"
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    best_top1: float
+    best_top5: float
+    wall_seconds: float
+    wall_hours: float
+    train_images: int
+    images_per_sec: float
+    world_size: int
+    device: str
+    gpu_hours: float  # world size x wall hours on CUDA, 0 on the CPU
+    paper: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_run(
+    best_top1: float,
+    best_top5: float,
+    wall_seconds: float,
+    train_images: int,
+    world_size: int,
+    device_type: str,
+    num_classes: int,
+) -> RunSummary:
+    hours = wall_seconds / 3600.0
+    return RunSummary(
+        best_top1=best_top1,
+        best_top5=best_top5,
+        wall_seconds=wall_seconds,
+        wall_hours=hours,
+        train_images=train_images,
+        images_per_sec=train_images / wall_seconds if wall_seconds > 0 else 0.0,
+        world_size=world_size,
+        device=device_type,
+        gpu_hours=world_size * hours if device_type == "cuda" else 0.0,
+        paper=paper_comparison(best_top1, best_top5, num_classes),
+    )
+
+
+def format_summary(s: RunSummary) -> str:
+    gpu = f"{s.gpu_hours:.2f} GPU-hours" if s.device == "cuda" else "CPU only (0 GPU-hours)"
+    return (
+        f"best val top-1 {s.best_top1:.2f}%, top-5 {s.best_top5:.2f}%; {s.wall_seconds:.0f} s "
+        f"({s.wall_hours:.2f} h) on {s.world_size} process(es), {s.images_per_sec:.0f} images/s, {gpu}\n"
+        f"{s.paper['note']}"
+    )
+
+
+# ---- the plot ----------------------------------------------------------------------------------
+def _read_records(metrics_path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read metrics file {metrics_path}: {exc.strerror}") from exc
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{metrics_path}: line {number} is not JSON ({exc})") from exc
+    return records
+
+
+def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:
+    rows = [r for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    rows.sort(key=lambda r: r["step"])
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: cluster nodes have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def build_training_figure(records: list[dict[str, Any]], title: str):
+    """A 2x2 matplotlib figure: loss; top-1/top-5 accuracy; learning rate; images/s with the
+    data-wait share. Train and val are drawn against the optimizer step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    (ax_loss, ax_acc), (ax_lr, ax_speed) = axes
+    styles = {"train": {"color": "tab:blue", "lw": 1.2}, "val": {"color": "tab:orange", "lw": 1.8, "marker": "o"}}
+    for split, style in styles.items():
+        steps, loss = _series(records, split, "loss")
+        if steps:
+            ax_loss.plot(steps, loss, label=f"{split} loss", **style)
+        for key, dash in (("top1", "-"), ("top5", "--")):
+            steps, acc = _series(records, split, key)
+            if steps:
+                ax_acc.plot(steps, acc, linestyle=dash, label=f"{split} {key.replace('top', 'top-')}", **style)
+    steps, lr = _series(records, "train", "lr")
+    if steps:
+        ax_lr.plot(steps, lr, color="tab:green", drawstyle="steps-post", label="learning rate")
+        if min(lr) > 0:
+            ax_lr.set_yscale("log")
+    steps, speed = _series(records, "train", "images_per_sec")
+    if steps:
+        ax_speed.plot(steps, speed, color="tab:purple", label="train images/s")
+    steps, wait = _series(records, "train", "data_wait_share")
+    if steps:
+        ax_wait = ax_speed.twinx()
+        ax_wait.plot(steps, [100 * w for w in wait], color="tab:gray", linestyle=":", label="data wait %")
+        ax_wait.set_ylabel("data wait (% of step time)")
+        ax_wait.set_ylim(0, 100)
+        ax_wait.legend(loc="lower right")
+    names = (
+        ("loss", "cross-entropy"),
+        ("accuracy", "accuracy (%)"),
+        ("learning rate", "lr"),
+        ("throughput", "images/s"),
+    )
+    for ax, (name, ylabel) in zip(axes.flat, names):
+        ax.set_title(name)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    if not records:
+        fig.text(0.5, 0.5, "no metrics records yet", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
+    """Read metrics.jsonl and write the training curves as a PNG (1200 x 800 pixels)."""
+    plt = _pyplot()
+    metrics_path, out_png = Path(metrics_path), Path(out_png)
+    fig = build_training_figure(_read_records(metrics_path), title or metrics_path.parent.name)
+    try:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=100)
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def write_run_report(run_dir: Path, final: RunSummary) -> Path | None:
+    """For the main rank at the end of a run: log the summary and draw <run_dir>/training_curves.png
+    from metrics.jsonl. A plot that cannot be drawn is a warning, never an error: the run and its
+    checkpoints are safe by then."""
+    log.info("%s", format_summary(final))
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        log.warning("no %s yet: no %s drawn", metrics, PLOT_FILE)
+        return None
+    try:
+        return plot_training_curves(metrics, run_dir / PLOT_FILE)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("could not draw %s: %s", run_dir / PLOT_FILE, exc)
+        return None

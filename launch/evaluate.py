@@ -1,0 +1,79 @@
+"""Evaluate a checkpoint: top-1/top-5 and per-class accuracy, centre crop or ten crops.
+
+    python launch/evaluate.py runs/imagenet/checkpoints/last.pt --data /data/imagenet [--ten-crop]
+    torchrun --nproc_per_node=8 launch/evaluate.py CHECKPOINT --data /data/imagenet --ten-crop
+
+The model, input size, resize and normalization come from the checkpoint's stored config. --data
+is a dataset root holding val/<class>/ (class indices are taken from its train/ folder when there
+is one) or a folder of class folders; without it, the run's own data.root. --ten-crop averages the
+softmax over the four corners, the centre and their mirrors (Krizhevsky et al. 2012, section 4.1).
+Rank 0 prints the result and writes it as JSON (default: beside the checkpoint,
+<checkpoint>.eval-centre.json or .eval-tencrop.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from alexnet.checkpoint import CheckpointError
+from alexnet.config import ConfigError
+from alexnet.evaluate import EvalOptions, format_result, run_evaluation
+from alexnet.parallel.env import init_distributed, shutdown_distributed
+from pipelines.index import DataError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", default="", help="dataset root or folder of class folders (default: the run's)")
+    parser.add_argument("--split", default="val", help="subfolder of --data to evaluate (default: val)")
+    parser.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (section 4.1)")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per rank and batch (default: the run's)")
+    parser.add_argument("--num-threads", type=int, default=0, help="DALI threads per rank (default: the run's)")
+    parser.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: beside the checkpoint)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds")
+    return parser.parse_args(argv)
+
+
+def default_out(checkpoint: Path, ten_crop: bool) -> Path:
+    return checkpoint.with_name(f"{checkpoint.name}.eval-{'tencrop' if ten_crop else 'centre'}.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    opts = EvalOptions(
+        checkpoint=args.checkpoint,
+        data=args.data,
+        split=args.split,
+        ten_crop=args.ten_crop,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        decoder=args.decoder,
+    )
+    env = init_distributed(args.timeout)
+    try:
+        result = run_evaluation(opts, env)
+        if env.is_main:
+            out = args.out or default_out(args.checkpoint, args.ten_crop)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(format_result(result))
+            print(f"written to {out}")
+    except (CheckpointError, ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Export a checkpoint to TorchScript, ONNX and (torchvision variant) a torchvision state dict.
+
+    python launch/export.py runs/imagenet/checkpoints/last.pt --out exports/ [--format torchscript onnx torchvision]
+
+Writes <out>/<name>.torchscript.pt, <out>/<name>.onnx and <out>/<name>.torchvision.pth, where
+<name> is the run folder's name; each export is run on a fresh batch (of another size than the
+one it was traced with) and compared with PyTorch's output before the command reports success.
+The input is a float32 [N, 3, crop, crop] batch normalized as in training (data.mean, data.std of
+the run's config.yaml); the output is N x num_classes logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alexnet.checkpoint import CheckpointError
+from alexnet.export import FORMATS, ExportCheckError, export_checkpoint
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("exports"), help="output folder (default: exports/)")
+    parser.add_argument("--name", default="", help="file name stem (default: the run folder's name)")
+    parser.add_argument(
+        "--format", nargs="+", choices=FORMATS, default=None, help="default: all that apply to the variant"
+    )
+    return parser.parse_args(argv)
+
+
+def default_name(checkpoint: Path) -> str:
+    folder = checkpoint.resolve().parent
+    return (folder.parent.name if folder.name == "checkpoints" else folder.name) or "alexnet"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        name = args.name or default_name(args.checkpoint)
+        for result in export_checkpoint(args.checkpoint, args.out, name, args.format):
+            print(f"{result.path}: max |difference| from PyTorch {result.max_abs_diff:.3g} on {result.batch} images")
+    except (CheckpointError, ExportCheckError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Measure the PCA lighting statistics of a training set (Krizhevsky et al. 2012, section 4.1).
+
+    python launch/lighting_stats.py --data /data/imagenet [--images 5000] [--out FILE]
+
+Samples --images files of <data>/train (without replacement, fixed --seed), takes the covariance of
+the RGB values of all their pixels (0-255 units) and its eigen-decomposition, and writes
+<data>/pca_lighting.json, where training finds it (data.lighting_stats=""), unless --out says
+otherwise. With --data omitted it measures the built-in demo dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from alexnet.config import DataConfig
+from alexnet.data import resolve_data_root
+from pipelines.index import DataError, build_file_index
+from pipelines.lighting import STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="", help="dataset root with train/<class>/ (default: the demo dataset)")
+    parser.add_argument("--images", type=int, default=5000, help="training images to sample (default 5000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-size", type=int, default=256, help="JPEGs are decoded at no less than this")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default: <data>/{STATS_FILE})")
+    parser.add_argument("--alpha-std", type=float, default=0.1, help="only for the printed summary")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.images < 1:
+        print("error: --images must be >= 1", file=sys.stderr)
+        return 2
+    root = resolve_data_root(DataConfig(root=args.data))
+    try:
+        files = build_file_index(root / "train").files
+        count = min(args.images, len(files))
+        with tqdm(total=count, desc="lighting statistics", unit="img", disable=None) as bar:
+            stats = compute_lighting_stats(
+                files, args.images, args.seed, args.decode_size, args.workers, bar.update, source=str(root / "train")
+            )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = save_lighting_stats(stats, args.out or root / STATS_FILE)
+    print(f"{stats.num_images} images, {stats.num_pixels:,} pixels -> {out}")
+    print(describe(stats, args.alpha_std))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Lay the ILSVRC-2012 validation set out in class folders: val/<wnid>/ILSVRC2012_val_*.JPEG.
+
+    python launch/prepare_imagenet.py --val /data/ILSVRC2012_img_val_flat \\
+        --ground-truth /data/ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet/val
+
+--val is the flat folder of 50,000 JPEGs (or the ILSVRC2012_img_val.tar archive itself, which is
+then extracted straight into the class folders). --ground-truth is the devkit (the .tar.gz or its
+extracted folder: data/ILSVRC2012_validation_ground_truth.txt through data/meta.mat, which needs
+scipy) or Kaggle's LOC_val_solution.csv. From a folder, files are symlinked by default (--mode
+copy or move to change that); running it again is harmless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alexnet.imagenet import ImageNetLayoutError, convert_val_folder, extract_val_archive, read_ground_truth
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--val", required=True, type=Path, help="flat validation folder or ILSVRC2012_img_val.tar")
+    parser.add_argument(
+        "--ground-truth",
+        required=True,
+        type=Path,
+        help="ILSVRC2012_devkit_t12.tar.gz (or its folder) or LOC_val_solution.csv",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. /data/imagenet/val")
+    parser.add_argument(
+        "--mode", choices=("symlink", "copy", "move"), default="symlink", help="for a folder (default: symlink)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        truth = read_ground_truth(args.ground_truth)
+        if args.val.is_dir():
+            done = convert_val_folder(args.val, truth, args.out, args.mode)
+        elif args.val.is_file():
+            done = extract_val_archive(args.val, truth, args.out)
+        else:
+            raise ImageNetLayoutError(f"--val {args.val} is neither a folder nor an archive")
+    except ImageNetLayoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{done.images} validation images in {done.classes} class folders under {done.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

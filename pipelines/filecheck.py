@@ -1,0 +1,224 @@
+"""One image file against what the decoders need: the check behind `launch/scan.py`, and the
+explanation of a decoder failure that names the file.
+
+DALI cannot drop a bad sample from a batch: on the CPU decoder an empty, truncated or non-image
+file stops the pipeline ("Critical error in pipeline"), and only some of its messages name the
+file. PNG data named .JPEG, CMYK and grayscale JPEGs decode on DALI's CPU decoder, GIF data
+named .JPEG does not; tools that trust the extension, or handle CMYK/YCCK differently, disagree
+on the others, so they are reported as fixable (the scanner can convert them to RGB JPEG).
+ILSVRC-2012's training set holds one PNG named .JPEG (n02105855_2933.JPEG) and 22 CMYK JPEGs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.index import DataError
+
+# kind -> what it means; the fixable ones decode after conversion to RGB JPEG.
+KINDS = {
+    "empty": "zero bytes",
+    "unreadable": "cannot be read",
+    "not_image": "not an image",
+    "wrong_format": "another image format under a JPEG name",
+    "truncated": "truncated or corrupt image data",
+    "dimensions": "absurd dimensions",
+    "cmyk": "CMYK JPEG",
+    "grayscale": "grayscale image",
+}
+FIXABLE = frozenset({"wrong_format", "cmyk", "grayscale"})
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+# Leading bytes of the formats a decoder might meet; the first match names the format.
+MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+    (b"\xffO\xffQ", "JPEG2000"),
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What counts as absurd dimensions. A side below min_side, above max_side, an aspect ratio
+    beyond max_aspect or more than max_pixels pixels (the decoder allocates all of them before
+    the resize) is reported."""
+
+    min_side: int = 10
+    max_side: int = 20000
+    max_aspect: float = 25.0
+    max_pixels: int = 150_000_000
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    kind: str  # a key of KINDS
+    detail: str
+
+    @property
+    def fixable(self) -> bool:
+        return self.kind in FIXABLE
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from the first bytes, or None when it is none of those decoders read."""
+    for magic, name in MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"123456":
+        return "PNM"
+    return None
+
+
+def _describe_non_image(head: bytes) -> str:
+    text = head[:64].lstrip()
+    if text[:1] == b"<":
+        return "HTML/XML text, not image data"
+    if text and all(32 <= b < 127 or b in (9, 10, 13) for b in text):
+        return "plain text, not image data"
+    return f"unknown data (starts with {head[:8].hex(' ')})"
+
+
+def check_file(path: str | Path, limits: Limits = Limits()) -> Finding | None:
+    """None when the file decodes to a usable RGB image, else the first problem found."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return Finding(path, "unreadable", f"cannot stat: {exc.strerror}")
+    if st.st_size == 0:
+        return Finding(path, "empty", "zero bytes")
+    if not st.st_mode & (stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH):
+        # Root reads it anyway, the training user will not.
+        return Finding(path, "unreadable", f"no read permission for anyone (mode {stat.S_IMODE(st.st_mode):03o})")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        return Finding(path, "unreadable", f"cannot open: {exc.strerror}")
+    fmt = sniff_format(head)
+    if fmt is None:
+        return Finding(path, "not_image", _describe_non_image(head))
+    return _check_image(path, fmt, limits)
+
+
+def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            problem = _dimension_problem(w, h, limits)
+            if problem:
+                # Checked from the header, before decoding: a forged size must not allocate.
+                return Finding(path, "dimensions", problem)
+            mode = im.mode
+            if im.format == "JPEG":
+                im.draft(mode, (max(1, w // 8), max(1, h // 8)))  # still reads every byte
+            im.load()
+    except Image.DecompressionBombError as exc:  # PIL refuses to open it at all
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "a size"
+        return Finding(path, "dimensions", f"the header declares {size}, above {limits.max_pixels:,}")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return Finding(path, "truncated", f"{fmt} data does not decode: {exc}")
+    if path.lower().endswith(JPEG_SUFFIXES) and fmt != "JPEG":
+        return Finding(path, "wrong_format", f"{fmt} data in a file named {Path(path).suffix}")
+    if mode == "CMYK":
+        return Finding(path, "cmyk", "CMYK JPEG (4 channels)")
+    if mode in ("L", "LA", "1", "I;16", "I"):
+        return Finding(path, "grayscale", f"grayscale ({mode}), one channel")
+    return None
+
+
+def _dimension_problem(w: int, h: int, limits: Limits) -> str:
+    short, long = min(w, h), max(w, h)
+    if short < limits.min_side:
+        return f"{w}x{h}: a side below {limits.min_side} pixels"
+    if long > limits.max_side:
+        return f"{w}x{h}: a side above {limits.max_side} pixels"
+    if long / short > limits.max_aspect:
+        return f"{w}x{h}: aspect ratio {long / short:.0f}:1 above {limits.max_aspect:g}:1"
+    if w * h > limits.max_pixels:
+        return f"{w}x{h}: {w * h:,} pixels, above {limits.max_pixels:,}"
+    return ""
+
+
+def convert_to_rgb_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> None:
+    """Write an RGB JPEG of `src` (PNG, CMYK or grayscale) to `dst`."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.convert("RGB").save(dst, "JPEG", quality=quality)
+
+
+# ---- a decoder failure during training ------------------------------------------------------
+_DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
+
+
+def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 200_000) -> DataError | None:
+    """A DataError naming the bad file behind a DALI decoder failure; None when `message` is not
+    about decoding or reading a file.
+
+    DALI names the file for truncated data ("Failed to decode sample #i : PATH") and empty files
+    ("File mapping failed: PATH"), not for data it cannot identify ("nvImageCodec failure"): then
+    the files' leading bytes are checked (up to `sniff_limit` files) to find it.
+    """
+    if not _DECODER_ERROR.search(message):
+        return None
+    known = set(files)
+    named = [part.strip() for line in message.splitlines() for part in re.split(r" : |: ", line)]
+    bad = list(dict.fromkeys(p for p in named if p in known))
+    dali_line = next((line.strip() for line in message.splitlines() if _DECODER_ERROR.search(line)), "")
+    after = "Training stopped; no checkpoint was written after this batch."
+    if bad:
+        return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {after} {_how_to_exclude(bad[0])}")
+    suspects = [path for path in files[:sniff_limit] if _unrecognised(path)][:5]
+    if suspects:
+        return DataError(
+            f"the image decoder failed ({dali_line}) without naming the file; these files hold no image "
+            f"data it can decode: {_with_reasons(suspects, dali_line)}. {after} {_how_to_exclude(suspects[0])}"
+        )
+    return DataError(
+        f"the image decoder failed on a file it does not name ({dali_line}). {after} "
+        + _how_to_exclude(files[0] if files else "")
+    )
+
+
+def _with_reasons(paths: list[str], fallback: str) -> str:
+    parts = []
+    for path in paths:
+        finding = check_file(path)
+        parts.append(f"{path} ({finding.detail if finding else fallback})")
+    return "; ".join(parts)
+
+
+def _unrecognised(path: str) -> bool:
+    """True for a file DALI's decoders cannot identify: no data, or none of their formats."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True
+    return sniff_format(head) in (None, "GIF")
+
+
+def _how_to_exclude(path: str) -> str:
+    # data.root/<split>/<class>/<file>: the scanner takes data.root
+    parts = Path(path).parents
+    root = str(parts[2]) if len(parts) > 2 else "DATA_ROOT"
+    return (
+        f"To exclude bad files, run `python launch/scan.py {root} --out SCAN_DIR` and train with "
+        "data.train_files=SCAN_DIR/train.txt data.val_files=SCAN_DIR/val.txt"
+    )

@@ -1,0 +1,267 @@
+"""Find the files a decoder would choke on, before training starts.
+
+`python launch/scan.py DATA_ROOT [--out DIR]` checks every file the pipelines would read
+(DATA_ROOT/{train,val}/<class>/<image>, as `pipelines.index` lists them) in parallel, reports
+each bad file with its reason, and writes file lists that training reads instead of the folders:
+
+    DIR/train.txt, DIR/val.txt   one path per line (relative to the split folder; absolute for
+                                 converted copies); the class is the file's parent folder
+    DIR/report.json              every finding, the folder problems and the counts
+    DIR/fixed/<split>/<class>/   RGB JPEG copies of the fixable files
+
+Unusable files (empty, unreadable, not an image, truncated, absurd dimensions) are left out.
+Other formats named .JPEG (DALI cannot decode GIF at all) and CMYK JPEGs are converted to RGB
+JPEG copies (--fixable); grayscale JPEGs, which every decoder expands to RGB, are reported and
+kept (--grayscale).
+
+Train on them with `data.train_files=DIR/train.txt data.val_files=DIR/val.txt`. Class indices
+stay those of the class folders, so a list trains the same classes as the raw folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
+from pipelines.index import image_names
+
+SPLITS = ("train", "val")
+Fixable = Literal["convert", "exclude", "keep"]
+Action = Literal["excluded", "converted", "kept"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the lists do with the files that decode after a conversion."""
+
+    fixable: Fixable = "convert"  # other formats named .JPEG, CMYK JPEGs
+    grayscale: Literal["keep", "convert"] = "keep"
+
+    def action(self, finding: Finding) -> Action:
+        if finding.kind not in FIXABLE:
+            return "excluded"
+        if finding.kind == "grayscale" and self.grayscale == "keep":
+            return "kept"
+        return {"convert": "converted", "keep": "kept", "exclude": "excluded"}[self.fixable]
+
+
+@dataclass
+class SplitListing:
+    """The files of one split in index order (class folders sorted, names sorted)."""
+
+    split_dir: Path
+    classes: list[str]
+    files: list[str] = field(default_factory=list)  # relative to split_dir: <class>/<name>
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    problems: list[str]  # folder-level problems; training cannot start while any remains
+    findings: dict[str, list[Finding]]  # split -> bad files
+    lists: dict[str, list[str]]  # split -> the lines of its file list
+    converted: int = 0
+    checked: int = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(f.kind for found in self.findings.values() for f in found))
+
+
+def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
+    """The split's files, recording (not raising) what is wrong with the folder."""
+    if not split_dir.is_dir():
+        problems.append(f"{split_dir} is missing (expected {split_dir}/<class>/<image>)")
+        return None
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        problems.append(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
+        return None
+    listing = SplitListing(split_dir, classes)
+    for name in classes:
+        names = image_names(split_dir / name)
+        if not names:
+            problems.append(f"class folder {split_dir / name} holds no images")
+        listing.files.extend(f"{name}/{n}" for n in names)
+    return listing
+
+
+def compare_classes(train: SplitListing, val: SplitListing, problems: list[str]) -> None:
+    missing = sorted(set(train.classes) - set(val.classes))
+    extra = sorted(set(val.classes) - set(train.classes))
+    if missing:
+        problems.append(
+            f"{len(missing)} class(es) of {train.split_dir} have no folder in {val.split_dir}: {_first(missing)}"
+        )
+    if extra:
+        problems.append(f"{val.split_dir} has class folder(s) absent from {train.split_dir}: {_first(extra)}")
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _check(args: tuple[str, Limits]) -> Finding | None:
+    return check_file(*args)
+
+
+def check_files(paths: list[str], limits: Limits, workers: int, progress: bool, label: str) -> list[Finding | None]:
+    """check_file over `paths` in `workers` processes, in order, with a progress bar."""
+    from tqdm import tqdm
+
+    jobs = [(p, limits) for p in paths]
+    bar = tqdm(total=len(paths), desc=f"scan {label}", unit="file", disable=not progress, dynamic_ncols=True)
+    results: list[Finding | None] = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(_check(job))
+            bar.update()
+    else:
+        chunk = max(1, min(256, len(jobs) // (workers * 8) or 1))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for result in pool.map(_check, jobs, chunksize=chunk):
+                results.append(result)
+                bar.update()
+    bar.close()
+    return results
+
+
+def scan(
+    root: Path,
+    out: Path,
+    workers: int = 0,
+    policy: Policy = Policy(),
+    limits: Limits | None = None,
+    progress: bool = False,
+) -> ScanResult:
+    """Check DATA_ROOT's splits and write the lists and the report into `out`. Folder problems
+    (a missing split, an empty class folder, unmatched classes) are listed in `problems`."""
+    limits = limits or Limits()
+    root = root.expanduser().resolve()
+    workers = workers or os.cpu_count() or 1
+    problems: list[str] = []
+    if not root.is_dir():
+        return ScanResult(root, [f"data folder {root} does not exist"], {}, {})
+    listings = {split: list_split(root / split, problems) for split in SPLITS}
+    if listings["train"] and listings["val"]:
+        compare_classes(listings["train"], listings["val"], problems)
+    result = ScanResult(root, problems, {}, {})
+    for split, listing in listings.items():
+        if listing is None:
+            continue
+        paths = [str(listing.split_dir / rel) for rel in listing.files]
+        found = check_files(paths, limits, workers, progress, split)
+        result.checked += len(paths)
+        result.findings[split] = [f for f in found if f is not None]
+        result.lists[split] = _list_lines(listing, found, out / "fixed" / split, policy, result)
+    for split, lines in result.lists.items():
+        listing = listings[split]
+        assert listing is not None
+        emptied = sorted(set(listing.classes) - {Path(line).parent.name for line in lines})
+        if emptied:
+            problems.append(f"class(es) with no usable image left in {listing.split_dir}: {_first(emptied)}")
+    write_outputs(result, out, policy)
+    return result
+
+
+def _list_lines(
+    listing: SplitListing, found: list[Finding | None], fixed_dir: Path, policy: Policy, result: ScanResult
+) -> list[str]:
+    lines = []
+    for rel, finding in zip(listing.files, found):
+        action = "kept" if finding is None else policy.action(finding)
+        if action == "kept":
+            lines.append(rel)
+        elif action == "converted":
+            target = fixed_dir / rel
+            convert_to_rgb_jpeg(listing.split_dir / rel, target)
+            result.converted += 1
+            lines.append(str(target.resolve()))
+    return lines
+
+
+def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for split, lines in result.lists.items():
+        header = [
+            f"# {split} files of {result.root / split} that decode, written by launch/scan.py",
+            f"# {len(lines)} files; {len(result.findings.get(split, []))} reported (see report.json)",
+            "# relative paths are relative to the split folder; a file's class is its parent folder",
+        ]
+        text = "\n".join(header + lines) + "\n"
+        tmp = out / f".{split}.txt.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{split}.txt")
+    report = {
+        "data_root": str(result.root),
+        "checked": result.checked,
+        "problems": result.problems,
+        "counts": result.counts,
+        "converted": result.converted,
+        "policy": asdict(policy),
+        "files": [
+            {**asdict(f), "split": split, "action": policy.action(f)}
+            for split, found in result.findings.items()
+            for f in found
+        ],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_report(result: ScanResult, out: Path, policy: Policy, stream=sys.stdout) -> None:
+    for found in result.findings.values():
+        for f in found:
+            print(f"{policy.action(f):9s}  {f.kind:12s}  {f.path}: {f.detail}", file=stream)
+    counts = result.counts
+    summary = ", ".join(f"{n} {KINDS[k]}" for k, n in sorted(counts.items())) or "no bad files"
+    print(f"checked {result.checked} files under {result.root}: {summary}", file=stream)
+    for problem in result.problems:
+        print(f"problem: {problem}", file=stream)
+    if result.lists:
+        print(
+            f"file lists in {out}: train with data.train_files={out / 'train.txt'} data.val_files={out / 'val.txt'}",
+            file=stream,
+        )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launch/scan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("root", type=Path, help="data folder holding train/<class>/* and val/<class>/*")
+    p.add_argument("--out", type=Path, default=None, help="where the lists and report go (default runs/scan-<name>)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all CPUs)")
+    p.add_argument(
+        "--fixable",
+        choices=("convert", "exclude", "keep"),
+        default="convert",
+        help="other formats named .JPEG and CMYK JPEGs: convert to RGB JPEG copies (default), exclude, or keep",
+    )
+    p.add_argument(
+        "--grayscale", choices=("keep", "convert"), default="keep", help="grayscale JPEGs: keep (default) or convert"
+    )
+    p.add_argument("--min-side", type=int, default=Limits.min_side)
+    p.add_argument("--max-side", type=int, default=Limits.max_side)
+    p.add_argument("--max-aspect", type=float, default=Limits.max_aspect)
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
+    p.add_argument("--progress", choices=("auto", "bar", "off"), default="auto")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = args.out or Path("runs") / f"scan-{args.root.expanduser().resolve().name}"
+    limits = Limits(args.min_side, args.max_side, args.max_aspect, args.max_pixels)
+    progress = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
+    policy = Policy(args.fixable, args.grayscale)
+    result = scan(args.root, out, args.workers, policy, limits, progress)
+    print_report(result, out, policy)
+    return 1 if result.problems else 0

@@ -1,0 +1,171 @@
+#!/bin/bash
+# Distributed AlexNet training under Slurm: one torchrun per node (through srun), c10d rendezvous
+# on the first node of the allocation.
+#
+#   sbatch slurm/alexnet.sh [--config FILE] [key=value ...]
+#   sbatch --nodes=4 slurm/alexnet.sh --config launch/configs/imagenet.yaml data.root=/data/imagenet
+#
+# Submit from the repository root (or set ALEXNET_REPO). The #SBATCH lines below are defaults;
+# options on the sbatch command line override them, e.g. a CPU-only partition:
+#   sbatch --gpus-per-node=0 --cpus-per-task=8 slurm/alexnet.sh
+#
+# Workers per node: the GPUs Slurm gave the job on the node; without GPUs, one gloo worker per
+# CPU of the task (--cpus-per-task), each with OMP_NUM_THREADS=1. ALEXNET_NPROC_PER_NODE
+# overrides both.
+#
+# Preemption and time limits: Slurm sends SIGUSR1 to this script 120 s before the time limit
+# (--signal=B:USR1@120; `scancel --signal=USR1 --batch JOBID` does the same by hand), and
+# SIGTERM on preemption or cancellation. Either one creates the stop file that every worker
+# polls; the workers agree on a step, write a checkpoint and exit. After SIGUSR1 the script
+# requeues the job, which keeps its id, so the run folder (named after the config and the job id)
+# is found again and `checkpoint.resume=auto` continues where it stopped. After SIGTERM, Slurm
+# decides: it requeues a preempted job (PreemptMode=REQUEUE with --requeue), not a cancelled one.
+#
+# Environment knobs (all optional): ALEXNET_REPO (the checkout), ALEXNET_PYTHON (interpreter with
+# torch; default python3), ALEXNET_NPROC_PER_NODE, ALEXNET_MAX_RESTARTS (torchrun restarts of a
+# crashed worker group inside one job; default 0), ALEXNET_RDZV_PORT (default 20000 + job id
+# mod 10000), ALEXNET_STOP_FILE (default $SLURM_SUBMIT_DIR/.alexnet-stop-JOBID; must be on a
+# file system every node sees).
+#SBATCH --job-name=alexnet
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+die() {
+    echo "alexnet.sh: error: $*" >&2
+    exit 2
+}
+say() { echo "alexnet.sh: $(date '+%F %T') $*" >&2; }
+
+[[ -n ${SLURM_JOB_ID:-} ]] || die "submit me with sbatch (SLURM_JOB_ID is not set)"
+
+# sbatch runs a copy of this script from its spool folder, so the checkout is found through the
+# environment, the submit folder, or the path the job was submitted with.
+find_repo() {
+    local candidate words i
+    for candidate in "${ALEXNET_REPO:-}" "${SLURM_SUBMIT_DIR:-}"; do
+        if [[ -n $candidate && -f $candidate/launch/train.py ]]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    # scontrol prints "Command=<script> <args...>": try each prefix of words as the script path.
+    candidate=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1)
+    read -r -a words <<<"$candidate"
+    candidate=""
+    for ((i = 0; i < ${#words[@]}; i++)); do
+        candidate+=${candidate:+ }${words[$i]}
+        if [[ -f $candidate && -f $(dirname "$candidate")/../launch/train.py ]]; then
+            (cd "$(dirname "$candidate")/.." && pwd)
+            return 0
+        fi
+    done
+    return 1
+}
+repo=$(find_repo) || die "cannot find the alexnet checkout: submit from its root or set ALEXNET_REPO=/path/to/checkout"
+
+python=${ALEXNET_PYTHON:-python3}
+command -v "$python" >/dev/null || die "no Python interpreter '$python' on this node (set ALEXNET_PYTHON)"
+
+# The rendezvous host is the allocation's first node, never a silent localhost.
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+[[ ${#nodes[@]} -ge 1 && -n ${nodes[0]} ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no node"
+head_node=${nodes[0]}
+# Outside Linux's ephemeral range (32768-60999); a requeued job keeps its id and so its port.
+port=${ALEXNET_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+
+cpus=${SLURM_CPUS_PER_TASK:-1}
+gpus=${SLURM_GPUS_ON_NODE:-0}
+if [[ -n ${ALEXNET_NPROC_PER_NODE:-} ]]; then
+    nproc=$ALEXNET_NPROC_PER_NODE
+elif [[ $gpus =~ ^[0-9]+$ && $gpus -gt 0 ]]; then
+    nproc=$gpus
+else
+    nproc=$cpus
+fi
+[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "workers per node must be a positive integer; got '$nproc'"
+# CPU threads per worker: the task's CPUs shared among its workers.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
+
+export ALEXNET_STOP_FILE=${ALEXNET_STOP_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.alexnet-stop-$SLURM_JOB_ID}
+rm -f "$ALEXNET_STOP_FILE" # a requeued job starts without the request that stopped it
+
+stop_signal=""
+# shellcheck disable=SC2317 # called by the traps below
+request_stop() {
+    stop_signal=$1
+    say "got SIG$1: asking every worker to stop at the next step and write a checkpoint"
+    : >"$ALEXNET_STOP_FILE"
+}
+trap 'request_stop USR1' USR1
+trap 'request_stop TERM' TERM
+
+say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${#nodes[@]} node(s) ${nodes[*]}:" \
+    "$nproc worker(s) per node, rendezvous $head_node:$port, checkout $repo"
+say "train.py arguments: $*"
+
+# One task per node; each runs torchrun for that node's workers. The node with SLURM_NODEID 0 is
+# the first of the node list and hosts the rendezvous store (is_host), so hosting does not
+# depend on how the node resolves its own name. The bash -c text is constant: every value
+# arrives as an argument.
+# shellcheck disable=SC2016 # $SLURM_NODEID is expanded by the task's shell, on its node
+launch=(
+    srun --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 --cpus-per-task="$cpus"
+    --kill-on-bad-exit=1
+    bash -c 'exec "$1" -m torch.distributed.run --rdzv_conf="is_host=$((SLURM_NODEID == 0))" "${@:2}"' bash
+    "$python"
+    --nnodes="${#nodes[@]}"
+    --nproc_per_node="$nproc"
+    --rdzv_backend=c10d
+    --rdzv_endpoint="$head_node:$port"
+    --rdzv_id="$SLURM_JOB_ID"
+    --max-restarts="${ALEXNET_MAX_RESTARTS:-0}"
+    "$repo/launch/train.py" "$@"
+)
+if [[ -n ${ALEXNET_DRY_RUN:-} ]]; then
+    say "dry run (ALEXNET_DRY_RUN is set), OMP_NUM_THREADS=$OMP_NUM_THREADS:$(printf ' %q' "${launch[@]}")"
+    exit 0
+fi
+"${launch[@]}" &
+srun_pid=$!
+
+# A trapped signal interrupts `wait`; keep waiting until srun itself has ended.
+while kill -0 "$srun_pid" 2>/dev/null; do
+    wait "$srun_pid" || true
+done
+status=0
+wait "$srun_pid" || status=$?
+trap - USR1 TERM
+rm -f "$ALEXNET_STOP_FILE"
+
+case "$stop_signal/$status" in
+    /*)
+        say "training ended with exit status $status"
+        exit "$status"
+        ;;
+    TERM/*)
+        # Preemption or cancellation: Slurm ends the job itself and requeues a preempted --requeue
+        # job (PreemptMode=REQUEUE); the workers have written a checkpoint if KillWait allowed it.
+        say "stopped by SIGTERM (exit status $status): requeueing, if any, is Slurm's decision"
+        exit "$status"
+        ;;
+    USR1/0) ;;
+    *)
+        say "stop requested by SIGUSR1, but training failed (exit status $status): not requeued"
+        exit "$status"
+        ;;
+esac
+say "workers stopped with a checkpoint after SIGUSR1: requeueing job $SLURM_JOB_ID"
+if scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0
+fi
+say "scontrol requeue $SLURM_JOB_ID failed (requeue not allowed here?):" \
+    "resubmit with the same run.name to continue from the checkpoint"
+exit 3

@@ -1,0 +1,127 @@
+"""launch/evaluate.py and alexnet/evaluate.py: a checkpoint rebuilt from its own config, exact
+top-1/top-5 and per-class counts, the same numbers on one process and under torchrun."""
+
+import json
+
+import pytest
+import torch
+from _helpers import REPO, check, torchrun
+from torch.nn import functional as F
+
+from alexnet.checkpoint import CheckpointError, atomic_save
+from alexnet.config import config_to_dict, load_config
+from alexnet.evaluate import EvalOptions, run_evaluation
+from alexnet.inference import build_model_from_checkpoint
+from alexnet.model import build_model
+from alexnet.parallel.env import DistEnv
+from pipelines.base import ImageSpec, ShardSpec
+from pipelines.dali import DaliLoader
+from pipelines.index import DataError, build_file_index
+
+CPU = torch.device("cpu")
+ONE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=CPU, backend="gloo")
+EVALUATE = REPO / "launch" / "evaluate.py"
+
+
+def tiny_config(tiny_data):
+    return load_config(
+        None,
+        [
+            f"data.root={tiny_data}",
+            "data.crop=67",
+            "data.resize=76",
+            "data.batch_size=8",
+            "data.num_threads=1",
+            "data.mean=[124.0, 116.0, 104.0]",
+            "data.std=[58.0, 57.0, 57.0]",
+            "model.init=kaiming",
+        ],
+    )
+
+
+def save_checkpoint(model, cfg, folder):
+    payload = {"format": 1, "model": model.state_dict(), "config": config_to_dict(cfg), "progress": {"epoch": 4}}
+    return atomic_save(payload, folder)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """The paper model after 4 quick epochs on the tiny data: predictions that differ by class."""
+    cfg = tiny_config(tiny_data)
+    torch.manual_seed(0)
+    model = build_model("paper", 10, 0.5, 67, "kaiming")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+    loader = DaliLoader(build_file_index(tiny_data / "train"), "train", image, ShardSpec(0, 1, 20, 0), CPU, 1, 2, "cpu")
+    model.train()
+    for _ in range(4):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    return save_checkpoint(model.eval(), cfg, tmp_path_factory.mktemp("trained") / "checkpoints")
+
+
+def test_model_is_rebuilt_from_the_checkpoint_config(trained):
+    loaded = build_model_from_checkpoint(trained)
+    assert loaded.config.data.crop == 67 and loaded.num_classes == 10 and not loaded.model.training
+    state = torch.load(trained, weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_centre_crop_counts_equal_a_direct_computation(tiny_data, trained):
+    result = run_evaluation(EvalOptions(trained, data=str(tiny_data)), ONE)
+    # direct: the val loader, the model, top-k by hand
+    model = build_model_from_checkpoint(trained).model
+    index = build_file_index(tiny_data / "val", classes=build_file_index(tiny_data / "train").classes)
+    image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+    hits1, hits5 = [0] * 10, [0] * 10
+    with torch.no_grad():
+        for images, labels in DaliLoader(index, "val", image, ShardSpec(0, 1, 8, 0), CPU, 1, 2, "cpu"):
+            top = model(images).topk(5, dim=1).indices
+            for row, label in enumerate(labels.tolist()):
+                if label >= 0:
+                    hits1[label] += int(top[row, 0] == label)
+                    hits5[label] += int(label in top[row].tolist())
+    assert result["images"] == 50 and result["crops"] == "centre"
+    assert [c["images"] for c in result["per_class"]] == [5] * 10
+    assert [c["top1"] for c in result["per_class"]] == [100.0 * h / 5 for h in hits1]
+    assert [c["top5"] for c in result["per_class"]] == [100.0 * h / 5 for h in hits5]
+    assert result["top1"] == 100.0 * sum(hits1) / 50 and result["top5"] == 100.0 * sum(hits5) / 50
+    assert 0 < sum(hits1) < 50 and len({c["top1"] for c in result["per_class"]}) > 1  # a real spread
+    assert [c["name"] for c in result["per_class"]] == index.classes  # not WordNet ids: names as they are
+    assert result["paper"]["comparable"] is False and "10" in result["paper"]["note"]
+
+
+@pytest.mark.slow
+def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, tmp_path):
+    """2 gloo ranks, shards of 25 images padded to 4 batches of 8: the same counts, class by class."""
+    one = run_evaluation(EvalOptions(trained, data=str(tiny_data), ten_crop=True), ONE)
+    out = tmp_path / "eval.json"
+    proc = check(
+        torchrun([EVALUATE, trained, "--data", tiny_data, "--ten-crop", "--batch-size", "8", "--out", out], nproc=2)
+    )
+    two = json.loads(out.read_text())
+    assert "ten-crop" in proc.stdout and two["world_size"] == 2 and two["crops"] == "ten"
+    assert two["images"] == one["images"] == 50
+    for key in ("top1", "top5"):
+        assert two[key] == one[key]
+    assert [(c["images"], c["top1"], c["top5"]) for c in two["per_class"]] == [
+        (c["images"], c["top1"], c["top5"]) for c in one["per_class"]
+    ]
+    # the loss is summed in float32 per batch, and the batches hold other images on 2 ranks
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    centre = run_evaluation(EvalOptions(trained, data=str(tiny_data)), ONE)
+    assert centre["loss"] != one["loss"]  # ten crops are not the centre crop
+
+
+def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_path):
+    (tmp_path / "val" / "only_one").mkdir(parents=True)
+    (tmp_path / "val" / "only_one" / "a.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"val: 1 classes, but checkpoint .* predicts 10"):
+        run_evaluation(EvalOptions(trained, data=str(tmp_path)), ONE)
+    payload = torch.load(trained, weights_only=True)
+    del payload["config"]
+    torch.save(payload, tmp_path / "noconfig.pt")
+    with pytest.raises(CheckpointError, match=r"noconfig\.pt holds no config"):
+        build_model_from_checkpoint(tmp_path / "noconfig.pt")

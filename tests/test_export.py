@@ -1,0 +1,93 @@
+"""Export round trips: TorchScript and ONNX for both variants (output checked against PyTorch on
+another batch size), and a torchvision-variant checkpoint straight into torchvision's AlexNet."""
+
+import importlib.util
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import torchvision
+from _helpers import REPO
+
+from alexnet.checkpoint import CheckpointError, atomic_save
+from alexnet.config import config_to_dict, load_config
+from alexnet.export import ExportCheckError, compare_outputs, export_checkpoint, load_torchscript
+from alexnet.inference import build_model_from_checkpoint
+from alexnet.model import build_model
+
+SIZES = {"paper": 67, "torchvision": 63}  # the smallest inputs each variant's pooling allows
+
+
+def make_checkpoint(folder, variant):
+    size = SIZES[variant]
+    cfg = load_config(None, [f"model.variant={variant}", f"data.crop={size}", "data.resize=76", "model.num_classes=10"])
+    torch.manual_seed(1)
+    model = build_model(variant, 10, 0.5, size, "kaiming")
+    payload = {"format": 1, "model": model.state_dict(), "config": config_to_dict(cfg), "progress": {}}
+    return atomic_save(payload, folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One checkpoint per variant (the torchvision one is 230 MB: written once)."""
+    root = tmp_path_factory.mktemp("export")
+    return {variant: make_checkpoint(root / variant / "checkpoints", variant) for variant in SIZES}
+
+
+def batch(variant, n, seed):
+    return torch.randn(n, 3, SIZES[variant], SIZES[variant], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
+def test_torchscript_and_onnx_match_pytorch(tmp_path, checkpoints, variant):
+    ckpt = checkpoints[variant]
+    checks = export_checkpoint(ckpt, tmp_path / "out", "m", ["torchscript", "onnx"])
+    assert [c.path.name for c in checks] == ["m.torchscript.pt", "m.onnx"]
+    assert all(c.batch == 3 and c.max_abs_diff <= 1e-5 + 1e-4 * c.max_abs_output for c in checks)
+    # independently of the exporter's own check: a batch of 5 through each file
+    model = build_model_from_checkpoint(ckpt).model
+    x = batch(variant, 5, seed=7)
+    with torch.no_grad():
+        expected = model(x)
+        scripted = load_torchscript(tmp_path / "out" / "m.torchscript.pt")(x)
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "m.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {"images": x.numpy()})
+    assert expected.shape == (5, 10) and expected.std() > 0
+    assert torch.allclose(scripted, expected, rtol=1e-5, atol=1e-6)
+    assert np.allclose(onnx_out, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_checkpoint_loads_into_torchvision_alexnet(tmp_path, checkpoints):
+    ckpt = checkpoints["torchvision"]
+    state = torch.load(ckpt, weights_only=True)["model"]
+    reference = torchvision.models.alexnet(weights=None, num_classes=10)
+    reference.load_state_dict(state, strict=True)  # the checkpoint's own state dict, nothing renamed
+    (check,) = export_checkpoint(ckpt, tmp_path / "out", "tv", ["torchvision"])
+    assert check.max_abs_diff == 0.0
+    reloaded = torchvision.models.alexnet(weights=None, num_classes=10).eval()
+    reloaded.load_state_dict(torch.load(tmp_path / "out" / "tv.torchvision.pth", weights_only=True), strict=True)
+    x = batch("torchvision", 4, seed=3)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), build_model_from_checkpoint(ckpt).model(x))
+
+
+def test_paper_checkpoint_is_refused_for_torchvision_and_bad_outputs_fail(tmp_path, checkpoints):
+    ckpt = checkpoints["paper"]
+    with pytest.raises(CheckpointError, match="'paper' variant; only 'torchvision' checkpoints"):
+        export_checkpoint(ckpt, tmp_path / "out", "m", ["torchvision"])
+    expected = torch.ones(3, 10)
+    with pytest.raises(ExportCheckError, match="differ from PyTorch by up to 0.01"):
+        compare_outputs(expected, expected + 0.01, tmp_path / "x", rtol=1e-4, atol=1e-5)
+    with pytest.raises(ExportCheckError, match=r"output shape \(2, 10\)"):
+        compare_outputs(expected, expected[:2], tmp_path / "x", rtol=1e-4, atol=1e-5)
+
+
+def test_export_command(tmp_path, checkpoints, capsys):
+    ckpt = checkpoints["paper"]  # <root>/paper/checkpoints/last.pt
+    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    assert command.main([str(ckpt), "--out", str(tmp_path / "exports"), "--format", "torchscript"]) == 0
+    assert (tmp_path / "exports" / "paper.torchscript.pt").is_file()  # named after the run folder
+    assert "max |difference| from PyTorch" in capsys.readouterr().out

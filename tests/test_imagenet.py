@@ -1,0 +1,150 @@
+"""ImageNet class names and the ILSVRC-2012 validation layout, on a generated miniature of the
+official files (flat val folder and archive, devkit meta.mat + ground truth, Kaggle's CSV)."""
+
+import importlib.util
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import scipy.io
+from _helpers import REPO
+from PIL import Image
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from alexnet.imagenet import (
+    ImageNetLayoutError,
+    class_names,
+    convert_val_folder,
+    extract_val_archive,
+    load_imagenet_classes,
+    read_ground_truth,
+)
+from pipelines.index import build_file_index
+
+# ILSVRC2012_IDs are not in wnid order in the real devkit either (ID 1 is n02119789, kit fox);
+# ID 4 is an inner synset (num_children > 0) that must not be taken for a class.
+SYNSETS = [(1, "n01484850", 0), (2, "n01440764", 0), (3, "n01443537", 0), (4, "n01473806", 2)]
+GROUND_TRUTH = [2, 1, 3, 2, 2, 1, 3]  # file i+1 has this ILSVRC2012_ID
+EXPECTED = {1: "n01440764", 2: "n01484850", 3: "n01443537", 4: "n01440764", 5: "n01440764", 6: "n01484850"}
+EXPECTED[7] = "n01443537"
+
+
+def test_class_names_follow_sorted_wnids_with_torchvision_names():
+    classes = load_imagenet_classes()
+    wnids = [c.wnid for c in classes]
+    assert len(classes) == 1000 and wnids == sorted(set(wnids))
+    assert [c.name for c in classes] == list(_IMAGENET_CATEGORIES)  # index k is ImageFolder's class k
+    assert (classes[0].wnid, classes[0].name, classes[0].lemmas) == ("n01440764", "tench", "tench, Tinca tinca")
+    assert (classes[999].wnid, classes[999].name) == ("n15075141", "toilet tissue")
+    names = {c.wnid: c.name for c in classes}
+    assert (names["n02012849"], names["n03126707"]) == ("crane bird", "crane")  # the two cranes apart
+    assert class_names(["n01440764", "n01443537", "circle", "n99999999"]) == [
+        "tench",
+        "goldfish",
+        "circle",
+        "n99999999",
+    ]
+
+
+@pytest.fixture
+def ilsvrc(tmp_path):
+    """A miniature of the official layout: 7 flat JPEGs, the val tar, the devkit (folder and
+    .tar.gz) and LOC_val_solution.csv."""
+    flat = tmp_path / "ILSVRC2012_img_val"
+    flat.mkdir()
+    for i in range(1, len(GROUND_TRUTH) + 1):
+        Image.new("RGB", (8, 6), (30 * i, 0, 0)).save(flat / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with tarfile.open(tmp_path / "ILSVRC2012_img_val.tar", "w") as tar:
+        for path in sorted(flat.iterdir()):
+            tar.add(path, arcname=path.name)
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    (devkit / "data").mkdir(parents=True)
+    table = np.empty((len(SYNSETS), 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for row, (number, wnid, children) in enumerate(SYNSETS):
+        table[row, 0] = (np.array([[number]], np.uint16), np.array([wnid]), np.array([[children]], np.uint16))
+    scipy.io.savemat(devkit / "data" / "meta.mat", {"synsets": table})
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, GROUND_TRUTH)) + "\n")
+    with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar.add(devkit, arcname=devkit.name)
+    rows = ["ImageId,PredictionString"] + [
+        f"ILSVRC2012_val_{i:08d},{EXPECTED[i]} 1 2 5 4 {EXPECTED[i]} 0 0 3 3" for i in range(7, 0, -1)
+    ]
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def expected_pairs(out):
+    return sorted((str(out / wnid / f"ILSVRC2012_val_{i:08d}.JPEG"), wnid) for i, wnid in EXPECTED.items())
+
+
+def indexed_pairs(out):
+    index = build_file_index(out)
+    return sorted((f, index.classes[y]) for f, y in zip(index.files, index.labels))
+
+
+@pytest.mark.parametrize("source", ["ILSVRC2012_devkit_t12", "ILSVRC2012_devkit_t12.tar.gz", "LOC_val_solution.csv"])
+def test_ground_truth_formats_agree(ilsvrc, source):
+    truth = read_ground_truth(ilsvrc / source)
+    assert truth == {f"ILSVRC2012_val_{i:08d}": wnid for i, wnid in EXPECTED.items()}
+
+
+def test_flat_folder_becomes_class_folders_of_symlinks(ilsvrc):
+    truth = read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz")
+    out = ilsvrc / "imagenet" / "val"
+    done = convert_val_folder(ilsvrc / "ILSVRC2012_img_val", truth, out)
+    assert (done.images, done.classes) == (7, 3)
+    assert indexed_pairs(out) == expected_pairs(out)
+    link = out / "n01440764" / "ILSVRC2012_val_00000001.JPEG"
+    assert link.is_symlink() and link.resolve() == (ilsvrc / "ILSVRC2012_img_val" / link.name).resolve()
+    assert convert_val_folder(ilsvrc / "ILSVRC2012_img_val", truth, out).images == 7  # rerun: harmless
+
+
+def test_copy_mode_and_the_archive_give_the_same_layout(ilsvrc):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    copied = ilsvrc / "copied"
+    convert_val_folder(ilsvrc / "ILSVRC2012_img_val", truth, copied, mode="copy")
+    extracted = ilsvrc / "extracted"
+    extract_val_archive(ilsvrc / "ILSVRC2012_img_val.tar", truth, extracted)
+    for out in (copied, extracted):
+        assert indexed_pairs(out) == expected_pairs(out)
+        assert not any(p.is_symlink() for p in out.rglob("*.JPEG"))
+    one = "n01484850/ILSVRC2012_val_00000002.JPEG"
+    assert (copied / one).read_bytes() == (extracted / one).read_bytes()
+
+
+def test_incomplete_inputs_are_named(ilsvrc):
+    truth = read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12")
+    (ilsvrc / "ILSVRC2012_img_val" / "ILSVRC2012_val_00000003.JPEG").unlink()
+    with pytest.raises(ImageNetLayoutError, match="1 validation files of the ground truth are missing.*00000003"):
+        convert_val_folder(ilsvrc / "ILSVRC2012_img_val", truth, ilsvrc / "out")
+    del truth["ILSVRC2012_val_00000003"], truth["ILSVRC2012_val_00000005"]
+    with pytest.raises(ImageNetLayoutError, match="1 files have no ground truth.*00000005"):
+        convert_val_folder(ilsvrc / "ILSVRC2012_img_val", truth, ilsvrc / "out")
+    (ilsvrc / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n9\n")
+    with pytest.raises(ImageNetLayoutError, match=r"line 2 of ILSVRC2012_validation_ground_truth\.txt is '9'"):
+        read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12")
+
+
+def test_prepare_command(ilsvrc, capsys):
+    spec = importlib.util.spec_from_file_location("prepare_imagenet", REPO / "launch" / "prepare_imagenet.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    out = ilsvrc / "imagenet" / "val"
+    argv = ["--val", str(ilsvrc / "ILSVRC2012_img_val"), "--ground-truth", str(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz")]
+    assert command.main([*argv, "--out", str(out)]) == 0
+    assert "7 validation images in 3 class folders" in capsys.readouterr().out
+    assert indexed_pairs(out) == expected_pairs(out)
+    csv = str(ilsvrc / "LOC_val_solution.csv")
+    assert command.main(["--val", str(ilsvrc / "nope"), "--ground-truth", csv, "--out", str(out)]) == 1
+    assert "nope is neither a folder nor an archive" in capsys.readouterr().err
+
+
+def test_meta_mat_without_synsets_is_named(tmp_path):
+    (tmp_path / "data").mkdir()
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, {"other": np.zeros(2)})
+    (tmp_path / "data" / "meta.mat").write_bytes(buffer.getvalue())
+    (tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n")
+    with pytest.raises(ImageNetLayoutError, match="meta.mat has no usable 'synsets' table"):
+        read_ground_truth(tmp_path)

@@ -1,0 +1,115 @@
+"""The training-curves PNG and the final summary's figures."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from alexnet.report import (
+    PLOT_FILE,
+    build_training_figure,
+    paper_comparison,
+    plot_training_curves,
+    summarize_run,
+    write_run_report,
+)
+
+
+def write_metrics(path):
+    records = []
+    for step in range(10, 101, 10):
+        records.append(
+            {
+                "split": "train",
+                "epoch": 1 + step // 50,
+                "step": step,
+                "loss": 6.9 - step / 50,
+                "top1": step / 4,
+                "top5": step / 2,
+                "images_per_sec": 900.0 + step,
+                "data_wait_share": 0.25,
+                "lr": 0.01 if step <= 50 else 0.001,
+            }
+        )
+        if step % 50 == 0:
+            records.append(
+                {"split": "val", "epoch": step // 50, "step": step, "loss": 5.0, "top1": step / 5, "top5": step / 3}
+            )
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def lines_by_label(ax):
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_plot_file_is_written(tmp_path):
+    write_metrics(tmp_path / "metrics.jsonl")
+    out = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "training_curves.png")
+    assert out == tmp_path / "training_curves.png"
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (1200, 800)
+        assert len(img.getcolors(maxcolors=1_000_000)) > 50  # drawn on, not a blank canvas
+
+
+def test_figure_holds_the_records_curves(tmp_path):
+    records = write_metrics(tmp_path / "metrics.jsonl")
+    fig = build_training_figure(records, "run")
+    loss, acc, lr, speed = fig.axes[:4]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert lines_by_label(loss)["train loss"] == ([r["step"] for r in train], [r["loss"] for r in train])
+    assert lines_by_label(loss)["val loss"] == ([50, 100], [5.0, 5.0])
+    assert set(lines_by_label(acc)) == {"train top-1", "train top-5", "val top-1", "val top-5"}
+    assert lines_by_label(acc)["val top-5"][1] == [r["top5"] for r in val]
+    assert lines_by_label(lr)["learning rate"][1] == [0.01] * 5 + [0.001] * 5 and lr.get_yscale() == "log"
+    assert lines_by_label(speed)["train images/s"][1][0] == 910.0
+    assert lines_by_label(fig.axes[4])["data wait %"][1] == [25.0] * 10  # the throughput panel's twin
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["loss", "accuracy", "learning rate", "throughput"]
+    fig.clf()
+
+
+def test_empty_and_missing_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "empty.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl"):
+        plot_training_curves(tmp_path / "nowhere.jsonl", tmp_path / "x.png")
+
+
+def test_summary_on_imagenet_compares_with_the_paper():
+    s = summarize_run(
+        best_top1=57.0,
+        best_top5=80.0,
+        wall_seconds=36_000.0,
+        train_images=115_315_380,
+        world_size=8,
+        device_type="cuda",
+        num_classes=1000,
+    )
+    assert s.wall_hours == 10.0 and s.gpu_hours == 80.0
+    assert s.images_per_sec == pytest.approx(3203.205, abs=1e-3)
+    assert s.paper["comparable"] is True
+    assert s.paper["top1_error"] == pytest.approx(43.0) and s.paper["top1_error_gap"] == pytest.approx(2.3)
+    assert s.paper["top5_error"] == pytest.approx(20.0) and s.paper["top5_error_gap"] == pytest.approx(1.8)
+    assert "+2.30 points" in s.paper["note"] and "ten crops" in s.paper["note"]
+    assert json.loads(json.dumps(s.as_dict()))["gpu_hours"] == 80.0
+
+
+def test_summary_elsewhere_says_there_is_no_comparison():
+    s = summarize_run(98.8, 100.0, 120.6, 23_880, 2, "cpu", 10)
+    assert s.gpu_hours == 0.0 and s.images_per_sec == pytest.approx(198.01, abs=0.01)
+    assert s.paper["comparable"] is False and s.paper["top1_error_gap"] is None
+    assert "this data has 10" in s.paper["note"]
+    assert paper_comparison(59.3, 81.8, 1000)["top1_error_gap"] == pytest.approx(0.0)
+
+
+def test_run_report_logs_the_summary_and_draws_into_the_run_folder(tmp_path, caplog):
+    final = summarize_run(50.0, 75.0, 7200.0, 1_000_000, 4, "cuda", 1000)
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        assert write_run_report(tmp_path, final) is None  # no metrics yet: a warning, not an error
+        write_metrics(tmp_path / "metrics.jsonl")
+        assert write_run_report(tmp_path, final) == tmp_path / PLOT_FILE
+    assert (tmp_path / PLOT_FILE).stat().st_size > 10_000
+    assert "8.00 GPU-hours" in caplog.text and "139 images/s" in caplog.text
+    assert "top-1 error 50.00% vs the paper's 40.7% (+9.30 points)" in caplog.text

@@ -1,0 +1,210 @@
+"""Bad data: the scanner finds every kind of bad file with its reason and writes lists that
+training accepts; a bad file that reaches the decoder stops training with its name; folder
+problems are named before any work starts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _helpers import REPO, TINY_TRAIN, TRAIN, torchrun
+from PIL import Image
+
+from alexnet.checkpoint import load_checkpoint
+from alexnet.config import DataConfig
+from alexnet.data import build_splits
+from pipelines.base import ImageSpec, ShardSpec
+from pipelines.dali import DaliLoader
+from pipelines.filecheck import check_file
+from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
+
+SCAN = REPO / "launch" / "scan.py"
+# A decoder fails on these (on the CPU as well as the GPU); the others decode but are reported.
+FATAL = {"empty", "not_image", "truncated"}
+
+
+def jpeg_bytes(size=(90, 80), mode="RGB", fmt="JPEG", seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def forged_size(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its frame header (SOF0) claiming another size."""
+    out = bytearray(data)
+    sof = out.index(b"\xff\xc0")
+    out[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(out)
+
+
+def add_bad_files(root: Path) -> dict[str, str]:
+    """Every kind of bad file, among good ones; returns {path relative to root: kind}."""
+    good = jpeg_bytes()
+    files = {
+        "train/circle/zz_empty.JPEG": (b"", "empty"),
+        "train/circle/zz_html.JPEG": (b"<html><body>404 Not Found</body></html>\n", "not_image"),
+        # ILSVRC-2012's one PNG named .JPEG
+        "train/square/n02105855_2933.JPEG": (jpeg_bytes(fmt="PNG"), "wrong_format"),
+        "train/square/zz_gif.JPEG": (jpeg_bytes(fmt="GIF"), "wrong_format"),
+        "train/triangle/zz_cmyk.JPEG": (jpeg_bytes(mode="CMYK"), "cmyk"),
+        "train/cross/zz_gray.JPEG": (jpeg_bytes(mode="L"), "grayscale"),
+        "train/ring/zz_truncated.JPEG": (good[: len(good) // 2], "truncated"),
+        "train/ring/zz_no_end_marker.JPEG": (good[:-2], "truncated"),
+        "train/dots/zz_no_permission.JPEG": (good, "unreadable"),
+        "train/checkerboard/zz_sliver.JPEG": (jpeg_bytes(size=(600, 4)), "dimensions"),
+        "train/checkerboard/zz_forged_size.JPEG": (forged_size(good, 60000, 60000), "dimensions"),
+        "val/circle/zz_val_truncated.JPEG": (good[: len(good) // 3], "truncated"),
+    }
+    for rel, (data, _) in files.items():
+        (root / rel).write_bytes(data)
+    os.chmod(root / "train/dots/zz_no_permission.JPEG", 0)
+    return {rel: kind for rel, (_, kind) in files.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_data, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("bad_corpus")
+    shutil.copytree(tiny_data, root, dirs_exist_ok=True)
+    return root, add_bad_files(root)
+
+
+@pytest.fixture(scope="module")
+def scanned(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("scan_out")
+    proc = subprocess.run(
+        [sys.executable, str(SCAN), str(root), "--out", str(out), "--workers", "2"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    return out, proc
+
+
+def test_check_file_names_each_kind(corpus):
+    root, expected = corpus
+    for rel, kind in expected.items():
+        finding = check_file(root / rel)
+        assert finding is not None and finding.kind == kind, (rel, finding)
+    assert "3,600,000,000 pixels" in check_file(root / "train/checkerboard/zz_forged_size.JPEG").detail
+    assert "PNG data" in check_file(root / "train/square/n02105855_2933.JPEG").detail
+    assert "HTML" in check_file(root / "train/circle/zz_html.JPEG").detail
+    for path in sorted((root / "val" / "square").iterdir()):
+        assert check_file(path) is None, path
+
+
+def test_scan_reports_every_bad_file_and_writes_lists_training_accepts(corpus, scanned, tiny_data):
+    root, expected = corpus
+    out, proc = scanned
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    found = {str(Path(f["path"]).relative_to(root)): f["kind"] for f in report["files"]}
+    assert found == expected  # each bad file, with its reason, and no good file
+    assert report["checked"] == 170 + len(expected) and report["problems"] == []
+    for rel in expected:
+        assert rel in proc.stdout
+    actions = {str(Path(f["path"]).relative_to(root)): f["action"] for f in report["files"]}
+    by_kind = {a: {rel for rel in expected if actions[rel] == a} for a in ("converted", "kept", "excluded")}
+    assert by_kind["converted"] == {rel for rel, kind in expected.items() if kind in {"wrong_format", "cmyk"}}
+    assert by_kind["kept"] == {"train/cross/zz_gray.JPEG"}  # every decoder expands it to RGB
+
+    train = load_file_list(out / "train.txt", root / "train")
+    val = load_file_list(out / "val.txt", root / "val", classes=train.classes)
+    listed = {str(Path(f).relative_to(root)) for f in train.files + val.files if f.startswith(str(root))}
+    assert not listed & (by_kind["excluded"] | by_kind["converted"]) and "train/cross/zz_gray.JPEG" in listed
+    assert len(train) == 120 + 3 + 1 and len(val) == 50  # the good files, 3 converted copies, the gray one
+    # labels are the class folders' indices, as for the raw folder
+    raw = build_file_index(tiny_data / "train")
+    assert train.classes == raw.classes
+    for path, label in zip(train.files, train.labels):
+        assert train.classes[label] == Path(path).parent.name
+        if not path.endswith("zz_gray.JPEG"):
+            assert check_file(path) is None, path  # converted copies are clean RGB JPEGs
+    converted = out / "fixed" / "train" / "square" / "n02105855_2933.JPEG"
+    assert str(converted.resolve()) in train.files
+    with Image.open(converted) as im:
+        assert im.format == "JPEG" and im.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_training_reads_only_good_files_from_the_lists_and_names_a_bad_file_otherwise(corpus, scanned, tmp_path):
+    root, expected = corpus
+    out, _ = scanned
+    common = [TRAIN, *TINY_TRAIN, f"data.root={root}", f"run.root={tmp_path}", "train.epochs=1"]
+    good = torchrun([*common, "run.name=lists", f"data.train_files={out / 'train.txt'}",
+                     f"data.val_files={out / 'val.txt'}"])  # fmt: skip
+    assert good.returncode == 0, good.stderr[-4000:]
+    summary = json.loads((tmp_path / "lists" / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == (124 // 2) // 8
+
+    raw = torchrun([*common, "run.name=raw", "checkpoint.every_steps=1"], timeout=300)
+    assert raw.returncode != 0
+    errors = [line for line in raw.stderr.splitlines() if line.startswith("error: ") and "decode" in line]
+    assert errors, raw.stderr[-4000:]
+    fatal = [str(root / rel) for rel, kind in expected.items() if kind in FATAL or rel.endswith("zz_gif.JPEG")]
+    assert any(path in errors[0] for path in fatal), errors[0]
+    assert "launch/scan.py" in errors[0] and "data.train_files=" in errors[0]
+    # no broken checkpoint: whatever was written before the bad batch loads
+    for ckpt in (tmp_path / "raw" / "checkpoints").glob("*.pt"):
+        load_checkpoint(ckpt)
+
+
+def tiny_loader(files: list[str]) -> DaliLoader:
+    index = FileIndex(files, [0] * len(files), ["a"])
+    image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+    return DaliLoader(index, "val", image, ShardSpec(0, 1, len(files), 0), torch.device("cpu"), 1, 1, "cpu")
+
+
+@pytest.mark.parametrize(
+    "bad", ["train/ring/zz_truncated.JPEG", "train/circle/zz_empty.JPEG", "train/circle/zz_html.JPEG"]
+)
+def test_a_bad_file_at_the_decoder_becomes_an_error_naming_it(corpus, bad):
+    """DALI names truncated and empty files in its message but not data it cannot identify; the
+    error names the file in every case, with its reason."""
+    root, expected = corpus
+    good = sorted(str(p) for p in (root / "val" / "square").iterdir())[:3]
+    loader = tiny_loader([*good, str(root / bad)])
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    reason = {"empty": "zero bytes", "not_image": "HTML/XML text", "truncated": "JPEG data does not decode"}
+    assert f"{root / bad} ({reason[expected[bad]]}" in message, message
+    assert "launch/scan.py" in message and not any(path in message for path in good)
+
+
+def test_folder_problems_are_named_before_any_work(tmp_path, tiny_data):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    cfg = DataConfig(root=str(root))
+    with pytest.raises(DataError, match="does not exist"):
+        build_splits(DataConfig(root=str(tmp_path / "nowhere")), 0)
+    shutil.rmtree(root / "val" / "dots")
+    with pytest.raises(DataError, match=r"1 training class\(es\) have no folder in .*val: dots"):
+        build_splits(cfg, 0)
+    (root / "val" / "dots").mkdir()
+    with pytest.raises(DataError, match=r"class folders without images in .*val: dots"):
+        build_splits(cfg, 0)
+    shutil.rmtree(root / "val")
+    with pytest.raises(DataError, match=r"has no val/ folder"):
+        build_splits(cfg, 0)
+    out = tmp_path / "scan"
+    proc = subprocess.run(
+        [sys.executable, str(SCAN), str(root), "--out", str(out), "--workers", "1"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1 and f"problem: {root / 'val'} is missing" in proc.stdout
+
+
+def test_a_file_list_line_outside_the_classes_is_named(tmp_path, tiny_data):
+    listing = tmp_path / "train.txt"
+    listing.write_text("# comment\ncircle/circle_0000.jpg\nnot_a_class/x.jpg\n")
+    with pytest.raises(DataError, match=r"train\.txt line 3: not_a_class/x\.jpg is in folder 'not_a_class'"):
+        load_file_list(listing, tiny_data / "train")
