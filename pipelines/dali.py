@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -66,25 +67,42 @@ def image_graph(
             images, mirror=fn.random.coin_flip(probability=0.5), **with_lighting(normalize, lighting)
         )
     elif training:
-        # Section 2 and 4.1: shorter side to `resize`, the central resize x resize square, then a
-        # random crop x crop patch of it and its horizontal reflection.
-        images = fn.decoders.image(jpegs, **decode)
-        images = fn.resize(images, resize_shorter=image.resize)
-        images = fn.crop(images, crop=(image.resize, image.resize))
+        images = paper_random_crop(jpegs, image, decode)
         # Section 4.1's PCA lighting (when on) is folded into the mean that the normalization subtracts.
         images = fn.crop_mirror_normalize(
-            images,
-            crop=(image.crop, image.crop),
-            crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-            mirror=fn.random.coin_flip(probability=0.5),
-            **with_lighting(normalize, lighting),
+            images, mirror=fn.random.coin_flip(probability=0.5), **with_lighting(normalize, lighting)
         )
     else:
         images = fn.decoders.image(jpegs, **decode)
         images = fn.resize(images, resize_shorter=image.resize)
         images = fn.crop_mirror_normalize(images, crop=(image.crop, image.crop), **normalize)
     return images, label
+
+
+def paper_random_crop(jpegs, image: ImageSpec, decode: dict[str, Any]):
+    """Sections 2 and 4.1: shorter side scaled to `resize`, the central resize x resize square,
+    a random crop x crop patch of it; done in the original image's coordinates, so that only the
+    patch is decoded (libjpeg-turbo and nvJPEG skip the rest) and only the patch is resized.
+
+    The patch spans side * crop / resize original pixels (side = the shorter side) and is scaled
+    by resize / side, as the resize-then-crop order would; the two orders differ only in how the
+    resampling filter treats the patch's border."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # H, W, C from the header alone
+    height, width = shape[0], shape[1]
+    side = dmath.min(height, width)
+    window = side * (image.crop / image.resize)
+    x0 = (width - side) * 0.5 + fn.random.uniform(range=(0.0, 1.0)) * (side - window)
+    y0 = (height - side) * 0.5 + fn.random.uniform(range=(0.0, 1.0)) * (side - window)
+    patch = fn.decoders.image_slice(
+        jpegs,
+        fn.stack(y0, x0),
+        fn.stack(window, window),
+        axis_names="HW",
+        normalized_anchor=False,
+        normalized_shape=False,
+        **decode,
+    )
+    return fn.resize(patch, resize_x=image.crop, resize_y=image.crop)
 
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:

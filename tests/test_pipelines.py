@@ -144,3 +144,28 @@ def test_missing_and_empty_folders_are_named(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="without images.*cat"):
         build_file_index(tmp_path / "train")
+
+
+def test_paper_crop_is_a_random_patch_of_the_central_square(tmp_path):
+    """A 200x100 image whose red channel encodes x and green encodes y: with resize 50 and crop 40,
+    every patch lies in the central 100x100 square, spans 80 original pixels (side * 40 / 50),
+    and its position varies."""
+    width, height = 200, 100
+    xs = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    ys = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    path = tmp_path / "train" / "a" / "ramp.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).round().astype(np.uint8)).save(path)
+    index = build_file_index(tmp_path / "train")
+    index = type(index)(index.files * 16, index.labels * 16, index.classes)
+    image = ImageSpec(40, 50, "paper", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    (images, _), *_ = list(dali(index, "train", batch=16, image=image))
+    px = 255 / (width - 1)  # red levels per original pixel
+    starts = []
+    for img in images:
+        red = img[0].sort(dim=1).values  # per row; sorting undoes a mirror
+        lo, hi = red[:, 2].mean().item(), red[:, -3].mean().item()  # inside the resampling border
+        assert 50 * px - 3 <= lo and hi <= 150 * px + 3  # within the central square x in [50, 150)
+        assert (hi - lo) / px == pytest.approx(80 * 35 / 39, abs=3)  # 80 pixels, minus two border columns
+        starts.append(lo)
+    assert max(starts) - min(starts) > 5 * px  # random positions, not one fixed crop
