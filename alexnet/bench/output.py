@@ -1,0 +1,261 @@
+"""A benchmark's report: a table for people, JSON and CSV for machines, a PNG on request.
+
+The JSON holds `schema`, `command`, `created`, `environment` (versions, devices, world size,
+layout, commit), `settings` (what was asked), `results` (one entry per measured thing, each with
+at least `name` and `images_per_sec`), `summary` (ratios and fractions between results) and
+`notes`. The CSV holds the results, nested values flattened to dotted columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "alexnet-bench/1"
+REQUIRED_TOP = ("schema", "command", "created", "environment", "settings", "results", "summary")
+REQUIRED_RESULT = ("name", "images_per_sec")
+REQUIRED_ENVIRONMENT = ("torch", "dali", "cuda", "nccl", "devices", "world_size", "layout", "commit")
+
+
+class ReportError(ValueError):
+    """A report misses what its schema promises; the message names the key and the file."""
+
+
+@dataclass
+class Report:
+    command: str
+    results: list[dict[str, Any]]
+    environment: dict[str, Any]
+    settings: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    created: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "command": self.command,
+            "created": self.created,
+            "environment": self.environment,
+            "settings": self.settings,
+            "results": self.results,
+            "summary": self.summary,
+            "notes": self.notes,
+        }
+
+
+def validate_report(data: dict[str, Any], where: str = "report") -> None:
+    for key in REQUIRED_TOP:
+        if key not in data:
+            raise ReportError(f"{where}: missing top-level key {key!r}")
+    if data["schema"] != SCHEMA:
+        raise ReportError(f"{where}: schema {data['schema']!r}, expected {SCHEMA!r}")
+    if not isinstance(data["results"], list):
+        raise ReportError(f"{where}: 'results' must be a list")
+    for i, entry in enumerate(data["results"]):
+        for key in REQUIRED_RESULT:
+            if key not in entry:
+                raise ReportError(f"{where}: results[{i}] has no {key!r}")
+    for key in REQUIRED_ENVIRONMENT:
+        if key not in data["environment"]:
+            raise ReportError(f"{where}: environment has no {key!r}")
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read benchmark report {path}: {exc}") from exc
+    validate_report(data, str(path))
+    return data
+
+
+def flatten(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become dotted keys; lists become JSON text (one CSV cell)."""
+    flat: dict[str, Any] = {}
+    for key, value in entry.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[dotted] = json.dumps(value)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def write_json(report: Report, path: Path) -> Path:
+    data = report.to_dict()
+    validate_report(data, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    rows = [flatten(r) for r in results]
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # dotted key into a result
+    header: str
+    fmt: str = "{}"
+
+
+def _lookup(entry: dict[str, Any], dotted: str) -> Any:
+    value: Any = entry
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    cells = [[c.header for c in columns]]
+    for row in rows:
+        line = []
+        for c in columns:
+            value = _lookup(row, c.key)
+            line.append("-" if value is None else c.fmt.format(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_throughput(results: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Bars of median images/s per result, with the min-max range of the windows."""
+    plt = _pyplot()
+    names = [r["name"] for r in results]
+    medians = [r["images_per_sec"] for r in results]
+    lows = [r["images_per_sec"] - r.get("images_per_sec_min", r["images_per_sec"]) for r in results]
+    highs = [r.get("images_per_sec_max", r["images_per_sec"]) - r["images_per_sec"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.0))
+    ax.bar(range(len(names)), medians, yerr=[lows, highs], capsize=4, color="#4C72B0")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("images/s (median of windows)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(results: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Images/s against processes for each name, with the ideal line from its baseline."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for name in dict.fromkeys(r["name"] for r in results):
+        points = sorted(
+            (r["nproc"], r["images_per_sec"], r.get("baseline_per_proc")) for r in results if r["name"] == name
+        )
+        xs = [p[0] for p in points]
+        ax.plot(xs, [p[1] for p in points], marker="o", label=name)
+        base = next((p[2] for p in points if p[2]), None)
+        if base:
+            ax.plot(xs, [base * x for x in xs], linestyle=":", color="grey")
+    ax.set_xticks(sorted({r["nproc"] for r in results}))
+    ax.set_xlabel("processes")
+    ax.set_ylabel("images/s (all processes)")
+    ax.set_title(title + " (dotted: linear scaling)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(report: Report, out_dir: Path, plot: bool = False) -> list[Path]:
+    """<out>/<command>.json and .csv, and .png with `plot`."""
+    out_dir = Path(out_dir)
+    written = [
+        write_json(report, out_dir / f"{report.command}.json"),
+        write_csv(report.results, out_dir / f"{report.command}.csv"),
+    ]
+    if plot:
+        png = out_dir / f"{report.command}.png"
+        if report.command == "sweep":
+            written.append(plot_scaling(report.results, png, f"scaling: {report.settings.get('mode', '')}"))
+        else:
+            written.append(plot_throughput(report.results, png, f"{report.command} throughput"))
+    return written
+
+
+MERGE_TABLE = [
+    Column("source", "from"),
+    Column("name", "name"),
+    Column("images_per_sec", "images/s", "{:.1f}"),
+    Column("fraction_of_ceiling", "of ceiling", "{:.0%}"),
+    Column("mfu", "MFU", "{:.1%}"),
+]
+
+
+def _sources(paths: Sequence[Path]) -> list[str]:
+    """A short label per report: its file name, or folder/file name where names repeat."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}" for p, s in zip(paths, stems)]
+
+
+def merge_reports(paths: Sequence[Path], checks: dict[str, str] | None = None) -> Report:
+    """One report from several: every result tagged with the report it came from (`source`),
+    summaries and settings kept per source, the first report's environment; `checks` (name ->
+    status, e.g. of the GPU check's steps) go into the summary."""
+    loaded = [load_report(Path(p)) for p in paths]
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"checks": dict(checks or {})}
+    settings: dict[str, Any] = {}
+    notes: list[str] = []
+    for source, data in zip(_sources(paths), loaded):
+        results.extend({"source": source, **r} for r in data["results"])
+        summary[source] = data["summary"]
+        settings[source] = data["settings"]
+        notes.extend(f"{source}: {n}" for n in data.get("notes", []))
+    return Report("merge", results, loaded[0]["environment"], settings, summary, notes)
+
+
+def format_ratios(summary: dict[str, Any]) -> str:
+    """Lines 'source: a / b = median (min-max)' for every paired ratio in a (merged) summary."""
+    lines = []
+
+    def walk(tree: dict[str, Any], prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict) and "median" in value:
+                lines.append(f"{prefix}{key} = {value['median']:.3f} (min {value['min']:.3f}, max {value['max']:.3f})")
+            elif isinstance(value, dict):
+                walk(value, f"{prefix}{key}: ")
+
+    walk(summary, "")
+    return "\n".join(lines)

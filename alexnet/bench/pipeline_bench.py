@@ -1,0 +1,340 @@
+"""The input pipeline alone: DALI (mixed and CPU decoding) against torchvision's ImageFolder +
+DataLoader with the same transforms, batch, prefetch depth and threads (= DataLoader workers), next
+to a decode-only ceiling of each decoding library on the same files with the same threads.
+
+Each loader is built once and iterated across epoch boundaries as training would. A window is
+timed between batch arrivals after a lead-in: once the machine has settled, a loader holds its
+whole prefetch queue ready (DALI: `prefetch` batches; DataLoader: workers x prefetch), which would
+arrive for free. So the lead-in takes those, one more batch starts the clock, and the clock stops
+when the window's last batch has arrived; the window counts only the batches in between.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from alexnet.bench.envinfo import collect_environment
+from alexnet.bench.output import Column, Report
+from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved, summarize, wait_until_idle
+from alexnet.bench.training import endless
+from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.base import ImageSpec, ShardSpec
+from pipelines.index import DataError, FileIndex, build_file_index
+
+LOADERS = ("dali-mixed", "dali-cpu", "torchvision")
+# The decode-only ceiling each loader is held against: same library, same files, same threads.
+CEILING_OF = {
+    "dali-mixed": "decode-only/dali-mixed",
+    "dali-cpu": "decode-only/dali-cpu",
+    "torchvision": "decode-only/pil",
+}
+CEILINGS = tuple(CEILING_OF.values())
+# Diagnostics (opt-in): the loader's own DALI graph run by itself, its outputs left in DALI, so
+# that the loader's hand-over to torch and the graph's work beyond decoding can be told apart.
+GRAPH_OF = {"dali-mixed": "graph-only/dali-mixed", "dali-cpu": "graph-only/dali-cpu"}
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    data: Path  # an ImageFolder split: <data>/<class>/<image>
+    batch_size: int = 32
+    threads: int = 2  # DALI CPU threads = DataLoader workers
+    prefetch: int = 2  # DALI prefetch queue depth = DataLoader prefetch_factor
+    resize: int = 256
+    crop: int = 227
+    batches: int = 8  # timed batches per window, at least
+    min_window_s: float = 0.5  # and at least this long
+    schedule: Schedule = Schedule()
+    pipelines: tuple[str, ...] = ()  # () = all that this machine can run
+    ceilings: bool = True
+    graph_only: bool = False  # add the graph-only diagnostics
+    hw_decoder_load: float = 0.65
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--batch-size", self.batch_size),
+            ("--threads", self.threads),
+            ("--prefetch", self.prefetch),
+            ("--batches", self.batches),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+
+
+def available_pipelines(cuda: bool, ceilings: bool, graph_only: bool = False) -> tuple[str, ...]:
+    loaders = [n for n in LOADERS if cuda or n != "dali-mixed"]
+    names = list(loaders)
+    if graph_only:
+        names += [GRAPH_OF[n] for n in loaders if n in GRAPH_OF]
+    if ceilings:
+        names += [CEILING_OF[n] for n in loaders]
+    return tuple(names)
+
+
+def check_pipelines(requested: tuple[str, ...], cuda: bool) -> None:
+    known = (*LOADERS, *GRAPH_OF.values(), *CEILINGS)
+    for name in requested:
+        if name not in known:
+            raise ValueError(f"--pipelines: unknown pipeline {name!r} (choose from {', '.join(known)})")
+        if "mixed" in name and not cuda:
+            raise ValueError(f"--pipelines: {name} decodes on the GPU and needs a CUDA device")
+
+
+def resolve_split_dir(path: Path) -> Path:
+    """`path/train` when it exists (a dataset root), else `path` itself (a split folder)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"--data: {path} does not exist or is not a folder")
+    return path / "train" if (path / "train").is_dir() else path
+
+
+def describe_files(index: FileIndex, sample: int = 200) -> dict[str, Any]:
+    """File count, mean size and mean resolution (of an evenly spread sample) of the data."""
+    sizes = [os.path.getsize(f) for f in index.files]
+    picks = index.files[:: max(1, len(index.files) // sample)]
+    dims = []
+    for f in picks:
+        with Image.open(f) as img:  # reads the header only
+            dims.append(img.size)
+    return {
+        "files": len(index.files),
+        "classes": len(index.classes),
+        "mean_kb": statistics.fmean(sizes) / 1000,
+        "mean_width": statistics.fmean(w for w, _ in dims),
+        "mean_height": statistics.fmean(h for _, h in dims),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class BatchStream:
+    """A window over any stream of batches: lead-in, one batch to start the clock, then timed
+    batches: at least `timed` of them and at least `min_seconds` of them (short windows on fast
+    pipelines are mostly timer and scheduling noise)."""
+
+    def __init__(
+        self, name: str, batches: Iterator[int], lead_in: int, timed: int, device: torch.device, min_seconds: float
+    ) -> None:
+        self.name = name
+        self._batches = batches  # yields the number of images in each batch
+        self._lead_in = lead_in
+        self._timed = timed
+        self._device = device
+        self._min_seconds = min_seconds
+
+    def run_window(self) -> Window:
+        for _ in range(self._lead_in):
+            next(self._batches)
+        next(self._batches)
+        _sync(self._device)
+        t0 = time.perf_counter()
+        images, count = 0, 0
+        while count < self._timed or time.perf_counter() - t0 < self._min_seconds:
+            images += next(self._batches)
+            count += 1
+        _sync(self._device)
+        return Window(images, time.perf_counter() - t0, {"batches": count})
+
+
+def _endless(loader):
+    if len(loader) == 0:
+        raise DataError("the data holds fewer images than one batch of --batch-size")
+    return endless(loader)
+
+
+def _count(loader) -> Iterator[int]:
+    for images, _ in _endless(loader):
+        yield images.shape[0]
+
+
+class _PilDecode(Dataset):
+    """Opens and decodes a file as the torchvision pipeline does, and returns nothing but its index."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> int:
+        with Image.open(self.files[i]) as img:
+            img.convert("RGB")  # Image.open reads the header only; convert decodes the whole image
+        return i
+
+
+def _pil_decode_batches(index: FileIndex, s: PipelineSettings) -> Iterator[int]:
+    loader = DataLoader(
+        _PilDecode(index.files),
+        batch_size=s.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(s.seed),
+        num_workers=s.threads,
+        persistent_workers=True,
+        prefetch_factor=s.prefetch,
+    )
+    for batch in _endless(loader):
+        yield batch.shape[0]
+
+
+def _graph_batches(loader) -> Iterator[int]:
+    """The loader's own pipeline (built exactly as the loader builds it) run by itself."""
+    if not hasattr(loader, "_build"):
+        raise ValueError("--graph-only: pipelines.dali.DaliLoader no longer has _build(); update pipeline_bench")
+    pipe = loader._build()
+    while True:
+        images, _ = pipe.run()
+        yield len(images)
+
+
+def _dali_decode_batches(index: FileIndex, s: PipelineSettings, decoder: str, device: torch.device) -> Iterator[int]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def decode_graph():
+        jpegs, _ = fn.readers.file(files=index.files, shuffle_after_epoch=True)
+        extra = {"hw_decoder_load": s.hw_decoder_load} if decoder == "mixed" else {}
+        return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **extra)
+
+    pipe = decode_graph(
+        batch_size=s.batch_size,
+        num_threads=s.threads,
+        seed=s.seed,
+        prefetch_queue_depth=s.prefetch,
+        device_id=(device.index or 0) if decoder == "mixed" else None,
+    )
+    pipe.build()
+    while True:
+        (images,) = pipe.run()  # outputs are discarded: only decoding is measured
+        yield len(images)
+
+
+def _batches_of(name: str, index: FileIndex, s: PipelineSettings, device: torch.device) -> tuple[Iterator[int], int]:
+    """The stream of batch sizes of one pipeline, and how many batches its prefetch holds ready."""
+    image = ImageSpec(s.crop, s.resize, "paper", tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))  # type: ignore[arg-type]
+    shard = ShardSpec(0, 1, s.batch_size, s.seed)
+    if name in ("dali-mixed", "dali-cpu", *GRAPH_OF.values()):
+        from pipelines.dali import DaliLoader
+
+        decoder = "mixed" if name.endswith("dali-mixed") else "cpu"
+        loader = DaliLoader(
+            index, "train", image, shard, device, num_threads=s.threads, prefetch=s.prefetch, decoder=decoder,
+            hw_decoder_load=s.hw_decoder_load,
+        )  # fmt: skip
+        if name.startswith("graph-only"):
+            return _graph_batches(loader), s.prefetch
+        return _count(loader), s.prefetch
+    if name == "torchvision":
+        from pipelines.torchvision_loader import TorchvisionLoader
+
+        loader = TorchvisionLoader(index, "train", image, shard, device, num_workers=s.threads, prefetch=s.prefetch)
+        return _count(loader), s.threads * s.prefetch
+    if name == "decode-only/pil":
+        return _pil_decode_batches(index, s), s.threads * s.prefetch
+    return _dali_decode_batches(index, s, name.rsplit("-", 1)[1], device), s.prefetch
+
+
+def build_contenders(
+    index: FileIndex, s: PipelineSettings, names: tuple[str, ...], device: torch.device
+) -> list[BatchStream]:
+    out = []
+    for name in names:
+        batches, lead_in = _batches_of(name, index, s, device)
+        out.append(BatchStream(name, batches, lead_in, s.batches, device, s.min_window_s))
+    return out
+
+
+def _result(name: str, windows: list[Window], s: PipelineSettings) -> dict[str, Any]:
+    stats = summarize([w.images_per_sec for w in windows])
+    library = "pil" if name.endswith("pil") else ("torchvision" if name == "torchvision" else "dali")
+    return {
+        "name": name,
+        "kind": name.split("/")[0] if "/" in name else "pipeline",
+        "library": library,
+        "decoder": "mixed" if "mixed" in name else "cpu",
+        "threads": s.threads,
+        "batch_size": s.batch_size,
+        "images_per_sec": stats.median,
+        "images_per_sec_min": stats.min,
+        "images_per_sec_max": stats.max,
+        "windows": stats.n,
+        "window_images_per_sec": [w.images_per_sec for w in windows],
+    }
+
+
+def compare(timed: dict[str, list[Window]]) -> dict[str, Any]:
+    """Paired ratios (within each round, then the median): each DALI loader over torchvision,
+    and each loader over its decode-only ceiling."""
+    summary: dict[str, Any] = {}
+    for dali in ("dali-mixed", "dali-cpu"):
+        if dali in timed and "torchvision" in timed:
+            summary[f"{dali}/torchvision"] = paired_ratio(timed[dali], timed["torchvision"]).as_dict()
+    for loader, ceiling in CEILING_OF.items():
+        if loader in timed and ceiling in timed:
+            summary[f"{loader}/{ceiling}"] = paired_ratio(timed[loader], timed[ceiling]).as_dict()
+    for loader, graph in GRAPH_OF.items():
+        if loader in timed and graph in timed:
+            summary[f"{loader}/{graph}"] = paired_ratio(timed[loader], timed[graph]).as_dict()
+        if graph in timed and CEILING_OF[loader] in timed:
+            summary[f"{graph}/{CEILING_OF[loader]}"] = paired_ratio(timed[graph], timed[CEILING_OF[loader]]).as_dict()
+    return summary
+
+
+TABLE = [
+    Column("name", "pipeline"),
+    Column("images_per_sec", "images/s", "{:.0f}"),
+    Column("images_per_sec_min", "min", "{:.0f}"),
+    Column("images_per_sec_max", "max", "{:.0f}"),
+    Column("fraction_of_ceiling", "of ceiling", "{:.0%}"),
+    Column("over_torchvision", "x torchvision", "{:.2f}"),
+]
+
+
+def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
+    cuda = device.type == "cuda"
+    names = s.pipelines or available_pipelines(cuda, s.ceilings, s.graph_only)
+    check_pipelines(names, cuda)
+    index = build_file_index(resolve_split_dir(s.data))
+    files = describe_files(index)
+    contenders = build_contenders(index, s, names, device)
+
+    def progress(rnd: int, name: str, w: Window) -> None:
+        tag = "warm-up" if rnd < s.schedule.warmup else f"window {rnd - s.schedule.warmup + 1}"
+        print(f"  {tag:>9}  {name:<24} {w.images_per_sec:8.0f} images/s", file=sys.stderr, flush=True)
+
+    timed = run_interleaved(
+        contenders, s.schedule, between=lambda: wait_until_idle(lambda: _sync(device)), progress=progress
+    )
+    summary = compare(timed)
+    results = [_result(name, windows, s) for name, windows in timed.items()]
+    for r in results:
+        ceiling = CEILING_OF.get(r["name"])
+        if ceiling and f"{r['name']}/{ceiling}" in summary:
+            r["ceiling"] = ceiling
+            r["fraction_of_ceiling"] = summary[f"{r['name']}/{ceiling}"]["median"]
+        if f"{r['name']}/torchvision" in summary:
+            r["over_torchvision"] = summary[f"{r['name']}/torchvision"]["median"]
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    settings.update({"device": str(device), "pipelines": list(names), "files": files})
+    notes = [
+        "images/s: median over timed windows; ratios: median over rounds of the within-round ratio "
+        "(contenders interleaved, machine settled between turns)",
+        "decode-only: the same reader/files and threads, outputs discarded (DALI: fn.decoders.image; "
+        "PIL: Image.open + convert('RGB') in DataLoader workers)",
+    ]
+    return Report("pipeline", results, collect_environment(1, "single process"), settings, summary, notes)

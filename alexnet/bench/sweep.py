@@ -1,0 +1,144 @@
+"""Scaling: one torchrun of the step (or e2e) benchmark per process count, one report.
+
+Scaling efficiency of a result at P processes is its images/s per process over the images/s per
+process of the same result at the smallest count P0 (normally 1): (ips(P) / P) / (ips(P0) / P0).
+A layout that cannot run on P0 processes (towers and hybrid need 2) is held against the one-process
+data-parallel run of the same model variant, which is what "against one process" means for it.
+On a CPU each process gets cores / P intra-op threads (unless OMP_NUM_THREADS is set), so that
+the sweep compares the same machine split differently, not an oversubscribed one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alexnet.bench.envinfo import collect_environment, usable_cores
+from alexnet.bench.output import Column, Report, ReportError, load_report
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    nprocs: tuple[int, ...]
+    mode: str  # "step" or "e2e"
+    args: tuple[str, ...]  # passed to every point's command
+    entry: Path  # launch/benchmark.py
+    out: Path  # one folder per point below it
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not self.nprocs or any(p < 1 for p in self.nprocs):
+            raise ValueError(f"--nproc: process counts must be positive integers, got {list(self.nprocs)}")
+        if self.mode not in ("step", "e2e"):
+            raise ValueError(f"--mode must be step or e2e, got {self.mode!r}")
+        for arg in self.args:
+            if arg == "--out" or arg.startswith("--out="):
+                raise ValueError("options after --: --out is set by the sweep (use the sweep's own --out)")
+
+
+def point_command(s: SweepSettings, nproc: int, out: Path) -> list[str]:
+    """The command of one point: an argument list, never a shell string."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(s.entry), s.mode, "--out", str(out), *s.args,
+    ]  # fmt: skip
+
+
+def point_env(nproc: int, cuda: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if not cuda and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _baseline(results: list[dict[str, Any]], entry: dict[str, Any], p0: int) -> dict[str, Any] | None:
+    at_p0 = [r for r in results if r["nproc"] == p0]
+    same = next((r for r in at_p0 if r["name"] == entry["name"]), None)
+    if same is not None:
+        return same
+    variant = entry.get("variant")
+    return next((r for r in at_p0 if r.get("mode") == "dp" and r.get("variant") == variant), None)
+
+
+def add_efficiency(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each entry needs `nproc`, `name`, `images_per_sec` (and `mode`, `variant` for the dp
+    fallback); adds `baseline`, `baseline_nproc`, `baseline_per_proc`, `scaling_efficiency`."""
+    if not results:
+        return results
+    p0 = min(r["nproc"] for r in results)
+    for entry in results:
+        base = _baseline(results, entry, p0)
+        if base is None or base["images_per_sec"] <= 0:
+            entry.update({"baseline": None, "baseline_nproc": None, "baseline_per_proc": None,
+                          "scaling_efficiency": None})  # fmt: skip
+            continue
+        per_proc = base["images_per_sec"] / p0
+        entry["baseline"] = base["name"]
+        entry["baseline_nproc"] = p0
+        entry["baseline_per_proc"] = per_proc
+        entry["scaling_efficiency"] = entry["images_per_sec"] / entry["nproc"] / per_proc
+    return results
+
+
+TABLE = [
+    Column("nproc", "procs"),
+    Column("name", "contender"),
+    Column("images_per_sec", "images/s", "{:.1f}"),
+    Column("images_per_sec_per_gpu", "per proc", "{:.1f}"),
+    Column("scaling_efficiency", "efficiency", "{:.0%}"),
+    Column("baseline", "against"),
+]
+
+
+def run_point(s: SweepSettings, nproc: int, cuda: bool) -> tuple[dict[str, Any] | None, str]:
+    """Runs one point; returns its report (None on failure) and an error text."""
+    out = s.out / f"nproc{nproc}"
+    print(f"sweep: {nproc} process(es): {' '.join(point_command(s, nproc, out))}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(
+            point_command(s, nproc, out), env=point_env(nproc, cuda), capture_output=True, text=True,
+            timeout=s.timeout_s,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, f"{nproc} processes: no result within --timeout {s.timeout_s:.0f} s"
+    if proc.returncode != 0:
+        return None, f"{nproc} processes: exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
+    try:
+        return load_report(out / f"{s.mode}.json"), ""
+    except ReportError as exc:
+        return None, f"{nproc} processes: {exc}"
+
+
+def run_sweep(s: SweepSettings) -> Report:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    environment: dict[str, Any] | None = None
+    for nproc in s.nprocs:
+        report, error = run_point(s, nproc, cuda)
+        if report is None:
+            failures.append(error)
+            print(f"sweep: {error}", file=sys.stderr, flush=True)
+            continue
+        environment = environment or report["environment"]
+        for r in report["results"]:
+            results.append({"nproc": nproc, **r})
+    add_efficiency(results)
+    env = dict(environment or collect_environment())
+    env["world_size"] = list(s.nprocs)
+    env["layout"] = sorted({r.get("mode", "") for r in results})
+    settings = {"nprocs": list(s.nprocs), "mode": s.mode, "args": list(s.args), "points": str(s.out)}
+    summary: dict[str, Any] = {"failed": failures} if failures else {}
+    notes = [
+        "scaling_efficiency = (images/s at P / P) / (images/s at P0 / P0), P0 = the smallest count; layouts "
+        "that need 2 processes are held against the dp run of the same variant at P0",
+        "on a CPU each process gets cores / P threads unless OMP_NUM_THREADS is set",
+    ]
+    return Report("sweep", results, env, settings, summary, notes)

@@ -1,0 +1,268 @@
+"""Throughput benchmarks: where the time goes.
+
+  python launch/benchmark.py pipeline [--data DIR | --dataset imagenet-like]
+      the input pipeline alone: DALI (GPU decoding where a GPU exists), DALI CPU and torchvision's
+      DataLoader, interleaved, against a decode-only ceiling of each library
+  torchrun --nproc_per_node=N launch/benchmark.py step [--compare-torchvision] [key=value ...]
+      training steps on synthetic on-device data for each parallel layout
+  torchrun --nproc_per_node=N launch/benchmark.py e2e [--dataset imagenet-like] [key=value ...]
+      training steps on real files, next to the same steps on synthetic data
+  python launch/benchmark.py sweep --nproc 1,2,4,8 --mode step [-- step options]
+      one torchrun per process count; scaling efficiency against the smallest
+  python launch/benchmark.py merge A.json B.json ... --out DIR
+      one report holding the results of several
+
+Every command prints a table and writes <out>/<command>.json and .csv (and .png with --plot).
+key=value arguments override the training config (as for launch/train.py), e.g. data.batch_size=32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from alexnet.bench.output import Report, ReportError, format_ratios, format_table, write_outputs
+from alexnet.bench.timing import Schedule
+from alexnet.config import ConfigError, load_config
+from alexnet.parallel.mesh import LayoutError
+from pipelines.index import DataError
+
+HERE = Path(__file__).resolve()
+DEFAULT_CONFIG = HERE.parent / "configs" / "demo.yaml"
+DEFAULT_OUT = Path("runs") / "benchmark"
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(n) for n in _names(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _common(p: argparse.ArgumentParser, windows: int = 5, warmup: int = 1) -> None:
+    p.add_argument("--windows", type=int, default=windows, help=f"timed windows per contender (default {windows})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed windows per contender first (default {warmup})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for JSON/CSV/PNG (default {DEFAULT_OUT})")
+    p.add_argument("--plot", action="store_true", help="also write a PNG")
+
+
+def _dataset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="ImageFolder data: a root with train/, or a split folder")
+    p.add_argument(
+        "--dataset", choices=("demo", "imagenet-like"), default=None,
+        help="built-in data instead of --data: the demo set (the default where nothing else names data), or "
+        "ImageNet-like ~500x375 JPEGs of ~110 KB (generated once into ~/.cache/alexnet-dist)",
+    )  # fmt: skip
+    p.add_argument("--like-images", type=int, default=1000, help="training images of --dataset imagenet-like")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pipe = sub.add_parser("pipeline", help="input pipelines alone, against a decode-only ceiling")
+    _dataset(pipe)
+    pipe.add_argument("--batch-size", type=int, default=32)
+    pipe.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers (default: cores)")
+    pipe.add_argument("--prefetch", type=int, default=2, help="DALI queue depth = DataLoader prefetch_factor")
+    pipe.add_argument("--resize", type=int, default=256)
+    pipe.add_argument("--crop", type=int, default=227)
+    pipe.add_argument("--batches", type=int, default=8, help="timed batches per window, at least (default 8)")
+    pipe.add_argument("--min-window", type=float, default=0.5, help="seconds per window, at least (default 0.5)")
+    pipe.add_argument("--pipelines", type=_names, default=(), help="subset, e.g. dali-cpu,torchvision")
+    pipe.add_argument("--no-ceiling", action="store_true", help="skip the decode-only ceilings")
+    pipe.add_argument(
+        "--graph-only", action="store_true",
+        help="also time the DALI loaders' own graphs run by themselves (no hand-over to torch)",
+    )  # fmt: skip
+    pipe.add_argument("--cpu", action="store_true", help="deliver batches to the CPU even where CUDA exists")
+    _common(pipe)
+
+    step = sub.add_parser("step", help="training steps on synthetic on-device data (under torchrun)")
+    step.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)")
+    step.add_argument("--modes", type=_names, default=(), help="layouts (default: all the world size allows)")
+    step.add_argument("--variants", type=_names, default=(), help="model variants (default: the config's)")
+    step.add_argument(
+        "--compare-torchvision", action="store_true",
+        help="add torchvision.models.alexnet at the same batch/input size (and both project variants)",
+    )  # fmt: skip
+    step.add_argument("--steps", type=int, default=3, help="training steps per window (default 3)")
+    step.add_argument("--no-breakdown", action="store_true", help="skip the no_sync windows (no comm split)")
+    step.add_argument("overrides", nargs="*", metavar="key=value")
+    _common(step)
+
+    e2e = sub.add_parser("e2e", help="training steps on real files, next to synthetic data (under torchrun)")
+    e2e.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)")
+    _dataset(e2e)
+    e2e.add_argument("--pipelines", type=_names, default=(), help="dali and/or torchvision (default: the config's)")
+    e2e.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-data contender")
+    e2e.add_argument("--steps", type=int, default=3, help="training steps per window (default 3)")
+    e2e.add_argument("--no-breakdown", action="store_true", help="skip the no_sync windows (no comm split)")
+    e2e.add_argument("overrides", nargs="*", metavar="key=value")
+    _common(e2e, windows=4)
+
+    sweep = sub.add_parser("sweep", help="torchrun per process count, scaling efficiency")
+    sweep.add_argument("--nproc", type=_ints, default=[1, 2], help="process counts (default 1,2)")
+    sweep.add_argument("--mode", choices=("step", "e2e"), default="step")
+    sweep.add_argument("--timeout", type=float, default=900.0, help="seconds per point (default 900)")
+    sweep.add_argument("args", nargs=argparse.REMAINDER, help="after --: options of the step/e2e command")
+    _common(sweep, windows=3)
+
+    merge = sub.add_parser("merge", help="one report from several JSON reports")
+    merge.add_argument("reports", nargs="+", type=Path)
+    merge.add_argument("--name", default="merged", help="file name of the merged report (default merged)")
+    merge.add_argument("--check", action="append", default=[], metavar="NAME=STATUS", help="add a check's status")
+    merge.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    if args.data is not None:
+        return args.data
+    if args.dataset == "imagenet-like":
+        from pipelines.imagenet_like import ImageNetLikeSpec, ensure_imagenet_like
+
+        per_class = max(1, args.like_images // ImageNetLikeSpec.classes)
+        return ensure_imagenet_like(spec=ImageNetLikeSpec(train_per_class=per_class))
+    from pipelines.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset()
+
+
+def _threads(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        return args.threads
+    from alexnet.bench.envinfo import usable_cores
+
+    return usable_cores()
+
+
+def cmd_pipeline(args: argparse.Namespace) -> Report:
+    import torch
+
+    from alexnet.bench.pipeline_bench import TABLE, PipelineSettings, run_pipeline_bench
+
+    settings = PipelineSettings(
+        data=_data_root(args), batch_size=args.batch_size, threads=_threads(args), prefetch=args.prefetch,
+        resize=args.resize, crop=args.crop, batches=args.batches, min_window_s=args.min_window,
+        schedule=Schedule(args.warmup, args.windows), pipelines=args.pipelines, ceilings=not args.no_ceiling,
+        graph_only=args.graph_only,
+    )  # fmt: skip
+    device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
+    report = run_pipeline_bench(settings, device)
+    print(format_table(report.results, TABLE))
+    return report
+
+
+def _config(args: argparse.Namespace, extra: list[str]):
+    return load_config(args.config, [*extra, *args.overrides])
+
+
+def cmd_step(args: argparse.Namespace) -> Report | None:
+    from alexnet.bench.step_bench import TABLE, StepSettings, run_step_bench
+    from alexnet.parallel.env import init_distributed, shutdown_distributed
+
+    cfg = _config(args, ["data.pipeline=synthetic"])
+    settings = StepSettings(
+        modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
+        schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
+    )  # fmt: skip
+    env = init_distributed(cfg.parallel.timeout_s)
+    try:
+        report = run_step_bench(cfg, env, settings)
+    finally:
+        shutdown_distributed()
+    if report is not None:
+        print(format_table(report.results, TABLE))
+    return report
+
+
+def cmd_e2e(args: argparse.Namespace) -> Report | None:
+    from alexnet.bench.e2e_bench import E2ESettings, run_e2e_bench
+    from alexnet.bench.step_bench import TABLE
+    from alexnet.parallel.env import init_distributed, shutdown_distributed
+
+    # --data/--dataset name the data; otherwise the config's data.root does (the demo when empty).
+    named = args.data is not None or args.dataset is not None
+    root = [f"data.root={_data_root(args)}"] if named else []
+    cfg = _config(args, root)
+    settings = E2ESettings(
+        pipelines=args.pipelines, synthetic=not args.no_synthetic, steps=args.steps,
+        schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
+    )  # fmt: skip
+    env = init_distributed(cfg.parallel.timeout_s)
+    try:
+        report = run_e2e_bench(cfg, env, settings)
+    finally:
+        shutdown_distributed()
+    if report is not None:
+        print(format_table(report.results, TABLE))
+    return report
+
+
+def cmd_sweep(args: argparse.Namespace) -> Report:
+    from alexnet.bench.sweep import TABLE, SweepSettings, run_sweep
+
+    passthrough = args.args[1:] if args.args[:1] == ["--"] else args.args
+    passthrough = ["--windows", str(args.windows), "--warmup", str(args.warmup), *passthrough]
+    settings = SweepSettings(
+        nprocs=tuple(args.nproc), mode=args.mode, args=tuple(passthrough), entry=HERE,
+        out=args.out / "sweep-points", timeout_s=args.timeout,
+    )  # fmt: skip
+    report = run_sweep(settings)
+    print(format_table(report.results, TABLE))
+    return report
+
+
+def cmd_merge(args: argparse.Namespace) -> Report:
+    from alexnet.bench.output import MERGE_TABLE, format_ratios, merge_reports
+
+    checks = {}
+    for item in args.check:
+        name, sep, status = item.partition("=")
+        if not sep:
+            raise ValueError(f"--check {item!r}: expected NAME=STATUS")
+        checks[name] = status
+    report = merge_reports(args.reports, checks)
+    print(format_table(report.results, MERGE_TABLE))
+    print(format_ratios({k: v for k, v in report.summary.items() if k != "checks"}))
+    if checks:
+        print("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")  # fmt: skip
+    commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
+    try:
+        report = commands[args.command](args)
+    except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if report is None:  # ranks other than 0
+        return 0
+    if args.command == "merge":
+        from alexnet.bench.output import write_json
+
+        print(f"wrote {write_json(report, args.out / f'{args.name}.json')}")
+        return 0
+    ratios = format_ratios(report.summary)
+    if ratios:
+        print(ratios)
+    for path in write_outputs(report, args.out, plot=getattr(args, "plot", False)):
+        print(f"wrote {path}")
+    return 1 if report.summary.get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

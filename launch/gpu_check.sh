@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with an NVIDIA GPU and PyTorch (DALI and network access optional), in
+# under 5 minutes: the GPU tests (pytest -m gpu), the input pipeline benchmark with DALI's mixed
+# (GPU) decoder, a short end-to-end benchmark with bf16 and with fp16, and the step benchmark
+# (against torchvision.models.alexnet); one JSON (<out>/gpu_check.json) and a short table.
+#
+#   bash launch/gpu_check.sh [OUT_DIR]        (default: $OUT when set, else runs/gpu_check)
+#
+# OUT_DIR receives three files: gpu_check.json (every result, the ratios and each step's status),
+# gpu_check.log (all output) and gpu_tests.xml; each step's own report stays in runs/gpu_check/.
+#
+# Where `import nvidia.dali` fails, it sources .daliN/install.sh of the highest N present, the
+# wheels that ../shared/device/stage_dali.sh staged beside the checkout (installed into /tmp/site;
+# no network needed). Sizes can be changed through GPU_CHECK_{BATCH,THREADS,IMAGES,CROP,RESIZE};
+# GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without a GPU (a dry run of this script,
+# small sizes, the fp16 step skipped).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+work=runs/gpu_check
+out=${1:-${OUT:-$work}}
+rm -rf "$work"/pipeline "$work"/e2e_bf16 "$work"/e2e_fp16 "$work"/step  # never merge a stale report
+mkdir -p "$out" "$work"
+: >"$out/gpu_check.log"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=python3
+started=$(date +%s)
+log() { echo "[gpu_check +$(($(date +%s) - started))s] $*" | tee -a "$out/gpu_check.log"; }
+
+if $py -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  gpu=1
+  batch=${GPU_CHECK_BATCH:-128} threads=${GPU_CHECK_THREADS:-8} images=${GPU_CHECK_IMAGES:-2000}
+  crop=${GPU_CHECK_CROP:-227} resize=${GPU_CHECK_RESIZE:-256} steps=20
+  nvidia-smi -L 2>/dev/null | tee -a "$out/gpu_check.log"
+elif [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then
+  gpu=0
+  batch=${GPU_CHECK_BATCH:-16} threads=${GPU_CHECK_THREADS:-2} images=${GPU_CHECK_IMAGES:-200}
+  crop=${GPU_CHECK_CROP:-67} resize=${GPU_CHECK_RESIZE:-76} steps=2
+  log "no CUDA device: dry run on the CPU (GPU_CHECK_ALLOW_CPU=1)"
+else
+  echo "gpu_check: PyTorch sees no CUDA device (set GPU_CHECK_ALLOW_CPU=1 for a CPU dry run)" >&2
+  exit 2
+fi
+
+if ! $py -c "import nvidia.dali" 2>/dev/null; then
+  staged=$(ls -d .dali[0-9]* 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$staged" ] && [ -f "$staged/install.sh" ]; then
+    log "DALI missing: installing the wheels staged in .dali* ($staged/install.sh)"
+    # Sourced (it exports PYTHONPATH); inside `||` its own `set -e` cannot end this script.
+    . "$staged/install.sh" || log "DALI install reported an error"
+    set +e
+  else
+    log "DALI missing and no staged wheels (.daliN/install.sh): DALI steps will fail"
+  fi
+fi
+{
+  $py - <<'EOF'
+import torch
+try:
+    import nvidia.dali as dali
+    dali_version = dali.__version__
+except Exception as exc:  # noqa: BLE001
+    dali_version = f"missing ({exc})"
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, DALI {dali_version}, device {name}")
+EOF
+} 2>&1 | tee -a "$out/gpu_check.log"
+
+status=()
+run_step() {  # run_step NAME SECONDS COMMAND... : records NAME=ok|failed(rc)
+  local name=$1 limit=$2
+  shift 2
+  log "$name: $*"
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/gpu_check.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ]; then
+    status+=("$name=ok")
+  elif [ "$name" = gpu_tests ] && [ "$rc" = 5 ]; then
+    status+=("$name=none-collected")  # pytest's exit 5: no test is marked gpu yet
+  else
+    status+=("$name=failed($rc)")
+    log "$name failed ($rc)"
+  fi
+}
+
+bench=(launch/benchmark.py)
+data=(--dataset imagenet-like --like-images "$images")
+sizes=(data.batch_size="$batch" data.crop="$crop" data.resize="$resize" data.num_threads="$threads" model.num_classes=1000)
+
+if [ "$gpu" = 1 ]; then
+  run_step gpu_tests 75 $py -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
+fi
+run_step pipeline 100 $py "${bench[@]}" pipeline "${data[@]}" --batch-size "$batch" --threads "$threads" \
+  --crop "$crop" --resize "$resize" --graph-only --windows 3 --batches 6 --out "$work/pipeline"
+run_step e2e_bf16 75 $py "${bench[@]}" e2e "${data[@]}" --windows 3 --steps "$steps" --out "$work/e2e_bf16" \
+  "${sizes[@]}" train.amp=bf16
+if [ "$gpu" = 1 ]; then
+  run_step e2e_fp16 75 $py "${bench[@]}" e2e "${data[@]}" --windows 3 --steps "$steps" --out "$work/e2e_fp16" \
+    "${sizes[@]}" train.amp=fp16
+fi
+run_step step 60 $py "${bench[@]}" step --compare-torchvision --windows 3 --steps "$steps" --out "$work/step" \
+  data.batch_size="$batch" data.crop="$crop" data.resize="$resize" model.num_classes=1000 train.amp="$([ "$gpu" = 1 ] && echo bf16 || echo auto)"
+
+reports=()
+rm -f "$out/gpu_check.json"
+for f in "$work"/pipeline/pipeline.json "$work"/e2e_bf16/e2e.json "$work"/e2e_fp16/e2e.json "$work"/step/step.json; do
+  [ -f "$f" ] && reports+=("$f")
+done
+checks=()
+for s in "${status[@]}"; do checks+=(--check "$s"); done
+if [ ${#reports[@]} -gt 0 ]; then
+  $py "${bench[@]}" merge "${reports[@]}" "${checks[@]}" --name gpu_check --out "$out" 2>&1 | tee -a "$out/gpu_check.log"
+fi
+log "done: ${status[*]}"
+case " ${status[*]} " in *failed*) exit 1 ;; esac
+exit 0

@@ -1,0 +1,307 @@
+"""The benchmark's own logic: interleaving, medians, the report schema, efficiency arithmetic,
+the step split, FLOP counting, the ImageNet-like generator, and each command end to end at tiny
+sizes (CPU). No wall-clock thresholds: only structure and arithmetic are asserted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+from _helpers import REPO, check, torchrun
+from PIL import Image
+from torch import nn
+
+from alexnet.bench import output, sweep, timing
+from alexnet.bench.flops import count_train_flops, mfu, peak_flops
+from alexnet.bench.timing import Schedule, Window
+from alexnet.bench.training import comm_bytes, step_split
+
+sys.path.insert(0, str(REPO / "launch"))
+import benchmark  # noqa: E402
+
+BENCH = REPO / "launch" / "benchmark.py"
+
+
+class FakeContender:
+    def __init__(self, name: str, log: list[str], rate: float) -> None:
+        self.name, self.log, self.rate = name, log, rate
+        self.turns = 0
+
+    def run_window(self) -> Window:
+        self.turns += 1
+        self.log.append(self.name)
+        return Window(images=int(self.rate * self.turns), seconds=1.0)
+
+
+# ---- timing -------------------------------------------------------------------------------
+def test_turns_interleave_and_warmup_is_dropped():
+    log: list[str] = []
+    a, b = FakeContender("A", log, 10), FakeContender("B", log, 20)
+    settled: list[int] = []
+    timed = timing.run_interleaved([a, b], Schedule(warmup=2, windows=3), between=lambda: settled.append(1))
+    assert log == ["A", "B"] * 5
+    assert len(settled) == 10  # the machine settles before every turn
+    # the warm-up rounds (turns 1, 2) are dropped; the rest keep their round order
+    assert [w.images for w in timed["A"]] == [30, 40, 50]
+    assert [w.images for w in timed["B"]] == [60, 80, 100]
+    assert timing.interleaved_order(["A", "B"], Schedule(1, 1)) == [(0, "A"), (0, "B"), (1, "A"), (1, "B")]
+
+
+def test_median_min_max_and_paired_ratio():
+    stats = timing.summarize([5.0, 1.0, 3.0, 100.0])
+    assert (stats.median, stats.min, stats.max, stats.n) == (4.0, 1.0, 100.0, 4)
+    a = [Window(200, 1.0), Window(100, 1.0), Window(300, 1.0)]
+    b = [Window(100, 1.0), Window(50, 1.0), Window(100, 1.0)]  # the machine slowed in round 2
+    ratio = timing.paired_ratio(a, b)
+    assert (ratio.median, ratio.min, ratio.max) == (2.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="same rounds"):
+        timing.paired_ratio(a, b[:2])
+
+
+def test_schedule_and_names_are_checked():
+    with pytest.raises(ValueError, match="--windows"):
+        Schedule(1, 0)
+    with pytest.raises(ValueError, match="unique"):
+        timing.run_interleaved([FakeContender("A", [], 1), FakeContender("A", [], 1)], Schedule(0, 1))
+
+
+def test_cpu_seconds_of_the_process_tree_grow():
+    before = timing.tree_cpu_seconds()
+    sum(i * i for i in range(2_000_000))
+    assert timing.tree_cpu_seconds() > before
+    assert timing.wait_until_idle(timeout_s=0.5) >= 0
+
+
+# ---- the step split and bytes -------------------------------------------------------------
+def test_step_split_adds_up_to_the_step():
+    extra = {"full_s": 1.0, "data_wait_s": 0.1, "nosync_s": 0.7, "nosync_data_wait_s": 0.1, "exchange_s": 0.2,
+             "grad_blocking_s": 0.05, "breakdown": 1.0, "ddp": 1.0, "steps": 3.0,
+             "payload.grad_allreduce": 4e6, "sent.grad_allreduce": 2e6}  # fmt: skip
+    split = step_split([Window(10, 3.0, extra)])
+    assert split["grad_comm_s"] == pytest.approx(0.9 - 0.6 + 0.05)
+    assert split["compute_s"] == pytest.approx(0.6 - 0.2 - 0.05)
+    parts = split["data_wait_s"] + split["compute_s"] + split["grad_comm_s"] + split["exchange_s"]
+    assert parts == pytest.approx(split["step_s"])
+    no_ddp = step_split([Window(10, 3.0, {**extra, "ddp": 0.0})])  # towers of one replica: no all-reduce
+    assert no_ddp["grad_comm_s"] == pytest.approx(0.05) and no_ddp["exchange_s"] == pytest.approx(0.2)
+    single = step_split([Window(10, 3.0, {"full_s": 1.0, "data_wait_s": 0.25, "breakdown": 0.0})])
+    assert single["compute_s"] == 0.75 and single["grad_comm_s"] == 0.0
+    bytes_ = comm_bytes([Window(10, 3.0, extra)])
+    assert bytes_["payload"] == {"grad_allreduce": 4e6} and bytes_["sent_total"] == 2e6
+
+
+# ---- efficiency ---------------------------------------------------------------------------
+def test_scaling_efficiency_arithmetic():
+    results = [
+        {"nproc": 1, "name": "dp/paper", "mode": "dp", "variant": "paper", "images_per_sec": 100.0},
+        {"nproc": 2, "name": "dp/paper", "mode": "dp", "variant": "paper", "images_per_sec": 180.0},
+        {"nproc": 4, "name": "dp/paper", "mode": "dp", "variant": "paper", "images_per_sec": 300.0},
+        {"nproc": 2, "name": "towers/paper", "mode": "towers", "variant": "paper", "images_per_sec": 150.0},
+        {"nproc": 2, "name": "dp/torchvision", "mode": "dp", "variant": "torchvision", "images_per_sec": 50.0},
+    ]
+    sweep.add_efficiency(results)
+    eff = {(r["nproc"], r["name"]): r["scaling_efficiency"] for r in results}
+    assert eff[(1, "dp/paper")] == pytest.approx(1.0)
+    assert eff[(2, "dp/paper")] == pytest.approx(0.9)
+    assert eff[(4, "dp/paper")] == pytest.approx(0.75)
+    assert eff[(2, "towers/paper")] == pytest.approx(0.75)  # against one process of dp/paper
+    assert results[3]["baseline"] == "dp/paper"
+    assert eff[(2, "dp/torchvision")] is None  # no one-process run of that variant
+
+
+def test_sweep_settings_and_commands_are_argument_lists(tmp_path):
+    s = sweep.SweepSettings((1, 2), "step", ("--modes", "dp"), BENCH, tmp_path)
+    cmd = sweep.point_command(s, 2, tmp_path / "p2")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[-2:] == ["--modes", "dp"]
+    assert sweep.point_env(2, cuda=False)["OMP_NUM_THREADS"]
+    with pytest.raises(ValueError, match="--nproc"):
+        sweep.SweepSettings((0,), "step", (), BENCH, tmp_path)
+    with pytest.raises(ValueError, match="--out"):
+        sweep.SweepSettings((1,), "step", ("--out", "x"), BENCH, tmp_path)
+    args = benchmark.parse_args(["sweep", "--nproc", "1,2,4", "--", "--modes", "dp", "data.batch_size=8"])
+    assert args.nproc == [1, 2, 4] and args.args[-3:] == ["--modes", "dp", "data.batch_size=8"]
+
+
+# ---- the report: JSON schema, CSV, table, PNG ---------------------------------------------
+def _report(command="pipeline") -> output.Report:
+    results = [
+        {"name": "a", "images_per_sec": 10.0, "images_per_sec_min": 9.0, "images_per_sec_max": 12.0,
+         "split_share": {"compute": 0.9}, "window_images_per_sec": [9.0, 10.0, 12.0]},
+        {"name": "b", "images_per_sec": 5.0, "nested": {"x": {"y": 1}}},
+    ]  # fmt: skip
+    env = {k: None for k in output.REQUIRED_ENVIRONMENT}
+    return output.Report(command, results, env, {"batch": 4}, {"a/b": {"median": 2.0, "min": 1.5, "max": 2.5}})
+
+
+def test_json_schema_csv_png_written(tmp_path):
+    written = output.write_outputs(_report(), tmp_path, plot=True)
+    assert sorted(p.name for p in written) == ["pipeline.csv", "pipeline.json", "pipeline.png"]
+    data = output.load_report(tmp_path / "pipeline.json")
+    assert data["schema"] == output.SCHEMA and [r["name"] for r in data["results"]] == ["a", "b"]
+    with open(tmp_path / "pipeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["split_share.compute"] == "0.9" and rows[1]["nested.x.y"] == "1"
+    assert json.loads(rows[0]["window_images_per_sec"]) == [9.0, 10.0, 12.0]
+    assert (tmp_path / "pipeline.png").read_bytes()[:4] == b"\x89PNG"
+    table = output.format_table(data["results"], [output.Column("name", "name"), output.Column("x", "x")])
+    assert table.splitlines()[2].split() == ["a", "-"]
+    assert "a/b = 2.000" in output.format_ratios(data["summary"])
+
+
+def test_schema_violations_name_the_key(tmp_path):
+    data = _report().to_dict()
+    del data["results"][1]["images_per_sec"]
+    with pytest.raises(output.ReportError, match=r"results\[1\] has no 'images_per_sec'"):
+        output.validate_report(data)
+    data = _report().to_dict()
+    del data["environment"]["nccl"]
+    with pytest.raises(output.ReportError, match="'nccl'"):
+        output.validate_report(data)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(output.ReportError, match="bad.json"):
+        output.load_report(tmp_path / "bad.json")
+
+
+def test_scaling_plot_and_merge(tmp_path):
+    results = [{"nproc": p, "name": "dp/paper", "images_per_sec": 90.0 * p, "baseline_per_proc": 100.0} for p in (1, 2)]
+    png = output.plot_scaling(results, tmp_path / "s.png", "scaling")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    for folder in ("e2e_bf16", "e2e_fp16"):
+        output.write_json(_report("e2e"), tmp_path / folder / "e2e.json")
+    merged = output.merge_reports([tmp_path / "e2e_bf16" / "e2e.json", tmp_path / "e2e_fp16" / "e2e.json"],
+                                  {"gpu_tests": "ok"})  # fmt: skip
+    assert {r["source"] for r in merged.results} == {"e2e_bf16/e2e", "e2e_fp16/e2e"}
+    assert merged.summary["checks"] == {"gpu_tests": "ok"}
+    output.validate_report(merged.to_dict())
+
+
+# ---- FLOPs and MFU ------------------------------------------------------------------------
+def test_grouped_convolutions_are_counted_once():
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, groups=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 3), nn.Conv2d(4, 8, 3)
+
+        def forward(self, x):
+            return torch.cat([self.a(x[:, :4]), self.b(x[:, 4:])], 1)
+
+    grouped = count_train_flops(Grouped(), 2, 10, channels=8)
+    assert grouped == count_train_flops(Split(), 2, 10, channels=8)
+    # forward: 2 * N * Cout * H'W' * (Cin / groups) * k * k; the weight gradient as much again; the
+    # input needs no gradient
+    assert grouped == 2 * (2 * 2 * 16 * 8 * 8 * 4 * 9)
+
+
+def test_peak_table_and_mfu():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
+    assert peak_flops("NVIDIA H200", "fp16") == pytest.approx(989.4e12)
+    assert peak_flops("AMD EPYC", "fp32") is None
+    assert mfu(1e12, 0.5, 2, 1e12) == pytest.approx(1.0)
+    assert mfu(1e12, 0.5, 2, None) is None
+
+
+# ---- the ImageNet-like generator ----------------------------------------------------------
+def test_imagenet_like_files_layout_determinism_and_size(tmp_path):
+    from pipelines.imagenet_like import ImageNetLikeSpec, ensure_imagenet_like, measure_mean_kb
+
+    spec = ImageNetLikeSpec(classes=2, train_per_class=3, val_per_class=1)
+    root = ensure_imagenet_like(tmp_path / "a", spec, workers=1)
+    files = sorted((root / "train").glob("*/*.JPEG"))
+    assert len(files) == 6 and len(list((root / "val").glob("*/*.JPEG"))) == 2
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["n00000000", "n00000001"]
+    for f in files:
+        with Image.open(f) as img:
+            w, h = img.size
+            assert img.format == "JPEG" and max(w, h) == 500 and 335 <= min(w, h) <= 415
+    other = ensure_imagenet_like(tmp_path / "b", spec, workers=2)  # parallel: the same bytes
+    assert [f.read_bytes() for f in files] == [other.joinpath(f.relative_to(root)).read_bytes() for f in files]
+    # calibrated to ILSVRC-2012 train's mean file size, about 110 KB
+    assert 80 < measure_mean_kb(ImageNetLikeSpec(), samples=6) < 145
+
+
+# ---- the commands end to end, tiny --------------------------------------------------------
+def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
+    argv = ["pipeline", "--data", str(tiny_data), "--batch-size", "4", "--threads", "1", "--prefetch", "1",
+            "--resize", "40", "--crop", "32", "--batches", "2", "--min-window", "0", "--windows", "2",
+            "--warmup", "1", "--cpu", "--out", str(tmp_path), "--plot"]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    data = output.load_report(tmp_path / "pipeline.json")
+    names = [r["name"] for r in data["results"]]
+    assert names == ["dali-cpu", "torchvision", "decode-only/dali-cpu", "decode-only/pil"]
+    by_name = {r["name"]: r for r in data["results"]}
+    assert all(r["windows"] == 2 and r["images_per_sec"] > 0 for r in data["results"])
+    assert by_name["dali-cpu"]["ceiling"] == "decode-only/dali-cpu" and by_name["dali-cpu"]["fraction_of_ceiling"] > 0
+    assert set(data["summary"]) == {"dali-cpu/torchvision", "dali-cpu/decode-only/dali-cpu",
+                                    "torchvision/decode-only/pil"}  # fmt: skip
+    assert data["settings"]["files"]["files"] == 120 and data["environment"]["world_size"] == 1
+    assert (tmp_path / "pipeline.csv").exists() and (tmp_path / "pipeline.png").exists()
+    assert "dali-cpu" in capsys.readouterr().out
+
+
+def test_pipeline_command_names_a_bad_flag(tmp_path, capsys):
+    assert benchmark.main(["pipeline", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert benchmark.main(["pipeline", "--pipelines", "dali-mixed", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_e2e_command_one_process(tiny_data, tmp_path):
+    argv = ["e2e", "--data", str(tiny_data), "--pipelines", "dali,torchvision", "--windows", "1", "--warmup", "0",
+            "--steps", "1", "--out", str(tmp_path), "data.batch_size=4", "data.num_threads=1", "data.prefetch=1",
+            "data.crop=67", "data.resize=76", "run.progress=log"]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    data = output.load_report(tmp_path / "e2e.json")
+    assert [r["name"] for r in data["results"]] == ["e2e/dali", "e2e/torchvision", "synthetic"]
+    for r in data["results"]:
+        assert r["images_per_sec_per_gpu"] == r["images_per_sec"] and r["flops_per_step"] > 0
+        assert r["mfu"] is None  # no peak for a CPU
+        shares = r["split_share"]
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert set(data["summary"]) == {"e2e/dali / synthetic", "e2e/torchvision / synthetic"}
+
+
+@pytest.mark.slow
+def test_step_command_two_ranks_every_layout(tmp_path):
+    proc = torchrun([BENCH, "step", "--compare-torchvision", "--variants", "paper", "--windows", "1", "--warmup",
+                     "0", "--steps", "1", "--out", tmp_path, "data.batch_size=2", "data.crop=67",
+                     "model.num_classes=10"], nproc=2)  # fmt: skip
+    check(proc)
+    data = output.load_report(tmp_path / "step.json")
+    by_name = {r["name"]: r for r in data["results"]}
+    assert list(by_name) == ["dp/paper", "towers/paper", "hybrid/paper", "dp/torchvision.models.alexnet"]
+    assert data["environment"]["world_size"] == 2
+    assert by_name["dp/paper"]["global_batch"] == 4 and by_name["towers/paper"]["global_batch"] == 2
+    assert by_name["dp/paper"]["comm_mb_per_step"]["payload"]["grad_allreduce"] > 0
+    assert by_name["towers/paper"]["comm_mb_per_step"]["payload"]["activation_exchange"] > 0
+    assert "grad_allreduce" not in by_name["towers/paper"]["comm_mb_per_step"]["payload"]  # one replica
+    for r in data["results"]:
+        assert r["images_per_sec_per_gpu"] == pytest.approx(r["images_per_sec"] / 2)
+        assert sum(r["split_share"].values()) == pytest.approx(1.0)
+    assert "towers/paper / dp/paper" in data["summary"]
+    assert "dp/paper / dp/torchvision.models.alexnet" in data["summary"]
+
+
+@pytest.mark.slow
+def test_sweep_collects_points_and_reports_failures(tmp_path):
+    fake = REPO / "tests" / "dist" / "fake_bench.py"
+    s = sweep.SweepSettings((1, 2, 3), "step", ("--fail-at", "3"), fake, tmp_path / "points", timeout_s=120)
+    report = sweep.run_sweep(s)
+    eff = {(r["nproc"], r["name"]): r["scaling_efficiency"] for r in report.results}
+    assert eff == {(1, "dp/paper"): pytest.approx(1.0), (2, "dp/paper"): pytest.approx(0.9),
+                   (2, "towers/paper"): pytest.approx(0.8)}  # fmt: skip
+    assert len(report.summary["failed"]) == 1 and "3 processes: exit" in report.summary["failed"][0]
+    written = output.write_outputs(report, tmp_path, plot=True)
+    assert [p.name for p in written] == ["sweep.json", "sweep.csv", "sweep.png"]
