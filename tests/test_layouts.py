@@ -14,7 +14,15 @@ sys.path.insert(0, str(REPO / "tests" / "dist"))
 import layout_check as lc  # noqa: E402
 
 pytestmark = pytest.mark.slow
-CASES = [("towers", 2, 0), ("towers", 4, 0), ("hybrid", 2, 0), ("hybrid", 4, 0), ("hybrid", 4, 2)]
+# (mode, world, fc_group, memory format): every layout once in NCHW, and the two exchange-heavy
+# ones in channels_last, the trainer's default.
+CASES = [
+    ("towers", 2, 0, "cl"),
+    ("towers", 4, 0, "nchw"),
+    ("hybrid", 2, 0, "nchw"),
+    ("hybrid", 4, 0, "cl"),
+    ("hybrid", 4, 2, "nchw"),
+]
 
 
 def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dict, dict]:
@@ -52,9 +60,9 @@ def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dic
     return payload, sent
 
 
-@pytest.mark.parametrize(("mode", "world", "fc_group"), CASES)
-def test_layout_computes_the_single_device_function(tmp_path, mode, world, fc_group):
-    check(torchrun([REPO / "tests" / "dist" / "layout_check.py", mode, tmp_path, fc_group], nproc=world))
+@pytest.mark.parametrize(("mode", "world", "fc_group", "fmt"), CASES)
+def test_layout_computes_the_single_device_function(tmp_path, mode, world, fc_group, fmt):
+    check(torchrun([REPO / "tests" / "dist" / "layout_check.py", mode, tmp_path, fc_group, fmt], nproc=world))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r in results:
         # float32, one step: the only differences are summation orders (~1e-7 relative).

@@ -70,12 +70,20 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+def _dense(x: Tensor) -> Tensor:
+    """x as a dense tensor in its own memory format: channels_last activations stay
+    channels_last, so the layers after an exchange run with the same kernels (and the same
+    tie-breaking in max-pooling's gradient) as on one device."""
+    channels_last = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _pad_to(x: Tensor, dim: int, size: int) -> Tensor:
     if x.shape[dim] == size:
-        return x.contiguous()
+        return _dense(x)
     pad_shape = list(x.shape)
     pad_shape[dim] = size - x.shape[dim]
-    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim).contiguous()
+    return _dense(torch.cat([x, x.new_zeros(pad_shape)], dim=dim))
 
 
 class _GatherCat(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """Run under torchrun: a layout against the single-device model on the same global batch.
 
-Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py MODE OUT_DIR [FC_GROUP]
+Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py MODE OUT_DIR [FC_GROUP] [nchw|cl]
 
 Every rank computes the single-device reference itself (same seed, the whole global batch),
 then its own part under MODE, and writes OUT_DIR/rank<R>.json with the largest differences:
@@ -32,37 +32,40 @@ STEPS = 3
 CPU = torch.device("cpu")
 
 
-def batch(step: int, replicas: int):
+MEMORY_FORMAT = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+
+
+def batch(step: int, replicas: int, fmt=torch.contiguous_format):
     g = torch.Generator().manual_seed(100 + step)
-    images = torch.randn(PER_REPLICA * replicas, 3, SIZE, SIZE, generator=g)
+    images = torch.randn(PER_REPLICA * replicas, 3, SIZE, SIZE, generator=g).contiguous(memory_format=fmt)
     return images, torch.randint(0, CLASSES, (PER_REPLICA * replicas,), generator=g)
 
 
-def fresh_model():
+def fresh_model(fmt=torch.contiguous_format):
     torch.manual_seed(SEED)
-    return build_model("paper", CLASSES, dropout=0.5, input_size=SIZE, init="kaiming")
+    return build_model("paper", CLASSES, dropout=0.5, input_size=SIZE, init="kaiming").to(memory_format=fmt)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def main(mode: str, out_dir: str, fc_group: int) -> None:
+def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format) -> None:
     env = init_distributed(timeout_s=120)
     mesh = build_mesh(env, mode, fc_group)
     replicas, me = mesh.data_size, mesh.data_rank
     rows = slice(me * PER_REPLICA, (me + 1) * PER_REPLICA)
     ids = torch.arange(rows.start, rows.stop)
 
-    reference = fresh_model()
-    images, labels = batch(0, replicas)
+    reference = fresh_model(fmt)
+    images, labels = batch(0, replicas, fmt)
     apply_dropout_context(reference, DropoutContext(SEED, 0, torch.arange(len(labels))))
     ref_logits = reference(images)
     F.cross_entropy(ref_logits, labels).backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
 
     counter = CommCounter()
-    par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), counter)
+    par = apply_parallelism(fresh_model(fmt), env, mesh, ParallelConfig(), counter)
     apply_dropout_context(par.local, DropoutContext(SEED, 0, ids))
     logits = par.module(images[rows])
     loss = F.cross_entropy(logits, labels[rows])
@@ -90,13 +93,13 @@ def main(mode: str, out_dir: str, fc_group: int) -> None:
     # few steps, which says nothing about the layout; in float64 they match to ~1e-12.
     torch.set_default_dtype(torch.float64)
     amp = build_amp("off", CPU)
-    reference = fresh_model()
+    reference = fresh_model(fmt)
     ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.002)
-    par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), CommCounter())
+    par = apply_parallelism(fresh_model(fmt), env, mesh, ParallelConfig(), CommCounter())
     opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
     after_backward = par.layout.after_backward()
     for step in range(STEPS):
-        images, labels = batch(step, replicas)
+        images, labels = batch(step, replicas, fmt)
         train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, torch.arange(len(labels))))
         train_step(par.module, images[rows], labels[rows], opt, amp, DropoutContext(SEED, step, ids),
                    after_backward=after_backward)
@@ -113,4 +116,5 @@ def main(mode: str, out_dir: str, fc_group: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0,
+         MEMORY_FORMAT[sys.argv[4] if len(sys.argv) > 4 else "nchw"])
