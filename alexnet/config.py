@@ -281,6 +281,13 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
             return float(value)
     elif origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool):
+            # YAML 1.1 reads off/on/yes/no as booleans: `train.amp=off` means the word.
+            spelled = [w for w in (("on", "true", "yes") if value else ("off", "false", "no")) if w in choices]
+            if sourced.raw is not None and sourced.raw in choices:
+                return sourced.raw
+            if spelled:
+                return spelled[0]
         if value in choices:
             return value
         raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")

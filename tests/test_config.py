@@ -111,3 +111,10 @@ def test_eight_gpu_recipes_set_the_layout_over_the_paper_recipe():
         cfg = load_config(REPO / "launch" / "configs" / f"imagenet_8gpu_{mode}.yaml")
         assert cfg.parallel.mode == mode
         assert cfg.optim == base.optim and cfg.model == base.model and cfg.data.batch_size == 128
+
+
+def test_words_yaml_reads_as_booleans_stay_words(tmp_path):
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(write(tmp_path, "train:\n  amp: off\n")).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"'train\.amp'.*one of auto, bf16, fp16, off; got True"):
+        load_config(None, ["train.amp=yes"])
