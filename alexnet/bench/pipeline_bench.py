@@ -61,6 +61,7 @@ class PipelineSettings:
     graph_only: bool = False  # add the graph-only diagnostics
     hw_decoder_load: float = 0.65
     seed: int = 0
+    channels_last: bool = True  # what the trainer asks for by default (HWC out of DALI, no transpose)
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -234,7 +235,7 @@ def _batches_of(name: str, index: FileIndex, s: PipelineSettings, device: torch.
         decoder = "mixed" if name.endswith("dali-mixed") else "cpu"
         loader = DaliLoader(
             index, "train", image, shard, device, num_threads=s.threads, prefetch=s.prefetch, decoder=decoder,
-            hw_decoder_load=s.hw_decoder_load,
+            hw_decoder_load=s.hw_decoder_load, channels_last=s.channels_last,
         )  # fmt: skip
         if name.startswith("graph-only"):
             return _graph_batches(loader), s.prefetch
@@ -242,7 +243,10 @@ def _batches_of(name: str, index: FileIndex, s: PipelineSettings, device: torch.
     if name == "torchvision":
         from pipelines.torchvision_loader import TorchvisionLoader
 
-        loader = TorchvisionLoader(index, "train", image, shard, device, num_workers=s.threads, prefetch=s.prefetch)
+        loader = TorchvisionLoader(
+            index, "train", image, shard, device, num_workers=s.threads, prefetch=s.prefetch,
+            channels_last=s.channels_last,
+        )  # fmt: skip
         return _count(loader), s.threads * s.prefetch
     if name == "decode-only/pil":
         return _pil_decode_batches(index, s), s.threads * s.prefetch
