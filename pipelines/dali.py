@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import torch
 import nvidia.dali.math as dmath
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -178,29 +178,39 @@ class DaliLoader:
 
     def _build(self):
         if self._pipe is None:
-            training = self.split == "train"
-            # The reader's shuffle is shared by all ranks; augmentation differs per shard.
-            aug_seed = (self._shard.seed * 1_000_003 + self._shard.shard_id * 2 + int(training)) % (2**31)
-            self._pipe = image_graph(
+            self._pipe = self._graph(
                 files=self._index.files,
                 labels=self._index.labels,
                 image=self._image,
                 shard=self._shard,
-                training=training,
                 decoder=self._decoder,
                 hw_decoder_load=self._hw_decoder_load,
                 layout="HWC" if self._channels_last else "CHW",
-                lighting=self._lighting,
                 batch_size=self._shard.batch_size,
                 num_threads=self._num_threads,
                 device_id=self._device.index if self._device.type == "cuda" else None,
-                seed=aug_seed,
                 prefetch_queue_depth=self._prefetch,
-                enable_checkpointing=True,
-                checkpoint=self._restore,
             )
             self._pipe.build()
         return self._pipe
+
+    def _graph(self, **common: Any):
+        """The DALI graph this loader runs; `common` holds what every graph of the project takes."""
+        training = self.split == "train"
+        # The reader's shuffle is shared by all ranks; augmentation differs per shard.
+        aug_seed = (self._shard.seed * 1_000_003 + self._shard.shard_id * 2 + int(training)) % (2**31)
+        return image_graph(
+            training=training,
+            lighting=self._lighting,
+            seed=aug_seed,
+            enable_checkpointing=True,
+            checkpoint=self._restore,
+            **common,
+        )
+
+    @staticmethod
+    def _nchw_view(images: torch.Tensor) -> torch.Tensor:
+        return images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
 
     def _run_pipeline(self):
         return run_checked(self._pipe, self._index.files)
@@ -214,7 +224,7 @@ class DaliLoader:
             row = torch.arange(first, first + labels.shape[0])
             labels[row >= self._real_in_shard] = PAD_LABEL
         if self._channels_last:
-            images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
+            images = self._nchw_view(images)
         return images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,14 +14,13 @@ tests to pin the graph's numbers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, shard_bounds, val_steps
-from pipelines.dali import run_checked, to_torch
+from pipelines.base import ImageSpec, ShardSpec
+from pipelines.dali import DaliLoader, DecoderDevice
 from pipelines.index import FileIndex
 
 READER_NAME = "TenCropReader"
@@ -97,15 +96,13 @@ def ten_crop_reference(
     return torch.stack([(w - m) * inv_std for w in windows])
 
 
-class TenCropLoader:
+class TenCropLoader(DaliLoader):
     """The validation side of the Loader protocol over `ten_crop_graph`.
 
-    Shards follow the data-parallel rank with padded, sticky shards, exactly as DaliLoader's val
-    split: every rank runs `val_steps` batches; rows that only pad a shard carry PAD_LABEL.
+    DaliLoader's val split with another graph: padded, sticky shards by the data-parallel rank,
+    `val_steps` batches on every rank, PAD_LABEL on rows that only pad a shard.
     Yields images [B, 10, 3, crop, crop] and labels [B].
     """
-
-    split = "val"
 
     def __init__(
         self,
@@ -115,70 +112,24 @@ class TenCropLoader:
         device: torch.device,
         num_threads: int,
         prefetch: int,
-        decoder: str,
+        decoder: DecoderDevice,
         hw_decoder_load: float = 0.65,
         channels_last: bool = False,
     ) -> None:
-        if decoder == "mixed" and device.type != "cuda":
-            raise ValueError("data.decoder=mixed needs a CUDA device; use data.decoder=cpu or auto")
-        self.num_samples = len(index)
-        self._index = index
-        self._image = image
-        self._shard = shard
-        self._device = device
-        self._num_threads = num_threads
-        self._prefetch = prefetch
-        self._decoder = decoder
-        self._hw_decoder_load = hw_decoder_load
-        self._channels_last = channels_last
-        self._steps = val_steps(len(index), shard.num_shards, shard.batch_size)
-        start, end = shard_bounds(len(index), shard.shard_id, shard.num_shards)
-        self._real_in_shard = end - start
-        self._pipe = None
-        self._epoch = 0
+        super().__init__(index, "val", image, shard, device, num_threads, prefetch, decoder, hw_decoder_load,
+                         channels_last)
 
-    def __len__(self) -> int:
-        return self._steps
+    def _graph(self, **common: Any):
+        return ten_crop_graph(seed=self._shard.seed, **common)
 
-    def _build(self):
-        if self._pipe is None:  # built once: rebuilding DALI pipelines leaks their memory pools
-            self._pipe = ten_crop_graph(
-                files=self._index.files,
-                labels=self._index.labels,
-                image=self._image,
-                shard=self._shard,
-                decoder=self._decoder,
-                hw_decoder_load=self._hw_decoder_load,
-                layout="HWC" if self._channels_last else "CHW",
-                batch_size=self._shard.batch_size,
-                num_threads=self._num_threads,
-                device_id=self._device.index if self._device.type == "cuda" else None,
-                seed=self._shard.seed,
-                prefetch_queue_depth=self._prefetch,
-            )
-            self._pipe.build()
-        return self._pipe
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        pipe = self._build()
-        for step in range(self._steps):
-            images_tl, labels_tl = run_checked(pipe, self._index.files)
-            images = to_torch(images_tl, self._device)
-            labels = to_torch(labels_tl, self._device).reshape(-1).to(torch.int64)
-            row = torch.arange(step * self._shard.batch_size, step * self._shard.batch_size + labels.shape[0])
-            labels[row >= self._real_in_shard] = PAD_LABEL
-            if self._channels_last:
-                # [B, 10, H, W, C] storage seen as [B, 10, C, H, W]: flattening the crops into the
-                # batch keeps channels_last strides.
-                images = images.permute(0, 1, 4, 2, 3)
-            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
-        self._epoch += 1
+    @staticmethod
+    def _nchw_view(images: torch.Tensor) -> torch.Tensor:
+        # [B, 10, H, W, C] storage seen as [B, 10, C, H, W]: flattening the crops into the batch
+        # keeps channels_last strides.
+        return images.permute(0, 1, 4, 2, 3)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "pos": 0}  # validation always runs whole epochs
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._epoch = int(state.get("epoch", 0))
-
-    def close(self) -> None:
-        self._pipe = None
