@@ -22,7 +22,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alexnet.bench.output import Report, ReportError, format_ratios, format_table, write_outputs
 from alexnet.bench.timing import Schedule
@@ -166,18 +168,14 @@ def _config(args: argparse.Namespace, extra: list[str]):
     return load_config(args.config, [*extra, *args.overrides])
 
 
-def cmd_step(args: argparse.Namespace) -> Report | None:
-    from alexnet.bench.step_bench import TABLE, StepSettings, run_step_bench
+def _run_distributed(cfg, run: Callable[[Any], Report | None]) -> Report | None:
+    """`run(env)` inside the process group torchrun (or one process) describes; rank 0 prints."""
+    from alexnet.bench.step_bench import TABLE
     from alexnet.parallel.env import init_distributed, shutdown_distributed
 
-    cfg = _config(args, ["data.pipeline=synthetic"])
-    settings = StepSettings(
-        modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
-        schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
-    )  # fmt: skip
     env = init_distributed(cfg.parallel.timeout_s)
     try:
-        report = run_step_bench(cfg, env, settings)
+        report = run(env)
     finally:
         shutdown_distributed()
     if report is not None:
@@ -185,10 +183,19 @@ def cmd_step(args: argparse.Namespace) -> Report | None:
     return report
 
 
+def cmd_step(args: argparse.Namespace) -> Report | None:
+    from alexnet.bench.step_bench import StepSettings, run_step_bench
+
+    cfg = _config(args, ["data.pipeline=synthetic"])
+    settings = StepSettings(
+        modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
+        schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
+    )  # fmt: skip
+    return _run_distributed(cfg, lambda env: run_step_bench(cfg, env, settings))
+
+
 def cmd_e2e(args: argparse.Namespace) -> Report | None:
     from alexnet.bench.e2e_bench import E2ESettings, run_e2e_bench
-    from alexnet.bench.step_bench import TABLE
-    from alexnet.parallel.env import init_distributed, shutdown_distributed
 
     # --data/--dataset name the data; otherwise the config's data.root does (the demo when empty).
     named = args.data is not None or args.dataset is not None
@@ -198,14 +205,7 @@ def cmd_e2e(args: argparse.Namespace) -> Report | None:
         pipelines=args.pipelines, synthetic=not args.no_synthetic, steps=args.steps,
         schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
     )  # fmt: skip
-    env = init_distributed(cfg.parallel.timeout_s)
-    try:
-        report = run_e2e_bench(cfg, env, settings)
-    finally:
-        shutdown_distributed()
-    if report is not None:
-        print(format_table(report.results, TABLE))
-    return report
+    return _run_distributed(cfg, lambda env: run_e2e_bench(cfg, env, settings))
 
 
 def cmd_sweep(args: argparse.Namespace) -> Report:

@@ -8,16 +8,15 @@ seed), so every machine gets the same files; a file lock lets many ranks ask at 
 
 from __future__ import annotations
 
-import fcntl
-import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipelines.generated import cache_root, ensure_generated
 
 DEMO_VERSION = "demo-v1"
 CLASSES = (
@@ -32,7 +31,6 @@ CLASSES = (
     "stripes_diagonal",
     "dots",
 )
-READY = ".complete"
 
 
 @dataclass(frozen=True)
@@ -48,27 +46,13 @@ class DemoSpec:
 def default_demo_dir() -> Path:
     if "ALEXNET_DEMO_DIR" in os.environ:
         return Path(os.environ["ALEXNET_DEMO_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "alexnet-dist" / DEMO_VERSION
+    return cache_root() / DEMO_VERSION
 
 
 def ensure_demo_dataset(root: Path | None = None, spec: DemoSpec = DemoSpec()) -> Path:
     """Return the demo dataset folder, generating it first if needed (safe under many ranks)."""
     root = Path(root) if root is not None else default_demo_dir()
-    if (root / READY).exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / READY).exists():
-            logging.getLogger("alexnet").info("generating the demo dataset into %s (first use only)", root)
-            tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            write_demo_dataset(tmp, spec)
-            (tmp / READY).write_text("ok\n")
-            shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)
-    return root
+    return ensure_generated(root, lambda folder: write_demo_dataset(folder, spec), "the demo dataset")
 
 
 def write_demo_dataset(root: Path, spec: DemoSpec) -> None:

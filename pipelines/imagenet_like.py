@@ -15,13 +15,10 @@ bytes on every machine; a file lock lets many ranks ask at once, as for the demo
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import io
-import logging
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipelines.generated import cache_root, ensure_generated
+
 VERSION = "imagenet-like-v1"
-READY = ".complete"
 
 
 @dataclass(frozen=True)
@@ -53,8 +51,7 @@ class ImageNetLikeSpec:
 
 
 def default_imagenet_like_dir(spec: ImageNetLikeSpec) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "alexnet-dist" / f"{VERSION}-{spec.key()}"
+    return cache_root() / f"{VERSION}-{spec.key()}"
 
 
 def ensure_imagenet_like(
@@ -62,21 +59,9 @@ def ensure_imagenet_like(
 ) -> Path:
     """The dataset folder, generated first if needed (safe under many ranks and processes)."""
     root = Path(root) if root is not None else default_imagenet_like_dir(spec)
-    if (root / READY).exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / READY).exists():
-            count = spec.classes * (spec.train_per_class + spec.val_per_class)
-            logging.getLogger("alexnet").info("generating %d ImageNet-like JPEGs into %s (first use only)", count, root)
-            tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            write_imagenet_like(tmp, spec, workers)
-            (tmp / READY).write_text("ok\n")
-            shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)
-    return root
+    count = spec.classes * (spec.train_per_class + spec.val_per_class)
+    return ensure_generated(root, lambda folder: write_imagenet_like(folder, spec, workers),
+                            f"{count} ImageNet-like JPEGs")
 
 
 def class_name(label: int) -> str:
