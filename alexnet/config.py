@@ -85,6 +85,7 @@ class TrainConfig:
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0 = no limit
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where supported on GPU
     channels_last: bool = True  # NHWC activations: faster for cuDNN and oneDNN (CPU) convolutions alike
+    host_memory: Literal["retain", "system"] = "retain"  # retain: freed CPU tensors stay in the heap (hostmem.py)
     seed: int = 0
     log_every: int = 50  # steps between progress lines and train metrics
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)

@@ -93,23 +93,44 @@ class CounterDropout(nn.Module):
         return f"p={self.p}, stream={self.stream}"
 
 
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     """Sum over `size` neighbouring channels within each of `groups` channel groups (zeros past a
-    group's edge, as in the paper's sum bounds): shifted in-place adds, no padded copy."""
-    width = t.shape[1] // groups
-    total = t.clone()
-    for g in range(groups):
-        lo, hi = g * width, (g + 1) * width
-        for d in range(1, size // 2 + 1):
-            total[:, lo + d : hi] += t[:, lo : hi - d]
-            total[:, lo : hi - d] += t[:, lo + d : hi]
-    return total
+    group's edge, as in the paper's sum bounds).
+
+    The channels are zero-padded once and `size` shifted views of the padded tensor are added,
+    along whichever axis holds the channels in memory (the innermost one in channels_last), so
+    every add streams through contiguous memory and the result keeps the input's memory format.
+    The views are added in the same order whatever `groups` is, so the towers run separately and
+    fused as one grouped network get bitwise the same sums."""
+    cl = _channels_last(t)
+    grouped = (t.movedim(1, -1) if cl else t).unflatten(-1 if cl else 1, (groups, -1))
+    axis = grouped.dim() - 1 if cl else 2  # the channel axis within a group
+    half = size // 2
+    padded = F.pad(grouped, (0, 0) * (grouped.dim() - 1 - axis) + (half, half))
+    width = grouped.shape[axis]
+    total = padded.narrow(axis, 0, width) + padded.narrow(axis, 1, width)
+    for d in range(2, size):
+        total += padded.narrow(axis, d, width)
+    total = total.flatten(axis - 1, axis)
+    return total.movedim(-1, 1) if cl else total
+
+
+def _pow_neg(s: Tensor, beta: float) -> Tensor:
+    """s ** -beta; for the paper's beta = 0.75 as rsqrt(s * sqrt(s)), two cheap vector ops instead
+    of pow's exp/log (the same value to float rounding)."""
+    if beta == 0.75:
+        return s.sqrt().mul_(s).rsqrt_()
+    return s.pow(-beta)
 
 
 def _lrn_scale(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> tuple[Tensor, Tensor]:
     """s = k + alpha * (window sum of x^2), and s^-beta."""
     s = _window_sum(x * x, size, groups).mul_(alpha).add_(k)
-    return s, s.pow(-beta)
+    return s, _pow_neg(s, beta)
 
 
 class _LRNFunction(torch.autograd.Function):

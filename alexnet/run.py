@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from alexnet.config import Config
+from alexnet.hostmem import apply_host_memory
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan, set_determinism
@@ -24,6 +25,7 @@ def init_logging(rank: int) -> None:
 
 def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
     init_logging(int(os.environ.get("RANK", "0")))
+    apply_host_memory(cfg.train.host_memory)  # before the first big tensor, and before loaders fork
     env = init_distributed(cfg.parallel.timeout_s)
     try:
         set_determinism(cfg.train.deterministic)

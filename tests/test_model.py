@@ -133,10 +133,12 @@ def test_initial_loss_is_about_log_num_classes():
     assert 6.9 < loss < 8.0
 
 
-def test_lrn_is_the_papers_formula_with_the_right_gradient():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lrn_is_the_papers_formula_with_the_right_gradient(memory_format):
     from alexnet.layers import LocalResponseNorm
 
-    x = (torch.randn(2, 10, 5, 5, dtype=torch.float64) * 40).requires_grad_()
+    x = (torch.randn(2, 10, 5, 5, dtype=torch.float64) * 40).contiguous(memory_format=memory_format)
+    x.requires_grad_()
     ours = LocalResponseNorm(5, 1e-4, 0.75, 2.0)
     # torch divides alpha by n: alpha * n there is the paper's alpha here
     reference = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
@@ -149,6 +151,11 @@ def test_lrn_is_the_papers_formula_with_the_right_gradient():
     # groups: the window stops at each group's edge (each tower normalizes its own kernels)
     halves = torch.cat([reference(x[:, :5]), reference(x[:, 5:])], 1)
     torch.testing.assert_close(ours(x, 2), halves)
+    # the output and the input gradient keep the input's memory format (no hidden layout copies)
+    assert ours(x, 2).is_contiguous(memory_format=memory_format)
+    assert torch.autograd.grad(ours(x, 2), x, g.contiguous(memory_format=memory_format))[0].is_contiguous(
+        memory_format=memory_format
+    )
 
 
 def test_fused_single_device_path_equals_the_written_out_towers():

@@ -1,0 +1,46 @@
+"""How the training process's host (CPU) memory allocator treats big tensors.
+
+glibc's malloc serves every request above its mmap threshold (32 MiB at most on 64-bit Linux)
+with a fresh `mmap` and gives it back to the kernel on `free`. A CPU training step allocates and
+frees dozens of such tensors every step (the paper model's conv1 activation alone is 37 MB at
+batch 32), so every step touches brand-new pages and pays a page fault plus a kernel zero-fill per
+4 KiB of each of them. PyTorch's CPU performance guide recommends preloading jemalloc or tcmalloc
+for this reason; glibc does the same once told to keep freed memory in the process heap
+(`mallopt`), which needs no extra library and no `LD_PRELOAD`.
+
+The cost of "retain": the process keeps its peak heap size after a peak instead of returning it
+to the kernel. A training process reaches its working set in the first steps and stays there, so
+that is the right trade; `train.host_memory=system` restores glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+from typing import Literal
+
+HostMemory = Literal["retain", "system"]
+
+# glibc's <malloc.h> parameter numbers.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+# Free memory at the top of the heap beyond this (2 GiB) goes back to the kernel.
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
+
+
+def apply_host_memory(policy: HostMemory) -> bool:
+    """Apply `policy` to this process (and to processes forked from it later). True when the
+    allocator was changed; False for "system" and where the C library is not glibc."""
+    if policy == "system":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        logging.getLogger("alexnet").info("train.host_memory=retain: not glibc, the allocator is left as it is")
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # mallopt returns 1 on success, 0 on error.
+    applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    if not applied:
+        logging.getLogger("alexnet").warning("train.host_memory=retain: glibc refused mallopt; defaults kept")
+    return applied
