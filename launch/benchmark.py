@@ -84,6 +84,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--graph-only", action="store_true",
         help="also time the DALI loaders' own graphs run by themselves (no hand-over to torch)",
     )  # fmt: skip
+    pipe.add_argument(
+        "--stages", action="store_true",
+        help="also time the DALI training graph cut after the crop window's decode and after its resize",
+    )  # fmt: skip
     pipe.add_argument("--cpu", action="store_true", help="deliver batches to the CPU even where CUDA exists")
     pipe.add_argument("--nchw", action="store_true", help="NCHW batches instead of the trainer's channels_last")
     _common(pipe)
@@ -156,7 +160,7 @@ def cmd_pipeline(args: argparse.Namespace) -> Report:
         data=_data_root(args), batch_size=args.batch_size, threads=_threads(args), prefetch=args.prefetch,
         resize=args.resize, crop=args.crop, batches=args.batches, min_window_s=args.min_window,
         schedule=Schedule(args.warmup, args.windows), pipelines=args.pipelines, ceilings=not args.no_ceiling,
-        graph_only=args.graph_only, channels_last=not args.nchw,
+        graph_only=args.graph_only, stages=args.stages, channels_last=not args.nchw,
     )  # fmt: skip
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
     report = run_pipeline_bench(settings, device)

@@ -48,9 +48,7 @@ def image_graph(
         stick_to_shard=not training,
         name=READER_NAME,
     )
-    decode: dict[str, Any] = {"device": decoder, "output_type": types.RGB}
-    if decoder == "mixed":
-        decode["hw_decoder_load"] = hw_decoder_load
+    decode = decoder_args(decoder, hw_decoder_load)
     normalize: dict[str, Any] = {
         "dtype": types.FLOAT,
         "output_layout": layout,
@@ -62,7 +60,7 @@ def image_graph(
         images = fn.decoders.image_random_crop(
             jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10, **decode
         )
-        images = fn.resize(images, resize_x=image.crop, resize_y=image.crop)
+        images = resize_patch(images, image)
         images = fn.crop_mirror_normalize(
             images, mirror=fn.random.coin_flip(probability=0.5), **with_lighting(normalize, lighting)
         )
@@ -79,10 +77,23 @@ def image_graph(
     return images, label
 
 
+def decoder_args(decoder: DecoderDevice, hw_decoder_load: float) -> dict[str, Any]:
+    """The decoder operator's arguments: RGB output, and the hardware decoder's share on GPUs."""
+    decode: dict[str, Any] = {"device": decoder, "output_type": types.RGB}
+    if decoder == "mixed":
+        decode["hw_decoder_load"] = hw_decoder_load
+    return decode
+
+
 def paper_random_crop(jpegs, image: ImageSpec, decode: dict[str, Any]):
     """Sections 2 and 4.1: shorter side scaled to `resize`, the central resize x resize square,
     a random crop x crop patch of it; done in the original image's coordinates, so that only the
-    patch is decoded (libjpeg-turbo and nvJPEG skip the rest) and only the patch is resized.
+    patch is decoded (libjpeg-turbo and nvJPEG skip the rest) and only the patch is resized."""
+    return resize_patch(decode_paper_window(jpegs, image, decode), image)
+
+
+def decode_paper_window(jpegs, image: ImageSpec, decode: dict[str, Any]):
+    """The random patch of `paper_random_crop`, decoded at the original resolution.
 
     The patch spans side * crop / resize original pixels (side = the shorter side) and is scaled
     by resize / side, as the resize-then-crop order would; the two orders differ only in how the
@@ -93,7 +104,7 @@ def paper_random_crop(jpegs, image: ImageSpec, decode: dict[str, Any]):
     window = side * (image.crop / image.resize)
     x0 = (width - side) * 0.5 + fn.random.uniform(range=(0.0, 1.0)) * (side - window)
     y0 = (height - side) * 0.5 + fn.random.uniform(range=(0.0, 1.0)) * (side - window)
-    patch = fn.decoders.image_slice(
+    return fn.decoders.image_slice(
         jpegs,
         fn.stack(y0, x0),
         fn.stack(window, window),
@@ -102,6 +113,10 @@ def paper_random_crop(jpegs, image: ImageSpec, decode: dict[str, Any]):
         normalized_shape=False,
         **decode,
     )
+
+
+def resize_patch(patch, image: ImageSpec):
+    """The decoded patch scaled to the network's crop x crop input."""
     return fn.resize(patch, resize_x=image.crop, resize_y=image.crop)
 
 

@@ -236,16 +236,19 @@ def test_imagenet_like_files_layout_determinism_and_size(tmp_path):
 def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     argv = ["pipeline", "--data", str(tiny_data), "--batch-size", "4", "--threads", "1", "--prefetch", "1",
             "--resize", "40", "--crop", "32", "--batches", "2", "--min-window", "0", "--windows", "2",
-            "--warmup", "1", "--cpu", "--out", str(tmp_path), "--plot"]  # fmt: skip
+            "--warmup", "1", "--cpu", "--stages", "--out", str(tmp_path), "--plot"]  # fmt: skip
     assert benchmark.main(argv) == 0
     data = output.load_report(tmp_path / "pipeline.json")
     names = [r["name"] for r in data["results"]]
-    assert names == ["dali-cpu", "torchvision", "decode-only/dali-cpu", "decode-only/pil"]
+    stages = ["stage/dali-cpu/window-decode", "stage/dali-cpu/window-decode+resize"]
+    assert names == ["dali-cpu", "torchvision", *stages, "decode-only/dali-cpu", "decode-only/pil"]
     by_name = {r["name"]: r for r in data["results"]}
     assert all(r["windows"] == 2 and r["images_per_sec"] > 0 for r in data["results"])
-    assert by_name["dali-cpu"]["ceiling"] == "decode-only/dali-cpu" and by_name["dali-cpu"]["fraction_of_ceiling"] > 0
+    for name in ("dali-cpu", *stages):  # each held against DALI's own decode-only ceiling
+        assert by_name[name]["ceiling"] == "decode-only/dali-cpu" and by_name[name]["fraction_of_ceiling"] > 0
     assert set(data["summary"]) == {"dali-cpu/torchvision", "dali-cpu/decode-only/dali-cpu",
-                                    "torchvision/decode-only/pil"}  # fmt: skip
+                                    "torchvision/decode-only/pil",
+                                    *(f"{n}/decode-only/dali-cpu" for n in stages)}  # fmt: skip
     assert data["settings"]["files"]["files"] == 120 and data["environment"]["world_size"] == 1
     assert (tmp_path / "pipeline.csv").exists() and (tmp_path / "pipeline.png").exists()
     assert "dali-cpu" in capsys.readouterr().out

@@ -43,6 +43,19 @@ CEILINGS = tuple(CEILING_OF.values())
 # Diagnostics (opt-in): the loader's own DALI graph run by itself, its outputs left in DALI, so
 # that the loader's hand-over to torch and the graph's work beyond decoding can be told apart.
 GRAPH_OF = {"dali-mixed": "graph-only/dali-mixed", "dali-cpu": "graph-only/dali-cpu"}
+# Diagnostics (opt-in): the training graph cut after each of its costly stages, so that each
+# stage's cost is the difference between neighbours: the ceiling (full decode), the paper crop's
+# window decoded alone, the window decoded and resized, the whole graph (graph-only).
+STAGES = ("window-decode", "window-decode+resize")
+STAGES_OF = {loader: tuple(f"stage/{loader}/{stage}" for stage in STAGES) for loader in GRAPH_OF}
+
+
+def ceiling_of(name: str) -> str | None:
+    """The decode-only ceiling a loader, or one of its diagnostics, is held against."""
+    for loader, ceiling in CEILING_OF.items():
+        if name == loader or name == GRAPH_OF.get(loader) or name in STAGES_OF.get(loader, ()):
+            return ceiling
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class PipelineSettings:
     pipelines: tuple[str, ...] = ()  # () = all that this machine can run
     ceilings: bool = True
     graph_only: bool = False  # add the graph-only diagnostics
+    stages: bool = False  # add the stage diagnostics
     hw_decoder_load: float = 0.65
     seed: int = 0
     channels_last: bool = True  # what the trainer asks for by default (HWC out of DALI, no transpose)
@@ -74,18 +88,20 @@ class PipelineSettings:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
-def available_pipelines(cuda: bool, ceilings: bool, graph_only: bool = False) -> tuple[str, ...]:
+def available_pipelines(cuda: bool, ceilings: bool, graph_only: bool = False, stages: bool = False) -> tuple[str, ...]:
     loaders = [n for n in LOADERS if cuda or n != "dali-mixed"]
     names = list(loaders)
     if graph_only:
         names += [GRAPH_OF[n] for n in loaders if n in GRAPH_OF]
+    if stages:
+        names += [stage for n in loaders for stage in STAGES_OF.get(n, ())]
     if ceilings:
         names += [CEILING_OF[n] for n in loaders]
     return tuple(names)
 
 
 def check_pipelines(requested: tuple[str, ...], cuda: bool) -> None:
-    known = (*LOADERS, *GRAPH_OF.values(), *CEILINGS)
+    known = (*LOADERS, *GRAPH_OF.values(), *(n for names in STAGES_OF.values() for n in names), *CEILINGS)
     for name in requested:
         if name not in known:
             raise ValueError(f"--pipelines: unknown pipeline {name!r} (choose from {', '.join(known)})")
@@ -203,14 +219,24 @@ def _graph_batches(loader) -> Iterator[int]:
         yield len(images)
 
 
-def _dali_decode_batches(index: FileIndex, s: PipelineSettings, decoder: str, device: torch.device) -> Iterator[int]:
-    from nvidia.dali import fn, pipeline_def, types
+def _dali_decode_batches(
+    index: FileIndex, s: PipelineSettings, decoder: str, device: torch.device, stage: str | None = None
+) -> Iterator[int]:
+    """The decode-only ceiling (`stage` None), or the training graph cut after `stage`."""
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.dali import decode_paper_window, decoder_args, resize_patch
+
+    decode = decoder_args(decoder, s.hw_decoder_load)  # type: ignore[arg-type]
+    image = _image_spec(s)
 
     @pipeline_def
     def decode_graph():
         jpegs, _ = fn.readers.file(files=index.files, shuffle_after_epoch=True)
-        extra = {"hw_decoder_load": s.hw_decoder_load} if decoder == "mixed" else {}
-        return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **extra)
+        if stage is None:
+            return fn.decoders.image(jpegs, **decode)
+        window = decode_paper_window(jpegs, image, decode)
+        return resize_patch(window, image) if stage == "window-decode+resize" else window
 
     pipe = decode_graph(
         batch_size=s.batch_size,
@@ -225,10 +251,17 @@ def _dali_decode_batches(index: FileIndex, s: PipelineSettings, decoder: str, de
         yield len(images)
 
 
+def _image_spec(s: PipelineSettings) -> ImageSpec:
+    return ImageSpec(s.crop, s.resize, "paper", tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))  # type: ignore[arg-type]
+
+
 def _batches_of(name: str, index: FileIndex, s: PipelineSettings, device: torch.device) -> tuple[Iterator[int], int]:
     """The stream of batch sizes of one pipeline, and how many batches its prefetch holds ready."""
-    image = ImageSpec(s.crop, s.resize, "paper", tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))  # type: ignore[arg-type]
+    image = _image_spec(s)
     shard = ShardSpec(0, 1, s.batch_size, s.seed)
+    if name.startswith("stage/"):
+        _, loader, stage = name.split("/")
+        return _dali_decode_batches(index, s, loader.rsplit("-", 1)[1], device, stage), s.prefetch
     if name in ("dali-mixed", "dali-cpu", *GRAPH_OF.values()):
         from pipelines.dali import DaliLoader
 
@@ -288,14 +321,13 @@ def compare(timed: dict[str, list[Window]]) -> dict[str, Any]:
     for dali in ("dali-mixed", "dali-cpu"):
         if dali in timed and "torchvision" in timed:
             summary[f"{dali}/torchvision"] = paired_ratio(timed[dali], timed["torchvision"]).as_dict()
-    for loader, ceiling in CEILING_OF.items():
-        if loader in timed and ceiling in timed:
-            summary[f"{loader}/{ceiling}"] = paired_ratio(timed[loader], timed[ceiling]).as_dict()
+    for name in timed:
+        ceiling = ceiling_of(name)
+        if ceiling in timed:
+            summary[f"{name}/{ceiling}"] = paired_ratio(timed[name], timed[ceiling]).as_dict()
     for loader, graph in GRAPH_OF.items():
         if loader in timed and graph in timed:
             summary[f"{loader}/{graph}"] = paired_ratio(timed[loader], timed[graph]).as_dict()
-        if graph in timed and CEILING_OF[loader] in timed:
-            summary[f"{graph}/{CEILING_OF[loader]}"] = paired_ratio(timed[graph], timed[CEILING_OF[loader]]).as_dict()
     return summary
 
 
@@ -311,7 +343,7 @@ TABLE = [
 
 def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     cuda = device.type == "cuda"
-    names = s.pipelines or available_pipelines(cuda, s.ceilings, s.graph_only)
+    names = s.pipelines or available_pipelines(cuda, s.ceilings, s.graph_only, s.stages)
     check_pipelines(names, cuda)
     index = build_file_index(resolve_split_dir(s.data))
     files = describe_files(index)
@@ -327,7 +359,7 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     summary = compare(timed)
     results = [_result(name, windows, s) for name, windows in timed.items()]
     for r in results:
-        ceiling = CEILING_OF.get(r["name"])
+        ceiling = ceiling_of(r["name"])
         if ceiling and f"{r['name']}/{ceiling}" in summary:
             r["ceiling"] = ceiling
             r["fraction_of_ceiling"] = summary[f"{r['name']}/{ceiling}"]["median"]
