@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from alexnet.hostmem import HostMemory
 from alexnet.model import min_input_size
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -85,7 +86,7 @@ class TrainConfig:
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0 = no limit
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where supported on GPU
     channels_last: bool = True  # NHWC activations: faster for cuDNN and oneDNN (CPU) convolutions alike
-    host_memory: Literal["retain", "system"] = "retain"  # retain: freed CPU tensors stay in the heap (hostmem.py)
+    host_memory: HostMemory = "retain"  # retain: freed CPU tensors stay in the heap (hostmem.py)
     seed: int = 0
     log_every: int = 50  # steps between progress lines and train metrics
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)

@@ -11,13 +11,16 @@ for this reason; glibc does the same once told to keep freed memory in the proce
 The cost of "retain": the process keeps its peak heap size after a peak instead of returning it
 to the kernel. A training process reaches its working set in the first steps and stays there, so
 that is the right trade; `train.host_memory=system` restores glibc's defaults.
+
+The setting lives in the process's C library state: processes forked later (DataLoader workers
+under the default "fork" start method) inherit it, spawned ones start with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+import os
 import platform
 from typing import Literal
 
@@ -32,15 +35,21 @@ _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 
 def apply_host_memory(policy: HostMemory) -> bool:
     """Apply `policy` to this process (and to processes forked from it later). True when the
-    allocator was changed; False for "system" and where the C library is not glibc."""
+    allocator was changed; False for "system", where the C library is not glibc, and where another
+    allocator is preloaded."""
+    log = logging.getLogger("alexnet")
     if policy == "system":
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        logging.getLogger("alexnet").info("train.host_memory=retain: not glibc, the allocator is left as it is")
+        log.info("train.host_memory=retain: not glibc, the allocator is left as it is")
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if any(name in preloaded for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        log.info("train.host_memory=retain: %s is preloaded and already keeps freed memory", preloaded)
+        return False
+    libc = ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux architecture it supports
     # mallopt returns 1 on success, 0 on error.
     applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     if not applied:
-        logging.getLogger("alexnet").warning("train.host_memory=retain: glibc refused mallopt; defaults kept")
+        log.warning("train.host_memory=retain: glibc refused mallopt; defaults kept")
     return applied

@@ -93,8 +93,10 @@ class CounterDropout(nn.Module):
         return f"p={self.p}, stream={self.stream}"
 
 
-def _channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+def _channels_innermost(t: Tensor) -> bool:
+    """Whether the channels of an NCHW-shaped tensor are its innermost axis in memory (channels_last,
+    also after slicing channels)."""
+    return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
 
 
 def _window_sum(t: Tensor, size: int, groups: int) -> Tensor:
@@ -106,7 +108,9 @@ def _window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     every add streams through contiguous memory and the result keeps the input's memory format.
     The views are added in the same order whatever `groups` is, so the towers run separately and
     fused as one grouped network get bitwise the same sums."""
-    cl = _channels_last(t)
+    if size == 1:
+        return t.clone()
+    cl = _channels_innermost(t)
     grouped = (t.movedim(1, -1) if cl else t).unflatten(-1 if cl else 1, (groups, -1))
     axis = grouped.dim() - 1 if cl else 2  # the channel axis within a group
     half = size // 2
@@ -163,6 +167,9 @@ class LocalResponseNorm(nn.Module):
 
     def __init__(self, size: int, alpha: float, beta: float, k: float) -> None:
         super().__init__()
+        if size < 1 or size % 2 == 0:
+            # the window is centred on its channel (and backward relies on that symmetry)
+            raise ValueError(f"LRN size must be odd and at least 1, got {size}")
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:

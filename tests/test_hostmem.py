@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-# A step-like loop: two 40 MiB tensors allocated and freed per iteration (above glibc's mmap
-# threshold, as a batch-32 conv1 activation is). Minor page faults are counted by the kernel, so
-# the figure is exact, not a timing.
+# A step-like loop of 40 MiB tensors, above glibc's mmap threshold as a batch-32 conv1 activation
+# is: `x`, the temporary `x * 2` and `y` are allocated and freed in every iteration. Minor page
+# faults are counted by the kernel, so the figure is exact, not a timing.
 LOOP = """
 import json, resource, sys, torch
 from alexnet.hostmem import apply_host_memory
 applied = apply_host_memory(sys.argv[1])
 faults = []
-for _ in range(8):
+for _ in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(10 * 2**20)
     y = x * 2 + 1
@@ -26,22 +28,31 @@ for _ in range(8):
 print(json.dumps({"applied": applied, "faults": faults}))
 """
 
-PAGES_PER_ITERATION = 2 * 40 * 2**20 // 4096  # two 40 MiB tensors in 4 KiB pages
+PAGES_PER_ITERATION = 3 * 40 * 2**20 // 4096  # three 40 MiB tensors in 4 KiB pages
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _loop(policy: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", LOOP, policy], check=True, capture_output=True, text=True)
+    # the allocator's own environment knobs would override or pre-empt the policy under test
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", LOOP, policy], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy is glibc's mallopt")
+@pytest.mark.skipif(
+    THP.exists() and "[always]" in THP.read_text(), reason="huge pages by default: faults count 2 MiB pages"
+)
 def test_retain_reuses_warm_pages_and_system_keeps_glibc_defaults():
     system, retain = _loop("system"), _loop("retain")
     assert system["applied"] is False and retain["applied"] is True
-    # glibc's default: every iteration maps fresh pages for both tensors
-    assert min(system["faults"][-3:]) > 0.9 * PAGES_PER_ITERATION
-    # retained: once the heap has grown to the working set, the loop touches no new page
-    assert max(retain["faults"][-3:]) < 0.01 * PAGES_PER_ITERATION
+    # glibc's default: every iteration maps fresh pages for all three tensors
+    assert min(system["faults"][-16:]) > 0.9 * PAGES_PER_ITERATION
+    # retained: the heap grows for a few iterations to a bounded working set (an aligned
+    # allocation does not always fit the hole a freed one left, so it still grows by a tensor now
+    # and then), after which the loop faults in less than a tenth of the pages
+    assert sum(retain["faults"]) < 8 * PAGES_PER_ITERATION
+    assert sum(retain["faults"][-16:]) < 0.1 * sum(system["faults"][-16:])
 
 
 def test_unknown_policy_is_a_config_error():

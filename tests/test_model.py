@@ -158,6 +158,22 @@ def test_lrn_is_the_papers_formula_with_the_right_gradient(memory_format):
     )
 
 
+def test_lrn_window_sizes_and_sliced_channels_last_input():
+    from alexnet.layers import LocalResponseNorm
+
+    reference = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    x = (torch.randn(2, 10, 4, 4, dtype=torch.float64) * 40).contiguous(memory_format=torch.channels_last)
+    sliced = x[:, :6]  # channels_last, but contiguous in neither format
+    out = LocalResponseNorm(5, 1e-4, 0.75, 2.0)(sliced)
+    torch.testing.assert_close(out, reference(sliced))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # size 1: each channel normalised by itself alone
+    torch.testing.assert_close(LocalResponseNorm(1, 1e-4, 0.75, 2.0)(x), x / (2 + 1e-4 * x * x) ** 0.75)
+    for size in (0, 4):  # the window must be centred on its channel
+        with pytest.raises(ValueError, match="odd"):
+            LocalResponseNorm(size, 1e-4, 0.75, 2.0)
+
+
 def test_fused_single_device_path_equals_the_written_out_towers():
     torch.manual_seed(0)
     model = PaperAlexNet(10, input_size=99)

@@ -223,6 +223,8 @@ def _dali_decode_batches(
     index: FileIndex, s: PipelineSettings, decoder: str, device: torch.device, stage: str | None = None
 ) -> Iterator[int]:
     """The decode-only ceiling (`stage` None), or the training graph cut after `stage`."""
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"unknown pipeline stage {stage!r} (choose from {', '.join(STAGES)})")
     from nvidia.dali import fn, pipeline_def
 
     from pipelines.dali import decode_paper_window, decoder_args, resize_patch
