@@ -93,7 +93,7 @@ class CounterDropout(nn.Module):
         return f"p={self.p}, stream={self.stream}"
 
 
-def _channels_innermost(t: Tensor) -> bool:
+def channels_innermost(t: Tensor) -> bool:
     """Whether the channels of an NCHW-shaped tensor are its innermost axis in memory (channels_last,
     also after slicing channels)."""
     return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
@@ -110,7 +110,7 @@ def _window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     fused as one grouped network get bitwise the same sums."""
     if size == 1:
         return t.clone()
-    cl = _channels_innermost(t)
+    cl = channels_innermost(t)
     grouped = (t.movedim(1, -1) if cl else t).unflatten(-1 if cl else 1, (groups, -1))
     axis = grouped.dim() - 1 if cl else 2  # the channel axis within a group
     half = size // 2

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
+from alexnet.config import OptimConfig
 from alexnet.engine import build_amp, train_step
 from alexnet.layers import DropoutContext
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
-from alexnet.config import OptimConfig
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader
 from pipelines.index import build_file_index

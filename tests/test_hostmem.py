@@ -34,7 +34,8 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def _loop(policy: str) -> dict:
     # the allocator's own environment knobs would override or pre-empt the policy under test
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    knobs = ("GLIBC_TUNABLES", "LD_PRELOAD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in knobs}
     out = subprocess.run([sys.executable, "-c", LOOP, policy], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

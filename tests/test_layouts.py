@@ -5,8 +5,8 @@ import math
 import sys
 
 import pytest
-
 from _helpers import REPO, check, torchrun
+
 from alexnet.model import build_model
 from alexnet.parallel.mesh import LayoutError, plan_mesh
 

@@ -1,8 +1,8 @@
 """launch/train.py under towers and dp: checkpoints move between layouts."""
 import pytest
 import torch
-
 from _helpers import TINY_TRAIN, TRAIN, check, torchrun
+
 from alexnet.model import build_model
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,6 @@ from alexnet.checkpoint import atomic_save, load_checkpoint
 from alexnet.metrics import read_metrics
 
 
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data):
     return reference_weights(tmp_path_factory.getbasetemp(), tiny_data)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from alexnet.layers import channels_innermost
+
 
 def allreduce_sent(nbytes: int, world: int) -> int:
     return 2 * nbytes * (world - 1) // world
@@ -74,8 +76,7 @@ def _dense(x: Tensor) -> Tensor:
     """x as a dense tensor in its own memory format: channels_last activations stay
     channels_last, so the layers after an exchange run with the same kernels (and the same
     tie-breaking in max-pooling's gradient) as on one device."""
-    channels_last = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return x.contiguous(memory_format=torch.channels_last if channels_innermost(x) else torch.contiguous_format)
 
 
 def _pad_to(x: Tensor, dim: int, size: int) -> Tensor:

@@ -172,7 +172,9 @@ class HybridLayout(Layout):
         return sync_fc_grads
 
 
-def apply_hybrid(model: nn.Module, mesh: Mesh, counter: CommCounter | None = None) -> tuple[HybridAlexNet, HybridLayout]:
+def apply_hybrid(
+    model: nn.Module, mesh: Mesh, counter: CommCounter | None = None
+) -> tuple[HybridAlexNet, HybridLayout]:
     """Split `model`'s FC layers over the FC group (the model is changed in place and becomes the
     trunk of the returned module)."""
     pieces = head_pieces(model)
