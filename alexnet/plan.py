@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from alexnet.config import Config
 from alexnet.optim import scaled_lr
 from alexnet.parallel.env import DistEnv
@@ -45,11 +43,3 @@ def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -
     if decoder == "mixed" and not on_cuda:
         raise ValueError("config key 'data.decoder' is 'mixed' but no CUDA device is in use")
     return RunPlan(run_dir, global_batch, scaled_lr(cfg.optim, global_batch), channels_last, decoder)
-
-
-def set_determinism(enabled: bool) -> None:
-    if enabled:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True

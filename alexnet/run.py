@@ -7,10 +7,10 @@ import os
 from typing import Any
 
 from alexnet.config import Config
-from alexnet.hostmem import apply_host_memory
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
-from alexnet.plan import build_plan, set_determinism
+from alexnet.plan import build_plan
+from alexnet.process import apply_process_settings
 from alexnet.trainer import Trainer
 
 
@@ -25,10 +25,9 @@ def init_logging(rank: int) -> None:
 
 def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
     init_logging(int(os.environ.get("RANK", "0")))
-    apply_host_memory(cfg.train.host_memory)  # before the first big tensor, and before loaders fork
+    apply_process_settings(cfg.train)
     env = init_distributed(cfg.parallel.timeout_s)
     try:
-        set_determinism(cfg.train.deterministic)
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
         plan = build_plan(cfg, env, mesh, config_path)
         return Trainer(cfg, env, mesh, plan).fit()

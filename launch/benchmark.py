@@ -175,10 +175,10 @@ def _config(args: argparse.Namespace, extra: list[str]):
 def _run_distributed(cfg, run: Callable[[Any], Report | None]) -> Report | None:
     """`run(env)` inside the process group torchrun (or one process) describes; rank 0 prints."""
     from alexnet.bench.step_bench import TABLE
-    from alexnet.hostmem import apply_host_memory
     from alexnet.parallel.env import init_distributed, shutdown_distributed
+    from alexnet.process import apply_process_settings
 
-    apply_host_memory(cfg.train.host_memory)  # as the trainer does: the figures are the trainer's
+    apply_process_settings(cfg.train)  # as the trainer does: the figures are the trainer's
     env = init_distributed(cfg.parallel.timeout_s)
     try:
         report = run(env)

@@ -21,7 +21,7 @@ out=${1:-${OUT:-$work}}
 rm -rf "$work"/pipeline "$work"/e2e_bf16 "$work"/e2e_fp16 "$work"/step  # never merge a stale report
 mkdir -p "$out" "$work"
 : >"$out/gpu_check.log"
-export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 py=python3
 started=$(date +%s)
 log() { echo "[gpu_check +$(($(date +%s) - started))s] $*" | tee -a "$out/gpu_check.log"; }
@@ -69,9 +69,12 @@ status=()
 run_step() {  # run_step NAME SECONDS COMMAND... : records NAME=ok|failed(rc)
   local name=$1 limit=$2
   shift 2
+  local t0=$(date +%s)
   log "$name: $*"
-  timeout "$limit" "$@" 2>&1 | tee -a "$out/gpu_check.log"
+  # SIGABRT at the limit: with PYTHONFAULTHANDLER set, a step that hangs prints every thread's stack.
+  timeout -s ABRT -k 10 "$limit" "$@" 2>&1 | tee -a "$out/gpu_check.log"
   local rc=${PIPESTATUS[0]}
+  log "$name: exit $rc after $(($(date +%s) - t0)) s (limit $limit s)"
   if [ "$rc" = 0 ]; then
     status+=("$name=ok")
   elif [ "$name" = gpu_tests ] && [ "$rc" = 5 ]; then
@@ -89,7 +92,7 @@ sizes=(data.batch_size="$batch" data.crop="$crop" data.resize="$resize" data.num
 if [ "$gpu" = 1 ]; then
   run_step gpu_tests 75 $py -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
 fi
-run_step pipeline 100 $py "${bench[@]}" pipeline "${data[@]}" --batch-size "$batch" --threads "$threads" \
+run_step pipeline 150 $py "${bench[@]}" pipeline "${data[@]}" --batch-size "$batch" --threads "$threads" \
   --crop "$crop" --resize "$resize" --graph-only --windows 3 --batches 6 --out "$work/pipeline"
 run_step e2e_bf16 75 $py "${bench[@]}" e2e "${data[@]}" --windows 3 --steps "$steps" --out "$work/e2e_bf16" \
   "${sizes[@]}" train.amp=bf16

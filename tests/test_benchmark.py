@@ -286,6 +286,8 @@ def test_step_command_two_ranks_every_layout(tmp_path):
     by_name = {r["name"]: r for r in data["results"]}
     assert list(by_name) == ["dp/paper", "towers/paper", "hybrid/paper", "dp/torchvision.models.alexnet"]
     assert data["environment"]["world_size"] == 2
+    # the trainer's process settings (cuDNN's autotuner on unless train.deterministic)
+    assert data["environment"]["cudnn_benchmark"] is True and data["environment"]["deterministic"] is False
     assert by_name["dp/paper"]["global_batch"] == 4 and by_name["towers/paper"]["global_batch"] == 2
     assert by_name["dp/paper"]["comm_mb_per_step"]["payload"]["grad_allreduce"] > 0
     assert by_name["towers/paper"]["comm_mb_per_step"]["payload"]["activation_exchange"] > 0

@@ -174,6 +174,68 @@ def test_lrn_window_sizes_and_sliced_channels_last_input():
             LocalResponseNorm(size, 1e-4, 0.75, 2.0)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lrn_banded_window_sum_equals_the_shifted_adds(memory_format):
+    """The matrix-product window sum (what LRN uses on CUDA) against the shifted adds (the CPU's):
+    same sums, same memory format, same gradient, for each window size and grouping."""
+    from alexnet.layers import _LRNFunction, _window_sum_banded, _window_sum_shifted, build_window_band
+
+    x = (torch.randn(2, 12, 5, 4, dtype=torch.float64) * 40).contiguous(memory_format=memory_format)
+    for size in (1, 3, 5):
+        for groups in (1, 2, 3):
+            band = build_window_band(12 // groups, size, x)
+            banded = _window_sum_banded(x, band, groups)
+            torch.testing.assert_close(banded, _window_sum_shifted(x, size, groups))
+            assert banded.is_contiguous(memory_format=memory_format)
+    sliced = x.contiguous(memory_format=torch.channels_last)[:, :6]
+    torch.testing.assert_close(
+        _window_sum_banded(sliced, build_window_band(3, 5, x), 2), _window_sum_shifted(sliced, 5, 2)
+    )
+    band = build_window_band(6, 5, x)
+    small = x.detach()[:, :, :2, :2].requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0, 2, band), (small,))
+    g = torch.randn_like(x)
+    xb = x.detach().requires_grad_()
+    yb = _LRNFunction.apply(xb, 5, 1e-4, 0.75, 2.0, 2, band)
+    xs = x.detach().requires_grad_()
+    ys = _LRNFunction.apply(xs, 5, 1e-4, 0.75, 2.0, 2, None)
+    torch.testing.assert_close(yb, ys)
+    torch.testing.assert_close(torch.autograd.grad(yb, xb, g)[0], torch.autograd.grad(ys, xs, g)[0])
+
+
+def test_lrn_uses_the_band_on_cuda_only():
+    from alexnet.layers import LocalResponseNorm
+
+    lrn = LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    assert lrn.window_band(torch.zeros(1, 8, 2, 2), 2) is None
+    assert lrn.state_dict() == {}  # the band is a cache, not a weight: checkpoints stay as they were
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lrn_on_cuda_matches_the_cpu(dtype):
+    """On CUDA the LRN sums its window with a matrix product: the same values and gradient as the
+    CPU's shifted adds (to the dtype's rounding), in the input's memory format."""
+    from alexnet.layers import LocalResponseNorm
+
+    lrn = LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 96, 13, 13) * 40).contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    xc = x.clone().requires_grad_()
+    yc = lrn(xc, 2)
+    (gc,) = torch.autograd.grad(yc, xc, g)
+    xg = x.to("cuda", dtype).requires_grad_()
+    yg = lrn(xg, 2)
+    (gg,) = torch.autograd.grad(yg, xg, g.to("cuda", dtype))
+    assert lrn.window_band(xg, 2) is not None and yg.dtype == dtype
+    assert yg.is_contiguous(memory_format=torch.channels_last)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(yg.float().cpu(), yc, **tol)
+    torch.testing.assert_close(gg.float().cpu(), gc, **tol)
+
+
 def test_fused_single_device_path_equals_the_written_out_towers():
     torch.manual_seed(0)
     model = PaperAlexNet(10, input_size=99)

@@ -94,6 +94,9 @@ def collect_environment(world_size: int = 1, layout: str | list[str] = "single p
         "dali": _version("nvidia.dali"),
         "pillow": _version("PIL"),
         "torch_threads": torch.get_num_threads(),
+        # the process settings the trainer applies (alexnet/process.py): a GPU step's speed depends on them
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "world_size": world_size,
         "layout": layout,
     }
