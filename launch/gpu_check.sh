@@ -92,8 +92,10 @@ sizes=(data.batch_size="$batch" data.crop="$crop" data.resize="$resize" data.num
 if [ "$gpu" = 1 ]; then
   run_step gpu_tests 75 $py -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
 fi
+# Without --graph-only: six contenders, about 80 s on an H200 (eight took 100 s, most of it the
+# settling between turns).
 run_step pipeline 150 $py "${bench[@]}" pipeline "${data[@]}" --batch-size "$batch" --threads "$threads" \
-  --crop "$crop" --resize "$resize" --graph-only --windows 3 --batches 6 --out "$work/pipeline"
+  --crop "$crop" --resize "$resize" --windows 3 --batches 6 --out "$work/pipeline"
 run_step e2e_bf16 75 $py "${bench[@]}" e2e "${data[@]}" --windows 3 --steps "$steps" --out "$work/e2e_bf16" \
   "${sizes[@]}" train.amp=bf16
 if [ "$gpu" = 1 ]; then
