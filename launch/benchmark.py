@@ -102,6 +102,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )  # fmt: skip
     step.add_argument("--steps", type=int, default=3, help="training steps per window (default 3)")
     step.add_argument("--no-breakdown", action="store_true", help="skip the no_sync windows (no comm split)")
+    step.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS",
+        help="after timing, run STEPS steps of each contender under torch.profiler: its top operations",
+    )  # fmt: skip
     step.add_argument("overrides", nargs="*", metavar="key=value")
     _common(step)
 
@@ -195,7 +199,7 @@ def cmd_step(args: argparse.Namespace) -> Report | None:
     cfg = _config(args, ["data.pipeline=synthetic"])
     settings = StepSettings(
         modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
-        schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
+        schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown, profile=args.profile,
     )  # fmt: skip
     return _run_distributed(cfg, lambda env: run_step_bench(cfg, env, settings))
 

@@ -170,11 +170,15 @@ def test_scaling_plot_and_merge(tmp_path):
     results = [{"nproc": p, "name": "dp/paper", "images_per_sec": 90.0 * p, "baseline_per_proc": 100.0} for p in (1, 2)]
     png = output.plot_scaling(results, tmp_path / "s.png", "scaling")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    for folder in ("e2e_bf16", "e2e_fp16"):
-        output.write_json(_report("e2e"), tmp_path / folder / "e2e.json")
+    for folder, autotuned in (("e2e_bf16", False), ("e2e_fp16", True)):
+        report = _report("e2e")
+        report.environment["cudnn_benchmark"] = autotuned
+        output.write_json(report, tmp_path / folder / "e2e.json")
     merged = output.merge_reports([tmp_path / "e2e_bf16" / "e2e.json", tmp_path / "e2e_fp16" / "e2e.json"],
                                   {"gpu_tests": "ok"})  # fmt: skip
     assert {r["source"] for r in merged.results} == {"e2e_bf16/e2e", "e2e_fp16/e2e"}
+    assert merged.environment["cudnn_benchmark"] is False  # the first report's
+    assert merged.environment["differs_by_source"] == {"e2e_fp16/e2e": {"cudnn_benchmark": True}}
     assert merged.summary["checks"] == {"gpu_tests": "ok"}
     output.validate_report(merged.to_dict())
 
@@ -274,6 +278,31 @@ def test_e2e_command_one_process(tiny_data, tmp_path):
         shares = r["split_share"]
         assert sum(shares.values()) == pytest.approx(1.0)
     assert set(data["summary"]) == {"e2e/dali / synthetic", "e2e/torchvision / synthetic"}
+
+
+def test_step_profile_ranks_each_contenders_operations(tmp_path):
+    """--profile: after the timed windows, each contender's top operations by own time, per step."""
+    from alexnet.bench.step_bench import StepSettings
+
+    argv = ["step", "--compare-torchvision", "--variants", "paper", "--windows", "1", "--warmup", "0",
+            "--steps", "1", "--profile", "2", "--out", str(tmp_path),
+            "data.batch_size=2", "data.crop=67", "model.num_classes=10"]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    data = output.load_report(tmp_path / "step.json")
+    assert data["settings"]["profile_steps"] == 2
+    for result in data["results"]:
+        ops = result["profile"]
+        assert 3 <= len(ops) <= 8
+        times = [op["self_ms_per_step"] for op in ops]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+        assert 0 < sum(op["share"] for op in ops) <= 1.0 + 1e-9
+        assert all(op["calls_per_step"] > 0 for op in ops)
+        assert result["windows"] == 1  # the profiled steps are not timed
+    # a training step's own time is led by the convolutions and matrix products
+    paper_ops = {op["op"] for op in data["results"][0]["profile"]}
+    assert any("conv" in name or "mm" in name for name in paper_ops)
+    with pytest.raises(ValueError, match="--profile"):
+        StepSettings(profile=-1)
 
 
 @pytest.mark.slow

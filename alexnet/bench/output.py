@@ -231,8 +231,10 @@ def _sources(paths: Sequence[Path]) -> list[str]:
 
 def merge_reports(paths: Sequence[Path], checks: dict[str, str] | None = None) -> Report:
     """One report from several: every result tagged with the report it came from (`source`),
-    summaries and settings kept per source, the first report's environment; `checks` (name ->
-    status, e.g. of the GPU check's steps) go into the summary."""
+    summaries and settings kept per source, the first report's environment with what differs in
+    the others under `differs_by_source` (e.g. cuDNN's autotuner: on in training benchmarks, off
+    in the pipeline benchmark); `checks` (name -> status, e.g. of the GPU check's steps) go into
+    the summary."""
     loaded = [load_report(Path(p)) for p in paths]
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"checks": dict(checks or {})}
@@ -243,7 +245,13 @@ def merge_reports(paths: Sequence[Path], checks: dict[str, str] | None = None) -
         summary[source] = data["summary"]
         settings[source] = data["settings"]
         notes.extend(f"{source}: {n}" for n in data.get("notes", []))
-    return Report("merge", results, loaded[0]["environment"], settings, summary, notes)
+    environment = dict(loaded[0]["environment"])
+    differs = {
+        source: {key: value for key, value in data["environment"].items() if environment.get(key) != value}
+        for source, data in zip(_sources(paths), loaded)
+    }
+    environment["differs_by_source"] = {source: diff for source, diff in differs.items() if diff}
+    return Report("merge", results, environment, settings, summary, notes)
 
 
 def format_ratios(summary: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from alexnet.bench.envinfo import collect_environment, device_name
 from alexnet.bench.flops import count_train_flops, mfu, peak_flops, precision_of
 from alexnet.bench.output import Column, Report
+from alexnet.bench.profile import profile_steps
 from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved, summarize
 from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endless, step_split
 from alexnet.config import Config, config_to_dict
@@ -47,10 +48,13 @@ class StepSettings:
     steps: int = 3  # steps per window
     schedule: Schedule = Schedule()
     breakdown: bool = True  # also run the no_sync windows that split compute from communication
+    profile: int = 0  # steps per contender under torch.profiler after the timed windows (0: none)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.profile < 0:
+            raise ValueError(f"--profile must be 0 (off) or a number of steps, got {self.profile}")
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"--modes: unknown layout {mode!r} (choose from {', '.join(MODES)})")
@@ -220,13 +224,20 @@ def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
         infos.append(ContenderInfo(name, mode, variant, mesh.data_size, flops))
     barrier = (lambda: dist.barrier()) if env.distributed else None
     timed = run_interleaved(contenders, s.schedule, between=barrier, progress=progress_printer(env, s.schedule))
+    profiles = {c.name: profile_steps(c.run_steps, s.profile, env.device) for c in contenders} if s.profile else {}
     if not env.is_main:
         return None
     results = [train_result(info, timed[info.name], cfg, env, amp_name) for info in infos]
+    for result in results:
+        if result["name"] in profiles:
+            table, top = profiles[result["name"]]
+            print(f"profile of {result['name']}, {s.profile} steps on rank 0:\n{table}")
+            result["profile"] = top
     summary = compare_contenders(timed, infos)
     settings = {
         "modes": sorted({i.mode for i in infos}), "steps_per_window": s.steps, "warmup": s.schedule.warmup,
         "windows": s.schedule.windows, "breakdown": s.breakdown, "compare_torchvision": s.compare_torchvision,
+        "profile_steps": s.profile,
         "num_classes": num_classes, "data": "synthetic, on the device", "learning_rate": 0.0,
         "config": config_to_dict(cfg),
     }  # fmt: skip

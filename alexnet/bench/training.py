@@ -107,6 +107,10 @@ class TrainContender:
         sync(self._device)
         return time.perf_counter() - start, wait
 
+    def run_steps(self, n: int) -> None:
+        """n untimed training steps with gradient synchronisation (e.g. under a profiler)."""
+        self._run_steps(n, grad_sync=True)
+
     def run_window(self) -> Window:
         p = self.parts
         if self._lead_in:
