@@ -31,18 +31,12 @@ def profile_steps(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         run_steps(steps)
-    events = list(prof.key_averages())
-    total = sum(_self_time_us(e, on_cuda) for e in events) or 1.0
-    ranked = sorted(events, key=lambda e: _self_time_us(e, on_cuda), reverse=True)
+    ranked = sorted(((_self_time_us(e, on_cuda), e) for e in prof.key_averages()), key=lambda p: p[0], reverse=True)
+    total = sum(us for us, _ in ranked) or 1.0
     top = [
-        {
-            "op": e.key,
-            "self_ms_per_step": _self_time_us(e, on_cuda) / 1000 / steps,
-            "share": _self_time_us(e, on_cuda) / total,
-            "calls_per_step": e.count / steps,
-        }
-        for e in ranked[:TOP_OPS]
-        if _self_time_us(e, on_cuda) > 0
+        {"op": e.key, "self_ms_per_step": us / 1000 / steps, "share": us / total, "calls_per_step": e.count / steps}
+        for us, e in ranked[:TOP_OPS]
+        if us > 0
     ]
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     try:
