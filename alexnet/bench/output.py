@@ -240,17 +240,17 @@ def merge_reports(paths: Sequence[Path], checks: dict[str, str] | None = None) -
     summary: dict[str, Any] = {"checks": dict(checks or {})}
     settings: dict[str, Any] = {}
     notes: list[str] = []
+    environment = dict(loaded[0]["environment"])
+    differs: dict[str, dict[str, Any]] = {}
     for source, data in zip(_sources(paths), loaded):
         results.extend({"source": source, **r} for r in data["results"])
         summary[source] = data["summary"]
         settings[source] = data["settings"]
         notes.extend(f"{source}: {n}" for n in data.get("notes", []))
-    environment = dict(loaded[0]["environment"])
-    differs = {
-        source: {key: value for key, value in data["environment"].items() if environment.get(key) != value}
-        for source, data in zip(_sources(paths), loaded)
-    }
-    environment["differs_by_source"] = {source: diff for source, diff in differs.items() if diff}
+        diff = {key: value for key, value in data["environment"].items() if environment.get(key) != value}
+        if diff:
+            differs[source] = diff
+    environment["differs_by_source"] = differs
     return Report("merge", results, environment, settings, summary, notes)
 
 
