@@ -165,29 +165,68 @@ def _lrn_scale(
     return s, _pow_neg(s, beta)
 
 
+# Samples per LRN chunk on a CPU: as many as fit in about this many bytes per tensor, so a chunk's
+# intermediate tensors stay in the cache between the dozen element-wise passes instead of each pass
+# streaming the whole batch through memory (the conv1 LRN input is 37 MB at batch 32). Measured on a
+# 2-core EPYC (2 MiB of L2, 32 MiB of L3), forward + backward of both LRN layers, 227 px,
+# channels_last, median of 8 interleaved rounds: batch 32: 1 MiB (one sample per chunk at either
+# layer) 60 ms, 2 MiB 60, 4 MiB 71, 8 MiB 79-84, the whole batch at once 108-109 ms; batch 128:
+# 210 vs 413 ms.
+CPU_CHUNK_BYTES = 1 << 20
+
+
+def lrn_batch_chunk(x: Tensor) -> int:
+    """Samples per LRN chunk: the whole batch on a GPU (one launch per pass; the banded window sum
+    already makes one read and one write), a cache-sized slice of it on a CPU."""
+    if x.is_cuda or x.shape[0] == 0:
+        return max(x.shape[0], 1)
+    return max(1, CPU_CHUNK_BYTES // max(x[0].numel() * x.element_size(), 1))
+
+
 class _LRNFunction(torch.autograd.Function):
     """b = a * s^-beta with s = k + alpha * sum of a^2 over `size` neighbouring channels.
 
     Backward, with the window W symmetric:
         da_c = g_c s_c^-beta - 2 alpha beta a_c sum_{j in W(c)} g_j a_j s_j^(-beta-1).
     Written out with in-place steps it makes about half the memory passes of torch's
-    LocalResponseNorm (avg_pool3d on squares, differentiated op by op): LRN is memory-bound."""
+    LocalResponseNorm (avg_pool3d on squares, differentiated op by op): LRN is memory-bound.
+    Both directions run over the batch `chunk` samples at a time (see lrn_batch_chunk); every
+    element gets the same operations in the same order whatever the chunk, so the result does
+    not depend on it."""
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, band: Tensor | None
+        ctx,
+        x: Tensor,
+        size: int,
+        alpha: float,
+        beta: float,
+        k: float,
+        groups: int,
+        band: Tensor | None,
+        chunk: int,
     ) -> Tensor:
-        s, inv = _lrn_scale(x, size, alpha, beta, k, groups, band)
+        y, s, inv = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        for lo in range(0, x.shape[0], chunk):
+            part = slice(lo, lo + chunk)
+            s_part, inv_part = _lrn_scale(x[part], size, alpha, beta, k, groups, band)
+            torch.mul(x[part], inv_part, out=y[part])
+            s[part], inv[part] = s_part, inv_part
         ctx.save_for_backward(x, s, inv)
-        ctx.args = (size, alpha, beta, groups, band)
-        return x * inv
+        ctx.args = (size, alpha, beta, groups, band, chunk)
+        return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, s, inv = ctx.saved_tensors
-        size, alpha, beta, groups, band = ctx.args
-        around = _window_sum((g * x).mul_(inv).div_(s), size, groups, band)
-        return (g * inv).addcmul_(x, around, value=-2 * alpha * beta), None, None, None, None, None, None
+        size, alpha, beta, groups, band, chunk = ctx.args
+        grad = torch.empty_like(x)
+        for lo in range(0, x.shape[0], chunk):
+            part = slice(lo, lo + chunk)
+            g_part, x_part, inv_part = g[part], x[part], inv[part]
+            around = _window_sum((g_part * x_part).mul_(inv_part).div_(s[part]), size, groups, band)
+            torch.mul(g_part, inv_part, out=grad[part]).addcmul_(x_part, around, value=-2 * alpha * beta)
+        return grad, None, None, None, None, None, None, None
 
 
 class LocalResponseNorm(nn.Module):
@@ -222,7 +261,7 @@ class LocalResponseNorm(nn.Module):
             # _LRNFunction.forward in plain tensor ops, which tracing and torch.export can record
             # (a Python autograd.Function cannot be exported); the Function only serves backward.
             return x * _lrn_scale(x, self.size, self.alpha, self.beta, self.k, groups, band)[1]
-        return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k, groups, band)
+        return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k, groups, band, lrn_batch_chunk(x))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"

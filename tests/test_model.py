@@ -193,14 +193,47 @@ def test_lrn_banded_window_sum_equals_the_shifted_adds(memory_format):
     )
     band = build_window_band(6, 5, x)
     small = x.detach()[:, :, :2, :2].requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0, 2, band), (small,))
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0, 2, band, 2), (small,))
     g = torch.randn_like(x)
     xb = x.detach().requires_grad_()
-    yb = _LRNFunction.apply(xb, 5, 1e-4, 0.75, 2.0, 2, band)
+    yb = _LRNFunction.apply(xb, 5, 1e-4, 0.75, 2.0, 2, band, 2)
     xs = x.detach().requires_grad_()
-    ys = _LRNFunction.apply(xs, 5, 1e-4, 0.75, 2.0, 2, None)
+    ys = _LRNFunction.apply(xs, 5, 1e-4, 0.75, 2.0, 2, None, 1)
     torch.testing.assert_close(yb, ys)
     torch.testing.assert_close(torch.autograd.grad(yb, xb, g)[0], torch.autograd.grad(ys, xs, g)[0])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lrn_in_batch_chunks_equals_the_whole_batch(memory_format):
+    """The CPU runs the LRN a few samples at a time (cache-sized chunks): the values and the
+    gradient are bitwise those of the whole batch at once, also with an uneven last chunk."""
+    from alexnet.layers import _LRNFunction
+
+    x = (torch.randn(5, 12, 6, 5) * 40).relu_().contiguous(memory_format=memory_format)
+    g = torch.randn_like(x).contiguous(memory_format=memory_format)
+
+    def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.detach().requires_grad_()
+        y = _LRNFunction.apply(leaf, 5, 1e-4, 0.75, 2.0, 2, None, chunk)
+        return y, torch.autograd.grad(y, leaf, g)[0]
+
+    whole_y, whole_grad = run(5)
+    for chunk in (1, 2, 3, 8):
+        y, grad = run(chunk)
+        assert torch.equal(y, whole_y) and torch.equal(grad, whole_grad), chunk
+        assert y.is_contiguous(memory_format=memory_format) and grad.is_contiguous(memory_format=memory_format)
+    small = (x.double()[:3, :, :2, :2] * 1.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0, 2, None, 2), (small,))
+
+
+def test_lrn_chunk_is_cache_sized_on_a_cpu():
+    from alexnet.layers import CPU_CHUNK_BYTES, lrn_batch_chunk
+
+    conv1 = torch.zeros(32, 96, 55, 55)  # 1.16 MB per sample: more than the budget, one at a time
+    assert lrn_batch_chunk(conv1) == 1
+    small = torch.zeros(4, 8, 4, 4)  # 512 bytes per sample: the budget's worth, beyond the batch
+    assert lrn_batch_chunk(small) == CPU_CHUNK_BYTES // 512
+    assert lrn_batch_chunk(torch.zeros(0, 8, 4, 4)) == 1
 
 
 def test_lrn_uses_the_band_on_cuda_only():
