@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alexnet.optim import IMPLEMENTATION_KEYS
+
 FORMAT_VERSION = 1
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
@@ -45,7 +47,8 @@ def load_optimizer_state(
     params: dict[str, nn.Parameter],
 ) -> None:
     for group in optimizer.param_groups:
-        group.update({k: v for k, v in hyperparams.get(group["name"], {}).items() if k != "name"})
+        saved = hyperparams.get(group["name"], {})
+        group.update({k: v for k, v in saved.items() if k != "name" and k not in IMPLEMENTATION_KEYS})
     for name, buffer in momentum.items():
         p = params[name]
         optimizer.state[p] = {"momentum_buffer": buffer.to(device=p.device, dtype=p.dtype).clone()}

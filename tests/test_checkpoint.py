@@ -73,3 +73,8 @@ def test_optimizer_state_round_trips_by_name():
     assert [g["lr"] for g in twin_opt.param_groups] == [0.1, 0.1]
     for n, p in twin.named_parameters():
         assert torch.equal(twin_opt.state[p]["momentum_buffer"], momentum[n])
+    # how the update is computed is this version's choice, not the checkpoint's: a checkpoint
+    # written without the fused kernel still resumes with it
+    older = {name: {**g, "fused": None, "foreach": None} for name, g in groups.items()}
+    load_optimizer_state(twin_opt, older, momentum, dict(twin.named_parameters()))
+    assert [g["fused"] for g in twin_opt.param_groups] == [True, True]

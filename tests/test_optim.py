@@ -19,6 +19,28 @@ def test_weight_decay_on_weights_only():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def test_the_update_is_the_papers_rule_in_the_fused_kernel():
+    """Two steps of the fused SGD against section 5's rule written out (torch's form:
+    v <- 0.9 v + g + decay * w, w <- w - lr v, decay on weights only), float64."""
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=67).double()
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+    assert [g["fused"] for g in opt.param_groups] == [True, True]  # the CPU has the fused kernel
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    velocity = {n: torch.zeros_like(p) for n, p in weights.items()}
+    for _ in range(2):
+        grads = {n: torch.randn_like(p) for n, p in weights.items()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, w in weights.items():
+            decay = 5e-4 if w.ndim > 1 else 0.0
+            velocity[n] = 0.9 * velocity[n] + grads[n] + decay * w
+            weights[n] = w - 0.01 * velocity[n]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), weights[n], rtol=1e-12, atol=1e-14)
+
+
 def schedule(**kw):
     return LrSchedule(ScheduleConfig(**kw), peak_lr=1.0, steps_per_epoch=10, epochs=10)
 
