@@ -99,28 +99,23 @@ def channels_innermost(t: Tensor) -> bool:
     return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
 
 
-def _window_sum_shifted(t: Tensor, size: int, groups: int) -> Tensor:
-    """Sum over `size` neighbouring channels within each of `groups` channel groups (zeros past a
-    group's edge, as in the paper's sum bounds).
+def _window_sum_shifted(t: Tensor, size: int, groups: int, base: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """`base` plus the sum over `size` neighbouring channels within each of `groups` channel groups
+    (nothing past a group's edge, as in the paper's sum bounds), written to `out` if given.
 
-    The channels are zero-padded once and `size` shifted views of the padded tensor are added,
-    along whichever axis holds the channels in memory (the innermost one in channels_last), so
-    every add streams through contiguous memory and the result keeps the input's memory format.
-    The views are added in the same order whatever `groups` is, so the towers run separately and
-    fused as one grouped network get bitwise the same sums."""
-    if size == 1:
-        return t.clone()
-    cl = channels_innermost(t)
-    grouped = (t.movedim(1, -1) if cl else t).unflatten(-1 if cl else 1, (groups, -1))
-    axis = grouped.dim() - 1 if cl else 2  # the channel axis within a group
-    half = size // 2
-    padded = F.pad(grouped, (0, 0) * (grouped.dim() - 1 - axis) + (half, half))
-    width = grouped.shape[axis]
-    total = padded.narrow(axis, 0, width) + padded.narrow(axis, 1, width)
-    for d in range(2, size):
-        total += padded.narrow(axis, d, width)
-    total = total.flatten(axis - 1, axis)
-    return total.movedim(-1, 1) if cl else total
+    Each channel starts from `base` plus its own term, then adds its neighbours' at distance 1, 2,
+    ... (the lower one first) where they lie in its group: one in-place add of two shifted views
+    per neighbour, in the input's memory format (PyTorch runs each in memory order). The terms
+    are added in the same order whatever `groups` is, so the towers run separately and fused as
+    one grouped network get bitwise the same sums. (An earlier version added views of a
+    zero-padded copy: filling and copying that copy took a third of the CPU LRN's time.)"""
+    total = torch.add(t, base, out=out) if out is not None else t + base
+    width = t.shape[1] // groups
+    source, target = t.unflatten(1, (groups, width)), total.unflatten(1, (groups, width))
+    for d in range(1, min(size // 2, width - 1) + 1):
+        target.narrow(2, d, width - d).add_(source.narrow(2, 0, width - d))
+        target.narrow(2, 0, width - d).add_(source.narrow(2, d, width - d))
+    return total
 
 
 def build_window_band(width: int, size: int, like: Tensor) -> Tensor:
@@ -149,20 +144,31 @@ def _window_sum(t: Tensor, size: int, groups: int, band: Tensor | None) -> Tenso
     return _window_sum_shifted(t, size, groups) if band is None else _window_sum_banded(t, band, groups)
 
 
-def _pow_neg(s: Tensor, beta: float) -> Tensor:
+def _pow_neg(s: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
     """s ** -beta; for the paper's beta = 0.75 as rsqrt(s * sqrt(s)), two cheap vector ops instead
     of pow's exp/log (the same value to float rounding)."""
     if beta == 0.75:
-        return s.sqrt().mul_(s).rsqrt_()
-    return s.pow(-beta)
+        return torch.sqrt(s, out=out).mul_(s).rsqrt_()
+    return torch.pow(s, -beta, out=out)
 
 
 def _lrn_scale(
-    x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, band: Tensor | None
+    x: Tensor,
+    size: int,
+    alpha: float,
+    beta: float,
+    k: float,
+    groups: int,
+    band: Tensor | None,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """s = k + alpha * (window sum of x^2), and s^-beta."""
-    s = _window_sum(x * x, size, groups, band).mul_(alpha).add_(k)
-    return s, _pow_neg(s, beta)
+    """s = k + alpha * (window sum of x^2), and s^-beta (into `out` if given)."""
+    s_out, inv_out = out if out is not None else (None, None)
+    if band is None:
+        s = _window_sum_shifted((x * x).mul_(alpha), size, groups, base=k, out=s_out)
+    else:
+        s = torch.mul(_window_sum_banded(x * x, band, groups), alpha, out=s_out).add_(k)
+    return s, _pow_neg(s, beta, out=inv_out)
 
 
 # Samples per LRN chunk on a CPU: as many as fit in about this many bytes per tensor, so a chunk's
@@ -209,9 +215,8 @@ class _LRNFunction(torch.autograd.Function):
         y, s, inv = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         for lo in range(0, x.shape[0], chunk):
             part = slice(lo, lo + chunk)
-            s_part, inv_part = _lrn_scale(x[part], size, alpha, beta, k, groups, band)
-            torch.mul(x[part], inv_part, out=y[part])
-            s[part], inv[part] = s_part, inv_part
+            _lrn_scale(x[part], size, alpha, beta, k, groups, band, out=(s[part], inv[part]))
+            torch.mul(x[part], inv[part], out=y[part])
         ctx.save_for_backward(x, s, inv)
         ctx.args = (size, alpha, beta, groups, band, chunk)
         return y
