@@ -172,13 +172,13 @@ def _lrn_scale(
 
 
 # Samples per LRN chunk on a CPU: as many as fit in about this many bytes per tensor, so a chunk's
-# intermediate tensors stay in the cache between the dozen element-wise passes instead of each pass
+# intermediate tensors stay in the cache between the element-wise passes instead of each pass
 # streaming the whole batch through memory (the conv1 LRN input is 37 MB at batch 32). Measured on a
 # 2-core EPYC (2 MiB of L2, 32 MiB of L3), forward + backward of both LRN layers, 227 px,
-# channels_last, median of 8 interleaved rounds: batch 32: 1 MiB (one sample per chunk at either
-# layer) 60 ms, 2 MiB 60, 4 MiB 71, 8 MiB 79-84, the whole batch at once 108-109 ms; batch 128:
-# 210 vs 413 ms.
-CPU_CHUNK_BYTES = 1 << 20
+# channels_last, median of 12 interleaved rounds: batch 32: 512 KiB 50.5 ms, 1 MiB 51.5,
+# 2 MiB 49.3, 4 MiB 51.7, 8 MiB 54.9, the whole batch at once 77.4; batch 128: 187, 185, 176, 159,
+# 161 and 221 ms.
+CPU_CHUNK_BYTES = 2 << 20
 
 
 def lrn_batch_chunk(x: Tensor) -> int:

@@ -229,10 +229,10 @@ def test_lrn_in_batch_chunks_equals_the_whole_batch(memory_format):
 def test_lrn_chunk_is_cache_sized_on_a_cpu():
     from alexnet.layers import CPU_CHUNK_BYTES, lrn_batch_chunk
 
-    conv1 = torch.zeros(32, 96, 55, 55)  # 1.16 MB per sample: more than the budget, one at a time
-    assert lrn_batch_chunk(conv1) == 1
-    small = torch.zeros(4, 8, 4, 4)  # 512 bytes per sample: the budget's worth, beyond the batch
-    assert lrn_batch_chunk(small) == CPU_CHUNK_BYTES // 512
+    floats = CPU_CHUNK_BYTES // 4
+    assert lrn_batch_chunk(torch.zeros(8, floats + 1, 1, 1)) == 1  # a sample over the budget: one at a time
+    assert lrn_batch_chunk(torch.zeros(8, floats // 3, 1, 1)) == 3  # as many whole samples as fit
+    assert lrn_batch_chunk(torch.zeros(4, 8, 4, 4)) == CPU_CHUNK_BYTES // 512  # beyond the batch: one chunk
     assert lrn_batch_chunk(torch.zeros(0, 8, 4, 4)) == 1
 
 
