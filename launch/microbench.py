@@ -1,0 +1,206 @@
+"""Micro-benchmarks behind two CPU tuning choices, each an A/B interleaved in one process.
+
+  python launch/microbench.py lrn-chunks [--batch 32]
+      forward + backward of the paper model's two LRN layers for several CPU chunk budgets
+      (alexnet.layers.CPU_CHUNK_BYTES) and for the whole batch at once
+  python launch/microbench.py lrn-step --reference-layers FILE [--batch 32]
+      paper-model training steps with this checkout's LRN and with the LRN of another version's
+      alexnet/layers.py (e.g. `git show 47fe204:alexnet/layers.py > /tmp/layers_47fe204.py`)
+  python launch/microbench.py sgd-step [--batch 32]
+      training steps with the fused SGD that alexnet.optim builds and with PyTorch's default CPU
+      SGD, for the paper model and torchvision.models.alexnet
+
+Each prints the median over rounds (the order of A and B alternates every round) and, for the
+A/B commands, the median of the per-round ratios with its range. Host memory and cuDNN/oneDNN
+settings are the trainer's (alexnet.process). Times are wall-clock on whatever else the machine
+is doing: compare only figures from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from alexnet import layers
+from alexnet.config import OptimConfig, TrainConfig
+from alexnet.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PAPER_INPUT, build_model
+from alexnet.optim import build_optimizer
+from alexnet.process import apply_process_settings
+
+# The paper model's LRN inputs: conv1's ReLU (96 x 55 x 55) and conv2's (256 x 27 x 27), two towers.
+LRN_SHAPES = ((96, 55), (256, 27))
+TOWERS = 2
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def interleave(contenders: dict[str, Callable[[], None]], rounds: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each contender in each round, the order reversed every other round,
+    after one untimed call of each."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            times[name].append(timed(contenders[name], repeats))
+    return times
+
+
+def report_ab(times: dict[str, list[float]], a: str, b: str) -> None:
+    for name, values in times.items():
+        print(f"  {name:40s} {1e3 * statistics.median(values):8.1f} ms")
+    ratios = [tb / ta for ta, tb in zip(times[a], times[b])]
+    spread = f"per-round min {min(ratios):.3f}, max {max(ratios):.3f}"
+    print(f"  {a} is {statistics.median(ratios):.3f}x as fast as {b} ({spread})")
+
+
+def lrn_pass(lrn: nn.Module, inputs: list[Tensor], grads: list[Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for x, g in zip(inputs, grads):
+            leaf = x.detach().requires_grad_()
+            lrn(leaf, TOWERS).backward(g)
+
+    return run
+
+
+def lrn_chunks(batch: int, rounds: int) -> None:
+    torch.manual_seed(0)
+    shapes = [(batch, c, side, side) for c, side in LRN_SHAPES]
+    inputs = [(torch.randn(s) * 30).relu_().contiguous(memory_format=torch.channels_last) for s in shapes]
+    grads = [torch.randn_like(x) for x in inputs]
+    lrn = layers.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+    budgets = {f"{b >> 10} KiB": b for b in (1 << 19, 1 << 20, 2 << 20, 4 << 20, 8 << 20)}
+    budgets["whole batch"] = 1 << 62
+    chosen = layers.CPU_CHUNK_BYTES
+
+    def with_budget(b: int) -> Callable[[], None]:
+        run = lrn_pass(lrn, inputs, grads)
+
+        def call() -> None:
+            layers.CPU_CHUNK_BYTES = b
+            try:
+                run()
+            finally:
+                layers.CPU_CHUNK_BYTES = chosen
+
+        return call
+
+    times = interleave({name: with_budget(b) for name, b in budgets.items()}, rounds, repeats=1)
+    print(f"LRN forward + backward, both layers, batch {batch}, channels_last (chosen: {chosen >> 10} KiB)")
+    for name, values in times.items():
+        print(f"  {name:12s} {1e3 * statistics.median(values):8.1f} ms (min {1e3 * min(values):.1f})")
+
+
+def load_layers(path: Path):
+    """Another version's alexnet/layers.py as a module of its own."""
+    spec = importlib.util.spec_from_file_location("reference_layers", path)
+    if not path.is_file() or spec is None or spec.loader is None:
+        raise SystemExit(f"error: --reference-layers {path}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batch: int) -> Callable[[], None]:
+    images = torch.randn(batch, 3, PAPER_INPUT, PAPER_INPUT).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def paper_model() -> nn.Module:
+    return build_model("paper", 1000, input_size=PAPER_INPUT).to(memory_format=torch.channels_last).train()
+
+
+def lrn_step(batch: int, rounds: int, reference: Path) -> None:
+    torch.manual_seed(0)
+    model = paper_model()
+    step = train_steps(model, build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.0), batch)
+    lrns = {
+        "this checkout's LRN": layers.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
+        f"LRN of {reference}": load_layers(reference).LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
+    }
+
+    def using(lrn: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            model.lrn = lrn
+            step()
+
+        return call
+
+    times = interleave({name: using(lrn) for name, lrn in lrns.items()}, rounds, repeats=3)
+    print(f"paper-model training step, batch {batch}, {PAPER_INPUT} px, channels_last, lr 0")
+    report_ab(times, *lrns)
+
+
+def sgd_groups(model: nn.Module) -> list[dict]:
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for _, p in named if p.ndim > 1], "weight_decay": OptimConfig().weight_decay},
+        {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def sgd_step(batch: int, rounds: int) -> None:
+    builders = {
+        "paper": paper_model,
+        "torchvision.models.alexnet": lambda: torchvision.models.alexnet().to(memory_format=torch.channels_last),
+    }
+    for variant, build in builders.items():
+        torch.manual_seed(0)
+        model = build().train()
+        fused = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.0)
+        default = torch.optim.SGD(sgd_groups(model), lr=0.0, momentum=OptimConfig().momentum)
+        contenders = {
+            f"{variant}, fused SGD": train_steps(model, fused, batch),
+            f"{variant}, default SGD": train_steps(model, default, batch),
+        }
+        times = interleave(contenders, rounds, repeats=3)
+        print(f"{variant} training step, batch {batch}, {PAPER_INPUT} px, channels_last, lr 0")
+        report_ab(times, *contenders)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("lrn-chunks", "lrn-step", "sgd-step"):
+        p = sub.add_parser(name)
+        p.add_argument("--batch", type=int, default=32)
+        p.add_argument("--rounds", type=int, default=9 if name != "lrn-chunks" else 13)
+        if name == "lrn-step":
+            p.add_argument("--reference-layers", type=Path, required=True, help="another version's alexnet/layers.py")
+    args = parser.parse_args(argv)
+    apply_process_settings(TrainConfig())  # the trainer's defaults
+    if args.command == "lrn-chunks":
+        lrn_chunks(args.batch, args.rounds)
+    elif args.command == "lrn-step":
+        lrn_step(args.batch, args.rounds, args.reference_layers)
+    else:
+        sgd_step(args.batch, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

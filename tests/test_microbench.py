@@ -1,0 +1,46 @@
+"""launch/microbench.py: the A/B order, the chunk budget put back, another version's LRN loaded."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from _helpers import REPO
+
+from alexnet import layers
+
+sys.path.insert(0, str(REPO / "launch"))
+import microbench  # noqa: E402
+
+
+def test_interleave_alternates_the_order_and_times_every_round():
+    calls: list[str] = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = microbench.interleave(contenders, rounds=3, repeats=2)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    untimed, rounds = calls[:3], calls[3:]
+    assert untimed == ["a", "b", "c"]
+    # each contender twice per round; every other round in reverse, so none always goes first
+    assert rounds == ["a", "a", "b", "b", "c", "c"] + ["c", "c", "b", "b", "a", "a"] + ["a", "a", "b", "b", "c", "c"]
+
+
+def test_lrn_chunks_leaves_the_chosen_budget(capsys):
+    chosen = layers.CPU_CHUNK_BYTES
+    microbench.main(["lrn-chunks", "--batch", "1", "--rounds", "1"])
+    assert layers.CPU_CHUNK_BYTES == chosen
+    out = capsys.readouterr().out
+    assert f"chosen: {chosen >> 10} KiB" in out and "whole batch" in out
+
+
+def test_reference_layers_come_from_the_given_file(tmp_path):
+    copy = tmp_path / "layers_copy.py"
+    copy.write_text((REPO / "alexnet" / "layers.py").read_text())
+    other = microbench.load_layers(copy)
+    assert other.LocalResponseNorm is not layers.LocalResponseNorm
+    x = torch.rand(2, 8, 3, 3) * 40
+    ours = layers.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    theirs = other.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    assert torch.equal(ours(x, 2), theirs(x, 2))
+    with pytest.raises(SystemExit, match="missing.py: no such Python file"):
+        microbench.load_layers(tmp_path / "missing.py")
