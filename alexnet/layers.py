@@ -182,9 +182,9 @@ CPU_CHUNK_BYTES = 2 << 20
 
 
 def lrn_batch_chunk(x: Tensor) -> int:
-    """Samples per LRN chunk: the whole batch on a GPU (one launch per pass; the banded window sum
-    already makes one read and one write), a cache-sized slice of it on a CPU."""
-    if x.is_cuda or x.shape[0] == 0:
+    """Samples per LRN chunk: a cache-sized slice of the batch on a CPU; the whole batch on an
+    accelerator (one launch per pass; on CUDA the banded window sum makes one read and one write)."""
+    if x.device.type != "cpu" or x.shape[0] == 0:
         return max(x.shape[0], 1)
     return max(1, CPU_CHUNK_BYTES // max(x[0].numel() * x.element_size(), 1))
 

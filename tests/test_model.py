@@ -234,6 +234,8 @@ def test_lrn_chunk_is_cache_sized_on_a_cpu():
     assert lrn_batch_chunk(torch.zeros(8, floats // 3, 1, 1)) == 3  # as many whole samples as fit
     assert lrn_batch_chunk(torch.zeros(4, 8, 4, 4)) == CPU_CHUNK_BYTES // 512  # beyond the batch: one chunk
     assert lrn_batch_chunk(torch.zeros(0, 8, 4, 4)) == 1
+    # elsewhere (an accelerator; here the shape-only meta device) the whole batch in one go
+    assert lrn_batch_chunk(torch.zeros(8, floats + 1, 1, 1, device="meta")) == 8
 
 
 def test_lrn_uses_the_band_on_cuda_only():
