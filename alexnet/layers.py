@@ -152,32 +152,35 @@ def _pow_neg(s: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
     return torch.pow(s, -beta, out=out)
 
 
+@dataclass(frozen=True)
+class LRNConstants:
+    """Section 3.3's n (size), alpha, beta and k."""
+
+    size: int
+    alpha: float
+    beta: float
+    k: float
+
+
 def _lrn_scale(
-    x: Tensor,
-    size: int,
-    alpha: float,
-    beta: float,
-    k: float,
-    groups: int,
-    band: Tensor | None,
-    out: tuple[Tensor, Tensor] | None = None,
+    x: Tensor, c: LRNConstants, groups: int, band: Tensor | None, out: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """s = k + alpha * (window sum of x^2), and s^-beta (into `out` if given)."""
     s_out, inv_out = out if out is not None else (None, None)
     if band is None:
-        s = _window_sum_shifted((x * x).mul_(alpha), size, groups, base=k, out=s_out)
+        s = _window_sum_shifted((x * x).mul_(c.alpha), c.size, groups, base=c.k, out=s_out)
     else:
-        s = torch.mul(_window_sum_banded(x * x, band, groups), alpha, out=s_out).add_(k)
-    return s, _pow_neg(s, beta, out=inv_out)
+        s = torch.mul(_window_sum_banded(x * x, band, groups), c.alpha, out=s_out).add_(c.k)
+    return s, _pow_neg(s, c.beta, out=inv_out)
 
 
 # Samples per LRN chunk on a CPU: as many as fit in about this many bytes per tensor, so a chunk's
 # intermediate tensors stay in the cache between the element-wise passes instead of each pass
-# streaming the whole batch through memory (the conv1 LRN input is 37 MB at batch 32). Measured on a
-# 2-core EPYC (2 MiB of L2, 32 MiB of L3), forward + backward of both LRN layers, 227 px,
-# channels_last, median of 12 interleaved rounds: batch 32: 512 KiB 50.5 ms, 1 MiB 51.5,
-# 2 MiB 49.3, 4 MiB 51.7, 8 MiB 54.9, the whole batch at once 77.4; batch 128: 187, 185, 176, 159,
-# 161 and 221 ms.
+# streaming the whole batch through memory (the conv1 LRN input is 37 MB at batch 32). Measured
+# with `python launch/microbench.py lrn-chunks [--batch 128]` on a 2-core EPYC (2 MiB of L2,
+# 32 MiB of L3), forward + backward of both LRN layers, 227 px, channels_last, three runs at
+# batch 32: 2 MiB 47-53 ms, the best or within 3 ms of the best of 0.5-8 MiB; the whole batch at
+# once 56-86 ms. Batch 128, two runs: 2 MiB 176-193 ms, 4 MiB 159-213, whole batch 221-351.
 CPU_CHUNK_BYTES = 2 << 20
 
 
@@ -201,37 +204,27 @@ class _LRNFunction(torch.autograd.Function):
     not depend on it."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        size: int,
-        alpha: float,
-        beta: float,
-        k: float,
-        groups: int,
-        band: Tensor | None,
-        chunk: int,
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, c: LRNConstants, groups: int, band: Tensor | None, chunk: int) -> Tensor:
         y, s, inv = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         for lo in range(0, x.shape[0], chunk):
             part = slice(lo, lo + chunk)
-            _lrn_scale(x[part], size, alpha, beta, k, groups, band, out=(s[part], inv[part]))
+            _lrn_scale(x[part], c, groups, band, out=(s[part], inv[part]))
             torch.mul(x[part], inv[part], out=y[part])
         ctx.save_for_backward(x, s, inv)
-        ctx.args = (size, alpha, beta, groups, band, chunk)
+        ctx.args = (c, groups, band, chunk)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, s, inv = ctx.saved_tensors
-        size, alpha, beta, groups, band, chunk = ctx.args
+        c, groups, band, chunk = ctx.args
         grad = torch.empty_like(x)
         for lo in range(0, x.shape[0], chunk):
             part = slice(lo, lo + chunk)
             g_part, x_part, inv_part = g[part], x[part], inv[part]
-            around = _window_sum((g_part * x_part).mul_(inv_part).div_(s[part]), size, groups, band)
-            torch.mul(g_part, inv_part, out=grad[part]).addcmul_(x_part, around, value=-2 * alpha * beta)
-        return grad, None, None, None, None, None, None, None
+            around = _window_sum((g_part * x_part).mul_(inv_part).div_(s[part]), c.size, groups, band)
+            torch.mul(g_part, inv_part, out=grad[part]).addcmul_(x_part, around, value=-2 * c.alpha * c.beta)
+        return grad, None, None, None, None
 
 
 class LocalResponseNorm(nn.Module):
@@ -244,7 +237,7 @@ class LocalResponseNorm(nn.Module):
         if size < 1 or size % 2 == 0:
             # the window is centred on its channel (and backward relies on that symmetry)
             raise ValueError(f"LRN size must be odd and at least 1, got {size}")
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.constants = LRNConstants(size, alpha, beta, k)
         self._bands: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     def window_band(self, x: Tensor, groups: int) -> Tensor | None:
@@ -256,7 +249,7 @@ class LocalResponseNorm(nn.Module):
             return None
         key = (x.shape[1] // groups, x.dtype, x.device)
         if key not in self._bands:
-            self._bands[key] = build_window_band(key[0], self.size, x)
+            self._bands[key] = build_window_band(key[0], self.constants.size, x)
         return self._bands[key]
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:
@@ -265,11 +258,12 @@ class LocalResponseNorm(nn.Module):
             # Inference (evaluation, TorchScript and ONNX export): the same arithmetic as
             # _LRNFunction.forward in plain tensor ops, which tracing and torch.export can record
             # (a Python autograd.Function cannot be exported); the Function only serves backward.
-            return x * _lrn_scale(x, self.size, self.alpha, self.beta, self.k, groups, band)[1]
-        return _LRNFunction.apply(x, self.size, self.alpha, self.beta, self.k, groups, band, lrn_batch_chunk(x))
+            return x * _lrn_scale(x, self.constants, groups, band)[1]
+        return _LRNFunction.apply(x, self.constants, groups, band, lrn_batch_chunk(x))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+        c = self.constants
+        return f"size={c.size}, alpha={c.alpha}, beta={c.beta}, k={c.k}"
 
 
 def apply_dropout_context(model: nn.Module, context: DropoutContext | None) -> None:

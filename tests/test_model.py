@@ -4,8 +4,20 @@ import pytest
 import torch
 import torchvision
 
-from alexnet.layers import CounterDropout, DropoutContext, apply_dropout_context, counter_uniform_bits
-from alexnet.model import PaperAlexNet, TorchvisionAlexNet, build_model, min_input_size, pool5_size
+from alexnet.layers import CounterDropout, DropoutContext, LRNConstants, apply_dropout_context, counter_uniform_bits
+from alexnet.model import (
+    LRN_ALPHA,
+    LRN_BETA,
+    LRN_K,
+    LRN_SIZE,
+    PaperAlexNet,
+    TorchvisionAlexNet,
+    build_model,
+    min_input_size,
+    pool5_size,
+)
+
+PAPER_LRN = LRNConstants(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
 
 
 def test_paper_parameter_count_at_1000_classes():
@@ -193,12 +205,12 @@ def test_lrn_banded_window_sum_equals_the_shifted_adds(memory_format):
     )
     band = build_window_band(6, 5, x)
     small = x.detach()[:, :, :2, :2].requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0, 2, band, 2), (small,))
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, PAPER_LRN, 2, band, 2), (small,))
     g = torch.randn_like(x)
     xb = x.detach().requires_grad_()
-    yb = _LRNFunction.apply(xb, 5, 1e-4, 0.75, 2.0, 2, band, 2)
+    yb = _LRNFunction.apply(xb, PAPER_LRN, 2, band, 2)
     xs = x.detach().requires_grad_()
-    ys = _LRNFunction.apply(xs, 5, 1e-4, 0.75, 2.0, 2, None, 1)
+    ys = _LRNFunction.apply(xs, PAPER_LRN, 2, None, 1)
     torch.testing.assert_close(yb, ys)
     torch.testing.assert_close(torch.autograd.grad(yb, xb, g)[0], torch.autograd.grad(ys, xs, g)[0])
 
@@ -214,7 +226,7 @@ def test_lrn_in_batch_chunks_equals_the_whole_batch(memory_format):
 
     def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         leaf = x.detach().requires_grad_()
-        y = _LRNFunction.apply(leaf, 5, 1e-4, 0.75, 2.0, 2, None, chunk)
+        y = _LRNFunction.apply(leaf, PAPER_LRN, 2, None, chunk)
         return y, torch.autograd.grad(y, leaf, g)[0]
 
     whole_y, whole_grad = run(5)
@@ -223,7 +235,7 @@ def test_lrn_in_batch_chunks_equals_the_whole_batch(memory_format):
         assert torch.equal(y, whole_y) and torch.equal(grad, whole_grad), chunk
         assert y.is_contiguous(memory_format=memory_format) and grad.is_contiguous(memory_format=memory_format)
     small = (x.double()[:3, :, :2, :2] * 1.0).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, 5, 1e-4, 0.75, 2.0, 2, None, 2), (small,))
+    assert torch.autograd.gradcheck(lambda t: _LRNFunction.apply(t, PAPER_LRN, 2, None, 2), (small,))
 
 
 def test_lrn_chunk_is_cache_sized_on_a_cpu():
