@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from alexnet import layers
 from alexnet.config import OptimConfig, TrainConfig
 from alexnet.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PAPER_INPUT, build_model
-from alexnet.optim import build_optimizer
+from alexnet.optim import IMPLEMENTATION_KEYS, build_optimizer
 from alexnet.process import apply_process_settings
 
 # The paper model's LRN inputs: conv1's ReLU (96 x 55 x 55) and conv2's (256 x 27 x 27), two towers.
@@ -156,12 +156,10 @@ def lrn_step(batch: int, rounds: int, reference: Path) -> None:
     report_ab(times, *lrns)
 
 
-def sgd_groups(model: nn.Module) -> list[dict]:
-    named = list(model.named_parameters())
-    return [
-        {"params": [p for _, p in named if p.ndim > 1], "weight_decay": OptimConfig().weight_decay},
-        {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+def default_sgd_like(fused: torch.optim.SGD) -> torch.optim.SGD:
+    """The same parameter groups and hyperparameters on PyTorch's default path (per tensor on a CPU)."""
+    groups = [{k: v for k, v in g.items() if k not in IMPLEMENTATION_KEYS} for g in fused.param_groups]
+    return torch.optim.SGD(groups)
 
 
 def sgd_step(batch: int, rounds: int) -> None:
@@ -173,7 +171,7 @@ def sgd_step(batch: int, rounds: int) -> None:
         torch.manual_seed(0)
         model = build().train()
         fused = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.0)
-        default = torch.optim.SGD(sgd_groups(model), lr=0.0, momentum=OptimConfig().momentum)
+        default = default_sgd_like(fused)
         contenders = {
             f"{variant}, fused SGD": train_steps(model, fused, batch),
             f"{variant}, default SGD": train_steps(model, default, batch),

@@ -44,3 +44,16 @@ def test_reference_layers_come_from_the_given_file(tmp_path):
     assert torch.equal(ours(x, 2), theirs(x, 2))
     with pytest.raises(SystemExit, match="missing.py: no such Python file"):
         microbench.load_layers(tmp_path / "missing.py")
+
+
+def test_the_default_sgd_contender_differs_only_in_the_kernel():
+    from alexnet.config import OptimConfig
+    from alexnet.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 3)
+    fused = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+    default = microbench.default_sgd_like(fused)
+    assert [g["fused"] for g in default.param_groups] == [None, None]
+    keys = ("params", "lr", "momentum", "weight_decay", "dampening", "nesterov", "name")
+    for a, b in zip(fused.param_groups, default.param_groups):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
