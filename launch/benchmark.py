@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alexnet.bench.output import Report, ReportError, format_ratios, format_table, write_outputs
+from alexnet.bench.output import Report, ReportError, format_ratios, format_table, prepare_out_dir, write_outputs
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.mesh import LayoutError
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     try:
+        prepare_out_dir(args.out)
         report = commands[args.command](args)
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Micro-benchmarks behind two CPU tuning choices, each an A/B interleaved in one process.
+"""Micro-benchmarks behind the CPU tuning choices, each interleaved in one process.
 
   python launch/microbench.py lrn-chunks [--batch 32]
       forward + backward of the paper model's two LRN layers for several CPU chunk budgets
@@ -9,6 +9,9 @@
   python launch/microbench.py sgd-step [--batch 32]
       training steps with the fused SGD that alexnet.optim builds and with PyTorch's default CPU
       SGD, for the paper model and torchvision.models.alexnet
+  python launch/microbench.py lrn-floor [--batch 32]
+      paper-model training steps with its LRN and with the LRN replaced by the identity (the
+      floor that no LRN implementation can beat), against torchvision.models.alexnet
 
 Each prints the median over rounds (the order of A and B alternates every round) and, for the
 A/B commands, the median of the per-round ratios with its range. Host memory and cuDNN/oneDNN
@@ -65,6 +68,10 @@ def interleave(contenders: dict[str, Callable[[], None]], rounds: int, repeats: 
 def report_ab(times: dict[str, list[float]], a: str, b: str) -> None:
     for name, values in times.items():
         print(f"  {name:40s} {1e3 * statistics.median(values):8.1f} ms")
+    report_ratio(times, a, b)
+
+
+def report_ratio(times: dict[str, list[float]], a: str, b: str) -> None:
     ratios = [tb / ta for ta, tb in zip(times[a], times[b])]
     spread = f"per-round min {min(ratios):.3f}, max {max(ratios):.3f}"
     print(f"  {a} is {statistics.median(ratios):.3f}x as fast as {b} ({spread})")
@@ -156,6 +163,50 @@ def lrn_step(batch: int, rounds: int, reference: Path) -> None:
     report_ab(times, *lrns)
 
 
+class IdentityLRN(nn.Module):
+    """Stands in for the paper model's LRN at no cost."""
+
+    def forward(self, x: Tensor, groups: int = 1) -> Tensor:  # noqa: ARG002 - the LRN's signature
+        return x
+
+
+def torchvision_model() -> nn.Module:
+    return torchvision.models.alexnet().to(memory_format=torch.channels_last).train()
+
+
+def lrn_floor(batch: int, rounds: int) -> None:
+    """How close the paper model can come to torchvision's AlexNet by making its LRN faster: with
+    the LRN free, what is left is the rest of the paper's architecture (conv1's 96 kernels where
+    torchvision has 64, 256 conv2 kernels for 192, ...)."""
+    torch.manual_seed(0)
+    paper, reference = paper_model(), torchvision_model()
+    paper_step = train_steps(paper, build_optimizer(list(paper.named_parameters()), OptimConfig(), lr=0.0), batch)
+    reference_step = train_steps(
+        reference, build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.0), batch
+    )
+    lrn = paper.lrn
+
+    def using(module: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            paper.lrn = module
+            try:
+                paper_step()
+            finally:
+                paper.lrn = lrn
+
+        return call
+
+    contenders = {
+        "paper": using(lrn),
+        "paper, LRN = identity": using(IdentityLRN()),
+        "torchvision.models.alexnet": reference_step,
+    }
+    times = interleave(contenders, rounds, repeats=3)
+    print(f"training step, batch {batch}, {PAPER_INPUT} px, channels_last, lr 0")
+    report_ab(times, "paper", "torchvision.models.alexnet")
+    report_ratio(times, "paper, LRN = identity", "torchvision.models.alexnet")
+
+
 def default_sgd_like(fused: torch.optim.SGD) -> torch.optim.SGD:
     """The same parameter groups and hyperparameters on PyTorch's default path (per tensor on a CPU)."""
     groups = [{k: v for k, v in g.items() if k not in IMPLEMENTATION_KEYS} for g in fused.param_groups]
@@ -165,7 +216,7 @@ def default_sgd_like(fused: torch.optim.SGD) -> torch.optim.SGD:
 def sgd_step(batch: int, rounds: int) -> None:
     builders = {
         "paper": paper_model,
-        "torchvision.models.alexnet": lambda: torchvision.models.alexnet().to(memory_format=torch.channels_last),
+        "torchvision.models.alexnet": torchvision_model,
     }
     for variant, build in builders.items():
         torch.manual_seed(0)
@@ -184,7 +235,7 @@ def sgd_step(batch: int, rounds: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("lrn-chunks", "lrn-step", "sgd-step"):
+    for name in ("lrn-chunks", "lrn-step", "sgd-step", "lrn-floor"):
         p = sub.add_parser(name)
         p.add_argument("--batch", type=int, default=32)
         p.add_argument("--rounds", type=int, default=9 if name != "lrn-chunks" else 13)
@@ -196,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         lrn_chunks(args.batch, args.rounds)
     elif args.command == "lrn-step":
         lrn_step(args.batch, args.rounds, args.reference_layers)
-    else:
+    elif args.command == "sgd-step":
         sgd_step(args.batch, args.rounds)
+    else:
+        lrn_floor(args.batch, args.rounds)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,20 @@ def test_pipeline_command_names_a_bad_flag(tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_an_out_path_that_cannot_hold_the_report_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    measured: list[str] = []
+    monkeypatch.setattr(benchmark, "cmd_step", lambda args: measured.append("step"))
+    taken = tmp_path / "taken"
+    taken.write_text("the user's file\n")
+    assert benchmark.main(["step", "--out", str(taken)]) == 2
+    assert f"--out {taken}: is a file" in capsys.readouterr().err
+    assert benchmark.main(["step", "--out", str(taken / "sub")]) == 2
+    assert f"--out {taken / 'sub'}: cannot create the report folder" in capsys.readouterr().err
+    assert measured == [] and taken.read_text() == "the user's file\n"  # nothing run, nothing lost
+    assert benchmark.main(["step", "--out", str(tmp_path / "new" / "dir")]) == 0  # created up front
+    assert measured == ["step"] and (tmp_path / "new" / "dir").is_dir()
+
+
 def test_e2e_command_one_process(tiny_data, tmp_path):
     argv = ["e2e", "--data", str(tiny_data), "--pipelines", "dali,torchvision", "--windows", "1", "--warmup", "0",
             "--steps", "1", "--out", str(tmp_path), "data.batch_size=4", "data.num_threads=1", "data.prefetch=1",

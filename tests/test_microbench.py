@@ -57,3 +57,23 @@ def test_the_default_sgd_contender_differs_only_in_the_kernel():
     keys = ("params", "lr", "momentum", "weight_decay", "dampening", "nesterov", "name")
     for a, b in zip(fused.param_groups, default.param_groups):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_lrn_floor_runs_the_paper_model_without_its_lrn_only_in_that_contender(monkeypatch, capsys):
+    calls: list[int] = []
+    real_forward = layers.LocalResponseNorm.forward
+
+    def counting(self, x, groups=1):
+        calls.append(groups)
+        return real_forward(self, x, groups)
+
+    monkeypatch.setattr(layers.LocalResponseNorm, "forward", counting)
+    microbench.main(["lrn-floor", "--batch", "1", "--rounds", "1"])
+    # one untimed and three timed steps of the real paper model, two LRN layers each; none from
+    # the identity contender (with it not swapped in, there would be twice as many)
+    assert calls == [2] * 2 * (1 + 3)
+    out = capsys.readouterr().out
+    assert "paper is " in out and "paper, LRN = identity is " in out
+    assert out.count("as fast as torchvision.models.alexnet") == 2
+    x = torch.rand(2, 4, 3, 3)
+    assert microbench.IdentityLRN()(x, 2) is x

@@ -179,6 +179,17 @@ def test_lrn_window_sizes_and_sliced_channels_last_input():
     out = LocalResponseNorm(5, 1e-4, 0.75, 2.0)(sliced)
     torch.testing.assert_close(out, reference(sliced))
     assert out.is_contiguous(memory_format=torch.channels_last)
+    # every window size and group width, also groups narrower than the window, values and gradient
+    g = torch.randn_like(x)
+    for size in (3, 5, 7):
+        torch_lrn = torch.nn.LocalResponseNorm(size, alpha=1e-4 * size, beta=0.75, k=2.0)
+        for groups in (1, 2, 5):
+            leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
+            ours = LocalResponseNorm(size, 1e-4, 0.75, 2.0)(leaf, groups)
+            expected = torch.cat([torch_lrn(part) for part in ref_leaf.chunk(groups, 1)], 1)
+            torch.testing.assert_close(ours, expected)
+            grads = torch.autograd.grad(ours, leaf, g)[0], torch.autograd.grad(expected, ref_leaf, g)[0]
+            torch.testing.assert_close(*grads)
     # size 1: each channel normalised by itself alone
     torch.testing.assert_close(LocalResponseNorm(1, 1e-4, 0.75, 2.0)(x), x / (2 + 1e-4 * x * x) ** 0.75)
     for size in (0, 4):  # the window must be centred on its channel
@@ -186,10 +197,19 @@ def test_lrn_window_sizes_and_sliced_channels_last_input():
             LocalResponseNorm(size, 1e-4, 0.75, 2.0)
 
 
+def reference_window_sum(x: torch.Tensor, size: int, groups: int) -> torch.Tensor:
+    """Each channel's window sum within its group, from a zero-padded copy of each group."""
+    sums = []
+    for part in x.chunk(groups, 1):
+        padded = torch.nn.functional.pad(part, (0, 0, 0, 0, size // 2, size // 2))
+        sums.append(sum(padded.narrow(1, i, part.shape[1]) for i in range(size)))
+    return torch.cat(sums, 1)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_lrn_banded_window_sum_equals_the_shifted_adds(memory_format):
-    """The matrix-product window sum (what LRN uses on CUDA) against the shifted adds (the CPU's):
-    same sums, same memory format, same gradient, for each window size and grouping."""
+def test_lrn_banded_window_sum_and_the_shifted_adds_agree(memory_format):
+    """The matrix-product window sum (what LRN uses on CUDA) and the shifted in-place adds (the
+    CPU's): the same sums, memory format, values and gradient, for each window size and grouping."""
     from alexnet.layers import _LRNFunction, _window_sum_banded, _window_sum_shifted, build_window_band
 
     x = (torch.randn(2, 12, 5, 4, dtype=torch.float64) * 40).contiguous(memory_format=memory_format)
@@ -197,11 +217,12 @@ def test_lrn_banded_window_sum_equals_the_shifted_adds(memory_format):
         for groups in (1, 2, 3):
             band = build_window_band(12 // groups, size, x)
             banded = _window_sum_banded(x, band, groups)
-            torch.testing.assert_close(banded, _window_sum_shifted(x, size, groups))
+            torch.testing.assert_close(banded, reference_window_sum(x, size, groups))
+            torch.testing.assert_close(_window_sum_shifted(x, size, groups), reference_window_sum(x, size, groups))
             assert banded.is_contiguous(memory_format=memory_format)
     sliced = x.contiguous(memory_format=torch.channels_last)[:, :6]
     torch.testing.assert_close(
-        _window_sum_banded(sliced, build_window_band(3, 5, x), 2), _window_sum_shifted(sliced, 5, 2)
+        _window_sum_banded(sliced, build_window_band(3, 5, x), 2), reference_window_sum(sliced, 5, 2)
     )
     band = build_window_band(6, 5, x)
     small = x.detach()[:, :, :2, :2].requires_grad_()
