@@ -77,6 +77,20 @@ def report_ratio(times: dict[str, list[float]], a: str, b: str) -> None:
     print(f"  {a} is {statistics.median(ratios):.3f}x as fast as {b} ({spread})")
 
 
+def swapped(owner: object, name: str, value: object, run: Callable[[], None]) -> Callable[[], None]:
+    """`run` with `owner.name` set to `value`, put back afterwards (also when `run` fails)."""
+
+    def call() -> None:
+        kept = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            run()
+        finally:
+            setattr(owner, name, kept)
+
+    return call
+
+
 def lrn_pass(lrn: nn.Module, inputs: list[Tensor], grads: list[Tensor]) -> Callable[[], None]:
     def run() -> None:
         for x, g in zip(inputs, grads):
@@ -96,19 +110,8 @@ def lrn_chunks(batch: int, rounds: int) -> None:
     budgets["whole batch"] = 1 << 62
     chosen = layers.CPU_CHUNK_BYTES
 
-    def with_budget(b: int) -> Callable[[], None]:
-        run = lrn_pass(lrn, inputs, grads)
-
-        def call() -> None:
-            layers.CPU_CHUNK_BYTES = b
-            try:
-                run()
-            finally:
-                layers.CPU_CHUNK_BYTES = chosen
-
-        return call
-
-    times = interleave({name: with_budget(b) for name, b in budgets.items()}, rounds, repeats=1)
+    run = lrn_pass(lrn, inputs, grads)
+    times = interleave({name: swapped(layers, "CPU_CHUNK_BYTES", b, run) for name, b in budgets.items()}, rounds, 1)
     print(f"LRN forward + backward, both layers, batch {batch}, channels_last (chosen: {chosen >> 10} KiB)")
     for name, values in times.items():
         print(f"  {name:12s} {1e3 * statistics.median(values):8.1f} ms (min {1e3 * min(values):.1f})")
@@ -138,6 +141,12 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batch: int) 
     return step
 
 
+def frozen_steps(model: nn.Module, batch: int) -> Callable[[], None]:
+    """Training steps with the project's optimizer at learning rate 0: the weights stay put, so
+    every round times the same arithmetic."""
+    return train_steps(model, build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.0), batch)
+
+
 def paper_model() -> nn.Module:
     return build_model("paper", 1000, input_size=PAPER_INPUT).to(memory_format=torch.channels_last).train()
 
@@ -145,20 +154,12 @@ def paper_model() -> nn.Module:
 def lrn_step(batch: int, rounds: int, reference: Path) -> None:
     torch.manual_seed(0)
     model = paper_model()
-    step = train_steps(model, build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.0), batch)
+    step = frozen_steps(model, batch)
     lrns = {
         "this checkout's LRN": layers.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
         f"LRN of {reference}": load_layers(reference).LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
     }
-
-    def using(lrn: nn.Module) -> Callable[[], None]:
-        def call() -> None:
-            model.lrn = lrn
-            step()
-
-        return call
-
-    times = interleave({name: using(lrn) for name, lrn in lrns.items()}, rounds, repeats=3)
+    times = interleave({name: swapped(model, "lrn", lrn, step) for name, lrn in lrns.items()}, rounds, repeats=3)
     print(f"paper-model training step, batch {batch}, {PAPER_INPUT} px, channels_last, lr 0")
     report_ab(times, *lrns)
 
@@ -180,26 +181,11 @@ def lrn_floor(batch: int, rounds: int) -> None:
     torchvision has 64, 256 conv2 kernels for 192, ...)."""
     torch.manual_seed(0)
     paper, reference = paper_model(), torchvision_model()
-    paper_step = train_steps(paper, build_optimizer(list(paper.named_parameters()), OptimConfig(), lr=0.0), batch)
-    reference_step = train_steps(
-        reference, build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.0), batch
-    )
-    lrn = paper.lrn
-
-    def using(module: nn.Module) -> Callable[[], None]:
-        def call() -> None:
-            paper.lrn = module
-            try:
-                paper_step()
-            finally:
-                paper.lrn = lrn
-
-        return call
-
+    paper_step = frozen_steps(paper, batch)
     contenders = {
-        "paper": using(lrn),
-        "paper, LRN = identity": using(IdentityLRN()),
-        "torchvision.models.alexnet": reference_step,
+        "paper": paper_step,
+        "paper, LRN = identity": swapped(paper, "lrn", IdentityLRN(), paper_step),
+        "torchvision.models.alexnet": frozen_steps(reference, batch),
     }
     times = interleave(contenders, rounds, repeats=3)
     print(f"training step, batch {batch}, {PAPER_INPUT} px, channels_last, lr 0")

@@ -25,6 +25,22 @@ def test_interleave_alternates_the_order_and_times_every_round():
     assert rounds == ["a", "a", "b", "b", "c", "c"] + ["c", "c", "b", "b", "a", "a"] + ["a", "a", "b", "b", "c", "c"]
 
 
+def test_swapped_sets_the_attribute_for_the_call_only_even_when_it_fails():
+    class Owner:
+        value = "kept"
+
+    seen: list[str] = []
+    microbench.swapped(Owner, "value", "during", lambda: seen.append(Owner.value))()
+    assert seen == ["during"] and Owner.value == "kept"
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        microbench.swapped(Owner, "value", "during", fail)()
+    assert Owner.value == "kept"
+
+
 def test_lrn_chunks_leaves_the_chosen_budget(capsys):
     chosen = layers.CPU_CHUNK_BYTES
     microbench.main(["lrn-chunks", "--batch", "1", "--rounds", "1"])
