@@ -1,4 +1,5 @@
 """Checks that need a CUDA device; skipped without one (run by launch/gpu_check.sh)."""
+
 import pytest
 import torch
 
@@ -52,4 +53,3 @@ def test_amp_train_steps_learn_on_gpu(amp):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]  # the same batch, 20 steps: it memorizes
     assert (policy.scaler is not None) == (amp == "fp16")
-
