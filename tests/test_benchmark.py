@@ -8,6 +8,7 @@ import csv
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from _helpers import REPO, check, torchrun
@@ -244,7 +245,8 @@ def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     assert benchmark.main(argv) == 0
     data = output.load_report(tmp_path / "pipeline.json")
     names = [r["name"] for r in data["results"]]
-    stages = ["stage/dali-cpu/window-decode", "stage/dali-cpu/window-decode+resize"]
+    stages = ["stage/dali-cpu/window-decode", "stage/dali-cpu/window-decode+resize",
+              "stage/dali-cpu/window-decode+torch-resize"]  # fmt: skip
     assert names == ["dali-cpu", "torchvision", *stages, "decode-only/dali-cpu", "decode-only/pil"]
     by_name = {r["name"]: r for r in data["results"]}
     assert all(r["windows"] == 2 and r["images_per_sec"] > 0 for r in data["results"])
@@ -256,6 +258,31 @@ def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     assert data["settings"]["files"]["files"] == 120 and data["environment"]["world_size"] == 1
     assert (tmp_path / "pipeline.csv").exists() and (tmp_path / "pipeline.png").exists()
     assert "dali-cpu" in capsys.readouterr().out
+
+
+def test_torch_resize_stage_scales_each_window_as_pil_does():
+    from nvidia.dali.tensors import TensorListCPU
+
+    from alexnet.bench.pipeline_bench import resize_windows_with_torch
+
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((61, 61), (48, 70), (33, 40))]
+    out = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)  # a batch one larger: its last row stays untouched
+    resize_windows_with_torch(TensorListCPU(windows, "HWC"), out)
+    for i, window in enumerate(windows):  # each window lands in its own row, RGB planes, as PIL scales it
+        pil = np.asarray(Image.fromarray(window).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
+        assert np.abs(out[i].numpy().astype(int) - pil).max() <= 1
+    assert not out[3].any()
+
+
+def test_torch_threads_are_set_for_the_block_and_restored():
+    from alexnet.bench.pipeline_bench import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(KeyError), torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+        raise KeyError("a failure inside the block")
+    assert torch.get_num_threads() == before
 
 
 def test_pipeline_command_names_a_bad_flag(tmp_path, capsys):

@@ -16,11 +16,14 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -46,8 +49,14 @@ GRAPH_OF = {"dali-mixed": "graph-only/dali-mixed", "dali-cpu": "graph-only/dali-
 # Diagnostics (opt-in): the training graph cut after each of its costly stages, so that each
 # stage's cost is the difference between neighbours: the ceiling (full decode), the paper crop's
 # window decoded alone, the window decoded and resized, the whole graph (graph-only).
-STAGES = ("window-decode", "window-decode+resize")
-STAGES_OF = {loader: tuple(f"stage/{loader}/{stage}" for stage in STAGES) for loader in GRAPH_OF}
+# On the CPU decoder one what-if as well: the window resized by torch's SIMD uint8 kernel in the
+# consuming thread instead of DALI's fn.resize (left uint8, not normalised), which tells how far
+# a faster resize alone would take the pipeline towards its ceiling.
+STAGES = ("window-decode", "window-decode+resize", "window-decode+torch-resize")
+STAGES_OF = {
+    "dali-mixed": tuple(f"stage/dali-mixed/{stage}" for stage in STAGES[:2]),
+    "dali-cpu": tuple(f"stage/dali-cpu/{stage}" for stage in STAGES),
+}
 
 
 def ceiling_of(name: str) -> str | None:
@@ -225,6 +234,9 @@ def _dali_decode_batches(
     """The decode-only ceiling (`stage` None), or the training graph cut after `stage`."""
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown pipeline stage {stage!r} (choose from {', '.join(STAGES)})")
+    torch_resize = stage == "window-decode+torch-resize"
+    if torch_resize and decoder != "cpu":
+        raise ValueError(f"pipeline stage {stage} resizes on the CPU and needs the CPU decoder")
     from nvidia.dali import fn, pipeline_def
 
     from pipelines.dali import decode_paper_window, decoder_args, resize_patch
@@ -248,9 +260,39 @@ def _dali_decode_batches(
         device_id=(device.index or 0) if decoder == "mixed" else None,
     )
     pipe.build()
+    resized = torch.empty(s.batch_size, 3, s.crop, s.crop, dtype=torch.uint8) if torch_resize else None
     while True:
-        (images,) = pipe.run()  # outputs are discarded: only decoding is measured
+        (images,) = pipe.run()  # outputs are discarded: only what produced them is measured
+        if resized is not None:
+            with torch_threads(1):
+                resize_windows_with_torch(images, resized)
         yield len(images)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for a block. The what-if resize runs on one: an
+    image is too small to share, and idle OpenMP workers spin on the cores the decoder threads
+    need: on two cores, one thread per core took the stage to 47-48% of the ceiling, one thread
+    in all to 75-79%."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resize_windows_with_torch(windows, out: torch.Tensor) -> torch.Tensor:
+    """Each decoded HWC uint8 window of a DALI CPU batch scaled into `out` [B, 3, crop, crop] by
+    torch's antialiased bilinear resize, whose uint8 kernel (the one PIL-compatible tensor
+    resizes use) is vectorised where DALI's CPU resize is not."""
+    size = tuple(out.shape[-2:])
+    for i in range(len(windows)):
+        hwc = torch.from_numpy(np.asarray(windows[i]))  # a view of DALI's buffer, valid until its next run
+        nchw = hwc.permute(2, 0, 1).unsqueeze(0)
+        out[i : i + 1] = F.interpolate(nchw, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out
 
 
 def _image_spec(s: PipelineSettings) -> ImageSpec:
