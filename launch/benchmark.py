@@ -86,7 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )  # fmt: skip
     pipe.add_argument(
         "--stages", action="store_true",
-        help="also time the DALI training graph cut after the crop window's decode and after its resize",
+        help="also time the DALI training graph cut after the crop window's decode and after its resize "
+        "(and, on the CPU decoder, the window resized by torch instead)",
     )  # fmt: skip
     pipe.add_argument("--cpu", action="store_true", help="deliver batches to the CPU even where CUDA exists")
     pipe.add_argument("--nchw", action="store_true", help="NCHW batches instead of the trainer's channels_last")
