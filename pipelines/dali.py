@@ -130,15 +130,16 @@ def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return out
 
 
-def run_checked(pipe, files: list[str]):
+def run_checked(pipe, files: list[str], after: str | None = None):
     """pipe.run(); a file the decoder cannot read becomes a DataError naming it (DALI cannot drop
-    a bad sample, and its own message names the file only for some failures)."""
+    a bad sample, and its own message names the file only for some failures). `after` says what
+    the failure stopped (default: training)."""
     try:
         return pipe.run()
     except RuntimeError as exc:
-        from pipelines.filecheck import explain_decode_failure
+        from pipelines.filecheck import TRAINING_STOPPED, explain_decode_failure
 
-        error = explain_decode_failure(str(exc), files)
+        error = explain_decode_failure(str(exc), files, after=after or TRAINING_STOPPED)
         if error is None:
             raise
         raise error from exc

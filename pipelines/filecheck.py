@@ -11,6 +11,7 @@ ILSVRC-2012's training set holds one PNG named .JPEG (n02105855_2933.JPEG) and 2
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -167,13 +168,19 @@ def convert_to_rgb_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> 
 _DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
 
 
-def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 200_000) -> DataError | None:
-    """A DataError naming the bad file behind a DALI decoder failure; None when `message` is not
-    about decoding or reading a file.
+TRAINING_STOPPED = "Training stopped; no checkpoint was written after this batch."
 
-    DALI names the file for truncated data ("Failed to decode sample #i : PATH") and empty files
-    ("File mapping failed: PATH"), not for data it cannot identify ("nvImageCodec failure"): then
-    the files' leading bytes are checked (up to `sniff_limit` files) to find it.
+
+def explain_decode_failure(
+    message: str, files: list[str], sniff_limit: int = 200_000, after: str = TRAINING_STOPPED
+) -> DataError | None:
+    """A DataError naming the bad file behind a DALI decoder failure; None when `message` is not
+    about decoding or reading a file. `after` says what the failure stopped.
+
+    DALI names the file for data truncated after its header ("Failed to decode sample #i : PATH")
+    and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
+    short ("nvImageCodec failure"): then the files (up to `sniff_limit` of them) are checked for
+    leading bytes of no image format, then for a header PIL cannot parse (about 50 us a file).
     """
     if not _DECODER_ERROR.search(message):
         return None
@@ -181,10 +188,10 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     named = [part.strip() for line in message.splitlines() for part in re.split(r" : |: ", line)]
     bad = list(dict.fromkeys(p for p in named if p in known))
     dali_line = next((line.strip() for line in message.splitlines() if _DECODER_ERROR.search(line)), "")
-    after = "Training stopped; no checkpoint was written after this batch."
     if bad:
         return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {after} {_how_to_exclude(bad[0])}")
-    suspects = [path for path in files[:sniff_limit] if _unrecognised(path)][:5]
+    candidates = files[:sniff_limit]
+    suspects = _first_five(candidates, _unrecognised) or _first_five(candidates, _header_unreadable)
     if suspects:
         return DataError(
             f"the image decoder failed ({dali_line}) without naming the file; these files hold no image "
@@ -202,6 +209,21 @@ def _with_reasons(paths: list[str], fallback: str) -> str:
         finding = check_file(path)
         parts.append(f"{path} ({finding.detail if finding else fallback})")
     return "; ".join(parts)
+
+
+def _first_five(paths: list[str], is_bad) -> list[str]:
+    return list(itertools.islice((path for path in paths if is_bad(path)), 5))
+
+
+def _header_unreadable(path: str) -> bool:
+    """True for a file whose header PIL cannot parse (Image.open reads no further than it)."""
+    try:
+        with Image.open(path):
+            return False
+    except Image.DecompressionBombError:
+        return False  # a parsable header, only large: not what stopped the decoder
+    except (OSError, SyntaxError, ValueError):
+        return True
 
 
 def _unrecognised(path: str) -> bool:

@@ -183,6 +183,21 @@ def test_a_bad_file_at_the_decoder_becomes_an_error_naming_it(corpus, bad):
     assert "launch/scan.py" in message and not any(path in message for path in good)
 
 
+def test_a_jpeg_cut_inside_its_header_is_named_though_dali_does_not_name_it(corpus, tmp_path):
+    """A download cut short in its first bytes: JPEG magic, so sniffing the format finds nothing,
+    and DALI's parser fails without a file name; the header check finds it."""
+    root, _ = corpus
+    good = sorted(str(p) for p in (root / "val" / "square").iterdir())[:3]
+    cut = tmp_path / "cut_in_header.JPEG"
+    cut.write_bytes(jpeg_bytes()[:300])  # inside the quantisation and Huffman tables
+    loader = tiny_loader([*good, str(cut)])
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "without naming the file" in message, message  # the case DALI leaves to the header check
+    assert f"{cut} (JPEG data does not decode" in message and not any(path in message for path in good)
+
+
 def test_folder_problems_are_named_before_any_work(tmp_path, tiny_data):
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
