@@ -164,7 +164,25 @@ def convert_to_rgb_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> 
         im.convert("RGB").save(dst, "JPEG", quality=quality)
 
 
-# ---- a decoder failure during training ------------------------------------------------------
+# ---- a decoder failure while reading ----------------------------------------------------------
+def open_rgb(path: str) -> Image.Image:
+    """The file decoded by PIL as RGB, or a DataError naming it, with PIL's reason and how to
+    leave it out."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode {path} ({exc}). {how_to_exclude(path)}") from exc
+
+
+def unwrap_worker_error(exc: DataError) -> DataError:
+    """The DataError a DataLoader worker raised, without the worker's traceback that DataLoader
+    puts into the message it raises again in the main process."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    text = str(exc)
+    return DataError(text.rsplit(marker, 1)[-1].strip()) if marker in text else exc
+
+
 _DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
 
 
@@ -189,17 +207,17 @@ def explain_decode_failure(
     bad = list(dict.fromkeys(p for p in named if p in known))
     dali_line = next((line.strip() for line in message.splitlines() if _DECODER_ERROR.search(line)), "")
     if bad:
-        return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {after} {_how_to_exclude(bad[0])}")
+        return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {after} {how_to_exclude(bad[0])}")
     candidates = files[:sniff_limit]
     suspects = _first_five(candidates, _unrecognised) or _first_five(candidates, _header_unreadable)
     if suspects:
         return DataError(
             f"the image decoder failed ({dali_line}) without naming the file; these files hold no image "
-            f"data it can decode: {_with_reasons(suspects, dali_line)}. {after} {_how_to_exclude(suspects[0])}"
+            f"data it can decode: {_with_reasons(suspects, dali_line)}. {after} {how_to_exclude(suspects[0])}"
         )
     return DataError(
         f"the image decoder failed on a file it does not name ({dali_line}). {after} "
-        + _how_to_exclude(files[0] if files else "")
+        + how_to_exclude(files[0] if files else "")
     )
 
 
@@ -236,7 +254,7 @@ def _unrecognised(path: str) -> bool:
     return sniff_format(head) in (None, "GIF")
 
 
-def _how_to_exclude(path: str) -> str:
+def how_to_exclude(path: str) -> str:
     # data.root/<split>/<class>/<file>: the scanner takes data.root
     parts = Path(path).parents
     root = str(parts[2]) if len(parts) > 2 else "DATA_ROOT"

@@ -18,7 +18,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
-from pipelines.index import FileIndex
+from pipelines.filecheck import open_rgb, unwrap_worker_error
+from pipelines.index import DataError, FileIndex
 
 
 class ResizeShorter:
@@ -87,8 +88,7 @@ class IndexedImages(Dataset):
         i, seed = key
         if i == PAD_LABEL:
             return torch.zeros(3, self.crop, self.crop), PAD_LABEL
-        with Image.open(self.index.files[i]) as img:
-            rgb = img.convert("RGB")
+        rgb = open_rgb(self.index.files[i])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(rgb), self.index.labels[i]
@@ -158,11 +158,17 @@ class TorchvisionLoader:
         return list(range(start, end)) + [PAD_LABEL] * (self._steps * b - (end - start))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self._loader:
-            self._pos += 1
-            if self._channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        try:
+            for images, labels in self._loader:
+                self._pos += 1
+                if self._channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+        except DataError as exc:  # a file a worker could not decode
+            clean = unwrap_worker_error(exc)
+            if clean is exc:
+                raise
+            raise clean from None
         self._pos = 0
         self._epoch += 1
 

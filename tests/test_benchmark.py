@@ -292,6 +292,51 @@ def test_pipeline_command_names_a_bad_flag(tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+@pytest.fixture
+def folder_with_a_cut_file(tiny_data, tmp_path):
+    """Eight good JPEGs of tiny_data and one cut in half, in two classes."""
+    root = tmp_path / "data"
+    for cls in ("circle", "square"):
+        (root / "train" / cls).mkdir(parents=True)
+        for f in sorted((tiny_data / "train" / cls).iterdir())[:4]:
+            (root / "train" / cls / f.name).write_bytes(f.read_bytes())
+    data = next((tiny_data / "train" / "circle").iterdir()).read_bytes()
+    bad = root / "train" / "circle" / "zz_cut.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    return root, bad
+
+
+def test_pipeline_command_names_a_bad_file_instead_of_a_traceback(folder_with_a_cut_file, tmp_path, capsys):
+    root, bad = folder_with_a_cut_file
+    bad.write_bytes(bad.read_bytes()[:300])  # cut inside the header: the header sample finds it first
+    argv = ["pipeline", "--data", str(root), "--batch-size", "2", "--threads", "1", "--windows", "1",
+            "--warmup", "0", "--cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the image header of {bad} (" in err and "launch/scan.py" in err
+    assert "reads every file under --data" in err and "Traceback" not in err
+
+
+def test_every_decoding_contender_names_a_file_it_cannot_decode(folder_with_a_cut_file):
+    """The ceilings and stages run their own DALI graphs and PIL workers: a bad file met there is
+    named as the loaders name it, in one line."""
+    from alexnet.bench.pipeline_bench import PipelineSettings, _batches_of
+    from pipelines.index import DataError, build_file_index
+
+    root, bad = folder_with_a_cut_file
+    index = build_file_index(root / "train")
+    s = PipelineSettings(data=root, batch_size=3, threads=1, prefetch=1, resize=40, crop=32)
+    # PIL first: its DataLoader forks workers, which must not inherit the threads of a DALI
+    # pipeline that has just failed
+    for name in ("decode-only/pil", "decode-only/dali-cpu", "stage/dali-cpu/window-decode+torch-resize"):
+        batches, _ = _batches_of(name, index, s, torch.device("cpu"))
+        with pytest.raises(DataError) as info:
+            for _ in range(2 * len(index)):  # well past one epoch
+                next(batches)
+        message = str(info.value)
+        assert str(bad) in message and "launch/scan.py" in message and "\n" not in message, (name, message)
+
+
 def test_an_out_path_that_cannot_hold_the_report_fails_before_measuring(tmp_path, capsys, monkeypatch):
     measured: list[str] = []
     monkeypatch.setattr(benchmark, "cmd_step", lambda args: measured.append("step"))

@@ -25,6 +25,7 @@ from pipelines.base import ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader
 from pipelines.filecheck import check_file
 from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
+from pipelines.torchvision_loader import TorchvisionLoader
 
 SCAN = REPO / "launch" / "scan.py"
 # A decoder fails on these (on the CPU as well as the GPU); the others decode but are reported.
@@ -196,6 +197,23 @@ def test_a_jpeg_cut_inside_its_header_is_named_though_dali_does_not_name_it(corp
     message = str(info.value)
     assert "without naming the file" in message, message  # the case DALI leaves to the header check
     assert f"{cut} (JPEG data does not decode" in message and not any(path in message for path in good)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_torchvision_pipeline_names_a_file_pil_cannot_decode(corpus, workers):
+    """In the main process and through a DataLoader worker (whose traceback DataLoader would
+    otherwise put into the message): one line that names the file and its reason."""
+    root, _ = corpus
+    good = sorted(str(p) for p in (root / "val" / "square").iterdir())[:3]
+    bad = str(root / "train/ring/zz_truncated.JPEG")
+    index = FileIndex([*good, bad], [0] * 4, ["a"])
+    image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+    loader = TorchvisionLoader(index, "val", image, ShardSpec(0, 1, 4, 0), torch.device("cpu"), workers, 1)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith(f"cannot decode {bad} (") and "\n" not in message, message
+    assert "launch/scan.py" in message and not any(path in message for path in good)
 
 
 def test_folder_problems_are_named_before_any_work(tmp_path, tiny_data):

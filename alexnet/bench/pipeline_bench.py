@@ -33,6 +33,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import endless
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.base import ImageSpec, ShardSpec
+from pipelines.filecheck import how_to_exclude, open_rgb, unwrap_worker_error
 from pipelines.index import DataError, FileIndex, build_file_index
 
 LOADERS = ("dali-mixed", "dali-cpu", "torchvision")
@@ -132,8 +133,11 @@ def describe_files(index: FileIndex, sample: int = 200) -> dict[str, Any]:
     picks = index.files[:: max(1, len(index.files) // sample)]
     dims = []
     for f in picks:
-        with Image.open(f) as img:  # reads the header only
-            dims.append(img.size)
+        try:
+            with Image.open(f) as img:  # reads the header only
+                dims.append(img.size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot read the image header of {f} ({exc}). {how_to_exclude(f)}") from exc
     return {
         "files": len(index.files),
         "classes": len(index.classes),
@@ -198,8 +202,7 @@ class _PilDecode(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> int:
-        with Image.open(self.files[i]) as img:
-            img.convert("RGB")  # Image.open reads the header only; convert decodes the whole image
+        open_rgb(self.files[i])  # Image.open reads the header only; convert decodes the whole image
         return i
 
 
@@ -214,8 +217,11 @@ def _pil_decode_batches(index: FileIndex, s: PipelineSettings) -> Iterator[int]:
         persistent_workers=True,
         prefetch_factor=s.prefetch,
     )
-    for batch in _endless(loader):
-        yield batch.shape[0]
+    try:
+        for batch in _endless(loader):
+            yield batch.shape[0]
+    except DataError as exc:  # a file a worker could not decode
+        raise unwrap_worker_error(exc) from None
 
 
 def _graph_batches(loader) -> Iterator[int]:
@@ -239,7 +245,7 @@ def _dali_decode_batches(
         raise ValueError(f"pipeline stage {stage} resizes on the CPU and needs the CPU decoder")
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import decode_paper_window, decoder_args, resize_patch
+    from pipelines.dali import decode_paper_window, decoder_args, resize_patch, run_checked
 
     decode = decoder_args(decoder, s.hw_decoder_load)  # type: ignore[arg-type]
     image = _image_spec(s)
@@ -262,7 +268,7 @@ def _dali_decode_batches(
     pipe.build()
     resized = torch.empty(s.batch_size, 3, s.crop, s.crop, dtype=torch.uint8) if torch_resize else None
     while True:
-        (images,) = pipe.run()  # outputs are discarded: only what produced them is measured
+        (images,) = run_checked(pipe, index.files, after="The benchmark stopped.")  # outputs discarded
         if resized is not None:
             with torch_threads(1):
                 resize_windows_with_torch(images, resized)
@@ -390,16 +396,20 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     names = s.pipelines or available_pipelines(cuda, s.ceilings, s.graph_only, s.stages)
     check_pipelines(names, cuda)
     index = build_file_index(resolve_split_dir(s.data))
-    files = describe_files(index)
-    contenders = build_contenders(index, s, names, device)
 
     def progress(rnd: int, name: str, w: Window) -> None:
         tag = "warm-up" if rnd < s.schedule.warmup else f"window {rnd - s.schedule.warmup + 1}"
         print(f"  {tag:>9}  {name:<24} {w.images_per_sec:8.0f} images/s", file=sys.stderr, flush=True)
 
-    timed = run_interleaved(
-        contenders, s.schedule, between=lambda: wait_until_idle(lambda: _sync(device)), progress=progress
-    )
+    try:
+        files = describe_files(index)
+        contenders = build_contenders(index, s, names, device)
+        timed = run_interleaved(
+            contenders, s.schedule, between=lambda: wait_until_idle(lambda: _sync(device)), progress=progress
+        )
+    except DataError as exc:  # a bad file: the scan's lists serve training, this command reads a folder
+        reads_all = "The pipeline benchmark reads every file under --data: move the bad ones out."
+        raise DataError(f"{str(exc).rstrip('.')}. {reads_all}") from exc
     summary = compare(timed)
     results = [_result(name, windows, s) for name, windows in timed.items()]
     for r in results:
