@@ -165,13 +165,18 @@ def convert_to_rgb_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> 
 
 
 # ---- a decoder failure while reading ----------------------------------------------------------
+# What PIL raises for a file it cannot open or decode (DecompressionBombError: a header that
+# declares more pixels than PIL agrees to allocate).
+PIL_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def open_rgb(path: str) -> Image.Image:
     """The file decoded by PIL as RGB, or a DataError naming it, with PIL's reason and how to
     leave it out."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except PIL_READ_ERRORS as exc:
         raise DataError(f"cannot decode {path} ({exc}). {how_to_exclude(path)}") from exc
 
 

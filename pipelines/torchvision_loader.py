@@ -165,10 +165,7 @@ class TorchvisionLoader:
                     images = images.contiguous(memory_format=torch.channels_last)
                 yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
         except DataError as exc:  # a file a worker could not decode
-            clean = unwrap_worker_error(exc)
-            if clean is exc:
-                raise
-            raise clean from None
+            raise unwrap_worker_error(exc) from None
         self._pos = 0
         self._epoch += 1
 

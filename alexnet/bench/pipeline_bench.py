@@ -33,7 +33,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import endless
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.filecheck import how_to_exclude, open_rgb, unwrap_worker_error
+from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, unwrap_worker_error
 from pipelines.index import DataError, FileIndex, build_file_index
 
 LOADERS = ("dali-mixed", "dali-cpu", "torchvision")
@@ -136,7 +136,7 @@ def describe_files(index: FileIndex, sample: int = 200) -> dict[str, Any]:
         try:
             with Image.open(f) as img:  # reads the header only
                 dims.append(img.size)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except PIL_READ_ERRORS as exc:
             raise DataError(f"cannot read the image header of {f} ({exc}). {how_to_exclude(f)}") from exc
     return {
         "files": len(index.files),
