@@ -15,12 +15,16 @@ import itertools
 import os
 import re
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
 from pipelines.index import DataError
+
+Item = TypeVar("Item")
 
 # kind -> what it means; the fixable ones decode after conversion to RGB JPEG.
 KINDS = {
@@ -180,12 +184,18 @@ def open_rgb(path: str) -> Image.Image:
         raise DataError(f"cannot decode {path} ({exc}). {how_to_exclude(path)}") from exc
 
 
-def unwrap_worker_error(exc: DataError) -> DataError:
-    """The DataError a DataLoader worker raised, without the worker's traceback that DataLoader
-    puts into the message it raises again in the main process."""
-    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
-    text = str(exc)
-    return DataError(text.rsplit(marker, 1)[-1].strip()) if marker in text else exc
+def without_worker_traceback(batches: Iterable[Item]) -> Iterator[Item]:
+    """`batches` (from a DataLoader) as they come; a DataError a worker raised comes out as the
+    worker's own message, without the worker's traceback that DataLoader puts into the message
+    it raises again in the main process."""
+    try:
+        yield from batches
+    except DataError as exc:
+        marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+        text = str(exc)
+        if marker not in text:
+            raise
+        raise DataError(text.rsplit(marker, 1)[-1].strip()) from None
 
 
 _DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
@@ -245,7 +255,7 @@ def _header_unreadable(path: str) -> bool:
             return False
     except Image.DecompressionBombError:
         return False  # a parsable header, only large: not what stopped the decoder
-    except (OSError, SyntaxError, ValueError):
+    except PIL_READ_ERRORS:
         return True
 
 

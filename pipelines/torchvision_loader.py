@@ -18,8 +18,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
-from pipelines.filecheck import open_rgb, unwrap_worker_error
-from pipelines.index import DataError, FileIndex
+from pipelines.filecheck import open_rgb, without_worker_traceback
+from pipelines.index import FileIndex
 
 
 class ResizeShorter:
@@ -158,14 +158,11 @@ class TorchvisionLoader:
         return list(range(start, end)) + [PAD_LABEL] * (self._steps * b - (end - start))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        try:
-            for images, labels in self._loader:
-                self._pos += 1
-                if self._channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
-        except DataError as exc:  # a file a worker could not decode
-            raise unwrap_worker_error(exc) from None
+        for images, labels in without_worker_traceback(self._loader):
+            self._pos += 1
+            if self._channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
         self._pos = 0
         self._epoch += 1
 

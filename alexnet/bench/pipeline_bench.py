@@ -33,7 +33,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import endless
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, unwrap_worker_error
+from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, without_worker_traceback
 from pipelines.index import DataError, FileIndex, build_file_index
 
 LOADERS = ("dali-mixed", "dali-cpu", "torchvision")
@@ -217,11 +217,8 @@ def _pil_decode_batches(index: FileIndex, s: PipelineSettings) -> Iterator[int]:
         persistent_workers=True,
         prefetch_factor=s.prefetch,
     )
-    try:
-        for batch in _endless(loader):
-            yield batch.shape[0]
-    except DataError as exc:  # a file a worker could not decode
-        raise unwrap_worker_error(exc) from None
+    for batch in without_worker_traceback(_endless(loader)):
+        yield batch.shape[0]
 
 
 def _graph_batches(loader) -> Iterator[int]:
