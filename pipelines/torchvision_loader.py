@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
 from pipelines.filecheck import open_rgb, without_worker_traceback
 from pipelines.index import FileIndex
+from pipelines.workers import ForkSafeDataLoader
 
 
 class ResizeShorter:
@@ -135,7 +136,7 @@ class TorchvisionLoader:
         self._epoch = 0
         self._pos = 0
         dataset = IndexedImages(index, build_transform(image, split), image.crop)
-        self._loader = DataLoader(
+        self._loader = ForkSafeDataLoader(
             dataset,
             batch_sampler=_EpochBatches(self),
             num_workers=num_workers,

@@ -326,9 +326,9 @@ def test_every_decoding_contender_names_a_file_it_cannot_decode(folder_with_a_cu
     root, bad = folder_with_a_cut_file
     index = build_file_index(root / "train")
     s = PipelineSettings(data=root, batch_size=3, threads=1, prefetch=1, resize=40, crop=32)
-    # PIL first: its DataLoader forks workers, which must not inherit the threads of a DALI
-    # pipeline that has just failed
-    for name in ("decode-only/pil", "decode-only/dali-cpu", "stage/dali-cpu/window-decode+torch-resize"):
+    # PIL last: its workers are forked while the failed DALI pipelines wait for collection
+    # (pipelines/workers.py)
+    for name in ("decode-only/dali-cpu", "stage/dali-cpu/window-decode+torch-resize", "decode-only/pil"):
         batches, _ = _batches_of(name, index, s, torch.device("cpu"))
         with pytest.raises(DataError) as info:
             for _ in range(2 * len(index)):  # well past one epoch

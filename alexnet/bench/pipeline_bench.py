@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from alexnet.bench.envinfo import collect_environment
 from alexnet.bench.output import Column, Report
@@ -35,6 +35,7 @@ from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, without_worker_traceback
 from pipelines.index import DataError, FileIndex, build_file_index
+from pipelines.workers import ForkSafeDataLoader
 
 LOADERS = ("dali-mixed", "dali-cpu", "torchvision")
 # The decode-only ceiling each loader is held against: same library, same files, same threads.
@@ -207,7 +208,7 @@ class _PilDecode(Dataset):
 
 
 def _pil_decode_batches(index: FileIndex, s: PipelineSettings) -> Iterator[int]:
-    loader = DataLoader(
+    loader = ForkSafeDataLoader(
         _PilDecode(index.files),
         batch_size=s.batch_size,
         shuffle=True,
