@@ -2,10 +2,11 @@
 
 A DALI pipeline that is unreachable but not yet collected (held by a reference cycle, such as the
 traceback of a failed `pipe.run()`) when a DataLoader forks its workers is copied into every
-worker. The worker's garbage collector then destroys it there, and the pipeline's destructor waits
-for its worker threads, which a forked child does not have: the worker hangs, and the main process
-waits for its batch forever. The benchmark runs DALI and torchvision contenders in one process, and
-a test process runs them one test after another (tests/test_workers.py reproduces the hang).
+worker. The worker's garbage collector then destroys it there, where the pipeline's threads do not
+exist (fork copies only the calling thread): the destructor waits for them forever or aborts the
+worker, and a hung worker leaves the main process waiting for its batch forever. The benchmark runs
+DALI and torchvision contenders in one process, and a test process runs them one test after another
+(tests/test_workers.py reproduces both outcomes).
 """
 
 from __future__ import annotations
