@@ -7,6 +7,10 @@ exist (fork copies only the calling thread): the destructor waits for them forev
 worker, and a hung worker leaves the main process waiting for its batch forever. The benchmark runs
 DALI and torchvision contenders in one process, and a test process runs them one test after another
 (tests/test_workers.py reproduces both outcomes).
+
+Why not the `forkserver` or `spawn` start method, which copy nothing: every worker would import torch
+and torchvision afresh (seconds per worker on a small machine) and the dataset would have to be
+pickled; one collection before the fork keeps DataLoader's default and costs a fraction of a second.
 """
 
 from __future__ import annotations
