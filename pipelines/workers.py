@@ -4,9 +4,10 @@ A DALI pipeline that is unreachable but not yet collected (held by a reference c
 traceback of a failed `pipe.run()`) when a DataLoader forks its workers is copied into every
 worker. The worker's garbage collector then destroys it there, where the pipeline's threads do not
 exist (fork copies only the calling thread): the destructor waits for them forever or aborts the
-worker, and a hung worker leaves the main process waiting for its batch forever. The benchmark runs
-DALI and torchvision contenders in one process, and a test process runs them one test after another
-(tests/test_workers.py reproduces both outcomes).
+worker, and a hung worker leaves the main process waiting for its batch forever (DataLoader has no
+timeout by default; pytorch/pytorch#21554). The benchmark runs DALI and torchvision contenders in
+one process, and a test process runs them one test after another (tests/test_workers.py
+reproduces both outcomes).
 
 Why not the `forkserver` or `spawn` start method, which copy nothing: every worker would import torch
 and torchvision afresh (seconds per worker on a small machine) and the dataset would have to be
