@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -335,6 +336,22 @@ def test_every_decoding_contender_names_a_file_it_cannot_decode(folder_with_a_cu
                 next(batches)
         message = str(info.value)
         assert str(bad) in message and "launch/scan.py" in message and "\n" not in message, (name, message)
+
+
+def test_e2e_command_names_a_bad_file_and_says_the_benchmark_stopped(
+    folder_with_a_cut_file, tiny_data, tmp_path, capsys
+):
+    root, bad = folder_with_a_cut_file
+    for cls in ("circle", "square"):  # training's splits need a val folder; the benchmark reads train
+        shutil.copytree(tiny_data / "val" / cls, root / "val" / cls)
+    argv = ["e2e", "--data", str(root), "--pipelines", "dali", "--no-synthetic", "--windows", "1", "--warmup", "0",
+            "--steps", "4", "--out", str(tmp_path / "out"), "data.batch_size=3", "data.num_threads=1",
+            "data.prefetch=1", "data.crop=67", "data.resize=76", "run.progress=log"]  # fmt: skip
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot decode {bad}" in err and "The e2e benchmark stopped." in err
+    assert "checkpoint" not in err  # training's wording does not apply to a benchmark
+    assert not (tmp_path / "out" / "e2e.json").exists()
 
 
 def test_an_out_path_that_cannot_hold_the_report_fails_before_measuring(tmp_path, capsys, monkeypatch):
