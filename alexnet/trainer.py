@@ -27,6 +27,8 @@ from alexnet.report import summarize_run
 from alexnet.reporting import Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, load_resume_checkpoint, restore_training
 from alexnet.stop import StopRequest
+from pipelines.filecheck import stopped_by
+from pipelines.index import DataError
 
 log = logging.getLogger("alexnet")
 
@@ -107,17 +109,11 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
         self._log_start()
-        stop_reason = ""
-        for epoch in range(self.progress.epoch, cfg.train.epochs):
-            stop_reason = self._train_epoch(epoch)
-            if stop_reason:
-                break
-            if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.train.eval_every == 0:
-                self._validate(epoch)
-            self.progress.epoch = epoch + 1
-            self.save_checkpoint()
+        try:
+            stop_reason = self._run_epochs()
+        except DataError as exc:  # a file the loaders cannot decode; they do not know who reads them
+            raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
         if stop_reason:
             self.save_checkpoint()
         self._update_clock()
@@ -129,6 +125,19 @@ class Trainer:
         self.reporter.summary(summary, final)
         self.reporter.close()
         return summary
+
+    def _run_epochs(self) -> str:
+        """The remaining epochs, each validated and checkpointed; why they stopped early, or ""."""
+        cfg = self.cfg
+        for epoch in range(self.progress.epoch, cfg.train.epochs):
+            stop_reason = self._train_epoch(epoch)
+            if stop_reason:
+                return stop_reason
+            if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.train.eval_every == 0:
+                self._validate(epoch)
+            self.progress.epoch = epoch + 1
+            self.save_checkpoint()
+        return ""
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step

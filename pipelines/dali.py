@@ -130,16 +130,15 @@ def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return out
 
 
-def run_checked(pipe, files: list[str], after: str | None = None):
+def run_checked(pipe, files: list[str]):
     """pipe.run(); a file the decoder cannot read becomes a DataError naming it (DALI cannot drop
-    a bad sample, and its own message names the file only for some failures). `after` says what
-    the failure stopped (default: training)."""
+    a bad sample, and its own message names the file only for some failures)."""
     try:
         return pipe.run()
     except RuntimeError as exc:
-        from pipelines.filecheck import TRAINING_STOPPED, explain_decode_failure
+        from pipelines.filecheck import explain_decode_failure
 
-        error = explain_decode_failure(str(exc), files, after=after or TRAINING_STOPPED)
+        error = explain_decode_failure(str(exc), files)
         if error is None:
             raise
         raise error from exc

@@ -198,17 +198,18 @@ def without_worker_traceback(batches: Iterable[Item]) -> Iterator[Item]:
         raise DataError(text.rsplit(marker, 1)[-1].strip()) from None
 
 
+def stopped_by(exc: DataError, what_stopped: str) -> DataError:
+    """`exc` with a last sentence saying what it stopped: the loaders do not know who reads them
+    (training, evaluation, a benchmark), their callers do."""
+    return DataError(f"{str(exc).rstrip('.')}. {what_stopped}")
+
+
 _DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
 
 
-TRAINING_STOPPED = "Training stopped; no checkpoint was written after this batch."
-
-
-def explain_decode_failure(
-    message: str, files: list[str], sniff_limit: int = 200_000, after: str = TRAINING_STOPPED
-) -> DataError | None:
+def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 200_000) -> DataError | None:
     """A DataError naming the bad file behind a DALI decoder failure; None when `message` is not
-    about decoding or reading a file. `after` says what the failure stopped.
+    about decoding or reading a file.
 
     DALI names the file for data truncated after its header ("Failed to decode sample #i : PATH")
     and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
@@ -222,16 +223,16 @@ def explain_decode_failure(
     bad = list(dict.fromkeys(p for p in named if p in known))
     dali_line = next((line.strip() for line in message.splitlines() if _DECODER_ERROR.search(line)), "")
     if bad:
-        return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {after} {how_to_exclude(bad[0])}")
+        return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {how_to_exclude(bad[0])}")
     candidates = files[:sniff_limit]
     suspects = _first_five(candidates, _unrecognised) or _first_five(candidates, _header_unreadable)
     if suspects:
         return DataError(
             f"the image decoder failed ({dali_line}) without naming the file; these files hold no image "
-            f"data it can decode: {_with_reasons(suspects, dali_line)}. {after} {how_to_exclude(suspects[0])}"
+            f"data it can decode: {_with_reasons(suspects, dali_line)}. {how_to_exclude(suspects[0])}"
         )
     return DataError(
-        f"the image decoder failed on a file it does not name ({dali_line}). {after} "
+        f"the image decoder failed on a file it does not name ({dali_line}). "
         + how_to_exclude(files[0] if files else "")
     )
 

@@ -156,6 +156,7 @@ def test_training_reads_only_good_files_from_the_lists_and_names_a_bad_file_othe
     fatal = [str(root / rel) for rel, kind in expected.items() if kind in FATAL or rel.endswith("zz_gif.JPEG")]
     assert any(path in errors[0] for path in fatal), errors[0]
     assert "launch/scan.py" in errors[0] and "data.train_files=" in errors[0]
+    assert errors[0].rstrip().endswith("Training stopped; no checkpoint was written after this batch."), errors[0]
     # no broken checkpoint: whatever was written before the bad batch loads
     for ckpt in (tmp_path / "raw" / "checkpoints").glob("*.pt"):
         load_checkpoint(ckpt)

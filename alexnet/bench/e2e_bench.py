@@ -37,7 +37,7 @@ from alexnet.data import build_loader, build_splits
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan
-from pipelines.filecheck import TRAINING_STOPPED
+from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
 
 REAL_PIPELINES = ("dali", "torchvision")
@@ -108,8 +108,8 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
 
     try:
         timed = run_interleaved(contenders, s.schedule, between=settle, progress=progress_printer(env, s.schedule))
-    except DataError as exc:  # training's loaders say what a bad file stopped; here it is the benchmark
-        raise DataError(str(exc).replace(TRAINING_STOPPED, "The e2e benchmark stopped.")) from exc
+    except DataError as exc:  # a bad file met by training's loaders
+        raise stopped_by(exc, "The e2e benchmark stopped.") from exc
     if not env.is_main:
         return None
     amp_name = parts.amp.name

@@ -33,7 +33,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import endless
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, without_worker_traceback
+from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, stopped_by, without_worker_traceback
 from pipelines.index import DataError, FileIndex, build_file_index
 from pipelines.workers import ForkSafeDataLoader
 
@@ -266,7 +266,7 @@ def _dali_decode_batches(
     pipe.build()
     resized = torch.empty(s.batch_size, 3, s.crop, s.crop, dtype=torch.uint8) if torch_resize else None
     while True:
-        (images,) = run_checked(pipe, index.files, after="The benchmark stopped.")  # outputs discarded
+        (images,) = run_checked(pipe, index.files)  # outputs discarded
         if resized is not None:
             with torch_threads(1):
                 resize_windows_with_torch(images, resized)
@@ -406,8 +406,8 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
             contenders, s.schedule, between=lambda: wait_until_idle(lambda: _sync(device)), progress=progress
         )
     except DataError as exc:  # a bad file: the scan's lists serve training, this command reads a folder
-        reads_all = "The pipeline benchmark reads every file under --data: move the bad ones out."
-        raise DataError(f"{str(exc).rstrip('.')}. {reads_all}") from exc
+        reads_all = "The pipeline benchmark stopped; it reads every file under --data: move the bad ones out."
+        raise stopped_by(exc, reads_all) from exc
     summary = compare(timed)
     results = [_result(name, windows, s) for name, windows in timed.items()]
     for r in results:
