@@ -49,32 +49,33 @@ def image_graph(
         name=READER_NAME,
     )
     decode = decoder_args(decoder, hw_decoder_load)
-    normalize: dict[str, Any] = {
-        "dtype": types.FLOAT,
-        "output_layout": layout,
-        "mean": list(image.mean),
-        "std": list(image.std),
-    }
     if training and image.train_crop == "random_resized":
         # Inception-style crop (Szegedy et al. 2015): decode only the sampled window.
         images = fn.decoders.image_random_crop(
             jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10, **decode
         )
-        images = resize_patch(images, image)
-        images = fn.crop_mirror_normalize(
-            images, mirror=fn.random.coin_flip(probability=0.5), **with_lighting(normalize, lighting)
-        )
+        images = mirror_normalize(resize_patch(images, image), image, layout, lighting)
     elif training:
-        images = paper_random_crop(jpegs, image, decode)
-        # Section 4.1's PCA lighting (when on) is folded into the mean that the normalization subtracts.
-        images = fn.crop_mirror_normalize(
-            images, mirror=fn.random.coin_flip(probability=0.5), **with_lighting(normalize, lighting)
-        )
+        images = mirror_normalize(paper_random_crop(jpegs, image, decode), image, layout, lighting)
     else:
         images = fn.decoders.image(jpegs, **decode)
         images = fn.resize(images, resize_shorter=image.resize)
-        images = fn.crop_mirror_normalize(images, crop=(image.crop, image.crop), **normalize)
+        images = fn.crop_mirror_normalize(images, crop=(image.crop, image.crop), **normalize_args(image, layout))
     return images, label
+
+
+def normalize_args(image: ImageSpec, layout: str, dtype: Any = types.FLOAT) -> dict[str, Any]:
+    """`fn.crop_mirror_normalize`'s per-channel normalization to `dtype` in `layout`. float32 by
+    default: DALI's CPU conversion to float16 is slower than to float32 (the `--stages` rows of
+    `benchmark.py pipeline`), and an uint8 output normalised by torch gains nothing on the CPU."""
+    return {"dtype": dtype, "output_layout": layout, "mean": list(image.mean), "std": list(image.std)}
+
+
+def mirror_normalize(patch, image: ImageSpec, layout: str, lighting: Lighting | None = None, dtype: Any = types.FLOAT):
+    """Section 4.1: the patch reflected horizontally at random, then normalised; the PCA lighting
+    (when on) is folded into the mean that the normalization subtracts."""
+    normalize = with_lighting(normalize_args(image, layout, dtype), lighting)
+    return fn.crop_mirror_normalize(patch, mirror=fn.random.coin_flip(probability=0.5), **normalize)
 
 
 def decoder_args(decoder: DecoderDevice, hw_decoder_load: float) -> dict[str, Any]:

@@ -247,6 +247,7 @@ def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     data = output.load_report(tmp_path / "pipeline.json")
     names = [r["name"] for r in data["results"]]
     stages = ["stage/dali-cpu/window-decode", "stage/dali-cpu/window-decode+resize",
+              "stage/dali-cpu/window-decode+resize+mirror", "stage/dali-cpu/window-decode+resize+fp16",
               "stage/dali-cpu/window-decode+torch-resize"]  # fmt: skip
     assert names == ["dali-cpu", "torchvision", *stages, "decode-only/dali-cpu", "decode-only/pil"]
     by_name = {r["name"]: r for r in data["results"]}
@@ -274,6 +275,54 @@ def test_torch_resize_stage_scales_each_window_as_pil_does():
         pil = np.asarray(Image.fromarray(window).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
         assert np.abs(out[i].numpy().astype(int) - pil).max() <= 1
     assert not out[3].any()
+
+
+@pytest.mark.parametrize("layout", ["HWC", "CHW"])
+def test_output_stages_mirror_and_normalise_as_the_loader_does(layout):
+    """The uint8 stage is each patch or its mirror image, unchanged; the float16 stage is the
+    loader's float32 normalization of the patch or its mirror, to float16's precision."""
+    from nvidia.dali import fn, pipeline_def
+
+    from alexnet.bench.pipeline_bench import output_stage
+    from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
+    from pipelines.base import ImageSpec
+    from pipelines.dali import mirror_normalize
+
+    image = ImageSpec(8, 9, "paper", tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    rng = np.random.default_rng(0)
+    patches = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(16)]
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None, seed=3)
+    def graph():
+        resized = fn.external_source(source=lambda: patches, layout="HWC", batch=True)
+        return (
+            output_stage(resized, "window-decode+resize+mirror", image, layout),
+            output_stage(resized, "window-decode+resize+fp16", image, layout),
+            mirror_normalize(resized, image, layout),
+            output_stage(resized, "window-decode+resize", image, layout),
+        )
+
+    pipe = graph()
+    pipe.build()
+    mirrored, half, full, resized = (out.as_array() for out in pipe.run())
+    assert mirrored.dtype == np.uint8 and half.dtype == np.float16 and full.dtype == np.float32
+    assert np.array_equal(resized, np.stack(patches))  # the resize cut leaves the patch as it is
+    mean, std = np.asarray(image.mean, np.float32), np.asarray(image.std, np.float32)
+
+    def as_laid(hwc):
+        return hwc if layout == "HWC" else hwc.transpose(2, 0, 1)
+
+    flips = {"mirror": [], "half": []}
+    for i, patch in enumerate(patches):
+        plain, flipped = as_laid(patch), as_laid(patch[:, ::-1])
+        assert np.array_equal(mirrored[i], plain) or np.array_equal(mirrored[i], flipped)
+        flips["mirror"].append(np.array_equal(mirrored[i], flipped))
+        want = [as_laid((p.astype(np.float32) - mean) / std) for p in (patch, patch[:, ::-1])]
+        close = [np.allclose(half[i].astype(np.float32), w, atol=2e-3, rtol=1e-3) for w in want]
+        assert any(close)
+        flips["half"].append(close[1] and not close[0])
+        assert any(np.allclose(full[i], w, atol=1e-5) for w in want)
+    assert 0 < sum(flips["mirror"]) < 16 and 0 < sum(flips["half"]) < 16  # the mirror is random, per sample
 
 
 def test_torch_threads_are_set_for_the_block_and_restored():

@@ -51,12 +51,21 @@ GRAPH_OF = {"dali-mixed": "graph-only/dali-mixed", "dali-cpu": "graph-only/dali-
 # Diagnostics (opt-in): the training graph cut after each of its costly stages, so that each
 # stage's cost is the difference between neighbours: the ceiling (full decode), the paper crop's
 # window decoded alone, the window decoded and resized, the whole graph (graph-only).
+# Two cuts after the resize weigh the output type, the issue's "emit uint8/fp16" levers: the
+# random mirror alone, left uint8 (what the graph would cost if torch normalised), and the mirror
+# with the normalization to float16 instead of the loader's float32 (graph-only).
 # On the CPU decoder one what-if as well: the window resized by torch's SIMD uint8 kernel in the
 # consuming thread instead of DALI's fn.resize (left uint8, not normalised), which tells how far
 # a faster resize alone would take the pipeline towards its ceiling.
-STAGES = ("window-decode", "window-decode+resize", "window-decode+torch-resize")
+STAGES = (
+    "window-decode",
+    "window-decode+resize",
+    "window-decode+resize+mirror",
+    "window-decode+resize+fp16",
+    "window-decode+torch-resize",
+)
 STAGES_OF = {
-    "dali-mixed": tuple(f"stage/dali-mixed/{stage}" for stage in STAGES[:2]),
+    "dali-mixed": tuple(f"stage/dali-mixed/{stage}" for stage in STAGES[:-1]),
     "dali-cpu": tuple(f"stage/dali-cpu/{stage}" for stage in STAGES),
 }
 
@@ -247,6 +256,7 @@ def _dali_decode_batches(
 
     decode = decoder_args(decoder, s.hw_decoder_load)  # type: ignore[arg-type]
     image = _image_spec(s)
+    layout = "HWC" if s.channels_last else "CHW"
 
     @pipeline_def
     def decode_graph():
@@ -254,7 +264,9 @@ def _dali_decode_batches(
         if stage is None:
             return fn.decoders.image(jpegs, **decode)
         window = decode_paper_window(jpegs, image, decode)
-        return resize_patch(window, image) if stage == "window-decode+resize" else window
+        if stage in ("window-decode", "window-decode+torch-resize"):
+            return window
+        return output_stage(resize_patch(window, image), stage, image, layout)
 
     pipe = decode_graph(
         batch_size=s.batch_size,
@@ -271,6 +283,21 @@ def _dali_decode_batches(
             with torch_threads(1):
                 resize_windows_with_torch(images, resized)
         yield len(images)
+
+
+def output_stage(resized, stage: str, image: ImageSpec, layout: str):
+    """The resized window (a DALI node) as `stage` leaves it: as it is, mirrored at random and
+    left uint8, or mirrored and normalised to float16."""
+    from nvidia.dali import fn, types
+
+    from pipelines.dali import mirror_normalize
+
+    if stage == "window-decode+resize+mirror":
+        mirror = fn.random.coin_flip(probability=0.5)
+        return fn.crop_mirror_normalize(resized, mirror=mirror, dtype=types.UINT8, output_layout=layout)
+    if stage == "window-decode+resize+fp16":
+        return mirror_normalize(resized, image, layout, dtype=types.FLOAT16)
+    return resized
 
 
 @contextmanager
