@@ -23,7 +23,7 @@ from pathlib import Path
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
-from alexnet.parallel.env import init_distributed, shutdown_distributed
+from alexnet.parallel.env import LaunchError, init_distributed, shutdown_distributed
 from pipelines.index import DataError
 
 
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=args.num_threads,
         decoder=args.decoder,
     )
-    env = init_distributed(args.timeout)
+    try:
+        env = init_distributed(args.timeout)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         result = run_evaluation(opts, env)
         if env.is_main:

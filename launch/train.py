@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
+from alexnet.parallel.env import LaunchError
 from alexnet.parallel.mesh import LayoutError
 from alexnet.run import run_training
 from pipelines.index import DataError
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_training(cfg, args.config)
-    except (ConfigError, LayoutError, DataError, CheckpointError) as exc:
+    except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, (ConfigError, LayoutError)) else 1
+        return 2 if isinstance(exc, (ConfigError, LayoutError, LaunchError)) else 1
     return 0 if summary["completed"] or summary["steps"] > 0 else 1
 
 

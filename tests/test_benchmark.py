@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
+import threading
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from alexnet.bench import output, sweep, timing
+from alexnet.bench.envinfo import usable_cores
 from alexnet.bench.flops import count_train_flops, mfu, peak_flops
 from alexnet.bench.timing import Schedule, Window
 from alexnet.bench.training import comm_bytes, step_split
@@ -74,7 +79,18 @@ def test_cpu_seconds_of_the_process_tree_grow():
     before = timing.tree_cpu_seconds()
     sum(i * i for i in range(2_000_000))
     assert timing.tree_cpu_seconds() > before
-    assert timing.wait_until_idle(timeout_s=0.5) >= 0
+
+
+def test_wait_until_idle_waits_out_a_busy_process_and_not_an_idle_one():
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [0 for _ in iter(stop.is_set, True)])
+    spinner.start()
+    try:  # a thread spinning in this process: never idle, so the wait runs to its timeout
+        assert timing.wait_until_idle(interval_s=0.05, timeout_s=0.4) >= 0.4
+    finally:
+        stop.set()
+        spinner.join()
+    assert timing.wait_until_idle(interval_s=0.05, timeout_s=30.0) < 30.0
 
 
 # ---- the step split and bytes -------------------------------------------------------------
@@ -119,7 +135,12 @@ def test_sweep_settings_and_commands_are_argument_lists(tmp_path):
     cmd = sweep.point_command(s, 2, tmp_path / "p2")
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[-2:] == ["--modes", "dp"]
-    assert sweep.point_env(2, cuda=False)["OMP_NUM_THREADS"]
+    env_without = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with mock.patch.dict(os.environ, env_without, clear=True):
+        assert sweep.point_env(2, cuda=False)["OMP_NUM_THREADS"] == str(max(1, usable_cores() // 2))
+        assert "OMP_NUM_THREADS" not in sweep.point_env(2, cuda=True)  # GPU ranks keep torch's default
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "7"}):
+        assert sweep.point_env(2, cuda=False)["OMP_NUM_THREADS"] == "7"  # the user's setting wins
     with pytest.raises(ValueError, match="--nproc"):
         sweep.SweepSettings((0,), "step", (), BENCH, tmp_path)
     with pytest.raises(ValueError, match="--out"):
@@ -335,11 +356,17 @@ def test_torch_threads_are_set_for_the_block_and_restored():
     assert torch.get_num_threads() == before
 
 
-def test_pipeline_command_names_a_bad_flag(tmp_path, capsys):
+def test_pipeline_command_names_a_bad_flag(tiny_data, tmp_path, capsys):
     assert benchmark.main(["pipeline", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
-    assert benchmark.main(["pipeline", "--pipelines", "dali-mixed", "--out", str(tmp_path)]) == 2
+    assert benchmark.main(["pipeline", "--pipelines", "dali-mixed", "--cpu", "--out", str(tmp_path)]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+    data = ["--data", str(tiny_data), "--pipelines", "dali-cpu", "--cpu", "--out", str(tmp_path)]
+    assert benchmark.main(["pipeline", *data, "--resize", "40", "--crop", "41"]) == 2
+    assert "--crop must be between 1 and --resize (40), got 41" in capsys.readouterr().err
+    assert benchmark.main(["pipeline", *data, "--batch-size", "1000"]) == 2
+    err = capsys.readouterr().err  # too little data is not a bad file
+    assert "--batch-size 1000" in err and "holds 120 images" in err and "bad ones" not in err
 
 
 @pytest.fixture
@@ -426,10 +453,48 @@ def test_e2e_command_one_process(tiny_data, tmp_path):
     assert [r["name"] for r in data["results"]] == ["e2e/dali", "e2e/torchvision", "synthetic"]
     for r in data["results"]:
         assert r["images_per_sec_per_gpu"] == r["images_per_sec"] and r["flops_per_step"] > 0
-        assert r["mfu"] is None  # no peak for a CPU
-        shares = r["split_share"]
-        assert sum(shares.values()) == pytest.approx(1.0)
+        if not torch.cuda.is_available():
+            assert r["mfu"] is None  # no peak for a CPU
+        assert sum(r["split_share"].values()) == pytest.approx(1.0)
+        assert sum(r["split_ms"].values()) == pytest.approx(r["mean_step_ms"])
     assert set(data["summary"]) == {"e2e/dali / synthetic", "e2e/torchvision / synthetic"}
+
+
+def test_step_command_with_nothing_to_measure_says_why(tmp_path, capsys):
+    assert benchmark.main(["step", "--modes", "towers", "--out", str(tmp_path)]) == 2
+    assert "nothing to measure on 1 process(es): towers/paper skipped: it needs at least 2" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from alexnet.parallel.env import LaunchError, init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(LaunchError, match="LOCAL_RANK=1 but only 1 CUDA devices"):
+        init_distributed(60.0)
+    assert benchmark.main(["step", "--out", str(tmp_path)]) == 2
+    assert "LOCAL_RANK=1 but only 1 CUDA devices" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "one")
+    with pytest.raises(LaunchError, match="LOCAL_RANK='one' is not an integer"):
+        init_distributed(60.0)
+
+
+def test_flops_and_mfu_count_every_replica_and_divide_by_every_device():
+    from alexnet.bench.step_bench import ContenderInfo, train_result
+    from alexnet.config import Config
+    from alexnet.parallel.env import DistEnv
+
+    env = DistEnv(0, 0, 4, 4, torch.device("cpu"), "gloo")
+    windows = [Window(80, 2.0, {"steps": 4.0, "full_s": 0.5, "data_wait_s": 0.0})]  # 0.5 s per step
+    cfg = Config()
+    dp = train_result(ContenderInfo("dp/paper", "dp", "paper", 4, 10**12), windows, cfg, env, "off")
+    towers = train_result(ContenderInfo("towers/paper", "towers", "paper", 2, 10**12), windows, cfg, env, "off")
+    assert dp["flops_per_step"] == 4 * 10**12 and towers["flops_per_step"] == 2 * 10**12
+    assert dp["achieved_tflops_per_device"] == pytest.approx(4 / 0.5 / 4)  # TFLOP per step / s / devices
+    assert towers["achieved_tflops_per_device"] == pytest.approx(2 / 0.5 / 4)
+    assert dp["global_batch"] == 4 * cfg.data.batch_size and dp["images_per_sec_per_gpu"] == pytest.approx(10.0)
+    assert mfu(4e12, 0.5, 4, 4e12) == pytest.approx(0.5) and mfu(4e12, 0.5, 4, None) is None
 
 
 def test_step_profile_ranks_each_contenders_operations(tmp_path):
@@ -478,6 +543,33 @@ def test_step_command_two_ranks_every_layout(tmp_path):
         assert sum(r["split_share"].values()) == pytest.approx(1.0)
     assert "towers/paper / dp/paper" in data["summary"]
     assert "dp/paper / dp/torchvision.models.alexnet" in data["summary"]
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_point_past_its_timeout_is_stopped_with_all_its_processes(tmp_path):
+    """A launcher and a worker that ignores SIGTERM: both are gone when run_process_group returns,
+    the worker by the SIGKILL after the grace period."""
+    pids = tmp_path / "pids"
+    worker = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    launcher = (
+        "import subprocess, sys, time, os; "
+        f"w = subprocess.Popen([sys.executable, '-c', {worker!r}]); "
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); "
+        "sys.stderr.write('started'); sys.stderr.flush(); time.sleep(60)"
+    )
+    code, stderr = sweep.run_process_group([sys.executable, "-c", launcher], dict(os.environ), 3.0, grace_s=1.0)
+    assert code is None and stderr == "started"
+    launcher_pid, worker_pid = map(int, pids.read_text().split())
+    assert _gone(launcher_pid) and _gone(worker_pid)
+    code, stderr = sweep.run_process_group([sys.executable, "-c", "import sys; sys.exit('no')"], dict(os.environ), 30)
+    assert code == 1 and stderr.strip() == "no"
 
 
 @pytest.mark.slow

@@ -106,6 +106,8 @@ class PipelineSettings:
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        if not 1 <= self.crop <= self.resize:
+            raise ValueError(f"--crop must be between 1 and --resize ({self.resize}), got {self.crop}")
 
 
 def available_pipelines(cuda: bool, ceilings: bool, graph_only: bool = False, stages: bool = False) -> tuple[str, ...]:
@@ -421,6 +423,8 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     names = s.pipelines or available_pipelines(cuda, s.ceilings, s.graph_only, s.stages)
     check_pipelines(names, cuda)
     index = build_file_index(resolve_split_dir(s.data))
+    if len(index) < s.batch_size:  # before the bad-file handling below, which this is not
+        raise ValueError(f"--batch-size {s.batch_size}: {s.data} holds {len(index)} images, fewer than one batch")
 
     def progress(rnd: int, name: str, w: Window) -> None:
         tag = "warm-up" if rnd < s.schedule.warmup else f"window {rnd - s.schedule.warmup + 1}"

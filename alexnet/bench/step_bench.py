@@ -31,7 +31,7 @@ from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
-from alexnet.parallel.mesh import Mesh, build_mesh
+from alexnet.parallel.mesh import LayoutError, Mesh, build_mesh
 from alexnet.plan import RunPlan, build_plan
 from pipelines.base import ShardSpec
 from pipelines.synthetic import SyntheticLoader
@@ -144,6 +144,7 @@ def train_result(
         "images_per_sec_max": ips.max,
         "images_per_sec_per_gpu": ips.median / env.world_size,
         "step_ms": 1000 * step_s,
+        "mean_step_ms": 1000 * split["step_s"],  # what split_ms adds up to (step_ms is the slowest rank's)
         "split_ms": {k.removesuffix("_s"): 1000 * v for k, v in split.items() if k != "step_s"},
         "split_share": {k.removesuffix("_s"): v / split["step_s"] for k, v in split.items() if k != "step_s"},
         "comm_mb_per_step": _megabytes(comm_bytes(windows)),
@@ -207,6 +208,11 @@ def _plan_contenders(s: StepSettings, cfg: Config, world: int) -> tuple[list[tup
 def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
     """Every rank runs it; rank 0 gets the report, the others None."""
     pairs, notes = _plan_contenders(s, cfg, env.world_size)
+    if not pairs:
+        raise LayoutError(f"nothing to measure on {env.world_size} process(es): {'; '.join(notes)}")
+    if env.is_main:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     num_classes = num_classes_of(cfg)
     contenders, infos = [], []
     amp_name = build_amp(cfg.train.amp, env.device).name
@@ -249,6 +255,8 @@ def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
 SPLIT_NOTES = [
     "images_per_sec: images of all ranks per second (median of windows; window time = slowest rank); "
     "per rank = total / world size",
+    "step_ms: the slowest rank's step (the window's time); split_ms: the ranks' mean step in parts, adding up "
+    "to mean_step_ms; split_share: each part over mean_step_ms",
     "split: data wait; compute = no_sync step minus timed exchanges; grad comm = full step minus no_sync "
     "step (exposed all-reduce) plus blocking FC-slice all-reduces; exchange = timed activation exchanges",
     "comm_mb_per_step: per rank; payload = handed to collectives, sent = on the wire under ring algorithms",

@@ -11,6 +11,7 @@ the sweep compares the same machine split differently, not an oversubscribed one
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any
 
 from alexnet.bench.envinfo import collect_environment, usable_cores
 from alexnet.bench.output import Column, Report, ReportError, load_report
+
+KILL_GRACE_S = 10.0  # from SIGTERM to SIGKILL when a point outlives --timeout
 
 
 @dataclass(frozen=True)
@@ -98,20 +101,57 @@ TABLE = [
 def run_point(s: SweepSettings, nproc: int, cuda: bool) -> tuple[dict[str, Any] | None, str]:
     """Runs one point; returns its report (None on failure) and an error text."""
     out = s.out / f"nproc{nproc}"
-    print(f"sweep: {nproc} process(es): {' '.join(point_command(s, nproc, out))}", file=sys.stderr, flush=True)
-    try:
-        proc = subprocess.run(
-            point_command(s, nproc, out), env=point_env(nproc, cuda), capture_output=True, text=True,
-            timeout=s.timeout_s,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
+    command = point_command(s, nproc, out)
+    print(f"sweep: {nproc} process(es): {' '.join(command)}", file=sys.stderr, flush=True)
+    returncode, stderr = run_process_group(command, point_env(nproc, cuda), s.timeout_s)
+    if returncode is None:
         return None, f"{nproc} processes: no result within --timeout {s.timeout_s:.0f} s"
-    if proc.returncode != 0:
-        return None, f"{nproc} processes: exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
+    if returncode != 0:
+        return None, f"{nproc} processes: exit {returncode}: {stderr.strip()[-1500:]}"
     try:
         return load_report(out / f"{s.mode}.json"), ""
     except ReportError as exc:
         return None, f"{nproc} processes: {exc}"
+
+
+def run_process_group(
+    command: list[str], env: dict[str, str], timeout_s: float, grace_s: float = KILL_GRACE_S
+) -> tuple[int | None, str]:
+    """Runs `command` in a session of its own and returns (exit code, stderr); (None, stderr) when
+    it outlives `timeout_s`. Then the whole group is stopped, not only torchrun: a killed launcher
+    cannot pass the signal on, and its workers would keep their cores and GPUs through the next
+    points. The group goes down with the sweep too (Ctrl-C reaches only the sweep's own group)."""
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+        return proc.returncode, stderr
+    except subprocess.TimeoutExpired:
+        return None, stop_process_group(proc, grace_s)
+    except BaseException:
+        stop_process_group(proc, 0.0)
+        raise
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> str:
+    """SIGTERM to the group (torchrun forwards it; workers can let go of NCCL), SIGKILL after
+    `grace_s`, and SIGKILL again to any worker that outlived its launcher; returns stderr."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    _signal_group(proc.pid, signal.SIGKILL)
+    return stderr or ""
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # the group is gone already
 
 
 def run_sweep(s: SweepSettings) -> Report:

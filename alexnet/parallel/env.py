@@ -35,7 +35,11 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError as exc:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from exc
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+class LaunchError(ValueError):
+    """The processes were started in a way this machine cannot run (more ranks than GPUs, say)."""
 
 
 def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
@@ -52,7 +56,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     use_cuda = torch.cuda.is_available() and not force_cpu
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise LaunchError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
                 "start at most one process per GPU (torchrun --nproc_per_node)"
             )
@@ -82,7 +86,10 @@ def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
