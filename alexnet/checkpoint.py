@@ -8,6 +8,7 @@ previous checkpoint survives as `previous.pt` until the next write.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from torch import nn
 
 from alexnet.optim import IMPLEMENTATION_KEYS
 
+log = logging.getLogger("alexnet")
+
+# Optimizer settings this run's config sets (optim.momentum, optim.weight_decay; the other two are
+# fixed by build_optimizer): the optimizer keeps them as built, so config.yaml and the checkpoints
+# written from now on describe what the run does. What the config does not set (the lr the
+# schedule reached) comes from the checkpoint.
+CONFIG_KEYS = frozenset({"momentum", "weight_decay", "dampening", "nesterov"})
 FORMAT_VERSION = 1
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
@@ -48,7 +56,17 @@ def load_optimizer_state(
 ) -> None:
     for group in optimizer.param_groups:
         saved = hyperparams.get(group["name"], {})
-        group.update({k: v for k, v in saved.items() if k != "name" and k not in IMPLEMENTATION_KEYS})
+        for key, value in saved.items():
+            if key == "name" or key in IMPLEMENTATION_KEYS:
+                continue
+            if key in CONFIG_KEYS and key in group:
+                if group[key] != value:
+                    log.warning(
+                        "optimizer group %r: %s is %s in this run's config and %s in the checkpoint; "
+                        "the config's value is used", group["name"], key, group[key], value,
+                    )  # fmt: skip
+                continue
+            group[key] = value
     for name, buffer in momentum.items():
         p = params[name]
         optimizer.state[p] = {"momentum_buffer": buffer.to(device=p.device, dtype=p.dtype).clone()}

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,6 +284,9 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # YAML 1.1 reads 1e-3 and 5e-4 (no dot in the mantissa) as strings; they are floats.
+            return float(value)
     elif origin is Literal:
         choices = typing.get_args(hint)
         if isinstance(value, bool):
@@ -302,6 +308,9 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     raise ConfigError(f"{where} expects {_type_name(hint)}; got {value!r} ({type(value).__name__})")
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"a list of {typing.get_args(hint)[0].__name__}"
@@ -319,6 +328,8 @@ def validate_config(cfg: Config) -> None:
         "data.synthetic_steps": cfg.data.synthetic_steps,
         "optim.lr": cfg.optim.lr,
         "optim.lr_reference_batch": cfg.optim.lr_reference_batch,
+        "schedule.step_epochs": cfg.schedule.step_epochs,
+        "schedule.patience": cfg.schedule.patience,
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
         "train.eval_every": cfg.train.eval_every,
@@ -337,10 +348,18 @@ def validate_config(cfg: Config) -> None:
         "train.grad_clip": cfg.train.grad_clip,
         "parallel.fc_group": cfg.parallel.fc_group,
         "data.lighting_std": cfg.data.lighting_std,
+        "optim.momentum": cfg.optim.momentum,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "schedule.warmup_start_factor": cfg.schedule.warmup_start_factor,
+        "schedule.min_lr_factor": cfg.schedule.min_lr_factor,
+        "schedule.max_reductions": cfg.schedule.max_reductions,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be >= 0; got {value}")
+    for key, value in _float_values(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be a finite number; got {value}")
     if cfg.model.num_classes == 1:
         raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
     if not 0.0 <= cfg.model.dropout < 1.0:
@@ -365,6 +384,17 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
         raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
+
+
+def _float_values(cfg: Config) -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float setting, lists included."""
+    for section in fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in fields(part):
+            values = getattr(part, f.name)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, float):
+                    yield f"{section.name}.{f.name}", value
 
 
 def config_from_dict(tree: dict[str, Any], source: str) -> Config:

@@ -78,3 +78,22 @@ def test_optimizer_state_round_trips_by_name():
     older = {name: {**g, "fused": None, "foreach": None} for name, g in groups.items()}
     load_optimizer_state(twin_opt, older, momentum, dict(twin.named_parameters()))
     assert [g["fused"] for g in twin_opt.param_groups] == [True, True]
+
+
+def test_optimizer_settings_come_from_this_runs_config(caplog):
+    """A run resumed with optim.momentum / optim.weight_decay changed uses (and will save) the new
+    values, and says so; the lr the schedule reached comes from the checkpoint."""
+    model = PaperAlexNet(10, input_size=67)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.1)
+    groups = optimizer_hyperparams(opt)
+    changed = OptimConfig(momentum=0.5, weight_decay=0.01)
+    resumed = build_optimizer(list(model.named_parameters()), changed, lr=0.7)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        load_optimizer_state(resumed, groups, {}, dict(model.named_parameters()))
+    settings = {g["name"]: (g["lr"], g["momentum"], g["weight_decay"]) for g in resumed.param_groups}
+    assert settings == {"weights": (0.1, 0.5, 0.01), "biases": (0.1, 0.5, 0.0)}
+    assert optimizer_hyperparams(resumed)["weights"]["momentum"] == 0.5  # what the next checkpoint holds
+    said = caplog.text
+    assert "'weights': momentum is 0.5 in this run's config and 0.9 in the checkpoint" in said
+    assert "'weights': weight_decay is 0.01 in this run's config and 0.0005" in said
+    assert "'biases': weight_decay" not in said  # biases carry no decay in either

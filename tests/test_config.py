@@ -58,6 +58,33 @@ def test_values_are_typed():
     assert cfg.train.deterministic is True
 
 
+def test_exponent_floats_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot before the exponent) as a string; for a float key it is a float."""
+    cfg = load_config(write(tmp_path, "optim:\n  weight_decay: 5e-4\n"), ["optim.lr=1e-3", "data.std=[5E1, 2.5e+1, 1]"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.data.std) == (0.001, 0.0005, [50.0, 25.0, 1.0])
+    with pytest.raises(ConfigError, match=r"'optim\.lr'.*expects float; got '1e-3x'"):
+        load_config(None, ["optim.lr=1e-3x"])
+    with pytest.raises(ConfigError, match=r"'train\.epochs'.*expects int; got '1e2'"):
+        load_config(None, ["train.epochs=1e2"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("schedule.step_epochs=0", r"'schedule\.step_epochs' must be > 0; got 0"),
+        ("schedule.patience=0", r"'schedule\.patience' must be > 0; got 0"),
+        ("optim.momentum=-0.5", r"'optim\.momentum' must be >= 0; got -0\.5"),
+        ("optim.weight_decay=-1e-4", r"'optim\.weight_decay' must be >= 0"),
+        ("optim.lr=.nan", r"'optim\.lr' must be a finite number; got nan"),
+        ("optim.lr=.inf", r"'optim\.lr' must be a finite number; got inf"),
+        ("data.mean=[1, .inf, 3]", r"'data\.mean' must be a finite number; got inf"),
+    ],
+)
+def test_values_that_would_fail_later_name_their_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
 def test_cross_key_validation():
     with pytest.raises(ConfigError, match=r"'data\.crop' \(300\) must not exceed 'data\.resize' \(256\)"):
         load_config(None, ["data.crop=300"])
