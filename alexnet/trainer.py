@@ -1,4 +1,5 @@
 """Builds the parts of a run from its config and runs the epochs. No argparse, no globals."""
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,17 @@ class Trainer:
         self.progress = Progress()
         if resumed is not None:
             payload, path = resumed
-            self.progress = restore_training(payload, path, self.par.layout, self.model, self.optimizer,
-                                             self.schedule, self.amp, self.train_loader, mesh)
+            self.progress = restore_training(
+                payload,
+                path,
+                self.par.layout,
+                self.model,
+                self.optimizer,
+                self.schedule,
+                self.amp,
+                self.train_loader,
+                mesh,
+            )
             log.info("resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.step)
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs)
@@ -97,11 +107,30 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Collective: every rank calls it; rank 0 writes."""
         self._update_clock()
-        payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
-                                self.train_loader, self.mesh, self.progress)
+        payload = build_payload(
+            self.cfg,
+            self.par.layout,
+            self.model,
+            self.optimizer,
+            self.schedule,
+            self.amp,
+            self.train_loader,
+            self.mesh,
+            self.progress,
+        )
         if payload is not None:
             atomic_save(payload, self.ckpt_dir)
         self._barrier()
+
+    def _save_periodic(self) -> None:
+        """checkpoint.every_steps, except during a run of skipped non-finite steps: the weights are
+        still those from before it, and a write would rotate previous.pt away, which is the file to
+        go back to when the loss exploded before it turned non-finite."""
+        if self.progress.nonfinite_streak:
+            log.warning("step %d: no periodic checkpoint during %d non-finite step(s) in a row",
+                        self.progress.step, self.progress.nonfinite_streak)  # fmt: skip
+            return
+        self.save_checkpoint()
 
     def _barrier(self) -> None:
         if self.env.distributed:
@@ -119,8 +148,15 @@ class Trainer:
         self._update_clock()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
-        final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
-                              self.env.device.type, self.num_classes)
+        final = summarize_run(
+            p.best_top1,
+            p.best_top5,
+            p.train_seconds,
+            p.images,
+            self.env.world_size,
+            self.env.device.type,
+            self.num_classes,
+        )
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self.reporter.summary(summary, final)
         self.reporter.close()
@@ -157,15 +193,25 @@ class Trainer:
             data_wait = time.perf_counter() - waited
             lr = self.schedule.apply(self.optimizer, p.step)
             dropout = DropoutContext(cfg.train.seed, p.step, self._sample_base[: labels.shape[0]])
-            result = train_step(self.par.module, images, labels, self.optimizer, self.amp, dropout,
-                                cfg.train.grad_clip, self.after_backward)
+            result = train_step(
+                self.par.module,
+                images,
+                labels,
+                self.optimizer,
+                self.amp,
+                dropout,
+                cfg.train.grad_clip,
+                self.after_backward,
+            )
             p.step += 1
             p.images += labels.shape[0] * self.mesh.data_size
             p.nonfinite_streak = 0 if result.applied else p.nonfinite_streak + 1
             if p.nonfinite_streak >= cfg.train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{p.nonfinite_streak} consecutive steps with a non-finite loss at step {p.step} (lr {lr:.3g}); "
-                    "lower optim.lr or use train.amp=bf16/off. The last good checkpoint is kept."
+                    "lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. The checkpoints in "
+                    f"{self.ckpt_dir} hold weights from before these steps (a skipped step changes nothing, and "
+                    "no periodic checkpoint is written during them)."
                 )
             tally.add(result.loss_sum, result.correct, result.count)
             meter.add(labels.shape[0] * self.mesh.data_size, data_wait)
@@ -174,7 +220,7 @@ class Trainer:
                 self._log_train(epoch, lr, tally, meter, window, batches)
                 window = 0
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
-                self.save_checkpoint()
+                self._save_periodic()
             if self._reached_max_steps():
                 return "max_steps"
             if self.stop.agreed():
@@ -193,21 +239,33 @@ class Trainer:
             tally.add(result.loss_sum, result.correct, result.count)
         stats = tally.reduce(self.mesh.metric_group)
         if stats["count"] != self.val_loader.num_samples:
-            raise RuntimeError(f"validation counted {stats['count']} images but the split has "
-                               f"{self.val_loader.num_samples}")
+            raise RuntimeError(
+                f"validation counted {stats['count']} images but the split has {self.val_loader.num_samples}"
+            )
         elapsed = time.perf_counter() - start
         p = self.progress
         p.last_top1, p.last_top5 = stats["top1"], stats["top5"]
         if stats["top1"] > p.best_top1:
             p.best_top1, p.best_top5 = stats["top1"], stats["top5"]
         if self.schedule.observe_validation(stats["top1"]):
-            log.info("validation top-1 stopped improving: learning rate divided (reduction %d of %d)",
-                     self.schedule.plateau.reductions, self.cfg.schedule.max_reductions)
-        self.reporter.validation({
-            "split": "val", "epoch": epoch + 1, "step": p.step, "loss": stats["loss"], "top1": stats["top1"],
-            "top5": stats["top5"], "count": stats["count"], "images_per_sec": stats["count"] / max(elapsed, 1e-9),
-            "lr": self.schedule.lr_at(p.step),
-        })
+            log.info(
+                "validation top-1 stopped improving: learning rate divided (reduction %d of %d)",
+                self.schedule.plateau.reductions,
+                self.cfg.schedule.max_reductions,
+            )
+        self.reporter.validation(
+            {
+                "split": "val",
+                "epoch": epoch + 1,
+                "step": p.step,
+                "loss": stats["loss"],
+                "top1": stats["top1"],
+                "top5": stats["top5"],
+                "count": stats["count"],
+                "images_per_sec": stats["count"] / max(elapsed, 1e-9),
+                "lr": self.schedule.lr_at(p.step),
+            }
+        )
         return stats
 
     # ---- reporting ------------------------------------------------------------------------
@@ -220,12 +278,22 @@ class Trainer:
         for kind, value in sent.items():
             self._comm_sent[kind] += value
         self._comm_steps += steps
-        self.reporter.train({
-            "split": "train", "epoch": epoch + 1, "step": self.progress.step, "loss": stats["loss"],
-            "top1": stats["top1"], "top5": stats["top5"], "images_per_sec": speed["images_per_sec"],
-            "data_wait_share": speed["data_wait_share"], "lr": lr,
-            "comm_payload_mb": comm_per_step(payload, steps), "comm_sent_mb": comm_per_step(sent, steps),
-        }, batches)
+        self.reporter.train(
+            {
+                "split": "train",
+                "epoch": epoch + 1,
+                "step": self.progress.step,
+                "loss": stats["loss"],
+                "top1": stats["top1"],
+                "top5": stats["top5"],
+                "images_per_sec": speed["images_per_sec"],
+                "data_wait_share": speed["data_wait_share"],
+                "lr": lr,
+                "comm_payload_mb": comm_per_step(payload, steps),
+                "comm_sent_mb": comm_per_step(sent, steps),
+            },
+            batches,
+        )
         tally.reset()
         meter.reset()
 
@@ -234,14 +302,28 @@ class Trainer:
         local = sum(p.numel() for p in self.model.parameters())
         log.info(
             "run %s: %s AlexNet, %d classes, %s parameters (%s on this rank); %s; world %d on %s (%s), amp %s",
-            plan.run_dir, cfg.model.variant, self.num_classes, f"{self.full_parameters:,}", f"{local:,}",
-            self.mesh.describe(), self.env.world_size, self.env.device.type, self.env.backend, self.amp.name,
+            plan.run_dir,
+            cfg.model.variant,
+            self.num_classes,
+            f"{self.full_parameters:,}",
+            f"{local:,}",
+            self.mesh.describe(),
+            self.env.world_size,
+            self.env.device.type,
+            self.env.backend,
+            self.amp.name,
         )
         log.info(
             "data: %s pipeline (%s decoding), %d train / %d val images, batch %d per replica (global %d), "
             "%d steps per epoch, peak lr %.4g",
-            cfg.data.pipeline, plan.decoder, self.train_loader.num_samples, self.val_loader.num_samples,
-            cfg.data.batch_size, plan.global_batch, len(self.train_loader), plan.peak_lr,
+            cfg.data.pipeline,
+            plan.decoder,
+            self.train_loader.num_samples,
+            self.val_loader.num_samples,
+            cfg.data.batch_size,
+            plan.global_batch,
+            len(self.train_loader),
+            plan.peak_lr,
         )
 
     def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:

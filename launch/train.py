@@ -14,6 +14,7 @@ from alexnet.config import ConfigError, load_config
 from alexnet.parallel.env import LaunchError
 from alexnet.parallel.mesh import LayoutError
 from alexnet.run import run_training
+from alexnet.trainer import NonFiniteLossError
 from pipelines.index import DataError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_training(cfg, args.config)
-    except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError) as exc:
+    except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, LayoutError, LaunchError)) else 1
     return 0 if summary["completed"] or summary["steps"] > 0 else 1

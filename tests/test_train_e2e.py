@@ -112,3 +112,18 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     a = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_data, tmp_path):
+    """optim.lr=100 sends the loss to inf/nan within a few steps; after train.max_nonfinite skipped
+    steps in a row the run stops with a one-line error, and checkpoint.every_steps=1 wrote no
+    checkpoint during the streak: last.pt is from the last applied step."""
+    proc = train(tiny_data, tmp_path, "nan", "optim.lr=100", "checkpoint.every_steps=1",
+                 "train.max_nonfinite=3", "train.log_every=1", nproc=1)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "NonFiniteLossError" not in out  # said, not a traceback
+    stopped = int(out.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])
+    assert "error: 3 consecutive steps" in out and "hold weights from before these steps" in out
+    assert out.count("no periodic checkpoint during") == 2  # the streak's first two steps
+    progress = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert progress["step"] == stopped - 3 and progress["nonfinite_streak"] == 0
