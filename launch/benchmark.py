@@ -12,7 +12,8 @@
   python launch/benchmark.py merge A.json B.json ... --out DIR
       one report holding the results of several
 
-Every command prints a table and writes <out>/<command>.json and .csv (and .png with --plot).
+Every measuring command prints a table and writes <out>/<command>.json and .csv (and .png with
+--plot); merge writes <out>/<name>.json.
 key=value arguments override the training config (as for launch/train.py), e.g. data.batch_size=32.
 """
 
