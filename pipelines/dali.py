@@ -78,9 +78,16 @@ def mirror_normalize(patch, image: ImageSpec, layout: str, lighting: Lighting | 
     return fn.crop_mirror_normalize(patch, mirror=fn.random.coin_flip(probability=0.5), **normalize)
 
 
+# EXIF orientation is ignored, as PIL's Image.open (torchvision's ImageFolder) ignores it: DALI
+# rotates by default, and the two pipelines (and the published ImageNet numbers, all PIL-decoded)
+# would see a tagged photo rotated by 90 degrees against each other.
+ADJUST_ORIENTATION = False
+
+
 def decoder_args(decoder: DecoderDevice, hw_decoder_load: float) -> dict[str, Any]:
-    """The decoder operator's arguments: RGB output, and the hardware decoder's share on GPUs."""
-    decode: dict[str, Any] = {"device": decoder, "output_type": types.RGB}
+    """The decoder operator's arguments: RGB output, the stored orientation, and the hardware
+    decoder's share on GPUs."""
+    decode: dict[str, Any] = {"device": decoder, "output_type": types.RGB, "adjust_orientation": ADJUST_ORIENTATION}
     if decoder == "mixed":
         decode["hw_decoder_load"] = hw_decoder_load
     return decode
@@ -99,7 +106,8 @@ def decode_paper_window(jpegs, image: ImageSpec, decode: dict[str, Any]):
     The patch spans side * crop / resize original pixels (side = the shorter side) and is scaled
     by resize / side, as the resize-then-crop order would; the two orders differ only in how the
     resampling filter treats the patch's border."""
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # H, W, C from the header alone
+    # H, W, C from the header alone, in the decoder's (stored) orientation
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=ADJUST_ORIENTATION)
     height, width = shape[0], shape[1]
     side = dmath.min(height, width)
     window = side * (image.crop / image.resize)

@@ -20,7 +20,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader, DecoderDevice
+from pipelines.dali import DaliLoader, DecoderDevice, decoder_args
 from pipelines.index import FileIndex
 
 READER_NAME = "TenCropReader"
@@ -50,10 +50,7 @@ def ten_crop_graph(
         stick_to_shard=True,
         name=READER_NAME,
     )
-    decode: dict[str, Any] = {"device": decoder, "output_type": types.RGB}
-    if decoder == "mixed":
-        decode["hw_decoder_load"] = hw_decoder_load
-    square = fn.decoders.image(jpegs, **decode)
+    square = fn.decoders.image(jpegs, **decoder_args(decoder, hw_decoder_load))
     square = fn.resize(square, resize_shorter=image.resize)
     square = fn.crop(square, crop=(image.resize, image.resize))
     normalize: dict[str, Any] = {
@@ -116,8 +113,9 @@ class TenCropLoader(DaliLoader):
         hw_decoder_load: float = 0.65,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(index, "val", image, shard, device, num_threads, prefetch, decoder, hw_decoder_load,
-                         channels_last)
+        super().__init__(
+            index, "val", image, shard, device, num_threads, prefetch, decoder, hw_decoder_load, channels_last
+        )
 
     def _graph(self, **common: Any):
         return ten_crop_graph(seed=self._shard.seed, **common)

@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader
+from pipelines.dali import DaliLoader, decode_paper_window, decoder_args
 from pipelines.index import DataError, build_file_index
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torchvision_loader import TorchvisionLoader
@@ -31,8 +31,9 @@ def tv(index, split, batch=4, shard=0, shards=1, seed=0, image=None, workers=0):
     return TorchvisionLoader(index, split, image or spec(), ShardSpec(shard, shards, batch, seed), CPU, workers, 2)
 
 
-def photo_like_jpeg(path: Path, width=500, height=375, seed=0) -> None:
-    """An ImageNet-sized JPEG (quality 90) with smooth regions, edges and noise."""
+def photo_like_jpeg(path: Path, width=500, height=375, seed=0, orientation=None) -> None:
+    """An ImageNet-sized JPEG (quality 90) with smooth regions, edges and noise; `orientation`:
+    an EXIF Orientation tag (6: a camera held upright, "rotate 90 degrees to view")."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     img = np.stack([128 + 60 * np.sin(xx / 40 + c) + 40 * np.cos(yy / 30 * (c + 1)) for c in range(3)], -1)
@@ -42,7 +43,10 @@ def photo_like_jpeg(path: Path, width=500, height=375, seed=0) -> None:
         img[disk] = 0.5 * img[disk] + 0.5 * rng.uniform(0, 255, 3)
     img = (img + rng.normal(0, 6, img.shape)).clip(0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path, quality=90)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(img).save(path, quality=90, exif=exif)
 
 
 def test_file_index_matches_imagefolder(tiny_data):
@@ -68,13 +72,15 @@ def test_dali_cpu_batches_shapes_dtype_and_labels(tiny_data):
     assert -3 < images.mean().item() < 3 and 0.1 < images.std().item() < 5
 
 
-def test_dali_val_matches_torchvision_on_a_real_jpeg(tmp_path):
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_dali_val_matches_torchvision_on_a_real_jpeg(tmp_path, orientation):
     """Both decode with libjpeg-turbo (bit-identical pixels, asserted below); they differ only in
     the resampling filter of the resize (DALI's antialiased linear vs PIL's bilinear) and where
     each rounds to 8 bits. Tolerance in 0-255 pixel units: mean |diff| < 0.75, 99th percentile
-    < 3. A one-pixel shift of the crop gives a mean of about 3.5, so alignment errors fail."""
+    < 3. A one-pixel shift of the crop gives a mean of about 3.5, so alignment errors fail.
+    With an EXIF orientation tag both keep the stored orientation, as PIL does."""
     for name in ("a", "b"):
-        photo_like_jpeg(tmp_path / "val" / name / "x.jpg")
+        photo_like_jpeg(tmp_path / "val" / name / "x.jpg", orientation=orientation)
     index = build_file_index(tmp_path / "val")
     image = spec(crop=227, resize=256)
     d_images, d_labels = next(iter(dali(index, "val", batch=2, image=image)))
@@ -89,13 +95,35 @@ def test_dali_val_matches_torchvision_on_a_real_jpeg(tmp_path):
     @pipeline_def
     def decode_only():
         jpegs, _ = fn.readers.file(files=index.files[:1])
-        return fn.decoders.image(jpegs, device="cpu")
+        return fn.decoders.image(jpegs, **decoder_args("cpu", 0.0))
 
     pipe = decode_only(batch_size=1, num_threads=1, device_id=None)
     pipe.build()
     dali_pixels = np.array(pipe.run()[0].as_tensor())[0]
     pil_pixels = np.asarray(Image.open(index.files[0]).convert("RGB"))
     assert np.array_equal(dali_pixels, pil_pixels)
+
+
+def test_dali_train_window_is_taken_in_the_stored_orientation(tmp_path):
+    """The paper crop's window is placed from the header's shape and decoded; both must read the
+    file as stored (with crop = resize the window is the central square, as PIL sees it)."""
+    from nvidia.dali import fn, pipeline_def
+
+    path = tmp_path / "x.jpg"
+    photo_like_jpeg(path, orientation=6)
+
+    @pipeline_def
+    def window():
+        jpegs, _ = fn.readers.file(files=[str(path)])
+        return decode_paper_window(jpegs, spec(crop=256, resize=256), decoder_args("cpu", 0.0))
+
+    pipe = window(batch_size=1, num_threads=1, device_id=None, seed=0)
+    pipe.build()
+    got = np.array(pipe.run()[0].as_tensor())[0].astype(np.float32)
+    pil = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)  # 375 x 500, not rotated
+    assert got.shape == (375, 375, 3)
+    # the central square (its left edge at 62.5: DALI rounds the anchor), decoded as a window
+    assert min(np.abs(got - pil[:, x : x + 375]).mean() for x in (62, 63)) < 1.0
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
