@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from alexnet.config import Config
+from alexnet.config import Config, ConfigError
 from alexnet.data import image_spec, resolve_data_root
 from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
@@ -112,6 +112,9 @@ def resolve_eval_index(cfg: Config, data: str, split: str) -> tuple[FileIndex, P
     (the order the model was trained with), else from the evaluated folder's own class folders."""
     root = Path(data).expanduser() if data else resolve_data_root(cfg.data)
     split_dir = root / split if (root / split).is_dir() else root
+    if split_dir == root and any((root / name).is_dir() for name in ("train", "val")):
+        # a dataset root without that split (a typo, an unprepared split): not a folder of classes
+        raise DataError(f"{root / split} does not exist: --split names a subfolder of {root}")
     classes = find_classes(root / "train") if (root / "train").is_dir() and split_dir != root else None
     return build_file_index(split_dir, classes=classes), split_dir
 
@@ -121,6 +124,8 @@ def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: Dis
     threads = opts.num_threads or cfg.data.num_threads
     shard = ShardSpec(env.rank, env.world_size, batch, seed=0)
     decoder = opts.decoder if opts.decoder != "auto" else ("mixed" if env.device.type == "cuda" else "cpu")
+    if decoder == "mixed" and env.device.type != "cuda":
+        raise ConfigError("--decoder mixed decodes on the GPU and needs a CUDA device; use --decoder cpu or auto")
     rest = (image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch, decoder, cfg.data.hw_decoder_load)
     if opts.ten_crop:
         from pipelines.tencrop import TenCropLoader

@@ -27,14 +27,26 @@ from alexnet.parallel.env import LaunchError, init_distributed, shutdown_distrib
 from pipelines.index import DataError
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: a count, 0 meaning "the run's"."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the run's own), got {value}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", default="", help="dataset root or folder of class folders (default: the run's)")
     parser.add_argument("--split", default="val", help="subfolder of --data to evaluate (default: val)")
     parser.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (section 4.1)")
-    parser.add_argument("--batch-size", type=int, default=0, help="images per rank and batch (default: the run's)")
-    parser.add_argument("--num-threads", type=int, default=0, help="DALI threads per rank (default: the run's)")
+    parser.add_argument(
+        "--batch-size", type=non_negative_int, default=0, help="images per rank and batch (default: the run's)"
+    )
+    parser.add_argument(
+        "--num-threads", type=non_negative_int, default=0, help="DALI threads per rank (default: the run's)"
+    )
     parser.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: beside the checkpoint)")
     parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds")

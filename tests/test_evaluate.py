@@ -2,6 +2,8 @@
 top-1/top-5 and per-class counts, the same numbers on one process and under torchrun."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from _helpers import REPO, check, torchrun
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
-from alexnet.config import config_to_dict, load_config
+from alexnet.config import ConfigError, config_to_dict, load_config
 from alexnet.evaluate import EvalOptions, run_evaluation
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import build_model
@@ -125,3 +127,12 @@ def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_
     torch.save(payload, tmp_path / "noconfig.pt")
     with pytest.raises(CheckpointError, match=r"noconfig\.pt holds no config"):
         build_model_from_checkpoint(tmp_path / "noconfig.pt")
+
+
+def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained):
+    with pytest.raises(DataError, match=r"nosuch does not exist: --split names a subfolder of"):
+        run_evaluation(EvalOptions(trained, data=str(tiny_data), split="nosuch"), ONE)
+    with pytest.raises(ConfigError, match=r"--decoder mixed decodes on the GPU and needs a CUDA device"):
+        run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
+    proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--batch-size: must be >= 0 (0: the run's own), got -3" in proc.stderr
