@@ -64,9 +64,20 @@ class LrSchedule:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * epochs
         self.plateau = PlateauState()
+        # The schedule is a function of epoch progress, counted in steps of `steps_per_epoch`.
+        # While the epochs keep their length that count is the global step itself (offset 0, so
+        # a resume under the same layout is bit-exact); a resume under another number of steps
+        # per epoch moves it, so that the rate goes on from the same fraction of the run.
+        self.step_offset = 0
+
+    def realign(self, step: int, position: int) -> None:
+        """From global step `step` on, the run stands `position` steps (of this schedule's
+        epochs) into its schedule: epochs done * steps_per_epoch + batches done in this one."""
+        self.step_offset = position - step
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
+        step = step + self.step_offset  # the position in the schedule's epochs
         warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
         warm = 1.0
         if step < warmup_steps:
@@ -110,7 +121,9 @@ class LrSchedule:
             "best_top1": self.plateau.best_top1,
             "bad_evals": self.plateau.bad_evals,
             "reductions": self.plateau.reductions,
+            "step_offset": self.step_offset,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau = PlateauState(float(state["best_top1"]), int(state["bad_evals"]), int(state["reductions"]))
+        self.step_offset = int(state.get("step_offset", 0))  # absent from older checkpoints

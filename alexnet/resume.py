@@ -2,8 +2,11 @@
 
 The model and the momentum go through the layout (single-device names in the file, this rank's
 part in memory); every data rank's loader position is gathered, so the loaders resume exactly
-when the number of data shards is unchanged.
+when the number of data shards is unchanged. Under another number (or batch), the interrupted
+epoch's position is converted by the samples it consumed, later epochs are whole, and the learning
+rate follows the epoch progress, not the global step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +34,7 @@ from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule
 from alexnet.parallel.layout import Layout
 from alexnet.parallel.mesh import Mesh
-from pipelines.base import Loader
+from pipelines.base import EpochLayout, Loader, convert_position, train_steps
 
 log = logging.getLogger("alexnet")
 
@@ -94,24 +97,59 @@ def restore_training(
     schedule.load_state_dict(payload["schedule"])
     if amp.scaler is not None and payload.get("scaler"):
         amp.scaler.load_state_dict(payload["scaler"])
-    restore_loader(train_loader, payload["loaders"]["train"], mesh, path)
-    return Progress(**payload["progress"])
+    saved_batch = payload.get("config", {}).get("data", {}).get("batch_size")
+    progress = Progress(**payload["progress"])
+    pos = restore_loader(train_loader, payload["loaders"]["train"], mesh, path, saved_batch)
+    if pos is not None:
+        # Epochs of another length: the global step no longer says how far into the run we are,
+        # the epoch progress does (the same fraction of the run before and after the change).
+        schedule.realign(progress.step, progress.epoch * len(train_loader) + pos)
+    return progress
 
 
-def restore_loader(loader: Loader, states: dict[str, Any], mesh: Mesh, path: Path) -> None:
+def restore_loader(
+    loader: Loader, states: dict[str, Any], mesh: Mesh, path: Path, saved_batch: int | None = None
+) -> int | None:
+    """Put the loader where the checkpoint's loaders stopped. Returns None when it is restored
+    exactly (the same data shards and batch), else the position it was converted to."""
     mine = states.get(str(mesh.data_rank))
-    if mine is not None and len(states) == mesh.data_size:
-        loader.load_state_dict(mine)
-        return
-    # Another number of data shards: the interrupted epoch restarts under the new sharding for
-    # its remaining steps; exact replay needs the same number of shards.
-    log.warning(
-        "checkpoint %s was written with %d data shards, this run has %d: the data order of the "
-        "interrupted epoch is not replayed exactly",
-        path, len(states), mesh.data_size,
-    )
+    current = loader.state_dict()
+    new = current_layout(loader, current, mesh, saved_batch)
+    # Every data rank stops at the same position in its epoch: any rank's state gives it.
     any_state = next(iter(states.values()))
-    loader.load_state_dict({**any_state, "dali": None, "num_shards": mesh.data_size})
+    old = saved_layout(any_state, len(states), saved_batch or new.batch_size, loader.num_samples)
+    if mine is not None and len(states) == mesh.data_size and old == new:
+        loader.load_state_dict(mine)
+        return None
+    pos = convert_position(int(any_state["pos"]), old, new)
+    log.warning(
+        "checkpoint %s was written with %d data shards of batch %d (%d steps per epoch), this run has %d "
+        "of batch %d (%d steps): the interrupted epoch goes on from step %d (was %d), its data order "
+        "is not replayed exactly; later epochs are whole",
+        path, old.num_shards, old.batch_size, old.steps, new.num_shards, new.batch_size, new.steps,
+        pos, int(any_state["pos"]),
+    )  # fmt: skip
+    # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh
+    # reader to `pos` itself, so that its epochs and the reader's coincide from then on.
+    loader.load_state_dict({**current, "epoch": int(any_state["epoch"]), "pos": pos, "dali": None})
+    return pos
+
+
+def current_layout(loader: Loader, state: dict[str, Any], mesh: Mesh, saved_batch: int | None) -> EpochLayout:
+    """This run's epoch layout. A loader whose state does not name its batch (the synthetic
+    one) is taken to keep the checkpoint's."""
+    batch = int(state.get("batch_size") or saved_batch or 1)
+    return EpochLayout(int(state.get("num_shards", mesh.data_size)), batch, len(loader))
+
+
+def saved_layout(state: dict[str, Any], data_ranks: int, batch: int, num_samples: int) -> EpochLayout:
+    """The epoch layout a saved loader state counts its position in. States written before they
+    recorded it lack the batch (then `batch`: the checkpoint's config, else unchanged) and the
+    steps (then the batching rule's)."""
+    shards = int(state.get("num_shards", data_ranks))
+    batch = int(state.get("batch_size", batch))
+    steps = int(state["steps"]) if "steps" in state else train_steps(num_samples, shards, batch)
+    return EpochLayout(shards, batch, steps)
 
 
 def gather_loader_states(loader: Loader, mesh: Mesh) -> dict[str, Any]:

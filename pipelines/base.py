@@ -74,6 +74,32 @@ def val_steps(num_samples: int, num_shards: int, batch_size: int) -> int:
     return -(-largest // batch_size)
 
 
+@dataclass(frozen=True)
+class EpochLayout:
+    """How one training epoch is cut into steps: what a loader position counts in."""
+
+    num_shards: int
+    batch_size: int  # per shard
+    steps: int  # per epoch, the same on every shard
+
+    @property
+    def global_batch(self) -> int:
+        return self.num_shards * self.batch_size
+
+
+def convert_position(pos: int, old: EpochLayout, new: EpochLayout) -> int:
+    """A position `pos` (batches into the epoch) under `old`, as batches under `new`.
+
+    By samples consumed, rounded down: the resumed epoch retrains less than one global batch
+    rather than skip any (with one permutation per epoch shared by all shard counts, as the
+    torchvision loader has, the samples consumed are a prefix of it, so none is skipped), and it
+    is never longer than one epoch (clamped). A finished epoch stays finished: the samples the old
+    layout left out of it (each shard's incomplete last batch) are not trained as a late extra."""
+    if pos >= old.steps:
+        return new.steps
+    return min(pos * old.global_batch // new.global_batch, new.steps)
+
+
 def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: str) -> None:
     if train_steps(num_samples, num_shards, batch_size) == 0:
         raise ValueError(

@@ -196,6 +196,9 @@ class DaliLoader:
         self._restore: str | None = None
         self._epoch = 0
         self._pos = 0
+        # True while the pipeline to be built starts its reader at the top of an epoch although
+        # `_pos` batches of the loader's epoch are done (a state without a DALI checkpoint).
+        self._reader_behind = False
 
     def __len__(self) -> int:
         return self._steps
@@ -253,17 +256,45 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._build()
+        if self._reader_behind and not self._catch_up_reader():
+            self._end_epoch()
+            return
         while self._pos < self._steps:
             batch = self._next_batch()
             self._pos += 1
             yield batch
         for _ in range(self._reader_batches - self._steps):
             self._run_pipeline()  # the padded tail of the shard: keeps every rank's reader in step
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
         self._pos = 0
         self._epoch += 1
 
+    def _catch_up_reader(self) -> bool:
+        """Move a fresh reader to the loader's position; False when the epoch has nothing left.
+
+        Running the graph is the only way to move a DALI reader (it has no seek), so the first
+        `_pos` batches of the reader's epoch are decoded and dropped: a one-off cost on a resume
+        without a DALI checkpoint. Without it the reader's epochs would stay `_pos` batches out of
+        step with the loader's, and every later epoch would repeat some samples and miss others.
+        A finished epoch needs nothing: the fresh reader already stands at the top of the next."""
+        self._reader_behind = False
+        if self._pos >= self._steps:
+            return False
+        for _ in range(self._pos):
+            self._run_pipeline()
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self._epoch, "pos": self._pos, "num_shards": self._shard.num_shards}
+        # `steps` and `batch_size` let a resume under another sharding convert `pos`.
+        state: dict[str, Any] = {
+            "epoch": self._epoch,
+            "pos": self._pos,
+            "num_shards": self._shard.num_shards,
+            "steps": self._steps,
+            "batch_size": self._shard.batch_size,
+        }
         if self._pipe is not None:
             state["dali"] = self._pipe.checkpoint()
         elif self._restore is not None:
@@ -276,6 +307,8 @@ class DaliLoader:
         self._epoch = int(state["epoch"])
         self._pos = int(state["pos"])
         self._restore = state.get("dali")
+        # Without a DALI checkpoint the pipeline starts fresh, its reader at the top of an epoch.
+        self._reader_behind = self._restore is None and self._pos > 0
 
     def close(self) -> None:
         self._pipe = None

@@ -168,9 +168,18 @@ class TorchvisionLoader:
         self._epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "pos": self._pos, "num_shards": self._shard.num_shards}
+        # `steps` and `batch_size` let a resume under another sharding convert `pos`.
+        return {
+            "epoch": self._epoch,
+            "pos": self._pos,
+            "num_shards": self._shard.num_shards,
+            "steps": self._steps,
+            "batch_size": self._shard.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The order of an epoch depends only on (seed, epoch): the sampler picks the epoch up at
+        # `pos` under whatever sharding this loader has, and later epochs need nothing restored.
         self._epoch = int(state["epoch"])
         self._pos = int(state["pos"])
 

@@ -1,0 +1,170 @@
+"""Resuming under another number of data shards: the interrupted epoch's position is converted,
+every later epoch reads each sample exactly once, and the learning rate goes on where it was."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from _helpers import TINY_TRAIN, TRAIN, check, torchrun
+from test_sharding import build, epoch_labels, numbered
+
+from alexnet.config import ScheduleConfig
+from alexnet.metrics import read_metrics
+from alexnet.optim import LrSchedule
+from alexnet.resume import restore_loader
+from pipelines.base import EpochLayout, convert_position
+
+# 48 files in batches of 4: whole batches for 1, 2 and 3 shards (12, 6 and 4 steps), so that an
+# epoch under any of them covers every file.
+N, BATCH = 48, 4
+
+
+@pytest.mark.parametrize(
+    ("pos", "old", "new", "expected"),
+    [
+        (3, EpochLayout(2, 4, 5), EpochLayout(1, 4, 10), 6),  # the same samples, in batches of half the size
+        (5, EpochLayout(2, 4, 5), EpochLayout(1, 4, 10), 10),  # a finished epoch stays finished...
+        (3, EpochLayout(3, 4, 3), EpochLayout(1, 4, 11), 11),  # ...without the other layout's dropped tails
+        (2, EpochLayout(3, 4, 3), EpochLayout(1, 4, 11), 6),  # 24 samples: not 7 of 11 by the step fraction
+        (5, EpochLayout(1, 4, 12), EpochLayout(2, 4, 6), 2),  # 20 samples: rounded down, never skipped
+        (0, EpochLayout(2, 4, 6), EpochLayout(1, 4, 12), 0),
+        (3, EpochLayout(2, 8, 6), EpochLayout(1, 4, 12), 12),  # a larger batch, clamped to the epoch
+        (4, EpochLayout(1, 8, 6), EpochLayout(2, 4, 6), 4),
+    ],
+)
+def test_convert_position_by_samples_consumed(pos, old, new, expected):
+    assert convert_position(pos, old, new) == expected
+
+
+def run_old_ranks(kind: str, index, shards: int, pos: int) -> dict[str, dict]:
+    """Every rank of an `shards`-rank run stopped after `pos` batches of its first epoch, as
+    gather_loader_states saves them; also the samples they consumed."""
+    states, consumed = {}, []
+    for rank in range(shards):
+        loader = build(kind, index, "train", rank, shards, BATCH)
+        batches = iter(loader)
+        consumed += [int(v) for _ in range(pos) for v in next(batches)[1]]
+        states[str(rank)] = loader.state_dict()
+    return {"states": states, "consumed": consumed}
+
+
+def restored_ranks(kind: str, index, states: dict, shards: int) -> list:
+    loaders = [build(kind, index, "train", rank, shards, BATCH) for rank in range(shards)]
+    for rank, loader in enumerate(loaders):
+        mesh = SimpleNamespace(data_rank=rank, data_size=shards)
+        restore_loader(loader, states, mesh, Path("last.pt"))
+    return loaders
+
+
+RESHARDS = [(2, 3, 1), (1, 5, 2), (3, 2, 2), (2, 6, 1)]  # (old shards, batches done, new shards)
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize(("old_shards", "pos", "new_shards"), RESHARDS)
+def test_interrupted_epoch_goes_on_for_the_converted_number_of_steps(tiny_data, kind, old_shards, pos, new_shards):
+    index = numbered(tiny_data, N)
+    old = run_old_ranks(kind, index, old_shards, pos)
+    new = restored_ranks(kind, index, old["states"], new_shards)
+    steps = N // new_shards // BATCH
+    left = steps - min(pos * old_shards // new_shards, steps)  # the samples consumed, in new batches
+    interrupted = [epoch_labels(loader) for loader in new]
+    assert [count for _, count in interrupted] == [left] * new_shards
+    resumed = sum((labels for labels, _ in interrupted), [])
+    assert len(set(resumed)) == len(resumed) == left * new_shards * BATCH
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize(("old_shards", "pos", "new_shards"), RESHARDS)
+def test_epochs_after_the_interrupted_one_read_each_file_once(tiny_data, kind, old_shards, pos, new_shards):
+    index = numbered(tiny_data, N)
+    new = restored_ranks(kind, index, run_old_ranks(kind, index, old_shards, pos)["states"], new_shards)
+    for loader in new:
+        list(loader)  # the rest of the interrupted epoch
+    for epoch in (1, 2):
+        labels = sum((epoch_labels(loader)[0] for loader in new), [])
+        repeated = sorted(k for k, c in Counter(labels).items() if c > 1)
+        missed = sorted(set(range(N)) - set(labels))
+        assert not repeated and not missed, f"epoch {epoch}: files read twice {repeated}, missed {missed}"
+        assert len(labels) == N
+
+
+@pytest.mark.parametrize(("old_shards", "pos", "new_shards"), [(2, 3, 1), (1, 5, 2), (3, 2, 2)])
+def test_torchvision_interrupted_epoch_skips_no_sample(tiny_data, old_shards, pos, new_shards):
+    """One permutation per epoch for every shard count: what the old ranks consumed is a prefix of
+    it, and the converted position starts the new ranks at or before its end."""
+    index = numbered(tiny_data, N)
+    old = run_old_ranks("torchvision", index, old_shards, pos)
+    new = restored_ranks("torchvision", index, old["states"], new_shards)
+    resumed = sum((epoch_labels(loader)[0] for loader in new), [])
+    assert sorted(set(old["consumed"]) | set(resumed)) == list(range(N)), "a sample of the epoch was skipped"
+    assert len(set(old["consumed"]) & set(resumed)) < new_shards * BATCH  # under one global batch again
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_a_converted_state_saved_again_before_any_batch_still_resumes_whole_epochs(tiny_data, kind):
+    """A converted state carries no DALI checkpoint; saved again before the loader ran (a
+    checkpoint right at the resume) and restored under the same sharding, the fresh reader is
+    still caught up to the position, so later epochs stay whole."""
+    index = numbered(tiny_data, N)
+    states = run_old_ranks(kind, index, 2, 3)["states"]
+    saved_again = restored_ranks(kind, index, states, 1)[0].state_dict()
+    loader = build(kind, index, "train", 0, 1, BATCH)
+    mesh = SimpleNamespace(data_rank=0, data_size=1)
+    assert restore_loader(loader, {"0": saved_again}, mesh, Path("last.pt")) is None  # an exact resume
+    assert epoch_labels(loader)[1] == N // BATCH - 6
+    for _ in range(2):
+        assert sorted(epoch_labels(loader)[0]) == list(range(N))
+
+
+def cosine(steps_per_epoch: int) -> LrSchedule:
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=1.0)
+    return LrSchedule(cfg, peak_lr=1.0, steps_per_epoch=steps_per_epoch, epochs=4)
+
+
+def test_lr_follows_epoch_progress_across_a_change_of_epoch_length():
+    """2 ranks to step 30 (epoch 1, 10 of 20 batches), resumed on 1 rank (40 steps per epoch):
+    the rate goes on from 1.5 epochs, where the global step alone would put it at 0.75."""
+    before = cosine(20)
+    after = cosine(40)
+    after.load_state_dict(before.state_dict())
+    after.realign(30, 1 * 40 + 20)
+    assert after.lr_at(30) == pytest.approx(before.lr_at(30), abs=1e-12)
+    lrs = [after.lr_at(s) for s in range(30, 30 + 2 * 40 + 20 + 1)]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])), "the cosine went back up"
+    assert lrs[-1] == pytest.approx(after.lr_at(10**6))  # and it ends where the run ends
+    restored = cosine(40)
+    restored.load_state_dict(after.state_dict())  # the offset is saved with the schedule
+    assert restored.lr_at(55) == after.lr_at(55)
+
+
+def test_lr_of_an_unchanged_layout_is_the_global_step_schedule():
+    fresh, resumed = cosine(20), cosine(20)
+    resumed.load_state_dict(fresh.state_dict())
+    assert [resumed.lr_at(s) for s in range(90)] == [fresh.lr_at(s) for s in range(90)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tiny_data, tmp_path):
+    """120 images of batch 8: 7 steps per epoch on 2 ranks, 15 on 1. Stopped at step 10 (epoch 2,
+    3 of 7 done: 48 images), resumed on 1 rank: epoch 2 has 15 - 6 steps left, epoch 3 all 15,
+    and the cosine rate (relative to each world's linearly scaled peak) keeps falling."""
+    common = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=reshard",
+              "train.epochs=3", "train.log_every=1", "schedule.name=cosine", "optim.lr=0.01",
+              "optim.lr_reference_batch=8"]  # fmt: skip
+    check(torchrun([TRAIN, *common, "train.max_steps=10"], nproc=2))
+    check(torchrun([TRAIN, *common, "checkpoint.resume=auto"], nproc=1))
+    run = tmp_path / "reshard"
+    records = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    # peak lr: 0.01 * global batch / 8, i.e. 0.02 on 2 ranks, 0.01 on 1
+    relative = [(r["step"], r["lr"] / (0.02 if r["step"] <= 10 else 0.01)) for r in records]
+    rates = [lr for _, lr in relative]
+    assert all(b <= a + 1e-12 for a, b in zip(rates, rates[1:])), relative
+    assert rates[9] - rates[10] <= rates[8] - rates[9] + 1e-9  # about one step's fall, not a jump
+    steps = [s for s, _ in relative]
+    assert steps == list(range(1, 35)), steps  # 10 + 9 + 15: no epoch stretched
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 34
