@@ -18,6 +18,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from pipelines.index import DataError
+
 PAD_LABEL = -1
 Split = Literal["train", "val"]
 
@@ -101,8 +103,9 @@ def convert_position(pos: int, old: EpochLayout, new: EpochLayout) -> int:
 
 
 def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: str) -> None:
+    """A DataError (what launch/train.py reports in one line) when no shard holds one whole batch."""
     if train_steps(num_samples, num_shards, batch_size) == 0:
-        raise ValueError(
+        raise DataError(
             f"{where}: {num_samples} training images over {num_shards} data-parallel shard(s) leave "
             f"{num_samples // num_shards} per shard, fewer than one batch of data.batch_size={batch_size}"
         )

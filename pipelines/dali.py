@@ -9,6 +9,7 @@ batches, so no rank waits for another at a collective.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -206,8 +207,8 @@ class DaliLoader:
     def _build(self):
         if self._pipe is None:
             self._pipe = self._graph(
-                files=self._index.files,
-                labels=self._index.labels,
+                files=self._reader_index.files,
+                labels=self._reader_index.labels,
                 image=self._image,
                 shard=self._shard,
                 decoder=self._decoder,
@@ -220,6 +221,17 @@ class DaliLoader:
             )
             self._pipe.build()
         return self._pipe
+
+    @functools.cached_property
+    def _reader_index(self) -> FileIndex:
+        """The files in the order the reader gets them. Training: permuted by data.seed, the same
+        permutation on every rank (each epoch's shards stay disjoint). DALI's shuffle_after_epoch
+        draws its permutations from a seed of its own that no pipeline or reader seed reaches, so
+        without this every data.seed would train on the same batches in the same order."""
+        if self.split != "train":
+            return self._index  # validation reads fixed shards in file order
+        generator = torch.Generator().manual_seed(self._shard.seed)
+        return self._index.subset(torch.randperm(len(self._index), generator=generator).tolist())
 
     def _graph(self, **common: Any):
         """The DALI graph this loader runs; `common` holds what every graph of the project takes."""

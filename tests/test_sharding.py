@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, train_steps, val_steps
+from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, check_trainable, train_steps, val_steps
 from pipelines.dali import DaliLoader
-from pipelines.index import FileIndex, build_file_index
+from pipelines.index import DataError, FileIndex, build_file_index
 from pipelines.torchvision_loader import TorchvisionLoader
 
 CPU = torch.device("cpu")
@@ -18,8 +18,8 @@ def numbered(tiny_data, n: int) -> FileIndex:
     return FileIndex(files, list(range(n)), [str(i) for i in range(n)])
 
 
-def build(kind, index, split, shard, shards, batch):
-    shard_spec = ShardSpec(shard, shards, batch, seed=3)
+def build(kind, index, split, shard, shards, batch, seed=3):
+    shard_spec = ShardSpec(shard, shards, batch, seed=seed)
     if kind == "dali":
         return DaliLoader(index, split, IMAGE, shard_spec, CPU, 1, 2, "cpu")
     return TorchvisionLoader(index, split, IMAGE, shard_spec, CPU, 0, 2)
@@ -45,6 +45,21 @@ def test_two_ranks_train_epochs_are_disjoint_and_cover(tiny_data, kind):
     second_loader = build(kind, index, "train", 0, 2, batch)
     list(second_loader)
     assert epoch_labels(second_loader)[0] != first
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_data_seed_sets_the_training_order(tiny_data, kind):
+    """data.seed reaches the order of the batches (DALI's own shuffle ignores every seed); the same
+    seed gives the same order, and each epoch still reads every file once."""
+    index = numbered(tiny_data, 24)
+
+    def two_epochs(seed):
+        loader = build(kind, index, "train", 0, 1, 4, seed=seed)
+        return [epoch_labels(loader)[0] for _ in range(2)]
+
+    first, again, other = two_epochs(0), two_epochs(0), two_epochs(1)
+    assert first == again and first[0] != other[0] and first[1] != other[1]
+    assert all(sorted(epoch) == list(range(24)) for epoch in first + other)
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
@@ -88,3 +103,10 @@ def test_data_rank_comes_from_the_global_rank_not_local_rank():
     meshes = [build_mesh(env, "dp") for env in nodes]
     assert [m.data_rank for m in meshes] == [0, 1]
     assert all(m.data_size == 2 for m in meshes)
+
+
+def test_too_few_images_for_one_batch_per_shard_is_a_data_error():
+    """A DataError is what launch/train.py reports in one line (it was a ValueError: a traceback)."""
+    with pytest.raises(DataError, match=r"data\.batch_size'?: 30 training images over 4 .* 7 per shard, fewer"):
+        check_trainable(30, 4, 8, "config key 'data.batch_size'")
+    check_trainable(32, 4, 8, "config key 'data.batch_size'")  # one whole batch each: fine
