@@ -19,6 +19,7 @@ set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurm-client munge)
 NODE_NAMES=(ci-node1 ci-node2)
+HOSTS_FILE=${ALEXNET_HOSTS_FILE:-/etc/hosts}  # another file only in the script's tests
 HOSTS_LOCK=/tmp/.alexnet-local-cluster-hosts.lock
 
 die() {
@@ -113,9 +114,9 @@ hosts_add() {
                 [[ -d $dir && $dir != "$DIR" ]] || continue
             fi
             printf '%s\n' "$line"
-        done </etc/hosts >"$tmp"
+        done <"$HOSTS_FILE" >"$tmp"
         echo "127.0.0.1 ${NODE_NAMES[*]} $(hosts_marker)" >>"$tmp"
-        cmp -s "$tmp" /etc/hosts || cat "$tmp" >/etc/hosts
+        cmp -s "$tmp" "$HOSTS_FILE" || cat "$tmp" >"$HOSTS_FILE"
         rm -f "$tmp"
     ) 9>"$HOSTS_LOCK"
 }
@@ -123,11 +124,15 @@ hosts_add() {
 hosts_remove() {
     (
         flock 9
-        grep -qF "$(hosts_marker)" /etc/hosts || exit 0
-        local tmp
+        local tmp line
         tmp=$(mktemp)
-        grep -vF "$(hosts_marker)" /etc/hosts >"$tmp" || true
-        cat "$tmp" >/etc/hosts
+        while IFS= read -r line || [[ -n $line ]]; do
+            # This folder's line only, compared whole: a substring match on the marker would also
+            # drop the line of a cluster in DIR-ci, say, and break its node names.
+            [[ $line == *"# alexnet-local-cluster:"* && ${line##*# alexnet-local-cluster:} == "$DIR" ]] && continue
+            printf '%s\n' "$line"
+        done <"$HOSTS_FILE" >"$tmp"
+        cmp -s "$tmp" "$HOSTS_FILE" || cat "$tmp" >"$HOSTS_FILE"
         rm -f "$tmp"
     ) 9>"$HOSTS_LOCK"
 }
@@ -398,4 +403,5 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced (the script's tests call its functions), it defines them and runs nothing.
+[[ ${BASH_SOURCE[0]} != "$0" ]] || main "$@"

@@ -140,11 +140,13 @@ def test_prepare_command(ilsvrc, capsys):
     assert "nope is neither a folder nor an archive" in capsys.readouterr().err
 
 
-def test_meta_mat_without_synsets_is_named(tmp_path):
+@pytest.mark.parametrize("damage", ["no synsets", "empty", "cut header"])
+def test_meta_mat_without_synsets_is_named(tmp_path, damage):
     (tmp_path / "data").mkdir()
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {"other": np.zeros(2)})
-    (tmp_path / "data" / "meta.mat").write_bytes(buffer.getvalue())
+    raw = {"no synsets": buffer.getvalue(), "empty": b"", "cut header": buffer.getvalue()[:32]}[damage]
+    (tmp_path / "data" / "meta.mat").write_bytes(raw)
     (tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n")
     with pytest.raises(ImageNetLayoutError, match="meta.mat has no usable 'synsets' table"):
         read_ground_truth(tmp_path)

@@ -216,3 +216,22 @@ def test_workers_per_node_follow_the_gpus_slurm_gave(cluster, tmp_path):
     assert "on 2 node(s) ci-node1 ci-node2: 2 worker(s) per node" in log
     assert "OMP_NUM_THREADS=1:" in log and "--nproc_per_node=2 " in log and "--nnodes=2 " in log
     assert f"--rdzv_endpoint=ci-node1:{20000 + int(job) % 10000} " in log and " train.epochs=1" in log
+
+
+def test_hosts_lines_of_two_clusters_are_kept_apart(tmp_path):
+    """stop removes its own folder's /etc/hosts line only (a cluster in DIR-ci keeps its node
+    names); start replaces its own line and keeps the other's. On a copy of the file."""
+    hosts, ours, other = tmp_path / "hosts", tmp_path / "c", tmp_path / "c-ci"
+    ours.mkdir(), other.mkdir()
+    line = "127.0.0.1 ci-node1 ci-node2 # alexnet-local-cluster:{}"
+    hosts.write_text(f"127.0.0.1 localhost\n{line.format(ours)}\n{line.format(other)}\n")
+
+    def call(function):
+        script = f'source "$1"; DIR="$2"; {function}'
+        subprocess.run(["bash", "-c", script, "_", CLUSTER, str(ours)], check=True,
+                       env={**os.environ, "ALEXNET_HOSTS_FILE": str(hosts)})  # fmt: skip
+        return hosts.read_text().splitlines()
+
+    assert call("hosts_remove") == ["127.0.0.1 localhost", line.format(other)]
+    assert call("hosts_add") == ["127.0.0.1 localhost", line.format(other), line.format(ours)]
+    assert call("hosts_add") == ["127.0.0.1 localhost", line.format(other), line.format(ours)]  # once
