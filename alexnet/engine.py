@@ -1,8 +1,14 @@
 """One training step and one evaluation step: pure per-batch functions.
 
 Mixed precision: bf16 autocast needs no loss scaling; fp16 uses a GradScaler (unscale before
-clipping). A step whose loss is not finite on any rank is skipped on every rank (the decision is
-all-reduced, so replicas never diverge), and the caller aborts after too many in a row.
+clipping). A step whose loss is not finite on any rank is skipped on every rank, and the caller
+aborts after too many in a row.
+
+Under towers and hybrid, ranks hold different parameters, so whatever a step decides from
+gradients must be decided for the whole model, not per rank: the clipping norm is the single-device
+model's global norm, and an fp16 overflow in one rank's gradients skips the step (and backs off the
+scale) on every rank. Both ride on the all-reduce the loss check needs anyway: one small collective
+per step, whatever the layout, scaler and clipping.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch.nn import functional as F
 
 from alexnet.layers import DropoutContext, apply_dropout_context
 from alexnet.metrics import topk_correct
+from alexnet.parallel.layout import StepSync, replicated_sync
 from pipelines.base import PAD_LABEL
 
 
@@ -58,14 +65,68 @@ class StepResult:
     loss_sum: Tensor  # summed over the batch's rows, on the device
     correct: Tensor  # [top1, top5] counts
     count: Tensor | int
-    applied: bool  # False when the step was skipped for a non-finite loss
+    applied: bool  # False when every rank skipped the step: a non-finite loss or an fp16 overflow
 
 
-def _all_ranks_finite(loss: Tensor, group: dist.ProcessGroup | None) -> bool:
-    flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+@dataclass(frozen=True)
+class _WorldCheck:
+    """What every rank learned from the step's one all-reduce."""
+
+    loss_finite: bool  # on every rank
+    grads_finite: bool  # after unscaling, on every rank (True without a scaler)
+    total_norm: Tensor | None  # the whole model's gradient norm (None: not asked for)
+
+
+def _check_world(loss: Tensor, found_inf: Tensor | None, norm_sq: Tensor | None) -> _WorldCheck:
+    """One SUM all-reduce over the world of [loss not finite, gradient overflow, partial squared
+    norm]: flags and norm travel together because each collective costs a latency per step.
+    Summed flags count the ranks that saw a problem; the norm's partial sums add up to the
+    single-device model's squared norm (see StepSync), which NaN or inf keeps to its own slot."""
+    dtype = norm_sq.dtype if norm_sq is not None else torch.float32
+    zero = loss.new_zeros((), dtype=dtype)
+    parts = [
+        (~torch.isfinite(loss.detach())).to(dtype),
+        found_inf.to(loss.device, dtype) if found_inf is not None else zero,
+        norm_sq.to(loss.device) if norm_sq is not None else zero,
+    ]
+    stats = torch.stack(parts)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item() == 0)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    bad_loss, bad_grads, _ = stats.tolist()  # the step's one host sync
+    total = stats[2].sqrt() if norm_sq is not None else None
+    return _WorldCheck(bad_loss == 0, bad_grads == 0, total)
+
+
+def _counted_norm_sq(model: nn.Module, sync: StepSync) -> Tensor:
+    """This rank's share of the squared global gradient norm, in the parameters' dtype (the same
+    on every rank, as the all-reduce needs, also on a rank that counts nothing)."""
+    like = next(model.parameters())
+    grads = [p.grad for p in sync.counted if p.grad is not None]
+    if not grads:
+        return like.new_zeros(())
+    return nn.utils.get_total_norm(grads, 2.0).square().to(like.dtype)
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The overflow flags `unscale_` recorded for `optimizer` (one per device). GradScaler has no
+    public accessor; torch's ShardedGradScaler reads and all-reduces the same state. `step` and
+    `update` act on these tensors, so writing the global decision into them makes every rank
+    skip, and back off its scale, together."""
+    return list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+
+
+def _scaled_step(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, flags: list[Tensor], check: _WorldCheck
+) -> None:
+    if not check.loss_finite:
+        # Nothing to learn from a non-finite loss: skip, and end the scaler's iteration (it was
+        # unscaled) without touching the scale or its growth count, as if the step never ran.
+        scaler.update(new_scale=scaler.get_scale())
+        return
+    for flag in flags:
+        flag.fill_(0.0 if check.grads_finite else 1.0)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_step(
@@ -76,35 +137,39 @@ def train_step(
     amp: AmpPolicy,
     dropout: DropoutContext,
     grad_clip: float = 0.0,
-    after_backward: Callable[[], None] | None = None,
+    after_backward: StepSync | Callable[[], None] | None = None,
 ) -> StepResult:
-    """One optimizer step. `after_backward` finishes gradients a layout keeps outside DDP (the
-    hybrid's FC slices) before they are checked and applied."""
+    """One optimizer step. `after_backward` is the layout's StepSync (`Layout.after_backward()`):
+    it finishes gradients the layout keeps outside DDP (the hybrid's FC slices) and says which
+    gradients this rank counts toward the global norm. A plain callable or None means every rank
+    holds the whole model (data parallelism, one process)."""
     apply_dropout_context(model, dropout)
     with amp.autocast():
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    if amp.scaler is not None:
-        amp.scaler.scale(loss).backward()
+    scaler = amp.scaler if amp.scaler is not None and amp.scaler.is_enabled() else None
+    if scaler is not None:
+        scaler.scale(loss).backward()
     else:
         loss.backward()
-    if after_backward is not None:
-        after_backward()
-    applied = _all_ranks_finite(loss, None)
-    if applied:
-        if amp.scaler is not None:
-            if grad_clip > 0:
-                amp.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scale = amp.scaler.get_scale()
-            amp.scaler.step(optimizer)
-            amp.scaler.update()
-            applied = amp.scaler.get_scale() >= scale  # a lower scale means the step was skipped
-        else:
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+    sync = after_backward if isinstance(after_backward, StepSync) else replicated_sync(model, after_backward)
+    sync()
+    flags: list[Tensor] = []
+    if scaler is not None:
+        # Unscaled before the check: the overflow flags and the norm are about the true gradients.
+        scaler.unscale_(optimizer)
+        flags = _found_inf(scaler, optimizer)
+    found_inf = torch.stack([f.to(loss.device) for f in flags]).sum() if flags else None
+    check = _check_world(loss, found_inf, _counted_norm_sq(model, sync) if grad_clip > 0 else None)
+    applied = check.loss_finite and check.grads_finite
+    if applied and grad_clip > 0:
+        # The same coefficient on every rank: the single-device model's clip_grad_norm_.
+        nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, check.total_norm)
+    if scaler is not None:
+        _scaled_step(scaler, optimizer, flags, check)
+    elif applied:
+        optimizer.step()
     with torch.no_grad():
         correct = topk_correct(logits.detach(), labels)
     return StepResult(loss.detach() * labels.shape[0], correct, labels.shape[0], applied)

@@ -10,9 +10,9 @@ Every rank's loss covers its own batch. Each gather's backward is a reduce-scatt
 gradient sums over the K batches it served; summed again over the groups and divided by the
 world size it equals the single-device gradient of the mean loss over the global batch.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from alexnet.layers import CounterDropout, DropoutContext
 from alexnet.model import head_dropout, head_pieces
 from alexnet.parallel.comm import CommCounter, allreduce_sent, gather_cat, gather_plain, split_sizes
-from alexnet.parallel.layout import Layout, Moved, State, gather_states, replace_module
+from alexnet.parallel.layout import Layout, Moved, State, StepSync, counted_if, gather_states, replace_module
 from alexnet.parallel.mesh import Mesh
 
 FC_LAYERS = ("fc6", "fc7", "fc8")
@@ -101,7 +101,11 @@ class HybridLayout(Layout):
     mode = "hybrid"
 
     def __init__(
-        self, model: HybridAlexNet, mesh: Mesh, pieces: dict[str, list[str]], rows: dict[str, int],
+        self,
+        model: HybridAlexNet,
+        mesh: Mesh,
+        pieces: dict[str, list[str]],
+        rows: dict[str, int],
         counter: CommCounter | None,
     ) -> None:
         super().__init__(model)
@@ -139,7 +143,7 @@ class HybridLayout(Layout):
         parts = gather_states({k: v for k, v in local.items() if k.startswith("head.")}, self.mesh.model_group)
         if self.mesh.shape.model_rank != 0:
             return None
-        full: State = {k[len("trunk."):]: v for k, v in local.items() if k.startswith("trunk.")}
+        full: State = {k[len("trunk.") :]: v for k, v in local.items() if k.startswith("trunk.")}
         for name, plist in self.pieces.items():
             rows = self.piece_rows[name]
             for kind in ("weight", "bias"):
@@ -151,9 +155,14 @@ class HybridLayout(Layout):
                     full[f"{piece}.{kind}"] = chunk
         return full
 
-    def after_backward(self) -> Callable[[], None]:
+    def after_backward(self) -> StepSync:
         head_params = list(self.model.head.parameters())
         mesh, counter = self.mesh, self.counter
+        # FC group 0 counts the FC slices (the other groups hold the same slices, all-reduced);
+        # the convolutions are replicated over the world (DDP): global rank 0 counts them.
+        first_group = mesh.shape.model_group_index == 0
+        counted = counted_if(first_group, head_params)
+        counted += counted_if(first_group and mesh.shape.model_rank == 0, self.model.trunk.parameters())
 
         def sync_fc_grads() -> None:
             grads = [p.grad for p in head_params if p.grad is not None]
@@ -169,7 +178,7 @@ class HybridLayout(Layout):
             for g in grads:
                 g.div_(mesh.world_size)
 
-        return sync_fc_grads
+        return StepSync(counted, sync_fc_grads)
 
 
 def apply_hybrid(

@@ -7,11 +7,12 @@ become an all-gather inside the pair (backward: reduce-scatter). Both ranks comp
 logits and the same loss; the output's gradient is halved so that the reduce-scatter of the
 logits sums the two copies back to one.
 """
+
 from __future__ import annotations
 
 from alexnet.model import EXCHANGE_POINTS, TOWERS, PaperAlexNet
 from alexnet.parallel.comm import CommCounter, gather_cat, scale_grad
-from alexnet.parallel.layout import Layout, Moved, State, gather_states, replace_module
+from alexnet.parallel.layout import Layout, Moved, State, StepSync, counted_if, gather_states, replace_module
 from alexnet.parallel.mesh import Mesh
 
 TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -35,6 +36,11 @@ class TowerLayout(Layout):
         for part in gather_states(local, self.mesh.model_group):
             merged.update(part)
         return merged if self.mesh.shape.model_rank == 0 else None
+
+    def after_backward(self) -> StepSync:
+        # A tower is this rank's alone within its pair; the same tower in the other replicas
+        # holds the same gradient (all-reduced), so pair 0 counts the towers for everyone.
+        return StepSync(counted_if(self.mesh.shape.model_group_index == 0, self.model.parameters()))
 
 
 def apply_towers(model: PaperAlexNet, mesh: Mesh, counter: CommCounter | None = None) -> TowerLayout:

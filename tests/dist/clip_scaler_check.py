@@ -1,0 +1,128 @@
+"""Run under torchrun: the decisions a training step must take the same way on every rank.
+
+Usage: torchrun --nproc_per_node=N tests/dist/clip_scaler_check.py MODE OUT_DIR [FC_GROUP]
+
+Writes OUT_DIR/rank<R>.json with
+* clip: MODE against the single-device model, both through engine.train_step with gradient
+  clipping that bites on every step (float64, so the only differences are summation orders);
+* scaler_clip<C>: a GradScaler("cpu") run of four steps (normal; an overflow in one parameter's
+  gradient on rank 1 only; a NaN image on rank 1 only; normal) with clipping C, recording what
+  every rank decided.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from layout_check import batch, fresh_model, max_diff
+
+from alexnet.config import OptimConfig, ParallelConfig
+from alexnet.engine import AmpPolicy, build_amp, train_step
+from alexnet.layers import DropoutContext
+from alexnet.optim import build_optimizer
+from alexnet.parallel.apply import ParallelModel, apply_parallelism
+from alexnet.parallel.comm import CommCounter
+from alexnet.parallel.env import init_distributed, shutdown_distributed
+from alexnet.parallel.mesh import Mesh, build_mesh
+
+SEED = 11
+CLIP = 0.05  # well below this model's gradient norm: every step is clipped (the test checks)
+CLIP_STEPS = 3
+CLIP_LR = 0.5  # clipped steps are short: a large rate makes them move the weights visibly
+POISON_RANK = 1
+# Step kinds of the scaler run, in order.
+SCALER_STEPS = ("normal", "grad_overflow", "nan_loss", "normal")
+CPU = torch.device("cpu")
+
+
+def rows_of(mesh: Mesh, per_replica: int) -> slice:
+    return slice(mesh.data_rank * per_replica, (mesh.data_rank + 1) * per_replica)
+
+
+def check_clip(env, mesh: Mesh) -> dict:
+    """Weights after CLIP_STEPS clipped steps, against the single-device model's."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        amp = build_amp("off", CPU)
+        reference = fresh_model()
+        ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=CLIP_LR)
+        par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), CommCounter())
+        opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=CLIP_LR)
+        after_backward = par.layout.after_backward()
+        rows = rows_of(mesh, 2)
+        ids = torch.arange(rows.start, rows.stop)
+        clipped_norms = []
+        for step in range(CLIP_STEPS):
+            images, labels = batch(step, mesh.data_size)
+            everyone = torch.arange(len(labels))
+            train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, everyone), CLIP)
+            # After clipping, the reference's norm is CLIP exactly when the clip bit.
+            clipped_norms.append(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item())
+            dropout = DropoutContext(SEED, step, ids)
+            train_step(par.module, images[rows], labels[rows], opt, amp, dropout, CLIP, after_backward)
+        ref_state = par.layout.to_local(reference.state_dict())
+        start = fresh_model().state_dict()
+        return {
+            "weights_after_steps": max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items()),
+            "weights_moved": max(max_diff(v, start[k]) for k, v in reference.state_dict().items()),
+            "clipped_norms": clipped_norms,
+        }
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def poison_on(par: ParallelModel, rank: int, armed: list[bool]) -> None:
+    """While `armed[0]` is set, POISON_RANK overflows in one gradient: an fc8 parameter, which
+    under towers and hybrid no other rank of its model holds (the way fp16 overflows in one
+    tower). `rank` is this process's global rank."""
+    param = next(p for n, p in par.local.named_parameters() if "fc8" in n)
+
+    def overflow(p: torch.Tensor) -> None:
+        if armed[0] and rank == POISON_RANK:
+            p.grad.view(-1)[0] = float("inf")
+
+    param.register_post_accumulate_grad_hook(overflow)
+
+
+def check_scaler(env, mesh: Mesh, clip: float) -> dict:
+    """Per step: applied, the scale after it, the trainer's non-finite streak, whether this
+    rank's weights changed."""
+    par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), CommCounter())
+    opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
+    amp = AmpPolicy("cpu", None, torch.amp.GradScaler("cpu"))
+    after_backward = par.layout.after_backward()
+    armed = [False]
+    poison_on(par, env.rank, armed)
+    rows = rows_of(mesh, 2)
+    ids = torch.arange(rows.start, rows.stop)
+    streak, record = 0, {"applied": [], "scale": [], "streak": [], "weights_changed": []}
+    for step, kind in enumerate(SCALER_STEPS):
+        images, labels = batch(step, mesh.data_size)
+        images, labels = images[rows].clone(), labels[rows]
+        if kind == "nan_loss" and env.rank == POISON_RANK:
+            images.fill_(float("nan"))
+        armed[0] = kind == "grad_overflow"
+        before = {k: v.clone() for k, v in par.local.state_dict().items()}
+        result = train_step(par.module, images, labels, opt, amp, DropoutContext(SEED, step, ids), clip, after_backward)
+        streak = 0 if result.applied else streak + 1  # as the trainer counts it
+        after = par.local.state_dict()
+        record["applied"].append(bool(result.applied))
+        record["scale"].append(amp.scaler.get_scale())
+        record["streak"].append(streak)
+        record["weights_changed"].append(any(not torch.equal(v, before[k]) for k, v in after.items()))
+    return record
+
+
+def main(mode: str, out_dir: str, fc_group: int) -> None:
+    env = init_distributed(timeout_s=120)
+    mesh = build_mesh(env, mode, fc_group)
+    result = {"rank": env.rank, "clip": check_clip(env, mesh)}
+    for clip in (0.0, CLIP):
+        result[f"scaler_clip{clip}"] = check_scaler(env, mesh, clip)
+    Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -1,0 +1,50 @@
+"""Gradient clipping and fp16 loss scaling decide once for the whole model: a split model clips
+by the single-device model's global norm, and one rank's overflow skips the step on every rank."""
+
+import json
+
+import pytest
+from _helpers import REPO, check, torchrun
+
+pytestmark = pytest.mark.slow
+
+# (mode, world, fc_group): every layout on 2 ranks; on 4 ranks, the layouts whose replicas hold
+# identical copies of a rank's unique parameters (a tower, an FC slice), which the global norm
+# must count once.
+RUNS = [("towers", 2, 0), ("hybrid", 2, 0), ("dp", 2, 0), ("towers", 4, 0), ("hybrid", 4, 2)]
+SCALER_RUNS = ["scaler_clip0.0", "scaler_clip0.05"]
+CLIP = 0.05
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=lambda r: f"{r[0]}-{r[1]}ranks")
+def results(request, tmp_path_factory) -> tuple[str, list[dict]]:
+    """One run per layout; every test below reads its per-rank results."""
+    mode, world, fc_group = request.param
+    out = tmp_path_factory.mktemp(f"clip_scaler_{mode}_{world}")
+    check(torchrun([REPO / "tests" / "dist" / "clip_scaler_check.py", mode, out, fc_group], nproc=world))
+    return mode, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_clipped_steps_match_the_single_device_model(results):
+    mode, ranks = results
+    for r in ranks:
+        clip = r["clip"]
+        # The clip bit on every step (otherwise this compares unclipped steps).
+        assert all(abs(n - CLIP) <= 1e-6 * CLIP for n in clip["clipped_norms"]), clip["clipped_norms"]
+        assert clip["weights_moved"] > 1e-4
+        # float64: summation orders only (per-rank clip coefficients left them ~5e-4 apart).
+        assert clip["weights_after_steps"] <= 1e-10, (mode, r["rank"], clip["weights_after_steps"])
+
+
+@pytest.mark.parametrize("run", SCALER_RUNS)
+def test_one_ranks_overflow_or_nan_loss_skips_the_step_everywhere(results, run):
+    mode, ranks = results
+    records = [r[run] for r in ranks]
+    # Steps: normal, overflow in one gradient on rank 1, NaN loss on rank 1, normal.
+    for rec in records:
+        assert rec["applied"] == [True, False, False, True], (mode, rec)
+        assert rec["weights_changed"] == [True, False, False, True], (mode, rec)
+        assert rec["streak"] == [0, 1, 2, 0], (mode, rec)
+        # The overflow backs the scale off once; a non-finite loss leaves it alone.
+        assert rec["scale"] == [65536.0, 32768.0, 32768.0, 32768.0], (mode, rec)
+    assert all(rec == records[0] for rec in records)
