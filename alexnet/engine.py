@@ -13,6 +13,7 @@ per step, whatever the layout, scaler and clipping.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class _WorldCheck:
     """What every rank learned from the step's one all-reduce."""
 
     loss_finite: bool  # on every rank
-    grads_finite: bool  # after unscaling, on every rank (True without a scaler)
+    grads_finite: bool  # after unscaling, on every rank (unchecked without a scaler or clipping)
     total_norm: Tensor | None  # the whole model's gradient norm (None: not asked for)
 
 
@@ -92,9 +93,11 @@ def _check_world(loss: Tensor, found_inf: Tensor | None, norm_sq: Tensor | None)
     stats = torch.stack(parts)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    bad_loss, bad_grads, _ = stats.tolist()  # the step's one host sync
+    bad_loss, bad_grads, total_sq = stats.tolist()  # the step's one host sync
     total = stats[2].sqrt() if norm_sq is not None else None
-    return _WorldCheck(bad_loss == 0, bad_grads == 0, total)
+    # A non-finite norm (clipping asked for it) is a non-finite gradient somewhere, also without
+    # a scaler: clipping by it would write NaN into every weight, so the step is skipped instead.
+    return _WorldCheck(bad_loss == 0, bad_grads == 0 and math.isfinite(total_sq), total)
 
 
 def _counted_norm_sq(model: nn.Module, sync: StepSync) -> Tensor:

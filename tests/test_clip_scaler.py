@@ -48,3 +48,15 @@ def test_one_ranks_overflow_or_nan_loss_skips_the_step_everywhere(results, run):
         # The overflow backs the scale off once; a non-finite loss leaves it alone.
         assert rec["scale"] == [65536.0, 32768.0, 32768.0, 32768.0], (mode, rec)
     assert all(rec == records[0] for rec in records)
+
+
+def test_an_inf_gradient_under_clipping_skips_the_step_everywhere_without_a_scaler(results):
+    """fp32 with train.grad_clip: the global norm sees one rank's inf gradient, and every rank
+    skips the step (clipping by an inf norm would turn every weight into NaN)."""
+    mode, ranks = results
+    records = [r[f"fp32_clip{CLIP}"] for r in ranks]
+    for rec in records:
+        assert rec["applied"] == [True, False, False, True], (mode, rec)
+        assert rec["weights_changed"] == [True, False, False, True], (mode, rec)
+        assert rec["streak"] == [0, 1, 2, 0], (mode, rec)
+    assert all(rec == records[0] for rec in records)

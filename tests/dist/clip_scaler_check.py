@@ -7,7 +7,8 @@ Writes OUT_DIR/rank<R>.json with
   clipping that bites on every step (float64, so the only differences are summation orders);
 * scaler_clip<C>: a GradScaler("cpu") run of four steps (normal; an overflow in one parameter's
   gradient on rank 1 only; a NaN image on rank 1 only; normal) with clipping C, recording what
-  every rank decided.
+  every rank decided;
+* fp32_clip<C>: the same four steps without a scaler, with clipping (whose norm sees the inf).
 """
 
 import json
@@ -85,12 +86,12 @@ def poison_on(par: ParallelModel, rank: int, armed: list[bool]) -> None:
     param.register_post_accumulate_grad_hook(overflow)
 
 
-def check_scaler(env, mesh: Mesh, clip: float) -> dict:
-    """Per step: applied, the scale after it, the trainer's non-finite streak, whether this
-    rank's weights changed."""
+def check_scaler(env, mesh: Mesh, clip: float, scaler: bool = True) -> dict:
+    """Per step: applied, the scale after it (None without a scaler), the trainer's non-finite
+    streak, whether this rank's weights changed."""
     par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), CommCounter())
     opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
-    amp = AmpPolicy("cpu", None, torch.amp.GradScaler("cpu"))
+    amp = AmpPolicy("cpu", None, torch.amp.GradScaler("cpu")) if scaler else build_amp("off", CPU)
     after_backward = par.layout.after_backward()
     armed = [False]
     poison_on(par, env.rank, armed)
@@ -108,7 +109,7 @@ def check_scaler(env, mesh: Mesh, clip: float) -> dict:
         streak = 0 if result.applied else streak + 1  # as the trainer counts it
         after = par.local.state_dict()
         record["applied"].append(bool(result.applied))
-        record["scale"].append(amp.scaler.get_scale())
+        record["scale"].append(amp.scaler.get_scale() if scaler else None)
         record["streak"].append(streak)
         record["weights_changed"].append(any(not torch.equal(v, before[k]) for k, v in after.items()))
     return record
@@ -120,6 +121,7 @@ def main(mode: str, out_dir: str, fc_group: int) -> None:
     result = {"rank": env.rank, "clip": check_clip(env, mesh)}
     for clip in (0.0, CLIP):
         result[f"scaler_clip{clip}"] = check_scaler(env, mesh, clip)
+    result[f"fp32_clip{CLIP}"] = check_scaler(env, mesh, CLIP, scaler=False)
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
     shutdown_distributed()
 
