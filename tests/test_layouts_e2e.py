@@ -31,8 +31,8 @@ def initial_weights():
 
 def assert_same_trajectory(a, b, start):
     """float32 under two layouts: the same sums in other orders, so each tensor is compared with
-    how far the training moved it: measured 0.02% apart; the bound is 1% (a restart from scratch
-    or a lost momentum differs by tens of percent)."""
+    how far the training moved it; the bound is 1% (a restart from scratch or a lost momentum
+    differs by tens of percent)."""
     assert set(a["model"]) == set(b["model"]) == set(start)
     for name, value in a["model"].items():
         moved = (value - start[name]).norm()
@@ -42,8 +42,13 @@ def assert_same_trajectory(a, b, start):
 
 def test_towers_checkpoint_resumes_under_dp_and_back(tiny_data, tmp_path):
     """2 replicas either way: towers with 4 ranks (2 pairs) or dp with 2 ranks read the same data
-    shards, so the runs are the same training run; a checkpoint of one continues in the other."""
+    shards, so a checkpoint of one continues in the other. Each switching run is held against
+    the run that stays in its first layout: the first 5 steps are the same computation, and the
+    layouts' float32 roundoff (1e-8 a step) is left 5 steps to grow. (Held against the other
+    layout's run from step 0, the roundoff of 10 steps can cross a max-pooling or ReLU tie on the
+    tiny images' flat regions and grow to a few percent for some data orders.)"""
     check(train(tiny_data, tmp_path, "dp", "dp", 2, "train.max_steps=10"))
+    check(train(tiny_data, tmp_path, "towers", "towers", 4, "train.max_steps=10"))
     check(train(tiny_data, tmp_path, "t2d", "towers", 4, "train.max_steps=5"))
     half = weights(tmp_path, "t2d")
     assert half["world"] == {"world_size": 4, "data_size": 2, "mode": "towers"}
@@ -52,12 +57,12 @@ def test_towers_checkpoint_resumes_under_dp_and_back(tiny_data, tmp_path):
     check(train(tiny_data, tmp_path, "d2t", "dp", 2, "train.max_steps=5"))
     proc = check(train(tiny_data, tmp_path, "d2t", "towers", 4, "train.max_steps=10"))
     assert "resumed from" in proc.stderr
-    reference, start = weights(tmp_path, "dp"), initial_weights()
-    for name in ("t2d", "d2t"):
+    start = initial_weights()
+    for name, stayed in (("t2d", "towers"), ("d2t", "dp")):
         other = weights(tmp_path, name)
-        assert other["progress"]["step"] == 10
-        assert_same_trajectory(reference, other, start)
-    assert not torch.equal(reference["model"]["fc8.0.weight"], half["model"]["fc8.0.weight"])
+        assert other["progress"]["step"] == 10 and other["world"]["mode"] != weights(tmp_path, stayed)["world"]["mode"]
+        assert_same_trajectory(weights(tmp_path, stayed), other, start)
+    assert not torch.equal(weights(tmp_path, "dp")["model"]["fc8.0.weight"], half["model"]["fc8.0.weight"])
 
 
 def test_a_world_the_layout_cannot_use_is_refused(tiny_data, tmp_path):
