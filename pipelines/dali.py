@@ -68,7 +68,7 @@ def image_graph(
 def normalize_args(image: ImageSpec, layout: str, dtype: Any = types.FLOAT) -> dict[str, Any]:
     """`fn.crop_mirror_normalize`'s per-channel normalization to `dtype` in `layout`. float32 by
     default: DALI's CPU conversion to float16 is slower than to float32 (the `--stages` rows of
-    `benchmark.py pipeline`), and an uint8 output normalised by torch gains nothing on the CPU."""
+    `benchmark.py pipeline`), and a uint8 output normalised by torch gains nothing on the CPU."""
     return {"dtype": dtype, "output_layout": layout, "mean": list(image.mean), "std": list(image.std)}
 
 
