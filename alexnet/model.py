@@ -95,7 +95,9 @@ class PaperAlexNet(nn.Module):
         self.lrn = LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
         # Section 3.4: overlapping pooling, z = 3, s = 2.
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
-        # Section 4.2: dropout 0.5 on the inputs of fc6 and fc7.
+        # Section 4.2: dropout 0.5 "in the first two fully-connected layers", setting "the output
+        # of each hidden neuron" to zero: the outputs of fc6 and fc7 (as Caffe's bvlc_alexnet),
+        # not their inputs (torchvision's placement, kept in the torchvision variant).
         self.drop6 = CounterDropout(dropout, DROPOUT_STREAMS["fc6"])
         self.drop7 = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
         self.towers: tuple[int, ...] = TOWERS
@@ -144,10 +146,9 @@ class PaperAlexNet(nn.Module):
         return self.exchange([self._conv3_5(t, x3) for t in self.towers], "fc6_input")
 
     def forward_head(self, z: Tensor) -> Tensor:
-        h = self.drop6(z)
-        h = self.exchange([F.relu(self.fc6[t](h)) for t in self.towers], "fc7_input")
-        h = self.drop7(h)
-        h = self.exchange([F.relu(self.fc7[t](h)) for t in self.towers], "fc8_input")
+        # Dropped after the exchange: the mask covers the whole 4096-wide layer, as on one device.
+        h = self.drop6(self.exchange([F.relu(self.fc6[t](z)) for t in self.towers], "fc7_input"))
+        h = self.drop7(self.exchange([F.relu(self.fc7[t](h)) for t in self.towers], "fc8_input"))
         return self.exchange([self.fc8[t](h) for t in self.towers], "logits")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -204,11 +205,12 @@ def head_pieces(model: nn.Module) -> dict[str, list[str]]:
     return {"fc6": ["classifier.1"], "fc7": ["classifier.4"], "fc8": ["classifier.6"]}
 
 
-def head_dropout(model: nn.Module) -> tuple[CounterDropout, CounterDropout]:
-    """The dropout layers before fc6 and fc7."""
+def head_dropout(model: nn.Module) -> dict[str, CounterDropout]:
+    """The dropout layers keyed by the fully-connected layer whose input they drop: fc7 and fc8
+    in the paper model (fc6's and fc7's outputs), fc6 and fc7 in torchvision's."""
     if isinstance(model, PaperAlexNet):
-        return model.drop6, model.drop7
-    return model.classifier[0], model.classifier[3]
+        return {"fc7": model.drop6, "fc8": model.drop7}
+    return {"fc6": model.classifier[0], "fc7": model.classifier[3]}
 
 
 def build_model(

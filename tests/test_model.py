@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torchvision
+from torch.nn import functional as F
 
 from alexnet.layers import CounterDropout, DropoutContext, LRNConstants, apply_dropout_context, counter_uniform_bits
 from alexnet.model import (
@@ -128,6 +129,28 @@ def test_dropout_off_in_eval_and_context_applied_model_wide():
     model.eval()
     x = torch.randn(2, 3, 67, 67)
     assert torch.equal(model(x), model(x))
+
+
+def test_paper_dropout_zeroes_the_outputs_of_fc6_and_fc7():
+    """Section 4.2: the first two fully-connected layers' outputs are dropped (fc7's and fc8's
+    inputs); fc6 reads the conv features undropped. Kept units are scaled by 2."""
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=67, init="kaiming").train()
+    apply_dropout_context(model, DropoutContext(seed=0, step=0, sample_ids=torch.arange(4)))
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in ("fc6", "fc7", "fc8"):
+        for t, layer in enumerate(getattr(model, name)):
+            layer.register_forward_hook(lambda m, i, o, key=f"{name}.{t}": seen.__setitem__(key, (i[0], o)))
+    x = torch.randn(4, 3, 67, 67)
+    model(x)
+    assert torch.equal(seen["fc6.0"][0], model.forward_features(x))  # no dropout before fc6
+    for layer, previous in (("fc7", "fc6"), ("fc8", "fc7")):
+        produced = torch.cat([F.relu(seen[f"{previous}.{t}"][1]) for t in (0, 1)], dim=1)
+        consumed = seen[f"{layer}.0"][0]
+        kept = consumed != 0
+        assert torch.allclose(consumed[kept], 2 * produced[kept])  # inverted dropout's scale
+        active = produced > 0
+        assert 0.4 < (kept & active).sum() / active.sum() < 0.6  # about half of the live units dropped
 
 
 def test_initial_loss_is_about_log_num_classes():

@@ -54,22 +54,28 @@ class SlicedHead(nn.Module):
                 layer.bias.copy_(bias[start : start + sizes[self.slice]])
             self.add_module(name, layer)
             self.sizes[name] = sizes
-        drop6, drop7 = head_dropout(model)
-        self.drop6 = CounterDropout(drop6.p, drop6.stream)
-        self.drop7 = CounterDropout(drop7.p, drop7.stream)
+        # Keyed by the FC layer whose (whole, gathered) input they drop: the model's own placement.
+        self.drops = nn.ModuleDict({k: CounterDropout(d.p, d.stream) for k, d in head_dropout(model).items()})
 
     def _exchange(self, h: Tensor, name: str) -> Tensor:
         return gather_cat(h, 1, self.group, self.sizes[name], self.counter)
 
     def forward(self, z: Tensor, sample_ids: Tensor | None) -> Tensor:
         """z: the group's gathered features [K*B, F]; returns logits for all K*B rows."""
-        for drop in (self.drop6, self.drop7):
+        for drop in self.drops.values():
             if drop.context is not None and sample_ids is not None:
                 drop.context = DropoutContext(drop.context.seed, drop.context.step, sample_ids)
-        h = self.drop6(z)
-        h = self.drop7(self._exchange(F.relu(self.fc6(h)), "fc6"))
-        h = self._exchange(F.relu(self.fc7(h)), "fc7")
+        h = self._drop("fc6", z)
+        h = self._drop("fc7", self._exchange(F.relu(self.fc6(h)), "fc6"))
+        h = self._drop("fc8", self._exchange(F.relu(self.fc7(h)), "fc7"))
         return self._exchange(self.fc8(h), "fc8")
+
+    def _drop(self, layer: str, h: Tensor) -> Tensor:
+        """The input of `layer`, dropped where the model drops it."""
+        return self.drops[layer](h) if layer in self.drops else h
+
+    def dropout_context(self) -> DropoutContext | None:
+        return next(iter(self.drops.values())).context
 
 
 class HybridAlexNet(nn.Module):
@@ -91,8 +97,9 @@ class HybridAlexNet(nn.Module):
         rows = z.shape[0]
         z_all = gather_cat(z, 0, self.group, counter=self.counter)
         ids = None
-        if self.training and self.head.drop6.context is not None:
-            ids = gather_plain(self.head.drop6.context.sample_ids.to(z.device), self.group)
+        context = self.head.dropout_context()
+        if self.training and context is not None:
+            ids = gather_plain(context.sample_ids.to(z.device), self.group)
         logits = self.head(z_all, ids)
         return logits[self.slice * rows : (self.slice + 1) * rows]
 
