@@ -25,6 +25,10 @@ PAPER_TOP5_ERROR = 18.2
 PAPER_NUM_CLASSES = 1000
 
 
+# A run stopped before its first validation: nothing measured, nothing to hold against the paper.
+NO_VALIDATION: dict[str, Any] = {"comparable": False, "note": "no validation ran, so no comparison with the paper"}
+
+
 def paper_comparison(top1: float, top5: float, num_classes: int) -> dict[str, Any]:
     """Our error minus the paper's, in percentage points (positive: worse than the paper)."""
     top1_error, top5_error = 100.0 - top1, 100.0 - top5
@@ -55,8 +59,8 @@ def paper_comparison(top1: float, top5: float, num_classes: int) -> dict[str, An
 
 @dataclass(frozen=True)
 class RunSummary:
-    best_top1: float
-    best_top5: float
+    best_top1: float | None  # None: no validation ran
+    best_top5: float | None
     wall_seconds: float
     wall_hours: float
     train_images: int
@@ -71,8 +75,8 @@ class RunSummary:
 
 
 def summarize_run(
-    best_top1: float,
-    best_top5: float,
+    best_top1: float | None,
+    best_top5: float | None,
     wall_seconds: float,
     train_images: int,
     world_size: int,
@@ -90,14 +94,17 @@ def summarize_run(
         world_size=world_size,
         device=device_type,
         gpu_hours=world_size * hours if device_type == "cuda" else 0.0,
-        paper=paper_comparison(best_top1, best_top5, num_classes),
+        paper=paper_comparison(best_top1, best_top5, num_classes) if best_top1 is not None else dict(NO_VALIDATION),
     )
 
 
 def format_summary(s: RunSummary) -> str:
     gpu = f"{s.gpu_hours:.2f} GPU-hours" if s.device == "cuda" else "CPU only (0 GPU-hours)"
+    accuracy = "no validation yet"
+    if s.best_top1 is not None:
+        accuracy = f"best val top-1 {s.best_top1:.2f}%, top-5 {s.best_top5:.2f}%"
     return (
-        f"best val top-1 {s.best_top1:.2f}%, top-5 {s.best_top5:.2f}%; {s.wall_seconds:.0f} s "
+        f"{accuracy}; {s.wall_seconds:.0f} s "
         f"({s.wall_hours:.2f} h) on {s.world_size} process(es), {s.images_per_sec:.0f} images/s, {gpu}\n"
         f"{s.paper['note']}"
     )

@@ -1,4 +1,5 @@
 """What a run tells people and machines: log lines or a progress bar, metrics records, the summary."""
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,21 @@ MB = 1e6
 def comm_per_step(totals: dict[str, int], steps: int) -> dict[str, float]:
     """Megabytes per step, by kind."""
     return {kind: value / MB / max(steps, 1) for kind, value in sorted(totals.items())}
+
+
+def stop_state(summary: dict[str, Any]) -> str:
+    """How the run ended, and what continues it."""
+    reason = summary["stop_reason"]
+    if summary["completed"]:
+        return "finished"
+    if reason == "max_steps":
+        # The same command would stop again at once: the limit is part of the config.
+        return "stopped (max_steps; raise train.max_steps, or set it to 0, to continue)"
+    return f"stopped ({reason}; the same command resumes)"
+
+
+def final_accuracy(top1: float | None) -> str:
+    return "no validation yet" if top1 is None else f"final val top-1 {top1:.2f}%"
 
 
 class Reporter:
@@ -42,14 +58,20 @@ class Reporter:
         if self.writer is not None:
             self.writer.write(record)
         if hasattr(batches, "set_postfix"):
-            batches.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}",
-                                img_s=f"{record['images_per_sec']:.0f}")
+            batches.set_postfix(
+                loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}", img_s=f"{record['images_per_sec']:.0f}"
+            )
             return
         comm = sum(record.get("comm_sent_mb", {}).values())
         log.info(
             "epoch %d  step %d  loss %.4f  top-1 %.2f%%  lr %.4g  %.0f img/s  data wait %.0f%%%s",
-            record["epoch"], record["step"], record["loss"], record["top1"], record["lr"],
-            record["images_per_sec"], 100 * record["data_wait_share"],
+            record["epoch"],
+            record["step"],
+            record["loss"],
+            record["top1"],
+            record["lr"],
+            record["images_per_sec"],
+            100 * record["data_wait_share"],
             f"  sent {comm:.1f} MB/step" if comm else "",
         )
 
@@ -58,7 +80,12 @@ class Reporter:
             self.writer.write(record)
         log.info(
             "epoch %d/%d  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d images)",
-            record["epoch"], self.epochs, record["loss"], record["top1"], record["top5"], record["count"],
+            record["epoch"],
+            self.epochs,
+            record["loss"],
+            record["top1"],
+            record["top5"],
+            record["count"],
         )
 
     def summary(self, summary: dict[str, Any], final: RunSummary) -> None:
@@ -66,9 +93,8 @@ class Reporter:
         if not self.is_main:
             return
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        state = "finished" if summary["completed"] else f"stopped ({summary['stop_reason']}; the same command resumes)"
-        log.info("%s after %d epochs / %d steps (final val top-1 %.2f%%); run folder %s",
-                 state, summary["epochs"], summary["steps"], summary["final_top1"], summary["run_dir"])
+        log.info("%s after %d epochs / %d steps (%s); run folder %s", stop_state(summary), summary["epochs"],
+                 summary["steps"], final_accuracy(summary["final_top1"]), summary["run_dir"])  # fmt: skip
         if summary.get("comm_sent_mb_per_step"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in summary["comm_sent_mb_per_step"].items())
             log.info("sent per rank per step (MB): %s", parts)

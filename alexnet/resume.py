@@ -47,10 +47,11 @@ class Progress:
     step: int = 0  # optimizer steps taken in total (also the dropout and lr counter)
     images: int = 0  # training images processed in total
     train_seconds: float = 0.0  # wall time of all sessions of this run
-    best_top1: float = 0.0
-    best_top5: float = 0.0
-    last_top1: float = 0.0
-    last_top5: float = 0.0
+    # None until the first validation: a run stopped before it has no accuracy to report
+    best_top1: float | None = None
+    best_top5: float | None = None
+    last_top1: float | None = None
+    last_top5: float | None = None
     nonfinite_streak: int = 0
 
 

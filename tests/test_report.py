@@ -113,3 +113,24 @@ def test_run_report_logs_the_summary_and_draws_into_the_run_folder(tmp_path, cap
     assert (tmp_path / PLOT_FILE).stat().st_size > 10_000
     assert "8.00 GPU-hours" in caplog.text and "139 images/s" in caplog.text
     assert "top-1 error 50.00% vs the paper's 40.7% (+9.30 points)" in caplog.text
+
+
+def test_a_run_without_validation_reports_none_and_max_steps_says_how_to_continue():
+    """Stopped before its first validation (max_steps, a preemption in epoch 1): no accuracy and
+    no comparison with the paper, even at 1000 classes (it used to report 0% and a +59 point gap)."""
+    from alexnet.report import format_summary
+    from alexnet.reporting import final_accuracy, stop_state
+    from alexnet.resume import Progress
+
+    p = Progress()
+    s = summarize_run(p.best_top1, p.best_top5, 60.0, 1280, 8, "cuda", 1000)
+    assert s.best_top1 is None and s.paper == {
+        "comparable": False,
+        "note": "no validation ran, so no comparison with the paper",
+    }
+    assert format_summary(s).startswith("no validation yet; 60 s")
+    assert final_accuracy(p.last_top1) == "no validation yet" and final_accuracy(57.25) == "final val top-1 57.25%"
+    stopped = {"completed": False, "stop_reason": "max_steps"}
+    assert stop_state(stopped) == "stopped (max_steps; raise train.max_steps, or set it to 0, to continue)"
+    assert stop_state({**stopped, "stop_reason": "preempted"}) == "stopped (preempted; the same command resumes)"
+    assert stop_state({"completed": True, "stop_reason": "completed"}) == "finished"
