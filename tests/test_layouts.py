@@ -81,6 +81,19 @@ def test_layout_computes_the_single_device_function(tmp_path, mode, world, fc_gr
         assert all(n.split(".")[1] == str(r["rank"] % 2) for r in results for n in r["local_names"])
 
 
+def test_hybrid_splits_the_torchvision_variant_as_one_device_computes_it(tmp_path):
+    """The hybrid head drops where each variant drops (torchvision: the inputs of fc6 and fc7;
+    the paper model: the outputs of fc6 and fc7, the case above): one step and five float64
+    steps with dropout, against the single-device torchvision variant."""
+    script = REPO / "tests" / "dist" / "layout_check.py"
+    check(torchrun([script, "hybrid", tmp_path, 0, "nchw", "torchvision"], nproc=2))
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["logits"] <= 1e-5 * r["logit_scale"] and max(r["grads"].values()) <= 1e-5 * r["grad_scale"]
+        assert r["weights_moved"] > 1e-3 and r["weights_after_steps"] <= 1e-10, rank
+        assert any(name.startswith("trunk.features.") for name in r["local_names"])  # the torchvision trunk
+
+
 def test_world_sizes_a_layout_cannot_use_show_the_arithmetic():
     with pytest.raises(LayoutError, match=r"towers .* 3 ranks: 3 = 1 x 2 \+ 1"):
         plan_mesh("towers", 0, 3, 3)

@@ -1,6 +1,6 @@
 """Run under torchrun: a layout against the single-device model on the same global batch.
 
-Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py MODE OUT_DIR [FC_GROUP] [nchw|cl]
+Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py MODE OUT_DIR [FC_GROUP] [nchw|cl] [VARIANT]
 
 Every rank computes the single-device reference itself (same seed, the whole global batch),
 then its own part under MODE, and writes OUT_DIR/rank<R>.json with the largest differences:
@@ -41,23 +41,23 @@ def batch(step: int, replicas: int, fmt=torch.contiguous_format):
     return images, torch.randint(0, CLASSES, (PER_REPLICA * replicas,), generator=g)
 
 
-def fresh_model(fmt=torch.contiguous_format):
+def fresh_model(fmt=torch.contiguous_format, variant="paper"):
     torch.manual_seed(SEED)
-    return build_model("paper", CLASSES, dropout=0.5, input_size=SIZE, init="kaiming").to(memory_format=fmt)
+    return build_model(variant, CLASSES, dropout=0.5, input_size=SIZE, init="kaiming").to(memory_format=fmt)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format) -> None:
+def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format, variant: str = "paper") -> None:
     env = init_distributed(timeout_s=120)
     mesh = build_mesh(env, mode, fc_group)
     replicas, me = mesh.data_size, mesh.data_rank
     rows = slice(me * PER_REPLICA, (me + 1) * PER_REPLICA)
     ids = torch.arange(rows.start, rows.stop)
 
-    reference = fresh_model(fmt)
+    reference = fresh_model(fmt, variant)
     images, labels = batch(0, replicas, fmt)
     apply_dropout_context(reference, DropoutContext(SEED, 0, torch.arange(len(labels))))
     ref_logits = reference(images)
@@ -65,7 +65,7 @@ def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format) -> No
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
 
     counter = CommCounter()
-    par = apply_parallelism(fresh_model(fmt), env, mesh, ParallelConfig(), counter)
+    par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), counter)
     apply_dropout_context(par.local, DropoutContext(SEED, 0, ids))
     logits = par.module(images[rows])
     loss = F.cross_entropy(logits, labels[rows])
@@ -93,9 +93,9 @@ def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format) -> No
     # few steps, which says nothing about the layout; in float64 they match to ~1e-12.
     torch.set_default_dtype(torch.float64)
     amp = build_amp("off", CPU)
-    reference = fresh_model(fmt)
+    reference = fresh_model(fmt, variant)
     ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.002)
-    par = apply_parallelism(fresh_model(fmt), env, mesh, ParallelConfig(), CommCounter())
+    par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), CommCounter())
     opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
     after_backward = par.layout.after_backward()
     for step in range(STEPS):
@@ -105,7 +105,7 @@ def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format) -> No
                    after_backward=after_backward)
     ref_state = par.layout.to_local(reference.state_dict())
     result["weights_after_steps"] = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
-    initial = fresh_model().state_dict()  # built once: a model per key took most of the check's time
+    initial = fresh_model(variant=variant).state_dict()  # built once: a model per key took most of the check's time
     moved = max(max_diff(v, initial[k]) for k, v in reference.state_dict().items())
     result["weights_moved"] = moved
     full = par.layout.to_full(par.local.state_dict())
@@ -118,4 +118,4 @@ def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format) -> No
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0,
-         MEMORY_FORMAT[sys.argv[4] if len(sys.argv) > 4 else "nchw"])
+         MEMORY_FORMAT[sys.argv[4] if len(sys.argv) > 4 else "nchw"], sys.argv[5] if len(sys.argv) > 5 else "paper")
