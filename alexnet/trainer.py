@@ -65,17 +65,8 @@ class Trainer:
         self.progress = Progress()
         if resumed is not None:
             payload, path = resumed
-            self.progress = restore_training(
-                payload,
-                path,
-                self.par.layout,
-                self.model,
-                self.optimizer,
-                self.schedule,
-                self.amp,
-                self.train_loader,
-                mesh,
-            )
+            self.progress = restore_training(payload, path, self.par.layout, self.model, self.optimizer,
+                                             self.schedule, self.amp, self.train_loader, mesh)  # fmt: skip
             log.info("resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.step)
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs)
@@ -107,17 +98,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Collective: every rank calls it; rank 0 writes."""
         self._update_clock()
-        payload = build_payload(
-            self.cfg,
-            self.par.layout,
-            self.model,
-            self.optimizer,
-            self.schedule,
-            self.amp,
-            self.train_loader,
-            self.mesh,
-            self.progress,
-        )
+        payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
+                                self.train_loader, self.mesh, self.progress)  # fmt: skip
         if payload is not None:
             atomic_save(payload, self.ckpt_dir)
         self._barrier()
@@ -148,15 +130,8 @@ class Trainer:
         self._update_clock()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
-        final = summarize_run(
-            p.best_top1,
-            p.best_top5,
-            p.train_seconds,
-            p.images,
-            self.env.world_size,
-            self.env.device.type,
-            self.num_classes,
-        )
+        final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
+                              self.env.device.type, self.num_classes)  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self.reporter.summary(summary, final)
         self.reporter.close()
@@ -193,16 +168,8 @@ class Trainer:
             data_wait = time.perf_counter() - waited
             lr = self.schedule.apply(self.optimizer, p.step)
             dropout = DropoutContext(cfg.train.seed, p.step, self._sample_base[: labels.shape[0]])
-            result = train_step(
-                self.par.module,
-                images,
-                labels,
-                self.optimizer,
-                self.amp,
-                dropout,
-                cfg.train.grad_clip,
-                self.after_backward,
-            )
+            result = train_step(self.par.module, images, labels, self.optimizer, self.amp, dropout,
+                                cfg.train.grad_clip, self.after_backward)  # fmt: skip
             p.step += 1
             p.images += labels.shape[0] * self.mesh.data_size
             p.nonfinite_streak = 0 if result.applied else p.nonfinite_streak + 1

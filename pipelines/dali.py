@@ -19,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
+from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, position_state, shard_bounds, train_steps, val_steps
 from pipelines.index import FileIndex
 from pipelines.lighting import Lighting, with_lighting
 
@@ -299,14 +299,7 @@ class DaliLoader:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        # `steps` and `batch_size` let a resume under another sharding convert `pos`.
-        state: dict[str, Any] = {
-            "epoch": self._epoch,
-            "pos": self._pos,
-            "num_shards": self._shard.num_shards,
-            "steps": self._steps,
-            "batch_size": self._shard.batch_size,
-        }
+        state = position_state(self._epoch, self._pos, self._shard, self._steps)
         if self._pipe is not None:
             state["dali"] = self._pipe.checkpoint()
         elif self._restore is not None:

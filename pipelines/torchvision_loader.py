@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, shard_bounds, train_steps, val_steps
+from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, position_state, shard_bounds, train_steps, val_steps
 from pipelines.filecheck import open_rgb, without_worker_traceback
 from pipelines.index import FileIndex
 from pipelines.workers import ForkSafeDataLoader
@@ -168,14 +168,7 @@ class TorchvisionLoader:
         self._epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        # `steps` and `batch_size` let a resume under another sharding convert `pos`.
-        return {
-            "epoch": self._epoch,
-            "pos": self._pos,
-            "num_shards": self._shard.num_shards,
-            "steps": self._steps,
-            "batch_size": self._shard.batch_size,
-        }
+        return position_state(self._epoch, self._pos, self._shard, self._steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The order of an epoch depends only on (seed, epoch): the sampler picks the epoch up at
