@@ -10,6 +10,7 @@ counted, and the per-class (correct, count) vectors are summed with one all_redu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from alexnet.metrics import topk_correct
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec
-from pipelines.index import DataError, FileIndex, build_file_index, find_classes
+from pipelines.index import DataError, FileIndex, build_file_index, find_classes, load_file_list
+
+log = logging.getLogger("alexnet")
 
 
 # ---- scoring a batch ---------------------------------------------------------------------------
@@ -105,18 +108,51 @@ class EvalOptions:
     batch_size: int = 0  # 0 = the run's data.batch_size
     num_threads: int = 0  # 0 = the run's data.num_threads
     decoder: str = "auto"  # auto: mixed (GPU) on CUDA, else cpu
+    files: str = ""  # a file list of the split (launch/scan.py); "" = the run's data.val_files for its own val
+    amp: str = "run"  # run: the checkpoint's train.amp (fp16 falls back to off without CUDA)
 
 
-def resolve_eval_index(cfg: Config, data: str, split: str) -> tuple[FileIndex, Path]:
-    """The files to evaluate and their folder. Class indices come from <root>/train when it exists
-    (the order the model was trained with), else from the evaluated folder's own class folders."""
-    root = Path(data).expanduser() if data else resolve_data_root(cfg.data)
-    split_dir = root / split if (root / split).is_dir() else root
+def eval_file_list(cfg: Config, opts: EvalOptions) -> str:
+    """The file list to evaluate: --files, else the run's own data.val_files when the run's own
+    validation split is evaluated (it leaves out the files launch/scan.py found bad); a list of
+    another dataset's files would not name the files of --data."""
+    if opts.files:
+        return opts.files
+    return cfg.data.val_files if not opts.data and opts.split == "val" else ""
+
+
+def resolve_eval_index(cfg: Config, opts: EvalOptions) -> tuple[FileIndex, Path, str]:
+    """The files to evaluate, their folder and the file list they came from ("" for the whole
+    folder). Class indices come from <root>/train when it exists (the order the model was trained
+    with), else from the evaluated folder's own class folders."""
+    if not opts.data and cfg.data.pipeline == "synthetic":
+        raise DataError(
+            f"checkpoint {opts.checkpoint} was trained on synthetic data (data.pipeline=synthetic): "
+            "pass --data with the folder to evaluate"
+        )
+    root = Path(opts.data).expanduser() if opts.data else resolve_data_root(cfg.data)
+    split_dir = root / opts.split if (root / opts.split).is_dir() else root
     if split_dir == root and any((root / name).is_dir() for name in ("train", "val")):
         # a dataset root without that split (a typo, an unprepared split): not a folder of classes
-        raise DataError(f"{root / split} does not exist: --split names a subfolder of {root}")
+        raise DataError(f"{root / opts.split} does not exist: --split names a subfolder of {root}")
     classes = find_classes(root / "train") if (root / "train").is_dir() and split_dir != root else None
-    return build_file_index(split_dir, classes=classes), split_dir
+    files = eval_file_list(cfg, opts)
+    if files:
+        return load_file_list(files, split_dir, classes=classes), split_dir, files
+    return build_file_index(split_dir, classes=classes), split_dir, ""
+
+
+def resolve_eval_amp(cfg: Config, mode: str, device: torch.device) -> AmpPolicy:
+    """--amp run takes the precision the run validated with; a GPU run's fp16 on a machine without
+    CUDA is evaluated in full precision instead of failing (the weights are float32 either way)."""
+    if mode == "run":
+        mode = cfg.train.amp
+        if mode == "fp16" and device.type != "cuda":
+            log.info("the run trained with train.amp=fp16, which needs CUDA: evaluating in float32")
+            mode = "off"
+    elif mode == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp off or bf16 on the CPU")
+    return build_amp(mode, device)  # type: ignore[arg-type]
 
 
 def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: DistEnv, channels_last: bool) -> Loader:
@@ -140,14 +176,14 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
-    index, split_dir = resolve_eval_index(cfg, opts.data, opts.split)
+    index, split_dir, files = resolve_eval_index(cfg, opts)
     if len(index.classes) != loaded.num_classes:
         raise DataError(
             f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
         )
     channels_last = env.device.type == "cuda"
     model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
-    amp = build_amp(cfg.train.amp, env.device)
+    amp = resolve_eval_amp(cfg, opts.amp, env.device)
     loader = build_eval_loader(cfg, index, opts, env, channels_last)
     tally = ClassTally(loaded.num_classes, env.device)
     start = time.perf_counter()
@@ -157,7 +193,7 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     sums, loss_sum = tally.reduce()
     seconds = time.perf_counter() - start
     loader.close()
-    return build_result(opts, loaded.progress, cfg, index, split_dir, sums, loss_sum, env, seconds)
+    return build_result(opts, loaded.progress, cfg, index, split_dir, files, amp, sums, loss_sum, env, seconds)
 
 
 def build_result(
@@ -166,6 +202,8 @@ def build_result(
     cfg: Config,
     index: FileIndex,
     split_dir: Path,
+    files: str,
+    amp: AmpPolicy,
     sums: Tensor,
     loss_sum: float,
     env: DistEnv,
@@ -194,6 +232,8 @@ def build_result(
         "epoch": progress.get("epoch"),
         "step": progress.get("step"),
         "data": str(split_dir),
+        "files": files or None,
+        "amp": amp.name,
         "crops": "ten" if opts.ten_crop else "centre",
         "crop": cfg.data.crop,
         "resize": cfg.data.resize,
@@ -217,9 +257,12 @@ def format_result(result: dict[str, Any], worst: int = 5) -> str:
     lines = [
         f"{result['checkpoint']}: {result['images']} images, {result['crops']}-crop, "
         f"top-1 {result['top1']:.2f}% (error {result['top1_error']:.2f}%), "
-        f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}",
+        f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}"
+        + (f", autocast {result['amp']}" if result["amp"] != "off" else ""),
         result["paper"]["note"],
     ]
+    if result["files"]:
+        lines.append(f"files: those listed in {result['files']}")
     scored = [c for c in result["per_class"] if c["top1"] is not None]
     if len(scored) > worst:
         hardest = sorted(scored, key=lambda c: (c["top1"], c["index"]))[:worst]

@@ -6,7 +6,9 @@ either variant has no data-dependent control flow, and the paper model's tower l
 callable, which `torch.jit.script` cannot compile, are unrolled by the trace. ONNX uses
 `torch.onnx.export(dynamo=True)` (the TorchScript-based exporter cannot export the torchvision
 variant's adaptive pooling at small inputs). The batch dimension stays dynamic in both; every
-export is run on a batch of another size and compared with PyTorch's output before it is kept.
+export is run on a batch of another size and compared with PyTorch's output before it is kept:
+each file is written under a temporary name beside its final one and renamed into place only once
+its check passes, so a failed export leaves nothing behind and never replaces an earlier good one.
 
 The torchvision variant's parameter names are those of `torchvision.models.alexnet`, so its
 checkpoint's state dict loads there strictly, with nothing renamed.
@@ -14,8 +16,11 @@ checkpoint's state dict loads there strictly, with nothing renamed.
 
 from __future__ import annotations
 
+import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +32,15 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.inference import build_model_from_checkpoint
 
 FORMATS = ("torchscript", "onnx", "torchvision")
+SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "torchvision": ".torchvision.pth"}
 
 
 class ExportCheckError(RuntimeError):
     """An exported model's output differs from PyTorch's beyond the tolerance."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 @dataclass(frozen=True)
@@ -49,13 +59,14 @@ def example_input(input_size: int, batch: int = 2, seed: int = 0) -> Tensor:
 def compare_outputs(expected: Tensor, got: Tensor | np.ndarray, path: Path, rtol: float, atol: float) -> ExportCheck:
     got_t = torch.as_tensor(np.asarray(got)) if not isinstance(got, Tensor) else got
     if tuple(got_t.shape) != tuple(expected.shape):
-        raise ExportCheckError(f"{path}: output shape {tuple(got_t.shape)}, PyTorch gives {tuple(expected.shape)}")
+        raise ExportCheckError(path, f"output shape {tuple(got_t.shape)}, PyTorch gives {tuple(expected.shape)}")
     diff = float((got_t.float() - expected.float()).abs().max())
     scale = float(expected.abs().max())
     if not diff <= atol + rtol * scale:
         raise ExportCheckError(
-            f"{path}: outputs differ from PyTorch by up to {diff:.3g} (outputs up to {scale:.3g}; "
-            f"allowed {atol:g} + {rtol:g} x {scale:.3g})"
+            path,
+            f"outputs differ from PyTorch by up to {diff:.3g} (outputs up to {scale:.3g}; "
+            f"allowed {atol:g} + {rtol:g} x {scale:.3g})",
         )
     return ExportCheck(path, diff, scale, int(expected.shape[0]))
 
@@ -139,6 +150,28 @@ def export_torchvision(model: nn.Module, num_classes: int, path: Path, check: Te
     return compare_outputs(model.eval()(check), reloaded(check), path, rtol=1e-6, atol=1e-6)
 
 
+@contextmanager
+def staged_file(final: Path) -> Iterator[Path]:
+    """A temporary path beside `final` that becomes `final` only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = final.with_name(f".{final.name}.partial")
+    try:
+        yield staged
+        os.replace(staged, final)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck]) -> ExportCheck:
+    """Run `export_and_check` on a staged path; the file is kept as `final` only if it passes."""
+    with staged_file(final) as staged:
+        try:
+            result = export_and_check(staged)
+        except ExportCheckError as exc:
+            raise ExportCheckError(final, exc.reason) from None  # named as the user asked for it
+    return replace(result, path=final)
+
+
 def export_checkpoint(
     checkpoint: Path, out_dir: Path, name: str, formats: list[str] | tuple[str, ...] | None = None
 ) -> list[ExportCheck]:
@@ -147,25 +180,19 @@ def export_checkpoint(
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant
     formats = list(formats) if formats else [f for f in FORMATS if f != "torchvision" or variant == "torchvision"]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
     if "torchvision" in formats and variant != "torchvision":
         raise CheckpointError(
             f"checkpoint {checkpoint} is the {variant!r} variant; only 'torchvision' checkpoints load into "
             "torchvision.models.alexnet (the paper's two towers and LRN have no counterpart there)"
         )
-    size = loaded.config.data.crop
+    model, size = loaded.model, loaded.config.data.crop
     example, check = example_input(size, batch=2, seed=0), example_input(size, batch=3, seed=1)
-    results = []
-    for fmt in formats:
-        if fmt == "torchscript":
-            path = export_torchscript(loaded.model, example, out_dir / f"{name}.torchscript.pt")
-            results.append(check_torchscript(path, loaded.model, check))
-        elif fmt == "onnx":
-            path = export_onnx(loaded.model, example, out_dir / f"{name}.onnx")
-            results.append(check_onnx(path, loaded.model, check))
-        elif fmt == "torchvision":
-            results.append(
-                export_torchvision(loaded.model, loaded.num_classes, out_dir / f"{name}.torchvision.pth", check)
-            )
-        else:
-            raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
-    return results
+    steps: dict[str, Callable[[Path], ExportCheck]] = {
+        "torchscript": lambda path: check_torchscript(export_torchscript(model, example, path), model, check),
+        "onnx": lambda path: check_onnx(export_onnx(model, example, path), model, check),
+        "torchvision": lambda path: export_torchvision(model, loaded.num_classes, path, check),
+    }
+    return [export_checked(out_dir / f"{name}{SUFFIXES[fmt]}", steps[fmt]) for fmt in formats]

@@ -5,10 +5,13 @@
 
 The model, input size, resize and normalization come from the checkpoint's stored config. --data
 is a dataset root holding val/<class>/ (class indices are taken from its train/ folder when there
-is one) or a folder of class folders; without it, the run's own data.root. --ten-crop averages the
-softmax over the four corners, the centre and their mirrors (Krizhevsky et al. 2012, section 4.1).
-Rank 0 prints the result and writes it as JSON (default: beside the checkpoint,
-<checkpoint>.eval-centre.json or .eval-tencrop.json).
+is one) or a folder of class folders; without it, the run's own data.root. --files evaluates the
+files of a list written by launch/scan.py (the run's own data.val_files by default, when the run's
+own val split is evaluated). --ten-crop averages the softmax over the four corners, the centre and
+their mirrors (Krizhevsky et al. 2012, section 4.1). --amp sets the autocast precision (default:
+the run's train.amp). Rank 0 prints the result and writes it as JSON (default: beside the
+checkpoint, <checkpoint>.eval-centre.json or .eval-tencrop.json; a folder given to --out gets that
+name inside it).
 """
 
 from __future__ import annotations
@@ -47,14 +50,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--num-threads", type=non_negative_int, default=0, help="DALI threads per rank (default: the run's)"
     )
+    parser.add_argument(
+        "--files", default="", help="file list of the split from launch/scan.py (default: the run's data.val_files)"
+    )
     parser.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: beside the checkpoint)")
+    parser.add_argument(
+        "--amp", choices=("run", "auto", "off", "bf16", "fp16"), default="run", help="autocast (default: the run's)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON file or folder (default: beside the checkpoint)")
     parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds")
     return parser.parse_args(argv)
 
 
 def default_out(checkpoint: Path, ten_crop: bool) -> Path:
     return checkpoint.with_name(f"{checkpoint.name}.eval-{'tencrop' if ten_crop else 'centre'}.json")
+
+
+def resolve_out(out: Path | None, checkpoint: Path, ten_crop: bool) -> Path:
+    """Where the JSON goes, checked before the evaluation runs, so that an evaluation is not lost
+    to an output path that cannot be written (a folder gets the default name inside it)."""
+    path = default_out(checkpoint, ten_crop) if out is None else out
+    if path.is_dir():
+        path = path / default_out(checkpoint, ten_crop).name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"--out {path}: cannot create its folder ({exc.strerror})") from exc
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OSError(f"--out {path}: not a writable file path")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,19 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         num_threads=args.num_threads,
         decoder=args.decoder,
+        files=args.files,
+        amp=args.amp,
     )
     try:
+        out = resolve_out(args.out, args.checkpoint, args.ten_crop) if rank == 0 else None
         env = init_distributed(args.timeout)
-    except LaunchError as exc:
+    except (LaunchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         result = run_evaluation(opts, env)
-        if env.is_main:
-            out = args.out or default_out(args.checkpoint, args.ten_crop)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-            print(format_result(result))
+        if out is not None:
+            print(format_result(result))  # first: a failed write below still shows the result
+            try:
+                out.write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as exc:
+                print(f"error: cannot write {out}: {exc.strerror}", file=sys.stderr)
+                return 1
             print(f"written to {out}")
     except (CheckpointError, ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

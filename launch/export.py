@@ -37,6 +37,9 @@ def default_name(checkpoint: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; exports go into a folder", file=sys.stderr)
+        return 2
     try:
         name = args.name or default_name(args.checkpoint)
         for result in export_checkpoint(args.checkpoint, args.out, name, args.format):

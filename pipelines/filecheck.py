@@ -276,5 +276,6 @@ def how_to_exclude(path: str) -> str:
     root = str(parts[2]) if len(parts) > 2 else "DATA_ROOT"
     return (
         f"To exclude bad files, run `python launch/scan.py {root} --out SCAN_DIR` and train with "
-        "data.train_files=SCAN_DIR/train.txt data.val_files=SCAN_DIR/val.txt"
+        "data.train_files=SCAN_DIR/train.txt data.val_files=SCAN_DIR/val.txt "
+        "(launch/evaluate.py: --files SCAN_DIR/val.txt)"
     )

@@ -2,6 +2,7 @@
 top-1/top-5 and per-class counts, the same numbers on one process and under torchrun."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -136,3 +137,73 @@ def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--batch-size: must be >= 0 (0: the run's own), got -3" in proc.stderr
+
+
+def checkpoint_with(trained, folder, **config_changes):
+    """A copy of the trained checkpoint whose stored config has `section.key` values changed."""
+    payload = torch.load(trained, weights_only=True)
+    for dotted, value in config_changes.items():
+        section, key = dotted.split("__")
+        payload["config"][section][key] = value
+    return atomic_save(payload, folder)
+
+
+def test_the_run_s_val_file_list_leaves_out_bad_files(tiny_data, trained, tmp_path):
+    """A run trained on launch/scan.py's lists is evaluated on its val list by default; --files names
+    one for any folder; without a list the bad file stops the evaluation with a hint to --files."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    good = sorted(p.relative_to(data / "val").as_posix() for p in (data / "val").rglob("*.*"))
+    first = data / "val" / good[0]
+    (first.parent / "broken.JPEG").write_bytes(first.read_bytes()[:300])  # a truncated JPEG
+    listing = tmp_path / "val.txt"
+    listing.write_text("# from launch/scan.py\n" + "\n".join(good[1:]) + "\n")  # also leaves one good file out
+    ckpt = checkpoint_with(trained, tmp_path / "ck", data__root=str(data), data__val_files=str(listing))
+    own = run_evaluation(EvalOptions(ckpt), ONE)
+    assert own["images"] == 49 and own["files"] == str(listing)
+    assert sum(c["images"] for c in own["per_class"]) == 49
+    named = run_evaluation(EvalOptions(trained, data=str(data), files=str(listing)), ONE)
+    assert named["images"] == 49 and named["top1"] == own["top1"] and named["files"] == str(listing)
+    with pytest.raises(DataError, match=r"broken\.JPEG(.|\n)*launch/evaluate\.py: --files SCAN_DIR/val\.txt"):
+        run_evaluation(EvalOptions(trained, data=str(data)), ONE)  # another dataset: the run's list does not apply
+
+
+def test_precision_is_the_run_s_unless_asked_and_fp16_falls_back_on_a_cpu(tiny_data, trained, tmp_path):
+    fp32 = run_evaluation(EvalOptions(trained, data=str(tiny_data), amp="off"), ONE)
+    fp16_run = checkpoint_with(trained, tmp_path / "fp16", train__amp="fp16")
+    fallback = run_evaluation(EvalOptions(fp16_run, data=str(tiny_data)), ONE)
+    assert fallback["amp"] == fp32["amp"] == "off"
+    assert (fallback["loss"], fallback["per_class"]) == (fp32["loss"], fp32["per_class"])
+    bf16_run = checkpoint_with(trained, tmp_path / "bf16", train__amp="bf16")
+    bf16 = run_evaluation(EvalOptions(bf16_run, data=str(tiny_data)), ONE)
+    assert bf16["amp"] == "bf16" and bf16["loss"] != fp32["loss"]  # bf16 autocast rounds differently
+    asked = run_evaluation(EvalOptions(bf16_run, data=str(tiny_data), amp="off"), ONE)
+    assert asked["amp"] == "off" and asked["loss"] == fp32["loss"]
+    with pytest.raises(ConfigError, match=r"--amp fp16 needs a CUDA device"):
+        run_evaluation(EvalOptions(trained, data=str(tiny_data), amp="fp16"), ONE)
+
+
+def test_a_synthetic_data_run_needs_data(trained, tmp_path):
+    ckpt = checkpoint_with(trained, tmp_path / "syn", data__pipeline="synthetic")
+    with pytest.raises(DataError, match=r"trained on synthetic data .*pass --data"):
+        run_evaluation(EvalOptions(ckpt), ONE)
+
+
+def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(tiny_data, trained, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    ok = subprocess.run(
+        [sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", folder], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    written = json.loads((folder / f"{trained.name}.eval-centre.json").read_text())
+    assert written["images"] == 50 and f"written to {folder / trained.name}.eval-centre.json" in ok.stdout
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    bad = subprocess.run(
+        [sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", blocker / "eval.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and f"error: --out {blocker / 'eval.json'}: cannot create its folder" in bad.stderr
+    assert "Traceback" not in bad.stderr and "images" not in bad.stdout  # stopped before evaluating

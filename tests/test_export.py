@@ -2,6 +2,7 @@
 another batch size), and a torchvision-variant checkpoint straight into torchvision's AlexNet."""
 
 import importlib.util
+import re
 
 import numpy as np
 import onnxruntime
@@ -10,6 +11,7 @@ import torch
 import torchvision
 from _helpers import REPO
 
+from alexnet import export as export_module
 from alexnet.checkpoint import CheckpointError, atomic_save
 from alexnet.config import config_to_dict, load_config
 from alexnet.export import ExportCheckError, compare_outputs, export_checkpoint, load_torchscript
@@ -91,3 +93,32 @@ def test_export_command(tmp_path, checkpoints, capsys):
     assert command.main([str(ckpt), "--out", str(tmp_path / "exports"), "--format", "torchscript"]) == 0
     assert (tmp_path / "exports" / "paper.torchscript.pt").is_file()  # named after the run folder
     assert "max |difference| from PyTorch" in capsys.readouterr().out
+
+
+def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tmp_path, checkpoints, monkeypatch):
+    ckpt, out = checkpoints["paper"], tmp_path / "out"
+    (good,) = export_checkpoint(ckpt, out, "m", ["torchscript"])
+    kept = good.path.read_bytes()
+    real_load = export_module.load_torchscript
+
+    def off_by_one(path):
+        model = real_load(path)
+        return lambda x: model(x) + 1.0  # an export whose outputs are wrong
+
+    monkeypatch.setattr(export_module, "load_torchscript", off_by_one)
+    with pytest.raises(ExportCheckError, match=rf"^{re.escape(str(out / 'm.torchscript.pt'))}: outputs differ"):
+        export_checkpoint(ckpt, out, "m", ["torchscript"])
+    assert good.path.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == ["m.torchscript.pt"]
+    with pytest.raises(ExportCheckError):
+        export_checkpoint(ckpt, tmp_path / "fresh", "m", ["torchscript"])
+    assert list((tmp_path / "fresh").iterdir()) == []  # nothing left behind
+
+
+def test_export_into_a_file_is_a_one_line_error(tmp_path, checkpoints, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    assert command.main([str(checkpoints["paper"]), "--out", str(blocker), "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err == f"error: --out {blocker} is a file; exports go into a folder\n"
