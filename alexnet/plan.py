@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alexnet.config import Config
+from alexnet.config import Config, ConfigError
 from alexnet.optim import scaled_lr
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
@@ -40,6 +40,12 @@ def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -
     # step is about 10% faster in it.
     channels_last = cfg.train.channels_last
     decoder = cfg.data.decoder if cfg.data.decoder != "auto" else ("mixed" if on_cuda else "cpu")
+    # Both checked here, before the run folder exists: a value that cannot work on this machine
+    # stops the run with its key's name, not with a traceback from deep in the setup.
     if decoder == "mixed" and not on_cuda:
-        raise ValueError("config key 'data.decoder' is 'mixed' but no CUDA device is in use")
+        raise ConfigError(
+            "config key 'data.decoder' is 'mixed' (GPU decoding) but no CUDA device is in use; use cpu or auto"
+        )
+    if cfg.train.amp == "fp16" and not on_cuda:
+        raise ConfigError("config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off on the CPU")
     return RunPlan(run_dir, global_batch, scaled_lr(cfg.optim, global_batch), channels_last, decoder)

@@ -104,6 +104,19 @@ class Trainer:
             atomic_save(payload, self.ckpt_dir)
         self._barrier()
 
+    def _nonfinite_message(self, lr: float) -> str:
+        p = self.progress
+        kept = (
+            f"The checkpoints in {self.ckpt_dir} hold weights from before these steps (a skipped step changes "
+            "nothing, and no periodic checkpoint is written during them)."
+            if (self.ckpt_dir / LAST).is_file()
+            else "No checkpoint was written before these steps."
+        )
+        return (
+            f"{p.nonfinite_streak} consecutive steps with a non-finite loss at step {p.step} (lr {lr:.3g}); "
+            f"lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. {kept}"
+        )
+
     def _save_periodic(self) -> None:
         """checkpoint.every_steps, except during a run of skipped non-finite steps: the weights are
         still those from before it, and a write would rotate previous.pt away, which is the file to
@@ -174,12 +187,7 @@ class Trainer:
             p.images += labels.shape[0] * self.mesh.data_size
             p.nonfinite_streak = 0 if result.applied else p.nonfinite_streak + 1
             if p.nonfinite_streak >= cfg.train.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{p.nonfinite_streak} consecutive steps with a non-finite loss at step {p.step} (lr {lr:.3g}); "
-                    "lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. The checkpoints in "
-                    f"{self.ckpt_dir} hold weights from before these steps (a skipped step changes nothing, and "
-                    "no periodic checkpoint is written during them)."
-                )
+                raise NonFiniteLossError(self._nonfinite_message(lr))
             tally.add(result.loss_sum, result.correct, result.count)
             meter.add(labels.shape[0] * self.mesh.data_size, data_wait)
             window += 1

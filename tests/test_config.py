@@ -1,11 +1,16 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from alexnet.config import Config, ConfigError, load_config, valid_keys, write_config
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -145,3 +150,23 @@ def test_words_yaml_reads_as_booleans_stay_words(tmp_path):
     assert load_config(write(tmp_path, "train:\n  amp: off\n")).train.amp == "off"
     with pytest.raises(ConfigError, match=r"'train\.amp'.*one of auto, bf16, fp16, off; got True"):
         load_config(None, ["train.amp=yes"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.amp=fp16", "error: config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off"),
+        ("data.decoder=mixed", "error: config key 'data.decoder' is 'mixed' (GPU decoding) but no CUDA device"),
+    ],
+)
+def test_gpu_only_values_on_a_cpu_stop_before_the_run_folder_is_made(override, message, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device makes these values valid")
+    proc = subprocess.run(
+        [sys.executable, TRAIN, f"run.root={tmp_path}", "run.name=gpu_only", override],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "gpu_only").exists()

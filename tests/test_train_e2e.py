@@ -127,3 +127,11 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     assert out.count("no periodic checkpoint during") == 2  # the streak's first two steps
     progress = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert progress["step"] == stopped - 3 and progress["nonfinite_streak"] == 0
+
+
+def test_a_run_that_diverges_before_any_checkpoint_says_there_is_none(tiny_data, tmp_path):
+    proc = train(tiny_data, tmp_path, "early", "optim.lr=1e30", "checkpoint.every_steps=0",
+                 "train.max_nonfinite=2", nproc=1)  # fmt: skip
+    assert proc.returncode == 1 and "No checkpoint was written before these steps." in proc.stderr
+    assert "hold weights from before" not in proc.stderr
+    assert not (tmp_path / "early" / "checkpoints" / "last.pt").exists()
