@@ -7,6 +7,8 @@ percentages; rows labelled PAD_LABEL (shard padding) are not counted.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipelines.base import PAD_LABEL
+
+log = logging.getLogger("alexnet")
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
@@ -82,15 +86,23 @@ class Throughput:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard scalars."""
+    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard scalars.
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    A run that resumes from the checkpoint of step `start_step` continues the record from there:
+    records of later steps, written after that checkpoint by a session that then crashed, are
+    dropped (from the file, and hidden in TensorBoard by its purge_step), so the record holds each
+    step once, as an uninterrupted run's does."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            keep_records_until(self.path, start_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = start_step + 1 if (run_dir / "tensorboard").exists() else None
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -108,4 +120,26 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A line that is not a JSON object (a write cut short by a
+    crash) is skipped with a warning: one torn line does not cost the rest of the record."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s: line %d is not a metrics record; skipped", path, number)
+    return records
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) with the records of steps up to `step` only."""
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)

@@ -12,11 +12,12 @@ classes gets no comparison, and says so.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from alexnet.metrics import read_metrics
 
 log = logging.getLogger("alexnet")
 PLOT_FILE = "training_curves.png"
@@ -113,17 +114,9 @@ def format_summary(s: RunSummary) -> str:
 # ---- the plot ----------------------------------------------------------------------------------
 def _read_records(metrics_path: Path) -> list[dict[str, Any]]:
     try:
-        lines = metrics_path.read_text().splitlines()
+        return read_metrics(metrics_path)
     except OSError as exc:
         raise FileNotFoundError(f"cannot read metrics file {metrics_path}: {exc.strerror}") from exc
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{metrics_path}: line {number} is not JSON ({exc})") from exc
-    return records
 
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:

@@ -38,11 +38,13 @@ def final_accuracy(top1: float | None) -> str:
 class Reporter:
     """Rank 0 writes; the other ranks stay quiet."""
 
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool, progress: str, epochs: int) -> None:
+    def __init__(
+        self, run_dir: Path, is_main: bool, tensorboard: bool, progress: str, epochs: int, start_step: int = 0
+    ) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.epochs = epochs
-        self.writer = MetricsWriter(run_dir, tensorboard) if is_main else None
+        self.writer = MetricsWriter(run_dir, tensorboard, start_step) if is_main else None
         self.bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
 
     def wrap_epoch(self, loader, epoch: int):

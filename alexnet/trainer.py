@@ -69,7 +69,8 @@ class Trainer:
                                              self.schedule, self.amp, self.train_loader, mesh)  # fmt: skip
             log.info("resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.step)
         self.after_backward = self.par.layout.after_backward()
-        self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs)
+        self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
+                                 self.progress.step)  # fmt: skip
         self.stop = StopRequest.from_environment(env.device)
         self.stop.install()
         self._session_start = time.perf_counter()

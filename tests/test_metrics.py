@@ -33,3 +33,38 @@ def test_metrics_writer_appends_json_lines(tmp_path):
     writer.close()
     assert [r["split"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "val"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_resumed_run_continues_the_record_from_its_checkpoint(tmp_path):
+    """Steps 1-5 written, the checkpoint at step 3, a crash: the resumed session's writer drops
+    steps 4-5 from metrics.jsonl and TensorBoard, so each step is recorded once, with its new values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsWriter(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        first.write({"split": "train", "epoch": 0, "step": step, "loss": float(step)})
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"split": "train", "epoch": 0, "st')  # a write cut short by the crash
+    second = MetricsWriter(tmp_path, tensorboard=True, start_step=3)
+    for step in (4, 5):
+        second.write({"split": "train", "epoch": 0, "step": step, "loss": 10.0 * step})
+    second.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+    ]
+
+
+def test_a_torn_line_is_skipped_not_fatal(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"split": "train", "step": 1}\n{"split": "tr\n[1, 2]\n{"split": "val", "step": 2}\n')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "line 2 is not a metrics record" in caplog.text and "line 3 is not a metrics record" in caplog.text
