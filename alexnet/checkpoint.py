@@ -72,8 +72,9 @@ def load_optimizer_state(
         optimizer.state[p] = {"momentum_buffer": buffer.to(device=p.device, dtype=p.dtype).clone()}
 
 
-def atomic_save(payload: dict[str, Any], folder: Path) -> Path:
-    """Write `folder/last.pt` so that a crash at any moment leaves a loadable file behind."""
+def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> Path:
+    """Write `folder/last.pt` so that a crash at any moment leaves a loadable file behind. The
+    last.pt it replaces becomes previous.pt, unless `rotate` is False (that last.pt did not load)."""
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
     final = folder / LAST
@@ -82,7 +83,7 @@ def atomic_save(payload: dict[str, Any], folder: Path) -> Path:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
-    if final.exists():
+    if rotate and final.exists():
         # previous.pt <- last.pt through a hard link, so last.pt exists at every instant.
         link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
         if link.exists():
@@ -113,6 +114,8 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True (no code runs from the file); errors name the file."""
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; name a checkpoint file in it (e.g. {path / LAST})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

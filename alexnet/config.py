@@ -382,6 +382,11 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
     if not 0.0 < cfg.schedule.factor <= 1.0:
         raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
+    if cfg.parallel.mode == "towers" and cfg.model.variant != "paper":
+        raise ConfigError(
+            "config key 'parallel.mode' is 'towers', which splits the paper variant's two towers; "
+            f"model.variant is {cfg.model.variant!r}"
+        )
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
         raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
 

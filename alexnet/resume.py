@@ -63,6 +63,16 @@ def resume_candidates(cfg: CheckpointConfig, ckpt_dir: Path) -> list[Path]:
     return [Path(cfg.resume).expanduser()]
 
 
+# What restore_training reads; a checkpoint without one of them cannot continue a run.
+TRAINING_SECTIONS = ("model", "optimizer", "schedule", "progress", "loaders", "config")
+
+
+def check_training_sections(payload: dict[str, Any], path: Path) -> None:
+    missing = [key for key in TRAINING_SECTIONS if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: it cannot continue a training run")
+
+
 def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Module) -> tuple[dict, Path] | None:
     """Load the newest usable checkpoint's weights into the single-device `model`. With
     `resume=auto`, a checkpoint that cannot be used (truncated, another model) gives way to the
@@ -71,6 +81,7 @@ def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Modu
     for i, path in enumerate(candidates):
         try:
             payload = load_checkpoint(path)
+            check_training_sections(payload, path)
             load_model_state(model, payload["model"], path)
             return payload, path
         except CheckpointError as exc:
@@ -78,6 +89,20 @@ def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Modu
                 raise
             log.warning("%s; falling back to %s", exc, candidates[i + 1])
     return None
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: saved -> current' for every setting of the checkpoint's config that this run changes
+    (checkpoint.resume aside: it names this very checkpoint)."""
+    changes = []
+    for key, value in current.items():
+        dotted = f"{prefix}{key}"
+        old = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(value, dict):
+            changes.extend(changed_settings(old if isinstance(old, dict) else {}, value, f"{dotted}."))
+        elif old != value and dotted != "checkpoint.resume":
+            changes.append(f"{dotted}: {old!r} -> {value!r}")
+    return changes
 
 
 def restore_training(

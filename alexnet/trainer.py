@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from alexnet.checkpoint import LAST, CheckpointError, atomic_save
-from alexnet.config import Config, write_config
+from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save
+from alexnet.config import Config, ConfigError, config_to_dict, write_config
 from alexnet.data import DataSplits, build_loader, build_splits
 from alexnet.engine import AmpPolicy, build_amp, train_step
 from alexnet.evaluate import eval_batch
@@ -26,7 +27,7 @@ from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
 from alexnet.report import summarize_run
 from alexnet.reporting import Reporter, comm_per_step
-from alexnet.resume import Progress, build_payload, load_resume_checkpoint, restore_training
+from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
 from alexnet.stop import StopRequest
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
@@ -42,12 +43,13 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> None:
         self.cfg, self.env, self.mesh, self.plan = cfg, env, mesh, plan
         self.ckpt_dir = plan.run_dir / "checkpoints"
-        self._prepare_run_dir()
+        self._check_run_dir()
         self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
         loader_args = (self.splits, mesh, env.device, plan.decoder, plan.channels_last)
         self.train_loader = build_loader(cfg.data, "train", *loader_args)
         self.val_loader = build_loader(cfg.data, "val", *loader_args)
+        self._write_run_config()  # after the data checks: a run that cannot start leaves no folder
 
         # The single-device model, identical on every rank (same seed, or the same checkpoint),
         # before the layout takes this rank's part of it.
@@ -56,6 +58,10 @@ class Trainer:
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
         resumed = load_resume_checkpoint(cfg.checkpoint, self.ckpt_dir, full)
+        self._agree_on_resume(resumed)
+        # After a last.pt that did not load, the first write replaces it instead of rotating it
+        # into previous.pt, which holds the good checkpoint this run resumed from.
+        self._rotate_previous = resumed is None or resumed[1] != self.ckpt_dir / PREVIOUS
         self.comm = CommCounter()
         self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm)
         self.model = self.par.local
@@ -67,7 +73,7 @@ class Trainer:
             payload, path = resumed
             self.progress = restore_training(payload, path, self.par.layout, self.model, self.optimizer,
                                              self.schedule, self.amp, self.train_loader, mesh)  # fmt: skip
-            log.info("resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.step)
+            self._log_resume(payload, path)
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  self.progress.step)  # fmt: skip
@@ -82,16 +88,72 @@ class Trainer:
         self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
 
     # ---- run folder and checkpoints -------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        if self.cfg.checkpoint.resume == "none" and (self.ckpt_dir / LAST).exists():
+    def _check_run_dir(self) -> None:
+        """A run folder that holds checkpoints is continued (resume=auto) or refused: a fresh start
+        or another run's checkpoint would overwrite its checkpoints."""
+        resume = self.cfg.checkpoint.resume
+        if not (self.ckpt_dir / LAST).exists() or resume == "auto":
+            return
+        if resume == "none":
             raise CheckpointError(
                 f"run folder {self.plan.run_dir} already holds checkpoints; set checkpoint.resume=auto to "
                 "continue it, or run.name=<new name> to start another run (nothing was overwritten)"
             )
+        if Path(resume).expanduser().resolve().parent != self.ckpt_dir.resolve():
+            raise CheckpointError(
+                f"run folder {self.plan.run_dir} already holds checkpoints of its own; to start from "
+                f"checkpoint.resume={resume}, give this run a folder of its own with run.name=<new name> "
+                "(nothing was overwritten)"
+            )
+
+    def _write_run_config(self) -> None:
+        """config.yaml is the configuration of the latest session; an earlier session's differing
+        one is kept beside it as config.<n>.yaml."""
         if self.env.is_main:
-            self.plan.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(self.cfg, self.plan.run_dir / "config.yaml")
+            path = self.plan.run_dir / "config.yaml"
+            try:
+                self.plan.run_dir.mkdir(parents=True, exist_ok=True)
+                before = path.read_text() if path.exists() else None
+                write_config(self.cfg, path)
+                if before is not None and path.read_text() != before:
+                    n = 1
+                    while (self.plan.run_dir / f"config.{n}.yaml").exists():
+                        n += 1
+                    (self.plan.run_dir / f"config.{n}.yaml").write_text(before)
+                    log.info("this session's config differs from the run's earlier one, kept as config.%d.yaml", n)
+            except OSError as exc:
+                raise ConfigError(
+                    f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({exc.strerror})"
+                ) from exc
         self._barrier()
+
+    def _agree_on_resume(self, resumed: tuple[dict, Path] | None) -> None:
+        """Every rank must continue from the same checkpoint. Ranks that read run.root from disks
+        of their own (node-local storage) would each find another one, or none, and train on from
+        different steps until their collectives stop matching."""
+        if not self.env.distributed:
+            return
+        mine = None if resumed is None else (str(resumed[1]), int(resumed[0]["progress"]["step"]))
+        found: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, mine)
+        if any(f != found[0] for f in found):
+            seen = "; ".join(f"rank {r}: " + (f"{f[0]} (step {f[1]})" if f else "none") for r, f in enumerate(found))
+            raise CheckpointError(
+                f"the ranks found different checkpoints to resume from ({seen}); run.root "
+                f"({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)"
+            )
+
+    def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
+        p = self.progress
+        log.info("resumed from %s at epoch %d, step %d", path, p.epoch, p.step)
+        changes = changed_settings(payload["config"], config_to_dict(self.cfg))
+        if changes:
+            log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
+                        "; ".join(changes))  # fmt: skip
+        if p.epoch >= self.cfg.train.epochs:
+            log.warning("the run in %s has already trained its %d epochs: nothing to train (raise "
+                        "train.epochs to go on, or set run.name=<new name> for a new run)",
+                        self.plan.run_dir, self.cfg.train.epochs)  # fmt: skip
 
     def _update_clock(self) -> None:
         self.progress.train_seconds = self._seconds_before + time.perf_counter() - self._session_start
@@ -102,7 +164,8 @@ class Trainer:
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
                                 self.train_loader, self.mesh, self.progress)  # fmt: skip
         if payload is not None:
-            atomic_save(payload, self.ckpt_dir)
+            atomic_save(payload, self.ckpt_dir, rotate=self._rotate_previous)
+        self._rotate_previous = True
         self._barrier()
 
     def _nonfinite_message(self, lr: float) -> str:

@@ -10,9 +10,10 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import OptimConfig
+from alexnet.config import CheckpointConfig, OptimConfig
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
+from alexnet.resume import changed_settings, load_resume_checkpoint
 
 
 def payload(value: float) -> dict:
@@ -97,3 +98,31 @@ def test_optimizer_settings_come_from_this_runs_config(caplog):
     assert "'weights': momentum is 0.5 in this run's config and 0.9 in the checkpoint" in said
     assert "'weights': weight_decay is 0.01 in this run's config and 0.0005" in said
     assert "'biases': weight_decay" not in said  # biases carry no decay in either
+
+
+def test_a_write_after_a_bad_last_pt_keeps_the_good_previous_pt(tmp_path):
+    atomic_save(payload(1.0), tmp_path)
+    atomic_save(payload(2.0), tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"torn")  # last.pt did not load; the run resumed from previous.pt
+    atomic_save(payload(3.0), tmp_path, rotate=False)
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["w"][0] == 3.0
+    assert load_checkpoint(tmp_path / "previous.pt")["model"]["w"][0] == 1.0
+    atomic_save(payload(4.0), tmp_path)  # later writes rotate as usual
+    assert load_checkpoint(tmp_path / "previous.pt")["model"]["w"][0] == 3.0
+
+
+def test_a_folder_or_an_incomplete_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"is a folder; name a checkpoint file in it \(e\.g\. .*last\.pt\)"):
+        load_checkpoint(tmp_path)
+    model = PaperAlexNet(10, input_size=67)
+    sections = {"progress": {}, "optimizer": {}, "schedule": {}, "config": {}}
+    atomic_save({"format": 1, "model": model.state_dict(), **sections}, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"last\.pt has no loaders: it cannot continue a training run"):
+        load_resume_checkpoint(CheckpointConfig(resume=str(tmp_path / "ck" / "last.pt")), tmp_path, model)
+
+
+def test_changed_settings_lists_each_changed_key():
+    saved = {"optim": {"lr": 0.01, "momentum": 0.9}, "data": {"root": "/a"}, "checkpoint": {"resume": "auto"}}
+    current = {"optim": {"lr": 0.05, "momentum": 0.9}, "data": {"root": "/b"}, "checkpoint": {"resume": "/x.pt"}}
+    assert changed_settings(saved, current) == ["optim.lr: 0.01 -> 0.05", "data.root: '/a' -> '/b'"]
+    assert changed_settings(current, current) == []

@@ -97,6 +97,8 @@ def test_cross_key_validation():
         load_config(None, ["data.crop=60", "data.resize=70"])
     with pytest.raises(ConfigError, match=r"'data\.batch_size' must be > 0"):
         load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'parallel\.mode' is 'towers', .* model\.variant is 'torchvision'"):
+        load_config(None, ["parallel.mode=towers", "model.variant=torchvision"])
 
 
 def test_written_config_round_trips(tmp_path):

@@ -135,3 +135,68 @@ def test_a_run_that_diverges_before_any_checkpoint_says_there_is_none(tiny_data,
     assert proc.returncode == 1 and "No checkpoint was written before these steps." in proc.stderr
     assert "hold weights from before" not in proc.stderr
     assert not (tmp_path / "early" / "checkpoints" / "last.pt").exists()
+
+
+def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_configs(tiny_data, tmp_path):
+    """A finished run rerun with a changed setting: the log names the change and that nothing is
+    left to train, config.yaml is this session's and the earlier one stays as config.1.yaml; a
+    checkpoint of another run is refused in a folder that has checkpoints of its own."""
+    check(train(tiny_data, tmp_path, "done", "train.epochs=1", nproc=1))
+    run = tmp_path / "done"
+    first_config = (run / "config.yaml").read_text()
+    lr = load_config(run / "config.yaml").optim.lr
+    again = check(train(tiny_data, tmp_path, "done", "train.epochs=1", f"optim.lr={lr * 5}", nproc=1))
+    assert f"optim.lr: {lr!r} -> {lr * 5!r}" in again.stderr
+    assert "has already trained its 1 epochs: nothing to train" in again.stderr
+    assert (run / "config.1.yaml").read_text() == first_config
+    assert load_config(run / "config.yaml").optim.lr == lr * 5
+    elsewhere = tmp_path / "elsewhere.pt"
+    elsewhere.write_bytes((run / "checkpoints" / "last.pt").read_bytes())
+    kept = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    refused = train(tiny_data, tmp_path, "done", "train.epochs=2", f"checkpoint.resume={elsewhere}", nproc=1)
+    assert refused.returncode != 0 and "already holds checkpoints of its own" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == kept
+
+
+def test_after_falling_back_from_a_torn_last_pt_previous_pt_stays_good(tiny_data, tmp_path):
+    """Checkpoints at steps 2 (previous.pt) and 3 (last.pt), last.pt torn: the run resumes from
+    step 2 and its next write replaces the torn file instead of rotating it over previous.pt."""
+    check(train(tiny_data, tmp_path, "torn", "train.epochs=1", "train.max_steps=3", "checkpoint.every_steps=2",
+                nproc=1))  # fmt: skip
+    ckpts = tmp_path / "torn" / "checkpoints"
+    ckpts.joinpath("last.pt").write_bytes(ckpts.joinpath("last.pt").read_bytes()[:100_000])
+    resumed = check(train(tiny_data, tmp_path, "torn", "train.epochs=1", "train.max_steps=4",
+                          "checkpoint.every_steps=0", nproc=1))  # fmt: skip
+    assert "falling back to" in resumed.stderr and "at epoch 0, step 2" in resumed.stderr
+    assert torch.load(ckpts / "previous.pt", weights_only=True)["progress"]["step"] == 2
+    assert torch.load(ckpts / "last.pt", weights_only=True)["progress"]["step"] == 4
+
+
+def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
+    """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
+    with a one-line error instead of training from different steps."""
+    check(train(tiny_data, tmp_path / "home0" / "runs", "local", "train.epochs=1", "train.max_steps=2", nproc=1))
+    (tmp_path / "home1").mkdir()
+    per_rank_home = tmp_path / "per_rank_home.py"
+    per_rank_home.write_text(
+        "import os, runpy, sys\n"
+        f"os.environ['HOME'] = os.path.join({str(tmp_path)!r}, 'home' + os.environ['LOCAL_RANK'])\n"
+        f"sys.argv[0] = {str(TRAIN)!r}\n"
+        f"runpy.run_path({str(TRAIN)!r}, run_name='__main__')\n"
+    )
+    proc = torchrun([per_rank_home, *TINY_TRAIN, f"data.root={tiny_data}", "run.root=~/runs", "run.name=local",
+                     "train.epochs=1"])  # fmt: skip
+    assert proc.returncode != 0
+    assert "the ranks found different checkpoints to resume from (rank 0: " in proc.stderr
+    assert "(step 2); rank 1: none); run.root (~/runs) must be a folder that every rank sees" in proc.stderr
+    assert proc.stderr.count("error: the ranks found different checkpoints") == 2  # said by both, no traceback
+    assert "CheckpointError" not in proc.stderr
+
+
+def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = train(tiny_data, blocker, "x", nproc=1)
+    assert proc.returncode != 0 and f"error: config key 'run.root': cannot write the run folder {blocker / 'x'}" in (
+        proc.stderr
+    )
