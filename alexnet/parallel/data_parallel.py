@@ -13,6 +13,7 @@ fp32 per step) is large next to its compute:
   gradient becomes (4096+9216) x r numbers): for clusters with slow networks, at some accuracy
   risk; `none`: exact fp32 all-reduce, the default.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,17 +36,14 @@ class _CountingState:
     counter: CommCounter
     wire_bytes_per_element: int | None  # None: as the bucket's dtype
     powersgd: powerSGD_hook.PowerSGDState | None = None
+    serial: bool = False  # finish each bucket's hook before DDP launches the next (gloo)
 
 
 def _count_bucket(state: _CountingState, bucket: dist.GradBucket) -> None:
     buf = bucket.buffer()
     per_element = state.wire_bytes_per_element or buf.element_size()
     if state.powersgd is not None and state.powersgd.iter >= state.powersgd.start_powerSGD_iter:
-        # P and Q factors for matrices, the rest uncompressed (PowerSGD's own split).
-        r = state.powersgd.matrix_approximation_rank
-        elements = sum(
-            (g.shape[0] + g.numel() // g.shape[0]) * r if g.dim() > 1 else g.numel() for g in bucket.gradients()
-        )
+        elements = sum(_powersgd_elements(state.powersgd, g) for g in bucket.gradients())
     else:
         elements = buf.numel()
     nbytes = elements * per_element
@@ -67,9 +65,31 @@ def _bf16_hook(state: _CountingState, bucket):
     return default_hooks.bf16_compress_hook(state.group, bucket)
 
 
+def _powersgd_elements(ps: powerSGD_hook.PowerSGDState, grad: torch.Tensor) -> int:
+    """What PowerSGD sends for one gradient: P and Q factors (n + m) x rank for a matrix worth
+    compressing, the gradient itself otherwise (vectors, small matrices): torch's own test."""
+    if grad.dim() < 2:
+        return grad.numel()
+    n, m = grad.shape[0], grad.numel() // grad.shape[0]
+    factors = (n + m) * min(n, m, ps.matrix_approximation_rank)
+    return factors if factors * ps.min_compression_rate < n * m else grad.numel()
+
+
 def _powersgd_hook(state: _CountingState, bucket):
     _count_bucket(state, bucket)
-    return powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
+    fut = powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
+    if state.serial:
+        # A compressed bucket is a chain of three all-reduces (uncompressed part, P, Q), the
+        # later two started from future callbacks that block in wait(). Gloo runs callbacks on
+        # its process group's worker threads (two by default), so with several buckets in
+        # flight each rank issues collectives from several threads in its own order: the ranks
+        # pair mismatched all-reduces (a size-mismatch abort), or both workers block in
+        # callbacks on collectives queued behind them, a hang that no timeout ends, since the
+        # queued collectives never start. Finishing the chain here, on the backward thread,
+        # keeps one chain in flight, issued in DDP's bucket order on every rank. NCCL runs
+        # callbacks inline at launch, so it keeps the overlap.
+        fut.wait()
+    return fut
 
 
 def apply_data_parallel(
@@ -100,8 +120,11 @@ def apply_data_parallel(
 
 
 def apply_comm_hook(
-    ddp: nn.parallel.DistributedDataParallel, cfg: ParallelConfig, counter: CommCounter,
-    group: dist.ProcessGroup | None, group_size: int,
+    ddp: nn.parallel.DistributedDataParallel,
+    cfg: ParallelConfig,
+    counter: CommCounter,
+    group: dist.ProcessGroup | None,
+    group_size: int,
 ) -> None:
     state = _CountingState(group, group_size, counter, None)
     if cfg.comm_hook == "none":
@@ -116,4 +139,5 @@ def apply_comm_hook(
         state.powersgd = powerSGD_hook.PowerSGDState(
             process_group=group, matrix_approximation_rank=cfg.powersgd_rank, start_powerSGD_iter=2
         )
+        state.serial = dist.get_backend(group) == dist.Backend.GLOO
         ddp.register_comm_hook(state, _powersgd_hook)
