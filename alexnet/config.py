@@ -193,13 +193,43 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+@dataclass(frozen=True)
+class _Number:
+    """A YAML number with the text it was written as: a str-typed key takes the text (`run.name:
+    1.10` stays "1.10", `data.root: 0755` stays "0755", where the number would give "1.1" and "493")."""
+
+    value: int | float
+    text: str
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no tags that build objects), with numbers kept as _Number."""
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Number:
+    build = loader.construct_yaml_int if node.tag.endswith(":int") else loader.construct_yaml_float
+    return _Number(build(node), node.value)
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_number)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+
+
+def _sourced(value: Any, source: str) -> _Sourced:
+    if isinstance(value, _Number):
+        return _Sourced(value.value, source, raw=value.text)
+    if isinstance(value, list):
+        value = [v.value if isinstance(v, _Number) else v for v in value]
+    return _Sourced(value, source)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
@@ -216,7 +246,7 @@ def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, A
         if isinstance(value, dict):
             flat.update(_flatten(value, source, dotted + "."))
         else:
-            flat[dotted] = _Sourced(value, source)
+            flat[dotted] = _sourced(value, source)
     return flat
 
 
@@ -226,7 +256,7 @@ class _Sourced:
 
     value: Any
     source: str
-    raw: str | None = None  # the override's text, kept for str-typed keys
+    raw: str | None = None  # the text as written (an override, a YAML number), kept for str-typed keys
 
 
 def _parse_override(item: str) -> tuple[str, _Sourced]:
@@ -298,7 +328,8 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
                 return spelled[0]
         if value in choices:
             return value
-        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        shown = sourced.raw if sourced.raw is not None else value  # `yes`, not the True YAML makes of it
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {shown!r}")
     elif origin is list:
         (item_type,) = typing.get_args(hint)
         if isinstance(value, list):

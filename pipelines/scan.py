@@ -222,6 +222,8 @@ def print_report(result: ScanResult, out: Path, policy: Policy, stream=sys.stdou
             print(f"{policy.action(f):9s}  {f.kind:12s}  {f.path}: {f.detail}", file=stream)
     counts = result.counts
     summary = ", ".join(f"{n} {KINDS[k]}" for k, n in sorted(counts.items())) or "no bad files"
+    if result.problems:  # "no bad files" alone would read as "ready to train"
+        summary += f"; {len(result.problems)} folder problem(s), training cannot start while any remains"
     print(f"checked {result.checked} files under {result.root}: {summary}", file=stream)
     for problem in result.problems:
         print(f"problem: {problem}", file=stream)

@@ -150,7 +150,7 @@ def test_eight_gpu_recipes_set_the_layout_over_the_paper_recipe():
 def test_words_yaml_reads_as_booleans_stay_words(tmp_path):
     assert load_config(None, ["train.amp=off"]).train.amp == "off"
     assert load_config(write(tmp_path, "train:\n  amp: off\n")).train.amp == "off"
-    with pytest.raises(ConfigError, match=r"'train\.amp'.*one of auto, bf16, fp16, off; got True"):
+    with pytest.raises(ConfigError, match=r"'train\.amp'.*one of auto, bf16, fp16, off; got 'yes'"):  # as typed
         load_config(None, ["train.amp=yes"])
 
 
@@ -172,3 +172,11 @@ def test_gpu_only_values_on_a_cpu_stop_before_the_run_folder_is_made(override, m
     )
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
     assert not (tmp_path / "gpu_only").exists()
+
+
+def test_text_keys_keep_the_text_yaml_would_read_as_a_number(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "run:\n  name: 1.10\ndata:\n  root: 0755\n  mean: [1, 2.5, 3e1]\n  batch_size: 0x10\n"), []
+    )
+    assert cfg.run.name == "1.10" and cfg.data.root == "0755"  # not 1.1 and 493 (octal)
+    assert cfg.data.mean == [1.0, 2.5, 30.0] and cfg.data.batch_size == 16  # numbers stay numbers

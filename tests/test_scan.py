@@ -243,6 +243,7 @@ def test_folder_problems_are_named_before_any_work(tmp_path, tiny_data):
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 1 and f"problem: {root / 'val'} is missing" in proc.stdout
+    assert "; 1 folder problem(s), training cannot start while any remains\n" in proc.stdout
 
 
 def test_a_file_list_line_outside_the_classes_is_named(tmp_path, tiny_data):
