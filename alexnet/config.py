@@ -179,7 +179,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return tree
     if not isinstance(base, str):
-        raise ConfigError(f"config key 'extends' in {path} must be a file name; got {base!r}")
+        raise ConfigError(f"config key 'extends' in {path} must be a file name; got {_plain(base)!r}")
     return _merge(_read_recipe(path.parent / base, (*seen, path)), tree)
 
 
@@ -215,11 +215,29 @@ _RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_number)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
 
 
+def _plain(value: Any) -> Any:
+    """`value` with every _Number inside it back to its number."""
+    if isinstance(value, _Number):
+        return value.value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _keep_leaf_text(tree: dict[Any, Any]) -> dict[Any, Any]:
+    """The recipe's mappings with plain keys and plain values, except a number that is a setting
+    itself (a leaf under a mapping): it keeps its text for _sourced."""
+    return {
+        _plain(k): v if isinstance(v, _Number) else _keep_leaf_text(v) if isinstance(v, dict) else _plain(v)
+        for k, v in tree.items()
+    }
+
+
 def _sourced(value: Any, source: str) -> _Sourced:
     if isinstance(value, _Number):
         return _Sourced(value.value, source, raw=value.text)
-    if isinstance(value, list):
-        value = [v.value if isinstance(v, _Number) else v for v in value]
     return _Sourced(value, source)
 
 
@@ -235,8 +253,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(_plain(data)).__name__}")
+    return _keep_leaf_text(data)
 
 
 def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:

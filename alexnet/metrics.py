@@ -88,25 +88,31 @@ class Throughput:
 class MetricsWriter:
     """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard scalars.
 
-    A run that resumes from the checkpoint of step `start_step` continues the record from there:
-    records of later steps, written after that checkpoint by a session that then crashed, are
-    dropped (from the file, and hidden in TensorBoard by its purge_step), so the record holds each
-    step once, as an uninterrupted run's does."""
+    A run that resumes from a checkpoint (its step and completed epochs: `start_step`,
+    `start_epoch`) continues the record from there: what a crashed session wrote after that
+    checkpoint is dropped, from the file and from TensorBoard (purged from `start_step` on, the
+    kept records of that step written again), so the record holds each step once, as an
+    uninterrupted run's does."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0, start_epoch: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            keep_records_until(self.path, start_step)
+        kept = keep_records_until(self.path, start_step, start_epoch) if self.path.exists() else []
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = start_step + 1 if (run_dir / "tensorboard").exists() else None
+            purge = start_step if (run_dir / "tensorboard").exists() else None
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+            for record in kept:
+                if purge is not None and record["step"] == start_step:
+                    self._add_scalars(record)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self._add_scalars(record)
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
@@ -137,9 +143,20 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def keep_records_until(path: Path, step: int) -> None:
-    """Rewrite `path` (atomically) with the records of steps up to `step` only."""
-    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]]:
+    """Rewrite `path` (atomically) with the records a run resumed at (`step`, `epoch` completed
+    epochs) has behind it, and return them: those of earlier steps, and of `step` itself all but
+    a validation of a later epoch (one written after a periodic checkpoint at an epoch's last step
+    and before the epoch's own: the resumed run validates that epoch again)."""
+
+    def behind(r: dict[str, Any]) -> bool:
+        at = r.get("step")
+        if not isinstance(at, int) or at > step:
+            return False
+        return at < step or r.get("split") != "val" or int(r.get("epoch", 0)) <= epoch
+
+    kept = [r for r in read_metrics(path) if behind(r)]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
+    return kept

@@ -39,12 +39,18 @@ class Reporter:
     """Rank 0 writes; the other ranks stay quiet."""
 
     def __init__(
-        self, run_dir: Path, is_main: bool, tensorboard: bool, progress: str, epochs: int, start_step: int = 0
+        self,
+        run_dir: Path,
+        is_main: bool,
+        tensorboard: bool,
+        progress: str,
+        epochs: int,
+        start: tuple[int, int] = (0, 0),  # the resumed checkpoint's (step, completed epochs)
     ) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.epochs = epochs
-        self.writer = MetricsWriter(run_dir, tensorboard, start_step) if is_main else None
+        self.writer = MetricsWriter(run_dir, tensorboard, *start) if is_main else None
         self.bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
 
     def wrap_epoch(self, loader, epoch: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -10,9 +11,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save
-from alexnet.config import Config, ConfigError, config_to_dict, write_config
+from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
 from alexnet.data import DataSplits, build_loader, build_splits
 from alexnet.engine import AmpPolicy, build_amp, train_step
 from alexnet.evaluate import eval_batch
@@ -39,17 +41,30 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _recorded_resume(config_yaml: Path) -> str | None:
+    """checkpoint.resume as the run's config.yaml (its latest session) recorded it."""
+    try:
+        recorded = yaml.safe_load(config_yaml.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = recorded.get("checkpoint", {}).get("resume") if isinstance(recorded, dict) else None
+    return value if isinstance(value, str) and value not in ("auto", "none") else None
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> None:
         self.cfg, self.env, self.mesh, self.plan = cfg, env, mesh, plan
         self.ckpt_dir = plan.run_dir / "checkpoints"
-        self._check_run_dir()
+        resume_from = self._check_run_dir()
         self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
         loader_args = (self.splits, mesh, env.device, plan.decoder, plan.channels_last)
         self.train_loader = build_loader(cfg.data, "train", *loader_args)
         self.val_loader = build_loader(cfg.data, "val", *loader_args)
-        self._write_run_config()  # after the data checks: a run that cannot start leaves no folder
 
         # The single-device model, identical on every rank (same seed, or the same checkpoint),
         # before the layout takes this rank's part of it.
@@ -57,11 +72,12 @@ class Trainer:
         full = build_model(cfg.model.variant, self.num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init)
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
-        resumed = load_resume_checkpoint(cfg.checkpoint, self.ckpt_dir, full)
+        resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full)
         self._agree_on_resume(resumed)
+        self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
-        self._rotate_previous = resumed is None or resumed[1] != self.ckpt_dir / PREVIOUS
+        self._rotate_previous = resumed is None or resumed[1].resolve() != (self.ckpt_dir / PREVIOUS).resolve()
         self.comm = CommCounter()
         self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm)
         self.model = self.par.local
@@ -76,7 +92,7 @@ class Trainer:
             self._log_resume(payload, path)
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
-                                 self.progress.step)  # fmt: skip
+                                 (self.progress.step, self.progress.epoch))  # fmt: skip
         self.stop = StopRequest.from_environment(env.device)
         self.stop.install()
         self._session_start = time.perf_counter()
@@ -88,23 +104,30 @@ class Trainer:
         self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
 
     # ---- run folder and checkpoints -------------------------------------------------------
-    def _check_run_dir(self) -> None:
-        """A run folder that holds checkpoints is continued (resume=auto) or refused: a fresh start
-        or another run's checkpoint would overwrite its checkpoints."""
-        resume = self.cfg.checkpoint.resume
+    def _check_run_dir(self) -> CheckpointConfig:
+        """Where to resume from. A run folder that holds checkpoints is continued or refused: a
+        fresh start, or another run's checkpoint, would overwrite its checkpoints. A run started
+        from another run's checkpoint and restarted with the same arguments (a Slurm requeue, a
+        torchrun restart) continues its own checkpoints."""
+        ckpt = self.cfg.checkpoint
+        resume = ckpt.resume
         if not (self.ckpt_dir / LAST).exists() or resume == "auto":
-            return
+            return ckpt
         if resume == "none":
             raise CheckpointError(
                 f"run folder {self.plan.run_dir} already holds checkpoints; set checkpoint.resume=auto to "
                 "continue it, or run.name=<new name> to start another run (nothing was overwritten)"
             )
-        if Path(resume).expanduser().resolve().parent != self.ckpt_dir.resolve():
-            raise CheckpointError(
-                f"run folder {self.plan.run_dir} already holds checkpoints of its own; to start from "
-                f"checkpoint.resume={resume}, give this run a folder of its own with run.name=<new name> "
-                "(nothing was overwritten)"
-            )
+        if _same_file(resume, self.ckpt_dir / Path(resume).name):
+            return ckpt  # one of the run's own checkpoints
+        if _same_file(resume, _recorded_resume(self.plan.run_dir / "config.yaml")):
+            log.info("this run started from %s; continuing from its own checkpoints", resume)
+            return dataclasses.replace(ckpt, resume="auto")
+        raise CheckpointError(
+            f"run folder {self.plan.run_dir} already holds checkpoints of its own; to start from "
+            f"checkpoint.resume={resume}, give this run a folder of its own with run.name=<new name> "
+            "(nothing was overwritten)"
+        )
 
     def _write_run_config(self) -> None:
         """config.yaml is the configuration of the latest session; an earlier session's differing

@@ -68,16 +68,16 @@ def default_out(checkpoint: Path, ten_crop: bool) -> Path:
 
 def resolve_out(out: Path | None, checkpoint: Path, ten_crop: bool) -> Path:
     """Where the JSON goes, checked before the evaluation runs, so that an evaluation is not lost
-    to an output path that cannot be written (a folder gets the default name inside it)."""
+    to an output path that cannot be written (a folder gets the default name inside it). Nothing
+    is created yet: the checkpoint may still turn out not to exist."""
     path = default_out(checkpoint, ten_crop) if out is None else out
     if path.is_dir():
         path = path / default_out(checkpoint, ten_crop).name
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"--out {path}: cannot create its folder ({exc.strerror})") from exc
-    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OSError(f"--out {path}: not a writable file path")
+    existing = next(p for p in path.absolute().parents if p.exists())  # the folder that would hold it
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OSError(f"--out {path}: {existing} is not a writable folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OSError(f"--out {path}: not writable")
     return path
 
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             print(format_result(result))  # first: a failed write below still shows the result
             try:
+                out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2) + "\n")
             except OSError as exc:
                 print(f"error: cannot write {out}: {exc.strerror}", file=sys.stderr)

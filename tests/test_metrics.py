@@ -68,3 +68,27 @@ def test_a_torn_line_is_skipped_not_fatal(tmp_path, caplog):
     path.write_text('{"split": "train", "step": 1}\n{"split": "tr\n[1, 2]\n{"split": "val", "step": 2}\n')
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert "line 2 is not a metrics record" in caplog.text and "line 3 is not a metrics record" in caplog.text
+
+
+def test_a_validation_written_after_the_resumed_checkpoint_at_its_step_is_dropped(tmp_path):
+    """Epoch 1 ends at step 15: the periodic checkpoint (step 15, 0 epochs completed), then the
+    validation record, then a crash before the epoch's own checkpoint. The run resumes from the
+    periodic one and validates epoch 1 again: its earlier validation record goes, step 15's
+    training record stays, in the file and in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsWriter(tmp_path, tensorboard=True)
+    first.write({"split": "train", "epoch": 1, "step": 15, "loss": 1.5})
+    first.write({"split": "val", "epoch": 1, "step": 15, "loss": 9.0})
+    first.close()
+    second = MetricsWriter(tmp_path, tensorboard=True, start_step=15, start_epoch=0)
+    second.write({"split": "val", "epoch": 1, "step": 15, "loss": 7.0})
+    second.close()
+    assert [(r["split"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [("train", 1.5), ("val", 7.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(15, 7.0)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(15, 1.5)]
+    # resumed from the epoch's own checkpoint (1 epoch completed), the validation is behind it
+    MetricsWriter(tmp_path, tensorboard=False, start_step=15, start_epoch=1).close()
+    assert [r["split"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "val"]

@@ -156,6 +156,17 @@ def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_conf
     refused = train(tiny_data, tmp_path, "done", "train.epochs=2", f"checkpoint.resume={elsewhere}", nproc=1)
     assert refused.returncode != 0 and "already holds checkpoints of its own" in refused.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == kept
+    configs = {p.name: p.read_text() for p in run.glob("config*.yaml")}
+    unfit = train(tiny_data, tmp_path, "done", "train.epochs=2", "model.num_classes=7", nproc=1)
+    assert unfit.returncode != 0 and "does not fit this model" in unfit.stderr
+    assert {p.name: p.read_text() for p in run.glob("config*.yaml")} == configs  # a failed start changes nothing
+    # A run started from another run's checkpoint, restarted with the same arguments (a Slurm
+    # requeue, a torchrun restart), continues from its own checkpoints.
+    tuned = ("train.epochs=2", "train.max_steps=17", f"checkpoint.resume={elsewhere}")
+    check(train(tiny_data, tmp_path, "tuned", *tuned, nproc=1))
+    again = check(train(tiny_data, tmp_path, "tuned", *tuned, nproc=1))
+    assert "continuing from its own checkpoints" in again.stderr
+    assert f"resumed from {tmp_path / 'tuned' / 'checkpoints' / 'last.pt'} at epoch 1, step 17" in again.stderr
 
 
 def test_after_falling_back_from_a_torn_last_pt_previous_pt_stays_good(tiny_data, tmp_path):
@@ -170,6 +181,12 @@ def test_after_falling_back_from_a_torn_last_pt_previous_pt_stays_good(tiny_data
     assert "falling back to" in resumed.stderr and "at epoch 0, step 2" in resumed.stderr
     assert torch.load(ckpts / "previous.pt", weights_only=True)["progress"]["step"] == 2
     assert torch.load(ckpts / "last.pt", weights_only=True)["progress"]["step"] == 4
+    # the same when previous.pt is named explicitly, spelled another way
+    ckpts.joinpath("last.pt").write_bytes(ckpts.joinpath("last.pt").read_bytes()[:100_000])
+    check(train(tiny_data, tmp_path, "torn", "train.epochs=1", "train.max_steps=5", "checkpoint.every_steps=0",
+                f"checkpoint.resume={ckpts}/../checkpoints/previous.pt", nproc=1))  # fmt: skip
+    assert torch.load(ckpts / "previous.pt", weights_only=True)["progress"]["step"] == 2
+    assert torch.load(ckpts / "last.pt", weights_only=True)["progress"]["step"] == 5
 
 
 def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
