@@ -101,10 +101,10 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = start_step if (run_dir / "tensorboard").exists() else None
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
-            for record in kept:
-                if purge is not None and record["step"] == start_step:
+            resumed = (run_dir / "tensorboard").exists()
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step if resumed else None)
+            if resumed:
+                for record in (r for r in kept if r["step"] == start_step):
                     self._add_scalars(record)
 
     def write(self, record: dict[str, Any]) -> None:

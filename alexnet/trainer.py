@@ -77,7 +77,7 @@ class Trainer:
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
-        self._rotate_previous = resumed is None or resumed[1].resolve() != (self.ckpt_dir / PREVIOUS).resolve()
+        self._rotate_previous = resumed is None or not _same_file(resumed[1], self.ckpt_dir / PREVIOUS)
         self.comm = CommCounter()
         self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm)
         self.model = self.par.local
