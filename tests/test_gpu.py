@@ -53,3 +53,73 @@ def test_amp_train_steps_learn_on_gpu(amp):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]  # the same batch, 20 steps: it memorizes
     assert (policy.scaler is not None) == (amp == "fp16")
+
+
+def _cuda_model_and_batch(seed: int = 0):
+    device = torch.device("cuda", 0)
+    torch.manual_seed(seed)
+    model = build_model("paper", 10, input_size=67, init="kaiming").to(device, memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 67, 67, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device=device)
+    return model, x, y
+
+
+def test_sgd_runs_the_fused_kernel_on_cuda_with_the_default_path_s_update():
+    """build_optimizer picks PyTorch's fused SGD where the device has it; on CUDA its update
+    (decay on weights only, momentum, lr) must be the default path's, to float rounding."""
+    fused_model, x, y = _cuda_model_and_batch()
+    plain_model, _, _ = _cuda_model_and_batch()
+    fused = build_optimizer(list(fused_model.named_parameters()), OptimConfig(), lr=0.05)
+    assert fused.defaults["fused"] is True
+    # The reference: PyTorch's default (for-loop) path with the same groups, built by hand.
+    params = list(plain_model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": OptimConfig().weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    plain = torch.optim.SGD(groups, lr=0.05, momentum=OptimConfig().momentum, foreach=False)
+    amp = build_amp("off", x.device)
+    for step in range(4):
+        ids = torch.arange(len(y), device=x.device)
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            assert train_step(model, x, y, opt, amp, DropoutContext(0, step, ids)).applied
+    start, _, _ = _cuda_model_and_batch()
+    for (name, a), b, s in zip(fused_model.named_parameters(), plain_model.parameters(), start.parameters()):
+        assert not torch.equal(a, s), name  # every parameter moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_fp16_overflow_and_nan_loss_skip_the_step_on_cuda(clip):
+    """The CUDA GradScaler with the fused SGD: an inf gradient skips the step and halves the
+    scale; a NaN loss skips it and leaves the scale; normal steps apply (also when clipped)."""
+    model, x, y = _cuda_model_and_batch()
+    optimizer = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.002)
+    amp = build_amp("fp16", x.device)
+    armed = [False]
+    fc8 = dict(model.named_parameters())["fc8.0.weight"]
+
+    def overflow(p: torch.Tensor) -> None:
+        if armed[0]:
+            p.grad.view(-1)[0] = float("inf")
+
+    fc8.register_post_accumulate_grad_hook(overflow)
+    applied, changed, scales = [], [], []
+    for step, kind in enumerate(("normal", "grad_overflow", "nan_loss", "normal")):
+        images = x.clone()
+        if kind == "nan_loss":
+            images.fill_(float("nan"))
+        armed[0] = kind == "grad_overflow"
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ids = torch.arange(len(y), device=x.device)
+        result = train_step(model, images, y, optimizer, amp, DropoutContext(0, step, ids), clip)
+        applied.append(result.applied)
+        changed.append(any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()))
+        scales.append(amp.scaler.get_scale())
+        assert all(torch.isfinite(p).all() for p in model.parameters()), (kind, step)
+    assert applied == [True, False, False, True]
+    assert changed == [True, False, False, True]
+    assert scales == [65536.0, 32768.0, 32768.0, 32768.0]
+    if clip:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+        assert norm == pytest.approx(clip, rel=1e-3)  # clipped after unscaling: the true gradient's norm
