@@ -128,7 +128,13 @@ def _scaled_step(
         return
     for flag in flags:
         flag.fill_(0.0 if check.grads_finite else 1.0)
-    scaler.step(optimizer)
+    if check.grads_finite:
+        scaler.step(optimizer)
+    # A skipped step never reaches the optimizer, which `update` does not need (the flags are
+    # recorded). Handing it to `scaler.step` would call a fused optimizer anyway, trusting its
+    # kernel to skip on the flag: PyTorch's fused SGD then creates its momentum buffers with
+    # `empty_like` on its first step and leaves them unwritten, so the usual first-step fp16
+    # overflow made every later step read uninitialized memory (NaN weights on an H100).
     scaler.update()
 
 

@@ -80,3 +80,39 @@ def test_apply_sets_every_group():
     opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
     schedule(name="constant").apply(opt, 3)
     assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]
+
+
+def test_a_skipped_first_fp16_step_never_reaches_the_fused_optimizer():
+    """A GradScaler's first steps often overflow. Handed a skipped step, PyTorch's fused SGD
+    creates its momentum buffers uninitialized and leaves them so (NaN weights on an H100); the
+    engine keeps skipped steps from it, so the first applied step is a fresh optimizer's."""
+    from alexnet.engine import AmpPolicy, train_step
+    from alexnet.layers import DropoutContext
+
+    def run(poison_first: bool) -> tuple[PaperAlexNet, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = PaperAlexNet(10, input_size=67)
+        opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+        amp = AmpPolicy("cpu", None, torch.amp.GradScaler("cpu"))
+        armed = [poison_first]
+
+        def overflow(p: torch.Tensor) -> None:
+            if armed[0]:
+                p.grad.view(-1)[0] = float("inf")
+
+        model.fc8[0].weight.register_post_accumulate_grad_hook(overflow)
+        torch.manual_seed(1)
+        x, y = torch.randn(4, 3, 67, 67), torch.randint(0, 10, (4,))
+        ids = torch.arange(4)
+        if poison_first:
+            assert not train_step(model, x, y, opt, amp, DropoutContext(0, 1, ids)).applied
+            assert opt.state == {} and amp.scaler.get_scale() == 32768.0
+            armed[0] = False
+        assert train_step(model, x, y, opt, amp, DropoutContext(0, 1, ids)).applied
+        return model, opt
+
+    skipped, skipped_opt = run(poison_first=True)
+    fresh, fresh_opt = run(poison_first=False)
+    for (name, a), b in zip(skipped.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+        assert torch.equal(skipped_opt.state[a]["momentum_buffer"], fresh_opt.state[b]["momentum_buffer"]), name
