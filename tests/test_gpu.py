@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _helpers import TINY_TRAIN, TRAIN, check, torchrun
 
 from alexnet.config import OptimConfig
 from alexnet.engine import AmpPolicy, build_amp, train_step
@@ -125,3 +126,25 @@ def test_fp16_overflow_and_nan_loss_skip_the_step_on_cuda(clip):
     if clip:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
         assert norm == pytest.approx(clip, rel=1e-3)  # clipped after unscaling: the true gradient's norm
+
+
+def test_fp16_resume_mid_run_on_cuda_gives_identical_weights(tiny_data, tmp_path):
+    """launch/train.py on the GPU with fp16: 8 steps straight vs 4, stop, resume, 4 more, with
+    deterministic kernels. The loss scale, which starts where fp16 overflows (a first-step skip),
+    the momentum and the weights must come out bitwise equal. The torchvision loader keeps this
+    check independent of DALI; the DALI loaders' resume is tested on the CPU."""
+    common = (*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "data.pipeline=torchvision",
+              "train.amp=fp16", "train.deterministic=true", "train.epochs=2", "checkpoint.every_steps=0")
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS's deterministic mode
+    check(torchrun([TRAIN, *common, "run.name=straight", "train.max_steps=8"], nproc=1, env=env))
+    check(torchrun([TRAIN, *common, "run.name=resumed", "train.max_steps=4"], nproc=1, env=env))
+    second = check(torchrun([TRAIN, *common, "run.name=resumed", "train.max_steps=8"], nproc=1, env=env))
+    assert "resumed from" in second.stderr + second.stdout
+    a, b = (torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True) for n in ("straight", "resumed"))
+    assert a["progress"]["step"] == b["progress"]["step"] == 8
+    assert a["scaler"] and a["scaler"]["scale"] == b["scaler"]["scale"]
+    assert all(torch.isfinite(w).all() for w in a["model"].values())
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name, buffer in a["optimizer"]["momentum"].items():
+        assert torch.equal(buffer, b["optimizer"]["momentum"][name]), name
