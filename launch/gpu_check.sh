@@ -90,7 +90,8 @@ data=(--dataset imagenet-like --like-images "$images")
 sizes=(data.batch_size="$batch" data.crop="$crop" data.resize="$resize" data.num_threads="$threads" model.num_classes=1000)
 
 if [ "$gpu" = 1 ]; then
-  run_step gpu_tests 75 $py -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
+  # About 110 s on an H100, 75 of them the fp16 resume test (three short trainings under torchrun).
+  run_step gpu_tests 150 $py -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests
 fi
 # Without --graph-only: six contenders, about 80 s on an H200 (eight took 100 s, most of it the
 # settling between turns).
