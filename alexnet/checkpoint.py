@@ -69,7 +69,10 @@ def load_optimizer_state(
             group[key] = value
     for name, buffer in momentum.items():
         p = params[name]
-        optimizer.state[p] = {"momentum_buffer": buffer.to(device=p.device, dtype=p.dtype).clone()}
+        # In the parameter's own memory layout (a checkpoint written with another
+        # train.channels_last keeps its strides): the fused SGD needs parameter, gradient and
+        # buffer strided alike (CUDA refuses otherwise; the CPU kernel computes a wrong update).
+        optimizer.state[p] = {"momentum_buffer": torch.empty_like(p).copy_(buffer)}
 
 
 def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> Path:

@@ -93,7 +93,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50  # steps between progress lines and train metrics
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
-    max_nonfinite: int = 5  # consecutive non-finite losses before the run aborts
+    max_nonfinite: int = 5  # skipped non-finite steps in a row before the run aborts (not fp16's overflows)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     deterministic: bool = False  # deterministic kernels (slower); CPU runs are deterministic anyway
 

@@ -67,6 +67,11 @@ class StepResult:
     correct: Tensor  # [top1, top5] counts
     count: Tensor | int
     applied: bool  # False when every rank skipped the step: a non-finite loss or an fp16 overflow
+    # Skipped as a routine fp16 overflow: a finite loss whose scaled gradients overflowed while
+    # the loss scale was above 1, so the scaler backs off and tries again. GradScaler starts at
+    # 65536 and probes a higher scale every 2000 steps: such skips are expected, not a sign of
+    # divergence (at a scale of 1 or below an overflow is the gradient's own).
+    overflow: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ def train_step(
     found_inf = torch.stack([f.to(loss.device) for f in flags]).sum() if flags else None
     check = _check_world(loss, found_inf, _counted_norm_sq(model, sync) if grad_clip > 0 else None)
     applied = check.loss_finite and check.grads_finite
+    overflow = scaler is not None and check.loss_finite and not applied and scaler.get_scale() > 1.0
     if applied and grad_clip > 0:
         # The same coefficient on every rank: the single-device model's clip_grad_norm_.
         nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, check.total_norm)
@@ -181,7 +187,7 @@ def train_step(
         optimizer.step()
     with torch.no_grad():
         correct = topk_correct(logits.detach(), labels)
-    return StepResult(loss.detach() * labels.shape[0], correct, labels.shape[0], applied)
+    return StepResult(loss.detach() * labels.shape[0], correct, labels.shape[0], applied, overflow)
 
 
 @torch.no_grad()

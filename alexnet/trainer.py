@@ -272,7 +272,12 @@ class Trainer:
                                 cfg.train.grad_clip, self.after_backward)  # fmt: skip
             p.step += 1
             p.images += labels.shape[0] * self.mesh.data_size
-            p.nonfinite_streak = 0 if result.applied else p.nonfinite_streak + 1
+            if result.applied:
+                p.nonfinite_streak = 0
+            else:
+                self.par.forget_skipped_step()
+                if not result.overflow:  # the scaler's own back-off is not a diverging run
+                    p.nonfinite_streak += 1
             if p.nonfinite_streak >= cfg.train.max_nonfinite:
                 raise NonFiniteLossError(self._nonfinite_message(lr))
             tally.add(result.loss_sum, result.correct, result.count)

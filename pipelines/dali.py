@@ -132,10 +132,15 @@ def resize_patch(patch, image: ImageSpec):
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     """Copy a DALI batch into a new torch tensor (DALI reuses its buffers): GPU outputs on
-    `device` in the current stream, CPU outputs on the CPU."""
+    `device` in the current stream, CPU outputs on the CPU, in pinned memory when `device` is a
+    GPU (the CPU decoder on a GPU machine), so that the copy to it can be asynchronous."""
     tensor = tensor_list.as_tensor()
     on_gpu = isinstance(tensor, TensorGPU)
-    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device if on_gpu else "cpu")
+    dtype = to_torch_type[tensor.dtype]
+    if on_gpu:
+        out = torch.empty(tensor.shape(), dtype=dtype, device=device)
+    else:
+        out = torch.empty(tensor.shape(), dtype=dtype, pin_memory=device.type == "cuda")
     feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device) if on_gpu else None)
     return out
 

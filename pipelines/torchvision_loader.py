@@ -161,9 +161,13 @@ class TorchvisionLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in without_worker_traceback(self._loader):
             self._pos += 1
+            # Copied first, then converted: the copy reads the pinned batch (asynchronous on
+            # CUDA), and the layout change runs on the device. A channels_last copy made on the
+            # host first would be unpinned memory, copied synchronously.
+            images = images.to(self._device, non_blocking=True)
             if self._channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+            yield images, labels.to(self._device, non_blocking=True)
         self._pos = 0
         self._epoch += 1
 

@@ -81,6 +81,40 @@ def test_optimizer_state_round_trips_by_name():
     assert [g["fused"] for g in twin_opt.param_groups] == [True, True]
 
 
+def test_momentum_resumes_in_the_parameters_memory_layout():
+    """A checkpoint written with the other train.channels_last: the restored buffers take each
+    parameter's strides, which the fused SGD needs (with a mismatch the CPU kernel computed a
+    wrong update, off by up to 0.4 here; CUDA refuses the step)."""
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=67)  # contiguous
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.1)
+    model(torch.randn(2, 3, 67, 67)).sum().backward()
+    opt.step()
+    momentum = optimizer_momentum(opt, {p: n for n, p in model.named_parameters()})
+    groups = optimizer_hyperparams(opt)
+
+    def resumed(fmt: torch.memory_format) -> tuple[PaperAlexNet, torch.optim.Optimizer]:
+        twin = PaperAlexNet(10, input_size=67).to(memory_format=fmt)
+        twin.load_state_dict(model.state_dict())
+        twin_opt = build_optimizer(list(twin.named_parameters()), OptimConfig(), lr=0.1)
+        load_optimizer_state(twin_opt, groups, momentum, dict(twin.named_parameters()))
+        return twin, twin_opt
+
+    cl, cl_opt = resumed(torch.channels_last)
+    plain, plain_opt = resumed(torch.contiguous_format)
+    conv = cl.conv1[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for p in cl.parameters():
+        assert cl_opt.state[p]["momentum_buffer"].stride() == p.stride()
+    grads = {n: torch.randn_like(p) for n, p in plain.named_parameters()}
+    for m, o in ((cl, cl_opt), (plain, plain_opt)):
+        for n, p in m.named_parameters():
+            p.grad = torch.empty_like(p).copy_(grads[n])  # strided as its parameter, as autograd makes it
+        o.step()
+    for (n, a), b in zip(cl.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
 def test_optimizer_settings_come_from_this_runs_config(caplog):
     """A run resumed with optim.momentum / optim.weight_decay changed uses (and will save) the new
     values, and says so; the lr the schedule reached comes from the checkpoint."""

@@ -116,3 +116,29 @@ def test_a_skipped_first_fp16_step_never_reaches_the_fused_optimizer():
     for (name, a), b in zip(skipped.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
         assert torch.equal(skipped_opt.state[a]["momentum_buffer"], fresh_opt.state[b]["momentum_buffer"]), name
+
+
+def test_fp16_overflows_are_the_scalers_back_off_while_its_scale_is_above_one():
+    """A step skipped for overflowed gradients under a loss scale above 1 is marked `overflow`
+    (the trainer does not count it toward train.max_nonfinite); at a scale of 1 an overflow is
+    the gradient's own, and a non-finite loss never is an overflow."""
+    from alexnet.engine import AmpPolicy, train_step
+    from alexnet.layers import DropoutContext
+
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=67)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+    amp = AmpPolicy("cpu", None, torch.amp.GradScaler("cpu", init_scale=4.0))
+
+    def overflow(p: torch.Tensor) -> None:
+        p.grad.view(-1)[0] = float("inf")
+
+    model.fc8[0].weight.register_post_accumulate_grad_hook(overflow)
+    x, y = torch.randn(2, 3, 67, 67), torch.randint(0, 10, (2,))
+    seen = []
+    for step in range(3):
+        result = train_step(model, x, y, opt, amp, DropoutContext(0, step, torch.arange(2)))
+        seen.append((result.applied, result.overflow, amp.scaler.get_scale()))
+    assert seen == [(False, True, 2.0), (False, True, 1.0), (False, False, 0.5)]
+    nan_loss = train_step(model, x.fill_(float("nan")), y, opt, amp, DropoutContext(0, 3, torch.arange(2)))
+    assert not nan_loss.applied and not nan_loss.overflow

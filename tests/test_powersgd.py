@@ -1,6 +1,7 @@
 """parallel.comm_hook=powersgd under torchrun with 2 gloo ranks: the compressed steps finish, send
 less, and change the trajectory only from the first compressed step on."""
 
+import json
 import math
 import os
 import signal
@@ -8,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _helpers import TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
 
 from alexnet.metrics import read_metrics
 
@@ -63,3 +64,18 @@ def test_powersgd_compresses_from_step_3_and_finishes(tiny_data, tmp_path):
     losses = [r["loss"] for r in psgd]
     assert losses[:3] == [r["loss"] for r in plain[:3]]
     assert all(a != b for a, b in zip(losses[3:], (r["loss"] for r in plain[3:]))), losses
+
+
+def test_a_skipped_step_does_not_poison_powersgd(tmp_path):
+    """A non-finite loss on one rank, two steps into compression: PowerSGD's residual and factors
+    have taken the NaN gradients in. Dropped after the skip (what the trainer does), the next
+    steps apply with finite weights; kept, the next step's gradients are NaN (applied: without a
+    loss scaler or clipping nothing checks gradients), the weights turn NaN, and every later
+    loss is non-finite until max_nonfinite ends the run."""
+    check(torchrun([REPO / "tests" / "dist" / "powersgd_skip.py", tmp_path], nproc=2))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["forget"]["compressed"]
+        assert r["forget"]["applied"] == [True] * 4 + [False] + [True] * 3
+        assert r["forget"]["finite"]
+        assert not r["keep"]["finite"] and r["keep"]["applied"][6:] == [False, False]  # the hazard

@@ -7,7 +7,7 @@ from torch import nn
 
 from alexnet.config import ParallelConfig
 from alexnet.parallel.comm import CommCounter
-from alexnet.parallel.data_parallel import apply_data_parallel
+from alexnet.parallel.data_parallel import CommHookState, apply_data_parallel
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.hybrid import apply_hybrid
 from alexnet.parallel.layout import Layout
@@ -20,6 +20,13 @@ class ParallelModel:
     module: nn.Module  # what a training step calls (DDP where gradients are all-reduced)
     local: nn.Module  # this rank's model: its parameters, its state, evaluation
     layout: Layout  # maps states between `local` and the single-device model
+    comm_hook: CommHookState | None = None  # DDP's gradient hook's state (None: no DDP)
+
+    def forget_skipped_step(self) -> None:
+        """Call after a step that was skipped on every rank: drops what the gradient hook kept
+        of it (PowerSGD's residuals and factors)."""
+        if self.comm_hook is not None:
+            self.comm_hook.forget_skipped_step()
 
 
 def apply_parallelism(
@@ -29,12 +36,12 @@ def apply_parallelism(
     checkpoint); it is transformed in place where the layout splits it."""
     if mesh.mode == "towers":
         layout = apply_towers(model, mesh, counter)
-        module = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size)
-        return ParallelModel(module, model, layout)
+        module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size)
+        return ParallelModel(module, model, layout, hook)
     if mesh.mode == "hybrid":
         local, layout = apply_hybrid(model, mesh, counter)
         fc = [f"head.{name}" for name, _ in local.head.named_parameters()]
-        module = apply_data_parallel(local, env.device, cfg, counter, None, mesh.world_size, ignore=fc)
-        return ParallelModel(module, local, layout)
-    module = apply_data_parallel(model, env.device, cfg, counter, None, mesh.world_size)
-    return ParallelModel(module, model, Layout(model))
+        module, hook = apply_data_parallel(local, env.device, cfg, counter, None, mesh.world_size, ignore=fc)
+        return ParallelModel(module, local, layout, hook)
+    module, hook = apply_data_parallel(model, env.device, cfg, counter, None, mesh.world_size)
+    return ParallelModel(module, model, Layout(model), hook)

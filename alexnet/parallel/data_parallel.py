@@ -30,7 +30,7 @@ GRAD_KIND = "grad_allreduce"
 
 
 @dataclass
-class _CountingState:
+class CommHookState:
     group: dist.ProcessGroup | None
     world: int
     counter: CommCounter
@@ -38,8 +38,20 @@ class _CountingState:
     powersgd: powerSGD_hook.PowerSGDState | None = None
     serial: bool = False  # finish each bucket's hook before DDP launches the next (gloo)
 
+    def forget_skipped_step(self) -> None:
+        """After a step that every rank skipped (a non-finite loss, an fp16 overflow): PowerSGD
+        has folded that step's non-finite gradients into its state, the error-feedback residual
+        added to every later gradient and the warm-started P and Q factors, which would make
+        every later step non-finite too. Dropped on every rank at the same step (the skip is a
+        world decision), they are rebuilt as at the first compressed step: a zero residual, and
+        Q from PowerSGD's own seeded generator, the same on every rank."""
+        if self.powersgd is not None:
+            self.powersgd.error_dict.clear()
+            self.powersgd.p_memory_dict.clear()
+            self.powersgd.q_memory_dict.clear()
 
-def _count_bucket(state: _CountingState, bucket: dist.GradBucket) -> None:
+
+def _count_bucket(state: CommHookState, bucket: dist.GradBucket) -> None:
     buf = bucket.buffer()
     per_element = state.wire_bytes_per_element or buf.element_size()
     if state.powersgd is not None and state.powersgd.iter >= state.powersgd.start_powerSGD_iter:
@@ -50,17 +62,17 @@ def _count_bucket(state: _CountingState, bucket: dist.GradBucket) -> None:
     state.counter.add(GRAD_KIND, nbytes, allreduce_sent(nbytes, state.world))
 
 
-def _plain_hook(state: _CountingState, bucket):
+def _plain_hook(state: CommHookState, bucket):
     _count_bucket(state, bucket)
     return default_hooks.allreduce_hook(state.group, bucket)
 
 
-def _fp16_hook(state: _CountingState, bucket):
+def _fp16_hook(state: CommHookState, bucket):
     _count_bucket(state, bucket)
     return default_hooks.fp16_compress_hook(state.group, bucket)
 
 
-def _bf16_hook(state: _CountingState, bucket):
+def _bf16_hook(state: CommHookState, bucket):
     _count_bucket(state, bucket)
     return default_hooks.bf16_compress_hook(state.group, bucket)
 
@@ -75,7 +87,7 @@ def _powersgd_elements(ps: powerSGD_hook.PowerSGDState, grad: torch.Tensor) -> i
     return factors if factors * ps.min_compression_rate < n * m else grad.numel()
 
 
-def _powersgd_hook(state: _CountingState, bucket):
+def _powersgd_hook(state: CommHookState, bucket):
     _count_bucket(state, bucket)
     fut = powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
     if state.serial:
@@ -100,11 +112,12 @@ def apply_data_parallel(
     group: dist.ProcessGroup | None = None,
     group_size: int = 1,
     ignore: list[str] | None = None,
-) -> nn.Module:
+) -> tuple[nn.Module, CommHookState | None]:
     """Wrap `model` in DDP over `group` (None: the world), leaving the parameters named in
-    `ignore` to their layout (the hybrid's FC slices). A group of one rank needs no wrapper."""
+    `ignore` to their layout (the hybrid's FC slices). A group of one rank needs no wrapper (and
+    has no hook state)."""
     if not (dist.is_available() and dist.is_initialized()) or group_size == 1:
-        return model
+        return model, None
     if ignore:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = nn.parallel.DistributedDataParallel(
@@ -115,8 +128,7 @@ def apply_data_parallel(
         gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         static_graph=cfg.static_graph,
     )
-    apply_comm_hook(ddp, cfg, counter, group, group_size)
-    return ddp
+    return ddp, apply_comm_hook(ddp, cfg, counter, group, group_size)
 
 
 def apply_comm_hook(
@@ -125,8 +137,8 @@ def apply_comm_hook(
     counter: CommCounter,
     group: dist.ProcessGroup | None,
     group_size: int,
-) -> None:
-    state = _CountingState(group, group_size, counter, None)
+) -> CommHookState:
+    state = CommHookState(group, group_size, counter, None)
     if cfg.comm_hook == "none":
         ddp.register_comm_hook(state, _plain_hook)
     elif cfg.comm_hook == "fp16":
@@ -141,3 +153,4 @@ def apply_comm_hook(
         )
         state.serial = dist.get_backend(group) == dist.Backend.GLOO
         ddp.register_comm_hook(state, _powersgd_hook)
+    return state

@@ -41,7 +41,7 @@ def fresh_model():
 def main(out: str) -> None:
     env = init_distributed(timeout_s=60)
     model = fresh_model()
-    ddp = apply_data_parallel(model, env.device, ParallelConfig(), CommCounter(), None, env.world_size)
+    ddp, _ = apply_data_parallel(model, env.device, ParallelConfig(), CommCounter(), None, env.world_size)
     images, labels = global_batch(env.world_size)
     rows = slice(env.rank * PER_RANK, (env.rank + 1) * PER_RANK)
     one_step(ddp, images[rows], labels[rows], torch.arange(rows.start, rows.stop))
