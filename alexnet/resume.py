@@ -137,24 +137,39 @@ def restore_loader(
     loader: Loader, states: dict[str, Any], mesh: Mesh, path: Path, saved_batch: int | None = None
 ) -> int | None:
     """Put the loader where the checkpoint's loaders stopped. Returns None when it is restored
-    exactly (the same data shards and batch), else the position it was converted to."""
+    exactly (the same data shards, batch and number of files), else the position it was
+    converted to."""
     mine = states.get(str(mesh.data_rank))
     current = loader.state_dict()
     new = current_layout(loader, current, mesh, saved_batch)
     # Every data rank stops at the same position in its epoch: any rank's state gives it.
     any_state = next(iter(states.values()))
     old = saved_layout(any_state, len(states), saved_batch or new.batch_size, loader.num_samples)
-    if mine is not None and len(states) == mesh.data_size and old == new:
+    saved_samples = int(any_state.get("num_samples", loader.num_samples))  # older states lack it
+    if mine is not None and len(states) == mesh.data_size and old == new and saved_samples == loader.num_samples:
         loader.load_state_dict(mine)
         return None
     pos = convert_position(int(any_state["pos"]), old, new)
-    log.warning(
-        "checkpoint %s was written with %d data shards of batch %d (%d steps per epoch), this run has %d "
-        "of batch %d (%d steps): the interrupted epoch goes on from step %d (was %d), its data order "
-        "is not replayed exactly; later epochs are whole",
-        path, old.num_shards, old.batch_size, old.steps, new.num_shards, new.batch_size, new.steps,
-        pos, int(any_state["pos"]),
-    )  # fmt: skip
+    if saved_samples != loader.num_samples:
+        # Each epoch's order is a permutation of the whole list: another list (bad files left
+        # out, files added) orders every epoch differently, so the saved position no longer
+        # names the samples already trained, and the DALI reader's checkpoint belongs to the old
+        # list. Counted by samples consumed instead, as under another layout.
+        log.warning(
+            "checkpoint %s was written with %d training images, this run has %d: the interrupted epoch "
+            "goes on from step %d of %d with the new list's order (some of its images are trained twice "
+            "this epoch, others not at all); later epochs are whole",
+            path, saved_samples, loader.num_samples, pos, new.steps,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "checkpoint %s was written with %d data shards of batch %d (%d steps per epoch), this run has %d "
+            "of batch %d (%d steps): the interrupted epoch goes on from step %d (was %d), its data order is "
+            "not replayed (with data.pipeline=dali some of its images are trained twice and others not at "
+            "all); later epochs are whole",
+            path, old.num_shards, old.batch_size, old.steps, new.num_shards, new.batch_size, new.steps,
+            pos, int(any_state["pos"]),
+        )  # fmt: skip
     # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh
     # reader to `pos` itself, so that its epochs and the reader's coincide from then on.
     loader.load_state_dict({**current, "epoch": int(any_state["epoch"]), "pos": pos, "dali": None})

@@ -120,6 +120,25 @@ def test_a_converted_state_saved_again_before_any_batch_still_resumes_whole_epoc
         assert sorted(epoch_labels(loader)[0]) == list(range(N))
 
 
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_a_checkpoint_over_another_file_list_is_converted_not_replayed(tiny_data, kind, caplog):
+    """Bad files left out after a crash (data.train_files): the same shards and batch, but each
+    epoch's order is a permutation of another list. The saved position (and DALI's reader
+    checkpoint) is not replayed as if exact: the epoch goes on by samples consumed, with a
+    warning, and the later epochs read each file of the new list once."""
+    old = run_old_ranks(kind, numbered(tiny_data, N), 1, 3)["states"]
+    assert old["0"]["num_samples"] == N
+    smaller = numbered(tiny_data, N - BATCH)  # 11 batches
+    loader = build(kind, smaller, "train", 0, 1, BATCH)
+    mesh = SimpleNamespace(data_rank=0, data_size=1)
+    assert restore_loader(loader, old, mesh, Path("last.pt")) == 3
+    assert f"written with {N} training images, this run has {N - BATCH}" in caplog.text
+    assert loader.state_dict()["pos"] == 3 and loader.state_dict().get("dali") is None
+    assert epoch_labels(loader)[1] == (N - BATCH) // BATCH - 3
+    for _ in range(2):
+        assert sorted(epoch_labels(loader)[0]) == list(range(N - BATCH))
+
+
 def cosine(steps_per_epoch: int) -> LrSchedule:
     cfg = ScheduleConfig(name="cosine", warmup_epochs=1.0)
     return LrSchedule(cfg, peak_lr=1.0, steps_per_epoch=steps_per_epoch, epochs=4)
