@@ -10,6 +10,7 @@ batches, so no rank waits for another at a collective.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -22,6 +23,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, Split, position_state, shard_bounds, train_steps, val_steps
 from pipelines.index import FileIndex
 from pipelines.lighting import Lighting, with_lighting
+
+log = logging.getLogger("alexnet")
 
 READER_NAME = "Reader"
 DecoderDevice = Literal["mixed", "cpu"]
@@ -211,21 +214,40 @@ class DaliLoader:
 
     def _build(self):
         if self._pipe is None:
-            self._pipe = self._graph(
-                files=self._reader_index.files,
-                labels=self._reader_index.labels,
-                image=self._image,
-                shard=self._shard,
-                decoder=self._decoder,
-                hw_decoder_load=self._hw_decoder_load,
-                layout="HWC" if self._channels_last else "CHW",
-                batch_size=self._shard.batch_size,
-                num_threads=self._num_threads,
-                device_id=self._device.index if self._device.type == "cuda" else None,
-                prefetch_queue_depth=self._prefetch,
-            )
-            self._pipe.build()
+            try:
+                self._pipe = self._built_graph()
+            except RuntimeError as exc:
+                if self._restore is None or "checkpoint" not in str(exc).lower():
+                    raise
+                # A checkpoint of another graph: written with another data.lighting_std or
+                # data.train_crop, say. DALI refuses it; the run goes on as after a change of
+                # layout, with a fresh reader caught up to the position.
+                log.warning(
+                    "the DALI checkpoint in the resumed state belongs to another training graph (%s); "
+                    "the interrupted epoch goes on from step %d with a fresh reader, its order not replayed",
+                    str(exc).strip().splitlines()[-1][:200], self._pos,
+                )  # fmt: skip
+                self._restore = None
+                self._reader_behind = self._pos > 0
+                self._pipe = self._built_graph()
         return self._pipe
+
+    def _built_graph(self):
+        pipe = self._graph(
+            files=self._reader_index.files,
+            labels=self._reader_index.labels,
+            image=self._image,
+            shard=self._shard,
+            decoder=self._decoder,
+            hw_decoder_load=self._hw_decoder_load,
+            layout="HWC" if self._channels_last else "CHW",
+            batch_size=self._shard.batch_size,
+            num_threads=self._num_threads,
+            device_id=self._device.index if self._device.type == "cuda" else None,
+            prefetch_queue_depth=self._prefetch,
+        )
+        pipe.build()
+        return pipe
 
     @functools.cached_property
     def _reader_index(self) -> FileIndex:

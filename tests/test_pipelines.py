@@ -157,6 +157,27 @@ def test_mid_epoch_resume_replays_the_same_batches(tiny_data, kind):
         assert torch.equal(y, ey) and torch.equal(x, ex)
 
 
+def test_a_dali_checkpoint_of_another_graph_resumes_with_a_fresh_reader(tiny_data, caplog):
+    """Resumed with data.lighting_std turned on, the saved DALI checkpoint names operators this
+    graph lacks; DALI refuses it. The loader warns, catches a fresh reader up to the position
+    instead, and the next epoch reads every file once."""
+    from pipelines.lighting import IMAGENET_DEFAULT, Lighting
+
+    index = build_file_index(tiny_data / "train")  # 120 files: 15 batches of 8
+    interrupted = dali(index, "train", batch=8, seed=5)
+    it = iter(interrupted)
+    head = [next(it)[1] for _ in range(5)]
+    state = interrupted.state_dict()
+    assert state["dali"]
+    resumed = DaliLoader(index, "train", spec(), ShardSpec(0, 1, 8, 5), CPU, 1, 2, "cpu",
+                         lighting=Lighting(0.1, IMAGENET_DEFAULT))  # fmt: skip
+    resumed.load_state_dict(state)
+    rest = [y for _, y in resumed]
+    assert "belongs to another training graph" in caplog.text
+    assert len(head) + len(rest) == len(resumed) == 15
+    assert sorted(int(v) for _, y in resumed for v in y) == sorted(index.labels)
+
+
 def test_synthetic_loader_contract():
     loader = SyntheticLoader("train", 67, 10, ShardSpec(1, 2, 4, 0), steps=3, device=CPU)
     batches = list(loader)
