@@ -10,7 +10,7 @@ import torch
 
 from alexnet.config import DataConfig
 from alexnet.parallel.mesh import Mesh
-from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_trainable
+from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_shardable, check_trainable
 from pipelines.demo import ensure_demo_dataset
 from pipelines.index import DataError, FileIndex, build_file_index, check_val_covers_train, load_file_list
 from pipelines.lighting import Lighting, resolve_lighting_stats
@@ -87,6 +87,9 @@ def build_loader(
     assert index is not None
     if split == "train":
         check_trainable(len(index), mesh.data_size, cfg.batch_size, "config key 'data.batch_size'")
+    elif cfg.pipeline != "torchvision":
+        remedy = "add validation images, use fewer data-parallel ranks, or data.pipeline=torchvision"
+        check_shardable(len(index), mesh.data_size, "the validation split", remedy)
     if cfg.pipeline == "torchvision":
         from pipelines.torchvision_loader import TorchvisionLoader
 

@@ -29,7 +29,7 @@ from alexnet.inference import build_model_from_checkpoint
 from alexnet.metrics import topk_correct
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
-from pipelines.base import PAD_LABEL, Loader, ShardSpec
+from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
 from pipelines.index import DataError, FileIndex, build_file_index, find_classes, load_file_list
 
 log = logging.getLogger("alexnet")
@@ -177,6 +177,7 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
     index, split_dir, files = resolve_eval_index(cfg, opts)
+    check_shardable(len(index), env.world_size, str(files or split_dir), "evaluate with fewer processes")
     if len(index.classes) != loaded.num_classes:
         raise DataError(
             f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"

@@ -113,6 +113,17 @@ def position_state(epoch: int, pos: int, shard: ShardSpec, steps: int, num_sampl
     }  # fmt: skip
 
 
+def check_shardable(num_samples: int, num_shards: int, where: str, remedy: str) -> None:
+    """A DataError when a DALI reader cannot be split into `num_shards` shards: it needs one
+    sample per shard at least (and would stop the run with an assert when first built, for
+    validation after a whole epoch of training)."""
+    if num_samples < num_shards:
+        raise DataError(
+            f"{where}: {num_samples} image(s) for {num_shards} data-parallel shards; DALI's reader needs at "
+            f"least one per shard: {remedy}"
+        )
+
+
 def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: str) -> None:
     """A DataError (what launch/train.py reports in one line) when no shard holds one whole batch."""
     if train_steps(num_samples, num_shards, batch_size) == 0:

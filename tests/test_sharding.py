@@ -110,3 +110,29 @@ def test_too_few_images_for_one_batch_per_shard_is_a_data_error():
     with pytest.raises(DataError, match=r"data\.batch_size'?: 30 training images over 4 .* 7 per shard, fewer"):
         check_trainable(30, 4, 8, "config key 'data.batch_size'")
     check_trainable(32, 4, 8, "config key 'data.batch_size'")  # one whole batch each: fine
+
+
+@pytest.mark.parametrize(("n", "shards"), [(3, 4), (2, 3)])
+def test_fewer_validation_images_than_dali_shards_is_a_data_error_before_training(tiny_data, n, shards):
+    """DALI's reader asserts when it has fewer samples than shards, and the validation pipeline is
+    first built after a whole training epoch. build_loader refuses such a split at once (the
+    torchvision loader, which pads empty shards, takes it); the torchvision loader counts each
+    image once."""
+    from types import SimpleNamespace
+
+    from alexnet.config import DataConfig
+    from alexnet.data import DataSplits, build_loader
+
+    val = numbered(tiny_data, n)
+    splits = DataSplits(train=None, val=val, classes=val.classes)
+    mesh = SimpleNamespace(data_rank=0, data_size=shards)
+    with pytest.raises(DataError, match=rf"validation split: {n} image\(s\) for {shards} data-parallel shards"):
+        build_loader(DataConfig(batch_size=2), "val", splits, mesh, CPU, "cpu", False)
+    with pytest.raises(RuntimeError, match="num_shards"):  # what DALI itself says
+        list(build("dali", val, "val", 0, shards, 2))
+    in_process = DataConfig(batch_size=2, pipeline="torchvision", num_threads=0)  # no worker processes
+    tv = [
+        build_loader(in_process, "val", splits, SimpleNamespace(data_rank=r, data_size=shards), CPU, "cpu", False)
+        for r in range(shards)
+    ]
+    assert sorted(sum((epoch_labels(loader)[0] for loader in tv), [])) == list(range(n))
