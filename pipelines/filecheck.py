@@ -218,10 +218,13 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     """
     if not _DECODER_ERROR.search(message):
         return None
-    known = set(files)
-    named = [part.strip() for line in message.splitlines() for part in re.split(r" : |: ", line)]
-    bad = list(dict.fromkeys(p for p in named if p in known))
+    cause = _dali_cause(message)
+    if _NOT_THE_DATA.search(cause):
+        return None  # the device failed, not a file: DALI's own error says more than a scan would
+    bad = _named_files(message, set(files))
     dali_line = next((line.strip() for line in message.splitlines() if _DECODER_ERROR.search(line)), "")
+    if cause and cause not in dali_line:
+        dali_line = f"{dali_line.rstrip(',')}: {cause}" if dali_line else cause
     if bad:
         return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {how_to_exclude(bad[0])}")
     candidates = files[:sniff_limit]
@@ -235,6 +238,29 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
         f"the image decoder failed on a file it does not name ({dali_line}). "
         + how_to_exclude(files[0] if files else "")
     )
+
+
+# Failures inside a decoder operator that are about the machine, not the file being decoded.
+_NOT_THE_DATA = re.compile(r"CUDA allocation|out of memory|cudaError|CUDA error|CUDA driver", re.IGNORECASE)
+
+
+def _dali_cause(message: str) -> str:
+    """The first line after DALI's "encountered:": what actually went wrong in the operator."""
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().endswith("encountered:"):
+            return next((rest.strip() for rest in lines[i + 1 :] if rest.strip()), "")
+    return ""
+
+
+def _named_files(message: str, known: set[str]) -> list[str]:
+    """The files of `known` that `message` names, as the text between two of DALI's separators
+    (" : ", ": ") or after one up to the end of a line: a path may hold a separator itself."""
+    found = []
+    for line in message.splitlines():
+        found += [part.strip() for part in re.split(r" : |: ", line)]
+        found += [line[sep.end() :].strip() for sep in re.finditer(r" : |: ", line)]
+    return list(dict.fromkeys(p for p in found if p in known))
 
 
 def _with_reasons(paths: list[str], fallback: str) -> str:

@@ -205,6 +205,35 @@ def test_a_jpeg_cut_inside_its_header_is_named_though_dali_does_not_name_it(corp
     assert f"{cut} (JPEG data does not decode" in message and not any(path in message for path in good)
 
 
+def test_a_bad_file_whose_path_holds_dali_s_separator_is_named(corpus, tmp_path):
+    """DALI writes "Failed to decode sample #i : PATH"; a path holding " : " itself is still found."""
+    root, _ = corpus
+    good = sorted(str(p) for p in (root / "val" / "square").iterdir())[:3]
+    odd = tmp_path / "scans : batch 2" / "zz_truncated.JPEG"
+    odd.parent.mkdir()
+    shutil.copy(root / "train" / "ring" / "zz_truncated.JPEG", odd)
+    with pytest.raises(DataError) as info:
+        list(tiny_loader([*good, str(odd)]))
+    assert f"cannot decode {odd} (JPEG data does not decode" in str(info.value), str(info.value)
+
+
+def test_a_device_failure_inside_the_decoder_is_not_blamed_on_the_data(tiny_data):
+    """Only the operator's name says "decoders": an out-of-memory error stays DALI's own (None:
+    re-raised as it is), and any other cause is quoted in the bad-file error."""
+    from pipelines.filecheck import explain_decode_failure
+
+    files = build_file_index(tiny_data / "val").files
+    head = (
+        "Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image_slice`,\n"
+        "which was used in the pipeline definition with the following traceback:\n\n"
+        '  File "pipelines/dali.py", line 117\n\nencountered:\n\n'
+    )
+    oom = head + "CUDA allocation failed\nCurrent pipeline object is no longer valid."
+    assert explain_decode_failure(oom, files) is None
+    other = explain_decode_failure(head + "Unsupported sample type\n", files)
+    assert isinstance(other, DataError) and "Unsupported sample type" in str(other)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_torchvision_pipeline_names_a_file_pil_cannot_decode(corpus, workers):
     """In the main process and through a DataLoader worker (whose traceback DataLoader would
