@@ -229,6 +229,22 @@ def reference_window_sum(x: torch.Tensor, size: int, groups: int) -> torch.Tenso
     return torch.cat(sums, 1)
 
 
+def test_lrn_in_half_precision_stays_finite_at_the_activations_its_constants_are_for():
+    """fp16 (CUDA autocast) and the paper's k = 2, alpha = 1e-4: activations around 200 make
+    alpha * sum(x^2) about 10, where LRN really divides; x^2 itself (40,000) and its window sum
+    overflow float16. Squaring x * sqrt(alpha) keeps s finite, both window sums, within fp16's
+    rounding of the float64 values (the band path runs on the CPU here as it does on CUDA)."""
+    from alexnet.layers import _LRNFunction, build_window_band
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 12, 3, 3, dtype=torch.float64) * 250
+    reference = _LRNFunction.apply(x, PAPER_LRN, 2, None, 2)
+    for band in (None, build_window_band(6, 5, x.half())):
+        y = _LRNFunction.apply(x.half(), PAPER_LRN, 2, band, 2)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), reference, rtol=4e-3, atol=4e-3)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_lrn_banded_window_sum_and_the_shifted_adds_agree(memory_format):
     """The matrix-product window sum (what LRN uses on CUDA) and the shifted in-place adds (the
