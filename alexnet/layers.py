@@ -10,7 +10,6 @@ whole global batch, and a resumed run drops the same units as an uninterrupted o
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -133,8 +133,16 @@ def test_fp16_resume_mid_run_on_cuda_gives_identical_weights(tiny_data, tmp_path
     deterministic kernels. The loss scale, which starts where fp16 overflows (a first-step skip),
     the momentum and the weights must come out bitwise equal. The torchvision loader keeps this
     check independent of DALI; the DALI loaders' resume is tested on the CPU."""
-    common = (*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "data.pipeline=torchvision",
-              "train.amp=fp16", "train.deterministic=true", "train.epochs=2", "checkpoint.every_steps=0")
+    common = (
+        *TINY_TRAIN,
+        f"data.root={tiny_data}",
+        f"run.root={tmp_path}",
+        "data.pipeline=torchvision",
+        "train.amp=fp16",
+        "train.deterministic=true",
+        "train.epochs=2",
+        "checkpoint.every_steps=0",
+    )
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS's deterministic mode
     check(torchrun([TRAIN, *common, "run.name=straight", "train.max_steps=8"], nproc=1, env=env))
     check(torchrun([TRAIN, *common, "run.name=resumed", "train.max_steps=4"], nproc=1, env=env))
