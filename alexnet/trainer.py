@@ -16,7 +16,7 @@ import yaml
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save
 from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
 from alexnet.data import DataSplits, build_loader, build_splits
-from alexnet.engine import AmpPolicy, build_amp, train_step
+from alexnet.engine import AmpPolicy, StepResult, build_amp, train_step
 from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
@@ -191,6 +191,18 @@ class Trainer:
         self._rotate_previous = True
         self._barrier()
 
+    def _count_skips(self, result: StepResult, lr: float) -> None:
+        """The run of skipped steps, and its end of the run at train.max_nonfinite."""
+        p = self.progress
+        if result.applied:
+            p.nonfinite_streak = 0
+            return
+        self.par.forget_skipped_step()
+        if not result.overflow:  # the scaler's own back-off is not a diverging run
+            p.nonfinite_streak += 1
+        if p.nonfinite_streak >= self.cfg.train.max_nonfinite:
+            raise NonFiniteLossError(self._nonfinite_message(lr))
+
     def _nonfinite_message(self, lr: float) -> str:
         p = self.progress
         kept = (
@@ -272,14 +284,7 @@ class Trainer:
                                 cfg.train.grad_clip, self.after_backward)  # fmt: skip
             p.step += 1
             p.images += labels.shape[0] * self.mesh.data_size
-            if result.applied:
-                p.nonfinite_streak = 0
-            else:
-                self.par.forget_skipped_step()
-                if not result.overflow:  # the scaler's own back-off is not a diverging run
-                    p.nonfinite_streak += 1
-            if p.nonfinite_streak >= cfg.train.max_nonfinite:
-                raise NonFiniteLossError(self._nonfinite_message(lr))
+            self._count_skips(result, lr)
             tally.add(result.loss_sum, result.correct, result.count)
             meter.add(labels.shape[0] * self.mesh.data_size, data_wait)
             window += 1

@@ -139,11 +139,8 @@ def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     GPU (the CPU decoder on a GPU machine), so that the copy to it can be asynchronous."""
     tensor = tensor_list.as_tensor()
     on_gpu = isinstance(tensor, TensorGPU)
-    dtype = to_torch_type[tensor.dtype]
-    if on_gpu:
-        out = torch.empty(tensor.shape(), dtype=dtype, device=device)
-    else:
-        out = torch.empty(tensor.shape(), dtype=dtype, pin_memory=device.type == "cuda")
+    where = {"device": device} if on_gpu else {"device": "cpu", "pin_memory": device.type == "cuda"}
+    out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], **where)
     feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device) if on_gpu else None)
     return out
 
