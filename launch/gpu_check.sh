@@ -11,7 +11,7 @@
 #
 # Where `import nvidia.dali` fails, it sources .daliN/install.sh of the highest N present, the
 # wheels that ../shared/device/stage_dali.sh staged beside the checkout (installed into /tmp/site;
-# no network needed). Sizes can be changed through GPU_CHECK_{BATCH,THREADS,IMAGES,CROP,RESIZE};
+# no network needed). Sizes can be changed through GPU_CHECK_{BATCH,THREADS,E2E_THREADS,IMAGES,CROP,RESIZE};
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without a GPU (a dry run of this script,
 # small sizes, the fp16 step skipped).
 set -uo pipefail
@@ -29,11 +29,16 @@ log() { echo "[gpu_check +$(($(date +%s) - started))s] $*" | tee -a "$out/gpu_ch
 if $py -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   gpu=1
   batch=${GPU_CHECK_BATCH:-128} threads=${GPU_CHECK_THREADS:-8} images=${GPU_CHECK_IMAGES:-2000}
+  # The pipeline comparison gives DALI and torchvision's DataLoader the same 8 threads = workers;
+  # e2e asks whether the input keeps up with one GPU, so its loader gets every core, as a
+  # single-GPU user's would (at 8 threads it delivered ~12,000 images/s to a ~14,000 images/s step).
+  e2e_threads=${GPU_CHECK_E2E_THREADS:-$(nproc)}
   crop=${GPU_CHECK_CROP:-227} resize=${GPU_CHECK_RESIZE:-256} steps=20
   nvidia-smi -L 2>/dev/null | tee -a "$out/gpu_check.log"
 elif [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then
   gpu=0
   batch=${GPU_CHECK_BATCH:-16} threads=${GPU_CHECK_THREADS:-2} images=${GPU_CHECK_IMAGES:-200}
+  e2e_threads=${GPU_CHECK_E2E_THREADS:-$threads}
   crop=${GPU_CHECK_CROP:-67} resize=${GPU_CHECK_RESIZE:-76} steps=2
   log "no CUDA device: dry run on the CPU (GPU_CHECK_ALLOW_CPU=1)"
 else
@@ -87,7 +92,7 @@ run_step() {  # run_step NAME SECONDS COMMAND... : records NAME=ok|failed(rc)
 
 bench=(launch/benchmark.py)
 data=(--dataset imagenet-like --like-images "$images")
-sizes=(data.batch_size="$batch" data.crop="$crop" data.resize="$resize" data.num_threads="$threads" model.num_classes=1000)
+sizes=(data.batch_size="$batch" data.crop="$crop" data.resize="$resize" data.num_threads="$e2e_threads" model.num_classes=1000)
 
 if [ "$gpu" = 1 ]; then
   # About 110 s on an H100, 75 of them the fp16 resume test (three short trainings under torchrun).
