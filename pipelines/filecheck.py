@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image
 
 from pipelines.index import DataError
@@ -143,7 +144,7 @@ def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
         return Finding(path, "wrong_format", f"{fmt} data in a file named {Path(path).suffix}")
     if mode == "CMYK":
         return Finding(path, "cmyk", "CMYK JPEG (4 channels)")
-    if mode in ("L", "LA", "1", "I;16", "I"):
+    if mode in ("L", "LA", "1") or mode in _WIDE_GRAY_MODES:
         return Finding(path, "grayscale", f"grayscale ({mode}), one channel")
     return None
 
@@ -161,11 +162,25 @@ def _dimension_problem(w: int, h: int, limits: Limits) -> str:
     return ""
 
 
+# PIL's modes for grayscale wider than 8 bits (16-bit PNG and TIFF; "I" holds 32-bit integers).
+_WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def as_rgb(im: Image.Image) -> Image.Image:
+    """`im` as 8-bit RGB. PIL's own convert("RGB") clips 16-bit grayscale at 255, which turns
+    almost every pixel white; this scales 0-65535 to 0-255 as DALI's decoder does (v / 257,
+    rounded), so that every pipeline and tool sees the same image."""
+    if im.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def convert_to_rgb_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> None:
     """Write an RGB JPEG of `src` (PNG, CMYK or grayscale) to `dst`."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     with Image.open(src) as im:
-        im.convert("RGB").save(dst, "JPEG", quality=quality)
+        as_rgb(im).save(dst, "JPEG", quality=quality)
 
 
 # ---- a decoder failure while reading ----------------------------------------------------------
@@ -179,7 +194,7 @@ def open_rgb(path: str) -> Image.Image:
     leave it out."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return as_rgb(img)
     except PIL_READ_ERRORS as exc:
         raise DataError(f"cannot decode {path} ({exc}). {how_to_exclude(path)}") from exc
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipelines.filecheck import PIL_READ_ERRORS, as_rgb
 from pipelines.index import DataError
 
 log = logging.getLogger("alexnet")
@@ -165,7 +166,7 @@ def _image_moments(path: str, decode_size: int) -> _Moments:
         # JPEG DCT scaling: decode at 1/2..1/8 size when that still covers decode_size. Pixel
         # statistics barely change and decoding gets several times faster.
         img.draft("RGB", (decode_size, decode_size))
-        pixels = np.asarray(img.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+        pixels = np.asarray(as_rgb(img), dtype=np.float64).reshape(-1, 3)
     return _Moments(pixels.sum(axis=0), pixels.T @ pixels, pixels.shape[0])
 
 
@@ -214,7 +215,7 @@ def compute_lighting_stats(
     def measure(path: str) -> _Moments | None:
         try:
             return _image_moments(path, decode_size)
-        except (OSError, ValueError) as exc:
+        except PIL_READ_ERRORS as exc:  # a bomb-sized header too: a file scan.py would report
             log.warning("lighting statistics: skipping %s (%s)", path, exc)
             return None
 

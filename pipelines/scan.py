@@ -48,8 +48,8 @@ class Policy:
     def action(self, finding: Finding) -> Action:
         if finding.kind not in FIXABLE:
             return "excluded"
-        if finding.kind == "grayscale" and self.grayscale == "keep":
-            return "kept"
+        if finding.kind == "grayscale":  # --grayscale alone decides; --fixable is for the rest
+            return "converted" if self.grayscale == "convert" else "kept"
         return {"convert": "converted", "keep": "kept", "exclude": "excluded"}[self.fixable]
 
 

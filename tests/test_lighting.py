@@ -3,6 +3,8 @@ measured eigen statistics."""
 
 import importlib.util
 import logging
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -200,3 +202,32 @@ def test_lighting_stats_command_writes_the_file(tmp_path):
     assert command.main(["--data", str(tmp_path / "data"), "--images", "10", "--workers", "1"]) == 0
     stats = load_lighting_stats(tmp_path / "data" / STATS_FILE)
     assert stats.num_images == 4 and stats.num_pixels == len(pixels)
+
+
+def test_statistics_skip_a_file_whose_header_declares_a_bomb_size(tmp_path, caplog):
+    files, pixels = write_gaussian_pngs(tmp_path / "train" / "a", count=3)
+    bomb = tmp_path / "train" / "a" / "bomb.png"
+    bomb.write_bytes(png_declaring(20000, 20000))  # 400M pixels: PIL refuses to open it
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        stats = compute_lighting_stats([*files, str(bomb)], num_images=10, workers=1, source="test")
+    assert stats.num_images == 3 and stats.num_pixels == len(pixels)
+    assert f"skipping {bomb}" in caplog.text
+
+
+def test_statistics_of_16_bit_grayscale_use_its_8_bit_values(tmp_path):
+    wide = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    path = tmp_path / "gray16.png"
+    Image.fromarray(wide).save(path)
+    stats = compute_lighting_stats([str(path)], workers=1, source="test")
+    expected = np.rint(wide / 257.0).mean()  # not PIL's convert("RGB"), which clips at 255
+    assert np.allclose(stats.mean, [expected] * 3, rtol=1e-12) and expected < 128
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, with almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers import REPO, TINY_TRAIN, TRAIN, torchrun
+from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 from alexnet.checkpoint import load_checkpoint
@@ -23,8 +24,9 @@ from alexnet.config import DataConfig
 from alexnet.data import build_splits
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader
-from pipelines.filecheck import check_file
+from pipelines.filecheck import Finding, check_file, convert_to_rgb_jpeg, open_rgb
 from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
+from pipelines.scan import Policy
 from pipelines.torchvision_loader import TorchvisionLoader
 
 SCAN = REPO / "launch" / "scan.py"
@@ -280,3 +282,36 @@ def test_a_file_list_line_outside_the_classes_is_named(tmp_path, tiny_data):
     listing.write_text("# comment\ncircle/circle_0000.jpg\nnot_a_class/x.jpg\n")
     with pytest.raises(DataError, match=r"train\.txt line 3: not_a_class/x\.jpg is in folder 'not_a_class'"):
         load_file_list(listing, tiny_data / "train")
+
+
+@pytest.mark.parametrize("fixable", ["convert", "exclude", "keep"])
+def test_grayscale_policy_is_decided_by_grayscale_alone(fixable):
+    gray, cmyk = Finding("a.JPEG", "grayscale", ""), Finding("b.JPEG", "cmyk", "")
+    assert Policy(fixable=fixable, grayscale="convert").action(gray) == "converted"
+    assert Policy(fixable=fixable, grayscale="keep").action(gray) == "kept"
+    assert Policy(fixable=fixable).action(cmyk) == {"convert": "converted", "exclude": "excluded", "keep": "kept"}[fixable]
+    assert Policy(fixable=fixable).action(Finding("c.JPEG", "truncated", "")) == "excluded"
+
+
+def test_16_bit_grayscale_reads_as_dali_decodes_it(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a white image); the torchvision pipeline
+    and the scanner's conversion must see what DALI's decoder sees."""
+    wide = (np.arange(96 * 64, dtype=np.uint32).reshape(64, 96) * 10).astype(np.uint16)  # 0..61430
+    path = tmp_path / "a" / "gray16.png"
+    path.parent.mkdir()
+    Image.fromarray(wide).save(path)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        jpegs, _ = fn.readers.file(files=[str(path)])
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    dali = np.asarray(pipe.run()[0][0])
+    assert check_file(path).kind == "grayscale" and "I;16" in check_file(path).detail
+    assert np.array_equal(np.asarray(open_rgb(str(path))), dali)
+    convert_to_rgb_jpeg(path, tmp_path / "fixed.JPEG")
+    with Image.open(tmp_path / "fixed.JPEG") as im:
+        assert np.abs(np.asarray(im, dtype=np.float64) - dali).mean() < 2.0  # JPEG's loss only
+    assert 100 < dali.mean() < 140  # the gradient, not white
