@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from pipelines.index import DataError
+from pipelines.index import DataError, is_utf8, printable
 
 Item = TypeVar("Item")
 
@@ -37,6 +37,7 @@ KINDS = {
     "dimensions": "absurd dimensions",
     "cmyk": "CMYK JPEG",
     "grayscale": "grayscale image",
+    "bad_name": "file name not valid UTF-8",
 }
 FIXABLE = frozenset({"wrong_format", "cmyk", "grayscale"})
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -102,6 +103,8 @@ def _describe_non_image(head: bytes) -> str:
 def check_file(path: str | Path, limits: Limits = Limits()) -> Finding | None:
     """None when the file decodes to a usable RGB image, else the first problem found."""
     path = str(path)
+    if not is_utf8(path):
+        return Finding(printable(path), "bad_name", "the name is not valid UTF-8, which DALI cannot read: rename it")
     try:
         st = os.stat(path)
     except OSError as exc:

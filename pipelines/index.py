@@ -47,6 +47,31 @@ def image_names(folder: Path) -> list[str]:
     )
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8. Python hands other bytes over as lone
+    surrogates, which DALI's readers (and any UTF-8 text file, such as scan.py's lists) refuse."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """`name` with the bytes that are not UTF-8 written as \\xNN, for messages and reports."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_utf8_names(split_dir: Path, files: list[str]) -> None:
+    bad = [printable(f) for f in files if not is_utf8(f)]
+    if bad:
+        raise DataError(
+            f"{len(bad)} file or class folder name(s) under {printable(str(split_dir))} are not valid UTF-8, "
+            f"which DALI cannot read: {_some(bad)}. Rename them (for example with convmv), or run "
+            "launch/scan.py, whose lists leave them out"
+        )
+
+
 def _some(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
@@ -125,6 +150,7 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
             empty.append(name)
         files.extend(str(folder / n) for n in names)
         labels.extend([label] * len(names))
+    check_utf8_names(split_dir, files)
     if empty:
         raise DataError(
             f"class folders without images in {split_dir}: {', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else "")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
-from pipelines.index import image_names
+from pipelines.index import image_names, is_utf8, printable
 
 SPLITS = ("train", "val")
 Fixable = Literal["convert", "exclude", "keep"]
@@ -85,6 +85,10 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
     if not classes:
         problems.append(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
         return None
+    for name in [c for c in classes if not is_utf8(c)]:
+        folder = printable(str(split_dir / name))
+        problems.append(f"class folder {folder}: the name is not valid UTF-8, which DALI cannot read")
+        classes.remove(name)
     listing = SplitListing(split_dir, classes)
     for name in classes:
         names = image_names(split_dir / name)

@@ -26,7 +26,7 @@ from pipelines.base import ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader
 from pipelines.filecheck import Finding, check_file, convert_to_rgb_jpeg, open_rgb
 from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
-from pipelines.scan import Policy
+from pipelines.scan import Policy, print_report, scan
 from pipelines.torchvision_loader import TorchvisionLoader
 
 SCAN = REPO / "launch" / "scan.py"
@@ -315,3 +315,35 @@ def test_16_bit_grayscale_reads_as_dali_decodes_it(tmp_path):
     with Image.open(tmp_path / "fixed.JPEG") as im:
         assert np.abs(np.asarray(im, dtype=np.float64) - dali).mean() < 2.0  # JPEG's loss only
     assert 100 < dali.mean() < 140  # the gradient, not white
+
+
+def test_names_that_are_not_utf8_are_reported_and_left_out(tmp_path):
+    """A latin-1 name (an old archive, a Samba share) reaches Python as lone surrogates, which DALI
+    and a UTF-8 file list refuse: the scanner reports it, the index names it."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (root / split / cls / f"{i}.JPEG").write_bytes(jpeg_bytes(seed=i))
+    latin1 = root / "train" / "a" / os.fsdecode(b"caf\xe9.JPEG")
+    latin1.write_bytes(jpeg_bytes())
+    (root / "val" / os.fsdecode(b"\xe9t\xe9")).mkdir()  # a class folder as well
+    (root / "val" / os.fsdecode(b"\xe9t\xe9") / "0.JPEG").write_bytes(jpeg_bytes())
+
+    finding = check_file(latin1)
+    assert finding.kind == "bad_name" and finding.path.endswith("caf\\xe9.JPEG")
+    with pytest.raises(DataError, match=r"not valid UTF-8.*train/a/caf\\xe9\.JPEG.*launch/scan\.py"):
+        build_file_index(root / "train")
+
+    result = scan(root, tmp_path / "out", workers=1)
+    assert [(f.kind, Path(f.path).name) for f in result.findings["train"]] == [("bad_name", "caf\\xe9.JPEG")]
+    assert any("\\xe9t\\xe9" in p and "not valid UTF-8" in p for p in result.problems)
+    assert load_file_list(tmp_path / "out" / "train.txt", root / "train").files == [
+        str(root / "train" / c / f"{i}.JPEG") for c in ("a", "b") for i in range(2)
+    ]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["files"][0]["action"] == "excluded" and report["files"][0]["path"].endswith("caf\\xe9.JPEG")
+    out = io.StringIO()
+    print_report(result, tmp_path / "out", Policy(), stream=out)
+    assert "excluded   bad_name" in out.getvalue() and "caf\\xe9.JPEG" in out.getvalue()
