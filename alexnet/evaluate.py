@@ -10,6 +10,7 @@ counted, and the per-class (correct, count) vectors are summed with one all_redu
 
 from __future__ import annotations
 
+import os
 import logging
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,10 @@ def eval_file_list(cfg: Config, opts: EvalOptions) -> str:
     return cfg.data.val_files if not opts.data and opts.split == "val" else ""
 
 
+def holds_class_folders(folder: Path) -> bool:
+    return folder.is_dir() and any(entry.is_dir() for entry in os.scandir(folder))
+
+
 def resolve_eval_index(cfg: Config, opts: EvalOptions) -> tuple[FileIndex, Path, str]:
     """The files to evaluate, their folder and the file list they came from ("" for the whole
     folder). Class indices come from <root>/train when it exists (the order the model was trained
@@ -131,11 +136,13 @@ def resolve_eval_index(cfg: Config, opts: EvalOptions) -> tuple[FileIndex, Path,
             "pass --data with the folder to evaluate"
         )
     root = Path(opts.data).expanduser() if opts.data else resolve_data_root(cfg.data)
-    split_dir = root / opts.split if (root / opts.split).is_dir() else root
-    if split_dir == root and any((root / name).is_dir() for name in ("train", "val")):
+    # A dataset root's splits hold class folders; in a folder of classes, a class that happens to
+    # be named train or val (CIFAR-100 has "train") holds images.
+    split_dir = root / opts.split if holds_class_folders(root / opts.split) else root
+    if split_dir == root and any(holds_class_folders(root / name) for name in ("train", "val")):
         # a dataset root without that split (a typo, an unprepared split): not a folder of classes
         raise DataError(f"{root / opts.split} does not exist: --split names a subfolder of {root}")
-    classes = find_classes(root / "train") if (root / "train").is_dir() and split_dir != root else None
+    classes = find_classes(root / "train") if holds_class_folders(root / "train") and split_dir != root else None
     files = eval_file_list(cfg, opts)
     if files:
         return load_file_list(files, split_dir, classes=classes), split_dir, files

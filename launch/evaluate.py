@@ -57,7 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--amp", choices=("run", "auto", "off", "bf16", "fp16"), default="run", help="autocast (default: the run's)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="JSON file or folder (default: beside the checkpoint)")
+    parser.add_argument(
+        "--out", default=None, help="JSON file, or folder (existing, or ending in /) (default: beside the checkpoint)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds")
     return parser.parse_args(argv)
 
@@ -66,12 +68,13 @@ def default_out(checkpoint: Path, ten_crop: bool) -> Path:
     return checkpoint.with_name(f"{checkpoint.name}.eval-{'tencrop' if ten_crop else 'centre'}.json")
 
 
-def resolve_out(out: Path | None, checkpoint: Path, ten_crop: bool) -> Path:
+def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     """Where the JSON goes, checked before the evaluation runs, so that an evaluation is not lost
-    to an output path that cannot be written (a folder gets the default name inside it). Nothing
-    is created yet: the checkpoint may still turn out not to exist."""
-    path = default_out(checkpoint, ten_crop) if out is None else out
-    if path.is_dir():
+    to an output path that cannot be written (a folder, existing or written with a trailing
+    slash, gets the default name inside it). Nothing is created yet: the checkpoint may still
+    turn out not to exist."""
+    path = default_out(checkpoint, ten_crop) if out is None else Path(out)
+    if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
         path = path / default_out(checkpoint, ten_crop).name
     existing = next(p for p in path.absolute().parents if p.exists())  # the folder that would hold it
     if not existing.is_dir() or not os.access(existing, os.W_OK):

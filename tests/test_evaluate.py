@@ -1,6 +1,7 @@
 """launch/evaluate.py and alexnet/evaluate.py: a checkpoint rebuilt from its own config, exact
 top-1/top-5 and per-class counts, the same numbers on one process and under torchrun."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
 from alexnet.config import ConfigError, config_to_dict, load_config
-from alexnet.evaluate import EvalOptions, run_evaluation
+from alexnet.evaluate import EvalOptions, resolve_eval_index, run_evaluation
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import build_model
 from alexnet.parallel.env import DistEnv
@@ -212,3 +213,23 @@ def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_nam
     missing = subprocess.run([sys.executable, EVALUATE, typo], capture_output=True, text=True)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     assert not (tmp_path / "typo").exists()  # the default --out beside it was not created
+
+
+def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
+    spec = importlib.util.spec_from_file_location("evaluate_command", EVALUATE)
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    ckpt = tmp_path / "run" / "last.pt"
+    assert command.resolve_out(f"{tmp_path}/results/", ckpt, False) == tmp_path / "results" / "last.pt.eval-centre.json"
+    assert command.resolve_out(f"{tmp_path}/results", ckpt, True) == tmp_path / "results"  # a file name
+    assert command.resolve_out(None, ckpt, True) == tmp_path / "run" / "last.pt.eval-tencrop.json"
+    assert not (tmp_path / "results").exists()  # created only when the result is written
+
+
+@pytest.mark.parametrize("name", ["train", "val"])
+def test_a_folder_of_classes_may_have_a_class_named_like_a_split(tiny_data, tmp_path, name):
+    folder = tmp_path / "classes"
+    shutil.copytree(tiny_data / "val", folder)
+    (folder / "cross").rename(folder / name)  # CIFAR-100 has a class named "train"
+    index, split_dir, _ = resolve_eval_index(tiny_config(tiny_data), EvalOptions(tmp_path / "x.pt", data=str(folder)))
+    assert split_dir == folder and len(index) == 50 and name in index.classes and len(index.classes) == 10
