@@ -166,12 +166,34 @@ def _place(src: Path, dst: Path, mode: Mode) -> None:
         if mode == "symlink" and dst.is_symlink() and Path(os.readlink(dst)) == src:
             return  # already done by an earlier run
         raise ImageNetLayoutError(f"{dst} already exists; remove it or choose another output folder")
-    if mode == "symlink":
-        dst.symlink_to(src)
-    elif mode == "copy":
-        shutil.copy2(src, dst)
-    else:
-        shutil.move(src, dst)
+    try:
+        if mode == "symlink":
+            dst.symlink_to(src)
+        elif mode == "copy":
+            shutil.copy2(src, dst)
+        else:
+            shutil.move(src, dst)
+    except OSError as exc:
+        raise _cannot_write(dst, exc) from exc
+
+
+def _cannot_write(dst: Path, exc: OSError) -> ImageNetLayoutError:
+    """An output-side failure (a full disk, no permission, a file where a folder should be), named
+    as such: not blamed on the input."""
+    return ImageNetLayoutError(f"cannot write {dst}: {exc.strerror or exc}")
+
+
+def _write_file(dst: Path, data: bytes) -> None:
+    """`data` as `dst`, through a temporary file renamed over it: an interrupted extraction leaves
+    no half-written image, and a symlink left by an earlier `--mode symlink` run is replaced, not
+    written through into the original file it points to."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        raise _cannot_write(dst, exc) from exc
 
 
 def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode: Mode = "symlink") -> Conversion:
@@ -186,7 +208,10 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
         raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
     _check_coverage(files, truth, val_dir)
     for wnid in sorted(set(truth.values())):
-        (out_dir / wnid).mkdir(parents=True, exist_ok=True)
+        try:
+            (out_dir / wnid).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cannot_write(out_dir / wnid, exc) from exc
     for stem in sorted(files):
         src = files[stem]
         _place(src, out_dir / truth[stem] / src.name, mode)
@@ -201,12 +226,11 @@ def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> 
             stems = {VAL_FILE.match(Path(m.name).name).group(1): m for m in members}  # type: ignore[union-attr]
             _check_coverage(stems, truth, archive)
             for stem, member in sorted(stems.items()):
-                dst = out_dir / truth[stem] / Path(member.name).name
-                dst.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 assert source is not None
-                with source, open(dst, "wb") as out:
-                    shutil.copyfileobj(source, out)
+                with source:
+                    data = source.read()  # one image (~130 KB): read and write errors stay apart
+                _write_file(out_dir / truth[stem] / Path(member.name).name, data)
     except (OSError, tarfile.TarError) as exc:
         raise ImageNetLayoutError(f"cannot read {archive}: {exc}") from exc
     return Conversion(len(stems), len(set(truth.values())), out_dir)

@@ -150,3 +150,25 @@ def test_meta_mat_without_synsets_is_named(tmp_path, damage):
     (tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n")
     with pytest.raises(ImageNetLayoutError, match="meta.mat has no usable 'synsets' table"):
         read_ground_truth(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["ILSVRC2012_img_val", "ILSVRC2012_img_val.tar"])
+def test_an_output_that_cannot_be_written_is_named_as_the_output(ilsvrc, source):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    (ilsvrc / "a_file").write_text("not a folder")
+    convert = convert_val_folder if source == "ILSVRC2012_img_val" else extract_val_archive
+    with pytest.raises(ImageNetLayoutError, match=r"cannot write .*a_file/val/n01440764.*: Not a directory"):
+        convert(ilsvrc / source, truth, ilsvrc / "a_file" / "val")
+
+
+def test_the_archive_replaces_earlier_symlinks_without_writing_through_them(ilsvrc):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    out = ilsvrc / "imagenet" / "val"
+    convert_val_folder(ilsvrc / "ILSVRC2012_img_val", truth, out)  # symlinks to the flat files
+    original = ilsvrc / "ILSVRC2012_img_val" / "ILSVRC2012_val_00000001.JPEG"
+    original.write_bytes(b"the user's own version")  # e.g. a face-blurred copy
+    extract_val_archive(ilsvrc / "ILSVRC2012_img_val.tar", truth, out)
+    placed = out / "n01440764" / original.name
+    assert not placed.is_symlink() and placed.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert original.read_bytes() == b"the user's own version"
+    assert not list(out.rglob(".*.tmp"))
