@@ -195,24 +195,46 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Number:
-    """A YAML number with the text it was written as: a str-typed key takes the text (`run.name:
-    1.10` stays "1.10", `data.root: 0755` stays "0755", where the number would give "1.1" and "493")."""
+    """A YAML scalar that YAML reads as something other than text (a number, a boolean, a date,
+    null), with the text it was written as: a str-typed key takes the text (`run.name: 1.10`
+    stays "1.10", `data.root: 0755` stays "0755", `run.name: 2024-06-01` stays a name), as
+    `key=value` on the command line does."""
 
-    value: int | float
+    value: Any
     text: str
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader (no tags that build objects), with numbers kept as _Number."""
+    """yaml.safe_load's loader (no tags that build objects), with typed scalars kept as _Number
+    and a key written twice in one mapping refused (YAML would keep the last one silently: a
+    section written twice loses its first block)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    lines = f"lines {seen[key_node.value].line + 1} and {key_node.start_mark.line + 1}"
+                    raise yaml.YAMLError(f"key {key_node.value!r} appears twice, on {lines} (YAML keeps only the last)")
+                seen[key_node.value] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
-def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Number:
-    build = loader.construct_yaml_int if node.tag.endswith(":int") else loader.construct_yaml_float
-    return _Number(build(node), node.value)
+def _scalar_with_text(base: Any) -> Any:
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Number:
+        return _Number(base(loader, node), node.value)
+
+    return construct
 
 
-_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _construct_number)
-_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+for _tag, _base in (
+    ("int", yaml.SafeLoader.construct_yaml_int),
+    ("float", yaml.SafeLoader.construct_yaml_float),
+    ("bool", yaml.SafeLoader.construct_yaml_bool),
+    ("null", yaml.SafeLoader.construct_yaml_null),
+    ("timestamp", yaml.SafeLoader.construct_yaml_timestamp),
+):
+    _RecipeLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _scalar_with_text(_base))
 
 
 def _plain(value: Any) -> Any:
@@ -292,10 +314,15 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
+    settings = {f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])}
     for key in [k for k in values if k.startswith(prefix)]:
-        head = key[len(prefix) :].split(".", 1)[0]
+        head, nested, _ = key[len(prefix) :].partition(".")
         if head not in names:
             _unknown_key(key, values[key])
+        if nested and head in settings:  # `train.epochs.max_steps`, or YAML indented one level too deep
+            raise ConfigError(
+                f"unknown config key {key!r} from {values[key].source}: {prefix + head!r} is a setting, not a section"
+            )
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         dotted = prefix + f.name
@@ -319,6 +346,8 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     origin = typing.get_origin(hint)
     where = f"config key {key!r} (from {sourced.source})"
     if hint is str:
+        if value is None:  # `data.root:` left blank, or null: the setting's empty value
+            return ""
         if sourced.raw is not None:
             return sourced.raw
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -328,6 +357,8 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if sourced.raw is not None and not _WHOLE_NUMBER_TEXT.fullmatch(sourced.raw.strip()):
+                raise ConfigError(f"{where} expects a decimal whole number; got {sourced.raw!r} (YAML reads it as {value})")
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -358,6 +389,9 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# Whole numbers as written: decimal, or hexadecimal with its 0x. Not YAML 1.1's octal (010 = 8)
+# and base-60 (1:30 = 90) forms, which read as other numbers than they look like.
+_WHOLE_NUMBER_TEXT = re.compile(r"[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)")
 
 
 def _type_name(hint: Any) -> str:
@@ -385,6 +419,7 @@ def validate_config(cfg: Config) -> None:
         "train.max_nonfinite": cfg.train.max_nonfinite,
         "parallel.timeout_s": cfg.parallel.timeout_s,
         "parallel.bucket_cap_mb": cfg.parallel.bucket_cap_mb,
+        "parallel.powersgd_rank": cfg.parallel.powersgd_rank,  # 0 would send no gradient at all
     }
     for key, value in positive.items():
         if value <= 0:
@@ -429,6 +464,14 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.std' must be > 0 per channel; got {cfg.data.std}")
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
         raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
+    fractions = {
+        "optim.momentum": (cfg.optim.momentum, "[0, 1)"),  # 1 or more: the velocity never decays
+        "schedule.warmup_start_factor": (cfg.schedule.warmup_start_factor, "[0, 1]"),
+        "schedule.min_lr_factor": (cfg.schedule.min_lr_factor, "[0, 1]"),
+    }
+    for key, (value, bounds) in fractions.items():
+        if value > 1.0 or (bounds.endswith(")") and value == 1.0):
+            raise ConfigError(f"config key {key!r} must be in {bounds}; got {value}")
     if not 0.0 < cfg.schedule.factor <= 1.0:
         raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
     if cfg.parallel.mode == "towers" and cfg.model.variant != "paper":

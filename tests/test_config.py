@@ -184,3 +184,49 @@ def test_text_keys_keep_the_text_yaml_would_read_as_a_number(tmp_path):
         load_config(write(tmp_path, "data:\n  mean: [{a: 1}, 2, 3]\n"))  # numbers inside shown as numbers
     with pytest.raises(ConfigError, match=r"'extends' in .* must be a file name; got 2024$"):
         load_config(write(tmp_path, "extends: 2024\n"))
+
+
+def test_keys_below_a_setting_and_sections_written_twice_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epochs\.max_steps' from the command line: 'train\.epochs' is a setting"):
+        load_config(None, ["train.epochs.max_steps=10"])
+    misindented = write(tmp_path, "train:\n  epochs:\n    max_steps: 10\n")
+    with pytest.raises(ConfigError, match=r"'train\.epochs\.max_steps' from .*: 'train\.epochs' is a setting, not a section"):
+        load_config(misindented)
+    twice = write(tmp_path, "train:\n  epochs: 10\nrun:\n  name: a\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml is not valid YAML: key 'train' appears twice, on lines 1 and 5 \(YAML keeps only the last\)$"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice"):
+        load_config(write(tmp_path, "train:\n  epochs: 10\n  epochs: 20\n"))
+
+
+def test_text_keys_keep_dates_booleans_and_blanks_as_written(tmp_path):
+    cfg = load_config(write(tmp_path, "run:\n  name: 2024-06-01\n  root: yes\ndata:\n  root:\n  lighting_stats: null\n"))
+    assert (cfg.run.name, cfg.run.root, cfg.data.root, cfg.data.lighting_stats) == ("2024-06-01", "yes", "", "")
+    assert load_config(None, ["run.name=2024-06-01"]).run.name == "2024-06-01"  # as on the command line
+    assert load_config(write(tmp_path, "run:\n  tensorboard: yes\n")).run.tensorboard is True  # booleans stay booleans
+
+
+@pytest.mark.parametrize("text, read_as", [("010", 8), ("1:30", 90)])
+def test_whole_numbers_yaml_would_read_as_octal_or_base_60_are_refused(tmp_path, text, read_as):
+    message = rf"'train\.epochs' .* expects a decimal whole number; got '{text}' \(YAML reads it as {read_as}\)"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"train.epochs={text}"])
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, f"train:\n  epochs: {text}\n"))
+    assert load_config(None, ["train.epochs=1_000"]).train.epochs == 1000
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("parallel.powersgd_rank=0", r"'parallel\.powersgd_rank' must be > 0; got 0"),
+        ("optim.momentum=1.0", r"'optim\.momentum' must be in \[0, 1\); got 1\.0"),
+        ("optim.momentum=1.5", r"'optim\.momentum' must be in \[0, 1\); got 1\.5"),
+        ("schedule.min_lr_factor=5", r"'schedule\.min_lr_factor' must be in \[0, 1\]; got 5\.0"),
+        ("schedule.warmup_start_factor=5", r"'schedule\.warmup_start_factor' must be in \[0, 1\]; got 5\.0"),
+    ],
+)
+def test_values_out_of_their_range_name_their_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    assert load_config(None, ["schedule.min_lr_factor=1", "schedule.warmup_start_factor=0"])
