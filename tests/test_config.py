@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -230,3 +231,11 @@ def test_values_out_of_their_range_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
     assert load_config(None, ["schedule.min_lr_factor=1", "schedule.warmup_start_factor=0"])
+
+
+def test_train_py_takes_overrides_on_both_sides_of_config():
+    spec = importlib.util.spec_from_file_location("train_command", TRAIN)
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    args = command.parse_args(["train.epochs=3", "--config", "f.yaml", "run.name=x"])
+    assert args.config == "f.yaml" and args.overrides == ["train.epochs=3", "run.name=x"]
