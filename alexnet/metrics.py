@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
         self._add_scalars(record)
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
@@ -143,6 +144,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def without_non_finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_non_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON that strict readers accept: a diverged loss is written as null, not as Python's bare
+    NaN/Infinity tokens, which JavaScript, Go and jq refuse or misread."""
+    return json.dumps(without_non_finite(value), indent=indent, allow_nan=False)
+
+
 def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]]:
     """Rewrite `path` (atomically) with the records a run resumed at (`step`, `epoch` completed
     epochs) has behind it, and return them: those of earlier steps, and of `step` itself all but
@@ -157,6 +175,6 @@ def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]
 
     kept = [r for r in read_metrics(path) if behind(r)]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.write_text("".join(strict_json(r) + "\n" for r in kept))
     os.replace(tmp, path)
     return kept

@@ -1,6 +1,8 @@
+import json
+
 import torch
 
-from alexnet.metrics import MetricsWriter, Tally, read_metrics, topk_correct
+from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct
 from pipelines.base import PAD_LABEL
 
 
@@ -92,3 +94,19 @@ def test_a_validation_written_after_the_resumed_checkpoint_at_its_step_is_droppe
     # resumed from the epoch's own checkpoint (1 epoch completed), the validation is behind it
     MetricsWriter(tmp_path, tensorboard=False, start_step=15, start_epoch=1).close()
     assert [r["split"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "val"]
+
+
+def test_a_diverged_loss_is_written_as_null_for_strict_json_readers(tmp_path):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer.write({"split": "train", "epoch": 0, "step": 1, "loss": float("nan"), "extra": [float("inf"), 1.5]})
+    writer.write({"split": "train", "epoch": 0, "step": 2, "loss": 2.5})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]  # as JavaScript or Go read it
+    assert records[0]["loss"] is None and records[0]["extra"] == [None, 1.5] and records[1]["loss"] == 2.5
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "epoch": 0, "step": 1, "loss": NaN}\n')  # older runs
+    MetricsWriter(tmp_path, tensorboard=False, start_step=1)  # a resume rewrites what it keeps
+    assert json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)["loss"] is None
+    assert strict_json({"best": float("-inf")}, indent=2) == '{\n  "best": null\n}'
