@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet.config import DataConfig
+from alexnet.config import ConfigError, DataConfig
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_shardable, check_trainable
 from pipelines.demo import ensure_demo_dataset
@@ -45,7 +45,22 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
         val = load_file_list(cfg.val_files, val_dir, classes=train.classes)
     else:
         val = build_file_index(val_dir, classes=train.classes)
+    check_num_classes(num_classes, len(train.classes), train_dir)
     return DataSplits(train, val, train.classes)
+
+
+def check_num_classes(num_classes: int, found: int, train_dir: Path) -> None:
+    """model.num_classes against the data's class folders: fewer outputs than classes fail at the
+    first step (a label beyond the logits); more are allowed (a 1000-way head on a subset of
+    ImageNet's classes) with a warning, since the extra outputs are never a target."""
+    if num_classes and num_classes < found:
+        raise ConfigError(
+            f"config key 'model.num_classes' is {num_classes}, but {train_dir} has {found} class folders; "
+            "set it to 0 (from the data) or at least the number of classes"
+        )
+    if num_classes > found:
+        log.warning("model.num_classes is %d for %d class folders in %s: %d outputs are never a target",
+                    num_classes, found, train_dir, num_classes - found)  # fmt: skip
 
 
 def split_folder(root: Path, split: str) -> Path:

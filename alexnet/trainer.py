@@ -78,6 +78,7 @@ class Trainer:
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
         self._rotate_previous = resumed is None or not _same_file(resumed[1], self.ckpt_dir / PREVIOUS)
+        self._saved_step: int | None = None  # the step of the last checkpoint this session wrote or resumed
         self.comm = CommCounter()
         self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm)
         self.model = self.par.local
@@ -90,6 +91,7 @@ class Trainer:
             self.progress = restore_training(payload, path, self.par.layout, self.model, self.optimizer,
                                              self.schedule, self.amp, self.train_loader, mesh)  # fmt: skip
             self._log_resume(payload, path)
+            self._saved_step = self.progress.step
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  (self.progress.step, self.progress.epoch))  # fmt: skip
@@ -182,13 +184,25 @@ class Trainer:
         self.progress.train_seconds = self._seconds_before + time.perf_counter() - self._session_start
 
     def save_checkpoint(self) -> None:
-        """Collective: every rank calls it; rank 0 writes."""
+        """Collective: every rank calls it; rank 0 writes.
+
+        Nothing is written during a run of skipped non-finite steps (the streak is the same on
+        every rank): the weights are still those from before it, and a write would rotate
+        previous.pt away, which is the file to go back to when the loss exploded before it turned
+        non-finite. A second write at the same step (an epoch's end right after a periodic
+        checkpoint, then a stop) replaces last.pt without rotating, so that previous.pt keeps an
+        earlier step instead of becoming a copy of last.pt."""
+        p = self.progress
+        if p.nonfinite_streak:
+            log.warning("step %d: no checkpoint during %d non-finite step(s) in a row", p.step, p.nonfinite_streak)
+            return
         self._update_clock()
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
-                                self.train_loader, self.mesh, self.progress)  # fmt: skip
+                                self.train_loader, self.mesh, p)  # fmt: skip
         if payload is not None:
-            atomic_save(payload, self.ckpt_dir, rotate=self._rotate_previous)
+            atomic_save(payload, self.ckpt_dir, rotate=self._rotate_previous and p.step != self._saved_step)
         self._rotate_previous = True
+        self._saved_step = p.step
         self._barrier()
 
     def _count_skips(self, result: StepResult, lr: float) -> None:
@@ -207,7 +221,7 @@ class Trainer:
         p = self.progress
         kept = (
             f"The checkpoints in {self.ckpt_dir} hold weights from before these steps (a skipped step changes "
-            "nothing, and no periodic checkpoint is written during them)."
+            "nothing, and no checkpoint is written during them)."
             if (self.ckpt_dir / LAST).is_file()
             else "No checkpoint was written before these steps."
         )
@@ -215,16 +229,6 @@ class Trainer:
             f"{p.nonfinite_streak} consecutive steps with a non-finite loss at step {p.step} (lr {lr:.3g}); "
             f"lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. {kept}"
         )
-
-    def _save_periodic(self) -> None:
-        """checkpoint.every_steps, except during a run of skipped non-finite steps: the weights are
-        still those from before it, and a write would rotate previous.pt away, which is the file to
-        go back to when the loss exploded before it turned non-finite."""
-        if self.progress.nonfinite_streak:
-            log.warning("step %d: no periodic checkpoint during %d non-finite step(s) in a row",
-                        self.progress.step, self.progress.nonfinite_streak)  # fmt: skip
-            return
-        self.save_checkpoint()
 
     def _barrier(self) -> None:
         if self.env.distributed:
@@ -243,7 +247,7 @@ class Trainer:
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
-                              self.env.device.type, self.num_classes)  # fmt: skip
+                              self.env.device.type, len(self.splits.classes))  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self.reporter.summary(summary, final)
         self.reporter.close()
@@ -264,6 +268,11 @@ class Trainer:
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step
+
+    def _epoch_done(self, epoch: int) -> bool:
+        """Whether the steps taken complete `epoch`: the schedule counts epoch progress in steps of
+        the loader's epochs, also after a resume under another number of steps per epoch."""
+        return self.progress.step + self.schedule.step_offset >= (epoch + 1) * len(self.train_loader)
 
     def _train_epoch(self, epoch: int) -> str:
         """Run the rest of this epoch; returns why it stopped early ("" when it did not)."""
@@ -292,9 +301,9 @@ class Trainer:
                 self._log_train(epoch, lr, tally, meter, window, batches)
                 window = 0
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
-                self._save_periodic()
-            if self._reached_max_steps():
-                return "max_steps"
+                self.save_checkpoint()
+            if self._reached_max_steps() and not self._epoch_done(epoch):
+                return "max_steps"  # at the epoch's last step the epoch ends first: validated, counted
             if self.stop.agreed():
                 log.warning("stopping at step %d on %s: writing a checkpoint", p.step, self.stop.reason())
                 return "preempted"

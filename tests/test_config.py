@@ -239,3 +239,15 @@ def test_train_py_takes_overrides_on_both_sides_of_config():
     spec.loader.exec_module(command)
     args = command.parse_args(["train.epochs=3", "--config", "f.yaml", "run.name=x"])
     assert args.config == "f.yaml" and args.overrides == ["train.epochs=3", "run.name=x"]
+
+
+def test_num_classes_below_the_data_s_classes_is_named_before_the_run(tiny_data, caplog):
+    from alexnet.data import build_splits
+
+    data = load_config(None, [f"data.root={tiny_data}"]).data
+    with pytest.raises(ConfigError, match=r"'model\.num_classes' is 5, but .*train has 10 class folders"):
+        build_splits(data, 5)
+    assert len(build_splits(data, 0).classes) == 10
+    with caplog.at_level("WARNING", logger="alexnet"):
+        build_splits(data, 12)
+    assert "model.num_classes is 12 for 10 class folders" in caplog.text and "2 outputs are never a target" in caplog.text

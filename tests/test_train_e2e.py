@@ -124,9 +124,40 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     assert proc.returncode != 0 and "NonFiniteLossError" not in out  # said, not a traceback
     stopped = int(out.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])
     assert "error: 3 consecutive steps" in out and "hold weights from before these steps" in out
-    assert out.count("no periodic checkpoint during") == 2  # the streak's first two steps
+    assert out.count("no checkpoint during") == 2  # the streak's first two steps
     progress = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert progress["step"] == stopped - 3 and progress["nonfinite_streak"] == 0
+
+
+def test_a_streak_across_an_epoch_end_writes_no_checkpoint(tiny_data, tmp_path):
+    """The epoch-end checkpoint is held back during a streak as the periodic ones are: last.pt is
+    the last applied step and previous.pt the one before (15 steps per epoch, 1 process)."""
+    proc = train(tiny_data, tmp_path, "streak", "optim.lr=100", "checkpoint.every_steps=1", "train.epochs=4",
+                 "train.max_nonfinite=20", "train.log_every=1", nproc=1)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    stopped = int(out.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])
+    assert stopped - 20 < 15 < stopped, "the streak should cross the first epoch's end"
+    ckpt = tmp_path / "streak" / "checkpoints"
+    last, previous = (torch.load(ckpt / f, weights_only=True)["progress"] for f in ("last.pt", "previous.pt"))
+    assert (last["step"], last["nonfinite_streak"], last["epoch"]) == (stopped - 20, 0, 0)
+    assert previous["step"] == last["step"] - 1
+
+
+def test_max_steps_at_an_epoch_end_ends_the_epoch_and_previous_pt_keeps_an_earlier_step(tiny_data, tmp_path):
+    """train.max_steps on the first epoch's last step (15): the epoch is validated and counted
+    before the run stops; the periodic checkpoint at 15, the epoch's and the stop's are one step,
+    so previous.pt stays the step-10 checkpoint instead of a copy of last.pt."""
+    check(train(tiny_data, tmp_path, "max", "train.epochs=2", "train.max_steps=15", "checkpoint.every_steps=5",
+                nproc=1))  # fmt: skip
+    summary = json.loads((tmp_path / "max" / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["epochs"], summary["steps"]) == ("max_steps", 1, 15)
+    assert summary["best_top1"] is not None
+    assert [r["epoch"] for r in read_metrics(tmp_path / "max" / "metrics.jsonl") if r["split"] == "val"] == [1]
+    ckpt = tmp_path / "max" / "checkpoints"
+    last, previous = (torch.load(ckpt / f, weights_only=True)["progress"] for f in ("last.pt", "previous.pt"))
+    assert (last["step"], last["epoch"], previous["step"]) == (15, 1, 10)
+    check(train(tiny_data, tmp_path, "max", "train.epochs=1", "train.max_steps=15", nproc=1))  # nothing left
+    assert json.loads((tmp_path / "max" / "summary.json").read_text())["completed"] is True
 
 
 def test_a_run_that_diverges_before_any_checkpoint_says_there_is_none(tiny_data, tmp_path):
