@@ -5,6 +5,7 @@ sizes (CPU). No wall-clock thresholds: only structure and arithmetic are asserte
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -108,6 +109,9 @@ def test_step_split_adds_up_to_the_step():
     assert no_ddp["grad_comm_s"] == pytest.approx(0.05) and no_ddp["exchange_s"] == pytest.approx(0.2)
     single = step_split([Window(10, 3.0, {"full_s": 1.0, "data_wait_s": 0.25, "breakdown": 0.0})])
     assert single["compute_s"] == 0.75 and single["grad_comm_s"] == 0.0
+    unmeasured = step_split([Window(10, 3.0, {"full_s": 1.0, "data_wait_s": 0.25, "breakdown": 0.0})], world_size=2)
+    assert unmeasured["data_wait_s"] == 0.25 and unmeasured["compute_s"] is None  # --no-breakdown on 2 ranks
+    assert unmeasured["grad_comm_s"] is None and unmeasured["exchange_s"] is None
     bytes_ = comm_bytes([Window(10, 3.0, extra)])
     assert bytes_["payload"] == {"grad_allreduce": 4e6} and bytes_["sent_total"] == 2e6
 
@@ -487,15 +491,35 @@ def test_flops_and_mfu_count_every_replica_and_divide_by_every_device():
     from alexnet.parallel.env import DistEnv
 
     env = DistEnv(0, 0, 4, 4, torch.device("cpu"), "gloo")
-    windows = [Window(80, 2.0, {"steps": 4.0, "full_s": 0.5, "data_wait_s": 0.0})]  # 0.5 s per step
-    cfg = Config()
-    dp = train_result(ContenderInfo("dp/paper", "dp", "paper", 4, 10**12), windows, cfg, env, "off")
-    towers = train_result(ContenderInfo("towers/paper", "towers", "paper", 2, 10**12), windows, cfg, env, "off")
+    cfg = Config()  # batch 128 per replica
+
+    def windows(replicas):  # 4 steps in 2 s: 0.5 s per step
+        return [Window(4 * 128 * replicas, 2.0, {"steps": 4.0, "full_s": 0.5, "data_wait_s": 0.0, "breakdown": 1.0})]
+
+    dp = train_result(ContenderInfo("dp/paper", "dp", "paper", 4, 10**12), windows(4), cfg, env, "off")
+    towers = train_result(ContenderInfo("towers/paper", "towers", "paper", 2, 10**12), windows(2), cfg, env, "off")
     assert dp["flops_per_step"] == 4 * 10**12 and towers["flops_per_step"] == 2 * 10**12
+    assert dp["step_ms"] == pytest.approx(500.0) and towers["step_ms"] == pytest.approx(500.0)
     assert dp["achieved_tflops_per_device"] == pytest.approx(4 / 0.5 / 4)  # TFLOP per step / s / devices
     assert towers["achieved_tflops_per_device"] == pytest.approx(2 / 0.5 / 4)
-    assert dp["global_batch"] == 4 * cfg.data.batch_size and dp["images_per_sec_per_gpu"] == pytest.approx(10.0)
+    assert dp["global_batch"] == 4 * cfg.data.batch_size and dp["images_per_sec_per_gpu"] == pytest.approx(256.0)
     assert mfu(4e12, 0.5, 4, 4e12) == pytest.approx(0.5) and mfu(4e12, 0.5, 4, None) is None
+
+
+def test_step_time_and_mfu_agree_with_images_per_sec_for_an_even_number_of_windows():
+    from alexnet.bench.step_bench import ContenderInfo, train_result
+    from alexnet.config import Config
+    from alexnet.parallel.env import DistEnv
+
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
+    cfg = Config()
+    seconds = [0.10, 0.11, 0.19, 0.20]  # one step of 128 images per window
+    windows = [Window(128, t, {"steps": 1.0, "full_s": t, "data_wait_s": 0.0}) for t in seconds]
+    result = train_result(ContenderInfo("dp/paper", "dp", "paper", 1, 10**12), windows, cfg, env, "off")
+    rates = sorted(128 / t for t in seconds)
+    assert result["images_per_sec"] == pytest.approx((rates[1] + rates[2]) / 2)
+    assert result["step_ms"] == pytest.approx(1000 * 128 / result["images_per_sec"])  # not the median time, 150 ms
+    assert result["achieved_tflops_per_device"] == pytest.approx(1.0 / (result["step_ms"] / 1000))
 
 
 def test_step_profile_ranks_each_contenders_operations(tmp_path):
@@ -586,5 +610,31 @@ def test_sweep_collects_points_and_reports_failures(tmp_path):
     assert eff == {(1, "dp/paper"): pytest.approx(1.0), (2, "dp/paper"): pytest.approx(0.9),
                    (2, "towers/paper"): pytest.approx(0.8)}  # fmt: skip
     assert len(report.summary["failed"]) == 1 and "3 processes: exit" in report.summary["failed"][0]
+    assert "error: fake failure at 3 processes" in report.summary["failed"][0]  # the worker's own words
+    threads = {(r["nproc"], r["name"]): r["torch_threads"] for r in report.results}
+    assert threads == {(1, "dp/paper"): 12, (2, "dp/paper"): 6, (2, "towers/paper"): 6}
+    assert report.environment["torch_threads"] == [6, 12] and report.environment["world_size"] == [1, 2, 3]
     written = output.write_outputs(report, tmp_path, plot=True)
     assert [p.name for p in written] == ["sweep.json", "sweep.csv", "sweep.png"]
+    again = sweep.run_sweep(dataclasses.replace(s, args=("--no-report-at", "2")))  # same points folder
+    assert [r["nproc"] for r in again.results] == [1, 3]  # not the first sweep's report of 2 processes
+    assert "2 processes: cannot read benchmark report" in again.summary["failed"][0]
+
+
+def test_the_benchmark_steps_clip_as_the_trainer_does(monkeypatch):
+    """train.grad_clip reaches the timed step (its norm and all-reduce are part of the trainer's step)."""
+    from alexnet.bench import training
+    from alexnet.bench.step_bench import build_train_parts
+    from alexnet.config import load_config
+    from alexnet.model import build_model
+    from alexnet.parallel.env import DistEnv
+    from alexnet.parallel.mesh import build_mesh
+
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
+    cfg = load_config(None, ["train.grad_clip=2.5", "data.batch_size=2", "data.crop=67", "data.resize=76"])
+    parts = build_train_parts(build_model("paper", 10, 0.5, 67, "kaiming"), cfg, env, build_mesh(env, "dp"))
+    clips = []
+    monkeypatch.setattr(training, "train_step", lambda *args: clips.append(args[6]))
+    batches = iter([(torch.zeros(2, 3, 67, 67), torch.zeros(2, dtype=torch.long))] * 2)
+    training.TrainContender("dp/paper", parts, batches, 2, 2, env.device, False).run_steps(2)
+    assert clips == [2.5, 2.5]

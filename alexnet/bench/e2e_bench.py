@@ -124,7 +124,7 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
             summary[f"e2e/{pipeline} / synthetic"] = ratio
     settings = {
         "pipelines": list(pipelines), "synthetic": s.synthetic, "steps_per_window": s.steps,
-        "warmup": s.schedule.warmup, "windows": s.schedule.windows, "breakdown": s.breakdown,
+        "warmup": s.schedule.warmup, "windows": s.schedule.windows, "breakdown": breakdown,
         "decoder": plan.decoder, "num_classes": num_classes, "train_images": len(splits.train or []),
         "data_root": cfg.data.root, "learning_rate": 0.0, "config": config_to_dict(cfg),
     }  # fmt: skip

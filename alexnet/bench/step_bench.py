@@ -90,7 +90,7 @@ def build_train_parts(model: nn.Module, cfg: Config, env: DistEnv, mesh: Mesh) -
     sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
     return TrainParts(
         par.module, optimizer, build_amp(cfg.train.amp, env.device), counter, par.layout.after_backward(),
-        sample_base, cfg.train.seed,
+        sample_base, cfg.train.seed, cfg.train.grad_clip,
     )  # fmt: skip
 
 
@@ -125,8 +125,11 @@ def train_result(
 ) -> dict[str, Any]:
     """One results entry: throughput, the split of a step, bytes, FLOPs and MFU."""
     ips = summarize([w.images_per_sec for w in windows])
-    split = step_split(windows)
-    step_s = summarize([w.seconds / w.extra["steps"] for w in windows]).median
+    split = step_split(windows, env.world_size)
+    global_batch = cfg.data.batch_size * info.data_size
+    # From the throughput's median, not a median of its own: with an even number of windows the
+    # two medians average different middle windows, and step time, MFU and images/s disagreed.
+    step_s = global_batch / ips.median
     flops_per_step = info.flops_per_replica_batch * info.data_size
     peak = peak_flops(device_name(env.device), precision_of(amp_name)) if env.device.type == "cuda" else None
     achieved = flops_per_step / step_s / env.world_size
@@ -136,7 +139,7 @@ def train_result(
         "variant": info.variant,
         "world_size": env.world_size,
         "batch_per_replica": cfg.data.batch_size,
-        "global_batch": cfg.data.batch_size * info.data_size,
+        "global_batch": global_batch,
         "crop": cfg.data.crop,
         "amp": amp_name,
         "images_per_sec": ips.median,
@@ -145,8 +148,9 @@ def train_result(
         "images_per_sec_per_gpu": ips.median / env.world_size,
         "step_ms": 1000 * step_s,
         "mean_step_ms": 1000 * split["step_s"],  # what split_ms adds up to (step_ms is the slowest rank's)
-        "split_ms": {k.removesuffix("_s"): 1000 * v for k, v in split.items() if k != "step_s"},
-        "split_share": {k.removesuffix("_s"): v / split["step_s"] for k, v in split.items() if k != "step_s"},
+        "split_ms": {k.removesuffix("_s"): None if v is None else 1000 * v for k, v in split.items() if k != "step_s"},
+        "split_share": {k.removesuffix("_s"): None if v is None else v / split["step_s"]
+                        for k, v in split.items() if k != "step_s"},
         "comm_mb_per_step": _megabytes(comm_bytes(windows)),
         "flops_per_step": flops_per_step,
         "achieved_tflops_per_device": achieved / 1e12,
@@ -216,6 +220,7 @@ def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
     num_classes = num_classes_of(cfg)
     contenders, infos = [], []
     amp_name = build_amp(cfg.train.amp, env.device).name
+    breakdown = s.breakdown and env.world_size > 1  # one process communicates nothing to split off
     for mode, variant in pairs:
         mesh = build_mesh(env, mode, cfg.parallel.fc_group)
         plan = build_plan(cfg, env, mesh, None)
@@ -223,7 +228,6 @@ def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
         flops = count_train_flops(model, cfg.data.batch_size, cfg.data.crop)
         parts = build_train_parts(model, cfg, env, mesh)
         name = f"{mode}/{variant}"
-        breakdown = s.breakdown and env.world_size > 1
         batches = synthetic_batches(cfg, num_classes, mesh, plan, env.device)
         images_per_step = cfg.data.batch_size * mesh.data_size
         contenders.append(TrainContender(name, parts, batches, s.steps, images_per_step, env.device, breakdown))
@@ -242,7 +246,7 @@ def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
     summary = compare_contenders(timed, infos)
     settings = {
         "modes": sorted({i.mode for i in infos}), "steps_per_window": s.steps, "warmup": s.schedule.warmup,
-        "windows": s.schedule.windows, "breakdown": s.breakdown, "compare_torchvision": s.compare_torchvision,
+        "windows": s.schedule.windows, "breakdown": breakdown, "compare_torchvision": s.compare_torchvision,
         "profile_steps": s.profile,
         "num_classes": num_classes, "data": "synthetic, on the device", "learning_rate": 0.0,
         "config": config_to_dict(cfg),

@@ -11,6 +11,7 @@ the sweep compares the same machine split differently, not an oversubscribed one
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -101,17 +102,27 @@ TABLE = [
 def run_point(s: SweepSettings, nproc: int, cuda: bool) -> tuple[dict[str, Any] | None, str]:
     """Runs one point; returns its report (None on failure) and an error text."""
     out = s.out / f"nproc{nproc}"
+    report = out / f"{s.mode}.json"
+    report.unlink(missing_ok=True)  # an earlier sweep's report is never taken for this point's
     command = point_command(s, nproc, out)
-    print(f"sweep: {nproc} process(es): {' '.join(command)}", file=sys.stderr, flush=True)
+    print(f"sweep: {nproc} process(es): {shlex.join(command)}", file=sys.stderr, flush=True)
     returncode, stderr = run_process_group(command, point_env(nproc, cuda), s.timeout_s)
     if returncode is None:
         return None, f"{nproc} processes: no result within --timeout {s.timeout_s:.0f} s"
     if returncode != 0:
-        return None, f"{nproc} processes: exit {returncode}: {stderr.strip()[-1500:]}"
+        return None, f"{nproc} processes: exit {returncode}: {failure_text(stderr)}"
     try:
-        return load_report(out / f"{s.mode}.json"), ""
+        return load_report(report), ""
     except ReportError as exc:
         return None, f"{nproc} processes: {exc}"
+
+
+def failure_text(stderr: str, tail: int = 1500) -> str:
+    """What a failed point said: the workers' own `error:` lines (torchrun's ChildFailedError
+    report alone fills the tail of stderr and would push them out), then the tail."""
+    errors = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith("error:")]
+    text = stderr.strip()[-tail:]
+    return " | ".join([*dict.fromkeys(errors), text]) if errors else text
 
 
 def run_process_group(
@@ -169,11 +180,14 @@ def run_sweep(s: SweepSettings) -> Report:
             continue
         environment = environment or report["environment"]
         for r in report["results"]:
-            results.append({"nproc": nproc, **r})
+            # per point: the environment block is the first point's (versions, devices), and
+            # its thread count would be that point's alone
+            results.append({"nproc": nproc, "torch_threads": report["environment"].get("torch_threads"), **r})
     add_efficiency(results)
     env = dict(environment or collect_environment())
     env["world_size"] = list(s.nprocs)
     env["layout"] = sorted({r.get("mode", "") for r in results})
+    env["torch_threads"] = sorted({r["torch_threads"] for r in results if r.get("torch_threads") is not None})
     settings = {"nprocs": list(s.nprocs), "mode": s.mode, "args": list(s.args), "points": str(s.out)}
     summary: dict[str, Any] = {"failed": failures} if failures else {}
     notes = [

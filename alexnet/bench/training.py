@@ -45,6 +45,7 @@ class TrainParts:
     after_backward: Callable[[], None] | None
     sample_base: torch.Tensor  # this rank's rows in the global batch (dropout masks)
     seed: int
+    grad_clip: float = 0.0  # train.grad_clip: clipping adds the global norm's arithmetic and all-reduce
 
 
 def is_ddp(module: nn.Module) -> bool:
@@ -102,7 +103,7 @@ class TrainContender:
                 images, labels = next(self._batches)
                 wait += time.perf_counter() - asked
                 dropout = DropoutContext(p.seed, self._step, p.sample_base[: labels.shape[0]])
-                train_step(p.module, images, labels, p.optimizer, p.amp, dropout, 0.0, p.after_backward)
+                train_step(p.module, images, labels, p.optimizer, p.amp, dropout, p.grad_clip, p.after_backward)
                 self._step += 1
         sync(self._device)
         return time.perf_counter() - start, wait
@@ -141,19 +142,24 @@ class TrainContender:
         return Window(self._images_per_step * self._steps, full_max, extra)
 
 
-def step_split(windows: list[Window]) -> dict[str, float]:
+def step_split(windows: list[Window], world_size: int = 1) -> dict[str, float | None]:
     """Median per-step seconds of each part of a step over the windows (see the module's doc).
     The parts add up to `step_s` (the ranks' mean full step): where noise makes the no_sync
     window the slower one, no gradient communication was exposed, and each part is clamped to
-    what the step leaves, so compute is the remainder and never negative."""
+    what the step leaves, so compute is the remainder and never negative. On several processes
+    without the no_sync windows (`--no-breakdown`) communication is not measured: compute,
+    gradient communication and exchange are None rather than "all compute"."""
 
     def med(key: str) -> float:
         return summarize([w.extra.get(key, 0.0) for w in windows]).median
 
     full, wait = med("full_s"), med("data_wait_s")
     busy = max(0.0, full - wait)  # the step's time outside the batch iterator
-    split = {"step_s": full, "data_wait_s": wait, "grad_comm_s": 0.0, "exchange_s": 0.0}
-    if any(w.extra.get("breakdown") for w in windows):
+    split: dict[str, float | None] = {"step_s": full, "data_wait_s": wait, "grad_comm_s": 0.0, "exchange_s": 0.0}
+    measured = any(w.extra.get("breakdown") for w in windows)
+    if not measured and world_size > 1:
+        return {**split, "grad_comm_s": None, "exchange_s": None, "compute_s": None}
+    if measured:
         nosync = med("nosync_s") - med("nosync_data_wait_s")
         # Without DDP nothing is all-reduced behind the step: a difference is noise.
         ddp = any(w.extra.get("ddp") for w in windows)

@@ -22,11 +22,15 @@ def main() -> int:
     parser.add_argument("mode")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fail-at", type=int, default=0, help="exit 3 at this world size")
+    parser.add_argument("--no-report-at", type=int, default=0, help="exit 0 without a report at this world size")
     args, _ = parser.parse_known_args()
     world = int(os.environ["WORLD_SIZE"])
     if world == args.fail_at:
-        print("fake failure", file=sys.stderr)
+        print(f"error: fake failure at {world} processes", file=sys.stderr)
+        print("torchrun's long report of the failed child\n" * 100, file=sys.stderr)  # fills the tail
         return 3
+    if world == args.no_report_at:
+        return 0
     if int(os.environ["RANK"]) != 0:
         return 0
     results = [
@@ -39,8 +43,8 @@ def main() -> int:
     ]
     if world % 2 == 0:
         results.append({"name": "towers/paper", "mode": "towers", "variant": "paper", "images_per_sec": 80.0 * world})
-    environment = {k: None for k in ("torch", "dali", "cuda", "nccl", "commit")}
-    environment.update({"devices": [], "world_size": world, "layout": ["dp"]})
+    environment = {k: None for k in ("torch", "torchvision", "dali", "cuda", "cudnn", "nccl", "commit")}
+    environment.update({"devices": [], "world_size": world, "layout": ["dp"], "torch_threads": 12 // world})
     write_json(Report(args.mode, results, environment, {"argv": sys.argv[1:]}), args.out / f"{args.mode}.json")
     return 0
 
