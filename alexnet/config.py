@@ -479,6 +479,14 @@ def validate_config(cfg: Config) -> None:
             "config key 'parallel.mode' is 'towers', which splits the paper variant's two towers; "
             f"model.variant is {cfg.model.variant!r}"
         )
+    name = cfg.run.name
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ConfigError(
+            f"config key 'run.name' must be a folder name inside run.root, without path separators; got {name!r} "
+            "(set run.root for another place)"
+        )
+    if not cfg.checkpoint.resume.strip():
+        raise ConfigError("config key 'checkpoint.resume' is empty: use auto, none, or a checkpoint file")
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
         raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
 

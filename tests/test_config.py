@@ -225,6 +225,9 @@ def test_whole_numbers_yaml_would_read_as_octal_or_base_60_are_refused(tmp_path,
         ("optim.momentum=1.5", r"'optim\.momentum' must be in \[0, 1\); got 1\.5"),
         ("schedule.min_lr_factor=5", r"'schedule\.min_lr_factor' must be in \[0, 1\]; got 5\.0"),
         ("schedule.warmup_start_factor=5", r"'schedule\.warmup_start_factor' must be in \[0, 1\]; got 5\.0"),
+        ("run.name=../elsewhere", r"'run\.name' must be a folder name inside run\.root.*got '\.\./elsewhere'"),
+        ("run.name=/abs", r"'run\.name' must be a folder name inside run\.root"),
+        ("checkpoint.resume=", r"'checkpoint\.resume' is empty: use auto, none, or a checkpoint file"),
     ],
 )
 def test_values_out_of_their_range_name_their_key(override, message):
