@@ -8,8 +8,10 @@ previous checkpoint survives as `previous.pt` until the next write.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,7 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
         link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
         if link.exists():
             link.unlink()
-        os.link(final, link)
+        _link_or_copy(final, link)
         os.replace(link, folder / PREVIOUS)
         # rename(2) does nothing when both names are links to one file (previous.pt and last.pt
         # after a write that died between its two renames): the link would stay behind.
@@ -103,6 +105,23 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
     finally:
         os.close(dir_fd)
     return final
+
+
+# What link(2) returns on file systems without hard links (vfat, some FUSE and object-store mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source`, or where the file system has none, a synced copy
+    (slower, and twice the space for a moment, but last.pt still exists at every instant)."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        shutil.copyfile(source, target)
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -1,3 +1,6 @@
+import errno
+import os
+
 import pytest
 import torch
 
@@ -160,3 +163,22 @@ def test_changed_settings_lists_each_changed_key():
     current = {"optim": {"lr": 0.05, "momentum": 0.9}, "data": {"root": "/b"}, "checkpoint": {"resume": "/x.pt"}}
     assert changed_settings(saved, current) == ["optim.lr: 0.01 -> 0.05", "data.root: '/a' -> '/b'"]
     assert changed_settings(current, current) == []
+
+
+def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")  # vfat, some FUSE mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_save({"step": 1}, tmp_path)
+    atomic_save({"step": 2}, tmp_path)
+    assert torch.load(tmp_path / "previous.pt", weights_only=True) == {"step": 1}
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+
+    def broken(source, target):
+        raise OSError(errno.EIO, "Input/output error")  # a real failure is not papered over
+
+    monkeypatch.setattr(os, "link", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_save({"step": 3}, tmp_path)
