@@ -358,7 +358,9 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if sourced.raw is not None and not _WHOLE_NUMBER_TEXT.fullmatch(sourced.raw.strip()):
-                raise ConfigError(f"{where} expects a decimal whole number; got {sourced.raw!r} (YAML reads it as {value})")
+                raise ConfigError(
+                    f"{where} expects a decimal whole number; got {sourced.raw!r} (YAML reads it as {value})"
+                )
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

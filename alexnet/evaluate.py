@@ -10,8 +10,8 @@ counted, and the per-class (correct, count) vectors are summed with one all_redu
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -4,7 +4,9 @@ scheduler) or a stop file, agreed across all ranks at the same step.
 torchrun does not forward SIGUSR1 to its workers, so the Slurm script turns the signal into a
 stop file (ALEXNET_STOP_FILE) that every worker polls; a signal delivered to a worker directly
 works as well. Ranks all-reduce their flag every step, so they stop at the same step, write one
-checkpoint together and exit.
+checkpoint together and exit. Once that checkpoint is written, rank 0 creates
+`<stop file>.stopped` next to the stop file: the Slurm script requeues the job only when it finds
+that marker, so a run that completed before the request took effect is not started again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.distributed as dist
 
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOPPED_SUFFIX = ".stopped"  # slurm/alexnet.sh looks for this marker
 
 
 class StopRequest:
@@ -47,6 +50,17 @@ class StopRequest:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         return bool(self._flag.item() > 0)
+
+    def marker(self) -> Path | None:
+        """The file that says training stopped on the request (None without a stop file)."""
+        return self.stop_file.with_name(self.stop_file.name + STOPPED_SUFFIX) if self.stop_file else None
+
+    def acknowledge(self, step: int, checkpoint: Path) -> None:
+        """Tell whoever wrote the stop file that training stopped before its end (rank 0 only),
+        after the stop's checkpoint was written."""
+        marker = self.marker()
+        if marker is not None:
+            marker.write_text(f"stopped at step {step}; resume from {checkpoint}\n")
 
     def reason(self) -> str:
         if self.signal_name:

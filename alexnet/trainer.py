@@ -30,6 +30,7 @@ from alexnet.plan import RunPlan
 from alexnet.report import summarize_run
 from alexnet.reporting import Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
+from alexnet.runlock import RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
@@ -74,6 +75,7 @@ class Trainer:
         self.full_parameters = sum(p.numel() for p in full.parameters())
         resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full)
         self._agree_on_resume(resumed)
+        self._lock = RunFolderLock(None)  # the main rank's hold on the run folder, taken with config.yaml
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
@@ -133,11 +135,13 @@ class Trainer:
 
     def _write_run_config(self) -> None:
         """config.yaml is the configuration of the latest session; an earlier session's differing
-        one is kept beside it as config.<n>.yaml."""
+        one is kept beside it as config.<n>.yaml. The main rank takes the run folder's lock first:
+        a folder another session is writing is refused before anything in it changes."""
         if self.env.is_main:
             path = self.plan.run_dir / "config.yaml"
             try:
                 self.plan.run_dir.mkdir(parents=True, exist_ok=True)
+                self._lock = lock_run_folder(self.plan.run_dir)
                 before = path.read_text() if path.exists() else None
                 write_config(self.cfg, path)
                 if before is not None and path.read_text() != before:
@@ -236,6 +240,12 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            self._lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         self._log_start()
         try:
             stop_reason = self._run_epochs()
@@ -243,6 +253,8 @@ class Trainer:
             raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
         if stop_reason:
             self.save_checkpoint()
+        if stop_reason == "preempted" and self.env.is_main:
+            self.stop.acknowledge(self.progress.step, self.ckpt_dir / LAST)
         self._update_clock()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress

@@ -60,8 +60,9 @@ def ensure_imagenet_like(
     """The dataset folder, generated first if needed (safe under many ranks and processes)."""
     root = Path(root) if root is not None else default_imagenet_like_dir(spec)
     count = spec.classes * (spec.train_per_class + spec.val_per_class)
-    return ensure_generated(root, lambda folder: write_imagenet_like(folder, spec, workers),
-                            f"{count} ImageNet-like JPEGs")
+    return ensure_generated(
+        root, lambda folder: write_imagenet_like(folder, spec, workers), f"{count} ImageNet-like JPEGs"
+    )
 
 
 def class_name(label: int) -> str:

@@ -188,20 +188,30 @@ def test_text_keys_keep_the_text_yaml_would_read_as_a_number(tmp_path):
 
 
 def test_keys_below_a_setting_and_sections_written_twice_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epochs\.max_steps' from the command line: 'train\.epochs' is a setting"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'train\.epochs\.max_steps' from the command line: 'train\.epochs' is a setting",
+    ):
         load_config(None, ["train.epochs.max_steps=10"])
     misindented = write(tmp_path, "train:\n  epochs:\n    max_steps: 10\n")
-    with pytest.raises(ConfigError, match=r"'train\.epochs\.max_steps' from .*: 'train\.epochs' is a setting, not a section"):
+    with pytest.raises(
+        ConfigError, match=r"'train\.epochs\.max_steps' from .*: 'train\.epochs' is a setting, not a section"
+    ):
         load_config(misindented)
     twice = write(tmp_path, "train:\n  epochs: 10\nrun:\n  name: a\ntrain:\n  max_steps: 5\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml is not valid YAML: key 'train' appears twice, on lines 1 and 5 \(YAML keeps only the last\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"c\.yaml is not valid YAML: key 'train' appears twice, on lines 1 and 5 \(YAML keeps only the last\)$",
+    ):
         load_config(twice)
     with pytest.raises(ConfigError, match=r"key 'epochs' appears twice"):
         load_config(write(tmp_path, "train:\n  epochs: 10\n  epochs: 20\n"))
 
 
 def test_text_keys_keep_dates_booleans_and_blanks_as_written(tmp_path):
-    cfg = load_config(write(tmp_path, "run:\n  name: 2024-06-01\n  root: yes\ndata:\n  root:\n  lighting_stats: null\n"))
+    cfg = load_config(
+        write(tmp_path, "run:\n  name: 2024-06-01\n  root: yes\ndata:\n  root:\n  lighting_stats: null\n")
+    )
     assert (cfg.run.name, cfg.run.root, cfg.data.root, cfg.data.lighting_stats) == ("2024-06-01", "yes", "", "")
     assert load_config(None, ["run.name=2024-06-01"]).run.name == "2024-06-01"  # as on the command line
     assert load_config(write(tmp_path, "run:\n  tensorboard: yes\n")).run.tensorboard is True  # booleans stay booleans
@@ -253,4 +263,6 @@ def test_num_classes_below_the_data_s_classes_is_named_before_the_run(tiny_data,
     assert len(build_splits(data, 0).classes) == 10
     with caplog.at_level("WARNING", logger="alexnet"):
         build_splits(data, 12)
-    assert "model.num_classes is 12 for 10 class folders" in caplog.text and "2 outputs are never a target" in caplog.text
+    assert (
+        "model.num_classes is 12 for 10 class folders" in caplog.text and "2 outputs are never a target" in caplog.text
+    )

@@ -1,5 +1,6 @@
 """towers and hybrid compute the single-device function: logits, loss, gradients, trajectories;
 their byte counters match the arithmetic of what they exchange."""
+
 import json
 import math
 import sys
@@ -52,8 +53,10 @@ def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dic
     groups = world // k
     if groups > 1:
         s = rank % k
-        rows = {name: [n // k + (1 if i < n % k else 0) for i in range(k)][s] for name, n in
-                (("fc6", 4096), ("fc7", 4096), ("fc8", lc.CLASSES))}
+        rows = {
+            name: [n // k + (1 if i < n % k else 0) for i in range(k)][s]
+            for name, n in (("fc6", 4096), ("fc7", 4096), ("fc8", lc.CLASSES))
+        }
         slice_params = rows["fc6"] * (1024 + 1) + rows["fc7"] * (4096 + 1) + rows["fc8"] * (4096 + 1)
         payload["fc_grad_allreduce"] = slice_params * f32
         sent["fc_grad_allreduce"] = 2 * slice_params * f32 * (groups - 1) // groups

@@ -1,4 +1,5 @@
 """launch/train.py under towers and dp: checkpoints move between layouts."""
+
 import pytest
 import torch
 from _helpers import TINY_TRAIN, TRAIN, check, torchrun
@@ -15,8 +16,16 @@ COMMON = ("train.epochs=2", "checkpoint.every_steps=0", "schedule.name=cosine", 
 
 
 def train(tiny_data, tmp_path, name, mode, nproc, *extra):
-    args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}",
-            f"parallel.mode={mode}", *COMMON, *extra]
+    args = [
+        TRAIN,
+        *TINY_TRAIN,
+        f"data.root={tiny_data}",
+        f"run.root={tmp_path}",
+        f"run.name={name}",
+        f"parallel.mode={mode}",
+        *COMMON,
+        *extra,
+    ]
     return torchrun(args, nproc=nproc)
 
 

@@ -144,9 +144,7 @@ def test_auto_resume_falls_back_to_previous_when_last_is_truncated(tiny_data, tm
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
     (run / "summary.json").unlink()
-    proc = torchrun(
-        [TRAIN, *RECIPE, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=fallback"]
-    )
+    proc = torchrun([TRAIN, *RECIPE, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=fallback"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"checkpoint {last} cannot be loaded" in proc.stderr and f"falling back to {previous}" in proc.stderr
     summary = json.loads((run / "summary.json").read_text())

@@ -289,7 +289,9 @@ def test_grayscale_policy_is_decided_by_grayscale_alone(fixable):
     gray, cmyk = Finding("a.JPEG", "grayscale", ""), Finding("b.JPEG", "cmyk", "")
     assert Policy(fixable=fixable, grayscale="convert").action(gray) == "converted"
     assert Policy(fixable=fixable, grayscale="keep").action(gray) == "kept"
-    assert Policy(fixable=fixable).action(cmyk) == {"convert": "converted", "exclude": "excluded", "keep": "kept"}[fixable]
+    assert (
+        Policy(fixable=fixable).action(cmyk) == {"convert": "converted", "exclude": "excluded", "keep": "kept"}[fixable]
+    )
     assert Policy(fixable=fixable).action(Finding("c.JPEG", "truncated", "")) == "excluded"
 
 

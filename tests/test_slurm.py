@@ -235,3 +235,46 @@ def test_hosts_lines_of_two_clusters_are_kept_apart(tmp_path):
     assert call("hosts_remove") == ["127.0.0.1 localhost", line.format(other)]
     assert call("hosts_add") == ["127.0.0.1 localhost", line.format(other), line.format(ours)]
     assert call("hosts_add") == ["127.0.0.1 localhost", line.format(other), line.format(ours)]  # once
+
+
+FAKE_SRUN = """#!/bin/bash
+# Stands in for srun: the stop request arrives while the workers run; they mark the stop (or
+# complete first, leaving no mark) and exit 0.
+kill -USR1 "$PPID"
+sleep 1
+if [[ $FAKE_WORKERS == stop ]]; then
+    [[ -e $ALEXNET_STOP_FILE ]] || exit 7  # the script must have turned SIGUSR1 into the stop file
+    echo "stopped at step 3" >"$ALEXNET_STOP_FILE.stopped"
+fi
+exit 0
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+    "show hostnames") echo ci-node1 ;;
+    "requeue "*) echo "$2" >>"$FAKE_REQUEUED" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("workers", ["stop", "complete"])
+def test_usr1_requeues_only_a_run_that_stopped_on_it(tmp_path, workers):
+    """SIGUSR1 near the time limit requeues the job only when the workers marked that they stopped
+    on it; a run that completed before the request took effect ends the job (a requeue would
+    start it once more for nothing). With stand-ins for srun and scontrol, no cluster needed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    requeued = tmp_path / "requeued"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "41",
+           "SLURM_JOB_NODELIST": "ci-node1", "SLURM_SUBMIT_DIR": str(tmp_path), "ALEXNET_REPO": str(REPO),
+           "FAKE_WORKERS": workers, "FAKE_REQUEUED": str(requeued)}  # fmt: skip
+    proc = subprocess.run(["bash", str(SCRIPT), "train.epochs=1"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "got SIGUSR1" in proc.stderr
+    if workers == "stop":
+        assert requeued.read_text() == "41\n" and "requeueing job 41" in proc.stderr
+    else:
+        assert not requeued.exists() and "completed before the SIGUSR1 stop request took effect" in proc.stderr
+    assert not list(tmp_path.glob(".alexnet-stop-41*")), "the stop file or its marker was left behind"

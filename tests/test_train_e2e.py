@@ -1,13 +1,19 @@
 """launch/train.py under torchrun with 2 gloo ranks, end to end, and exact mid-epoch resume."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
 
+from alexnet.checkpoint import CheckpointError
 from alexnet.config import load_config
 from alexnet.metrics import read_metrics
+from alexnet.runlock import lock_run_folder
 
 pytestmark = pytest.mark.slow
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
@@ -112,6 +118,39 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     a = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_folder_takes_one_session_at_a_time(tiny_data, tmp_path):
+    """While a session trains, its run folder is refused to a second session (which names the
+    first's pid and writes nothing there); once the first has stopped, the folder is free."""
+    run, stop = tmp_path / "busy", tmp_path / "STOP"
+    args = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=busy", "train.epochs=50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALEXNET_STOP_FILE": str(stop)}
+    first = subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first session wrote no metrics in 120 s"
+            time.sleep(0.1)
+        config_before = (run / "config.yaml").read_bytes()
+        with pytest.raises(CheckpointError, match=f"in use by another training session \\(pid {first.pid} on "):
+            lock_run_folder(run)
+        second = train(tiny_data, tmp_path, "busy", "train.epochs=51", nproc=1)
+        assert (
+            second.returncode == 1
+            and f"run folder {run} is in use by another training session (pid {first.pid}" in second.stderr
+        )
+        assert (run / "config.yaml").read_bytes() == config_before and not (run / "config.1.yaml").exists()
+        stop.write_text("")
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-4000:]
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "preempted"
+    assert (tmp_path / "STOP.stopped").read_text().startswith("stopped at step ")  # for the Slurm script
+    lock_run_folder(run).release()  # free again
 
 
 def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_data, tmp_path):

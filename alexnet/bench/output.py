@@ -19,7 +19,18 @@ from typing import Any
 SCHEMA = "alexnet-bench/1"
 REQUIRED_TOP = ("schema", "command", "created", "environment", "settings", "results", "summary")
 REQUIRED_RESULT = ("name", "images_per_sec")
-REQUIRED_ENVIRONMENT = ("torch", "torchvision", "dali", "cuda", "cudnn", "nccl", "devices", "world_size", "layout", "commit")
+REQUIRED_ENVIRONMENT = (
+    "torch",
+    "torchvision",
+    "dali",
+    "cuda",
+    "cudnn",
+    "nccl",
+    "devices",
+    "world_size",
+    "layout",
+    "commit",
+)
 
 
 class ReportError(ValueError):

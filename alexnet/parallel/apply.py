@@ -1,4 +1,5 @@
 """Turn the single-device model into this rank's part of the chosen layout, wrapped for training."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

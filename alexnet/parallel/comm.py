@@ -7,6 +7,7 @@ Bytes are counted two ways for every collective a rank starts:
   all-reduce of N bytes over P ranks sends 2N(P-1)/P; all-gather of a part of S bytes sends
   S(P-1); reduce-scatter with a result of S bytes sends S(P-1).
 """
+
 from __future__ import annotations
 
 import time
@@ -124,7 +125,11 @@ class _GatherCat(torch.autograd.Function):
 
 
 def gather_cat(
-    x: Tensor, dim: int, group, sizes: Sequence[int] | None = None, counter: CommCounter | None = None,
+    x: Tensor,
+    dim: int,
+    group,
+    sizes: Sequence[int] | None = None,
+    counter: CommCounter | None = None,
     kind: str = "activation_exchange",
 ) -> Tensor:
     """All ranks of `group` get the concatenation of their parts along `dim`; autograd-aware."""

@@ -11,6 +11,7 @@ exists twice and would read the same shard twice.
   over the world); K consecutive ranks (an FC group) share the FC layers, 1/K of the neurons
   each, and the ranks holding the same slice in different groups all-reduce it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,8 +92,9 @@ def plan_mesh(mode: str, rank: int, world: int, local_world: int, fc_group: int 
                 f"processes: {local_world} = {local_world // TOWER_DEGREE} x {TOWER_DEGREE} + "
                 f"{local_world % TOWER_DEGREE}; use an even --nproc_per_node"
             )
-        return MeshShape(mode, rank // TOWER_DEGREE, world // TOWER_DEGREE, rank % TOWER_DEGREE, TOWER_DEGREE,
-                         rank // TOWER_DEGREE)
+        return MeshShape(
+            mode, rank // TOWER_DEGREE, world // TOWER_DEGREE, rank % TOWER_DEGREE, TOWER_DEGREE, rank // TOWER_DEGREE
+        )
     if mode == "hybrid":
         k = fc_group or local_world
         if k < 1 or world % k:
@@ -128,7 +130,20 @@ def build_mesh(env: DistEnv, mode: str, fc_group: int = 0) -> Mesh:
     if mode == "towers":
         # Each tower all-reduces with the same tower of the other replicas; the same groups
         # hold one rank per data shard, so they also count every sample once.
-        return Mesh(shape, metric_group=across, grad_group=across, grad_group_size=world // k,
-                    model_group=model_group, world_size=world)
-    return Mesh(shape, grad_group=None, grad_group_size=world, model_group=model_group, fc_replica_group=across,
-                fc_replicas=world // k, world_size=world)
+        return Mesh(
+            shape,
+            metric_group=across,
+            grad_group=across,
+            grad_group_size=world // k,
+            model_group=model_group,
+            world_size=world,
+        )
+    return Mesh(
+        shape,
+        grad_group=None,
+        grad_group_size=world,
+        model_group=model_group,
+        fc_replica_group=across,
+        fc_replicas=world // k,
+        world_size=world,
+    )
