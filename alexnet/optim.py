@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from alexnet.config import OptimConfig, ScheduleConfig
 
@@ -34,18 +34,27 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConf
     decay, momentum and the step in one pass per tensor, where the default CPU path makes three
     and allocates a parameter-sized temporary for the decayed gradient (whole training steps at
     batch 32 on a 2-core EPYC: 1.025-1.056x as fast, `launch/microbench.py sgd-step`). The update
-    is the same formula. Under fp16's GradScaler the fused kernel also takes the unscaling and the
-    skip on overflow."""
+    is the same formula. Elsewhere (a device without the kernel, a non-float parameter) it is
+    PyTorch's default path: the fused kernel checks its parameters only at its first step, so the
+    choice is made here, not by catching that step's error."""
     decay = [p for n, p in named_params if p.ndim > 1]
     no_decay = [p for n, p in named_params if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "weights"},
         {"params": no_decay, "weight_decay": 0.0, "name": "biases"},
     ]
+    fused = all(_has_fused_sgd(p) for p in decay + no_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused or None)
+
+
+def _has_fused_sgd(param: Tensor) -> bool:
+    """Whether PyTorch's fused SGD takes this parameter: a float tensor on a device with the
+    kernel (the list PyTorch's own optimizers consult; private, so a missing one means no)."""
     try:
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel: PyTorch's default path
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
+    return param.is_floating_point() and param.device.type in _get_fused_kernels_supported_devices()
 
 
 @dataclass

@@ -200,6 +200,8 @@ class Trainer:
         if p.nonfinite_streak:
             log.warning("step %d: no checkpoint during %d non-finite step(s) in a row", p.step, p.nonfinite_streak)
             return
+        if not self._weights_finite():  # a checkpoint of them would be the one a resume loads
+            raise NonFiniteLossError(self._poisoned_message())
         self._update_clock()
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
                                 self.train_loader, self.mesh, p)  # fmt: skip
@@ -218,20 +220,42 @@ class Trainer:
         self.par.forget_skipped_step()
         if not result.overflow:  # the scaler's own back-off is not a diverging run
             p.nonfinite_streak += 1
+            if p.nonfinite_streak == 1 and not self._weights_finite():
+                raise NonFiniteLossError(self._poisoned_message())  # no later step can recover
         if p.nonfinite_streak >= self.cfg.train.max_nonfinite:
             raise NonFiniteLossError(self._nonfinite_message(lr))
 
+    def _weights_finite(self) -> bool:
+        """Collective: whether every rank's part of the model is finite. Gradients are checked
+        every step only under fp16's scaler or with train.grad_clip: without either, a
+        non-finite gradient whose loss was finite is applied and turns the weights non-finite.
+        This check, at each checkpoint and at the first skipped step of a streak, keeps such
+        weights out of every checkpoint (a pass over the weights now and then, where a gradient
+        check would be a pass over the gradients at every step)."""
+        bad = torch.stack([~torch.isfinite(w).all() for w in self.model.parameters()]).any().float().reshape(1)
+        if self.env.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
+
+    def _kept_checkpoints(self, why: str) -> str:
+        if (self.ckpt_dir / LAST).is_file():
+            return f"The checkpoints in {self.ckpt_dir} hold weights from before these steps ({why})."
+        return "No checkpoint was written before these steps."
+
     def _nonfinite_message(self, lr: float) -> str:
         p = self.progress
-        kept = (
-            f"The checkpoints in {self.ckpt_dir} hold weights from before these steps (a skipped step changes "
-            "nothing, and no checkpoint is written during them)."
-            if (self.ckpt_dir / LAST).is_file()
-            else "No checkpoint was written before these steps."
-        )
         return (
             f"{p.nonfinite_streak} consecutive steps with a non-finite loss at step {p.step} (lr {lr:.3g}); "
-            f"lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. {kept}"
+            "lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. "
+            + self._kept_checkpoints("a skipped step changes nothing, and no checkpoint is written during them")
+        )
+
+    def _poisoned_message(self) -> str:
+        return (
+            f"the weights are not finite at step {self.progress.step}: a step applied a non-finite "
+            "gradient whose loss was finite (gradients are checked only with train.grad_clip > 0 "
+            "or fp16's loss scaler, which skip such steps); set train.grad_clip, or lower optim.lr. "
+            + self._kept_checkpoints("non-finite weights are never written")
         )
 
     def _barrier(self) -> None:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from alexnet.config import OptimConfig, ScheduleConfig
 from alexnet.model import PaperAlexNet
@@ -17,6 +18,18 @@ def test_weight_decay_on_weights_only():
     assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_a_device_without_the_fused_kernel_gets_the_default_sgd_that_steps():
+    """The fused kernel checks its parameters at its first step, not when it is built: the
+    choice is made up front, so a device without the kernel trains instead of failing at step 1
+    ('meta' has no fused SGD and stands in for such a device)."""
+    model = nn.Linear(3, 2, device="meta")
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.01)
+    assert [g["fused"] for g in opt.param_groups] == [None, None]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # the fused kernel raised here
 
 
 def test_the_update_is_the_papers_rule_in_the_fused_kernel():

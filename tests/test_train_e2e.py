@@ -10,10 +10,14 @@ import pytest
 import torch
 from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
 
+import alexnet.trainer
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import load_config
+from alexnet.engine import train_step
 from alexnet.metrics import read_metrics
+from alexnet.run import run_training
 from alexnet.runlock import lock_run_folder
+from alexnet.trainer import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
@@ -166,6 +170,38 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     assert out.count("no checkpoint during") == 2  # the streak's first two steps
     progress = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert progress["step"] == stopped - 3 and progress["nonfinite_streak"] == 0
+
+
+@pytest.mark.parametrize("poisoned_step", [3, 4])
+def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tmp_path, monkeypatch, poisoned_step):
+    """Without clipping or fp16's scaler the gradients are not checked, so an inf gradient whose
+    loss is finite is applied and the weights turn non-finite. The run stops at step 4 either
+    way: at step 4's checkpoint (poisoned at 4), or at step 4's non-finite loss (poisoned at 3),
+    without waiting out train.max_nonfinite; last.pt stays step 2's finite weights. In process."""
+    calls = []
+
+    def poison_one_gradient(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != poisoned_step:
+            return train_step(model, *args, **kwargs)
+        def to_inf(param):
+            param.grad.view(-1)[0] = float("inf")
+
+        weight = next(p for p in model.parameters() if p.ndim == 2)
+        handle = weight.register_post_accumulate_grad_hook(to_inf)
+        try:
+            return train_step(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(alexnet.trainer, "train_step", poison_one_gradient)
+    cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=inf",
+                                    "train.amp=off", "checkpoint.every_steps=2", "train.max_nonfinite=5"])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="^the weights are not finite at step 4: a step applied") as err:
+        run_training(cfg, str(DEMO_CONFIG))
+    assert "hold weights from before these steps (non-finite weights are never written)" in str(err.value)
+    last = torch.load(tmp_path / "inf" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["progress"]["step"] == 2 and all(torch.isfinite(w).all() for w in last["model"].values())
 
 
 def test_a_streak_across_an_epoch_end_writes_no_checkpoint(tiny_data, tmp_path):
