@@ -136,25 +136,38 @@ class Trainer:
     def _write_run_config(self) -> None:
         """config.yaml is the configuration of the latest session; an earlier session's differing
         one is kept beside it as config.<n>.yaml. The main rank takes the run folder's lock first:
-        a folder another session is writing is refused before anything in it changes."""
+        a folder another session is writing is refused before anything in it changes. Every rank
+        raises the main rank's error, so that the others stop with it instead of in a broken
+        collective."""
+        failure: ConfigError | CheckpointError | None = None
         if self.env.is_main:
-            path = self.plan.run_dir / "config.yaml"
             try:
-                self.plan.run_dir.mkdir(parents=True, exist_ok=True)
-                self._lock = lock_run_folder(self.plan.run_dir)
-                before = path.read_text() if path.exists() else None
-                write_config(self.cfg, path)
-                if before is not None and path.read_text() != before:
-                    n = 1
-                    while (self.plan.run_dir / f"config.{n}.yaml").exists():
-                        n += 1
-                    (self.plan.run_dir / f"config.{n}.yaml").write_text(before)
-                    log.info("this session's config differs from the run's earlier one, kept as config.%d.yaml", n)
+                self._take_run_folder()
             except OSError as exc:
-                raise ConfigError(
+                failure = ConfigError(
                     f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({exc.strerror})"
-                ) from exc
-        self._barrier()
+                )
+            except CheckpointError as exc:
+                failure = exc
+        if self.env.distributed:
+            shared: list[Any] = [failure]
+            dist.broadcast_object_list(shared, src=0)
+            failure = shared[0]
+        if failure is not None:
+            raise failure
+
+    def _take_run_folder(self) -> None:
+        path = self.plan.run_dir / "config.yaml"
+        self.plan.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_run_folder(self.plan.run_dir)
+        before = path.read_text() if path.exists() else None
+        write_config(self.cfg, path)
+        if before is not None and path.read_text() != before:
+            n = 1
+            while (self.plan.run_dir / f"config.{n}.yaml").exists():
+                n += 1
+            (self.plan.run_dir / f"config.{n}.yaml").write_text(before)
+            log.info("this session's config differs from the run's earlier one, kept as config.%d.yaml", n)
 
     def _agree_on_resume(self, resumed: tuple[dict, Path] | None) -> None:
         """Every rank must continue from the same checkpoint. Ranks that read run.root from disks

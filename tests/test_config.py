@@ -175,6 +175,34 @@ def test_gpu_only_values_on_a_cpu_stop_before_the_run_folder_is_made(override, m
     assert not (tmp_path / "gpu_only").exists()
 
 
+NO_DALI = """import sys
+
+
+class NoDali:  # this interpreter behaves as one where DALI is not installed (not x86-64, say)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] == ["nvidia", "dali"]:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoDali())
+"""
+
+
+def test_the_dali_pipeline_without_dali_is_a_config_error_before_the_run_folder(tmp_path):
+    """`pip install -e .` installs DALI on x86-64 Linux only; elsewhere the demo's
+    data.pipeline=dali stops with the key's name and the way out, not an import traceback."""
+    (tmp_path / "sitecustomize.py").write_text(NO_DALI)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, f"run.root={tmp_path}", "run.name=no_dali", "data.pipeline=dali"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"},
+    )
+    message = "error: config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed"
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert "use data.pipeline=torchvision" in proc.stderr and not (tmp_path / "no_dali").exists()
+
+
 def test_text_keys_keep_the_text_yaml_would_read_as_a_number(tmp_path):
     cfg = load_config(
         write(tmp_path, "run:\n  name: 1.10\ndata:\n  root: 0755\n  mean: [1, 2.5, 3e1]\n  batch_size: 0x10\n"), []
