@@ -93,6 +93,9 @@ class TrainContender:
     def _run_steps(self, n: int, grad_sync: bool) -> tuple[float, float]:
         """n training steps; returns (seconds, seconds waiting for batches)."""
         p = self.parts
+        # Without gradient sync each rank applies its own gradients, so the replicas drift apart
+        # for the rest of the benchmark: harmless, since a step's time does not depend on the
+        # weights' values and the benchmark's weights are thrown away.
         no_sync = p.module.no_sync() if (not grad_sync and is_ddp(p.module)) else nullcontext()
         wait = 0.0
         sync(self._device)
