@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
@@ -68,16 +69,25 @@ def default_out(checkpoint: Path, ten_crop: bool) -> Path:
     return checkpoint.with_name(f"{checkpoint.name}.eval-{'tencrop' if ten_crop else 'centre'}.json")
 
 
+def _can_create_in(folder: Path) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     """Where the JSON goes, checked before the evaluation runs, so that an evaluation is not lost
     to an output path that cannot be written (a folder, existing or written with a trailing
     slash, gets the default name inside it). Nothing is created yet: the checkpoint may still
-    turn out not to exist."""
+    turn out not to exist (a probe file is created in the existing folder and removed at once:
+    permission bits alone pass for root where no file can be written)."""
     path = default_out(checkpoint, ten_crop) if out is None else Path(out)
     if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
         path = path / default_out(checkpoint, ten_crop).name
     existing = next(p for p in path.absolute().parents if p.exists())  # the folder that would hold it
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not _can_create_in(existing):
         raise OSError(f"--out {path}: {existing} is not a writable folder")
     if path.exists() and not os.access(path, os.W_OK):
         raise OSError(f"--out {path}: not writable")

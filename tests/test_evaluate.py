@@ -3,6 +3,7 @@ top-1/top-5 and per-class counts, the same numbers on one process and under torc
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,10 @@ def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
     assert command.resolve_out(f"{tmp_path}/results", ckpt, True) == tmp_path / "results"  # a file name
     assert command.resolve_out(None, ckpt, True) == tmp_path / "run" / "last.pt.eval-tencrop.json"
     assert not (tmp_path / "results").exists()  # created only when the result is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the writability probe left nothing
+    if os.path.isdir("/proc/self"):  # permission bits say root may write there; no file can be made
+        with pytest.raises(OSError, match="/proc/self is not a writable folder"):
+            command.resolve_out("/proc/self/eval.json", ckpt, False)
 
 
 @pytest.mark.parametrize("name", ["train", "val"])
