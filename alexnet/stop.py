@@ -4,9 +4,12 @@ scheduler) or a stop file, agreed across all ranks at the same step.
 torchrun does not forward SIGUSR1 to its workers, so the Slurm script turns the signal into a
 stop file (ALEXNET_STOP_FILE) that every worker polls; a signal delivered to a worker directly
 works as well. Ranks all-reduce their flag every step, so they stop at the same step, write one
-checkpoint together and exit. Once that checkpoint is written, rank 0 creates
-`<stop file>.stopped` next to the stop file: the Slurm script requeues the job only when it finds
-that marker, so a run that completed before the request took effect is not started again.
+checkpoint together and exit. A run that ends for good instead (all its epochs, or
+train.max_steps) has rank 0 create `<stop file>.completed`: the Slurm script does not requeue a
+job that left that marker, so a run that completed before the request took effect is not started
+again. The marker says "done", not "stopped": a marker missed (written on another node, not yet
+visible through a network file system's cache) costs one requeued job that finds nothing left to
+train, where a missed "stopped" marker would end an unfinished run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.distributed as dist
 
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-STOPPED_SUFFIX = ".stopped"  # slurm/alexnet.sh looks for this marker
+COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
 
 
 class StopRequest:
@@ -52,15 +55,14 @@ class StopRequest:
         return bool(self._flag.item() > 0)
 
     def marker(self) -> Path | None:
-        """The file that says training stopped on the request (None without a stop file)."""
-        return self.stop_file.with_name(self.stop_file.name + STOPPED_SUFFIX) if self.stop_file else None
+        """The file that says training has ended for good (None without a stop file)."""
+        return self.stop_file.with_name(self.stop_file.name + COMPLETED_SUFFIX) if self.stop_file else None
 
-    def acknowledge(self, step: int, checkpoint: Path) -> None:
-        """Tell whoever wrote the stop file that training stopped before its end (rank 0 only),
-        after the stop's checkpoint was written."""
+    def mark_completed(self, step: int) -> None:
+        """Tell whoever may write the stop file that there is nothing left to resume (rank 0)."""
         marker = self.marker()
         if marker is not None:
-            marker.write_text(f"stopped at step {step}; resume from {checkpoint}\n")
+            marker.write_text(f"completed at step {step}\n")
 
     def reason(self) -> str:
         if self.signal_name:

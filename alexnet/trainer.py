@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> None:
         self.cfg, self.env, self.mesh, self.plan = cfg, env, mesh, plan
         self.ckpt_dir = plan.run_dir / "checkpoints"
+        self._lock = RunFolderLock(None)  # the main rank's hold on the run folder
+        self._on_main_rank(self._lock_existing_run_folder)  # before its checkpoints are read
+        try:
+            self._build()
+        except BaseException:
+            self._lock.release()  # a failed setup frees the folder (for a caller that goes on)
+            raise
+
+    def _build(self) -> None:
+        cfg, env, mesh, plan = self.cfg, self.env, self.mesh, self.plan
         resume_from = self._check_run_dir()
         self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
@@ -75,7 +86,6 @@ class Trainer:
         self.full_parameters = sum(p.numel() for p in full.parameters())
         resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full)
         self._agree_on_resume(resumed)
-        self._lock = RunFolderLock(None)  # the main rank's hold on the run folder, taken with config.yaml
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
@@ -133,16 +143,13 @@ class Trainer:
             "(nothing was overwritten)"
         )
 
-    def _write_run_config(self) -> None:
-        """config.yaml is the configuration of the latest session; an earlier session's differing
-        one is kept beside it as config.<n>.yaml. The main rank takes the run folder's lock first:
-        a folder another session is writing is refused before anything in it changes. Every rank
-        raises the main rank's error, so that the others stop with it instead of in a broken
-        collective."""
+    def _on_main_rank(self, work: Callable[[], None]) -> None:
+        """Collective: `work` runs on the main rank, and every rank raises its error, so that the
+        others stop with it instead of in a broken collective."""
         failure: ConfigError | CheckpointError | None = None
         if self.env.is_main:
             try:
-                self._take_run_folder()
+                work()
             except OSError as exc:
                 failure = ConfigError(
                     f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({exc.strerror})"
@@ -156,10 +163,23 @@ class Trainer:
         if failure is not None:
             raise failure
 
+    def _lock_existing_run_folder(self) -> None:
+        """A folder that exists may be another session's: its lock comes before its checkpoints
+        are read (a session that ended meanwhile would have written a newer one). A new folder is
+        locked when it is made, with config.yaml."""
+        if self.plan.run_dir.is_dir():
+            self._lock = lock_run_folder(self.plan.run_dir)
+
+    def _write_run_config(self) -> None:
+        """config.yaml is the configuration of the latest session; an earlier session's differing
+        one is kept beside it as config.<n>.yaml."""
+        self._on_main_rank(self._take_run_folder)
+
     def _take_run_folder(self) -> None:
         path = self.plan.run_dir / "config.yaml"
         self.plan.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_run_folder(self.plan.run_dir)
+        if not self._lock.held:
+            self._lock = lock_run_folder(self.plan.run_dir)
         before = path.read_text() if path.exists() else None
         write_config(self.cfg, path)
         if before is not None and path.read_text() != before:
@@ -290,8 +310,6 @@ class Trainer:
             raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
         if stop_reason:
             self.save_checkpoint()
-        if stop_reason == "preempted" and self.env.is_main:
-            self.stop.acknowledge(self.progress.step, self.ckpt_dir / LAST)
         self._update_clock()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
@@ -300,6 +318,8 @@ class Trainer:
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self.reporter.summary(summary, final)
         self.reporter.close()
+        if stop_reason != "preempted" and self.env.is_main:
+            self.stop.mark_completed(self.progress.step)  # a Slurm job does not requeue it
         return summary
 
     def _run_epochs(self) -> str:

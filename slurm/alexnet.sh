@@ -16,11 +16,11 @@
 # Preemption and time limits: Slurm sends SIGUSR1 to this script 120 s before the time limit
 # (--signal=B:USR1@120; `scancel --signal=USR1 --batch JOBID` does the same by hand), and
 # SIGTERM on preemption or cancellation. Either one creates the stop file that every worker
-# polls; the workers agree on a step, write a checkpoint, mark the stop (the stop file's name
-# + ".stopped") and exit. After SIGUSR1 the script requeues the job if the workers marked the stop
-# (a run that completed before the request took effect is not started again); the job keeps its
-# id, so the run folder (named after the config and the job id) is found again and
-# `checkpoint.resume=auto` continues where it stopped. After SIGTERM, Slurm
+# polls; the workers agree on a step, write a checkpoint and exit. After SIGUSR1 the script
+# requeues the job, unless rank 0 marked the run completed (the stop file's name + ".completed":
+# it ended before the request took effect); the job keeps its id, so the run folder (named after
+# the config and the job id) is found again and `checkpoint.resume=auto` continues where it
+# stopped. After SIGTERM, Slurm
 # decides: it requeues a preempted job (PreemptMode=REQUEUE with --requeue), not a cancelled one.
 #
 # Environment knobs (all optional): ALEXNET_REPO (the checkout), ALEXNET_PYTHON (interpreter with
@@ -97,8 +97,8 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
 
 export ALEXNET_STOP_FILE=${ALEXNET_STOP_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.alexnet-stop-$SLURM_JOB_ID}
-stopped_marker=$ALEXNET_STOP_FILE.stopped # rank 0 writes it once the stop's checkpoint is written
-rm -f "$ALEXNET_STOP_FILE" "$stopped_marker" # a requeued job starts without the request that stopped it
+completed_marker=$ALEXNET_STOP_FILE.completed # rank 0 writes it when the run ends for good
+rm -f "$ALEXNET_STOP_FILE" "$completed_marker" # a requeued job starts without the request that stopped it
 
 stop_signal=""
 # shellcheck disable=SC2317 # called by the traps below
@@ -146,9 +146,9 @@ done
 status=0
 wait "$srun_pid" || status=$?
 trap - USR1 TERM
-workers_stopped=no
-[[ -e $stopped_marker ]] && workers_stopped=yes
-rm -f "$ALEXNET_STOP_FILE" "$stopped_marker"
+run_completed=no
+[[ -e $completed_marker ]] && run_completed=yes
+rm -f "$ALEXNET_STOP_FILE" "$completed_marker"
 
 case "$stop_signal/$status" in
     /*)
@@ -162,8 +162,11 @@ case "$stop_signal/$status" in
         exit "$status"
         ;;
     USR1/0)
-        if [[ $workers_stopped == no ]]; then
-            say "training completed before the SIGUSR1 stop request took effect: not requeued"
+        # Requeue unless the run is known to be complete: a marker missed (written on another
+        # node, hidden by a network file system's cache) costs one short job with nothing to
+        # train, where requeueing only on a "stopped" marker could end an unfinished run.
+        if [[ $run_completed == yes ]]; then
+            say "training ended (all epochs or train.max_steps) before the SIGUSR1 stop request took effect: not requeued"
             exit 0
         fi
         ;;

@@ -238,13 +238,13 @@ def test_hosts_lines_of_two_clusters_are_kept_apart(tmp_path):
 
 
 FAKE_SRUN = """#!/bin/bash
-# Stands in for srun: the stop request arrives while the workers run; they mark the stop (or
-# complete first, leaving no mark) and exit 0.
+# Stands in for srun: the stop request arrives while the workers run; they stop on it, or have
+# completed the run first and say so, and exit 0.
 kill -USR1 "$PPID"
 sleep 1
-if [[ $FAKE_WORKERS == stop ]]; then
-    [[ -e $ALEXNET_STOP_FILE ]] || exit 7  # the script must have turned SIGUSR1 into the stop file
-    echo "stopped at step 3" >"$ALEXNET_STOP_FILE.stopped"
+[[ -e $ALEXNET_STOP_FILE ]] || exit 7  # the script must have turned SIGUSR1 into the stop file
+if [[ $FAKE_WORKERS == complete ]]; then
+    echo "completed at step 14" >"$ALEXNET_STOP_FILE.completed"
 fi
 exit 0
 """
@@ -257,10 +257,10 @@ esac
 
 
 @pytest.mark.parametrize("workers", ["stop", "complete"])
-def test_usr1_requeues_only_a_run_that_stopped_on_it(tmp_path, workers):
-    """SIGUSR1 near the time limit requeues the job only when the workers marked that they stopped
-    on it; a run that completed before the request took effect ends the job (a requeue would
-    start it once more for nothing). With stand-ins for srun and scontrol, no cluster needed."""
+def test_usr1_requeues_a_run_unless_it_completed(tmp_path, workers):
+    """SIGUSR1 near the time limit requeues the job unless the workers marked the run completed
+    before the request took effect (a requeue would start it once more for nothing). With
+    stand-ins for srun and scontrol, no cluster needed."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -276,5 +276,5 @@ def test_usr1_requeues_only_a_run_that_stopped_on_it(tmp_path, workers):
     if workers == "stop":
         assert requeued.read_text() == "41\n" and "requeueing job 41" in proc.stderr
     else:
-        assert not requeued.exists() and "completed before the SIGUSR1 stop request took effect" in proc.stderr
+        assert not requeued.exists() and "before the SIGUSR1 stop request took effect: not requeued" in proc.stderr
     assert not list(tmp_path.glob(".alexnet-stop-41*")), "the stop file or its marker was left behind"

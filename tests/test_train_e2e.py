@@ -103,7 +103,8 @@ def test_fresh_start_refuses_to_overwrite_a_run(tiny_data, tmp_path):
 def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tmp_path):
     """A stop file (what the Slurm script writes on SIGUSR1) present from the start: both ranks
     agree to stop after their first step, write one checkpoint, exit 0; the rerun finishes with
-    the weights of an uninterrupted run."""
+    the weights of an uninterrupted run, and only it marks the run completed (the Slurm script's
+    sign not to requeue)."""
     common = ("train.epochs=1", "checkpoint.every_steps=0")
     stop = tmp_path / "STOP"
     stop.write_text("")
@@ -116,8 +117,11 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     assert "stopping at step 1 on stop file" in first.stderr
     summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
     assert summary["stop_reason"] == "preempted" and summary["steps"] == 1
+    assert not (tmp_path / "STOP.completed").exists()  # a Slurm job requeues this one
     stop.unlink()
-    check(train(tiny_data, tmp_path, "pre", *common))
+    resumed = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=pre", *common]
+    check(torchrun(resumed, env={"ALEXNET_STOP_FILE": str(stop)}))
+    assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"  # and not this one
     check(train(tiny_data, tmp_path, "whole", *common))
     a = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -153,7 +157,7 @@ def test_a_run_folder_takes_one_session_at_a_time(tiny_data, tmp_path):
         log.close()
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-4000:]
     assert json.loads((run / "summary.json").read_text())["stop_reason"] == "preempted"
-    assert (tmp_path / "STOP.stopped").read_text().startswith("stopped at step ")  # for the Slurm script
+    assert not (tmp_path / "STOP.completed").exists()  # stopped, not completed: a Slurm job requeues
     lock_run_folder(run).release()  # free again
 
 
