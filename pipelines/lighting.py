@@ -303,6 +303,7 @@ def describe(stats: LightingStats, alpha_std: float) -> str:
         f"eigenvalues {', '.join(f'{v:.1f}' for v in stats.eigval)} (0-255 units^2); with alpha std {alpha_std:g} "
         f"the shift along each eigenvector has std {', '.join(f'{c:.3f}' for c in comp)} and each of R, G, B "
         f"moves by std {', '.join(f'{s:.3f}' for s in spread)} (of 255)"
+        + (f"; mean pixel (for data.mean) [{', '.join(f'{m:.2f}' for m in stats.mean)}]" if stats.mean else "")
     )
 
 

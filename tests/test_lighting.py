@@ -194,7 +194,7 @@ def test_resolving_statistics_beside_the_data_or_the_defaults(tmp_path, caplog):
     assert resolve_lighting_stats(str(elsewhere), tmp_path / "nowhere").eigval == (5.0, 2.0, 1.0)
 
 
-def test_lighting_stats_command_writes_the_file(tmp_path):
+def test_lighting_stats_command_writes_the_file_and_reports_the_mean_pixel(tmp_path, capsys, caplog):
     files, pixels = write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=4)
     spec = importlib.util.spec_from_file_location("lighting_stats", REPO / "launch" / "lighting_stats.py")
     command = importlib.util.module_from_spec(spec)
@@ -202,6 +202,8 @@ def test_lighting_stats_command_writes_the_file(tmp_path):
     assert command.main(["--data", str(tmp_path / "data"), "--images", "10", "--workers", "1"]) == 0
     stats = load_lighting_stats(tmp_path / "data" / STATS_FILE)
     assert stats.num_images == 4 and stats.num_pixels == len(pixels)
+    mean = ", ".join(f"{m:.2f}" for m in np.asarray(pixels, dtype=np.float64).mean(axis=0))
+    assert f"mean pixel (for data.mean) [{mean}]" in capsys.readouterr().out + caplog.text
 
 
 def test_statistics_skip_a_file_whose_header_declares_a_bomb_size(tmp_path, caplog):

@@ -45,7 +45,8 @@ def test_a_killed_holder_frees_the_folder_though_its_forked_child_lives_on(tmp_p
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
-        refusal = rf"^run folder {re.escape(str(tmp_path))} is in use by another training session \(pid {holder.pid} on "
+        folder = re.escape(str(tmp_path))
+        refusal = rf"^run folder {folder} is in use by another training session \(pid {holder.pid} on "
         with pytest.raises(CheckpointError, match=refusal):
             lock_run_folder(tmp_path)
         holder.send_signal(signal.SIGKILL)

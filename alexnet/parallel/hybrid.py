@@ -9,6 +9,11 @@ group; only ranks holding the same slice in different groups all-reduce its grad
 Every rank's loss covers its own batch. Each gather's backward is a reduce-scatter, so a slice's
 gradient sums over the K batches it served; summed again over the groups and divided by the
 world size it equals the single-device gradient of the mean loss over the global batch.
+
+The paper's FC layers took one worker's batch of 128 at a time, K FC updates per convolution
+update (its schemes (b)/(c)); here they take all K batches at once (its scheme (a)), one update
+per step for the whole model, so that hybrid computes exactly what data parallelism does and its
+checkpoints and recipes carry over to the other layouts.
 """
 
 from __future__ import annotations
