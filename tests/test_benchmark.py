@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -83,16 +82,31 @@ def test_cpu_seconds_of_the_process_tree_grow():
     assert timing.tree_cpu_seconds() > before
 
 
-def test_wait_until_idle_waits_out_a_busy_process_and_not_an_idle_one():
-    stop = threading.Event()
-    spinner = threading.Thread(target=lambda: [0 for _ in iter(stop.is_set, True)])
-    spinner.start()
-    try:  # a thread spinning in this process: never idle, so the wait runs to its timeout
-        assert timing.wait_until_idle(interval_s=0.05, timeout_s=0.4) >= 0.4
-    finally:
-        stop.set()
-        spinner.join()
-    assert timing.wait_until_idle(interval_s=0.05, timeout_s=30.0) < 30.0
+class FakeClock:
+    """A clock that moves only when slept on, and a process tree that uses `busy` cores meanwhile."""
+
+    def __init__(self, busy: list[float]) -> None:
+        self.now, self.cpu, self.busy = 0.0, 0.0, busy
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.cpu += seconds * (self.busy.pop(0) if len(self.busy) > 1 else self.busy[0])
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    "busy, waited",
+    [([1.0], 0.5), ([0.0], 0.125), ([0.19], 0.125), ([0.21], 0.5), ([1.0, 1.0, 0.1], 0.375)],
+)
+def test_wait_until_idle_waits_out_a_busy_process_and_not_an_idle_one(monkeypatch, busy, waited):
+    """Busy (more than 20% of a core per interval) until the timeout, or idle after some intervals:
+    the seconds waited, on a fake clock (no wall-clock threshold)."""
+    clock = FakeClock(busy)
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(timing, "tree_cpu_seconds", lambda: clock.cpu)
+    assert timing.wait_until_idle(interval_s=0.125, timeout_s=0.5) == waited  # binary fractions: exact
 
 
 # ---- the step split and bytes -------------------------------------------------------------

@@ -128,7 +128,12 @@ def test_dropout_off_in_eval_and_context_applied_model_wide():
     assert model.drop6.context is ctx and model.drop7.context is ctx
     model.eval()
     x = torch.randn(2, 3, 67, 67)
-    assert torch.equal(model(x), model(x))
+    torch.manual_seed(1)
+    undropped = PaperAlexNet(10, dropout=0.0, input_size=67).eval()
+    undropped.load_state_dict(model.state_dict())
+    assert torch.equal(model(x), undropped(x))  # eval: the same function as no dropout at all
+    model.train()
+    assert not torch.equal(model(x), undropped(x))  # and the context does drop in training
 
 
 def test_paper_dropout_zeroes_the_outputs_of_fc6_and_fc7():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,12 @@ def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data
     text = out.read_text()
     assert proc.returncode == 0, text[-6000:]
     assert "exitcode: -9" in text, text[-6000:]  # torchrun saw the SIGKILL and restarted the group
+    # The restarted group resumed from the latest checkpoint: even steps, written before step
+    # kill_step's record at the latest (the kill lands at kill_step or a little later).
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    resumed = [int(m) for m in re.findall(rf"resumed from {re.escape(str(last))} at epoch \d+, step (\d+)", text)]
+    assert len(resumed) == 1 and resumed[0] % 2 == 0, (resumed, text[-6000:])
+    assert kill_step - 2 <= resumed[0] < TOTAL_STEPS, (kill_step, resumed)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == TOTAL_STEPS
     # Rank 0 appends a record every step: the second session carried on from a checkpoint, and

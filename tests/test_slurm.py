@@ -194,6 +194,8 @@ def test_usr1_checkpoints_requeues_resumes_and_ends_as_if_never_stopped(cluster,
 
     assert info["Restarts"] == "1" and states & {"PENDING", "REQUEUED"}, (info, states)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log and f"job {job} (restart 1)" in log
+    last = re.escape(str(run / "checkpoints" / "last.pt"))
+    assert re.search(rf"resumed from {last} at epoch \d, step {stop_step}\n", log), log[-4000:]  # the stop's
     steps = train_steps(run / "metrics.jsonl")
     assert steps == list(range(1, TOTAL_STEPS + 1)), "the requeued job resumed at the next step"
     summary = json.loads(summary_path.read_text())

@@ -56,7 +56,8 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
     assert payload["progress"]["epoch"] == 2 and payload["progress"]["step"] == 14
     assert "conv1.0.weight" in payload["model"] and not any(k.startswith("module.") for k in payload["model"])
     assert set(payload["loaders"]["train"]) == {"0", "1"}
-    assert (run / "checkpoints" / "previous.pt").exists()
+    # every_steps=3 and the epoch ends (7, 14) write at 3, 6, 7, 9, 12, 14: the one before the last is 12
+    assert torch.load(run / "checkpoints" / "previous.pt", weights_only=True)["progress"]["step"] == 12
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 14 and summary["world_size"] == 2
     assert summary["gpu_hours"] == 0.0 and not summary["paper"]["comparable"]  # CPU; 10 classes, not ImageNet
@@ -118,9 +119,13 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
     assert summary["stop_reason"] == "preempted" and summary["steps"] == 1
     assert not (tmp_path / "STOP.completed").exists()  # a Slurm job requeues this one
+    last = tmp_path / "pre" / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    assert payload["progress"]["step"] == 1 and set(payload["loaders"]["train"]) == {"0", "1"}
     stop.unlink()
     resumed = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=pre", *common]
-    check(torchrun(resumed, env={"ALEXNET_STOP_FILE": str(stop)}))
+    rerun = check(torchrun(resumed, env={"ALEXNET_STOP_FILE": str(stop)}))
+    assert f"resumed from {last} at epoch 0, step 1" in rerun.stderr  # not a fresh start to the same end
     assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"  # and not this one
     check(train(tiny_data, tmp_path, "whole", *common))
     a = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -97,7 +97,7 @@ def check_scaler(env, mesh: Mesh, clip: float, scaler: bool = True) -> dict:
     poison_on(par, env.rank, armed)
     rows = rows_of(mesh, 2)
     ids = torch.arange(rows.start, rows.stop)
-    streak, record = 0, {"applied": [], "scale": [], "streak": [], "weights_changed": []}
+    streak, record = 0, {"applied": [], "overflow": [], "scale": [], "streak": [], "weights_changed": []}
     for step, kind in enumerate(SCALER_STEPS):
         images, labels = batch(step, mesh.data_size)
         images, labels = images[rows].clone(), labels[rows]
@@ -106,9 +106,11 @@ def check_scaler(env, mesh: Mesh, clip: float, scaler: bool = True) -> dict:
         armed[0] = kind == "grad_overflow"
         before = {k: v.clone() for k, v in par.local.state_dict().items()}
         result = train_step(par.module, images, labels, opt, amp, DropoutContext(SEED, step, ids), clip, after_backward)
-        streak = 0 if result.applied else streak + 1  # as the trainer counts it
+        # The trainer's count (Trainer._count_skips): a scaler's overflow back-off is not counted.
+        streak = 0 if result.applied else streak + (not result.overflow)
         after = par.local.state_dict()
         record["applied"].append(bool(result.applied))
+        record["overflow"].append(bool(result.overflow))
         record["scale"].append(amp.scaler.get_scale() if scaler else None)
         record["streak"].append(streak)
         record["weights_changed"].append(any(not torch.equal(v, before[k]) for k, v in after.items()))
