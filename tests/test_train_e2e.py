@@ -333,3 +333,12 @@ def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
     assert proc.returncode != 0 and f"error: config key 'run.root': cannot write the run folder {blocker / 'x'}" in (
         proc.stderr
     )
+
+
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
+    """Only rank 1 gets SIGUSR1; the step's all-reduce of the flag makes rank 0 stop too, and
+    each rank says why: its own signal, or another rank's request."""
+    check(torchrun([REPO / "tests" / "dist" / "stop_agree.py", tmp_path], nproc=2))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["before"], r["after"], r["here"]) for r in ranks] == [(False, True, False), (False, True, True)]
+    assert [r["reason"] for r in ranks] == ["another rank was asked to stop", "signal SIGUSR1"]
