@@ -342,3 +342,27 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(r["before"], r["after"], r["here"]) for r in ranks] == [(False, True, False), (False, True, True)]
     assert [r["reason"] for r in ranks] == ["another rank was asked to stop", "signal SIGUSR1"]
+
+
+def test_the_plateau_schedule_divides_the_rate_and_resumes_with_its_state(tiny_data, tmp_path):
+    """The ImageNet recipes' schedule (section 5: divide by 10 when validation stops improving),
+    in the trainer: with min_delta out of reach every validation after the first is a plateau
+    (patience 1), so the rate is divided after epochs 2 and 3 and epoch 3 trains at 1/10 of it.
+    Stopped in epoch 3 and resumed, the run keeps its plateau state: the same rates and, bit for
+    bit, the same weights."""
+    common = ("train.epochs=3", "schedule.name=plateau", "schedule.min_delta=1000", "train.log_every=1")
+    straight = check(train(tiny_data, tmp_path, "straight", *common, nproc=1))
+    assert straight.stderr.count("learning rate divided (reduction") == 2
+    rates = {}
+    for r in read_metrics(tmp_path / "straight" / "metrics.jsonl"):
+        if r["split"] == "train":
+            rates.setdefault(r["epoch"], set()).add(r["lr"])
+    peak = next(iter(rates[1]))
+    assert [sorted(rates[e]) for e in (1, 2, 3)] == [[peak], [peak], [pytest.approx(peak / 10)]]
+    check(train(tiny_data, tmp_path, "resumed", *common, "train.max_steps=35", nproc=1))  # 15 steps per epoch
+    check(train(tiny_data, tmp_path, "resumed", *common, nproc=1))
+    lr = {name: [r["lr"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
+          for name in ("straight", "resumed")}  # fmt: skip
+    assert lr["straight"] == lr["resumed"] and len(lr["straight"]) == 45
+    a, b = (torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True)["model"] for n in lr)
+    assert all(torch.equal(a[k], b[k]) for k in a)
