@@ -1,4 +1,4 @@
-"""launch/train.py under towers and dp: checkpoints move between layouts."""
+"""launch/train.py under towers, dp and hybrid: checkpoints move between layouts and resume exactly."""
 
 import pytest
 import torch
@@ -78,3 +78,22 @@ def test_a_world_the_layout_cannot_use_is_refused(tiny_data, tmp_path):
     proc = train(tiny_data, tmp_path, "odd", "towers", 3)
     assert proc.returncode != 0
     assert "3 ranks: 3 = 1 x 2 + 1" in proc.stderr
+
+
+def test_hybrid_resumes_its_fc_slices_exactly(tiny_data, tmp_path):
+    """hybrid with 2 ranks (one FC group of 2): each rank trains half of fc6-fc8's neurons. The
+    checkpoint holds the whole single-device model, and 5 steps + resume + 5 end bit for bit as
+    10 straight steps: the FC slices, their momentum and the convolutions' go back where they were."""
+    check(train(tiny_data, tmp_path, "straight", "hybrid", 2, "train.max_steps=10"))
+    check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=5"))
+    half = weights(tmp_path, "split")
+    assert half["world"] == {"world_size": 2, "data_size": 2, "mode": "hybrid"}
+    assert half["model"]["fc6.0.weight"].shape[0] + half["model"]["fc6.1.weight"].shape[0] == 4096
+    proc = check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=10"))
+    assert "at epoch 0, step 5" in proc.stderr
+    a, b = weights(tmp_path, "straight"), weights(tmp_path, "split")
+    assert a["progress"]["step"] == b["progress"]["step"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    momentum_a, momentum_b = a["optimizer"]["momentum"], b["optimizer"]["momentum"]
+    assert set(momentum_a) == set(momentum_b) == set(a["model"])  # by name, in the single-device layout
+    assert all(torch.equal(momentum_a[k], momentum_b[k]) for k in momentum_a)
