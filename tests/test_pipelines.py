@@ -218,3 +218,47 @@ def test_paper_crop_is_a_random_patch_of_the_central_square(tmp_path):
         assert (hi - lo) / px == pytest.approx(80 * 35 / 39, abs=3)  # 80 pixels, minus two border columns
         starts.append(lo)
     assert max(starts) - min(starts) > 5 * px  # random positions, not one fixed crop
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_random_resized_crops_zoom_in_where_the_paper_crop_does_not(tmp_path, kind):
+    """Images whose left half is black and right half white. The paper's crop (227/256 of the
+    rescaled image's side, section 4.1) always spans both halves; the Inception-style crop (8% to
+    100% of the area) often falls inside one half, so some patches come out a single colour."""
+    from PIL import Image
+
+    from pipelines.base import ImageSpec, ShardSpec
+    from pipelines.dali import DaliLoader
+    from pipelines.index import FileIndex
+    from pipelines.torchvision_loader import TorchvisionLoader
+
+    folder = tmp_path / "halves"
+    folder.mkdir()
+    half = np.zeros((96, 128, 3), dtype=np.uint8)
+    half[:, 64:] = 255
+    files = []
+    for i in range(16):
+        files.append(str(folder / f"{i}.png"))
+        Image.fromarray(half).save(files[-1])
+    index = FileIndex(files, [0] * 16, ["halves"])
+
+    def white_share(train_crop: str) -> list[float]:
+        image = ImageSpec(67, 76, train_crop, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0))  # pixels in 0..1
+        shard = ShardSpec(0, 1, 8, seed=5)
+        if kind == "dali":
+            loader = DaliLoader(index, "train", image, shard, torch.device("cpu"), 1, 2, "cpu")
+        else:
+            loader = TorchvisionLoader(index, "train", image, shard, torch.device("cpu"), 0, 2)
+        shares = []
+        for _ in range(8):  # 8 epochs of 16 patches
+            for images, _ in loader:
+                assert images.shape[1:] == (3, 67, 67)
+                shares += (images > 0.5).float().mean(dim=(1, 2, 3)).tolist()
+        return shares
+
+    paper, zoomed = white_share("paper"), white_share("random_resized")
+    assert all(0.3 < s < 0.7 for s in paper), paper  # 67/76 of the side: both halves, near even
+    single = [s for s in zoomed if s < 0.02 or s > 0.98]
+    # 14% of such crops fall inside one half (sampled with torchvision's own parameter draw):
+    # about 18 of 128; 6 is three standard deviations below, 0 is what the paper crop gives.
+    assert len(single) >= 6, zoomed
