@@ -271,7 +271,8 @@ def test_whole_numbers_yaml_would_read_as_octal_or_base_60_are_refused(tmp_path,
 def test_values_out_of_their_range_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
-    assert load_config(None, ["schedule.min_lr_factor=1", "schedule.warmup_start_factor=0"])
+    edges = load_config(None, ["schedule.min_lr_factor=1", "schedule.warmup_start_factor=0"]).schedule
+    assert (edges.min_lr_factor, edges.warmup_start_factor) == (1.0, 0.0)  # the ends of [0, 1] are allowed
 
 
 def test_train_py_takes_overrides_on_both_sides_of_config():

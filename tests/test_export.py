@@ -91,8 +91,12 @@ def test_export_command(tmp_path, checkpoints, capsys):
     command = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(command)
     assert command.main([str(ckpt), "--out", str(tmp_path / "exports"), "--format", "torchscript"]) == 0
-    assert (tmp_path / "exports" / "paper.torchscript.pt").is_file()  # named after the run folder
     assert "max |difference| from PyTorch" in capsys.readouterr().out
+    exported = load_torchscript(tmp_path / "exports" / "paper.torchscript.pt")  # named after the run folder
+    model = build_model_from_checkpoint(ckpt).model.eval()
+    x = batch("paper", 3, seed=4)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model(x), rtol=1e-5, atol=1e-6)  # the checkpoint's function
 
 
 def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tmp_path, checkpoints, monkeypatch):

@@ -68,8 +68,11 @@ def test_dali_cpu_batches_shapes_dtype_and_labels(tiny_data):
     # files in index order on one shard: labels equal ImageFolder's class indices file by file
     folder = torchvision.datasets.ImageFolder(str(tiny_data / "val"))
     assert got.tolist() == [y for _, y in folder.samples]
-    # normalized: roughly zero-centred, unit-scale values
-    assert -3 < images.mean().item() < 3 and 0.1 < images.std().item() < 5
+    # normalized with this mean and std: undone, the values are 8-bit pixels again (a missing
+    # mean subtraction or division puts them far outside 0..255)
+    pixels = images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    assert -0.01 < pixels.min().item() and pixels.max().item() < 255.01 and pixels.std().item() > 10
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # whole 8-bit values, normalised once
 
 
 @pytest.mark.parametrize("orientation", [None, 6])
