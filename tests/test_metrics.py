@@ -29,12 +29,22 @@ def test_tally_gives_exact_ratios_not_mean_of_means():
 
 
 def test_metrics_writer_appends_json_lines(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [
+        {"split": "train", "epoch": 1, "step": 10, "loss": 2.0, "top1": 5.0},
+        {"split": "val", "epoch": 1, "step": 10, "loss": 1.5, "top1": 9.0},
+    ]
     writer = MetricsWriter(tmp_path, tensorboard=True)
-    writer.write({"split": "train", "epoch": 1, "step": 10, "loss": 2.0, "top1": 5.0})
-    writer.write({"split": "val", "epoch": 1, "step": 10, "loss": 1.5, "top1": 9.0})
+    for record in records:
+        writer.write(record)
     writer.close()
-    assert [r["split"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "val"]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert read_metrics(tmp_path / "metrics.jsonl") == records
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars == {"train/loss": [(10, 2.0)], "train/top1": [(10, 5.0)], "val/loss": [(10, 1.5)],
+                       "val/top1": [(10, 9.0)]}  # fmt: skip
 
 
 def test_a_resumed_run_continues_the_record_from_its_checkpoint(tmp_path):

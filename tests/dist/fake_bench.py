@@ -14,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import torch  # noqa: E402
+
 from alexnet.bench.output import Report, write_json  # noqa: E402
 
 
@@ -44,7 +46,8 @@ def main() -> int:
     if world % 2 == 0:
         results.append({"name": "towers/paper", "mode": "towers", "variant": "paper", "images_per_sec": 80.0 * world})
     environment = {k: None for k in ("torch", "torchvision", "dali", "cuda", "cudnn", "nccl", "commit")}
-    environment.update({"devices": [], "world_size": world, "layout": ["dp"], "torch_threads": 12 // world})
+    # The threads this process really has: the sweep's per-point OMP_NUM_THREADS, as torch read it.
+    environment.update({"devices": [], "world_size": world, "layout": ["dp"], "torch_threads": torch.get_num_threads()})
     write_json(Report(args.mode, results, environment, {"argv": sys.argv[1:]}), args.out / f"{args.mode}.json")
     return 0
 
