@@ -72,7 +72,9 @@ def test_figure_holds_the_records_curves(tmp_path):
 
 def test_empty_and_missing_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
-    assert plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "empty.png").stat().st_size > 0
+    png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "empty.png")
+    with Image.open(png) as image:  # a real, readable figure (its empty axes), not just some bytes
+        assert image.format == "PNG" and min(image.size) >= 100
     with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl"):
         plot_training_curves(tmp_path / "nowhere.jsonl", tmp_path / "x.png")
 
