@@ -174,7 +174,13 @@ def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]
         return at < step or r.get("split") != "val" or int(r.get("epoch", 0)) <= epoch
 
     kept = [r for r in read_metrics(path) if behind(r)]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(strict_json(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in kept))
     return kept
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A reader (a monitoring script, the next session) sees the old file or the new one, never
+    a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alexnet.metrics import MetricsWriter, strict_json
+from alexnet.metrics import MetricsWriter, strict_json, write_text_atomic
 from alexnet.report import RunSummary, write_run_report
 
 log = logging.getLogger("alexnet")
@@ -99,7 +99,7 @@ class Reporter:
         """summary.json, the closing log lines, and training_curves.png (rank 0)."""
         if not self.is_main:
             return
-        (self.run_dir / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
+        write_text_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
         log.info("%s after %d epochs / %d steps (%s); run folder %s", stop_state(summary), summary["epochs"],
                  summary["steps"], final_accuracy(summary["final_top1"]), summary["run_dir"])  # fmt: skip
         if summary.get("comm_sent_mb_per_step"):
