@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,23 @@ class DataSplits:
     train: FileIndex | None  # None for the synthetic pipeline
     val: FileIndex | None
     classes: list[str]
+
+
+def dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` package at all
+        return False
+
+
+def check_pipeline_installed(cfg: DataConfig) -> None:
+    """Before a run starts: the pipeline it trains with can be imported (`pip install -e .`
+    installs DALI on x86-64 Linux only)."""
+    if cfg.pipeline == "dali" and not dali_installed():
+        raise ConfigError(
+            "config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed (`pip install "
+            "nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only); use data.pipeline=torchvision"
+        )
 
 
 def resolve_data_root(cfg: DataConfig) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,6 @@ def default_run_name(config_path: str | None) -> str:
     return name
 
 
-def dali_installed() -> bool:
-    try:
-        return importlib.util.find_spec("nvidia.dali") is not None
-    except ModuleNotFoundError:  # no `nvidia` package at all
-        return False
-
-
 def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -> RunPlan:
     run_dir = Path(cfg.run.root).expanduser() / (cfg.run.name or default_run_name(config_path))
     global_batch = cfg.data.batch_size * mesh.data_size
@@ -56,9 +48,4 @@ def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -
         )
     if cfg.train.amp == "fp16" and not on_cuda:
         raise ConfigError("config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off on the CPU")
-    if cfg.data.pipeline == "dali" and not dali_installed():
-        raise ConfigError(
-            "config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed (`pip install "
-            "nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only); use data.pipeline=torchvision"
-        )
     return RunPlan(run_dir, global_batch, scaled_lr(cfg.optim, global_batch), channels_last, decoder)

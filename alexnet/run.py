@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from alexnet.config import Config
+from alexnet.data import check_pipeline_installed
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan
@@ -30,6 +31,7 @@ def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
     try:
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
         plan = build_plan(cfg, env, mesh, config_path)
+        check_pipeline_installed(cfg.data)  # before the run folder, with the config's key
         return Trainer(cfg, env, mesh, plan).fit()
     finally:
         shutdown_distributed()

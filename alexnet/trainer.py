@@ -31,7 +31,7 @@ from alexnet.plan import RunPlan
 from alexnet.report import summarize_run
 from alexnet.reporting import Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
-from alexnet.runlock import RunFolderLock, lock_run_folder
+from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
@@ -168,7 +168,12 @@ class Trainer:
         are read (a session that ended meanwhile would have written a newer one). A new folder is
         locked when it is made, with config.yaml."""
         if self.plan.run_dir.is_dir():
-            self._lock = lock_run_folder(self.plan.run_dir)
+            self._lock = self._lock_run_folder()
+
+    def _lock_run_folder(self) -> RunFolderLock:
+        # The other ranks wait in a collective meanwhile: the wait stays well inside its timeout.
+        wait = min(HOLDER_ELSEWHERE_WAIT_S, self.cfg.parallel.timeout_s / 2)
+        return lock_run_folder(self.plan.run_dir, wait_elsewhere_s=wait)
 
     def _write_run_config(self) -> None:
         """config.yaml is the configuration of the latest session; an earlier session's differing
@@ -178,8 +183,14 @@ class Trainer:
     def _take_run_folder(self) -> None:
         path = self.plan.run_dir / "config.yaml"
         self.plan.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self._lock.held:
-            self._lock = lock_run_folder(self.plan.run_dir)
+        if not self._lock.checked:  # the folder was new when this session started
+            self._lock = self._lock_run_folder()
+            if (self.ckpt_dir / LAST).exists():  # another session made it and trained meanwhile
+                raise CheckpointError(
+                    f"run folder {self.plan.run_dir} was started by another session while this one was setting "
+                    "up, and holds its checkpoints now; set run.name=<new name> for another run, or "
+                    "checkpoint.resume=auto to continue that one (nothing was overwritten)"
+                )
         before = path.read_text() if path.exists() else None
         write_config(self.cfg, path)
         if before is not None and path.read_text() != before:

@@ -37,3 +37,18 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
     )
     return proc
+
+
+# A sitecustomize.py that makes its interpreter behave as one where DALI is not installed
+# (`pip install -e .` installs it on x86-64 Linux only).
+NO_DALI = """import sys
+
+
+class NoDali:  # this interpreter behaves as one where DALI is not installed (not x86-64, say)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] == ["nvidia", "dali"]:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoDali())
+"""

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _helpers import NO_DALI
 
 from alexnet.config import Config, ConfigError, load_config, valid_keys, write_config
 
@@ -173,19 +174,6 @@ def test_gpu_only_values_on_a_cpu_stop_before_the_run_folder_is_made(override, m
     )
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
     assert not (tmp_path / "gpu_only").exists()
-
-
-NO_DALI = """import sys
-
-
-class NoDali:  # this interpreter behaves as one where DALI is not installed (not x86-64, say)
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[:2] == ["nvidia", "dali"]:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-
-sys.meta_path.insert(0, NoDali())
-"""
 
 
 def test_the_dali_pipeline_without_dali_is_a_config_error_before_the_run_folder(tmp_path):

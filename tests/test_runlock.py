@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -13,23 +14,27 @@ import pytest
 from _helpers import REPO, TINY_TRAIN, TRAIN
 
 import alexnet.trainer
+from alexnet import runlock
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import load_config
 from alexnet.run import run_training
 from alexnet.runlock import lock_run_folder
 
-# Takes the lock, forks a child that keeps running (as DataLoader workers do), says so, waits.
+# Takes the lock, forks a child that keeps running (as DataLoader workers do), says so, waits
+# (argv[2] seconds, 60 by default); argv[3] names the host it claims to be on.
 HOLDER = """
-import os, sys, time
+import os, socket, sys, time
 from pathlib import Path
 from alexnet.runlock import lock_run_folder
+if len(sys.argv) > 3:
+    socket.gethostname = lambda: sys.argv[3]
 lock = lock_run_folder(Path(sys.argv[1]))
 child = os.fork()
 if child == 0:
     time.sleep(60)
     os._exit(0)
 print(child, flush=True)
-time.sleep(60)
+time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 60)
 """
 CAN_LOCK = "import sys, pathlib, alexnet.runlock as r; r.lock_run_folder(pathlib.Path(sys.argv[1]))"
 
@@ -91,3 +96,54 @@ def test_a_setup_that_fails_frees_the_folder(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no optimizer today"):
         run_training(cfg, None)
     assert (tmp_path / "failed" / ".lock").exists() and can_lock_elsewhere(tmp_path / "failed")
+
+
+def test_a_holder_on_another_host_is_waited_for_one_here_is_not(tmp_path, caplog):
+    """A node that died keeps its NFS lock until its lease runs out, so a holder on another host
+    is waited for (a requeued job on a new node then starts instead of stopping); a holder on
+    this host is alive, since the kernel drops a dead process's lock, and is refused at once."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "3", "gone-node"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(CheckpointError, match=r"\(pid \d+ on gone-node, since "):
+            lock_run_folder(tmp_path, wait_elsewhere_s=0)
+        with caplog.at_level("WARNING", logger="alexnet"):
+            lock = lock_run_folder(tmp_path, wait_elsewhere_s=120)  # the holder lets go after 3 s
+        assert lock.held and caplog.text.count("is held by a session on gone-node") == 1
+        lock.release()
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_new_folder_another_session_trained_in_meanwhile_is_refused(tiny_data, tmp_path, monkeypatch):
+    """The folder did not exist when this session started (so there was nothing to lock yet),
+    and another session created it and wrote checkpoints while this one loaded its data: this
+    one stops instead of starting from scratch over them."""
+    run = tmp_path / "raced"
+    real = alexnet.trainer.build_splits
+
+    def another_session_meanwhile(*args, **kwargs):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.pt").write_bytes(b"theirs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(alexnet.trainer, "build_splits", another_session_meanwhile)
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=raced",
+                             "checkpoint.resume=none"])  # fmt: skip
+    with pytest.raises(CheckpointError, match="was started by another session while this one was setting up"):
+        run_training(cfg, None)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"theirs" and not (run / "config.yaml").exists()
+
+
+def test_a_file_system_without_locks_warns_once_and_trains(tiny_data, tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "lockf", no_locks)
+    (tmp_path / "nolocks").mkdir()  # an existing folder: tried before its checkpoints are read, once
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=nolocks",
+                             "train.max_steps=1"])  # fmt: skip
+    summary = run_training(cfg, None)  # its logging goes to stderr (run_training sets it up)
+    assert summary["steps"] == 1 and capsys.readouterr().err.count("has no file locks") == 1
