@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import REPO, check, torchrun
+from _helpers import NO_DALI, REPO, check, torchrun
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
@@ -139,6 +139,15 @@ def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--batch-size: must be >= 0 (0: the run's own), got -3" in proc.stderr
+
+
+def test_evaluation_without_dali_says_so(tiny_data, trained, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(NO_DALI)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data], capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: evaluation reads images with NVIDIA DALI, which is not installed" in proc.stderr
 
 
 def checkpoint_with(trained, folder, **config_changes):
