@@ -366,3 +366,15 @@ def test_the_plateau_schedule_divides_the_rate_and_resumes_with_its_state(tiny_d
     assert lr["straight"] == lr["resumed"] and len(lr["straight"]) == 45
     a, b = (torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True)["model"] for n in lr)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_quick_start_generates_the_demo_data_once_under_two_ranks(tmp_path):
+    """The README's first command on a fresh machine: launch/train.py with no arguments reads
+    data.root="" as the demo dataset and both ranks ask for it at once; one generates it (under
+    the cache's lock, renamed into place), the other waits and reads the same files."""
+    demo, runs = tmp_path / "cache" / "demo", tmp_path / "runs"
+    check(torchrun([TRAIN, f"run.root={runs}", "train.max_steps=2"], env={"ALEXNET_DEMO_DIR": str(demo)}))
+    assert (len(list(demo.glob("train/*/*.jpg"))), len(list(demo.glob("val/*/*.jpg")))) == (2600, 500)
+    assert sorted(p.name for p in demo.parent.iterdir()) == [".demo.lock", "demo"]  # no leftover copy
+    summary = json.loads((runs / "demo" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 2 and summary["stop_reason"] == "max_steps"
