@@ -13,7 +13,8 @@ a second session on another node.
 A holder on another host is waited for (up to HOLDER_ELSEWHERE_WAIT_S) before the folder is
 refused: when a node dies, an NFS server keeps its locks until the client's lease runs out (90 s
 by default in NFSv4), and a Slurm job requeued onto another node at once would otherwise stop.
-A holder on this host is alive (the kernel would have dropped a dead one's lock): refused at once.
+A live holder on this host is refused at once (the kernel would have dropped a dead one's lock;
+a dead pid under this host's name is another node that shares the name, and is waited for).
 
 The lock is per process, as POSIX locks are: one process is one session (launch/train.py).
 """
@@ -24,6 +25,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 import weakref
@@ -35,6 +37,7 @@ log = logging.getLogger("alexnet")
 LOCK_FILE = ".lock"
 HOLDER_ELSEWHERE_WAIT_S = 150.0
 _RETRY_S = 5.0
+_HOLDER = re.compile(r"pid (\d+) on (\S+), since ")
 _HELD = (errno.EACCES, errno.EAGAIN)
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -57,10 +60,23 @@ class RunFolderLock:
             self._finalizer()
 
 
-def holder_host(holder: str) -> str | None:
-    """The host in a holder line 'pid N on HOST, since ...' (None when it has not said)."""
-    _, on, rest = holder.partition(" on ")
-    return rest.split(",")[0] if on and rest else None
+def holder_is_alive_here(holder: str) -> bool:
+    """Whether a holder line 'pid N on HOST, since ...' names a live process of this host. A
+    holder elsewhere (or on a node that shares this one's host name, as containers may) is not:
+    here, the kernel would have dropped a dead process's lock."""
+    match = _HOLDER.match(holder)
+    if match is None:
+        return True  # it has not said who it is: take it for a live session
+    pid, host = int(match.group(1)), match.group(2)
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def lock_run_folder(run_dir: Path, wait_elsewhere_s: float = HOLDER_ELSEWHERE_WAIT_S) -> RunFolderLock:
@@ -81,17 +97,16 @@ def lock_run_folder(run_dir: Path, wait_elsewhere_s: float = HOLDER_ELSEWHERE_WA
                 return RunFolderLock(checked=True)
             if exc.errno not in _HELD:
                 raise
-            host = holder_host(holder)
-            if host is None or host == socket.gethostname() or time.monotonic() >= deadline:
+            if holder_is_alive_here(holder) or time.monotonic() >= deadline:
                 who = holder or "it has not said who it is"
                 raise CheckpointError(
                     f"run folder {run_dir} is in use by another training session ({who}); wait for it to end, "
                     "or set run.name=<new name> for another run (nothing was written)"
                 ) from None
             if not warned:
-                log.warning("run folder %s is held by a session on %s (%s): waiting up to %.0f s in case that "
-                            "node is gone and its lock not yet released",
-                            run_dir, host, holder, wait_elsewhere_s)  # fmt: skip
+                log.warning("run folder %s is held by a session on another node (%s): waiting up to %.0f s in "
+                            "case that node is gone and its lock not yet released",
+                            run_dir, holder, wait_elsewhere_s)  # fmt: skip
                 warned = True
             time.sleep(min(_RETRY_S, max(0.0, deadline - time.monotonic())))
     os.ftruncate(fd, 0)

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,8 @@ def test_a_holder_on_another_host_is_waited_for_one_here_is_not(tmp_path, caplog
             lock_run_folder(tmp_path, wait_elsewhere_s=0)
         with caplog.at_level("WARNING", logger="alexnet"):
             lock = lock_run_folder(tmp_path, wait_elsewhere_s=120)  # the holder lets go after 3 s
-        assert lock.held and caplog.text.count("is held by a session on gone-node") == 1
+        assert lock.held and caplog.text.count("is held by a session on another node (pid ") == 1
+        assert " on gone-node, since " in caplog.text
         lock.release()
     finally:
         holder.kill()
@@ -147,3 +149,15 @@ def test_a_file_system_without_locks_warns_once_and_trains(tiny_data, tmp_path, 
                              "train.max_steps=1"])  # fmt: skip
     summary = run_training(cfg, None)  # its logging goes to stderr (run_training sets it up)
     assert summary["steps"] == 1 and capsys.readouterr().err.count("has no file locks") == 1
+
+
+def test_which_holders_are_live_sessions_of_this_host():
+    """Refused at once: a live process of this host, or a holder that has not said who it is.
+    Waited for: another host, or a pid that is dead here (a node that shares this host's name)."""
+    here, since = socket.gethostname(), ", since 2026-12-05 10:00:00"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    assert runlock.holder_is_alive_here(f"pid {os.getpid()} on {here}{since}")
+    assert runlock.holder_is_alive_here("")
+    assert not runlock.holder_is_alive_here(f"pid {os.getpid()} on elsewhere{since}")
+    assert not runlock.holder_is_alive_here(f"pid {dead.pid} on {here}{since}")
