@@ -26,6 +26,9 @@ class DataSplits:
     classes: list[str]
 
 
+DALI_INSTALL_HINT = "`pip install nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only"
+
+
 def dali_installed() -> bool:
     try:
         return importlib.util.find_spec("nvidia.dali") is not None
@@ -38,8 +41,8 @@ def check_pipeline_installed(cfg: DataConfig) -> None:
     installs DALI on x86-64 Linux only)."""
     if cfg.pipeline == "dali" and not dali_installed():
         raise ConfigError(
-            "config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed (`pip install "
-            "nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only); use data.pipeline=torchvision"
+            f"config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed ({DALI_INSTALL_HINT}); "
+            "use data.pipeline=torchvision"
         )
 
 

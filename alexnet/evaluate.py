@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from alexnet.config import Config, ConfigError
-from alexnet.data import dali_installed, image_spec, resolve_data_root
+from alexnet.data import DALI_INSTALL_HINT, dali_installed, image_spec, resolve_data_root
 from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
 from alexnet.inference import build_model_from_checkpoint
@@ -170,10 +170,7 @@ def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: Dis
     if decoder == "mixed" and env.device.type != "cuda":
         raise ConfigError("--decoder mixed decodes on the GPU and needs a CUDA device; use --decoder cpu or auto")
     if not dali_installed():
-        raise ConfigError(
-            "evaluation reads images with NVIDIA DALI, which is not installed (`pip install nvidia-dali-cuda130`; "
-            "`pip install -e .` installs it on x86-64 Linux only)"
-        )
+        raise ConfigError(f"evaluation reads images with NVIDIA DALI, which is not installed ({DALI_INSTALL_HINT})")
     rest = (image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch, decoder, cfg.data.hw_decoder_load)
     if opts.ten_crop:
         from pipelines.tencrop import TenCropLoader
