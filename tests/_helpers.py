@@ -39,9 +39,14 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-# A sitecustomize.py that makes its interpreter behave as one where DALI is not installed
-# (`pip install -e .` installs it on x86-64 Linux only).
-NO_DALI = """import sys
+def without_dali(folder: Path) -> dict[str, str]:
+    """The environment of a Python that behaves as one where DALI is not installed (`pip install
+    -e .` installs it on x86-64 Linux only): a sitecustomize.py in `folder`, first on its path."""
+    (folder / "sitecustomize.py").write_text(_NO_DALI)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{folder}{os.pathsep}{os.environ['PYTHONPATH']}"}
+
+
+_NO_DALI = """import sys
 
 
 class NoDali:  # this interpreter behaves as one where DALI is not installed (not x86-64, say)

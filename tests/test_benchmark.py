@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from _helpers import NO_DALI, REPO, check, torchrun
+from _helpers import REPO, check, torchrun, without_dali
 from PIL import Image
 from torch import nn
 
@@ -662,12 +662,11 @@ def test_the_benchmark_steps_clip_as_the_trainer_does(monkeypatch):
 def test_e2e_of_the_torchvision_loader_runs_without_dali(tiny_data, tmp_path):
     """Where DALI is not installed (`pip install -e .` installs it on x86-64 only), measuring the
     torchvision loader still works: only the pipelines asked for need their library."""
-    (tmp_path / "sitecustomize.py").write_text(NO_DALI)
     out = tmp_path / "out"
     argv = ["e2e", "--data", str(tiny_data), "--pipelines", "torchvision", "--no-synthetic", "--windows", "1",
             "--warmup", "0", "--steps", "1", "--out", str(out), "data.batch_size=4", "data.num_threads=1",
             "data.crop=67", "data.resize=76"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    env = without_dali(tmp_path)
     proc = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["name"] for r in output.load_report(out / "e2e.json")["results"]] == ["e2e/torchvision"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _helpers import NO_DALI
+from _helpers import without_dali
 
 from alexnet.config import Config, ConfigError, load_config, valid_keys, write_config
 
@@ -179,12 +179,11 @@ def test_gpu_only_values_on_a_cpu_stop_before_the_run_folder_is_made(override, m
 def test_the_dali_pipeline_without_dali_is_a_config_error_before_the_run_folder(tmp_path):
     """`pip install -e .` installs DALI on x86-64 Linux only; elsewhere the demo's
     data.pipeline=dali stops with the key's name and the way out, not an import traceback."""
-    (tmp_path / "sitecustomize.py").write_text(NO_DALI)
     proc = subprocess.run(
         [sys.executable, TRAIN, f"run.root={tmp_path}", "run.name=no_dali", "data.pipeline=dali"],
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"},
+        env=without_dali(tmp_path),
     )
     message = "error: config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed"
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr

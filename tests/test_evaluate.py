@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import NO_DALI, REPO, check, torchrun
+from _helpers import REPO, check, torchrun, without_dali
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
@@ -142,8 +142,7 @@ def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained):
 
 
 def test_evaluation_without_dali_says_so(tiny_data, trained, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(NO_DALI)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    env = without_dali(tmp_path)
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data], capture_output=True, text=True,
                           env=env)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
 
 
-def train(tiny_data, tmp_path, name, *extra, nproc=2):
+def train(tiny_data, tmp_path, name, *extra, nproc=2, env=None):
     args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}", *extra]
-    return torchrun(args, nproc=nproc)
+    return torchrun(args, nproc=nproc, env=env)
 
 
 def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
@@ -109,12 +109,8 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     common = ("train.epochs=1", "checkpoint.every_steps=0")
     stop = tmp_path / "STOP"
     stop.write_text("")
-    first = check(
-        torchrun(
-            [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=pre", *common],
-            env={"ALEXNET_STOP_FILE": str(stop)},
-        )
-    )
+    slurm_like = {"ALEXNET_STOP_FILE": str(stop)}
+    first = check(train(tiny_data, tmp_path, "pre", *common, env=slurm_like))
     assert "stopping at step 1 on stop file" in first.stderr
     summary = json.loads((tmp_path / "pre" / "summary.json").read_text())
     assert summary["stop_reason"] == "preempted" and summary["steps"] == 1
@@ -123,8 +119,7 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     payload = torch.load(last, weights_only=True)
     assert payload["progress"]["step"] == 1 and set(payload["loaders"]["train"]) == {"0", "1"}
     stop.unlink()
-    resumed = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=pre", *common]
-    rerun = check(torchrun(resumed, env={"ALEXNET_STOP_FILE": str(stop)}))
+    rerun = check(train(tiny_data, tmp_path, "pre", *common, env=slurm_like))
     assert f"resumed from {last} at epoch 0, step 1" in rerun.stderr  # not a fresh start to the same end
     assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"  # and not this one
     check(train(tiny_data, tmp_path, "whole", *common))
