@@ -163,7 +163,9 @@ def test_training_reads_only_good_files_from_the_lists_and_names_a_bad_file_othe
              if kind in FATAL or rel.endswith(("zz_gif.JPEG", "zz_forged_size.JPEG"))]  # fmt: skip
     assert any(path in errors[0] for path in fatal), errors[0]
     assert "launch/scan.py" in errors[0] and "data.train_files=" in errors[0]
-    assert errors[0].rstrip().endswith("Training stopped; no checkpoint was written after this batch."), errors[0]
+    # In the line, not at its end: DALI's log can also continue the same line (one run found
+    # "[libjpeg_turbo_decoder] Could not decode ..." written right after the sentence).
+    assert "Training stopped; no checkpoint was written after this batch." in errors[0], errors[0]
     # no broken checkpoint: whatever was written before the bad batch loads
     for ckpt in (tmp_path / "raw" / "checkpoints").glob("*.pt"):
         load_checkpoint(ckpt)
