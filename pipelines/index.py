@@ -41,9 +41,14 @@ def find_classes(split_dir: Path) -> list[str]:
 
 
 def image_names(folder: Path) -> list[str]:
-    """The image files of one class folder, sorted: the files every pipeline reads."""
+    """The image files of one class folder, sorted: the files every pipeline reads. A symbolic
+    link whose target is gone is listed too (as ImageFolder lists it), so that the scan and the
+    decoders name it instead of the split silently losing the image."""
     return sorted(
-        entry.name for entry in os.scandir(folder) if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        entry.name
+        for entry in os.scandir(folder)
+        if (entry.is_file() or (entry.is_symlink() and not entry.is_dir()))
+        and entry.name.lower().endswith(IMAGE_EXTENSIONS)
     )
 
 
@@ -105,9 +110,11 @@ def load_file_list(list_file: str | Path, split_dir: str | Path, classes: list[s
     else:
         check_split_classes(split_dir, found, classes)
     try:
-        lines = list_file.read_text().splitlines()
+        lines = list_file.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise DataError(f"cannot read file list {list_file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"file list {list_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     label_of = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []

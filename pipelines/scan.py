@@ -202,7 +202,7 @@ def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
         ]
         text = "\n".join(header + lines) + "\n"
         tmp = out / f".{split}.txt.tmp"
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # what load_file_list reads, whatever the locale
         os.replace(tmp, out / f"{split}.txt")
     report = {
         "data_root": str(result.root),

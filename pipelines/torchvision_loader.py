@@ -71,7 +71,10 @@ def build_transform(image: ImageSpec, split: Split) -> T.Compose:
 
 
 def sample_seed(seed: int, epoch: int, sample: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + sample
+    # Modulo 2**64: torch.manual_seed refuses integers beyond 64 bits, which the product reaches
+    # from data.seed >= about 1.85 million (a date such as 20241205), and takes every other seed
+    # (negative ones too) modulo 2**64 itself, so every seed that worked gives the same draws.
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + sample) % (2**64)
 
 
 class IndexedImages(Dataset):

@@ -265,3 +265,28 @@ def test_random_resized_crops_zoom_in_where_the_paper_crop_does_not(tmp_path, ki
     # 14% of such crops fall inside one half (sampled with torchvision's own parameter draw):
     # about 18 of 128; 6 is three standard deviations below, 0 is what the paper crop gives.
     assert len(single) >= 6, zoomed
+
+
+def test_torchvision_loader_takes_a_date_as_data_seed(tiny_data):
+    """sample_seed's product passes 2**64 from data.seed ~1.85e6; torch.manual_seed refuses it."""
+    from pipelines.torchvision_loader import sample_seed
+
+    index = build_file_index(tiny_data / "train")
+    for split in ("train", "val"):
+        images, _ = next(iter(tv(index, split, seed=20241205)))
+        assert images.shape == (4, 3, 67, 67)
+    assert sample_seed(42, 3, 7) == (42 * 1_000_003 + 3) * 10_000_019 + 7  # small seeds unchanged
+
+
+def test_a_dangling_symlink_is_listed_and_named_not_dropped(tiny_data, tmp_path):
+    """A class folder's link whose target is gone (prepare_imagenet.py symlinks by default) is in
+    the index, as in ImageFolder's, so the decoder names it instead of the split losing it."""
+    good = build_file_index(tiny_data / "val").files[0]
+    folder = tmp_path / "val" / "a"
+    folder.mkdir(parents=True)
+    (folder / "good.jpg").symlink_to(good)
+    (folder / "gone.jpg").symlink_to(tmp_path / "moved" / "x.jpg")
+    index = build_file_index(tmp_path / "val")
+    assert [Path(f).name for f in index.files] == ["gone.jpg", "good.jpg"]
+    with pytest.raises(DataError, match=r"gone\.jpg \(cannot stat"):
+        list(dali(index, "val", batch=2))

@@ -286,6 +286,14 @@ def test_a_file_list_line_outside_the_classes_is_named(tmp_path, tiny_data):
         load_file_list(listing, tiny_data / "train")
 
 
+def test_a_file_list_that_is_not_utf8_is_named(tmp_path, tiny_data):
+    listing = tmp_path / "train.txt"
+    listing.write_bytes("circle/circle_0000.jpg\ncircle/caf\u00e9.jpg\n".encode("latin-1"))
+    # byte 33: the e-acute of the second line, one byte in Latin-1 and an invalid UTF-8 lead
+    with pytest.raises(DataError, match=r"train\.txt is not UTF-8 text \(invalid continuation byte at byte 33\)"):
+        load_file_list(listing, tiny_data / "train")
+
+
 @pytest.mark.parametrize("fixable", ["convert", "exclude", "keep"])
 def test_grayscale_policy_is_decided_by_grayscale_alone(fixable):
     gray, cmyk = Finding("a.JPEG", "grayscale", ""), Finding("b.JPEG", "cmyk", "")
