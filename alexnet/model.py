@@ -6,8 +6,9 @@
   ``self.exchange``, a concatenation on one device. Splitting the model over two ranks
   (``alexnet.parallel.towers``) keeps one tower's modules and swaps ``exchange`` for an
   all-gather; it is a transformation of this module, not a second model.
-* ``torchvision``: the single-tower variant of "One weird trick" (Krizhevsky 2014) with parameter
-  names identical to ``torchvision.models.alexnet``, so weights move between the two freely.
+* ``torchvision`` (``alexnet/torchvision_variant.py``, imported when built): the single-tower
+  variant of "One weird trick" (Krizhevsky 2014) with parameter names identical to
+  ``torchvision.models.alexnet``, so weights move between the two freely.
 
 Both expose ``forward_features`` (pixels -> flattened pool5, 9216 values at 227x227) and ``forward_head``
 (fc6..fc8), the seam at which the 2014 hybrid layout splits data- from model-parallelism.
@@ -19,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -179,25 +179,6 @@ def init_kaiming_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class TorchvisionAlexNet(torchvision.models.AlexNet):
-    """`torchvision.models.alexnet` with the same parameter names and torchvision's own init;
-    only its two dropout layers (no parameters) are made layout-independent."""
-
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
-        super().__init__(num_classes=num_classes, dropout=dropout)
-        self.classifier[0] = CounterDropout(dropout, DROPOUT_STREAMS["fc6"])
-        self.classifier[3] = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return torch.flatten(self.avgpool(self.features(x)), 1)
-
-    def forward_head(self, z: Tensor) -> Tensor:
-        return self.classifier(z)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
 def head_pieces(model: nn.Module) -> dict[str, list[str]]:
     """The fully-connected layers as ordered lists of modules whose output rows, stacked, make the
     whole layer: the paper's towers each hold half of a layer's neurons (fc8: half the logits)."""
@@ -223,6 +204,10 @@ def build_model(
     if variant == "paper":
         return PaperAlexNet(num_classes, dropout, input_size, init)
     if variant == "torchvision":
+        # Imported here: importing torchvision takes about a second in every process (it loads
+        # torch._dynamo), which the paper variant, trained from DALI, never needs.
+        from alexnet.torchvision_variant import TorchvisionAlexNet
+
         return TorchvisionAlexNet(num_classes, dropout)
     raise ValueError(f"model.variant: unknown variant {variant!r} (choose 'paper' or 'torchvision')")
 

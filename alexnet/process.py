@@ -16,7 +16,10 @@ def set_determinism(enabled: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)
+        # Off is the process's default. Switching (either way) imports torch._inductor, about a
+        # second of every process's start, so it is only done to undo an earlier switch on.
+        if torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 

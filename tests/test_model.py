@@ -12,11 +12,11 @@ from alexnet.model import (
     LRN_K,
     LRN_SIZE,
     PaperAlexNet,
-    TorchvisionAlexNet,
     build_model,
     min_input_size,
     pool5_size,
 )
+from alexnet.torchvision_variant import TorchvisionAlexNet
 
 PAPER_LRN = LRNConstants(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
 

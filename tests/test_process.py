@@ -1,5 +1,8 @@
 """The process-wide settings the trainer and the benchmark apply (alexnet/process.py)."""
 
+import subprocess
+import sys
+
 import torch
 
 from alexnet.config import TrainConfig
@@ -17,3 +20,21 @@ def test_determinism_switches_the_cudnn_autotuner_both_ways():
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def test_the_default_settings_and_the_paper_model_leave_the_heavy_modules_unloaded():
+    """Switching determinism imports torch._inductor and importing torchvision loads torch._dynamo,
+    about a second each in every process (rank, evaluation, export) that does neither."""
+    code = (
+        "import sys\n"
+        "from alexnet.config import TrainConfig\n"
+        "from alexnet.model import build_model\n"
+        "from alexnet.process import apply_process_settings\n"
+        "apply_process_settings(TrainConfig(host_memory='system'))\n"
+        "build_model('paper', 10, input_size=67)\n"
+        "print(sorted(m for m in ('torch._inductor', 'torch._dynamo', 'torchvision') if m in sys.modules))\n"
+        "build_model('torchvision', 10)\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.splitlines() == ["[]", "True"]
