@@ -31,6 +31,7 @@ from alexnet.bench.output import Report, ReportError, format_ratios, format_tabl
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.mesh import LayoutError
+from alexnet.process import exit_process
 from pipelines.index import DataError
 
 HERE = Path(__file__).resolve()
@@ -279,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

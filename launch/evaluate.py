@@ -28,6 +28,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
 from alexnet.parallel.env import LaunchError, init_distributed, shutdown_distributed
+from alexnet.process import exit_process
 from pipelines.index import DataError
 
 
@@ -135,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

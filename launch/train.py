@@ -13,6 +13,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.env import LaunchError
 from alexnet.parallel.mesh import LayoutError
+from alexnet.process import exit_process
 from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
 from pipelines.index import DataError
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

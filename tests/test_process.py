@@ -38,3 +38,20 @@ def test_the_default_settings_and_the_paper_model_leave_the_heavy_modules_unload
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.splitlines() == ["[]", "True"]
+
+
+def test_exit_process_still_destroys_what_a_reference_cycle_holds(tmp_path):
+    """The launchers leave through exit_process, which freezes what survives one collection: an
+    unreachable object in a reference cycle (a DALI pipeline whose destructor joins its threads)
+    must still be destroyed, and the exit code kept."""
+    marker = tmp_path / "destroyed"
+    code = (
+        "from alexnet.process import exit_process\n"
+        "class Pipeline:\n"
+        f"    def __del__(self): open({str(marker)!r}, 'w').write('joined')\n"
+        "p = Pipeline(); p.me = p; del p\n"
+        "exit_process(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stderr == ""
+    assert marker.read_text() == "joined"
