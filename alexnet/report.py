@@ -68,7 +68,7 @@ class RunSummary:
     images_per_sec: float
     world_size: int
     device: str
-    gpu_hours: float  # world size x wall hours on CUDA, 0 on the CPU
+    gpu_hours: float  # each session's world size x its wall hours on CUDA, 0 on the CPU
     paper: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,8 +83,11 @@ def summarize_run(
     world_size: int,
     device_type: str,
     num_classes: int,
+    gpu_seconds: float | None = None,  # the run's sessions summed (None: this session's world for all of it)
 ) -> RunSummary:
     hours = wall_seconds / 3600.0
+    if gpu_seconds is None:
+        gpu_seconds = session_gpu_seconds(world_size, device_type, wall_seconds)
     return RunSummary(
         best_top1=best_top1,
         best_top5=best_top5,
@@ -94,13 +97,18 @@ def summarize_run(
         images_per_sec=train_images / wall_seconds if wall_seconds > 0 else 0.0,
         world_size=world_size,
         device=device_type,
-        gpu_hours=world_size * hours if device_type == "cuda" else 0.0,
+        gpu_hours=gpu_seconds / 3600.0,
         paper=paper_comparison(best_top1, best_top5, num_classes) if best_top1 is not None else dict(NO_VALIDATION),
     )
 
 
+def session_gpu_seconds(world_size: int, device_type: str, seconds: float) -> float:
+    """GPU-seconds of `seconds` of one session: one GPU per process on CUDA, none on the CPU."""
+    return world_size * seconds if device_type == "cuda" else 0.0
+
+
 def format_summary(s: RunSummary) -> str:
-    gpu = f"{s.gpu_hours:.2f} GPU-hours" if s.device == "cuda" else "CPU only (0 GPU-hours)"
+    gpu = f"{s.gpu_hours:.2f} GPU-hours" if s.device == "cuda" or s.gpu_hours else "CPU only (0 GPU-hours)"
     accuracy = "no validation yet"
     if s.best_top1 is not None:
         accuracy = f"best val top-1 {s.best_top1:.2f}%, top-5 {s.best_top5:.2f}%"
@@ -209,6 +217,10 @@ def write_run_report(run_dir: Path, final: RunSummary) -> Path | None:
         return None
     try:
         return plot_training_curves(metrics, run_dir / PLOT_FILE)
+    except ImportError as exc:  # matplotlib missing or broken: the run itself has ended well
+        log.warning("could not draw %s: matplotlib cannot be imported (%s; pip install matplotlib)",
+                    run_dir / PLOT_FILE, exc)  # fmt: skip
+        return None
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("could not draw %s: %s", run_dir / PLOT_FILE, exc)
         return None

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from alexnet.config import ConfigError
 from alexnet.metrics import MetricsWriter, strict_json, write_text_atomic
 from alexnet.report import RunSummary, write_run_report
 
@@ -28,6 +29,22 @@ def stop_state(summary: dict[str, Any]) -> str:
         # The same command would stop again at once: the limit is part of the config.
         return "stopped (max_steps; raise train.max_steps, or set it to 0, to continue)"
     return f"stopped ({reason}; the same command resumes)"
+
+
+def check_tensorboard_installed(enabled: bool) -> None:
+    """Before a run starts, on every rank: run.tensorboard=true needs the tensorboard package.
+    Found missing by rank 0 alone, in the middle of the setup, it was a traceback there and a
+    broken collective on every other rank."""
+    if not enabled:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"config key 'run.tensorboard' is true but TensorBoard cannot be imported ({exc}); "
+            "pip install tensorboard, or set run.tensorboard=false (metrics.jsonl and training_curves.png "
+            "are written either way)"
+        ) from exc
 
 
 def final_accuracy(top1: float | None) -> str:

@@ -10,7 +10,7 @@ rate follows the epoch progress, not the global step.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,13 @@ class Progress:
     last_top1: float | None = None
     last_top5: float | None = None
     nonfinite_streak: int = 0
+    # For summary.json, over all sessions: bytes handed to / sent by this rank's collectives in
+    # the logged steps, by kind, and the steps they cover; and GPU-seconds (each session's world
+    # size x its wall seconds on CUDA; None in checkpoints written before it was counted).
+    comm_payload: dict[str, int] = field(default_factory=dict)
+    comm_sent: dict[str, int] = field(default_factory=dict)
+    comm_steps: int = 0
+    gpu_seconds: float | None = None
 
 
 def resume_candidates(cfg: CheckpointConfig, ckpt_dir: Path) -> list[Path]:

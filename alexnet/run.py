@@ -12,6 +12,7 @@ from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan
 from alexnet.process import apply_process_settings
+from alexnet.reporting import check_tensorboard_installed
 from alexnet.trainer import Trainer
 
 
@@ -32,6 +33,7 @@ def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
         plan = build_plan(cfg, env, mesh, config_path)
         check_pipeline_installed(cfg.data)  # before the run folder, with the config's key
+        check_tensorboard_installed(cfg.run.tensorboard)
         return Trainer(cfg, env, mesh, plan).fit()
     finally:
         shutdown_distributed()

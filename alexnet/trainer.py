@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
-from alexnet.report import summarize_run
+from alexnet.report import session_gpu_seconds, summarize_run
 from alexnet.reporting import Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
@@ -111,9 +110,10 @@ class Trainer:
         self.stop.install()
         self._session_start = time.perf_counter()
         self._seconds_before = self.progress.train_seconds
-        self._comm_payload: dict[str, int] = defaultdict(int)
-        self._comm_sent: dict[str, int] = defaultdict(int)
-        self._comm_steps = 0
+        p = self.progress
+        if p.gpu_seconds is None:  # a checkpoint from before GPU-seconds were counted: as this session
+            p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
+        self._gpu_seconds_before = p.gpu_seconds
         batch = cfg.data.batch_size
         self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
 
@@ -229,7 +229,11 @@ class Trainer:
                         self.plan.run_dir, self.cfg.train.epochs)  # fmt: skip
 
     def _update_clock(self) -> None:
-        self.progress.train_seconds = self._seconds_before + time.perf_counter() - self._session_start
+        elapsed = time.perf_counter() - self._session_start
+        self.progress.train_seconds = self._seconds_before + elapsed
+        self.progress.gpu_seconds = self._gpu_seconds_before + session_gpu_seconds(
+            self.env.world_size, self.env.device.type, elapsed
+        )
 
     def save_checkpoint(self) -> None:
         """Collective: every rank calls it; rank 0 writes.
@@ -321,11 +325,14 @@ class Trainer:
             raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
         if stop_reason:
             self.save_checkpoint()
-        self._update_clock()
+        if self._saved_step != self.progress.step:
+            # Else the clock stays as the last checkpoint has it: the figures below are the ones
+            # the next session resumes with (a rerun of a finished run reports the same time).
+            self._update_clock()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
-                              self.env.device.type, len(self.splits.classes))  # fmt: skip
+                              self.env.device.type, len(self.splits.classes), p.gpu_seconds)  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self.reporter.summary(summary, final)
         self.reporter.close()
@@ -434,11 +441,12 @@ class Trainer:
         stats = tally.reduce(self.mesh.metric_group)
         speed = meter.read()
         payload, sent = self.comm.take()
+        p = self.progress
         for kind, value in payload.items():
-            self._comm_payload[kind] += value
+            p.comm_payload[kind] = p.comm_payload.get(kind, 0) + value
         for kind, value in sent.items():
-            self._comm_sent[kind] += value
-        self._comm_steps += steps
+            p.comm_sent[kind] = p.comm_sent.get(kind, 0) + value
+        p.comm_steps += steps
         self.reporter.train(
             {
                 "split": "train",
@@ -508,6 +516,6 @@ class Trainer:
             "device": self.env.device.type,
             "amp": self.amp.name,
             "pipeline": self.cfg.data.pipeline,
-            "comm_payload_mb_per_step": comm_per_step(self._comm_payload, self._comm_steps),
-            "comm_sent_mb_per_step": comm_per_step(self._comm_sent, self._comm_steps),
+            "comm_payload_mb_per_step": comm_per_step(p.comm_payload, p.comm_steps),
+            "comm_sent_mb_per_step": comm_per_step(p.comm_sent, p.comm_steps),
         }

@@ -1,8 +1,13 @@
 import json
+import sys
 
+import pytest
 import torch
+from _helpers import TINY_TRAIN
 
+from alexnet.config import ConfigError, load_config
 from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct
+from alexnet.run import run_training
 from pipelines.base import PAD_LABEL
 
 
@@ -120,3 +125,16 @@ def test_a_diverged_loss_is_written_as_null_for_strict_json_readers(tmp_path):
     MetricsWriter(tmp_path, tensorboard=False, start_step=1)  # a resume rewrites what it keeps
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)["loss"] is None
     assert strict_json({"best": float("-inf")}, indent=2) == '{\n  "best": null\n}'
+
+
+def test_tensorboard_requested_but_missing_stops_the_run_before_it_starts(tiny_data, tmp_path, monkeypatch):
+    """A ConfigError naming the key on every rank, before the run folder is made (it was a
+    ModuleNotFoundError traceback on rank 0 in the middle of the setup, config.yaml already
+    written, and a broken collective on the other ranks)."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=tb",
+                             "run.tensorboard=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"config key 'run.tensorboard'.*pip install tensorboard"):
+        run_training(cfg, None)
+    assert not (tmp_path / "tb").exists()

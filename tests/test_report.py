@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 
 import pytest
 from PIL import Image
@@ -11,6 +12,7 @@ from alexnet.report import (
     build_training_figure,
     paper_comparison,
     plot_training_curves,
+    session_gpu_seconds,
     summarize_run,
     write_run_report,
 )
@@ -136,3 +138,27 @@ def test_a_run_without_validation_reports_none_and_max_steps_says_how_to_continu
     assert stop_state(stopped) == "stopped (max_steps; raise train.max_steps, or set it to 0, to continue)"
     assert stop_state({**stopped, "stop_reason": "preempted"}) == "stopped (preempted; the same command resumes)"
     assert stop_state({"completed": True, "stop_reason": "completed"}) == "finished"
+
+
+def test_a_missing_matplotlib_is_a_warning_not_an_error(tmp_path, caplog, monkeypatch):
+    """The run has ended and its checkpoints are safe: no plotting library must not fail it
+    (a failure here skipped the .completed marker and made torchrun restart a finished run)."""
+    write_metrics(tmp_path / "metrics.jsonl")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    final = summarize_run(50.0, 75.0, 60.0, 1000, 1, "cpu", 10)
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        assert write_run_report(tmp_path, final) is None
+    assert "matplotlib cannot be imported" in caplog.text and "best val top-1 50.00%" in caplog.text
+    assert not (tmp_path / PLOT_FILE).exists()
+
+
+def test_gpu_hours_count_each_session_with_its_own_world_size():
+    """8 GPUs for 10 h, then resumed on 16 GPUs for 1 h: 96 GPU-hours, not 16 x 11 = 176."""
+    gpu_seconds = session_gpu_seconds(8, "cuda", 36_000.0) + session_gpu_seconds(16, "cuda", 3_600.0)
+    s = summarize_run(57.0, 80.0, 39_600.0, 1_000_000, 16, "cuda", 1000, gpu_seconds)
+    assert s.gpu_hours == pytest.approx(96.0)
+    # a CPU session after CUDA ones keeps their GPU-hours, adds none
+    cpu_too = gpu_seconds + session_gpu_seconds(2, "cpu", 400.0)
+    assert summarize_run(57.0, 80.0, 40_000.0, 1_000_000, 2, "cpu", 1000, cpu_too).gpu_hours == pytest.approx(96.0)
+    assert summarize_run(57.0, 80.0, 3_600.0, 1, 8, "cuda", 1000).gpu_hours == 8.0  # one session: as before

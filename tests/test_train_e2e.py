@@ -63,6 +63,14 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
     assert summary["gpu_hours"] == 0.0 and not summary["paper"]["comparable"]  # CPU; 10 classes, not ImageNet
     assert (run / "training_curves.png").stat().st_size > 10_000
     assert "best val top-1" in proc.stderr + proc.stdout
+    # The same command again (a Slurm requeue that missed the .completed marker) finds nothing to
+    # train and rewrites the same summary: the figures are the run's, not this empty session's.
+    assert summary["comm_sent_mb_per_step"]["grad_allreduce"] > 0
+    again = check(train(tiny_data, tmp_path, "e2e", "train.epochs=2", "checkpoint.every_steps=3"))
+    assert "nothing to train" in again.stderr
+    rewritten = json.loads((run / "summary.json").read_text())
+    assert rewritten.pop("session_seconds") < summary.pop("session_seconds")  # only this one is the session's
+    assert rewritten == summary
 
 
 def test_resume_mid_epoch_gives_identical_weights(tiny_data, tmp_path):
