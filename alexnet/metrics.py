@@ -81,6 +81,11 @@ class Throughput:
         self.images += images
         self.data_wait += data_wait
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of the window out (a checkpoint written in it): the figures are the
+        training's, not the disk's."""
+        self.start += seconds
+
     def read(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"images_per_sec": self.images / elapsed, "data_wait_share": self.data_wait / elapsed}

@@ -388,7 +388,9 @@ class Trainer:
                 self._log_train(epoch, lr, tally, meter, window, batches)
                 window = 0
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                saving = time.perf_counter()
                 self.save_checkpoint()
+                meter.exclude(time.perf_counter() - saving)
             if self._reached_max_steps() and not self._epoch_done(epoch):
                 return "max_steps"  # at the epoch's last step the epoch ends first: validated, counted
             if self.stop.agreed():

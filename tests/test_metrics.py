@@ -1,5 +1,6 @@
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -138,3 +139,25 @@ def test_tensorboard_requested_but_missing_stops_the_run_before_it_starts(tiny_d
     with pytest.raises(ConfigError, match=r"config key 'run.tensorboard'.*pip install tensorboard"):
         run_training(cfg, None)
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_checkpoint_write_is_left_out_of_the_training_throughput(tiny_data, tmp_path, monkeypatch):
+    """Checkpoints every 2 steps, each taking 1000 s on the clock: the records' images/s and
+    data-wait shares are the training's (a window holding a write read about 0.016 images/s)."""
+    import alexnet.trainer as trainer_module
+
+    clock = {"offset": 0.0}
+    real_clock, real_save = time.perf_counter, trainer_module.atomic_save
+
+    def slow_save(*args, **kwargs):
+        clock["offset"] += 1000.0
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + clock["offset"])
+    monkeypatch.setattr(trainer_module, "atomic_save", slow_save)
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=ckpt",
+                             "train.max_steps=6", "checkpoint.every_steps=2", "train.log_every=2"])  # fmt: skip
+    run_training(cfg, None)
+    train = [r for r in read_metrics(tmp_path / "ckpt" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6] and clock["offset"] >= 3000.0
+    assert all(r["images_per_sec"] > 1.0 and r["data_wait_share"] <= 1.0 for r in train), train
