@@ -185,7 +185,17 @@ def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]
 
 def write_text_atomic(path: Path, text: str) -> None:
     """A reader (a monitoring script, the next session) sees the old file or the new one, never
-    a half-written one."""
+    a half-written one. The new text is synced before the rename: metrics.jsonl is rewritten this
+    way on every resume, and a rename that reaches the disk before the data (a crash or power
+    loss just after it) would leave the run's whole record empty. A failed write leaves the old
+    file and no temporary one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 import time
 
@@ -7,7 +8,7 @@ import torch
 from _helpers import TINY_TRAIN
 
 from alexnet.config import ConfigError, load_config
-from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct
+from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct, write_text_atomic
 from alexnet.run import run_training
 from pipelines.base import PAD_LABEL
 
@@ -161,3 +162,22 @@ def test_a_checkpoint_write_is_left_out_of_the_training_throughput(tiny_data, tm
     train = [r for r in read_metrics(tmp_path / "ckpt" / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6] and clock["offset"] >= 3000.0
     assert all(r["images_per_sec"] > 1.0 and r["data_wait_share"] <= 1.0 for r in train), train
+
+
+def test_an_atomic_write_is_synced_before_its_rename_and_a_failed_one_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    path.write_text("old\n")
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n" and events == ["fsync", "replace"]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(path, "newer\n")
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
