@@ -60,6 +60,9 @@ class Progress:
     comm_sent: dict[str, int] = field(default_factory=dict)
     comm_steps: int = 0
     gpu_seconds: float | None = None
+    # What the comm totals were counted under (trainer.comm_setup): bytes per step belong to a
+    # layout, so a session under another one starts them afresh instead of averaging the two.
+    comm_setup: str | None = None
 
 
 def resume_candidates(cfg: CheckpointConfig, ckpt_dir: Path) -> list[Path]:

@@ -56,6 +56,17 @@ def _recorded_resume(config_yaml: Path) -> str | None:
     return value if isinstance(value, str) and value not in ("auto", "none") else None
 
 
+def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh) -> str:
+    """What decides the bytes a step communicates: summary.json's totals carry over from earlier
+    sessions only while it stays the same."""
+    par = cfg.parallel
+    return (
+        f"{mesh.mode} world {env.world_size} data {mesh.data_size} fc_group {par.fc_group} "
+        f"hook {par.comm_hook}/{par.powersgd_rank} batch {cfg.data.batch_size} crop {cfg.data.crop} "
+        f"amp {cfg.train.amp} model {cfg.model.variant}/{cfg.model.num_classes}"
+    )
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> None:
         self.cfg, self.env, self.mesh, self.plan = cfg, env, mesh, plan
@@ -114,6 +125,9 @@ class Trainer:
         if p.gpu_seconds is None:  # a checkpoint from before GPU-seconds were counted: as this session
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
+        setup = comm_setup(cfg, env, mesh)
+        if p.comm_setup != setup:  # another layout, world or batch sends other bytes per step
+            p.comm_payload, p.comm_sent, p.comm_steps, p.comm_setup = {}, {}, 0, setup
         batch = cfg.data.batch_size
         self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
 

@@ -5,8 +5,11 @@ import logging
 import sys
 
 import pytest
+import torch
+from _helpers import TINY_TRAIN
 from PIL import Image
 
+from alexnet.config import load_config
 from alexnet.report import (
     PLOT_FILE,
     build_training_figure,
@@ -16,6 +19,7 @@ from alexnet.report import (
     summarize_run,
     write_run_report,
 )
+from alexnet.run import run_training
 
 
 def write_metrics(path):
@@ -162,3 +166,20 @@ def test_gpu_hours_count_each_session_with_its_own_world_size():
     cpu_too = gpu_seconds + session_gpu_seconds(2, "cpu", 400.0)
     assert summarize_run(57.0, 80.0, 40_000.0, 1_000_000, 2, "cpu", 1000, cpu_too).gpu_hours == pytest.approx(96.0)
     assert summarize_run(57.0, 80.0, 3_600.0, 1, 8, "cuda", 1000).gpu_hours == 8.0  # one session: as before
+
+
+def test_the_trainer_adds_each_sessions_gpu_seconds(tiny_data, tmp_path, monkeypatch):
+    """A session's own GPU-seconds (counted as on 8 GPUs here) are added to the checkpoint's: a
+    resume after an earlier session's GPU-hour reports that hour plus its own."""
+    import alexnet.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "session_gpu_seconds", lambda world, device, seconds: 8.0 * seconds)
+    common = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=g"]
+    run_training(load_config(None, [*common, "train.max_steps=2"]), None)
+    ckpt = tmp_path / "g" / "checkpoints" / "last.pt"
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["progress"]["gpu_seconds"] == pytest.approx(8.0 * payload["progress"]["train_seconds"])
+    payload["progress"]["gpu_seconds"] += 3600.0  # an earlier session on more GPUs: one GPU-hour more
+    torch.save(payload, ckpt)
+    summary = run_training(load_config(None, [*common, "train.max_steps=4"]), None)
+    assert summary["gpu_hours"] == pytest.approx(1.0 + 8.0 * summary["wall_seconds"] / 3600.0)

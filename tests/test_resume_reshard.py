@@ -187,3 +187,5 @@ def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tin
     assert steps == list(range(1, 35)), steps  # 10 + 9 + 15: no epoch stretched
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 34
+    # bytes per step are the last layout's: one process sends nothing (not the 2 ranks' average)
+    assert summary["world_size"] == 1 and summary["comm_sent_mb_per_step"] == {}

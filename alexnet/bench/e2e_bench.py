@@ -1,8 +1,8 @@
 """Training on real files, next to the same training on synthetic data, interleaved.
 
 Why not run alexnet.trainer.Trainer and read its metrics.jsonl? Its throughput windows include
-pipeline start-up, validation and checkpoint writing, its data-wait share is all it can say about
-where a step's time goes, and two runs (real, synthetic) would be minutes apart on a machine whose
+the pipeline's start-up at each epoch, its data-wait share is all it can say about where a step's
+time goes, and two runs (real, synthetic) would be minutes apart on a machine whose
 load drifts. So this builds the trainer's parts with the trainer's own builders (the config,
 alexnet.data.build_splits/build_loader, the model, apply_parallelism, the optimizer, train_step)
 and times the same step on each batch source in turns: the ratio of real to synthetic images/s is
