@@ -13,7 +13,14 @@ from alexnet.config import ConfigError, DataConfig
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_shardable, check_trainable
 from pipelines.demo import ensure_demo_dataset
-from pipelines.index import DataError, FileIndex, build_file_index, check_val_covers_train, load_file_list
+from pipelines.index import (
+    DataError,
+    FileIndex,
+    build_file_index,
+    check_val_covers_train,
+    load_file_list,
+    some_names,
+)
 from pipelines.lighting import Lighting, resolve_lighting_stats
 
 log = logging.getLogger("alexnet")
@@ -67,6 +74,11 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
     else:
         val = build_file_index(val_dir, classes=train.classes)
     check_num_classes(num_classes, len(train.classes), train_dir)
+    for split_dir, index in ((train_dir, train), (val_dir, val)):
+        if index.unread_folders:
+            log.warning("%s: %d folder(s) inside class folders, none of whose files are read (only the images "
+                        "directly in a class folder are; ImageFolder would read these too): %s", split_dir,
+                        len(index.unread_folders), some_names(index.unread_folders))  # fmt: skip
     return DataSplits(train, val, train.classes)
 
 

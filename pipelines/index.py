@@ -8,6 +8,7 @@ read this list, so their labels agree by construction.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class FileIndex:
     files: list[str]
     labels: list[int]
     classes: list[str]
+    # Folders inside class folders ("<class>/<folder>"): nothing in them is read (ImageFolder
+    # would read their images), which the caller says.
+    unread_folders: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -40,16 +44,23 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def image_names(folder: Path) -> list[str]:
-    """The image files of one class folder, sorted: the files every pipeline reads. A symbolic
-    link whose target is gone is listed too (as ImageFolder lists it), so that the scan and the
+def scan_class_folder(folder: Path) -> tuple[list[str], list[str]]:
+    """The image files of one class folder, sorted: the files every pipeline reads; and its
+    folders (hidden ones aside), sorted, whose files no pipeline reads. A symbolic link whose
+    target is gone is listed with the images (as ImageFolder lists it), so that the scan and the
     decoders name it instead of the split silently losing the image."""
-    return sorted(
-        entry.name
-        for entry in os.scandir(folder)
-        if (entry.is_file() or (entry.is_symlink() and not entry.is_dir()))
-        and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    images, folders = [], []
+    for entry in os.scandir(folder):
+        if entry.is_dir():
+            if not entry.name.startswith("."):
+                folders.append(entry.name)
+        elif (entry.is_file() or entry.is_symlink()) and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            images.append(entry.name)
+    return sorted(images), sorted(folders)
+
+
+def image_names(folder: Path) -> list[str]:
+    return scan_class_folder(folder)[0]
 
 
 def is_utf8(name: str) -> bool:
@@ -72,12 +83,12 @@ def check_utf8_names(split_dir: Path, files: list[str]) -> None:
     if bad:
         raise DataError(
             f"{len(bad)} file or class folder name(s) under {printable(str(split_dir))} are not valid UTF-8, "
-            f"which DALI cannot read: {_some(bad)}. Rename them (for example with convmv), or run "
+            f"which DALI cannot read: {some_names(bad)}. Rename them (for example with convmv), or run "
             "launch/scan.py, whose lists leave them out"
         )
 
 
-def _some(names: list[str], n: int = 5) -> str:
+def some_names(names: Sequence[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
 
@@ -85,7 +96,7 @@ def check_split_classes(split_dir: Path, found: list[str], classes: list[str]) -
     """A split indexed with the training split's classes may not bring classes of its own."""
     extra = sorted(set(found) - set(classes))
     if extra:
-        raise DataError(f"{split_dir} has class folders absent from the training data: {_some(extra)}")
+        raise DataError(f"{split_dir} has class folders absent from the training data: {some_names(extra)}")
 
 
 def check_val_covers_train(val_dir: Path, classes: list[str]) -> None:
@@ -93,7 +104,7 @@ def check_val_covers_train(val_dir: Path, classes: list[str]) -> None:
     missing = sorted(set(classes) - set(find_classes(val_dir)))
     if missing:
         raise DataError(
-            f"{len(missing)} training class(es) have no folder in {val_dir}: {_some(missing)}; "
+            f"{len(missing)} training class(es) have no folder in {val_dir}: {some_names(missing)}; "
             "every training class needs a validation folder (validation accuracy would leave them out)"
         )
 
@@ -148,18 +159,20 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
+    unread: list[str] = []
     for label, name in enumerate(classes):
         folder = split_dir / name
         if not folder.is_dir():
             continue
-        names = image_names(folder)
+        names, folders = scan_class_folder(folder)
         if not names:
             empty.append(name)
         files.extend(str(folder / n) for n in names)
         labels.extend([label] * len(names))
+        unread.extend(f"{name}/{f}" for f in folders)
     check_utf8_names(split_dir, files)
     if empty:
         raise DataError(
             f"class folders without images in {split_dir}: {', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else "")
         )
-    return FileIndex(files, labels, list(classes))
+    return FileIndex(files, labels, list(classes), tuple(unread))

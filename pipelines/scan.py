@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
-from pipelines.index import image_names, is_utf8, printable
+from pipelines.index import image_names, is_utf8, printable, some_names
 
 SPLITS = ("train", "val")
 Fixable = Literal["convert", "exclude", "keep"]
@@ -103,14 +103,10 @@ def compare_classes(train: SplitListing, val: SplitListing, problems: list[str])
     extra = sorted(set(val.classes) - set(train.classes))
     if missing:
         problems.append(
-            f"{len(missing)} class(es) of {train.split_dir} have no folder in {val.split_dir}: {_first(missing)}"
+            f"{len(missing)} class(es) of {train.split_dir} have no folder in {val.split_dir}: {some_names(missing)}"
         )
     if extra:
-        problems.append(f"{val.split_dir} has class folder(s) absent from {train.split_dir}: {_first(extra)}")
-
-
-def _first(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+        problems.append(f"{val.split_dir} has class folder(s) absent from {train.split_dir}: {some_names(extra)}")
 
 
 def _check(args: tuple[str, Limits]) -> Finding | None:
@@ -171,7 +167,7 @@ def scan(
         assert listing is not None
         emptied = sorted(set(listing.classes) - {Path(line).parent.name for line in lines})
         if emptied:
-            problems.append(f"class(es) with no usable image left in {listing.split_dir}: {_first(emptied)}")
+            problems.append(f"class(es) with no usable image left in {listing.split_dir}: {some_names(emptied)}")
     write_outputs(result, out, policy)
     return result
 

@@ -290,3 +290,28 @@ def test_a_dangling_symlink_is_listed_and_named_not_dropped(tiny_data, tmp_path)
     assert [Path(f).name for f in index.files] == ["gone.jpg", "good.jpg"]
     with pytest.raises(DataError, match=r"gone\.jpg \(cannot stat"):
         list(dali(index, "val", batch=2))
+
+
+def test_folders_inside_class_folders_are_not_read_and_training_says_so(tiny_data, tmp_path, caplog):
+    """Only the images directly in a class folder are read (ImageFolder would also read nested
+    ones): a nested folder is reported by the index, and training's set-up names it."""
+    import logging
+    import shutil
+
+    from alexnet.config import load_config
+    from alexnet.data import build_splits
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    first = sorted(p for p in (root / "train").iterdir())[0]
+    (first / "more").mkdir()
+    shutil.copy(next(first.glob("*.jpg")), first / "more" / "nested.jpg")
+    (first / ".cache").mkdir()  # hidden folders are not reported
+    index = build_file_index(root / "train")
+    assert index.unread_folders == (f"{first.name}/more",)
+    assert not any("nested.jpg" in f for f in index.files)
+    assert build_file_index(root / "val").unread_folders == ()
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        build_splits(load_config(None, [f"data.root={root}"]).data, 0)
+    assert f"{root / 'train'}: 1 folder(s) inside class folders" in caplog.text and f"{first.name}/more" in caplog.text
+    assert str(root / "val") not in caplog.text
