@@ -39,7 +39,7 @@ def exit_process(code: int) -> NoReturn:
 
     A training process holds about 400,000 Python objects (most from torch._dynamo, which
     torch.optim imports) and the collections the interpreter runs as it shuts down walk them
-    all: 1.0-1.1 s of every process's exit on a 2-core machine, against 0.35-0.45 s for one
+    all: 1.0-1.2 s of every process's exit on a 2-core machine, against 0.36-0.46 s for one
     collection here and the survivors frozen (`gc.freeze`: later collections skip them). That
     one collection still destroys what is unreachable, such as a DALI pipeline held by a
     reference cycle, whose destructor joins its threads; what is still reachable is released
