@@ -382,8 +382,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         self.par.module.train()
         tally, meter = Tally(self.env.device), Throughput()
-        window = 0
-        self.comm.take()  # forget what validation or the last epoch's tail sent
+        window, stop_reason = 0, ""
+        self.comm.take()  # forget what validation sent
         batches = self.reporter.wrap_epoch(self.train_loader, epoch)
         waited = time.perf_counter()
         for images, labels in batches:
@@ -406,12 +406,16 @@ class Trainer:
                 self.save_checkpoint()
                 meter.exclude(time.perf_counter() - saving)
             if self._reached_max_steps() and not self._epoch_done(epoch):
-                return "max_steps"  # at the epoch's last step the epoch ends first: validated, counted
+                stop_reason = "max_steps"  # at the epoch's last step the epoch ends first: validated, counted
+                break
             if self.stop.agreed():
                 log.warning("stopping at step %d on %s: writing a checkpoint", p.step, self.stop.reason())
-                return "preempted"
+                stop_reason = "preempted"
+                break
             waited = time.perf_counter()
-        return ""
+        if window:  # the last steps of the epoch (or before a stop) that did not fill a log window
+            self._log_train(epoch, lr, tally, meter, window, batches)
+        return stop_reason
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict[str, float]:
@@ -468,6 +472,8 @@ class Trainer:
                 "split": "train",
                 "epoch": epoch + 1,
                 "step": self.progress.step,
+                "steps": steps,  # the steps this record covers: train.log_every, fewer at an epoch's end
+                "count": stats["count"],
                 "loss": stats["loss"],
                 "top1": stats["top1"],
                 "top5": stats["top5"],

@@ -164,6 +164,21 @@ def test_a_checkpoint_write_is_left_out_of_the_training_throughput(tiny_data, tm
     assert all(r["images_per_sec"] > 1.0 and r["data_wait_share"] <= 1.0 for r in train), train
 
 
+def test_every_step_is_in_one_training_record_also_at_an_epoch_end_and_a_stop(tiny_data, tmp_path):
+    """120 images at batch 8 on one process: 15 steps per epoch. Logged every 4 steps, epoch 1
+    ends 3 steps after the record at step 12 and the run stops (max_steps) 1 step after the one
+    at 16: both tails get a record, so the records cover the run's 17 steps and 136 images."""
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=tails",
+                             "train.epochs=2", "train.max_steps=17", "train.log_every=4"])  # fmt: skip
+    summary = run_training(cfg, None)
+    train = [r for r in read_metrics(tmp_path / "tails" / "metrics.jsonl") if r["split"] == "train"]
+    assert [(r["epoch"], r["step"], r["steps"]) for r in train] == [
+        (1, 4, 4), (1, 8, 4), (1, 12, 4), (1, 15, 3), (2, 16, 1), (2, 17, 1)
+    ]  # fmt: skip
+    assert [r["count"] for r in train] == [8 * r["steps"] for r in train]
+    assert sum(r["count"] for r in train) == summary["train_images"] == 136 and summary["steps"] == 17
+
+
 def test_an_atomic_write_is_synced_before_its_rename_and_a_failed_one_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     path.write_text("old\n")

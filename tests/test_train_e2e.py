@@ -35,7 +35,10 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     train_records = [r for r in records if r["split"] == "train"]
     val_records = [r for r in records if r["split"] == "val"]
-    assert [r["step"] for r in train_records] == [2, 4, 6, 8, 10, 12, 14]
+    # every 2 steps and at each epoch's end: step 7's record covers that step alone, as does 8's
+    assert [(r["step"], r["steps"]) for r in train_records] == [(2, 2), (4, 2), (6, 2), (7, 1), (8, 1), (10, 2),
+                                                                 (12, 2), (14, 2)]  # fmt: skip
+    assert sum(r["count"] for r in train_records) == 14 * 16  # every step once, 2 ranks x batch 8
     assert [r["epoch"] for r in val_records] == [1, 2]
     for r in records:
         assert {"split", "epoch", "step", "loss", "top1", "top5", "images_per_sec", "lr"} <= set(r)
