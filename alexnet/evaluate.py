@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,7 @@ class EvalOptions:
     decoder: str = "auto"  # auto: mixed (GPU) on CUDA, else cpu
     files: str = ""  # a file list of the split (launch/scan.py); "" = the run's data.val_files for its own val
     amp: str = "run"  # run: the checkpoint's train.amp (fp16 falls back to off without CUDA)
+    pipeline: str = "run"  # run: the checkpoint's data.pipeline (DALI for ten crops); dali; torchvision
 
 
 def eval_file_list(cfg: Config, opts: EvalOptions) -> str:
@@ -141,6 +142,11 @@ def resolve_eval_index(cfg: Config, opts: EvalOptions) -> tuple[FileIndex, Path,
     split_dir = root / opts.split if holds_class_folders(root / opts.split) else root
     if split_dir == root and any(holds_class_folders(root / name) for name in ("train", "val")):
         # a dataset root without that split (a typo, an unprepared split): not a folder of classes
+        if (root / opts.split).is_dir():
+            raise DataError(
+                f"{root / opts.split} holds no class folders: the images of a split go in <split>/<class>/ "
+                "(for ILSVRC-2012's flat validation folder, see launch/prepare_imagenet.py)"
+            )
         raise DataError(f"{root / opts.split} does not exist: --split names a subfolder of {root}")
     classes = find_classes(root / "train") if holds_class_folders(root / "train") and split_dir != root else None
     files = eval_file_list(cfg, opts)
@@ -162,15 +168,43 @@ def resolve_eval_amp(cfg: Config, mode: str, device: torch.device) -> AmpPolicy:
     return build_amp(mode, device)  # type: ignore[arg-type]
 
 
+def resolve_eval_pipeline(cfg: Config, opts: EvalOptions) -> str:
+    """What reads the images: by default the run's own pipeline, so that the figures are those of
+    its validation (DALI and torchvision resize with different filters); ten crops exist in DALI
+    only, and a run on synthetic data is evaluated with DALI where it is installed."""
+    if opts.pipeline != "run":
+        pipeline = opts.pipeline
+    elif opts.ten_crop or cfg.data.pipeline == "dali":
+        pipeline = "dali"
+    elif cfg.data.pipeline == "synthetic":
+        pipeline = "dali" if dali_installed() else "torchvision"
+    else:
+        pipeline = cfg.data.pipeline
+    if pipeline == "torchvision" and opts.ten_crop:
+        raise ConfigError("--ten-crop reads the images with DALI; use --pipeline dali (or run)")
+    if pipeline == "dali" and not dali_installed():
+        raise ConfigError(
+            f"evaluation reads images with NVIDIA DALI, which is not installed ({DALI_INSTALL_HINT}); "
+            "--pipeline torchvision reads them with PIL"
+        )
+    return pipeline
+
+
 def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: DistEnv, channels_last: bool) -> Loader:
     batch = opts.batch_size or cfg.data.batch_size
     threads = opts.num_threads or cfg.data.num_threads
     shard = ShardSpec(env.rank, env.world_size, batch, seed=0)
+    if opts.pipeline == "torchvision":
+        if opts.decoder != "auto":
+            raise ConfigError("--decoder sets DALI's decoder; --pipeline torchvision decodes with PIL")
+        from pipelines.torchvision_loader import TorchvisionLoader
+
+        # DataLoader workers as in training, where data.num_threads sets them for this pipeline
+        return TorchvisionLoader(index, "val", image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch,
+                                 channels_last)  # fmt: skip
     decoder = opts.decoder if opts.decoder != "auto" else ("mixed" if env.device.type == "cuda" else "cpu")
     if decoder == "mixed" and env.device.type != "cuda":
         raise ConfigError("--decoder mixed decodes on the GPU and needs a CUDA device; use --decoder cpu or auto")
-    if not dali_installed():
-        raise ConfigError(f"evaluation reads images with NVIDIA DALI, which is not installed ({DALI_INSTALL_HINT})")
     rest = (image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch, decoder, cfg.data.hw_decoder_load)
     if opts.ten_crop:
         from pipelines.tencrop import TenCropLoader
@@ -185,9 +219,11 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
+    opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
     index, split_dir, files = resolve_eval_index(cfg, opts)
-    check_shardable(len(index), env.world_size, str(files or split_dir), "evaluate with fewer processes")
-    if len(index.classes) != loaded.num_classes:
+    if opts.pipeline == "dali":  # the torchvision loader pads a rank's shard however short it is
+        check_shardable(len(index), env.world_size, str(files or split_dir), "evaluate with fewer processes")
+    if len(index.classes) > loaded.num_classes:  # more outputs than classes: a 1000-way head on a subset
         raise DataError(
             f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
         )
@@ -244,6 +280,7 @@ def build_result(
         "data": str(split_dir),
         "files": files or None,
         "amp": amp.name,
+        "pipeline": opts.pipeline,
         "crops": "ten" if opts.ten_crop else "centre",
         "crop": cfg.data.crop,
         "resize": cfg.data.resize,
@@ -268,7 +305,8 @@ def format_result(result: dict[str, Any], worst: int = 5) -> str:
         f"{result['checkpoint']}: {result['images']} images, {result['crops']}-crop, "
         f"top-1 {result['top1']:.2f}% (error {result['top1_error']:.2f}%), "
         f"top-5 {result['top5']:.2f}% (error {result['top5_error']:.2f}%), loss {result['loss']:.4f}"
-        + (f", autocast {result['amp']}" if result["amp"] != "off" else ""),
+        + (f", autocast {result['amp']}" if result["amp"] != "off" else "")
+        + f", read by {result['pipeline']}",
         result["paper"]["note"],
     ]
     if result["files"]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipelines.base import PAD_LABEL
+from pipelines.outputs import write_text_atomic
 
 log = logging.getLogger("alexnet")
 
@@ -181,21 +181,3 @@ def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]
     kept = [r for r in read_metrics(path) if behind(r)]
     write_text_atomic(path, "".join(strict_json(r) + "\n" for r in kept))
     return kept
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A reader (a monitoring script, the next session) sees the old file or the new one, never
-    a half-written one. The new text is synced before the rename: metrics.jsonl is rewritten this
-    way on every resume, and a rename that reaches the disk before the data (a crash or power
-    loss just after it) would leave the run's whole record empty. A failed write leaves the old
-    file and no temporary one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

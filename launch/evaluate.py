@@ -8,10 +8,11 @@ is a dataset root holding val/<class>/ (class indices are taken from its train/ 
 is one) or a folder of class folders; without it, the run's own data.root. --files evaluates the
 files of a list written by launch/scan.py (the run's own data.val_files by default, when the run's
 own val split is evaluated). --ten-crop averages the softmax over the four corners, the centre and
-their mirrors (Krizhevsky et al. 2012, section 4.1). --amp sets the autocast precision (default:
-the run's train.amp). Rank 0 prints the result and writes it as JSON (default: beside the
-checkpoint, <checkpoint>.eval-centre.json or .eval-tencrop.json; a folder given to --out gets that
-name inside it).
+their mirrors (Krizhevsky et al. 2012, section 4.1). --pipeline reads the images with DALI or
+torchvision (default: the run's data.pipeline, whose figures its validation logged). --amp sets
+the autocast precision (default: the run's train.amp). Rank 0 prints the result and writes it as
+JSON (default: beside the checkpoint, <checkpoint>.eval-centre.json or .eval-tencrop.json; a
+folder given to --out gets that name inside it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
@@ -30,6 +30,7 @@ from alexnet.evaluate import EvalOptions, format_result, run_evaluation
 from alexnet.parallel.env import LaunchError, init_distributed, shutdown_distributed
 from alexnet.process import exit_process
 from pipelines.index import DataError
+from pipelines.outputs import OutputPathError, check_output_file, write_text_atomic
 
 
 def non_negative_int(text: str) -> int:
@@ -55,7 +56,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--files", default="", help="file list of the split from launch/scan.py (default: the run's data.val_files)"
     )
-    parser.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto")
+    parser.add_argument(
+        "--pipeline",
+        choices=("run", "dali", "torchvision"),
+        default="run",
+        help="what reads the images (default: the run's data.pipeline, so that the figures are its validation's; "
+        "--ten-crop reads with DALI)",
+    )
+    parser.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto", help="DALI's decoder")
     parser.add_argument(
         "--amp", choices=("run", "auto", "off", "bf16", "fp16"), default="run", help="autocast (default: the run's)"
     )
@@ -67,31 +75,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def default_out(checkpoint: Path, ten_crop: bool) -> Path:
+    checkpoint = checkpoint.absolute()  # "." has no name to build on; the checkpoint check names it
     return checkpoint.with_name(f"{checkpoint.name}.eval-{'tencrop' if ten_crop else 'centre'}.json")
-
-
-def _can_create_in(folder: Path) -> bool:
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     """Where the JSON goes, checked before the evaluation runs, so that an evaluation is not lost
     to an output path that cannot be written (a folder, existing or written with a trailing
     slash, gets the default name inside it). Nothing is created yet: the checkpoint may still
-    turn out not to exist (a probe file is created in the existing folder and removed at once:
-    permission bits alone pass for root where no file can be written)."""
+    turn out not to exist."""
     path = default_out(checkpoint, ten_crop) if out is None else Path(out)
     if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
         path = path / default_out(checkpoint, ten_crop).name
-    existing = next(p for p in path.absolute().parents if p.exists())  # the folder that would hold it
-    if not existing.is_dir() or not _can_create_in(existing):
-        raise OSError(f"--out {path}: {existing} is not a writable folder")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OSError(f"--out {path}: not writable")
+    check_output_file(path, f"--out {path}")
     return path
 
 
@@ -109,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         decoder=args.decoder,
         files=args.files,
         amp=args.amp,
+        pipeline=args.pipeline,
     )
     try:
         out = resolve_out(args.out, args.checkpoint, args.ten_crop) if rank == 0 else None
         env = init_distributed(args.timeout)
-    except (LaunchError, OSError) as exc:
+    except (LaunchError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_result(result))  # first: a failed write below still shows the result
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=2) + "\n")
+                write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # a failed write keeps the last
             except OSError as exc:
                 print(f"error: cannot write {out}: {exc.strerror}", file=sys.stderr)
                 return 1

@@ -38,6 +38,7 @@ from PIL import Image
 
 from pipelines.filecheck import PIL_READ_ERRORS, as_rgb
 from pipelines.index import DataError
+from pipelines.outputs import write_text_atomic
 
 log = logging.getLogger("alexnet")
 
@@ -237,9 +238,7 @@ def save_lighting_stats(stats: LightingStats, path: str | Path) -> Path:
     doc = {"format": FORMAT, "pixel_units": "0-255", **asdict(stats)}
     doc["eigvec_layout"] = "rows R, G, B; column j is the eigenvector of eigval[j]"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 

@@ -32,6 +32,7 @@ from typing import Literal
 
 from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
 from pipelines.index import image_names, is_utf8, printable, some_names
+from pipelines.outputs import write_text_atomic
 
 SPLITS = ("train", "val")
 Fixable = Literal["convert", "exclude", "keep"]
@@ -196,10 +197,7 @@ def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
             f"# {len(lines)} files; {len(result.findings.get(split, []))} reported (see report.json)",
             "# relative paths are relative to the split folder; a file's class is its parent folder",
         ]
-        text = "\n".join(header + lines) + "\n"
-        tmp = out / f".{split}.txt.tmp"
-        tmp.write_text(text, encoding="utf-8")  # what load_file_list reads, whatever the locale
-        os.replace(tmp, out / f"{split}.txt")
+        write_text_atomic(out / f"{split}.txt", "\n".join(header + lines) + "\n")  # UTF-8, what load_file_list reads
     report = {
         "data_root": str(result.root),
         "checked": result.checked,
@@ -213,7 +211,7 @@ def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
             for f in found
         ],
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
 
 
 def print_report(result: ScanResult, out: Path, policy: Policy, stream=sys.stdout) -> None:

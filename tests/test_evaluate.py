@@ -7,21 +7,25 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, check, torchrun, without_dali
+from _helpers import REPO, TINY_TRAIN, check, torchrun, without_dali
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
 from alexnet.config import ConfigError, config_to_dict, load_config
 from alexnet.evaluate import EvalOptions, resolve_eval_index, run_evaluation
 from alexnet.inference import build_model_from_checkpoint
+from alexnet.metrics import read_metrics
 from alexnet.model import build_model
 from alexnet.parallel.env import DistEnv
+from alexnet.run import run_training
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader
 from pipelines.index import DataError, build_file_index
+from pipelines.outputs import OutputPathError
 
 CPU = torch.device("cpu")
 ONE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=CPU, backend="gloo")
@@ -121,9 +125,10 @@ def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, tmp_path
 
 
 def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_path):
-    (tmp_path / "val" / "only_one").mkdir(parents=True)
-    (tmp_path / "val" / "only_one" / "a.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match=r"val: 1 classes, but checkpoint .* predicts 10"):
+    for k in range(11):  # more classes than outputs (fewer are allowed: a wide head on a subset)
+        (tmp_path / "val" / f"class{k}").mkdir(parents=True)
+        (tmp_path / "val" / f"class{k}" / "a.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"val: 11 classes, but checkpoint .* predicts 10"):
         run_evaluation(EvalOptions(trained, data=str(tmp_path)), ONE)
     payload = torch.load(trained, weights_only=True)
     del payload["config"]
@@ -132,21 +137,57 @@ def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_
         build_model_from_checkpoint(tmp_path / "noconfig.pt")
 
 
-def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained):
+def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path):
     with pytest.raises(DataError, match=r"nosuch does not exist: --split names a subfolder of"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), split="nosuch"), ONE)
+    flat = tmp_path / "flat"  # val/ as ILSVRC2012_img_val.tar unpacks: files, no class folders
+    shutil.copytree(tiny_data / "train", flat / "train")
+    (flat / "val").mkdir()
+    shutil.copy(next((tiny_data / "val").rglob("*.*")), flat / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(DataError, match=r"flat/val holds no class folders: .*launch/prepare_imagenet\.py"):
+        run_evaluation(EvalOptions(trained, data=str(flat)), ONE)
+    here = subprocess.run([sys.executable, EVALUATE, "."], capture_output=True, text=True, cwd=trained.parent)
+    assert here.returncode == 1 and "Traceback" not in here.stderr, here.stderr[-3000:]
+    assert f"checkpoint . is a folder; name a checkpoint file in it (e.g. {Path('last.pt')})" in here.stderr
     with pytest.raises(ConfigError, match=r"--decoder mixed decodes on the GPU and needs a CUDA device"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--batch-size: must be >= 0 (0: the run's own), got -3" in proc.stderr
 
 
-def test_evaluation_without_dali_says_so(tiny_data, trained, tmp_path):
+def test_evaluation_without_dali_says_so_and_reads_with_torchvision_when_asked(tiny_data, trained, tmp_path):
     env = without_dali(tmp_path)
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data], capture_output=True, text=True,
                           env=env)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: evaluation reads images with NVIDIA DALI, which is not installed" in proc.stderr
+    assert "--pipeline torchvision reads them with PIL" in proc.stderr
+    out = tmp_path / "tv.json"
+    proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--pipeline", "torchvision",
+                           "--out", out], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["pipeline"] == "torchvision" and result["images"] == 50 and "read by torchvision" in proc.stdout
+
+
+def test_a_run_is_evaluated_as_it_validated_also_with_torchvision_and_a_wider_head(tiny_data, tmp_path):
+    """A run that read its images with torchvision and has 12 outputs for 10 class folders (a
+    1000-way head on a subset): evaluating its checkpoint gives its own last validation's figures.
+    DALI resizes with another filter, so --pipeline dali gives other ones."""
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=tv",
+                             "data.pipeline=torchvision", "model.num_classes=12",
+                             "train.epochs=1"])  # fmt: skip
+    run_training(cfg, None)
+    val = next(r for r in read_metrics(tmp_path / "tv" / "metrics.jsonl") if r["split"] == "val")
+    last = tmp_path / "tv" / "checkpoints" / "last.pt"
+    own = run_evaluation(EvalOptions(last), ONE)
+    assert own["pipeline"] == "torchvision" and own["images"] == val["count"] == 50
+    assert (own["top1"], own["top5"]) == (val["top1"], val["top5"]) and own["loss"] == pytest.approx(val["loss"])
+    assert own["num_classes"] == 10 and len(own["per_class"]) == 10
+    dali = run_evaluation(EvalOptions(last, pipeline="dali"), ONE)
+    assert dali["pipeline"] == "dali" and dali["loss"] != own["loss"]
+    with pytest.raises(ConfigError, match="--ten-crop reads the images with DALI"):
+        run_evaluation(EvalOptions(last, pipeline="torchvision", ten_crop=True), ONE)
 
 
 def checkpoint_with(trained, folder, **config_changes):
@@ -235,7 +276,7 @@ def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
     assert not (tmp_path / "results").exists()  # created only when the result is written
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the writability probe left nothing
     if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: the bits allow it; no file can be made
-        with pytest.raises(OSError, match="--out /proc/eval.json: /proc is not a writable folder"):
+        with pytest.raises(OutputPathError, match="--out /proc/eval.json: /proc is not a writable folder"):
             command.resolve_out("/proc/eval.json", ckpt, False)
 
 

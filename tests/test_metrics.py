@@ -8,9 +8,10 @@ import torch
 from _helpers import TINY_TRAIN
 
 from alexnet.config import ConfigError, load_config
-from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct, write_text_atomic
+from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct
 from alexnet.run import run_training
 from pipelines.base import PAD_LABEL
+from pipelines.outputs import write_text_atomic
 
 
 def test_topk_counts_skip_padding_rows():

@@ -1,0 +1,77 @@
+"""Output files: their folders checked before the work that fills them, and written whole or
+not at all.
+
+A command that measures, scans or evaluates for minutes checks first that it can write where it
+was told to (`check_output_folder`, `check_output_file`), so that no result is lost to an output
+path that is a file, a folder or read-only. A reader (a monitoring script, the next session, a
+training run that reads a file list) sees the old file or the new one, never a half-written one:
+the new bytes go to a temporary file beside the target, are synced, and are renamed over it. A
+rename that reached the disk before the data (a crash or power loss just after it) would leave
+an empty file; a failed write (a full disk) leaves the old file and no temporary one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class OutputPathError(Exception):
+    """An output path that cannot be written; the message names it and the option that gave it."""
+
+
+def _can_create_in(folder: Path) -> bool:
+    """A probe file created and removed at once: permission bits alone pass for root where no
+    file can be written (a read-only mount)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_output_folder(folder: Path, what: str) -> None:
+    """Files can be created in `folder`, existing or to be created (nothing is created yet).
+    `what` names it in the error, e.g. "--out runs/x"."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{what}: {folder} is a file, not a folder")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not _can_create_in(existing):
+        raise OutputPathError(f"{what}: {existing} is not a writable folder")
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """`path` can be written (replaced if it exists); nothing is created yet."""
+    if path.is_dir():
+        raise OutputPathError(f"{what}: {path} is a folder, not a file")
+    check_output_folder(path.parent, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{what}: {path} is not writable")
+
+
+def _replace_with(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` as `path`, UTF-8 whatever the locale."""
+    _replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _replace_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    """A copy of `src` (contents and times, as shutil.copy2) as `dst`."""
+    _replace_with(dst, lambda tmp: shutil.copy2(src, tmp))
