@@ -97,6 +97,26 @@ def test_hybrid_splits_the_torchvision_variant_as_one_device_computes_it(tmp_pat
         assert any(name.startswith("trunk.features.") for name in r["local_names"])  # the torchvision trunk
 
 
+def test_hybrid_fc_slices_go_over_the_wire_in_the_comm_hooks_half_precision(tmp_path):
+    """4 ranks in 2 FC groups: each FC slice is all-reduced between the groups. Under
+    comm_hook=bf16/fp16 that all-reduce hands over half the bytes (it sent float32 whatever the
+    hook) and the gradients stay within half precision's rounding; powersgd, which is DDP's own
+    scheme, leaves it float32 and says so once."""
+    check(torchrun([REPO / "tests" / "dist" / "hybrid_hook.py", tmp_path], nproc=4))
+    for rank in range(4):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        fp32 = r["none"]["payload"]["fc_grad_allreduce"]
+        assert fp32 > 0 and r["powersgd"]["payload"]["fc_grad_allreduce"] == fp32
+        for hook, eps in (("bf16", 2**-8), ("fp16", 2**-11)):
+            assert r[hook]["payload"]["fc_grad_allreduce"] * 2 == fp32, (rank, hook)
+            assert r[hook]["payload"]["grad_allreduce"] * 2 == r["none"]["payload"]["grad_allreduce"]  # DDP's
+            assert 0 < r[hook]["fc_grad_diff"] <= 2 * eps * r[hook]["fc_grad_scale"], (rank, hook, r[hook])
+        assert r["none"]["fc_grad_diff"] == 0 and r["none"]["warnings"] == r["bf16"]["warnings"] == []
+        expected = ["parallel.comm_hook=powersgd compresses hybrid's convolution gradients only; its FC slices "
+                    "are all-reduced between FC groups in float32"] if rank == 0 else []  # fmt: skip
+        assert r["powersgd"]["warnings"] == expected, rank
+
+
 def test_world_sizes_a_layout_cannot_use_show_the_arithmetic():
     with pytest.raises(LayoutError, match=r"towers .* 3 ranks: 3 = 1 x 2 \+ 1"):
         plan_mesh("towers", 0, 3, 3)
@@ -104,6 +124,8 @@ def test_world_sizes_a_layout_cannot_use_show_the_arithmetic():
         plan_mesh("towers", 0, 6, 3)
     with pytest.raises(LayoutError, match=r"fc_group=4 .* 6 ranks: 6 = 1 x 4 \+ 2"):
         plan_mesh("hybrid", 0, 6, 6, fc_group=4)
+    with pytest.raises(LayoutError, match=r"hybrid splits the FC layers over several ranks, but the world has 1 rank"):
+        plan_mesh("hybrid", 0, 1, 1)  # its FC collectives need a group: it crashed at the first step
     shape = plan_mesh("towers", 5, 8, 8)
     assert (shape.data_rank, shape.data_size, shape.model_rank) == (2, 4, 1)
     shape = plan_mesh("hybrid", 5, 8, 4)  # two nodes of 4: FC group = the node

@@ -10,7 +10,7 @@ from alexnet.config import ParallelConfig
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.data_parallel import CommHookState, apply_data_parallel
 from alexnet.parallel.env import DistEnv
-from alexnet.parallel.hybrid import apply_hybrid
+from alexnet.parallel.hybrid import apply_hybrid, fc_grad_wire_dtype
 from alexnet.parallel.layout import Layout
 from alexnet.parallel.mesh import Mesh
 from alexnet.parallel.towers import apply_towers
@@ -40,7 +40,7 @@ def apply_parallelism(
         module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size)
         return ParallelModel(module, model, layout, hook)
     if mesh.mode == "hybrid":
-        local, layout = apply_hybrid(model, mesh, counter)
+        local, layout = apply_hybrid(model, mesh, counter, fc_grad_wire_dtype(cfg.comm_hook, mesh))
         fc = [f"head.{name}" for name, _ in local.head.named_parameters()]
         module, hook = apply_data_parallel(local, env.device, cfg, counter, None, mesh.world_size, ignore=fc)
         return ParallelModel(module, local, layout, hook)

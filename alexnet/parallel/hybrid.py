@@ -18,6 +18,7 @@ checkpoints and recipes carry over to the other layouts.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -31,6 +32,7 @@ from alexnet.parallel.comm import CommCounter, allreduce_sent, gather_cat, gathe
 from alexnet.parallel.layout import Layout, Moved, State, StepSync, counted_if, gather_states, replace_module
 from alexnet.parallel.mesh import Mesh
 
+log = logging.getLogger("alexnet")
 FC_LAYERS = ("fc6", "fc7", "fc8")
 
 
@@ -119,12 +121,14 @@ class HybridLayout(Layout):
         pieces: dict[str, list[str]],
         rows: dict[str, int],
         counter: CommCounter | None,
+        fc_grad_wire: torch.dtype | None = None,
     ) -> None:
         super().__init__(model)
         self.mesh = mesh
         self.pieces = pieces  # FC layer -> single-device modules holding its rows, in order
         self.piece_rows = {name: [rows[p] for p in plist] for name, plist in pieces.items()}
         self.counter = counter
+        self.fc_grad_wire = fc_grad_wire  # None: float32; bf16/fp16 under parallel.comm_hook=bf16/fp16
 
     def to_local(self, full: State) -> State:
         local: State = {}
@@ -176,29 +180,48 @@ class HybridLayout(Layout):
         counted = counted_if(first_group, head_params)
         counted += counted_if(first_group and mesh.shape.model_rank == 0, self.model.trunk.parameters())
 
+        wire = self.fc_grad_wire
+
         def sync_fc_grads() -> None:
             grads = [p.grad for p in head_params if p.grad is not None]
-            if mesh.fc_replicas > 1:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                with counter.timing("fc_grad_allreduce", flat.device) if counter is not None else nullcontext():
-                    dist.all_reduce(flat, group=mesh.fc_replica_group)
-                if counter is not None:
-                    nbytes = flat.numel() * flat.element_size()
-                    counter.add("fc_grad_allreduce", nbytes, allreduce_sent(nbytes, mesh.fc_replicas))
-                for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-                    g.copy_(chunk.view_as(g))
-            for g in grads:
-                g.div_(mesh.world_size)
+            if mesh.fc_replicas == 1:  # one FC group: no other rank holds these slices
+                for g in grads:
+                    g.div_(mesh.world_size)
+                return
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if wire is not None:  # divided before the sum, as DDP's half-precision hooks do: it stays in range
+                flat = flat.div_(mesh.world_size).to(wire)
+            with counter.timing("fc_grad_allreduce", flat.device) if counter is not None else nullcontext():
+                dist.all_reduce(flat, group=mesh.fc_replica_group)
+            if counter is not None:
+                nbytes = flat.numel() * flat.element_size()
+                counter.add("fc_grad_allreduce", nbytes, allreduce_sent(nbytes, mesh.fc_replicas))
+            if wire is None:
+                flat.div_(mesh.world_size)
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))  # float32 again
 
         return StepSync(counted, sync_fc_grads)
 
 
+def fc_grad_wire_dtype(comm_hook: str, mesh: Mesh) -> torch.dtype | None:
+    """The dtype of the FC slices' gradient all-reduce between FC groups under parallel.comm_hook.
+    That all-reduce is most of hybrid's gradient bytes (ImageNet, 2 nodes of 8: 29 MB of FC slices
+    per rank against 9.3 MB of convolutions), and it crosses the same slow links between nodes
+    that the hook is chosen for, so bf16/fp16 halve it as DDP's hooks halve the convolutions'.
+    PowerSGD is DDP's own scheme (per bucket, with error feedback): the FC slices stay float32."""
+    if comm_hook == "powersgd" and mesh.fc_replicas > 1 and mesh.shape.data_rank == 0:
+        log.warning("parallel.comm_hook=powersgd compresses hybrid's convolution gradients only; "
+                    "its FC slices are all-reduced between FC groups in float32")  # fmt: skip
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(comm_hook)
+
+
 def apply_hybrid(
-    model: nn.Module, mesh: Mesh, counter: CommCounter | None = None
+    model: nn.Module, mesh: Mesh, counter: CommCounter | None = None, fc_grad_wire: torch.dtype | None = None
 ) -> tuple[HybridAlexNet, HybridLayout]:
     """Split `model`'s FC layers over the FC group (the model is changed in place and becomes the
     trunk of the returned module)."""
     pieces = head_pieces(model)
     rows = {p: model.get_submodule(p).out_features for plist in pieces.values() for p in plist}
     hybrid = HybridAlexNet(model, mesh, counter)
-    return hybrid, HybridLayout(hybrid, mesh, pieces, rows, counter)
+    return hybrid, HybridLayout(hybrid, mesh, pieces, rows, counter, fc_grad_wire)

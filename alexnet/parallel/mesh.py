@@ -96,6 +96,11 @@ def plan_mesh(mode: str, rank: int, world: int, local_world: int, fc_group: int 
             mode, rank // TOWER_DEGREE, world // TOWER_DEGREE, rank % TOWER_DEGREE, TOWER_DEGREE, rank // TOWER_DEGREE
         )
     if mode == "hybrid":
+        if world == 1:  # its FC slices exchange activations with collectives over at least 2 ranks
+            raise LayoutError(
+                "parallel.mode=hybrid splits the FC layers over several ranks, but the world has 1 rank; "
+                "with one process use parallel.mode=dp (the same computation)"
+            )
         k = fc_group or local_world
         if k < 1 or world % k:
             raise LayoutError(
