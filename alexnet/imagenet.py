@@ -16,17 +16,20 @@ LOC_val_solution.csv (ImageId,PredictionString with the wnid as the first word).
 from __future__ import annotations
 
 import csv
+import errno
+import filecmp
 import io
 import json
 import os
 import re
-import shutil
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+
+from pipelines.outputs import copy_file_atomic
 
 WNID = re.compile(r"^n\d{8}$")
 GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
@@ -98,6 +101,12 @@ def read_devkit_ids(devkit: Path) -> dict[int, str]:
         raise ImageNetLayoutError(f"{devkit}: data/{META_MAT} has no usable 'synsets' table ({exc})") from exc
     if not ids:
         raise ImageNetLayoutError(f"{devkit}: data/{META_MAT} lists no leaf synsets")
+    # The wnids become folder names under --out: one such as "../../x" would write outside it.
+    bad = sorted(wnid for wnid in ids.values() if not WNID.match(wnid))
+    if bad:
+        raise ImageNetLayoutError(
+            f"{devkit}: data/{META_MAT} gives the leaf WNID {bad[0]!r}, not a WordNet id (n and 8 digits)"
+        )
     return ids
 
 
@@ -147,6 +156,7 @@ class Conversion:
     images: int
     classes: int
     out_dir: Path
+    already_placed: int = 0  # images found in place from an earlier (complete or interrupted) run
 
 
 def _check_coverage(stems: Iterable[str], truth: dict[str, str], where: Path) -> None:
@@ -161,20 +171,87 @@ def _check_coverage(stems: Iterable[str], truth: dict[str, str], where: Path) ->
         )
 
 
-def _place(src: Path, dst: Path, mode: Mode) -> None:
-    if dst.is_symlink() or dst.exists():
-        if mode == "symlink" and dst.is_symlink() and Path(os.readlink(dst)) == src:
-            return  # already done by an earlier run
-        raise ImageNetLayoutError(f"{dst} already exists; remove it or choose another output folder")
+def _flat_files(val_dir: Path) -> dict[str, Path]:
+    """Stem -> the folder's own entry. The entry is kept, not its resolved target: in a checkout of
+    a content-addressed store (git-annex, datalad, a Hugging Face cache) the entries are symlinks
+    to files named by their hash, and the output must keep the ILSVRC2012_val_*.JPEG name."""
+    files = {}
+    for entry in os.scandir(val_dir):
+        match = VAL_FILE.match(entry.name)
+        if entry.is_file() and match:  # follows a symlink: a dangling one is missing, not an image
+            files[match.group(1)] = Path(entry.path)
+    return files
+
+
+def _placed_files(out_dir: Path, truth: dict[str, str]) -> set[str]:
+    """Stems already at out_dir/<their wnid>/: a move moved them out of the flat folder, so an
+    interrupted or completed move is resumed, not refused as missing files."""
+    placed = set()
+    for wnid in sorted(set(truth.values())):
+        if not (out_dir / wnid).is_dir():
+            continue
+        for entry in os.scandir(out_dir / wnid):
+            match = VAL_FILE.match(entry.name)
+            if match and entry.is_file() and truth.get(match.group(1)) == wnid:
+                placed.add(match.group(1))
+    return placed
+
+
+def _links_to(dst: Path, src: Path) -> bool:
+    return dst.is_symlink() and Path(os.readlink(dst)) == src.resolve()
+
+
+def _done_before(src: Path, dst: Path, mode: Mode) -> bool:
+    """Whether `dst` is what placing `src` in `mode` makes: an earlier run placed it."""
+    if mode == "symlink" or (mode == "move" and src.is_symlink()):
+        return _links_to(dst, src)
+    if dst.is_symlink() or not dst.is_file():
+        return False  # a copy or a moved file is a regular file
+    if mode == "copy":
+        # copy_file_atomic renames only a whole copy into place: a regular file of the right size is one
+        return dst.stat().st_size == src.stat().st_size
+    # a move across file systems interrupted after its copy, before the source was removed; the
+    # source is removed next, so the contents are compared, not only the sizes
+    return filecmp.cmp(src, dst, shallow=False)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """The folder's entry itself to `dst`. A symlink becomes a link to its resolved target (a
+    relative one moved a folder deeper would point nowhere); the file it points to stays where
+    it is. Across file systems the copy is renamed into place whole before the source goes."""
+    if src.is_symlink():
+        dst.symlink_to(src.resolve())
+        src.unlink()
+        return
     try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        copy_file_atomic(src, dst)
+        src.unlink()
+
+
+def _place(src: Path, dst: Path, mode: Mode) -> bool:
+    """`src` (an entry of the flat folder) as `dst`; False where an earlier run already did it."""
+    try:
+        if dst.is_symlink() or dst.exists():
+            if os.path.samestat(os.lstat(src), os.lstat(dst)):
+                return False  # dst is src itself or a hard link of it: in place, nothing to remove
+            if not _done_before(src, dst, mode):
+                raise ImageNetLayoutError(f"{dst} already exists; remove it or choose another output folder")
+            if mode == "move":
+                src.unlink()  # the move was interrupted between placing dst and removing src
+            return False
         if mode == "symlink":
-            dst.symlink_to(src)
+            dst.symlink_to(src.resolve())  # absolute: the link works from out_dir/<wnid>/
         elif mode == "copy":
-            shutil.copy2(src, dst)
+            copy_file_atomic(src, dst)  # a full disk leaves no torn image under the final name
         else:
-            shutil.move(src, dst)
+            _move(src, dst)
     except OSError as exc:
         raise _cannot_write(dst, exc) from exc
+    return True
 
 
 def _cannot_write(dst: Path, exc: OSError) -> ImageNetLayoutError:
@@ -198,24 +275,24 @@ def _write_file(dst: Path, data: bytes) -> None:
 
 def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode: Mode = "symlink") -> Conversion:
     """Lay the flat ILSVRC-2012 validation folder out as out_dir/<wnid>/<file> (symlinks to the
-    originals by default: no second copy of 6.4 GB)."""
-    files = {}
-    for entry in os.scandir(val_dir):
-        match = VAL_FILE.match(entry.name)
-        if entry.is_file() and match:
-            files[match.group(1)] = Path(entry.path).resolve()
-    if not files:
+    originals by default: no second copy of 6.4 GB). Running it again, after a complete or an
+    interrupted run, finishes the same layout: the files already in place count as done."""
+    files = _flat_files(val_dir)
+    placed = _placed_files(out_dir, truth) - set(files)
+    if not files and not placed:
         raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
-    _check_coverage(files, truth, val_dir)
+    _check_coverage(set(files) | placed, truth, val_dir)
     for wnid in sorted(set(truth.values())):
         try:
             (out_dir / wnid).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _cannot_write(out_dir / wnid, exc) from exc
+    already = len(placed)
     for stem in sorted(files):
         src = files[stem]
-        _place(src, out_dir / truth[stem] / src.name, mode)
-    return Conversion(len(files), len(set(truth.values())), out_dir)
+        if not _place(src, out_dir / truth[stem] / src.name, mode):
+            already += 1
+    return Conversion(len(files) + len(placed), len(set(truth.values())), out_dir, already)
 
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:

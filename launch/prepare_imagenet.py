@@ -7,7 +7,10 @@
 then extracted straight into the class folders). --ground-truth is the devkit (the .tar.gz or its
 extracted folder: data/ILSVRC2012_validation_ground_truth.txt through data/meta.mat, which needs
 scipy) or Kaggle's LOC_val_solution.csv. From a folder, files are symlinked by default (--mode
-copy or move to change that); running it again is harmless.
+copy or move to change that) and keep their names where the folder's entries are themselves
+symlinks (a git-annex or datalad checkout: a move moves the links, not the files they point to).
+Running it again is harmless, and after an interrupted run it finishes the layout: the images
+already in place count as done.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImageNetLayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{done.images} validation images in {done.classes} class folders under {done.out_dir}")
+    earlier = f" ({done.already_placed} already in place)" if done.already_placed else ""
+    print(f"{done.images} validation images in {done.classes} class folders under {done.out_dir}{earlier}")
     return 0
 
 

@@ -1,9 +1,14 @@
 """ImageNet class names and the ILSVRC-2012 validation layout, on a generated miniature of the
 official files (flat val folder and archive, devkit meta.mat + ground truth, Kaggle's CSV)."""
 
+import errno
+import hashlib
 import importlib.util
 import io
+import os
+import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +52,14 @@ def test_class_names_follow_sorted_wnids_with_torchvision_names():
     ]
 
 
+def write_meta_mat(path, synsets):
+    """The devkit's synsets table: (ILSVRC2012_ID, WNID, num_children) rows as scipy reads them."""
+    table = np.empty((len(synsets), 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for row, (number, wnid, children) in enumerate(synsets):
+        table[row, 0] = (np.array([[number]], np.uint16), np.array([wnid]), np.array([[children]], np.uint16))
+    scipy.io.savemat(path, {"synsets": table})
+
+
 @pytest.fixture
 def ilsvrc(tmp_path):
     """A miniature of the official layout: 7 flat JPEGs, the val tar, the devkit (folder and
@@ -60,10 +73,7 @@ def ilsvrc(tmp_path):
             tar.add(path, arcname=path.name)
     devkit = tmp_path / "ILSVRC2012_devkit_t12"
     (devkit / "data").mkdir(parents=True)
-    table = np.empty((len(SYNSETS), 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
-    for row, (number, wnid, children) in enumerate(SYNSETS):
-        table[row, 0] = (np.array([[number]], np.uint16), np.array([wnid]), np.array([[children]], np.uint16))
-    scipy.io.savemat(devkit / "data" / "meta.mat", {"synsets": table})
+    write_meta_mat(devkit / "data" / "meta.mat", SYNSETS)
     (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, GROUND_TRUTH)) + "\n")
     with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
         tar.add(devkit, arcname=devkit.name)
@@ -135,6 +145,9 @@ def test_prepare_command(ilsvrc, capsys):
     assert command.main([*argv, "--out", str(out)]) == 0
     assert "7 validation images in 3 class folders" in capsys.readouterr().out
     assert indexed_pairs(out) == expected_pairs(out)
+    assert command.main([*argv, "--out", str(out)]) == 0
+    assert "7 validation images in 3 class folders" in (printed := capsys.readouterr().out)
+    assert "(7 already in place)" in printed
     csv = str(ilsvrc / "LOC_val_solution.csv")
     assert command.main(["--val", str(ilsvrc / "nope"), "--ground-truth", csv, "--out", str(out)]) == 1
     assert "nope is neither a folder nor an archive" in capsys.readouterr().err
@@ -172,3 +185,126 @@ def test_the_archive_replaces_earlier_symlinks_without_writing_through_them(ilsv
     assert not placed.is_symlink() and placed.read_bytes()[:3] == b"\xff\xd8\xff"
     assert original.read_bytes() == b"the user's own version"
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_a_devkit_with_a_wnid_that_is_no_folder_name_is_refused(ilsvrc):
+    # the wnids become folders under --out: "../../escaped" would be written outside it
+    devkit = ilsvrc / "ILSVRC2012_devkit_t12"
+    write_meta_mat(devkit / "data" / "meta.mat", [(1, "../../escaped", 0), *SYNSETS[1:]])
+    with pytest.raises(ImageNetLayoutError, match=r"ILSVRC2012_devkit_t12: data/meta.mat .* WNID '\.\./\.\./escaped'"):
+        read_ground_truth(devkit)
+
+
+# ---- re-runs, interruptions, and flat folders of symlinks ---------------------------------------
+def layout(out):
+    """Each placed image: its path under `out`, whether it is a symlink, and its bytes."""
+    return sorted((str(p.relative_to(out)), p.is_symlink(), p.read_bytes()) for p in out.rglob("*.JPEG"))
+
+
+def flat_images(folder):
+    return sorted(p.name for p in folder.glob("*.JPEG"))
+
+
+@pytest.mark.parametrize("mode", ["symlink", "copy", "move"])
+def test_a_flat_folder_of_symlinks_into_a_store_keeps_the_image_names(ilsvrc, mode):
+    # a git-annex / datalad checkout: each entry a relative symlink to a file named by its hash
+    flat, store = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "annex" / "objects"
+    store.mkdir(parents=True)
+    originals = {p.name: p.read_bytes() for p in flat.iterdir()}
+    for image in sorted(flat.iterdir()):
+        key = hashlib.sha256(image.read_bytes()).hexdigest()[:16]
+        image.rename(store / key)
+        image.symlink_to(Path("..") / "annex" / "objects" / key)
+    stored = {p.name: p.read_bytes() for p in store.iterdir()}
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    out = ilsvrc / "imagenet" / "val"
+    done = convert_val_folder(flat, truth, out, mode=mode)
+    assert (done.images, done.already_placed) == (7, 0)
+    assert indexed_pairs(out) == expected_pairs(out)
+    assert {p.name: p.read_bytes() for p in out.rglob("*.JPEG")} == originals
+    for placed in out.rglob("*.JPEG"):  # a link (symlink, move) leads to the store's file itself
+        assert placed.is_symlink() == (mode != "copy")
+        assert not placed.is_symlink() or placed.resolve().parent == store.resolve()
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == stored  # the store's own files stay
+    assert flat_images(flat) == ([] if mode == "move" else sorted(f"ILSVRC2012_val_{i:08d}.JPEG" for i in EXPECTED))
+
+
+def test_an_interrupted_copy_leaves_no_torn_image_and_a_rerun_completes(ilsvrc, monkeypatch):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "copied"
+    copyfile, calls = shutil.copyfile, []
+
+    def disk_full_at_the_fourth(src, dst, **kwargs):  # the 4th copy stops halfway: a full disk
+        copyfile(src, dst, **kwargs)
+        calls.append(dst)
+        if len(calls) == 4:
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return dst
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full_at_the_fourth)
+    with pytest.raises(ImageNetLayoutError, match="cannot write .*ILSVRC2012_val_00000004.JPEG: No space left"):
+        convert_val_folder(flat, truth, out, mode="copy")
+    placed = sorted(out.rglob("*.JPEG"))
+    assert len(placed) == 3 and all(p.read_bytes() == (flat / p.name).read_bytes() for p in placed)
+    assert not [p for p in out.rglob("*") if p.is_file() and p.suffix != ".JPEG"]  # no temporary file left
+    monkeypatch.undo()
+    done = convert_val_folder(flat, truth, out, mode="copy")
+    assert (done.images, done.already_placed) == (7, 3)
+    assert indexed_pairs(out) == expected_pairs(out)
+    assert all(p.read_bytes() == (flat / p.name).read_bytes() for p in out.rglob("*.JPEG"))
+
+
+@pytest.mark.parametrize("mode,where", [("copy", "out"), ("move", "out"), ("move", "in place")])
+def test_rerunning_a_completed_copy_or_move_gives_the_same_layout(ilsvrc, mode, where):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat = ilsvrc / "ILSVRC2012_img_val"
+    out = flat if where == "in place" else ilsvrc / "imagenet" / "val"
+    assert convert_val_folder(flat, truth, out, mode=mode).already_placed == 0
+    first = layout(out)
+    done = convert_val_folder(flat, truth, out, mode=mode)
+    assert (done.images, done.classes, done.already_placed) == (7, 3, 7)
+    assert layout(out) == first and indexed_pairs(out) == expected_pairs(out)
+    assert len(flat_images(flat)) == (0 if mode == "move" else 7)
+
+
+def test_an_interrupted_move_resumes(ilsvrc):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "imagenet" / "val"
+    originals = {p.name: p.read_bytes() for p in flat.iterdir()}
+    for i in (1, 2, 3):  # moved before the interruption
+        name = f"ILSVRC2012_val_{i:08d}.JPEG"
+        (out / EXPECTED[i]).mkdir(parents=True, exist_ok=True)
+        (flat / name).rename(out / EXPECTED[i] / name)
+    name = "ILSVRC2012_val_00000004.JPEG"  # across file systems: copied into place, not yet removed
+    shutil.copy2(flat / name, out / EXPECTED[4] / name)
+    done = convert_val_folder(flat, truth, out, mode="move")
+    assert (done.images, done.already_placed) == (7, 4)
+    assert flat_images(flat) == [] and indexed_pairs(out) == expected_pairs(out)
+    assert {p.name: p.read_bytes() for p in out.rglob("*.JPEG")} == originals
+
+
+def test_a_move_across_file_systems_places_whole_files(ilsvrc, monkeypatch):
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "imagenet" / "val"
+    originals = {p.name: p.read_bytes() for p in flat.iterdir()}
+    convert_val_folder(flat, truth, out, mode="move")
+    assert flat_images(flat) == [] and {p.name: p.read_bytes() for p in out.rglob("*.JPEG")} == originals
+
+
+@pytest.mark.parametrize("mode", ["symlink", "copy", "move"])
+def test_a_destination_that_is_something_else_is_named(ilsvrc, mode):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "imagenet" / "val"
+    other = out / "n01440764" / "ILSVRC2012_val_00000001.JPEG"
+    other.parent.mkdir(parents=True)
+    # copy takes a regular file of the source's size for its own work, symlink and move compare more
+    size = (flat / other.name).stat().st_size
+    other.write_bytes(b"a torn copy" if mode == "copy" else b"x" * size)
+    with pytest.raises(ImageNetLayoutError, match=f"{other} already exists"):
+        convert_val_folder(flat, truth, out, mode=mode)
+    assert (flat / other.name).exists()
