@@ -16,6 +16,8 @@ checkpoint's state dict loads there strictly, with nothing renamed.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,7 +34,15 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.inference import build_model_from_checkpoint
 
 FORMATS = ("torchscript", "onnx", "torchvision")
+log = logging.getLogger("alexnet")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "torchvision": ".torchvision.pth"}
+
+
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the [export] extra: exporter, its dynamo backend, the check
+
+
+class ExportSetupError(RuntimeError):
+    """A requested format whose packages are not installed; raised before anything is exported."""
 
 
 class ExportCheckError(RuntimeError):
@@ -179,10 +189,18 @@ def export_checkpoint(
     on a batch of 3 after tracing with a batch of 2 (so a batch size baked into the graph fails)."""
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant
+    asked = bool(formats)
     formats = list(formats) if formats else [f for f in FORMATS if f != "torchvision" or variant == "torchvision"]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown export format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+    missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None] if "onnx" in formats else []
+    if missing:  # checked first: an ONNX export that fails on an import would come after the others
+        hint = f'ONNX export needs {", ".join(missing)}: pip install -e ".[export]"'
+        if asked:
+            raise ExportSetupError(f"{hint} (or leave onnx out of --format)")
+        log.warning("%s; exporting the other formats", hint)
+        formats.remove("onnx")
     if "torchvision" in formats and variant != "torchvision":
         raise CheckpointError(
             f"checkpoint {checkpoint} is the {variant!r} variant; only 'torchvision' checkpoints load into "

@@ -12,11 +12,13 @@ the run's config.yaml); the output is N x num_classes logits.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
-from alexnet.export import FORMATS, ExportCheckError, export_checkpoint
+from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
+from pipelines.outputs import OutputPathError, check_output_folder
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,15 +39,21 @@ def default_name(checkpoint: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} is a file; exports go into a folder", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        check_output_folder(args.out, f"--out {args.out}")
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         name = args.name or default_name(args.checkpoint)
         for result in export_checkpoint(args.checkpoint, args.out, name, args.format):
             print(f"{result.path}: max |difference| from PyTorch {result.max_abs_diff:.3g} on {result.batch} images")
-    except (CheckpointError, ExportCheckError) as exc:
+    except (CheckpointError, ExportCheckError, ExportSetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the folder turned unwritable, or the disk filled up: no file was kept
+        print(f"error: cannot write into {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
 

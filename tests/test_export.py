@@ -3,6 +3,7 @@ another batch size), and a torchvision-variant checkpoint straight into torchvis
 
 import importlib.util
 import re
+import sys
 
 import numpy as np
 import onnxruntime
@@ -14,7 +15,7 @@ from _helpers import REPO
 from alexnet import export as export_module
 from alexnet.checkpoint import CheckpointError, atomic_save
 from alexnet.config import config_to_dict, load_config
-from alexnet.export import ExportCheckError, compare_outputs, export_checkpoint, load_torchscript
+from alexnet.export import ExportCheckError, ExportSetupError, compare_outputs, export_checkpoint, load_torchscript
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import build_model
 
@@ -125,4 +126,16 @@ def test_export_into_a_file_is_a_one_line_error(tmp_path, checkpoints, capsys):
     command = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(command)
     assert command.main([str(checkpoints["paper"]), "--out", str(blocker), "--format", "torchscript"]) == 2
-    assert capsys.readouterr().err == f"error: --out {blocker} is a file; exports go into a folder\n"
+    assert capsys.readouterr().err == f"error: --out {blocker}: {blocker} is a file, not a folder\n"
+    under_a_file = blocker / "exports"  # a path no folder can be made at: refused before the checkpoint loads
+    assert command.main([str(checkpoints["paper"]), "--out", str(under_a_file), "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err == f"error: --out {under_a_file}: {blocker} is not a writable folder\n"
+
+
+def test_onnx_without_its_packages_is_named_before_any_export(tmp_path, checkpoints, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the [export] extra were not installed
+    with pytest.raises(ExportSetupError, match=r'ONNX export needs onnxscript: pip install -e "\.\[export\]"'):
+        export_checkpoint(checkpoints["paper"], tmp_path / "asked", "m", ["torchscript", "onnx"])
+    assert not (tmp_path / "asked").exists()  # not even the TorchScript file before it
+    (kept,) = export_checkpoint(checkpoints["paper"], tmp_path / "default", "m")  # all formats: ONNX left out
+    assert kept.path.name == "m.torchscript.pt" and "exporting the other formats" in caplog.text
