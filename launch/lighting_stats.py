@@ -21,6 +21,7 @@ from alexnet.config import DataConfig
 from alexnet.data import resolve_data_root
 from pipelines.index import DataError, build_file_index
 from pipelines.lighting import STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
+from pipelines.outputs import OutputPathError, check_output_file
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,10 +38,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.images < 1:
-        print("error: --images must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--images", args.images), ("--decode-size", args.decode_size), ("--workers", args.workers)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     root = resolve_data_root(DataConfig(root=args.data))
+    out = args.out or root / STATS_FILE
+    try:
+        check_output_file(out, f"--out {out}")  # before the measurement, which a bad path would lose
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         files = build_file_index(root / "train").files
         count = min(args.images, len(files))
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = save_lighting_stats(stats, args.out or root / STATS_FILE)
+    out = save_lighting_stats(stats, out)
     print(f"{stats.num_images} images, {stats.num_pixels:,} pixels -> {out}")
     print(describe(stats, args.alpha_std))
     return 0

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
 from pipelines.index import image_names, is_utf8, printable, some_names
-from pipelines.outputs import write_text_atomic
+from pipelines.outputs import OutputPathError, check_output_folder, write_text_atomic
 
 SPLITS = ("train", "val")
 Fixable = Literal["convert", "exclude", "keep"]
@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(args.min_side, args.max_side, args.max_aspect, args.max_pixels)
     progress = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
     policy = Policy(args.fixable, args.grayscale)
+    try:
+        check_output_folder(out, f"--out {out}")  # before the scan, which a bad path would lose
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result = scan(args.root, out, args.workers, policy, limits, progress)
     print_report(result, out, policy)
     return 1 if result.problems else 0

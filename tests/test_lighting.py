@@ -204,6 +204,14 @@ def test_lighting_stats_command_writes_the_file_and_reports_the_mean_pixel(tmp_p
     assert stats.num_images == 4 and stats.num_pixels == len(pixels)
     mean = ", ".join(f"{m:.2f}" for m in np.asarray(pixels, dtype=np.float64).mean(axis=0))
     assert f"mean pixel (for data.mean) [{mean}]" in capsys.readouterr().out + caplog.text
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    data = ["--data", str(tmp_path / "data"), "--workers", "1"]
+    assert command.main([*data, "--out", str(folder)]) == 2  # it measured everything, then lost it on write
+    assert capsys.readouterr().err == f"error: --out {folder}: {folder} is a folder, not a file\n"
+    assert list(folder.iterdir()) == []  # and left a stray temporary file
+    assert command.main([*data, "--decode-size", "0"]) == 2  # a ZeroDivisionError traceback
+    assert capsys.readouterr().err == "error: --decode-size must be >= 1, got 0\n"
 
 
 def test_statistics_skip_a_file_whose_header_declares_a_bomb_size(tmp_path, caplog):

@@ -27,6 +27,7 @@ from pipelines.dali import DaliLoader
 from pipelines.filecheck import Finding, check_file, convert_to_rgb_jpeg, open_rgb
 from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
 from pipelines.scan import Policy, print_report, scan
+from pipelines.scan import main as scan_main
 from pipelines.torchvision_loader import TorchvisionLoader
 
 SCAN = REPO / "launch" / "scan.py"
@@ -359,3 +360,12 @@ def test_names_that_are_not_utf8_are_reported_and_left_out(tmp_path):
     out = io.StringIO()
     print_report(result, tmp_path / "out", Policy(), stream=out)
     assert "excluded   bad_name" in out.getvalue() and "caf\\xe9.JPEG" in out.getvalue()
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_the_scan(tmp_path, tiny_data, capsys):
+    blocker = tmp_path / "report"
+    blocker.write_text("an earlier file")
+    assert scan_main([str(tiny_data), "--out", str(blocker), "--workers", "1", "--progress", "off"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --out {blocker}: {blocker} is a file, not a folder\n" and "checked" not in out
+    assert blocker.read_text() == "an earlier file"
