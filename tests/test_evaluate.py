@@ -257,7 +257,7 @@ def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_nam
         text=True,
     )
     assert bad.returncode == 2
-    assert f"error: --out {blocker / 'eval.json'}: {blocker} is not a writable folder" in bad.stderr
+    assert f"error: --out {blocker / 'eval.json'}: {blocker} is a file, not a folder" in bad.stderr
     assert "Traceback" not in bad.stderr and "images" not in bad.stdout  # stopped before evaluating
     typo = tmp_path / "typo" / "sub" / "last.pt"
     missing = subprocess.run([sys.executable, EVALUATE, typo], capture_output=True, text=True)
