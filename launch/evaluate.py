@@ -51,7 +51,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--batch-size", type=non_negative_int, default=0, help="images per rank and batch (default: the run's)"
     )
     parser.add_argument(
-        "--num-threads", type=non_negative_int, default=0, help="DALI threads per rank (default: the run's)"
+        "--num-threads",
+        type=non_negative_int,
+        default=0,
+        help="DALI threads, or torchvision DataLoader workers, per rank (default: the run's)",
     )
     parser.add_argument(
         "--files", default="", help="file list of the split from launch/scan.py (default: the run's data.val_files)"
