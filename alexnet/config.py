@@ -36,7 +36,9 @@ class ModelConfig:
     variant: Literal["paper", "torchvision"] = "paper"
     num_classes: int = 0  # 0: the number of class folders in the training data
     dropout: float = 0.5
-    init: Literal["paper", "kaiming"] = "paper"  # paper: N(0, 0.01), biases 0/1 (section 5)
+    # auto: the variant's own (paper: section 5's; torchvision: torchvision's); paper: N(0, 0.01),
+    # biases 0/1 (section 5); kaiming: He et al. 2015. paper and kaiming apply to either variant.
+    init: Literal["auto", "paper", "kaiming"] = "auto"
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ScheduleConfig:
     warmup_start_factor: float = 0.1
     factor: float = 0.1  # multiplier at each decay (step and plateau)
     step_epochs: int = 30  # step: decay every step_epochs epochs
-    patience: int = 1  # plateau: epochs without improvement of val error before decaying
+    patience: int = 1  # plateau: validations (every train.eval_every epochs) without improvement before decaying
     min_delta: float = 0.0  # plateau: an improvement smaller than this (in top-1 %) does not count
     max_reductions: int = 3  # plateau: the paper divided the rate by 10 three times
     min_lr_factor: float = 0.0  # cosine: final lr as a fraction of the peak
@@ -439,6 +441,7 @@ def validate_config(cfg: Config) -> None:
         "schedule.warmup_start_factor": cfg.schedule.warmup_start_factor,
         "schedule.min_lr_factor": cfg.schedule.min_lr_factor,
         "schedule.max_reductions": cfg.schedule.max_reductions,
+        "schedule.min_delta": cfg.schedule.min_delta,  # below 0 a fall in top-1 would count as improvement
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -49,7 +49,9 @@ class AmpPolicy:
 def build_amp(mode: Literal["auto", "bf16", "fp16", "off"], device: torch.device) -> AmpPolicy:
     if mode == "auto":
         if device.type == "cuda":
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Native bf16 only (Ampere and later): before that torch reports it as supported through
+            # emulation, slower than fp16, which those GPUs' tensor cores run.
+            mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             mode = "off"  # CPU autocast is slower than fp32 on most CPUs
     if mode == "off":

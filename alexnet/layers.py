@@ -146,11 +146,16 @@ def _window_sum(t: Tensor, size: int, groups: int, band: Tensor | None) -> Tenso
 
 
 def _pow_neg(s: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
-    """s ** -beta; for the paper's beta = 0.75 as rsqrt(s * sqrt(s)), two cheap vector ops instead
-    of pow's exp/log (the same value to float rounding)."""
-    if beta == 0.75:
-        return torch.sqrt(s, out=out).mul_(s).rsqrt_()
-    return torch.pow(s, -beta, out=out)
+    """s ** -beta; for the paper's beta = 0.75 as rsqrt(s * sqrt(s)), cheap vector ops instead of
+    pow's exp/log (the same value to float rounding). In float16, s * sqrt(s) overflows from
+    s = 65504^(2/3), about 1625 (a window of five activations of about 2000), and the output would
+    be 0: there it is rsqrt(s) * sqrt(rsqrt(s)), whose parts stay in range (one temporary more)."""
+    if beta != 0.75:
+        return torch.pow(s, -beta, out=out)
+    if s.dtype == torch.float16:
+        r = torch.rsqrt(s, out=out)
+        return r.mul_(r.sqrt())
+    return torch.sqrt(s, out=out).mul_(s).rsqrt_()
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ class LRNConstants:
         """sqrt(alpha): squares of x * sqrt(alpha) sum to alpha * (sum of x^2) directly, and stay
         in half precision's range for |x| up to about 11,000 (x^2 itself overflows float16 from
         |x| = 256, a five-channel window of them from about 114: activations the paper's k = 2
-        and alpha = 1e-4 are meant for)."""
+        and alpha = 1e-4 are meant for); _pow_neg keeps s^-beta in range there too."""
         return math.sqrt(self.alpha)
 
 
@@ -232,7 +237,8 @@ class _LRNFunction(torch.autograd.Function):
         for lo in range(0, x.shape[0], chunk):
             part = slice(lo, lo + chunk)
             g_part, x_part, inv_part = g[part], x[part], inv[part]
-            around = _window_sum((g_part * x_part).mul_(inv_part).div_(s[part]), c.size, groups, band)
+            # g s^-beta / s first, then x: g * x overflows float16 where the whole product is small
+            around = _window_sum((g_part * inv_part).div_(s[part]).mul_(x_part), c.size, groups, band)
             torch.mul(g_part, inv_part, out=grad[part]).addcmul_(x_part, around, value=-2 * c.alpha * c.beta)
         return grad, None, None, None, None
 

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from alexnet.layers import CounterDropout, LocalResponseNorm
 
 Variant = Literal["paper", "torchvision"]
-Init = Literal["paper", "kaiming"]
+Init = Literal["auto", "paper", "kaiming"]  # auto: the variant's own (section 5's; torchvision's)
 
 # Section 3.3: k = 2, n = 5, alpha = 1e-4, beta = 0.75 with
 #   b = a / (k + alpha * sum_{5 neighbours} a^2) ** beta,
@@ -103,10 +103,10 @@ class PaperAlexNet(nn.Module):
         self.drop7 = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
         self.towers: tuple[int, ...] = TOWERS
         self.exchange: Exchange = concat_towers
-        if init == "paper":
-            init_paper_weights(self)
-        else:
+        if init == "kaiming":
             init_kaiming_weights(self)
+        else:
+            init_paper_weights(self)
 
     def _both_towers_here(self) -> bool:
         return self.towers == TOWERS and self.exchange is concat_towers
@@ -156,14 +156,23 @@ class PaperAlexNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def init_paper_weights(model: PaperAlexNet) -> None:
+def paper_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """conv1..conv5 and fc6..fc8, each as the modules that hold it (the paper model: one per
+    tower; torchvision's variant: its single-tower layers in order)."""
+    if isinstance(model, PaperAlexNet):
+        return {name: list(layers) for name, layers in model.named_children() if isinstance(layers, nn.ModuleList)}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    fcs = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    names = [f"conv{i}" for i in range(1, 6)] + ["fc6", "fc7", "fc8"]
+    return {name: [layer] for name, layer in zip(names, convs + fcs, strict=True)}
+
+
+def init_paper_weights(model: nn.Module) -> None:
     """Section 5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the fully-connected
     hidden layers (fc6, fc7), which "accelerates the early stages of learning by providing the
     ReLUs with positive inputs"; biases 0 in the remaining layers (conv1, conv3, fc8)."""
     ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
-    for name, layers in model.named_children():
-        if not isinstance(layers, nn.ModuleList):
-            continue
+    for name, layers in paper_layers(model).items():
         for layer in layers:
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
             nn.init.constant_(layer.bias, 1.0 if name in ones else 0.0)
@@ -196,19 +205,25 @@ def head_dropout(model: nn.Module) -> dict[str, CounterDropout]:
 
 
 def build_model(
-    variant: Variant, num_classes: int, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "paper"
+    variant: Variant, num_classes: int, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "auto"
 ) -> nn.Module:
     """`input_size` sets the paper model's fc6 fan-in; torchvision's variant pools any input to
-    6x6 (torchvision's own choice, kept for weight compatibility). `init` applies to the paper
-    variant; the torchvision variant keeps torchvision's initialisation."""
+    6x6 (torchvision's own choice, kept for weight compatibility). `init`: "auto" is each
+    variant's own (section 5's for the paper model, torchvision's for its variant); "paper" and
+    "kaiming" apply to either."""
     if variant == "paper":
-        return PaperAlexNet(num_classes, dropout, input_size, init)
+        return PaperAlexNet(num_classes, dropout, input_size, "paper" if init == "auto" else init)
     if variant == "torchvision":
         # Imported here: importing torchvision takes about a second in every process (it loads
         # torch._dynamo), which the paper variant, trained from DALI, never needs.
         from alexnet.torchvision_variant import TorchvisionAlexNet
 
-        return TorchvisionAlexNet(num_classes, dropout)
+        model = TorchvisionAlexNet(num_classes, dropout)
+        if init == "paper":
+            init_paper_weights(model)
+        elif init == "kaiming":
+            init_kaiming_weights(model)
+        return model
     raise ValueError(f"model.variant: unknown variant {variant!r} (choose 'paper' or 'torchvision')")
 
 

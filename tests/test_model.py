@@ -70,6 +70,31 @@ def test_paper_init_statistics():
             assert torch.all(layer.bias == expected_bias), name
 
 
+def test_model_init_applies_to_the_torchvision_variant_and_auto_is_each_variants_own():
+    """model.init=paper and kaiming were ignored by the torchvision variant (it kept torchvision's
+    init whatever the config said); auto, the default, is section 5's for the paper model and
+    torchvision's own for its variant."""
+    torch.manual_seed(0)
+    own = torchvision.models.alexnet(num_classes=10).state_dict()
+    torch.manual_seed(0)
+    auto = build_model("torchvision", 10, init="auto").state_dict()
+    assert all(torch.equal(auto[k], v) for k, v in own.items())
+    paper = build_model("torchvision", 10, init="paper")
+    convs = [m for m in paper.features if isinstance(m, torch.nn.Conv2d)]
+    fcs = [m for m in paper.classifier if isinstance(m, torch.nn.Linear)]
+    for layer, bias in zip(convs + fcs, (0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0), strict=True):
+        assert layer.weight.std().item() == pytest.approx(0.01, rel=0.15) and torch.all(layer.bias == bias)
+    kaiming = build_model("torchvision", 10, init="kaiming")
+    conv2 = kaiming.features[3]
+    fan_in = conv2.weight[0].numel()
+    assert conv2.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.05) and torch.all(conv2.bias == 0)
+    torch.manual_seed(0)
+    paper_model = build_model("paper", 10, input_size=67, init="auto").state_dict()
+    torch.manual_seed(0)
+    explicit = PaperAlexNet(10, input_size=67, init="paper").state_dict()
+    assert all(torch.equal(v, paper_model[k]) for k, v in explicit.items())
+
+
 def test_towers_see_only_their_own_tower_in_conv2_conv4_conv5():
     """Perturbing tower 1's conv1 must not change tower 0's conv2 output (conv2 sees its own
     tower only) but must change conv3 outputs of both towers (conv3 sees both)."""
@@ -248,6 +273,29 @@ def test_lrn_in_half_precision_stays_finite_at_the_activations_its_constants_are
         y = _LRNFunction.apply(x.half(), PAPER_LRN, 2, band, 2)
         assert torch.isfinite(y).all()
         torch.testing.assert_close(y.double(), reference, rtol=4e-3, atol=4e-3)
+
+
+def test_lrn_in_half_precision_keeps_its_output_and_gradient_up_to_large_activations():
+    """Up to |x| of about 11,000 s stays finite in float16; s * sqrt(s), an intermediate of s^-0.75,
+    overflowed from s of about 1625 (five channels of 2000, or one of 4100) and the output fell to
+    0; backward's g * x overflowed where the gradient itself is small (x = 1000, g = 100). Forward
+    (the training Function and the plain inference path) and backward against float64."""
+    from alexnet.layers import LocalResponseNorm, _LRNFunction
+
+    x = torch.full((1, 5, 2, 2), 2000.0, dtype=torch.float64)
+    x[0, :, 1, 1] = torch.tensor([0.0, 0.0, 4100.0, 0.0, 0.0], dtype=torch.float64)  # one active channel
+    x[0, :, 0, 1] = torch.tensor([8000.0, 3.0, 8000.0, 7.0, 8000.0], dtype=torch.float64)
+    lrn = LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+    reference = lrn(x)
+    for y in (_LRNFunction.apply(x.half(), PAPER_LRN, 1, None, 1), lrn(x.half())):
+        torch.testing.assert_close(y.double(), reference, rtol=4e-3, atol=0.0)
+    x1 = torch.full((1, 3, 1, 1), 1000.0, dtype=torch.float64, requires_grad=True)
+    g = torch.full_like(x1, 100.0)
+    (expected,) = torch.autograd.grad(_LRNFunction.apply(x1, PAPER_LRN, 1, None, 1), x1, g)
+    xh = x1.detach().half().requires_grad_()
+    (got,) = torch.autograd.grad(_LRNFunction.apply(xh, PAPER_LRN, 1, None, 1), xh, g.half())
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet.config import OptimConfig, ScheduleConfig
+from alexnet.config import ConfigError, OptimConfig, ScheduleConfig, load_config
+from alexnet.engine import build_amp
 from alexnet.model import PaperAlexNet
 from alexnet.optim import LrSchedule, build_optimizer, scaled_lr
 
@@ -155,3 +156,23 @@ def test_fp16_overflows_are_the_scalers_back_off_while_its_scale_is_above_one():
     assert seen == [(False, True, 2.0), (False, True, 1.0), (False, False, 0.5)]
     nan_loss = train_step(model, x.fill_(float("nan")), y, opt, amp, DropoutContext(0, 3, torch.arange(2)))
     assert not nan_loss.applied and not nan_loss.overflow
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available")  # the fp16 policy's GradScaler, built here without a GPU
+def test_amp_auto_picks_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    """torch reports bf16 as supported on pre-Ampere GPUs (V100, T4) through emulation, slower
+    than their fp16 tensor cores: auto chose it there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert build_amp("auto", torch.device("cuda")).name == "fp16"  # a V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert build_amp("auto", torch.device("cuda")).name == "bf16"  # an A100 or later
+    assert build_amp("auto", torch.device("cpu")).name == "off"
+
+
+def test_a_warmup_as_long_as_the_run_is_named_and_a_negative_min_delta_refused(caplog):
+    LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=2), 0.08, 10, 3)  # the 8-GPU recipes' warmup
+    assert caplog.text == ""
+    LrSchedule(ScheduleConfig(name="cosine", warmup_epochs=2), 0.08, 10, 2)  # a 2-epoch trial of one
+    assert "schedule.warmup_epochs (2) is not below train.epochs (2): the learning rate never reaches" in caplog.text
+    with pytest.raises(ConfigError, match=r"'schedule.min_delta' must be >= 0; got -0.5"):
+        load_config(None, ["schedule.min_delta=-0.5"])  # a fall in top-1 counted as an improvement
