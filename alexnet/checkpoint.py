@@ -84,10 +84,15 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
     remove_stale_temporaries(folder)
     final = folder / LAST
     tmp = folder / f".{LAST}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:  # torch.save's zip writer reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)  # a full disk stays full with a partial checkpoint on it
+        kept = f"; {final} from before is kept" if final.exists() else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {os_reason(exc)}{kept}") from exc
     if rotate and final.exists():
         # previous.pt <- last.pt through a hard link, so last.pt exists at every instant.
         link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
@@ -105,6 +110,17 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
     finally:
         os.close(dir_fd)
     return final
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's words for a failed write ("No space left on device"), also where
+    a library wrapped its OSError in another exception; else the exception's own message."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 # What link(2) returns on file systems without hard links (vfat, some FUSE and object-store mounts).

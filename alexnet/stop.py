@@ -1,5 +1,5 @@
 """Stopping on request: a signal (SIGUSR1 from Slurm's --signal, SIGTERM from torchrun or a
-scheduler) or a stop file, agreed across all ranks at the same step.
+scheduler, SIGINT from Ctrl-C) or a stop file, agreed across all ranks at the same step.
 
 torchrun does not forward SIGUSR1 to its workers, so the Slurm script turns the signal into a
 stop file (ALEXNET_STOP_FILE) that every worker polls; a signal delivered to a worker directly
@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGINT: Ctrl-C reaches every worker straight from the terminal (torchrun's SIGTERM follows); a
+# second one interrupts at once, for a user who will not wait for the step and the checkpoint.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
 
 
@@ -31,6 +33,7 @@ class StopRequest:
         self.device = device
         self.stop_file = Path(stop_file) if stop_file else None
         self.signal_name: str | None = None
+        self._interrupts = 0  # Ctrl-Cs so far
         self._flag = torch.zeros(1, device=device)
 
     @classmethod
@@ -42,6 +45,11 @@ class StopRequest:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
     def requested_here(self) -> bool:

@@ -377,7 +377,9 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> str:
         """Run the rest of this epoch; returns why it stopped early ("" when it did not)."""
-        if self._reached_max_steps():
+        if self._reached_max_steps() and not self._epoch_done(epoch):
+            # A run that stopped (or crashed) at the epoch's last step still validates and counts
+            # it: its loader yields nothing more for this epoch.
             return "max_steps"
         cfg, p = self.cfg, self.progress
         self.par.module.train()
@@ -402,6 +404,9 @@ class Trainer:
                 self._log_train(epoch, lr, tally, meter, window, batches)
                 window = 0
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                if window:  # a resume from this checkpoint keeps the records up to it: close the window
+                    self._log_train(epoch, lr, tally, meter, window, batches)
+                    window = 0
                 saving = time.perf_counter()
                 self.save_checkpoint()
                 meter.exclude(time.perf_counter() - saving)

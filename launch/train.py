@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, LayoutError, LaunchError)) else 1
+    except OSError as exc:  # a run folder that filled up or went away: the file and the reason, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0 if summary["completed"] or summary["steps"] > 0 else 1
 
 

@@ -31,6 +31,28 @@ def test_atomic_save_keeps_previous_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
 
 
+def test_a_full_disk_during_a_write_is_one_error_that_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """torch.save's zip writer turns ENOSPC into "RuntimeError: [enforce fail ...] unexpected pos";
+    that reached the user as a traceback, and the partial file stayed, keeping the disk full."""
+    atomic_save(payload(1.0), tmp_path)
+    real_save = torch.save
+
+    def fills_the_disk(obj, f):
+        real_save(obj, f)  # the bytes are there, as far as the disk took them
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 94377920") from exc
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    last = tmp_path / "last.pt"
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint {last}: No space left on device; {last} "
+                                              "from before is kept$"):  # fmt: skip
+        atomic_save(payload(2.0), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no partial file left
+    assert load_checkpoint(last)["model"]["w"][0] == 1.0
+
+
 def test_load_errors_name_the_file(tmp_path):
     atomic_save(payload(1.0), tmp_path)
     good = (tmp_path / "last.pt").read_bytes()

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, TRAIN, torchrun
+from _helpers import REPO, TINY_TRAIN, TRAIN, torchrun
 from dist.reference import RECIPE, TOTAL_STEPS, assert_same_weights, reference_run, reference_weights
 
 from alexnet.checkpoint import atomic_save, load_checkpoint
+from alexnet.config import load_config
 from alexnet.metrics import read_metrics
+from alexnet.run import run_training
+from alexnet.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,49 @@ def test_auto_resume_falls_back_to_previous_when_last_is_truncated(tiny_data, tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == TOTAL_STEPS
     assert_same_weights(last, reference)
+
+
+def tiny_run(tiny_data, tmp_path, *extra):
+    """One process, 120 images at batch 8: 15 steps per epoch."""
+    return load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r", *extra])
+
+
+def crash_back_to_previous(run: Path) -> None:
+    """What a crash after the last checkpoint write and before the next leaves: a run folder whose
+    newest checkpoint is the one before (the records written after it are still in the file)."""
+    ckpts = run / "checkpoints"
+    os.replace(ckpts / "previous.pt", ckpts / "last.pt")
+
+
+def test_a_crash_between_a_checkpoint_and_the_next_record_loses_no_step_from_the_records(tiny_data, tmp_path):
+    """Logged every 3 steps, checkpointed every 4: the checkpoint at step 4 fell inside the window
+    of steps 4-6. Resumed from it, the run dropped that window's record (written after the
+    checkpoint) and began a new one at step 5: step 4 was in no record. The window is closed at
+    each checkpoint now, so every step is in exactly one record."""
+    common = ("train.epochs=1", "train.log_every=3", "checkpoint.every_steps=4")
+    run_training(tiny_run(tiny_data, tmp_path, *common, "train.max_steps=6"), None)
+    crash_back_to_previous(tmp_path / "r")  # last.pt at step 4, records up to step 6
+    summary = run_training(tiny_run(tiny_data, tmp_path, *common, "train.max_steps=9"), None)
+    train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train"]
+    assert [(r["step"], r["steps"]) for r in train] == [(3, 3), (4, 1), (6, 2), (8, 2), (9, 1)]
+    assert sum(r["count"] for r in train) == summary["train_images"] == 9 * 8
+
+
+def test_a_run_stopped_at_an_epochs_last_step_validates_that_epoch_when_resumed(tiny_data, tmp_path, monkeypatch):
+    """train.max_steps = one epoch, with a checkpoint at that step written before the epoch's
+    validation, and a crash during the validation: the resumed run validated nothing and ended
+    at 0 epochs (it stopped on max_steps before looking whether the epoch was done)."""
+    common = ("train.epochs=2", "train.max_steps=15", "checkpoint.every_steps=15")
+
+    def crash(self, epoch):
+        raise RuntimeError("the node died during validation")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_validate", crash)
+        with pytest.raises(RuntimeError, match="node died"):
+            run_training(tiny_run(tiny_data, tmp_path, *common), None)
+    summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
+    val = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]
+    assert [(r["epoch"], r["step"]) for r in val] == [(1, 15)]
+    assert (summary["epochs"], summary["steps"], summary["stop_reason"]) == (1, 15, "max_steps")
+    assert summary["final_top1"] == val[0]["top1"]
