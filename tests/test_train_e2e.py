@@ -35,9 +35,9 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     train_records = [r for r in records if r["split"] == "train"]
     val_records = [r for r in records if r["split"] == "val"]
-    # every 2 steps and at each epoch's end: step 7's record covers that step alone, as does 8's
-    assert [(r["step"], r["steps"]) for r in train_records] == [(2, 2), (4, 2), (6, 2), (7, 1), (8, 1), (10, 2),
-                                                                 (12, 2), (14, 2)]  # fmt: skip
+    # every 2 steps, at each checkpoint (every 3) and at each epoch's end (7): each step in one record
+    assert [(r["step"], r["steps"]) for r in train_records] == [(2, 2), (3, 1), (4, 1), (6, 2), (7, 1), (8, 1),
+                                                                 (9, 1), (10, 1), (12, 2), (14, 2)]  # fmt: skip
     assert sum(r["count"] for r in train_records) == 14 * 16  # every step once, 2 ranks x batch 8
     assert [r["epoch"] for r in val_records] == [1, 2]
     for r in records:
