@@ -127,10 +127,14 @@ def holds_class_folders(folder: Path) -> bool:
     return folder.is_dir() and any(entry.is_dir() for entry in os.scandir(folder))
 
 
-def resolve_eval_index(cfg: Config, opts: EvalOptions) -> tuple[FileIndex, Path, str]:
+def resolve_eval_index(
+    cfg: Config, opts: EvalOptions, trained_classes: list[str] | None = None
+) -> tuple[FileIndex, Path, str]:
     """The files to evaluate, their folder and the file list they came from ("" for the whole
-    folder). Class indices come from <root>/train when it exists (the order the model was trained
-    with), else from the evaluated folder's own class folders."""
+    folder). Class indices are the model's: the class folders it was trained on, by name, as the
+    checkpoint lists them (a folder with some of them is labelled as training labelled them);
+    for a checkpoint without that list, <root>/train's classes when it exists, else the
+    evaluated folder's own class folders."""
     if not opts.data and cfg.data.pipeline == "synthetic":
         raise DataError(
             f"checkpoint {opts.checkpoint} was trained on synthetic data (data.pipeline=synthetic): "
@@ -148,7 +152,9 @@ def resolve_eval_index(cfg: Config, opts: EvalOptions) -> tuple[FileIndex, Path,
                 "(for ILSVRC-2012's flat validation folder, see launch/prepare_imagenet.py)"
             )
         raise DataError(f"{root / opts.split} does not exist: --split names a subfolder of {root}")
-    classes = find_classes(root / "train") if holds_class_folders(root / "train") and split_dir != root else None
+    classes = trained_classes
+    if classes is None and holds_class_folders(root / "train") and split_dir != root:
+        classes = find_classes(root / "train")
     files = eval_file_list(cfg, opts)
     if files:
         return load_file_list(files, split_dir, classes=classes), split_dir, files
@@ -220,12 +226,14 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
-    index, split_dir, files = resolve_eval_index(cfg, opts)
+    index, split_dir, files = resolve_eval_index(cfg, opts, loaded.classes)
     if opts.pipeline == "dali":  # the torchvision loader pads a rank's shard however short it is
         check_shardable(len(index), env.world_size, str(files or split_dir), "evaluate with fewer processes")
-    if len(index.classes) > loaded.num_classes:  # more outputs than classes: a 1000-way head on a subset
+    if loaded.classes is None and len(index.classes) != loaded.num_classes:
+        # Without the checkpoint's class names, other counts cannot be matched to its outputs.
         raise DataError(
-            f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
+            f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts "
+            f"{loaded.num_classes} (it does not list its classes: written before they were stored)"
         )
     channels_last = env.device.type == "cuda"
     model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
@@ -260,6 +268,7 @@ def build_result(
     if total != len(index):
         raise RuntimeError(f"evaluation counted {total} images but the split has {len(index)}")
     top1, top5 = 100.0 * sum(hits1) / total, 100.0 * sum(hits5) / total
+    evaluated = sum(1 for c in counts if c)  # the classes with images here: a folder may hold some
     names = class_names(index.classes)
     per_class = [
         {
@@ -285,13 +294,13 @@ def build_result(
         "crop": cfg.data.crop,
         "resize": cfg.data.resize,
         "images": total,
-        "num_classes": len(index.classes),
+        "num_classes": evaluated,
         "top1": top1,
         "top5": top5,
         "top1_error": 100.0 - top1,
         "top5_error": 100.0 - top5,
         "loss": loss_sum / total,
-        "paper": paper_comparison(top1, top5, len(index.classes)),
+        "paper": paper_comparison(top1, top5, evaluated),
         "world_size": env.world_size,
         "device": env.device.type,
         "seconds": seconds,

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pipelines.outputs import copy_file_atomic
+from pipelines.outputs import copy_file_atomic, write_bytes_atomic
 
 WNID = re.compile(r"^n\d{8}$")
 GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
@@ -264,11 +264,9 @@ def _write_file(dst: Path, data: bytes) -> None:
     """`data` as `dst`, through a temporary file renamed over it: an interrupted extraction leaves
     no half-written image, and a symlink left by an earlier `--mode symlink` run is replaced, not
     written through into the original file it points to."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
+        write_bytes_atomic(dst, data)
     except OSError as exc:
         raise _cannot_write(dst, exc) from exc
 
@@ -292,7 +290,25 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
         src = files[stem]
         if not _place(src, out_dir / truth[stem] / src.name, mode):
             already += 1
+    _remove_links_named_after_targets(out_dir, files, truth)
     return Conversion(len(files) + len(placed), len(set(truth.values())), out_dir, already)
+
+
+def _remove_links_named_after_targets(out_dir: Path, files: dict[str, Path], truth: dict[str, str]) -> None:
+    """Versions of this tool before 253fb33 named the link to a symlinked entry (a git-annex or
+    datalad checkout) after the entry's target, a hash; the image now has its link under its own
+    name beside it, so the old one would have every loader read the image twice. Only links to
+    the flat folder's own targets go (a link holds no data)."""
+    targets = {str(src.resolve()) for src in files.values() if src.is_symlink()}
+    if not targets:
+        return
+    for wnid in sorted(set(truth.values())):
+        for entry in os.scandir(out_dir / wnid):
+            if entry.is_symlink() and not VAL_FILE.match(entry.name) and os.readlink(entry.path) in targets:
+                try:
+                    os.unlink(entry.path)
+                except OSError as exc:
+                    raise _cannot_write(Path(entry.path), exc) from exc
 
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:

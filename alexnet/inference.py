@@ -30,6 +30,7 @@ class LoadedModel:
     num_classes: int
     path: Path
     progress: dict[str, Any]
+    classes: list[str] | None = None  # the training class folders in output order (older checkpoints: None)
 
 
 def num_classes_in_state(variant: str, state: dict[str, torch.Tensor], path: Path) -> int:
@@ -63,4 +64,9 @@ def build_model_from_checkpoint(path: str | Path, device: torch.device | str = "
     model = build_model(cfg.model.variant, num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init)
     load_model_state(model, state, path)
     model.eval().to(device)
-    return LoadedModel(model, cfg, num_classes, path, dict(payload.get("progress", {})))
+    classes = payload.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) > num_classes
+    ):
+        raise CheckpointError(f"checkpoint {path}: 'classes' is not a list of at most {num_classes} folder names")
+    return LoadedModel(model, cfg, num_classes, path, dict(payload.get("progress", {})), classes)

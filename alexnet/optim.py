@@ -7,7 +7,6 @@ batch and scaled linearly with the actual global batch (Goyal et al. 2017), with
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from alexnet.config import OptimConfig, ScheduleConfig
-
-log = logging.getLogger("alexnet")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -67,6 +64,15 @@ class PlateauState:
     reductions: int = 0
 
 
+def warmup_problem(cfg: ScheduleConfig, epochs: int, peak_lr: float) -> str:
+    """Why the warm-up defeats the schedule ("" when it does not): one as long as the run never
+    reaches the peak rate (a short trial of an 8-GPU recipe, say)."""
+    if cfg.warmup_epochs < epochs:
+        return ""
+    return (f"schedule.warmup_epochs ({cfg.warmup_epochs:g}) is not below train.epochs ({epochs}): the learning "
+            f"rate never reaches its peak of {peak_lr:.4g}")  # fmt: skip
+
+
 class LrSchedule:
     """lr(step) = peak * warmup(step) * policy(step); plateau decisions come from validations."""
 
@@ -76,9 +82,6 @@ class LrSchedule:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * epochs
         self.plateau = PlateauState()
-        if cfg.warmup_epochs >= epochs:
-            log.warning("schedule.warmup_epochs (%g) is not below train.epochs (%d): the learning rate never "
-                        "reaches its peak of %.4g", cfg.warmup_epochs, epochs, peak_lr)  # fmt: skip
         # The schedule is a function of epoch progress, counted in steps of `steps_per_epoch`.
         # While the epochs keep their length that count is the global step itself (offset 0, so
         # a resume under the same layout is bit-exact); a resume under another number of steps

@@ -31,6 +31,7 @@ from alexnet.checkpoint import (
 )
 from alexnet.config import CheckpointConfig, Config, config_to_dict
 from alexnet.engine import AmpPolicy
+from alexnet.model import effective_init
 from alexnet.optim import LrSchedule
 from alexnet.parallel.layout import Layout
 from alexnet.parallel.mesh import Mesh
@@ -99,6 +100,16 @@ def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Modu
                 raise
             log.warning("%s; falling back to %s", exc, candidates[i + 1])
     return None
+
+
+def with_effective_init(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose model.init is the start it gives (model.effective_init), for comparing
+    a checkpoint's config (written before "auto" existed, say) with this run's."""
+    model = config.get("model")
+    if not isinstance(model, dict) or "init" not in model:
+        return config
+    init = effective_init(str(model.get("variant", "paper")), str(model["init"]))
+    return {**config, "model": {**model, "init": init}}
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -224,8 +235,11 @@ def build_payload(
     train_loader: Loader,
     mesh: Mesh,
     progress: Progress,
+    classes: list[str] | None = None,
 ) -> dict[str, Any] | None:
-    """The checkpoint's contents on global rank 0 (None elsewhere). Collective: every rank calls it."""
+    """The checkpoint's contents on global rank 0 (None elsewhere). Collective: every rank calls it.
+    `classes`: the training split's class folders in output order (evaluation labels another
+    folder's images by these names; None for synthetic data)."""
     loaders = gather_loader_states(train_loader, mesh)
     names = {p: n for n, p in local_model.named_parameters()}
     model = layout.to_full({k: v.detach().cpu() for k, v in local_model.state_dict().items()})
@@ -243,4 +257,5 @@ def build_payload(
         "rng": {"torch": torch.get_rng_state()},
         "config": config_to_dict(cfg),
         "world": {"world_size": mesh.world_size, "data_size": mesh.data_size, "mode": mesh.mode},
+        **({"classes": list(classes)} if classes is not None else {}),
     }

@@ -22,9 +22,13 @@ import torch
 import torch.distributed as dist
 
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
-# SIGINT: Ctrl-C reaches every worker straight from the terminal (torchrun's SIGTERM follows); a
-# second one interrupts at once, for a user who will not wait for the step and the checkpoint.
+# SIGINT: Ctrl-C. Under torchrun, whose workers run in sessions of their own, the agent passes it
+# on to every worker, and a second Ctrl-C ends torchrun, which kills them (a checkpoint being
+# written is left whole by its atomic write); without torchrun a second one interrupts at once.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+CTRL_C_NOTICE = (
+    b"Ctrl-C: stopping after the current step (or validation) with a checkpoint; Ctrl-C again to interrupt\n"
+)
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
 
 
@@ -50,6 +54,8 @@ class StopRequest:
             if self._interrupts > 1:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":  # a validation can take minutes: say it was heard
+                os.write(2, CTRL_C_NOTICE)  # not logging: a handler may run inside a logging call
         self.signal_name = signal.Signals(signum).name
 
     def requested_here(self) -> bool:

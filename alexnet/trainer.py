@@ -21,7 +21,7 @@ from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import build_model
-from alexnet.optim import LrSchedule, build_optimizer
+from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
 from alexnet.parallel.apply import apply_parallelism
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -29,7 +29,14 @@ from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
 from alexnet.report import session_gpu_seconds, summarize_run
 from alexnet.reporting import Reporter, comm_per_step
-from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
+from alexnet.resume import (
+    Progress,
+    build_payload,
+    changed_settings,
+    load_resume_checkpoint,
+    restore_training,
+    with_effective_init,
+)
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
 from pipelines.filecheck import stopped_by
@@ -233,7 +240,8 @@ class Trainer:
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress
         log.info("resumed from %s at epoch %d, step %d", path, p.epoch, p.step)
-        changes = changed_settings(payload["config"], config_to_dict(self.cfg))
+        saved, current = (with_effective_init(c) for c in (payload["config"], config_to_dict(self.cfg)))
+        changes = changed_settings(saved, current)
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
                         "; ".join(changes))  # fmt: skip
@@ -265,8 +273,9 @@ class Trainer:
         if not self._weights_finite():  # a checkpoint of them would be the one a resume loads
             raise NonFiniteLossError(self._poisoned_message())
         self._update_clock()
+        classes = self.splits.classes if self.splits.train is not None else None  # None: synthetic data
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
-                                self.train_loader, self.mesh, p)  # fmt: skip
+                                self.train_loader, self.mesh, p, classes)  # fmt: skip
         if payload is not None:
             atomic_save(payload, self.ckpt_dir, rotate=self._rotate_previous and p.step != self._saved_step)
         self._rotate_previous = True
@@ -521,6 +530,9 @@ class Trainer:
             len(self.train_loader),
             plan.peak_lr,
         )
+        problem = warmup_problem(cfg.schedule, cfg.train.epochs, plan.peak_lr)
+        if problem and self.env.is_main:
+            log.warning("%s", problem)
 
     def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:
         p = self.progress
@@ -539,6 +551,8 @@ class Trainer:
             "session_seconds": session_seconds,
             "images_per_sec": p.images / max(p.train_seconds, 1e-9),
             "world_size": self.env.world_size,
+            "batch_size": self.cfg.data.batch_size,  # per replica
+            "global_batch": self.plan.global_batch,
             "parallel_mode": self.mesh.mode,
             "device": self.env.device.type,
             "amp": self.amp.name,

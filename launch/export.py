@@ -39,7 +39,7 @@ def default_name(checkpoint: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # INFO would let onnxscript narrate its passes
     try:
         check_output_folder(args.out, f"--out {args.out}")
     except OutputPathError as exc:

@@ -35,20 +35,26 @@ def _can_create_in(folder: Path) -> bool:
 def check_output_folder(folder: Path, what: str) -> None:
     """Files can be created in `folder`, existing or to be created (nothing is created yet).
     `what` names it in the error, e.g. "--out runs/x"."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"{what}: {folder} is a file, not a folder")
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    if not existing.is_dir() or not _can_create_in(existing):
-        raise OutputPathError(f"{what}: {existing} is not a writable folder")
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise OutputPathError(f"{what}: {folder} is a file, not a folder")
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not existing.is_dir() or not _can_create_in(existing):
+            raise OutputPathError(f"{what}: {existing} is not a writable folder")
+    except OSError as exc:  # a name too long, a parent folder this user may not read
+        raise OutputPathError(f"{what}: {exc.strerror or exc}") from exc
 
 
 def check_output_file(path: Path, what: str) -> None:
     """`path` can be written (replaced if it exists); nothing is created yet."""
-    if path.is_dir():
-        raise OutputPathError(f"{what}: {path} is a folder, not a file")
-    check_output_folder(path.parent, what)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OutputPathError(f"{what}: {path} is not writable")
+    try:
+        if path.is_dir():
+            raise OutputPathError(f"{what}: {path} is a folder, not a file")
+        check_output_folder(path.parent, what)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise OutputPathError(f"{what}: {path} is not writable")
+    except OSError as exc:
+        raise OutputPathError(f"{what}: {exc.strerror or exc}") from exc
 
 
 def _replace_with(path: Path, write) -> None:

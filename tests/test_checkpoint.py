@@ -16,7 +16,7 @@ from alexnet.checkpoint import (
 from alexnet.config import CheckpointConfig, OptimConfig
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
-from alexnet.resume import changed_settings, load_resume_checkpoint
+from alexnet.resume import changed_settings, load_resume_checkpoint, with_effective_init
 
 
 def payload(value: float) -> dict:
@@ -185,6 +185,15 @@ def test_changed_settings_lists_each_changed_key():
     current = {"optim": {"lr": 0.05, "momentum": 0.9}, "data": {"root": "/b"}, "checkpoint": {"resume": "/x.pt"}}
     assert changed_settings(saved, current) == ["optim.lr: 0.01 -> 0.05", "data.root: '/a' -> '/b'"]
     assert changed_settings(current, current) == []
+
+
+def test_a_config_from_before_init_auto_is_not_a_changed_setting_for_the_paper_model():
+    saved = {"model": {"variant": "paper", "init": "paper"}}  # written before model.init had "auto"
+    current = {"model": {"variant": "paper", "init": "auto"}}
+    assert changed_settings(with_effective_init(saved), with_effective_init(current)) == []
+    tv = {"model": {"variant": "torchvision", "init": "auto"}}
+    assert changed_settings(with_effective_init({"model": {"variant": "torchvision", "init": "paper"}}),
+                            with_effective_init(tv)) == ["model.init: 'paper' -> 'torchvision'"]  # fmt: skip
 
 
 def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):

@@ -186,6 +186,20 @@ def test_a_run_is_evaluated_as_it_validated_also_with_torchvision_and_a_wider_he
     assert own["num_classes"] == 10 and len(own["per_class"]) == 10
     dali = run_evaluation(EvalOptions(last, pipeline="dali"), ONE)
     assert dali["pipeline"] == "dali" and dali["loss"] != own["loss"]
+    # Some of its classes (the last three, not a prefix), in a folder of class folders: labelled
+    # by name as training labelled them (they were labelled 0..2 and scored against other outputs).
+    subset = tmp_path / "subset"
+    kept = sorted(p.name for p in (tiny_data / "val").iterdir())[-3:]
+    for name in kept:
+        shutil.copytree(tiny_data / "val" / name, subset / name)
+    part = run_evaluation(EvalOptions(last, data=str(subset)), ONE)
+    by_folder = {c["folder"]: c for c in own["per_class"]}
+    assert [c for c in part["per_class"] if c["images"]] == [by_folder[name] for name in kept]
+    assert part["num_classes"] == 3 and part["images"] == sum(by_folder[name]["images"] for name in kept)
+    (subset / "not_a_trained_class").mkdir()
+    shutil.copy(next((subset / kept[0]).iterdir()), subset / "not_a_trained_class")
+    with pytest.raises(DataError, match=r"subset has class folders absent from the training data: not_a_trained"):
+        run_evaluation(EvalOptions(last, data=str(subset)), ONE)
     with pytest.raises(ConfigError, match="--ten-crop reads the images with DALI"):
         run_evaluation(EvalOptions(last, pipeline="torchvision", ten_crop=True), ONE)
 

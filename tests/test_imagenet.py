@@ -208,20 +208,28 @@ def flat_images(folder):
 @pytest.mark.parametrize("mode", ["symlink", "copy", "move"])
 def test_a_flat_folder_of_symlinks_into_a_store_keeps_the_image_names(ilsvrc, mode):
     # a git-annex / datalad checkout: each entry a relative symlink to a file named by its hash
+    # (annex's SHA256E backend keeps the extension, so such names pass as images)
     flat, store = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "annex" / "objects"
     store.mkdir(parents=True)
     originals = {p.name: p.read_bytes() for p in flat.iterdir()}
     for image in sorted(flat.iterdir()):
-        key = hashlib.sha256(image.read_bytes()).hexdigest()[:16]
+        data = image.read_bytes()
+        key = f"SHA256E-s{len(data)}--{hashlib.sha256(data).hexdigest()[:16]}.JPEG"
         image.rename(store / key)
         image.symlink_to(Path("..") / "annex" / "objects" / key)
     stored = {p.name: p.read_bytes() for p in store.iterdir()}
     truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
     out = ilsvrc / "imagenet" / "val"
+    if mode == "symlink":  # what an earlier version left: links named after their targets' hashes
+        for image in flat.iterdir():
+            stem = image.name.split(".")[0]
+            (out / truth[stem]).mkdir(parents=True, exist_ok=True)
+            (out / truth[stem] / image.resolve().name).symlink_to(image.resolve())
     done = convert_val_folder(flat, truth, out, mode=mode)
     assert (done.images, done.already_placed) == (7, 0)
     assert indexed_pairs(out) == expected_pairs(out)
     assert {p.name: p.read_bytes() for p in out.rglob("*.JPEG")} == originals
+    assert sorted(p.name for p in out.rglob("*") if p.is_symlink() or p.is_file()) == sorted(originals)  # no old links
     for placed in out.rglob("*.JPEG"):  # a link (symlink, move) leads to the store's file itself
         assert placed.is_symlink() == (mode != "copy")
         assert not placed.is_symlink() or placed.resolve().parent == store.resolve()
@@ -282,6 +290,7 @@ def test_an_interrupted_move_resumes(ilsvrc):
     assert (done.images, done.already_placed) == (7, 4)
     assert flat_images(flat) == [] and indexed_pairs(out) == expected_pairs(out)
     assert {p.name: p.read_bytes() for p in out.rglob("*.JPEG")} == originals
+    assert sorted(p.name for p in out.rglob("*") if p.is_symlink() or p.is_file()) == sorted(originals)  # no old links
 
 
 def test_a_move_across_file_systems_places_whole_files(ilsvrc, monkeypatch):

@@ -178,6 +178,7 @@ def test_every_step_is_in_one_training_record_also_at_an_epoch_end_and_a_stop(ti
     ]  # fmt: skip
     assert [r["count"] for r in train] == [8 * r["steps"] for r in train]
     assert sum(r["count"] for r in train) == summary["train_images"] == 136 and summary["steps"] == 17
+    assert (summary["batch_size"], summary["global_batch"]) == (8, 8)
 
 
 def test_an_atomic_write_is_synced_before_its_rename_and_a_failed_one_keeps_the_old_file(tmp_path, monkeypatch):
