@@ -133,8 +133,9 @@ def resolve_eval_index(
     """The files to evaluate, their folder and the file list they came from ("" for the whole
     folder). Class indices are the model's: the class folders it was trained on, by name, as the
     checkpoint lists them (a folder with some of them is labelled as training labelled them);
-    for a checkpoint without that list, <root>/train's classes when it exists, else the
-    evaluated folder's own class folders."""
+    for a checkpoint without that list (written before the list was stored, or trained on
+    synthetic data), <root>/train's classes when it exists, else the evaluated folder's own
+    class folders, in sorted order."""
     if not opts.data and cfg.data.pipeline == "synthetic":
         raise DataError(
             f"checkpoint {opts.checkpoint} was trained on synthetic data (data.pipeline=synthetic): "
@@ -229,11 +230,9 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     index, split_dir, files = resolve_eval_index(cfg, opts, loaded.classes)
     if opts.pipeline == "dali":  # the torchvision loader pads a rank's shard however short it is
         check_shardable(len(index), env.world_size, str(files or split_dir), "evaluate with fewer processes")
-    if loaded.classes is None and len(index.classes) != loaded.num_classes:
-        # Without the checkpoint's class names, other counts cannot be matched to its outputs.
+    if len(index.classes) > loaded.num_classes:  # only a checkpoint without its class names gets here
         raise DataError(
-            f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts "
-            f"{loaded.num_classes} (it does not list its classes: written before they were stored)"
+            f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
         )
     channels_last = env.device.type == "cuda"
     model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model

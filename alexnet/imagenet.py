@@ -286,29 +286,38 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
         except OSError as exc:
             raise _cannot_write(out_dir / wnid, exc) from exc
     already = len(placed)
+    # before a move unlinks them: the entries that are links, and where they lead
+    linked = {stem: (src.name, src.resolve()) for stem, src in files.items() if src.is_symlink()}
     for stem in sorted(files):
         src = files[stem]
         if not _place(src, out_dir / truth[stem] / src.name, mode):
             already += 1
-    _remove_links_named_after_targets(out_dir, files, truth)
+    _remove_copies_named_after_targets(out_dir, linked, truth)
     return Conversion(len(files) + len(placed), len(set(truth.values())), out_dir, already)
 
 
-def _remove_links_named_after_targets(out_dir: Path, files: dict[str, Path], truth: dict[str, str]) -> None:
-    """Versions of this tool before 253fb33 named the link to a symlinked entry (a git-annex or
-    datalad checkout) after the entry's target, a hash; the image now has its link under its own
-    name beside it, so the old one would have every loader read the image twice. Only links to
-    the flat folder's own targets go (a link holds no data)."""
-    targets = {str(src.resolve()) for src in files.values() if src.is_symlink()}
-    if not targets:
-        return
-    for wnid in sorted(set(truth.values())):
-        for entry in os.scandir(out_dir / wnid):
-            if entry.is_symlink() and not VAL_FILE.match(entry.name) and os.readlink(entry.path) in targets:
-                try:
-                    os.unlink(entry.path)
-                except OSError as exc:
-                    raise _cannot_write(Path(entry.path), exc) from exc
+def _remove_copies_named_after_targets(
+    out_dir: Path, linked: dict[str, tuple[str, Path]], truth: dict[str, str]
+) -> None:
+    """Versions of this tool before 253fb33 named the image of a symlinked entry (a git-annex or
+    datalad checkout) after the entry's target, a hash (a link, a copy, or the store's file moved);
+    the image is now in place under its own name beside it, and the old one would have every
+    loader read it twice. What goes: a link to that target, or a file of that name with the
+    image's very bytes; anything else stays."""
+    for stem, (name, target) in sorted(linked.items()):
+        placed, old = out_dir / truth[stem] / name, out_dir / truth[stem] / target.name
+        if old.name == placed.name or not (old.is_symlink() or old.is_file()):
+            continue
+        same = Path(os.readlink(old)) == target if old.is_symlink() else _same_bytes(old, placed)
+        if same:
+            try:
+                old.unlink()
+            except OSError as exc:
+                raise _cannot_write(old, exc) from exc
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return b.exists() and filecmp.cmp(a, b, shallow=False)
 
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:

@@ -237,9 +237,10 @@ class _LRNFunction(torch.autograd.Function):
         for lo in range(0, x.shape[0], chunk):
             part = slice(lo, lo + chunk)
             g_part, x_part, inv_part = g[part], x[part], inv[part]
-            # x / s first (at most about 35 for k = 2, alpha = 1e-4), then g and s^-beta: in float16
-            # g * x overflowed where the whole product is small, and g * s^-beta / s underflowed.
-            around = _window_sum((x_part / s[part]).mul_(g_part).mul_(inv_part), c.size, groups, band)
+            # x s^-1.75 first (at most about 15 for k = 2, alpha = 1e-4), then g: in float16 g * x
+            # overflowed where the whole term is small, g * s^-beta / s underflowed, and (x / s) * g,
+            # with x / s up to 35, overflowed for the upstream gradients a loss scale makes.
+            around = _window_sum((x_part / s[part]).mul_(inv_part).mul_(g_part), c.size, groups, band)
             torch.mul(g_part, inv_part, out=grad[part]).addcmul_(x_part, around, value=-2 * c.alpha * c.beta)
         return grad, None, None, None, None
 

@@ -204,15 +204,6 @@ def head_dropout(model: nn.Module) -> dict[str, CounterDropout]:
     return {"fc6": model.classifier[0], "fc7": model.classifier[3]}
 
 
-def effective_init(variant: str, init: str) -> str:
-    """What `init` does to `variant`: "auto" is the paper's for the paper model and torchvision's
-    for its variant (a resumed run compares this, not the words: "paper" and "auto" are the same
-    start for the paper model)."""
-    if init != "auto":
-        return init
-    return "paper" if variant == "paper" else "torchvision"
-
-
 def build_model(
     variant: Variant, num_classes: int, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "auto"
 ) -> nn.Module:

@@ -31,7 +31,6 @@ from alexnet.checkpoint import (
 )
 from alexnet.config import CheckpointConfig, Config, config_to_dict
 from alexnet.engine import AmpPolicy
-from alexnet.model import effective_init
 from alexnet.optim import LrSchedule
 from alexnet.parallel.layout import Layout
 from alexnet.parallel.mesh import Mesh
@@ -102,26 +101,17 @@ def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Modu
     return None
 
 
-def with_effective_init(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict whose model.init is the start it gives (model.effective_init), for comparing
-    a checkpoint's config (written before "auto" existed, say) with this run's."""
-    model = config.get("model")
-    if not isinstance(model, dict) or "init" not in model:
-        return config
-    init = effective_init(str(model.get("variant", "paper")), str(model["init"]))
-    return {**config, "model": {**model, "init": init}}
-
-
 def changed_settings(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """'key: saved -> current' for every setting of the checkpoint's config that this run changes
-    (checkpoint.resume aside: it names this very checkpoint)."""
+    (checkpoint.resume aside: it names this very checkpoint; model.init too: the weights come
+    from the checkpoint, and configs written before model.init had "auto" say "paper")."""
     changes = []
     for key, value in current.items():
         dotted = f"{prefix}{key}"
         old = saved.get(key) if isinstance(saved, dict) else None
         if isinstance(value, dict):
             changes.extend(changed_settings(old if isinstance(old, dict) else {}, value, f"{dotted}."))
-        elif old != value and dotted != "checkpoint.resume":
+        elif old != value and dotted not in ("checkpoint.resume", "model.init"):
             changes.append(f"{dotted}: {old!r} -> {value!r}")
     return changes
 

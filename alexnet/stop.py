@@ -22,12 +22,16 @@ import torch
 import torch.distributed as dist
 
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
-# SIGINT: Ctrl-C. Under torchrun, whose workers run in sessions of their own, the agent passes it
-# on to every worker, and a second Ctrl-C ends torchrun, which kills them (a checkpoint being
-# written is left whole by its atomic write); without torchrun a second one interrupts at once.
+# SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
+# sessions of their own) passes the first on to every worker and kills them --shutdown-timeout
+# seconds later (30 by default): the step, or the validation, under way and the checkpoint must
+# fit in that; a second Ctrl-C sends SIGTERM, another stop request, and a third leaves torchrun at
+# once, the workers going on to their checkpoint without it. A stop file has no such deadline.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-CTRL_C_NOTICE = (
-    b"Ctrl-C: stopping after the current step (or validation) with a checkpoint; Ctrl-C again to interrupt\n"
+CTRL_C_ALONE = b"Ctrl-C: stopping after the current step (or validation) with a checkpoint; Ctrl-C again to interrupt\n"
+CTRL_C_TORCHRUN = (
+    b"Ctrl-C: stopping after the current step (or validation) with a checkpoint, if that ends before torchrun "
+    b"kills the workers (--shutdown-timeout, 30 s by default)\n"
 )
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
 
@@ -55,7 +59,8 @@ class StopRequest:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             if os.environ.get("RANK", "0") == "0":  # a validation can take minutes: say it was heard
-                os.write(2, CTRL_C_NOTICE)  # not logging: a handler may run inside a logging call
+                # os.write, not logging: a handler may run inside a logging call
+                os.write(2, CTRL_C_TORCHRUN if "TORCHELASTIC_RUN_ID" in os.environ else CTRL_C_ALONE)
         self.signal_name = signal.Signals(signum).name
 
     def requested_here(self) -> bool:

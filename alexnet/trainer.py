@@ -35,7 +35,6 @@ from alexnet.resume import (
     changed_settings,
     load_resume_checkpoint,
     restore_training,
-    with_effective_init,
 )
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
@@ -240,8 +239,7 @@ class Trainer:
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress
         log.info("resumed from %s at epoch %d, step %d", path, p.epoch, p.step)
-        saved, current = (with_effective_init(c) for c in (payload["config"], config_to_dict(self.cfg)))
-        changes = changed_settings(saved, current)
+        changes = changed_settings(payload["config"], config_to_dict(self.cfg))
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
                         "; ".join(changes))  # fmt: skip

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 launch/evaluate.py CHECKPOINT --data /data/imagenet --ten-crop
 
 The model, input size, resize and normalization come from the checkpoint's stored config. --data
-is a dataset root holding val/<class>/ (class indices are taken from its train/ folder when there
-is one) or a folder of class folders; without it, the run's own data.root. --files evaluates the
+is a dataset root holding val/<class>/ or a folder of class folders, with some or all of the
+trained classes (labelled by the class names the checkpoint stores; an older checkpoint's by the
+root's train/ folder, or the folders' sorted order); without it, the run's own data.root. --files evaluates the
 files of a list written by launch/scan.py (the run's own data.val_files by default, when the run's
 own val split is evaluated). --ten-crop averages the softmax over the four corners, the centre and
 their mirrors (Krizhevsky et al. 2012, section 4.1). --pipeline reads the images with DALI or

@@ -10,7 +10,6 @@ import yaml
 from _helpers import without_dali
 
 from alexnet.config import Config, ConfigError, load_config, valid_keys, write_config
-from alexnet.model import effective_init
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -125,7 +124,7 @@ def test_imagenet_recipe_is_the_papers():
     assert (cfg.optim.lr, cfg.optim.lr_reference_batch) == (0.01, 128)
     assert cfg.schedule.name == "plateau" and cfg.schedule.factor == 0.1
     assert (cfg.data.crop, cfg.data.resize) == (227, 256)
-    assert effective_init(cfg.model.variant, cfg.model.init) == "paper"  # section 5's
+    assert (cfg.model.variant, cfg.model.init) == ("paper", "auto")  # section 5's init (tests/test_model.py)
 
 
 def test_valid_keys_lists_dotted_leaves():

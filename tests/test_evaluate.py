@@ -125,7 +125,7 @@ def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, tmp_path
 
 
 def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_path):
-    for k in range(11):  # more classes than outputs (fewer are allowed: a wide head on a subset)
+    for k in range(11):  # more classes than outputs (fewer are allowed: the tests below)
         (tmp_path / "val" / f"class{k}").mkdir(parents=True)
         (tmp_path / "val" / f"class{k}" / "a.jpg").write_bytes(b"")
     with pytest.raises(DataError, match=r"val: 11 classes, but checkpoint .* predicts 10"):
@@ -248,10 +248,23 @@ def test_precision_is_the_run_s_unless_asked_and_fp16_falls_back_on_a_cpu(tiny_d
         run_evaluation(EvalOptions(trained, data=str(tiny_data), amp="fp16"), ONE)
 
 
-def test_a_synthetic_data_run_needs_data(trained, tmp_path):
+def test_a_synthetic_data_run_needs_data(tiny_data, trained, tmp_path):
     ckpt = checkpoint_with(trained, tmp_path / "syn", data__pipeline="synthetic")
     with pytest.raises(DataError, match=r"trained on synthetic data .*pass --data"):
         run_evaluation(EvalOptions(ckpt), ONE)
+    assert run_evaluation(EvalOptions(ckpt, data=str(tiny_data)), ONE)["images"] == 50  # stores no class names
+
+
+def test_a_checkpoint_without_class_names_and_a_wider_head_is_labelled_by_the_roots_train_folder(tiny_data, tmp_path):
+    """Checkpoints written before they stored their class names: 12 outputs for the 10 folders
+    of <root>/train, which labelled its training, are evaluated as before (fewer folders than
+    outputs allowed, more refused)."""
+    cfg = tiny_config(tiny_data)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model("paper", 12, 0.5, 67, "kaiming").eval(), cfg, tmp_path / "wide")
+    assert "classes" not in torch.load(ckpt, weights_only=True)
+    result = run_evaluation(EvalOptions(ckpt, data=str(tiny_data)), ONE)
+    assert result["images"] == 50 and result["num_classes"] == 10 and len(result["per_class"]) == 10
 
 
 def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(tiny_data, trained, tmp_path):

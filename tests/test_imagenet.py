@@ -220,11 +220,13 @@ def test_a_flat_folder_of_symlinks_into_a_store_keeps_the_image_names(ilsvrc, mo
     stored = {p.name: p.read_bytes() for p in store.iterdir()}
     truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
     out = ilsvrc / "imagenet" / "val"
-    if mode == "symlink":  # what an earlier version left: links named after their targets' hashes
-        for image in flat.iterdir():
-            stem = image.name.split(".")[0]
-            (out / truth[stem]).mkdir(parents=True, exist_ok=True)
-            (out / truth[stem] / image.resolve().name).symlink_to(image.resolve())
+    for image in flat.iterdir():  # what an earlier version's run in this mode left: names of the targets
+        old = out / truth[image.name.split(".")[0]] / image.resolve().name
+        old.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "copy":
+            shutil.copyfile(image, old)
+        else:
+            old.symlink_to(image.resolve())  # a link (its move took the store's file: not redone here)
     done = convert_val_folder(flat, truth, out, mode=mode)
     assert (done.images, done.already_placed) == (7, 0)
     assert indexed_pairs(out) == expected_pairs(out)

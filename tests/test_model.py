@@ -289,8 +289,12 @@ def test_lrn_in_half_precision_keeps_its_output_and_gradient_up_to_large_activat
     reference = lrn(x)
     for y in (_LRNFunction.apply(x.half(), PAPER_LRN, 1, None, 1), lrn(x.half())):
         torch.testing.assert_close(y.double(), reference, rtol=4e-3, atol=0.0)
-    x1 = torch.full((1, 5, 1, 1), 1000.0, dtype=torch.float64, requires_grad=True)
-    for upstream in (100.0, 1e-3, 1e-4):  # g * x overflowed at 100; g * s^-0.75 / s underflows at 1e-4
+    big = torch.full((1, 5, 1, 1), 1000.0, dtype=torch.float64)
+    peak = torch.tensor([0.0, 0.0, 141.0, 0.0, 0.0], dtype=torch.float64).view(1, 5, 1, 1)  # the largest x / s
+    # g * x overflowed at 100; g * s^-0.75 / s underflows at 1e-4; (x / s) * g overflowed at 2000 (a
+    # loss-scaled gradient), and inf times a zero channel made NaN
+    for x0, upstream in ((big, 100.0), (big, 1e-3), (big, 1e-4), (peak, 2000.0), (peak, 5000.0)):
+        x1 = x0.clone().requires_grad_()
         g = torch.full_like(x1, upstream)
         (expected,) = torch.autograd.grad(_LRNFunction.apply(x1, PAPER_LRN, 1, None, 1), x1, g)
         xh = x1.detach().half().requires_grad_()

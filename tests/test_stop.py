@@ -19,7 +19,8 @@ def restored_handlers():
         signal.signal(sig, handler)
 
 
-def test_ctrl_c_asks_for_a_stop_and_a_second_one_interrupts(restored_handlers, capfd):
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_interrupts(restored_handlers, capfd, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     stop = StopRequest(torch.device("cpu"))
     stop.install()
     # Not installed, the signal below would interrupt the test session itself.
@@ -30,3 +31,15 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_interrupts(restored_handlers, c
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_under_torchrun_its_sigterm_after_a_ctrl_c_is_a_stop_request(restored_handlers, capfd, monkeypatch):
+    """torchrun passes the first Ctrl-C on as SIGINT and a second one as SIGTERM."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    stop = StopRequest(torch.device("cpu"))
+    stop.install()
+    assert signal.getsignal(signal.SIGINT) == stop._on_signal
+    os.kill(os.getpid(), signal.SIGINT)
+    assert "if that ends before torchrun kills the workers (--shutdown-timeout" in capfd.readouterr().err
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.reason() == "signal SIGTERM"
