@@ -29,13 +29,7 @@ from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
 from alexnet.report import session_gpu_seconds, summarize_run
 from alexnet.reporting import Reporter, comm_per_step
-from alexnet.resume import (
-    Progress,
-    build_payload,
-    changed_settings,
-    load_resume_checkpoint,
-    restore_training,
-)
+from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
 from pipelines.filecheck import stopped_by
@@ -484,7 +478,7 @@ class Trainer:
                 "split": "train",
                 "epoch": epoch + 1,
                 "step": self.progress.step,
-                "steps": steps,  # the steps this record covers: train.log_every, fewer at an epoch's end
+                "steps": steps,  # those since the last record: train.log_every, fewer at a checkpoint or an epoch's end
                 "count": stats["count"],
                 "loss": stats["loss"],
                 "top1": stats["top1"],
