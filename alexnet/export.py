@@ -33,11 +33,9 @@ from torch import Tensor, nn
 from alexnet.checkpoint import CheckpointError
 from alexnet.inference import build_model_from_checkpoint
 
-FORMATS = ("torchscript", "onnx", "torchvision")
 log = logging.getLogger("alexnet")
+FORMATS = ("torchscript", "onnx", "torchvision")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "torchvision": ".torchvision.pth"}
-
-
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the [export] extra: exporter, its dynamo backend, the check
 
 

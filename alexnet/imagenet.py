@@ -308,7 +308,7 @@ def _remove_copies_named_after_targets(
         placed, old = out_dir / truth[stem] / name, out_dir / truth[stem] / target.name
         if old.name == placed.name or not (old.is_symlink() or old.is_file()):
             continue
-        same = Path(os.readlink(old)) == target if old.is_symlink() else _same_bytes(old, placed)
+        same = _links_to(old, target) if old.is_symlink() else _same_bytes(old, placed)
         if same:
             try:
                 old.unlink()

@@ -103,10 +103,7 @@ class PaperAlexNet(nn.Module):
         self.drop7 = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
         self.towers: tuple[int, ...] = TOWERS
         self.exchange: Exchange = concat_towers
-        if init == "kaiming":
-            init_kaiming_weights(self)
-        else:
-            init_paper_weights(self)
+        init_weights(self, "paper" if init == "auto" else init)
 
     def _both_towers_here(self) -> bool:
         return self.towers == TOWERS and self.exchange is concat_towers
@@ -188,6 +185,14 @@ def init_kaiming_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def init_weights(model: nn.Module, init: Init) -> None:
+    """Section 5's init ("paper") or He's ("kaiming"); "auto" leaves the model's own."""
+    if init == "paper":
+        init_paper_weights(model)
+    elif init == "kaiming":
+        init_kaiming_weights(model)
+
+
 def head_pieces(model: nn.Module) -> dict[str, list[str]]:
     """The fully-connected layers as ordered lists of modules whose output rows, stacked, make the
     whole layer: the paper's towers each hold half of a layer's neurons (fc8: half the logits)."""
@@ -212,17 +217,14 @@ def build_model(
     variant's own (section 5's for the paper model, torchvision's for its variant); "paper" and
     "kaiming" apply to either."""
     if variant == "paper":
-        return PaperAlexNet(num_classes, dropout, input_size, "paper" if init == "auto" else init)
+        return PaperAlexNet(num_classes, dropout, input_size, init)
     if variant == "torchvision":
         # Imported here: importing torchvision takes about a second in every process (it loads
         # torch._dynamo), which the paper variant, trained from DALI, never needs.
         from alexnet.torchvision_variant import TorchvisionAlexNet
 
         model = TorchvisionAlexNet(num_classes, dropout)
-        if init == "paper":
-            init_paper_weights(model)
-        elif init == "kaiming":
-            init_kaiming_weights(model)
+        init_weights(model, init)  # auto: torchvision's own, from its constructor
         return model
     raise ValueError(f"model.variant: unknown variant {variant!r} (choose 'paper' or 'torchvision')")
 
