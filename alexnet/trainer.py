@@ -22,11 +22,12 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.apply import apply_parallelism
+from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
+from alexnet.powersgd_checkpoint import restore_powersgd_state, save_powersgd_state
 from alexnet.report import session_gpu_seconds, summarize_run
 from alexnet.reporting import Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
@@ -102,7 +103,8 @@ class Trainer:
         self._rotate_previous = resumed is None or not _same_file(resumed[1], self.ckpt_dir / PREVIOUS)
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote or resumed
         self.comm = CommCounter()
-        self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm)
+        example = example_batch(cfg.data.crop, env.device, plan.channels_last)
+        self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm, example)
         self.model = self.par.local
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.optim, plan.peak_lr)
         self.schedule = LrSchedule(cfg.schedule, plan.peak_lr, len(self.train_loader), cfg.train.epochs)
@@ -114,6 +116,8 @@ class Trainer:
                                              self.schedule, self.amp, self.train_loader, mesh)  # fmt: skip
             self._log_resume(payload, path)
             self._saved_step = self.progress.step
+            restore_powersgd_state(self.par.comm_hook, path, self.progress.step, env.rank, self._rank_setup(),
+                                   env.device)  # fmt: skip
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  (self.progress.step, self.progress.epoch))  # fmt: skip
@@ -265,6 +269,9 @@ class Trainer:
         if not self._weights_finite():  # a checkpoint of them would be the one a resume loads
             raise NonFiniteLossError(self._poisoned_message())
         self._update_clock()
+        # Each rank's own state first: rank 0 writes last.pt after build_payload's gather, which
+        # every rank enters after its own write, so a last.pt never goes ahead of them.
+        save_powersgd_state(self.par.comm_hook, self.ckpt_dir, p.step, self.env.rank, self._rank_setup())
         classes = self.splits.classes if self.splits.train is not None else None  # None: synthetic data
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
                                 self.train_loader, self.mesh, p, classes)  # fmt: skip
@@ -273,6 +280,12 @@ class Trainer:
         self._rotate_previous = True
         self._saved_step = p.step
         self._barrier()
+
+    def _rank_setup(self) -> dict[str, Any]:
+        """What a rank's own checkpoint state (PowerSGD's) belongs to: a resume under another
+        world, layout or factor rank starts that state afresh."""
+        return {"world_size": self.env.world_size, "mode": self.mesh.mode, "fc_group": self.cfg.parallel.fc_group,
+                "powersgd_rank": self.cfg.parallel.powersgd_rank}  # fmt: skip
 
     def _count_skips(self, result: StepResult, lr: float) -> None:
         """The run of skipped steps, and its end of the run at train.max_nonfinite."""

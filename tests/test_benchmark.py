@@ -648,10 +648,13 @@ def test_the_benchmark_steps_clip_as_the_trainer_does(monkeypatch):
     from alexnet.model import build_model
     from alexnet.parallel.env import DistEnv
     from alexnet.parallel.mesh import build_mesh
+    from alexnet.plan import build_plan
 
     env = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
     cfg = load_config(None, ["train.grad_clip=2.5", "data.batch_size=2", "data.crop=67", "data.resize=76"])
-    parts = build_train_parts(build_model("paper", 10, 0.5, 67, "kaiming"), cfg, env, build_mesh(env, "dp"))
+    mesh = build_mesh(env, "dp")
+    plan = build_plan(cfg, env, mesh, None)
+    parts = build_train_parts(build_model("paper", 10, 0.5, 67, "kaiming"), cfg, env, mesh, plan)
     clips = []
     monkeypatch.setattr(training, "train_step", lambda *args: clips.append(args[6]))
     batches = iter([(torch.zeros(2, 3, 67, 67), torch.zeros(2, dtype=torch.long))] * 2)

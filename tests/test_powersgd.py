@@ -4,11 +4,13 @@ less, and change the trajectory only from the first compressed step on."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
 
 from alexnet.metrics import read_metrics
@@ -79,3 +81,49 @@ def test_a_skipped_step_does_not_poison_powersgd(tmp_path):
         assert r["forget"]["applied"] == [True] * 4 + [False] + [True] * 3
         assert r["forget"]["finite"]
         assert not r["keep"]["finite"] and r["keep"]["applied"][6:] == [False, False]  # the hazard
+
+
+def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(tiny_data, tmp_path):
+    """9 steps straight against 4, a stop, and 5 more, two steps into compression at the cut:
+    each rank's error-feedback residual and factors go into its own file beside the checkpoint
+    and come back, so the weights are bitwise those of the straight run. Without one rank's file
+    every rank starts PowerSGD afresh, says so, and trains elsewhere."""
+    common = ["train.epochs=2", "checkpoint.every_steps=0", "parallel.bucket_cap_mb=1", "parallel.comm_hook=powersgd",
+              "parallel.timeout_s=30", f"data.root={tiny_data}", f"run.root={tmp_path}", *TINY_TRAIN]  # fmt: skip
+
+    def train(name, steps):
+        return check(torchrun_or_fail([TRAIN, *common, f"run.name={name}", f"train.max_steps={steps}"], tmp_path))
+
+    def weights(name):
+        return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+    train("straight", 9)
+    train("resumed", 4)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / "resumed" / "checkpoints" / "powersgd" / f"rank{rank}" / "last.pt",
+                           weights_only=True)  # fmt: skip
+        assert saved["step"] == 4 and saved["state"]["iter"] == 4
+        assert set(saved["state"]["error"]) == set(weights("resumed"))  # every parameter's residual
+        assert saved["state"]["q"]  # and the warm-start factors of the compressed ones
+    shutil.copytree(tmp_path / "resumed", tmp_path / "lost")
+    (tmp_path / "lost" / "checkpoints" / "powersgd" / "rank1" / "last.pt").unlink()
+
+    resumed = train("resumed", 9)
+    assert "PowerSGD starts afresh" not in resumed.stderr
+    straight = weights("straight")
+    assert all(torch.equal(straight[k], v) for k, v in weights("resumed").items())
+
+    lost = train("lost", 9)
+    assert "PowerSGD starts afresh" in lost.stderr and "rank 1: " in lost.stderr and "does not exist" in lost.stderr
+    assert not torch.equal(straight["fc6.0.weight"], weights("lost")["fc6.0.weight"])
+
+
+def test_a_resumed_session_all_reduces_as_the_straight_run_on_4_ranks(tmp_path):
+    """DDP's first step in one bucket rounds otherwise on more than two ranks: a resumed session
+    settles its buckets first (the trainer does), and equals the straight run bitwise with a
+    plain all-reduce and with PowerSGD's state carried over (dp and hybrid)."""
+    check(torchrun([REPO / "tests" / "dist" / "resume_buckets.py", tmp_path], nproc=4, timeout=240))
+    for rank in range(4):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for case in ("plain", "powersgd", "hybrid_powersgd"):
+            assert result[case] == {"equal": True, "max_diff": 0.0}, (rank, case, result)

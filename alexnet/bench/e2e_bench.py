@@ -82,7 +82,7 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
     num_classes = cfg.model.num_classes or len(splits.classes)
     model = build_full_model(cfg.model.variant, cfg, num_classes, plan, env.device)
     flops = count_train_flops(model, cfg.data.batch_size, cfg.data.crop)
-    parts = build_train_parts(model, cfg, env, mesh)
+    parts = build_train_parts(model, cfg, env, mesh, plan)
     images_per_step = cfg.data.batch_size * mesh.data_size
     breakdown = s.breakdown and env.world_size > 1
     contenders, infos = [], []

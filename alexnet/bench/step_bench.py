@@ -28,7 +28,7 @@ from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
-from alexnet.parallel.apply import apply_parallelism
+from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import LayoutError, Mesh, build_mesh
@@ -77,10 +77,11 @@ def num_classes_of(cfg: Config, data_classes: int | None = None) -> int:
     return cfg.model.num_classes or data_classes or 1000
 
 
-def build_train_parts(model: nn.Module, cfg: Config, env: DistEnv, mesh: Mesh) -> TrainParts:
+def build_train_parts(model: nn.Module, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> TrainParts:
     """`model`: the full single-device model on the device; it becomes this rank's part."""
     counter = CommCounter()
-    par = apply_parallelism(model, env, mesh, cfg.parallel, counter)
+    example = example_batch(cfg.data.crop, env.device, plan.channels_last)
+    par = apply_parallelism(model, env, mesh, cfg.parallel, counter, example)
     # A benchmark times steps, not learning: at a learning rate of 0 the optimizer does all its
     # arithmetic but the weights stay as initialised, so every window of every contender computes
     # on the same numbers (a model that memorizes the one synthetic batch, or diverges, changes the
@@ -226,7 +227,7 @@ def run_step_bench(cfg: Config, env: DistEnv, s: StepSettings) -> Report | None:
         plan = build_plan(cfg, env, mesh, None)
         model = build_full_model(variant, cfg, num_classes, plan, env.device)
         flops = count_train_flops(model, cfg.data.batch_size, cfg.data.crop)
-        parts = build_train_parts(model, cfg, env, mesh)
+        parts = build_train_parts(model, cfg, env, mesh, plan)
         name = f"{mode}/{variant}"
         batches = synthetic_batches(cfg, num_classes, mesh, plan, env.device)
         images_per_step = cfg.data.batch_size * mesh.data_size

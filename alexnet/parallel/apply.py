@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from alexnet.config import ParallelConfig
 from alexnet.parallel.comm import CommCounter
@@ -30,19 +31,33 @@ class ParallelModel:
             self.comm_hook.forget_skipped_step()
 
 
+def example_batch(crop: int, device: torch.device, channels_last: bool) -> Tensor:
+    """One black image in the training's shape and memory format, for `apply_parallelism`."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.zeros(1, 3, crop, crop, device=device).contiguous(memory_format=fmt)
+
+
 def apply_parallelism(
-    model: nn.Module, env: DistEnv, mesh: Mesh, cfg: ParallelConfig, counter: CommCounter
+    model: nn.Module,
+    env: DistEnv,
+    mesh: Mesh,
+    cfg: ParallelConfig,
+    counter: CommCounter,
+    example: Tensor | None = None,
 ) -> ParallelModel:
     """`model` is the full single-device model, identical on every rank (same seed or same
-    checkpoint); it is transformed in place where the layout splits it."""
+    checkpoint); it is transformed in place where the layout splits it. `example`: an input batch
+    (one image will do) that settles DDP's buckets before the first step, as an exact resume
+    needs (`alexnet.parallel.data_parallel.settle_buckets`)."""
     if mesh.mode == "towers":
         layout = apply_towers(model, mesh, counter)
-        module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size)
+        module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size,
+                                          example=example)  # fmt: skip
         return ParallelModel(module, model, layout, hook)
     if mesh.mode == "hybrid":
         local, layout = apply_hybrid(model, mesh, counter, fc_grad_wire_dtype(cfg.comm_hook, mesh))
         fc = [f"head.{name}" for name, _ in local.head.named_parameters()]
-        module, hook = apply_data_parallel(local, env.device, cfg, counter, None, mesh.world_size, ignore=fc)
+        module, hook = apply_data_parallel(local, env.device, cfg, counter, None, mesh.world_size, fc, example)
         return ParallelModel(module, local, layout, hook)
-    module, hook = apply_data_parallel(model, env.device, cfg, counter, None, mesh.world_size)
+    module, hook = apply_data_parallel(model, env.device, cfg, counter, None, mesh.world_size, example=example)
     return ParallelModel(module, model, Layout(model), hook)

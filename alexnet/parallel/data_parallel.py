@@ -25,6 +25,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 from alexnet.config import ParallelConfig
 from alexnet.parallel.comm import CommCounter, allreduce_sent
+from alexnet.parallel.powersgd_state import PowerSGDCarry, compressed_rank
 
 GRAD_KIND = "grad_allreduce"
 
@@ -36,6 +37,7 @@ class CommHookState:
     counter: CommCounter
     wire_bytes_per_element: int | None  # None: as the bucket's dtype
     powersgd: powerSGD_hook.PowerSGDState | None = None
+    carry: PowerSGDCarry | None = None  # PowerSGD's state by parameter, across bucket layouts
     serial: bool = False  # finish each bucket's hook before DDP launches the next (gloo)
 
     def forget_skipped_step(self) -> None:
@@ -45,10 +47,8 @@ class CommHookState:
         every later step non-finite too. Dropped on every rank at the same step (the skip is a
         world decision), they are rebuilt as at the first compressed step: a zero residual, and
         Q from PowerSGD's own seeded generator, the same on every rank."""
-        if self.powersgd is not None:
-            self.powersgd.error_dict.clear()
-            self.powersgd.p_memory_dict.clear()
-            self.powersgd.q_memory_dict.clear()
+        if self.powersgd is not None and self.carry is not None:
+            self.carry.forget(self.powersgd)
 
 
 def _count_bucket(state: CommHookState, bucket: dist.GradBucket) -> None:
@@ -80,15 +80,14 @@ def _bf16_hook(state: CommHookState, bucket):
 def _powersgd_elements(ps: powerSGD_hook.PowerSGDState, grad: torch.Tensor) -> int:
     """What PowerSGD sends for one gradient: P and Q factors (n + m) x rank for a matrix worth
     compressing, the gradient itself otherwise (vectors, small matrices): torch's own test."""
-    if grad.dim() < 2:
-        return grad.numel()
-    n, m = grad.shape[0], grad.numel() // grad.shape[0]
-    factors = (n + m) * min(n, m, ps.matrix_approximation_rank)
-    return factors if factors * ps.min_compression_rate < n * m else grad.numel()
+    rank = compressed_rank(ps, grad.shape)
+    return grad.numel() if rank is None else (grad.shape[0] + grad.numel() // grad.shape[0]) * rank
 
 
 def _powersgd_hook(state: CommHookState, bucket):
+    assert state.powersgd is not None and state.carry is not None
     _count_bucket(state, bucket)
+    state.carry.fit(state.powersgd, bucket)
     fut = powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
     if state.serial:
         # A compressed bucket is a chain of three all-reduces (uncompressed part, P, Q), the
@@ -112,10 +111,12 @@ def apply_data_parallel(
     group: dist.ProcessGroup | None = None,
     group_size: int = 1,
     ignore: list[str] | None = None,
+    example: torch.Tensor | None = None,
 ) -> tuple[nn.Module, CommHookState | None]:
     """Wrap `model` in DDP over `group` (None: the world), leaving the parameters named in
     `ignore` to their layout (the hybrid's FC slices). A group of one rank needs no wrapper (and
-    has no hook state)."""
+    has no hook state). `example`, an input batch, settles DDP's buckets before the first step
+    (`settle_buckets`; an exact resume needs it)."""
     if not (dist.is_available() and dist.is_initialized()) or group_size == 1:
         return model, None
     if ignore:
@@ -128,7 +129,32 @@ def apply_data_parallel(
         gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         static_graph=cfg.static_graph,
     )
+    if example is not None:
+        settle_buckets(ddp, example)
+        counter.take()  # what the pass sent (the towers' exchanges) is no step's
+        counter.take_seconds()
     return ddp, apply_comm_hook(ddp, cfg, counter, group, group_size)
+
+
+def settle_buckets(ddp: nn.parallel.DistributedDataParallel, example: torch.Tensor) -> None:
+    """One forward and backward pass of `example` through a fresh wrapper, in eval mode (no
+    dropout draw), its gradients all-reduced by DDP's default hook and then dropped.
+
+    DDP puts every parameter into one bucket for a wrapper's first step and rebuilds its buckets
+    in the gradients' order before the second. Without this pass, each session's first step would
+    all-reduce in that one bucket: with more than two ranks a ring all-reduce sums each value in
+    an order that depends on its place in the bucket, so a resumed session's first step rounded
+    differently from the uninterrupted run's (4 gloo ranks: weights 4e-6 apart three steps
+    later), and PowerSGD, which keys its state by bucket, compressed another layout. After it
+    every step of every session all-reduces the same buckets. Called before the comm hook is
+    registered, so that PowerSGD counts no step and the byte counts see none."""
+    was_training = ddp.training
+    ddp.eval()
+    try:
+        ddp(example).float().sum().backward()
+    finally:
+        ddp.train(was_training)
+        ddp.module.zero_grad(set_to_none=True)
 
 
 def apply_comm_hook(
@@ -151,6 +177,7 @@ def apply_comm_hook(
         state.powersgd = powerSGD_hook.PowerSGDState(
             process_group=group, matrix_approximation_rank=cfg.powersgd_rank, start_powerSGD_iter=2
         )
+        state.carry = PowerSGDCarry.for_module(ddp.module)
         state.serial = dist.get_backend(group) == dist.Backend.GLOO
         ddp.register_comm_hook(state, _powersgd_hook)
     return state

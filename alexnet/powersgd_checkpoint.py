@@ -1,0 +1,85 @@
+"""PowerSGD's state in the checkpoints: one file per rank beside the run's checkpoint.
+
+PowerSGD's error-feedback residual is each rank's own (its gradients minus what compression
+sent of them), as large as the gradients it covers (244 MB per rank for ImageNet AlexNet in
+fp32), so every rank writes its own `checkpoints/powersgd/rank<R>/last.pt` (atomically, as
+`alexnet.checkpoint.atomic_save` writes last.pt) before rank 0 writes the checkpoint. A resume
+takes them only when every rank finds its file written at the checkpoint's step by the same
+layout; otherwise every rank starts PowerSGD afresh (two plain all-reduces, a zero residual,
+new factors), with a warning that says why. The files beside a checkpoint are those of the last
+write, so a resume from previous.pt starts afresh too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from alexnet.checkpoint import FORMAT_VERSION, LAST, CheckpointError, atomic_save, load_checkpoint
+from alexnet.parallel.data_parallel import CommHookState
+
+log = logging.getLogger("alexnet")
+
+FOLDER = "powersgd"
+
+
+def rank_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / FOLDER / f"rank{rank}" / LAST
+
+
+def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, rank: int, setup: dict) -> None:
+    """This rank's PowerSGD state at `step` (nothing without PowerSGD). `setup`: what must be
+    the same for a resume to take it (world size, layout, rank of the factors)."""
+    if hook is None or hook.powersgd is None or hook.carry is None:
+        return
+    payload = {"format": FORMAT_VERSION, "step": step, "setup": setup, "state": hook.carry.state_dict(hook.powersgd)}
+    atomic_save(payload, rank_file(ckpt_dir, rank).parent, rotate=False)
+
+
+def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict[str, Any] | None, str]:
+    """The state in `path` if it belongs to the checkpoint of `step` under `setup` and fits
+    `hook`'s model, else why not."""
+    assert hook.powersgd is not None and hook.carry is not None
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as exc:
+        return None, str(exc)
+    if payload.get("step") != step:
+        return None, f"{path} is of step {payload.get('step')}, the checkpoint of step {step}"
+    if payload.get("setup") != setup:
+        return None, f"{path} was written under {payload.get('setup')}, this run is {setup}"
+    problem = hook.carry.problem(hook.powersgd, payload["state"])
+    return (None, f"{path} does not fit this model: {problem}") if problem else (payload["state"], "")
+
+
+def restore_powersgd_state(
+    hook: CommHookState | None, checkpoint: Path, step: int, rank: int, setup: dict, device: torch.device
+) -> bool:
+    """Collective: put back every rank's PowerSGD state saved beside `checkpoint` (of `step`), or
+    none of them. Returns whether they were restored."""
+    state, why = None, ""
+    if hook is not None and hook.powersgd is not None:
+        state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup)
+    whys = [why]
+    if dist.is_available() and dist.is_initialized():
+        whys = [""] * dist.get_world_size()
+        dist.all_gather_object(whys, why)
+    failed = [f"rank {r}: {w}" for r, w in enumerate(whys) if w]
+    if failed:
+        # The warm-start factors must be the same on every rank (each step all-reduces products
+        # with them), so one rank without its state restarts every rank's.
+        if rank == 0:
+            log.warning("PowerSGD starts afresh (not an exact resume: two plain all-reduces, then a zero "
+                        "error-feedback residual and new factors): %s", "; ".join(failed))  # fmt: skip
+        return False
+    if state is None:
+        return False
+    assert hook is not None and hook.powersgd is not None and hook.carry is not None
+    hook.carry.load_state_dict(hook.powersgd, state, device)
+    return True
