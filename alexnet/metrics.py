@@ -91,6 +91,11 @@ class Throughput:
         return {"images_per_sec": self.images / elapsed, "data_wait_share": self.data_wait / elapsed}
 
 
+# Record keys that place a record (split, epoch, step) or say what a training record covers (the
+# steps and images of its window, fewer at an epoch's end): bookkeeping, not curves to plot.
+NOT_PLOTTED = frozenset({"split", "epoch", "step", "steps", "count"})
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard scalars.
 
@@ -122,7 +127,7 @@ class MetricsWriter:
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
-                if key not in ("split", "epoch", "step") and isinstance(value, (int, float)):
+                if key not in NOT_PLOTTED and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, step)
             self._tb.flush()
 

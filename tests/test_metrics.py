@@ -37,10 +37,11 @@ def test_tally_gives_exact_ratios_not_mean_of_means():
 
 
 def test_metrics_writer_appends_json_lines(tmp_path):
+    """Every record in metrics.jsonl; its metrics in TensorBoard, not its bookkeeping (steps, count)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = [
-        {"split": "train", "epoch": 1, "step": 10, "loss": 2.0, "top1": 5.0},
+        {"split": "train", "epoch": 1, "step": 10, "loss": 2.0, "top1": 5.0, "steps": 10, "count": 320},
         {"split": "val", "epoch": 1, "step": 10, "loss": 1.5, "top1": 9.0},
     ]
     writer = MetricsWriter(tmp_path, tensorboard=True)
