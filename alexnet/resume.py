@@ -44,6 +44,9 @@ class Progress:
     """Where the run stands; saved in every checkpoint."""
 
     epoch: int = 0  # epochs completed
+    # The steps of epoch `epoch` are all taken and only its validation is left: a stop during that
+    # validation checkpoints here, and the resumed run validates the epoch without training it.
+    epoch_trained: bool = False
     step: int = 0  # optimizer steps taken in total (also the dropout and lr counter)
     images: int = 0  # training images processed in total
     train_seconds: float = 0.0  # wall time of all sessions of this run

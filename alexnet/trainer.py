@@ -68,6 +68,10 @@ def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh) -> str:
     )
 
 
+# Validation batches between two looks at a stop request (a collective, and a device sync).
+VAL_STOP_EVERY = 10
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> None:
         self.cfg, self.env, self.mesh, self.plan = cfg, env, mesh, plan
@@ -370,14 +374,17 @@ class Trainer:
 
     def _run_epochs(self) -> str:
         """The remaining epochs, each validated and checkpointed; why they stopped early, or ""."""
-        cfg = self.cfg
-        for epoch in range(self.progress.epoch, cfg.train.epochs):
-            stop_reason = self._train_epoch(epoch)
-            if stop_reason:
-                return stop_reason
+        cfg, p = self.cfg, self.progress
+        for epoch in range(p.epoch, cfg.train.epochs):
+            if not p.epoch_trained:  # else a stop came during its validation: the steps are taken
+                stop_reason = self._train_epoch(epoch)
+                if stop_reason:
+                    return stop_reason
             if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.train.eval_every == 0:
-                self._validate(epoch)
-            self.progress.epoch = epoch + 1
+                p.epoch_trained = True
+                if self._validate(epoch) is None:
+                    return "preempted"
+            p.epoch, p.epoch_trained = epoch + 1, False
             self.save_checkpoint()
         return ""
 
@@ -437,13 +444,21 @@ class Trainer:
         return stop_reason
 
     @torch.no_grad()
-    def _validate(self, epoch: int) -> dict[str, float]:
+    def _validate(self, epoch: int) -> dict[str, float] | None:
+        """The validation's figures, recorded; None when a stop request came during it."""
         self.model.eval()
         tally = Tally(self.env.device)
         start = time.perf_counter()
-        for images, labels in self.val_loader:
+        for batch, (images, labels) in enumerate(self.val_loader, 1):
             result = eval_batch(self.model, images, labels, self.amp)  # one crop, or ten averaged
             tally.add(result.loss_sum, result.correct, result.count)
+            # Every rank has as many validation batches (the shards are padded alike), so every
+            # rank asks at the same batches. A validation can outlast a stop's deadline (torchrun's
+            # --shutdown-timeout after Ctrl-C, a scheduler's grace time).
+            if batch % VAL_STOP_EVERY == 0 and batch < len(self.val_loader) and self.stop.agreed():
+                log.warning("stopping during the validation of epoch %d on %s: writing a checkpoint (a resumed "
+                            "run validates the epoch)", epoch + 1, self.stop.reason())  # fmt: skip
+                return None
         stats = tally.reduce(self.mesh.metric_group)
         if stats["count"] != self.val_loader.num_samples:
             raise RuntimeError(

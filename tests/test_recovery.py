@@ -19,6 +19,7 @@ import torch
 from _helpers import REPO, TINY_TRAIN, TRAIN, torchrun
 from dist.reference import RECIPE, TOTAL_STEPS, assert_same_weights, reference_run, reference_weights
 
+from alexnet import trainer as trainer_module
 from alexnet.checkpoint import atomic_save, load_checkpoint
 from alexnet.config import load_config
 from alexnet.metrics import read_metrics
@@ -208,3 +209,49 @@ def test_a_run_stopped_at_an_epochs_last_step_validates_that_epoch_when_resumed(
     assert [(r["epoch"], r["step"]) for r in val] == [(1, 15)]
     assert (summary["epochs"], summary["steps"], summary["stop_reason"]) == (1, 15, "max_steps")
     assert summary["final_top1"] == val[0]["top1"]
+
+
+def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_without_training(
+    tiny_data, tmp_path, monkeypatch
+):
+    """A stop file that appears as epoch 1's validation starts (looked at every 2 batches here):
+    the run stopped only after the whole validation, which can outlast torchrun's
+    --shutdown-timeout. It now checkpoints within the validation, the epoch's 15 steps taken and
+    the epoch not counted; the resumed run validates epoch 1 without training it again, and ends
+    with the weights and records of an uninterrupted run."""
+    stop = tmp_path / "STOP"
+    monkeypatch.setenv("ALEXNET_STOP_FILE", str(stop))
+    monkeypatch.setattr(trainer_module, "VAL_STOP_EVERY", 2)
+    validate, eval_batch, batches = Trainer._validate, trainer_module.eval_batch, []
+
+    def stop_then_validate(self, epoch):
+        if epoch == 0:
+            stop.write_text("")
+        return validate(self, epoch)
+
+    def counted_eval_batch(*args):
+        batches.append(1)
+        return eval_batch(*args)
+
+    common = ("train.epochs=2", "checkpoint.every_steps=0")
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_validate", stop_then_validate)
+        patch.setattr(trainer_module, "eval_batch", counted_eval_batch)
+        summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
+    assert (summary["stop_reason"], summary["steps"], summary["epochs"]) == ("preempted", 15, 0)
+    assert len(batches) == 2  # of 7: stopped at the first look
+    progress = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["progress"]
+    assert (progress["step"], progress["epoch"], progress["epoch_trained"]) == (15, 0, True)
+    assert not [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]
+
+    stop.unlink()
+    summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
+    assert (summary["stop_reason"], summary["steps"], summary["epochs"]) == ("completed", 30, 2)
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in records if r["split"] == "val"] == [(1, 15), (2, 30)]
+    assert sum(r["count"] for r in records if r["split"] == "train") == 30 * 8
+
+    run_training(tiny_run(tiny_data, tmp_path, *common, "run.name=straight"), None)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(straight[k], v) for k, v in resumed.items())
