@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alexnet.checkpoint import FORMAT_VERSION, LAST, CheckpointError, atomic_save, load_checkpoint
+from alexnet.checkpoint import FORMAT_VERSION, LAST, CheckpointError, atomic_save, load_checkpoint, os_reason
 from alexnet.parallel.data_parallel import CommHookState
 
 log = logging.getLogger("alexnet")
@@ -31,13 +31,33 @@ def rank_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / FOLDER / f"rank{rank}" / LAST
 
 
+def _gather(text: str) -> list[str]:
+    """Every rank's `text`, by rank (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [text]
+    texts = [""] * dist.get_world_size()
+    dist.all_gather_object(texts, text)
+    return texts
+
+
 def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, rank: int, setup: dict) -> None:
-    """This rank's PowerSGD state at `step` (nothing without PowerSGD). `setup`: what must be
-    the same for a resume to take it (world size, layout, rank of the factors)."""
+    """Collective where PowerSGD runs (on every rank alike): this rank's PowerSGD state at `step`.
+    `setup`: what must be the same for a resume to take it (world size, layout, factor rank). A
+    write that fails on any rank stops every rank with that rank's reason (instead of leaving the
+    others waiting in the checkpoint's gather)."""
     if hook is None or hook.powersgd is None or hook.carry is None:
         return
     payload = {"format": FORMAT_VERSION, "step": step, "setup": setup, "state": hook.carry.state_dict(hook.powersgd)}
-    atomic_save(payload, rank_file(ckpt_dir, rank).parent, rotate=False)
+    why = ""
+    try:
+        atomic_save(payload, rank_file(ckpt_dir, rank).parent, rotate=False)
+    except CheckpointError as exc:
+        why = str(exc)
+    except OSError as exc:  # its folder cannot be made
+        why = f"cannot write {rank_file(ckpt_dir, rank)}: {os_reason(exc)}"
+    failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
+    if failed:
+        raise CheckpointError(f"PowerSGD's state could not be written ({'; '.join(failed)})")
 
 
 def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict[str, Any] | None, str]:
@@ -54,23 +74,19 @@ def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict
         return None, f"{path} is of step {payload.get('step')}, the checkpoint of step {step}"
     if payload.get("setup") != setup:
         return None, f"{path} was written under {payload.get('setup')}, this run is {setup}"
-    problem = hook.carry.problem(hook.powersgd, payload["state"])
+    problem = hook.carry.problem(hook.powersgd, payload.get("state"))
     return (None, f"{path} does not fit this model: {problem}") if problem else (payload["state"], "")
 
 
 def restore_powersgd_state(
     hook: CommHookState | None, checkpoint: Path, step: int, rank: int, setup: dict, device: torch.device
 ) -> bool:
-    """Collective: put back every rank's PowerSGD state saved beside `checkpoint` (of `step`), or
-    none of them. Returns whether they were restored."""
-    state, why = None, ""
-    if hook is not None and hook.powersgd is not None:
-        state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup)
-    whys = [why]
-    if dist.is_available() and dist.is_initialized():
-        whys = [""] * dist.get_world_size()
-        dist.all_gather_object(whys, why)
-    failed = [f"rank {r}: {w}" for r, w in enumerate(whys) if w]
+    """Collective where PowerSGD runs (on every rank alike): put back every rank's PowerSGD state
+    saved beside `checkpoint` (of `step`), or none of them. Returns whether they were restored."""
+    if hook is None or hook.powersgd is None or hook.carry is None:
+        return False
+    state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup)
+    failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
     if failed:
         # The warm-start factors must be the same on every rank (each step all-reduces products
         # with them), so one rank without its state restarts every rank's.
@@ -78,8 +94,6 @@ def restore_powersgd_state(
             log.warning("PowerSGD starts afresh (not an exact resume: two plain all-reduces, then a zero "
                         "error-feedback residual and new factors): %s", "; ".join(failed))  # fmt: skip
         return False
-    if state is None:
-        return False
-    assert hook is not None and hook.powersgd is not None and hook.carry is not None
-    hook.carry.load_state_dict(hook.powersgd, state, device)
+    assert state is not None
+    hook.carry.load_state_dict(hook.powersgd, state, device)  # `problem` found nothing it could fail on
     return True

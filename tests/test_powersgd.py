@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -120,10 +121,72 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
 
 def test_a_resumed_session_all_reduces_as_the_straight_run_on_4_ranks(tmp_path):
     """DDP's first step in one bucket rounds otherwise on more than two ranks: a resumed session
-    settles its buckets first (the trainer does), and equals the straight run bitwise with a
-    plain all-reduce and with PowerSGD's state carried over (dp and hybrid)."""
+    settles its buckets first (the trainer does; twice under parallel.static_graph), and equals
+    the straight run bitwise with a plain all-reduce and with PowerSGD's state carried over (dp
+    and hybrid)."""
     check(torchrun([REPO / "tests" / "dist" / "resume_buckets.py", tmp_path], nproc=4, timeout=240))
     for rank in range(4):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for case in ("plain", "powersgd", "hybrid_powersgd"):
+        for case in ("plain_static_graph", "powersgd", "hybrid_powersgd"):
             assert result[case] == {"equal": True, "max_diff": 0.0}, (rank, case, result)
+
+
+def test_a_powersgd_state_that_one_rank_cannot_write_stops_every_rank_with_its_reason(tiny_data, tmp_path):
+    """Rank 1's folder for its state cannot be made (a file stands in its place): rank 1 failed
+    alone while rank 0 waited in the checkpoint's gather for the collective timeout. Every rank
+    now stops at that checkpoint with rank 1's reason, and no last.pt goes ahead of the states."""
+    blocked = tmp_path / "blocked" / "checkpoints" / "powersgd" / "rank1"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+    args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=blocked",
+            "train.epochs=1", "train.max_steps=3", "checkpoint.every_steps=2", "parallel.comm_hook=powersgd",
+            "parallel.timeout_s=120"]  # fmt: skip
+    started = time.monotonic()
+    proc = torchrun_or_fail(args, tmp_path)
+    assert proc.returncode != 0 and time.monotonic() - started < 100  # not the 120 s timeout
+    assert "PowerSGD's state could not be written (rank 1: cannot write" in proc.stderr
+    assert not (tmp_path / "blocked" / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / "blocked" / "checkpoints" / "powersgd" / "rank0" / "last.pt").is_file()
+
+
+def test_a_saved_powersgd_state_is_checked_before_any_rank_loads_it():
+    """What `problem` refuses (so that no rank fails alone after the others went on), and the
+    round trip of a good state: iteration, generator and pieces come back as saved."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+
+    from alexnet.parallel.powersgd_state import PowerSGDCarry
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    ps = PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2)
+    carry = PowerSGDCarry.for_module(model)
+    ps.iter, _ = 7, ps.rng.randint(10, size=3)  # a generator moved on from its seed
+    carry.error = {"0.weight": torch.arange(2048.0), "0.bias": torch.ones(32)}
+    carry.q = {"0.weight": torch.full((128,), 0.5)}  # 64 columns x rank 2
+    good = carry.state_dict(ps)
+    assert carry.problem(ps, good) == ""
+
+    fresh_ps, fresh = (
+        PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2),
+        PowerSGDCarry.for_module(model),
+    )
+    fresh.load_state_dict(fresh_ps, good, torch.device("cpu"))
+    assert fresh_ps.iter == 7 and fresh_ps.rng.randint(1 << 30) == ps.rng.randint(1 << 30)
+    assert torch.equal(fresh.error["0.weight"], torch.arange(2048.0))
+    assert torch.equal(fresh.q["0.weight"], torch.full((128,), 0.5))
+
+    def broken(change):
+        state = {**good, "error": dict(good["error"]), "q": dict(good["q"]), "rng": dict(good["rng"])}
+        change(state)
+        return carry.problem(ps, state)
+
+    assert (
+        broken(lambda s: s["error"].update({"0.weight": torch.zeros(5)})) == "residual of 0.weight: 5 values, not 2048"
+    )
+    assert broken(lambda s: s["q"].update({"0.weight": torch.zeros(64)})) == "Q factor of 0.weight: 64 values, not 128"
+    assert (
+        broken(lambda s: s["q"].update({"0.bias": torch.zeros(2)}))
+        == "a Q factor of 0.bias, which PowerSGD does not compress"
+    )
+    assert "does not have" in broken(lambda s: s["error"].update({"fc9.weight": torch.zeros(1)}))
+    assert broken(lambda s: s.pop("rng")).startswith("no 'rng'")
+    assert broken(lambda s: s["rng"].update(keys=torch.zeros(3, dtype=torch.int64))).startswith("a malformed state")

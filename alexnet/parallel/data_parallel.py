@@ -144,14 +144,17 @@ def settle_buckets(ddp: nn.parallel.DistributedDataParallel, example: torch.Tens
     in the gradients' order before the second. Without this pass, each session's first step would
     all-reduce in that one bucket: with more than two ranks a ring all-reduce sums each value in
     an order that depends on its place in the bucket, so a resumed session's first step rounded
-    differently from the uninterrupted run's (4 gloo ranks: weights 4e-6 apart three steps
+    differently from the uninterrupted run's (4 gloo ranks: weights 1.5e-8 apart three steps
     later), and PowerSGD, which keys its state by bucket, compressed another layout. After it
-    every step of every session all-reduces the same buckets. Called before the comm hook is
-    registered, so that PowerSGD counts no step and the byte counts see none."""
+    every step of every session all-reduces the same buckets. With `static_graph` DDP rebuilds
+    only after its second iteration (the first one records no gradient order): two passes then.
+    Called before the comm hook is registered, so that PowerSGD counts no step and the byte
+    counts see none."""
     was_training = ddp.training
     ddp.eval()
     try:
-        ddp(example).float().sum().backward()
+        for _ in range(2 if ddp.static_graph else 1):
+            ddp(example).float().sum().backward()
     finally:
         ddp.train(was_training)
         ddp.module.zero_grad(set_to_none=True)

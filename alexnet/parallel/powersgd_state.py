@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,12 @@ def _cut(flat: Tensor, lengths: list[tuple[str, int]]) -> Pieces:
     if flat.numel() != sum(n for _, n in lengths):
         raise RuntimeError(f"PowerSGD state of {flat.numel()} values does not fit its bucket's {lengths}")
     return dict(zip((name for name, _ in lengths), flat.split([n for _, n in lengths])))
+
+
+def _rng_state(saved: dict) -> tuple:
+    """numpy's RandomState.get_state() tuple from its saved form (`PowerSGDCarry.state_dict`)."""
+    keys = saved["keys"].numpy().astype(np.uint32)
+    return saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]
 
 
 @dataclass
@@ -128,24 +135,31 @@ class PowerSGDCarry:
             "q": {n: t.detach().cpu().clone() for n, t in self.q.items()},
         }
 
-    def problem(self, ps: PowerSGDState, state: dict) -> str:
-        """Why `state` (from `state_dict`) cannot be loaded into this model's PowerSGD, or ""."""
+    def problem(self, ps: PowerSGDState, state: Any) -> str:
+        """Why `state` (from `state_dict`) cannot be loaded into this model's PowerSGD, or "":
+        checked before any rank loads, so that no rank fails alone after the others went on."""
         try:
-            pieces = [("residual", n, t.numel(), self.shapes[n].numel()) for n, t in state["error"].items()]
+            int(state["iter"])
+            rng = state["rng"]
+            np.random.RandomState().set_state(_rng_state(rng))
+            bad = [f"residual of {n}: {t.numel()} values, not {self.shapes[n].numel()}"
+                   for n, t in state["error"].items() if t.numel() != self.shapes[n].numel()]  # fmt: skip
             for n, t in state["q"].items():
                 rank = compressed_rank(ps, self.shapes[n])
-                pieces.append(("Q factor", n, t.numel(), -1 if rank is None else rank * self.shapes[n][1:].numel()))
-            bad = [f"{what} of {n}: {got} values, not {want}" for what, n, got, want in pieces if got != want]
-            return "; ".join(bad[:3])
+                if rank is None:
+                    bad.append(f"a Q factor of {n}, which PowerSGD does not compress")
+                elif t.numel() != rank * self.shapes[n][1:].numel():
+                    bad.append(f"Q factor of {n}: {t.numel()} values, not {rank * self.shapes[n][1:].numel()}")
         except KeyError as exc:
-            return f"state of a parameter this model does not have ({exc})"
+            return f"no {exc} in it, or a parameter this model does not have"
+        except (TypeError, ValueError, AttributeError, IndexError) as exc:
+            return f"a malformed state ({type(exc).__name__}: {exc})"
+        return "; ".join(bad[:3])
 
     def load_state_dict(self, ps: PowerSGDState, state: dict, device: torch.device) -> None:
         """`state` from `state_dict`, checked with `problem`."""
         self.forget(ps)
         ps.iter = int(state["iter"])
-        rng = state["rng"]
-        keys = rng["keys"].numpy().astype(np.uint32)
-        ps.rng.set_state((rng["kind"], keys, rng["pos"], rng["has_gauss"], rng["cached_gaussian"]))
+        ps.rng.set_state(_rng_state(state["rng"]))
         self.error = {n: t.to(device) for n, t in state["error"].items()}
         self.q = {n: t.to(device) for n, t in state["q"].items()}

@@ -4,7 +4,8 @@ Usage: torchrun --nproc_per_node=4 tests/dist/resume_buckets.py OUT_DIR
 
 Each case trains STEPS steps straight, then CUT steps, puts weights and momentum into a fresh
 model, wrapper and optimizer (a new session), and trains the rest. Both sessions settle DDP's
-buckets with an example batch, as the trainer does. Cases: plain all-reduce; PowerSGD with its
+buckets with an example batch, as the trainer does. Cases: plain all-reduce (with
+parallel.static_graph); PowerSGD with its
 state carried over (`PowerSGDCarry.state_dict` / `load_state_dict`, by parameter name), in the
 dp layout and in the hybrid one (DDP over the convolutions). Writes
 OUT_DIR/rank<R>.json: per case, whether the final weights equal the straight run's bitwise, and
@@ -29,16 +30,16 @@ from alexnet.parallel.mesh import build_mesh
 
 STEPS = 7
 CUT = 4  # PowerSGD compresses from the third step: the cut falls two steps into compression
-CASES = {
-    "plain": ("dp", "none"),
-    "powersgd": ("dp", "powersgd"),
-    "hybrid_powersgd": ("hybrid", "powersgd"),
+CASES = {  # layout, comm hook, parallel.static_graph (under which DDP rebuilds a step later)
+    "plain_static_graph": ("dp", "none", True),
+    "powersgd": ("dp", "powersgd", False),
+    "hybrid_powersgd": ("hybrid", "powersgd", False),
 }
 
 
-def session(env, mode, hook, weights=None, momentum=None, carried=None):
+def session(env, mode, hook, static, weights=None, momentum=None, carried=None):
     mesh = build_mesh(env, mode, 2)
-    cfg = ParallelConfig(mode=mode, fc_group=2, comm_hook=hook, bucket_cap_mb=1)  # a dozen buckets
+    cfg = ParallelConfig(mode=mode, fc_group=2, comm_hook=hook, bucket_cap_mb=1, static_graph=static)  # 12 buckets
     par = apply_parallelism(fresh_model(), env, mesh, cfg, CommCounter(), example_batch(SIZE, CPU, False))
     if weights is not None:  # this rank's part (the hybrid's FC slices are the rank's own)
         par.local.load_state_dict(weights)
@@ -64,16 +65,16 @@ def weights_of(par):
     return {k: v.clone() for k, v in par.local.state_dict().items()}
 
 
-def run_case(env, mode, hook):
-    mesh, par, opt = session(env, mode, hook)
+def run_case(env, mode, hook, static):
+    mesh, par, opt = session(env, mode, hook, static)
     train(mesh, par, opt, range(STEPS))
     straight = weights_of(par)
 
-    mesh, par, opt = session(env, mode, hook)
+    mesh, par, opt = session(env, mode, hook, static)
     train(mesh, par, opt, range(CUT))
     hook_state = par.comm_hook
     carried = hook_state.carry.state_dict(hook_state.powersgd) if hook == "powersgd" else None
-    mesh, par, opt = session(env, mode, hook, weights_of(par), opt.state_dict(), carried)
+    mesh, par, opt = session(env, mode, hook, static, weights_of(par), opt.state_dict(), carried)
     train(mesh, par, opt, range(CUT, STEPS))
     resumed = weights_of(par)
     equal = all(torch.equal(resumed[k], v) for k, v in straight.items())
