@@ -117,6 +117,47 @@ def build_lighting(cfg: DataConfig) -> Lighting | None:
     return Lighting(cfg.lighting_std, resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg)))
 
 
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a loader reads and decodes files: the pipeline, its decoder and threads (DataLoader
+    workers for torchvision), and its prefetch depth."""
+
+    pipeline: str  # "dali" or "torchvision"
+    decoder: str  # DALI's: "cpu" or "mixed"
+    num_threads: int
+    prefetch: int
+    hw_decoder_load: float
+    channels_last: bool
+
+
+def build_file_loader(
+    index: FileIndex,
+    split: Split,
+    image: ImageSpec,
+    shard: ShardSpec,
+    device: torch.device,
+    read: ReadSettings,
+    ten_crop: bool = False,
+    lighting: Lighting | None = None,
+) -> Loader:
+    """The loader of one split's files for this shard: torchvision's, DALI's ten-crop one (val
+    batches of [B, 10, 3, crop, crop]: evaluate them with alexnet.evaluate.eval_batch), or DALI's."""
+    if read.pipeline == "torchvision":
+        from pipelines.torchvision_loader import TorchvisionLoader
+
+        return TorchvisionLoader(
+            index, split, image, shard, device, read.num_threads, read.prefetch, read.channels_last
+        )
+    rest = (shard, device, read.num_threads, read.prefetch, read.decoder, read.hw_decoder_load, read.channels_last)
+    if ten_crop:
+        from pipelines.tencrop import TenCropLoader
+
+        return TenCropLoader(index, image, *rest)
+    from pipelines.dali import DaliLoader
+
+    return DaliLoader(index, split, image, *rest, lighting=lighting)  # type: ignore[arg-type]
+
+
 def build_loader(
     cfg: DataConfig,
     split: Split,
@@ -138,35 +179,9 @@ def build_loader(
     elif cfg.pipeline != "torchvision":
         remedy = "add validation images, use fewer data-parallel ranks, or data.pipeline=torchvision"
         check_shardable(len(index), mesh.data_size, "the validation split", remedy)
-    if cfg.pipeline == "torchvision":
-        from pipelines.torchvision_loader import TorchvisionLoader
-
-        if split == "train" and cfg.lighting_std > 0:
-            log.warning("data.lighting_std is set but PCA lighting exists only in the DALI pipeline: not applied")
-
-        return TorchvisionLoader(
-            index, split, image_spec(cfg), shard, device, cfg.num_threads, cfg.prefetch, channels_last
-        )
-    if split == "val" and cfg.val_ten_crop:
-        from pipelines.tencrop import TenCropLoader
-
-        # Batches of [B, 10, 3, crop, crop]: evaluate them with alexnet.evaluate.eval_batch.
-        image = image_spec(cfg)
-        return TenCropLoader(
-            index, image, shard, device, cfg.num_threads, cfg.prefetch, decoder, cfg.hw_decoder_load, channels_last
-        )
-    from pipelines.dali import DaliLoader
-
-    return DaliLoader(
-        index,
-        split,
-        image_spec(cfg),
-        shard,
-        device,
-        cfg.num_threads,
-        cfg.prefetch,
-        decoder,  # type: ignore[arg-type]
-        cfg.hw_decoder_load,
-        channels_last,
-        lighting=build_lighting(cfg) if split == "train" else None,
-    )
+    if cfg.pipeline == "torchvision" and split == "train" and cfg.lighting_std > 0:
+        log.warning("data.lighting_std is set but PCA lighting exists only in the DALI pipeline: not applied")
+    read = ReadSettings(cfg.pipeline, decoder, cfg.num_threads, cfg.prefetch, cfg.hw_decoder_load, channels_last)
+    lighting = build_lighting(cfg) if split == "train" and cfg.pipeline != "torchvision" else None
+    ten_crop = split == "val" and cfg.val_ten_crop
+    return build_file_loader(index, split, image_spec(cfg), shard, device, read, ten_crop, lighting)

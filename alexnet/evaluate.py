@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from alexnet.config import Config, ConfigError
-from alexnet.data import DALI_INSTALL_HINT, dali_installed, image_spec, resolve_data_root
+from alexnet.data import (
+    DALI_INSTALL_HINT,
+    ReadSettings,
+    build_file_loader,
+    dali_installed,
+    image_spec,
+    resolve_data_root,
+)
 from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
 from alexnet.inference import build_model_from_checkpoint
@@ -199,27 +206,16 @@ def resolve_eval_pipeline(cfg: Config, opts: EvalOptions) -> str:
 
 def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: DistEnv, channels_last: bool) -> Loader:
     batch = opts.batch_size or cfg.data.batch_size
-    threads = opts.num_threads or cfg.data.num_threads
     shard = ShardSpec(env.rank, env.world_size, batch, seed=0)
-    if opts.pipeline == "torchvision":
-        if opts.decoder != "auto":
-            raise ConfigError("--decoder sets DALI's decoder; --pipeline torchvision decodes with PIL")
-        from pipelines.torchvision_loader import TorchvisionLoader
-
-        # DataLoader workers as in training, where data.num_threads sets them for this pipeline
-        return TorchvisionLoader(index, "val", image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch,
-                                 channels_last)  # fmt: skip
+    if opts.pipeline == "torchvision" and opts.decoder != "auto":
+        raise ConfigError("--decoder sets DALI's decoder; --pipeline torchvision decodes with PIL")
     decoder = opts.decoder if opts.decoder != "auto" else ("mixed" if env.device.type == "cuda" else "cpu")
     if decoder == "mixed" and env.device.type != "cuda":
         raise ConfigError("--decoder mixed decodes on the GPU and needs a CUDA device; use --decoder cpu or auto")
-    rest = (image_spec(cfg.data), shard, env.device, threads, cfg.data.prefetch, decoder, cfg.data.hw_decoder_load)
-    if opts.ten_crop:
-        from pipelines.tencrop import TenCropLoader
-
-        return TenCropLoader(index, *rest, channels_last)
-    from pipelines.dali import DaliLoader
-
-    return DaliLoader(index, "val", *rest, channels_last)
+    # Threads (DataLoader workers for torchvision) as in training, unless --num-threads says otherwise.
+    read = ReadSettings(opts.pipeline, decoder, opts.num_threads or cfg.data.num_threads, cfg.data.prefetch,
+                        cfg.data.hw_decoder_load, channels_last)  # fmt: skip
+    return build_file_loader(index, "val", image_spec(cfg.data), shard, env.device, read, opts.ten_crop)
 
 
 def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
@@ -283,7 +279,8 @@ def build_result(
     return {
         "checkpoint": str(opts.checkpoint),
         "variant": cfg.model.variant,
-        "epoch": progress.get("epoch"),
+        # epochs trained: one more than validated after a stop during a validation
+        "epoch": None if "epoch" not in progress else progress["epoch"] + int(progress.get("epoch_trained", False)),
         "step": progress.get("step"),
         "data": str(split_dir),
         "files": files or None,

@@ -142,8 +142,11 @@ def restore_training(
     pos = restore_loader(train_loader, payload["loaders"]["train"], mesh, path, saved_batch)
     if pos is not None:
         # Epochs of another length: the global step no longer says how far into the run we are,
-        # the epoch progress does (the same fraction of the run before and after the change).
-        schedule.realign(progress.step, progress.epoch * len(train_loader) + pos)
+        # the epoch progress does (the same fraction of the run before and after the change). An
+        # epoch trained but not yet validated (a stop during its validation) is behind the loader,
+        # whose position already counts from the next epoch.
+        trained = progress.epoch + int(progress.epoch_trained)
+        schedule.realign(progress.step, trained * len(train_loader) + pos)
     return progress
 
 

@@ -24,8 +24,8 @@ import torch.distributed as dist
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 # SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
 # sessions of their own) passes the first on to every worker and kills them --shutdown-timeout
-# seconds later (30 by default): the step under way (or the next 10 batches of a validation) and
-# the checkpoint must fit in that; a second Ctrl-C sends SIGTERM, another stop request, and a
+# seconds later (30 by default): the step under way (or up to 10 batches of a validation, the
+# whole of its last 10) and the checkpoint must fit in that; a second Ctrl-C sends SIGTERM, another stop request, and a
 # third leaves torchrun at once, the workers going on to their checkpoint without it. A stop file
 # has no such deadline.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)

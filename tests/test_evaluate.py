@@ -100,6 +100,17 @@ def test_centre_crop_counts_equal_a_direct_computation(tiny_data, trained):
     assert 0 < sum(hits1) < 50 and len({c["top1"] for c in result["per_class"]}) > 1  # a real spread
     assert [c["name"] for c in result["per_class"]] == index.classes  # not WordNet ids: names as they are
     assert result["paper"]["comparable"] is False and "10" in result["paper"]["note"]
+    assert result["epoch"] == 4
+
+
+def test_a_checkpoint_of_a_stop_during_validation_reports_the_epochs_its_weights_trained(tiny_data, trained, tmp_path):
+    """A stop during epoch 5's validation saves epoch 4 (validated) with epoch_trained: the
+    weights have trained 5 epochs, and the report said 4."""
+    payload = torch.load(trained, weights_only=True)
+    payload["progress"] = {"epoch": 4, "epoch_trained": True, "step": 70}
+    stopped = atomic_save(payload, tmp_path / "checkpoints")
+    result = run_evaluation(EvalOptions(stopped, data=str(tiny_data)), ONE)
+    assert (result["epoch"], result["step"]) == (5, 70)
 
 
 @pytest.mark.slow

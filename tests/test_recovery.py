@@ -243,6 +243,7 @@ def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_w
     progress = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["progress"]
     assert (progress["step"], progress["epoch"], progress["epoch_trained"]) == (15, 0, True)
     assert not [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]
+    shutil.copytree(tmp_path / "r", tmp_path / "halved")
 
     stop.unlink()
     summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
@@ -255,3 +256,14 @@ def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_w
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     resumed = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(straight[k], v) for k, v in resumed.items())
+
+    # Resumed at half the batch (30 steps per epoch): the schedule stands one epoch in (step 15
+    # is position 30), not at the start (it followed the loader's position, which already
+    # counts from epoch 2, and put every decay an epoch late), and train.max_steps at the end
+    # of epoch 2 (15 + 30 steps) ends that epoch: validated and counted.
+    halved = (*common, "run.name=halved", "data.batch_size=4", "train.max_steps=45")
+    summary = run_training(tiny_run(tiny_data, tmp_path, *halved), None)
+    assert (summary["stop_reason"], summary["steps"], summary["epochs"]) == ("completed", 45, 2)
+    assert load_checkpoint(tmp_path / "halved" / "checkpoints" / "last.pt")["schedule"]["step_offset"] == 15
+    records = read_metrics(tmp_path / "halved" / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in records if r["split"] == "val"] == [(1, 15), (2, 45)]
