@@ -141,7 +141,9 @@ def build_file_loader(
     lighting: Lighting | None = None,
 ) -> Loader:
     """The loader of one split's files for this shard: torchvision's, DALI's ten-crop one (val
-    batches of [B, 10, 3, crop, crop]: evaluate them with alexnet.evaluate.eval_batch), or DALI's."""
+    batches of [B, 10, 3, crop, crop]: evaluate them with alexnet.evaluate.eval_batch), or DALI's.
+    torchvision's has neither ten crops nor PCA lighting (`ten_crop` and `lighting` are ignored
+    there: the callers' checks say so), and the ten-crop loader is for validation only."""
     if read.pipeline == "torchvision":
         from pipelines.torchvision_loader import TorchvisionLoader
 

@@ -24,18 +24,19 @@ import torch.distributed as dist
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 # SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
 # sessions of their own) passes the first on to every worker and kills them --shutdown-timeout
-# seconds later (30 by default): the step under way (or up to 10 batches of a validation, the
-# whole of its last 10) and the checkpoint must fit in that; a second Ctrl-C sends SIGTERM, another stop request, and a
-# third leaves torchrun at once, the workers going on to their checkpoint without it. A stop file
-# has no such deadline.
+# seconds later (30 by default). The step under way and the checkpoint must fit in that; a
+# validation looks every 10 batches (the trainer's VAL_STOP_EVERY), but one in its last 10
+# batches runs to its end, then the epoch's checkpoint and one more step. A second Ctrl-C sends
+# SIGTERM, another stop request, and a third leaves torchrun at once, the workers going on to
+# their checkpoint without it. A stop file has no such deadline.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 CTRL_C_ALONE = (
-    b"Ctrl-C: stopping after the current step (or within 10 validation batches) with a checkpoint; "
+    b"Ctrl-C: stopping with a checkpoint after the current step (a validation looks every 10 batches); "
     b"Ctrl-C again to interrupt\n"
 )
 CTRL_C_TORCHRUN = (
-    b"Ctrl-C: stopping after the current step (or within 10 validation batches) with a checkpoint, if that "
-    b"ends before torchrun kills the workers (--shutdown-timeout, 30 s by default)\n"
+    b"Ctrl-C: stopping with a checkpoint after the current step (a validation looks every 10 batches), "
+    b"if that ends before torchrun kills the workers (--shutdown-timeout, 30 s by default)\n"
 )
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
 

@@ -287,9 +287,10 @@ class Trainer:
 
     def _rank_setup(self) -> dict[str, Any]:
         """What a rank's own checkpoint state (PowerSGD's) belongs to: a resume under another
-        world, layout or factor rank starts that state afresh."""
+        world, layout, factor rank or memory format (PowerSGD's residual is in the gradients'
+        memory order) starts that state afresh."""
         return {"world_size": self.env.world_size, "mode": self.mesh.mode, "fc_group": self.cfg.parallel.fc_group,
-                "powersgd_rank": self.cfg.parallel.powersgd_rank}  # fmt: skip
+                "powersgd_rank": self.cfg.parallel.powersgd_rank, "channels_last": self.plan.channels_last}  # fmt: skip
 
     def _count_skips(self, result: StepResult, lr: float) -> None:
         """The run of skipped steps, and its end of the run at train.max_nonfinite."""

@@ -108,6 +108,7 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
         assert saved["state"]["q"]  # and the warm-start factors of the compressed ones
     shutil.copytree(tmp_path / "resumed", tmp_path / "lost")
     (tmp_path / "lost" / "checkpoints" / "powersgd" / "rank1" / "last.pt").unlink()
+    shutil.copytree(tmp_path / "resumed", tmp_path / "flipped")
 
     resumed = train("resumed", 9)
     assert "PowerSGD starts afresh" not in resumed.stderr
@@ -117,6 +118,12 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
     lost = train("lost", 9)
     assert "PowerSGD starts afresh" in lost.stderr and "rank 1: " in lost.stderr and "does not exist" in lost.stderr
     assert not torch.equal(straight["fc6.0.weight"], weights("lost")["fc6.0.weight"])
+
+    # The residual is in the gradients' memory order (NHWC under channels_last): another memory
+    # format would add each conv's residual to the wrong elements, so it starts afresh instead.
+    flipped = check(torchrun_or_fail([TRAIN, *common, "run.name=flipped", "train.max_steps=5",
+                                      "train.channels_last=false"], tmp_path))  # fmt: skip
+    assert "PowerSGD starts afresh" in flipped.stderr and "'channels_last': True}, this run is" in flipped.stderr
 
 
 def test_a_resumed_session_all_reduces_as_the_straight_run_on_4_ranks(tmp_path):
@@ -190,3 +197,40 @@ def test_a_saved_powersgd_state_is_checked_before_any_rank_loads_it():
     assert "does not have" in broken(lambda s: s["error"].update({"fc9.weight": torch.zeros(1)}))
     assert broken(lambda s: s.pop("rng")).startswith("no 'rng'")
     assert broken(lambda s: s["rng"].update(keys=torch.zeros(3, dtype=torch.int64))).startswith("a malformed state")
+
+
+def test_a_checkpoint_leaves_powersgds_generator_where_an_uninterrupted_run_has_it(tmp_path):
+    """Cutting the state into pieces for a checkpoint dropped the empty factor memory of a bucket
+    with nothing to compress (biases alone): the hook took the bucket for a new one and drew from
+    PowerSGD's generator, so after a later skipped step (new factors drawn) the run went elsewhere."""
+    import torch.distributed as dist
+
+    from alexnet.config import ParallelConfig
+    from alexnet.parallel.comm import CommCounter
+    from alexnet.parallel.data_parallel import apply_comm_hook, settle_buckets
+
+    def run(save_at):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0001)  # a bucket per tensor
+        x = torch.randn(8, 64)
+        settle_buckets(ddp, x[:1])
+        hook = apply_comm_hook(ddp, ParallelConfig(comm_hook="powersgd", powersgd_rank=2), CommCounter(), None, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(8):
+            opt.zero_grad()
+            ddp(x + 0.1 * step).pow(2).mean().backward()
+            opt.step()
+            if step == save_at:
+                hook.carry.state_dict(hook.powersgd)
+            if step == 5:  # a skipped step: new factors are drawn from PowerSGD's generator
+                hook.forget_skipped_step()
+        return hook.powersgd.rng.get_state()[2], [p.detach().clone() for p in model.parameters()]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        (straight_pos, straight), (saved_pos, saved) = run(None), run(3)
+    finally:
+        dist.destroy_process_group()
+    assert saved_pos == straight_pos
+    assert all(torch.equal(a, b) for a, b in zip(straight, saved))

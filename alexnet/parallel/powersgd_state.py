@@ -3,12 +3,15 @@ a resume.
 
 torch's PowerSGD hook keys its state by DDP bucket index: each bucket's error-feedback residual
 (a flat copy of the bucket) and its warm-start Q factors (the compressed matrices' Qs, flat, in
-the hook's own order). DDP puts every parameter into one bucket for a fresh wrapper's first step
-and rebuilds its buckets by gradient order after it, so the first step of a resumed run has
-another bucket layout than the step the state was saved at, and the next step another again.
-`PowerSGDCarry` holds the state by parameter between layouts: it cuts each bucket's tensors into
+the hook's own order). Bucket layouts change: DDP puts every parameter into one bucket for a
+fresh wrapper's first step and rebuilds its buckets by gradient order after it (the trainer
+settles them before its first step, `settle_buckets`, but a wrapper without that pass does
+not), and a resume may set another `parallel.bucket_cap_mb`. `PowerSGDCarry` holds the state
+by parameter between layouts, so it fits any of them: it cuts each bucket's tensors into
 per-parameter pieces when the layout changes (or to save them), and assembles a bucket's tensors
 from the pieces the first time that bucket is seen. Within one layout it only compares names.
+The pieces are in the gradients' memory order (NHWC for channels_last weights): a resume under
+another `train.channels_last` does not take them (`alexnet/powersgd_checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ class PowerSGDCarry:
     layout: dict[int, tuple[str, ...]] = field(default_factory=dict)  # bucket index -> its parameters
     error: Pieces = field(default_factory=dict)  # pieces not yet assembled into a bucket
     q: Pieces = field(default_factory=dict)
+    # Whether the hook has made its factor memories since the state began: a bucket without a
+    # compressed matrix then gets an empty one back, else the hook would take it for a new
+    # bucket and draw from PowerSGD's generator again (moving it, unlike an uninterrupted run).
+    warm: bool = False
 
     @classmethod
     def for_module(cls, module: torch.nn.Module) -> PowerSGDCarry:
@@ -88,7 +95,7 @@ class PowerSGDCarry:
         if index in self.layout or any(n in taken for taken in self.layout.values() for n in names):
             self._cut_all(ps)  # another layout; a new bucket index alone is one more of this one
         self.layout[index] = names
-        self._assemble(ps, index, names)
+        self._assemble(ps, index, names, bucket.buffer())
 
     def forget(self, ps: PowerSGDState) -> None:
         ps.error_dict.clear()
@@ -97,10 +104,13 @@ class PowerSGDCarry:
         self.layout.clear()
         self.error.clear()
         self.q.clear()
+        self.warm = False
 
     def _cut_all(self, ps: PowerSGDState) -> None:
         """Move every bucket's state into the pieces (a layout change: the first bucket seen
         with other parameters starts it; the buckets before it kept theirs and are cut too)."""
+        if self.layout:  # else the state is in the pieces already
+            self.warm = bool(ps.p_memory_dict)
         for index, names in self.layout.items():
             if index in ps.error_dict:
                 self.error.update(_cut(ps.error_dict[index], [(n, self.shapes[n].numel()) for n in names]))
@@ -111,13 +121,16 @@ class PowerSGDCarry:
         ps.q_memory_dict.clear()
         self.layout.clear()
 
-    def _assemble(self, ps: PowerSGDState, index: int, names: tuple[str, ...]) -> None:
+    def _assemble(self, ps: PowerSGDState, index: int, names: tuple[str, ...], buffer: Tensor) -> None:
         """A bucket's residual where every one of its parameters has a piece (else the hook starts
         it at zero), and its Qs where every compressed one has (else the hook draws new ones)."""
         if names and all(n in self.error for n in names):
             ps.error_dict[index] = torch.cat([self.error.pop(n) for n in names])
         order = q_order(ps, names, self.shapes)
-        if order and all(n in self.q for n, _, _ in order):
+        if not order and self.warm:  # nothing to compress here, but the hook has seen the bucket
+            ps.q_memory_dict[index] = buffer.new_empty(0)
+            ps.p_memory_dict[index] = buffer.new_empty(0)
+        elif order and all(n in self.q for n, _, _ in order):
             q = torch.cat([self.q.pop(n) for n, _, _ in order])
             ps.q_memory_dict[index] = q
             ps.p_memory_dict[index] = q.new_empty(sum(p for _, _, p in order))  # the hook overwrites P
@@ -131,6 +144,7 @@ class PowerSGDCarry:
         return {
             "iter": int(ps.iter),
             "rng": rng,
+            "warm": self.warm,
             "error": {n: t.detach().cpu().clone() for n, t in self.error.items()},
             "q": {n: t.detach().cpu().clone() for n, t in self.q.items()},
         }
@@ -139,7 +153,7 @@ class PowerSGDCarry:
         """Why `state` (from `state_dict`) cannot be loaded into this model's PowerSGD, or "":
         checked before any rank loads, so that no rank fails alone after the others went on."""
         try:
-            int(state["iter"])
+            int(state["iter"]), bool(state["warm"])
             rng = state["rng"]
             np.random.RandomState().set_state(_rng_state(rng))
             bad = [f"residual of {n}: {t.numel()} values, not {self.shapes[n].numel()}"
@@ -161,5 +175,6 @@ class PowerSGDCarry:
         self.forget(ps)
         ps.iter = int(state["iter"])
         ps.rng.set_state(_rng_state(state["rng"]))
+        self.warm = bool(state["warm"])
         self.error = {n: t.to(device) for n, t in state["error"].items()}
         self.q = {n: t.to(device) for n, t in state["q"].items()}
