@@ -42,7 +42,7 @@ def _gather(text: str) -> list[str]:
 
 def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, rank: int, setup: dict) -> None:
     """Collective where PowerSGD runs (on every rank alike): this rank's PowerSGD state at `step`.
-    `setup`: what must be the same for a resume to take it (world size, layout, factor rank). A
+    `setup`: what must be the same for a resume to take it (`Trainer._rank_setup`). A
     write that fails on any rank stops every rank with that rank's reason (instead of leaving the
     others waiting in the checkpoint's gather)."""
     if hook is None or hook.powersgd is None or hook.carry is None:
