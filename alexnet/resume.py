@@ -10,7 +10,7 @@ rate follows the epoch progress, not the global step.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,17 @@ class Progress:
     # What the comm totals were counted under (trainer.comm_setup): bytes per step belong to a
     # layout, so a session under another one starts them afresh instead of averaging the two.
     comm_setup: str | None = None
+
+
+def progress_from_checkpoint(saved: dict[str, Any], path: Path) -> Progress:
+    """The saved progress; fields this version does not know (a checkpoint written by a newer
+    one) are named and left out instead of failing the resume with a TypeError."""
+    known = {f.name for f in fields(Progress)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        log.warning("checkpoint %s has progress fields this version does not know (written by a newer "
+                    "version?), left out: %s", path, ", ".join(unknown))  # fmt: skip
+    return Progress(**{k: v for k, v in saved.items() if k in known})
 
 
 def resume_candidates(cfg: CheckpointConfig, ckpt_dir: Path) -> list[Path]:
@@ -138,7 +149,7 @@ def restore_training(
     if amp.scaler is not None and payload.get("scaler"):
         amp.scaler.load_state_dict(payload["scaler"])
     saved_batch = payload.get("config", {}).get("data", {}).get("batch_size")
-    progress = Progress(**payload["progress"])
+    progress = progress_from_checkpoint(payload["progress"], path)
     pos = restore_loader(train_loader, payload["loaders"]["train"], mesh, path, saved_batch)
     if pos is not None:
         # Epochs of another length: the global step no longer says how far into the run we are,

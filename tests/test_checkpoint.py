@@ -211,3 +211,15 @@ def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path,
     monkeypatch.setattr(os, "link", broken)
     with pytest.raises(OSError, match="Input/output error"):
         atomic_save({"step": 3}, tmp_path)
+
+
+def test_progress_fields_of_a_newer_version_are_named_and_left_out(tmp_path, caplog):
+    """A checkpoint written by a newer version, whose progress has a field this one lacks: the
+    resume went down with a TypeError from the dataclass; the field is now named and left out."""
+    from alexnet.resume import progress_from_checkpoint
+
+    saved = {"epoch": 3, "step": 60, "epoch_trained": True, "future_counter": 7}
+    with caplog.at_level("WARNING", logger="alexnet"):
+        progress = progress_from_checkpoint(saved, tmp_path / "last.pt")
+    assert (progress.epoch, progress.step, progress.epoch_trained) == (3, 60, True)
+    assert "left out: future_counter" in caplog.text and str(tmp_path / "last.pt") in caplog.text
