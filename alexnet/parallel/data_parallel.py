@@ -25,7 +25,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 from alexnet.config import ParallelConfig
 from alexnet.parallel.comm import CommCounter, allreduce_sent
-from alexnet.parallel.powersgd_state import PowerSGDCarry, compressed_rank
+from alexnet.parallel.powersgd_state import PowerSGDCarry, factor_sizes
 
 GRAD_KIND = "grad_allreduce"
 
@@ -80,8 +80,8 @@ def _bf16_hook(state: CommHookState, bucket):
 def _powersgd_elements(ps: powerSGD_hook.PowerSGDState, grad: torch.Tensor) -> int:
     """What PowerSGD sends for one gradient: P and Q factors (n + m) x rank for a matrix worth
     compressing, the gradient itself otherwise (vectors, small matrices): torch's own test."""
-    rank = compressed_rank(ps, grad.shape)
-    return grad.numel() if rank is None else (grad.shape[0] + grad.numel() // grad.shape[0]) * rank
+    sizes = factor_sizes(ps, grad.shape)
+    return grad.numel() if sizes is None else sum(sizes)
 
 
 def _powersgd_hook(state: CommHookState, bucket):

@@ -29,15 +29,16 @@ from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDSt
 Pieces = dict[str, Tensor]  # parameter name -> its flat piece of a bucket's tensor
 
 
-def compressed_rank(ps: PowerSGDState, shape: torch.Size) -> int | None:
-    """The rank PowerSGD compresses a gradient of `shape` to, or None where it all-reduces it
-    whole (vectors, and matrices that the factors would not make smaller): torch's own test."""
+def factor_sizes(ps: PowerSGDState, shape: torch.Size) -> tuple[int, int] | None:
+    """The lengths of the P and Q factors PowerSGD compresses a gradient of `shape` (an n x m
+    matrix) to, n x rank and m x rank; None where it all-reduces the gradient whole (vectors,
+    and matrices that the factors would not make smaller): torch's own test."""
     if len(shape) < 2:
         return None
     n = shape[0]
     m = shape.numel() // n
     rank = min(n, m, ps.matrix_approximation_rank)
-    return rank if (n + m) * rank * ps.min_compression_rate < n * m else None
+    return (n * rank, m * rank) if (n + m) * rank * ps.min_compression_rate < n * m else None
 
 
 def q_order(ps: PowerSGDState, names: tuple[str, ...], shapes: dict[str, torch.Size]) -> list[tuple[str, int, int]]:
@@ -46,10 +47,10 @@ def q_order(ps: PowerSGDState, names: tuple[str, ...], shapes: dict[str, torch.S
     by_shape: dict[tuple[int, int], list[tuple[str, int, int]]] = defaultdict(list)
     for name in names:
         shape = shapes[name]
-        rank = compressed_rank(ps, shape)
-        if rank is not None:
-            n, m = shape[0], shape.numel() // shape[0]
-            by_shape[(n, m)].append((name, m * rank, n * rank))
+        sizes = factor_sizes(ps, shape)
+        if sizes is not None:
+            p, q = sizes
+            by_shape[(shape[0], shape.numel() // shape[0])].append((name, q, p))
     return [entry for group in by_shape.values() for entry in group]
 
 
@@ -159,11 +160,11 @@ class PowerSGDCarry:
             bad = [f"residual of {n}: {t.numel()} values, not {self.shapes[n].numel()}"
                    for n, t in state["error"].items() if t.numel() != self.shapes[n].numel()]  # fmt: skip
             for n, t in state["q"].items():
-                rank = compressed_rank(ps, self.shapes[n])
-                if rank is None:
+                sizes = factor_sizes(ps, self.shapes[n])
+                if sizes is None:
                     bad.append(f"a Q factor of {n}, which PowerSGD does not compress")
-                elif t.numel() != rank * self.shapes[n][1:].numel():
-                    bad.append(f"Q factor of {n}: {t.numel()} values, not {rank * self.shapes[n][1:].numel()}")
+                elif t.numel() != sizes[1]:
+                    bad.append(f"Q factor of {n}: {t.numel()} values, not {sizes[1]}")
         except KeyError as exc:
             return f"no {exc} in it, or a parameter this model does not have"
         except (TypeError, ValueError, AttributeError, IndexError) as exc:
