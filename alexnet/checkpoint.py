@@ -8,6 +8,7 @@ previous checkpoint survives as `previous.pt` until the next write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -79,37 +80,48 @@ def load_optimizer_state(
 
 def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> Path:
     """Write `folder/last.pt` so that a crash at any moment leaves a loadable file behind. The
-    last.pt it replaces becomes previous.pt, unless `rotate` is False (that last.pt did not load)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
+    last.pt it replaces becomes previous.pt, unless `rotate` is False (that last.pt did not load).
+    Any failure (a full disk, a folder that cannot be made) is one CheckpointError naming the
+    file, and leaves no partial file behind."""
     final = folder / LAST
     tmp = folder / f".{LAST}.tmp{os.getpid()}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        if rotate and final.exists():
+            _rotate(final, folder)
+        os.replace(tmp, final)
     except (OSError, RuntimeError) as exc:  # torch.save's zip writer reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)  # a full disk stays full with a partial checkpoint on it
+        with contextlib.suppress(OSError):  # e.g. no folder to hold it
+            tmp.unlink(missing_ok=True)  # a full disk stays full with a partial checkpoint on it
         kept = f"; {final} from before is kept" if final.exists() else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {os_reason(exc)}{kept}") from exc
-    if rotate and final.exists():
-        # previous.pt <- last.pt through a hard link, so last.pt exists at every instant.
-        link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
-        if link.exists():
-            link.unlink()
-        _link_or_copy(final, link)
-        os.replace(link, folder / PREVIOUS)
-        # rename(2) does nothing when both names are links to one file (previous.pt and last.pt
-        # after a write that died between its two renames): the link would stay behind.
-        link.unlink(missing_ok=True)
-    os.replace(tmp, final)
+    _sync_folder(folder)
+    return final
+
+
+def _rotate(final: Path, folder: Path) -> None:
+    """previous.pt <- last.pt through a hard link, so last.pt exists at every instant."""
+    link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
+    if link.exists():
+        link.unlink()
+    _link_or_copy(final, link)
+    os.replace(link, folder / PREVIOUS)
+    # rename(2) does nothing when both names are links to one file (previous.pt and last.pt
+    # after a write that died between its two renames): the link would stay behind.
+    link.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return final
 
 
 def os_reason(exc: BaseException) -> str:

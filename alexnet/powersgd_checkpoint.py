@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alexnet.checkpoint import FORMAT_VERSION, LAST, CheckpointError, atomic_save, load_checkpoint, os_reason
+from alexnet.checkpoint import FORMAT_VERSION, LAST, CheckpointError, atomic_save, load_checkpoint
 from alexnet.parallel.data_parallel import CommHookState
 
 log = logging.getLogger("alexnet")
@@ -51,10 +51,8 @@ def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, r
     why = ""
     try:
         atomic_save(payload, rank_file(ckpt_dir, rank).parent, rotate=False)
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # also a folder that cannot be made
         why = str(exc)
-    except OSError as exc:  # its folder cannot be made
-        why = f"cannot write {rank_file(ckpt_dir, rank)}: {os_reason(exc)}"
     failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
     if failed:
         raise CheckpointError(f"PowerSGD's state could not be written ({'; '.join(failed)})")

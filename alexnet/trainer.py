@@ -165,7 +165,7 @@ class Trainer:
             "(nothing was overwritten)"
         )
 
-    def _on_main_rank(self, work: Callable[[], None]) -> None:
+    def _on_main_rank(self, work: Callable[[], object]) -> None:
         """Collective: `work` runs on the main rank, and every rank raises its error, so that the
         others stop with it instead of in a broken collective."""
         failure: ConfigError | CheckpointError | None = None
@@ -279,11 +279,12 @@ class Trainer:
         classes = self.splits.classes if self.splits.train is not None else None  # None: synthetic data
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
                                 self.train_loader, self.mesh, p, classes)  # fmt: skip
-        if payload is not None:
-            atomic_save(payload, self.ckpt_dir, rotate=self._rotate_previous and p.step != self._saved_step)
+        rotate = self._rotate_previous and p.step != self._saved_step
+        # Rank 0's write, shared: no rank goes on before last.pt is written, and where it could not
+        # be (a full disk), every rank stops with the reason instead of in a broken collective.
+        self._on_main_rank(lambda: atomic_save(payload, self.ckpt_dir, rotate=rotate))
         self._rotate_previous = True
         self._saved_step = p.step
-        self._barrier()
 
     def _rank_setup(self) -> dict[str, Any]:
         """What a rank's own checkpoint state (PowerSGD's) belongs to: a resume under another
@@ -338,10 +339,6 @@ class Trainer:
             "or fp16's loss scaler, which skip such steps); set train.grad_clip, or lower optim.lr. "
             + self._kept_checkpoints("non-finite weights are never written")
         )
-
-    def _barrier(self) -> None:
-        if self.env.distributed:
-            dist.barrier()
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -209,8 +209,10 @@ def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path,
         raise OSError(errno.EIO, "Input/output error")  # a real failure is not papered over
 
     monkeypatch.setattr(os, "link", broken)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last\.pt: Input/output error; .* is kept$"):
         atomic_save({"step": 3}, tmp_path)
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]  # no temporary left
 
 
 def test_progress_fields_of_a_newer_version_are_named_and_left_out(tmp_path, caplog):

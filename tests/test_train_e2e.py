@@ -311,6 +311,22 @@ def test_after_falling_back_from_a_torn_last_pt_previous_pt_stays_good(tiny_data
     assert torch.load(ckpts / "last.pt", weights_only=True)["progress"]["step"] == 5
 
 
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_reason(tiny_data, tmp_path):
+    """Rank 0 writes last.pt; where it could not (here a folder stands where the write clears a
+    temporary file, as a full disk would stop it), rank 0 printed its error and rank 1 crashed in
+    the barrier after it with a traceback ("Connection closed by peer"). Both now stop at that
+    checkpoint with rank 0's reason, and no partial file is left."""
+    checkpoints = tmp_path / "blocked" / "checkpoints"
+    (checkpoints / ".last.pt.tmp0" / "in-the-way").mkdir(parents=True)
+    proc = train(tiny_data, tmp_path, "blocked", "train.epochs=1", "train.max_steps=5", "checkpoint.every_steps=2",
+                 "parallel.timeout_s=30")  # fmt: skip
+    assert proc.returncode != 0
+    reason = f"error: cannot write checkpoint {checkpoints / 'last.pt'}: Is a directory"
+    assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]  # one line from each rank
+    assert "[rank1]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".last.pt.tmp0"]
+
+
 def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
     """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
     with a one-line error instead of training from different steps."""
