@@ -39,6 +39,9 @@ class ModelConfig:
     # auto: the variant's own (paper: section 5's; torchvision: torchvision's); paper: N(0, 0.01),
     # biases 0/1 (section 5); kaiming: He et al. 2015. paper and kaiming apply to either variant.
     init: Literal["auto", "paper", "kaiming"] = "auto"
+    # Neurons of fc6 and fc7 (section 3.5: 4096; the paper variant holds half in each tower, so
+    # even). Fewer for small datasets: most of the model's parameters are in these layers.
+    fc_width: int = 4096
 
 
 @dataclass
@@ -407,6 +410,7 @@ def _type_name(hint: Any) -> str:
 def validate_config(cfg: Config) -> None:
     """Checks that span more than one key's type; each message names the key."""
     positive = {
+        "model.fc_width": cfg.model.fc_width,
         "data.batch_size": cfg.data.batch_size,
         "data.crop": cfg.data.crop,
         "data.resize": cfg.data.resize,
@@ -453,6 +457,11 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
+    if cfg.model.variant == "paper" and cfg.model.fc_width % 2:
+        raise ConfigError(
+            f"config key 'model.fc_width' must be even for the paper variant (half in each tower); "
+            f"got {cfg.model.fc_width}"
+        )
     if cfg.data.crop > cfg.data.resize:
         raise ConfigError(f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})")
     smallest = min_input_size(cfg.model.variant)

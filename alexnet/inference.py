@@ -61,7 +61,8 @@ def build_model_from_checkpoint(path: str | Path, device: torch.device | str = "
         raise CheckpointError(
             f"checkpoint {path}: config says model.num_classes={cfg.model.num_classes}, the weights have {num_classes}"
         )
-    model = build_model(cfg.model.variant, num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init)
+    m = cfg.model
+    model = build_model(m.variant, num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
     load_model_state(model, state, path)
     model.eval().to(device)
     classes = payload.get("classes")

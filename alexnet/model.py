@@ -37,6 +37,8 @@ LRN_BETA = 0.75
 LRN_K = 2.0
 
 PAPER_INPUT = 227
+# Section 3.5: "The fully-connected layers have 4096 neurons each" (fc6 and fc7).
+FC_WIDTH = 4096
 TOWERS = (0, 1)
 DROPOUT_STREAMS = {"fc6": 6, "fc7": 7}
 
@@ -70,14 +72,22 @@ def split_classes(num_classes: int) -> tuple[int, int]:
 
 
 class PaperAlexNet(nn.Module):
-    """AlexNet as in Krizhevsky et al. 2012: 60,965,224 parameters at 1000 classes."""
+    """AlexNet as in Krizhevsky et al. 2012: 60,965,224 parameters at 1000 classes. `fc_width`:
+    the neurons of fc6 and fc7, half in each tower (the paper's 4096; fewer for small datasets)."""
 
     def __init__(
-        self, num_classes: int = 1000, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "paper"
+        self,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        input_size: int = PAPER_INPUT,
+        init: Init = "paper",
+        fc_width: int = FC_WIDTH,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if fc_width < 2 or fc_width % 2:
+            raise ValueError(f"fc_width must be even (half in each tower) and >= 2, got {fc_width}")
         self.num_classes = num_classes
         self.input_size = input_size
         side = pool5_size(input_size)
@@ -89,9 +99,9 @@ class PaperAlexNet(nn.Module):
         self.conv3 = nn.ModuleList(nn.Conv2d(256, 192, 3, padding=1) for _ in pair)
         self.conv4 = nn.ModuleList(nn.Conv2d(192, 192, 3, padding=1) for _ in pair)
         self.conv5 = nn.ModuleList(nn.Conv2d(192, 128, 3, padding=1) for _ in pair)
-        self.fc6 = nn.ModuleList(nn.Linear(256 * side * side, 2048) for _ in pair)
-        self.fc7 = nn.ModuleList(nn.Linear(4096, 2048) for _ in pair)
-        self.fc8 = nn.ModuleList(nn.Linear(4096, n) for n in split_classes(num_classes))
+        self.fc6 = nn.ModuleList(nn.Linear(256 * side * side, fc_width // 2) for _ in pair)
+        self.fc7 = nn.ModuleList(nn.Linear(fc_width, fc_width // 2) for _ in pair)
+        self.fc8 = nn.ModuleList(nn.Linear(fc_width, n) for n in split_classes(num_classes))
         # Section 3.3: LRN after the ReLU of conv1 and conv2, within each tower's own kernels.
         self.lrn = LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
         # Section 3.4: overlapping pooling, z = 3, s = 2.
@@ -144,7 +154,7 @@ class PaperAlexNet(nn.Module):
         return self.exchange([self._conv3_5(t, x3) for t in self.towers], "fc6_input")
 
     def forward_head(self, z: Tensor) -> Tensor:
-        # Dropped after the exchange: the mask covers the whole 4096-wide layer, as on one device.
+        # Dropped after the exchange: the mask covers the whole layer, as on one device.
         h = self.drop6(self.exchange([F.relu(self.fc6[t](z)) for t in self.towers], "fc7_input"))
         h = self.drop7(self.exchange([F.relu(self.fc7[t](h)) for t in self.towers], "fc8_input"))
         return self.exchange([self.fc8[t](h) for t in self.towers], "logits")
@@ -210,20 +220,25 @@ def head_dropout(model: nn.Module) -> dict[str, CounterDropout]:
 
 
 def build_model(
-    variant: Variant, num_classes: int, dropout: float = 0.5, input_size: int = PAPER_INPUT, init: Init = "auto"
+    variant: Variant,
+    num_classes: int,
+    dropout: float = 0.5,
+    input_size: int = PAPER_INPUT,
+    init: Init = "auto",
+    fc_width: int = FC_WIDTH,
 ) -> nn.Module:
     """`input_size` sets the paper model's fc6 fan-in; torchvision's variant pools any input to
     6x6 (torchvision's own choice, kept for weight compatibility). `init`: "auto" is each
     variant's own (section 5's for the paper model, torchvision's for its variant); "paper" and
-    "kaiming" apply to either."""
+    "kaiming" apply to either. `fc_width`: the neurons of fc6 and fc7 (4096 in both variants)."""
     if variant == "paper":
-        return PaperAlexNet(num_classes, dropout, input_size, init)
+        return PaperAlexNet(num_classes, dropout, input_size, init, fc_width)
     if variant == "torchvision":
         # Imported here: importing torchvision takes about a second in every process (it loads
         # torch._dynamo), which the paper variant, trained from DALI, never needs.
         from alexnet.torchvision_variant import TorchvisionAlexNet
 
-        model = TorchvisionAlexNet(num_classes, dropout)
+        model = TorchvisionAlexNet(num_classes, dropout, fc_width)
         init_weights(model, init)  # auto: torchvision's own, from its constructor
         return model
     raise ValueError(f"model.variant: unknown variant {variant!r} (choose 'paper' or 'torchvision')")

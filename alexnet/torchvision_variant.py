@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from torch import Tensor
+from torch import Tensor, nn
 
 from alexnet.layers import CounterDropout
-from alexnet.model import DROPOUT_STREAMS
+from alexnet.model import DROPOUT_STREAMS, FC_WIDTH
 
 
 class TorchvisionAlexNet(torchvision.models.AlexNet):
     """`torchvision.models.alexnet` with the same parameter names and torchvision's own init;
-    only its two dropout layers (no parameters) are made layout-independent."""
+    only its two dropout layers (no parameters) are made layout-independent. Another `fc_width`
+    than torchvision's 4096 replaces fc6..fc8 by layers of that width (PyTorch's default init,
+    as torchvision's)."""
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = FC_WIDTH) -> None:
         super().__init__(num_classes=num_classes, dropout=dropout)
         self.classifier[0] = CounterDropout(dropout, DROPOUT_STREAMS["fc6"])
         self.classifier[3] = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
+        if fc_width < 1:
+            raise ValueError(f"fc_width must be >= 1, got {fc_width}")
+        if fc_width != FC_WIDTH:
+            self.classifier[1] = nn.Linear(self.classifier[1].in_features, fc_width)
+            self.classifier[4] = nn.Linear(fc_width, fc_width)
+            self.classifier[6] = nn.Linear(fc_width, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return torch.flatten(self.avgpool(self.features(x)), 1)

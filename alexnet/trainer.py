@@ -20,7 +20,7 @@ from alexnet.engine import AmpPolicy, StepResult, build_amp, train_step
 from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
-from alexnet.model import build_model
+from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
@@ -96,7 +96,8 @@ class Trainer:
         # The single-device model, identical on every rank (same seed, or the same checkpoint),
         # before the layout takes this rank's part of it.
         torch.manual_seed(cfg.train.seed)
-        full = build_model(cfg.model.variant, self.num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init)
+        m = cfg.model
+        full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
         resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full)
@@ -523,11 +524,13 @@ class Trainer:
     def _log_start(self) -> None:
         cfg, plan = self.cfg, self.plan
         local = sum(p.numel() for p in self.model.parameters())
+        width = "" if cfg.model.fc_width == FC_WIDTH else f", fc6/fc7 {cfg.model.fc_width} wide"
         log.info(
-            "run %s: %s AlexNet, %d classes, %s parameters (%s on this rank); %s; world %d on %s (%s), amp %s",
+            "run %s: %s AlexNet, %d classes%s, %s parameters (%s on this rank); %s; world %d on %s (%s), amp %s",
             plan.run_dir,
             cfg.model.variant,
             self.num_classes,
+            width,
             f"{self.full_parameters:,}",
             f"{local:,}",
             self.mesh.describe(),

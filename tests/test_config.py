@@ -85,6 +85,8 @@ def test_exponent_floats_are_floats(tmp_path):
         ("optim.lr=.nan", r"'optim\.lr' must be a finite number; got nan"),
         ("optim.lr=.inf", r"'optim\.lr' must be a finite number; got inf"),
         ("data.mean=[1, .inf, 3]", r"'data\.mean' must be a finite number; got inf"),
+        ("model.fc_width=0", r"'model\.fc_width' must be > 0; got 0"),
+        ("model.fc_width=511", r"'model\.fc_width' must be even for the paper variant .*; got 511"),
     ],
 )
 def test_values_that_would_fail_later_name_their_key(override, message):

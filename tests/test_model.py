@@ -28,6 +28,28 @@ def test_paper_parameter_count_at_1000_classes():
     assert conv == 2_334_080  # the ~2.3M parameters the hybrid layout all-reduces
 
 
+def test_fc_width_sets_fc6_and_fc7_in_both_variants_and_keeps_the_parameter_names():
+    """model.fc_width: the paper model holds half of each layer in each tower; torchvision's
+    variant keeps torchvision's parameter names, and its default is torchvision's model."""
+    paper = PaperAlexNet(10, input_size=67, fc_width=512)
+    assert [tuple(paper.fc6[t].weight.shape) for t in (0, 1)] == [(256, 256), (256, 256)]  # pool5 1x1 at 67
+    assert [tuple(paper.fc7[t].weight.shape) for t in (0, 1)] == [(256, 512), (256, 512)]
+    assert [tuple(paper.fc8[t].weight.shape) for t in (0, 1)] == [(5, 512), (5, 512)]
+    assert list(paper.state_dict()) == list(PaperAlexNet(10, input_size=67).state_dict())
+    conv = sum(p.numel() for n, p in paper.named_parameters() if n.startswith("conv"))
+    fc = 256 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert sum(p.numel() for p in paper.parameters()) == conv + fc
+    assert paper(torch.randn(2, 3, 67, 67)).shape == (2, 10)
+    with pytest.raises(ValueError, match="fc_width must be even"):
+        PaperAlexNet(10, input_size=67, fc_width=511)
+
+    narrow = build_model("torchvision", 10, fc_width=300)
+    assert [tuple(narrow.classifier[i].weight.shape) for i in (1, 4, 6)] == [(300, 9216), (300, 300), (10, 300)]
+    assert list(narrow.state_dict()) == list(torchvision.models.alexnet(num_classes=10).state_dict())
+    stock = build_model("torchvision", 10)
+    assert [tuple(stock.classifier[i].weight.shape) for i in (1, 4, 6)] == [(4096, 9216), (4096, 4096), (10, 4096)]
+
+
 def test_paper_layer_shapes_at_227():
     model = PaperAlexNet(1000).eval()
     x = torch.randn(2, 3, 227, 227)

@@ -101,7 +101,8 @@ def build_full_model(variant: str, cfg: Config, num_classes: int, plan: RunPlan,
     if variant == REFERENCE:
         model: nn.Module = torchvision.models.alexnet(num_classes=num_classes, dropout=cfg.model.dropout)
     else:
-        model = build_model(variant, num_classes, cfg.model.dropout, cfg.data.crop, cfg.model.init)  # type: ignore[arg-type]
+        m = cfg.model
+        model = build_model(variant, num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)  # type: ignore[arg-type]
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     return model.to(device, memory_format=fmt)
 
