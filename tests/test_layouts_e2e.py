@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _helpers import TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, torchrun
 
 from alexnet.model import build_model
 
@@ -35,7 +35,7 @@ def weights(tmp_path, name):
 
 def initial_weights():
     torch.manual_seed(0)  # train.seed's default, as the trainer seeds it
-    return build_model("paper", 10, 0.5, 67, "kaiming").state_dict()
+    return build_model("paper", 10, 0.5, 67, "kaiming", TINY_FC_WIDTH).state_dict()
 
 
 def assert_same_trajectory(a, b, start):
@@ -88,7 +88,7 @@ def test_hybrid_resumes_its_fc_slices_exactly(tiny_data, tmp_path):
     check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=5"))
     half = weights(tmp_path, "split")
     assert half["world"] == {"world_size": 2, "data_size": 2, "mode": "hybrid"}
-    assert half["model"]["fc6.0.weight"].shape[0] + half["model"]["fc6.1.weight"].shape[0] == 4096
+    assert half["model"]["fc6.0.weight"].shape[0] + half["model"]["fc6.1.weight"].shape[0] == TINY_FC_WIDTH
     proc = check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=10"))
     assert "at epoch 0, step 5" in proc.stderr
     a, b = weights(tmp_path, "straight"), weights(tmp_path, "split")
