@@ -31,7 +31,9 @@ import torchvision
 from torch import Tensor, nn
 
 from alexnet.checkpoint import CheckpointError
+from alexnet.config import ModelConfig
 from alexnet.inference import build_model_from_checkpoint
+from alexnet.model import FC_WIDTH
 
 log = logging.getLogger("alexnet")
 FORMATS = ("torchscript", "onnx", "torchvision")
@@ -135,6 +137,13 @@ def check_onnx(path: Path, model: nn.Module, check: Tensor, rtol: float = 1e-4, 
     return compare_outputs(model.eval()(check), got, path, rtol, atol)
 
 
+def default_formats(model_cfg: ModelConfig) -> list[str]:
+    """Every format that can hold the model: torchvision's AlexNet only the torchvision variant
+    at torchvision's width."""
+    fits_torchvision = model_cfg.variant == "torchvision" and model_cfg.fc_width == FC_WIDTH
+    return [f for f in FORMATS if f != "torchvision" or fits_torchvision]
+
+
 def to_torchvision_alexnet(state: dict[str, Tensor], num_classes: int) -> torchvision.models.AlexNet:
     """`torchvision.models.alexnet(num_classes=...)` holding a torchvision-variant checkpoint's
     weights, loaded strictly (a missing or extra parameter is an error)."""
@@ -188,7 +197,7 @@ def export_checkpoint(
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant
     asked = bool(formats)
-    formats = list(formats) if formats else [f for f in FORMATS if f != "torchvision" or variant == "torchvision"]
+    formats = list(formats) if formats else default_formats(loaded.config.model)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown export format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
@@ -203,6 +212,11 @@ def export_checkpoint(
         raise CheckpointError(
             f"checkpoint {checkpoint} is the {variant!r} variant; only 'torchvision' checkpoints load into "
             "torchvision.models.alexnet (the paper's two towers and LRN have no counterpart there)"
+        )
+    if "torchvision" in formats and loaded.config.model.fc_width != FC_WIDTH:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has fc6 and fc7 {loaded.config.model.fc_width} wide (model.fc_width); "
+            f"torchvision.models.alexnet's are {FC_WIDTH}"
         )
     model, size = loaded.model, loaded.config.data.crop
     example, check = example_input(size, batch=2, seed=0), example_input(size, batch=3, seed=1)

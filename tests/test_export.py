@@ -15,18 +15,27 @@ from _helpers import REPO
 from alexnet import export as export_module
 from alexnet.checkpoint import CheckpointError, atomic_save
 from alexnet.config import config_to_dict, load_config
-from alexnet.export import ExportCheckError, ExportSetupError, compare_outputs, export_checkpoint, load_torchscript
+from alexnet.export import (
+    FORMATS,
+    ExportCheckError,
+    ExportSetupError,
+    compare_outputs,
+    default_formats,
+    export_checkpoint,
+    load_torchscript,
+)
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import build_model
 
 SIZES = {"paper": 67, "torchvision": 63}  # the smallest inputs each variant's pooling allows
 
 
-def make_checkpoint(folder, variant):
+def make_checkpoint(folder, variant, fc_width=4096):
     size = SIZES[variant]
-    cfg = load_config(None, [f"model.variant={variant}", f"data.crop={size}", "data.resize=76", "model.num_classes=10"])
+    cfg = load_config(None, [f"model.variant={variant}", f"data.crop={size}", "data.resize=76", "model.num_classes=10",
+                             f"model.fc_width={fc_width}"])  # fmt: skip
     torch.manual_seed(1)
-    model = build_model(variant, 10, 0.5, size, "kaiming")
+    model = build_model(variant, 10, 0.5, size, "kaiming", fc_width)
     payload = {"format": 1, "model": model.state_dict(), "config": config_to_dict(cfg), "progress": {}}
     return atomic_save(payload, folder)
 
@@ -84,6 +93,20 @@ def test_paper_checkpoint_is_refused_for_torchvision_and_bad_outputs_fail(tmp_pa
         compare_outputs(expected, expected + 0.01, tmp_path / "x", rtol=1e-4, atol=1e-5)
     with pytest.raises(ExportCheckError, match=r"output shape \(2, 10\)"):
         compare_outputs(expected, expected[:2], tmp_path / "x", rtol=1e-4, atol=1e-5)
+
+
+def test_a_torchvision_checkpoint_of_another_fc_width_exports_to_all_but_torchvisions_alexnet(tmp_path):
+    narrow = make_checkpoint(tmp_path / "narrow" / "checkpoints", "torchvision", fc_width=64)
+    config = build_model_from_checkpoint(narrow).config
+    assert default_formats(config.model) == ["torchscript", "onnx"]
+    assert default_formats(load_config(None, ["model.variant=torchvision"]).model) == list(FORMATS)
+    with pytest.raises(
+        CheckpointError, match=r"fc6 and fc7 64 wide \(model\.fc_width\); torchvision\.models\.alexnet's are 4096"
+    ):
+        export_checkpoint(narrow, tmp_path / "out", "n", ["torchvision"])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (check,) = export_checkpoint(narrow, tmp_path / "out", "n", ["torchscript"])
+    assert check.path.name == "n.torchscript.pt" and check.max_abs_diff <= 1e-5 + 1e-4 * check.max_abs_output
 
 
 def test_export_command(tmp_path, checkpoints, capsys):
