@@ -29,13 +29,13 @@ CASES = [
 def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dict, dict]:
     """Per-rank bytes of one step, from the shapes alone (fp32). Conv2's pooled map is 5x5 and
     pool5 2x2 at 99 pixels."""
-    b, f32 = lc.PER_REPLICA, 4
-    model = build_model("paper", lc.CLASSES, input_size=lc.SIZE)
+    b, f32, width = lc.PER_REPLICA, 4, lc.FC_WIDTH
+    model = build_model("paper", lc.CLASSES, input_size=lc.SIZE, fc_width=width)
     conv = sum(p.numel() for n, p in model.named_parameters() if n.startswith("conv"))
     payload, sent = {}, {}
     if mode == "towers":
         tower = rank % 2
-        parts = b * (128 * 5 * 5 + 128 * 2 * 2 + 2048 + 2048 + math.ceil(lc.CLASSES / 2)) * f32
+        parts = b * (128 * 5 * 5 + 128 * 2 * 2 + width // 2 + width // 2 + math.ceil(lc.CLASSES / 2)) * f32
         payload["activation_exchange"] = parts + 2 * parts  # all-gather own part, reduce-scatter the whole
         sent["activation_exchange"] = 2 * parts  # to the one peer, each way
         replicas = world // 2
@@ -45,7 +45,8 @@ def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dic
             sent["grad_allreduce"] = 2 * grads * (replicas - 1) // replicas
         return payload, sent
     k = fc_group or world
-    parts = (b * 1024 + 2 * b * 4096 + k * b * math.ceil(lc.CLASSES / k)) * f32  # features, fc6, fc7, logits
+    # features, fc6, fc7, logits; an all-gather pads each slice to the largest
+    parts = (b * 1024 + 2 * k * b * math.ceil(width / k) + k * b * math.ceil(lc.CLASSES / k)) * f32
     payload["activation_exchange"] = parts * (1 + k)
     sent["activation_exchange"] = 2 * parts * (k - 1)
     payload["grad_allreduce"] = conv * f32
@@ -55,9 +56,9 @@ def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dic
         s = rank % k
         rows = {
             name: [n // k + (1 if i < n % k else 0) for i in range(k)][s]
-            for name, n in (("fc6", 4096), ("fc7", 4096), ("fc8", lc.CLASSES))
+            for name, n in (("fc6", width), ("fc7", width), ("fc8", lc.CLASSES))
         }
-        slice_params = rows["fc6"] * (1024 + 1) + rows["fc7"] * (4096 + 1) + rows["fc8"] * (4096 + 1)
+        slice_params = rows["fc6"] * (1024 + 1) + rows["fc7"] * (width + 1) + rows["fc8"] * (width + 1)
         payload["fc_grad_allreduce"] = slice_params * f32
         sent["fc_grad_allreduce"] = 2 * slice_params * f32 * (groups - 1) // groups
     return payload, sent
