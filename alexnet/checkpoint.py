@@ -96,17 +96,28 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
             _rotate(final, folder)
         os.replace(tmp, final)
     except (OSError, RuntimeError) as exc:  # torch.save's zip writer reports a full disk as RuntimeError
-        with contextlib.suppress(OSError):  # e.g. no folder to hold it
-            tmp.unlink(missing_ok=True)  # a full disk stays full with a partial checkpoint on it
-        kept = f"; {final} from before is kept" if final.exists() else ""
+        # A full disk stays full with a partial checkpoint (or previous.pt's copy) on it.
+        for partial in (tmp, _rotation_link(folder)):
+            with contextlib.suppress(OSError):  # e.g. no folder to hold it
+                partial.unlink(missing_ok=True)
+        kept = f"; {final} from before is kept" if os.path.exists(final) else ""  # never raises
         raise CheckpointError(f"cannot write checkpoint {final}: {os_reason(exc)}{kept}") from exc
-    _sync_folder(folder)
+    try:
+        _sync_folder(folder)
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint {final} was written but its folder could not be synced: {os_reason(exc)}"
+        ) from exc
     return final
+
+
+def _rotation_link(folder: Path) -> Path:
+    return folder / f".{PREVIOUS}.tmp{os.getpid()}"
 
 
 def _rotate(final: Path, folder: Path) -> None:
     """previous.pt <- last.pt through a hard link, so last.pt exists at every instant."""
-    link = folder / f".{PREVIOUS}.tmp{os.getpid()}"
+    link = _rotation_link(folder)
     if link.exists():
         link.unlink()
     _link_or_copy(final, link)

@@ -51,7 +51,7 @@ def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, r
     why = ""
     try:
         atomic_save(payload, rank_file(ckpt_dir, rank).parent, rotate=False)
-    except CheckpointError as exc:  # also a folder that cannot be made
+    except (CheckpointError, OSError) as exc:  # whatever it is, every rank must reach the gather below
         why = str(exc)
     failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
     if failed:
