@@ -97,16 +97,22 @@ def check_training_sections(payload: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: it cannot continue a training run")
 
 
-def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Module) -> tuple[dict, Path] | None:
+def load_resume_checkpoint(
+    cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Module, settings: dict[str, Any] | None = None
+) -> tuple[dict, Path] | None:
     """Load the newest usable checkpoint's weights into the single-device `model`. With
     `resume=auto`, a checkpoint that cannot be used (truncated, another model) gives way to the
-    previous one, with a warning naming both."""
+    previous one, with a warning naming both. `settings`: this run's config as a dict; weights
+    that do not fit the model then name the settings that shape it and differ."""
     candidates = resume_candidates(cfg, ckpt_dir)
     for i, path in enumerate(candidates):
         try:
             payload = load_checkpoint(path)
             check_training_sections(payload, path)
-            load_model_state(model, payload["model"], path)
+            try:
+                load_model_state(model, payload["model"], path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}{_shape_changes(payload, settings)}") from exc
             return payload, path
         except CheckpointError as exc:
             if cfg.resume != "auto" or i == len(candidates) - 1:
@@ -115,16 +121,34 @@ def load_resume_checkpoint(cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Modu
     return None
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+# The settings that decide the model's parameter shapes (data.crop: the paper model's fc6 fan-in).
+SHAPE_SETTINGS = ("model.variant", "model.num_classes", "model.fc_width", "data.crop")
+
+
+def _shape_changes(payload: dict[str, Any], settings: dict[str, Any] | None) -> str:
+    saved = payload.get("config")
+    if settings is None or not isinstance(saved, dict):
+        return ""
+    changes = [c for c in changed_settings(saved, settings) if c.split(":")[0] in SHAPE_SETTINGS]
+    return f" (this run changes {', '.join(changes)}; a resume keeps the checkpoint's model)" if changes else ""
+
+
+def changed_settings(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[str]:
     """'key: saved -> current' for every setting of the checkpoint's config that this run changes
     (checkpoint.resume aside: it names this very checkpoint; model.init too: the weights come
-    from the checkpoint, and configs written before model.init had "auto" say "paper")."""
+    from the checkpoint, and configs written before model.init had "auto" say "paper"). A key
+    that the checkpoint's config lacks (written before the key existed) had its default."""
+    if defaults is None:
+        defaults = config_to_dict(Config())
     changes = []
     for key, value in current.items():
         dotted = f"{prefix}{key}"
-        old = saved.get(key) if isinstance(saved, dict) else None
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        old = saved.get(key, default) if isinstance(saved, dict) else default
         if isinstance(value, dict):
-            changes.extend(changed_settings(old if isinstance(old, dict) else {}, value, f"{dotted}."))
+            changes.extend(changed_settings(old if isinstance(old, dict) else {}, value, f"{dotted}.", default))
         elif old != value and dotted not in ("checkpoint.resume", "model.init"):
             changes.append(f"{dotted}: {old!r} -> {value!r}")
     return changes

@@ -100,7 +100,7 @@ class Trainer:
         full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
-        resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full)
+        resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg))
         self._agree_on_resume(resumed)
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
