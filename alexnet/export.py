@@ -192,7 +192,7 @@ def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck])
 def export_checkpoint(
     checkpoint: Path, out_dir: Path, name: str, formats: list[str] | tuple[str, ...] | None = None
 ) -> list[ExportCheck]:
-    """Every requested format (default: all that apply to the checkpoint's variant), each checked
+    """Every requested format (default: `default_formats`), each checked
     on a batch of 3 after tracing with a batch of 2 (so a batch size baked into the graph fails)."""
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant

@@ -8,7 +8,8 @@
   all-gather; it is a transformation of this module, not a second model.
 * ``torchvision`` (``alexnet/torchvision_variant.py``, imported when built): the single-tower
   variant of "One weird trick" (Krizhevsky 2014) with parameter names identical to
-  ``torchvision.models.alexnet``, so weights move between the two freely.
+  ``torchvision.models.alexnet``, so weights move between the two freely (at torchvision's
+  ``fc_width``, 4096).
 
 Both expose ``forward_features`` (pixels -> flattened pool5, 9216 values at 227x227) and ``forward_head``
 (fc6..fc8), the seam at which the 2014 hybrid layout splits data- from model-parallelism.

@@ -27,8 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("exports"), help="output folder (default: exports/)")
     parser.add_argument("--name", default="", help="file name stem (default: the run folder's name)")
     parser.add_argument(
-        "--format", nargs="+", choices=FORMATS, default=None, help="default: all that apply to the variant"
-    )
+        "--format", nargs="+", choices=FORMATS, default=None,
+        help="default: all that can hold the model (torchvision: the torchvision variant at fc_width 4096)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 

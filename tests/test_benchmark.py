@@ -562,6 +562,22 @@ def test_step_profile_ranks_each_contenders_operations(tmp_path):
         StepSettings(profile=-1)
 
 
+def test_step_contenders_at_another_fc_width_say_what_they_compare():
+    """model.fc_width reaches the project's variants, not torchvision's own AlexNet (a note says
+    so); an odd width, which a torchvision config allows, skips the paper model with a note
+    instead of failing in its constructor."""
+    from alexnet.bench.step_bench import REFERENCE, StepSettings, _plan_contenders
+    from alexnet.config import load_config
+
+    narrow = load_config(None, ["model.variant=torchvision", "model.fc_width=511"])
+    pairs, notes = _plan_contenders(StepSettings(modes=("dp",), compare_torchvision=True), narrow, 1)
+    assert pairs == [("dp", "torchvision"), ("dp", REFERENCE)]
+    assert notes == ["dp/paper skipped: model.fc_width=511 is odd, and its towers hold half each",
+                     f"model.fc_width=511: fc6 and fc7 of {REFERENCE} stay 4096 wide"]  # fmt: skip
+    pairs, notes = _plan_contenders(StepSettings(modes=("dp",), compare_torchvision=True), load_config(None), 1)
+    assert pairs == [("dp", "paper"), ("dp", "torchvision"), ("dp", REFERENCE)] and notes == []
+
+
 @pytest.mark.slow
 def test_step_command_two_ranks_every_layout(tmp_path):
     proc = torchrun([BENCH, "step", "--compare-torchvision", "--variants", "paper", "--windows", "1", "--warmup",

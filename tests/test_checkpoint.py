@@ -1,5 +1,6 @@
 import errno
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, OptimConfig
+from alexnet.config import CheckpointConfig, OptimConfig, config_to_dict, load_config
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
 from alexnet.resume import changed_settings, load_resume_checkpoint
@@ -50,6 +51,21 @@ def test_a_full_disk_during_a_write_is_one_error_that_keeps_the_last_checkpoint(
                                               "from before is kept$"):  # fmt: skip
         atomic_save(payload(2.0), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no partial file left
+    assert load_checkpoint(last)["model"]["w"][0] == 1.0
+
+
+def test_a_folder_that_cannot_be_synced_after_the_write_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """The last step of a write, outside its try, raised a bare OSError: the trainer reported it as
+    a run folder that cannot be written, and a PowerSGD rank failed alone before its gather."""
+    import alexnet.checkpoint as checkpoint_module
+
+    def cannot_sync(folder):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(checkpoint_module, "_sync_folder", cannot_sync)
+    last = tmp_path / "last.pt"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {last} was written but its folder could not be synced: "):
+        atomic_save(payload(1.0), tmp_path)
     assert load_checkpoint(last)["model"]["w"][0] == 1.0
 
 
@@ -194,6 +210,28 @@ def test_model_init_is_no_changed_setting_on_resume():
     assert changed_settings(saved, current) == ["train.epochs: 1 -> 2"]
 
 
+def test_a_key_the_checkpoints_config_lacks_counts_as_its_default():
+    """A checkpoint written before a key existed ran with its default: "model.fc_width: None ->
+    4096" was reported as a change on every resume of such a checkpoint."""
+    saved = {"model": {"variant": "paper"}, "train": {"epochs": 1}}
+    assert changed_settings(saved, {"model": {"variant": "paper", "fc_width": 4096}, "train": {"epochs": 1}}) == []
+    assert changed_settings(saved, {"model": {"variant": "paper", "fc_width": 512}}) == ["model.fc_width: 4096 -> 512"]
+
+
+def test_weights_that_do_not_fit_name_the_settings_this_run_changes(tmp_path):
+    """A resume under another model.fc_width (or crop, classes, variant) failed with the shape
+    list alone; the error now names the settings that shape the model and differ."""
+    saved = load_config(None, ["data.crop=67", "data.resize=76"])
+    sections = {"progress": {}, "optimizer": {}, "schedule": {}, "loaders": {}, "config": config_to_dict(saved)}
+    atomic_save({"format": 1, "model": PaperAlexNet(10, input_size=67).state_dict(), **sections}, tmp_path / "ck")
+    run = load_config(None, ["data.crop=67", "data.resize=76", "model.fc_width=512", "optim.lr=0.5"])
+    narrow = PaperAlexNet(10, input_size=67, fc_width=512)
+    resume = CheckpointConfig(resume=str(tmp_path / "ck" / "last.pt"))
+    named = r"does not fit this model: shape mismatch fc6\.0\.bias .*\(this run changes model\.fc_width: 4096 -> 512; "
+    with pytest.raises(CheckpointError, match=named):
+        load_resume_checkpoint(resume, tmp_path, narrow, config_to_dict(run))
+
+
 def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
     def no_links(source, target):
         raise OSError(errno.EPERM, "Operation not permitted")  # vfat, some FUSE mounts
@@ -213,6 +251,18 @@ def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path,
         atomic_save({"step": 3}, tmp_path)
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]  # no temporary left
+
+    def copy_fills_the_disk(source, target):
+        with open(target, "wb") as f:
+            f.write(b"part of a copy")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(shutil, "copyfile", copy_fills_the_disk)
+    with pytest.raises(CheckpointError, match=r"last\.pt: No space left on device; .* is kept$"):
+        atomic_save({"step": 3}, tmp_path)
+    # Neither the new checkpoint nor previous.pt's partial copy is left on the full disk.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
 
 
 def test_progress_fields_of_a_newer_version_are_named_and_left_out(tmp_path, caplog):

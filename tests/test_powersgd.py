@@ -38,7 +38,7 @@ def torchrun_or_fail(args, run_root, timeout=90):
 
 
 def train_records(tiny_data, tmp_path, name, hook):
-    # 1 MB buckets: a dozen buckets per step, so several compressed chains would be in flight at
+    # 1 MB buckets: 8 buckets per step, so several compressed chains would be in flight at
     # once without the fix (on gloo that aborted on mismatched all-reduces, or hung for good).
     run = [f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}", "train.log_every=1"]
     steps = ["train.epochs=1", f"train.max_steps={STEPS}", "checkpoint.every_steps=0"]
@@ -58,7 +58,7 @@ def test_powersgd_compresses_from_step_3_and_finishes(tiny_data, tmp_path):
     sent = [r["comm_sent_mb"]["grad_allreduce"] for r in psgd]
     full = plain[0]["comm_sent_mb"]["grad_allreduce"]
     assert sent[0] == sent[1] == pytest.approx(full)  # two warm-up steps of plain all-reduce
-    assert all(0 < s < full / 20 for s in sent[2:]), sent  # rank-4 factors: ~1% of the gradients
+    assert all(0 < s < full / 20 for s in sent[2:]), sent  # rank-4 factors: about 3% of the gradients
 
     # Steps 1-2 all-reduce exactly as the plain hook does, so the losses up to step 3 (computed
     # before its update) are bitwise those of the plain run; step 3's compressed gradient then

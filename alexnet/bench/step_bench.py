@@ -26,7 +26,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endless, step_split
 from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
-from alexnet.model import build_model
+from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
@@ -196,9 +196,12 @@ def _plan_contenders(s: StepSettings, cfg: Config, world: int) -> tuple[list[tup
     modes = s.modes or default_modes(world)
     variants = s.variants or ((cfg.model.variant,) if not s.compare_torchvision else ("paper", "torchvision"))
     pairs, notes = [], []
+    width = cfg.model.fc_width
     for variant in variants:
         for mode in modes:
-            if mode == "towers" and variant != "paper":
+            if variant == "paper" and width % 2:
+                notes.append(f"{mode}/paper skipped: model.fc_width={width} is odd, and its towers hold half each")
+            elif mode == "towers" and variant != "paper":
                 notes.append(f"towers/{variant} skipped: the tower split exists only for the paper variant")
             elif mode in ("towers", "hybrid") and world == 1:
                 notes.append(f"{mode}/{variant} skipped: it needs at least 2 processes")
@@ -208,6 +211,8 @@ def _plan_contenders(s: StepSettings, cfg: Config, world: int) -> tuple[list[tup
                 pairs.append((mode, variant))
     if s.compare_torchvision:
         pairs.append(("dp", REFERENCE))
+        if width != FC_WIDTH:
+            notes.append(f"model.fc_width={width}: fc6 and fc7 of {REFERENCE} stay {FC_WIDTH} wide")
     return pairs, notes
 
 
