@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from alexnet.hostmem import HostMemory
-from alexnet.model import min_input_size
+from alexnet.model import fc_width_fits, min_input_size
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -457,7 +457,7 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
-    if cfg.model.variant == "paper" and cfg.model.fc_width % 2:
+    if not fc_width_fits(cfg.model.variant, cfg.model.fc_width):
         raise ConfigError(
             f"config key 'model.fc_width' must be even for the paper variant (half in each tower); "
             f"got {cfg.model.fc_width}"

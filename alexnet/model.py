@@ -66,6 +66,12 @@ def pool5_size(input_size: int) -> int:
     return side
 
 
+def fc_width_fits(variant: str, fc_width: int) -> bool:
+    """Whether `variant` can have fc6 and fc7 `fc_width` wide: the paper model's towers hold half
+    of each layer, so its width is even."""
+    return fc_width >= 1 and (variant != "paper" or fc_width % 2 == 0)
+
+
 def split_classes(num_classes: int) -> tuple[int, int]:
     """fc8 is split between the towers (500 + 500 logits at 1000 classes)."""
     first = (num_classes + 1) // 2
@@ -87,7 +93,7 @@ class PaperAlexNet(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if fc_width < 2 or fc_width % 2:
+        if not fc_width_fits("paper", fc_width):
             raise ValueError(f"fc_width must be even (half in each tower) and >= 2, got {fc_width}")
         self.num_classes = num_classes
         self.input_size = input_size

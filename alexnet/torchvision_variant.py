@@ -9,7 +9,7 @@ import torchvision
 from torch import Tensor, nn
 
 from alexnet.layers import CounterDropout
-from alexnet.model import DROPOUT_STREAMS, FC_WIDTH
+from alexnet.model import DROPOUT_STREAMS, FC_WIDTH, fc_width_fits
 
 
 class TorchvisionAlexNet(torchvision.models.AlexNet):
@@ -22,7 +22,7 @@ class TorchvisionAlexNet(torchvision.models.AlexNet):
         super().__init__(num_classes=num_classes, dropout=dropout)
         self.classifier[0] = CounterDropout(dropout, DROPOUT_STREAMS["fc6"])
         self.classifier[3] = CounterDropout(dropout, DROPOUT_STREAMS["fc7"])
-        if fc_width < 1:
+        if not fc_width_fits("torchvision", fc_width):
             raise ValueError(f"fc_width must be >= 1, got {fc_width}")
         if fc_width != FC_WIDTH:
             self.classifier[1] = nn.Linear(self.classifier[1].in_features, fc_width)

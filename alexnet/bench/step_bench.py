@@ -26,7 +26,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endless, step_split
 from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
-from alexnet.model import FC_WIDTH, build_model
+from alexnet.model import FC_WIDTH, build_model, fc_width_fits
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
@@ -199,7 +199,7 @@ def _plan_contenders(s: StepSettings, cfg: Config, world: int) -> tuple[list[tup
     width = cfg.model.fc_width
     for variant in variants:
         for mode in modes:
-            if variant == "paper" and width % 2:
+            if not fc_width_fits(variant, width):
                 notes.append(f"{mode}/paper skipped: model.fc_width={width} is odd, and its towers hold half each")
             elif mode == "towers" and variant != "paper":
                 notes.append(f"towers/{variant} skipped: the tower split exists only for the paper variant")
