@@ -52,8 +52,17 @@ def final_accuracy(top1: float | None) -> str:
     return "no validation yet" if top1 is None else f"final val top-1 {top1:.2f}%"
 
 
+class ReportError(Exception):
+    """The run's records could not be written: the run stops, with a checkpoint, on every rank."""
+
+
 class Reporter:
-    """Rank 0 writes; the other ranks stay quiet."""
+    """Rank 0 writes; the other ranks stay quiet.
+
+    A metrics record that cannot be written (a full disk, a file made unwritable) does not end
+    rank 0 alone, which would leave the other ranks in a broken collective and lose the steps
+    since the last checkpoint: `failure` says why, no further records are written, and the
+    trainer stops every rank at the next step with a checkpoint, then raises it (ReportError)."""
 
     def __init__(
         self,
@@ -67,8 +76,28 @@ class Reporter:
         self.run_dir = run_dir
         self.is_main = is_main
         self.epochs = epochs
-        self.writer = MetricsWriter(run_dir, tensorboard, *start) if is_main else None
+        self._tensorboard, self._start = tensorboard, start
+        self.writer: MetricsWriter | None = None
+        self.failure: str | None = None  # why a record could not be written (rank 0)
         self.bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
+
+    def open(self) -> None:
+        """Rank 0: open metrics.jsonl (trimmed to the resumed step) and TensorBoard's writer. The
+        trainer runs it so that every rank learns of an OSError here."""
+        if self.is_main:
+            self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.writer is None or self.failure is not None:
+            return
+        try:
+            self.writer.write(record)
+        except OSError as exc:
+            self.failure = (
+                f"cannot write metrics file {self.writer.path} ({exc.strerror or exc}; the record of step "
+                f"{record['step']} and later ones are not in it)"
+            )
+            log.error("%s: training stops with a checkpoint", self.failure)
 
     def wrap_epoch(self, loader, epoch: int):
         """The loader itself, or a tqdm bar around it on rank 0 when it writes to a terminal."""
@@ -80,8 +109,7 @@ class Reporter:
         return tqdm(loader, total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
 
     def train(self, record: dict[str, Any], batches) -> None:
-        if self.writer is not None:
-            self.writer.write(record)
+        self._record(record)
         if hasattr(batches, "set_postfix"):
             batches.set_postfix(
                 loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}", img_s=f"{record['images_per_sec']:.0f}"
@@ -101,8 +129,7 @@ class Reporter:
         )
 
     def validation(self, record: dict[str, Any]) -> None:
-        if self.writer is not None:
-            self.writer.write(record)
+        self._record(record)
         log.info(
             "epoch %d/%d  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  (%d images)",
             record["epoch"],

@@ -39,6 +39,9 @@ CTRL_C_TORCHRUN = (
     b"if that ends before torchrun kills the workers (--shutdown-timeout, 30 s by default)\n"
 )
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
+# What a rank brings to the agreement (the highest wins): a failure is told apart from a request,
+# so that the ranks that did not fail say why they stop.
+REQUESTED, FAILED = 1, 2
 
 
 class StopRequest:
@@ -48,6 +51,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self._interrupts = 0  # Ctrl-Cs so far
         self._flag = torch.zeros(1, device=device)
+        self._agreed_level = 0  # the last agreement's: 0, REQUESTED or FAILED
 
     @classmethod
     def from_environment(cls, device: torch.device) -> StopRequest:
@@ -71,12 +75,15 @@ class StopRequest:
     def requested_here(self) -> bool:
         return self.signal_name is not None or (self.stop_file is not None and self.stop_file.exists())
 
-    def agreed(self) -> bool:
-        """True on every rank as soon as any rank has been asked to stop (a collective)."""
-        self._flag.fill_(1.0 if self.requested_here() else 0.0)
+    def agreed(self, failed_here: bool = False) -> bool:
+        """True on every rank as soon as any rank has been asked to stop, or has failed in a way
+        that stops the run with a checkpoint (`failed_here`: this rank has) (a collective)."""
+        level = FAILED if failed_here else REQUESTED if self.requested_here() else 0
+        self._flag.fill_(float(level))
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
-        return bool(self._flag.item() > 0)
+        self._agreed_level = int(self._flag.item())
+        return self._agreed_level > 0
 
     def marker(self) -> Path | None:
         """The file that says training has ended for good (None without a stop file)."""
@@ -93,4 +100,4 @@ class StopRequest:
             return f"signal {self.signal_name}"
         if self.stop_file is not None and self.stop_file.exists():
             return f"stop file {self.stop_file}"
-        return "another rank was asked to stop"
+        return "a failure on another rank" if self._agreed_level == FAILED else "another rank was asked to stop"

@@ -29,7 +29,7 @@ from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
 from alexnet.powersgd_checkpoint import restore_powersgd_state, save_powersgd_state
 from alexnet.report import session_gpu_seconds, summarize_run
-from alexnet.reporting import Reporter, comm_per_step
+from alexnet.reporting import Reporter, ReportError, comm_per_step
 from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
@@ -126,6 +126,7 @@ class Trainer:
         self.after_backward = self.par.layout.after_backward()
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  (self.progress.step, self.progress.epoch))  # fmt: skip
+        self._on_main_rank(self.reporter.open)
         self.stop = StopRequest.from_environment(env.device)
         self.stop.install()
         self._session_start = time.perf_counter()
@@ -169,15 +170,16 @@ class Trainer:
     def _on_main_rank(self, work: Callable[[], object]) -> None:
         """Collective: `work` runs on the main rank, and every rank raises its error, so that the
         others stop with it instead of in a broken collective."""
-        failure: ConfigError | CheckpointError | None = None
+        failure: ConfigError | CheckpointError | ReportError | None = None
         if self.env.is_main:
             try:
                 work()
             except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
                 failure = ConfigError(
-                    f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({exc.strerror})"
+                    f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({where}{exc.strerror})"
                 )
-            except CheckpointError as exc:
+            except (CheckpointError, ReportError) as exc:
                 failure = exc
         if self.env.distributed:
             shared: list[Any] = [failure]
@@ -242,6 +244,8 @@ class Trainer:
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress
         log.info("resumed from %s at epoch %d, step %d", path, p.epoch, p.step)
+        if not self.env.is_main:  # the same on every rank: said once
+            return
         changes = changed_settings(payload["config"], config_to_dict(self.cfg))
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
@@ -356,6 +360,7 @@ class Trainer:
             raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
         if stop_reason:
             self.save_checkpoint()
+        self._on_main_rank(self._raise_report_failure)  # after the checkpoint: it keeps the steps
         if self._saved_step != self.progress.step:
             # Else the clock stays as the last checkpoint has it: the figures below are the ones
             # the next session resumes with (a rerun of a finished run reports the same time).
@@ -365,7 +370,7 @@ class Trainer:
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
                               self.env.device.type, len(self.splits.classes), p.gpu_seconds)  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
-        self.reporter.summary(summary, final)
+        self._on_main_rank(lambda: self.reporter.summary(summary, final))
         self.reporter.close()
         if stop_reason != "preempted" and self.env.is_main:
             self.stop.mark_completed(self.progress.step)  # a Slurm job does not requeue it
@@ -386,6 +391,17 @@ class Trainer:
             p.epoch, p.epoch_trained = epoch + 1, False
             self.save_checkpoint()
         return ""
+
+    def _stop_agreed(self) -> bool:
+        """Whether every rank stops here: a stop request on any rank, or rank 0's records failing."""
+        return self.stop.agreed(failed_here=self.reporter.failure is not None)
+
+    def _raise_report_failure(self) -> None:
+        if self.reporter.failure is not None:
+            raise ReportError(
+                f"{self.reporter.failure}; training stopped at step {self.progress.step} with a checkpoint in "
+                f"{self.ckpt_dir}: the same command resumes from it once the file can be written"
+            )
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step
@@ -433,9 +449,10 @@ class Trainer:
             if self._reached_max_steps() and not self._epoch_done(epoch):
                 stop_reason = "max_steps"  # at the epoch's last step the epoch ends first: validated, counted
                 break
-            if self.stop.agreed():
-                log.warning("stopping at step %d on %s: writing a checkpoint", p.step, self.stop.reason())
-                stop_reason = "preempted"
+            if self._stop_agreed():
+                log.warning("stopping at step %d on %s: writing a checkpoint", p.step,
+                            self.reporter.failure or self.stop.reason())  # fmt: skip
+                stop_reason = "preempted"  # a report failure is raised after the checkpoint
                 break
             waited = time.perf_counter()
         if window:  # the last steps of the epoch (or before a stop) that did not fill a log window
@@ -454,7 +471,7 @@ class Trainer:
             # Every rank has as many validation batches (the shards are padded alike), so every
             # rank asks at the same batches. A validation can outlast a stop's deadline (torchrun's
             # --shutdown-timeout after Ctrl-C, a scheduler's grace time).
-            if batch % VAL_STOP_EVERY == 0 and batch < len(self.val_loader) and self.stop.agreed():
+            if batch % VAL_STOP_EVERY == 0 and batch < len(self.val_loader) and self._stop_agreed():
                 log.warning("stopping during the validation of epoch %d on %s: writing a checkpoint (a resumed "
                             "run validates the epoch)", epoch + 1, self.stop.reason())  # fmt: skip
                 return None

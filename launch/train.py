@@ -14,6 +14,7 @@ from alexnet.config import ConfigError, load_config
 from alexnet.parallel.env import LaunchError
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import exit_process
+from alexnet.reporting import ReportError
 from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
 from pipelines.index import DataError
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_training(cfg, args.config)
-    except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError, NonFiniteLossError) as exc:
+    except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError, ReportError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (ConfigError, LayoutError, LaunchError)) else 1
     except OSError as exc:  # a run folder that filled up or went away: the file and the reason, no traceback

@@ -327,6 +327,61 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_reason(tiny_
     assert sorted(p.name for p in checkpoints.iterdir()) == [".last.pt.tmp0"]
 
 
+# Rank 0's third metrics record finds the disk full (fault injection around launch/train.py).
+FULL_DISK_AT_THIRD_RECORD = f"""
+import errno, os, runpy, sys
+from alexnet import metrics
+
+write, records = metrics.MetricsWriter.write, []
+
+def full_from_the_third(self, record):
+    records.append(record)
+    if len(records) >= 3:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+    write(self, record)
+
+metrics.MetricsWriter.write = full_from_the_third
+sys.argv[0] = {str(TRAIN)!r}
+runpy.run_path({str(TRAIN)!r}, run_name="__main__")
+"""
+
+
+def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(tiny_data, tmp_path):
+    """Rank 0 alone writes metrics.jsonl. A record it could not write (a full disk) ended rank 0
+    with the error and rank 1 with a gloo traceback, and lost the steps since the last checkpoint.
+    Every rank now stops at that step with a checkpoint and rank 0's reason, and the same command
+    resumes from it."""
+    full_disk = tmp_path / "full_disk.py"
+    full_disk.write_text(FULL_DISK_AT_THIRD_RECORD)
+    run, args = tmp_path / "full", [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=full",
+                                    "train.epochs=2", "parallel.timeout_s=30"]  # fmt: skip
+    proc = torchrun([full_disk, *args])
+    assert proc.returncode != 0
+    # 7 steps per epoch, a record every 2: the third is step 6's
+    reason = (f"error: cannot write metrics file {run / 'metrics.jsonl'} (No space left on device; the record of "
+              f"step 6 and later ones are not in it); training stopped at step 6 with a checkpoint in "
+              f"{run / 'checkpoints'}: the same command resumes from it")  # fmt: skip
+    assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]  # one line from each rank
+    assert "[rank1]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 6
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 4]
+
+    check(torchrun([TRAIN, *args]))  # room on the disk again
+    steps = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == [("train", 2), ("train", 4), ("train", 7), ("val", 7), ("train", 8), ("train", 10),
+                     ("train", 12), ("train", 14), ("val", 14)]  # fmt: skip
+
+    # A metrics file rank 0 cannot even open stops every rank before training, naming it.
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    proc = torchrun([TRAIN, *args, "train.epochs=3"])
+    assert proc.returncode != 0
+    reason = f"error: config key 'run.root': cannot write the run folder {run} ({run}/metrics.jsonl: Is a directory)"
+    assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]
+    assert "[rank1]: Traceback" not in proc.stderr
+    assert proc.stderr.count("train.epochs: 2 -> 3") == 1  # the resume's warnings come from rank 0 alone
+
+
 def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
     """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
     with a one-line error instead of training from different steps."""
@@ -359,10 +414,13 @@ def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
 
 def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     """Only rank 1 gets SIGUSR1; the step's all-reduce of the flag makes rank 0 stop too, and
-    each rank says why: its own signal, or another rank's request."""
+    each rank says why: its own signal, or another rank's request. A failure on rank 0 stops
+    rank 1 as well, and rank 1 tells it from a request."""
     check(torchrun([REPO / "tests" / "dist" / "stop_agree.py", tmp_path], nproc=2))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [(r["before"], r["after"], r["here"]) for r in ranks] == [(False, True, False), (False, True, True)]
+    flags = [(r["before"], r["failed"], r["after"], r["here"]) for r in ranks]
+    assert flags == [(False, True, True, False), (False, True, True, True)]
+    assert ranks[1]["failed_reason"] == "a failure on another rank"
     assert [r["reason"] for r in ranks] == ["another rank was asked to stop", "signal SIGUSR1"]
 
 

@@ -2,9 +2,10 @@
 
 Usage: torchrun --nproc_per_node=2 tests/dist/stop_agree.py OUT_DIR
 
-Rank 1 sends itself SIGUSR1 (what a scheduler's signal to one worker does) after the first
-agreement; rank 0 gets nothing. Writes OUT_DIR/rank<R>.json: `agreed` before and after the
-signal, and the reason each rank gives.
+First rank 0 brings a failure of its own (as when it cannot write the metrics file) to the
+agreement. Then rank 1 sends itself SIGUSR1 (what a scheduler's signal to one worker does); rank 0
+gets nothing. Writes OUT_DIR/rank<R>.json: `agreed` before and after each, and the reason each
+rank gives.
 """
 
 import json
@@ -24,10 +25,13 @@ def main(out_dir: str) -> None:
     stop = StopRequest(torch.device("cpu"))  # no stop file: the signal is the only request
     stop.install()
     before = stop.agreed()
+    failed = stop.agreed(failed_here=env.rank == 0)
+    failed_reason = stop.reason()
     if env.rank == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # handled before kill() returns to Python code
     after = stop.agreed()
-    record = {"before": before, "after": after, "here": stop.requested_here(), "reason": stop.reason()}
+    record = {"before": before, "failed": failed, "failed_reason": failed_reason, "after": after,
+              "here": stop.requested_here(), "reason": stop.reason()}  # fmt: skip
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(record))
     shutdown_distributed()
 
