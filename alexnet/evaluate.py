@@ -35,6 +35,7 @@ from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.metrics import topk_correct
+from alexnet.parallel.agree import agreed_batches
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
@@ -237,7 +238,7 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     tally = ClassTally(loaded.num_classes, env.device)
     start = time.perf_counter()
     with torch.no_grad():
-        for images, labels in loader:
+        for images, labels in agreed_batches(loader, env.device):  # a bad file on one rank stops every rank
             tally.add(predict_log_probs(model, images, amp), labels)
     sums, loss_sum = tally.reduce()
     seconds = time.perf_counter() - start

@@ -140,7 +140,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl. A line that is not a JSON object (a write cut short by a
     crash) is skipped with a warning: one torn line does not cost the rest of the record."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # The trainer writes ASCII JSON; bytes that are not UTF-8 (a damaged file) fail their line only.
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:

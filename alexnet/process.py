@@ -1,5 +1,6 @@
 """Process-wide settings of a training process, applied in one place by the trainer and by the
-benchmark's step and e2e commands, so that the benchmark times the steps the trainer runs."""
+benchmark's step and e2e commands, so that the benchmark times the steps the trainer runs; and
+how the launchers end a process (its error line, its exit)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def apply_process_settings(train: TrainConfig) -> None:
     """Call first: before the first big tensor (host memory) and before loaders fork."""
     apply_host_memory(train.host_memory)
     set_determinism(train.deterministic)
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr in one write. The ranks of a job that all stop with the same
+    error share torchrun's stderr, and print() writes the text and its newline apart: two ranks'
+    lines ran into one."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -52,7 +52,7 @@ def final_accuracy(top1: float | None) -> str:
     return "no validation yet" if top1 is None else f"final val top-1 {top1:.2f}%"
 
 
-class ReportError(Exception):
+class MetricsWriteError(Exception):
     """The run's records could not be written: the run stops, with a checkpoint, on every rank."""
 
 
@@ -62,7 +62,7 @@ class Reporter:
     A metrics record that cannot be written (a full disk, a file made unwritable) does not end
     rank 0 alone, which would leave the other ranks in a broken collective and lose the steps
     since the last checkpoint: `failure` says why, no further records are written, and the
-    trainer stops every rank at the next step with a checkpoint, then raises it (ReportError)."""
+    trainer stops every rank at the next step with a checkpoint, then raises it (MetricsWriteError)."""
 
     def __init__(
         self,
@@ -84,8 +84,15 @@ class Reporter:
     def open(self) -> None:
         """Rank 0: open metrics.jsonl (trimmed to the resumed step) and TensorBoard's writer. The
         trainer runs it so that every rank learns of an OSError here."""
-        if self.is_main:
-            self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start)
+        if not self.is_main:
+            return
+        self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start)
+        if self.bar:  # here, not at the first step: there the other ranks would be in its collectives
+            try:
+                import tqdm  # noqa: F401
+            except ImportError as exc:
+                log.warning("no progress bar: tqdm cannot be imported (%s); log lines instead", exc)
+                self.bar = False
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.writer is None or self.failure is not None:

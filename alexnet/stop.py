@@ -24,24 +24,25 @@ import torch.distributed as dist
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 # SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
 # sessions of their own) passes the first on to every worker and kills them --shutdown-timeout
-# seconds later (30 by default). The step under way and the checkpoint must fit in that; a
-# validation looks every 10 batches (the trainer's VAL_STOP_EVERY), but one in its last 10
-# batches runs to its end, then the epoch's checkpoint and one more step. A second Ctrl-C sends
+# seconds later (30 by default). The next step (the batch at hand was agreed on before the
+# request) and the checkpoint must fit in that; a validation stops at its next batch, but one at
+# its last runs to its end, then the epoch's checkpoint and one more step. A second Ctrl-C sends
 # SIGTERM, another stop request, and a third leaves torchrun at once, the workers going on to
 # their checkpoint without it. A stop file has no such deadline.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 CTRL_C_ALONE = (
-    b"Ctrl-C: stopping with a checkpoint after the current step (a validation looks every 10 batches); "
-    b"Ctrl-C again to interrupt\n"
+    b"Ctrl-C: stopping with a checkpoint after the next step (or validation batch); Ctrl-C again to interrupt\n"
 )
 CTRL_C_TORCHRUN = (
-    b"Ctrl-C: stopping with a checkpoint after the current step (a validation looks every 10 batches), "
+    b"Ctrl-C: stopping with a checkpoint after the next step (or validation batch), "
     b"if that ends before torchrun kills the workers (--shutdown-timeout, 30 s by default)\n"
 )
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
-# What a rank brings to the agreement (the highest wins): a failure is told apart from a request,
-# so that the ranks that did not fail say why they stop.
-REQUESTED, FAILED = 1, 2
+# What a rank brings to the agreement; the highest wins. REQUESTED and FAILED stop every rank
+# after the step of the batch at hand, with a checkpoint (a failure is told apart so that the
+# ranks that did not fail say why they stop); NO_BATCH stops every rank before it: a rank could not
+# read its batch (alexnet.parallel.agree).
+REQUESTED, FAILED, NO_BATCH = 1, 2, 3
 
 
 class StopRequest:
@@ -51,7 +52,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self._interrupts = 0  # Ctrl-Cs so far
         self._flag = torch.zeros(1, device=device)
-        self._agreed_level = 0  # the last agreement's: 0, REQUESTED or FAILED
+        self._agreed_level = 0  # the last agreement's: 0, REQUESTED, FAILED or NO_BATCH
 
     @classmethod
     def from_environment(cls, device: torch.device) -> StopRequest:
@@ -75,15 +76,21 @@ class StopRequest:
     def requested_here(self) -> bool:
         return self.signal_name is not None or (self.stop_file is not None and self.stop_file.exists())
 
-    def agreed(self, failed_here: bool = False) -> bool:
-        """True on every rank as soon as any rank has been asked to stop, or has failed in a way
-        that stops the run with a checkpoint (`failed_here`: this rank has) (a collective)."""
-        level = FAILED if failed_here else REQUESTED if self.requested_here() else 0
+    def agreed(self, failed_here: bool = False, no_batch_here: bool = False) -> bool:
+        """True on every rank as soon as any rank has been asked to stop, has failed in a way
+        that stops the run with a checkpoint (`failed_here`: this rank has), or has no batch
+        (`no_batch_here`; then `batch_missing` is True too) (a collective)."""
+        level = NO_BATCH if no_batch_here else FAILED if failed_here else REQUESTED if self.requested_here() else 0
         self._flag.fill_(float(level))
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         self._agreed_level = int(self._flag.item())
         return self._agreed_level > 0
+
+    @property
+    def batch_missing(self) -> bool:
+        """Whether the last agreement found a rank without its batch: no rank may take the step."""
+        return self._agreed_level == NO_BATCH
 
     def marker(self) -> Path | None:
         """The file that says training has ended for good (None without a stop file)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
+from alexnet.parallel.agree import fetch_each, shared_data_error
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -29,7 +30,7 @@ from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
 from alexnet.powersgd_checkpoint import restore_powersgd_state, save_powersgd_state
 from alexnet.report import session_gpu_seconds, summarize_run
-from alexnet.reporting import Reporter, ReportError, comm_per_step
+from alexnet.reporting import MetricsWriteError, Reporter, comm_per_step
 from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
@@ -37,6 +38,7 @@ from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
 
 log = logging.getLogger("alexnet")
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,10 +68,6 @@ def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh) -> str:
         f"hook {par.comm_hook}/{par.powersgd_rank} batch {cfg.data.batch_size} crop {cfg.data.crop} "
         f"amp {cfg.train.amp} model {cfg.model.variant}/{cfg.model.num_classes}"
     )
-
-
-# Validation batches between two looks at a stop request (a collective, and a device sync).
-VAL_STOP_EVERY = 10
 
 
 class Trainer:
@@ -170,17 +168,21 @@ class Trainer:
     def _on_main_rank(self, work: Callable[[], object]) -> None:
         """Collective: `work` runs on the main rank, and every rank raises its error, so that the
         others stop with it instead of in a broken collective."""
-        failure: ConfigError | CheckpointError | ReportError | None = None
+        failure: Exception | None = None
         if self.env.is_main:
             try:
                 work()
             except OSError as exc:
-                where = f"{exc.filename}: " if exc.filename else ""
+                named = exc.filename2 or exc.filename  # a rename's target, not its temporary file
+                where = f"{named}: " if named else ""
                 failure = ConfigError(
                     f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({where}{exc.strerror})"
                 )
-            except (CheckpointError, ReportError) as exc:
+            except (CheckpointError, MetricsWriteError) as exc:
                 failure = exc
+            except Exception as exc:  # unforeseen: shared all the same, so that no rank waits for it
+                log.exception("rank 0 failed")
+                failure = RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")
         if self.env.distributed:
             shared: list[Any] = [failure]
             dist.broadcast_object_list(shared, src=0)
@@ -216,13 +218,13 @@ class Trainer:
                     "up, and holds its checkpoints now; set run.name=<new name> for another run, or "
                     "checkpoint.resume=auto to continue that one (nothing was overwritten)"
                 )
-        before = path.read_text() if path.exists() else None
+        before = path.read_bytes() if path.exists() else None  # bytes: kept as they are, whatever they hold
         write_config(self.cfg, path)
-        if before is not None and path.read_text() != before:
+        if before is not None and path.read_bytes() != before:
             n = 1
             while (self.plan.run_dir / f"config.{n}.yaml").exists():
                 n += 1
-            (self.plan.run_dir / f"config.{n}.yaml").write_text(before)
+            (self.plan.run_dir / f"config.{n}.yaml").write_bytes(before)
             log.info("this session's config differs from the run's earlier one, kept as config.%d.yaml", n)
 
     def _agree_on_resume(self, resumed: tuple[dict, Path] | None) -> None:
@@ -354,10 +356,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         self._log_start()
-        try:
-            stop_reason = self._run_epochs()
-        except DataError as exc:  # a file the loaders cannot decode; they do not know who reads them
-            raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
+        stop_reason = self._run_epochs()
         if stop_reason:
             self.save_checkpoint()
         self._on_main_rank(self._raise_report_failure)  # after the checkpoint: it keeps the steps
@@ -392,13 +391,22 @@ class Trainer:
             self.save_checkpoint()
         return ""
 
-    def _stop_agreed(self) -> bool:
-        """Whether every rank stops here: a stop request on any rank, or rank 0's records failing."""
-        return self.stop.agreed(failed_here=self.reporter.failure is not None)
+    def _agreed_batches(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool, float]]:
+        """(batch, stop, seconds waited for it) for each of the loader's batches, agreed on by every
+        rank before its step, in the one all-reduce a step has for it: a stop request on any rank
+        or rank 0's records failing (stop: every rank stops after this batch, with a checkpoint),
+        or a rank that could not read its batch (every rank raises that rank's DataError, before
+        the step: the other ranks' loaders have moved on, so no checkpoint of training can follow)."""
+        for fetched in fetch_each(batches):
+            no_batch = fetched.error is not None
+            stop = self.stop.agreed(failed_here=self.reporter.failure is not None, no_batch_here=no_batch)
+            if self.stop.batch_missing:
+                raise shared_data_error(fetched.error)
+            yield fetched.batch, stop, fetched.seconds  # type: ignore[misc] - a batch where no error
 
     def _raise_report_failure(self) -> None:
         if self.reporter.failure is not None:
-            raise ReportError(
+            raise MetricsWriteError(
                 f"{self.reporter.failure}; training stopped at step {self.progress.step} with a checkpoint in "
                 f"{self.ckpt_dir}: the same command resumes from it once the file can be written"
             )
@@ -417,15 +425,19 @@ class Trainer:
             # A run that stopped (or crashed) at the epoch's last step still validates and counts
             # it: its loader yields nothing more for this epoch.
             return "max_steps"
-        cfg, p = self.cfg, self.progress
         self.par.module.train()
+        self.comm.take()  # forget what validation sent
+        try:
+            return self._train_steps(epoch)
+        except DataError as exc:  # a file the loaders cannot decode; they do not know who reads them
+            raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
+
+    def _train_steps(self, epoch: int) -> str:
+        cfg, p = self.cfg, self.progress
         tally, meter = Tally(self.env.device), Throughput()
         window, stop_reason = 0, ""
-        self.comm.take()  # forget what validation sent
         batches = self.reporter.wrap_epoch(self.train_loader, epoch)
-        waited = time.perf_counter()
-        for images, labels in batches:
-            data_wait = time.perf_counter() - waited
+        for (images, labels), stop, data_wait in self._agreed_batches(batches):
             lr = self.schedule.apply(self.optimizer, p.step)
             dropout = DropoutContext(cfg.train.seed, p.step, self._sample_base[: labels.shape[0]])
             result = train_step(self.par.module, images, labels, self.optimizer, self.amp, dropout,
@@ -449,12 +461,11 @@ class Trainer:
             if self._reached_max_steps() and not self._epoch_done(epoch):
                 stop_reason = "max_steps"  # at the epoch's last step the epoch ends first: validated, counted
                 break
-            if self._stop_agreed():
+            if stop:
                 log.warning("stopping at step %d on %s: writing a checkpoint", p.step,
                             self.reporter.failure or self.stop.reason())  # fmt: skip
                 stop_reason = "preempted"  # a report failure is raised after the checkpoint
                 break
-            waited = time.perf_counter()
         if window:  # the last steps of the epoch (or before a stop) that did not fill a log window
             self._log_train(epoch, lr, tally, meter, window, batches)
         return stop_reason
@@ -465,16 +476,25 @@ class Trainer:
         self.model.eval()
         tally = Tally(self.env.device)
         start = time.perf_counter()
-        for batch, (images, labels) in enumerate(self.val_loader, 1):
-            result = eval_batch(self.model, images, labels, self.amp)  # one crop, or ten averaged
-            tally.add(result.loss_sum, result.correct, result.count)
-            # Every rank has as many validation batches (the shards are padded alike), so every
-            # rank asks at the same batches. A validation can outlast a stop's deadline (torchrun's
-            # --shutdown-timeout after Ctrl-C, a scheduler's grace time).
-            if batch % VAL_STOP_EVERY == 0 and batch < len(self.val_loader) and self._stop_agreed():
-                log.warning("stopping during the validation of epoch %d on %s: writing a checkpoint (a resumed "
-                            "run validates the epoch)", epoch + 1, self.stop.reason())  # fmt: skip
-                return None
+        # Every rank has as many validation batches (the shards are padded alike), so every rank
+        # agrees at the same batches. A validation can outlast a stop's deadline (torchrun's
+        # --shutdown-timeout after Ctrl-C, a scheduler's grace time): a stop ends it at its next
+        # batch but the last, and the resumed run validates the epoch again.
+        try:
+            for batch, ((images, labels), stop, _) in enumerate(self._agreed_batches(self.val_loader), 1):
+                if stop and batch < len(self.val_loader):
+                    log.warning("stopping during the validation of epoch %d on %s: writing a checkpoint (a "
+                                "resumed run validates the epoch)", epoch + 1,
+                                self.reporter.failure or self.stop.reason())  # fmt: skip
+                    return None
+                result = eval_batch(self.model, images, labels, self.amp)  # one crop, or ten averaged
+                tally.add(result.loss_sum, result.correct, result.count)
+        except DataError as exc:
+            # The epoch's steps are all taken and every training loader stands at its end: they
+            # are kept, as a stop during the validation keeps them.
+            self.save_checkpoint()
+            kept = f"Validation stopped; a checkpoint holds the epoch's training (step {self.progress.step})"
+            raise stopped_by(exc, f"{kept}, and the resumed run validates the epoch again.") from exc
         stats = tally.reduce(self.mesh.metric_group)
         if stats["count"] != self.val_loader.num_samples:
             raise RuntimeError(

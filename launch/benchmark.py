@@ -31,7 +31,7 @@ from alexnet.bench.output import Report, ReportError, format_ratios, format_tabl
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import exit_process
+from alexnet.process import exit_process, print_error
 from pipelines.index import DataError
 
 HERE = Path(__file__).resolve()
@@ -262,20 +262,25 @@ def main(argv: list[str] | None = None) -> int:
         prepare_out_dir(args.out)
         report = commands[args.command](args)
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     if report is None:  # ranks other than 0
         return 0
-    if args.command == "merge":
-        from alexnet.bench.output import write_json
+    try:
+        if args.command == "merge":
+            from alexnet.bench.output import write_json
 
-        print(f"wrote {write_json(report, args.out / f'{args.name}.json')}")
-        return 0
-    ratios = format_ratios(report.summary)
-    if ratios:
-        print(ratios)
-    for path in write_outputs(report, args.out, plot=getattr(args, "plot", False)):
-        print(f"wrote {path}")
+            print(f"wrote {write_json(report, args.out / f'{args.name}.json')}")
+            return 0
+        ratios = format_ratios(report.summary)
+        if ratios:
+            print(ratios)
+        for path in write_outputs(report, args.out, plot=getattr(args, "plot", False)):
+            print(f"wrote {path}")
+    except OSError as exc:  # a full disk after the measurement: the table above keeps the figures
+        print_error(f"cannot write {exc.filename2 or exc.filename}: {exc.strerror or exc} (the table above holds "
+                    "the figures)")  # fmt: skip
+        return 1
     return 1 if report.summary.get("failed") else 0
 
 

@@ -29,7 +29,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
 from alexnet.parallel.env import LaunchError, init_distributed, shutdown_distributed
-from alexnet.process import exit_process
+from alexnet.process import exit_process, print_error
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, write_text_atomic
 
@@ -112,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         pipeline=args.pipeline,
     )
     try:
-        out = resolve_out(args.out, args.checkpoint, args.ten_crop) if rank == 0 else None
+        # Checked by every rank (rank 0 writes): one that checked alone failed before the process
+        # group formed, and without torchrun's agent the others waited out the timeout for it.
+        out = resolve_out(args.out, args.checkpoint, args.ten_crop)
+        out = out if rank == 0 else None
         env = init_distributed(args.timeout)
     except (LaunchError, OutputPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     try:
         result = run_evaluation(opts, env)
@@ -125,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # a failed write keeps the last
             except OSError as exc:
-                print(f"error: cannot write {out}: {exc.strerror}", file=sys.stderr)
+                print_error(f"cannot write {out}: {exc.strerror}")
                 return 1
             print(f"written to {out}")
     except (CheckpointError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
     finally:
         shutdown_distributed()

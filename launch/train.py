@@ -13,8 +13,8 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.env import LaunchError
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import exit_process
-from alexnet.reporting import ReportError
+from alexnet.process import exit_process, print_error
+from alexnet.reporting import MetricsWriteError
 from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
 from pipelines.index import DataError
@@ -34,11 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_training(cfg, args.config)
-    except (ConfigError, LayoutError, LaunchError, DataError, CheckpointError, ReportError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (
+        ConfigError,
+        LayoutError,
+        LaunchError,
+        DataError,
+        CheckpointError,
+        MetricsWriteError,
+        NonFiniteLossError,
+    ) as exc:
+        print_error(str(exc))
         return 2 if isinstance(exc, (ConfigError, LayoutError, LaunchError)) else 1
     except OSError as exc:  # a run folder that filled up or went away: the file and the reason, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
     return 0 if summary["completed"] or summary["steps"] > 0 else 1
 

@@ -280,6 +280,19 @@ def test_imagenet_like_files_layout_determinism_and_size(tmp_path):
 
 
 # ---- the commands end to end, tiny --------------------------------------------------------
+def test_a_report_that_cannot_be_written_is_one_line_after_the_table(tiny_data, tmp_path, capsys):
+    """Written after the measurement: the figures stay on screen and the last report stays whole."""
+    (tmp_path / "pipeline.json").mkdir()
+    argv = ["pipeline", "--data", str(tiny_data), "--pipelines", "dali-cpu", "--no-ceiling", "--batch-size", "4",
+            "--threads", "1", "--prefetch", "1", "--resize", "40", "--crop", "32", "--batches", "1",
+            "--min-window", "0", "--windows", "1", "--warmup", "0", "--cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert benchmark.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "dali-cpu" in out and "images/s" in out
+    assert f"error: cannot write {tmp_path / 'pipeline.json'}: Is a directory (the table above holds" in err
+    assert not list(tmp_path.glob(".pipeline.json.tmp*"))
+
+
 def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     argv = ["pipeline", "--data", str(tiny_data), "--batch-size", "4", "--threads", "1", "--prefetch", "1",
             "--resize", "40", "--crop", "32", "--batches", "2", "--min-window", "0", "--windows", "2",
@@ -447,6 +460,24 @@ def test_e2e_command_names_a_bad_file_and_says_the_benchmark_stopped(
     err = capsys.readouterr().err
     assert f"cannot decode {bad}" in err and "The e2e benchmark stopped." in err
     assert "checkpoint" not in err  # training's wording does not apply to a benchmark
+    assert not (tmp_path / "out" / "e2e.json").exists()
+
+
+def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(folder_with_a_cut_file, tiny_data,
+                                                                                tmp_path):  # fmt: skip
+    """The rank whose shard held it stopped with its name; the other died in the step's all-reduce
+    with a gloo traceback. The ranks now agree on each batch, and both stop with the file's name."""
+    root, bad = folder_with_a_cut_file
+    for cls in ("circle", "square"):
+        shutil.copytree(tiny_data / "val" / cls, root / "val" / cls)
+    proc = torchrun([BENCH, "e2e", "--data", root, "--pipelines", "dali", "--no-synthetic", "--windows", "1",
+                     "--warmup", "0", "--steps", "4", "--out", tmp_path / "out", "data.batch_size=2",
+                     "data.num_threads=1", "data.prefetch=1", "data.crop=67", "data.resize=76", "model.fc_width=512",
+                     "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if f"cannot decode {bad}" in line]
+    assert len(named) == 2 and all("The e2e benchmark stopped." in line for line in named), proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "e2e.json").exists()
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,46 @@ def test_the_run_s_val_file_list_leaves_out_bad_files(tiny_data, trained, tmp_pa
     assert named["images"] == 49 and named["top1"] == own["top1"] and named["files"] == str(listing)
     with pytest.raises(DataError, match=r"broken\.JPEG(.|\n)*launch/evaluate\.py: --files SCAN_DIR/val\.txt"):
         run_evaluation(EvalOptions(trained, data=str(data)), ONE)  # another dataset: the run's list does not apply
+
+
+def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data, trained, tmp_path):
+    """The rank that read it stopped with its name; the other died in the final all-reduce with a
+    gloo traceback. The ranks now agree on each batch, and both stop with the file's name."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "val" / "circle" / "circle_0001.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    out = tmp_path / "eval.json"
+    proc = torchrun([EVALUATE, trained, "--data", data, "--out", out, "--timeout", "30"], nproc=2)
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if "error: " in line and str(bad) in line]
+    assert len(named) == 2, proc.stderr[-4000:]  # one line from each rank, neither run into the other
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_an_unusable_out_stops_every_rank_also_without_torchrun_s_agent(trained, tmp_path):
+    """Ranks started by hand (or by another launcher): rank 0 checked --out alone and stopped,
+    and rank 1 waited for it at the process group's start until the timeout."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(EVALUATE), str(trained), "--out", str(blocker / "x.json"), "--timeout", "120"],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    errors = [rank.communicate(timeout=60)[1] for rank in ranks]  # well inside the ranks' 120 s
+    assert [rank.returncode for rank in ranks] == [2, 2]
+    assert all(f"error: --out {blocker / 'x.json'}: {blocker} is a file, not a folder" in e for e in errors), errors
 
 
 def test_precision_is_the_run_s_unless_asked_and_fp16_falls_back_on_a_cpu(tiny_data, trained, tmp_path):

@@ -91,6 +91,15 @@ def test_a_torn_line_is_skipped_not_fatal(tmp_path, caplog):
     assert "line 2 is not a metrics record" in caplog.text and "line 3 is not a metrics record" in caplog.text
 
 
+def test_bytes_that_are_not_utf8_fail_their_line_only(tmp_path, caplog):
+    """A damaged line used to make the whole file unreadable (UnicodeDecodeError), and with it
+    the resume that trims the file."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"split": "train", "step": 1}\n\xff\xfe{"split": "train"}\n{"split": "val", "step": 2}\n')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "line 2 is not a metrics record" in caplog.text
+
+
 def test_a_validation_written_after_the_resumed_checkpoint_at_its_step_is_dropped(tmp_path):
     """Epoch 1 ends at step 15: the periodic checkpoint (step 15, 0 epochs completed), then the
     validation record, then a crash before the epoch's own checkpoint. The run resumes from the

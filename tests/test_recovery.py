@@ -214,14 +214,13 @@ def test_a_run_stopped_at_an_epochs_last_step_validates_that_epoch_when_resumed(
 def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_without_training(
     tiny_data, tmp_path, monkeypatch
 ):
-    """A stop file that appears as epoch 1's validation starts (looked at every 2 batches here):
-    the run stopped only after the whole validation, which can outlast torchrun's
-    --shutdown-timeout. It now checkpoints within the validation, the epoch's 15 steps taken and
-    the epoch not counted; the resumed run validates epoch 1 without training it again, and ends
-    with the weights and records of an uninterrupted run."""
+    """A stop file that appears as epoch 1's validation starts: the run stopped only after the
+    whole validation, which can outlast torchrun's --shutdown-timeout. It now checkpoints within
+    the validation, the epoch's 15 steps taken and the epoch not counted; the resumed run
+    validates epoch 1 without training it again, and ends with the weights and records of an
+    uninterrupted run."""
     stop = tmp_path / "STOP"
     monkeypatch.setenv("ALEXNET_STOP_FILE", str(stop))
-    monkeypatch.setattr(trainer_module, "VAL_STOP_EVERY", 2)
     validate, eval_batch, batches = Trainer._validate, trainer_module.eval_batch, []
 
     def stop_then_validate(self, epoch):
@@ -239,7 +238,7 @@ def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_w
         patch.setattr(trainer_module, "eval_batch", counted_eval_batch)
         summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
     assert (summary["stop_reason"], summary["steps"], summary["epochs"]) == ("preempted", 15, 0)
-    assert len(batches) == 2  # of 7: stopped at the first look
+    assert not batches  # of 7: stopped before the first
     progress = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["progress"]
     assert (progress["step"], progress["epoch"], progress["epoch_trained"]) == (15, 0, True)
     assert not [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]

@@ -19,6 +19,7 @@ from alexnet.report import (
     summarize_run,
     write_run_report,
 )
+from alexnet.reporting import Reporter
 from alexnet.run import run_training
 
 
@@ -183,3 +184,14 @@ def test_the_trainer_adds_each_sessions_gpu_seconds(tiny_data, tmp_path, monkeyp
     torch.save(payload, ckpt)
     summary = run_training(load_config(None, [*common, "train.max_steps=4"]), None)
     assert summary["gpu_hours"] == pytest.approx(1.0 + 8.0 * summary["wall_seconds"] / 3600.0)
+
+
+def test_a_progress_bar_without_tqdm_falls_back_to_log_lines(tmp_path, monkeypatch, caplog):
+    """tqdm was imported at the first step, by rank 0 alone: a broken install failed it there,
+    with the other ranks in the step's collectives."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    reporter = Reporter(tmp_path, is_main=True, tensorboard=False, progress="bar", epochs=1)
+    reporter.open()
+    assert not reporter.bar and "no progress bar: tqdm cannot be imported" in caplog.text
+    batches = [1, 2]
+    assert reporter.wrap_epoch(batches, 0) is batches

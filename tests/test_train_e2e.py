@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -357,19 +358,19 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
                                     "train.epochs=2", "parallel.timeout_s=30"]  # fmt: skip
     proc = torchrun([full_disk, *args])
     assert proc.returncode != 0
-    # 7 steps per epoch, a record every 2: the third is step 6's
+    # 7 steps per epoch, a record every 2: the third is step 6's; the ranks agree on it with batch 7
     reason = (f"error: cannot write metrics file {run / 'metrics.jsonl'} (No space left on device; the record of "
-              f"step 6 and later ones are not in it); training stopped at step 6 with a checkpoint in "
+              f"step 6 and later ones are not in it); training stopped at step 7 with a checkpoint in "
               f"{run / 'checkpoints'}: the same command resumes from it")  # fmt: skip
     assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]  # one line from each rank
     assert "[rank1]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 6
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 7
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 4]
 
     check(torchrun([TRAIN, *args]))  # room on the disk again
     steps = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
-    assert steps == [("train", 2), ("train", 4), ("train", 7), ("val", 7), ("train", 8), ("train", 10),
-                     ("train", 12), ("train", 14), ("val", 14)]  # fmt: skip
+    assert steps == [("train", 2), ("train", 4), ("val", 7), ("train", 8), ("train", 10), ("train", 12),
+                     ("train", 14), ("val", 14)]  # fmt: skip
 
     # A metrics file rank 0 cannot even open stops every rank before training, naming it.
     (run / "metrics.jsonl").unlink()
@@ -380,6 +381,83 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
     assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]
     assert "[rank1]: Traceback" not in proc.stderr
     assert proc.stderr.count("train.epochs: 2 -> 3") == 1  # the resume's warnings come from rank 0 alone
+
+
+# Rank 0 fails, writing config.yaml, in a way nothing foresees (fault injection around launch/train.py).
+RANK_0_FAILS_UNFORESEEN = f"""
+import os, runpy, sys
+import alexnet.trainer
+
+def unforeseen(cfg, path):
+    raise ValueError("something nobody planned for")
+
+if os.environ["RANK"] == "0":
+    alexnet.trainer.write_config = unforeseen
+sys.argv[0] = {str(TRAIN)!r}
+runpy.run_path({str(TRAIN)!r}, run_name="__main__")
+"""
+
+
+def test_an_unforeseen_failure_of_rank_0_s_share_of_the_work_stops_every_rank(tiny_data, tmp_path):
+    """What rank 0 does alone while the others wait for its result (the run folder, checkpoints,
+    records) shared only the failures it knew of: any other exception left the other ranks
+    waiting in the broadcast until torchrun killed them (or, without an agent, the timeout). It
+    is now shared as well, with its type, and rank 0 logs its traceback."""
+    wrapper = tmp_path / "unforeseen.py"
+    wrapper.write_text(RANK_0_FAILS_UNFORESEEN)
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=x",
+                     "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.count("RuntimeError: rank 0 failed: ValueError: something nobody planned for") == 2, proc.stderr[
+        -4000:
+    ]
+    assert "Connection closed" not in proc.stderr
+
+
+def cut_copy(tiny_data, root, relative):
+    """A copy of the tiny dataset in which `relative` is cut to its first 300 bytes; its path."""
+    shutil.copytree(tiny_data, root)
+    bad = root / relative
+    bad.write_bytes(bad.read_bytes()[:300])
+    return bad
+
+
+def one_line_per_rank(proc, ending):
+    """The run failed with `ending` said once by each of 2 ranks, and no rank's traceback."""
+    assert proc.returncode != 0
+    assert proc.stderr.count(ending) == 2, proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "Connection closed" not in proc.stderr
+
+
+def test_a_bad_file_in_one_rank_s_training_shard_stops_every_rank_with_its_name(tiny_data, tmp_path):
+    """DALI cannot leave a bad file out of a batch. The rank whose shard held it stopped with its
+    name; the other rank, holding its own batch, went on into the step's all-reduce and died there
+    with a gloo traceback (NCCL: a hang until the timeout). The ranks now agree on each batch
+    before its step, and both stop with the file's name."""
+    bad = cut_copy(tiny_data, tmp_path / "data", "train/circle/circle_0003.jpg")
+    proc = train(bad.parents[2], tmp_path, "cut", "train.epochs=1", "checkpoint.every_steps=0")
+    one_line_per_rank(proc, "Training stopped; no checkpoint was written after this batch.")
+    assert [line for line in proc.stderr.splitlines() if "Training stopped" in line and str(bad) in line]
+    assert not (tmp_path / "cut" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_bad_file_in_validation_stops_every_rank_after_a_checkpoint_of_the_epoch(tiny_data, tmp_path):
+    """A bad file in one rank's validation shard: every rank stops with its name, after a
+    checkpoint of the epoch's training (it was lost with the rest of the session); once the file
+    is good again, the same command validates the epoch without training it again."""
+    bad = cut_copy(tiny_data, tmp_path / "data", "val/circle/circle_0001.jpg")
+    args = ("train.epochs=1", "checkpoint.every_steps=0")
+    proc = train(bad.parents[2], tmp_path, "val", *args)
+    one_line_per_rank(proc, "Validation stopped; a checkpoint holds the epoch's training (step 7), and the "
+                            "resumed run validates the epoch again.")  # fmt: skip
+    progress = torch.load(tmp_path / "val" / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (progress["step"], progress["epoch"], progress["epoch_trained"]) == (7, 0, True)
+    shutil.copy(tiny_data / "val" / "circle" / "circle_0001.jpg", bad)
+    check(train(bad.parents[2], tmp_path, "val", *args))
+    records = read_metrics(tmp_path / "val" / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in records if r["split"] == "val"] == [("val", 7)]
+    assert sum(r["count"] for r in records if r["split"] == "train") == 7 * 16  # each step trained once
 
 
 def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):

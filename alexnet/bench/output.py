@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipelines.outputs import write_text_atomic
 
 SCHEMA = "alexnet-bench/1"
 REQUIRED_TOP = ("schema", "command", "created", "environment", "settings", "results", "summary")
@@ -119,7 +122,7 @@ def write_json(report: Report, path: Path) -> Path:
     data = report.to_dict()
     validate_report(data, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")  # a failed write keeps the last
     return path
 
 
@@ -128,11 +131,12 @@ def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
     return path
 
 

@@ -12,6 +12,10 @@ Then, per step: gradient communication (exposed) = full - no_sync (minus their d
 the timed gradient collectives outside DDP (the hybrid's FC slices); activation exchange = the
 timed exchanges; compute = the rest of the no_sync step. On CUDA the device is synchronized
 around every timed region. Window seconds are the slowest rank's; the split is the ranks' mean.
+
+As in the trainer, the ranks agree on each batch before its step (alexnet.parallel.agree: a bad
+file on one rank stops every rank), so a step carries the trainer's per-step all-reduce and
+device sync; the data wait is the time in the batch iterator alone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from alexnet.bench.timing import Window, summarize
 from alexnet.engine import AmpPolicy, train_step
 from alexnet.layers import DropoutContext
+from alexnet.parallel.agree import any_rank, fetch_each, shared_data_error
 from alexnet.parallel.comm import CommCounter
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -82,7 +87,7 @@ class TrainContender:
     ) -> None:
         self.name = name
         self.parts = parts
-        self._batches = batches
+        self._batches = fetch_each(batches)
         self._steps = steps
         self._images_per_step = images_per_step  # over all ranks: batch x data-parallel replicas
         self._device = device
@@ -102,9 +107,11 @@ class TrainContender:
         start = time.perf_counter()
         with no_sync:
             for _ in range(n):
-                asked = time.perf_counter()
-                images, labels = next(self._batches)
-                wait += time.perf_counter() - asked
+                fetched = next(self._batches)
+                wait += fetched.seconds
+                if any_rank(fetched.error is not None, self._device):
+                    raise shared_data_error(fetched.error)
+                images, labels = fetched.batch
                 dropout = DropoutContext(p.seed, self._step, p.sample_base[: labels.shape[0]])
                 train_step(p.module, images, labels, p.optimizer, p.amp, dropout, p.grad_clip, p.after_backward)
                 self._step += 1
