@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from alexnet.checkpoint import CheckpointError
 from alexnet.config import Config, ConfigError
 from alexnet.data import (
     DALI_INSTALL_HINT,
@@ -33,15 +34,17 @@ from alexnet.data import (
 )
 from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
-from alexnet.inference import build_model_from_checkpoint
+from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.metrics import topk_correct
-from alexnet.parallel.agree import agreed_batches
+from alexnet.parallel.agree import agreed_batches, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
 from pipelines.index import DataError, FileIndex, build_file_index, find_classes, load_file_list
 
 log = logging.getLogger("alexnet")
+# What reading a rank's checkpoint and data can fail with (shared with the other ranks).
+SETUP_ERRORS = (ConfigError, DataError, CheckpointError, OSError)
 
 
 # ---- scoring a batch ---------------------------------------------------------------------------
@@ -219,8 +222,19 @@ def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: Dis
     return build_file_loader(index, "val", image_spec(cfg.data), shard, env.device, read, opts.ten_crop)
 
 
-def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
-    """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
+@dataclass
+class EvalSetup:
+    """What each rank reads on its own before the evaluation: the checkpoint, the files, a loader."""
+
+    loaded: LoadedModel
+    opts: EvalOptions
+    index: FileIndex
+    split_dir: Path
+    files: str
+    loader: Loader
+
+
+def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> EvalSetup:
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
@@ -231,19 +245,33 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
         raise DataError(
             f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
         )
-    channels_last = env.device.type == "cuda"
-    model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
-    amp = resolve_eval_amp(cfg, opts.amp, env.device)
     loader = build_eval_loader(cfg, index, opts, env, channels_last)
+    return EvalSetup(loaded, opts, index, split_dir, files, loader)
+
+
+def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
+    """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
+    channels_last = env.device.type == "cuda"
+    setup, failure = None, None
+    try:
+        setup = read_eval_setup(opts, env, channels_last)
+    except SETUP_ERRORS as exc:  # one rank's alone, maybe: a checkpoint or data folder its node lacks
+        failure = exc
+    share_setup_failure(failure, SETUP_ERRORS)
+    assert setup is not None  # else that raised
+    loaded, cfg = setup.loaded, setup.loaded.config
+    model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
+    amp = resolve_eval_amp(cfg, setup.opts.amp, env.device)
     tally = ClassTally(loaded.num_classes, env.device)
     start = time.perf_counter()
     with torch.no_grad():
-        for images, labels in agreed_batches(loader, env.device):  # a bad file on one rank stops every rank
+        for images, labels in agreed_batches(setup.loader, env.device):  # a bad file on one rank stops every rank
             tally.add(predict_log_probs(model, images, amp), labels)
     sums, loss_sum = tally.reduce()
     seconds = time.perf_counter() - start
-    loader.close()
-    return build_result(opts, loaded.progress, cfg, index, split_dir, files, amp, sums, loss_sum, env, seconds)
+    setup.loader.close()
+    return build_result(setup.opts, loaded.progress, cfg, setup.index, setup.split_dir, setup.files, amp, sums,
+                        loss_sum, env, seconds)  # fmt: skip
 
 
 def build_result(

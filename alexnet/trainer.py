@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save
 from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
@@ -22,7 +23,7 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.agree import fetch_each, shared_data_error
+from alexnet.parallel.agree import fetch_each, share_setup_failure, shared_data_error
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -39,6 +40,8 @@ from pipelines.index import DataError
 
 log = logging.getLogger("alexnet")
 Batch = tuple[torch.Tensor, torch.Tensor]
+# What reading a rank's data folders and checkpoint can fail with (shared with the other ranks).
+SETUP_ERRORS = (ConfigError, DataError, CheckpointError, OSError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,21 +87,13 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, env, mesh, plan = self.cfg, self.env, self.mesh, self.plan
-        resume_from = self._check_run_dir()
-        self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
-        self.num_classes = cfg.model.num_classes or len(self.splits.classes)
-        loader_args = (self.splits, mesh, env.device, plan.decoder, plan.channels_last)
-        self.train_loader = build_loader(cfg.data, "train", *loader_args)
-        self.val_loader = build_loader(cfg.data, "val", *loader_args)
-
-        # The single-device model, identical on every rank (same seed, or the same checkpoint),
-        # before the layout takes this rank's part of it.
-        torch.manual_seed(cfg.train.seed)
-        m = cfg.model
-        full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
-        full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
-        self.full_parameters = sum(p.numel() for p in full.parameters())
-        resumed = load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg))
+        failure: Exception | None = None
+        try:
+            full, resumed = self._read_data_and_checkpoint()
+        except SETUP_ERRORS as exc:  # one rank's alone, maybe: a data folder its node lacks
+            full, resumed, failure = None, None, exc
+        share_setup_failure(failure, SETUP_ERRORS)
+        assert full is not None  # else that raised
         self._agree_on_resume(resumed)
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
@@ -138,6 +133,24 @@ class Trainer:
             p.comm_payload, p.comm_sent, p.comm_steps, p.comm_setup = {}, {}, 0, setup
         batch = cfg.data.batch_size
         self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
+
+    def _read_data_and_checkpoint(self) -> tuple[nn.Module, tuple[dict, Path] | None]:
+        """Each rank's own reading: the data folders, its loaders, and the checkpoint to resume
+        from (loaded into the single-device model, identical on every rank: same seed, or the same
+        checkpoint, before the layout takes this rank's part of it)."""
+        cfg, env, plan = self.cfg, self.env, self.plan
+        resume_from = self._check_run_dir()
+        self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
+        self.num_classes = cfg.model.num_classes or len(self.splits.classes)
+        loader_args = (self.splits, self.mesh, env.device, plan.decoder, plan.channels_last)
+        self.train_loader = build_loader(cfg.data, "train", *loader_args)
+        self.val_loader = build_loader(cfg.data, "val", *loader_args)
+        torch.manual_seed(cfg.train.seed)
+        m = cfg.model
+        full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
+        full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
+        self.full_parameters = sum(p.numel() for p in full.parameters())
+        return full, load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg))
 
     # ---- run folder and checkpoints -------------------------------------------------------
     def _check_run_dir(self) -> CheckpointConfig:

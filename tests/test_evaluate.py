@@ -261,6 +261,23 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data
     assert not out.exists()
 
 
+def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_data, trained, tmp_path):
+    """Node-local data missing on rank 1's node: rank 1 stopped with its error and rank 0 died in
+    the first all-reduce with a gloo traceback. Both now stop with rank 1's error, naming it."""
+    missing = tmp_path / "not_on_this_node"
+    wrapper = tmp_path / "rank_1_elsewhere.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1': sys.argv[sys.argv.index('--data') + 1] = {str(missing)!r}\n"
+        f"sys.argv[0] = {str(EVALUATE)!r}\n"
+        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
+    )
+    proc = torchrun([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: rank 1 (of 2): data folder {missing} does not exist") == 2, proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "e.json").exists()
+
+
 def test_an_unusable_out_stops_every_rank_also_without_torchrun_s_agent(trained, tmp_path):
     """Ranks started by hand (or by another launcher): rank 0 checked --out alone and stopped,
     and rank 1 waited for it at the process group's start until the timeout."""

@@ -460,25 +460,46 @@ def test_a_bad_file_in_validation_stops_every_rank_after_a_checkpoint_of_the_epo
     assert sum(r["count"] for r in records if r["split"] == "train") == 7 * 16  # each step trained once
 
 
-def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
-    """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
-    with a one-line error instead of training from different steps."""
-    check(train(tiny_data, tmp_path / "home0" / "runs", "local", "train.epochs=1", "train.max_steps=2", nproc=1))
-    (tmp_path / "home1").mkdir()
-    per_rank_home = tmp_path / "per_rank_home.py"
-    per_rank_home.write_text(
+def per_rank_home(tmp_path):
+    """launch/train.py with HOME = tmp_path/home<LOCAL_RANK>: a disk of each rank's own (node-local
+    storage), seen through paths that start with ~."""
+    wrapper = tmp_path / "per_rank_home.py"
+    wrapper.write_text(
         "import os, runpy, sys\n"
         f"os.environ['HOME'] = os.path.join({str(tmp_path)!r}, 'home' + os.environ['LOCAL_RANK'])\n"
         f"sys.argv[0] = {str(TRAIN)!r}\n"
         f"runpy.run_path({str(TRAIN)!r}, run_name='__main__')\n"
     )
-    proc = torchrun([per_rank_home, *TINY_TRAIN, f"data.root={tiny_data}", "run.root=~/runs", "run.name=local",
-                     "train.epochs=1"])  # fmt: skip
+    return wrapper
+
+
+def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
+    """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
+    with a one-line error instead of training from different steps."""
+    check(train(tiny_data, tmp_path / "home0" / "runs", "local", "train.epochs=1", "train.max_steps=2", nproc=1))
+    (tmp_path / "home1").mkdir()
+    proc = torchrun([per_rank_home(tmp_path), *TINY_TRAIN, f"data.root={tiny_data}", "run.root=~/runs",
+                     "run.name=local", "train.epochs=1"])  # fmt: skip
     assert proc.returncode != 0
     assert "the ranks found different checkpoints to resume from (rank 0: " in proc.stderr
     assert "(step 2); rank 1: none); run.root (~/runs) must be a folder that every rank sees" in proc.stderr
     assert proc.stderr.count("error: the ranks found different checkpoints") == 2  # said by both, no traceback
     assert "CheckpointError" not in proc.stderr
+
+
+def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_data, tmp_path):
+    """data.root on node-local disks, missing on rank 1's: rank 1 stopped with its error, and rank
+    0 waited for it in the next collective (killed by torchrun's agent on one node; on another
+    node, until the timeout). Both now stop with rank 1's error, which names the rank."""
+    (tmp_path / "home0").mkdir()
+    (tmp_path / "home0" / "data").symlink_to(tiny_data)
+    (tmp_path / "home1").mkdir()
+    proc = torchrun([per_rank_home(tmp_path), *TINY_TRAIN, "data.root=~/data", f"run.root={tmp_path}", "run.name=x",
+                     "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    missing = f"error: rank 1 (of 2): data folder {tmp_path / 'home1' / 'data'} (config key 'data.root') does not exist"
+    assert proc.stderr.count(missing) == 2, proc.stderr[-4000:]
+    assert not (tmp_path / "x").exists()  # a run that cannot start leaves no trace
 
 
 def test_an_unusable_run_root_is_named(tiny_data, tmp_path):

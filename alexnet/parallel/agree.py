@@ -1,4 +1,4 @@
-"""Batches every rank agrees on before it uses them.
+"""Batches every rank agrees on before it uses them, and setups every rank agrees have worked.
 
 DALI cannot drop a bad file from a batch (PITFALLS 6): a rank whose shard holds one gets a
 DataError instead of its batch, while the other ranks, holding theirs, go on into the step's
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,3 +76,24 @@ def agreed_batches(batches: Iterable[T], device: torch.device) -> Iterator[T]:
         if any_rank(fetched.error is not None, device):
             raise shared_data_error(fetched.error)
         yield fetched.batch  # type: ignore[misc] - None only with an error, which raised
+
+
+def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
+    """Collective, after what each rank reads on its own (data folders, a checkpoint), which one
+    rank can fail at alone where storage is node-local: every rank raises the first failing
+    rank's error (of the first of `kinds` it is), naming that rank where not all failed alike,
+    instead of waiting for it in the next collective. `failure` must be of one of `kinds`."""
+    if not _distributed():
+        if failure is not None:
+            raise failure
+        return
+    mine = None if failure is None else (next(i for i, k in enumerate(kinds) if isinstance(failure, k)), str(failure))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    failed = [(rank, f) for rank, f in enumerate(gathered) if f is not None]
+    if not failed:
+        return
+    rank, (kind, message) = failed[0]
+    if len(failed) < len(gathered) or any(f != failed[0][1] for _, f in failed):
+        message = f"rank {rank} (of {len(gathered)}): {message}"
+    raise kinds[kind](message)
