@@ -32,8 +32,9 @@ from alexnet.bench.step_bench import (
 )
 from alexnet.bench.timing import Schedule, paired_ratio, run_interleaved, wait_until_idle
 from alexnet.bench.training import TrainContender, endless, sync
-from alexnet.config import Config, config_to_dict
+from alexnet.config import Config, ConfigError, config_to_dict
 from alexnet.data import build_loader, build_splits
+from alexnet.parallel.agree import share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan
@@ -78,7 +79,17 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
     pipelines = _pipelines(cfg, s)
     mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
     plan = build_plan(cfg, env, mesh, None)
-    splits = build_splits(cfg.data, cfg.model.num_classes)
+    splits, loaders, failure = None, {}, None
+    try:  # each rank reads the data on its own, and can fail alone (a data folder its node lacks)
+        splits = build_splits(cfg.data, cfg.model.num_classes)
+        for pipeline in pipelines:
+            data_cfg = dataclasses.replace(cfg.data, pipeline=pipeline)
+            loaders[pipeline] = build_loader(data_cfg, "train", splits, mesh, env.device, plan.decoder,
+                                             plan.channels_last)  # fmt: skip
+    except (ConfigError, DataError, OSError) as exc:
+        failure = exc
+    share_setup_failure(failure, (ConfigError, DataError, OSError))
+    assert splits is not None  # else that raised
     num_classes = cfg.model.num_classes or len(splits.classes)
     model = build_full_model(cfg.model.variant, cfg, num_classes, plan, env.device)
     flops = count_train_flops(model, cfg.data.batch_size, cfg.data.crop)
@@ -86,9 +97,7 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
     images_per_step = cfg.data.batch_size * mesh.data_size
     breakdown = s.breakdown and env.world_size > 1
     contenders, infos = [], []
-    for pipeline in pipelines:
-        data_cfg = dataclasses.replace(cfg.data, pipeline=pipeline)
-        loader = build_loader(data_cfg, "train", splits, mesh, env.device, plan.decoder, plan.channels_last)
+    for pipeline, loader in loaders.items():
         name = f"e2e/{pipeline}"
         contenders.append(
             TrainContender(name, parts, endless(loader), s.steps, images_per_step, env.device, breakdown,
