@@ -191,7 +191,7 @@ class Trainer:
                 failure = ConfigError(
                     f"config key 'run.root': cannot write the run folder {self.plan.run_dir} ({where}{exc.strerror})"
                 )
-            except (CheckpointError, MetricsWriteError) as exc:
+            except (ConfigError, CheckpointError, DataError, MetricsWriteError) as exc:
                 failure = exc
             except Exception as exc:  # unforeseen: shared all the same, so that no rank waits for it
                 log.exception("rank 0 failed")
