@@ -463,6 +463,25 @@ def test_e2e_command_names_a_bad_file_and_says_the_benchmark_stopped(
     assert not (tmp_path / "out" / "e2e.json").exists()
 
 
+def test_a_data_folder_one_rank_lacks_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):
+    """Node-local data missing on rank 1's node: both ranks stop with rank 1's error, naming it."""
+    missing = tmp_path / "not_on_this_node"
+    wrapper = tmp_path / "rank_1_elsewhere.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1': sys.argv[sys.argv.index('--data') + 1] = {str(missing)!r}\n"
+        f"sys.argv[0] = {str(BENCH)!r}\n"
+        f"runpy.run_path({str(BENCH)!r}, run_name='__main__')\n"
+    )
+    proc = torchrun([wrapper, "e2e", "--data", tiny_data, "--no-synthetic", "--windows", "1", "--warmup", "0",
+                     "--steps", "1", "--out", tmp_path / "out", "data.batch_size=2", "model.fc_width=512",
+                     "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    missing_line = f"error: rank 1 (of 2): data folder {missing} (config key 'data.root') does not exist"
+    assert proc.stderr.count(missing_line) == 2, proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr
+
+
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(folder_with_a_cut_file, tiny_data,
                                                                                 tmp_path):  # fmt: skip
     """The rank whose shard held it stopped with its name; the other died in the step's all-reduce
