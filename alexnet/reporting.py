@@ -61,8 +61,10 @@ class Reporter:
 
     A metrics record that cannot be written (a full disk, a file made unwritable) does not end
     rank 0 alone, which would leave the other ranks in a broken collective and lose the steps
-    since the last checkpoint: `failure` says why, no further records are written, and the
-    trainer stops every rank at the next step with a checkpoint, then raises it (MetricsWriteError)."""
+    since the last checkpoint: `failure` says why, that record and the later ones go to `unwritten`
+    (the run's Progress, so the checkpoint holds them and the resumed session writes them first),
+    and the trainer stops every rank at the next step with a checkpoint, then raises it
+    (MetricsWriteError)."""
 
     def __init__(
         self,
@@ -72,6 +74,7 @@ class Reporter:
         progress: str,
         epochs: int,
         start: tuple[int, int] = (0, 0),  # the resumed checkpoint's (step, completed epochs)
+        unwritten: list[dict[str, Any]] | None = None,  # records an earlier session could not write
     ) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
@@ -79,6 +82,7 @@ class Reporter:
         self._tensorboard, self._start = tensorboard, start
         self.writer: MetricsWriter | None = None
         self.failure: str | None = None  # why a record could not be written (rank 0)
+        self.unwritten: list[dict[str, Any]] = [] if unwritten is None else unwritten
         self.bar = is_main and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
 
     def open(self) -> None:
@@ -87,6 +91,11 @@ class Reporter:
         if not self.is_main:
             return
         self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start)
+        if self.unwritten:  # they belong before this session's: the checkpoint's steps
+            for record in self.unwritten:
+                self.writer.write(record)
+            log.info("wrote the %d metrics record(s) an earlier session could not write", len(self.unwritten))
+            self.unwritten.clear()
         if self.bar:  # here, not at the first step: there the other ranks would be in its collectives
             try:
                 import tqdm  # noqa: F401
@@ -95,14 +104,18 @@ class Reporter:
                 self.bar = False
 
     def _record(self, record: dict[str, Any]) -> None:
-        if self.writer is None or self.failure is not None:
+        if self.writer is None:
+            return
+        if self.failure is not None:
+            self.unwritten.append(record)
             return
         try:
             self.writer.write(record)
         except OSError as exc:
+            self.unwritten.append(record)
             self.failure = (
                 f"cannot write metrics file {self.writer.path} ({exc.strerror or exc}; the record of step "
-                f"{record['step']} and later ones are not in it)"
+                f"{record['step']} and later ones are kept in the checkpoint, for the resumed run to write)"
             )
             log.error("%s: training stops with a checkpoint", self.failure)
 

@@ -66,6 +66,9 @@ class Progress:
     # What the comm totals were counted under (trainer.comm_setup): bytes per step belong to a
     # layout, so a session under another one starts them afresh instead of averaging the two.
     comm_setup: str | None = None
+    # metrics.jsonl records rank 0 could not write (a full disk): the resumed session writes them
+    # first, so that each step is recorded once also then.
+    unwritten_records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def progress_from_checkpoint(saved: dict[str, Any], path: Path) -> Progress:

@@ -25,16 +25,17 @@ STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 # SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
 # sessions of their own) passes the first on to every worker and kills them --shutdown-timeout
 # seconds later (30 by default). The next step (the batch at hand was agreed on before the
-# request) and the checkpoint must fit in that; a validation stops at its next batch, but one at
-# its last runs to its end, then the epoch's checkpoint and one more step. A second Ctrl-C sends
-# SIGTERM, another stop request, and a third leaves torchrun at once, the workers going on to
-# their checkpoint without it. A stop file has no such deadline.
+# request) and the checkpoint must fit in that; a validation stops before its next batch, but one
+# in its last runs to its end, then the epoch's checkpoint and one more step (or the run ends).
+# A second Ctrl-C sends SIGTERM, another stop request, and a third leaves torchrun at once, the
+# workers going on to their checkpoint without it. A stop file has no such deadline.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 CTRL_C_ALONE = (
-    b"Ctrl-C: stopping with a checkpoint after the next step (or validation batch); Ctrl-C again to interrupt\n"
+    b"Ctrl-C: stopping with a checkpoint after the next step (in a validation, before its next batch); "
+    b"Ctrl-C again to interrupt\n"
 )
 CTRL_C_TORCHRUN = (
-    b"Ctrl-C: stopping with a checkpoint after the next step (or validation batch), "
+    b"Ctrl-C: stopping with a checkpoint after the next step (in a validation, before its next batch), "
     b"if that ends before torchrun kills the workers (--shutdown-timeout, 30 s by default)\n"
 )
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker

@@ -55,7 +55,7 @@ def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
 def _recorded_resume(config_yaml: Path) -> str | None:
     """checkpoint.resume as the run's config.yaml (its latest session) recorded it."""
     try:
-        recorded = yaml.safe_load(config_yaml.read_text())
+        recorded = yaml.safe_load(config_yaml.read_bytes())  # bytes: whatever they hold, a YAMLError at worst
     except (OSError, yaml.YAMLError):
         return None
     value = recorded.get("checkpoint", {}).get("resume") if isinstance(recorded, dict) else None
@@ -117,14 +117,14 @@ class Trainer:
             restore_powersgd_state(self.par.comm_hook, path, self.progress.step, env.rank, self._rank_setup(),
                                    env.device)  # fmt: skip
         self.after_backward = self.par.layout.after_backward()
+        p = self.progress
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
-                                 (self.progress.step, self.progress.epoch))  # fmt: skip
+                                 (p.step, p.epoch), p.unwritten_records)  # fmt: skip
         self._on_main_rank(self.reporter.open)
         self.stop = StopRequest.from_environment(env.device)
         self.stop.install()
         self._session_start = time.perf_counter()
-        self._seconds_before = self.progress.train_seconds
-        p = self.progress
+        self._seconds_before = p.train_seconds
         if p.gpu_seconds is None:  # a checkpoint from before GPU-seconds were counted: as this session
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
@@ -406,10 +406,11 @@ class Trainer:
 
     def _agreed_batches(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool, float]]:
         """(batch, stop, seconds waited for it) for each of the loader's batches, agreed on by every
-        rank before its step, in the one all-reduce a step has for it: a stop request on any rank
-        or rank 0's records failing (stop: every rank stops after this batch, with a checkpoint),
-        or a rank that could not read its batch (every rank raises that rank's DataError, before
-        the step: the other ranks' loaders have moved on, so no checkpoint of training can follow)."""
+        rank before it is used, in the one all-reduce a step has for it: a stop request on any rank
+        or rank 0's records failing (stop: every rank stops, training after this batch's step,
+        with a checkpoint, validation before this batch), or a rank that could not read its batch
+        (every rank raises that rank's DataError at once: the other ranks' loaders have moved on,
+        so no checkpoint of a training step can follow)."""
         for fetched in fetch_each(batches):
             no_batch = fetched.error is not None
             stop = self.stop.agreed(failed_here=self.reporter.failure is not None, no_batch_here=no_batch)
@@ -420,9 +421,16 @@ class Trainer:
     def _raise_report_failure(self) -> None:
         if self.reporter.failure is not None:
             raise MetricsWriteError(
-                f"{self.reporter.failure}; training stopped at step {self.progress.step} with a checkpoint in "
-                f"{self.ckpt_dir}: the same command resumes from it once the file can be written"
+                f"{self.reporter.failure}; training stopped at step {self.progress.step} {self._checkpoint_said()}: "
+                "the same command resumes from it once the file can be written"
             )
+
+    def _checkpoint_said(self) -> str:
+        """Whether the step at hand is in a checkpoint (none is written during non-finite steps)."""
+        if self._saved_step == self.progress.step:
+            return f"with a checkpoint in {self.ckpt_dir}"
+        last = "there is none yet" if self._saved_step is None else f"the last is of step {self._saved_step}"
+        return f"without a checkpoint of it ({last})"
 
     def _reached_max_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step
@@ -491,11 +499,11 @@ class Trainer:
         start = time.perf_counter()
         # Every rank has as many validation batches (the shards are padded alike), so every rank
         # agrees at the same batches. A validation can outlast a stop's deadline (torchrun's
-        # --shutdown-timeout after Ctrl-C, a scheduler's grace time): a stop ends it at its next
-        # batch but the last, and the resumed run validates the epoch again.
+        # --shutdown-timeout after Ctrl-C, a scheduler's grace time): a stop ends it before its
+        # next batch, and the resumed run validates the epoch again.
         try:
-            for batch, ((images, labels), stop, _) in enumerate(self._agreed_batches(self.val_loader), 1):
-                if stop and batch < len(self.val_loader):
+            for (images, labels), stop, _ in self._agreed_batches(self.val_loader):
+                if stop:
                     log.warning("stopping during the validation of epoch %d on %s: writing a checkpoint (a "
                                 "resumed run validates the epoch)", epoch + 1,
                                 self.reporter.failure or self.stop.reason())  # fmt: skip
@@ -505,9 +513,13 @@ class Trainer:
         except DataError as exc:
             # The epoch's steps are all taken and every training loader stands at its end: they
             # are kept, as a stop during the validation keeps them.
-            self.save_checkpoint()
-            kept = f"Validation stopped; a checkpoint holds the epoch's training (step {self.progress.step})"
-            raise stopped_by(exc, f"{kept}, and the resumed run validates the epoch again.") from exc
+            try:
+                self.save_checkpoint()
+            except (CheckpointError, ConfigError) as unsaved:  # the bad file stays named
+                said = f"Validation stopped, and the epoch's training could not be saved: {unsaved}"
+                raise stopped_by(exc, said) from unsaved
+            said = f"Validation stopped at step {self.progress.step}, {self._checkpoint_said()}"
+            raise stopped_by(exc, f"{said}; the resumed run validates the epoch again.") from exc
         stats = tally.reduce(self.mesh.metric_group)
         if stats["count"] != self.val_loader.num_samples:
             raise RuntimeError(

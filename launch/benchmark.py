@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
         print_error(str(exc))
         return 2
+    except OSError as exc:  # a data folder one rank cannot read, say
+        print_error(str(exc))
+        return 1
     if report is None:  # ranks other than 0
         return 0
     try:
@@ -278,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_outputs(report, args.out, plot=getattr(args, "plot", False)):
             print(f"wrote {path}")
     except OSError as exc:  # a full disk after the measurement: the table above keeps the figures
-        print_error(f"cannot write {exc.filename2 or exc.filename}: {exc.strerror or exc} (the table above holds "
-                    "the figures)")  # fmt: skip
+        where = exc.filename2 or exc.filename or f"the report into {args.out}"  # a full disk names no file
+        print_error(f"cannot write {where}: {exc.strerror or exc} (the table above holds the figures)")
         return 1
     return 1 if report.summary.get("failed") else 0
 

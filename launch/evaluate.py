@@ -28,7 +28,8 @@ from pathlib import Path
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
-from alexnet.parallel.env import LaunchError, init_distributed, shutdown_distributed
+from alexnet.parallel.agree import share_setup_failure
+from alexnet.parallel.env import DistEnv, LaunchError, init_distributed, shutdown_distributed
 from alexnet.process import exit_process, print_error
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, write_text_atomic
@@ -95,6 +96,20 @@ def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     return path
 
 
+def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:
+    """Rank 0's output path, checked by rank 0 (which writes it; another node may not see its
+    folder), and the outcome shared: a rank 0 that failed alone before the process group formed
+    left the others waiting for it until the timeout, without torchrun's agent to stop them."""
+    out, failure = None, None
+    if env.is_main:
+        try:
+            out = resolve_out(args.out, args.checkpoint, args.ten_crop)
+        except OutputPathError as exc:
+            failure = exc
+    share_setup_failure(failure, (OutputPathError,))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -112,15 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         pipeline=args.pipeline,
     )
     try:
-        # Checked by every rank (rank 0 writes): one that checked alone failed before the process
-        # group formed, and without torchrun's agent the others waited out the timeout for it.
-        out = resolve_out(args.out, args.checkpoint, args.ten_crop)
-        out = out if rank == 0 else None
         env = init_distributed(args.timeout)
-    except (LaunchError, OutputPathError) as exc:
+    except LaunchError as exc:
         print_error(str(exc))
         return 2
     try:
+        out = checked_out(args, env)
         result = run_evaluation(opts, env)
         if out is not None:
             print(format_result(result))  # first: a failed write below still shows the result
@@ -131,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 print_error(f"cannot write {out}: {exc.strerror}")
                 return 1
             print(f"written to {out}")
-    except (CheckpointError, ConfigError, DataError) as exc:
+    except OutputPathError as exc:
+        print_error(str(exc))
+        return 2
+    except (CheckpointError, ConfigError, DataError, OSError) as exc:  # OSError: a folder one rank cannot read
         print_error(str(exc))
         return 1
     finally:

@@ -280,7 +280,8 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
 
 def test_an_unusable_out_stops_every_rank_also_without_torchrun_s_agent(trained, tmp_path):
     """Ranks started by hand (or by another launcher): rank 0 checked --out alone and stopped,
-    and rank 1 waited for it at the process group's start until the timeout."""
+    and rank 1 waited for it at the process group's start until the timeout. Rank 0 still checks
+    it (another node may not see its folder), and both stop with its error."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with socket.socket() as s:
@@ -288,18 +289,17 @@ def test_an_unusable_out_stops_every_rank_also_without_torchrun_s_agent(trained,
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(EVALUATE), str(trained), "--out", str(blocker / "x.json"), "--timeout", "120"],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(2)
-    ]
-    errors = [rank.communicate(timeout=60)[1] for rank in ranks]  # well inside the ranks' 120 s
+    command = [sys.executable, str(EVALUATE), str(trained), "--out", str(blocker / "x.json"), "--timeout", "120"]
+    ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]  # fmt: skip
+    try:
+        errors = [rank.communicate(timeout=60)[1] for rank in ranks]  # well inside the ranks' 120 s
+    finally:
+        for rank in ranks:
+            rank.kill()
     assert [rank.returncode for rank in ranks] == [2, 2]
-    assert all(f"error: --out {blocker / 'x.json'}: {blocker} is a file, not a folder" in e for e in errors), errors
+    said = f"error: rank 0 (of 2): --out {blocker / 'x.json'}: {blocker} is a file, not a folder"
+    assert all(said in e for e in errors), errors
 
 
 def test_precision_is_the_run_s_unless_asked_and_fp16_falls_back_on_a_cpu(tiny_data, trained, tmp_path):

@@ -211,6 +211,35 @@ def test_a_run_stopped_at_an_epochs_last_step_validates_that_epoch_when_resumed(
     assert summary["final_top1"] == val[0]["top1"]
 
 
+def test_a_stop_request_during_a_step_takes_effect_after_the_next_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """The ranks agree on each batch before its step, so a request that comes during step 3 is
+    seen with batch 4, which is trained before the stop: the checkpoint (step 4) holds each
+    loader's position after the batches it trained, and the resumed run ends with the weights of
+    an uninterrupted one."""
+    stop = tmp_path / "STOP"
+    monkeypatch.setenv("ALEXNET_STOP_FILE", str(stop))
+    train_step, steps = trainer_module.train_step, []
+
+    def asked_during_step_3(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            stop.write_text("")
+        return train_step(*args)
+
+    common = ("train.epochs=1", "checkpoint.every_steps=0")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "train_step", asked_during_step_3)
+        summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
+    assert (summary["stop_reason"], summary["steps"]) == ("preempted", 4)
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["progress"]["step"] == 4
+    stop.unlink()
+    assert run_training(tiny_run(tiny_data, tmp_path, *common), None)["steps"] == 15
+    run_training(tiny_run(tiny_data, tmp_path, *common, "run.name=straight"), None)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(straight[k], v) for k, v in resumed.items())
+
+
 def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_without_training(
     tiny_data, tmp_path, monkeypatch
 ):

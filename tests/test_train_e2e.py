@@ -328,49 +328,58 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_reason(tiny_
     assert sorted(p.name for p in checkpoints.iterdir()) == [".last.pt.tmp0"]
 
 
-# Rank 0's third metrics record finds the disk full (fault injection around launch/train.py).
-FULL_DISK_AT_THIRD_RECORD = f"""
+# Rank 0's metrics records find the disk full from the FULL_FROM-th on (fault injection around
+# launch/train.py).
+FULL_DISK_FROM = f"""
 import errno, os, runpy, sys
 from alexnet import metrics
 
 write, records = metrics.MetricsWriter.write, []
 
-def full_from_the_third(self, record):
+def full_from(self, record):
     records.append(record)
-    if len(records) >= 3:
+    if len(records) >= int(os.environ["FULL_FROM"]):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
     write(self, record)
 
-metrics.MetricsWriter.write = full_from_the_third
+metrics.MetricsWriter.write = full_from
 sys.argv[0] = {str(TRAIN)!r}
 runpy.run_path({str(TRAIN)!r}, run_name="__main__")
 """
 
 
+def full_disk_run(tiny_data, tmp_path, epochs, full_from):
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(FULL_DISK_FROM)
+    args = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=full", f"train.epochs={epochs}",
+            "parallel.timeout_s=30"]  # fmt: skip
+    return torchrun([wrapper, *args], env={**os.environ, "FULL_FROM": str(full_from)}), args
+
+
 def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(tiny_data, tmp_path):
     """Rank 0 alone writes metrics.jsonl. A record it could not write (a full disk) ended rank 0
     with the error and rank 1 with a gloo traceback, and lost the steps since the last checkpoint.
-    Every rank now stops at that step with a checkpoint and rank 0's reason, and the same command
-    resumes from it."""
-    full_disk = tmp_path / "full_disk.py"
-    full_disk.write_text(FULL_DISK_AT_THIRD_RECORD)
-    run, args = tmp_path / "full", [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=full",
-                                    "train.epochs=2", "parallel.timeout_s=30"]  # fmt: skip
-    proc = torchrun([full_disk, *args])
+    Every rank now stops after the next step with a checkpoint, which keeps the records not
+    written, and rank 0's reason; the same command resumes and writes them."""
+    run = tmp_path / "full"
+    proc, args = full_disk_run(tiny_data, tmp_path, epochs=2, full_from=3)
     assert proc.returncode != 0
     # 7 steps per epoch, a record every 2: the third is step 6's; the ranks agree on it with batch 7
     reason = (f"error: cannot write metrics file {run / 'metrics.jsonl'} (No space left on device; the record of "
-              f"step 6 and later ones are not in it); training stopped at step 7 with a checkpoint in "
-              f"{run / 'checkpoints'}: the same command resumes from it")  # fmt: skip
+              f"step 6 and later ones are kept in the checkpoint, for the resumed run to write); training stopped "
+              f"at step 7 with a checkpoint in {run / 'checkpoints'}: the same command resumes from it")  # fmt: skip
     assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]  # one line from each rank
     assert "[rank1]: Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 7
+    progress = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert progress["step"] == 7 and [r["step"] for r in progress["unwritten_records"]] == [6, 7]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 4]
 
     check(torchrun([TRAIN, *args]))  # room on the disk again
-    steps = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
-    assert steps == [("train", 2), ("train", 4), ("val", 7), ("train", 8), ("train", 10), ("train", 12),
-                     ("train", 14), ("val", 14)]  # fmt: skip
+    records = read_metrics(run / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("train", 6), ("train", 7),
+                                                          ("val", 7), ("train", 8), ("train", 10), ("train", 12),
+                                                          ("train", 14), ("val", 14)]  # fmt: skip
+    assert sum(r["count"] for r in records if r["split"] == "train") == 14 * 16  # each step in one record
 
     # A metrics file rank 0 cannot even open stops every rank before training, naming it.
     (run / "metrics.jsonl").unlink()
@@ -381,6 +390,22 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
     assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]
     assert "[rank1]: Traceback" not in proc.stderr
     assert proc.stderr.count("train.epochs: 2 -> 3") == 1  # the resume's warnings come from rank 0 alone
+
+
+def test_a_last_validation_record_rank_0_cannot_write_is_written_by_the_rerun(tiny_data, tmp_path):
+    """The run's very last record (its final validation) not written: the run has trained all its
+    epochs and still stops with the error; the rerun trains nothing, writes the record and ends
+    the run as completed."""
+    run = tmp_path / "full"
+    proc, args = full_disk_run(tiny_data, tmp_path, epochs=1, full_from=5)  # train 2, 4, 6, 7, then val 7
+    assert proc.returncode != 0
+    assert proc.stderr.count("training stopped at step 7 with a checkpoint") == 2, proc.stderr[-4000:]
+    written = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
+    assert written == [("train", 2), ("train", 4), ("train", 6), ("train", 7)]
+    assert not (run / "summary.json").exists()
+    check(torchrun([TRAIN, *args]))
+    assert [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")][-1] == ("val", 7)
+    assert json.loads((run / "summary.json").read_text())["completed"]
 
 
 # Rank 0 fails, writing config.yaml, in a way nothing foresees (fault injection around launch/train.py).
@@ -449,8 +474,9 @@ def test_a_bad_file_in_validation_stops_every_rank_after_a_checkpoint_of_the_epo
     bad = cut_copy(tiny_data, tmp_path / "data", "val/circle/circle_0001.jpg")
     args = ("train.epochs=1", "checkpoint.every_steps=0")
     proc = train(bad.parents[2], tmp_path, "val", *args)
-    one_line_per_rank(proc, "Validation stopped; a checkpoint holds the epoch's training (step 7), and the "
-                            "resumed run validates the epoch again.")  # fmt: skip
+    checkpoints = tmp_path / "val" / "checkpoints"
+    one_line_per_rank(proc, f"Validation stopped at step 7, with a checkpoint in {checkpoints}; the resumed run "
+                            "validates the epoch again.")  # fmt: skip
     progress = torch.load(tmp_path / "val" / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert (progress["step"], progress["epoch"], progress["epoch_trained"]) == (7, 0, True)
     shutil.copy(tiny_data / "val" / "circle" / "circle_0001.jpg", bad)
