@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from alexnet.checkpoint import CheckpointError
 from alexnet.config import Config, ConfigError
 from alexnet.data import (
     DALI_INSTALL_HINT,
@@ -36,15 +35,13 @@ from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
 from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.metrics import topk_correct
-from alexnet.parallel.agree import agreed_batches, share_setup_failure
+from alexnet.parallel.agree import SETUP_ERRORS, agreed_batches, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
 from pipelines.index import DataError, FileIndex, build_file_index, find_classes, load_file_list
 
 log = logging.getLogger("alexnet")
-# What reading a rank's checkpoint and data can fail with (shared with the other ranks).
-SETUP_ERRORS = (ConfigError, DataError, CheckpointError, OSError)
 
 
 # ---- scoring a batch ---------------------------------------------------------------------------
@@ -257,7 +254,7 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
         setup = read_eval_setup(opts, env, channels_last)
     except SETUP_ERRORS as exc:  # one rank's alone, maybe: a checkpoint or data folder its node lacks
         failure = exc
-    share_setup_failure(failure, SETUP_ERRORS)
+    share_setup_failure(failure)
     assert setup is not None  # else that raised
     loaded, cfg = setup.loaded, setup.loaded.config
     model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model

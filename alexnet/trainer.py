@@ -23,7 +23,7 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.agree import fetch_each, share_setup_failure, shared_data_error
+from alexnet.parallel.agree import SETUP_ERRORS, fetch_each, share_setup_failure, shared_data_error
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -40,8 +40,6 @@ from pipelines.index import DataError
 
 log = logging.getLogger("alexnet")
 Batch = tuple[torch.Tensor, torch.Tensor]
-# What reading a rank's data folders and checkpoint can fail with (shared with the other ranks).
-SETUP_ERRORS = (ConfigError, DataError, CheckpointError, OSError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,7 +90,7 @@ class Trainer:
             full, resumed = self._read_data_and_checkpoint()
         except SETUP_ERRORS as exc:  # one rank's alone, maybe: a data folder its node lacks
             full, resumed, failure = None, None, exc
-        share_setup_failure(failure, SETUP_ERRORS)
+        share_setup_failure(failure)
         assert full is not None  # else that raised
         self._agree_on_resume(resumed)
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace

@@ -61,3 +61,16 @@ class NoDali:  # this interpreter behaves as one where DALI is not installed (no
 
 sys.meta_path.insert(0, NoDali())
 """
+
+
+def rank_1_sees(tmp_path: Path, script: Path, flag: str, value: Path) -> Path:
+    """A wrapper that runs `script` with the argument after `flag` replaced by `value` on rank 1
+    alone: a path that rank 1's node does not have."""
+    wrapper = tmp_path / "rank_1_elsewhere.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1': sys.argv[sys.argv.index({flag!r}) + 1] = {str(value)!r}\n"
+        f"sys.argv[0] = {str(script)!r}\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    return wrapper

@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, check, torchrun, without_dali
+from _helpers import REPO, check, rank_1_sees, torchrun, without_dali
 from PIL import Image
 from torch import nn
 
@@ -466,13 +466,7 @@ def test_e2e_command_names_a_bad_file_and_says_the_benchmark_stopped(
 def test_a_data_folder_one_rank_lacks_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):
     """Node-local data missing on rank 1's node: both ranks stop with rank 1's error, naming it."""
     missing = tmp_path / "not_on_this_node"
-    wrapper = tmp_path / "rank_1_elsewhere.py"
-    wrapper.write_text(
-        "import os, runpy, sys\n"
-        f"if os.environ['RANK'] == '1': sys.argv[sys.argv.index('--data') + 1] = {str(missing)!r}\n"
-        f"sys.argv[0] = {str(BENCH)!r}\n"
-        f"runpy.run_path({str(BENCH)!r}, run_name='__main__')\n"
-    )
+    wrapper = rank_1_sees(tmp_path, BENCH, "--data", missing)
     proc = torchrun([wrapper, "e2e", "--data", tiny_data, "--no-synthetic", "--windows", "1", "--warmup", "0",
                      "--steps", "1", "--out", tmp_path / "out", "data.batch_size=2", "model.fc_width=512",
                      "parallel.timeout_s=30"])  # fmt: skip

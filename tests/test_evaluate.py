@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, check, torchrun, without_dali
+from _helpers import REPO, TINY_TRAIN, check, rank_1_sees, torchrun, without_dali
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
@@ -265,13 +265,7 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     """Node-local data missing on rank 1's node: rank 1 stopped with its error and rank 0 died in
     the first all-reduce with a gloo traceback. Both now stop with rank 1's error, naming it."""
     missing = tmp_path / "not_on_this_node"
-    wrapper = tmp_path / "rank_1_elsewhere.py"
-    wrapper.write_text(
-        "import os, runpy, sys\n"
-        f"if os.environ['RANK'] == '1': sys.argv[sys.argv.index('--data') + 1] = {str(missing)!r}\n"
-        f"sys.argv[0] = {str(EVALUATE)!r}\n"
-        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
-    )
+    wrapper = rank_1_sees(tmp_path, EVALUATE, "--data", missing)
     proc = torchrun([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
     assert proc.returncode != 0
     assert proc.stderr.count(f"error: rank 1 (of 2): data folder {missing} does not exist") == 2, proc.stderr[-4000:]

@@ -32,9 +32,9 @@ from alexnet.bench.step_bench import (
 )
 from alexnet.bench.timing import Schedule, paired_ratio, run_interleaved, wait_until_idle
 from alexnet.bench.training import TrainContender, endless, sync
-from alexnet.config import Config, ConfigError, config_to_dict
+from alexnet.config import Config, config_to_dict
 from alexnet.data import build_loader, build_splits
-from alexnet.parallel.agree import share_setup_failure
+from alexnet.parallel.agree import SETUP_ERRORS, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan
@@ -86,9 +86,9 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
             data_cfg = dataclasses.replace(cfg.data, pipeline=pipeline)
             loaders[pipeline] = build_loader(data_cfg, "train", splits, mesh, env.device, plan.decoder,
                                              plan.channels_last)  # fmt: skip
-    except (ConfigError, DataError, OSError) as exc:
+    except SETUP_ERRORS as exc:
         failure = exc
-    share_setup_failure(failure, (ConfigError, DataError, OSError))
+    share_setup_failure(failure)
     assert splits is not None  # else that raised
     num_classes = cfg.model.num_classes or len(splits.classes)
     model = build_full_model(cfg.model.variant, cfg, num_classes, plan, env.device)

@@ -18,9 +18,13 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
+from alexnet.checkpoint import CheckpointError
+from alexnet.config import ConfigError
 from pipelines.index import DataError
 
 T = TypeVar("T")
+# What a rank's own reading of its data folders and checkpoint can fail with.
+SETUP_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, OSError)
 
 
 def _distributed() -> bool:
@@ -78,7 +82,7 @@ def agreed_batches(batches: Iterable[T], device: torch.device) -> Iterator[T]:
         yield fetched.batch  # type: ignore[misc] - None only with an error, which raised
 
 
-def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
+def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception], ...] = SETUP_ERRORS) -> None:
     """Collective, after what each rank reads on its own (data folders, a checkpoint), which one
     rank can fail at alone where storage is node-local: every rank raises the first failing
     rank's error (of the first of `kinds` it is), naming that rank where not all failed alike,
