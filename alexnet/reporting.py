@@ -63,7 +63,7 @@ class Reporter:
     rank 0 alone, which would leave the other ranks in a broken collective and lose the steps
     since the last checkpoint: `failure` says why, that record and the later ones go to `unwritten`
     (the run's Progress, so the checkpoint holds them and the resumed session writes them first),
-    and the trainer stops every rank at the next step with a checkpoint, then raises it
+    and the trainer stops every rank after the next step with a checkpoint, then raises it
     (MetricsWriteError)."""
 
     def __init__(
