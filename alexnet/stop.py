@@ -14,6 +14,7 @@ train, where a missed "stopped" marker would end an unfinished run.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("alexnet")
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 # SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
 # sessions of their own) passes the first on to every worker and kills them --shutdown-timeout
@@ -98,10 +100,17 @@ class StopRequest:
         return self.stop_file.with_name(self.stop_file.name + COMPLETED_SUFFIX) if self.stop_file else None
 
     def mark_completed(self, step: int) -> None:
-        """Tell whoever may write the stop file that there is nothing left to resume (rank 0)."""
+        """Tell whoever may write the stop file that there is nothing left to resume (rank 0). A
+        marker that cannot be written is a warning: the run and its checkpoint are complete, and
+        a missed marker costs at most one requeued job that finds nothing to train."""
         marker = self.marker()
-        if marker is not None:
+        if marker is None:
+            return
+        try:
             marker.write_text(f"completed at step {step}\n")
+        except OSError as exc:
+            log.warning("could not mark the run completed in %s (%s): a requeued job would find nothing left "
+                        "to train", marker, exc.strerror or exc)  # fmt: skip
 
     def reason(self) -> str:
         if self.signal_name:

@@ -44,3 +44,12 @@ def test_under_torchrun_its_sigterm_after_a_ctrl_c_is_a_stop_request(restored_ha
     assert "if that ends before torchrun kills the workers (--shutdown-timeout" in capfd.readouterr().err
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.reason() == "signal SIGTERM"
+
+
+def test_a_completion_marker_that_cannot_be_written_is_a_warning(tmp_path, caplog):
+    """At a completed run's very end: it made rank 0 exit 1 with the run and its checkpoint done."""
+    stop = StopRequest(torch.device("cpu"), str(tmp_path / "gone" / "STOP"))  # its folder does not exist
+    stop.mark_completed(7)
+    assert f"could not mark the run completed in {tmp_path / 'gone' / 'STOP.completed'}" in caplog.text
+    StopRequest(torch.device("cpu"), str(tmp_path / "STOP")).mark_completed(7)
+    assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"
