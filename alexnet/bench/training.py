@@ -13,9 +13,10 @@ the timed gradient collectives outside DDP (the hybrid's FC slices); activation 
 timed exchanges; compute = the rest of the no_sync step. On CUDA the device is synchronized
 around every timed region. Window seconds are the slowest rank's; the split is the ranks' mean.
 
-As in the trainer, the ranks agree on each batch before its step (alexnet.parallel.agree: a bad
-file on one rank stops every rank), so a step carries the trainer's per-step all-reduce and
-device sync; the data wait is the time in the batch iterator alone.
+As in the trainer, the ranks agree on each batch before its step, with the trainer's own
+agreement (alexnet.stop.StopRequest: a bad file on one rank stops every rank), so a step carries
+the trainer's per-step all-reduce and device sync; the data wait is the time in the batch
+iterator alone.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from torch import nn
 from alexnet.bench.timing import Window, summarize
 from alexnet.engine import AmpPolicy, train_step
 from alexnet.layers import DropoutContext
-from alexnet.parallel.agree import any_rank, fetch_each, shared_data_error
+from alexnet.parallel.agree import fetch_each, shared_data_error
 from alexnet.parallel.comm import CommCounter
+from alexnet.stop import StopRequest
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -88,6 +90,7 @@ class TrainContender:
         self.name = name
         self.parts = parts
         self._batches = fetch_each(batches)
+        self._agreement = StopRequest(device)  # no signal handlers, no stop file: batches only
         self._steps = steps
         self._images_per_step = images_per_step  # over all ranks: batch x data-parallel replicas
         self._device = device
@@ -109,7 +112,8 @@ class TrainContender:
             for _ in range(n):
                 fetched = next(self._batches)
                 wait += fetched.seconds
-                if any_rank(fetched.error is not None, self._device):
+                self._agreement.agreed(no_batch_here=fetched.error is not None)
+                if self._agreement.batch_missing:
                     raise shared_data_error(fetched.error)
                 images, labels = fetched.batch
                 dropout = DropoutContext(p.seed, self._step, p.sample_base[: labels.shape[0]])
