@@ -23,7 +23,7 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.agree import SETUP_ERRORS, fetch_each, share_setup_failure, shared_data_error
+from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, fetch_each, share_setup_failure, shared_fetch_error
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -407,13 +407,13 @@ class Trainer:
         rank before it is used, in the one all-reduce a step has for it: a stop request on any rank
         or rank 0's records failing (stop: every rank stops, training after this batch's step,
         with a checkpoint, validation before this batch), or a rank that could not read its batch
-        (every rank raises that rank's DataError at once: the other ranks' loaders have moved on,
-        so no checkpoint of a training step can follow)."""
+        (every rank raises at once that rank's DataError, or a LoaderError naming it: the other
+        ranks' loaders have moved on, so no checkpoint of a training step can follow)."""
         for fetched in fetch_each(batches):
             no_batch = fetched.error is not None
             stop = self.stop.agreed(failed_here=self.reporter.failure is not None, no_batch_here=no_batch)
             if self.stop.batch_missing:
-                raise shared_data_error(fetched.error)
+                raise shared_fetch_error(fetched.error)
             yield fetched.batch, stop, fetched.seconds  # type: ignore[misc] - a batch where no error
 
     def _raise_report_failure(self) -> None:
@@ -448,7 +448,7 @@ class Trainer:
         self.comm.take()  # forget what validation sent
         try:
             return self._train_steps(epoch)
-        except DataError as exc:  # a file the loaders cannot decode; they do not know who reads them
+        except (DataError, LoaderError) as exc:  # the loaders do not know who reads them: say what stopped
             raise stopped_by(exc, "Training stopped; no checkpoint was written after this batch.") from exc
 
     def _train_steps(self, epoch: int) -> str:
@@ -508,6 +508,11 @@ class Trainer:
                     return None
                 result = eval_batch(self.model, images, labels, self.amp)  # one crop, or ten averaged
                 tally.add(result.loss_sum, result.correct, result.count)
+        except LoaderError as exc:
+            # A loader that failed in a way nobody foresaw (memory run out) may have left its rank
+            # unable to write a checkpoint, which all ranks write together or none: none.
+            said = f"Validation stopped at step {self.progress.step}, {self._checkpoint_said()}"
+            raise stopped_by(exc, f"{said}.") from exc
         except DataError as exc:
             # The epoch's steps are all taken and every training loader stands at its end: they
             # are kept, as a stop during the validation keeps them.

@@ -30,6 +30,7 @@ from typing import Any
 from alexnet.bench.output import Report, ReportError, format_ratios, format_table, prepare_out_dir, write_outputs
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, load_config
+from alexnet.parallel.agree import LoaderError
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import exit_process, print_error
 from pipelines.index import DataError
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
         print_error(str(exc))
         return 2
-    except OSError as exc:  # a data folder one rank cannot read, say
+    except (OSError, LoaderError) as exc:  # a data folder one rank cannot read, another rank's loader failing
         print_error(str(exc))
         return 1
     if report is None:  # ranks other than 0

@@ -28,7 +28,7 @@ from pathlib import Path
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
-from alexnet.parallel.agree import share_setup_failure
+from alexnet.parallel.agree import LoaderError, share_setup_failure
 from alexnet.parallel.env import DistEnv, LaunchError, init_distributed, shutdown_distributed
 from alexnet.process import exit_process, print_error
 from pipelines.index import DataError
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except OutputPathError as exc:
         print_error(str(exc))
         return 2
-    except (CheckpointError, ConfigError, DataError, OSError) as exc:  # OSError: a folder one rank cannot read
+    except (CheckpointError, ConfigError, DataError, LoaderError, OSError) as exc:  # OSError: a folder a rank lacks
         print_error(str(exc))
         return 1
     finally:

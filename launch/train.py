@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
+from alexnet.parallel.agree import LoaderError
 from alexnet.parallel.env import LaunchError
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import exit_process, print_error
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         LayoutError,
         LaunchError,
         DataError,
+        LoaderError,
         CheckpointError,
         MetricsWriteError,
         NonFiniteLossError,

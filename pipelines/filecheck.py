@@ -26,6 +26,7 @@ from PIL import Image
 from pipelines.index import DataError, is_utf8, printable
 
 Item = TypeVar("Item")
+Stopping = TypeVar("Stopping", bound=RuntimeError)  # an error whose constructor takes its message
 
 # kind -> what it means; the fixable ones decode after conversion to RGB JPEG.
 KINDS = {
@@ -216,10 +217,11 @@ def without_worker_traceback(batches: Iterable[Item]) -> Iterator[Item]:
         raise DataError(text.rsplit(marker, 1)[-1].strip()) from None
 
 
-def stopped_by(exc: DataError, what_stopped: str) -> DataError:
-    """`exc` with a last sentence saying what it stopped: the loaders do not know who reads them
-    (training, evaluation, a benchmark), their callers do."""
-    return DataError(f"{str(exc).rstrip('.')}. {what_stopped}")
+def stopped_by(exc: Stopping, what_stopped: str) -> Stopping:
+    """`exc` (a DataError, or another rank's loader failure) with a last sentence saying what it
+    stopped: the loaders do not know who reads them (training, evaluation, a benchmark), their
+    callers do."""
+    return type(exc)(f"{str(exc).rstrip('.')}. {what_stopped}")
 
 
 _DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
@@ -236,7 +238,7 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     """
     if not _DECODER_ERROR.search(message):
         return None
-    cause = _dali_cause(message)
+    cause = dali_cause(message)
     if _NOT_THE_DATA.search(cause):
         return None  # the device failed, not a file: DALI's own error says more than a scan would
     bad = _named_files(message, set(files))
@@ -262,7 +264,7 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
 _NOT_THE_DATA = re.compile(r"CUDA allocation|out of memory|cudaError|CUDA error|CUDA driver", re.IGNORECASE)
 
 
-def _dali_cause(message: str) -> str:
+def dali_cause(message: str) -> str:
     """The first line after DALI's "encountered:": what actually went wrong in the operator."""
     lines = message.splitlines()
     for i, line in enumerate(lines):

@@ -74,3 +74,24 @@ def rank_1_sees(tmp_path: Path, script: Path, flag: str, value: Path) -> Path:
         f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
     )
     return wrapper
+
+
+def loader_failing_on_rank_1(tmp_path: Path, script: Path, split: str, at_batch: int = 3) -> Path:
+    """A wrapper that runs `script` with rank 1's DALI loader of `split` failing at its
+    `at_batch`-th batch as nothing foreseen fails (a DALI internal error, memory run out)."""
+    wrapper = tmp_path / "rank_1_loader_fails.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    import pipelines.dali as dali\n"
+        "    run, calls = dali.DaliLoader._run_pipeline, [0]\n"
+        "    def failing(self):\n"
+        f"        calls[0] += self.split == {split!r}\n"
+        f"        if self.split == {split!r} and calls[0] == {at_batch}:\n"
+        "            raise RuntimeError('Critical error in pipeline: injected')\n"
+        "        return run(self)\n"
+        "    dali.DaliLoader._run_pipeline = failing\n"
+        f"sys.argv[0] = {str(script)!r}\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    return wrapper

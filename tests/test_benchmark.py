@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, check, rank_1_sees, torchrun, without_dali
+from _helpers import REPO, check, loader_failing_on_rank_1, rank_1_sees, torchrun, without_dali
 from PIL import Image
 from torch import nn
 
@@ -490,6 +490,22 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(fo
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if f"cannot decode {bad}" in line]
     assert len(named) == 2 and all("The e2e benchmark stopped." in line for line in named), proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "e2e.json").exists()
+
+
+def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):
+    """A DALI internal error on rank 1 alone: rank 0 died in the step's all-reduce with a gloo
+    traceback. Both now stop with one line naming rank 1 and its error."""
+    wrapper = loader_failing_on_rank_1(tmp_path, BENCH, "train")
+    proc = torchrun([wrapper, "e2e", "--data", tiny_data, "--pipelines", "dali", "--no-synthetic", "--windows", "1",
+                     "--warmup", "0", "--steps", "4", "--out", tmp_path / "out", "data.batch_size=2",
+                     "data.num_threads=1", "data.prefetch=1", "data.crop=67", "data.resize=76", "model.fc_width=512",
+                     "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode == 1
+    said = "error: rank 1 (of 2) could not load its batch: RuntimeError: Critical error in pipeline: injected (rank 1 "
+    said += "logged its traceback). The e2e benchmark stopped."
+    assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "e2e.json").exists()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, check, rank_1_sees, torchrun, without_dali
+from _helpers import REPO, TINY_TRAIN, check, loader_failing_on_rank_1, rank_1_sees, torchrun, without_dali
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
@@ -257,6 +257,20 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if "error: " in line and str(bad) in line]
     assert len(named) == 2, proc.stderr[-4000:]  # one line from each rank, neither run into the other
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, trained, tmp_path):
+    """A DALI internal error on rank 1 alone: rank 0 died in the final all-reduce with a gloo
+    traceback. Both now stop with one line naming rank 1 and its error."""
+    wrapper = loader_failing_on_rank_1(tmp_path, EVALUATE, "val", at_batch=2)
+    out = tmp_path / "eval.json"
+    proc = torchrun([wrapper, trained, "--data", tiny_data, "--batch-size", "4", "--out", out, "--timeout", "30"],
+                    nproc=2)  # fmt: skip
+    assert proc.returncode != 0
+    said = "error: rank 1 (of 2) could not load its batch: RuntimeError: Critical error in pipeline: injected"
+    assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not out.exists()
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import REPO, TINY_TRAIN, TRAIN, check, loader_failing_on_rank_1, torchrun
 
 import alexnet.trainer
 from alexnet.checkpoint import CheckpointError
@@ -484,6 +484,32 @@ def test_a_bad_file_in_validation_stops_every_rank_after_a_checkpoint_of_the_epo
     records = read_metrics(tmp_path / "val" / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in records if r["split"] == "val"] == [("val", 7)]
     assert sum(r["count"] for r in records if r["split"] == "train") == 7 * 16  # each step trained once
+
+
+LOADER_FAILED = "rank 1 (of 2) could not load its batch: RuntimeError: Critical error in pipeline: injected (rank 1 "
+LOADER_FAILED += "logged its traceback)."
+
+
+@pytest.mark.parametrize(
+    ("split", "stopped"),
+    [
+        ("train", "Training stopped; no checkpoint was written after this batch."),
+        ("val", "Validation stopped at step 7, without a checkpoint of it (there is none yet)."),
+    ],
+)
+def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, tmp_path, split, stopped):
+    """A DALI internal error (or memory running out) on rank 1 alone: rank 1 died with its
+    traceback and rank 0 in the step's all-reduce with a gloo traceback (NCCL: a hang until the
+    timeout). Both ranks now stop at the same batch with one line naming rank 1 and its error,
+    rank 1 having logged its traceback first. No checkpoint follows: the failing rank may not
+    be able to write one (in validation too, unlike after a bad file)."""
+    wrapper = loader_failing_on_rank_1(tmp_path, TRAIN, split)
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=lf",
+                     "train.epochs=1", "checkpoint.every_steps=0"])  # fmt: skip
+    one_line_per_rank(proc, f"error: {LOADER_FAILED} {stopped}")
+    assert proc.stderr.count("rank 1: its loader failed; every rank stops") == 1
+    assert "\nRuntimeError: Critical error in pipeline: injected\n" in proc.stderr  # the end of its traceback
+    assert not (tmp_path / "lf" / "checkpoints" / "last.pt").exists()
 
 
 def per_rank_home(tmp_path):

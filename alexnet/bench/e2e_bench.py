@@ -34,7 +34,7 @@ from alexnet.bench.timing import Schedule, paired_ratio, run_interleaved, wait_u
 from alexnet.bench.training import TrainContender, endless, sync
 from alexnet.config import Config, config_to_dict
 from alexnet.data import build_loader, build_splits
-from alexnet.parallel.agree import SETUP_ERRORS, share_setup_failure
+from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan
@@ -117,7 +117,7 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
 
     try:
         timed = run_interleaved(contenders, s.schedule, between=settle, progress=progress_printer(env, s.schedule))
-    except DataError as exc:  # a bad file met by training's loaders
+    except (DataError, LoaderError) as exc:  # a bad file met by training's loaders, or a rank's loader failed
         raise stopped_by(exc, "The e2e benchmark stopped.") from exc
     if not env.is_main:
         return None

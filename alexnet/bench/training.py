@@ -34,7 +34,7 @@ from torch import nn
 from alexnet.bench.timing import Window, summarize
 from alexnet.engine import AmpPolicy, train_step
 from alexnet.layers import DropoutContext
-from alexnet.parallel.agree import fetch_each, shared_data_error
+from alexnet.parallel.agree import fetch_each, shared_fetch_error
 from alexnet.parallel.comm import CommCounter
 from alexnet.stop import StopRequest
 
@@ -114,7 +114,7 @@ class TrainContender:
                 wait += fetched.seconds
                 self._agreement.agreed(no_batch_here=fetched.error is not None)
                 if self._agreement.batch_missing:
-                    raise shared_data_error(fetched.error)
+                    raise shared_fetch_error(fetched.error)
                 images, labels = fetched.batch
                 dropout = DropoutContext(p.seed, self._step, p.sample_base[: labels.shape[0]])
                 train_step(p.module, images, labels, p.optimizer, p.amp, dropout, p.grad_clip, p.after_backward)

@@ -3,13 +3,15 @@
 DALI cannot drop a bad file from a batch (PITFALLS 6): a rank whose shard holds one gets a
 DataError instead of its batch, while the other ranks, holding theirs, go on into the step's
 collectives and wait there until their connection to it breaks (a gloo traceback) or their
-timeout ends (NCCL). So each batch is agreed on first, with one all-reduce of a flag (the
-trainer's stop agreement carries it, so a training step costs no extra collective), and where a
-rank has none, every rank raises that rank's error.
+timeout ends (NCCL). The same holds for a loader that fails in a way nobody foresaw (a DALI
+internal error, memory running out on one node). So each batch is agreed on first, with one
+all-reduce of a flag (the trainer's stop agreement carries it, so a training step costs no extra
+collective), and where a rank has none, every rank stops with that rank's error.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,11 +22,17 @@ import torch.distributed as dist
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
+from pipelines.filecheck import dali_cause
 from pipelines.index import DataError
 
 T = TypeVar("T")
+log = logging.getLogger("alexnet")
 # What a rank's own reading of its data folders and checkpoint can fail with.
 SETUP_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, OSError)
+
+
+class LoaderError(RuntimeError):
+    """A rank's loader failed with something other than a bad file (across processes)."""
 
 
 def _distributed() -> bool:
@@ -34,13 +42,14 @@ def _distributed() -> bool:
 @dataclass(frozen=True)
 class Fetched(Generic[T]):
     batch: T | None  # None where the loader failed
-    error: DataError | None
+    error: Exception | None  # what it raised: a DataError (a bad file) or anything else
     seconds: float  # spent waiting for the loader
 
 
 def fetch_each(batches: Iterable[T]) -> Iterator[Fetched[T]]:
-    """Each batch; where the loader raises a DataError instead, that error once, and nothing after
-    it (a loader that failed is not asked again)."""
+    """Each batch; where the loader raises an error instead, that error once, and nothing after it
+    (a loader that failed is not asked again). The caller agrees with the other ranks before it
+    raises the error: a rank that raised it at once would leave them waiting in a collective."""
     iterator = iter(batches)
     while True:
         asked = time.perf_counter()
@@ -48,7 +57,7 @@ def fetch_each(batches: Iterable[T]) -> Iterator[Fetched[T]]:
             batch = next(iterator)
         except StopIteration:
             return
-        except DataError as exc:
+        except Exception as exc:  # noqa: BLE001 - raised by the caller, once the other ranks know
             yield Fetched(None, exc, time.perf_counter() - asked)
             return
         yield Fetched(batch, None, time.perf_counter() - asked)
@@ -63,22 +72,47 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def shared_data_error(mine: DataError | None) -> DataError:
-    """Collective, once every rank knows that some rank has no batch: the error of the first such
-    rank, on every rank."""
+def shared_fetch_error(mine: Exception | None) -> Exception:
+    """Collective, once every rank knows that some rank has no batch: the error to raise here.
+    One process raises its loader's own error. Across processes a bad file is a DataError naming
+    it, anything else a LoaderError naming the rank and what it raised, whose traceback that rank
+    logs first (before any rank can exit and have torchrun stop the rest); a rank whose loader
+    failed raises its own, the others the first failing rank's."""
     if not _distributed():
         assert mine is not None, "no rank is missing its batch"
         return mine
-    gathered: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, None if mine is None else str(mine))
-    return DataError(next(message for message in gathered if message is not None))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if mine is not None and not isinstance(mine, DataError):
+        log.error("rank %d: its loader failed; every rank stops", rank, exc_info=mine)
+    told = None if mine is None else (isinstance(mine, DataError), describe_error(mine))
+    gathered: list[tuple[bool, str] | None] = [None] * world
+    dist.all_gather_object(gathered, told)
+    failed = rank if mine is not None else next(r for r, t in enumerate(gathered) if t is not None)
+    bad_file, message = gathered[failed]  # type: ignore[misc] - that rank told its error
+    error = DataError(message) if bad_file else LoaderError(
+        f"rank {failed} (of {world}) could not load its batch: {message} (rank {failed} logged its traceback)"
+    )  # fmt: skip
+    error.__cause__ = mine  # where it is this rank's own: for a caller that prints the chain
+    return error
+
+
+def describe_error(exc: Exception) -> str:
+    """A DataError's message (it says what is wrong); anything else's type and first line, and
+    for a DALI error the line that says what went wrong in its operator (its first line says
+    only "Critical error in pipeline:")."""
+    if isinstance(exc, DataError):
+        return str(exc)
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    cause = dali_cause(str(exc))
+    said = " ".join(part for part in (first, cause) if part)
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
 def agreed_batches(batches: Iterable[T], device: torch.device) -> Iterator[T]:
     """The batches of `batches`, each agreed on by every rank before it is yielded."""
     for fetched in fetch_each(batches):
         if any_rank(fetched.error is not None, device):
-            raise shared_data_error(fetched.error)
+            raise shared_fetch_error(fetched.error)
         yield fetched.batch  # type: ignore[misc] - None only with an error, which raised
 
 
