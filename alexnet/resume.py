@@ -35,6 +35,7 @@ from alexnet.optim import LrSchedule
 from alexnet.parallel.layout import Layout
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import EpochLayout, Loader, convert_position, train_steps
+from pipelines.index import DataError, some_names
 
 log = logging.getLogger("alexnet")
 
@@ -101,17 +102,23 @@ def check_training_sections(payload: dict[str, Any], path: Path) -> None:
 
 
 def load_resume_checkpoint(
-    cfg: CheckpointConfig, ckpt_dir: Path, model: nn.Module, settings: dict[str, Any] | None = None
+    cfg: CheckpointConfig,
+    ckpt_dir: Path,
+    model: nn.Module,
+    settings: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
 ) -> tuple[dict, Path] | None:
     """Load the newest usable checkpoint's weights into the single-device `model`. With
     `resume=auto`, a checkpoint that cannot be used (truncated, another model) gives way to the
     previous one, with a warning naming both. `settings`: this run's config as a dict; weights
-    that do not fit the model then name the settings that shape it and differ."""
+    that do not fit the model then name the settings that shape it and differ. `classes`: the
+    training data's class folders (None for synthetic data), which must be the checkpoint's."""
     candidates = resume_candidates(cfg, ckpt_dir)
     for i, path in enumerate(candidates):
         try:
             payload = load_checkpoint(path)
             check_training_sections(payload, path)
+            check_same_classes(payload, path, classes)  # the data's fault, not the file's: no fallback
             try:
                 load_model_state(model, payload["model"], path)
             except CheckpointError as exc:
@@ -122,6 +129,25 @@ def load_resume_checkpoint(
                 raise
             log.warning("%s; falling back to %s", exc, candidates[i + 1])
     return None
+
+
+def check_same_classes(payload: dict[str, Any], path: Path, classes: list[str] | None) -> None:
+    """Each output of the model stands for one class folder, in sorted order: a class folder
+    renamed, added or removed since the checkpoint shifts every label after it. Resumed on
+    such data, a run trained on swapped labels without a word (a renamed folder) or named only a
+    shape mismatch of fc8 (an added one), and wrote the new folders' names into its checkpoints.
+    Checkpoints written before class names were stored are not checked."""
+    saved = payload.get("classes")
+    if classes is None or not isinstance(saved, list) or saved == classes:
+        return
+    new, gone = [c for c in classes if c not in saved], [c for c in saved if c not in classes]
+    differences = [f"{label}: {some_names(names)}" for label, names in (("new", new), ("missing", gone)) if names]
+    raise DataError(
+        f"the training data's {len(classes)} class folders are not the {len(saved)} that checkpoint {path} was "
+        f"trained on ({'; '.join(differences)}): each of the model's outputs stands for one class, so the "
+        "labels would change their meaning; resume with the run's own class folders, or start a new run "
+        "(run.name=<new name>)"
+    )
 
 
 # The settings that decide the model's parameter shapes (data.crop: the paper model's fc6 fan-in).
@@ -141,7 +167,8 @@ def changed_settings(
 ) -> list[str]:
     """'key: saved -> current' for every setting of the checkpoint's config that this run changes
     (checkpoint.resume aside: it names this very checkpoint; model.init too: the weights come
-    from the checkpoint, and configs written before model.init had "auto" say "paper"). A key
+    from the checkpoint, and configs written before model.init had "auto" say "paper"; run.name
+    too: it names the run's folder, and configs written before it was resolved say ""). A key
     that the checkpoint's config lacks (written before the key existed) had its default."""
     if defaults is None:
         defaults = config_to_dict(Config())
@@ -152,7 +179,7 @@ def changed_settings(
         old = saved.get(key, default) if isinstance(saved, dict) else default
         if isinstance(value, dict):
             changes.extend(changed_settings(old if isinstance(old, dict) else {}, value, f"{dotted}.", default))
-        elif old != value and dotted not in ("checkpoint.resume", "model.init"):
+        elif old != value and dotted not in ("checkpoint.resume", "model.init", "run.name"):
             changes.append(f"{dotted}: {old!r} -> {value!r}")
     return changes
 

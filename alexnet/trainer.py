@@ -148,7 +148,8 @@ class Trainer:
         full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
-        return full, load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg))
+        classes = self.splits.classes if self.splits.train is not None else None  # None: synthetic data
+        return full, load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg), classes)
 
     # ---- run folder and checkpoints -------------------------------------------------------
     def _check_run_dir(self) -> CheckpointConfig:
@@ -378,7 +379,8 @@ class Trainer:
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
-                              self.env.device.type, len(self.splits.classes), p.gpu_seconds)  # fmt: skip
+                              self.env.device.type, len(self.splits.classes), p.gpu_seconds,
+                              synthetic=self.cfg.data.pipeline == "synthetic")  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self._on_main_rank(lambda: self.reporter.summary(summary, final))
         self.reporter.close()
