@@ -73,6 +73,7 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
         val = load_file_list(cfg.val_files, val_dir, classes=train.classes)
     else:
         val = build_file_index(val_dir, classes=train.classes)
+    check_enough_classes(train.classes, f"file list {cfg.train_files}" if cfg.train_files else f"{train_dir}")
     check_num_classes(num_classes, len(train.classes), train_dir)
     for split_dir, index in ((train_dir, train), (val_dir, val)):
         if index.unread_folders:
@@ -80,6 +81,14 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
                         "directly in a class folder are; ImageFolder would read these too): %s", split_dir,
                         len(index.unread_folders), some_names(index.unread_folders))  # fmt: skip
     return DataSplits(train, val, train.classes)
+
+
+def check_enough_classes(classes: list[str], source: str) -> None:
+    """One class alone is refused: every label would be the same and the run would learn nothing
+    (the torchvision variant reported 100% top-1, the paper model refused one output with a
+    traceback)."""
+    if len(classes) < 2:
+        raise DataError(f"{source} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2")
 
 
 def check_num_classes(num_classes: int, found: int, train_dir: Path) -> None:

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -285,3 +286,17 @@ def test_num_classes_below_the_data_s_classes_is_named_before_the_run(tiny_data,
     assert (
         "model.num_classes is 12 for 10 class folders" in caplog.text and "2 outputs are never a target" in caplog.text
     )
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_data_with_one_class_is_refused_before_the_run(tiny_data, tmp_path, num_classes):
+    """Every label would be the same: the torchvision variant trained to "100% top-1", the paper
+    model failed with a traceback (one output). Also with a wider head (model.num_classes=10)."""
+    from alexnet.data import build_splits
+    from pipelines.index import DataError
+
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split / "circle", tmp_path / split / "circle")
+    data = load_config(None, [f"data.root={tmp_path}"]).data
+    with pytest.raises(DataError, match=r"train has 1 class \(circle\); a classifier needs at least 2"):
+        build_splits(data, num_classes)
