@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alexnet.config import Config, ConfigError
@@ -30,6 +30,15 @@ def default_run_name(config_path: str | None) -> str:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         name = f"{name}-{job}" + (f"_{task}" if task else "")
     return name
+
+
+def with_run_name(cfg: Config, config_path: str | None) -> Config:
+    """`cfg` with run.name resolved, so that the config.yaml written into the run folder names
+    that folder: `train.py --config runs/<name>/config.yaml` then resumes the run (with the name
+    left empty it started a new run in runs/config)."""
+    if cfg.run.name:
+        return cfg
+    return replace(cfg, run=replace(cfg.run, name=default_run_name(config_path)))
 
 
 def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -> RunPlan:

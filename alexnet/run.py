@@ -10,7 +10,7 @@ from alexnet.config import Config
 from alexnet.data import check_pipeline_installed
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
-from alexnet.plan import build_plan
+from alexnet.plan import build_plan, with_run_name
 from alexnet.process import apply_process_settings
 from alexnet.reporting import check_tensorboard_installed
 from alexnet.trainer import Trainer
@@ -27,6 +27,7 @@ def init_logging(rank: int) -> None:
 
 def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
     init_logging(int(os.environ.get("RANK", "0")))
+    cfg = with_run_name(cfg, config_path)
     apply_process_settings(cfg.train)
     env = init_distributed(cfg.parallel.timeout_s)
     try:
