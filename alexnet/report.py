@@ -6,8 +6,8 @@ validation, the learning rate, and the throughput with the share of time spent w
 
 The summary compares with the paper only where that means something: Krizhevsky et al. 2012,
 Table 2, report 40.7% top-1 and 18.2% top-5 error for one CNN on the ILSVRC-2012 validation set,
-with the softmax averaged over ten crops (section 4.1). A run on other data or another number of
-classes gets no comparison, and says so.
+with the softmax averaged over ten crops (section 4.1). A run on other data, another number of
+classes or synthetic data gets no comparison, and says so.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ PAPER_NUM_CLASSES = 1000
 
 # A run stopped before its first validation: nothing measured, nothing to hold against the paper.
 NO_VALIDATION: dict[str, Any] = {"comparable": False, "note": "no validation ran, so no comparison with the paper"}
+# data.pipeline=synthetic: random images and labels, which measure speed and nothing else.
+SYNTHETIC: dict[str, Any] = {"comparable": False, "note": "synthetic data (random labels): not compared with the paper"}
 
 
 def paper_comparison(top1: float, top5: float, num_classes: int) -> dict[str, Any]:
@@ -84,6 +86,7 @@ def summarize_run(
     device_type: str,
     num_classes: int,
     gpu_seconds: float | None = None,  # the run's sessions summed (None: this session's world for all of it)
+    synthetic: bool = False,
 ) -> RunSummary:
     hours = wall_seconds / 3600.0
     if gpu_seconds is None:
@@ -98,8 +101,16 @@ def summarize_run(
         world_size=world_size,
         device=device_type,
         gpu_hours=gpu_seconds / 3600.0,
-        paper=paper_comparison(best_top1, best_top5, num_classes) if best_top1 is not None else dict(NO_VALIDATION),
+        paper=_paper(best_top1, best_top5, num_classes, synthetic),
     )
+
+
+def _paper(best_top1: float | None, best_top5: float | None, num_classes: int, synthetic: bool) -> dict[str, Any]:
+    if synthetic:
+        return dict(SYNTHETIC)
+    if best_top1 is None or best_top5 is None:
+        return dict(NO_VALIDATION)
+    return paper_comparison(best_top1, best_top5, num_classes)
 
 
 def session_gpu_seconds(world_size: int, device_type: str, seconds: float) -> float:

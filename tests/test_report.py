@@ -113,6 +113,14 @@ def test_summary_elsewhere_says_there_is_no_comparison():
     assert paper_comparison(59.3, 81.8, 1000)["top1_error_gap"] == pytest.approx(0.0)
 
 
+def test_a_synthetic_data_run_is_not_compared_with_the_paper():
+    """Random labels at 1000 classes: "top-1 error 99.90% vs the paper's 40.7% (+59.20 points)"
+    before, with a gap in summary.json."""
+    s = summarize_run(0.1, 0.5, 60.0, 1280, 1, "cpu", 1000, synthetic=True)
+    assert s.paper == {"comparable": False, "note": "synthetic data (random labels): not compared with the paper"}
+    assert summarize_run(0.1, 0.5, 60.0, 1280, 1, "cpu", 1000).paper["top1_error_gap"] == pytest.approx(59.2)
+
+
 def test_run_report_logs_the_summary_and_draws_into_the_run_folder(tmp_path, caplog):
     final = summarize_run(50.0, 75.0, 7200.0, 1_000_000, 4, "cuda", 1000)
     with caplog.at_level(logging.INFO, logger="alexnet"):
