@@ -512,6 +512,46 @@ def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, tmp
     assert not (tmp_path / "lf" / "checkpoints" / "last.pt").exists()
 
 
+def test_a_run_s_config_yaml_names_its_folder_and_resumes_it(tiny_data, tmp_path):
+    """README: config.yaml "loads back to the same configuration". With run.name left empty (the
+    config file's name), it held name: '' and `--config runs/demo/config.yaml` started a new run
+    in runs/config from step 0; it now names the folder, and the same run resumes."""
+    first = check(torchrun([TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "train.epochs=1",
+                            "train.max_steps=2"], nproc=1))  # fmt: skip
+    assert f"run {tmp_path / 'demo'}:" in first.stderr
+    saved = tmp_path / "demo" / "config.yaml"
+    assert load_config(str(saved), []).run.name == "demo"
+    again = check(torchrun([TRAIN, "--config", saved, "train.max_steps=4"], nproc=1))
+    assert "resum" in again.stderr and not (tmp_path / "config").exists()
+    records = read_metrics(tmp_path / "demo" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+    assert "run.name" not in again.stderr  # not a change of the run's settings
+
+
+def test_a_resume_on_other_class_folders_is_refused_naming_them(tiny_data, tmp_path):
+    """A class folder renamed since the checkpoint shifted the labels after it: the resumed run
+    trained on swapped labels without a word and wrote the new names into its checkpoint. One
+    added named only fc8's shapes, after falling back to previous.pt. Both now stop at once
+    with the folders that differ, and the checkpoint stays as it was."""
+    check(train(tiny_data, tmp_path, "cls", "train.epochs=1", "train.max_steps=2", nproc=1))
+    last = tmp_path / "cls" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    renamed, added = tmp_path / "renamed", tmp_path / "added"
+    for root in (renamed, added):
+        shutil.copytree(tiny_data, root)
+    for split in ("train", "val"):
+        (renamed / split / "circle").rename(renamed / split / "aaa")
+        shutil.copytree(added / split / "circle", added / split / "zebra")
+    for root, found, differences in ((renamed, 10, "new: aaa; missing: circle"), (added, 11, "new: zebra")):
+        proc = train(root, tmp_path, "cls", "train.epochs=1", nproc=1)
+        assert proc.returncode != 0 and "[rank0]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+        said = f"error: the training data's {found} class folders are not the 10 that checkpoint {last} was trained on"
+        assert f"{said} ({differences}): " in proc.stderr
+        assert "falling back" not in proc.stderr
+    assert last.read_bytes() == before and not (tmp_path / "cls" / "config.1.yaml").exists()
+    assert torch.load(last, weights_only=True)["classes"][1] == "circle"
+
+
 def per_rank_home(tmp_path):
     """launch/train.py with HOME = tmp_path/home<LOCAL_RANK>: a disk of each rank's own (node-local
     storage), seen through paths that start with ~."""
