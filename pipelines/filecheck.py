@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from pipelines.index import DataError, is_utf8, printable
+from pipelines.index import DataError, is_utf8, name_problem, printable
 
 Item = TypeVar("Item")
 Stopping = TypeVar("Stopping", bound=RuntimeError)  # an error whose constructor takes its message
@@ -38,7 +38,7 @@ KINDS = {
     "dimensions": "absurd dimensions",
     "cmyk": "CMYK JPEG",
     "grayscale": "grayscale image",
-    "bad_name": "file name not valid UTF-8",
+    "bad_name": "file name not valid UTF-8 or holding a line break",
 }
 FIXABLE = frozenset({"wrong_format", "cmyk", "grayscale"})
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -104,8 +104,11 @@ def _describe_non_image(head: bytes) -> str:
 def check_file(path: str | Path, limits: Limits = Limits()) -> Finding | None:
     """None when the file decodes to a usable RGB image, else the first problem found."""
     path = str(path)
-    if not is_utf8(path):
-        return Finding(printable(path), "bad_name", "the name is not valid UTF-8, which DALI cannot read: rename it")
+    # A byte that is not UTF-8 anywhere in the path stops DALI; a line break matters only in the
+    # file's own name, the part of the path that a list line holds (class folders are scan's).
+    problem = name_problem(path) if not is_utf8(path) else name_problem(os.path.basename(path))
+    if problem:
+        return Finding(printable(path), "bad_name", f"{problem}: rename it")
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -320,6 +323,13 @@ def how_to_exclude(path: str) -> str:
     # data.root/<split>/<class>/<file>: the scanner takes data.root
     parts = Path(path).parents
     root = str(parts[2]) if len(parts) > 2 else "DATA_ROOT"
+    if path and not os.path.lexists(path):
+        # Not a bad file to exclude: the list (or the folder index made at start) is out of date.
+        return (
+            f"The file does not exist: it was removed or renamed after it was listed (by a file list, or the folder's "
+            f"index at the start); rewrite the lists with `python launch/scan.py {root} --out SCAN_DIR`, or start "
+            "again from the folder"
+        )
     return (
         f"To exclude bad files, run `python launch/scan.py {root} --out SCAN_DIR` and train with "
         "data.train_files=SCAN_DIR/train.txt data.val_files=SCAN_DIR/val.txt "

@@ -8,11 +8,15 @@ read this list, so their labels agree by construction.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val")
+# The first line of a list that launch/scan.py writes: load_file_list reads the split back from it.
+_LIST_HEADER = re.compile(r"# (\S+) files of (.+) that decode, written by launch/scan\.py")
 
 
 class DataError(RuntimeError):
@@ -73,9 +77,47 @@ def is_utf8(name: str) -> bool:
     return True
 
 
+def fits_one_line(name: str) -> bool:
+    """Whether a name survives a file list of one name a line: str.splitlines (what
+    load_file_list reads with) breaks lines at \\n and \\r, and at \\v, \\f, \\x1c-\\x1e, \\x85,
+    U+2028 and U+2029 as well."""
+    return name.splitlines() == [name]
+
+
+def name_problem(name: str) -> str:
+    """Why launch/scan.py's lists cannot hold a file or folder name; "" when they can."""
+    if not is_utf8(name):
+        return "the name is not valid UTF-8, which DALI cannot read"
+    if not fits_one_line(name):
+        return "the name holds a line break, which a file list (one name a line) cannot hold"
+    return ""
+
+
 def printable(name: str) -> str:
-    """`name` with the bytes that are not UTF-8 written as \\xNN, for messages and reports."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """`name` with the bytes that are not UTF-8 written as \\xNN and the characters that are not
+    printable (line breaks, tabs) as escapes, so that a message or report line stays one line."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def list_header(split: str, split_dir: Path) -> str:
+    """The first line of the list of `split`'s files in `split_dir`, which check_list_split reads
+    (printable: a line break in the data folder's path would end the comment early)."""
+    return f"# {split} files of {printable(str(split_dir))} that decode, written by launch/scan.py"
+
+
+def check_list_split(list_file: Path, first_line: str, split_dir: Path) -> None:
+    """A list whose header names another split than `split_dir`'s (val.txt given for training):
+    its entries would resolve to files of the wrong split that happen to share their names."""
+    header = _LIST_HEADER.fullmatch(first_line.strip())
+    expected = split_dir.name
+    if header is None or expected not in SPLITS or header.group(1) == expected:
+        return  # a list without scan's header, or a folder that is no split: nothing to compare
+    raise DataError(
+        f"file list {list_file} line 1: it lists the {header.group(1)} files of {header.group(2)}, but it is given "
+        f"for the {expected} split ({split_dir}); pass the {expected} list (launch/scan.py writes it beside this one: "
+        f"{list_file.with_name(expected + '.txt')})"
+    )
 
 
 def check_utf8_names(split_dir: Path, files: list[str]) -> None:
@@ -109,23 +151,28 @@ def check_val_covers_train(val_dir: Path, classes: list[str]) -> None:
         )
 
 
+def read_list_lines(list_file: Path) -> list[str]:
+    try:
+        return list_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read file list {list_file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"file list {list_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
 def load_file_list(list_file: str | Path, split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:
     """A file list written by `launch/scan.py`: one path per line, relative to `split_dir` or
     absolute; '#' starts a comment. A file's class is the name of its parent folder, and class
     indices are those of `split_dir`'s class folders (or `classes`, the training split's), so a
     list labels its files exactly as the folder index would."""
     list_file, split_dir = Path(list_file), Path(split_dir)
+    lines = read_list_lines(list_file)
+    check_list_split(list_file, lines[0] if lines else "", split_dir)
     found = find_classes(split_dir)
     if classes is None:
         classes = found
     else:
         check_split_classes(split_dir, found, classes)
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read file list {list_file}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"file list {list_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     label_of = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []

@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
-from pipelines.index import image_names, is_utf8, printable, some_names
+from pipelines.index import SPLITS, image_names, list_header, name_problem, printable, some_names
 from pipelines.outputs import OutputPathError, check_output_folder, write_text_atomic
 
-SPLITS = ("train", "val")
 Fixable = Literal["convert", "exclude", "keep"]
 Action = Literal["excluded", "converted", "kept"]
 
@@ -86,9 +85,8 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
     if not classes:
         problems.append(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
         return None
-    for name in [c for c in classes if not is_utf8(c)]:
-        folder = printable(str(split_dir / name))
-        problems.append(f"class folder {folder}: the name is not valid UTF-8, which DALI cannot read")
+    for name in [c for c in classes if name_problem(c)]:
+        problems.append(f"class folder {printable(str(split_dir / name))}: {name_problem(name)}")
         classes.remove(name)
     listing = SplitListing(split_dir, classes)
     for name in classes:
@@ -180,7 +178,7 @@ def _list_lines(
     for rel, finding in zip(listing.files, found):
         action = "kept" if finding is None else policy.action(finding)
         if action == "kept":
-            lines.append(rel)
+            lines.append(list_line(rel))
         elif action == "converted":
             target = fixed_dir / rel
             convert_to_rgb_jpeg(listing.split_dir / rel, target)
@@ -189,11 +187,17 @@ def _list_lines(
     return lines
 
 
+def list_line(rel: str) -> str:
+    """`rel` as a line load_file_list reads back: a class folder named "#..." or " ..." would
+    start a comment or lose its blank to the line's strip; "./" keeps it (Path drops the ".")."""
+    return f"./{rel}" if rel[:1] == "#" or rel[:1].isspace() else rel
+
+
 def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, lines in result.lists.items():
         header = [
-            f"# {split} files of {result.root / split} that decode, written by launch/scan.py",
+            list_header(split, result.root / split),
             f"# {len(lines)} files; {len(result.findings.get(split, []))} reported (see report.json)",
             "# relative paths are relative to the split folder; a file's class is its parent folder",
         ]
