@@ -13,7 +13,8 @@ their mirrors (Krizhevsky et al. 2012, section 4.1). --pipeline reads the images
 torchvision (default: the run's data.pipeline, whose figures its validation logged). --amp sets
 the autocast precision (default: the run's train.amp). Rank 0 prints the result and writes it as
 JSON (default: beside the checkpoint, <checkpoint>.eval-centre.json or .eval-tencrop.json; a
-folder given to --out gets that name inside it).
+folder given to --out gets that name inside it). An existing file is replaced only where it is an
+earlier result of this command: --out never replaces the checkpoint, metrics.jsonl or the like.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +43,14 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0: the run's own), got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a collective timeout (0 or less: the process group's store times out at once)."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):  # nan compares false; inf overflows the timedelta
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -75,7 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out", default=None, help="JSON file, or folder (existing, or ending in /) (default: beside the checkpoint)"
     )
-    parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds")
+    parser.add_argument("--timeout", type=positive_seconds, default=600.0, help="collective timeout in seconds")
     return parser.parse_args(argv)
 
 
@@ -92,8 +103,52 @@ def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     path = default_out(checkpoint, ten_crop) if out is None else Path(out)
     if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
         path = path / default_out(checkpoint, ten_crop).name
+    check_not_overwriting(path, checkpoint)
     check_output_file(path, f"--out {path}")
     return path
+
+
+# What every result this command writes holds; a file without them is not one (json.dumps with
+# indent=2 puts the top-level keys, and only those, two spaces in). per_class comes last: the keys
+# before it fit in the bounded prefix that is read, whatever the number of classes.
+RESULT_KEYS = frozenset({"checkpoint", "crops", "images", "top1", "top5"})
+_TOP_LEVEL_KEY = re.compile(r'^  "(\w+)": ', re.MULTILINE)
+_RESULT_PREFIX_BYTES = 1 << 16
+
+
+def is_evaluation_result(path: Path) -> bool:
+    """Whether `path` looks like an earlier result of this command, from at most 64 KiB of it
+    (--out may name a checkpoint of hundreds of MB)."""
+    with open(path, "rb") as f:
+        head = f.read(_RESULT_PREFIX_BYTES + 1)
+    if len(head) <= _RESULT_PREFIX_BYTES:  # all of it: parsed
+        try:
+            result = json.loads(head.decode("utf-8"))
+        except ValueError:  # also UnicodeDecodeError
+            return False
+        return isinstance(result, dict) and RESULT_KEYS <= result.keys()
+    text = head[:_RESULT_PREFIX_BYTES].decode("utf-8", errors="replace")  # a large per_class: its top-level keys
+    return text.startswith("{") and RESULT_KEYS <= set(_TOP_LEVEL_KEY.findall(text))
+
+
+def check_not_overwriting(path: Path, checkpoint: Path) -> None:
+    """--out replaces an earlier result, but nothing else: a mistyped --out (the checkpoint itself,
+    metrics.jsonl, /dev/null) was replaced by a few KB of JSON."""
+    if not path.exists():
+        return
+    try:
+        if checkpoint.exists() and os.path.samefile(path, checkpoint):  # also through a link or another path
+            raise OutputPathError(
+                f"--out {path}: that is the checkpoint being evaluated; name a JSON file or a folder "
+                "(nothing was overwritten)"
+            )
+        if not path.is_file() or not is_evaluation_result(path):  # not opened unless a file: a FIFO would block
+            raise OutputPathError(
+                f"--out {path}: the file exists and is not an earlier result of launch/evaluate.py; name a new "
+                "file or a folder (nothing was overwritten)"
+            )
+    except OSError as exc:  # a file this user may not read
+        raise OutputPathError(f"--out {path}: {exc.strerror or exc}") from exc
 
 
 def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:

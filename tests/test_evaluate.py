@@ -4,6 +4,7 @@ top-1/top-5 and per-class counts, the same numbers on one process and under torc
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -382,6 +383,133 @@ def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
     if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: the bits allow it; no file can be made
         with pytest.raises(OutputPathError, match="--out /proc/eval.json: /proc is not a writable folder"):
             command.resolve_out("/proc/eval.json", ckpt, False)
+
+
+def evaluate_command():
+    spec = importlib.util.spec_from_file_location("evaluate_command", EVALUATE)
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    return command
+
+
+def test_out_never_replaces_the_checkpoint_it_evaluates(tiny_data, trained, tmp_path):
+    """--out naming the checkpoint printed "written to" and left 2 KB of JSON in its place."""
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(trained, ckpt)
+    before = ckpt.read_bytes()
+    proc = subprocess.run([sys.executable, EVALUATE, ckpt, "--data", tiny_data, "--out", ckpt], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "images" not in proc.stdout
+    said = f"error: --out {ckpt}: that is the checkpoint being evaluated; name a JSON file or a folder"
+    assert proc.stderr == f"{said} (nothing was overwritten)\n"
+    assert ckpt.read_bytes() == before
+    # the same file by another name: a symbolic link, a hard link, another spelling of its path
+    (tmp_path / "sym.pt").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.pt")
+    command = evaluate_command()
+    for other in (tmp_path / "sym.pt", tmp_path / "hard.pt", ckpt.parent / ".." / "checkpoints" / "last.pt"):
+        with pytest.raises(OutputPathError, match=rf"^--out {re.escape(str(other))}: that is the checkpoint being"):
+            command.resolve_out(str(other), ckpt, False)
+        with pytest.raises(OutputPathError, match="that is the checkpoint being evaluated"):
+            command.resolve_out(str(ckpt), other, False)  # the checkpoint named through it
+    assert ckpt.read_bytes() == before
+
+
+def test_out_replaces_an_earlier_result_and_no_other_file(tiny_data, trained, tmp_path):
+    """metrics.jsonl, a config, an export: each was replaced by the result. An earlier result still is."""
+    out = tmp_path / "eval.json"
+    first = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", out], capture_output=True,
+                           text=True)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    earlier = json.loads(out.read_text())
+    out.write_text(json.dumps({**earlier, "marker": 1}, indent=2) + "\n")
+    again = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", out], capture_output=True,
+                           text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "marker" not in json.loads(out.read_text()) and f"written to {out}" in again.stdout
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"split": "train", "step": 1, "loss": 2.3}\n')
+    refused = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", metrics],
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "images" not in refused.stdout
+    said = f"error: --out {metrics}: the file exists and is not an earlier result of launch/evaluate.py"
+    assert refused.stderr == f"{said}; name a new file or a folder (nothing was overwritten)\n"
+    assert metrics.read_text() == '{"split": "train", "step": 1, "loss": 2.3}\n'
+
+
+def test_an_earlier_result_is_told_from_other_files_by_a_bounded_read(trained, tmp_path):
+    command = evaluate_command()
+    result = {"checkpoint": str(trained), "crops": "centre", "images": 50000, "top1": 57.1, "top5": 80.2,
+              "per_class": [{"name": f"n{i:08d}", "folder": f"n{i:08d}", "images": 50, "top1": 50.0, "top5": 80.0}
+                            for i in range(1000)]}  # fmt: skip
+    big = tmp_path / "imagenet.json"  # 1000 classes: more than the prefix that is read
+    big.write_text(json.dumps(result, indent=2) + "\n")
+    assert big.stat().st_size > 1 << 16
+    assert command.resolve_out(str(big), trained, False) == big
+    small = tmp_path / "compact.json"  # any layout, read whole
+    small.write_text(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
+    assert command.resolve_out(str(small), trained, False) == small
+    nested = tmp_path / "nested.json"  # the keys, but not at the top
+    nested.write_text(json.dumps({"runs": [result] * 2}, indent=2))
+    yaml = tmp_path / "config.yaml"
+    yaml.write_text("checkpoint:\n  resume: auto\n")
+    huge = tmp_path / "huge.json"  # sparse: 64 GiB, were it read whole
+    with huge.open("wb") as f:
+        f.write(b"{")
+        f.truncate(64 << 30)
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    devices = [Path("/dev/null")] if Path("/dev/null").exists() else []  # replaced by a file before
+    for other in (nested, yaml, huge, empty, trained, *devices):
+        with pytest.raises(OutputPathError, match=rf"^--out {re.escape(str(other))}: the file exists and is not an"):
+            command.resolve_out(str(other), tmp_path / "another.pt", False)
+
+
+def test_a_refused_out_stops_every_rank_under_torchrun(trained, tmp_path):
+    """Rank 0 checks --out and shares the refusal: both ranks stop with its line, nothing written."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"split": "val", "step": 7}\n')
+    proc = torchrun([EVALUATE, trained, "--out", metrics, "--timeout", "60"], nproc=2)
+    assert proc.returncode != 0
+    said = f"error: rank 0 (of 2): --out {metrics}: the file exists and is not an earlier result"
+    assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert metrics.read_text() == '{"split": "val", "step": 7}\n'
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_timeout_must_be_a_positive_number_of_seconds(trained, capsys, value):
+    """--timeout 0 under torchrun ended in a 100-line DistNetworkError traceback ("timed out after 0ms")."""
+    with pytest.raises(SystemExit) as exc:
+        evaluate_command().parse_args([str(trained), "--timeout", value])
+    assert exc.value.code == 2
+    assert f"argument --timeout: must be a positive number of seconds, got {value}\n" in capsys.readouterr().err
+    assert evaluate_command().parse_args([str(trained), "--timeout", "0.5"]).timeout == 0.5
+
+
+def test_timeout_0_under_torchrun_is_one_line_per_rank(trained, tmp_path):
+    proc = torchrun([EVALUATE, trained, "--timeout", "0", "--out", tmp_path / "e.json"], nproc=2)
+    assert proc.returncode != 0 and "DistNetworkError" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stderr.count("error: argument --timeout: must be a positive number of seconds, got 0") == 2
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_files_that_are_not_checkpoints_are_named_in_one_line(trained, tmp_path):
+    """An export, or any other file, given as the checkpoint: torch's advice to load with
+    weights_only=False (running the file's code), or a KeyError, in 6 lines."""
+    from alexnet.export import export_checkpoint
+
+    onnx, script = (c.path for c in export_checkpoint(trained, tmp_path, "m", ["onnx", "torchscript"]))
+    text = tmp_path / "metrics.jsonl"
+    text.write_text('{"split": "val", "step": 7}\n')
+    exported = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
+    for path, what in ((onnx, f"an ONNX model: {exported}"), (script, f"a TorchScript archive: {exported}"),
+                       (text, "not a PyTorch file")):  # fmt: skip
+        proc = subprocess.run([sys.executable, EVALUATE, path], capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert proc.stderr == f"error: {path} is not a checkpoint of this trainer ({what})\n"
+        assert not list(tmp_path.glob("*.eval-centre.json"))
 
 
 @pytest.mark.parametrize("name", ["train", "val"])
