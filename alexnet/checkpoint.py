@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -174,18 +175,100 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True (no code runs from the file); errors name the file."""
+    """Load with weights_only=True (no code runs from the file); errors name the file, in one line.
+    A file that is no checkpoint at all (an export, a text file) says what it is instead."""
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; name a checkpoint file in it (e.g. {path / LAST})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    head = _read_head(path)
+    # Told apart before torch.load, which would hand a TorchScript archive to torch.jit.load, warning first.
+    foreign = _zip_kind(path) if head.startswith(ZIP_MAGIC) else None
+    if foreign is not None:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer ({foreign})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a zip, unsafe pickle: all are "cannot load"
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # truncated, unsafe pickle, or no PyTorch file at all
+        if not _pytorch_like(head):
+            raise CheckpointError(f"{path} is not a checkpoint of this trainer ({_foreign_kind(head)})") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({_load_failure(exc, head)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT_VERSION} checkpoint of this trainer")
     return payload
+
+
+# How the files that torch.save writes begin: a zip archive (PyTorch >= 1.6), a pickle (the older
+# format, protocol 2 and up), a tar archive (before 0.4; its "ustar" at byte 257).
+ZIP_MAGIC = b"PK\x03\x04"
+_HEAD_BYTES = 512
+# An ONNX file is a protobuf ModelProto: ir_version (field 1, a varint) first, then the producer
+# name (2) or another of its fields (3-8, as torch.onnx writes them).
+_ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
+_EXPORTED = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
+
+
+def _read_head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {os_reason(exc)}") from exc
+
+
+def _zip_kind(path: Path) -> str | None:
+    """What a complete zip archive holds if it is not torch.save's; None for torch.save's, and for
+    an archive whose directory (at its end) does not read: a torn write, for torch.load to name."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name.split("/", 1)[-1] for name in archive.namelist()]  # below the archive's own folder
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if "constants.pkl" in names:  # what torch.jit.save adds and torch.save does not write
+        return f"a TorchScript archive: {_EXPORTED}"
+    if "data.pkl" not in names:
+        return "a zip archive that torch.save did not write"
+    return None
+
+
+def _pytorch_like(head: bytes) -> bool:
+    """Begins as a file torch.save writes, or as one it was writing when it was cut off: those are
+    damaged checkpoints (the resume falls back from them), not other kinds of file."""
+    return (
+        head.startswith(ZIP_MAGIC)
+        or ZIP_MAGIC.startswith(head)  # also an empty file
+        or head[:1] == b"\x80"
+        or head[257:262] == b"ustar"
+        or head.count(0) == len(head)  # zeros: a write whose data never reached the disk
+    )
+
+
+def _foreign_kind(head: bytes) -> str:
+    if head[:1] == b"\x08" and len(head) > 2 and head[1] < 0x80 and head[2] in _ONNX_SECOND_TAGS:
+        return f"an ONNX model: {_EXPORTED}"
+    return "not a PyTorch file"
+
+
+def _load_failure(exc: Exception, head: bytes) -> str:
+    """torch.load's reason in one line, without its advice to load with weights_only=False (which
+    runs whatever code the file holds)."""
+    if not head:
+        return "the file is empty"
+    if ZIP_MAGIC.startswith(head):
+        return f"it ends after {len(head)} bytes: a write that was cut off"
+    if head.count(0) == len(head):
+        return "it begins with zero bytes only: a write whose data did not reach the disk"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # an object that needs code to be rebuilt
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return f"it holds what weights_only=True does not load: {_first_sentence(text)}"
+    if "weights_only" in text:
+        return f"{type(exc).__name__}: {_first_sentence(text)}"
+    return f"{type(exc).__name__}: {' '.join(text.split())}"
+
+
+def _first_sentence(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,6 +1,9 @@
 import errno
 import os
+import re
 import shutil
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from alexnet.checkpoint import (
     optimizer_momentum,
 )
 from alexnet.config import CheckpointConfig, OptimConfig, config_to_dict, load_config
+from alexnet.export import export_torchscript
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
 from alexnet.resume import changed_settings, load_resume_checkpoint
@@ -84,11 +88,61 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(foreign)
 
 
+def test_a_file_that_is_no_checkpoint_says_what_it_is_in_one_line(tmp_path):
+    """torch.load's multi-line messages: a TorchScript archive ("Cannot use weights_only=True with
+    TorchScript archives", after a warning), a text file ("KeyError: 101"), another zip."""
+    script = export_torchscript(torch.nn.Linear(2, 2), torch.ones(1, 2), tmp_path / "m.torchscript.pt")
+    text = tmp_path / "metrics.jsonl"
+    text.write_text('{"split": "val", "step": 7}\n')
+    other_zip = tmp_path / "data.zip"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("a/b.txt", "hello")
+    exported = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
+    for path, what in ((script, f"a TorchScript archive: {exported}"), (text, "not a PyTorch file"),
+                       (other_zip, "a zip archive that torch.save did not write")):  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch.load's "dispatching to torch.jit.load" is no longer reached
+            with pytest.raises(CheckpointError) as exc:
+                load_checkpoint(path)
+        assert str(exc.value) == f"{path} is not a checkpoint of this trainer ({what})"
+
+
+def test_a_damaged_checkpoint_stays_one_that_cannot_be_loaded(tmp_path, caplog):
+    """What a crash leaves of last.pt (a zip cut short, an empty or zero-filled file) is a damaged
+    checkpoint, not another kind of file, and auto resume falls back from it to previous.pt."""
+    atomic_save(payload(1.0), tmp_path)
+    good = (tmp_path / "last.pt").read_bytes()
+    atomic_save(payload(2.0), tmp_path)
+    cases = {
+        "cut.pt": (good[:200], "cannot be loaded (RuntimeError: PytorchStreamReader failed reading zip archive"),
+        "two.pt": (good[:2], "cannot be loaded (it ends after 2 bytes: a write that was cut off)"),
+        "empty.pt": (b"", "cannot be loaded (the file is empty)"),
+        "zeros.pt": (bytes(4096), "cannot be loaded (it begins with zero bytes only: a write whose data did not"),
+    }
+    for name, (data, said) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(tmp_path / name))} {re.escape(said)}"):
+            load_checkpoint(tmp_path / name)
+    last = tmp_path / "last.pt"
+    damaged, foreign = f"checkpoint {last} cannot be loaded (RuntimeError: ", f"{last} is not a checkpoint of this"
+    for data, said in ((good[:200], damaged), (b'{"not": "a checkpoint"}', foreign)):
+        last.write_bytes(data)
+        caplog.clear()
+        with pytest.raises(CheckpointError, match=r"previous\.pt has no optimizer"):  # reached: it fell back
+            load_resume_checkpoint(CheckpointConfig(resume="auto"), tmp_path, torch.nn.Linear(1, 1))
+        assert said in caplog.text and f"; falling back to {tmp_path / 'previous.pt'}" in caplog.text
+
+
 def test_weights_only_refuses_pickled_code(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": 1, "obj": torch.nn.ReLU()}, evil)  # a module needs code to unpickle
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
+    with pytest.raises(CheckpointError, match="cannot be loaded") as exc:
         load_checkpoint(evil)
+    # torch's 6 lines advised loading with weights_only=False: running the code the file holds
+    assert str(exc.value) == (
+        f"checkpoint {evil} cannot be loaded (it holds what weights_only=True does not load: Unsupported global: "
+        "GLOBAL torch.nn.modules.activation.ReLU was not an allowed global by default)"
+    )
 
 
 def test_model_mismatch_is_explained(tmp_path):

@@ -162,3 +162,20 @@ def test_onnx_without_its_packages_is_named_before_any_export(tmp_path, checkpoi
     assert not (tmp_path / "asked").exists()  # not even the TorchScript file before it
     (kept,) = export_checkpoint(checkpoints["paper"], tmp_path / "default", "m")  # all formats: ONNX left out
     assert kept.path.name == "m.torchscript.pt" and "exporting the other formats" in caplog.text
+
+
+def test_an_export_or_another_file_given_as_the_checkpoint_is_one_line(tmp_path, checkpoints, capsys):
+    """An export fed back to export.py gave torch's 6 lines, advising weights_only=False."""
+    made = export_checkpoint(checkpoints["paper"], tmp_path / "first", "m", ["torchscript", "onnx"])
+    script, onnx = (c.path for c in made)
+    text = tmp_path / "notes.txt"
+    text.write_text("top-1 57%\n")
+    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    exported = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
+    for path, what in ((script, f"a TorchScript archive: {exported}"), (onnx, f"an ONNX model: {exported}"),
+                       (text, "not a PyTorch file")):  # fmt: skip
+        assert command.main([str(path), "--out", str(tmp_path / "again"), "--format", "torchscript"]) == 1
+        assert capsys.readouterr().err == f"error: {path} is not a checkpoint of this trainer ({what})\n"
+    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
