@@ -1,10 +1,12 @@
 """Process-wide settings of a training process, applied in one place by the trainer and by the
 benchmark's step and e2e commands, so that the benchmark times the steps the trainer runs; and
-how the launchers end a process (its error line, its exit)."""
+how the launchers read their timeouts and end a process (its error line, its exit)."""
 
 from __future__ import annotations
 
+import argparse
 import gc
+import math
 import sys
 from typing import NoReturn
 
@@ -32,6 +34,15 @@ def apply_process_settings(train: TrainConfig) -> None:
     """Call first: before the first big tensor (host memory) and before loaders fork."""
     apply_host_memory(train.host_memory)
     set_determinism(train.deterministic)
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a timeout: 0 or less made a process group's store time out at once
+    (a 100-line traceback), nan compares false everywhere, and inf overflows a timedelta."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def print_error(message: str) -> None:

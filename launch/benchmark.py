@@ -32,7 +32,7 @@ from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.agree import LoaderError
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import exit_process, print_error
+from alexnet.process import exit_process, positive_seconds, print_error
 from pipelines.index import DataError
 
 HERE = Path(__file__).resolve()
@@ -126,7 +126,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sweep = sub.add_parser("sweep", help="torchrun per process count, scaling efficiency")
     sweep.add_argument("--nproc", type=_ints, default=[1, 2], help="process counts (default 1,2)")
     sweep.add_argument("--mode", choices=("step", "e2e"), default="step")
-    sweep.add_argument("--timeout", type=float, default=900.0, help="seconds per point (default 900)")
+    sweep.add_argument("--timeout", type=positive_seconds, default=900.0, help="seconds per point (default 900)")
     sweep.add_argument("args", nargs=argparse.REMAINDER, help="after --: options of the step/e2e command")
     _common(sweep, windows=3)
 

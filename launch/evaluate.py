@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -33,7 +32,7 @@ from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
 from alexnet.parallel.agree import LoaderError, share_setup_failure
 from alexnet.parallel.env import DistEnv, LaunchError, init_distributed, shutdown_distributed
-from alexnet.process import exit_process, print_error
+from alexnet.process import exit_process, positive_seconds, print_error
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, write_text_atomic
 
@@ -43,14 +42,6 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0: the run's own), got {value}")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a collective timeout (0 or less: the process group's store times out at once)."""
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):  # nan compares false; inf overflows the timedelta
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 

@@ -169,6 +169,16 @@ def test_sweep_settings_and_commands_are_argument_lists(tmp_path):
     assert args.nproc == [1, 2, 4] and args.args[-3:] == ["--modes", "dp", "data.batch_size=8"]
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_sweep_timeout_must_be_a_positive_number_of_seconds(value, capsys):
+    """--timeout 0 ended every point at once with "no result within --timeout 0 s"."""
+    with pytest.raises(SystemExit) as exc:
+        benchmark.parse_args(["sweep", "--timeout", value])
+    assert exc.value.code == 2
+    assert f"argument --timeout: must be a positive number of seconds, got {value}\n" in capsys.readouterr().err
+    assert benchmark.parse_args(["sweep", "--timeout", "30"]).timeout == 30.0
+
+
 # ---- the report: JSON schema, CSV, table, PNG ---------------------------------------------
 def _report(command="pipeline") -> output.Report:
     results = [
