@@ -32,6 +32,12 @@ class DataSplits:
     val: FileIndex | None
     classes: list[str]
 
+    @property
+    def folder_classes(self) -> list[str] | None:
+        """The class folders' names in output order, as checkpoints store them; None for
+        synthetic data, whose classes are only numbered."""
+        return self.classes if self.train is not None else None
+
 
 DALI_INSTALL_HINT = "`pip install nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only"
 

@@ -148,8 +148,8 @@ class Trainer:
         full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
-        classes = self.splits.classes if self.splits.train is not None else None  # None: synthetic data
-        return full, load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg), classes)
+        return full, load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg),
+                                            self.splits.folder_classes)  # fmt: skip
 
     # ---- run folder and checkpoints -------------------------------------------------------
     def _check_run_dir(self) -> CheckpointConfig:
@@ -295,9 +295,8 @@ class Trainer:
         # Each rank's own state first: rank 0 writes last.pt after build_payload's gather, which
         # every rank enters after its own write, so a last.pt never goes ahead of them.
         save_powersgd_state(self.par.comm_hook, self.ckpt_dir, p.step, self.env.rank, self._rank_setup())
-        classes = self.splits.classes if self.splits.train is not None else None  # None: synthetic data
         payload = build_payload(self.cfg, self.par.layout, self.model, self.optimizer, self.schedule, self.amp,
-                                self.train_loader, self.mesh, p, classes)  # fmt: skip
+                                self.train_loader, self.mesh, p, self.splits.folder_classes)  # fmt: skip
         rotate = self._rotate_previous and p.step != self._saved_step
         # Rank 0's write, shared: no rank goes on before last.pt is written, and where it could not
         # be (a full disk), every rank stops with the reason instead of in a broken collective.
