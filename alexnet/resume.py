@@ -32,7 +32,7 @@ from alexnet.checkpoint import (
 from alexnet.config import CheckpointConfig, Config, config_to_dict
 from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule
-from alexnet.parallel.layout import Layout
+from alexnet.parallel.layout import Layout, is_first_rank
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import EpochLayout, Loader, convert_position, train_steps
 from pipelines.index import DataError, some_names
@@ -70,6 +70,14 @@ class Progress:
     # metrics.jsonl records rank 0 could not write (a full disk): the resumed session writes them
     # first, so that each step is recorded once also then.
     unwritten_records: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_validation(self, top1: float, top5: float) -> None:
+        """The latest validation, and the best one: the highest top-1, a tie going to the higher
+        top-5 (both figures of one validation, as the paper's are of one model; the first
+        validation of a tied top-1 used to keep its top-5, however much better a later one was)."""
+        self.last_top1, self.last_top5 = top1, top5
+        if self.best_top1 is None or self.best_top5 is None or (top1, top5) > (self.best_top1, self.best_top5):
+            self.best_top1, self.best_top5 = top1, top5
 
 
 def progress_from_checkpoint(saved: dict[str, Any], path: Path) -> Progress:
@@ -231,27 +239,29 @@ def restore_loader(
     if mine is not None and len(states) == mesh.data_size and old == new and saved_samples == loader.num_samples:
         loader.load_state_dict(mine)
         return None
-    pos = convert_position(int(any_state["pos"]), old, new)
-    if saved_samples != loader.num_samples:
-        # Each epoch's order is a permutation of the whole list: another list (bad files left
-        # out, files added) orders every epoch differently, so the saved position no longer
-        # names the samples already trained, and the DALI reader's checkpoint belongs to the old
-        # list. Counted by samples consumed instead, as under another layout.
-        log.warning(
-            "checkpoint %s was written with %d training images, this run has %d: the interrupted epoch "
-            "goes on from step %d of %d with the new list's order (some of its images are trained twice "
-            "this epoch, others not at all); later epochs are whole",
-            path, saved_samples, loader.num_samples, pos, new.steps,
-        )  # fmt: skip
-    else:
-        log.warning(
-            "checkpoint %s was written with %d data shards of batch %d (%d steps per epoch), this run has %d "
-            "of batch %d (%d steps): the interrupted epoch goes on from step %d (was %d), its data order is "
-            "not replayed (with data.pipeline=dali some of its images are trained twice and others not at "
-            "all); later epochs are whole",
-            path, old.num_shards, old.batch_size, old.steps, new.num_shards, new.batch_size, new.steps,
-            pos, int(any_state["pos"]),
-        )  # fmt: skip
+    saved_pos = int(any_state["pos"])
+    pos = convert_position(saved_pos, old, new)
+    if saved_pos > 0 and is_first_rank():  # an epoch was interrupted (not ended by the checkpoint): rank 0 says so
+        if saved_samples != loader.num_samples:
+            # Each epoch's order is a permutation of the whole list: another list (bad files left
+            # out, files added) orders every epoch differently, so the saved position no longer
+            # names the samples already trained, and the DALI reader's checkpoint belongs to the old
+            # list. Counted by samples consumed instead, as under another layout.
+            log.warning(
+                "checkpoint %s was written with %d training images, this run has %d: the interrupted epoch "
+                "goes on from step %d of %d with the new list's order (some of its images are trained twice "
+                "this epoch, others not at all); later epochs are whole",
+                path, saved_samples, loader.num_samples, pos, new.steps,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "checkpoint %s was written with %d data shards of batch %d (%d steps per epoch), this run has %d "
+                "of batch %d (%d steps): the interrupted epoch goes on from step %d (was %d), its data order is "
+                "not replayed (with data.pipeline=dali some of its images are trained twice and others not at "
+                "all); later epochs are whole",
+                path, old.num_shards, old.batch_size, old.steps, new.num_shards, new.batch_size, new.steps,
+                pos, saved_pos,
+            )  # fmt: skip
     # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh
     # reader to `pos` itself, so that its epochs and the reader's coincide from then on.
     loader.load_state_dict({**current, "epoch": int(any_state["epoch"]), "pos": pos, "dali": None})

@@ -531,9 +531,7 @@ class Trainer:
             )
         elapsed = time.perf_counter() - start
         p = self.progress
-        p.last_top1, p.last_top5 = stats["top1"], stats["top5"]
-        if p.best_top1 is None or stats["top1"] > p.best_top1:
-            p.best_top1, p.best_top5 = stats["top1"], stats["top5"]
+        p.record_validation(stats["top1"], stats["top5"])
         if self.schedule.observe_validation(stats["top1"]):
             log.info(
                 "validation top-1 stopped improving: learning rate divided (reduction %d of %d)",

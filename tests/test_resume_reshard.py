@@ -139,6 +139,24 @@ def test_a_checkpoint_over_another_file_list_is_converted_not_replayed(tiny_data
         assert sorted(epoch_labels(loader)[0]) == list(range(N - BATCH))
 
 
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_a_checkpoint_at_an_epoch_s_end_resumes_under_another_layout_without_a_warning(tiny_data, kind, caplog):
+    """No epoch was interrupted: the warning that its order is not replayed (printed by every
+    rank, at every such resume, also with nothing left to train) said something false."""
+    index = numbered(tiny_data, N)
+    old = run_old_ranks(kind, index, 2, 0)["states"]
+    loader = build(kind, index, "train", 0, 1, BATCH)
+    mesh = SimpleNamespace(data_rank=0, data_size=1)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        assert restore_loader(loader, old, mesh, Path("last.pt")) == 0
+    assert caplog.text == ""
+    assert sorted(epoch_labels(loader)[0]) == list(range(N))  # a whole epoch follows
+    with caplog.at_level("WARNING", logger="alexnet"):
+        restore_loader(build(kind, index, "train", 0, 1, BATCH), run_old_ranks(kind, index, 2, 3)["states"], mesh,
+                       Path("last.pt"))  # fmt: skip
+    assert "the interrupted epoch goes on from step 6 (was 3)" in caplog.text
+
+
 def cosine(steps_per_epoch: int) -> LrSchedule:
     cfg = ScheduleConfig(name="cosine", warmup_epochs=1.0)
     return LrSchedule(cfg, peak_lr=1.0, steps_per_epoch=steps_per_epoch, epochs=4)
