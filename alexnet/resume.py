@@ -70,6 +70,10 @@ class Progress:
     # metrics.jsonl records rank 0 could not write (a full disk): the resumed session writes them
     # first, so that each step is recorded once also then.
     unwritten_records: list[dict[str, Any]] = field(default_factory=list)
+    # The setup (world size, layout, batch, ...) of the last session that took a step: summary.json
+    # reports it, not that of a later session that found nothing left to train (None in
+    # checkpoints written before it was kept: then the session's own).
+    trained_under: dict[str, Any] | None = None
 
     def record_validation(self, top1: float, top5: float) -> None:
         """The latest validation, and the best one: the highest top-1, a tie going to the higher

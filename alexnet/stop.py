@@ -4,7 +4,8 @@ scheduler, SIGINT from Ctrl-C) or a stop file, agreed across all ranks at the sa
 torchrun does not forward SIGUSR1 to its workers, so the Slurm script turns the signal into a
 stop file (ALEXNET_STOP_FILE) that every worker polls; a signal delivered to a worker directly
 works as well. Ranks all-reduce their flag every step, so they stop at the same step, write one
-checkpoint together and exit. A run that ends for good instead (all its epochs, or
+checkpoint together and exit; rank 0 then removes the stop file, so that the same command
+resumes. A run that ends for good instead (all its epochs, or
 train.max_steps) has rank 0 create `<stop file>.completed`: the Slurm script does not requeue a
 job that left that marker, so a run that completed before the request took effect is not started
 again. The marker says "done", not "stopped": a marker missed (written on another node, not yet
@@ -94,6 +95,19 @@ class StopRequest:
     def batch_missing(self) -> bool:
         """Whether the last agreement found a rank without its batch: no rank may take the step."""
         return self._agreed_level == NO_BATCH
+
+    def served(self) -> None:
+        """After the checkpoint of a stop (rank 0): the stop file, whose request is served, is
+        removed. Left in place, it stopped every later session of the same command after one
+        step, each saying that the same command resumes. The Slurm script removes it too, when
+        the requeued job starts; a request by signal leaves no file."""
+        if self.stop_file is None or not self.stop_file.exists():
+            return
+        try:
+            self.stop_file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove the stop file %s (%s): remove it before resuming, or the next session "
+                        "stops after its first step", self.stop_file, exc.strerror or exc)  # fmt: skip
 
     def marker(self) -> Path | None:
         """The file that says training has ended for good (None without a stop file)."""

@@ -123,12 +123,11 @@ class Trainer:
         self.stop.install()
         self._session_start = time.perf_counter()
         self._seconds_before = p.train_seconds
+        self._first_step = p.step  # where this session started: has it trained since?
         if p.gpu_seconds is None:  # a checkpoint from before GPU-seconds were counted: as this session
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
-        setup = comm_setup(cfg, env, mesh)
-        if p.comm_setup != setup:  # another layout, world or batch sends other bytes per step
-            p.comm_payload, p.comm_sent, p.comm_steps, p.comm_setup = {}, {}, 0, setup
+        self._comm_setup = comm_setup(cfg, env, mesh)
         batch = cfg.data.batch_size
         self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
 
@@ -292,6 +291,7 @@ class Trainer:
         if not self._weights_finite():  # a checkpoint of them would be the one a resume loads
             raise NonFiniteLossError(self._poisoned_message())
         self._update_clock()
+        self._note_training_setup()
         # Each rank's own state first: rank 0 writes last.pt after build_payload's gather, which
         # every rank enters after its own write, so a last.pt never goes ahead of them.
         save_powersgd_state(self.par.comm_hook, self.ckpt_dir, p.step, self.env.rank, self._rank_setup())
@@ -370,11 +370,14 @@ class Trainer:
         stop_reason = self._run_epochs()
         if stop_reason:
             self.save_checkpoint()
+            if self.env.is_main:
+                self.stop.served()
         self._on_main_rank(self._raise_report_failure)  # after the checkpoint: it keeps the steps
         if self._saved_step != self.progress.step:
             # Else the clock stays as the last checkpoint has it: the figures below are the ones
             # the next session resumes with (a rerun of a finished run reports the same time).
             self._update_clock()
+        self._note_training_setup()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
@@ -559,6 +562,10 @@ class Trainer:
         speed = meter.read()
         payload, sent = self.comm.take()
         p = self.progress
+        if p.comm_setup != self._comm_setup:  # another layout, world or batch sends other bytes per step
+            # Reset at this session's first logged steps, not at its start: a session that
+            # trains nothing keeps the figures of the steps the run took.
+            p.comm_payload, p.comm_sent, p.comm_steps, p.comm_setup = {}, {}, 0, self._comm_setup
         for kind, value in payload.items():
             p.comm_payload[kind] = p.comm_payload.get(kind, 0) + value
         for kind, value in sent.items():
@@ -619,6 +626,24 @@ class Trainer:
         if problem and self.env.is_main:
             log.warning("%s", problem)
 
+    def _training_setup(self) -> dict[str, Any]:
+        return {
+            "world_size": self.env.world_size,
+            "batch_size": self.cfg.data.batch_size,  # per replica
+            "global_batch": self.plan.global_batch,
+            "parallel_mode": self.mesh.mode,
+            "device": self.env.device.type,
+            "amp": self.amp.name,
+            "pipeline": self.cfg.data.pipeline,
+        }
+
+    def _note_training_setup(self) -> None:
+        """Once this session has taken a step, its setup is the one the run's latest steps were
+        taken under: a rerun of a finished run under another world size or layout rewrote
+        summary.json with its own, which had trained nothing."""
+        if self.progress.step > self._first_step:
+            self.progress.trained_under = self._training_setup()
+
     def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:
         p = self.progress
         return {
@@ -635,13 +660,7 @@ class Trainer:
             "wall_seconds": p.train_seconds,
             "session_seconds": session_seconds,
             "images_per_sec": p.images / max(p.train_seconds, 1e-9),
-            "world_size": self.env.world_size,
-            "batch_size": self.cfg.data.batch_size,  # per replica
-            "global_batch": self.plan.global_batch,
-            "parallel_mode": self.mesh.mode,
-            "device": self.env.device.type,
-            "amp": self.amp.name,
-            "pipeline": self.cfg.data.pipeline,
+            **(p.trained_under or self._training_setup()),
             "comm_payload_mb_per_step": comm_per_step(p.comm_payload, p.comm_steps),
             "comm_sent_mb_per_step": comm_per_step(p.comm_sent, p.comm_steps),
         }

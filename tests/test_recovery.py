@@ -232,7 +232,7 @@ def test_a_stop_request_during_a_step_takes_effect_after_the_next_and_resumes_ex
         summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
     assert (summary["stop_reason"], summary["steps"]) == ("preempted", 4)
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["progress"]["step"] == 4
-    stop.unlink()
+    assert not stop.exists()  # served: rank 0 removed it after the checkpoint, so the same command resumes
     assert run_training(tiny_run(tiny_data, tmp_path, *common), None)["steps"] == 15
     run_training(tiny_run(tiny_data, tmp_path, *common, "run.name=straight"), None)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
@@ -273,7 +273,7 @@ def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_w
     assert not [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]
     shutil.copytree(tmp_path / "r", tmp_path / "halved")
 
-    stop.unlink()
+    assert not stop.exists()  # served: rank 0 removed it after the checkpoint, so the same command resumes
     summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
     assert (summary["stop_reason"], summary["steps"], summary["epochs"]) == ("completed", 30, 2)
     records = read_metrics(tmp_path / "r" / "metrics.jsonl")

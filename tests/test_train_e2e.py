@@ -115,9 +115,10 @@ def test_fresh_start_refuses_to_overwrite_a_run(tiny_data, tmp_path):
 
 def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tmp_path):
     """A stop file (what the Slurm script writes on SIGUSR1) present from the start: both ranks
-    agree to stop after their first step, write one checkpoint, exit 0; the rerun finishes with
-    the weights of an uninterrupted run, and only it marks the run completed (the Slurm script's
-    sign not to requeue)."""
+    agree to stop after their first step, write one checkpoint, exit 0, and rank 0 removes the
+    file (left in place, it stopped every rerun after one step); the rerun finishes with the
+    weights of an uninterrupted run, and only it marks the run completed (the Slurm script's sign
+    not to requeue)."""
     common = ("train.epochs=1", "checkpoint.every_steps=0")
     stop = tmp_path / "STOP"
     stop.write_text("")
@@ -130,7 +131,7 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     last = tmp_path / "pre" / "checkpoints" / "last.pt"
     payload = torch.load(last, weights_only=True)
     assert payload["progress"]["step"] == 1 and set(payload["loaders"]["train"]) == {"0", "1"}
-    stop.unlink()
+    assert not stop.exists()  # served: rank 0 removed it after the checkpoint, so the same command resumes
     rerun = check(train(tiny_data, tmp_path, "pre", *common, env=slurm_like))
     assert f"resumed from {last} at epoch 0, step 1" in rerun.stderr  # not a fresh start to the same end
     assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"  # and not this one
@@ -290,6 +291,21 @@ def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_conf
     again = check(train(tiny_data, tmp_path, "tuned", *tuned, nproc=1))
     assert "continuing from its own checkpoints" in again.stderr
     assert f"resumed from {tmp_path / 'tuned' / 'checkpoints' / 'last.pt'} at epoch 1, step 17" in again.stderr
+
+
+def test_a_rerun_with_nothing_to_train_keeps_the_summary_of_the_steps_taken(tiny_data, tmp_path):
+    """A finished 2-process run rerun on 1 process: nothing is left to train, and summary.json
+    said world_size 1, global batch 8 and no bytes sent, about steps 2 processes had taken."""
+    check(train(tiny_data, tmp_path, "ws", "train.epochs=1"))
+    summary_path = tmp_path / "ws" / "summary.json"
+    first = json.loads(summary_path.read_text())
+    assert (first["world_size"], first["global_batch"], first["parallel_mode"]) == (2, 16, "dp")
+    assert first["comm_sent_mb_per_step"]
+    again = check(train(tiny_data, tmp_path, "ws", "train.epochs=1", nproc=1))
+    assert "nothing to train" in again.stderr
+    rerun = json.loads(summary_path.read_text())
+    kept = ("world_size", "batch_size", "global_batch", "parallel_mode", "comm_sent_mb_per_step", "images_per_sec")
+    assert {k: rerun[k] for k in kept} == {k: first[k] for k in kept}
 
 
 def test_after_falling_back_from_a_torn_last_pt_previous_pt_stays_good(tiny_data, tmp_path):
