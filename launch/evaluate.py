@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from alexnet.parallel.agree import LoaderError, share_setup_failure
 from alexnet.parallel.env import DistEnv, LaunchError, init_distributed, shutdown_distributed
 from alexnet.process import exit_process, positive_seconds, print_error
 from pipelines.index import DataError
-from pipelines.outputs import OutputPathError, check_output_file, write_text_atomic
+from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, write_text_atomic
 
 
 def non_negative_int(text: str) -> int:
@@ -99,27 +98,9 @@ def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     return path
 
 
-# What every result this command writes holds; a file without them is not one (json.dumps with
-# indent=2 puts the top-level keys, and only those, two spaces in). per_class comes last: the keys
-# before it fit in the bounded prefix that is read, whatever the number of classes.
+# What every result this command writes holds; a file without them is not one. per_class comes
+# last: the keys before it fit in the bounded prefix that is read, whatever the number of classes.
 RESULT_KEYS = frozenset({"checkpoint", "crops", "images", "top1", "top5"})
-_TOP_LEVEL_KEY = re.compile(r'^  "(\w+)": ', re.MULTILINE)
-_RESULT_PREFIX_BYTES = 1 << 16
-
-
-def is_evaluation_result(path: Path) -> bool:
-    """Whether `path` looks like an earlier result of this command, from at most 64 KiB of it
-    (--out may name a checkpoint of hundreds of MB)."""
-    with open(path, "rb") as f:
-        head = f.read(_RESULT_PREFIX_BYTES + 1)
-    if len(head) <= _RESULT_PREFIX_BYTES:  # all of it: parsed
-        try:
-            result = json.loads(head.decode("utf-8"))
-        except ValueError:  # also UnicodeDecodeError
-            return False
-        return isinstance(result, dict) and RESULT_KEYS <= result.keys()
-    text = head[:_RESULT_PREFIX_BYTES].decode("utf-8", errors="replace")  # a large per_class: its top-level keys
-    return text.startswith("{") and RESULT_KEYS <= set(_TOP_LEVEL_KEY.findall(text))
 
 
 def check_not_overwriting(path: Path, checkpoint: Path) -> None:
@@ -133,13 +114,9 @@ def check_not_overwriting(path: Path, checkpoint: Path) -> None:
                 f"--out {path}: that is the checkpoint being evaluated; name a JSON file or a folder "
                 "(nothing was overwritten)"
             )
-        if not path.is_file() or not is_evaluation_result(path):  # not opened unless a file: a FIFO would block
-            raise OutputPathError(
-                f"--out {path}: the file exists and is not an earlier result of launch/evaluate.py; name a new "
-                "file or a folder (nothing was overwritten)"
-            )
     except OSError as exc:  # a file this user may not read
         raise OutputPathError(f"--out {path}: {exc.strerror or exc}") from exc
+    check_replaceable(path, RESULT_KEYS, "launch/evaluate.py", f"--out {path}", "name a new file or a folder")
 
 
 def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:

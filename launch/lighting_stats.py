@@ -5,12 +5,15 @@
 Samples --images files of <data>/train (without replacement, fixed --seed), takes the covariance of
 the RGB values of all their pixels (0-255 units) and its eigen-decomposition, and writes
 <data>/pca_lighting.json, where training finds it (data.lighting_stats=""), unless --out says
-otherwise. With --data omitted it measures the built-in demo dataset.
+otherwise. An existing file is replaced only where it is an earlier output of this command: --out
+never replaces a checkpoint, metrics.jsonl or the like. With --data omitted it measures the
+built-in demo dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,8 +23,16 @@ from tqdm import tqdm
 from alexnet.config import DataConfig
 from alexnet.data import resolve_data_root
 from pipelines.index import DataError, build_file_index
-from pipelines.lighting import STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
-from pipelines.outputs import OutputPathError, check_output_file
+from pipelines.lighting import SAVED_KEYS, STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
+from pipelines.outputs import OutputPathError, check_output_file, check_replaceable
+
+
+def alpha_std(text: str) -> float:
+    """An argparse type: the std of the lighting coefficients, 0 meaning no lighting (data.lighting_std=0)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):  # a negative one printed negative standard deviations
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: no lighting), got {text}")
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--decode-size", type=int, default=256, help="JPEGs are decoded at no less than this")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default: <data>/{STATS_FILE})")
-    parser.add_argument("--alpha-std", type=float, default=0.1, help="only for the printed summary")
+    parser.add_argument("--alpha-std", type=alpha_std, default=0.1, help="for the printed summary only (default 0.1)")
     return parser.parse_args(argv)
 
 
@@ -46,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or root / STATS_FILE
     try:
         check_output_file(out, f"--out {out}")  # before the measurement, which a bad path would lose
+        check_replaceable(out, SAVED_KEYS, "launch/lighting_stats.py", f"--out {out}")  # a checkpoint was replaced
     except OutputPathError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

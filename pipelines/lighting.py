@@ -29,7 +29,7 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,11 @@ def save_lighting_stats(stats: LightingStats, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
     return path
+
+
+# The top-level keys of every file save_lighting_stats has written (since the first format): what
+# tells an earlier statistics file, which launch/lighting_stats.py may replace, from any other file.
+SAVED_KEYS = frozenset({"format", "pixel_units", "eigvec_layout", *(f.name for f in fields(LightingStats))})
 
 
 def load_lighting_stats(path: str | Path) -> LightingStats:

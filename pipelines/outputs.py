@@ -7,12 +7,16 @@ path that is a file, a folder or read-only. A reader (a monitoring script, the n
 training run that reads a file list) sees the old file or the new one, never a half-written one:
 the new bytes go to a temporary file beside the target, are synced, and are renamed over it. A
 rename that reached the disk before the data (a crash or power loss just after it) would leave
-an empty file; a failed write (a full disk) leaves the old file and no temporary one.
+an empty file; a failed write (a full disk) leaves the old file and no temporary one. An
+existing file is replaced only where it is an earlier output of the same command
+(`check_replaceable`): a mistyped output path (a checkpoint, metrics.jsonl) is not lost.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,6 +58,43 @@ def check_output_file(path: Path, what: str) -> None:
         if path.exists() and not os.access(path, os.W_OK):
             raise OutputPathError(f"{what}: {path} is not writable")
     except OSError as exc:
+        raise OutputPathError(f"{what}: {exc.strerror or exc}") from exc
+
+
+# json.dumps with indent=2 puts the top-level keys, and only those, two spaces in: what a file
+# too large to parse whole shows of them in its first bytes.
+_TOP_LEVEL_KEY = re.compile(r'^  "(\w+)": ', re.MULTILINE)
+_PREFIX_BYTES = 1 << 16
+
+
+def has_top_level_keys(path: Path, keys: frozenset[str]) -> bool:
+    """Whether `path` is a JSON object with all of `keys` at its top level, from at most 64 KiB of it
+    (the path may name a checkpoint of hundreds of MB). A larger file counts by the keys in that
+    prefix, as json.dumps(indent=2) writes them; the caller puts any long value after them."""
+    with open(path, "rb") as f:
+        head = f.read(_PREFIX_BYTES + 1)
+    if len(head) <= _PREFIX_BYTES:  # all of it: parsed
+        try:
+            doc = json.loads(head.decode("utf-8"))
+        except ValueError:  # also UnicodeDecodeError
+            return False
+        return isinstance(doc, dict) and keys <= doc.keys()
+    text = head[:_PREFIX_BYTES].decode("utf-8", errors="replace")
+    return text.startswith("{") and keys <= set(_TOP_LEVEL_KEY.findall(text))
+
+
+def check_replaceable(path: Path, keys: frozenset[str], command: str, what: str, hint: str = "name a new file") -> None:
+    """An existing `path` is an earlier output of `command` (a JSON object with all of `keys`, which
+    its outputs always have), so that replacing it loses nothing else. `what` names the option in
+    the error, e.g. "--out x.json"; `hint` says what to give instead."""
+    if not path.exists():
+        return
+    try:
+        if not path.is_file() or not has_top_level_keys(path, keys):  # not opened unless a file: a FIFO would block
+            raise OutputPathError(
+                f"{what}: the file exists and is not an earlier result of {command}; {hint} (nothing was overwritten)"
+            )
+    except OSError as exc:  # a file this user may not read
         raise OutputPathError(f"{what}: {exc.strerror or exc}") from exc
 
 

@@ -214,6 +214,47 @@ def test_lighting_stats_command_writes_the_file_and_reports_the_mean_pixel(tmp_p
     assert capsys.readouterr().err == "error: --decode-size must be >= 1, got 0\n"
 
 
+def lighting_stats_command():
+    spec = importlib.util.spec_from_file_location("lighting_stats", REPO / "launch" / "lighting_stats.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    return command
+
+
+def test_out_replaces_earlier_statistics_and_no_other_file(tmp_path, capsys):
+    """--out naming a checkpoint printed "120 images ... -> last.pt" and left the JSON in its place."""
+    write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=2)
+    command, data = lighting_stats_command(), ["--data", str(tmp_path / "data"), "--workers", "1"]
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(3)}, "progress": {"epoch": 4}}, checkpoint)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text('{"split": "train", "step": 1, "loss": 2.3}\n')
+    for other in (checkpoint, metrics):
+        before = other.read_bytes()
+        assert command.main([*data, "--out", str(other)]) == 2
+        said = f"error: --out {other}: the file exists and is not an earlier result of launch/lighting_stats.py"
+        assert capsys.readouterr() == ("", f"{said}; name a new file (nothing was overwritten)\n")  # nothing measured
+        assert other.read_bytes() == before
+    out = tmp_path / "stats.json"
+    assert command.main([*data, "--out", str(out)]) == 0
+    out.write_text(out.read_text().replace('"format"', '"marker": 1,\n  "format"'))  # an earlier result, edited
+    assert command.main([*data, "--out", str(out)]) == 0
+    assert "marker" not in out.read_text() and load_lighting_stats(out).num_images == 2
+
+
+def test_alpha_std_must_not_be_negative(capsys):
+    """--alpha-std -1 printed negative standard deviations; 0 (no lighting) is one of the values training takes."""
+    command = lighting_stats_command()
+    assert command.parse_args(["--alpha-std", "0"]).alpha_std == 0.0
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as stopped:
+            command.parse_args(["--alpha-std", bad])
+        assert stopped.value.code == 2
+        said = f"error: argument --alpha-std: must be a finite number >= 0 (0: no lighting), got {bad}\n"
+        assert capsys.readouterr().err.endswith(said)
+
+
 def test_statistics_skip_a_file_whose_header_declares_a_bomb_size(tmp_path, caplog):
     files, pixels = write_gaussian_pngs(tmp_path / "train" / "a", count=3)
     bomb = tmp_path / "train" / "a" / "bomb.png"
