@@ -58,8 +58,8 @@ def _common(p: argparse.ArgumentParser, windows: int = 5, warmup: int = 1) -> No
     p.add_argument("--plot", action="store_true", help="also write a PNG")
 
 
-def _dataset(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, help="ImageFolder data: a root with train/, or a split folder")
+def _dataset(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", type=Path, help=data_help)
     p.add_argument(
         "--dataset", choices=("demo", "imagenet-like"), default=None,
         help="built-in data instead of --data: the demo set (the default where nothing else names data), or "
@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     pipe = sub.add_parser("pipeline", help="input pipelines alone, against a decode-only ceiling")
-    _dataset(pipe)
+    _dataset(pipe, "ImageFolder data: a root with train/ (train/ is read), or a split folder of class folders")
     pipe.add_argument("--batch-size", type=int, default=32)
     pipe.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers (default: cores)")
     pipe.add_argument("--prefetch", type=int, default=2, help="DALI queue depth = DataLoader prefetch_factor")
@@ -115,7 +115,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     e2e = sub.add_parser("e2e", help="training steps on real files, next to synthetic data (under torchrun)")
     e2e.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)")
-    _dataset(e2e)
+    # the trainer's loaders read <root>/train: a split folder alone is not a root
+    _dataset(e2e, "ImageFolder data root with train/<class>/ folders, as data.root (not a split folder)")
     e2e.add_argument("--pipelines", type=_names, default=(), help="dali and/or torchvision (default: the config's)")
     e2e.add_argument("--no-synthetic", action="store_true", help="skip the synthetic-data contender")
     e2e.add_argument("--steps", type=int, default=3, help="training steps per window (default 3)")
@@ -132,7 +133,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     merge = sub.add_parser("merge", help="one report from several JSON reports")
     merge.add_argument("reports", nargs="+", type=Path)
-    merge.add_argument("--name", default="merged", help="file name of the merged report (default merged)")
+    merge.add_argument(
+        "--name", default="merged", help="file name in --out of the merged report, without .json (default merged)"
+    )
     merge.add_argument("--check", action="append", default=[], metavar="NAME=STATUS", help="add a check's status")
     merge.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
@@ -208,13 +211,32 @@ def cmd_step(args: argparse.Namespace) -> Report | None:
     return _run_distributed(cfg, lambda env: run_step_bench(cfg, env, settings))
 
 
+def _data_flag(args: argparse.Namespace) -> str:
+    return f"--data {args.data}" if args.data is not None else f"--dataset {args.dataset}"
+
+
+def check_root_override(flag: str, root: Path, overrides: list[str]) -> None:
+    """A data.root=... override next to --data/--dataset would silently win over the flag (overrides
+    come last); the same folder twice is no conflict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "data.root" and not _same_path(value.strip(), root):
+            raise ValueError(f"{flag} and data.root={value.strip()} name different data: give one of them")
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def cmd_e2e(args: argparse.Namespace) -> Report | None:
     from alexnet.bench.e2e_bench import E2ESettings, run_e2e_bench
 
     # --data/--dataset name the data; otherwise the config's data.root does (the demo when empty).
     named = args.data is not None or args.dataset is not None
-    root = [f"data.root={_data_root(args)}"] if named else []
-    cfg = _config(args, root)
+    root = _data_root(args) if named else None
+    if root is not None:
+        check_root_override(_data_flag(args), root, args.overrides)
+    cfg = _config(args, [f"data.root={root}"] if root is not None else [])
     settings = E2ESettings(
         pipelines=args.pipelines, synthetic=not args.no_synthetic, steps=args.steps,
         schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
@@ -234,6 +256,17 @@ def cmd_sweep(args: argparse.Namespace) -> Report:
     report = run_sweep(settings)
     print(format_table(report.results, TABLE))
     return report
+
+
+def merge_output(name: str, out: Path, inputs: list[Path]) -> Path:
+    """<out>/<name>.json, the merged report; refused when it would land outside --out or replace one
+    of the reports it is merged from (read first, lost with the merge's own figures)."""
+    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"--name {name!r}: expected a plain file name (no path separator, not '..' or empty)")
+    target = out / f"{name}.json"
+    if any(_same_path(target, report) for report in inputs):
+        raise ValueError(f"merge: {target} is one of the reports to merge; choose another --name or --out")
+    return target
 
 
 def cmd_merge(args: argparse.Namespace) -> Report:
@@ -260,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     try:
+        if args.command == "merge":  # before --out is created: a refused merge writes nothing
+            merge_output(args.name, args.out, args.reports)
         prepare_out_dir(args.out)
         report = commands[args.command](args)
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
@@ -274,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             from alexnet.bench.output import write_json
 
-            print(f"wrote {write_json(report, args.out / f'{args.name}.json')}")
+            print(f"wrote {write_json(report, merge_output(args.name, args.out, args.reports))}")
             return 0
         ratios = format_ratios(report.summary)
         if ratios:

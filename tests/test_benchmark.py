@@ -169,6 +169,26 @@ def test_sweep_settings_and_commands_are_argument_lists(tmp_path):
     assert args.nproc == [1, 2, 4] and args.args[-3:] == ["--modes", "dp", "data.batch_size=8"]
 
 
+# torchrun's report of a failed worker: 2,000+ characters, and a line `error_file:` that is no error
+CHILD_FAILED = (
+    "Traceback (most recent call last):\n"
+    + '  File "run.py", line 1142\n' * 80
+    + "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n  error_file: <N/A>\n"
+)
+
+
+def test_a_failed_point_reports_its_own_error_lines_not_torchrun_s_traceback():
+    """argparse's `benchmark.py step: error: ...` was lost: only the traceback's tail was kept."""
+    usage = "usage: benchmark.py [-h] {pipeline,step,e2e,sweep,merge} ...\n"
+    argparse_form = usage + "benchmark.py: error: unrecognized arguments: --bogus\n" + CHILD_FAILED
+    assert sweep.failure_text(argparse_form) == "benchmark.py: error: unrecognized arguments: --bogus"
+    subcommand = "benchmark.py step: error: argument --steps: invalid int value: 'x'\n" + CHILD_FAILED
+    assert sweep.failure_text(subcommand) == "benchmark.py step: error: argument --steps: invalid int value: 'x'"
+    two_ranks = "error: --modes: unknown layout\n" * 2 + CHILD_FAILED  # print_error's form, once per rank
+    assert sweep.failure_text(two_ranks) == "error: --modes: unknown layout"
+    assert sweep.failure_text(CHILD_FAILED, tail=40) == CHILD_FAILED.strip()[-40:]  # nothing better: the tail
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_a_sweep_timeout_must_be_a_positive_number_of_seconds(value, capsys):
     """--timeout 0 ended every point at once with "no result within --timeout 0 s"."""
@@ -234,6 +254,25 @@ def test_scaling_plot_and_merge(tmp_path):
     assert merged.environment["differs_by_source"] == {"e2e_fp16/e2e": {"cudnn_benchmark": True}}
     assert merged.summary["checks"] == {"gpu_tests": "ok"}
     output.validate_report(merged.to_dict())
+
+
+def test_merge_refuses_to_overwrite_an_input_or_write_outside_out(tmp_path, capsys, monkeypatch):
+    """--name pipeline --out <its folder> replaced the report being merged; --name ../x left --out."""
+    written = output.write_outputs(_report(), tmp_path / "bench")
+    before = {p: p.read_bytes() for p in written}
+    monkeypatch.chdir(tmp_path)
+    for out in (tmp_path / "bench", Path("bench"), Path("bench/../bench")):  # the same file, however named
+        assert benchmark.main(["merge", str(written[0]), "--name", "pipeline", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pipeline.json is one of the reports to merge" in err
+    for name in ("../../escaped", "../escaped", "sub/x", "", "..", "."):
+        assert benchmark.main(["merge", str(written[0]), "--name", name, "--out", str(tmp_path / "bm")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --name {name!r}: expected a plain file name (no path separator, not '..' or empty)\n"
+    assert {p: p.read_bytes() for p in written} == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["bench", "pipeline.csv", "pipeline.json"]  # nothing new
+    assert benchmark.main(["merge", str(written[0]), "--name", "pipeline", "--out", str(tmp_path / "bm")]) == 0
+    assert output.load_report(tmp_path / "bm" / "pipeline.json")["command"] == "merge"
 
 
 # ---- FLOPs and MFU ------------------------------------------------------------------------
@@ -471,6 +510,27 @@ def test_e2e_command_names_a_bad_file_and_says_the_benchmark_stopped(
     assert f"cannot decode {bad}" in err and "The e2e benchmark stopped." in err
     assert "checkpoint" not in err  # training's wording does not apply to a benchmark
     assert not (tmp_path / "out" / "e2e.json").exists()
+
+
+def test_e2e_refuses_a_data_root_override_that_contradicts_data(tiny_data, tmp_path, capsys):
+    """`e2e --data A data.root=B` measured B without a word."""
+    other = tmp_path / "other"
+    argv = ["e2e", "--data", str(tiny_data), "--out", str(tmp_path / "out"), f"data.root={other}"]
+    assert benchmark.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --data {tiny_data} and data.root={other} name different data: give one of them\n"
+    )
+    benchmark.check_root_override("--data x", tiny_data, [f"data.root={tiny_data}/", "data.batch_size=4"])  # same
+
+
+def test_the_help_of_data_says_what_each_command_accepts(capsys):
+    """e2e's help offered a split folder, which only the pipeline benchmark reads."""
+    helps = {}
+    for command in ("e2e", "pipeline"):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "not a split folder" in helps["e2e"] and "or a split folder of class folders" in helps["pipeline"]
 
 
 def test_a_data_folder_one_rank_lacks_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):

@@ -11,6 +11,7 @@ the sweep compares the same machine split differently, not an oversubscribed one
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -117,12 +118,17 @@ def run_point(s: SweepSettings, nproc: int, cuda: bool) -> tuple[dict[str, Any] 
         return None, f"{nproc} processes: {exc}"
 
 
+# A worker's own error line: print_error's `error: ...`, or argparse's `<prog> [<command>]: error: ...`
+# (prog is a file name, so no colon or space inside a word of it).
+ERROR_LINE = re.compile(r"^(?:[^\s:]+(?: [^\s:]+)*: )?error: ")
+
+
 def failure_text(stderr: str, tail: int = 1500) -> str:
-    """What a failed point said: the workers' own `error:` lines (torchrun's ChildFailedError
-    report alone fills the tail of stderr and would push them out), then the tail."""
-    errors = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith("error:")]
-    text = stderr.strip()[-tail:]
-    return " | ".join([*dict.fromkeys(errors), text]) if errors else text
+    """What a failed point said: the workers' own error lines, once each (every rank prints the
+    same), else the tail of stderr. torchrun's ChildFailedError traceback alone fills the tail and
+    says nothing of why the worker stopped."""
+    errors = [line.strip() for line in stderr.splitlines() if ERROR_LINE.match(line.strip())]
+    return " | ".join(dict.fromkeys(errors)) if errors else stderr.strip()[-tail:]
 
 
 def run_process_group(
