@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from alexnet.parallel.agree import Fetched, shared_fetch_error
+
 log = logging.getLogger("alexnet")
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
 # SIGINT: Ctrl-C. Without torchrun a second one interrupts at once. torchrun (its workers run in
@@ -83,7 +85,7 @@ class StopRequest:
     def agreed(self, failed_here: bool = False, no_batch_here: bool = False) -> bool:
         """True on every rank as soon as any rank has been asked to stop, has failed in a way
         that stops the run with a checkpoint (`failed_here`: this rank has), or has no batch
-        (`no_batch_here`; then `batch_missing` is True too) (a collective)."""
+        (`no_batch_here`) (a collective)."""
         level = NO_BATCH if no_batch_here else FAILED if failed_here else REQUESTED if self.requested_here() else 0
         self._flag.fill_(float(level))
         if dist.is_available() and dist.is_initialized():
@@ -91,10 +93,13 @@ class StopRequest:
         self._agreed_level = int(self._flag.item())
         return self._agreed_level > 0
 
-    @property
-    def batch_missing(self) -> bool:
-        """Whether the last agreement found a rank without its batch: no rank may take the step."""
-        return self._agreed_level == NO_BATCH
+    def agreed_on(self, fetched: Fetched, failed_here: bool = False) -> bool:
+        """`agreed` for a batch as `fetch_each` gave it: where some rank has no batch, every rank
+        raises that rank's error here (no rank may take the step); else whether to stop."""
+        stop = self.agreed(failed_here, no_batch_here=fetched.error is not None)
+        if self._agreed_level == NO_BATCH:
+            raise shared_fetch_error(fetched.error)
+        return stop
 
     def served(self) -> None:
         """After the checkpoint of a stop (rank 0): the stop file, whose request is served, is

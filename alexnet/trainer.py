@@ -23,7 +23,7 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, fetch_each, share_setup_failure, shared_fetch_error
+from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, fetch_each, share_setup_failure
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -414,10 +414,7 @@ class Trainer:
         (every rank raises at once that rank's DataError, or a LoaderError naming it: the other
         ranks' loaders have moved on, so no checkpoint of a training step can follow)."""
         for fetched in fetch_each(batches):
-            no_batch = fetched.error is not None
-            stop = self.stop.agreed(failed_here=self.reporter.failure is not None, no_batch_here=no_batch)
-            if self.stop.batch_missing:
-                raise shared_fetch_error(fetched.error)
+            stop = self.stop.agreed_on(fetched, failed_here=self.reporter.failure is not None)
             yield fetched.batch, stop, fetched.seconds  # type: ignore[misc] - a batch where no error
 
     def _raise_report_failure(self) -> None:

@@ -292,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
+    merged: Path | None = None
     try:
         if args.command == "merge":  # before --out is created: a refused merge writes nothing
-            merge_output(args.name, args.out, args.reports)
+            merged = merge_output(args.name, args.out, args.reports)
         prepare_out_dir(args.out)
         report = commands[args.command](args)
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
@@ -306,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if report is None:  # ranks other than 0
         return 0
     try:
-        if args.command == "merge":
+        if merged is not None:
             from alexnet.bench.output import write_json
 
-            print(f"wrote {write_json(report, merge_output(args.name, args.out, args.reports))}")
+            print(f"wrote {write_json(report, merged)}")
             return 0
         ratios = format_ratios(report.summary)
         if ratios:

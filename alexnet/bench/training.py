@@ -34,7 +34,7 @@ from torch import nn
 from alexnet.bench.timing import Window, summarize
 from alexnet.engine import AmpPolicy, train_step
 from alexnet.layers import DropoutContext
-from alexnet.parallel.agree import fetch_each, shared_fetch_error
+from alexnet.parallel.agree import fetch_each
 from alexnet.parallel.comm import CommCounter
 from alexnet.stop import StopRequest
 
@@ -112,10 +112,8 @@ class TrainContender:
             for _ in range(n):
                 fetched = next(self._batches)
                 wait += fetched.seconds
-                self._agreement.agreed(no_batch_here=fetched.error is not None)
-                if self._agreement.batch_missing:
-                    raise shared_fetch_error(fetched.error)
-                images, labels = fetched.batch
+                self._agreement.agreed_on(fetched)
+                images, labels = fetched.batch  # type: ignore[misc] - a batch where no error
                 dropout = DropoutContext(p.seed, self._step, p.sample_base[: labels.shape[0]])
                 train_step(p.module, images, labels, p.optimizer, p.amp, dropout, p.grad_clip, p.after_backward)
                 self._step += 1
