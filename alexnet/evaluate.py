@@ -135,6 +135,19 @@ def holds_class_folders(folder: Path) -> bool:
     return folder.is_dir() and any(entry.is_dir() for entry in os.scandir(folder))
 
 
+def run_data_root(cfg: Config, checkpoint: str | Path) -> Path:
+    """The run's own data.root, or a DataError that says to pass --data: a relative data.root was
+    relative to the folder the run was started in, which evaluate.py may not be run from."""
+    root = resolve_data_root(cfg.data)
+    if root.is_dir():
+        return root
+    relative = "" if root.is_absolute() else f", read from this folder, {Path.cwd()}, as it is relative"
+    raise DataError(
+        f"the run's data folder {cfg.data.root} (data.root in the config of checkpoint {checkpoint}{relative}) "
+        "does not exist: pass --data <the dataset root or a folder of class folders>"
+    )
+
+
 def resolve_eval_index(
     cfg: Config, opts: EvalOptions, trained_classes: list[str] | None = None
 ) -> tuple[FileIndex, Path, str]:
@@ -149,7 +162,7 @@ def resolve_eval_index(
             f"checkpoint {opts.checkpoint} was trained on synthetic data (data.pipeline=synthetic): "
             "pass --data with the folder to evaluate"
         )
-    root = Path(opts.data).expanduser() if opts.data else resolve_data_root(cfg.data)
+    root = Path(opts.data).expanduser() if opts.data else run_data_root(cfg, opts.checkpoint)
     # A dataset root's splits hold class folders; in a folder of classes, a class that happens to
     # be named train or val (CIFAR-100 has "train") holds images.
     split_dir = root / opts.split if holds_class_folders(root / opts.split) else root

@@ -519,3 +519,25 @@ def test_a_folder_of_classes_may_have_a_class_named_like_a_split(tiny_data, tmp_
     (folder / "cross").rename(folder / name)  # CIFAR-100 has a class named "train"
     index, split_dir, _ = resolve_eval_index(tiny_config(tiny_data), EvalOptions(tmp_path / "x.pt", data=str(folder)))
     assert split_dir == folder and len(index) == 50 and name in index.classes and len(index.classes) == 10
+
+
+def test_a_run_s_data_folder_that_is_not_here_says_to_pass_data(tiny_data, trained, tmp_path, monkeypatch):
+    """A relative data.root is relative to the folder the run started in: evaluate.py run from
+    another folder says so, and --data evaluates the same files."""
+    monkeypatch.chdir(tmp_path)
+    relative = checkpoint_with(trained, tmp_path / "rel", data__root="data/imagenet")
+    with pytest.raises(DataError, match=rf"data folder data/imagenet \(data.root in .*, read from this folder, "
+                       rf"{re.escape(str(tmp_path))}, as it is relative\) does not exist: pass --data"):  # fmt: skip
+        run_evaluation(EvalOptions(relative), ONE)
+    gone = checkpoint_with(trained, tmp_path / "abs", data__root=str(tmp_path / "moved"))
+    with pytest.raises(
+        DataError, match=r"moved \(data.root in the config of checkpoint .*\) does not exist: pass --data"
+    ):
+        run_evaluation(EvalOptions(gone), ONE)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "imagenet").symlink_to(tiny_data)
+    assert (
+        run_evaluation(EvalOptions(relative), ONE)["images"]
+        == run_evaluation(EvalOptions(gone, data=str(tiny_data)), ONE)["images"]
+        == 50
+    )
