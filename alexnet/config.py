@@ -408,7 +408,14 @@ def _type_name(hint: Any) -> str:
 
 
 def validate_config(cfg: Config) -> None:
-    """Checks that span more than one key's type; each message names the key."""
+    """Checks that a key's type cannot express; each message names the key."""
+    _check_ranges(cfg)
+    _check_model_input(cfg)
+    _check_combinations(cfg)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Each number within the range where it means something."""
     positive = {
         "model.fc_width": cfg.model.fc_width,
         "data.batch_size": cfg.data.batch_size,
@@ -453,10 +460,26 @@ def validate_config(cfg: Config) -> None:
     for key, value in _float_values(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"config key {key!r} must be a finite number; got {value}")
-    if cfg.model.num_classes == 1:
-        raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
+    fractions = {
+        "optim.momentum": (cfg.optim.momentum, "[0, 1)"),  # 1 or more: the velocity never decays
+        "schedule.warmup_start_factor": (cfg.schedule.warmup_start_factor, "[0, 1]"),
+        "schedule.min_lr_factor": (cfg.schedule.min_lr_factor, "[0, 1]"),
+    }
+    for key, (value, bounds) in fractions.items():
+        if value > 1.0 or (bounds.endswith(")") and value == 1.0):
+            raise ConfigError(f"config key {key!r} must be in {bounds}; got {value}")
+    if not 0.0 < cfg.schedule.factor <= 1.0:
+        raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
+
+
+def _check_model_input(cfg: Config) -> None:
+    """The model and the images it is given fit each other."""
+    if cfg.model.num_classes == 1:
+        raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
     if not fc_width_fits(cfg.model.variant, cfg.model.fc_width):
         raise ConfigError(
             f"config key 'model.fc_width' must be even for the paper variant (half in each tower); "
@@ -476,18 +499,10 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} needs 3 values (R, G, B); got {len(vals)}")
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError(f"config key 'data.std' must be > 0 per channel; got {cfg.data.std}")
-    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
-        raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
-    fractions = {
-        "optim.momentum": (cfg.optim.momentum, "[0, 1)"),  # 1 or more: the velocity never decays
-        "schedule.warmup_start_factor": (cfg.schedule.warmup_start_factor, "[0, 1]"),
-        "schedule.min_lr_factor": (cfg.schedule.min_lr_factor, "[0, 1]"),
-    }
-    for key, (value, bounds) in fractions.items():
-        if value > 1.0 or (bounds.endswith(")") and value == 1.0):
-            raise ConfigError(f"config key {key!r} must be in {bounds}; got {value}")
-    if not 0.0 < cfg.schedule.factor <= 1.0:
-        raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Settings that only work together, and names the run folder and the resume need."""
     if cfg.parallel.mode == "towers" and cfg.model.variant != "paper":
         raise ConfigError(
             "config key 'parallel.mode' is 'towers', which splits the paper variant's two towers; "
