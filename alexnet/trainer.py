@@ -494,8 +494,21 @@ class Trainer:
     def _validate(self, epoch: int) -> dict[str, float] | None:
         """The validation's figures, recorded; None when a stop request came during it."""
         self.model.eval()
-        tally = Tally(self.env.device)
         start = time.perf_counter()
+        tally = self._validation_tally(epoch)
+        if tally is None:
+            return None
+        stats = tally.reduce(self.mesh.metric_group)
+        if stats["count"] != self.val_loader.num_samples:
+            raise RuntimeError(
+                f"validation counted {stats['count']} images but the split has {self.val_loader.num_samples}"
+            )
+        self._record_validation(epoch, stats, time.perf_counter() - start)
+        return stats
+
+    def _validation_tally(self, epoch: int) -> Tally | None:
+        """This rank's sums over its validation shard; None when a stop request came during it."""
+        tally = Tally(self.env.device)
         # Every rank has as many validation batches (the shards are padded alike), so every rank
         # agrees at the same batches. A validation can outlast a stop's deadline (torchrun's
         # --shutdown-timeout after Ctrl-C, a scheduler's grace time): a stop ends it before its
@@ -524,12 +537,10 @@ class Trainer:
                 raise stopped_by(exc, said) from unsaved
             said = f"Validation stopped at step {self.progress.step}, {self._checkpoint_said()}"
             raise stopped_by(exc, f"{said}; the resumed run validates the epoch again.") from exc
-        stats = tally.reduce(self.mesh.metric_group)
-        if stats["count"] != self.val_loader.num_samples:
-            raise RuntimeError(
-                f"validation counted {stats['count']} images but the split has {self.val_loader.num_samples}"
-            )
-        elapsed = time.perf_counter() - start
+        return tally
+
+    def _record_validation(self, epoch: int, stats: dict[str, float], elapsed: float) -> None:
+        """Progress, the plateau schedule and the metrics file take the validation's figures."""
         p = self.progress
         p.record_validation(stats["top1"], stats["top5"])
         if self.schedule.observe_validation(stats["top1"]):
@@ -551,7 +562,6 @@ class Trainer:
                 "lr": self.schedule.lr_at(p.step),
             }
         )
-        return stats
 
     # ---- reporting ------------------------------------------------------------------------
     def _log_train(self, epoch: int, lr: float, tally: Tally, meter: Throughput, steps: int, batches) -> None:
