@@ -13,6 +13,7 @@ classes or synthetic data gets no comparison, and says so.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,11 @@ NO_VALIDATION: dict[str, Any] = {"comparable": False, "note": "no validation ran
 SYNTHETIC: dict[str, Any] = {"comparable": False, "note": "synthetic data (random labels): not compared with the paper"}
 
 
-def paper_comparison(top1: float, top5: float, num_classes: int) -> dict[str, Any]:
-    """Our error minus the paper's, in percentage points (positive: worse than the paper)."""
+def paper_comparison(top1: float, top5: float, num_classes: int, ten_crop: bool = False) -> dict[str, Any]:
+    """Our error minus the paper's, in percentage points (positive: worse than the paper).
+    `num_classes`: the classes the evaluated images cover, which the paper's 1000 must be (a
+    1000-way model validated on a few classes' images is not comparable); `ten_crop`: whether
+    those figures average ten crops, as the paper's do."""
     top1_error, top5_error = 100.0 - top1, 100.0 - top5
     result: dict[str, Any] = {
         "paper_top1_error": PAPER_TOP1_ERROR,
@@ -54,8 +58,12 @@ def paper_comparison(top1: float, top5: float, num_classes: int) -> dict[str, An
     result["top5_error_gap"] = top5_error - PAPER_TOP5_ERROR
     result["note"] = (
         f"top-1 error {top1_error:.2f}% vs the paper's {PAPER_TOP1_ERROR}% ({result['top1_error_gap']:+.2f} points), "
-        f"top-5 error {top5_error:.2f}% vs {PAPER_TOP5_ERROR}% ({result['top5_error_gap']:+.2f}); the paper's "
-        "figures average ten crops (section 4.1): compare with launch/evaluate.py --ten-crop"
+        f"top-5 error {top5_error:.2f}% vs {PAPER_TOP5_ERROR}% ({result['top5_error_gap']:+.2f}); "
+        + (
+            "ten crops averaged, as the paper's figures (section 4.1)"
+            if ten_crop
+            else "the paper's figures average ten crops (section 4.1): compare with launch/evaluate.py --ten-crop"
+        )
     )
     return result
 
@@ -87,6 +95,7 @@ def summarize_run(
     num_classes: int,
     gpu_seconds: float | None = None,  # the run's sessions summed (None: this session's world for all of it)
     synthetic: bool = False,
+    ten_crop: bool = False,  # the validations averaged ten crops (data.val_ten_crop)
 ) -> RunSummary:
     hours = wall_seconds / 3600.0
     if gpu_seconds is None:
@@ -101,16 +110,18 @@ def summarize_run(
         world_size=world_size,
         device=device_type,
         gpu_hours=gpu_seconds / 3600.0,
-        paper=_paper(best_top1, best_top5, num_classes, synthetic),
+        paper=_paper(best_top1, best_top5, num_classes, synthetic, ten_crop),
     )
 
 
-def _paper(best_top1: float | None, best_top5: float | None, num_classes: int, synthetic: bool) -> dict[str, Any]:
+def _paper(
+    best_top1: float | None, best_top5: float | None, num_classes: int, synthetic: bool, ten_crop: bool
+) -> dict[str, Any]:
     if synthetic:
         return dict(SYNTHETIC)
     if best_top1 is None or best_top5 is None:
         return dict(NO_VALIDATION)
-    return paper_comparison(best_top1, best_top5, num_classes)
+    return paper_comparison(best_top1, best_top5, num_classes, ten_crop)
 
 
 def session_gpu_seconds(world_size: int, device_type: str, seconds: float) -> float:
@@ -125,9 +136,14 @@ def format_summary(s: RunSummary) -> str:
         accuracy = f"best val top-1 {s.best_top1:.2f}%, top-5 {s.best_top5:.2f}%"
     return (
         f"{accuracy}; {s.wall_seconds:.0f} s "
-        f"({s.wall_hours:.2f} h) on {s.world_size} process(es), {s.images_per_sec:.0f} images/s, {gpu}\n"
+        f"({s.wall_hours:.2f} h) on {s.world_size} process(es), {_rate(s.images_per_sec)} images/s, {gpu}\n"
         f"{s.paper['note']}"
     )
+
+
+def _rate(images_per_sec: float) -> str:
+    """Whole images/s, but two significant digits below 10: a slow run is not "0 images/s"."""
+    return f"{images_per_sec:.0f}" if images_per_sec >= 10 else f"{images_per_sec:.2g}"
 
 
 # ---- the plot ----------------------------------------------------------------------------------
@@ -139,9 +155,27 @@ def _read_records(metrics_path: Path) -> list[dict[str, Any]]:
 
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:
-    rows = [r for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    rows = [r for r in records if r.get("split") == split and _finite(r.get(key))]
     rows.sort(key=lambda r: r["step"])
     return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finish_loss_axis(ax, records: list[dict[str, Any]]) -> None:
+    """A diverging run's panel: its non-finite losses (null in metrics.jsonl) cannot be drawn,
+    which the panel says, and losses over more than three decades get a log axis (on a linear
+    one a single huge loss flattens every other)."""
+    logged = [r for r in records if r.get("split") in ("train", "val") and "loss" in r]
+    missing = sum(1 for r in logged if not _finite(r["loss"]))
+    if missing:
+        ax.text(0.02, 0.02, f"{missing} of {len(logged)} records have no finite loss (not drawn)",
+                transform=ax.transAxes, color="tab:red", fontsize=9)  # fmt: skip
+    losses = [r["loss"] for r in logged if _finite(r["loss"])]
+    if losses and min(losses) > 0 and max(losses) > 1000 * min(losses):
+        ax.set_yscale("log")
 
 
 def _pyplot():
@@ -168,9 +202,12 @@ def build_training_figure(records: list[dict[str, Any]], title: str):
             steps, acc = _series(records, split, key)
             if steps:
                 ax_acc.plot(steps, acc, linestyle=dash, label=f"{split} {key.replace('top', 'top-')}", **style)
+    _finish_loss_axis(ax_loss, records)
     steps, lr = _series(records, "train", "lr")
     if steps:
-        ax_lr.plot(steps, lr, color="tab:green", drawstyle="steps-post", label="learning rate")
+        # A train record's lr is the rate of the last step of the window that ends at its step:
+        # drawn over that window (steps-pre), a change shows where it happened, not a window late.
+        ax_lr.plot(steps, lr, color="tab:green", drawstyle="steps-pre", label="learning rate")
         if min(lr) > 0:
             ax_lr.set_yscale("log")
     steps, speed = _series(records, "train", "images_per_sec")

@@ -381,8 +381,9 @@ class Trainer:
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
-                              self.env.device.type, len(self.splits.classes), p.gpu_seconds,
-                              synthetic=self.cfg.data.pipeline == "synthetic")  # fmt: skip
+                              self.env.device.type, self.splits.validated_classes, p.gpu_seconds,
+                              synthetic=self.cfg.data.pipeline == "synthetic",
+                              ten_crop=self.cfg.data.val_ten_crop)  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self._on_main_rank(lambda: self.reporter.summary(summary, final))
         self.reporter.close()

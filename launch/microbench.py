@@ -14,7 +14,8 @@
       floor that no LRN implementation can beat), against torchvision.models.alexnet
 
 Each prints the median over rounds (the order of A and B alternates every round) and, for the
-A/B commands, the median of the per-round ratios with its range. Host memory and cuDNN/oneDNN
+A/B commands, the median of the per-round ratios with its range: with few rounds it can differ
+from the ratio of the two medians printed above it. Host memory and cuDNN/oneDNN
 settings are the trainer's (alexnet.process). Times are wall-clock on whatever else the machine
 is doing: compare only figures from one run.
 """
@@ -38,11 +39,27 @@ from alexnet import layers
 from alexnet.config import OptimConfig, TrainConfig
 from alexnet.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PAPER_INPUT, build_model
 from alexnet.optim import IMPLEMENTATION_KEYS, build_optimizer
-from alexnet.process import apply_process_settings
+from alexnet.process import apply_process_settings, exit_process, print_error
 
 # The paper model's LRN inputs: conv1's ReLU (96 x 55 x 55) and conv2's (256 x 27 x 27), two towers.
 LRN_SHAPES = ((96, 55), (256, 27))
 TOWERS = 2
+
+
+class ReferenceLayersError(ValueError):
+    """A --reference-layers file that is missing or lacks what the command takes from it."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count or size: 0 rounds left no times to take a median of, a batch
+    of 0 timed empty steps and printed their ratio, and a negative batch failed deep in torch."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def timed(fn: Callable[[], None], repeats: int) -> float:
@@ -72,9 +89,16 @@ def report_ab(times: dict[str, list[float]], a: str, b: str) -> None:
 
 
 def report_ratio(times: dict[str, list[float]], a: str, b: str) -> None:
+    print(format_ratio(times, a, b))
+
+
+def format_ratio(times: dict[str, list[float]], a: str, b: str) -> str:
+    """How much faster `a` is than `b`: the median of the per-round ratios (the project's speed
+    figure: each round's pair ran under the same load), named as such, because with few rounds it
+    can disagree with the ratio of the medians printed above it (1.201x next to 1396 vs 1352 ms)."""
     ratios = [tb / ta for ta, tb in zip(times[a], times[b])]
-    spread = f"per-round min {min(ratios):.3f}, max {max(ratios):.3f}"
-    print(f"  {a} is {statistics.median(ratios):.3f}x as fast as {b} ({spread})")
+    spread = f"per round {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else "a single round"
+    return f"  {a} is {statistics.median(ratios):.3f}x as fast as {b} (median of the per-round ratios; {spread})"
 
 
 def swapped(owner: object, name: str, value: object, run: Callable[[], None]) -> Callable[[], None]:
@@ -117,14 +141,17 @@ def lrn_chunks(batch: int, rounds: int) -> None:
         print(f"  {name:12s} {1e3 * statistics.median(values):8.1f} ms (min {1e3 * min(values):.1f})")
 
 
-def load_layers(path: Path):
-    """Another version's alexnet/layers.py as a module of its own."""
+def load_layers(path: Path, needed: str):
+    """Another version's alexnet/layers.py as a module of its own, checked to define `needed`
+    (any Python file loads: without the check, the wrong one failed later as a traceback)."""
     spec = importlib.util.spec_from_file_location("reference_layers", path)
     if not path.is_file() or spec is None or spec.loader is None:
-        raise SystemExit(f"error: --reference-layers {path}: no such Python file")
+        raise ReferenceLayersError(f"--reference-layers {path}: no such Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    if not hasattr(module, needed):
+        raise ReferenceLayersError(f"--reference-layers {path}: defines no {needed} (not an alexnet/layers.py?)")
     return module
 
 
@@ -152,12 +179,13 @@ def paper_model() -> nn.Module:
 
 
 def lrn_step(batch: int, rounds: int, reference: Path) -> None:
+    other = load_layers(reference, "LocalResponseNorm")  # first: a wrong file is refused before the model is built
     torch.manual_seed(0)
     model = paper_model()
     step = frozen_steps(model, batch)
     lrns = {
         "this checkout's LRN": layers.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
-        f"LRN of {reference}": load_layers(reference).LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
+        f"LRN of {reference}": other.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K),
     }
     times = interleave({name: swapped(model, "lrn", lrn, step) for name, lrn in lrns.items()}, rounds, repeats=3)
     print(f"paper-model training step, batch {batch}, {PAPER_INPUT} px, channels_last, lr 0")
@@ -218,26 +246,56 @@ def sgd_step(batch: int, rounds: int) -> None:
         report_ab(times, *contenders)
 
 
-def main(argv: list[str] | None = None) -> None:
+# Each command's one-line description and default rounds (lrn-chunks times six cheap contenders).
+COMMANDS = {
+    "lrn-chunks": ("both LRN layers, forward + backward, for several CPU chunk budgets", 13),
+    "lrn-step": ("paper-model training steps with this checkout's LRN and with another version's", 9),
+    "sgd-step": ("training steps with the fused SGD and with PyTorch's default CPU SGD", 9),
+    "lrn-floor": ("paper-model training steps with its LRN and with it free, against torchvision's", 9),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("lrn-chunks", "lrn-step", "sgd-step", "lrn-floor"):
-        p = sub.add_parser(name)
-        p.add_argument("--batch", type=int, default=32)
-        p.add_argument("--rounds", type=int, default=9 if name != "lrn-chunks" else 13)
+    for name, (summary, rounds) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.add_argument("--batch", type=positive_int, default=32, help="images per step, >= 1 (default 32)")
+        p.add_argument(
+            "--rounds",
+            type=positive_int,
+            default=rounds,
+            help=f"timed rounds, >= 1; the order of the contenders alternates every round (default {rounds})",
+        )
         if name == "lrn-step":
-            p.add_argument("--reference-layers", type=Path, required=True, help="another version's alexnet/layers.py")
-    args = parser.parse_args(argv)
+            p.add_argument(
+                "--reference-layers",
+                type=Path,
+                required=True,
+                metavar="FILE",
+                help="another version's alexnet/layers.py, whose LocalResponseNorm is timed against this one's "
+                "(required, no default)",
+            )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     apply_process_settings(TrainConfig())  # the trainer's defaults
-    if args.command == "lrn-chunks":
-        lrn_chunks(args.batch, args.rounds)
-    elif args.command == "lrn-step":
-        lrn_step(args.batch, args.rounds, args.reference_layers)
-    elif args.command == "sgd-step":
-        sgd_step(args.batch, args.rounds)
-    else:
-        lrn_floor(args.batch, args.rounds)
+    try:
+        if args.command == "lrn-chunks":
+            lrn_chunks(args.batch, args.rounds)
+        elif args.command == "lrn-step":
+            lrn_step(args.batch, args.rounds, args.reference_layers)
+        elif args.command == "sgd-step":
+            sgd_step(args.batch, args.rounds)
+        else:
+            lrn_floor(args.batch, args.rounds)
+    except ReferenceLayersError as exc:  # a bad argument argparse cannot check: its exit status
+        print_error(str(exc))
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -196,7 +196,7 @@ def test_a_run_is_evaluated_as_it_validated_also_with_torchvision_and_a_wider_he
     own = run_evaluation(EvalOptions(last), ONE)
     assert own["pipeline"] == "torchvision" and own["images"] == val["count"] == 50
     assert (own["top1"], own["top5"]) == (val["top1"], val["top5"]) and own["loss"] == pytest.approx(val["loss"])
-    assert own["num_classes"] == 10 and len(own["per_class"]) == 10
+    assert own["num_classes"] == own["classes_evaluated"] == 10 and len(own["per_class"]) == 10
     dali = run_evaluation(EvalOptions(last, pipeline="dali"), ONE)
     assert dali["pipeline"] == "dali" and dali["loss"] != own["loss"]
     # Some of its classes (the last three, not a prefix), in a folder of class folders: labelled
@@ -208,7 +208,9 @@ def test_a_run_is_evaluated_as_it_validated_also_with_torchvision_and_a_wider_he
     part = run_evaluation(EvalOptions(last, data=str(subset)), ONE)
     by_folder = {c["folder"]: c for c in own["per_class"]}
     assert [c for c in part["per_class"] if c["images"]] == [by_folder[name] for name in kept]
-    assert part["num_classes"] == 3 and part["images"] == sum(by_folder[name]["images"] for name in kept)
+    assert (part["num_classes"], part["classes_evaluated"]) == (10, 3) and part["images"] == sum(
+        by_folder[name]["images"] for name in kept
+    )
     (subset / "not_a_trained_class").mkdir()
     shutil.copy(next((subset / kept[0]).iterdir()), subset / "not_a_trained_class")
     with pytest.raises(DataError, match=r"subset has class folders absent from the training data: not_a_trained"):

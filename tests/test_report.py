@@ -10,9 +10,11 @@ from _helpers import TINY_TRAIN
 from PIL import Image
 
 from alexnet.config import load_config
+from alexnet.data import DataSplits
 from alexnet.report import (
     PLOT_FILE,
     build_training_figure,
+    format_summary,
     paper_comparison,
     plot_training_curves,
     session_gpu_seconds,
@@ -21,9 +23,16 @@ from alexnet.report import (
 )
 from alexnet.reporting import Reporter
 from alexnet.run import run_training
+from pipelines.index import FileIndex
 
 
 def write_metrics(path):
+    records = write_metrics_records()
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def write_metrics_records():
     records = []
     for step in range(10, 101, 10):
         records.append(
@@ -43,7 +52,6 @@ def write_metrics(path):
             records.append(
                 {"split": "val", "epoch": step // 50, "step": step, "loss": 5.0, "top1": step / 5, "top5": step / 3}
             )
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -215,3 +223,49 @@ def test_the_best_validation_is_the_highest_top1_and_a_tie_goes_to_the_higher_to
         p.record_validation(top1, top5)
     assert (p.best_top1, p.best_top5) == (46.0, 94.0)
     assert (p.last_top1, p.last_top5) == (46.0, 90.0)
+
+
+def test_the_comparison_says_whether_ten_crops_were_averaged_and_needs_the_1000_classes_validated():
+    """A run validated with ten crops was told to compare with evaluate.py --ten-crop; a 1000-way
+    model validated on 20 classes' images was compared by the trainer (its 1000 class folders) and
+    not by evaluate.py (the 20 classes with images)."""
+    centre = summarize_run(57.0, 80.0, 60.0, 1280, 1, "cpu", 1000).paper["note"]
+    ten = summarize_run(57.0, 80.0, 60.0, 1280, 1, "cpu", 1000, ten_crop=True).paper["note"]
+    assert centre.endswith("compare with launch/evaluate.py --ten-crop") and "ten crops averaged" not in centre
+    assert ten.endswith("ten crops averaged, as the paper's figures (section 4.1)") and "evaluate.py" not in ten
+    classes = [f"n{i:08d}" for i in range(1000)]
+    val = FileIndex([f"{c}/a.jpg" for c in classes[:20]], list(range(20)), classes)
+    splits = DataSplits(FileIndex([], [], classes), val, classes)
+    assert splits.validated_classes == 20
+    assert paper_comparison(57.0, 80.0, splits.validated_classes)["comparable"] is False
+    everything = FileIndex([f"{c}/a.jpg" for c in classes] * 2, list(range(1000)) * 2, classes)
+    assert DataSplits(None, everything, classes).validated_classes == 1000
+
+
+def test_the_learning_rate_is_drawn_over_the_window_that_used_it(tmp_path):
+    """A train record's lr is the rate of its window's last step: the drop logged at step 60
+    (steps 51-60) is drawn from step 50 on, not from 60 (a window late)."""
+    fig = build_training_figure(write_metrics(tmp_path / "metrics.jsonl"), "run")
+    xs, ys = fig.axes[2].get_lines()[0].get_path().vertices.T
+    assert [y for x, y in zip(xs, ys) if 50 < x < 60] == [] and ys[list(xs).index(50) + 1] == pytest.approx(0.001)
+    assert all(y == pytest.approx(0.01) for x, y in zip(xs, ys) if x < 50)
+    fig.clf()
+
+
+def test_a_diverging_run_s_losses_say_what_is_not_drawn_and_a_huge_one_gets_a_log_axis():
+    records = [{"split": "train", "step": s, "loss": v, "lr": 0.1} for s, v in ((1, 6.9), (2, 7e14), (3, None))]
+    records.append({"split": "val", "step": 3, "loss": float("nan"), "top1": 10.0, "top5": 50.0})
+    fig = build_training_figure(records, "run")
+    loss = fig.axes[0]
+    assert [t.get_text() for t in loss.texts] == ["2 of 4 records have no finite loss (not drawn)"]
+    assert loss.get_yscale() == "log" and lines_by_label(loss)["train loss"] == ([1, 2], [6.9, 7e14])
+    fig.clf()
+    calm = build_training_figure(write_metrics_records(), "run")
+    assert calm.axes[0].get_yscale() == "linear" and not calm.axes[0].texts
+    calm.clf()
+
+
+def test_a_slow_run_s_images_per_second_is_not_rounded_to_0(caplog):
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        assert "0.22 images/s" in format_summary(summarize_run(None, None, 72.0, 16, 1, "cpu", 10))
+        assert "139 images/s" in format_summary(summarize_run(None, None, 7200.0, 1_000_000, 1, "cpu", 10))
