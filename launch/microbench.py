@@ -15,9 +15,9 @@
 
 Each prints the median over rounds (the order of A and B alternates every round) and, for the
 A/B commands, the median of the per-round ratios with its range: with few rounds it can differ
-from the ratio of the two medians printed above it. Host memory and cuDNN/oneDNN
-settings are the trainer's (alexnet.process). Times are wall-clock on whatever else the machine
-is doing: compare only figures from one run.
+from the ratio of the two medians printed above it. Host memory and cuDNN/oneDNN settings are
+the trainer's (alexnet.process). Times are wall-clock on whatever else the machine is doing:
+compare only figures from one run.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (summary, rounds) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
-        p.add_argument("--batch", type=positive_int, default=32, help="images per step, >= 1 (default 32)")
+        p.add_argument("--batch", type=positive_int, default=32, help="images per batch, >= 1 (default 32)")
         p.add_argument(
             "--rounds",
             type=positive_int,

@@ -1,7 +1,9 @@
-"""launch/microbench.py: the A/B order, the chunk budget put back, another version's LRN loaded."""
+"""launch/microbench.py: the A/B order, the chunk budget put back, another version's LRN loaded,
+bad counts and reference files refused, the ratio line named."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +14,9 @@ from alexnet import layers
 
 sys.path.insert(0, str(REPO / "launch"))
 import microbench  # noqa: E402
+
+MICROBENCH = REPO / "launch" / "microbench.py"
+DEFAULT_ROUNDS = {"lrn-chunks": 13, "lrn-step": 9, "sgd-step": 9, "lrn-floor": 9}  # --rounds when not given
 
 
 def test_interleave_alternates_the_order_and_times_every_round():
@@ -52,14 +57,77 @@ def test_lrn_chunks_leaves_the_chosen_budget(capsys):
 def test_reference_layers_come_from_the_given_file(tmp_path):
     copy = tmp_path / "layers_copy.py"
     copy.write_text((REPO / "alexnet" / "layers.py").read_text())
-    other = microbench.load_layers(copy)
+    other = microbench.load_layers(copy, "LocalResponseNorm")
     assert other.LocalResponseNorm is not layers.LocalResponseNorm
     x = torch.rand(2, 8, 3, 3) * 40
     ours = layers.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
     theirs = other.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
     assert torch.equal(ours(x, 2), theirs(x, 2))
-    with pytest.raises(SystemExit, match="missing.py: no such Python file"):
-        microbench.load_layers(tmp_path / "missing.py")
+    with pytest.raises(microbench.ReferenceLayersError, match="missing.py: no such Python file"):
+        microbench.load_layers(tmp_path / "missing.py", "LocalResponseNorm")
+
+
+def test_a_reference_file_without_the_lrn_is_refused_in_one_line(tmp_path):
+    other = tmp_path / "notlayers.py"
+    other.write_text("x = 1\n")
+    args = ["lrn-step", "--batch", "1", "--rounds", "1", "--reference-layers", str(other)]
+    proc = subprocess.run([sys.executable, str(MICROBENCH), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr == f"error: --reference-layers {other}: defines no LocalResponseNorm (not an alexnet/layers.py?)\n"
+    )
+    assert proc.stdout == ""  # refused before any model was built or timed
+
+
+def test_a_bad_count_is_refused_by_the_script_in_one_line():
+    cmd = [sys.executable, str(MICROBENCH), "sgd-step", "--batch", "0", "--rounds", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""  # it timed empty batches and printed their ratio
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["microbench.py sgd-step: error: argument --batch: must be >= 1, got 0"]
+
+
+@pytest.mark.parametrize("command", list(DEFAULT_ROUNDS))
+@pytest.mark.parametrize("option", ["--batch", "--rounds"])
+@pytest.mark.parametrize(("value", "why"), [("0", "must be >= 1, got 0"), ("-1", "must be >= 1, got -1"),
+                                            ("2.5", "must be a whole number >= 1, got '2.5'")])  # fmt: skip
+def test_every_count_must_be_a_positive_whole_number(command, option, value, why, tmp_path, capsys):
+    # 0 rounds ended in a StatisticsError, a batch of -1 in a torch RuntimeError, 0 timed nothing
+    args = [command, "--batch", "1", "--rounds", "1", option, value]
+    if command == "lrn-step":
+        args += ["--reference-layers", str(tmp_path / "layers.py")]
+    with pytest.raises(SystemExit) as exit_info:
+        microbench.main(args)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1  # in-process, argparse names the program after sys.argv[0]
+    assert errors[0].endswith(f" {command}: error: argument {option}: {why}")
+
+
+@pytest.mark.parametrize("command", list(DEFAULT_ROUNDS))
+def test_every_option_says_what_it_does_and_its_default(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        microbench.main([command, "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    rounds = DEFAULT_ROUNDS[command]
+    assert "--batch BATCH images per batch, >= 1 (default 32)" in help_text
+    assert (
+        f"--rounds ROUNDS timed rounds, >= 1; the order of the contenders alternates every round (default {rounds})"
+        in help_text
+    )
+    if command == "lrn-step":
+        assert "--reference-layers FILE another version's alexnet/layers.py" in help_text
+
+
+def test_the_ratio_line_names_the_median_of_the_per_round_ratios():
+    # made up so that the two figures disagree: medians 1.400 vs 1.425 s (1.018x), while b took
+    # 1.2x a's time in two of the three rounds
+    times = {"fused": [1.0, 1.5, 1.4], "default": [1.2, 1.425, 1.68]}
+    line = microbench.format_ratio(times, "fused", "default")
+    assert line == "  fused is 1.200x as fast as default (median of the per-round ratios; per round 0.950-1.200)"
+    one_round = microbench.format_ratio({"a": [2.0], "b": [3.0]}, "a", "b")
+    assert one_round == "  a is 1.500x as fast as b (median of the per-round ratios; a single round)"
 
 
 def test_the_default_sgd_contender_differs_only_in_the_kernel():
