@@ -23,7 +23,9 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,16 +33,78 @@ from typing import Literal
 
 from pipelines.outputs import copy_file_atomic, write_bytes_atomic
 
+try:
+    from lzma import LZMAError
+except ImportError:  # pragma: no cover - a Python built without lzma opens no .xz at all
+    LZMAError = tarfile.TarError  # type: ignore[misc,assignment]
+
 WNID = re.compile(r"^n\d{8}$")
 GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
 VAL_FILE = re.compile(r"^(ILSVRC2012_val_(\d{8}))\.JPEG$", re.IGNORECASE)
 Mode = Literal["symlink", "copy", "move"]
+# What tarfile lets through from a damaged archive besides its own errors: the decompressors'
+# (a cut gzip or xz stream raises EOFError, bad deflate data zlib.error, bad xz data LZMAError;
+# a bad gzip CRC or bzip2 stream is an OSError without an errno, handled apart).
+DAMAGED_TAR = (tarfile.TarError, EOFError, zlib.error, LZMAError)
+ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
 class ImageNetLayoutError(RuntimeError):
     """A devkit, ground-truth file or validation folder is not what ILSVRC-2012 ships; the message
     names the file."""
+
+
+class NotATarError(ImageNetLayoutError):
+    """The file is no tar archive at all (a CSV, a text file): given in the wrong place, not
+    damaged. `path` lets the command say which option takes what."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is not a tar archive")
+        self.path = path
+
+
+# ---- tar archives ------------------------------------------------------------------------------
+def _starts_as_archive(path: Path) -> bool:
+    """Whether `path` begins as a tar (its ustar magic) or a compressed stream does: one that then
+    fails to read is damaged or cut, not some other kind of file."""
+    with path.open("rb") as f:
+        head = f.read(tarfile.BLOCKSIZE)
+    return head.startswith(ARCHIVE_MAGIC) or head[257:262] == b"ustar"
+
+
+def _damaged(path: Path, exc: BaseException) -> ImageNetLayoutError:
+    lines = str(exc).splitlines()  # tarfile's "could not be opened" lists every method it tried
+    why = f" ({lines[0]})" if len(lines) == 1 else ""
+    return ImageNetLayoutError(f"{path} is damaged or truncated{why}")
+
+
+@contextmanager
+def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """`path` as a tar; whatever fails while it is read, in the `with` block too, becomes one line
+    naming it: not an archive, damaged or truncated, or unreadable (no permission, I/O error)."""
+    try:
+        with tarfile.open(path) as tar:
+            yield tar
+    except DAMAGED_TAR as exc:
+        raise (_damaged(path, exc) if _starts_as_archive(path) else NotATarError(path)) from exc
+    except OSError as exc:
+        if exc.errno is None:  # gzip.BadGzipFile (CRC, bad header) or bz2's "Invalid data stream"
+            raise _damaged(path, exc) from exc
+        raise ImageNetLayoutError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _refuse_if_cut(tar: tarfile.TarFile, path: Path) -> None:
+    """tarfile ends the member list silently at a cut or damaged header, so a truncated archive
+    reads as one with files missing. A whole one has a zero block (its end marker) where the
+    reading stopped. `offset` is that place; only called on the way to an error (a seek back in
+    a compressed archive decompresses it again)."""
+    assert tar.fileobj is not None
+    tar.fileobj.seek(tar.offset)
+    if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        members = tar.getmembers()
+        where = f" (it stops after {members[-1].name})" if members else ""
+        raise ImageNetLayoutError(f"{path} is damaged or truncated{where}")
 
 
 # ---- class names -------------------------------------------------------------------------------
@@ -75,16 +139,14 @@ def _devkit_member(devkit: Path, name: str) -> bytes:
         if found:
             return found[0].read_bytes()
         raise ImageNetLayoutError(f"devkit folder {devkit} has no data/{name}")
-    try:
-        with tarfile.open(devkit) as tar:
-            member = next((m for m in tar.getmembers() if m.isfile() and Path(m.name).name == name), None)
-            if member is None:
-                raise ImageNetLayoutError(f"devkit archive {devkit} has no data/{name}")
-            extracted = tar.extractfile(member)
-            assert extracted is not None
-            return extracted.read()
-    except (OSError, tarfile.TarError) as exc:
-        raise ImageNetLayoutError(f"cannot read devkit {devkit}: {exc}") from exc
+    with _open_tar(devkit) as tar:
+        member = next((m for m in tar.getmembers() if m.isfile() and Path(m.name).name == name), None)
+        if member is None:
+            _refuse_if_cut(tar, devkit)
+            raise ImageNetLayoutError(f"devkit archive {devkit} has no data/{name}")
+        extracted = tar.extractfile(member)
+        assert extracted is not None
+        return extracted.read()
 
 
 def read_devkit_ids(devkit: Path) -> dict[int, str]:
@@ -126,8 +188,11 @@ def read_devkit_ground_truth(devkit: Path) -> dict[str, str]:
 
 
 def read_loc_solution(path: Path) -> dict[str, str]:
-    """File stem -> wnid from Kaggle's LOC_val_solution.csv (the first word of PredictionString)."""
+    """File stem -> wnid from Kaggle's LOC_val_solution.csv (the first word of PredictionString).
+    An image listed twice under two classes is refused: which row is right cannot be told, and a
+    wrong label is silent. Twice under the same class is taken: the labels agree."""
     truth: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -137,9 +202,17 @@ def read_loc_solution(path: Path) -> dict[str, str]:
                 words = (row["PredictionString"] or "").split()
                 if not words or not WNID.match(words[0]):
                     raise ImageNetLayoutError(f"{path}: line {line} has no wnid in PredictionString")
-                truth[row["ImageId"]] = words[0]
+                image = row["ImageId"]
+                if truth.setdefault(image, words[0]) != words[0]:
+                    raise ImageNetLayoutError(
+                        f"{path}: line {line} gives {image} the class {words[0]}, "
+                        f"line {first_line[image]} gave it {truth[image]}"
+                    )
+                first_line.setdefault(image, line)
     except OSError as exc:
         raise ImageNetLayoutError(f"cannot read {path}: {exc.strerror}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImageNetLayoutError(f"{path} is not a CSV text file ({exc})") from exc
     return truth
 
 
@@ -322,17 +395,18 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:
     """ILSVRC2012_img_val.tar straight into out_dir/<wnid>/<file>, without a flat copy first."""
-    try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and VAL_FILE.match(Path(m.name).name)]
-            stems = {VAL_FILE.match(Path(m.name).name).group(1): m for m in members}  # type: ignore[union-attr]
-            _check_coverage(stems, truth, archive)
-            for stem, member in sorted(stems.items()):
-                source = tar.extractfile(member)
-                assert source is not None
-                with source:
-                    data = source.read()  # one image (~130 KB): read and write errors stay apart
-                _write_file(out_dir / truth[stem] / Path(member.name).name, data)
-    except (OSError, tarfile.TarError) as exc:
-        raise ImageNetLayoutError(f"cannot read {archive}: {exc}") from exc
+    with _open_tar(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and VAL_FILE.match(Path(m.name).name)]
+        stems = {VAL_FILE.match(Path(m.name).name).group(1): m for m in members}  # type: ignore[union-attr]
+        if set(truth) - set(stems):
+            _refuse_if_cut(tar, archive)
+        if not stems:  # e.g. the devkit given as --val
+            raise ImageNetLayoutError(f"{archive} holds no ILSVRC2012_val_*.JPEG files")
+        _check_coverage(stems, truth, archive)
+        for stem, member in sorted(stems.items()):
+            source = tar.extractfile(member)
+            assert source is not None
+            with source:
+                data = source.read()  # one image (~130 KB): read and write errors stay apart
+            _write_file(out_dir / truth[stem] / Path(member.name).name, data)
     return Conversion(len(stems), len(set(truth.values())), out_dir)

@@ -7,10 +7,10 @@
 then extracted straight into the class folders). --ground-truth is the devkit (the .tar.gz or its
 extracted folder: data/ILSVRC2012_validation_ground_truth.txt through data/meta.mat, which needs
 scipy) or Kaggle's LOC_val_solution.csv. From a folder, files are symlinked by default (--mode
-copy or move to change that) and keep their names where the folder's entries are themselves
-symlinks (a git-annex or datalad checkout: a move moves the links, not the files they point to).
-Running it again is harmless, and after an interrupted run it finishes the layout: the images
-already in place count as done.
+copy or move to change that; a tar is always extracted, so --mode with one is refused) and keep
+their names where the folder's entries are themselves symlinks (a git-annex or datalad checkout:
+a move moves the links, not the files they point to). Running it again is harmless, and after an
+interrupted run it finishes the layout: the images already in place count as done.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from alexnet.imagenet import ImageNetLayoutError, convert_val_folder, extract_val_archive, read_ground_truth
+from alexnet.imagenet import (
+    Conversion,
+    ImageNetLayoutError,
+    NotATarError,
+    convert_val_folder,
+    extract_val_archive,
+    read_ground_truth,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,22 +39,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="ILSVRC2012_devkit_t12.tar.gz (or its folder) or LOC_val_solution.csv",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. /data/imagenet/val")
-    parser.add_argument(
-        "--mode", choices=("symlink", "copy", "move"), default="symlink", help="for a folder (default: symlink)"
-    )
+    # default None, not "symlink": a --mode given with a tar (always extracted) can then be refused
+    parser.add_argument("--mode", choices=("symlink", "copy", "move"), help="for a folder (default: symlink)")
     return parser.parse_args(argv)
+
+
+def read_truth(source: Path) -> dict[str, str]:
+    try:
+        return read_ground_truth(source)
+    except NotATarError as exc:  # e.g. the devkit's ground-truth .txt itself
+        raise ImageNetLayoutError(
+            f"--ground-truth {source} is not a tar archive, a folder or a .csv: it takes "
+            "ILSVRC2012_devkit_t12.tar.gz, its extracted folder or LOC_val_solution.csv"
+        ) from exc
+
+
+def prepare(args: argparse.Namespace) -> Conversion:
+    if args.mode is not None and args.val.is_file():  # checked first: before the devkit is read
+        raise ImageNetLayoutError(
+            f"--mode applies to a folder of images; --val {args.val} is a file, and a tar is extracted"
+        )
+    truth = read_truth(args.ground_truth)
+    if args.val.is_dir():
+        return convert_val_folder(args.val, truth, args.out, args.mode or "symlink")
+    if not args.val.is_file():
+        raise ImageNetLayoutError(f"--val {args.val} is neither a folder nor an archive")
+    try:
+        return extract_val_archive(args.val, truth, args.out)
+    except NotATarError as exc:  # e.g. LOC_val_solution.csv given as --val
+        raise ImageNetLayoutError(
+            f"--val {args.val} is not a tar archive or a folder: it takes ILSVRC2012_img_val.tar "
+            "or the folder of its 50,000 JPEGs"
+        ) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        truth = read_ground_truth(args.ground_truth)
-        if args.val.is_dir():
-            done = convert_val_folder(args.val, truth, args.out, args.mode)
-        elif args.val.is_file():
-            done = extract_val_archive(args.val, truth, args.out)
-        else:
-            raise ImageNetLayoutError(f"--val {args.val} is neither a folder nor an archive")
+        done = prepare(args)
     except ImageNetLayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

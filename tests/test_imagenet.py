@@ -2,12 +2,15 @@
 official files (flat val folder and archive, devkit meta.mat + ground truth, Kaggle's CSV)."""
 
 import errno
+import gzip
 import hashlib
 import importlib.util
 import io
+import lzma
 import os
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -136,10 +139,16 @@ def test_incomplete_inputs_are_named(ilsvrc):
         read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12")
 
 
-def test_prepare_command(ilsvrc, capsys):
+@pytest.fixture
+def command():
+    """launch/prepare_imagenet.py as a module: its main(argv) returns the exit code."""
     spec = importlib.util.spec_from_file_location("prepare_imagenet", REPO / "launch" / "prepare_imagenet.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_command(ilsvrc, capsys, command):
     out = ilsvrc / "imagenet" / "val"
     argv = ["--val", str(ilsvrc / "ILSVRC2012_img_val"), "--ground-truth", str(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz")]
     assert command.main([*argv, "--out", str(out)]) == 0
@@ -319,3 +328,122 @@ def test_a_destination_that_is_something_else_is_named(ilsvrc, mode):
     with pytest.raises(ImageNetLayoutError, match=f"{other} already exists"):
         convert_val_folder(flat, truth, out, mode=mode)
     assert (flat / other.name).exists()
+
+
+# ---- damaged archives and files given in the wrong place ----------------------------------------
+def run_command(command, capsys, val, ground_truth, *more):
+    """The command's exit code and what it printed to stderr, which must be one line."""
+    code = command.main(["--val", str(val), "--ground-truth", str(ground_truth), *more])
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    return code, err
+
+
+def test_a_truncated_devkit_archive_is_named_and_nothing_is_written(ilsvrc, capsys, command):
+    cut = ilsvrc / "cut.tar.gz"  # a gzip stream that stops short: the decompressor raises EOFError
+    cut.write_bytes((ilsvrc / "ILSVRC2012_devkit_t12.tar.gz").read_bytes()[:300])
+    out = ilsvrc / "out"
+    code, err = run_command(command, capsys, ilsvrc / "ILSVRC2012_img_val", cut, "--out", str(out))
+    assert code == 1 and f"{cut} is damaged or truncated" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("error", [EOFError("cut"), zlib.error("bad"), lzma.LZMAError("bad"), gzip.BadGzipFile("crc")])
+def test_what_a_damaged_compressed_archive_raises_is_named(ilsvrc, monkeypatch, error):
+    # raised by the decompressor below tarfile while a member is read; which damage raises which
+    # depends on where it is, so each is raised directly
+    def damaged(self, member):
+        raise error
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", damaged)
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    for read in (
+        lambda: read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz"),
+        lambda: extract_val_archive(ilsvrc / "ILSVRC2012_img_val.tar", truth, ilsvrc / "out"),
+    ):
+        with pytest.raises(ImageNetLayoutError, match=r"\.tar(\.gz)? is damaged or truncated"):
+            read()
+
+
+@pytest.mark.parametrize("where", ["in a header", "in an image"])
+def test_a_truncated_val_archive_is_named_as_such_not_as_missing_files(ilsvrc, where):
+    archive = ilsvrc / "ILSVRC2012_img_val.tar"
+    with tarfile.open(archive) as tar:
+        fourth = tar.getmembers()[3]
+    # cut in a header, tarfile ends the member list there without a word
+    end = fourth.offset + 100 if where == "in a header" else fourth.offset_data + 100
+    cut = ilsvrc / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[:end])
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    with pytest.raises(ImageNetLayoutError, match=r"cut\.tar is damaged or truncated"):
+        extract_val_archive(cut, truth, ilsvrc / "out")
+
+
+def test_a_devkit_archive_cut_between_members_is_named(ilsvrc):
+    devkit = ilsvrc / "devkit.tar"  # uncompressed: nothing but the missing end marker tells
+    with tarfile.open(devkit, "w") as tar:
+        tar.add(ilsvrc / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
+    with tarfile.open(devkit) as tar:
+        last = tar.getmembers()[-1]
+    devkit.write_bytes(devkit.read_bytes()[: last.offset])
+    with pytest.raises(ImageNetLayoutError, match=r"devkit\.tar is damaged or truncated \(it stops after "):
+        read_ground_truth(devkit)
+
+
+@pytest.mark.parametrize(
+    "option,given,expected",
+    [
+        ("--val", "LOC_val_solution.csv", "is not a tar archive or a folder: it takes ILSVRC2012_img_val.tar"),
+        ("--val", "ground_truth.txt", "is not a tar archive or a folder: it takes ILSVRC2012_img_val.tar"),
+        ("--val", "ILSVRC2012_devkit_t12.tar.gz", "holds no ILSVRC2012_val_*.JPEG files"),
+        ("--ground-truth", "ground_truth.txt", "is not a tar archive, a folder or a .csv: it takes ILSVRC2012_devkit"),
+        ("--ground-truth", "random.bin", "is not a tar archive, a folder or a .csv: it takes ILSVRC2012_devkit"),
+        ("--ground-truth", "random.csv", "is not a CSV text file"),
+    ],
+)
+def test_a_file_given_to_the_wrong_option_is_named_with_what_the_option_takes(
+    ilsvrc, capsys, command, option, given, expected
+):
+    devkit_data = ilsvrc / "ILSVRC2012_devkit_t12" / "data"
+    shutil.copy(devkit_data / "ILSVRC2012_validation_ground_truth.txt", ilsvrc / "ground_truth.txt")
+    noise = np.random.default_rng(0).bytes(2000)
+    noise = b"\x89" + noise[1:]  # not UTF-8 from its first byte on, and no archive's magic
+    (ilsvrc / "random.bin").write_bytes(noise)
+    (ilsvrc / "random.csv").write_bytes(noise)
+    val, ground_truth = ilsvrc / "ILSVRC2012_img_val.tar", ilsvrc / "LOC_val_solution.csv"
+    if option == "--val":
+        val = ilsvrc / given
+    else:
+        ground_truth = ilsvrc / given
+    code, err = run_command(command, capsys, val, ground_truth, "--out", str(ilsvrc / "out"))
+    assert code == 1 and f"{ilsvrc / given}" in err and expected in err
+    assert not (ilsvrc / "out").exists()
+
+
+@pytest.mark.parametrize("second", ["n01443537", "n01440764"])
+def test_an_image_listed_twice_under_two_classes_is_refused(ilsvrc, second):
+    csv = ilsvrc / "LOC_val_solution.csv"
+    with csv.open("a") as f:  # image 1 is n01440764, on line 8 (the rows run from image 7 down)
+        f.write(f"ILSVRC2012_val_00000001,{second} 1 2 3 4\n")
+    if second == EXPECTED[1]:  # the same label twice: nothing to choose between
+        assert read_ground_truth(csv)["ILSVRC2012_val_00000001"] == EXPECTED[1]
+        return
+    given = "line 9 gives ILSVRC2012_val_00000001 the class n01443537, line 8 gave it n01440764"
+    with pytest.raises(ImageNetLayoutError, match=rf"LOC_val_solution\.csv: {given}"):
+        read_ground_truth(csv)
+
+
+def test_a_mode_given_with_the_archive_is_refused(ilsvrc, capsys, command):
+    out = ilsvrc / "out"
+    archive = ilsvrc / "ILSVRC2012_img_val.tar"
+    code, err = run_command(
+        command, capsys, archive, ilsvrc / "LOC_val_solution.csv", "--out", str(out), "--mode", "move"
+    )
+    assert code == 1 and f"--mode applies to a folder of images; --val {archive} is a file" in err
+    assert not out.exists()
+    flat = ilsvrc / "ILSVRC2012_img_val"  # without --mode, a folder is still symlinked
+    assert (
+        command.main(["--val", str(flat), "--ground-truth", str(ilsvrc / "LOC_val_solution.csv"), "--out", str(out)])
+        == 0
+    )
+    assert all(p.is_symlink() for p in out.rglob("*.JPEG")) and indexed_pairs(out) == expected_pairs(out)
