@@ -145,7 +145,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file at `path`, then `key=value` overrides, then validation."""
     values: dict[str, Any] = {}
     if path is not None:
-        values = _flatten(_read_recipe(Path(path)), source=str(path))
+        values = _read_recipe(Path(path))
     for item in overrides:
         key, value = _parse_override(item)
         values[key] = value
@@ -173,29 +173,22 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML recipe; `extends: other.yaml` (relative to the file) starts from another recipe and
-    overrides it key by key, so the 8-GPU recipes restate only what differs from imagenet.yaml."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, _Sourced]:
+    """A YAML recipe as flat keys, each with the file that sets it (an error in imagenet.yaml names
+    imagenet.yaml, not the 8-GPU recipe that extends it). `extends: other.yaml` (relative to the
+    file, `~` for the home folder as in run.root) starts from another recipe and overrides it key
+    by key, so the 8-GPU recipes restate only what differs from imagenet.yaml."""
+    real = path.resolve()
+    if real in seen:
+        raise ConfigError(f"config file {real} extends itself through {' -> '.join(map(str, seen))}")
     tree = _read_yaml(path)
     base = tree.pop("extends", None)
+    own = _flatten(tree, source=str(path))
     if base is None:
-        return tree
+        return own
     if not isinstance(base, str):
         raise ConfigError(f"config key 'extends' in {path} must be a file name; got {_plain(base)!r}")
-    return _merge(_read_recipe(path.parent / base, (*seen, path)), tree)
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return {**_read_recipe(path.parent / Path(base).expanduser(), (*seen, real)), **own}
 
 
 @dataclass(frozen=True)
@@ -226,8 +219,11 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 def _scalar_with_text(base: Any) -> Any:
-    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Number:
-        return _Number(base(loader, node), node.value)
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Number | str:
+        try:
+            return _Number(base(loader, node), node.value)
+        except ValueError:  # looks like a date YAML cannot read (2024-13-45): it is text
+            return node.value
 
     return construct
 
@@ -253,28 +249,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _setting(value: Any) -> Any:
+    """A setting's value as read: plain, except the numbers of a list, which keep their text (each
+    item is checked as written: `data.mean: [0123, 1, 1]` is refused, not read as 83)."""
+    if isinstance(value, list):
+        return [v if isinstance(v, _Number) else _plain(v) for v in value]
+    return _plain(value)
+
+
 def _keep_leaf_text(tree: dict[Any, Any]) -> dict[Any, Any]:
     """The recipe's mappings with plain keys and plain values, except a number that is a setting
     itself (a leaf under a mapping): it keeps its text for _sourced."""
     return {
-        _plain(k): v if isinstance(v, _Number) else _keep_leaf_text(v) if isinstance(v, dict) else _plain(v)
+        _plain(k): v if isinstance(v, _Number) else _keep_leaf_text(v) if isinstance(v, dict) else _setting(v)
         for k, v in tree.items()
     }
 
 
 def _sourced(value: Any, source: str) -> _Sourced:
+    if isinstance(value, _Number) and value.value is None:
+        # A YAML null in a file (`data.root:` left blank, null, ~) keeps YAML's meaning: the
+        # setting's empty value ("" for a text key: the demo data, the default name), as hand-written
+        # recipes use it; no text is kept, so a text key does not take the word "null".
+        return _Sourced(None, source)
     if isinstance(value, _Number):
         return _Sourced(value.value, source, raw=value.text)
     return _Sourced(value, source)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    text = _read_text(path)
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # a NUL or other control character: binary, not YAML
+        raise ConfigError(_not_text(path)) from exc
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(_yaml_problem(path, exc)) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
@@ -284,15 +294,54 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return _keep_leaf_text(data)
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; UTF-8 whatever the locale (YAML's own encoding, and write_config's)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_not_text(path)) from exc
+
+
+def _not_text(path: Path) -> str:
+    return (
+        f"config file {path} is not text (UTF-8 YAML); a checkpoint? --config takes a YAML recipe "
+        "or a run's config.yaml"
+    )
+
+
+def _yaml_problem(path: Path, exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's message in one line with the file's line and column (its own spans several lines,
+    names "<unicode string>" and quotes the line)."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = ", ".join(part.strip() for part in (exc.context, exc.problem) if part)
+    return f"config file {path}{where}: {problem}"
+
+
 def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if isinstance(key, str) and "." in key:
+            raise ConfigError(_dotted_key_problem(dotted, source))
         if isinstance(value, dict):
             flat.update(_flatten(value, source, dotted + "."))
         else:
             flat[dotted] = _sourced(value, source)
     return flat
+
+
+def _dotted_key_problem(dotted: str, source: str) -> str:
+    """Files take the section form only: a dotted key beside its section (`train: {epochs: 3}` and
+    `train.epochs: 5`) would get past the check for a key written twice, and `extends` would
+    merge the two forms as different keys (a base's dotted key beating the child's section)."""
+    *sections, leaf = dotted.split(".")
+    nested = leaf + ": ..."
+    for section in reversed(sections):
+        nested = f"{section}: {{{nested}}}"
+    return f"config key {dotted!r} in {source} is dotted; a file takes sections: write {nested}"
 
 
 @dataclass(frozen=True)
@@ -305,11 +354,14 @@ class _Sourced:
 
 
 def _parse_override(item: str) -> tuple[str, _Sourced]:
+    """`key=value`, the value read as YAML but its text kept whole: a text key takes the text as
+    typed (`run.name=null` is "null", `run.root=~` the home folder, `run.name=#1` "#1"; only an
+    empty value is ""), and a number's text is checked as written."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (for example train.epochs=10)")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = _setting(yaml.load(text, Loader=_RecipeLoader)) if text else ""  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         value = text
     return key.strip(), _Sourced(value, "the command line", raw=text)
@@ -333,7 +385,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         dotted = prefix + f.name
         if dataclasses.is_dataclass(hint):
             if dotted in values:
-                raise ConfigError(f"config key {dotted!r} is a section; set its keys, e.g. {dotted}.<key>=...")
+                raise ConfigError(
+                    f"config key {dotted!r} is a section (set as a value in {values[dotted].source}); "
+                    f"set its keys, e.g. {dotted}.<key>=..."
+                )
             kwargs[f.name] = _build(hint, values, dotted + ".")
         elif dotted in values:
             kwargs[f.name] = _coerce(dotted, hint, values[dotted])
@@ -341,9 +396,35 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _unknown_key(key: str, sourced: _Sourced) -> None:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = _closest_keys(key)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     raise ConfigError(f"unknown config key {key!r} from {sourced.source}{hint}")
+
+
+def _closest_keys(key: str) -> list[str]:
+    """The keys `key` was likely meant as: the same but for case (TRAIN.EPOCHS), a setting without
+    its section (lr: optim.lr; seed: data.seed or train.seed), else the closest spelling. Only
+    suggested: keys are exact, as choices are."""
+    keys = valid_keys()
+    folded = key.lower()
+    same = [k for k in keys if k.lower() == folded]
+    if not same and "." not in key:
+        same = [k for k in keys if k.rpartition(".")[2] == folded]
+    if same:
+        return same
+    by_folded = {k.lower(): k for k in keys}
+    return [by_folded[k] for k in difflib.get_close_matches(folded, list(by_folded), n=1, cutoff=0.5)]
+
+
+def _closest_choice(shown: Any, choices: tuple[Any, ...]) -> str:
+    """The did-you-mean of a choice: 'bf16' for BF16, 'paper' for Paper (a wrong case, refused as a
+    wrong key's case is), else a close spelling."""
+    if not isinstance(shown, str):
+        return ""
+    words = [str(c) for c in choices]
+    folded = shown.strip().lower()
+    close = [w for w in words if w.lower() == folded] or difflib.get_close_matches(folded, words, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
@@ -351,10 +432,10 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     origin = typing.get_origin(hint)
     where = f"config key {key!r} (from {sourced.source})"
     if hint is str:
-        if value is None:  # `data.root:` left blank, or null: the setting's empty value
-            return ""
-        if sourced.raw is not None:
+        if sourced.raw is not None:  # as typed on the command line, or a YAML number's text
             return sourced.raw
+        if value is None:  # `data.root:` left blank, or null, in a file: the setting's empty value
+            return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif hint is bool:
@@ -362,13 +443,11 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            if sourced.raw is not None and not _WHOLE_NUMBER_TEXT.fullmatch(sourced.raw.strip()):
-                raise ConfigError(
-                    f"{where} expects a decimal whole number; got {sourced.raw!r} (YAML reads it as {value})"
-                )
+            _check_written(where, "decimal whole number", sourced)
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_written(where, "decimal number", sourced)
             return float(value)
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             # YAML 1.1 reads 1e-3 and 5e-4 (no dot in the mantissa) as strings; they are floats.
@@ -385,14 +464,30 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
         if value in choices:
             return value
         shown = sourced.raw if sourced.raw is not None else value  # `yes`, not the True YAML makes of it
-        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {shown!r}")
+        raise ConfigError(
+            f"{where} must be one of {', '.join(map(str, choices))}; got {shown!r}{_closest_choice(shown, choices)}"
+        )
     elif origin is list:
         (item_type,) = typing.get_args(hint)
         if isinstance(value, list):
-            return [_coerce(f"{key}[{i}]", item_type, _Sourced(v, sourced.source)) for i, v in enumerate(value)]
+            return [_coerce(f"{key}[{i}]", item_type, _sourced(v, sourced.source)) for i, v in enumerate(value)]
     elif origin in (typing.Union, types.UnionType):
         raise TypeError(f"union types are not supported in Config ({key})")
+    value = _plain(value)  # a list's numbers shown as numbers
     raise ConfigError(f"{where} expects {_type_name(hint)}; got {value!r} ({type(value).__name__})")
+
+
+def _check_written(where: str, kind: str, sourced: _Sourced) -> None:
+    """Refuses a number written in YAML 1.1's octal (010 = 8) or base-60 (1:30 = 90) form, which
+    reads as another number than it looks like; a float key given a whole number follows the
+    whole-number rule (0600 is 384), a fraction only the base-60 one (YAML reads 0600.5 as 600.5).
+    Checked where the text as written is known: the command line, and a file's numbers."""
+    if sourced.raw is None:
+        return
+    text = sourced.raw.strip()
+    as_it_looks = _WHOLE_NUMBER_TEXT.fullmatch(text) if isinstance(sourced.value, int) else ":" not in text
+    if not as_it_looks:
+        raise ConfigError(f"{where} expects a {kind}; got {sourced.raw!r} (YAML reads it as {sourced.value})")
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -410,6 +505,7 @@ def _type_name(hint: Any) -> str:
 def validate_config(cfg: Config) -> None:
     """Checks that a key's type cannot express; each message names the key."""
     _check_ranges(cfg)
+    _check_upper_bounds(cfg)
     _check_model_input(cfg)
     _check_combinations(cfg)
 
@@ -421,8 +517,6 @@ def _check_ranges(cfg: Config) -> None:
         "data.batch_size": cfg.data.batch_size,
         "data.crop": cfg.data.crop,
         "data.resize": cfg.data.resize,
-        "data.num_threads": cfg.data.num_threads,
-        "data.prefetch": cfg.data.prefetch,
         "data.synthetic_steps": cfg.data.synthetic_steps,
         "optim.lr": cfg.optim.lr,
         "optim.lr_reference_batch": cfg.optim.lr_reference_batch,
@@ -432,7 +526,6 @@ def _check_ranges(cfg: Config) -> None:
         "train.log_every": cfg.train.log_every,
         "train.eval_every": cfg.train.eval_every,
         "train.max_nonfinite": cfg.train.max_nonfinite,
-        "parallel.timeout_s": cfg.parallel.timeout_s,
         "parallel.bucket_cap_mb": cfg.parallel.bucket_cap_mb,
         "parallel.powersgd_rank": cfg.parallel.powersgd_rank,  # 0 would send no gradient at all
     }
@@ -476,6 +569,35 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
 
 
+# torch's CPU generator (mt19937) and the dropout hash take 32 bits of a seed: 2**32 + 1 draws as 1.
+_MAX_SEED = 2**32 - 1
+
+
+def _check_upper_bounds(cfg: Config) -> None:
+    """Numbers with an upper end too: past it a value wraps around, overflows an integer deep in a
+    library at the first batch, or can never be met. After _check_ranges (finite numbers)."""
+    bounded = {
+        "train.seed": (cfg.train.seed, 0, _MAX_SEED),  # torch refuses past 64 bits at the model's init
+        "data.seed": (cfg.data.seed, 0, _MAX_SEED),  # the order's torch.Generator, DALI's seed
+        # DALI threads or DataLoader worker processes per rank: more than any node's cores only
+        # contend; DALI's int32 arguments overflow (a TypeError at the first batch) past 2**31.
+        "data.num_threads": (cfg.data.num_threads, 1, 1024),
+        # Batches decoded ahead, each held in memory (DALI allocates them up front; DataLoader
+        # holds workers x prefetch): the default 2 hides decoding, 1024 already costs gigabytes.
+        "data.prefetch": (cfg.data.prefetch, 1, 1024),
+        # Below a second the rendezvous itself times out (torch counts whole milliseconds: 1e-9 is
+        # "timed out after 0ms"); 10**7 s (about 115 days) is far inside datetime.timedelta's range.
+        "parallel.timeout_s": (cfg.parallel.timeout_s, 1, 10**7),
+    }
+    for key, (value, low, high) in bounded.items():
+        if not low <= value <= high:
+            raise ConfigError(f"config key {key!r} must be in [{low}, {high}]; got {value}")
+    if cfg.schedule.min_delta >= 100:  # top-1 is a percentage: no validation could ever improve
+        raise ConfigError(
+            f"config key 'schedule.min_delta' must be below 100 (top-1 points); got {cfg.schedule.min_delta}"
+        )
+
+
 def _check_model_input(cfg: Config) -> None:
     """The model and the images it is given fit each other."""
     if cfg.model.num_classes == 1:
@@ -509,7 +631,7 @@ def _check_combinations(cfg: Config) -> None:
             f"model.variant is {cfg.model.variant!r}"
         )
     name = cfg.run.name
-    if "/" in name or "\\" in name or name in (".", ".."):
+    if name and not is_folder_name(name):
         raise ConfigError(
             f"config key 'run.name' must be a folder name inside run.root, without path separators; got {name!r} "
             "(set run.root for another place)"
@@ -518,6 +640,12 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError("config key 'checkpoint.resume' is empty: use auto, none, or a checkpoint file")
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
         raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
+
+
+def is_folder_name(name: str) -> bool:
+    """A run name that stays a folder inside run.root: no path separators, not . or .. (with them
+    the checkpoints would land in run.root itself or outside it)."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def _float_values(cfg: Config) -> Iterator[tuple[str, float]]:

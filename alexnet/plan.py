@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alexnet.config import Config, ConfigError
+from alexnet.config import Config, ConfigError, is_folder_name
 from alexnet.optim import scaled_lr
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
@@ -38,11 +38,25 @@ def with_run_name(cfg: Config, config_path: str | None) -> Config:
     left empty it started a new run in runs/config)."""
     if cfg.run.name:
         return cfg
-    return replace(cfg, run=replace(cfg.run, name=default_run_name(config_path)))
+    return replace(cfg, run=replace(cfg.run, name=run_name(cfg, config_path)))
+
+
+def run_name(cfg: Config, config_path: str | None) -> str:
+    """run.name, or the name made from the config file's when it is empty, checked as run.name is
+    (validate_config): a file named `...yaml` (stem "..") would put the run outside run.root."""
+    if cfg.run.name:
+        return cfg.run.name
+    name = default_run_name(config_path)
+    if not is_folder_name(name):
+        raise ConfigError(
+            f"config key 'run.name' is empty and the config file's name {config_path!r} makes {name!r}, "
+            "not a folder name inside run.root; set run.name"
+        )
+    return name
 
 
 def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -> RunPlan:
-    run_dir = Path(cfg.run.root).expanduser() / (cfg.run.name or default_run_name(config_path))
+    run_dir = Path(cfg.run.root).expanduser() / run_name(cfg, config_path)
     global_batch = cfg.data.batch_size * mesh.data_size
     on_cuda = env.device.type == "cuda"
     # NHWC suits cuDNN and oneDNN (CPU) convolutions alike: at 227 pixels the paper model's CPU
