@@ -120,7 +120,8 @@ def check_num_classes(num_classes: int, found: int, train_dir: Path) -> None:
 def split_folder(root: Path, split: str) -> Path:
     """root/split, or a DataError that says which of the two is missing (before any work starts)."""
     if not root.is_dir():
-        raise DataError(f"data folder {root} (config key 'data.root') does not exist")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {root} (config key 'data.root') {state}")
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data folder {root} has no {split}/ folder (expected {folder}/<class>/<image>)")

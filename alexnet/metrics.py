@@ -103,20 +103,30 @@ class MetricsWriter:
     `start_epoch`) continues the record from there: what a crashed session wrote after that
     checkpoint is dropped, from the file and from TensorBoard (purged from `start_step` on, the
     kept records of that step written again), so the record holds each step once, as an
-    uninterrupted run's does."""
+    uninterrupted run's does. A checkpoint of another run (`history_here` False: a run started
+    from checkpoint.resume=<its file>) has none of this folder's records behind it: they were
+    written by an attempt that did not lead to it, and all go. TensorBoard turned on at a resume
+    gets the kept records first, so that its curves start where the run's do."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0, start_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool,
+        start_step: int = 0,
+        start_epoch: int = 0,
+        history_here: bool = True,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
-        kept = keep_records_until(self.path, start_step, start_epoch) if self.path.exists() else []
+        kept = _continue_records(self.path, start_step, start_epoch, history_here)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            resumed = (run_dir / "tensorboard").exists()
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step if resumed else None)
-            if resumed:
-                for record in (r for r in kept if r["step"] == start_step):
-                    self._add_scalars(record)
+            existed = (run_dir / "tensorboard").exists()
+            replay_from = start_step if existed and history_here else 0
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=replay_from if existed else None)
+            for record in (r for r in kept if r["step"] >= replay_from):
+                self._add_scalars(record)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -172,18 +182,33 @@ def strict_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(without_non_finite(value), indent=indent, allow_nan=False)
 
 
-def keep_records_until(path: Path, step: int, epoch: int) -> list[dict[str, Any]]:
-    """Rewrite `path` (atomically) with the records a run resumed at (`step`, `epoch` completed
-    epochs) has behind it, and return them: those of earlier steps, and of `step` itself all but
-    a validation of a later epoch (one written after a periodic checkpoint at an epoch's last step
-    and before the epoch's own: the resumed run validates that epoch again)."""
-
-    def behind(r: dict[str, Any]) -> bool:
-        at = r.get("step")
-        if not isinstance(at, int) or at > step:
-            return False
-        return at < step or r.get("split") != "val" or int(r.get("epoch", 0)) <= epoch
-
-    kept = [r for r in read_metrics(path) if behind(r)]
-    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in kept))
+def _continue_records(path: Path, step: int, epoch: int, history_here: bool) -> list[dict[str, Any]]:
+    """The records behind the resumed checkpoint, the file rewritten to hold only them; the
+    others are counted in the log (a rerun that starts over replaces an earlier attempt's)."""
+    if not path.exists():
+        return []
+    records = read_metrics(path)
+    kept = [r for r in records if history_here and _behind(r, step, epoch)]
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in kept))  # also strict JSON for older files
+    dropped = len(records) - len(kept)
+    if dropped and not history_here:
+        log.warning("%s: dropped its %d record(s): none led to the checkpoint of another run that this run "
+                    "starts from", path, dropped)  # fmt: skip
+    elif dropped and step == 0:
+        log.warning("%s: dropped %d record(s) of an earlier attempt that left no checkpoint: this run starts over",
+                    path, dropped)  # fmt: skip
+    elif dropped:
+        log.info("%s: dropped %d record(s) written after the checkpoint this run resumes from (step %d)",
+                 path, dropped, step)  # fmt: skip
     return kept
+
+
+def _behind(record: dict[str, Any], step: int, epoch: int) -> bool:
+    """Whether a run resumed at (`step`, `epoch` completed epochs) has `record` behind it: those
+    of earlier steps, and of `step` itself all but a validation of a later epoch (one written
+    after a periodic checkpoint at an epoch's last step and before the epoch's own: the resumed
+    run validates that epoch again)."""
+    at = record.get("step")
+    if not isinstance(at, int) or at > step:
+        return False
+    return at < step or record.get("split") != "val" or int(record.get("epoch", 0)) <= epoch

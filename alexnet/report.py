@@ -219,7 +219,7 @@ def build_training_figure(records: list[dict[str, Any]], title: str):
         ax_wait.plot(steps, [100 * w for w in wait], color="tab:gray", linestyle=":", label="data wait %")
         ax_wait.set_ylabel("data wait (% of step time)")
         ax_wait.set_ylim(0, 100)
-        ax_wait.legend(loc="lower right")
+        ax_wait.legend(loc="upper right")  # and images/s upper left: "best" put the two on each other
     names = (
         ("loss", "cross-entropy"),
         ("accuracy", "accuracy (%)"),
@@ -231,7 +231,7 @@ def build_training_figure(records: list[dict[str, Any]], title: str):
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best")
+            ax.legend(loc="upper left" if ax is ax_speed else "best")
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
     if not records:

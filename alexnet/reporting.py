@@ -75,11 +75,12 @@ class Reporter:
         epochs: int,
         start: tuple[int, int] = (0, 0),  # the resumed checkpoint's (step, completed epochs)
         unwritten: list[dict[str, Any]] | None = None,  # records an earlier session could not write
+        history_here: bool = True,  # False: the resumed checkpoint is another run's (see MetricsWriter)
     ) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.epochs = epochs
-        self._tensorboard, self._start = tensorboard, start
+        self._tensorboard, self._start, self._history_here = tensorboard, start, history_here
         self.writer: MetricsWriter | None = None
         self.failure: str | None = None  # why a record could not be written (rank 0)
         self.unwritten: list[dict[str, Any]] = [] if unwritten is None else unwritten
@@ -90,7 +91,7 @@ class Reporter:
         trainer runs it so that every rank learns of an OSError here."""
         if not self.is_main:
             return
-        self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start)
+        self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start, history_here=self._history_here)
         if self.unwritten:  # they belong before this session's: the checkpoint's steps
             for record in self.unwritten:
                 self.writer.write(record)
@@ -164,13 +165,16 @@ class Reporter:
         """summary.json, the closing log lines, and training_curves.png (rank 0)."""
         if not self.is_main:
             return
-        write_text_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
+        self.write_summary(summary)
         log.info("%s after %d epochs / %d steps (%s); run folder %s", stop_state(summary), summary["epochs"],
                  summary["steps"], final_accuracy(summary["final_top1"]), summary["run_dir"])  # fmt: skip
         if summary.get("comm_sent_mb_per_step"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in summary["comm_sent_mb_per_step"].items())
             log.info("sent per rank per step (MB): %s", parts)
         write_run_report(self.run_dir, final)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_text_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

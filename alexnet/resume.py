@@ -10,6 +10,7 @@ rate follows the epoch progress, not the global step.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,15 @@ class Progress:
     # checkpoints written before it was kept: then the session's own).
     trained_under: dict[str, Any] | None = None
 
-    def record_validation(self, top1: float, top5: float) -> None:
+    def record_validation(self, top1: float, top5: float, loss: float) -> None:
         """The latest validation, and the best one: the highest top-1, a tie going to the higher
         top-5 (both figures of one validation, as the paper's are of one model; the first
-        validation of a tied top-1 used to keep its top-5, however much better a later one was)."""
+        validation of a tied top-1 used to keep its top-5, however much better a later one was).
+        A validation with a non-finite loss is never the best: its top-1 is the share of the
+        class that NaN logits pick (argmax of NaN is the first), and a diverged run reported it."""
         self.last_top1, self.last_top5 = top1, top5
+        if not math.isfinite(loss):
+            return
         if self.best_top1 is None or self.best_top5 is None or (top1, top5) > (self.best_top1, self.best_top5):
             self.best_top1, self.best_top5 = top1, top5
 

@@ -44,6 +44,9 @@ CTRL_C_TORCHRUN = (
     b"if that ends before torchrun kills the workers (--shutdown-timeout, 30 s by default)\n"
 )
 COMPLETED_SUFFIX = ".completed"  # slurm/alexnet.sh looks for this marker
+# ... and for this one: the workers stopped on a request the script did not send (a SIGUSR1 that
+# `scancel --signal=USR1` without --batch, or --signal=USR1@N without B:, sends to the job step).
+STOPPED_SUFFIX = ".stopped"
 # What a rank brings to the agreement; the highest wins. REQUESTED and FAILED stop every rank
 # after the step of the batch at hand, with a checkpoint (a failure is told apart so that the
 # ranks that did not fail say why they stop); NO_BATCH stops every rank before it: a rank could not
@@ -101,35 +104,44 @@ class StopRequest:
             raise shared_fetch_error(fetched.error)
         return stop
 
-    def served(self) -> None:
-        """After the checkpoint of a stop (rank 0): the stop file, whose request is served, is
-        removed. Left in place, it stopped every later session of the same command after one
-        step, each saying that the same command resumes. The Slurm script removes it too, when
-        the requeued job starts; a request by signal leaves no file."""
-        if self.stop_file is None or not self.stop_file.exists():
+    def served(self, step: int) -> None:
+        """After the checkpoint of a stop (rank 0): a request's reason is left beside the stop file
+        for the Slurm script (which requeues after a SIGUSR1 that reached only the workers), and
+        the stop file, whose request is served, is removed. Left in place, it stopped every later
+        session of the same command after one step, each saying that the same command resumes. The
+        Slurm script removes it too, when the requeued job starts."""
+        if self.stop_file is None:
             return
+        if self.requested_here():  # not for a stop at train.max_steps
+            why = f"stopped at step {step} by {self.reason()}\n"
+            self._write_marker(STOPPED_SUFFIX, why, "a Slurm job stopped by a signal to its step is not requeued")
         try:
             self.stop_file.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not remove the stop file %s (%s): remove it before resuming, or the next session "
                         "stops after its first step", self.stop_file, exc.strerror or exc)  # fmt: skip
 
-    def marker(self) -> Path | None:
-        """The file that says training has ended for good (None without a stop file)."""
-        return self.stop_file.with_name(self.stop_file.name + COMPLETED_SUFFIX) if self.stop_file else None
+    def marker(self, suffix: str = COMPLETED_SUFFIX) -> Path | None:
+        """A file beside the stop file that tells the Slurm script how training ended (None
+        without a stop file): for good (COMPLETED_SUFFIX), or on a request (STOPPED_SUFFIX)."""
+        return self.stop_file.with_name(self.stop_file.name + suffix) if self.stop_file else None
 
     def mark_completed(self, step: int) -> None:
         """Tell whoever may write the stop file that there is nothing left to resume (rank 0). A
         marker that cannot be written is a warning: the run and its checkpoint are complete, and
         a missed marker costs at most one requeued job that finds nothing to train."""
-        marker = self.marker()
+        self._write_marker(
+            COMPLETED_SUFFIX, f"completed at step {step}\n", "a requeued job would find nothing left to train"
+        )
+
+    def _write_marker(self, suffix: str, text: str, if_missed: str) -> None:
+        marker = self.marker(suffix)
         if marker is None:
             return
         try:
-            marker.write_text(f"completed at step {step}\n")
+            marker.write_text(text)
         except OSError as exc:
-            log.warning("could not mark the run completed in %s (%s): a requeued job would find nothing left "
-                        "to train", marker, exc.strerror or exc)  # fmt: skip
+            log.warning("could not write %s (%s): %s", marker, exc.strerror or exc, if_missed)
 
     def reason(self) -> str:
         if self.signal_name:

@@ -23,7 +23,7 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, fetch_each, share_setup_failure
+from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, describe_error, fetch_each, share_setup_failure
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -116,8 +116,10 @@ class Trainer:
                                    env.device)  # fmt: skip
         self.after_backward = self.par.layout.after_backward()
         p = self.progress
+        # A checkpoint of another run (checkpoint.resume=<its file>) continues none of this folder's records.
+        history_here = resumed is None or _same_file(resumed[1].parent, self.ckpt_dir)
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
-                                 (p.step, p.epoch), p.unwritten_records)  # fmt: skip
+                                 (p.step, p.epoch), p.unwritten_records, history_here)  # fmt: skip
         self._on_main_rank(self.reporter.open)
         self.stop = StopRequest.from_environment(env.device)
         self.stop.install()
@@ -229,6 +231,8 @@ class Trainer:
                     "up, and holds its checkpoints now; set run.name=<new name> for another run, or "
                     "checkpoint.resume=auto to continue that one (nothing was overwritten)"
                 )
+        # Made now: a file named `checkpoints` failed at the first checkpoint, maybe an epoch in.
+        self.ckpt_dir.mkdir(exist_ok=True)
         before = path.read_bytes() if path.exists() else None  # bytes: kept as they are, whatever they hold
         write_config(self.cfg, path)
         if before is not None and path.read_bytes() != before:
@@ -256,7 +260,10 @@ class Trainer:
 
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress
-        log.info("resumed from %s at epoch %d, step %d", path, p.epoch, p.step)
+        # Completed epochs, not "epoch 0" before progress lines that count from 1.
+        log.info(
+            "resumed from %s after step %d (%d epoch%s completed)", path, p.step, p.epoch, "" if p.epoch == 1 else "s"
+        )
         if not self.env.is_main:  # the same on every rank: said once
             return
         changes = changed_settings(payload["config"], config_to_dict(self.cfg))
@@ -362,6 +369,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         try:
             return self._fit()
+        except Exception as exc:
+            if self.env.is_main:
+                self._summarize_failure(exc)
+            raise
         finally:
             self._lock.release()
 
@@ -371,7 +382,12 @@ class Trainer:
         if stop_reason:
             self.save_checkpoint()
             if self.env.is_main:
-                self.stop.served()
+                self.stop.served(self.progress.step)
+        elif self.progress.nonfinite_streak:
+            # Its last steps were skipped and are in no checkpoint (none is written during them):
+            # a run that "finished" there reported itself completed with nothing to resume from.
+            last_lr = self.schedule.lr_at(max(self.progress.step - 1, 0))
+            raise NonFiniteLossError(f"the run's epochs ended inside {self._nonfinite_message(last_lr)}")
         self._on_main_rank(self._raise_report_failure)  # after the checkpoint: it keeps the steps
         if self._saved_step != self.progress.step:
             # Else the clock stays as the last checkpoint has it: the figures below are the ones
@@ -541,15 +557,11 @@ class Trainer:
         return tally
 
     def _record_validation(self, epoch: int, stats: dict[str, float], elapsed: float) -> None:
-        """Progress, the plateau schedule and the metrics file take the validation's figures."""
+        """Progress, the metrics file and then the plateau schedule take the validation's figures.
+        The record's lr is the rate of the step before it, as a training record's is (it was the
+        next step's, after the plateau's decision, and a cosine run's last validation said 0)."""
         p = self.progress
-        p.record_validation(stats["top1"], stats["top5"])
-        if self.schedule.observe_validation(stats["top1"]):
-            log.info(
-                "validation top-1 stopped improving: learning rate divided (reduction %d of %d)",
-                self.schedule.plateau.reductions,
-                self.cfg.schedule.max_reductions,
-            )
+        p.record_validation(stats["top1"], stats["top5"], stats["loss"])
         self.reporter.validation(
             {
                 "split": "val",
@@ -560,9 +572,15 @@ class Trainer:
                 "top5": stats["top5"],
                 "count": stats["count"],
                 "images_per_sec": stats["count"] / max(elapsed, 1e-9),
-                "lr": self.schedule.lr_at(p.step),
+                "lr": self.schedule.lr_at(max(p.step - 1, 0)),
             }
         )
+        if self.schedule.observe_validation(stats["top1"]):
+            log.info(
+                "validation top-1 stopped improving: learning rate divided (reduction %d of %d)",
+                self.schedule.plateau.reductions,
+                self.cfg.schedule.max_reductions,
+            )
 
     # ---- reporting ------------------------------------------------------------------------
     def _log_train(self, epoch: int, lr: float, tally: Tally, meter: Throughput, steps: int, batches) -> None:
@@ -651,6 +669,19 @@ class Trainer:
         summary.json with its own, which had trained nothing."""
         if self.progress.step > self._first_step:
             self.progress.trained_under = self._training_setup()
+
+    def _summarize_failure(self, exc: Exception) -> None:
+        """Rank 0: summary.json of a session that ended in an error says so. It kept the session
+        before's "completed", next to the failed session's records in metrics.jsonl. The figures
+        are this session's at the failure (the steps after the last checkpoint included: the
+        metrics file holds them until a resume drops them)."""
+        try:
+            self._update_clock()
+            summary = self._summary("error", time.perf_counter() - self._session_start)
+            summary["error"] = describe_error(exc)
+            self.reporter.write_summary(summary)
+        except Exception as unwritten:  # the error itself is what the run reports
+            log.warning("summary.json could not be updated after the error (%s)", unwritten)
 
     def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:
         p = self.progress

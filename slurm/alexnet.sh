@@ -20,7 +20,9 @@
 # requeues the job, unless rank 0 marked the run completed (the stop file's name + ".completed":
 # it ended before the request took effect); the job keeps its id, so the run folder (named after
 # the config and the job id) is found again and `checkpoint.resume=auto` continues where it
-# stopped. After SIGTERM, Slurm
+# stopped. A SIGUSR1 that reaches the workers and not this script (`scancel --signal=USR1`
+# without --batch, --signal=USR1@N without B:) is requeued the same way: rank 0 leaves the stop's
+# reason beside the stop file (".stopped"). After SIGTERM, Slurm
 # decides: it requeues a preempted job (PreemptMode=REQUEUE with --requeue), not a cancelled one.
 #
 # Environment knobs (all optional): ALEXNET_REPO (the checkout), ALEXNET_PYTHON (interpreter with
@@ -98,14 +100,21 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1
 
 export ALEXNET_STOP_FILE=${ALEXNET_STOP_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.alexnet-stop-$SLURM_JOB_ID}
 completed_marker=$ALEXNET_STOP_FILE.completed # rank 0 writes it when the run ends for good
-rm -f "$ALEXNET_STOP_FILE" "$completed_marker" # a requeued job starts without the request that stopped it
+stopped_marker=$ALEXNET_STOP_FILE.stopped     # and this one after a stop request, with its reason
+# A requeued job starts without the request that stopped it.
+rm -f "$ALEXNET_STOP_FILE" "$completed_marker" "$stopped_marker"
+# Tried now, not at the signal: a stop file that cannot be made then left the job to its time limit.
+{ : >"$ALEXNET_STOP_FILE" && rm -f "$ALEXNET_STOP_FILE"; } 2>/dev/null ||
+    die "cannot create the stop file $ALEXNET_STOP_FILE (ALEXNET_STOP_FILE; by default in the submit folder): its folder must exist, be writable here and be seen by every node"
 
 stop_signal=""
 # shellcheck disable=SC2317 # called by the traps below
 request_stop() {
     stop_signal=$1
     say "got SIG$1: asking every worker to stop at the next step and write a checkpoint"
-    : >"$ALEXNET_STOP_FILE"
+    # Under `set -e` a failure here ended this script and left the workers running unparented.
+    : >"$ALEXNET_STOP_FILE" ||
+        say "cannot create the stop file $ALEXNET_STOP_FILE: the workers go on until Slurm ends the job"
 }
 trap 'request_stop USR1' USR1
 trap 'request_stop TERM' TERM
@@ -117,12 +126,15 @@ say "train.py arguments: $*"
 # One task per node; each runs torchrun for that node's workers. The node with SLURM_NODEID 0 is
 # the first of the node list and hosts the rendezvous store (is_host), so hosting does not
 # depend on how the node resolves its own name. The bash -c text is constant: every value
-# arrives as an argument.
+# arrives as an argument. torchrun ignores SIGUSR1 (inherited through exec), which Slurm sends to
+# every process of the step for `scancel --signal=USR1` without --batch or --signal=USR1@N
+# without B:: it has no handler and died of it (exit 138, the job not requeued) while the
+# workers, which install their own, were writing their checkpoint.
 # shellcheck disable=SC2016 # $SLURM_NODEID is expanded by the task's shell, on its node
 launch=(
     srun --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 --cpus-per-task="$cpus"
     --kill-on-bad-exit=1
-    bash -c 'exec "$1" -m torch.distributed.run --rdzv_conf="is_host=$((SLURM_NODEID == 0))" "${@:2}"' bash
+    bash -c 'trap "" USR1; exec "$1" -m torch.distributed.run --rdzv_conf="is_host=$((SLURM_NODEID == 0))" "${@:2}"' bash
     "$python"
     --nnodes="${#nodes[@]}"
     --nproc_per_node="$nproc"
@@ -148,9 +160,20 @@ wait "$srun_pid" || status=$?
 trap - USR1 TERM
 run_completed=no
 [[ -e $completed_marker ]] && run_completed=yes
-rm -f "$ALEXNET_STOP_FILE" "$completed_marker"
+stopped_by=$(cat "$stopped_marker" 2>/dev/null || true)
+rm -f "$ALEXNET_STOP_FILE" "$completed_marker" "$stopped_marker"
 
 case "$stop_signal/$status" in
+    /0)
+        # A SIGUSR1 sent to the job step reached the workers and not this script: requeued as
+        # the script's own would be (the run folder is named after the job id, so a new job
+        # would start another run).
+        if [[ $run_completed == yes || $stopped_by != *SIGUSR1* ]]; then
+            say "training ended with exit status 0${stopped_by:+ ($stopped_by)}"
+            exit 0
+        fi
+        say "the workers got SIGUSR1 directly ($stopped_by; scancel --signal=USR1 without --batch?)"
+        ;;
     /*)
         say "training ended with exit status $status"
         exit "$status"

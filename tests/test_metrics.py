@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import sys
 import time
@@ -208,3 +209,56 @@ def test_an_atomic_write_is_synced_before_its_rename_and_a_failed_one_keeps_the_
     with pytest.raises(OSError, match="No space left"):
         write_text_atomic(path, "newer\n")
     assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_run_started_from_another_run_s_checkpoint_keeps_none_of_this_folder_s_records(tmp_path, caplog):
+    """A fresh attempt crashed at step 3 (lr 62.5, a loss of 7e14); the folder then started from
+    another run's checkpoint at step 24: its steps 1-3 stayed in front of steps 25-32, in the file,
+    the PNG and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    crashed = MetricsWriter(tmp_path, tensorboard=True)
+    for step, loss in ((1, 4.0), (2, 7e14), (3, float("nan"))):
+        crashed.write({"split": "train", "epoch": 1, "step": step, "loss": loss})
+    crashed.close()
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        started = MetricsWriter(tmp_path, tensorboard=True, start_step=24, start_epoch=3, history_here=False)
+    started.write({"split": "train", "epoch": 4, "step": 25, "loss": 1.0})
+    started.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [25]
+    assert "dropped its 3 record(s): none led to the checkpoint of another run" in caplog.text
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(25, 1.0)]
+
+
+def test_tensorboard_turned_on_at_a_resume_starts_with_the_kept_records(tmp_path, caplog):
+    """Off for steps 1-4, on from the resume at step 4: its curves held steps 4 on only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        first.write({"split": "train", "epoch": 0, "step": step, "loss": float(step)})
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        second = MetricsWriter(tmp_path, tensorboard=True, start_step=4)
+    assert "dropped 1 record(s) written after the checkpoint this run resumes from (step 4)" in caplog.text
+    second.write({"split": "train", "epoch": 0, "step": 5, "loss": 50.0})
+    second.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 50.0),
+    ]
+
+
+def test_a_rerun_that_starts_over_says_it_replaces_the_earlier_attempt_s_records(tmp_path, caplog):
+    first = MetricsWriter(tmp_path, tensorboard=False)
+    first.write({"split": "train", "epoch": 0, "step": 1, "loss": 1.0})
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        MetricsWriter(tmp_path, tensorboard=False)
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
+    assert "dropped 1 record(s) of an earlier attempt that left no checkpoint: this run starts over" in caplog.text

@@ -195,7 +195,8 @@ def test_usr1_checkpoints_requeues_resumes_and_ends_as_if_never_stopped(cluster,
     assert info["Restarts"] == "1" and states & {"PENDING", "REQUEUED"}, (info, states)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log and f"job {job} (restart 1)" in log
     last = re.escape(str(run / "checkpoints" / "last.pt"))
-    assert re.search(rf"resumed from {last} at epoch \d, step {stop_step}\n", log), log[-4000:]  # the stop's
+    resumed = rf"resumed from {last} after step {stop_step} \(\d epochs? completed\)\n"  # from the stop's checkpoint
+    assert re.search(resumed, log), log[-4000:]
     steps = train_steps(run / "metrics.jsonl")
     assert steps == list(range(1, TOTAL_STEPS + 1)), "the requeued job resumed at the next step"
     summary = json.loads(summary_path.read_text())
@@ -280,3 +281,59 @@ def test_usr1_requeues_a_run_unless_it_completed(tmp_path, workers):
     else:
         assert not requeued.exists() and "before the SIGUSR1 stop request took effect: not requeued" in proc.stderr
     assert not list(tmp_path.glob(".alexnet-stop-41*")), "the stop file or its marker was left behind"
+
+
+PASS_THROUGH_SRUN = """#!/bin/bash
+# Stands in for srun on one node: runs the task's command (from its `bash -c` on) as node 0.
+while [[ $1 != bash ]]; do shift; done
+SLURM_NODEID=0 exec "$@"
+"""
+# Stands in for torchrun's interpreter: SIGUSR1 comes to the whole job step (scancel
+# --signal=USR1 without --batch); the workers stop on it and rank 0 leaves the reason.
+STEP_SIGNALLED_PYTHON = """#!/bin/bash
+kill -USR1 $$
+sleep 0.2
+echo "stopped at step 5 by signal $FAKE_SIGNAL" >"$ALEXNET_STOP_FILE.stopped"
+exit 0
+"""
+
+
+def fake_slurm(tmp_path: Path, srun: str, **env: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", srun), ("scontrol", FAKE_SCONTROL), ("python", STEP_SIGNALLED_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "41",
+            "SLURM_JOB_NODELIST": "ci-node1", "SLURM_SUBMIT_DIR": str(tmp_path), "ALEXNET_REPO": str(REPO),
+            "FAKE_REQUEUED": str(tmp_path / "requeued"), "ALEXNET_PYTHON": str(bin_dir / "python"), **env}  # fmt: skip
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_a_sigusr1_sent_to_the_job_step_requeues_and_torchrun_survives_it(tmp_path, signal_name):
+    """torchrun had no SIGUSR1 handler and died of it (exit 138, no requeue) while the workers
+    wrote their checkpoint; the script, which got no signal, did not requeue. Now torchrun ignores
+    it and the workers' .stopped marker has the script requeue after a SIGUSR1 (not a SIGTERM)."""
+    env = fake_slurm(tmp_path, PASS_THROUGH_SRUN, FAKE_SIGNAL=signal_name)
+    proc = subprocess.run(["bash", str(SCRIPT), "train.epochs=1"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    requeued = tmp_path / "requeued"
+    if signal_name == "SIGUSR1":
+        assert "the workers got SIGUSR1 directly (stopped at step 5 by signal SIGUSR1;" in proc.stderr
+        assert requeued.read_text() == "41\n" and "requeueing job 41" in proc.stderr
+    else:
+        assert "training ended with exit status 0 (stopped at step 5 by signal SIGTERM)" in proc.stderr
+        assert not requeued.exists()
+    assert not list(tmp_path.glob(".alexnet-stop-41*")), "the stop file or a marker was left behind"
+
+
+def test_a_stop_file_that_cannot_be_made_stops_the_job_at_its_start(tmp_path):
+    """Found only at SIGUSR1, under `set -e`: the script died and left the workers training
+    unparented, with no checkpoint and no requeue."""
+    env = fake_slurm(tmp_path, "#!/bin/bash\ntouch \"$SLURM_SUBMIT_DIR/srun-ran\"\n",
+                     ALEXNET_STOP_FILE=str(tmp_path / "missing" / "stop"))  # fmt: skip
+    proc = subprocess.run(["bash", str(SCRIPT), "train.epochs=1"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and not (tmp_path / "srun-ran").exists()
+    assert f"alexnet.sh: error: cannot create the stop file {tmp_path / 'missing' / 'stop'} (ALEXNET_STOP_FILE;" in (
+        proc.stderr
+    )

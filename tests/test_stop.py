@@ -50,6 +50,22 @@ def test_a_completion_marker_that_cannot_be_written_is_a_warning(tmp_path, caplo
     """At a completed run's very end: it made rank 0 exit 1 with the run and its checkpoint done."""
     stop = StopRequest(torch.device("cpu"), str(tmp_path / "gone" / "STOP"))  # its folder does not exist
     stop.mark_completed(7)
-    assert f"could not mark the run completed in {tmp_path / 'gone' / 'STOP.completed'}" in caplog.text
+    assert f"could not write {tmp_path / 'gone' / 'STOP.completed'}" in caplog.text
     StopRequest(torch.device("cpu"), str(tmp_path / "STOP")).mark_completed(7)
     assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"
+
+
+def test_a_served_request_leaves_its_reason_for_the_slurm_script(restored_handlers, tmp_path):
+    """A SIGUSR1 that reached the workers and not the batch script (sent to the job step) ended
+    the job with exit 0 and no requeue: the script learns of it from the .stopped marker. A stop
+    at train.max_steps, which no one requested, leaves none; the stop file is removed either way."""
+    stop = StopRequest(torch.device("cpu"), str(tmp_path / "STOP"))
+    stop.install()
+    (tmp_path / "STOP").write_text("")
+    os.kill(os.getpid(), signal.SIGUSR1)
+    stop.served(12)
+    assert (tmp_path / "STOP.stopped").read_text() == "stopped at step 12 by signal SIGUSR1\n"
+    assert not (tmp_path / "STOP").exists()
+    (tmp_path / "STOP.stopped").unlink()
+    StopRequest(torch.device("cpu"), str(tmp_path / "STOP")).served(20)  # max_steps: nothing requested
+    assert not (tmp_path / "STOP.stopped").exists()

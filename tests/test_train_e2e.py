@@ -133,7 +133,7 @@ def test_stop_request_checkpoints_on_all_ranks_and_resumes_exactly(tiny_data, tm
     assert payload["progress"]["step"] == 1 and set(payload["loaders"]["train"]) == {"0", "1"}
     assert not stop.exists()  # served: rank 0 removed it after the checkpoint, so the same command resumes
     rerun = check(train(tiny_data, tmp_path, "pre", *common, env=slurm_like))
-    assert f"resumed from {last} at epoch 0, step 1" in rerun.stderr  # not a fresh start to the same end
+    assert f"resumed from {last} after step 1 (0 epochs completed)" in rerun.stderr  # not a fresh start to the same end
     assert (tmp_path / "STOP.completed").read_text() == "completed at step 7\n"  # and not this one
     check(train(tiny_data, tmp_path, "whole", *common))
     a = torch.load(tmp_path / "pre" / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -187,6 +187,23 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     assert out.count("no checkpoint during") == 2  # the streak's first two steps
     progress = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert progress["step"] == stopped - 3 and progress["nonfinite_streak"] == 0
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())  # a failed session says so
+    assert (summary["completed"], summary["stop_reason"], summary["steps"]) == (False, "error", stopped)
+    assert summary["error"].startswith("NonFiniteLossError: 3 consecutive steps with a non-finite loss")
+
+
+def test_a_run_whose_epochs_end_inside_a_streak_is_not_completed(tiny_data, tmp_path):
+    """train.max_nonfinite above the steps left: the run "finished" with exit 0 and summary.json
+    said completed, with no checkpoint of its last steps and a NaN-loss validation's top-1 (the
+    class NaN logits pick) as its best."""
+    proc = train(tiny_data, tmp_path, "late", "optim.lr=100", "train.max_nonfinite=1000", "train.epochs=1",
+                 "checkpoint.every_steps=0", nproc=1)  # fmt: skip
+    assert proc.returncode == 1 and "error: the run's epochs ended inside " in proc.stderr
+    assert "consecutive steps with a non-finite loss at step 15" in proc.stderr
+    summary = json.loads((tmp_path / "late" / "summary.json").read_text())
+    assert (summary["completed"], summary["stop_reason"], summary["steps"]) == (False, "error", 15)
+    (val,) = [r for r in read_metrics(tmp_path / "late" / "metrics.jsonl") if r["split"] == "val"]
+    assert val["loss"] is None and summary["final_top1"] == val["top1"] and summary["best_top1"] is None
 
 
 @pytest.mark.parametrize("poisoned_step", [3, 4])
@@ -286,11 +303,22 @@ def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_conf
     assert {p.name: p.read_text() for p in run.glob("config*.yaml")} == configs  # a failed start changes nothing
     # A run started from another run's checkpoint, restarted with the same arguments (a Slurm
     # requeue, a torchrun restart), continues from its own checkpoints.
+    # An earlier attempt in its folder that crashed before a checkpoint left a record of step 1:
+    # it does not lead to the other run's checkpoint, and went in front of the run's own steps.
     tuned = ("train.epochs=2", "train.max_steps=17", f"checkpoint.resume={elsewhere}")
-    check(train(tiny_data, tmp_path, "tuned", *tuned, nproc=1))
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "metrics.jsonl").write_text('{"split": "train", "epoch": 1, "step": 1, "loss": 7e14}\n')
+    started = check(train(tiny_data, tmp_path, "tuned", *tuned, nproc=1))
+    assert "dropped its 1 record(s): none led to the checkpoint of another run" in started.stderr
+    first_steps = [r["step"] for r in read_metrics(tmp_path / "tuned" / "metrics.jsonl")]
+    assert first_steps and min(first_steps) > 1 and max(first_steps) == 17
     again = check(train(tiny_data, tmp_path, "tuned", *tuned, nproc=1))
     assert "continuing from its own checkpoints" in again.stderr
-    assert f"resumed from {tmp_path / 'tuned' / 'checkpoints' / 'last.pt'} at epoch 1, step 17" in again.stderr
+    assert (
+        f"resumed from {tmp_path / 'tuned' / 'checkpoints' / 'last.pt'} after step 17 (1 epoch completed)"
+        in again.stderr
+    )
+    assert [r["step"] for r in read_metrics(tmp_path / "tuned" / "metrics.jsonl")] == first_steps  # its own, kept
 
 
 def test_a_rerun_with_nothing_to_train_keeps_the_summary_of_the_steps_taken(tiny_data, tmp_path):
@@ -317,7 +345,7 @@ def test_after_falling_back_from_a_torn_last_pt_previous_pt_stays_good(tiny_data
     ckpts.joinpath("last.pt").write_bytes(ckpts.joinpath("last.pt").read_bytes()[:100_000])
     resumed = check(train(tiny_data, tmp_path, "torn", "train.epochs=1", "train.max_steps=4",
                           "checkpoint.every_steps=0", nproc=1))  # fmt: skip
-    assert "falling back to" in resumed.stderr and "at epoch 0, step 2" in resumed.stderr
+    assert "falling back to" in resumed.stderr and "after step 2 (0 epochs completed)" in resumed.stderr
     assert torch.load(ckpts / "previous.pt", weights_only=True)["progress"]["step"] == 2
     assert torch.load(ckpts / "last.pt", weights_only=True)["progress"]["step"] == 4
     # the same when previous.pt is named explicitly, spelled another way
@@ -418,7 +446,9 @@ def test_a_last_validation_record_rank_0_cannot_write_is_written_by_the_rerun(ti
     assert proc.stderr.count("training stopped at step 7 with a checkpoint") == 2, proc.stderr[-4000:]
     written = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
     assert written == [("train", 2), ("train", 4), ("train", 6), ("train", 7)]
-    assert not (run / "summary.json").exists()
+    failed = json.loads((run / "summary.json").read_text())  # the session that failed says so
+    assert (failed["completed"], failed["stop_reason"], failed["steps"]) == (False, "error", 7)
+    assert failed["error"].startswith("MetricsWriteError: ")
     check(torchrun([TRAIN, *args]))
     assert [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")][-1] == ("val", 7)
     assert json.loads((run / "summary.json").read_text())["completed"]
@@ -617,6 +647,14 @@ def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
     assert proc.returncode != 0 and f"error: config key 'run.root': cannot write the run folder {blocker / 'x'}" in (
         proc.stderr
     )
+    # a file where the run's checkpoints go: named at the start, not at the first checkpoint
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "checkpoints").write_text("")
+    proc = train(tiny_data, tmp_path, "y", nproc=1)
+    assert (
+        f"cannot write the run folder {tmp_path / 'y'} ({tmp_path / 'y' / 'checkpoints'}: File exists)" in proc.stderr
+    )
+    assert proc.returncode != 0 and "step 1" not in proc.stderr and not (tmp_path / "y" / "config.yaml").exists()
 
 
 def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
@@ -637,7 +675,7 @@ def test_the_plateau_schedule_divides_the_rate_and_resumes_with_its_state(tiny_d
     (patience 1), so the rate is divided after epochs 2 and 3 and epoch 3 trains at 1/10 of it.
     Stopped in epoch 3 and resumed, the run keeps its plateau state: the same rates and, bit for
     bit, the same weights."""
-    common = ("train.epochs=3", "schedule.name=plateau", "schedule.min_delta=1000", "train.log_every=1")
+    common = ("train.epochs=3", "schedule.name=plateau", "schedule.min_delta=99.9", "train.log_every=1")
     straight = check(train(tiny_data, tmp_path, "straight", *common, nproc=1))
     assert straight.stderr.count("learning rate divided (reduction") == 2
     rates = {}
