@@ -54,6 +54,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    check_launch(rank, world)
     use_cuda = torch.cuda.is_available() and not force_cpu
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
@@ -77,6 +78,25 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
             **_restart_safe_store(rank, world, timeout_s),
         )
     return DistEnv(rank, local_rank, world, local_world, device, backend)
+
+
+def check_launch(rank: int, world: int) -> None:
+    """torchrun's variables as a hand-made launch may lack them: a RANK without its WORLD_SIZE
+    failed deep in DALI's sharding, a RANK beyond the world waited silently for the whole
+    parallel.timeout_s, and no MASTER_ADDR gave torch's 27-line traceback."""
+    if world < 1:
+        raise LaunchError(f"environment variable WORLD_SIZE={world} must be at least 1")
+    if not 0 <= rank < world:
+        raise LaunchError(
+            f"environment variable RANK={rank} is not a rank of WORLD_SIZE={world} (0 to {world - 1}); "
+            "start the processes with torchrun, which sets both"
+        )
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(name)]
+    if missing:
+        raise LaunchError(
+            f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+            "start the processes with torchrun, which sets them"
+        )
 
 
 def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
