@@ -131,3 +131,22 @@ def test_world_sizes_a_layout_cannot_use_show_the_arithmetic():
     assert (shape.data_rank, shape.data_size, shape.model_rank) == (2, 4, 1)
     shape = plan_mesh("hybrid", 5, 8, 4)  # two nodes of 4: FC group = the node
     assert (shape.data_rank, shape.data_size, shape.model_rank, shape.model_size) == (5, 8, 1, 4)
+
+
+def test_settings_the_layout_has_no_use_for_are_named(caplog):
+    """fc_group outside hybrid, and a comm hook with one replica (towers on 2 ranks, one process),
+    ran without a word; a hook with replicas to average over and fc_group in hybrid say nothing."""
+    from alexnet.config import ParallelConfig
+    from alexnet.parallel.apply import warn_of_unused_settings
+    from alexnet.parallel.mesh import Mesh
+
+    towers = Mesh(plan_mesh("towers", 0, 2, 2), grad_group_size=1, world_size=2)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        warn_of_unused_settings(ParallelConfig(mode="towers", fc_group=7, comm_hook="powersgd"), towers)
+    assert "parallel.fc_group=7 applies to parallel.mode=hybrid only: ignored in towers" in caplog.text
+    assert "parallel.comm_hook=powersgd has no gradient all-reduce to compress (one replica: towers on 2" in caplog.text
+    caplog.clear()
+    hybrid = Mesh(plan_mesh("hybrid", 0, 4, 4, 2), grad_group_size=4, world_size=4)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        warn_of_unused_settings(ParallelConfig(mode="hybrid", fc_group=2, comm_hook="bf16"), hybrid)
+    assert caplog.text == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from alexnet.parallel.hybrid import apply_hybrid, fc_grad_wire_dtype
 from alexnet.parallel.layout import Layout
 from alexnet.parallel.mesh import Mesh
 from alexnet.parallel.towers import apply_towers
+
+log = logging.getLogger("alexnet")
 
 
 @dataclass
@@ -49,6 +52,8 @@ def apply_parallelism(
     checkpoint); it is transformed in place where the layout splits it. `example`: an input batch
     (one image will do) that settles DDP's buckets before the first step, as an exact resume
     needs (`alexnet.parallel.data_parallel.settle_buckets`)."""
+    if env.is_main:
+        warn_of_unused_settings(cfg, mesh)
     if mesh.mode == "towers":
         layout = apply_towers(model, mesh, counter)
         module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size,
@@ -61,3 +66,13 @@ def apply_parallelism(
         return ParallelModel(module, local, layout, hook)
     module, hook = apply_data_parallel(model, env.device, cfg, counter, None, mesh.world_size, example=example)
     return ParallelModel(module, model, Layout(model), hook)
+
+
+def warn_of_unused_settings(cfg: ParallelConfig, mesh: Mesh) -> None:
+    """Settings this layout has no use for, which a run accepted without a word (a user reading
+    the config would think them in effect)."""
+    if cfg.fc_group and mesh.mode != "hybrid":
+        log.warning("parallel.fc_group=%d applies to parallel.mode=hybrid only: ignored in %s", cfg.fc_group, mesh.mode)
+    if cfg.comm_hook != "none" and mesh.grad_group_size == 1:
+        log.warning("parallel.comm_hook=%s has no gradient all-reduce to compress (one replica: %s on %d "
+                    "process(es)): ignored", cfg.comm_hook, mesh.mode, mesh.world_size)  # fmt: skip
