@@ -3,6 +3,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,15 @@ from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, top
 from alexnet.run import run_training
 from pipelines.base import PAD_LABEL
 from pipelines.outputs import write_text_atomic
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a TensorBoard folder: (step, value) as TensorBoard shows them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_topk_counts_skip_padding_rows():
@@ -39,8 +49,6 @@ def test_tally_gives_exact_ratios_not_mean_of_means():
 
 def test_metrics_writer_appends_json_lines(tmp_path):
     """Every record in metrics.jsonl; its metrics in TensorBoard, not its bookkeeping (steps, count)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     records = [
         {"split": "train", "epoch": 1, "step": 10, "loss": 2.0, "top1": 5.0, "steps": 10, "count": 320},
         {"split": "val", "epoch": 1, "step": 10, "loss": 1.5, "top1": 9.0},
@@ -50,9 +58,7 @@ def test_metrics_writer_appends_json_lines(tmp_path):
         writer.write(record)
     writer.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == records
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars == {"train/loss": [(10, 2.0)], "train/top1": [(10, 5.0)], "val/loss": [(10, 1.5)],
                        "val/top1": [(10, 9.0)]}  # fmt: skip
 
@@ -60,8 +66,6 @@ def test_metrics_writer_appends_json_lines(tmp_path):
 def test_a_resumed_run_continues_the_record_from_its_checkpoint(tmp_path):
     """Steps 1-5 written, the checkpoint at step 3, a crash: the resumed session's writer drops
     steps 4-5 from metrics.jsonl and TensorBoard, so each step is recorded once, with its new values."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     first = MetricsWriter(tmp_path, tensorboard=True)
     for step in range(1, 6):
         first.write({"split": "train", "epoch": 0, "step": step, "loss": float(step)})
@@ -74,9 +78,7 @@ def test_a_resumed_run_continues_the_record_from_its_checkpoint(tmp_path):
     second.close()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+    assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == [
         (1, 1.0),
         (2, 2.0),
         (3, 3.0),
@@ -106,8 +108,6 @@ def test_a_validation_written_after_the_resumed_checkpoint_at_its_step_is_droppe
     validation record, then a crash before the epoch's own checkpoint. The run resumes from the
     periodic one and validates epoch 1 again: its earlier validation record goes, step 15's
     training record stays, in the file and in TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     first = MetricsWriter(tmp_path, tensorboard=True)
     first.write({"split": "train", "epoch": 1, "step": 15, "loss": 1.5})
     first.write({"split": "val", "epoch": 1, "step": 15, "loss": 9.0})
@@ -116,10 +116,8 @@ def test_a_validation_written_after_the_resumed_checkpoint_at_its_step_is_droppe
     second.write({"split": "val", "epoch": 1, "step": 15, "loss": 7.0})
     second.close()
     assert [(r["split"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [("train", 1.5), ("val", 7.0)]
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(15, 7.0)]
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(15, 1.5)]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert (scalars["val/loss"], scalars["train/loss"]) == ([(15, 7.0)], [(15, 1.5)])
     # resumed from the epoch's own checkpoint (1 epoch completed), the validation is behind it
     MetricsWriter(tmp_path, tensorboard=False, start_step=15, start_epoch=1).close()
     assert [r["split"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "val"]
@@ -215,8 +213,6 @@ def test_a_run_started_from_another_run_s_checkpoint_keeps_none_of_this_folder_s
     """A fresh attempt crashed at step 3 (lr 62.5, a loss of 7e14); the folder then started from
     another run's checkpoint at step 24: its steps 1-3 stayed in front of steps 25-32, in the file,
     the PNG and TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     crashed = MetricsWriter(tmp_path, tensorboard=True)
     for step, loss in ((1, 4.0), (2, 7e14), (3, float("nan"))):
         crashed.write({"split": "train", "epoch": 1, "step": step, "loss": loss})
@@ -227,15 +223,11 @@ def test_a_run_started_from_another_run_s_checkpoint_keeps_none_of_this_folder_s
     started.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [25]
     assert "dropped its 3 record(s): none led to the checkpoint of another run" in caplog.text
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(25, 1.0)]
+    assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == [(25, 1.0)]
 
 
 def test_tensorboard_turned_on_at_a_resume_starts_with_the_kept_records(tmp_path, caplog):
     """Off for steps 1-4, on from the resume at step 4: its curves held steps 4 on only."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     first = MetricsWriter(tmp_path, tensorboard=False)
     for step in range(1, 6):
         first.write({"split": "train", "epoch": 0, "step": step, "loss": float(step)})
@@ -244,9 +236,7 @@ def test_tensorboard_turned_on_at_a_resume_starts_with_the_kept_records(tmp_path
     assert "dropped 1 record(s) written after the checkpoint this run resumes from (step 4)" in caplog.text
     second.write({"split": "train", "epoch": 0, "step": 5, "loss": 50.0})
     second.close()
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+    assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == [
         (1, 1.0),
         (2, 2.0),
         (3, 3.0),
