@@ -195,8 +195,8 @@ def test_usr1_checkpoints_requeues_resumes_and_ends_as_if_never_stopped(cluster,
     assert info["Restarts"] == "1" and states & {"PENDING", "REQUEUED"}, (info, states)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log and f"job {job} (restart 1)" in log
     last = re.escape(str(run / "checkpoints" / "last.pt"))
-    resumed = rf"resumed from {last} after step {stop_step} \(\d epochs? completed\)\n"  # from the stop's checkpoint
-    assert re.search(resumed, log), log[-4000:]
+    resume_line = rf"resumed from {last} after step {stop_step} \(\d epochs? completed\)\n"  # the stop's checkpoint
+    assert re.search(resume_line, log), log[-4000:]
     steps = train_steps(run / "metrics.jsonl")
     assert steps == list(range(1, TOTAL_STEPS + 1)), "the requeued job resumed at the next step"
     summary = json.loads(summary_path.read_text())
