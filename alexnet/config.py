@@ -406,14 +406,8 @@ def _closest_keys(key: str) -> list[str]:
     its section (lr: optim.lr; seed: data.seed or train.seed), else the closest spelling. Only
     suggested: keys are exact, as choices are."""
     keys = valid_keys()
-    folded = key.lower()
-    same = [k for k in keys if k.lower() == folded]
-    if not same and "." not in key:
-        same = [k for k in keys if k.rpartition(".")[2] == folded]
-    if same:
-        return same
-    by_folded = {k.lower(): k for k in keys}
-    return [by_folded[k] for k in difflib.get_close_matches(folded, list(by_folded), n=1, cutoff=0.5)]
+    bare = [k for k in keys if k.rpartition(".")[2] == key.lower()] if "." not in key else []
+    return bare or _closest(key, keys, cutoff=0.5)
 
 
 def _closest_choice(shown: Any, choices: tuple[Any, ...]) -> str:
@@ -421,10 +415,18 @@ def _closest_choice(shown: Any, choices: tuple[Any, ...]) -> str:
     wrong key's case is), else a close spelling."""
     if not isinstance(shown, str):
         return ""
-    words = [str(c) for c in choices]
-    folded = shown.strip().lower()
-    close = [w for w in words if w.lower() == folded] or difflib.get_close_matches(folded, words, n=1, cutoff=0.6)
+    close = _closest(shown.strip(), [str(c) for c in choices], cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _closest(word: str, candidates: list[str], cutoff: float) -> list[str]:
+    """The candidates equal to `word` but for case, else the closest spelling (case ignored)."""
+    folded = word.lower()
+    same = [c for c in candidates if c.lower() == folded]
+    if same:
+        return same
+    by_folded = {c.lower(): c for c in candidates}
+    return [by_folded[c] for c in difflib.get_close_matches(folded, list(by_folded), n=1, cutoff=cutoff)]
 
 
 def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
