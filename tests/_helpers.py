@@ -36,6 +36,22 @@ def torchrun(
     return proc
 
 
+def one_process(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS`: one process without torchrun's agent, whose own import of torch is 1.5-2 s of
+    every launch; output captured."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
+
+
+def train_tiny(tiny_data: Path, run_root: Path, name: str, *extra: str, nproc: int = 2, env: dict | None = None):
+    """launch/train.py on the tiny dataset with TINY_TRAIN, run folder `run_root/name`; one process
+    runs without torchrun."""
+    args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={run_root}", f"run.name={name}", *extra]
+    return torchrun(args, nproc=nproc, env=env) if nproc > 1 else one_process(args, env=env)
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
