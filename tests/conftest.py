@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.demo import DemoSpec, write_demo_dataset
 
@@ -14,6 +15,14 @@ from pipelines.demo import DemoSpec, write_demo_dataset
 # so without this a second checkout's editable install would be the code under test.
 _REPO = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_REPO), os.environ.get("PYTHONPATH"))))
+
+# The README's test command runs two pytest-xdist workers, one per core of a 2-core CI machine.
+# Each worker's in-process training and the processes it starts then get one intra-op thread: with
+# torch's default of one per core, four OpenMP threads spun on two cores, and an in-process test
+# took eight times as long as alone.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY = DemoSpec(train_per_class=12, val_per_class=5, min_side=72, max_side=100, seed=7)
 
