@@ -24,6 +24,28 @@ CASES = [
     ("hybrid", 4, 0, "cl"),
     ("hybrid", 4, 2, "nchw"),
 ]
+TORCHVISION_CASE = ("hybrid", 2, 0, "nchw", "torchvision")
+SCRIPT = REPO / "tests" / "dist" / "layout_check.py"
+
+
+def case_name(mode: str, world: int, fc_group: int, fmt: str, variant: str = "paper") -> str:
+    return f"{mode}:{fc_group}:{fmt}:{variant}"
+
+
+@pytest.fixture(scope="module")
+def layout_results(tmp_path_factory):
+    """The ranks' results of a case. All cases of a world size run in one torchrun launch, made
+    on first use: a launch's start (every rank importing torch) took longer than a case."""
+    folders = {}
+
+    def results(world: int, case: str) -> list[dict]:
+        if world not in folders:
+            folders[world] = tmp_path_factory.mktemp(f"layouts_{world}_ranks")
+            cases = [case_name(*c) for c in (*CASES, TORCHVISION_CASE) if c[1] == world]
+            check(torchrun([SCRIPT, folders[world], *cases], nproc=world))
+        return [json.loads((folders[world] / case / f"rank{r}.json").read_text()) for r in range(world)]
+
+    return results
 
 
 def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dict, dict]:
@@ -65,9 +87,8 @@ def expected_bytes(mode: str, world: int, fc_group: int, rank: int) -> tuple[dic
 
 
 @pytest.mark.parametrize(("mode", "world", "fc_group", "fmt"), CASES)
-def test_layout_computes_the_single_device_function(tmp_path, mode, world, fc_group, fmt):
-    check(torchrun([REPO / "tests" / "dist" / "layout_check.py", mode, tmp_path, fc_group, fmt], nproc=world))
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+def test_layout_computes_the_single_device_function(layout_results, mode, world, fc_group, fmt):
+    results = layout_results(world, case_name(mode, world, fc_group, fmt))
     for r in results:
         # float32, one step: the only differences are summation orders (~1e-7 relative).
         assert r["logits"] <= 1e-5 * r["logit_scale"], r["rank"]
@@ -85,14 +106,11 @@ def test_layout_computes_the_single_device_function(tmp_path, mode, world, fc_gr
         assert all(n.split(".")[1] == str(r["rank"] % 2) for r in results for n in r["local_names"])
 
 
-def test_hybrid_splits_the_torchvision_variant_as_one_device_computes_it(tmp_path):
+def test_hybrid_splits_the_torchvision_variant_as_one_device_computes_it(layout_results):
     """The hybrid head drops where each variant drops (torchvision: the inputs of fc6 and fc7;
     the paper model: the outputs of fc6 and fc7, the case above): one step and five float64
     steps with dropout, against the single-device torchvision variant."""
-    script = REPO / "tests" / "dist" / "layout_check.py"
-    check(torchrun([script, "hybrid", tmp_path, 0, "nchw", "torchvision"], nproc=2))
-    for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for rank, r in enumerate(layout_results(2, case_name(*TORCHVISION_CASE))):
         assert r["logits"] <= 1e-5 * r["logit_scale"] and max(r["grads"].values()) <= 1e-5 * r["grad_scale"]
         assert r["weights_moved"] > 1e-3 and r["weights_after_steps"] <= 1e-10, rank
         assert any(name.startswith("trunk.features.") for name in r["local_names"])  # the torchvision trunk

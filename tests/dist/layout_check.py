@@ -1,12 +1,16 @@
-"""Run under torchrun: a layout against the single-device model on the same global batch.
+"""Run under torchrun: layouts against the single-device model on the same global batch.
 
-Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py MODE OUT_DIR [FC_GROUP] [nchw|cl] [VARIANT]
+Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py OUT_DIR CASE [CASE ...]
+with CASE = MODE:FC_GROUP:FORMAT:VARIANT (FORMAT nchw or cl), e.g. hybrid:2:nchw:paper.
 
-Every rank computes the single-device reference itself (same seed, the whole global batch),
-then its own part under MODE, and writes OUT_DIR/rank<R>.json with the largest differences:
-one float32 step (logits, loss, every gradient) with dropout on, the bytes that step sent, and
-the weights after STEPS (5) optimizer steps (float64).
+For each case every rank computes the single-device reference itself (same seed, the whole
+global batch), then its own part under MODE, and writes OUT_DIR/CASE/rank<R>.json with the
+largest differences: one float32 step (logits, loss, every gradient) with dropout on, the bytes
+that step sent, and the weights after STEPS (5) optimizer steps (float64). The cases of one
+world size share a launch: each launch's start (every rank importing torch) took longer than
+a case's checks.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -54,8 +58,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format, variant: str = "paper") -> None:
-    env = init_distributed(timeout_s=120)
+def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_format, variant: str) -> None:
+    torch.set_default_dtype(torch.float32)  # the float64 steps of the case before set it
     mesh = build_mesh(env, mode, fc_group)
     replicas, me = mesh.data_size, mesh.data_rank
     rows = slice(me * PER_REPLICA, (me + 1) * PER_REPLICA)
@@ -105,8 +109,15 @@ def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format, varia
     for step in range(STEPS):
         images, labels = batch(step, replicas, fmt)
         train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, torch.arange(len(labels))))
-        train_step(par.module, images[rows], labels[rows], opt, amp, DropoutContext(SEED, step, ids),
-                   after_backward=after_backward)
+        train_step(
+            par.module,
+            images[rows],
+            labels[rows],
+            opt,
+            amp,
+            DropoutContext(SEED, step, ids),
+            after_backward=after_backward,
+        )
     ref_state = par.layout.to_local(reference.state_dict())
     result["weights_after_steps"] = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
     initial = fresh_model(variant=variant).state_dict()  # built once: a model per key took most of the check's time
@@ -116,10 +127,17 @@ def main(mode: str, out_dir: str, fc_group: int, fmt: torch.memory_format, varia
     if full is not None:
         result["full_state_diff"] = max(max_diff(v, reference.state_dict()[k]) for k, v in full.items())
         result["full_state_keys_match"] = sorted(full) == sorted(reference.state_dict())
-    Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
+
+
+def main(out_dir: str, cases: list[str]) -> None:
+    env = init_distributed(timeout_s=120)
+    for case in cases:
+        mode, fc_group, fmt, variant = case.split(":")
+        check_case(env, Path(out_dir, case), mode, int(fc_group), MEMORY_FORMAT[fmt], variant)
     shutdown_distributed()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0,
-         MEMORY_FORMAT[sys.argv[4] if len(sys.argv) > 4 else "nchw"], sys.argv[5] if len(sys.argv) > 5 else "paper")
+    main(sys.argv[1], sys.argv[2:])
