@@ -2,6 +2,7 @@
 by the single-device model's global norm, and one rank's overflow skips the step on every rank."""
 
 import json
+from pathlib import Path
 
 import pytest
 from _helpers import REPO, check, torchrun
@@ -16,12 +17,27 @@ SCALER_RUNS = ["scaler_clip0.0", "scaler_clip0.05"]
 CLIP = 0.05
 
 
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """The folder of each world size's runs: all of them in one torchrun launch, made on first
+    use (a launch's start, every rank importing torch, took longer than a run)."""
+    folders = {}
+
+    def folder(world: int) -> Path:
+        if world not in folders:
+            folders[world] = tmp_path_factory.mktemp(f"clip_scaler_{world}_ranks")
+            runs = [f"{mode}:{fc_group}" for mode, size, fc_group in RUNS if size == world]
+            check(torchrun([REPO / "tests" / "dist" / "clip_scaler_check.py", folders[world], *runs], nproc=world))
+        return folders[world]
+
+    return folder
+
+
 @pytest.fixture(scope="module", params=RUNS, ids=lambda r: f"{r[0]}-{r[1]}ranks")
-def results(request, tmp_path_factory) -> tuple[str, list[dict]]:
+def results(request, launches) -> tuple[str, list[dict]]:
     """One run per layout; every test below reads its per-rank results."""
     mode, world, fc_group = request.param
-    out = tmp_path_factory.mktemp(f"clip_scaler_{mode}_{world}")
-    check(torchrun([REPO / "tests" / "dist" / "clip_scaler_check.py", mode, out, fc_group], nproc=world))
+    out = launches(world) / f"{mode}:{fc_group}"
     return mode, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

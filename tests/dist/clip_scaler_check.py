@@ -1,8 +1,10 @@
 """Run under torchrun: the decisions a training step must take the same way on every rank.
 
-Usage: torchrun --nproc_per_node=N tests/dist/clip_scaler_check.py MODE OUT_DIR [FC_GROUP]
+Usage: torchrun --nproc_per_node=N tests/dist/clip_scaler_check.py OUT_DIR RUN [RUN ...]
+with RUN = MODE:FC_GROUP, e.g. hybrid:2 (the runs of one world size share a launch, whose start
+took longer than a run).
 
-Writes OUT_DIR/rank<R>.json with
+Writes OUT_DIR/RUN/rank<R>.json with
 * clip: MODE against the single-device model, both through engine.train_step with gradient
   clipping that bites on every step (float64, so the only differences are summation orders);
 * scaler_clip<C>: a GradScaler("cpu") run of four steps (normal; an overflow in one parameter's
@@ -117,16 +119,23 @@ def check_scaler(env, mesh: Mesh, clip: float, scaler: bool = True) -> dict:
     return record
 
 
-def main(mode: str, out_dir: str, fc_group: int) -> None:
-    env = init_distributed(timeout_s=120)
+def check_run(env, out_dir: Path, mode: str, fc_group: int) -> None:
     mesh = build_mesh(env, mode, fc_group)
     result = {"rank": env.rank, "clip": check_clip(env, mesh)}
     for clip in (0.0, CLIP):
         result[f"scaler_clip{clip}"] = check_scaler(env, mesh, clip)
     result[f"fp32_clip{CLIP}"] = check_scaler(env, mesh, CLIP, scaler=False)
-    Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
+
+
+def main(out_dir: str, runs: list[str]) -> None:
+    env = init_distributed(timeout_s=120)
+    for run in runs:
+        mode, fc_group = run.split(":")
+        check_run(env, Path(out_dir, run), mode, int(fc_group))
     shutdown_distributed()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    main(sys.argv[1], sys.argv[2:])
