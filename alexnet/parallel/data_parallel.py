@@ -16,6 +16,7 @@ fp32 per step) is large next to its compute:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 from alexnet.config import ParallelConfig
 from alexnet.parallel.comm import CommCounter, allreduce_sent
-from alexnet.parallel.powersgd_state import PowerSGDCarry, factor_sizes
+from alexnet.parallel.powersgd_state import PowerSGDCarry, compression_problem, factor_sizes
 
 GRAD_KIND = "grad_allreduce"
+log = logging.getLogger("alexnet")
 
 
 @dataclass
@@ -181,6 +183,10 @@ def apply_comm_hook(
             process_group=group, matrix_approximation_rank=cfg.powersgd_rank, start_powerSGD_iter=2
         )
         state.carry = PowerSGDCarry.for_module(ddp.module)
+        reduced = [p.shape for n, p in ddp.module.named_parameters() if n not in ddp.parameters_to_ignore]
+        problem = compression_problem(state.powersgd, reduced)
+        if problem and dist.get_rank() == 0:
+            log.warning(problem)
         state.serial = dist.get_backend(group) == dist.Backend.GLOO
         ddp.register_comm_hook(state, _powersgd_hook)
     return state

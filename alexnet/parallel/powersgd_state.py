@@ -41,6 +41,19 @@ def factor_sizes(ps: PowerSGDState, shape: torch.Size) -> tuple[int, int] | None
     return (n * rank, m * rank) if (n + m) * rank * ps.min_compression_rate < n * m else None
 
 
+def compression_problem(ps: PowerSGDState, shapes: list[torch.Size]) -> str:
+    """Why PowerSGD would send every one of these gradients whole ("" when it compresses one, or
+    none is a matrix): a `parallel.powersgd_rank` so high that no matrix's factors are smaller."""
+    matrices = [shape for shape in shapes if len(shape) >= 2]
+    if not matrices or any(factor_sizes(ps, shape) for shape in matrices):
+        return ""
+    return (
+        f"parallel.powersgd_rank={ps.matrix_approximation_rank} compresses none of the gradients: PowerSGD sends a "
+        f"matrix whole unless its factors are {ps.min_compression_rate:g}x smaller, so every step sends what "
+        "parallel.comm_hook=none sends (the default rank is 4)"
+    )
+
+
 def q_order(ps: PowerSGDState, names: tuple[str, ...], shapes: dict[str, torch.Size]) -> list[tuple[str, int, int]]:
     """(name, Q length, P length) of a bucket's compressed gradients in the order the hook lays
     its Q and P memories out: grouped by matrix shape, in the order each shape first appears."""
