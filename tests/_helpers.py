@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,21 @@ def train_tiny(tiny_data: Path, run_root: Path, name: str, *extra: str, nproc: i
     runs without torchrun."""
     args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={run_root}", f"run.name={name}", *extra]
     return torchrun(args, nproc=nproc, env=env) if nproc > 1 else one_process(args, env=env)
+
+
+def launch_per_world(tmp_path_factory, script: Path, cases: dict[int, list[str]]) -> Callable[[int], Path]:
+    """The output folder of a world size's cases (`script OUT_DIR CASE ...`, which writes each
+    case's results into OUT_DIR/CASE), all of them run in one torchrun launch on first use: a
+    launch's start, every rank importing torch, took longer than a case."""
+    folders: dict[int, Path] = {}
+
+    def folder(world: int) -> Path:
+        if world not in folders:
+            folders[world] = tmp_path_factory.mktemp(f"{script.stem}_{world}_ranks")
+            check(torchrun([script, folders[world], *cases[world]], nproc=world))
+        return folders[world]
+
+    return folder
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

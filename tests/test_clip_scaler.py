@@ -2,10 +2,9 @@
 by the single-device model's global norm, and one rank's overflow skips the step on every rank."""
 
 import json
-from pathlib import Path
 
 import pytest
-from _helpers import REPO, check, torchrun
+from _helpers import REPO, launch_per_world
 
 pytestmark = pytest.mark.slow
 
@@ -19,18 +18,11 @@ CLIP = 0.05
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
-    """The folder of each world size's runs: all of them in one torchrun launch, made on first
-    use (a launch's start, every rank importing torch, took longer than a run)."""
-    folders = {}
-
-    def folder(world: int) -> Path:
-        if world not in folders:
-            folders[world] = tmp_path_factory.mktemp(f"clip_scaler_{world}_ranks")
-            runs = [f"{mode}:{fc_group}" for mode, size, fc_group in RUNS if size == world]
-            check(torchrun([REPO / "tests" / "dist" / "clip_scaler_check.py", folders[world], *runs], nproc=world))
-        return folders[world]
-
-    return folder
+    """The output folder of a world size's runs; the runs of a world size share one launch."""
+    runs = {}
+    for mode, world, fc_group in RUNS:
+        runs.setdefault(world, []).append(f"{mode}:{fc_group}")
+    return launch_per_world(tmp_path_factory, REPO / "tests" / "dist" / "clip_scaler_check.py", runs)
 
 
 @pytest.fixture(scope="module", params=RUNS, ids=lambda r: f"{r[0]}-{r[1]}ranks")

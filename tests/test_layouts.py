@@ -6,7 +6,7 @@ import math
 import sys
 
 import pytest
-from _helpers import REPO, check, torchrun
+from _helpers import REPO, check, launch_per_world, torchrun
 
 from alexnet.model import build_model
 from alexnet.parallel.mesh import LayoutError, plan_mesh
@@ -34,16 +34,14 @@ def case_name(mode: str, world: int, fc_group: int, fmt: str, variant: str = "pa
 
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory):
-    """The ranks' results of a case. All cases of a world size run in one torchrun launch, made
-    on first use: a launch's start (every rank importing torch) took longer than a case."""
-    folders = {}
+    """The ranks' results of a case; the cases of a world size share one launch."""
+    cases = {}
+    for case in (*CASES, TORCHVISION_CASE):
+        cases.setdefault(case[1], []).append(case_name(*case))
+    launches = launch_per_world(tmp_path_factory, SCRIPT, cases)
 
     def results(world: int, case: str) -> list[dict]:
-        if world not in folders:
-            folders[world] = tmp_path_factory.mktemp(f"layouts_{world}_ranks")
-            cases = [case_name(*c) for c in (*CASES, TORCHVISION_CASE) if c[1] == world]
-            check(torchrun([SCRIPT, folders[world], *cases], nproc=world))
-        return [json.loads((folders[world] / case / f"rank{r}.json").read_text()) for r in range(world)]
+        return [json.loads((launches(world) / case / f"rank{r}.json").read_text()) for r in range(world)]
 
     return results
 
