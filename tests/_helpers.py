@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
+DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
 
 # A small, fast recipe: the paper model at its smallest input on the tiny dataset, with fc6 and
 # fc7 512 wide (at 4096 they hold 17.9 of its 20.2 million parameters, and each test step would

@@ -29,6 +29,7 @@ SCRIPT = REPO / "tests" / "dist" / "layout_check.py"
 
 
 def case_name(mode: str, world: int, fc_group: int, fmt: str, variant: str = "paper") -> str:
+    """layout_check.py's name of a case given as a CASES tuple (the world size is the launch's)."""
     return f"{mode}:{fc_group}:{fmt}:{variant}"
 
 

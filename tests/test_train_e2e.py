@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, check, one_process, torchrun
+from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, check, one_process, torchrun
 from _helpers import train_tiny as train
 
 from alexnet.checkpoint import CheckpointError
@@ -19,7 +19,6 @@ from alexnet.metrics import read_metrics
 from alexnet.runlock import lock_run_folder
 
 pytestmark = pytest.mark.slow
-DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
 
 
 def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, check, loader_failing_on_rank_1, torchrun
+from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, check, loader_failing_on_rank_1, torchrun
 from _helpers import train_tiny as train
 
 import alexnet.trainer
@@ -19,7 +19,6 @@ from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
-DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"  # train.py's default
 
 
 def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_data, tmp_path):
