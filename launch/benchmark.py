@@ -138,7 +138,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     merge.add_argument("--check", action="append", default=[], metavar="NAME=STATUS", help="add a check's status")
     merge.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    return apply_late_overrides(parser, args, extra)
+
+
+def apply_late_overrides(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]
+) -> argparse.Namespace:
+    """Overrides on both sides of step's and e2e's options, as launch/train.py takes them: argparse
+    gives the positional overrides only their first run (its intermixed parsing refuses subparsers),
+    so the key=value words after an option come back unparsed and join them here, in order."""
+    late = [item for item in extra if hasattr(args, "overrides") and "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
 
 
 def _data_root(args: argparse.Namespace) -> Path:

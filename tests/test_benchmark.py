@@ -199,6 +199,30 @@ def test_a_sweep_timeout_must_be_a_positive_number_of_seconds(value, capsys):
     assert benchmark.parse_args(["sweep", "--timeout", "30"]).timeout == 30.0
 
 
+@pytest.mark.parametrize("command", ["step", "e2e"])
+def test_step_and_e2e_take_overrides_on_both_sides_of_their_options(command):
+    """`step a=1 --windows 1 b=2` stopped at "unrecognized arguments: b=2"; launch/train.py takes both."""
+    args = benchmark.parse_args([command, "a.x=1", "--windows", "1", "b.y=2", "--steps", "2", "a.x=3"])
+    assert args.overrides == ["a.x=1", "b.y=2", "a.x=3"]  # in order: the last one wins, as in train.py
+    assert (args.windows, args.steps) == (1, 2)
+    assert benchmark.parse_args([command, "--windows", "1", "a.x=1"]).overrides == ["a.x=1"]
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["step", "a.x=1", "--windows", "1", "junk"], "junk"),  # not key=value
+        (["step", "a.x=1", "--bogus"], "--bogus"),
+        (["pipeline", "a.x=1"], "a.x=1"),  # pipeline takes no overrides
+    ],
+)
+def test_words_that_are_no_override_are_still_refused(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.parse_args(argv)
+    assert exc.value.code == 2
+    assert f"error: unrecognized arguments: {named}\n" in capsys.readouterr().err
+
+
 # ---- the report: JSON schema, CSV, table, PNG ---------------------------------------------
 def _report(command="pipeline") -> output.Report:
     results = [
