@@ -24,7 +24,6 @@ from pipelines.dali import DaliLoader, DecoderDevice, decoder_args
 from pipelines.index import FileIndex
 
 READER_NAME = "TenCropReader"
-NUM_CROPS = 10
 # (crop_pos_x, crop_pos_y) in DALI's normalized window positions: top-left, top-right,
 # bottom-left, bottom-right, centre (torchvision's TenCrop order); then the same five mirrored.
 POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))

@@ -33,7 +33,6 @@ from alexnet.parallel.layout import Layout, Moved, State, StepSync, counted_if, 
 from alexnet.parallel.mesh import Mesh
 
 log = logging.getLogger("alexnet")
-FC_LAYERS = ("fc6", "fc7", "fc8")
 
 
 def _full_layer(model: nn.Module, pieces: list[str]) -> tuple[Tensor, Tensor]:
