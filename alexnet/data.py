@@ -39,10 +39,12 @@ class DataSplits:
         return self.classes if self.train is not None else None
 
     @property
-    def validated_classes(self) -> int:
+    def validated_classes(self) -> list[str]:
         """The classes the validation images cover: the paper's comparison needs its 1000, and a
         1000-way model validated on a few classes' images is not comparable (evaluate.py's rule)."""
-        return len(set(self.val.labels)) if self.val is not None else len(self.classes)
+        if self.val is None:
+            return list(self.classes)
+        return [self.classes[label] for label in sorted(set(self.val.labels))]
 
 
 DALI_INSTALL_HINT = "`pip install nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only"

@@ -302,7 +302,7 @@ def build_result(
     if total != len(index):
         raise RuntimeError(f"evaluation counted {total} images but the split has {len(index)}")
     top1, top5 = 100.0 * sum(hits1) / total, 100.0 * sum(hits5) / total
-    evaluated = sum(1 for c in counts if c)  # the classes with images here: a folder may hold some
+    evaluated = [name for name, c in zip(index.classes, counts) if c]  # a folder may hold some classes
     names = class_names(index.classes)
     per_class = [
         {
@@ -330,7 +330,7 @@ def build_result(
         "resize": cfg.data.resize,
         "images": total,
         "num_classes": len(index.classes),  # the classes the images are labelled among, as per_class lists
-        "classes_evaluated": evaluated,
+        "classes_evaluated": len(evaluated),
         "top1": top1,
         "top5": top5,
         "top1_error": 100.0 - top1,

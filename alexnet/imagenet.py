@@ -121,6 +121,12 @@ def load_imagenet_classes() -> list[ImageNetClass]:
     return [ImageNetClass(**row) for row in json.loads(text)["classes"]]
 
 
+def is_ilsvrc_2012(folders: Iterable[str]) -> bool:
+    """Whether class folders are exactly the 1000 ILSVRC-2012 classes (named by their WordNet ids,
+    as the official archives and launch/prepare_imagenet.py lay them out)."""
+    return set(folders) == {c.wnid for c in load_imagenet_classes()}
+
+
 def class_names(folders: list[str], known: list[ImageNetClass] | None = None) -> list[str]:
     """A readable name for each class folder: the English name where the folder is an ILSVRC-2012
     WordNet id (n01440764 -> "tench"), the folder's own name otherwise."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from alexnet.imagenet import is_ilsvrc_2012
 from alexnet.metrics import read_metrics
 
 log = logging.getLogger("alexnet")
@@ -33,25 +35,31 @@ NO_VALIDATION: dict[str, Any] = {"comparable": False, "note": "no validation ran
 SYNTHETIC: dict[str, Any] = {"comparable": False, "note": "synthetic data (random labels): not compared with the paper"}
 
 
-def paper_comparison(top1: float, top5: float, num_classes: int, ten_crop: bool = False) -> dict[str, Any]:
+def paper_comparison(top1: float, top5: float, classes: Sequence[str], ten_crop: bool = False) -> dict[str, Any]:
     """Our error minus the paper's, in percentage points (positive: worse than the paper).
-    `num_classes`: the classes the evaluated images cover, which the paper's 1000 must be (a
-    1000-way model validated on a few classes' images is not comparable); `ten_crop`: whether
-    those figures average ten crops, as the paper's do."""
+    `classes`: the class folders the evaluated images cover, which must be the paper's 1000
+    ILSVRC-2012 classes (a 1000-way model validated on a few classes' images, or any other
+    1000-class data, is not comparable); `ten_crop`: whether those figures average ten crops, as
+    the paper's do."""
     top1_error, top5_error = 100.0 - top1, 100.0 - top5
     result: dict[str, Any] = {
         "paper_top1_error": PAPER_TOP1_ERROR,
         "paper_top5_error": PAPER_TOP5_ERROR,
         "top1_error": top1_error,
         "top5_error": top5_error,
-        "comparable": num_classes == PAPER_NUM_CLASSES,
+        "comparable": is_ilsvrc_2012(classes),
         "top1_error_gap": None,
         "top5_error_gap": None,
     }
-    if num_classes != PAPER_NUM_CLASSES:
+    if not result["comparable"]:
         result["note"] = (
             f"no comparison with the paper's {PAPER_TOP1_ERROR}% / {PAPER_TOP5_ERROR}% top-1/top-5 error: those are "
-            f"for the {PAPER_NUM_CLASSES} ILSVRC-2012 classes and this data has {num_classes}"
+            f"for the {PAPER_NUM_CLASSES} ILSVRC-2012 classes and "
+            + (
+                f"this data has {len(classes)}"
+                if len(classes) != PAPER_NUM_CLASSES
+                else "this data's 1000 class folders are not theirs (named by their WordNet ids, n01440764 ...)"
+            )
         )
         return result
     result["top1_error_gap"] = top1_error - PAPER_TOP1_ERROR
@@ -92,7 +100,7 @@ def summarize_run(
     train_images: int,
     world_size: int,
     device_type: str,
-    num_classes: int,
+    validated_classes: Sequence[str],  # the class folders the validation images cover
     gpu_seconds: float | None = None,  # the run's sessions summed (None: this session's world for all of it)
     synthetic: bool = False,
     ten_crop: bool = False,  # the validations averaged ten crops (data.val_ten_crop)
@@ -110,18 +118,18 @@ def summarize_run(
         world_size=world_size,
         device=device_type,
         gpu_hours=gpu_seconds / 3600.0,
-        paper=_paper(best_top1, best_top5, num_classes, synthetic, ten_crop),
+        paper=_paper(best_top1, best_top5, validated_classes, synthetic, ten_crop),
     )
 
 
 def _paper(
-    best_top1: float | None, best_top5: float | None, num_classes: int, synthetic: bool, ten_crop: bool
+    best_top1: float | None, best_top5: float | None, classes: Sequence[str], synthetic: bool, ten_crop: bool
 ) -> dict[str, Any]:
     if synthetic:
         return dict(SYNTHETIC)
     if best_top1 is None or best_top5 is None:
         return dict(NO_VALIDATION)
-    return paper_comparison(best_top1, best_top5, num_classes, ten_crop)
+    return paper_comparison(best_top1, best_top5, classes, ten_crop)
 
 
 def session_gpu_seconds(world_size: int, device_type: str, seconds: float) -> float:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from alexnet.config import load_config
 from alexnet.data import DataSplits
+from alexnet.imagenet import load_imagenet_classes
 from alexnet.report import (
     PLOT_FILE,
     build_training_figure,
@@ -24,6 +25,9 @@ from alexnet.report import (
 from alexnet.reporting import Reporter
 from alexnet.run import run_training
 from pipelines.index import FileIndex
+
+ILSVRC = [c.wnid for c in load_imagenet_classes()]  # the class folders of ILSVRC-2012
+TEN = [f"class_{i}" for i in range(10)]
 
 
 def write_metrics(path):
@@ -102,7 +106,7 @@ def test_summary_on_imagenet_compares_with_the_paper():
         train_images=115_315_380,
         world_size=8,
         device_type="cuda",
-        num_classes=1000,
+        validated_classes=ILSVRC,
     )
     assert s.wall_hours == 10.0 and s.gpu_hours == 80.0
     assert s.images_per_sec == pytest.approx(3203.205, abs=1e-3)
@@ -114,23 +118,23 @@ def test_summary_on_imagenet_compares_with_the_paper():
 
 
 def test_summary_elsewhere_says_there_is_no_comparison():
-    s = summarize_run(98.8, 100.0, 120.6, 23_880, 2, "cpu", 10)
+    s = summarize_run(98.8, 100.0, 120.6, 23_880, 2, "cpu", TEN)
     assert s.gpu_hours == 0.0 and s.images_per_sec == pytest.approx(198.01, abs=0.01)
     assert s.paper["comparable"] is False and s.paper["top1_error_gap"] is None
     assert "this data has 10" in s.paper["note"]
-    assert paper_comparison(59.3, 81.8, 1000)["top1_error_gap"] == pytest.approx(0.0)
+    assert paper_comparison(59.3, 81.8, ILSVRC)["top1_error_gap"] == pytest.approx(0.0)
 
 
 def test_a_synthetic_data_run_is_not_compared_with_the_paper():
     """Random labels at 1000 classes: "top-1 error 99.90% vs the paper's 40.7% (+59.20 points)"
     before, with a gap in summary.json."""
-    s = summarize_run(0.1, 0.5, 60.0, 1280, 1, "cpu", 1000, synthetic=True)
+    s = summarize_run(0.1, 0.5, 60.0, 1280, 1, "cpu", ILSVRC, synthetic=True)
     assert s.paper == {"comparable": False, "note": "synthetic data (random labels): not compared with the paper"}
-    assert summarize_run(0.1, 0.5, 60.0, 1280, 1, "cpu", 1000).paper["top1_error_gap"] == pytest.approx(59.2)
+    assert summarize_run(0.1, 0.5, 60.0, 1280, 1, "cpu", ILSVRC).paper["top1_error_gap"] == pytest.approx(59.2)
 
 
 def test_run_report_logs_the_summary_and_draws_into_the_run_folder(tmp_path, caplog):
-    final = summarize_run(50.0, 75.0, 7200.0, 1_000_000, 4, "cuda", 1000)
+    final = summarize_run(50.0, 75.0, 7200.0, 1_000_000, 4, "cuda", ILSVRC)
     with caplog.at_level(logging.INFO, logger="alexnet"):
         assert write_run_report(tmp_path, final) is None  # no metrics yet: a warning, not an error
         write_metrics(tmp_path / "metrics.jsonl")
@@ -148,7 +152,7 @@ def test_a_run_without_validation_reports_none_and_max_steps_says_how_to_continu
     from alexnet.resume import Progress
 
     p = Progress()
-    s = summarize_run(p.best_top1, p.best_top5, 60.0, 1280, 8, "cuda", 1000)
+    s = summarize_run(p.best_top1, p.best_top5, 60.0, 1280, 8, "cuda", ILSVRC)
     assert s.best_top1 is None and s.paper == {
         "comparable": False,
         "note": "no validation ran, so no comparison with the paper",
@@ -167,7 +171,7 @@ def test_a_missing_matplotlib_is_a_warning_not_an_error(tmp_path, caplog, monkey
     write_metrics(tmp_path / "metrics.jsonl")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    final = summarize_run(50.0, 75.0, 60.0, 1000, 1, "cpu", 10)
+    final = summarize_run(50.0, 75.0, 60.0, 1000, 1, "cpu", TEN)
     with caplog.at_level(logging.INFO, logger="alexnet"):
         assert write_run_report(tmp_path, final) is None
     assert "matplotlib cannot be imported" in caplog.text and "best val top-1 50.00%" in caplog.text
@@ -177,12 +181,12 @@ def test_a_missing_matplotlib_is_a_warning_not_an_error(tmp_path, caplog, monkey
 def test_gpu_hours_count_each_session_with_its_own_world_size():
     """8 GPUs for 10 h, then resumed on 16 GPUs for 1 h: 96 GPU-hours, not 16 x 11 = 176."""
     gpu_seconds = session_gpu_seconds(8, "cuda", 36_000.0) + session_gpu_seconds(16, "cuda", 3_600.0)
-    s = summarize_run(57.0, 80.0, 39_600.0, 1_000_000, 16, "cuda", 1000, gpu_seconds)
+    s = summarize_run(57.0, 80.0, 39_600.0, 1_000_000, 16, "cuda", ILSVRC, gpu_seconds)
     assert s.gpu_hours == pytest.approx(96.0)
     # a CPU session after CUDA ones keeps their GPU-hours, adds none
     cpu_too = gpu_seconds + session_gpu_seconds(2, "cpu", 400.0)
-    assert summarize_run(57.0, 80.0, 40_000.0, 1_000_000, 2, "cpu", 1000, cpu_too).gpu_hours == pytest.approx(96.0)
-    assert summarize_run(57.0, 80.0, 3_600.0, 1, 8, "cuda", 1000).gpu_hours == 8.0  # one session: as before
+    assert summarize_run(57.0, 80.0, 40_000.0, 1_000_000, 2, "cpu", ILSVRC, cpu_too).gpu_hours == pytest.approx(96.0)
+    assert summarize_run(57.0, 80.0, 3_600.0, 1, 8, "cuda", ILSVRC).gpu_hours == 8.0  # one session: as before
 
 
 def test_the_trainer_adds_each_sessions_gpu_seconds(tiny_data, tmp_path, monkeypatch):
@@ -231,17 +235,24 @@ def test_the_comparison_says_whether_ten_crops_were_averaged_and_needs_the_1000_
     """A run validated with ten crops was told to compare with evaluate.py --ten-crop; a 1000-way
     model validated on 20 classes' images was compared by the trainer (its 1000 class folders) and
     not by evaluate.py (the 20 classes with images)."""
-    centre = summarize_run(57.0, 80.0, 60.0, 1280, 1, "cpu", 1000).paper["note"]
-    ten = summarize_run(57.0, 80.0, 60.0, 1280, 1, "cpu", 1000, ten_crop=True).paper["note"]
+    centre = summarize_run(57.0, 80.0, 60.0, 1280, 1, "cpu", ILSVRC).paper["note"]
+    ten = summarize_run(57.0, 80.0, 60.0, 1280, 1, "cpu", ILSVRC, ten_crop=True).paper["note"]
     assert centre.endswith("compare with launch/evaluate.py --ten-crop") and "ten crops averaged" not in centre
     assert ten.endswith("ten crops averaged, as the paper's figures (section 4.1)") and "evaluate.py" not in ten
     classes = [f"n{i:08d}" for i in range(1000)]
     val = FileIndex([f"{c}/a.jpg" for c in classes[:20]], list(range(20)), classes)
     splits = DataSplits(FileIndex([], [], classes), val, classes)
-    assert splits.validated_classes == 20
+    assert len(splits.validated_classes) == 20
     assert paper_comparison(57.0, 80.0, splits.validated_classes)["comparable"] is False
     everything = FileIndex([f"{c}/a.jpg" for c in classes] * 2, list(range(1000)) * 2, classes)
-    assert DataSplits(None, everything, classes).validated_classes == 1000
+    assert DataSplits(None, everything, classes).validated_classes == classes
+    # 1000 classes, all validated, but not ILSVRC-2012's: "top-1 error 99.90% vs the paper's 40.7%" before
+    other = paper_comparison(0.1, 0.5, classes)
+    assert other["comparable"] is False and other["top1_error_gap"] is None
+    assert other["note"].endswith(
+        "this data's 1000 class folders are not theirs (named by their WordNet ids, n01440764 ...)"
+    )
+    assert paper_comparison(0.1, 0.5, list(reversed(ILSVRC)))["comparable"] is True  # a set: order is not asked
 
 
 def test_the_learning_rate_is_drawn_over_the_window_that_used_it(tmp_path):
@@ -269,5 +280,5 @@ def test_a_diverging_run_s_losses_say_what_is_not_drawn_and_a_huge_one_gets_a_lo
 
 def test_a_slow_run_s_images_per_second_is_not_rounded_to_0(caplog):
     with caplog.at_level(logging.INFO, logger="alexnet"):
-        assert "0.22 images/s" in format_summary(summarize_run(None, None, 72.0, 16, 1, "cpu", 10))
-        assert "139 images/s" in format_summary(summarize_run(None, None, 7200.0, 1_000_000, 1, "cpu", 10))
+        assert "0.22 images/s" in format_summary(summarize_run(None, None, 72.0, 16, 1, "cpu", TEN))
+        assert "139 images/s" in format_summary(summarize_run(None, None, 7200.0, 1_000_000, 1, "cpu", TEN))
