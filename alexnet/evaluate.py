@@ -179,7 +179,7 @@ def resolve_eval_index(
         classes = find_classes(root / "train")
     files = eval_file_list(cfg, opts)
     if files:
-        return load_file_list(files, split_dir, classes=classes), split_dir, files
+        return load_file_list(files, split_dir, classes=classes, every_class=False), split_dir, files
     return build_file_index(split_dir, classes=classes), split_dir, ""
 
 

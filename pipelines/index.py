@@ -160,11 +160,14 @@ def read_list_lines(list_file: Path) -> list[str]:
         raise DataError(f"file list {list_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
-def load_file_list(list_file: str | Path, split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:
+def load_file_list(
+    list_file: str | Path, split_dir: str | Path, classes: list[str] | None = None, every_class: bool = True
+) -> FileIndex:
     """A file list written by `launch/scan.py`: one path per line, relative to `split_dir` or
     absolute; '#' starts a comment. A file's class is the name of its parent folder, and class
     indices are those of `split_dir`'s class folders (or `classes`, the training split's), so a
-    list labels its files exactly as the folder index would."""
+    list labels its files exactly as the folder index would. `every_class`: each class folder of
+    `split_dir` must have a listed file (training; an evaluation may list a few classes' files)."""
     list_file, split_dir = Path(list_file), Path(split_dir)
     lines = read_list_lines(list_file)
     check_list_split(list_file, lines[0] if lines else "", split_dir)
@@ -191,7 +194,23 @@ def load_file_list(list_file: str | Path, split_dir: str | Path, classes: list[s
         labels.append(label)
     if not files:
         raise DataError(f"file list {list_file} names no files")
+    if every_class:
+        check_every_class_listed(list_file, split_dir, found, [classes[i] for i in sorted(set(labels))])
     return FileIndex(files, labels, list(classes))
+
+
+def check_every_class_listed(list_file: Path, split_dir: Path, folders: list[str], listed: list[str]) -> None:
+    """A class folder none of whose files a list names (the scan left them all out) would be a
+    class the model keeps an output for and never sees as a target: refused, as an empty class
+    folder is when the folders are indexed."""
+    unlisted = sorted(set(folders) - set(listed))
+    if unlisted:
+        raise DataError(
+            f"file list {list_file} names no file of class folder(s) {', '.join(map(repr, unlisted[:5]))}"
+            + (" ..." if len(unlisted) > 5 else "")
+            + f" of {split_dir}: every class needs images (launch/scan.py reports such a class as a folder "
+            "problem; give it usable images, or move its folder out of the split)"
+        )
 
 
 def build_file_index(split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:

@@ -66,7 +66,25 @@ def test_a_list_without_scan_s_header_is_read_for_any_split(tmp_path, tiny_data)
     listing = tmp_path / "hand.txt"
     listing.write_text("# my own list\ncircle/circle_0000.jpg\n")
     for split in ("train", "val"):
-        assert load_file_list(listing, tiny_data / split).files == [str(tiny_data / split / "circle/circle_0000.jpg")]
+        index = load_file_list(listing, tiny_data / split, every_class=False)  # one class's file
+        assert index.files == [str(tiny_data / split / "circle/circle_0000.jpg")]
+
+
+def test_a_list_that_leaves_a_class_folder_without_files_is_refused_for_training(lists, tiny_data, tmp_path):
+    """The scan left out every file of class `ring` (all bad): training on its lists kept an output
+    for `ring` that was never a target, while ring's validation images still counted."""
+    kept = [line for line in (lists / "train.txt").read_text().splitlines() if not line.startswith("ring/")]
+    (tmp_path / "train.txt").write_text("\n".join(kept) + "\n")
+    cfg = DataConfig(root=str(tiny_data), train_files=str(tmp_path / "train.txt"), val_files=str(lists / "val.txt"))
+    with pytest.raises(DataError) as info:
+        build_splits(cfg, 0)
+    message = str(info.value)
+    assert (
+        f"file list {tmp_path / 'train.txt'} names no file of class folder(s) 'ring' of {tiny_data / 'train'}"
+        in message
+    )
+    assert "launch/scan.py" in message and "\n" not in message
+    assert len(load_file_list(tmp_path / "train.txt", tiny_data / "train", every_class=False)) == 108
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
@@ -77,7 +95,7 @@ def test_a_listed_file_that_does_not_exist_is_named_as_gone_with_the_scan_that_r
     delay every start); the decoder's failure says the file is gone and how to rewrite the list."""
     listing = tmp_path / "val.txt"
     listing.write_text("checkerboard/checkerboard_0000.jpg\ncircle/circle_0000.jpg\ncircle/gone.jpg\n")
-    index = load_file_list(listing, tiny_data / "val")
+    index = load_file_list(listing, tiny_data / "val", every_class=False)
     gone = str(tiny_data / "val" / "circle" / "gone.jpg")
     assert index.files[-1] == gone
     with pytest.raises(DataError) as info:
@@ -108,8 +126,10 @@ def test_names_with_a_line_break_are_reported_and_left_out(tmp_path, tiny_data):
     assert [f.kind for f in found] == ["bad_name"] * 4 and all("line break" in f.detail for f in found)
     assert found[0].path == str(root / "train/circle/a\\nb.jpg")  # escaped: the report stays one line a file
     assert sum("x\\ny" in p and "line break" in p for p in result.problems) == 2
-    train = load_file_list(tmp_path / "out" / "train.txt", root / "train")
-    val = load_file_list(tmp_path / "out" / "val.txt", root / "val", classes=train.classes)
+    with pytest.raises(DataError, match=r"names no file of class folder\(s\) 'x\\ny' of "):
+        load_file_list(tmp_path / "out" / "train.txt", root / "train")  # the scan's folder problem, for training
+    train = load_file_list(tmp_path / "out" / "train.txt", root / "train", every_class=False)
+    val = load_file_list(tmp_path / "out" / "val.txt", root / "val", classes=train.classes, every_class=False)
     clean = build_file_index(tiny_data / "train").files
     assert train.files == [str(root / Path(f).relative_to(tiny_data)) for f in clean]
     assert len(val) == 50
