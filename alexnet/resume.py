@@ -245,22 +245,30 @@ def restore_loader(
     any_state = next(iter(states.values()))
     old = saved_layout(any_state, len(states), saved_batch or new.batch_size, loader.num_samples)
     saved_samples = int(any_state.get("num_samples", loader.num_samples))  # older states lack it
-    if mine is not None and len(states) == mesh.data_size and old == new and saved_samples == loader.num_samples:
+    # Older states lack the list's fingerprint too; the synthetic loader has no list.
+    same_files = any_state.get("files", current.get("files")) == current.get("files")
+    same_list = saved_samples == loader.num_samples and same_files
+    if mine is not None and len(states) == mesh.data_size and old == new and same_list:
         loader.load_state_dict(mine)
         return None
     saved_pos = int(any_state["pos"])
     pos = convert_position(saved_pos, old, new)
     if saved_pos > 0 and is_first_rank():  # an epoch was interrupted (not ended by the checkpoint): rank 0 says so
-        if saved_samples != loader.num_samples:
+        if not same_list:
             # Each epoch's order is a permutation of the whole list: another list (bad files left
-            # out, files added) orders every epoch differently, so the saved position no longer
-            # names the samples already trained, and the DALI reader's checkpoint belongs to the old
-            # list. Counted by samples consumed instead, as under another layout.
+            # out, files added, renamed or moved) orders every epoch differently, so the saved
+            # position no longer names the samples already trained, and the DALI reader's
+            # checkpoint belongs to the old list. Counted by samples consumed instead, as under
+            # another layout.
+            written = (
+                f"{saved_samples} training images" if saved_samples != loader.num_samples
+                else f"another list of {saved_samples} training images (files renamed, moved or replaced)"
+            )  # fmt: skip
             log.warning(
-                "checkpoint %s was written with %d training images, this run has %d: the interrupted epoch "
-                "goes on from step %d of %d with the new list's order (some of its images are trained twice "
-                "this epoch, others not at all); later epochs are whole",
-                path, saved_samples, loader.num_samples, pos, new.steps,
+                "checkpoint %s was written with %s, this run has %d: the interrupted epoch goes on from step %d "
+                "of %d with the new list's order (some of its images are trained twice this epoch, others not "
+                "at all); later epochs are whole",
+                path, written, loader.num_samples, pos, new.steps,
             )  # fmt: skip
         else:
             log.warning(

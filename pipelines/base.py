@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from pipelines.index import DataError
+from pipelines.index import DataError, FileIndex
 
 PAD_LABEL = -1
 Split = Literal["train", "val"]
@@ -102,14 +102,15 @@ def convert_position(pos: int, old: EpochLayout, new: EpochLayout) -> int:
     return min(pos * old.global_batch // new.global_batch, new.steps)
 
 
-def position_state(epoch: int, pos: int, shard: ShardSpec, steps: int, num_samples: int) -> dict[str, Any]:
+def position_state(epoch: int, pos: int, shard: ShardSpec, steps: int, index: FileIndex) -> dict[str, Any]:
     """A loader's position as its checkpoint holds it. `num_shards`, `steps` and `batch_size` say
     what `pos` counts in, so that a resume under another sharding or batch can convert it
-    (alexnet.resume.saved_layout reads them); `num_samples` tells a resume over another file list
-    (say, with bad files left out), whose epoch order differs, from an exact one."""
+    (alexnet.resume.saved_layout reads them); `num_samples` and `files` (the list's fingerprint)
+    tell a resume over another file list (bad files left out, files renamed), whose epoch order
+    differs, from an exact one."""
     return {
         "epoch": epoch, "pos": pos, "num_shards": shard.num_shards, "steps": steps,
-        "batch_size": shard.batch_size, "num_samples": num_samples,
+        "batch_size": shard.batch_size, "num_samples": len(index), "files": index.fingerprint,
     }  # fmt: skip
 
 

@@ -323,7 +323,7 @@ class DaliLoader:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        state = position_state(self._epoch, self._pos, self._shard, self._steps, self.num_samples)
+        state = position_state(self._epoch, self._pos, self._shard, self._steps, self._index)
         if self._pipe is not None:
             state["dali"] = self._pipe.checkpoint()
         elif self._restore is not None:

@@ -7,10 +7,12 @@ read this list, so their labels agree by construction.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -34,6 +36,19 @@ class FileIndex:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What an epoch's order is a permutation of: each file as <class folder>/<name>, in list
+        order. A checkpoint's loader state keeps it, so that a resume notices a list of as many
+        files that is not the same (a file renamed, moved to another class, replaced), where the
+        saved position no longer names the images already trained. The folder above the classes
+        is left out: a dataset moved or mounted elsewhere is the same list."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            head, name = os.path.split(path)
+            digest.update(f"{os.path.basename(head)}/{name}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()[:16]
 
     def subset(self, keep: list[int]) -> FileIndex:
         return FileIndex([self.files[i] for i in keep], [self.labels[i] for i in keep], self.classes)

@@ -175,7 +175,7 @@ class TorchvisionLoader:
         self._epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return position_state(self._epoch, self._pos, self._shard, self._steps, self.num_samples)
+        return position_state(self._epoch, self._pos, self._shard, self._steps, self._index)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The order of an epoch depends only on (seed, epoch): the sampler picks the epoch up at

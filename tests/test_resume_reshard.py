@@ -4,6 +4,7 @@ every later epoch reads each sample exactly once, and the learning rate goes on 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from alexnet.metrics import read_metrics
 from alexnet.optim import LrSchedule
 from alexnet.resume import restore_loader
 from pipelines.base import EpochLayout, convert_position
+from pipelines.index import FileIndex, build_file_index
 
 # 48 files in batches of 4: whole batches for 1, 2 and 3 shards (12, 6 and 4 steps), so that an
 # epoch under any of them covers every file.
@@ -137,6 +139,29 @@ def test_a_checkpoint_over_another_file_list_is_converted_not_replayed(tiny_data
     assert epoch_labels(loader)[1] == (N - BATCH) // BATCH - 3
     for _ in range(2):
         assert sorted(epoch_labels(loader)[0]) == list(range(N - BATCH))
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_a_list_of_as_many_files_that_is_not_the_same_is_converted_not_replayed(tiny_data, tmp_path, kind, caplog):
+    """A file renamed (or moved to another class) between sessions keeps the count: the resume was
+    taken as exact, and the saved position then named other files (7 of the rest of an epoch
+    already trained, in a tester's run). A dataset moved elsewhere is the same list."""
+    index = numbered(tiny_data, N)
+    old = run_old_ranks(kind, index, 1, 3)["states"]
+    mesh = SimpleNamespace(data_rank=0, data_size=1)
+    other = build_file_index(tiny_data / "train").files[N]  # a file the old list does not hold
+    renamed = FileIndex([*index.files[:5], other, *index.files[6:]], index.labels, index.classes)
+    loader = build(kind, renamed, "train", 0, 1, BATCH)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        assert restore_loader(loader, old, mesh, Path("last.pt")) == 3
+    assert f"written with another list of {N} training images (files renamed, moved or replaced)" in caplog.text
+    assert loader.state_dict().get("dali") is None and loader.state_dict()["files"] != old["0"]["files"]
+    shutil.copytree(tiny_data / "train", tmp_path / "moved" / "train")
+    moved = FileIndex([str(tmp_path / "moved" / Path(f).relative_to(tiny_data)) for f in index.files],
+                      index.labels, index.classes)  # fmt: skip
+    exact = build(kind, moved, "train", 0, 1, BATCH)
+    assert restore_loader(exact, old, mesh, Path("last.pt")) is None
+    assert epoch_labels(exact)[1] == N // BATCH - 3 and sorted(epoch_labels(exact)[0]) == list(range(N))
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
