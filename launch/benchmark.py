@@ -81,7 +81,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     pipe.add_argument("--crop", type=int, default=227)
     pipe.add_argument("--batches", type=int, default=8, help="timed batches per window, at least (default 8)")
     pipe.add_argument("--min-window", type=float, default=0.5, help="seconds per window, at least (default 0.5)")
-    pipe.add_argument("--pipelines", type=_names, default=(), help="subset, e.g. dali-cpu,torchvision")
+    pipe.add_argument(
+        "--pipelines", type=_names, default=(),
+        help="loaders to time, e.g. dali-cpu,torchvision (each with its ceiling and the diagnostics asked for), "
+        "or diagnostic rows by name, e.g. graph-only/dali-cpu (default: every loader this machine runs)",
+    )  # fmt: skip
     pipe.add_argument("--no-ceiling", action="store_true", help="skip the decode-only ceilings")
     pipe.add_argument(
         "--graph-only", action="store_true",

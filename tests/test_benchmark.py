@@ -462,6 +462,25 @@ def test_torch_threads_are_set_for_the_block_and_restored():
     assert torch.get_num_threads() == before
 
 
+def test_pipelines_named_keep_their_ceilings_and_the_diagnostics_asked_for():
+    """`--pipelines dali-cpu --stages --graph-only` timed dali-cpu alone: no ceiling ("of ceiling"
+    empty) and none of the rows the flags ask for, without a word."""
+    from alexnet.bench.pipeline_bench import STAGES_OF, chosen_pipelines
+
+    stages = STAGES_OF["dali-cpu"]
+    named = chosen_pipelines(("dali-cpu",), False, ceilings=True, graph_only=True, stages=True)
+    assert named == ("dali-cpu", "graph-only/dali-cpu", *stages, "decode-only/dali-cpu")
+    assert chosen_pipelines(("dali-cpu",), False, ceilings=False) == ("dali-cpu",)
+    assert chosen_pipelines(("torchvision", "dali-cpu"), False, ceilings=True) == (
+        "torchvision", "dali-cpu", "decode-only/pil", "decode-only/dali-cpu"
+    )  # fmt: skip
+    rows = ("graph-only/dali-cpu", stages[1], "decode-only/dali-cpu")  # rows by name: as named, once each
+    assert chosen_pipelines(rows, False, ceilings=True, graph_only=True, stages=True) == rows
+    assert chosen_pipelines((), False, ceilings=True) == ("dali-cpu", "torchvision", "decode-only/dali-cpu",
+                                                          "decode-only/pil")  # fmt: skip
+    assert chosen_pipelines((), True, ceilings=False)[0] == "dali-mixed"
+
+
 def test_pipeline_command_names_a_bad_flag(tiny_data, tmp_path, capsys):
     assert benchmark.main(["pipeline", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err

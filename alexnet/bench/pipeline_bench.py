@@ -110,16 +110,22 @@ class PipelineSettings:
             raise ValueError(f"--crop must be between 1 and --resize ({self.resize}), got {self.crop}")
 
 
-def available_pipelines(cuda: bool, ceilings: bool, graph_only: bool = False, stages: bool = False) -> tuple[str, ...]:
-    loaders = [n for n in LOADERS if cuda or n != "dali-mixed"]
-    names = list(loaders)
+def chosen_pipelines(
+    requested: tuple[str, ...], cuda: bool, ceilings: bool, graph_only: bool = False, stages: bool = False
+) -> tuple[str, ...]:
+    """The contenders: `requested` (every loader this machine runs when empty), each loader among
+    them with its decode-only ceiling (unless --no-ceiling) and the diagnostics asked for;
+    ceilings and diagnostics named in `requested` run as named. (A list of loaders used to drop
+    the ceilings and the --graph-only and --stages rows without a word.)"""
+    loaders = [n for n in requested if n in LOADERS] if requested else [n for n in LOADERS if cuda or n != "dali-mixed"]
+    names = list(requested or loaders)
     if graph_only:
         names += [GRAPH_OF[n] for n in loaders if n in GRAPH_OF]
     if stages:
         names += [stage for n in loaders for stage in STAGES_OF.get(n, ())]
     if ceilings:
         names += [CEILING_OF[n] for n in loaders]
-    return tuple(names)
+    return tuple(dict.fromkeys(names))  # once each, in order
 
 
 def check_pipelines(requested: tuple[str, ...], cuda: bool) -> None:
@@ -420,7 +426,7 @@ TABLE = [
 
 def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     cuda = device.type == "cuda"
-    names = s.pipelines or available_pipelines(cuda, s.ceilings, s.graph_only, s.stages)
+    names = chosen_pipelines(s.pipelines, cuda, s.ceilings, s.graph_only, s.stages)
     check_pipelines(names, cuda)
     index = build_file_index(resolve_split_dir(s.data))
     if len(index) < s.batch_size:  # before the bad-file handling below, which this is not
