@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,9 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, config_to_dict
+from alexnet.config import CheckpointConfig, Config, OptimConfig, config_to_dict
 from alexnet.engine import AmpPolicy
-from alexnet.optim import LrSchedule
+from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import EpochLayout, Loader, convert_position, train_steps
@@ -199,6 +199,21 @@ def changed_settings(
         elif old != value and dotted not in ("checkpoint.resume", "model.init", "run.name"):
             changes.append(f"{dotted}: {old!r} -> {value!r}")
     return changes
+
+
+def batch_change(before: Any, saved_optim: Any, optim: OptimConfig, global_batch: int) -> list[str]:
+    """The global batch and the peak learning rate scaled with it, when a resume under another
+    world size or layout changes them: no config key names that change (2 -> 4 towers ranks
+    doubled both, and only the data shards' line gave it away). The peak before is the
+    checkpoint's own: its optim.lr at its batch (this run's optim.lr, where it changed too, made
+    the line name a peak the run never had)."""
+    if not isinstance(before, int) or before == global_batch:
+        return []
+    saved = saved_optim if isinstance(saved_optim, dict) else {}
+    reference = saved.get("lr_reference_batch", optim.lr_reference_batch)
+    lr_before = scaled_lr(replace(optim, lr=saved.get("lr", optim.lr), lr_reference_batch=reference), before)
+    return [f"global batch: {before} -> {global_batch} (world size and layout), "
+            f"its peak learning rate {lr_before:.4g} -> {scaled_lr(optim, global_batch):.4g}"]  # fmt: skip
 
 
 def restore_training(

@@ -22,7 +22,7 @@ from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
-from alexnet.optim import LrSchedule, build_optimizer, scaled_lr, warmup_problem
+from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
 from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, describe_error, fetch_each, share_setup_failure
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
@@ -32,7 +32,14 @@ from alexnet.plan import RunPlan
 from alexnet.powersgd_checkpoint import restore_powersgd_state, save_powersgd_state
 from alexnet.report import session_gpu_seconds, summarize_run
 from alexnet.reporting import MetricsWriteError, Reporter, comm_per_step
-from alexnet.resume import Progress, build_payload, changed_settings, load_resume_checkpoint, restore_training
+from alexnet.resume import (
+    Progress,
+    batch_change,
+    build_payload,
+    changed_settings,
+    load_resume_checkpoint,
+    restore_training,
+)
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
 from pipelines.filecheck import stopped_by
@@ -266,7 +273,10 @@ class Trainer:
         )
         if not self.env.is_main:  # the same on every rank: said once
             return
-        changes = changed_settings(payload["config"], config_to_dict(self.cfg)) + self._batch_change()
+        before = (p.trained_under or {}).get("global_batch")
+        changes = changed_settings(payload["config"], config_to_dict(self.cfg)) + batch_change(
+            before, payload["config"].get("optim"), self.cfg.optim, self.plan.global_batch
+        )
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
                         "; ".join(changes))  # fmt: skip
@@ -274,17 +284,6 @@ class Trainer:
             log.warning("the run in %s has already trained its %d epochs: nothing to train (raise "
                         "train.epochs to go on, or set run.name=<new name> for a new run)",
                         self.plan.run_dir, self.cfg.train.epochs)  # fmt: skip
-
-    def _batch_change(self) -> list[str]:
-        """The global batch and the peak learning rate scaled with it, when a resume under another
-        world size or layout changes them: no config key names that change (2 -> 4 towers ranks
-        doubled both, and only the data shards' line gave it away)."""
-        before = (self.progress.trained_under or {}).get("global_batch")
-        if not isinstance(before, int) or before == self.plan.global_batch:
-            return []
-        lr_before = scaled_lr(self.cfg.optim, before)
-        return [f"global batch: {before} -> {self.plan.global_batch} (world size and layout), "
-                f"its peak learning rate {lr_before:.4g} -> {self.plan.peak_lr:.4g}"]  # fmt: skip
 
     def _update_clock(self) -> None:
         elapsed = time.perf_counter() - self._session_start

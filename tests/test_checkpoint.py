@@ -21,7 +21,7 @@ from alexnet.config import CheckpointConfig, OptimConfig, config_to_dict, load_c
 from alexnet.export import export_torchscript
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
-from alexnet.resume import changed_settings, load_resume_checkpoint
+from alexnet.resume import batch_change, changed_settings, load_resume_checkpoint
 
 
 def payload(value: float) -> dict:
@@ -255,6 +255,16 @@ def test_changed_settings_lists_each_changed_key():
     current = {"optim": {"lr": 0.05, "momentum": 0.9}, "data": {"root": "/b"}, "checkpoint": {"resume": "/x.pt"}}
     assert changed_settings(saved, current) == ["optim.lr: 0.01 -> 0.05", "data.root: '/a' -> '/b'"]
     assert changed_settings(current, current) == []
+
+
+def test_a_batch_change_names_the_checkpoint_s_own_peak_learning_rate():
+    """2 processes at optim.lr 0.01 (global batch 16: peak 0.00125) resumed on 1 with optim.lr 0.02
+    was logged as "its peak learning rate 0.0025 -> 0.00125": the old peak from the new lr."""
+    optim = OptimConfig(lr=0.02, lr_reference_batch=128)
+    line = batch_change(16, {"lr": 0.01, "lr_reference_batch": 128}, optim, 8)
+    assert line == ["global batch: 16 -> 8 (world size and layout), its peak learning rate 0.00125 -> 0.00125"]
+    assert batch_change(16, {}, optim, 8)[0].endswith("0.0025 -> 0.00125")  # a config without the keys: this run's
+    assert batch_change(8, {"lr": 0.01}, optim, 8) == [] and batch_change(None, {}, optim, 8) == []
 
 
 def test_model_init_is_no_changed_setting_on_resume():
