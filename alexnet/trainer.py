@@ -406,8 +406,10 @@ class Trainer:
         self._note_training_setup()
         summary = self._summary(stop_reason, time.perf_counter() - self._session_start)
         p = self.progress
-        final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, self.env.world_size,
-                              self.env.device.type, self.splits.validated_classes, p.gpu_seconds,
+        # The world and device of the session that took the run's latest steps, as summary.json's
+        # (a rerun with nothing to train said "on 1 process(es)" about steps 2 processes took).
+        final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, summary["world_size"],
+                              summary["device"], self.splits.validated_classes, p.gpu_seconds,
                               synthetic=self.cfg.data.pipeline == "synthetic",
                               ten_crop=self.cfg.data.val_ten_crop)  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)

@@ -236,6 +236,7 @@ def test_a_rerun_with_nothing_to_train_keeps_the_summary_of_the_steps_taken(tiny
     assert first["comm_sent_mb_per_step"]
     again = check(train(tiny_data, tmp_path, "ws", "train.epochs=1", nproc=1))
     assert "nothing to train" in again.stderr
+    assert " on 2 process(es), " in again.stderr and " on 1 process(es)" not in again.stderr  # the summary line
     rerun = json.loads(summary_path.read_text())
     kept = ("world_size", "batch_size", "global_batch", "parallel_mode", "comm_sent_mb_per_step", "images_per_sec")
     assert {k: rerun[k] for k in kept} == {k: first[k] for k in kept}
