@@ -67,8 +67,19 @@ def check_pipeline_installed(cfg: DataConfig) -> None:
         )
 
 
+# data.root of a recipe that leaves it to the command line (OmegaConf's and Hydra's mark for a value
+# that must be given): the ImageNet recipes, which trained on the demo data when it was left out.
+# Asked for only where real files are read: synthetic data (the step benchmark) needs no folder.
+ROOT_REQUIRED = "???"
+
+
 def resolve_data_root(cfg: DataConfig) -> Path:
     """The configured folder, or the built-in demo dataset (generated on first use)."""
+    if cfg.root == ROOT_REQUIRED:
+        raise ConfigError(
+            f"config key 'data.root' must be given: the recipe leaves it to the command line (root: {ROOT_REQUIRED}); "
+            "add data.root=/path/to/the/dataset (a folder with train/ and val/)"
+        )
     return Path(cfg.root).expanduser() if cfg.root else ensure_demo_dataset()
 
 

@@ -121,6 +121,20 @@ def test_every_recipe_loads():
         load_config(path)
 
 
+@pytest.mark.parametrize("recipe", ["imagenet", "imagenet_8gpu_towers"])
+def test_the_imagenet_recipes_ask_for_data_root_instead_of_training_the_demo_data(recipe, tmp_path):
+    """`--config launch/configs/imagenet.yaml` without data.root trained the paper's recipe on the
+    demo data, saying only where the demo's cache was."""
+    from alexnet.data import build_splits, resolve_data_root
+
+    path = REPO / "launch" / "configs" / f"{recipe}.yaml"
+    with pytest.raises(ConfigError, match=r"config key 'data\.root' must be given: .*add data\.root=/path/to/the"):
+        build_splits(load_config(path).data, 0)
+    assert resolve_data_root(load_config(path, [f"data.root={tmp_path}"]).data) == tmp_path
+    synthetic = load_config(path, ["data.pipeline=synthetic"]).data  # the step benchmark reads no files
+    assert len(build_splits(synthetic, 1000).classes) == 1000
+
+
 def test_imagenet_recipe_is_the_papers():
     cfg = load_config(REPO / "launch" / "configs" / "imagenet.yaml")
     assert (cfg.data.batch_size, cfg.optim.momentum, cfg.optim.weight_decay) == (128, 0.9, 5e-4)
