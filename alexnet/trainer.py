@@ -649,10 +649,10 @@ class Trainer:
             self.amp.name,
         )
         log.info(
-            "data: %s pipeline (%s decoding), %d train / %d val images, batch %d per replica (global %d), "
+            "data: %s pipeline (%s), %d train / %d val images, batch %d per replica (global %d), "
             "%d steps per epoch, peak lr %.4g",
             cfg.data.pipeline,
-            plan.decoder,
+            "no decoding" if cfg.data.pipeline == "synthetic" else f"{plan.decoder} decoding",
             self.train_loader.num_samples,
             self.val_loader.num_samples,
             cfg.data.batch_size,

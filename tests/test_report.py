@@ -206,6 +206,16 @@ def test_the_trainer_adds_each_sessions_gpu_seconds(tiny_data, tmp_path, monkeyp
     assert summary["gpu_hours"] == pytest.approx(1.0 + 8.0 * summary["wall_seconds"] / 3600.0)
 
 
+def test_a_synthetic_data_run_says_it_decodes_nothing_and_is_not_compared(tmp_path, capsys):
+    """Its data line said "(cpu decoding)" for random tensors made on the device."""
+    cfg = load_config(None, [*TINY_TRAIN, "data.pipeline=synthetic", "data.synthetic_steps=2", "model.num_classes=10",
+                             "train.epochs=1", f"run.root={tmp_path}", "run.name=s"])  # fmt: skip
+    summary = run_training(cfg, None)  # its logging goes to stderr (init_logging replaces the handlers)
+    logged = capsys.readouterr().err
+    assert "data: synthetic pipeline (no decoding), " in logged and "cpu decoding" not in logged
+    assert summary["completed"] and summary["paper"]["comparable"] is False
+
+
 def test_a_progress_bar_without_tqdm_falls_back_to_log_lines(tmp_path, monkeypatch, caplog):
     """tqdm was imported at the first step, by rank 0 alone: a broken install failed it there,
     with the other ranks in the step's collectives."""
