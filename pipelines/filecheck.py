@@ -3,9 +3,13 @@ explanation of a decoder failure that names the file.
 
 DALI cannot drop a bad sample from a batch: on the CPU decoder an empty, truncated or non-image
 file stops the pipeline ("Critical error in pipeline"), and only some of its messages name the
-file. PNG data named .JPEG, CMYK and grayscale JPEGs decode on DALI's CPU decoder, GIF data
-named .JPEG does not; tools that trust the extension, or handle CMYK/YCCK differently, disagree
-on the others, so they are reported as fixable (the scanner can convert them to RGB JPEG).
+file. PNG data named .JPEG, CMYK and grayscale JPEGs decode on DALI's CPU decoder; GIF and AVIF
+data (whatever the file's name) and TIFFs of some sample layouts do not (checked with DALI 2.4:
+1-bit without a BitsPerSample tag, as PIL writes them uncompressed; 2- or 4-bit, signed, 32-bit
+integer samples), though PIL, and so the torchvision pipeline, reads them all. Tools that trust
+the extension, or handle CMYK/YCCK differently, disagree on the others. All of these are reported
+as fixable: the scanner can convert them to RGB JPEG. Floating-point pixels (PIL's mode "F") are
+not: whether 1.0 or 255 means white is written nowhere, DALI stretches them and PIL clips them.
 ILSVRC-2012's training set holds one PNG named .JPEG (n02105855_2933.JPEG) and 22 CMYK JPEGs.
 """
 
@@ -21,27 +25,40 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from pipelines.index import DataError, is_utf8, name_problem, printable
 
 Item = TypeVar("Item")
 Stopping = TypeVar("Stopping", bound=RuntimeError)  # an error whose constructor takes its message
 
-# kind -> what it means; the fixable ones decode after conversion to RGB JPEG.
+# kind -> what it means, for one file and for several (the scan's summary counts them); the
+# fixable ones decode after conversion to RGB JPEG.
 KINDS = {
-    "empty": "zero bytes",
-    "unreadable": "cannot be read",
-    "not_image": "not an image",
-    "wrong_format": "another image format under a JPEG name",
-    "truncated": "truncated or corrupt image data",
-    "dimensions": "absurd dimensions",
-    "cmyk": "CMYK JPEG",
-    "grayscale": "grayscale image",
-    "bad_name": "file name not valid UTF-8 or holding a line break",
+    "empty": ("empty file", "empty files"),
+    "unreadable": ("unreadable file", "unreadable files"),
+    "not_image": ("file that is not an image", "files that are not images"),
+    "wrong_format": (
+        "image DALI cannot decode, or under another format's name",
+        "images DALI cannot decode, or under another format's name",
+    ),
+    "truncated": ("truncated or corrupt image", "truncated or corrupt images"),
+    "dimensions": ("image of absurd dimensions", "images of absurd dimensions"),
+    "cmyk": ("CMYK JPEG", "CMYK JPEGs"),
+    "grayscale": ("grayscale image", "grayscale images"),
+    "float_pixels": ("image of floating-point pixels", "images of floating-point pixels"),
+    "bad_name": (
+        "file name not valid UTF-8 or holding a line break",
+        "file names not valid UTF-8 or holding a line break",
+    ),
 }
 FIXABLE = frozenset({"wrong_format", "cmyk", "grayscale"})
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+# The formats (as sniff_format names them) that DALI's image decoders read.
+DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "JPEG2000", "WEBP", "PNM"})
+# Formats PIL may identify where sniff_format finds none: only those with a signature of their own
+# (PIL's TGA, for one, has none and would take some random data for an image).
+PIL_ONLY_FORMATS = ("AVIF", "HEIF", "ICO", "PSD", "QOI", "DDS", "ICNS")
 
 # Leading bytes of the formats a decoder might meet; the first match names the format.
 MAGIC = (
@@ -93,6 +110,9 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def _describe_non_image(head: bytes) -> str:
+    if head[4:8] == b"ftyp":  # ISO media: HEIC (without a PIL plugin for it), MP4, ...
+        brand = head[8:12].decode("ascii", "replace").strip()
+        return f"ISO media data (brand {brand!r}: a HEIF image or a video, which no pipeline decodes)"
     text = head[:64].lstrip()
     if text[:1] == b"<":
         return "HTML/XML text, not image data"
@@ -123,10 +143,23 @@ def check_file(path: str | Path, limits: Limits = Limits()) -> Finding | None:
             head = f.read(64)
     except OSError as exc:
         return Finding(path, "unreadable", f"cannot open: {exc.strerror}")
-    fmt = sniff_format(head)
+    fmt = sniff_format(head) or _identified_by_pil(path)
     if fmt is None:
         return Finding(path, "not_image", _describe_non_image(head))
     return _check_image(path, fmt, limits)
+
+
+def _identified_by_pil(path: str) -> str | None:
+    """The format of data whose first bytes are none that sniff_format knows, where PIL tells it
+    from a signature (AVIF, ICO, ...): DALI decodes none of these, but PIL does, so the scanner
+    can convert the file instead of calling it "unknown data"."""
+    Image.init()  # registers PIL's plugins (once): Image.OPEN lists the formats this PIL reads
+    formats = [f for f in PIL_ONLY_FORMATS if f in Image.OPEN]  # HEIF only with the pillow-heif plugin
+    try:
+        with Image.open(path, formats=formats) as im:
+            return im.format
+    except PIL_READ_ERRORS:
+        return None
 
 
 def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
@@ -138,6 +171,7 @@ def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
                 # Checked from the header, before decoding: a forged size must not allocate.
                 return Finding(path, "dimensions", problem)
             mode = im.mode
+            refused = _dali_refuses(im, fmt, Path(path).suffix)
             if im.format == "JPEG":
                 im.draft(mode, (max(1, w // 8), max(1, h // 8)))  # still reads every byte
             im.load()
@@ -147,6 +181,11 @@ def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
         return Finding(path, "dimensions", f"the header declares {size}, above {limits.max_pixels:,}")
     except (OSError, SyntaxError, ValueError) as exc:
         return Finding(path, "truncated", f"{fmt} data does not decode: {exc}")
+    # Before the fixable kinds: a conversion cannot know the scale of these either.
+    if mode == "F":
+        return Finding(path, "float_pixels", FLOAT_PIXELS)
+    if refused:
+        return Finding(path, "wrong_format", refused)
     if path.lower().endswith(JPEG_SUFFIXES) and fmt != "JPEG":
         return Finding(path, "wrong_format", f"{fmt} data in a file named {Path(path).suffix}")
     if mode == "CMYK":
@@ -154,6 +193,42 @@ def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
     if mode in ("L", "LA", "1") or mode in _WIDE_GRAY_MODES:
         return Finding(path, "grayscale", f"grayscale ({mode}), one channel")
     return None
+
+
+FLOAT_PIXELS = (
+    "floating-point pixels (PIL mode F): their scale (1.0 or 255 for white) is written nowhere, so no pipeline "
+    "can decode them as meant (DALI stretches them, PIL clips them)"
+)
+
+
+def _dali_refuses(im: Image.Image, fmt: str, suffix: str) -> str:
+    """Why DALI's decoder fails on an image PIL has opened (its header read), "" when it does not:
+    a format it has no decoder for, or a TIFF sample layout its TIFF decoder rejects."""
+    if fmt not in DALI_FORMATS:
+        return f"{fmt} data in a file named {suffix or 'without extension'}, which DALI cannot decode"
+    layout = _tiff_layout_refused(im) if isinstance(im, TiffImagePlugin.TiffImageFile) else ""
+    return f"{layout}, which DALI's TIFF decoder refuses" if layout else ""
+
+
+def _tiff_layout_refused(im: TiffImagePlugin.TiffImageFile) -> str:
+    """The TIFF sample layouts DALI 2.4's CPU decoder failed on: no BitsPerSample tag (which PIL
+    leaves out of the 1-bit TIFFs it writes uncompressed: the default is 1, DALI wants the tag),
+    signed integers, integers of other than 1, 8 or 16 bits, floats of other than 32 bits."""
+    tags = im.tag_v2
+    if TiffImagePlugin.BITSPERSAMPLE not in tags:
+        return "1-bit TIFF without a BitsPerSample tag (PIL writes them so uncompressed)"
+    bits = set(_tag_values(tags[TiffImagePlugin.BITSPERSAMPLE]))
+    formats = set(_tag_values(tags.get(TiffImagePlugin.SAMPLEFORMAT, 1)))
+    width = "/".join(str(b) for b in sorted(bits))
+    if 2 in formats:
+        return f"TIFF of signed {width}-bit integer samples"
+    if 3 in formats:
+        return "" if bits == {32} else f"TIFF of {width}-bit floating-point samples"
+    return "" if bits <= {1, 8, 16} else f"TIFF of {width}-bit integer samples"
+
+
+def _tag_values(value: object) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _dimension_problem(w: int, h: int, limits: Limits) -> str:
@@ -176,7 +251,11 @@ _WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 def as_rgb(im: Image.Image) -> Image.Image:
     """`im` as 8-bit RGB. PIL's own convert("RGB") clips 16-bit grayscale at 255, which turns
     almost every pixel white; this scales 0-65535 to 0-255 as DALI's decoder does (v / 257,
-    rounded), so that every pipeline and tool sees the same image."""
+    rounded), so that every pipeline and tool sees the same image. Floating-point pixels are
+    refused (ValueError, which PIL_READ_ERRORS holds): convert("RGB") clips them, turning 0-1
+    values black, and no scale is known to apply instead."""
+    if im.mode == "F":
+        raise ValueError(FLOAT_PIXELS)
     if im.mode in _WIDE_GRAY_MODES:
         wide = np.asarray(im, dtype=np.float64)
         im = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
@@ -236,8 +315,9 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
 
     DALI names the file for data truncated after its header ("Failed to decode sample #i : PATH")
     and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
-    short ("nvImageCodec failure"): then the files (up to `sniff_limit` of them) are checked for
-    leading bytes of no image format, then for a header PIL cannot parse (about 50 us a file).
+    short ("nvImageCodec failure"), nor for some TIFF sample layouts it refuses: then the files (up
+    to `sniff_limit` of them) are checked for leading bytes of no format DALI decodes, then for a
+    header PIL cannot parse (about 50 us a file), then for a TIFF layout DALI refuses.
     """
     if not _DECODER_ERROR.search(message):
         return None
@@ -251,7 +331,11 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     if bad:
         return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {how_to_exclude(bad[0])}")
     candidates = files[:sniff_limit]
-    suspects = _first_five(candidates, _unrecognised) or _first_five(candidates, _header_unreadable)
+    suspects = (
+        _first_five(candidates, _unrecognised)
+        or _first_five(candidates, _header_unreadable)
+        or _first_five(candidates, _tiff_refused)
+    )
     if suspects:
         return DataError(
             f"the image decoder failed ({dali_line}) without naming the file; these files hold no image "
@@ -316,7 +400,19 @@ def _unrecognised(path: str) -> bool:
             head = f.read(16)
     except OSError:
         return True
-    return sniff_format(head) in (None, "GIF")
+    return sniff_format(head) not in DALI_FORMATS
+
+
+def _tiff_refused(path: str) -> bool:
+    """True for a TIFF whose sample layout DALI refuses (read from the header only)."""
+    try:
+        with open(path, "rb") as f:
+            if sniff_format(f.read(4)) != "TIFF":
+                return False  # most files: no need to parse the header
+        with Image.open(path) as im:
+            return isinstance(im, TiffImagePlugin.TiffImageFile) and bool(_tiff_layout_refused(im))
+    except PIL_READ_ERRORS:  # OSError among them
+        return False
 
 
 def how_to_exclude(path: str) -> str:

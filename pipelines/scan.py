@@ -6,13 +6,17 @@ each bad file with its reason, and writes file lists that training reads instead
 
     DIR/train.txt, DIR/val.txt   one path per line (relative to the split folder; absolute for
                                  converted copies); the class is the file's parent folder
-    DIR/report.json              every finding, the folder problems and the counts
-    DIR/fixed/<split>/<class>/   RGB JPEG copies of the fixable files
+    DIR/report.json              every finding, the folder problems, the counts, and what in
+                                 the class folders training does not read
+    DIR/fixed/<split>/<class>/   RGB JPEG copies of the fixable files (".jpg" added to a name
+                                 that is not a JPEG name)
 
-Unusable files (empty, unreadable, not an image, truncated, absurd dimensions) are left out.
-Other formats named .JPEG (DALI cannot decode GIF at all) and CMYK JPEGs are converted to RGB
-JPEG copies (--fixable); grayscale JPEGs, which every decoder expands to RGB, are reported and
-kept (--grayscale).
+Unusable files (empty, unreadable, not an image, truncated, absurd dimensions, floating-point
+pixels of unknown scale) are left out. Images DALI cannot decode whatever their name (GIF, AVIF,
+TIFFs of some sample layouts), other formats named .JPEG and CMYK JPEGs are converted to RGB
+JPEG copies (--fixable); grayscale images, which every decoder expands to RGB, are reported and
+kept (--grayscale). Files of other extensions and folders inside class folders, which training
+does not read, are named in the summary.
 
 Train on them with `data.train_files=DIR/train.txt data.val_files=DIR/val.txt`. Class indices
 stay those of the class folders, so a list trains the same classes as the raw folder.
@@ -28,10 +32,18 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
-from pipelines.filecheck import FIXABLE, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
-from pipelines.index import SPLITS, image_names, list_header, name_problem, printable, some_names
+from pipelines.filecheck import FIXABLE, JPEG_SUFFIXES, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
+from pipelines.index import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    list_header,
+    name_problem,
+    printable,
+    scan_class_folder,
+    some_names,
+)
 from pipelines.outputs import OutputPathError, check_output_folder, write_text_atomic
 
 Fixable = Literal["convert", "exclude", "keep"]
@@ -42,7 +54,7 @@ Action = Literal["excluded", "converted", "kept"]
 class Policy:
     """What the lists do with the files that decode after a conversion."""
 
-    fixable: Fixable = "convert"  # other formats named .JPEG, CMYK JPEGs
+    fixable: Fixable = "convert"  # formats DALI cannot decode, other formats named .JPEG, CMYK JPEGs
     grayscale: Literal["keep", "convert"] = "keep"
 
     def action(self, finding: Finding) -> Action:
@@ -60,6 +72,10 @@ class SplitListing:
     split_dir: Path
     classes: list[str]
     files: list[str] = field(default_factory=list)  # relative to split_dir: <class>/<name>
+    # What training does not read in the class folders, <class>/<name> as well: files of other
+    # extensions, and folders.
+    unread_files: list[str] = field(default_factory=list)
+    unread_folders: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +86,9 @@ class ScanResult:
     lists: dict[str, list[str]]  # split -> the lines of its file list
     converted: int = 0
     checked: int = 0
+    # Not checked, as training does not read them: <split>/<class>/<name> (printable).
+    unread_files: list[str] = field(default_factory=list)
+    unread_folders: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -90,11 +109,23 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
         classes.remove(name)
     listing = SplitListing(split_dir, classes)
     for name in classes:
-        names = image_names(split_dir / name)
+        names, folders = scan_class_folder(split_dir / name)
         if not names:
             problems.append(f"class folder {split_dir / name} holds no images")
         listing.files.extend(f"{name}/{n}" for n in names)
+        listing.unread_files.extend(f"{name}/{n}" for n in other_files(split_dir / name, names))
+        listing.unread_folders.extend(f"{name}/{n}" for n in folders)
     return listing
+
+
+def other_files(folder: Path, images: list[str]) -> list[str]:
+    """The files of a class folder that no pipeline reads, their extension being none of
+    IMAGE_EXTENSIONS (.gif, .jfif, .heic: ImageFolder does not read them either), sorted; hidden
+    ones aside (.DS_Store), as pipelines.index leaves hidden folders aside."""
+    read = set(images)
+    return sorted(
+        e.name for e in os.scandir(folder) if not e.is_dir() and e.name not in read and not e.name.startswith(".")
+    )
 
 
 def compare_classes(train: SplitListing, val: SplitListing, problems: list[str]) -> None:
@@ -161,10 +192,13 @@ def scan(
         result.checked += len(paths)
         result.findings[split] = [f for f in found if f is not None]
         result.lists[split] = _list_lines(listing, found, out / "fixed" / split, policy, result)
+        result.unread_files.extend(printable(f"{split}/{rel}") for rel in listing.unread_files)
+        result.unread_folders.extend(printable(f"{split}/{rel}") for rel in listing.unread_folders)
     for split, lines in result.lists.items():
         listing = listings[split]
         assert listing is not None
-        emptied = sorted(set(listing.classes) - {Path(line).parent.name for line in lines})
+        # Classes whose images were all left out; a folder without images is a problem already.
+        emptied = sorted({Path(rel).parent.name for rel in listing.files} - {Path(line).parent.name for line in lines})
         if emptied:
             problems.append(f"class(es) with no usable image left in {listing.split_dir}: {some_names(emptied)}")
     write_outputs(result, out, policy)
@@ -180,11 +214,18 @@ def _list_lines(
         if action == "kept":
             lines.append(list_line(rel))
         elif action == "converted":
-            target = fixed_dir / rel
+            target = fixed_dir / converted_name(rel)
             convert_to_rgb_jpeg(listing.split_dir / rel, target)
             result.converted += 1
             lines.append(str(target.resolve()))
     return lines
+
+
+def converted_name(rel: str) -> str:
+    """Where the RGB JPEG copy of `rel` goes: its own name where that is a JPEG name, else with
+    ".jpg" added (gif.png -> gif.png.jpg), so that no tool trusting the extension takes the
+    copy for another format; added, not replaced, so that x.png and x.tif keep two copies."""
+    return rel if rel.lower().endswith(JPEG_SUFFIXES) else f"{rel}.jpg"
 
 
 def list_line(rel: str) -> str:
@@ -208,6 +249,8 @@ def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
         "problems": result.problems,
         "counts": result.counts,
         "converted": result.converted,
+        "unread_files": result.unread_files,
+        "unread_folders": result.unread_folders,
         "policy": asdict(policy),
         "files": [
             {**asdict(f), "split": split, "action": policy.action(f)}
@@ -218,15 +261,18 @@ def write_outputs(result: ScanResult, out: Path, policy: Policy) -> None:
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
 
 
-def print_report(result: ScanResult, out: Path, policy: Policy, stream=sys.stdout) -> None:
+def print_report(result: ScanResult, out: Path, policy: Policy, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout  # looked up now, not at import: pytest's capsys replaces it
     for found in result.findings.values():
         for f in found:
             print(f"{policy.action(f):9s}  {f.kind:12s}  {f.path}: {f.detail}", file=stream)
     counts = result.counts
-    summary = ", ".join(f"{n} {KINDS[k]}" for k, n in sorted(counts.items())) or "no bad files"
+    summary = ", ".join(f"{n} {KINDS[k][0 if n == 1 else 1]}" for k, n in sorted(counts.items())) or "no bad files"
     if result.problems:  # "no bad files" alone would read as "ready to train"
         summary += f"; {len(result.problems)} folder problem(s), training cannot start while any remains"
     print(f"checked {result.checked} files under {result.root}: {summary}", file=stream)
+    for line in unread_lines(result):
+        print(line, file=stream)
     for problem in result.problems:
         print(f"problem: {problem}", file=stream)
     if result.lists:
@@ -234,6 +280,25 @@ def print_report(result: ScanResult, out: Path, policy: Policy, stream=sys.stdou
             f"file lists in {out}: train with data.train_files={out / 'train.txt'} data.val_files={out / 'val.txt'}",
             file=stream,
         )
+
+
+def unread_lines(result: ScanResult) -> list[str]:
+    """What the scan did not check because training does not read it: "checked N files" alone
+    would read as every file in the class folders."""
+    lines = []
+    if result.unread_files:
+        extensions = sorted({Path(f).suffix.lower() or "(none)" for f in result.unread_files})
+        lines.append(
+            f"not checked: {len(result.unread_files)} file(s) in class folders whose extension training does not "
+            f"read ({', '.join(extensions)}; it reads {' '.join(IMAGE_EXTENSIONS)}): {some_names(result.unread_files)}"
+        )
+    if result.unread_folders:
+        lines.append(
+            f"not checked: {len(result.unread_folders)} folder(s) inside class folders, none of whose files training "
+            "reads (only the images directly in a class folder are; ImageFolder would read these too): "
+            + some_names(result.unread_folders)
+        )
+    return lines
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -247,15 +312,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--fixable",
         choices=("convert", "exclude", "keep"),
         default="convert",
-        help="other formats named .JPEG and CMYK JPEGs: convert to RGB JPEG copies (default), exclude, or keep",
+        help="images DALI cannot decode (GIF, AVIF, some TIFFs), other formats named .JPEG and CMYK JPEGs: convert "
+        "to RGB JPEG copies (default), exclude, or keep",
     )
     p.add_argument(
-        "--grayscale", choices=("keep", "convert"), default="keep", help="grayscale JPEGs: keep (default) or convert"
+        "--grayscale", choices=("keep", "convert"), default="keep", help="grayscale images: keep (default) or convert"
     )
-    p.add_argument("--min-side", type=int, default=Limits.min_side)
-    p.add_argument("--max-side", type=int, default=Limits.max_side)
-    p.add_argument("--max-aspect", type=float, default=Limits.max_aspect)
-    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
+    p.add_argument(
+        "--min-side", type=int, default=Limits.min_side,
+        help=f"pixels: a shorter side is reported as absurd dimensions (default {Limits.min_side})",
+    )  # fmt: skip
+    p.add_argument("--max-side", type=int, default=Limits.max_side, help=f"pixels (default {Limits.max_side})")
+    p.add_argument(
+        "--max-aspect", type=float, default=Limits.max_aspect,
+        help=f"long side / short side (default {Limits.max_aspect:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-pixels", type=int, default=Limits.max_pixels,
+        help=f"width x height: the decoder allocates them all before the resize (default {Limits.max_pixels:,})",
+    )  # fmt: skip
     p.add_argument("--progress", choices=("auto", "bar", "off"), default="auto")
     return p.parse_args(argv)
 

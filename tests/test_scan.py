@@ -43,6 +43,41 @@ def jpeg_bytes(size=(90, 80), mode="RGB", fmt="JPEG", seed=0) -> bytes:
     return buf.getvalue()
 
 
+def image_of_mode(mode: str, size=(96, 80), seed=0) -> Image.Image:
+    """Random pixels in PIL's `mode`; the wide ones hold 0-60000 (as a 16-bit scan might), "F" 0-1."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0])
+    wide = {"1": bool, "I;16": np.uint16, "I": np.int32}
+    if mode in wide:
+        return Image.fromarray(rng.integers(0, 2 if mode == "1" else 60000, shape).astype(wide[mode]))
+    if mode == "F":
+        return Image.fromarray(rng.random(shape).astype(np.float32))
+    return Image.fromarray((rng.random((*shape, 3)) * 255).astype("uint8")).convert(mode)
+
+
+def dali_decode(path: Path) -> np.ndarray:
+    """The file as DALI's CPU decoder gives it (RGB); DALI's RuntimeError where it fails."""
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        jpegs, _ = fn.readers.file(files=[str(path)])
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    return np.asarray(pipe.run()[0][0])
+
+
+def two_class_root(root: Path) -> Path:
+    """root/{train,val}/{a,b}/{0,1}.JPEG: good RGB JPEGs, for a scan to find odd files among."""
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (root / split / cls / f"{i}.JPEG").write_bytes(jpeg_bytes(seed=i))
+    return root
+
+
 def forged_size(data: bytes, width: int, height: int) -> bytes:
     """The JPEG with its frame header (SOF0) claiming another size."""
     out = bytearray(data)
@@ -313,15 +348,7 @@ def test_16_bit_grayscale_reads_as_dali_decodes_it(tmp_path):
     path = tmp_path / "a" / "gray16.png"
     path.parent.mkdir()
     Image.fromarray(wide).save(path)
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def decode():
-        jpegs, _ = fn.readers.file(files=[str(path)])
-        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-
-    pipe = decode()
-    pipe.build()
-    dali = np.asarray(pipe.run()[0][0])
+    dali = dali_decode(path)
     assert check_file(path).kind == "grayscale" and "I;16" in check_file(path).detail
     assert np.array_equal(np.asarray(open_rgb(str(path))), dali)
     convert_to_rgb_jpeg(path, tmp_path / "fixed.JPEG")
@@ -333,12 +360,7 @@ def test_16_bit_grayscale_reads_as_dali_decodes_it(tmp_path):
 def test_names_that_are_not_utf8_are_reported_and_left_out(tmp_path):
     """A latin-1 name (an old archive, a Samba share) reaches Python as lone surrogates, which DALI
     and a UTF-8 file list refuse: the scanner reports it, the index names it."""
-    root = tmp_path / "data"
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                (root / split / cls / f"{i}.JPEG").write_bytes(jpeg_bytes(seed=i))
+    root = two_class_root(tmp_path / "data")
     latin1 = root / "train" / "a" / os.fsdecode(b"caf\xe9.JPEG")
     latin1.write_bytes(jpeg_bytes())
     (root / "val" / os.fsdecode(b"\xe9t\xe9")).mkdir()  # a class folder as well
@@ -369,3 +391,148 @@ def test_an_out_path_that_is_a_file_is_refused_before_the_scan(tmp_path, tiny_da
     out, err = capsys.readouterr()
     assert err == f"error: --out {blocker}: {blocker} is a file, not a folder\n" and "checked" not in out
     assert blocker.read_text() == "an earlier file"
+
+
+@pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+@pytest.mark.parametrize("mode", ["1", "L", "P", "I;16", "I", "RGB", "RGBA", "CMYK", "LA"])
+def test_the_scan_flags_exactly_the_tiffs_dali_cannot_decode(tmp_path, mode, compression):
+    """DALI 2.4's CPU decoder stops at a 1-bit TIFF PIL wrote uncompressed (no BitsPerSample tag:
+    "nvImageCodec failure: '#3'") and at 32-bit integer samples ("Invalid sample_type: 8197");
+    the scan kept both as grayscale. It flags a TIFF as wrong_format exactly where DALI fails."""
+    path = tmp_path / f"x.{compression}.tif"
+    image_of_mode(mode).save(path, compression=compression)
+    try:
+        dali_decode(path)
+        decodes = True
+    except RuntimeError:
+        decodes = False
+    finding = check_file(path)
+    assert (finding is not None and finding.kind == "wrong_format") == (not decodes), (decodes, finding)
+    assert decodes != (mode == "I" or (mode == "1" and compression == "raw"))  # as found with DALI 2.4
+    if not decodes:
+        assert "DALI's TIFF decoder refuses" in finding.detail, finding
+
+
+@pytest.mark.parametrize("mode", ["1", "I"])
+def test_a_tiff_dali_refuses_is_named_at_the_decoder(corpus, tmp_path, mode):
+    """DALI's message names neither file ("nvImageCodec failure: '#3'", "Invalid sample_type"):
+    the header check finds the TIFF and says why, instead of "a file it does not name"."""
+    root, _ = corpus
+    good = sorted(str(p) for p in (root / "val" / "square").iterdir())[:3]
+    bad = tmp_path / "refused.tif"
+    image_of_mode(mode).save(bad)
+    with pytest.raises(DataError) as info:
+        list(tiny_loader([*good, str(bad)]))
+    message = str(info.value)
+    assert f"{bad} (" in message and "DALI's TIFF decoder refuses" in message, message
+    assert "launch/scan.py" in message and not any(path in message for path in good)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".webp", ".JPEG"])
+def test_gif_data_is_flagged_whatever_its_name(tmp_path, suffix):
+    """DALI cannot decode GIF at all: the scan passed GIF data named .png, .bmp, .tif or .webp."""
+    path = tmp_path / f"download{suffix}"
+    path.write_bytes(jpeg_bytes(fmt="GIF"))
+    finding = check_file(path)
+    assert finding is not None and finding.kind == "wrong_format" and finding.fixable, finding
+    assert finding.detail.startswith(f"GIF data in a file named {suffix}"), finding
+
+
+def test_the_scan_s_lists_hold_only_images_dali_decodes(tmp_path):
+    """GIF data under other image names and the TIFFs DALI refuses are converted to RGB JPEG copies
+    (--fixable convert, the default), so DALI decodes every file of the lists; by default the
+    scan kept the TIFFs as grayscale and the GIF as a good file, and DALI stopped on them."""
+    root = two_class_root(tmp_path / "data")
+    (root / "train" / "a" / "gif.png").write_bytes(jpeg_bytes(fmt="GIF"))
+    image_of_mode("1").save(root / "train" / "a" / "bits.tif")
+    image_of_mode("I").save(root / "train" / "b" / "int32.tif")
+    result = scan(root, tmp_path / "out", workers=1)
+    found = {Path(f.path).name: f.kind for f in result.findings["train"]}
+    assert found == {"gif.png": "wrong_format", "bits.tif": "wrong_format", "int32.tif": "wrong_format"}
+    assert result.converted == 3
+    train = load_file_list(tmp_path / "out" / "train.txt", root / "train")
+    assert len(train) == 4 + 3
+    assert len(list(tiny_loader(train.files))) == 1  # one batch of every file, none refused
+    copy = tmp_path / "out" / "fixed" / "train" / "b" / "int32.tif.jpg"  # JPEG data under a JPEG name
+    assert str(copy.resolve()) in train.files
+    with Image.open(copy) as im:  # what the torchvision pipeline reads from the TIFF, as 16-bit data
+        wide = np.asarray(open_rgb(str(root / "train" / "b" / "int32.tif")), dtype=np.float64)
+        assert np.abs(np.asarray(im, dtype=np.float64) - wide).mean() < 2.0  # JPEG's loss only
+
+
+def test_floating_point_pixels_are_excluded_and_stop_the_torchvision_pipeline(tmp_path):
+    """A float TIFF (PIL mode F) decodes in both pipelines, differently: 0-1 values were stretched
+    by DALI and clipped to black by PIL's convert("RGB"). Their scale is written nowhere, so the
+    scan excludes them, and the torchvision pipeline stops with the file named."""
+    root = two_class_root(tmp_path / "data")
+    bad = root / "train" / "a" / "float.tif"
+    image_of_mode("F").save(bad)
+    finding = check_file(bad)
+    assert finding is not None and finding.kind == "float_pixels" and not finding.fixable, finding
+    assert "scale" in finding.detail, finding
+    result = scan(root, tmp_path / "out", workers=1)
+    assert [(Path(f.path).name, Policy().action(f)) for f in result.findings["train"]] == [("float.tif", "excluded")]
+    assert str(bad) not in load_file_list(tmp_path / "out" / "train.txt", root / "train").files
+
+    good = [str(root / "train" / "a" / f"{i}.JPEG") for i in range(2)]
+    index = FileIndex([*good, str(bad)], [0] * 3, ["a"])
+    image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+    loader = TorchvisionLoader(index, "val", image, ShardSpec(0, 1, 3, 0), torch.device("cpu"), 0, 1)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith(f"cannot decode {bad} (floating-point pixels") and "launch/scan.py" in message, message
+
+
+def test_the_summary_names_what_training_does_not_read(tmp_path, capsys):
+    """Files of other extensions (.gif, .jfif: JPEG data, yet ImageFolder does not read it either)
+    and folders inside class folders: "checked 8 files: no bad files" alone read as every file
+    being checked. Not an error: the exit status stays 0."""
+    root = two_class_root(tmp_path / "data")
+    (root / "train" / "a" / "anim.gif").write_bytes(jpeg_bytes(fmt="GIF"))
+    (root / "train" / "a" / "photo.jfif").write_bytes(jpeg_bytes())
+    (root / "val" / "b" / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: nobody's image
+    (root / "train" / "a" / "sub").mkdir()
+    (root / "train" / "a" / "sub" / "0.JPEG").write_bytes(jpeg_bytes())
+    out = tmp_path / "out"
+    assert scan_main([str(root), "--out", str(out), "--workers", "1", "--progress", "off"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"checked 8 files under {root}: no bad files", lines
+    assert lines[1].startswith("not checked: 3 file(s) in class folders whose extension training does not read "
+                               "(.gif, .heic, .jfif; it reads .jpg "), lines  # fmt: skip
+    assert lines[1].endswith(": train/a/anim.gif, train/a/photo.jfif, val/b/phone.heic"), lines
+    assert lines[2].startswith("not checked: 1 folder(s) inside class folders") and lines[2].endswith(": train/a/sub")
+    report = json.loads((out / "report.json").read_text())
+    assert report["unread_files"] == ["train/a/anim.gif", "train/a/photo.jfif", "val/b/phone.heic"]
+    assert report["unread_folders"] == ["train/a/sub"]
+
+
+def test_the_summary_counts_in_plural_and_an_empty_class_folder_once(tmp_path):
+    """ "3 grayscale image" read wrong; an empty class folder was one problem as "holds no images"
+    and a second as "class(es) with no usable image left"."""
+    root = two_class_root(tmp_path / "data")
+    for i in range(3):
+        (root / "train" / "a" / f"gray{i}.JPEG").write_bytes(jpeg_bytes(mode="L", seed=i))
+    (root / "train" / "b" / "cmyk.JPEG").write_bytes(jpeg_bytes(mode="CMYK"))
+    for split in ("train", "val"):
+        (root / split / "c").mkdir()
+    result = scan(root, tmp_path / "out", workers=1)
+    assert result.problems == [f"class folder {root / split / 'c'} holds no images" for split in ("train", "val")]
+    out = io.StringIO()
+    print_report(result, tmp_path / "out", Policy(), stream=out)
+    summary = f"checked 12 files under {root}: 1 CMYK JPEG, 3 grayscale images; 2 folder problem(s), "
+    assert summary in out.getvalue(), out.getvalue()
+
+
+def test_avif_data_under_a_jpeg_name_is_named(tmp_path):
+    """No magic bytes of the formats DALI reads: reported as "unknown data" where PIL knows it."""
+    if "AVIF" not in Image.registered_extensions().values():
+        pytest.skip("this PIL has no AVIF plugin")
+    path = tmp_path / "photo.jpg"
+    image_of_mode("RGB").save(path, "AVIF")
+    with pytest.raises(RuntimeError):
+        dali_decode(path)
+    finding = check_file(path)
+    assert finding is not None and finding.kind == "wrong_format", finding
+    assert finding.detail == "AVIF data in a file named .jpg, which DALI cannot decode", finding
