@@ -248,6 +248,9 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> Eva
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
+    if cfg.data.val_ten_crop and not opts.ten_crop and env.rank == 0:
+        log.info("the run validated with ten crops (data.val_ten_crop): these are centre-crop figures; "
+                 "--ten-crop gives the run's own")  # fmt: skip
     index, split_dir, files = resolve_eval_index(cfg, opts, loaded.classes)
     if opts.pipeline == "dali":  # the torchvision loader pads a rank's shard however short it is
         check_shardable(len(index), env.world_size, str(files or split_dir), "evaluate with fewer processes")

@@ -49,7 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", default="", help="dataset root or folder of class folders (default: the run's)")
     parser.add_argument("--split", default="val", help="subfolder of --data to evaluate (default: val)")
-    parser.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (section 4.1)")
+    parser.add_argument(
+        "--ten-crop", action="store_true",
+        help="average the softmax over 10 crops (section 4.1); without it the centre crop, also for a run that "
+        "validated with ten crops (data.val_ten_crop)",
+    )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=non_negative_int, default=0, help="images per rank and batch (default: the run's)"
     )
@@ -69,7 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="what reads the images (default: the run's data.pipeline, so that the figures are its validation's; "
         "--ten-crop reads with DALI)",
     )
-    parser.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto", help="DALI's decoder")
+    parser.add_argument(
+        "--decoder", choices=("auto", "mixed", "cpu"), default="auto",
+        help="DALI's decoder (default auto: mixed on a GPU, cpu otherwise)",
+    )  # fmt: skip
     parser.add_argument(
         "--amp", choices=("run", "auto", "off", "bf16", "fp16"), default="run", help="autocast (default: the run's)"
     )

@@ -248,6 +248,20 @@ def test_the_run_s_val_file_list_leaves_out_bad_files(tiny_data, trained, tmp_pa
         run_evaluation(EvalOptions(trained, data=str(data)), ONE)  # another dataset: the run's list does not apply
 
 
+def test_a_run_validated_with_ten_crops_is_told_its_centre_crop_figures_are_not_its_own(trained, tmp_path, caplog):
+    """evaluate.py without --ten-crop gave centre-crop figures that differ from the run's logged
+    validation (data.val_ten_crop) without a word."""
+    ckpt = checkpoint_with(trained, tmp_path / "ck", data__val_ten_crop=True)
+    with caplog.at_level("INFO", logger="alexnet"):
+        result = run_evaluation(EvalOptions(ckpt), ONE)
+    assert result["crops"] == "centre"
+    assert "the run validated with ten crops (data.val_ten_crop): these are centre-crop figures" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="alexnet"):
+        assert run_evaluation(EvalOptions(ckpt, ten_crop=True), ONE)["crops"] == "ten"
+    assert "centre-crop figures" not in caplog.text
+
+
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data, trained, tmp_path):
     """The rank that read it stopped with its name; the other died in the final all-reduce with a
     gloo traceback. The ranks now agree on each batch, and both stop with the file's name."""
