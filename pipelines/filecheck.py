@@ -44,7 +44,7 @@ KINDS = {
     ),
     "truncated": ("truncated or corrupt image", "truncated or corrupt images"),
     "dimensions": ("image of absurd dimensions", "images of absurd dimensions"),
-    "cmyk": ("CMYK JPEG", "CMYK JPEGs"),
+    "cmyk": ("CMYK image", "CMYK images"),
     "grayscale": ("grayscale image", "grayscale images"),
     "float_pixels": ("image of floating-point pixels", "images of floating-point pixels"),
     "bad_name": (
@@ -189,7 +189,7 @@ def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
     if path.lower().endswith(JPEG_SUFFIXES) and fmt != "JPEG":
         return Finding(path, "wrong_format", f"{fmt} data in a file named {Path(path).suffix}")
     if mode == "CMYK":
-        return Finding(path, "cmyk", "CMYK JPEG (4 channels)")
+        return Finding(path, "cmyk", f"CMYK {fmt} (4 channels)")  # a TIFF too: DALI decodes it, warning each time
     if mode in ("L", "LA", "1") or mode in _WIDE_GRAY_MODES:
         return Finding(path, "grayscale", f"grayscale ({mode}), one channel")
     return None

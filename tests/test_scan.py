@@ -521,7 +521,7 @@ def test_the_summary_counts_in_plural_and_an_empty_class_folder_once(tmp_path):
     assert result.problems == [f"class folder {root / split / 'c'} holds no images" for split in ("train", "val")]
     out = io.StringIO()
     print_report(result, tmp_path / "out", Policy(), stream=out)
-    summary = f"checked 12 files under {root}: 1 CMYK JPEG, 3 grayscale images; 2 folder problem(s), "
+    summary = f"checked 12 files under {root}: 1 CMYK image, 3 grayscale images; 2 folder problem(s), "
     assert summary in out.getvalue(), out.getvalue()
 
 
@@ -536,3 +536,11 @@ def test_avif_data_under_a_jpeg_name_is_named(tmp_path):
     finding = check_file(path)
     assert finding is not None and finding.kind == "wrong_format", finding
     assert finding.detail == "AVIF data in a file named .jpg, which DALI cannot decode", finding
+
+
+def test_a_cmyk_tiff_is_named_a_cmyk_tiff(tmp_path):
+    """It was reported as "CMYK JPEG (4 channels)"."""
+    image_of_mode("CMYK").save(tmp_path / "x.tif")
+    finding = check_file(tmp_path / "x.tif")
+    assert (finding.kind, finding.detail) == ("cmyk", "CMYK TIFF (4 channels)")
+    assert dali_decode(tmp_path / "x.tif").shape == (80, 96, 3)  # DALI decodes it: only reported
