@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
 from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.metrics import topk_correct
-from alexnet.parallel.agree import SETUP_ERRORS, agreed_batches, share_setup_failure
+from alexnet.parallel.agree import SETUP_ERRORS, agreed_batches, check_same_settings, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
@@ -245,6 +245,9 @@ class EvalSetup:
 
 
 def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> EvalSetup:
+    # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
+    options = {f"--{key.replace('_', '-')}": value for key, value in asdict(opts).items()}
+    check_same_settings(options, "evaluate.py options", may_differ=frozenset({"--checkpoint", "--data", "--files"}))
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))

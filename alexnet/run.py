@@ -6,14 +6,22 @@ import logging
 import os
 from typing import Any
 
-from alexnet.config import Config
+from alexnet.config import Config, config_to_dict
 from alexnet.data import check_pipeline_installed
+from alexnet.parallel.agree import check_same_settings, flat_settings
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan, with_run_name
 from alexnet.process import apply_process_settings
 from alexnet.reporting import check_tensorboard_installed
 from alexnet.trainer import Trainer
+
+
+def log_rank() -> int:
+    """RANK for the log lines' prefix, before init_distributed reads it (and names a bad value):
+    an empty RANK (`export RANK=$SLURM_PROCID` outside Slurm) or a typo raised int()'s traceback."""
+    value = os.environ.get("RANK", "")
+    return int(value) if value.strip().isdigit() else 0
 
 
 def init_logging(rank: int) -> None:
@@ -26,11 +34,12 @@ def init_logging(rank: int) -> None:
 
 
 def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
-    init_logging(int(os.environ.get("RANK", "0")))
+    init_logging(log_rank())
     cfg = with_run_name(cfg, config_path)
     apply_process_settings(cfg.train)
     env = init_distributed(cfg.parallel.timeout_s)
     try:
+        check_same_settings(flat_settings(config_to_dict(cfg)), "settings")
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
         plan = build_plan(cfg, env, mesh, config_path)
         check_pipeline_installed(cfg.data)  # before the run folder, with the config's key

@@ -252,13 +252,19 @@ class Trainer:
     def _agree_on_resume(self, resumed: tuple[dict, Path] | None) -> None:
         """Every rank must continue from the same checkpoint. Ranks that read run.root from disks
         of their own (node-local storage) would each find another one, or none, and train on from
-        different steps until their collectives stop matching."""
+        different steps until their collectives stop matching. The same checkpoint is told by its
+        file name and its progress (the run's step and its clock, which no other checkpoint
+        shares), not by its path: nodes may spell run.root their own way (a symbolic link, a
+        relative path)."""
         if not self.env.distributed:
             return
-        mine = None if resumed is None else (str(resumed[1]), int(resumed[0]["progress"]["step"]))
+        mine = None
+        if resumed is not None:
+            progress = resumed[0]["progress"]
+            mine = (str(resumed[1]), int(progress["step"]), resumed[1].name, repr(progress.get("train_seconds")))
         found: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(found, mine)
-        if any(f != found[0] for f in found):
+        if any((f and f[1:]) != (found[0] and found[0][1:]) for f in found):
             seen = "; ".join(f"rank {r}: " + (f"{f[0]} (step {f[1]})" if f else "none") for r, f in enumerate(found))
             raise CheckpointError(
                 f"the ranks found different checkpoints to resume from ({seen}); run.root "

@@ -109,6 +109,21 @@ def rank_1_sees(tmp_path: Path, script: Path, flag: str, value: Path) -> Path:
     return wrapper
 
 
+def rank_1_differs(tmp_path: Path, script: Path, args: tuple[str, ...] = (), env: dict | None = None) -> Path:
+    """A wrapper that runs `script` with `args` added to its command line and `env` set on rank 1
+    alone: an agent started with other settings, or on a node that runs another process count."""
+    wrapper = tmp_path / "rank_1_differs.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "if os.environ['RANK'] == '1':\n"
+        f"    sys.argv += {list(args)!r}\n"
+        f"    os.environ.update({dict(env or {})!r})\n"
+        f"sys.argv[0] = {str(script)!r}\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    return wrapper
+
+
 def loader_failing_on_rank_1(tmp_path: Path, script: Path, split: str, at_batch: int = 3) -> Path:
     """A wrapper that runs `script` with rank 1's DALI loader of `split` failing at its
     `at_batch`-th batch as nothing foreseen fails (a DALI internal error, memory run out)."""

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, check, loader_failing_on_rank_1, rank_1_sees, torchrun, without_dali
+from _helpers import (
+    REPO,
+    TINY_TRAIN,
+    check,
+    loader_failing_on_rank_1,
+    rank_1_differs,
+    rank_1_sees,
+    torchrun,
+    without_dali,
+)
 from torch.nn import functional as F
 
 from alexnet.checkpoint import CheckpointError, atomic_save
@@ -260,6 +269,19 @@ def test_a_run_validated_with_ten_crops_is_told_its_centre_crop_figures_are_not_
     with caplog.at_level("INFO", logger="alexnet"):
         assert run_evaluation(EvalOptions(ckpt, ten_crop=True), ONE)["crops"] == "ten"
     assert "centre-crop figures" not in caplog.text
+
+
+def test_ranks_started_with_different_options_stop_naming_them(trained, tmp_path):
+    """--ten-crop on one node only printed a blend of centre-crop and ten-crop figures, exit 0."""
+    wrapper = rank_1_differs(tmp_path, EVALUATE, ("--ten-crop", "--data", str(tmp_path)))
+    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert named[0].startswith(
+        "error: the ranks were started with different evaluate.py options: --ten-crop False on rank 0, True on rank 1; "
+    ), named[0]  # --data may differ (a node's own copy of the data)
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data, trained, tmp_path):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
+from alexnet.parallel.mesh import ranks_text
 from pipelines.filecheck import dali_cause
 from pipelines.index import DataError
 
@@ -135,3 +136,50 @@ def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception],
     if len(failed) < len(gathered) or any(f != failed[0][1] for _, f in failed):
         message = f"rank {rank} (of {len(gathered)}): {message}"
     raise kinds[kind](message)
+
+
+# Settings that name paths: each node may spell them or mount the data its own way (a dataset
+# copied to every node's local disk, a relative run.root). What they lead to is checked where it
+# matters: the data's classes and counts, the checkpoint a resume starts from.
+PATH_KEYS = frozenset(
+    {"data.root", "data.train_files", "data.val_files", "data.lighting_stats", "run.root", "checkpoint.resume"}
+)
+
+
+def check_same_settings(settings: dict[str, Any], what: str, may_differ: frozenset[str] = PATH_KEYS) -> None:
+    """Collective, at the start: every rank was started with the same `settings` (flat, dotted
+    keys), else every rank stops with a ConfigError naming the keys that differ. Nothing checked
+    it: an agent started with other overrides hung at the first epoch's end (train.epochs),
+    aborted in gloo (data.batch_size), or trained replicas that drifted apart without a word
+    (optim.lr, of which rank 0's copy was checkpointed)."""
+    if not _distributed():
+        return
+    mine = {key: value for key, value in settings.items() if key not in may_differ}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    keys = sorted({key for g in gathered for key in g})
+    differ = [key for key in keys if any(g.get(key) != gathered[0].get(key) for g in gathered)]
+    if not differ:
+        return
+    shown = "; ".join(_values_by_rank(gathered, key) for key in differ[:3]) + (" ..." if len(differ) > 3 else "")
+    raise ConfigError(
+        f"the ranks were started with different {what}: {shown}; start every rank with the same command "
+        f"(only paths may differ: {', '.join(sorted(may_differ))})"
+    )
+
+
+def _values_by_rank(gathered: list[dict[str, Any]], key: str) -> str:
+    values = [g.get(key) for g in gathered]
+    distinct = list(dict.fromkeys(map(repr, values)))
+    return f"{key} " + ", ".join(f"{v} on {ranks_text(list(map(repr, values)), v)}" for v in distinct)
+
+
+def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: {"train.epochs": 90, ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -19,6 +19,9 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     backend: str
+    # parallel.timeout_s, for the process groups made after the world's (torch gives those its
+    # own default, 30 minutes under gloo, whatever the world's timeout is).
+    timeout_s: float = 1800.0
 
     @property
     def is_main(self) -> bool:
@@ -77,7 +80,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
             device_id=device if use_cuda else None,
             **_restart_safe_store(rank, world, timeout_s),
         )
-    return DistEnv(rank, local_rank, world, local_world, device, backend)
+    return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s)
 
 
 def check_launch(rank: int, world: int) -> None:

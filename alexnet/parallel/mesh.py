@@ -14,7 +14,9 @@ exists twice and would read the same shard twice.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -112,26 +114,63 @@ def plan_mesh(mode: str, rank: int, world: int, local_world: int, fc_group: int 
     raise LayoutError(f"parallel.mode must be dp, towers or hybrid; got {mode!r}")
 
 
-def _new_groups(member_lists: list[list[int]], rank: int) -> dist.ProcessGroup | None:
-    """Every rank creates every group (a collective requirement) and keeps the one it is in."""
+def _new_groups(member_lists: list[list[int]], env: DistEnv) -> dist.ProcessGroup | None:
+    """Every rank creates every group (a collective requirement) and keeps the one it is in. The
+    groups get parallel.timeout_s, as the world has: a dead or frozen peer of a towers pair or an
+    FC group otherwise held the other rank for torch's 30-minute default."""
     mine = None
     for members in member_lists:
-        group = dist.new_group(members)
-        if rank in members:
+        group = dist.new_group(members, timeout=datetime.timedelta(seconds=env.timeout_s))
+        if env.rank in members:
             mine = group
     return mine
 
 
+def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
+    """plan_mesh on every rank, agreed on before any process group is made. Each rank plans from
+    its own node's process count: where the nodes run different numbers, a rank whose arithmetic
+    failed stopped alone while the others waited in new_group for 30 minutes, and ranks that all
+    passed could plan FC groups of different sizes."""
+    try:
+        shape, failure = plan_mesh(mode, env.rank, env.world_size, env.local_world_size, fc_group), None
+    except LayoutError as exc:
+        shape, failure = None, exc
+    if not env.distributed:
+        if failure is not None:
+            raise failure
+        return shape  # type: ignore[return-value]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, str(failure) if failure is not None else shape.model_size)  # type: ignore[union-attr]
+    failed = [(rank, g) for rank, g in enumerate(gathered) if isinstance(g, str)]
+    if failed:
+        rank, message = failed[0]
+        raise LayoutError(message if len(failed) == len(gathered) else f"rank {rank} (of {len(gathered)}): {message}")
+    if len(set(gathered)) > 1:
+        sizes = "; ".join(f"{size} on {ranks_text(gathered, size)}" for size in sorted(set(gathered)))
+        raise LayoutError(
+            f"parallel.mode={mode}: the ranks plan groups of different sizes ({sizes}), as their nodes run "
+            "different numbers of processes; run the same --nproc_per_node on every node, or set parallel.fc_group"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def ranks_text(values: list[Any], value: Any) -> str:
+    """ "ranks 0, 1, 3" (the first 8): where `values` holds `value`."""
+    ranks = [r for r, v in enumerate(values) if v == value]
+    shown = ", ".join(map(str, ranks[:8])) + (" ..." if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
+
+
 def build_mesh(env: DistEnv, mode: str, fc_group: int = 0) -> Mesh:
-    shape = plan_mesh(mode, env.rank, env.world_size, env.local_world_size, fc_group)
+    shape = agreed_shape(env, mode, fc_group)
     world = env.world_size
     if mode == "dp" or not env.distributed:
         return Mesh(shape, grad_group_size=world, world_size=world)
     k = shape.model_size
     model_groups = [list(range(g * k, (g + 1) * k)) for g in range(world // k)]
     slice_groups = [list(range(s, world, k)) for s in range(k)]
-    model_group = _new_groups(model_groups, env.rank)
-    across = _new_groups(slice_groups, env.rank)
+    model_group = _new_groups(model_groups, env)
+    across = _new_groups(slice_groups, env)
     if mode == "towers":
         # Each tower all-reduces with the same tower of the other replicas; the same groups
         # hold one rank per data shard, so they also count every sample once.

@@ -1,0 +1,88 @@
+"""Ranks started differently: nothing checked that every rank had the same settings or planned
+the same layout. Different overrides on two agents hung at an epoch's end, aborted in gloo, or
+trained replicas that drifted apart (exit 0); nodes with different process counts left some
+ranks waiting 30 minutes in new_group, which also ignored parallel.timeout_s."""
+
+from __future__ import annotations
+
+import json
+
+from _helpers import REPO, TINY_TRAIN, TRAIN, one_process, rank_1_differs, torchrun
+
+GROUP_TIMEOUT = REPO / "tests" / "dist" / "group_timeout.py"
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_ranks_started_with_different_settings_stop_at_once_naming_them(tiny_data, tmp_path):
+    wrapper = rank_1_differs(tmp_path, TRAIN, ("train.epochs=2", "optim.lr=0.5", f"run.root={tmp_path / 'other'}"))
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r",
+                     "train.epochs=1", "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]  # every rank, the same line
+    assert lines[0].startswith(
+        "error: the ranks were started with different settings: optim.lr 0.01 on rank 0, 0.5 on rank 1; "
+        "train.epochs 1 on rank 0, 2 on rank 1; start every rank with the same command (only paths may differ: "
+    ), lines[0]
+    assert "run.root" in lines[0] and "'run.root" not in lines[0]  # a path: named as allowed, not as a difference
+    assert not (tmp_path / "r").exists()  # stopped before the run folder
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+def test_a_node_with_an_odd_process_count_stops_every_rank_under_towers(tiny_data, tmp_path):
+    """Rank 1's node (LOCAL_WORLD_SIZE=1) cannot keep a pair: it used to stop alone, its peer left
+    in new_group."""
+    wrapper = rank_1_differs(tmp_path, TRAIN, env={"LOCAL_WORLD_SIZE": "1"})
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=t",
+                     "parallel.mode=towers", "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
+    assert lines[0].startswith("error: rank 1 (of 2): parallel.mode=towers keeps both towers of a replica on one node")
+
+
+def test_hybrid_ranks_that_plan_fc_groups_of_different_sizes_stop(tiny_data, tmp_path):
+    """Node process counts 2 and 1 give fc_group 2 and 1 (both divide the world of 2)."""
+    wrapper = rank_1_differs(tmp_path, TRAIN, env={"LOCAL_WORLD_SIZE": "1"})
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=h",
+                     "parallel.mode=hybrid", "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
+    assert lines[0] == (
+        "error: parallel.mode=hybrid: the ranks plan groups of different sizes (1 on rank 1; 2 on rank 0), as their "
+        "nodes run different numbers of processes; run the same --nproc_per_node on every node, or set "
+        "parallel.fc_group"
+    )
+
+
+def test_a_pair_s_process_group_keeps_the_collective_timeout(tmp_path):
+    """Rank 1 sleeps 12 s; rank 0's all-reduce over the pair ends by the 2 s timeout, not when
+    rank 1 exits (the group had torch's 30-minute default)."""
+    proc = torchrun([GROUP_TIMEOUT, tmp_path, "2", "12"])
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] and result["seconds"] < 8, (result, proc.stderr[-3000:])
+
+
+def test_a_checkpoint_reached_through_another_spelling_of_run_root_is_the_same_one(tiny_data, tmp_path):
+    """Rank 1's node reaches the run folder through a symbolic link: the resume was refused with
+    "the ranks found different checkpoints" (the same file, the same step) and a hint at shared
+    storage that was already shared."""
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    wrapper = rank_1_differs(tmp_path, TRAIN, (f"run.root={tmp_path / 'link'}",))
+    common = [wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path / 'runs'}", "run.name=l",
+              "parallel.timeout_s=30"]  # fmt: skip
+    first = torchrun([*common, "train.max_steps=2"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    again = torchrun([*common, "train.max_steps=3"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resumed from {tmp_path / 'runs' / 'l' / 'checkpoints' / 'last.pt'} after step 2" in again.stderr
+
+
+def test_a_malformed_rank_is_named_by_train_py_without_a_traceback(tiny_data, tmp_path):
+    """Its logging set-up read int(RANK) first: `RANK=abc` raised ValueError's traceback."""
+    proc = one_process([TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}"], env={"RANK": "abc"})
+    assert proc.returncode == 2 and proc.stderr == "error: environment variable RANK='abc' is not an integer\n"
