@@ -1,13 +1,18 @@
 """Ranks started differently: nothing checked that every rank had the same settings or planned
 the same layout. Different overrides on two agents hung at an epoch's end, aborted in gloo, or
 trained replicas that drifted apart (exit 0); nodes with different process counts left some
-ranks waiting 30 minutes in new_group, which also ignored parallel.timeout_s."""
+ranks waiting 30 minutes in new_group, which also ignored parallel.timeout_s. And hand-made
+launches that torch reports with a traceback: a malformed RANK or MASTER_PORT, a missing peer."""
 
 from __future__ import annotations
 
 import json
+import socket
 
+import pytest
 from _helpers import REPO, TINY_TRAIN, TRAIN, one_process, rank_1_differs, torchrun
+
+from alexnet.parallel.env import LaunchError, init_distributed
 
 GROUP_TIMEOUT = REPO / "tests" / "dist" / "group_timeout.py"
 
@@ -86,3 +91,40 @@ def test_a_malformed_rank_is_named_by_train_py_without_a_traceback(tiny_data, tm
     """Its logging set-up read int(RANK) first: `RANK=abc` raised ValueError's traceback."""
     proc = one_process([TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}"], env={"RANK": "abc"})
     assert proc.returncode == 2 and proc.stderr == "error: environment variable RANK='abc' is not an integer\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hand_launch(monkeypatch):
+    """Rank 0 of 2 started by hand, its peer never started."""
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_a_peer_that_never_comes_is_one_line_after_the_timeout(hand_launch):
+    """torch's DistStoreError traceback ("1/2 clients joined") after parallel.timeout_s."""
+    port = free_port()
+    hand_launch.setenv("MASTER_PORT", str(port))
+    with pytest.raises(LaunchError) as info:
+        init_distributed(2.0, force_cpu=True)
+    message = str(info.value)
+    assert message.startswith(f"rank 0 of WORLD_SIZE=2 could not meet the other ranks at 127.0.0.1:{port} within "
+                              "parallel.timeout_s=2 s (")  # fmt: skip
+    assert message.endswith("start every rank (torchrun starts them all), with the same MASTER_ADDR and MASTER_PORT")
+
+
+@pytest.mark.parametrize(
+    ("port", "said"), [("abc", "MASTER_PORT='abc' is not an integer"), ("0", "MASTER_PORT=0 is not a port")]
+)
+def test_a_master_port_that_is_no_port_is_named(hand_launch, port, said):
+    hand_launch.setenv("MASTER_PORT", port)
+    with pytest.raises(LaunchError, match=said):
+        init_distributed(2.0, force_cpu=True)

@@ -74,12 +74,19 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     if world > 1 and not dist.is_initialized():
         if use_cuda:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if use_cuda else None,
-            **_restart_safe_store(rank, world, timeout_s),
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if use_cuda else None,
+                **_restart_safe_store(rank, world, timeout_s),
+            )
+        except (dist.DistStoreError, dist.DistNetworkError) as exc:  # torch's 30-line traceback otherwise
+            raise LaunchError(
+                f"rank {rank} of WORLD_SIZE={world} could not meet the other ranks at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within parallel.timeout_s={timeout_s:g} s "
+                f"({exc}); start every rank (torchrun starts them all), with the same MASTER_ADDR and MASTER_PORT"
+            ) from exc
     return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s)
 
 
@@ -100,6 +107,8 @@ def check_launch(rank: int, world: int) -> None:
             f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
             "start the processes with torchrun, which sets them"
         )
+    if world > 1 and not 0 < _env_int("MASTER_PORT", 0) < 65536:
+        raise LaunchError(f"environment variable MASTER_PORT={os.environ['MASTER_PORT']} is not a port (1 to 65535)")
 
 
 def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
