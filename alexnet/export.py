@@ -7,8 +7,9 @@ callable, which `torch.jit.script` cannot compile, are unrolled by the trace. ON
 `torch.onnx.export(dynamo=True)` (the TorchScript-based exporter cannot export the torchvision
 variant's adaptive pooling at small inputs). The batch dimension stays dynamic in both; every
 export is run on a batch of another size and compared with PyTorch's output before it is kept:
-each file is written under a temporary name beside its final one and renamed into place only once
-its check passes, so a failed export leaves nothing behind and never replaces an earlier good one.
+each file is written under a temporary name of its own (per process) beside its final one and
+renamed into place only once its check passes, so a failed export leaves nothing behind and never
+replaces an earlier good one, and exports into one folder at once each keep a complete file.
 
 The torchvision variant's parameter names are those of `torchvision.models.alexnet`, so its
 checkpoint's state dict loads there strictly, with nothing renamed.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -167,11 +169,20 @@ def export_torchvision(model: nn.Module, num_classes: int, path: Path, check: Te
     return compare_outputs(model.eval()(check), reloaded(check), path, rtol=1e-6, atol=1e-6)
 
 
+def staged_name(final: Path) -> Path:
+    """The temporary path beside `final` of this process and thread. A name shared by every
+    export raced: two exports into one folder overwrote, renamed and deleted each other's
+    half-written file (a traceback, or no file at all). With a name each, every export checks
+    its own file and the last rename wins, a complete file either way."""
+    return final.with_name(f".{final.name}.tmp{os.getpid()}-{threading.get_ident()}.partial")
+
+
 @contextmanager
 def staged_file(final: Path) -> Iterator[Path]:
-    """A temporary path beside `final` that becomes `final` only if the block succeeds."""
+    """A temporary path beside `final` that becomes `final` only if the block succeeds; it is
+    removed whatever happens (an error, an interrupt)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = final.with_name(f".{final.name}.partial")
+    staged = staged_name(final)
     try:
         yield staged
         os.replace(staged, final)

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from alexnet.config import Config, config_to_dict
 from alexnet.data import check_pipeline_installed
 from alexnet.parallel.agree import check_same_settings, flat_settings
-from alexnet.parallel.env import init_distributed, shutdown_distributed
+from alexnet.parallel.env import init_distributed, log_rank, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan, with_run_name
 from alexnet.process import apply_process_settings
 from alexnet.reporting import check_tensorboard_installed
 from alexnet.trainer import Trainer
-
-
-def log_rank() -> int:
-    """RANK for the log lines' prefix, before init_distributed reads it (and names a bad value):
-    an empty RANK (`export RANK=$SLURM_PROCID` outside Slurm) or a typo raised int()'s traceback."""
-    value = os.environ.get("RANK", "")
-    return int(value) if value.strip().isdigit() else 0
 
 
 def init_logging(rank: int) -> None:

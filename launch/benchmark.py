@@ -31,6 +31,7 @@ from alexnet.bench.output import Report, ReportError, format_ratios, format_tabl
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.agree import LoaderError
+from alexnet.parallel.env import accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import exit_process, positive_seconds, print_error
 from pipelines.index import DataError
@@ -70,6 +71,7 @@ def _dataset(p: argparse.ArgumentParser, data_help: str) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    accept_legacy_local_rank(parser)  # where the legacy launcher puts it: before step or e2e
     sub = parser.add_subparsers(dest="command", required=True)
 
     pipe = sub.add_parser("pipeline", help="input pipelines alone, against a decode-only ceiling")
@@ -115,6 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="after timing, run STEPS steps of each contender under torch.profiler: its top operations",
     )  # fmt: skip
     step.add_argument("overrides", nargs="*", metavar="key=value")
+    accept_legacy_local_rank(step)  # also where a hand-written command puts it: after the command
     _common(step)
 
     e2e = sub.add_parser("e2e", help="training steps on real files, next to synthetic data (under torchrun)")
@@ -126,6 +129,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     e2e.add_argument("--steps", type=int, default=3, help="training steps per window (default 3)")
     e2e.add_argument("--no-breakdown", action="store_true", help="skip the no_sync windows (no comm split)")
     e2e.add_argument("overrides", nargs="*", metavar="key=value")
+    accept_legacy_local_rank(e2e)
     _common(e2e, windows=4)
 
     sweep = sub.add_parser("sweep", help="torchrun per process count, scaling efficiency")
@@ -308,8 +312,7 @@ def cmd_merge(args: argparse.Namespace) -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
+    logging.basicConfig(level=logging.INFO if log_rank() == 0 else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     merged: Path | None = None

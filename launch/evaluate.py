@@ -30,7 +30,14 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
 from alexnet.parallel.agree import LoaderError, share_setup_failure
-from alexnet.parallel.env import DistEnv, LaunchError, init_distributed, shutdown_distributed
+from alexnet.parallel.env import (
+    DistEnv,
+    LaunchError,
+    accept_legacy_local_rank,
+    init_distributed,
+    log_rank,
+    shutdown_distributed,
+)
 from alexnet.process import exit_process, positive_seconds, print_error
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, write_text_atomic
@@ -47,6 +54,7 @@ def non_negative_int(text: str) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
+    accept_legacy_local_rank(parser)
     parser.add_argument("--data", default="", help="dataset root or folder of class folders (default: the run's)")
     parser.add_argument("--split", default="val", help="subfolder of --data to evaluate (default: val)")
     parser.add_argument(
@@ -142,8 +150,7 @@ def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if log_rank() == 0 else logging.WARNING, format="%(message)s")
     opts = EvalOptions(
         checkpoint=args.checkpoint,
         data=args.data,

@@ -6,7 +6,8 @@ Writes <out>/<name>.torchscript.pt, <out>/<name>.onnx and <out>/<name>.torchvisi
 <name> is the run folder's name; each export is run on a fresh batch (of another size than the
 one it was traced with) and compared with PyTorch's output before the command reports success.
 The input is a float32 [N, 3, crop, crop] batch normalized as in training (data.mean, data.std of
-the run's config.yaml); the output is N x num_classes logits.
+the run's config.yaml); the output is N x num_classes logits. Under torchrun only rank 0 exports;
+the other ranks say so and exit 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
+from alexnet.parallel.env import LaunchError, env_int
 from pipelines.outputs import OutputPathError, check_output_folder
 
 
@@ -41,6 +43,17 @@ def default_name(checkpoint: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # INFO would let onnxscript narrate its passes
+    try:
+        rank = env_int("RANK", 0)  # empty (`export RANK=$SLURM_PROCID` outside Slurm) counts as unset
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rank != 0:
+        # An export is one process's work: under torchrun every rank would trace, check and write
+        # the same files (harmless with the per-process temporary names, but N times the time and
+        # memory for one result), so rank 0 does it and the others are done.
+        print(f"rank {rank}: nothing to do, rank 0 exports into {args.out}")
+        return 0
     try:
         check_output_folder(args.out, f"--out {args.out}")
     except OutputPathError as exc:

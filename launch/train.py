@@ -12,7 +12,7 @@ from pathlib import Path
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
 from alexnet.parallel.agree import LoaderError
-from alexnet.parallel.env import LaunchError
+from alexnet.parallel.env import LaunchError, accept_legacy_local_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import exit_process, print_error
 from alexnet.reporting import MetricsWriteError
@@ -26,6 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: the demo)")
+    accept_legacy_local_rank(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
     return parser.parse_intermixed_args(argv)  # overrides before and after --config
 

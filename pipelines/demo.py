@@ -43,16 +43,24 @@ class DemoSpec:
     seed: int = 2012
 
 
+# How to put the demo dataset elsewhere, for the error when it cannot be written.
+DEMO_HINT = (
+    "set ALEXNET_DEMO_DIR to a new or empty writable folder, or XDG_CACHE_HOME to a writable folder, "
+    "or use your own data (data.root=, or --data for launch/benchmark.py)"
+)
+
+
 def default_demo_dir() -> Path:
-    if "ALEXNET_DEMO_DIR" in os.environ:
-        return Path(os.environ["ALEXNET_DEMO_DIR"])
-    return cache_root() / DEMO_VERSION
+    """ALEXNET_DEMO_DIR, or the cache's folder where it is unset or empty (an empty one named the
+    current folder: a stray lock file there, and the current folder refused as not the dataset)."""
+    named = os.environ.get("ALEXNET_DEMO_DIR", "")
+    return Path(named) if named else cache_root() / DEMO_VERSION
 
 
 def ensure_demo_dataset(root: Path | None = None, spec: DemoSpec = DemoSpec()) -> Path:
     """Return the demo dataset folder, generating it first if needed (safe under many ranks)."""
     root = Path(root) if root is not None else default_demo_dir()
-    return ensure_generated(root, lambda folder: write_demo_dataset(folder, spec), "the demo dataset")
+    return ensure_generated(root, lambda folder: write_demo_dataset(folder, spec), "the demo dataset", DEMO_HINT)
 
 
 def write_demo_dataset(root: Path, spec: DemoSpec) -> None:

@@ -19,9 +19,18 @@ from pipelines.index import DataError
 READY = ".complete"
 
 
+# How to put a generated dataset elsewhere, for the error of one that cannot be written.
+CACHE_HINT = (
+    "set XDG_CACHE_HOME to a writable folder, or use your own data (data.root=, or --data for launch/benchmark.py)"
+)
+
+
 def cache_root() -> Path:
-    """`$XDG_CACHE_HOME/alexnet-dist` (default `~/.cache/alexnet-dist`)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet-dist"
+    """`$XDG_CACHE_HOME/alexnet-dist`, or `~/.cache/alexnet-dist` where XDG_CACHE_HOME is unset,
+    empty or relative: the XDG Base Directory spec ignores such a value (taken as it was, an empty
+    one put the cache in the current folder)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "alexnet-dist"
 
 
 def refuse_foreign_folder(root: Path, what: str) -> None:
@@ -34,11 +43,22 @@ def refuse_foreign_folder(root: Path, what: str) -> None:
         )
 
 
-def ensure_generated(root: Path, write: Callable[[Path], None], what: str) -> Path:
+def ensure_generated(root: Path, write: Callable[[Path], None], what: str, hint: str = CACHE_HINT) -> Path:
     """`root`, after `write(folder)` has filled it if it was not complete yet; `what` names the
-    dataset in the log line."""
+    dataset in the log line and in a DataError, with `hint` (how to choose another place), when
+    it cannot be written there: a read-only home gave only "[Errno 13] Permission denied: ...",
+    which named neither the dataset nor a way out."""
     if (root / READY).exists():
         return root
+    try:
+        return _generate(root, write, what)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != root else ""
+        raise DataError(f"cannot write {what} into {root}: {exc.strerror or exc}{where}; {hint}") from exc
+
+
+def _generate(root: Path, write: Callable[[Path], None], what: str) -> Path:
+    """ensure_generated's work under the lock; a failed generation leaves no temporary folder."""
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -47,9 +67,12 @@ def ensure_generated(root: Path, write: Callable[[Path], None], what: str) -> Pa
             logging.getLogger("alexnet").info("generating %s into %s (first use only)", what, root)
             tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            write(tmp)
-            (tmp / READY).write_text("ok\n")
-            if root.is_dir():
-                root.rmdir()  # an empty folder only: os.replace cannot replace a folder
-            os.replace(tmp, root)
+            try:
+                write(tmp)
+                (tmp / READY).write_text("ok\n")
+                if root.is_dir():
+                    root.rmdir()  # an empty folder only: os.replace cannot replace a folder
+                os.replace(tmp, root)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
     return root

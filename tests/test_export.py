@@ -4,6 +4,7 @@ another batch size), and a torchvision-variant checkpoint straight into torchvis
 import importlib.util
 import re
 import sys
+import threading
 
 import numpy as np
 import onnxruntime
@@ -140,6 +141,63 @@ def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tm
     with pytest.raises(ExportCheckError):
         export_checkpoint(ckpt, tmp_path / "fresh", "m", ["torchscript"])
     assert list((tmp_path / "fresh").iterdir()) == []  # nothing left behind
+
+
+# warnings.catch_warnings is not thread-safe: one thread's exit restores the filters while the
+# other thread's export still relies on them, so the warnings export_torchscript hides get through.
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_two_exports_into_one_folder_at_once_each_keep_a_complete_file(tmp_path, checkpoints, monkeypatch):
+    """Both exports staged under one fixed name: the first rename took the other's file away
+    (FileNotFoundError, or torch's "failed reading zip archive" on a half-written one)."""
+    ckpt, out = checkpoints["paper"], tmp_path / "out"
+    real_load = export_module.load_torchscript
+    both_written = threading.Barrier(2, timeout=120)
+
+    def load_once_both_are_written(path):
+        both_written.wait()  # both exports have written their file; neither has renamed it yet
+        return real_load(path)
+
+    monkeypatch.setattr(export_module, "load_torchscript", load_once_both_are_written)
+    results, failures = [], []
+
+    def export():
+        try:
+            results.extend(export_checkpoint(ckpt, out, "m", ["torchscript"]))
+        except Exception as exc:  # reported by the assertion below, not lost in the thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=export) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and [r.path for r in results] == [out / "m.torchscript.pt"] * 2
+    assert sorted(p.name for p in out.iterdir()) == ["m.torchscript.pt"]  # no temporary file left
+    x = batch("paper", 3, seed=5)
+    with torch.no_grad():
+        assert torch.allclose(real_load(out / "m.torchscript.pt")(x), build_model_from_checkpoint(ckpt).model(x))
+
+
+def load_command():
+    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    return command
+
+
+def test_under_torchrun_only_rank_0_exports(tmp_path, checkpoints, monkeypatch, capsys):
+    """Every rank exported into the same folder at once (torchrun --nproc_per_node=2)."""
+    command, ckpt = load_command(), checkpoints["paper"]
+    monkeypatch.setenv("RANK", "1")
+    assert command.main([str(ckpt), "--out", str(tmp_path / "ranks"), "--format", "torchscript"]) == 0
+    assert capsys.readouterr().out == f"rank 1: nothing to do, rank 0 exports into {tmp_path / 'ranks'}\n"
+    assert not (tmp_path / "ranks").exists()
+    monkeypatch.setenv("RANK", "")  # `export RANK=$SLURM_PROCID` outside Slurm: as if unset
+    assert command.main([str(ckpt), "--out", str(tmp_path / "ranks"), "--format", "torchscript"]) == 0
+    assert (tmp_path / "ranks" / "paper.torchscript.pt").is_file()
+    monkeypatch.setenv("RANK", "abc")
+    assert command.main([str(ckpt), "--out", str(tmp_path / "bad"), "--format", "torchscript"]) == 2
+    assert capsys.readouterr().err == "error: environment variable RANK='abc' is not an integer\n"
 
 
 def test_export_into_a_file_is_a_one_line_error(tmp_path, checkpoints, capsys):

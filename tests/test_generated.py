@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
-from pipelines.generated import READY, ensure_generated
+from pipelines.demo import DEMO_VERSION, default_demo_dir, ensure_demo_dataset
+from pipelines.generated import READY, cache_root, ensure_generated
+from pipelines.imagenet_like import ensure_imagenet_like
 from pipelines.index import DataError
 
 
@@ -48,3 +52,59 @@ def test_a_users_folder_is_never_replaced(tmp_path, foreign):
     kept = root / "thesis.txt" if foreign == "folder" else root
     assert kept.read_text() in ("years of work\n", "a file\n")
     assert not list(tmp_path.glob(".my_data.tmp*"))  # nothing written beside it either
+
+
+@pytest.mark.parametrize("value", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_means_the_default(tmp_path, monkeypatch, value):
+    """XDG_CACHE_HOME= (empty) put the demo dataset into ./alexnet-dist/demo-v1, wherever the
+    command was started; the XDG Base Directory spec ignores an empty or relative value."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", value)
+    assert cache_root() == tmp_path / "home" / ".cache" / "alexnet-dist"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "alexnet-dist"
+
+
+def test_an_empty_alexnet_demo_dir_means_unset(tmp_path, monkeypatch):
+    """ALEXNET_DEMO_DIR= named the current folder: a stray `..lock` there, then "error: . exists
+    and is not the demo dataset"."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("ALEXNET_DEMO_DIR", "")
+    assert default_demo_dir() == tmp_path / "xdg" / "alexnet-dist" / DEMO_VERSION
+    monkeypatch.setenv("ALEXNET_DEMO_DIR", str(tmp_path / "mine"))
+    assert default_demo_dir() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize(
+    ("ensure", "what", "hint"),
+    [
+        (ensure_demo_dataset, "the demo dataset", "set ALEXNET_DEMO_DIR to a new or empty writable folder, or "
+         "XDG_CACHE_HOME to a writable folder, or use your own data (data.root="),
+        (ensure_imagenet_like, "1050 ImageNet-like JPEGs", "set XDG_CACHE_HOME to a writable folder, or use your "
+         "own data (data.root=, or --data for launch/benchmark.py)"),
+    ],
+)  # fmt: skip
+def test_a_cache_that_cannot_be_written_names_the_dataset_and_the_way_out(tmp_path, monkeypatch, ensure, what, hint):
+    """A read-only home (here: a home that is a file, which root cannot write into either) gave
+    only "error: [Errno 13] Permission denied: '/home/u/.cache'"."""
+    home = tmp_path / "home"
+    home.write_text("not a folder\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("ALEXNET_DEMO_DIR", raising=False)
+    with pytest.raises(DataError) as raised:
+        ensure()
+    message = str(raised.value)
+    assert message.startswith(f"cannot write {what} into {home / '.cache' / 'alexnet-dist'}/")
+    assert "Not a directory" in message and hint in message and "\n" not in message
+
+
+def test_a_generation_that_fails_midway_leaves_no_temporary_folder(tmp_path):
+    def disk_full(folder):
+        write_one_file(folder)
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "train.txt"))
+
+    root = tmp_path / "cache" / "demo"
+    with pytest.raises(DataError, match=rf"cannot write the test data into {root}: No space left on device \("):
+        ensure_generated(root, disk_full, "the test data")
+    assert sorted(p.name for p in root.parent.iterdir()) == [".demo.lock"]

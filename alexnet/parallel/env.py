@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import os
@@ -32,7 +33,7 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -46,6 +47,23 @@ class LaunchError(ValueError):
     """The processes were started in a way this machine cannot run (more ranks than GPUs, say)."""
 
 
+def log_rank() -> int:
+    """RANK for the launchers' logging level, read before init_distributed: empty counts as
+    unset (`export RANK=$SLURM_PROCID` outside Slurm), malformed as rank 0, so that
+    init_distributed's one-line error names it instead of int()'s traceback."""
+    try:
+        return env_int("RANK", 0)
+    except LaunchError:
+        return 0
+
+
+def accept_legacy_local_rank(parser: argparse.ArgumentParser) -> None:
+    """`python -m torch.distributed.launch` (without --use-env) passes --local-rank=N before the
+    script's own arguments; it also sets LOCAL_RANK, which init_distributed reads, so the flag is
+    accepted and ignored (hidden from --help: torchrun, which passes none, is the launcher to use)."""
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     """Read torchrun's variables (LOCAL_RANK from the environment: the --local-rank flag changed
     in PyTorch 2.0), pick the device, and start the process group when WORLD_SIZE > 1.
@@ -53,10 +71,10 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     CUDA: NCCL, device = cuda:LOCAL_RANK, set before init_process_group so NCCL binds the right
     GPU. Otherwise gloo on the CPU. The timeout is finite so that a dead rank ends the others.
     """
-    rank = _env_int("RANK", 0)
-    world = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    rank = env_int("RANK", 0)
+    world = env_int("WORLD_SIZE", 1)
+    local_rank = env_int("LOCAL_RANK", 0)
+    local_world = env_int("LOCAL_WORLD_SIZE", world)
     check_launch(rank, world)
     use_cuda = torch.cuda.is_available() and not force_cpu
     if use_cuda:
@@ -107,7 +125,7 @@ def check_launch(rank: int, world: int) -> None:
             f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
             "start the processes with torchrun, which sets them"
         )
-    if world > 1 and not 0 < _env_int("MASTER_PORT", 0) < 65536:
+    if world > 1 and not 0 < env_int("MASTER_PORT", 0) < 65536:
         raise LaunchError(f"environment variable MASTER_PORT={os.environ['MASTER_PORT']} is not a port (1 to 65535)")
 
 
