@@ -17,51 +17,44 @@ from alexnet.parallel.env import LaunchError, init_distributed
 GROUP_TIMEOUT = REPO / "tests" / "dist" / "group_timeout.py"
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+def the_error_of_every_rank(proc) -> str:
+    """The one error line both ranks printed (the same), the launch having failed."""
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    return lines[0]
 
 
 def test_ranks_started_with_different_settings_stop_at_once_naming_them(tiny_data, tmp_path):
     wrapper = rank_1_differs(tmp_path, TRAIN, ("train.epochs=2", "optim.lr=0.5", f"run.root={tmp_path / 'other'}"))
     proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r",
                      "train.epochs=1", "parallel.timeout_s=30"])  # fmt: skip
-    assert proc.returncode != 0
-    lines = error_lines(proc.stderr)
-    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]  # every rank, the same line
-    assert lines[0].startswith(
+    line = the_error_of_every_rank(proc)
+    assert line.startswith(
         "error: the ranks were started with different settings: optim.lr 0.01 on rank 0, 0.5 on rank 1; "
         "train.epochs 1 on rank 0, 2 on rank 1; start every rank with the same command (only paths may differ: "
-    ), lines[0]
-    assert "run.root" in lines[0] and "'run.root" not in lines[0]  # a path: named as allowed, not as a difference
+    ), line
+    assert "run.root" in line and "'run.root" not in line  # a path: named as allowed, not as a difference
     assert not (tmp_path / "r").exists()  # stopped before the run folder
-    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
 
-def test_a_node_with_an_odd_process_count_stops_every_rank_under_towers(tiny_data, tmp_path):
-    """Rank 1's node (LOCAL_WORLD_SIZE=1) cannot keep a pair: it used to stop alone, its peer left
-    in new_group."""
-    wrapper = rank_1_differs(tmp_path, TRAIN, env={"LOCAL_WORLD_SIZE": "1"})
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        # Rank 1's node cannot keep a pair: it stopped alone, its peer left waiting in new_group.
+        ("towers", "error: rank 1 (of 2): parallel.mode=towers keeps both towers of a replica on one node"),
+        # fc_group 2 and 1 from the nodes' process counts (both divide the world of 2).
+        ("hybrid", "error: parallel.mode=hybrid: the ranks plan groups of different sizes (1 on rank 1; 2 on rank 0), "
+                   "as their nodes run different numbers of processes; run the same --nproc_per_node on every node, "
+                   "or set parallel.fc_group"),
+    ],
+)  # fmt: skip
+def test_a_node_that_runs_another_number_of_processes_stops_every_rank(tiny_data, tmp_path, mode, said):
+    wrapper = rank_1_differs(tmp_path, TRAIN, env={"LOCAL_WORLD_SIZE": "1"})  # rank 1 alone on its node
     proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=t",
-                     "parallel.mode=towers", "parallel.timeout_s=30"])  # fmt: skip
-    assert proc.returncode != 0
-    lines = error_lines(proc.stderr)
-    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
-    assert lines[0].startswith("error: rank 1 (of 2): parallel.mode=towers keeps both towers of a replica on one node")
-
-
-def test_hybrid_ranks_that_plan_fc_groups_of_different_sizes_stop(tiny_data, tmp_path):
-    """Node process counts 2 and 1 give fc_group 2 and 1 (both divide the world of 2)."""
-    wrapper = rank_1_differs(tmp_path, TRAIN, env={"LOCAL_WORLD_SIZE": "1"})
-    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=h",
-                     "parallel.mode=hybrid", "parallel.timeout_s=30"])  # fmt: skip
-    assert proc.returncode != 0
-    lines = error_lines(proc.stderr)
-    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
-    assert lines[0] == (
-        "error: parallel.mode=hybrid: the ranks plan groups of different sizes (1 on rank 1; 2 on rank 0), as their "
-        "nodes run different numbers of processes; run the same --nproc_per_node on every node, or set "
-        "parallel.fc_group"
-    )
+                     f"parallel.mode={mode}", "parallel.timeout_s=30"])  # fmt: skip
+    assert the_error_of_every_rank(proc).startswith(said)
 
 
 def test_a_pair_s_process_group_keeps_the_collective_timeout(tmp_path):
