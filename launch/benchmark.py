@@ -29,7 +29,7 @@ from typing import Any
 
 from alexnet.bench.output import Report, ReportError, format_ratios, format_table, prepare_out_dir, write_outputs
 from alexnet.bench.timing import Schedule
-from alexnet.config import ConfigError, load_config
+from alexnet.config import ConfigError, config_to_dict, load_config
 from alexnet.parallel.agree import LoaderError
 from alexnet.parallel.env import accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
@@ -207,15 +207,24 @@ def _config(args: argparse.Namespace, extra: list[str]):
     return load_config(args.config, [*extra, *args.overrides])
 
 
-def _run_distributed(cfg, run: Callable[[Any], Report | None]) -> Report | None:
-    """`run(env)` inside the process group torchrun (or one process) describes; rank 0 prints."""
+# Options that name paths, which each node may spell its own way (as the config's paths).
+PATH_OPTIONS = ("config", "data", "out", "overrides", "local_rank")
+
+
+def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report | None]) -> Report | None:
+    """`run(env)` inside the process group torchrun (or one process) describes; rank 0 prints.
+    The ranks first check that they were started alike, as the trainer's do: other --windows or
+    overrides on one agent made the ranks time different steps until a collective failed."""
     from alexnet.bench.step_bench import TABLE
+    from alexnet.parallel.agree import check_same_settings, flat_settings
     from alexnet.parallel.env import init_distributed, shutdown_distributed
     from alexnet.process import apply_process_settings
 
     apply_process_settings(cfg.train)  # as the trainer does: the figures are the trainer's
     env = init_distributed(cfg.parallel.timeout_s)
     try:
+        options = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in PATH_OPTIONS}
+        check_same_settings({**flat_settings(config_to_dict(cfg)), **options}, "settings")
         report = run(env)
     finally:
         shutdown_distributed()
@@ -232,7 +241,7 @@ def cmd_step(args: argparse.Namespace) -> Report | None:
         modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
         schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown, profile=args.profile,
     )  # fmt: skip
-    return _run_distributed(cfg, lambda env: run_step_bench(cfg, env, settings))
+    return _run_distributed(cfg, args, lambda env: run_step_bench(cfg, env, settings))
 
 
 def _data_flag(args: argparse.Namespace) -> str:
@@ -265,7 +274,7 @@ def cmd_e2e(args: argparse.Namespace) -> Report | None:
         pipelines=args.pipelines, synthetic=not args.no_synthetic, steps=args.steps,
         schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
     )  # fmt: skip
-    return _run_distributed(cfg, lambda env: run_e2e_bench(cfg, env, settings))
+    return _run_distributed(cfg, args, lambda env: run_e2e_bench(cfg, env, settings))
 
 
 def cmd_sweep(args: argparse.Namespace) -> Report:

@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, check, loader_failing_on_rank_1, rank_1_sees, torchrun, without_dali
+from _helpers import REPO, check, loader_failing_on_rank_1, rank_1_differs, rank_1_sees, torchrun, without_dali
 from PIL import Image
 from torch import nn
 
@@ -605,6 +605,21 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(fo
     assert len(named) == 2 and all("The e2e benchmark stopped." in line for line in named), proc.stderr[-4000:]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "e2e.json").exists()
+
+
+def test_ranks_of_the_step_benchmark_started_differently_stop_naming_it(tmp_path):
+    """Other options on one agent had the ranks time different steps until a collective failed."""
+    wrapper = rank_1_differs(tmp_path, BENCH, ("--steps", "3", "data.batch_size=4"))
+    proc = torchrun([wrapper, "step", "--modes", "dp", "--windows", "1", "--warmup", "0", "--steps", "2",
+                     "--out", tmp_path / "out", "data.batch_size=2", "parallel.timeout_s=30"])  # fmt: skip
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert named[0].startswith(
+        "error: the ranks were started with different settings: --steps 2 on rank 0, 3 on rank 1; "
+        "data.batch_size 2 on rank 0, 4 on rank 1; start every rank with the same command"
+    ), named[0]
+    assert not (tmp_path / "out" / "step.json").exists()
 
 
 def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):
