@@ -155,7 +155,7 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
 
 
 def ranks_text(values: list[Any], value: Any) -> str:
-    """ "ranks 0, 1, 3" (the first 8): where `values` holds `value`."""
+    """Where `values` holds `value`, as "ranks 0, 1, 3" (the first 8) or "rank 2"."""
     ranks = [r for r, v in enumerate(values) if v == value]
     shown = ", ".join(map(str, ranks[:8])) + (" ..." if len(ranks) > 8 else "")
     return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
