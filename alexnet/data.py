@@ -95,7 +95,8 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
         train = build_file_index(train_dir)
     check_val_covers_train(val_dir, train.classes)
     if cfg.val_files:
-        val = load_file_list(cfg.val_files, val_dir, classes=train.classes)
+        # A validation list may cover some classes (the paper comparison then says it cannot compare).
+        val = load_file_list(cfg.val_files, val_dir, classes=train.classes, every_class=False)
     else:
         val = build_file_index(val_dir, classes=train.classes)
     check_enough_classes(train.classes, f"file list {cfg.train_files}" if cfg.train_files else f"{train_dir}")
@@ -179,6 +180,8 @@ def build_file_loader(
     batches of [B, 10, 3, crop, crop]: evaluate them with alexnet.evaluate.eval_batch), or DALI's.
     torchvision's has neither ten crops nor PCA lighting (`ten_crop` and `lighting` are ignored
     there: the callers' checks say so), and the ten-crop loader is for validation only."""
+    if split == "train":
+        index.fingerprint  # noqa: B018 - computed now (1-2 s for ImageNet), not in the first checkpoint's step
     if read.pipeline == "torchvision":
         from pipelines.torchvision_loader import TorchvisionLoader
 

@@ -35,7 +35,14 @@ from alexnet.engine import AmpPolicy, StepResult, build_amp, eval_step
 from alexnet.imagenet import class_names
 from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.metrics import topk_correct
-from alexnet.parallel.agree import SETUP_ERRORS, agreed_batches, check_same_settings, share_setup_failure
+from alexnet.parallel.agree import (
+    SETUP_ERRORS,
+    agreed_batches,
+    check_same_checkpoint,
+    check_same_settings,
+    option_settings,
+    share_setup_failure,
+)
 from alexnet.parallel.env import DistEnv
 from alexnet.report import paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
@@ -120,6 +127,11 @@ class EvalOptions:
     files: str = ""  # a file list of the split (launch/scan.py); "" = the run's data.val_files for its own val
     amp: str = "run"  # run: the checkpoint's train.amp (fp16 falls back to off without CUDA)
     pipeline: str = "run"  # run: the checkpoint's data.pipeline (DALI for ten crops); dali; torchvision
+
+
+# The options each node may give its own way: paths (a node's own copy of the checkpoint or the
+# data, checked for what they lead to) and its own tuning.
+EVAL_MAY_DIFFER = frozenset({"--checkpoint", "--data", "--files", "--num-threads", "--decoder"})
 
 
 def eval_file_list(cfg: Config, opts: EvalOptions) -> str:
@@ -246,9 +258,9 @@ class EvalSetup:
 
 def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> EvalSetup:
     # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
-    options = {f"--{key.replace('_', '-')}": value for key, value in asdict(opts).items()}
-    check_same_settings(options, "evaluate.py options", may_differ=frozenset({"--checkpoint", "--data", "--files"}))
+    check_same_settings(option_settings(asdict(opts)), "evaluate.py options", may_differ=EVAL_MAY_DIFFER)
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
+    check_same_checkpoint(loaded.path, loaded.progress)  # --checkpoint may be a node's own copy
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
     if cfg.data.val_ten_crop and not opts.ten_crop and env.rank == 0:

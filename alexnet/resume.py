@@ -201,7 +201,9 @@ def changed_settings(
     return changes
 
 
-def batch_change(before: Any, saved_optim: Any, optim: OptimConfig, global_batch: int) -> list[str]:
+def batch_change(
+    before: int | None, saved_optim: dict[str, Any] | None, optim: OptimConfig, global_batch: int
+) -> list[str]:
     """The global batch and the peak learning rate scaled with it, when a resume under another
     world size or layout changes them: no config key names that change (2 -> 4 towers ranks
     doubled both, and only the data shards' line gave it away). The peak before is the

@@ -23,7 +23,14 @@ from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
-from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, describe_error, fetch_each, share_setup_failure
+from alexnet.parallel.agree import (
+    SETUP_ERRORS,
+    LoaderError,
+    checkpoint_identity,
+    describe_error,
+    fetch_each,
+    share_setup_failure,
+)
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
@@ -253,19 +260,16 @@ class Trainer:
         """Every rank must continue from the same checkpoint. Ranks that read run.root from disks
         of their own (node-local storage) would each find another one, or none, and train on from
         different steps until their collectives stop matching. The same checkpoint is told by its
-        file name and its progress (the run's step and its clock, which no other checkpoint
-        shares), not by its path: nodes may spell run.root their own way (a symbolic link, a
-        relative path)."""
+        progress (checkpoint_identity), not by its path: nodes may spell run.root their own way (a
+        symbolic link, a relative path)."""
         if not self.env.distributed:
             return
-        mine = None
-        if resumed is not None:
-            progress = resumed[0]["progress"]
-            mine = (str(resumed[1]), int(progress["step"]), resumed[1].name, repr(progress.get("train_seconds")))
+        mine = None if resumed is None else (str(resumed[1]), checkpoint_identity(resumed[0]["progress"]))
         found: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(found, mine)
-        if any((f and f[1:]) != (found[0] and found[0][1:]) for f in found):
-            seen = "; ".join(f"rank {r}: " + (f"{f[0]} (step {f[1]})" if f else "none") for r, f in enumerate(found))
+        identities = [f[1] if f else None for f in found]
+        if any(identity != identities[0] for identity in identities):
+            seen = "; ".join(f"rank {r}: " + (f"{f[0]} (step {f[1][0]})" if f else "none") for r, f in enumerate(found))
             raise CheckpointError(
                 f"the ranks found different checkpoints to resume from ({seen}); run.root "
                 f"({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)"

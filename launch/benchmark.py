@@ -207,8 +207,9 @@ def _config(args: argparse.Namespace, extra: list[str]):
     return load_config(args.config, [*extra, *args.overrides])
 
 
-# Options that name paths, which each node may spell its own way (as the config's paths).
-PATH_OPTIONS = ("config", "data", "out", "overrides", "local_rank")
+# Not compared across ranks: the overrides (compared as the config they make) and the legacy
+# launcher's --local-rank (each rank's own).
+NOT_COMPARED = ("overrides", "local_rank")
 
 
 def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report | None]) -> Report | None:
@@ -216,15 +217,16 @@ def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report 
     The ranks first check that they were started alike, as the trainer's do: other --windows or
     overrides on one agent made the ranks time different steps until a collective failed."""
     from alexnet.bench.step_bench import TABLE
-    from alexnet.parallel.agree import check_same_settings, flat_settings
+    from alexnet.parallel.agree import MAY_DIFFER, check_same_settings, flat_settings, option_settings
     from alexnet.parallel.env import init_distributed, shutdown_distributed
     from alexnet.process import apply_process_settings
 
     apply_process_settings(cfg.train)  # as the trainer does: the figures are the trainer's
     env = init_distributed(cfg.parallel.timeout_s)
     try:
-        options = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in PATH_OPTIONS}
-        check_same_settings({**flat_settings(config_to_dict(cfg)), **options}, "settings")
+        options = option_settings({k: v for k, v in vars(args).items() if k not in NOT_COMPARED})
+        paths = frozenset({"--config", "--data", "--out"})  # a node's own spelling of them
+        check_same_settings({**flat_settings(config_to_dict(cfg)), **options}, "settings", MAY_DIFFER | paths)
         report = run(env)
     finally:
         shutdown_distributed()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if rank != 0:
+    if rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
         # An export is one process's work: under torchrun every rank would trace, check and write
         # the same files (harmless with the per-process temporary names, but N times the time and
-        # memory for one result), so rank 0 does it and the others are done.
-        print(f"rank {rank}: nothing to do, rank 0 exports into {args.out}")
+        # memory for one result), so rank 0 does it and the others are done. Only under torchrun
+        # (which sets TORCHELASTIC_RUN_ID): a RANK left in a shell or a cluster pod's environment
+        # must not turn an export into nothing.
+        print(f"rank {rank}: nothing to do, rank 0 exports into {args.out}", file=sys.stderr)
         return 0
     try:
         check_output_folder(args.out, f"--out {args.out}")

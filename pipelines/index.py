@@ -182,7 +182,8 @@ def load_file_list(
     absolute; '#' starts a comment. A file's class is the name of its parent folder, and class
     indices are those of `split_dir`'s class folders (or `classes`, the training split's), so a
     list labels its files exactly as the folder index would. `every_class`: each class folder of
-    `split_dir` must have a listed file (training; an evaluation may list a few classes' files)."""
+    `split_dir` must have a listed file (a training list; a validation or evaluation list may name
+    a few classes' files)."""
     list_file, split_dir = Path(list_file), Path(split_dir)
     lines = read_list_lines(list_file)
     check_list_split(list_file, lines[0] if lines else "", split_dir)

@@ -284,6 +284,28 @@ def test_ranks_started_with_different_options_stop_naming_them(trained, tmp_path
     assert not (tmp_path / "eval.json").exists()
 
 
+def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_path):
+    """--checkpoint may be a node's own copy, but one of another step was evaluated into a blend of
+    two models' figures without a word."""
+    payload = torch.load(trained, weights_only=True)
+    step = payload["progress"].get("step", 0) + 1
+    payload["progress"]["step"] = step
+    other = atomic_save(payload, tmp_path / "other")
+    wrapper = tmp_path / "rank_1_other.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1': sys.argv[1] = {str(other)!r}\n"
+        f"sys.argv[0] = {str(EVALUATE)!r}\n"
+        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
+    )
+    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert named[0] == (f"error: the ranks loaded different checkpoints (rank 0: {trained} (step {step - 1}); "
+                        f"rank 1: {other} (step {step})); give every rank the same one")  # fmt: skip
+
+
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data, trained, tmp_path):
     """The rank that read it stopped with its name; the other died in the final all-reduce with a
     gloo traceback. The ranks now agree on each batch, and both stop with the file's name."""

@@ -189,9 +189,13 @@ def test_under_torchrun_only_rank_0_exports(tmp_path, checkpoints, monkeypatch, 
     """Every rank exported into the same folder at once (torchrun --nproc_per_node=2)."""
     command, ckpt = load_command(), checkpoints["paper"]
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun's
     assert command.main([str(ckpt), "--out", str(tmp_path / "ranks"), "--format", "torchscript"]) == 0
-    assert capsys.readouterr().out == f"rank 1: nothing to do, rank 0 exports into {tmp_path / 'ranks'}\n"
+    assert capsys.readouterr().err == f"rank 1: nothing to do, rank 0 exports into {tmp_path / 'ranks'}\n"
     assert not (tmp_path / "ranks").exists()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # a RANK left in a shell or a pod: the export is done
+    assert command.main([str(ckpt), "--out", str(tmp_path / "left"), "--format", "torchscript"]) == 0
+    assert (tmp_path / "left" / "paper.torchscript.pt").is_file()
     monkeypatch.setenv("RANK", "")  # `export RANK=$SLURM_PROCID` outside Slurm: as if unset
     assert command.main([str(ckpt), "--out", str(tmp_path / "ranks"), "--format", "torchscript"]) == 0
     assert (tmp_path / "ranks" / "paper.torchscript.pt").is_file()

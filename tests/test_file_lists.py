@@ -87,6 +87,15 @@ def test_a_list_that_leaves_a_class_folder_without_files_is_refused_for_training
     assert len(load_file_list(tmp_path / "train.txt", tiny_data / "train", every_class=False)) == 108
 
 
+def test_a_validation_list_may_cover_some_classes(lists, tiny_data, tmp_path):
+    """A validation on a few classes' images trains, and is not held against the paper."""
+    kept = [line for line in (lists / "val.txt").read_text().splitlines() if line.startswith(("#", "ring/"))]
+    (tmp_path / "val.txt").write_text("\n".join(kept) + "\n")
+    cfg = DataConfig(root=str(tiny_data), train_files=str(lists / "train.txt"), val_files=str(tmp_path / "val.txt"))
+    splits = build_splits(cfg, 0)
+    assert len(splits.val) == 5 and splits.validated_classes == ["ring"] and len(splits.classes) == 10
+
+
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
 def test_a_listed_file_that_does_not_exist_is_named_as_gone_with_the_scan_that_rewrites_the_list(
     tmp_path, tiny_data, kind

@@ -27,7 +27,8 @@ def the_error_of_every_rank(proc) -> str:
 
 
 def test_ranks_started_with_different_settings_stop_at_once_naming_them(tiny_data, tmp_path):
-    wrapper = rank_1_differs(tmp_path, TRAIN, ("train.epochs=2", "optim.lr=0.5", f"run.root={tmp_path / 'other'}"))
+    wrapper = rank_1_differs(tmp_path, TRAIN, ("train.epochs=2", "optim.lr=0.5", f"run.root={tmp_path / 'other'}",
+                                               "data.num_threads=2"))  # fmt: skip
     proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r",
                      "train.epochs=1", "parallel.timeout_s=30"])  # fmt: skip
     line = the_error_of_every_rank(proc)
@@ -35,7 +36,8 @@ def test_ranks_started_with_different_settings_stop_at_once_naming_them(tiny_dat
         "error: the ranks were started with different settings: optim.lr 0.01 on rank 0, 0.5 on rank 1; "
         "train.epochs 1 on rank 0, 2 on rank 1; start every rank with the same command (only paths may differ: "
     ), line
-    assert "run.root" in line and "'run.root" not in line  # a path: named as allowed, not as a difference
+    assert "run.root" in line and "run.root '" not in line  # a path: named as allowed, not as a difference
+    assert "data.num_threads" in line and "data.num_threads 1" not in line  # a node's own tuning, the same
     assert not (tmp_path / "r").exists()  # stopped before the run folder
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -22,7 +23,6 @@ import torch.distributed as dist
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
-from alexnet.parallel.mesh import ranks_text
 from pipelines.filecheck import dali_cause
 from pipelines.index import DataError
 
@@ -144,9 +144,17 @@ def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception],
 PATH_KEYS = frozenset(
     {"data.root", "data.train_files", "data.val_files", "data.lighting_stats", "run.root", "checkpoint.resume"}
 )
+# A node's own tuning, which no collective depends on: loader threads and queue depth, the
+# decoder and host memory of a node with other cores or another GPU, how rank 0 reports, the
+# collective timeout each rank waits.
+LOCAL_KEYS = frozenset(
+    {"data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.decoder", "train.host_memory",
+     "run.progress", "run.tensorboard", "parallel.timeout_s"}
+)  # fmt: skip
+MAY_DIFFER = PATH_KEYS | LOCAL_KEYS
 
 
-def check_same_settings(settings: dict[str, Any], what: str, may_differ: frozenset[str] = PATH_KEYS) -> None:
+def check_same_settings(settings: dict[str, Any], what: str, may_differ: frozenset[str] = MAY_DIFFER) -> None:
     """Collective, at the start: every rank was started with the same `settings` (flat, dotted
     keys), else every rank stops with a ConfigError naming the keys that differ. Nothing checked
     it: an agent started with other overrides hung at the first epoch's end (train.epochs),
@@ -164,8 +172,40 @@ def check_same_settings(settings: dict[str, Any], what: str, may_differ: frozens
     shown = "; ".join(_values_by_rank(gathered, key) for key in differ[:3]) + (" ..." if len(differ) > 3 else "")
     raise ConfigError(
         f"the ranks were started with different {what}: {shown}; start every rank with the same command "
-        f"(only paths may differ: {', '.join(sorted(may_differ))})"
+        f"(only paths and a node's own tuning may differ: {', '.join(sorted(may_differ))})"
     )
+
+
+def option_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """A command's options as the settings to compare, named as typed: {"--ten-crop": True}."""
+    return {f"--{name.replace('_', '-')}": value for name, value in options.items()}
+
+
+def check_same_checkpoint(path: Path, progress: dict[str, Any]) -> None:
+    """Collective: every rank loaded the same checkpoint, told by its progress (the run's step and
+    its clock, which no other checkpoint shares), not by its path: nodes may spell the folder their
+    own way (a symbolic link, a relative path, a copy under another name). Ranks that read
+    node-local copies of other steps raise a CheckpointError naming what each found."""
+    if not _distributed():
+        return
+    mine = (str(path), checkpoint_identity(progress))
+    found: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    if any(f[1] != found[0][1] for f in found):
+        seen = "; ".join(f"rank {r}: {f[0]} (step {f[1][0]})" for r, f in enumerate(found))
+        raise CheckpointError(f"the ranks loaded different checkpoints ({seen}); give every rank the same one")
+
+
+def checkpoint_identity(progress: dict[str, Any]) -> tuple[Any, str]:
+    """(step, the run's clock to the last bit): the same for one checkpoint wherever it is read."""
+    return int(progress.get("step", 0)), repr(progress.get("train_seconds"))
+
+
+def ranks_text(values: list[Any], value: Any) -> str:
+    """Where `values` holds `value`, as "ranks 0, 1, 3" (the first 8) or "rank 2"."""
+    ranks = [r for r, v in enumerate(values) if v == value]
+    shown = ", ".join(map(str, ranks[:8])) + (" ..." if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
 
 
 def _values_by_rank(gathered: list[dict[str, Any]], key: str) -> str:

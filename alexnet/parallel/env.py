@@ -76,6 +76,8 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     local_rank = env_int("LOCAL_RANK", 0)
     local_world = env_int("LOCAL_WORLD_SIZE", world)
     check_launch(rank, world)
+    if local_world < 1:  # a layout divides by it
+        raise LaunchError(f"environment variable LOCAL_WORLD_SIZE={local_world} must be at least 1")
     use_cuda = torch.cuda.is_available() and not force_cpu
     if use_cuda:
         if local_rank >= torch.cuda.device_count():

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from alexnet.parallel.agree import ranks_text, share_setup_failure
 from alexnet.parallel.env import DistEnv
 
 TOWER_DEGREE = 2
@@ -135,30 +136,19 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
         shape, failure = plan_mesh(mode, env.rank, env.world_size, env.local_world_size, fc_group), None
     except LayoutError as exc:
         shape, failure = None, exc
+    share_setup_failure(failure, (LayoutError,))
+    assert shape is not None  # else that raised
     if not env.distributed:
-        if failure is not None:
-            raise failure
-        return shape  # type: ignore[return-value]
+        return shape
     gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, str(failure) if failure is not None else shape.model_size)  # type: ignore[union-attr]
-    failed = [(rank, g) for rank, g in enumerate(gathered) if isinstance(g, str)]
-    if failed:
-        rank, message = failed[0]
-        raise LayoutError(message if len(failed) == len(gathered) else f"rank {rank} (of {len(gathered)}): {message}")
+    dist.all_gather_object(gathered, shape.model_size)
     if len(set(gathered)) > 1:
         sizes = "; ".join(f"{size} on {ranks_text(gathered, size)}" for size in sorted(set(gathered)))
         raise LayoutError(
             f"parallel.mode={mode}: the ranks plan groups of different sizes ({sizes}), as their nodes run "
             "different numbers of processes; run the same --nproc_per_node on every node, or set parallel.fc_group"
         )
-    return shape  # type: ignore[return-value]
-
-
-def ranks_text(values: list[Any], value: Any) -> str:
-    """Where `values` holds `value`, as "ranks 0, 1, 3" (the first 8) or "rank 2"."""
-    ranks = [r for r, v in enumerate(values) if v == value]
-    shown = ", ".join(map(str, ranks[:8])) + (" ..." if len(ranks) > 8 else "")
-    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
+    return shape
 
 
 def build_mesh(env: DistEnv, mode: str, fc_group: int = 0) -> Mesh:
