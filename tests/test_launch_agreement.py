@@ -34,7 +34,8 @@ def test_ranks_started_with_different_settings_stop_at_once_naming_them(tiny_dat
     line = the_error_of_every_rank(proc)
     assert line.startswith(
         "error: the ranks were started with different settings: optim.lr 0.01 on rank 0, 0.5 on rank 1; "
-        "train.epochs 1 on rank 0, 2 on rank 1; start every rank with the same command (only paths may differ: "
+        "train.epochs 1 on rank 0, 2 on rank 1; start every rank with the same command "
+        "(only paths and a node's own tuning may differ: "
     ), line
     assert "run.root" in line and "run.root '" not in line  # a path: named as allowed, not as a difference
     assert "data.num_threads" in line and "data.num_threads 1" not in line  # a node's own tuning, the same
