@@ -61,11 +61,12 @@ def test_a_node_that_runs_another_number_of_processes_stops_every_rank(tiny_data
 
 
 def test_a_pair_s_process_group_keeps_the_collective_timeout(tmp_path):
-    """Rank 1 sleeps 7 s; rank 0's all-reduce over the pair ends by the 1 s timeout, not when
-    rank 1 exits (the group had torch's 30-minute default)."""
+    """Rank 1 sleeps 7 s; rank 0's all-reduce over the pair ends by the 1 s timeout ("Timed out
+    waiting 1000ms"), not when rank 1 exits ("Connection closed by peer": the group had torch's
+    30-minute default)."""
     proc = torchrun([GROUP_TIMEOUT, tmp_path, "1", "7"])
     result = json.loads((tmp_path / "rank0.json").read_text())
-    assert result["error"] and result["seconds"] < 5, (result, proc.stderr[-3000:])
+    assert "Timed out waiting 1000ms" in result["error"], (result, proc.stderr[-3000:])
 
 
 def test_a_checkpoint_reached_through_another_spelling_of_run_root_is_the_same_one(tiny_data, tmp_path):
