@@ -260,7 +260,10 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> Eva
     # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
     check_same_settings(option_settings(asdict(opts)), "evaluate.py options", may_differ=EVAL_MAY_DIFFER)
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
-    check_same_checkpoint(loaded.path, loaded.progress)  # --checkpoint may be a node's own copy
+    # --checkpoint may be a node's own copy, but of the same checkpoint
+    check_same_checkpoint(
+        (loaded.path, loaded.progress), "loaded different checkpoints", "give every rank the same one"
+    )
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
     if cfg.data.val_ten_crop and not opts.ten_crop and env.rank == 0:

@@ -26,7 +26,7 @@ from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
 from alexnet.parallel.agree import (
     SETUP_ERRORS,
     LoaderError,
-    checkpoint_identity,
+    check_same_checkpoint,
     describe_error,
     fetch_each,
     share_setup_failure,
@@ -260,20 +260,13 @@ class Trainer:
         """Every rank must continue from the same checkpoint. Ranks that read run.root from disks
         of their own (node-local storage) would each find another one, or none, and train on from
         different steps until their collectives stop matching. The same checkpoint is told by its
-        progress (checkpoint_identity), not by its path: nodes may spell run.root their own way (a
-        symbolic link, a relative path)."""
-        if not self.env.distributed:
-            return
-        mine = None if resumed is None else (str(resumed[1]), checkpoint_identity(resumed[0]["progress"]))
-        found: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(found, mine)
-        identities = [f[1] if f else None for f in found]
-        if any(identity != identities[0] for identity in identities):
-            seen = "; ".join(f"rank {r}: " + (f"{f[0]} (step {f[1][0]})" if f else "none") for r, f in enumerate(found))
-            raise CheckpointError(
-                f"the ranks found different checkpoints to resume from ({seen}); run.root "
-                f"({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)"
-            )
+        progress, not by its path: nodes may spell run.root their own way (a symbolic link, a
+        relative path)."""
+        check_same_checkpoint(
+            None if resumed is None else (resumed[1], resumed[0]["progress"]),
+            "found different checkpoints to resume from",
+            f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)",
+        )
 
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress

@@ -30,7 +30,7 @@ from typing import Any
 from alexnet.bench.output import Report, ReportError, format_ratios, format_table, prepare_out_dir, write_outputs
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, config_to_dict, load_config
-from alexnet.parallel.agree import LoaderError
+from alexnet.parallel.agree import MAY_DIFFER, LoaderError, check_same_settings, flat_settings, option_settings
 from alexnet.parallel.env import accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import exit_process, positive_seconds, print_error
@@ -210,6 +210,9 @@ def _config(args: argparse.Namespace, extra: list[str]):
 # Not compared across ranks: the overrides (compared as the config they make) and the legacy
 # launcher's --local-rank (each rank's own).
 NOT_COMPARED = ("overrides", "local_rank")
+# What may differ between ranks: the config's paths and a node's own tuning, and the options that
+# name paths, which each node may spell its own way.
+BENCH_MAY_DIFFER = MAY_DIFFER | {"--config", "--data", "--out"}
 
 
 def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report | None]) -> Report | None:
@@ -217,7 +220,6 @@ def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report 
     The ranks first check that they were started alike, as the trainer's do: other --windows or
     overrides on one agent made the ranks time different steps until a collective failed."""
     from alexnet.bench.step_bench import TABLE
-    from alexnet.parallel.agree import MAY_DIFFER, check_same_settings, flat_settings, option_settings
     from alexnet.parallel.env import init_distributed, shutdown_distributed
     from alexnet.process import apply_process_settings
 
@@ -225,8 +227,7 @@ def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report 
     env = init_distributed(cfg.parallel.timeout_s)
     try:
         options = option_settings({k: v for k, v in vars(args).items() if k not in NOT_COMPARED})
-        paths = frozenset({"--config", "--data", "--out"})  # a node's own spelling of them
-        check_same_settings({**flat_settings(config_to_dict(cfg)), **options}, "settings", MAY_DIFFER | paths)
+        check_same_settings({**flat_settings(config_to_dict(cfg)), **options}, "settings", BENCH_MAY_DIFFER)
         report = run(env)
     finally:
         shutdown_distributed()

@@ -63,23 +63,30 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def scan_class_folder(folder: Path) -> tuple[list[str], list[str]]:
-    """The image files of one class folder, sorted: the files every pipeline reads; and its
-    folders (hidden ones aside), sorted, whose files no pipeline reads. A symbolic link whose
-    target is gone is listed with the images (as ImageFolder lists it), so that the scan and the
-    decoders name it instead of the split silently losing the image."""
-    images, folders = [], []
+@dataclass(frozen=True)
+class ClassFolder:
+    """One class folder's entries, each list sorted, hidden ones (.DS_Store) aside."""
+
+    images: list[str]  # the files every pipeline reads
+    folders: list[str]  # whose files no pipeline reads
+    others: list[str]  # files of other extensions (.gif, .jfif, .heic: ImageFolder skips them too)
+
+
+def scan_class_folder(folder: Path) -> ClassFolder:
+    """A class folder's entries, in one pass over it. A symbolic link whose target is gone is
+    listed with the images (as ImageFolder lists it), so that the scan and the decoders name it
+    instead of the split silently losing the image."""
+    images, folders, others = [], [], []
     for entry in os.scandir(folder):
+        hidden = entry.name.startswith(".")
         if entry.is_dir():
-            if not entry.name.startswith("."):
+            if not hidden:
                 folders.append(entry.name)
         elif (entry.is_file() or entry.is_symlink()) and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-            images.append(entry.name)
-    return sorted(images), sorted(folders)
-
-
-def image_names(folder: Path) -> list[str]:
-    return scan_class_folder(folder)[0]
+            images.append(entry.name)  # hidden ones too (._x.jpg), as ImageFolder reads them
+        elif not hidden:
+            others.append(entry.name)
+    return ClassFolder(sorted(images), sorted(folders), sorted(others))
 
 
 def is_utf8(name: str) -> bool:
@@ -246,12 +253,12 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
         folder = split_dir / name
         if not folder.is_dir():
             continue
-        names, folders = scan_class_folder(folder)
-        if not names:
+        entries = scan_class_folder(folder)
+        if not entries.images:
             empty.append(name)
-        files.extend(str(folder / n) for n in names)
-        labels.extend([label] * len(names))
-        unread.extend(f"{name}/{f}" for f in folders)
+        files.extend(str(folder / n) for n in entries.images)
+        labels.extend([label] * len(entries.images))
+        unread.extend(f"{name}/{f}" for f in entries.folders)
     check_utf8_names(split_dir, files)
     if empty:
         raise DataError(

@@ -109,23 +109,13 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
         classes.remove(name)
     listing = SplitListing(split_dir, classes)
     for name in classes:
-        names, folders = scan_class_folder(split_dir / name)
-        if not names:
+        entries = scan_class_folder(split_dir / name)
+        if not entries.images:
             problems.append(f"class folder {split_dir / name} holds no images")
-        listing.files.extend(f"{name}/{n}" for n in names)
-        listing.unread_files.extend(f"{name}/{n}" for n in other_files(split_dir / name, names))
-        listing.unread_folders.extend(f"{name}/{n}" for n in folders)
+        listing.files.extend(f"{name}/{n}" for n in entries.images)
+        listing.unread_files.extend(f"{name}/{n}" for n in entries.others)
+        listing.unread_folders.extend(f"{name}/{n}" for n in entries.folders)
     return listing
-
-
-def other_files(folder: Path, images: list[str]) -> list[str]:
-    """The files of a class folder that no pipeline reads, their extension being none of
-    IMAGE_EXTENSIONS (.gif, .jfif, .heic: ImageFolder does not read them either), sorted; hidden
-    ones aside (.DS_Store), as pipelines.index leaves hidden folders aside."""
-    read = set(images)
-    return sorted(
-        e.name for e in os.scandir(folder) if not e.is_dir() and e.name not in read and not e.name.startswith(".")
-    )
 
 
 def compare_classes(train: SplitListing, val: SplitListing, problems: list[str]) -> None:

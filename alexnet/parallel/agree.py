@@ -181,19 +181,21 @@ def option_settings(options: dict[str, Any]) -> dict[str, Any]:
     return {f"--{name.replace('_', '-')}": value for name, value in options.items()}
 
 
-def check_same_checkpoint(path: Path, progress: dict[str, Any]) -> None:
-    """Collective: every rank loaded the same checkpoint, told by its progress (the run's step and
-    its clock, which no other checkpoint shares), not by its path: nodes may spell the folder their
-    own way (a symbolic link, a relative path, a copy under another name). Ranks that read
-    node-local copies of other steps raise a CheckpointError naming what each found."""
+def check_same_checkpoint(found: tuple[Path, dict[str, Any]] | None, what: str, advice: str) -> None:
+    """Collective: every rank has the same checkpoint (`found`: its path and progress; None: this
+    rank found none), told by its progress (the run's step and its clock, which no other
+    checkpoint shares), not by its path: nodes may spell the folder their own way (a symbolic
+    link, a relative path, a copy under another name). Ranks that read node-local copies of other
+    steps, or none, raise a CheckpointError: "the ranks <what> (what each found); <advice>"."""
     if not _distributed():
         return
-    mine = (str(path), checkpoint_identity(progress))
-    found: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(found, mine)
-    if any(f[1] != found[0][1] for f in found):
-        seen = "; ".join(f"rank {r}: {f[0]} (step {f[1][0]})" for r, f in enumerate(found))
-        raise CheckpointError(f"the ranks loaded different checkpoints ({seen}); give every rank the same one")
+    mine = None if found is None else (str(found[0]), checkpoint_identity(found[1]))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    identities = [g[1] if g else None for g in gathered]
+    if any(identity != identities[0] for identity in identities):
+        seen = "; ".join(f"rank {r}: " + (f"{g[0]} (step {g[1][0]})" if g else "none") for r, g in enumerate(gathered))
+        raise CheckpointError(f"the ranks {what} ({seen}); {advice}")
 
 
 def checkpoint_identity(progress: dict[str, Any]) -> tuple[Any, str]:
