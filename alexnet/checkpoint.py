@@ -177,24 +177,31 @@ def remove_stale_temporaries(folder: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True (no code runs from the file); errors name the file, in one line.
     A file that is no checkpoint at all (an export, a text file) says what it is instead."""
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; name a checkpoint file in it (e.g. {path / LAST})")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    head = _read_head(path)
-    # Told apart before torch.load, which would hand a TorchScript archive to torch.jit.load, warning first.
-    foreign = _zip_kind(path) if head.startswith(ZIP_MAGIC) else None
-    if foreign is not None:
-        raise CheckpointError(f"{path} is not a checkpoint of this trainer ({foreign})")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, unsafe pickle, or no PyTorch file at all
-        if not _pytorch_like(head):
-            raise CheckpointError(f"{path} is not a checkpoint of this trainer ({_foreign_kind(head)})") from exc
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({_load_failure(exc, head)})") from exc
+    payload = load_torch_file(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT_VERSION} checkpoint of this trainer")
     return payload
+
+
+def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoint of this trainer") -> Any:
+    """What torch.save wrote to `path`, loaded with weights_only=True. Errors are CheckpointErrors
+    in one line: "<noun> <path> cannot be loaded (...)", or "<path> is not a <kind> (...)" for a
+    file torch.save did not write (an export, a text file)."""
+    if path.is_dir():
+        raise CheckpointError(f"{noun} {path} is a folder; name a checkpoint file in it (e.g. {path / LAST})")
+    if not path.is_file():
+        raise CheckpointError(f"{noun} {path} does not exist")
+    head = _read_head(path, noun)
+    # Told apart before torch.load, which would hand a TorchScript archive to torch.jit.load, warning first.
+    foreign = _zip_kind(path) if head.startswith(ZIP_MAGIC) else None
+    if foreign is not None:
+        raise CheckpointError(f"{path} is not a {kind} ({foreign})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, unsafe pickle, or no PyTorch file at all
+        if not _pytorch_like(head):
+            raise CheckpointError(f"{path} is not a {kind} ({_foreign_kind(head)})") from exc
+        raise CheckpointError(f"{noun} {path} cannot be loaded ({_load_failure(exc, head)})") from exc
 
 
 # How the files that torch.save writes begin: a zip archive (PyTorch >= 1.6), a pickle (the older
@@ -207,12 +214,12 @@ _ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
 _EXPORTED = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
 
 
-def _read_head(path: Path) -> bytes:
+def _read_head(path: Path, noun: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read(_HEAD_BYTES)
     except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {os_reason(exc)}") from exc
+        raise CheckpointError(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
 
 
 def _zip_kind(path: Path) -> str | None:
@@ -273,20 +280,27 @@ def _first_sentence(text: str) -> str:
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Strict load with a message that says which parameters do not fit."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    problems = state_mismatches(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {problems}")
+    model.load_state_dict(state, strict=True)
+
+
+def state_mismatches(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], may_lack: frozenset[str] = frozenset()
+) -> str:
+    """What keeps `state` from loading into a model whose state dict is `own` ("" if nothing): the
+    first few names missing (but those in `may_lack`), unexpected, or of another shape."""
+    missing = sorted(set(own) - set(state) - may_lack)
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}")
-        if wrong:
-            parts.append(
-                "shape mismatch "
-                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
-            )
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:4])}")
+    if unexpected:
+        parts.append(f"unexpected {', '.join(unexpected[:4])}")
+    if wrong:
+        parts.append(
+            "shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:4])
+        )
+    return "; ".join(parts)

@@ -42,6 +42,9 @@ class ModelConfig:
     # Neurons of fc6 and fc7 (section 3.5: 4096; the paper variant holds half in each tower, so
     # even). Fewer for small datasets: most of the model's parameters are in these layers.
     fc_width: int = 4096
+    # A new run's starting weights (fine-tuning): torchvision's AlexNet file, an export's
+    # .torchvision.pth or a checkpoint; "" = initialised by model.init. A resume ignores it.
+    weights: str = ""
 
 
 @dataclass
@@ -642,6 +645,12 @@ def _check_combinations(cfg: Config) -> None:
         )
     if not cfg.checkpoint.resume.strip():
         raise ConfigError("config key 'checkpoint.resume' is empty: use auto, none, or a checkpoint file")
+    if cfg.model.weights and cfg.checkpoint.resume not in ("auto", "none"):
+        raise ConfigError(
+            f"config keys 'model.weights' and 'checkpoint.resume' both name a file; checkpoint.resume="
+            f"{cfg.checkpoint.resume} continues that run (its optimizer, schedule and data position), "
+            "model.weights starts a new run from a file's weights: give one of them"
+        )
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
         raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
 

@@ -27,6 +27,7 @@ from alexnet.parallel.agree import (
     SETUP_ERRORS,
     LoaderError,
     check_same_checkpoint,
+    check_same_contents,
     describe_error,
     fetch_each,
     share_setup_failure,
@@ -49,6 +50,7 @@ from alexnet.resume import (
 )
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
+from alexnet.weights import StartWeights, apply_start_weights, describe_start
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
 
@@ -107,6 +109,7 @@ class Trainer:
         share_setup_failure(failure)
         assert full is not None  # else that raised
         self._agree_on_resume(resumed)
+        self._agree_on_start_weights()
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
@@ -163,8 +166,13 @@ class Trainer:
         full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
         full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
         self.full_parameters = sum(p.numel() for p in full.parameters())
-        return full, load_resume_checkpoint(resume_from, self.ckpt_dir, full, config_to_dict(cfg),
-                                            self.splits.folder_classes)  # fmt: skip
+        resumed = load_resume_checkpoint(
+            resume_from, self.ckpt_dir, full, config_to_dict(cfg), self.splits.folder_classes
+        )
+        self.start_weights: StartWeights | None = None
+        if resumed is None and m.weights:  # a new run; a resume continues the run's own weights
+            self.start_weights = apply_start_weights(full, Path(m.weights).expanduser(), self.splits.folder_classes)
+        return full, resumed
 
     # ---- run folder and checkpoints -------------------------------------------------------
     def _check_run_dir(self) -> CheckpointConfig:
@@ -267,6 +275,17 @@ class Trainer:
             "found different checkpoints to resume from",
             f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)",
         )
+
+    def _agree_on_start_weights(self) -> None:
+        """A new run's ranks start from the same model.weights, read from each node's own path."""
+        start = self.start_weights
+        check_same_contents(
+            None if start is None else (str(start.path), start.digest, f"weights {start.digest[:12]}"),
+            "read different model.weights",
+            "every node needs the same file",
+        )
+        if start is not None:
+            log.info(describe_start(start))
 
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress

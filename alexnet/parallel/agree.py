@@ -140,9 +140,17 @@ def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception],
 
 # Settings that name paths: each node may spell them or mount the data its own way (a dataset
 # copied to every node's local disk, a relative run.root). What they lead to is checked where it
-# matters: the data's classes and counts, the checkpoint a resume starts from.
+# matters: the data's classes and counts, the checkpoint a resume starts from, a new run's weights.
 PATH_KEYS = frozenset(
-    {"data.root", "data.train_files", "data.val_files", "data.lighting_stats", "run.root", "checkpoint.resume"}
+    {
+        "data.root",
+        "data.train_files",
+        "data.val_files",
+        "data.lighting_stats",
+        "run.root",
+        "checkpoint.resume",
+        "model.weights",
+    }
 )
 # A node's own tuning, which no collective depends on: loader threads and queue depth, the
 # decoder and host memory of a node with other cores or another GPU, how rank 0 reports, the
@@ -187,14 +195,25 @@ def check_same_checkpoint(found: tuple[Path, dict[str, Any]] | None, what: str, 
     checkpoint shares), not by its path: nodes may spell the folder their own way (a symbolic
     link, a relative path, a copy under another name). Ranks that read node-local copies of other
     steps, or none, raise a CheckpointError: "the ranks <what> (what each found); <advice>"."""
+    if found is None:
+        check_same_contents(None, what, advice)
+        return
+    identity = checkpoint_identity(found[1])
+    check_same_contents((str(found[0]), identity, f"step {identity[0]}"), what, advice)
+
+
+def check_same_contents(found: tuple[str, Any, str] | None, what: str, advice: str) -> None:
+    """Collective: every rank read the same contents (`found`: the path it read, an identity of
+    what it holds, and that identity in a few words; None: this rank read nothing), whatever the
+    paths. Else every rank raises a CheckpointError: "the ranks <what> (each rank's path and
+    words); <advice>"."""
     if not _distributed():
         return
-    mine = None if found is None else (str(found[0]), checkpoint_identity(found[1]))
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, found)
     identities = [g[1] if g else None for g in gathered]
     if any(identity != identities[0] for identity in identities):
-        seen = "; ".join(f"rank {r}: " + (f"{g[0]} (step {g[1][0]})" if g else "none") for r, g in enumerate(gathered))
+        seen = "; ".join(f"rank {r}: " + (f"{g[0]} ({g[2]})" if g else "none") for r, g in enumerate(gathered))
         raise CheckpointError(f"the ranks {what} ({seen}); {advice}")
 
 

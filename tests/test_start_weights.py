@@ -1,0 +1,161 @@
+"""model.weights: a new run starts from a file's weights (torchvision's AlexNet, an export's
+.torchvision.pth, another run's checkpoint), fc8 afresh where it cannot stand for this data's
+classes; a resume continues its own checkpoint; every rank must read the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, torchrun, train_tiny
+
+from alexnet.checkpoint import FORMAT_VERSION
+from alexnet.config import ConfigError, load_config
+from alexnet.model import build_model
+from alexnet.weights import apply_start_weights, read_state_dict
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def torchvision_file(tmp_path, num_classes=1000, seed=1):
+    torch.manual_seed(seed)
+    state = torchvision.models.alexnet(num_classes=num_classes).state_dict()
+    path = tmp_path / f"tv{num_classes}.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def paper_state(num_classes=10, seed=2, width=TINY_FC_WIDTH, crop=67):
+    torch.manual_seed(seed)
+    return build_model("paper", num_classes, input_size=crop, init="kaiming", fc_width=width).state_dict()
+
+
+def fresh(variant, num_classes=10, width=4096, seed=0):
+    torch.manual_seed(seed)
+    return build_model(variant, num_classes, input_size=67, init="kaiming", fc_width=width)
+
+
+def assert_same(a, b, names):
+    for name in names:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_torchvision_weights_start_the_torchvision_variant_with_fc8_afresh_for_other_classes(tmp_path):
+    path, file_state = torchvision_file(tmp_path)
+    model, untouched = fresh("torchvision"), fresh("torchvision").state_dict()
+    start = apply_start_weights(model, path, CLASSES)
+    state = model.state_dict()
+    body = [k for k in state if not k.startswith("classifier.6.")]
+    assert_same(state, file_state, body)  # features, fc6, fc7 from the file
+    assert_same(state, untouched, ["classifier.6.weight", "classifier.6.bias"])  # as initialised
+    assert start.loaded == 14 and start.fresh_head == "the file's fc8 has 1000 outputs, this model's 10"
+
+
+def test_a_file_with_this_many_classes_gives_fc8_too(tmp_path):
+    path, file_state = torchvision_file(tmp_path, num_classes=10)
+    model = fresh("torchvision")
+    start = apply_start_weights(model, path, CLASSES)
+    assert_same(model.state_dict(), file_state, list(file_state))
+    assert start.loaded == 16 and start.fresh_head == ""
+
+
+@pytest.mark.parametrize(
+    ("classes", "head_from_file"),
+    [(CLASSES, True), ([f"d{i}" for i in range(10)], False)],
+)
+def test_a_checkpoint_gives_fc8_only_for_the_class_folders_it_was_trained_on(tmp_path, classes, head_from_file):
+    saved = paper_state()
+    path = tmp_path / "last.pt"
+    torch.save({"format": FORMAT_VERSION, "model": saved, "classes": CLASSES, "progress": {"step": 9}}, path)
+    model, untouched = fresh("paper", width=TINY_FC_WIDTH), fresh("paper", width=TINY_FC_WIDTH).state_dict()
+    start = apply_start_weights(model, path, classes)
+    state = model.state_dict()
+    assert_same(state, saved, [k for k in state if not k.startswith("fc8.")])
+    assert_same(state, saved if head_from_file else untouched, ["fc8.0.weight", "fc8.1.bias"])
+    assert start.fresh_head == ("" if head_from_file else "the checkpoint was trained on other class folders")
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "reference_script", "lightning"])
+def test_state_dicts_saved_by_other_tools_are_read(tmp_path, wrap):
+    _, state = torchvision_file(tmp_path, num_classes=10)
+    content = {
+        "ddp": {f"module.{k}": v for k, v in state.items()},  # saved from the DDP wrapper
+        "reference_script": {"model": state, "epoch": 89},  # torchvision's references/classification
+        "lightning": {"state_dict": state, "global_step": 5},
+    }[wrap]
+    torch.save(content, tmp_path / "w.pth")
+    read, classes = read_state_dict(tmp_path / "w.pth")
+    assert classes is None and list(read) == list(state)
+    assert_same(read, state, list(state))
+
+
+def test_weights_of_another_variant_or_width_are_refused_naming_the_key_and_the_file(tmp_path):
+    path, _ = torchvision_file(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), path, CLASSES)
+    said = str(err.value)
+    assert said.startswith(f"config key 'model.weights': {path} does not fit this model (missing conv1.0.bias")
+    assert "unexpected classifier.1.bias" in said and "model.variant, model.fc_width" in said
+    torch.save(paper_state(width=256), tmp_path / "narrow.pt")
+    with pytest.raises(ConfigError, match=r"shape mismatch fc6\.0\.bias \(128,\) vs \(256,\)"):
+        apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), tmp_path / "narrow.pt", CLASSES)
+
+
+def test_files_that_hold_no_weights_are_named(tmp_path):
+    model = fresh("torchvision")
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "net.torchscript.pt")
+    expected = {
+        "list.pt": "holds no state dict (parameter names mapped to tensors); give torchvision's AlexNet file",
+        "notes.txt": "is not a PyTorch weights file (not a PyTorch file)",
+        "net.torchscript.pt": "is not a PyTorch weights file (a TorchScript archive",
+        "missing.pth": "weights file",
+    }
+    for name, said in expected.items():
+        with pytest.raises(ConfigError) as err:
+            apply_start_weights(model, tmp_path / name, CLASSES)
+        assert str(err.value).startswith("config key 'model.weights': ") and said in str(err.value), err.value
+    assert "does not exist" in str(pytest.raises(ConfigError, read_state_dict, tmp_path / "missing.pth").value)
+
+
+def test_weights_and_a_checkpoint_to_resume_from_are_one_too_many():
+    with pytest.raises(ConfigError, match="config keys 'model.weights' and 'checkpoint.resume' both name a file"):
+        load_config(None, ["model.weights=/w.pth", "checkpoint.resume=/runs/a/checkpoints/last.pt"])
+    assert load_config(None, ["model.weights=/w.pth", "checkpoint.resume=none"]).model.weights == "/w.pth"
+
+
+def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(tiny_data, tmp_path):
+    saved = paper_state(seed=5)
+    weights = tmp_path / "start.pt"
+    torch.save(saved, weights)
+    # lr 1e-9: one step leaves the weights within 1e-6 of where they started, which a fresh
+    # initialisation (kaiming, about 0.05 apart) is not.
+    proc = check(train_tiny(tiny_data, tmp_path, "ft", f"model.weights={weights}", "optim.lr=1e-9",
+                            "train.max_steps=1", nproc=1))  # fmt: skip
+    assert f"started from the weights in {weights}: 32 tensors, fc8 included" in proc.stderr
+    trained = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name in ("conv1.0.weight", "fc7.1.weight", "fc8.0.weight"):
+        assert torch.allclose(trained[name], saved[name], atol=1e-6), name
+    assert (trained["conv1.0.weight"] - paper_state(seed=0)["conv1.0.weight"]).abs().max() > 0.01
+    weights.unlink()  # a resume continues the run's own checkpoint: the file is not read again
+    proc = check(train_tiny(tiny_data, tmp_path, "ft", f"model.weights={weights}", "optim.lr=1e-9",
+                            "train.max_steps=2", nproc=1))  # fmt: skip
+    assert "started from the weights" not in proc.stderr and "resum" in proc.stderr
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["steps"] == 2
+
+
+def test_ranks_that_read_different_weights_stop_before_the_run_folder(tiny_data, tmp_path):
+    torch.save(paper_state(seed=5), tmp_path / "a.pt")
+    torch.save(paper_state(seed=6), tmp_path / "b.pt")  # the same model, other values
+    wrapper = rank_1_differs(tmp_path, TRAIN, (f"model.weights={tmp_path / 'b.pt'}",))
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r",
+                     f"model.weights={tmp_path / 'a.pt'}", "parallel.timeout_s=30"])  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
+    assert lines[0].startswith(f"error: the ranks read different model.weights (rank 0: {tmp_path / 'a.pt'} (weights ")
+    assert lines[0].endswith("); every node needs the same file"), lines[0]
+    assert not (tmp_path / "r" / "config.yaml").exists()
