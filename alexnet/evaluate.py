@@ -11,6 +11,7 @@ counted, and the per-class (correct, count) vectors are summed with one all_redu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -64,8 +65,10 @@ def predict_log_probs(model: nn.Module, images: Tensor, amp: AmpPolicy) -> Tenso
     b, n = images.shape[:2]
     with amp.autocast():
         logits = model(images.flatten(0, 1))
-    probs = F.softmax(logits.float(), dim=1).view(b, n, -1).mean(dim=1)
-    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+    # log(mean of the N softmaxes), formed in log space: the mean itself underflows float32 for
+    # classes far below the best (a floor there capped the loss and let top-5 ties go by index).
+    log_probs = F.log_softmax(logits.float(), dim=1).view(b, n, -1)
+    return torch.logsumexp(log_probs, dim=1) - math.log(n)
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """Ten-crop evaluation (section 4.1): DALI's crops equal a plain-torch ten-crop of the same decoded
 images, the loader keeps the val contract, and the softmax is averaged over the crops."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,31 @@ def test_eval_batch_averages_the_softmax_over_the_crops(tiny_data):
     plain = eval_batch(model, images[:, 4], labels, amp)
     reference = eval_step(model, images[:, 4], labels, amp)
     assert torch.equal(plain.loss_sum, reference.loss_sum) and torch.equal(plain.correct, reference.correct)
+
+
+class FixedLogits(torch.nn.Module):
+    """A model whose logits for the ten crops of one image are given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        assert images.shape[0] == len(self.logits)
+        return self.logits
+
+
+def test_ten_crop_scores_stay_exact_far_below_the_best_class():
+    """Logits hundreds apart (a diverging model): the averaged softmax of the far classes is below
+    float32's range. Formed in log space, the loss and the ranking stay exact; a floor on the
+    averaged probabilities capped each image's loss at 87.3 and ranked the floored classes by index."""
+    logits = torch.tensor([[0.0, -400.0, -900.0, -300.0, -800.0, -700.0, -600.0]]).repeat(10, 1)
+    logits[5:, 0] = -1000.0  # five crops put class 0 far down
+    model = FixedLogits(logits)
+    images = torch.zeros(1, 10, 3, 4, 4)
+    log_probs = predict_log_probs(model, images, build_amp("off", CPU))
+    expected = torch.logsumexp(F.log_softmax(logits.double(), dim=1), dim=0) - math.log(10)
+    assert torch.allclose(log_probs[0].double(), expected, rtol=1e-6)
+    result = eval_batch(model, images, torch.tensor([2]), build_amp("off", CPU))
+    assert result.loss_sum.item() == pytest.approx(-expected[2].item(), rel=1e-6) and result.loss_sum.item() > 500
+    assert result.correct.tolist() == [0, 0]  # class 2 is the lowest of seven, not tied among the top 5
