@@ -30,7 +30,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, OptimConfig, config_to_dict
+from alexnet.config import CheckpointConfig, Config, config_to_dict
 from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
@@ -201,20 +201,28 @@ def changed_settings(
     return changes
 
 
-def batch_change(
-    before: int | None, saved_optim: dict[str, Any] | None, optim: OptimConfig, global_batch: int
-) -> list[str]:
-    """The global batch and the peak learning rate scaled with it, when a resume under another
-    world size or layout changes them: no config key names that change (2 -> 4 towers ranks
-    doubled both, and only the data shards' line gave it away). The peak before is the
+def batch_change(before: int | None, saved_config: dict[str, Any] | None, cfg: Config, global_batch: int) -> list[str]:
+    """The global batch and the peak learning rate scaled with it, when a resume changes them:
+    under another world size or layout no config key names that change (2 -> 4 towers ranks
+    doubled both, and only the data shards' line gave it away). The line names the cause: the
+    number of data-parallel replicas, data.batch_size, or both. The peak before is the
     checkpoint's own: its optim.lr at its batch (this run's optim.lr, where it changed too, made
     the line name a peak the run never had)."""
     if not isinstance(before, int) or before == global_batch:
         return []
-    saved = saved_optim if isinstance(saved_optim, dict) else {}
-    reference = saved.get("lr_reference_batch", optim.lr_reference_batch)
-    lr_before = scaled_lr(replace(optim, lr=saved.get("lr", optim.lr), lr_reference_batch=reference), before)
-    return [f"global batch: {before} -> {global_batch} (world size and layout), "
+    saved = saved_config if isinstance(saved_config, dict) else {}
+    saved_optim = saved.get("optim") if isinstance(saved.get("optim"), dict) else {}
+    saved_data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    optim, batch = cfg.optim, cfg.data.batch_size
+    reference = saved_optim.get("lr_reference_batch", optim.lr_reference_batch)
+    lr_before = scaled_lr(replace(optim, lr=saved_optim.get("lr", optim.lr), lr_reference_batch=reference), before)
+    batch_before = saved_data.get("batch_size", batch)
+    causes = []
+    if before // batch_before != global_batch // batch:
+        causes.append(f"{before // batch_before} -> {global_batch // batch} data-parallel replicas")
+    if batch_before != batch:
+        causes.append(f"data.batch_size {batch_before} -> {batch}")
+    return [f"global batch: {before} -> {global_batch} ({', '.join(causes)}), "
             f"its peak learning rate {lr_before:.4g} -> {scaled_lr(optim, global_batch):.4g}"]  # fmt: skip
 
 

@@ -297,7 +297,7 @@ class Trainer:
             return
         before = (p.trained_under or {}).get("global_batch")
         changes = changed_settings(payload["config"], config_to_dict(self.cfg)) + batch_change(
-            before, payload["config"].get("optim"), self.cfg.optim, self.plan.global_batch
+            before, payload["config"], self.cfg, self.plan.global_batch
         )
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",

@@ -17,7 +17,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, OptimConfig, config_to_dict, load_config
+from alexnet.config import CheckpointConfig, Config, DataConfig, OptimConfig, config_to_dict, load_config
 from alexnet.export import export_torchscript
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
@@ -260,11 +260,21 @@ def test_changed_settings_lists_each_changed_key():
 def test_a_batch_change_names_the_checkpoint_s_own_peak_learning_rate():
     """2 processes at optim.lr 0.01 (global batch 16: peak 0.00125) resumed on 1 with optim.lr 0.02
     was logged as "its peak learning rate 0.0025 -> 0.00125": the old peak from the new lr."""
-    optim = OptimConfig(lr=0.02, lr_reference_batch=128)
-    line = batch_change(16, {"lr": 0.01, "lr_reference_batch": 128}, optim, 8)
-    assert line == ["global batch: 16 -> 8 (world size and layout), its peak learning rate 0.00125 -> 0.00125"]
-    assert batch_change(16, {}, optim, 8)[0].endswith("0.0025 -> 0.00125")  # a config without the keys: this run's
-    assert batch_change(8, {"lr": 0.01}, optim, 8) == [] and batch_change(None, {}, optim, 8) == []
+    cfg = Config(optim=OptimConfig(lr=0.02, lr_reference_batch=128), data=DataConfig(batch_size=8))
+    saved = {"optim": {"lr": 0.01, "lr_reference_batch": 128}, "data": {"batch_size": 8}}
+    line = batch_change(16, saved, cfg, 8)
+    assert line == ["global batch: 16 -> 8 (2 -> 1 data-parallel replicas), its peak learning rate 0.00125 -> 0.00125"]
+    assert batch_change(16, {}, cfg, 8)[0].endswith("0.0025 -> 0.00125")  # a config without the keys: this run's
+    assert batch_change(8, saved, cfg, 8) == [] and batch_change(None, {}, cfg, 8) == []
+
+
+def test_a_batch_change_names_its_cause():
+    """data.batch_size 16 -> 8 on the same 2 ranks was put down to "world size and layout"."""
+    cfg = Config(data=DataConfig(batch_size=8))
+    saved = {"data": {"batch_size": 16}}
+    assert batch_change(32, saved, cfg, 16)[0].startswith("global batch: 32 -> 16 (data.batch_size 16 -> 8), ")
+    both = "global batch: 32 -> 24 (2 -> 3 data-parallel replicas, data.batch_size 16 -> 8), "
+    assert batch_change(32, saved, cfg, 24)[0].startswith(both)
 
 
 def test_model_init_is_no_changed_setting_on_resume():
