@@ -169,3 +169,19 @@ def test_training_from_the_folder_reads_a_name_with_a_line_break(tmp_path, tiny_
     assert str(odd) in build_file_index(tmp_path).files
     images, _ = next(iter(loader("dali", [str(odd)])))
     assert images.shape == (1, 3, 67, 67)
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot"])
+def test_a_file_listed_twice_is_refused_naming_both_lines(lists, tiny_data, tmp_path, spelling):
+    """A repeated line was read twice an epoch and, in a validation list, counted twice (102 images
+    scored for 101 files)."""
+    lines = (lists / "val.txt").read_text().splitlines()
+    entries = [i for i, line in enumerate(lines, start=1) if line.strip() and not line.startswith("#")]
+    first = lines[entries[0] - 1]
+    again = first if spelling == "same" else first.replace("/", "/./", 1)
+    doubled = tmp_path / "val.txt"
+    doubled.write_text("\n".join([*lines, again]) + "\n")
+    expected = f"file list {doubled} line {len(lines) + 1}: {again} is line {entries[0]}'s file again"
+    with pytest.raises(DataError) as info:
+        load_file_list(doubled, tiny_data / "val")
+    assert str(info.value) == f"{expected}; list each file once"

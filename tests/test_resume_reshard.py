@@ -220,7 +220,8 @@ def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tin
     check(torchrun([TRAIN, *common, "train.max_steps=10"], nproc=2))
     resumed = check(torchrun([TRAIN, *common, "checkpoint.resume=auto"], nproc=1))
     # no config key changes, but the batch and its rate do: named with the changed settings
-    assert "global batch: 16 -> 8 (2 -> 1 data-parallel replicas), its peak learning rate 0.02 -> 0.01" in resumed.stderr
+    said = "global batch: 16 -> 8 (2 -> 1 data-parallel replicas), its peak learning rate 0.02 -> 0.01"
+    assert said in resumed.stderr
     run = tmp_path / "reshard"
     records = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
     # peak lr: 0.01 * global batch / 8, i.e. 0.02 on 2 ranks, 0.01 on 1
