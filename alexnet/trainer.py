@@ -433,7 +433,7 @@ class Trainer:
         final = summarize_run(p.best_top1, p.best_top5, p.train_seconds, p.images, summary["world_size"],
                               summary["device"], self.splits.validated_classes, p.gpu_seconds,
                               synthetic=self.cfg.data.pipeline == "synthetic",
-                              ten_crop=self.cfg.data.val_ten_crop)  # fmt: skip
+                              ten_crop=self._best_ten_crop())  # fmt: skip
         summary.update(wall_hours=final.wall_hours, gpu_hours=final.gpu_hours, paper=final.paper)
         self._on_main_rank(lambda: self.reporter.summary(summary, final))
         self.reporter.close()
@@ -590,12 +590,19 @@ class Trainer:
             raise stopped_by(exc, f"{said}; the resumed run validates the epoch again.") from exc
         return tally
 
+    def _best_ten_crop(self) -> bool:
+        """Whether the run's best validation averaged ten crops; for a checkpoint from before that
+        was kept, this session's setting."""
+        kept = self.progress.best_ten_crop
+        return self.cfg.data.val_ten_crop if kept is None else kept
+
     def _record_validation(self, epoch: int, stats: dict[str, float], elapsed: float) -> None:
         """Progress, the metrics file and then the plateau schedule take the validation's figures.
         The record's lr is the rate of the step before it, as a training record's is (it was the
         next step's, after the plateau's decision, and a cosine run's last validation said 0)."""
         p = self.progress
-        p.record_validation(stats["top1"], stats["top5"], stats["loss"])
+        ten_crop = self.cfg.data.val_ten_crop
+        p.record_validation(stats["top1"], stats["top5"], stats["loss"], ten_crop)
         self.reporter.validation(
             {
                 "split": "val",
@@ -605,6 +612,7 @@ class Trainer:
                 "top1": stats["top1"],
                 "top5": stats["top5"],
                 "count": stats["count"],
+                "ten_crop": ten_crop,
                 "images_per_sec": stats["count"] / max(elapsed, 1e-9),
                 "lr": self.schedule.lr_at(max(p.step - 1, 0)),
             }
@@ -727,6 +735,7 @@ class Trainer:
             "steps": p.step,
             "best_top1": p.best_top1,
             "best_top5": p.best_top5,
+            "best_ten_crop": None if p.best_top1 is None else self._best_ten_crop(),
             "final_top1": p.last_top1,
             "final_top5": p.last_top5,
             "train_images": p.images,

@@ -234,11 +234,25 @@ def test_the_best_validation_is_the_highest_top1_and_a_tie_goes_to_the_higher_to
 
     p = Progress()
     for top1, top5 in ((40.0, 90.0), (46.0, 82.0), (46.0, 94.0), (44.0, 99.0), (46.0, 90.0)):
-        p.record_validation(top1, top5, loss=2.0)
+        p.record_validation(top1, top5, loss=2.0, ten_crop=False)
     assert (p.best_top1, p.best_top5) == (46.0, 94.0)
     assert (p.last_top1, p.last_top5) == (46.0, 90.0)
-    p.record_validation(50.0, 95.0, loss=float("nan"))  # a diverged model's: the class NaN logits pick
+    p.record_validation(50.0, 95.0, loss=float("nan"), ten_crop=False)  # a diverged model's: NaN logits' class
     assert (p.best_top1, p.best_top5, p.last_top1) == (46.0, 94.0, 50.0)
+
+
+def test_the_best_validation_keeps_whether_it_averaged_ten_crops():
+    """A run validated on the centre crop and resumed with data.val_ten_crop=true labelled its best
+    figure, a centre crop's, as ten crops averaged (the session's setting)."""
+    from alexnet.resume import Progress
+
+    p = Progress()
+    assert p.best_ten_crop is None
+    p.record_validation(10.0, 60.0, loss=2.0, ten_crop=False)
+    p.record_validation(0.0, 10.0, loss=2.0, ten_crop=True)
+    assert (p.best_top1, p.best_ten_crop) == (10.0, False)
+    p.record_validation(12.0, 50.0, loss=2.0, ten_crop=True)
+    assert (p.best_top1, p.best_ten_crop) == (12.0, True)
 
 
 def test_the_comparison_says_whether_ten_crops_were_averaged_and_needs_the_1000_classes_validated():
