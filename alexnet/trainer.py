@@ -50,7 +50,7 @@ from alexnet.resume import (
 )
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
-from alexnet.weights import StartWeights, apply_start_weights, describe_start
+from alexnet.weights import StartWeights, apply_start_weights, describe_start, resumed_weights
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
 
@@ -170,7 +170,10 @@ class Trainer:
             resume_from, self.ckpt_dir, full, config_to_dict(cfg), self.splits.folder_classes
         )
         self.start_weights: StartWeights | None = None
-        if resumed is None and m.weights:  # a new run; a resume continues the run's own weights
+        if resumed is not None:  # a resume continues the run's own weights
+            kept = resumed_weights(resumed[0].get("config"), m.weights, plan.run_dir)
+            self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, weights=kept))
+        elif m.weights:
             self.start_weights = apply_start_weights(full, Path(m.weights).expanduser(), self.splits.folder_classes)
         return full, resumed
 
@@ -283,6 +286,7 @@ class Trainer:
             None if start is None else (str(start.path), start.digest, f"weights {start.digest[:12]}"),
             "read different model.weights",
             "every node needs the same file",
+            ConfigError,
         )
         if start is not None:
             log.info(describe_start(start))

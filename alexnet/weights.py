@@ -9,6 +9,7 @@ checkpoint trained on other class folders. That is how fine-tuning starts.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -26,7 +27,8 @@ from alexnet.model import head_pieces
 log = logging.getLogger("alexnet")
 
 # Where other tools keep a state dict inside their checkpoints: torchvision's reference training
-# scripts ("model") and PyTorch Lightning ("state_dict").
+# scripts ("model") and PyTorch Lightning ("state_dict", its names after the attribute that holds
+# the network: _without_holder_prefix).
 _NESTED_KEYS = ("model", "state_dict")
 # Name prefixes of a model saved while wrapped: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -47,6 +49,7 @@ def apply_start_weights(model: nn.Module, path: Path, classes: list[str] | None)
     the training data's class folders (None for synthetic data), held against a checkpoint's."""
     state, file_classes = read_state_dict(path)
     own = model.state_dict()
+    state = _without_holder_prefix(state, own)
     head = frozenset(f"{piece}.{kind}" for piece in head_pieces(model)["fc8"] for kind in ("weight", "bias"))
     fresh_head = _fresh_head_reason(state, own, head, file_classes, classes)
     taken = {k: v for k, v in state.items() if not (fresh_head and k in head)}
@@ -56,15 +59,18 @@ def apply_start_weights(model: nn.Module, path: Path, classes: list[str] | None)
             f"config key 'model.weights': {path} does not fit this model ({problems}); model.variant, "
             "model.fc_width and, for the paper variant, data.crop shape it"
         )
+    _check_values(taken, path)
     model.load_state_dict(taken, strict=False)  # what it lacks is the fresh head alone (checked above)
     return StartWeights(path, len(taken), fresh_head, weights_digest(taken))
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     """The state dict in `path` and, for this trainer's checkpoints, the class folders it was
-    trained on. Loaded with weights_only=True: no code runs from the file."""
+    trained on. Loaded with weights_only=True: no code runs from the file (torchvision's
+    reference scripts store their arguments as an argparse.Namespace, allowed: it holds values)."""
     try:
-        content = load_torch_file(path, noun="weights file", kind="PyTorch weights file")
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            content = load_torch_file(path, noun="weights file", kind="PyTorch weights file")
     except CheckpointError as exc:
         raise ConfigError(f"config key 'model.weights': {exc}") from exc
     classes = None
@@ -76,10 +82,32 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | No
         content = next((content[k] for k in _NESTED_KEYS if _is_state_dict(content.get(k))), content)
     if not _is_state_dict(content):
         raise ConfigError(
-            f"config key 'model.weights': {path} holds no state dict (parameter names mapped to tensors); "
-            "give torchvision's AlexNet file, an export's .torchvision.pth or a checkpoint of this trainer"
+            f"config key 'model.weights': {path} holds no state dict (parameter names mapped to tensors"
+            f"{_not_tensors(content)}); give torchvision's AlexNet file, an export's .torchvision.pth or "
+            "a checkpoint of this trainer"
         )
     return _unwrapped(content), classes
+
+
+def resumed_weights(saved_config: Any, weights: str, run_dir: Path) -> str:
+    """The model.weights of a run this session resumes: the file the run started from, which its
+    config.yaml goes on naming (a resume continues the run's own weights and never reads it). An
+    empty model.weights keeps it; another file (added, or changed, on a command that resumes)
+    would be recorded as the run's start while the run never read it, and is refused."""
+    model = saved_config.get("model") if isinstance(saved_config, dict) else None
+    saved = model.get("weights", "") if isinstance(model, dict) else ""
+    if not weights or _same_weights(saved, weights):
+        return saved
+    started = f"from the weights in {saved}" if saved else "without model.weights"
+    raise ConfigError(
+        f"config key 'model.weights': run folder {run_dir} holds a run started {started}, which this session "
+        f"would continue (a run reads model.weights at its start only); to start from {weights}, give the run "
+        "a folder of its own with run.name=<new name>, or leave model.weights out to continue (nothing was written)"
+    )
+
+
+def _same_weights(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -105,15 +133,35 @@ def _fresh_head_reason(
     file_classes: list[str] | None,
     classes: list[str] | None,
 ) -> str:
-    if not head <= set(state):
+    """Why fc8 keeps its initialisation; "" when the file's fc8 is taken, or when it is malformed
+    (part of it missing, rows that are not its outputs' or inputs of another width): then it is
+    named with the tensors that do not fit."""
+    present = head & set(state)
+    if not present:
         return "the file holds no fc8"
-    if any(state[k].shape != own[k].shape for k in head):
-        outputs = sum(state[k].shape[0] for k in head if k.endswith(".bias"))
-        mine = sum(own[k].shape[0] for k in head if k.endswith(".bias"))
-        return f"the file's fc8 has {outputs} outputs, this model's {mine}"
-    if file_classes is not None and classes is not None and file_classes != classes:
-        return "the checkpoint was trained on other class folders"
-    return ""
+    if present != head:
+        return ""
+    if all(state[k].shape == own[k].shape for k in head):
+        if file_classes is not None and classes is not None and file_classes != classes:
+            return "the checkpoint was trained on other class folders"
+        return ""
+    weights = sorted(k for k in head if k.endswith(".weight"))
+    for name in weights:
+        bias = state[name.removesuffix(".weight") + ".bias"]
+        if state[name].ndim != 2 or state[name].shape[1] != own[name].shape[1] or bias.shape != state[name].shape[:1]:
+            return ""
+    outputs = sum(state[k].shape[0] for k in weights)
+    return f"the file's fc8 has {outputs} outputs, this model's {sum(own[k].shape[0] for k in weights)}"
+
+
+def _check_values(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Tensors without data (saved from a model on the meta device) or with NaN or infinite
+    values would fail at the first step with a message about gradients."""
+    for name, tensor in state.items():
+        if tensor.is_meta:
+            raise ConfigError(f"config key 'model.weights': {path}: {name} holds no values (a meta tensor)")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"config key 'model.weights': {path}: {name} holds NaN or infinite values")
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -124,9 +172,32 @@ def _is_state_dict(value: Any) -> bool:
     )
 
 
+def _not_tensors(content: Any) -> str:
+    """ "; its entries epoch, args are not tensors" for a mapping that is almost a state dict."""
+    if not isinstance(content, dict) or not content:
+        return ""
+    others = [str(k) for k, v in content.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if len(others) == len(content):
+        return ""
+    return f"; not tensors: {', '.join(others[:4])}"
+
+
 def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Names as the bare model has them: a model saved inside DDP or torch.compile prefixes each."""
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    """Names as the bare model has them: a model saved inside DDP or torch.compile, in either
+    order, prefixes each with the wrappers'."""
+    while prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
+
+
+def _without_holder_prefix(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A network saved as an attribute of another module (a LightningModule's `self.model`,
+    `self.net`) has that attribute's name before each of its names: read without it when none of
+    the names is the model's and all share that first part."""
+    if set(state) & set(own):
+        return state
+    first = {k.split(".", 1)[0] for k in state}
+    if len(first) != 1 or not all("." in k for k in state):
+        return state
+    stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
+    return stripped if set(stripped) & set(own) else state

@@ -4,6 +4,7 @@ classes; a resume continues its own checkpoint; every rank must read the same we
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, to
 from alexnet.checkpoint import FORMAT_VERSION
 from alexnet.config import ConfigError, load_config
 from alexnet.model import build_model
-from alexnet.weights import apply_start_weights, read_state_dict
+from alexnet.weights import apply_start_weights, read_state_dict, resumed_weights
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -77,18 +78,22 @@ def test_a_checkpoint_gives_fc8_only_for_the_class_folders_it_was_trained_on(tmp
     assert start.fresh_head == ("" if head_from_file else "the checkpoint was trained on other class folders")
 
 
-@pytest.mark.parametrize("wrap", ["ddp", "reference_script", "lightning"])
+@pytest.mark.parametrize("wrap", ["ddp", "compiled_ddp", "reference_script", "lightning"])
 def test_state_dicts_saved_by_other_tools_are_read(tmp_path, wrap):
     _, state = torchvision_file(tmp_path, num_classes=10)
     content = {
         "ddp": {f"module.{k}": v for k, v in state.items()},  # saved from the DDP wrapper
-        "reference_script": {"model": state, "epoch": 89},  # torchvision's references/classification
-        "lightning": {"state_dict": state, "global_step": 5},
+        "compiled_ddp": {f"_orig_mod.module.{k}": v for k, v in state.items()},  # torch.compile(DDP(model))
+        # torchvision's references/classification/train.py: its arguments are an argparse.Namespace
+        "reference_script": {"model": state, "epoch": 89, "args": argparse.Namespace(lr=0.01, model="alexnet")},
+        # a LightningModule holding the network as self.net
+        "lightning": {"state_dict": {f"net.{k}": v for k, v in state.items()}, "global_step": 5},
     }[wrap]
     torch.save(content, tmp_path / "w.pth")
-    read, classes = read_state_dict(tmp_path / "w.pth")
-    assert classes is None and list(read) == list(state)
-    assert_same(read, state, list(state))
+    model = fresh("torchvision")
+    start = apply_start_weights(model, tmp_path / "w.pth", CLASSES)
+    assert start.loaded == 16 and start.fresh_head == ""
+    assert_same(model.state_dict(), state, list(state))
 
 
 def test_weights_of_another_variant_or_width_are_refused_naming_the_key_and_the_file(tmp_path):
@@ -101,6 +106,60 @@ def test_weights_of_another_variant_or_width_are_refused_naming_the_key_and_the_
     torch.save(paper_state(width=256), tmp_path / "narrow.pt")
     with pytest.raises(ConfigError, match=r"shape mismatch fc6\.0\.bias \(128,\) vs \(256,\)"):
         apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), tmp_path / "narrow.pt", CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ("nan", "classifier.4.bias holds NaN or infinite values"),
+        ("inf", "features.0.weight holds NaN or infinite values"),
+        ("meta", "features.0.weight holds no values (a meta tensor)"),
+        ("fc8_rows", "shape mismatch classifier.6.weight (12, 4096) vs (10, 4096)"),
+        ("fc8_inputs", "shape mismatch classifier.6.weight (10, 100) vs (10, 4096)"),
+        ("fc8_no_bias", "missing classifier.6.bias"),
+        ("not_a_tensor", "holds no state dict (parameter names mapped to tensors; not tensors: epoch)"),
+    ],
+)
+def test_weights_that_would_fail_later_are_refused_naming_the_tensor(tmp_path, change, said):
+    """NaN weights trained into an error about gradients; a meta tensor into a traceback; a
+    malformed fc8 was dropped as 'another number of outputs' (12 weight rows, 10 biases: "10
+    outputs, this model's 10")."""
+    _, state = torchvision_file(tmp_path, num_classes=10)
+    if change == "nan":
+        state["classifier.4.bias"][3] = float("nan")
+    elif change == "inf":
+        state["features.0.weight"][0, 0, 0, 0] = float("inf")
+    elif change == "meta":
+        state["features.0.weight"] = torch.empty(64, 3, 11, 11, device="meta")
+    elif change == "fc8_rows":
+        state["classifier.6.weight"] = torch.zeros(12, 4096)
+    elif change == "fc8_inputs":
+        state["classifier.6.weight"] = torch.zeros(10, 100)
+    elif change == "fc8_no_bias":
+        del state["classifier.6.bias"]
+    else:
+        state["epoch"] = 5
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ConfigError) as err:
+        apply_start_weights(fresh("torchvision"), tmp_path / "w.pth", CLASSES)
+    assert str(err.value).startswith(f"config key 'model.weights': {tmp_path / 'w.pth'}") and said in str(err.value)
+
+
+def test_a_resume_keeps_the_weights_its_run_started_from_and_refuses_another_file(tmp_path):
+    saved = {"model": {"weights": str(tmp_path / "start.pt")}}
+    assert resumed_weights(saved, "", tmp_path / "run") == str(tmp_path / "start.pt")  # left out: the run's own
+    assert resumed_weights(saved, str(tmp_path / "." / "start.pt"), tmp_path / "run") == str(tmp_path / "start.pt")
+    assert resumed_weights({"model": {}}, "", tmp_path / "run") == ""  # a run started without them
+    with pytest.raises(ConfigError) as err:
+        resumed_weights({"model": {}}, "/w/tv.pth", tmp_path / "run")
+    assert str(err.value) == (
+        f"config key 'model.weights': run folder {tmp_path / 'run'} holds a run started without model.weights, "
+        "which this session would continue (a run reads model.weights at its start only); to start from "
+        "/w/tv.pth, give the run a folder of its own with run.name=<new name>, or leave model.weights out to "
+        "continue (nothing was written)"
+    )
+    with pytest.raises(ConfigError, match=f"holds a run started from the weights in {tmp_path / 'start.pt'}, "):
+        resumed_weights(saved, "/w/other.pth", tmp_path / "run")
 
 
 def test_files_that_hold_no_weights_are_named(tmp_path):
@@ -141,11 +200,14 @@ def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(t
         assert torch.allclose(trained[name], saved[name], atol=1e-6), name
     assert (trained["conv1.0.weight"] - paper_state(seed=0)["conv1.0.weight"]).abs().max() > 0.01
     weights.unlink()  # a resume continues the run's own checkpoint: the file is not read again
-    proc = check(train_tiny(tiny_data, tmp_path, "ft", f"model.weights={weights}", "optim.lr=1e-9",
-                            "train.max_steps=2", nproc=1))  # fmt: skip
-    assert "started from the weights" not in proc.stderr and "resum" in proc.stderr
-    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
-    assert summary["steps"] == 2
+    proc = check(train_tiny(tiny_data, tmp_path, "ft", "optim.lr=1e-9", "train.max_steps=2", nproc=1))
+    assert "started from the weights" not in proc.stderr and "resumed from" in proc.stderr
+    config = (tmp_path / "ft" / "config.yaml").read_text()
+    assert load_config(tmp_path / "ft" / "config.yaml").model.weights == str(weights)  # still the run's start
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["steps"] == 2
+    other = train_tiny(tiny_data, tmp_path, "ft", f"model.weights={tmp_path / 'b.pt'}", "train.max_steps=3", nproc=1)
+    assert other.returncode == 2 and f"holds a run started from the weights in {weights}, " in other.stderr
+    assert (tmp_path / "ft" / "config.yaml").read_text() == config
 
 
 def test_ranks_that_read_different_weights_stop_before_the_run_folder(tiny_data, tmp_path):
@@ -159,3 +221,4 @@ def test_ranks_that_read_different_weights_stop_before_the_run_folder(tiny_data,
     assert lines[0].startswith(f"error: the ranks read different model.weights (rank 0: {tmp_path / 'a.pt'} (weights ")
     assert lines[0].endswith("); every node needs the same file"), lines[0]
     assert not (tmp_path / "r" / "config.yaml").exists()
+    assert proc.stderr.count("exitcode  : 2") == 2 or proc.stderr.count("exitcode: 2") == 2, proc.stderr[-3000:]

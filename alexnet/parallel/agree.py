@@ -202,11 +202,13 @@ def check_same_checkpoint(found: tuple[Path, dict[str, Any]] | None, what: str, 
     check_same_contents((str(found[0]), identity, f"step {identity[0]}"), what, advice)
 
 
-def check_same_contents(found: tuple[str, Any, str] | None, what: str, advice: str) -> None:
+def check_same_contents(
+    found: tuple[str, Any, str] | None, what: str, advice: str, error: type[Exception] = CheckpointError
+) -> None:
     """Collective: every rank read the same contents (`found`: the path it read, an identity of
     what it holds, and that identity in a few words; None: this rank read nothing), whatever the
-    paths. Else every rank raises a CheckpointError: "the ranks <what> (each rank's path and
-    words); <advice>"."""
+    paths. Else every rank raises `error`: "the ranks <what> (each rank's path and words);
+    <advice>"."""
     if not _distributed():
         return
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -214,7 +216,7 @@ def check_same_contents(found: tuple[str, Any, str] | None, what: str, advice: s
     identities = [g[1] if g else None for g in gathered]
     if any(identity != identities[0] for identity in identities):
         seen = "; ".join(f"rank {r}: " + (f"{g[0]} ({g[2]})" if g else "none") for r, g in enumerate(gathered))
-        raise CheckpointError(f"the ranks {what} ({seen}); {advice}")
+        raise error(f"the ranks {what} ({seen}); {advice}")
 
 
 def checkpoint_identity(progress: dict[str, Any]) -> tuple[Any, str]:
