@@ -12,7 +12,9 @@ write, so a resume from previous.pt starts afresh too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,26 @@ def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, r
     failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
     if failed:
         raise CheckpointError(f"PowerSGD's state could not be written ({'; '.join(failed)})")
+
+
+def remove_stale_powersgd_state(ckpt_dir: Path, world_size: int, in_use: bool) -> None:
+    """After a checkpoint is written (rank 0): the state files of ranks beyond this world (a run
+    shrunk from 8 ranks to 4), or all of them where PowerSGD is off, each as large as the
+    gradients (244 MB per rank at ImageNet shapes). A resume takes the files only when every rank
+    finds its own at the checkpoint's step: the ranks beyond the world never can again (the
+    others wrote theirs at the new step); with PowerSGD off, only a fallback to previous.pt with
+    PowerSGD back on could, and without them it starts PowerSGD afresh, as any resume it cannot
+    serve."""
+    folder = ckpt_dir / FOLDER
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        number = entry.name.removeprefix("rank")
+        if entry.is_dir() and number.isdigit() and (not in_use or int(number) >= world_size):
+            shutil.rmtree(entry, ignore_errors=True)
+    if not in_use:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # empty unless a user keeps something there
 
 
 def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict[str, Any] | None, str]:

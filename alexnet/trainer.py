@@ -37,7 +37,7 @@ from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
-from alexnet.powersgd_checkpoint import restore_powersgd_state, save_powersgd_state
+from alexnet.powersgd_checkpoint import remove_stale_powersgd_state, restore_powersgd_state, save_powersgd_state
 from alexnet.report import session_gpu_seconds, summarize_run
 from alexnet.reporting import MetricsWriteError, Reporter, comm_per_step
 from alexnet.resume import (
@@ -343,9 +343,16 @@ class Trainer:
         rotate = self._rotate_previous and p.step != self._saved_step
         # Rank 0's write, shared: no rank goes on before last.pt is written, and where it could not
         # be (a full disk), every rank stops with the reason instead of in a broken collective.
-        self._on_main_rank(lambda: atomic_save(payload, self.ckpt_dir, rotate=rotate))
+        self._on_main_rank(lambda: self._write_checkpoint(payload, rotate))
         self._rotate_previous = True
         self._saved_step = p.step
+
+    def _write_checkpoint(self, payload: dict[str, Any], rotate: bool) -> None:
+        """Rank 0's part: last.pt, then the PowerSGD state files no resume can take any more."""
+        atomic_save(payload, self.ckpt_dir, rotate=rotate)
+        hook = self.par.comm_hook
+        in_use = hook is not None and hook.powersgd is not None
+        remove_stale_powersgd_state(self.ckpt_dir, self.env.world_size, in_use)
 
     def _rank_setup(self) -> dict[str, Any]:
         """What a rank's own checkpoint state (PowerSGD's) belongs to: a resume under another
@@ -410,6 +417,8 @@ class Trainer:
                 self._summarize_failure(exc)
             raise
         finally:
+            for loader in (self.train_loader, self.val_loader):
+                loader.close()
             self._lock.release()
 
     def _fit(self) -> dict[str, Any]:

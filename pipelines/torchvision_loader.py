@@ -184,4 +184,7 @@ class TorchvisionLoader:
         self._pos = int(state["pos"])
 
     def close(self) -> None:
+        """Stops the worker processes now (ForkSafeDataLoader.close)."""
+        if self._loader is not None:
+            self._loader.close()
         self._loader = None

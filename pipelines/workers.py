@@ -39,3 +39,13 @@ class ForkSafeDataLoader(DataLoader):
         if self.num_workers > 0 and not reuses_workers:
             gc.collect()
         return super().__iter__()
+
+    def close(self) -> None:
+        """Stops persistent workers now. Left to the interpreter's exit, multiprocessing terminates
+        them (they are daemons) before they remove their temporary folders: each left a
+        /tmp/pymp-* folder behind. A DataLoader has no public way to do this; its iterator's
+        shutdown (which later calls skip) is what deleting the last reference to it runs."""
+        iterator = getattr(self, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -14,6 +14,7 @@ import torch
 from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
 
 from alexnet.metrics import read_metrics
+from alexnet.powersgd_checkpoint import remove_stale_powersgd_state
 
 pytestmark = pytest.mark.slow
 STEPS = 6  # PowerSGD starts compressing at step 3 (start_powerSGD_iter=2)
@@ -107,6 +108,9 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
         assert saved["state"]["q"]  # and the warm-start factors of the compressed ones
     shutil.copytree(tmp_path / "resumed", tmp_path / "lost")
     (tmp_path / "lost" / "checkpoints" / "powersgd" / "rank1" / "last.pt").unlink()
+    # A rank of an earlier, larger world: no resume of this 2-rank run can take its state any more.
+    shutil.copytree(tmp_path / "lost" / "checkpoints" / "powersgd" / "rank0", tmp_path / "lost" / "checkpoints"
+                    / "powersgd" / "rank3")  # fmt: skip
     shutil.copytree(tmp_path / "resumed", tmp_path / "flipped")
 
     resumed = train("resumed", 9)
@@ -117,12 +121,30 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
     lost = train("lost", 9)
     assert "PowerSGD starts afresh" in lost.stderr and "rank 1: " in lost.stderr and "does not exist" in lost.stderr
     assert not torch.equal(straight["fc6.0.weight"], weights("lost")["fc6.0.weight"])
+    assert sorted(p.name for p in (tmp_path / "lost" / "checkpoints" / "powersgd").iterdir()) == ["rank0", "rank1"]
 
     # The residual is in the gradients' memory order (NHWC under channels_last): another memory
     # format would add each conv's residual to the wrong elements, so it starts afresh instead.
     flipped = check(torchrun_or_fail([TRAIN, *common, "run.name=flipped", "train.max_steps=5",
                                       "train.channels_last=false"], tmp_path))  # fmt: skip
     assert "PowerSGD starts afresh" in flipped.stderr and "'channels_last': True}, this run is" in flipped.stderr
+
+
+def test_state_files_no_resume_can_take_are_removed_after_a_checkpoint(tmp_path):
+    """A run shrunk from 4 ranks to 2 kept ranks 2 and 3's files, one turned to comm_hook=none
+    all four: as large as the gradients each (244 MB per rank at ImageNet shapes), never read."""
+    for rank in range(4):
+        (tmp_path / "powersgd" / f"rank{rank}").mkdir(parents=True)
+        (tmp_path / "powersgd" / f"rank{rank}" / "last.pt").write_bytes(b"state")
+    (tmp_path / "powersgd" / "notes.txt").write_text("a user's")
+    remove_stale_powersgd_state(tmp_path, world_size=2, in_use=True)
+    assert sorted(p.name for p in (tmp_path / "powersgd").iterdir()) == ["notes.txt", "rank0", "rank1"]
+    remove_stale_powersgd_state(tmp_path, world_size=2, in_use=False)
+    assert sorted(p.name for p in (tmp_path / "powersgd").iterdir()) == ["notes.txt"]
+    (tmp_path / "powersgd" / "notes.txt").unlink()
+    remove_stale_powersgd_state(tmp_path, world_size=2, in_use=False)
+    assert not (tmp_path / "powersgd").exists()
+    remove_stale_powersgd_state(tmp_path, world_size=2, in_use=False)  # none there: nothing to do
 
 
 def test_a_resumed_session_all_reduces_as_the_straight_run_on_4_ranks(tmp_path):

@@ -104,3 +104,27 @@ def test_workers_that_persist_are_started_and_collected_for_once(monkeypatch):
     collections.clear()
     assert [b.tolist() for b in ForkSafeDataLoader(list(range(4)), batch_size=2)] == [[0, 1], [2, 3]]
     assert collections == []  # no workers, nothing forked
+
+
+def test_a_run_on_the_torchvision_pipeline_leaves_no_worker_folders_behind(tiny_data, tmp_path):
+    """Persistent workers left to the interpreter's exit are terminated by multiprocessing before
+    they remove their temporary folders: every run left a /tmp/pymp-* folder (with a socket) per
+    worker of each split. Stopped mid-epoch (max_steps), the training workers are busy too."""
+    from _helpers import TINY_TRAIN, TRAIN, check, one_process
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    check(one_process([TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=tv",
+                       "data.pipeline=torchvision", "data.num_threads=2", "train.epochs=2", "train.max_steps=17"],
+                      env={"TMPDIR": str(scratch)}))  # fmt: skip
+    assert (tmp_path / "tv" / "checkpoints" / "last.pt").exists()  # epoch 1 validated, stopped in epoch 2
+    assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("pymp-")) == []
+
+
+def test_a_fork_safe_loader_closed_stops_its_persistent_workers():
+    loader = ForkSafeDataLoader(_CollectsGarbageInTheWorker(), num_workers=2, persistent_workers=True)
+    assert list(loader) == [torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([3])]
+    workers = loader._iterator._workers
+    assert all(w.is_alive() for w in workers)
+    loader.close()
+    assert not any(w.is_alive() for w in workers) and all(w.exitcode == 0 for w in workers)  # left by themselves

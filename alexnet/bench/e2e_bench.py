@@ -119,6 +119,9 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
         timed = run_interleaved(contenders, s.schedule, between=settle, progress=progress_printer(env, s.schedule))
     except (DataError, LoaderError) as exc:  # a bad file met by training's loaders, or a rank's loader failed
         raise stopped_by(exc, "The e2e benchmark stopped.") from exc
+    finally:
+        for loader in loaders.values():  # their worker processes stop now, not killed at the exit
+            loader.close()
     if not env.is_main:
         return None
     amp_name = parts.amp.name

@@ -198,6 +198,12 @@ class BatchStream:
         _sync(self._device)
         return Window(images, time.perf_counter() - t0, {"batches": count})
 
+    def close(self) -> None:
+        """Ends the stream: a loader's worker processes stop with it."""
+        close = getattr(self._batches, "close", None)  # a generator's
+        if close is not None:
+            close()
+
 
 def _endless(loader):
     if len(loader) == 0:
@@ -206,8 +212,11 @@ def _endless(loader):
 
 
 def _count(loader) -> Iterator[int]:
-    for images, _ in _endless(loader):
-        yield images.shape[0]
+    try:
+        for images, _ in _endless(loader):
+            yield images.shape[0]
+    finally:  # BatchStream.close: the loader's workers stop before the process exits
+        loader.close()
 
 
 class _PilDecode(Dataset):
@@ -235,8 +244,11 @@ def _pil_decode_batches(index: FileIndex, s: PipelineSettings) -> Iterator[int]:
         persistent_workers=True,
         prefetch_factor=s.prefetch,
     )
-    for batch in without_worker_traceback(_endless(loader)):
-        yield batch.shape[0]
+    try:
+        for batch in without_worker_traceback(_endless(loader)):
+            yield batch.shape[0]
+    finally:
+        loader.close()
 
 
 def _graph_batches(loader) -> Iterator[int]:
@@ -436,6 +448,7 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
         tag = "warm-up" if rnd < s.schedule.warmup else f"window {rnd - s.schedule.warmup + 1}"
         print(f"  {tag:>9}  {name:<24} {w.images_per_sec:8.0f} images/s", file=sys.stderr, flush=True)
 
+    contenders: list[BatchStream] = []
     try:
         files = describe_files(index)
         contenders = build_contenders(index, s, names, device)
@@ -445,6 +458,9 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     except DataError as exc:  # a bad file: the scan's lists serve training, this command reads a folder
         reads_all = "The pipeline benchmark stopped; it reads every file under --data: move the bad ones out."
         raise stopped_by(exc, reads_all) from exc
+    finally:
+        for contender in contenders:
+            contender.close()
     summary = compare(timed)
     results = [_result(name, windows, s) for name, windows in timed.items()]
     for r in results:
