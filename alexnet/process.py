@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import signal
 import sys
 from typing import NoReturn
 
@@ -14,6 +15,7 @@ import torch
 
 from alexnet.config import TrainConfig
 from alexnet.hostmem import apply_host_memory
+from alexnet.stop import STOP_SIGNALS
 
 
 def set_determinism(enabled: bool) -> None:
@@ -66,4 +68,11 @@ def exit_process(code: int) -> NoReturn:
     by reference counting, as before, or with the process."""
     gc.collect()
     gc.freeze()
+    if code == 0:
+        # The work is done and saved. As the interpreter shuts down it puts the default action
+        # back for signals with a Python handler (the stop handlers), so a SIGTERM in the last
+        # moment of the exit (torchrun's or Slurm's at a job's end) turned a completed run's 0
+        # into death by SIGTERM. Ignored signals stay ignored.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)

@@ -1,8 +1,10 @@
 """The process-wide settings the trainer and the benchmark apply (alexnet/process.py)."""
 
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from alexnet.config import TrainConfig
@@ -55,3 +57,27 @@ def test_exit_process_still_destroys_what_a_reference_cycle_holds(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and proc.stderr == ""
     assert marker.read_text() == "joined"
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_stop_signal_in_the_last_moment_of_a_completed_run_s_exit_keeps_its_status(code):
+    """The interpreter's shutdown puts the default action back for signals with a Python handler
+    (the stop handlers) after the atexit handlers; a SIGTERM then (a job's end) killed a completed
+    run: exit status -15. Emulated here: the last atexit handler does what the shutdown does, then
+    the signal comes. A failed run's status is no success to keep: its signals keep their handlers."""
+    code_text = (
+        "import atexit, os, signal\n"
+        "from alexnet.process import exit_process\n"
+        "from alexnet.stop import STOP_SIGNALS\n"
+        "def shutdown_then_sigterm():\n"
+        "    for sig in STOP_SIGNALS:\n"
+        "        if callable(signal.getsignal(sig)):\n"
+        "            signal.signal(sig, signal.SIG_DFL)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "atexit.register(shutdown_then_sigterm)\n"
+        "for sig in STOP_SIGNALS:\n"
+        "    signal.signal(sig, lambda *_: None)  # as StopRequest.install\n"
+        f"exit_process({code})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (0 if code == 0 else -signal.SIGTERM), proc.stderr
