@@ -174,6 +174,14 @@ def remove_stale_temporaries(folder: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two spellings of a path (relative, with ~, through a symbolic link) lead to the
+    same place; a path spelled the same is the same file even where it no longer resolves alike."""
+    if a is None or b is None:
+        return False
+    return str(a) == str(b) or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True (no code runs from the file); errors name the file, in one line.
     A file that is no checkpoint at all (an export, a text file) says what it is instead."""

@@ -43,7 +43,8 @@ class ModelConfig:
     # even). Fewer for small datasets: most of the model's parameters are in these layers.
     fc_width: int = 4096
     # A new run's starting weights (fine-tuning): torchvision's AlexNet file, an export's
-    # .torchvision.pth or a checkpoint; "" = initialised by model.init. A resume ignores it.
+    # .torchvision.pth or a checkpoint; "" = initialised by model.init. Read at a run's start
+    # only: a resume keeps the file the run started from (alexnet/weights.py).
     weights: str = ""
 
 

@@ -69,15 +69,19 @@ def remove_stale_powersgd_state(ckpt_dir: Path, world_size: int, in_use: bool) -
     PowerSGD back on could, and without them it starts PowerSGD afresh, as any resume it cannot
     serve."""
     folder = ckpt_dir / FOLDER
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        number = entry.name.removeprefix("rank")
-        if entry.is_dir() and number.isdigit() and (not in_use or int(number) >= world_size):
-            shutil.rmtree(entry, ignore_errors=True)
-    if not in_use:
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # empty unless a user keeps something there
+    try:
+        if not folder.is_dir():
+            return
+        for entry in folder.iterdir():
+            number = entry.name.removeprefix("rank")
+            stale = not in_use or (number.isdigit() and int(number) >= world_size)
+            if entry.name.startswith("rank") and number.isdigit() and entry.is_dir() and stale:
+                shutil.rmtree(entry, ignore_errors=True)
+        if not in_use:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # empty unless a user keeps something there
+    except OSError as exc:  # a tidy-up: the checkpoint is written, the run goes on
+        log.warning("could not remove PowerSGD state files no resume can take in %s: %s", folder, exc)
 
 
 def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict[str, Any] | None, str]:

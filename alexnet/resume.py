@@ -205,13 +205,19 @@ def changed_settings(
     return changes
 
 
-def batch_change(before: int | None, saved_config: dict[str, Any] | None, cfg: Config, global_batch: int) -> list[str]:
+def batch_change(
+    trained_under: dict[str, Any] | None, saved_config: dict[str, Any] | None, cfg: Config, global_batch: int
+) -> list[str]:
     """The global batch and the peak learning rate scaled with it, when a resume changes them:
     under another world size or layout no config key names that change (2 -> 4 towers ranks
     doubled both, and only the data shards' line gave it away). The line names the cause: the
     number of data-parallel replicas, data.batch_size, or both. The peak before is the
     checkpoint's own: its optim.lr at its batch (this run's optim.lr, where it changed too, made
-    the line name a peak the run never had)."""
+    the line name a peak the run never had). `trained_under`: the setup of the run's last steps
+    (Progress.trained_under; a session that took none, its config saved all the same, did not
+    change it)."""
+    under = trained_under if isinstance(trained_under, dict) else {}
+    before = under.get("global_batch")
     if not isinstance(before, int) or before == global_batch:
         return []
     saved = saved_config if isinstance(saved_config, dict) else {}
@@ -220,7 +226,7 @@ def batch_change(before: int | None, saved_config: dict[str, Any] | None, cfg: C
     optim, batch = cfg.optim, cfg.data.batch_size
     reference = saved_optim.get("lr_reference_batch", optim.lr_reference_batch)
     lr_before = scaled_lr(replace(optim, lr=saved_optim.get("lr", optim.lr), lr_reference_batch=reference), before)
-    batch_before = saved_data.get("batch_size", batch)
+    batch_before = under.get("batch_size", saved_data.get("batch_size", batch))
     causes = []
     if before // batch_before != global_batch // batch:
         causes.append(f"{before // batch_before} -> {global_batch // batch} data-parallel replicas")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save
+from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save, same_file
 from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
 from alexnet.data import DataSplits, build_loader, build_splits
 from alexnet.engine import AmpPolicy, StepResult, build_amp, train_step
@@ -50,7 +50,7 @@ from alexnet.resume import (
 )
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
-from alexnet.weights import StartWeights, apply_start_weights, describe_start, resumed_weights
+from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start, recorded_weights
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
 
@@ -60,10 +60,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
-    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _recorded_resume(config_yaml: Path) -> str | None:
@@ -110,10 +106,15 @@ class Trainer:
         assert full is not None  # else that raised
         self._agree_on_resume(resumed)
         self._agree_on_start_weights()
+        if resumed is not None and self._resumes_own(resumed):
+            # config.yaml and the checkpoints go on naming the file the run started from (a
+            # command that resumes may leave model.weights out, or spell it its own way).
+            recorded = dataclasses.replace(cfg.model, weights=recorded_weights(resumed[0].get("config")))
+            self.cfg = cfg = dataclasses.replace(cfg, model=recorded)
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.
-        self._rotate_previous = resumed is None or not _same_file(resumed[1], self.ckpt_dir / PREVIOUS)
+        self._rotate_previous = resumed is None or not same_file(resumed[1], self.ckpt_dir / PREVIOUS)
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote or resumed
         self.comm = CommCounter()
         example = example_batch(cfg.data.crop, env.device, plan.channels_last)
@@ -134,7 +135,7 @@ class Trainer:
         self.after_backward = self.par.layout.after_backward()
         p = self.progress
         # A checkpoint of another run (checkpoint.resume=<its file>) continues none of this folder's records.
-        history_here = resumed is None or _same_file(resumed[1].parent, self.ckpt_dir)
+        history_here = resumed is None or self._resumes_own(resumed)
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  (p.step, p.epoch), p.unwritten_records, history_here)  # fmt: skip
         self._on_main_rank(self.reporter.open)
@@ -170,9 +171,9 @@ class Trainer:
             resume_from, self.ckpt_dir, full, config_to_dict(cfg), self.splits.folder_classes
         )
         self.start_weights: StartWeights | None = None
-        if resumed is not None:  # a resume continues the run's own weights
-            kept = resumed_weights(resumed[0].get("config"), m.weights, plan.run_dir)
-            self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, weights=kept))
+        if resumed is not None:  # a resume continues the run's own weights, whatever model.weights names
+            if env.is_main and self._resumes_own(resumed):  # the path config.yaml records is rank 0's
+                check_resumed_weights(resumed[0].get("config"), m.weights, plan.run_dir)
         elif m.weights:
             self.start_weights = apply_start_weights(full, Path(m.weights).expanduser(), self.splits.folder_classes)
         return full, resumed
@@ -192,9 +193,9 @@ class Trainer:
                 f"run folder {self.plan.run_dir} already holds checkpoints; set checkpoint.resume=auto to "
                 "continue it, or run.name=<new name> to start another run (nothing was overwritten)"
             )
-        if _same_file(resume, self.ckpt_dir / Path(resume).name):
+        if same_file(resume, self.ckpt_dir / Path(resume).name):
             return ckpt  # one of the run's own checkpoints
-        if _same_file(resume, _recorded_resume(self.plan.run_dir / "config.yaml")):
+        if same_file(resume, _recorded_resume(self.plan.run_dir / "config.yaml")):
             log.info("this run started from %s; continuing from its own checkpoints", resume)
             return dataclasses.replace(ckpt, resume="auto")
         raise CheckpointError(
@@ -279,6 +280,11 @@ class Trainer:
             f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)",
         )
 
+    def _resumes_own(self, resumed: tuple[dict, Path]) -> bool:
+        """Whether the checkpoint resumed is one of this run folder's (not another run's, named
+        by checkpoint.resume=<file>)."""
+        return same_file(resumed[1].parent, self.ckpt_dir)
+
     def _agree_on_start_weights(self) -> None:
         """A new run's ranks start from the same model.weights, read from each node's own path."""
         start = self.start_weights
@@ -299,9 +305,8 @@ class Trainer:
         )
         if not self.env.is_main:  # the same on every rank: said once
             return
-        before = (p.trained_under or {}).get("global_batch")
         changes = changed_settings(payload["config"], config_to_dict(self.cfg)) + batch_change(
-            before, payload["config"], self.cfg, self.plan.global_batch
+            p.trained_under, payload["config"], self.cfg, self.plan.global_batch
         )
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
@@ -417,9 +422,11 @@ class Trainer:
                 self._summarize_failure(exc)
             raise
         finally:
-            for loader in (self.train_loader, self.val_loader):
-                loader.close()
-            self._lock.release()
+            try:
+                for loader in (self.train_loader, self.val_loader):
+                    loader.close()
+            finally:
+                self._lock.release()
 
     def _fit(self) -> dict[str, Any]:
         self._log_start()
@@ -748,7 +755,7 @@ class Trainer:
             "steps": p.step,
             "best_top1": p.best_top1,
             "best_top5": p.best_top5,
-            "best_ten_crop": None if p.best_top1 is None else self._best_ten_crop(),
+            "best_ten_crop": p.best_ten_crop,  # None: no validation, or one from before this was kept
             "final_top1": p.last_top1,
             "final_top5": p.last_top5,
             "train_images": p.images,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alexnet.checkpoint import FORMAT_VERSION, CheckpointError, load_torch_file, state_mismatches
+from alexnet.checkpoint import FORMAT_VERSION, CheckpointError, load_torch_file, same_file, state_mismatches
 from alexnet.config import ConfigError
 from alexnet.model import head_pieces
 
@@ -89,15 +89,14 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | No
     return _unwrapped(content), classes
 
 
-def resumed_weights(saved_config: Any, weights: str, run_dir: Path) -> str:
-    """The model.weights of a run this session resumes: the file the run started from, which its
-    config.yaml goes on naming (a resume continues the run's own weights and never reads it). An
-    empty model.weights keeps it; another file (added, or changed, on a command that resumes)
-    would be recorded as the run's start while the run never read it, and is refused."""
-    model = saved_config.get("model") if isinstance(saved_config, dict) else None
-    saved = model.get("weights", "") if isinstance(model, dict) else ""
-    if not weights or _same_weights(saved, weights):
-        return saved
+def check_resumed_weights(saved_config: Any, weights: str, run_dir: Path) -> None:
+    """A resume continues the run's own weights and never reads model.weights. Left out, or
+    naming the file the run started from, it is fine; another file (added, or changed, on a
+    command that resumes) would be recorded as the run's start while the run never read it, and
+    is refused, naming both."""
+    saved = recorded_weights(saved_config)
+    if not weights or (saved and same_file(saved, weights)):
+        return
     started = f"from the weights in {saved}" if saved else "without model.weights"
     raise ConfigError(
         f"config key 'model.weights': run folder {run_dir} holds a run started {started}, which this session "
@@ -106,8 +105,11 @@ def resumed_weights(saved_config: Any, weights: str, run_dir: Path) -> str:
     )
 
 
-def _same_weights(a: str, b: str) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+def recorded_weights(saved_config: Any) -> str:
+    """The model.weights a checkpoint's config records: the file its run started from, or ""."""
+    model = saved_config.get("model") if isinstance(saved_config, dict) else None
+    saved = model.get("weights", "") if isinstance(model, dict) else ""
+    return saved if isinstance(saved, str) else ""
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -202,13 +202,13 @@ def load_file_list(
     label_of = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
-    first_line: dict[str, int] = {}  # each file's line, by its normalised path
+    first_line: dict[str, int] = {}  # each file's line, by its absolute path
     for number, line in enumerate(lines, start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         path = Path(entry) if Path(entry).is_absolute() else split_dir / entry
-        seen = first_line.setdefault(os.path.normpath(path), number)
+        seen = first_line.setdefault(os.path.abspath(path), number)  # abspath: also normalised
         if seen != number:  # read twice an epoch; in a validation list, counted twice
             raise DataError(
                 f"file list {list_file} line {number}: {entry} is line {seen}'s file again; list each file once"

@@ -49,3 +49,4 @@ class ForkSafeDataLoader(DataLoader):
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+            self._iterator = None  # iterated again, the loader starts new workers

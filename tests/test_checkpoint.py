@@ -262,19 +262,24 @@ def test_a_batch_change_names_the_checkpoint_s_own_peak_learning_rate():
     was logged as "its peak learning rate 0.0025 -> 0.00125": the old peak from the new lr."""
     cfg = Config(optim=OptimConfig(lr=0.02, lr_reference_batch=128), data=DataConfig(batch_size=8))
     saved = {"optim": {"lr": 0.01, "lr_reference_batch": 128}, "data": {"batch_size": 8}}
-    line = batch_change(16, saved, cfg, 8)
+    line = batch_change({"global_batch": 16}, saved, cfg, 8)
     assert line == ["global batch: 16 -> 8 (2 -> 1 data-parallel replicas), its peak learning rate 0.00125 -> 0.00125"]
-    assert batch_change(16, {}, cfg, 8)[0].endswith("0.0025 -> 0.00125")  # a config without the keys: this run's
-    assert batch_change(8, saved, cfg, 8) == [] and batch_change(None, {}, cfg, 8) == []
+    assert batch_change({"global_batch": 16}, {}, cfg, 8)[0].endswith("0.0025 -> 0.00125")  # no keys: this run's
+    assert batch_change({"global_batch": 8}, saved, cfg, 8) == [] and batch_change(None, {}, cfg, 8) == []
 
 
 def test_a_batch_change_names_its_cause():
     """data.batch_size 16 -> 8 on the same 2 ranks was put down to "world size and layout"."""
     cfg = Config(data=DataConfig(batch_size=8))
-    saved = {"data": {"batch_size": 16}}
-    assert batch_change(32, saved, cfg, 16)[0].startswith("global batch: 32 -> 16 (data.batch_size 16 -> 8), ")
+    saved, under = {"data": {"batch_size": 16}}, {"global_batch": 32}
+    assert batch_change(under, saved, cfg, 16)[0].startswith("global batch: 32 -> 16 (data.batch_size 16 -> 8), ")
     both = "global batch: 32 -> 24 (2 -> 3 data-parallel replicas, data.batch_size 16 -> 8), "
-    assert batch_change(32, saved, cfg, 24)[0].startswith(both)
+    assert batch_change(under, saved, cfg, 24)[0].startswith(both)
+    # A session that took no step saved its config (batch 16) all the same: the steps were taken at 8.
+    under = {"global_batch": 8, "batch_size": 8}
+    assert batch_change(under, saved, Config(data=DataConfig(batch_size=16)), 16)[0].startswith(
+        "global batch: 8 -> 16 (data.batch_size 8 -> 16), "
+    )
 
 
 def test_model_init_is_no_changed_setting_on_resume():

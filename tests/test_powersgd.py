@@ -137,11 +137,13 @@ def test_state_files_no_resume_can_take_are_removed_after_a_checkpoint(tmp_path)
         (tmp_path / "powersgd" / f"rank{rank}").mkdir(parents=True)
         (tmp_path / "powersgd" / f"rank{rank}" / "last.pt").write_bytes(b"state")
     (tmp_path / "powersgd" / "notes.txt").write_text("a user's")
+    (tmp_path / "powersgd" / "12").mkdir()  # not a rank's
     remove_stale_powersgd_state(tmp_path, world_size=2, in_use=True)
-    assert sorted(p.name for p in (tmp_path / "powersgd").iterdir()) == ["notes.txt", "rank0", "rank1"]
+    assert sorted(p.name for p in (tmp_path / "powersgd").iterdir()) == ["12", "notes.txt", "rank0", "rank1"]
     remove_stale_powersgd_state(tmp_path, world_size=2, in_use=False)
-    assert sorted(p.name for p in (tmp_path / "powersgd").iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in (tmp_path / "powersgd").iterdir()) == ["12", "notes.txt"]
     (tmp_path / "powersgd" / "notes.txt").unlink()
+    (tmp_path / "powersgd" / "12").rmdir()
     remove_stale_powersgd_state(tmp_path, world_size=2, in_use=False)
     assert not (tmp_path / "powersgd").exists()
     remove_stale_powersgd_state(tmp_path, world_size=2, in_use=False)  # none there: nothing to do

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, to
 from alexnet.checkpoint import FORMAT_VERSION
 from alexnet.config import ConfigError, load_config
 from alexnet.model import build_model
-from alexnet.weights import apply_start_weights, read_state_dict, resumed_weights
+from alexnet.weights import apply_start_weights, check_resumed_weights, read_state_dict, recorded_weights
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -147,11 +148,12 @@ def test_weights_that_would_fail_later_are_refused_naming_the_tensor(tmp_path, c
 
 def test_a_resume_keeps_the_weights_its_run_started_from_and_refuses_another_file(tmp_path):
     saved = {"model": {"weights": str(tmp_path / "start.pt")}}
-    assert resumed_weights(saved, "", tmp_path / "run") == str(tmp_path / "start.pt")  # left out: the run's own
-    assert resumed_weights(saved, str(tmp_path / "." / "start.pt"), tmp_path / "run") == str(tmp_path / "start.pt")
-    assert resumed_weights({"model": {}}, "", tmp_path / "run") == ""  # a run started without them
+    assert recorded_weights(saved) == str(tmp_path / "start.pt") and recorded_weights({"model": {}}) == ""
+    check_resumed_weights(saved, "", tmp_path / "run")  # left out: the run's own
+    check_resumed_weights(saved, str(tmp_path / "." / "start.pt"), tmp_path / "run")  # spelled another way
+    check_resumed_weights({"model": {}}, "", tmp_path / "run")  # a run started without them
     with pytest.raises(ConfigError) as err:
-        resumed_weights({"model": {}}, "/w/tv.pth", tmp_path / "run")
+        check_resumed_weights({"model": {}}, "/w/tv.pth", tmp_path / "run")
     assert str(err.value) == (
         f"config key 'model.weights': run folder {tmp_path / 'run'} holds a run started without model.weights, "
         "which this session would continue (a run reads model.weights at its start only); to start from "
@@ -159,7 +161,7 @@ def test_a_resume_keeps_the_weights_its_run_started_from_and_refuses_another_fil
         "continue (nothing was written)"
     )
     with pytest.raises(ConfigError, match=f"holds a run started from the weights in {tmp_path / 'start.pt'}, "):
-        resumed_weights(saved, "/w/other.pth", tmp_path / "run")
+        check_resumed_weights(saved, "/w/other.pth", tmp_path / "run")
 
 
 def test_files_that_hold_no_weights_are_named(tmp_path):
@@ -199,6 +201,12 @@ def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(t
     for name in ("conv1.0.weight", "fc7.1.weight", "fc8.0.weight"):
         assert torch.allclose(trained[name], saved[name], atol=1e-6), name
     assert (trained["conv1.0.weight"] - paper_state(seed=0)["conv1.0.weight"]).abs().max() > 0.01
+    # Another run continuing this one's checkpoint records no model.weights of its own: with both
+    # keys its config.yaml and checkpoints would not load again (evaluate.py, --config).
+    other_run = tmp_path / "ft" / "checkpoints" / "last.pt"
+    check(train_tiny(tiny_data, tmp_path, "next", f"checkpoint.resume={other_run}", "optim.lr=1e-9",
+                     "train.max_steps=2", nproc=1))  # fmt: skip
+    assert load_config(tmp_path / "next" / "config.yaml").model.weights == ""
     weights.unlink()  # a resume continues the run's own checkpoint: the file is not read again
     proc = check(train_tiny(tiny_data, tmp_path, "ft", "optim.lr=1e-9", "train.max_steps=2", nproc=1))
     assert "started from the weights" not in proc.stderr and "resumed from" in proc.stderr
@@ -210,15 +218,25 @@ def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(t
     assert (tmp_path / "ft" / "config.yaml").read_text() == config
 
 
-def test_ranks_that_read_different_weights_stop_before_the_run_folder(tiny_data, tmp_path):
+def test_each_node_reads_its_own_copy_and_ranks_that_read_different_weights_stop(tiny_data, tmp_path):
+    """Rank 1 reads model.weights from a path of its own: other weights stop every rank before
+    the run folder (exit status 2); a copy of the same weights starts the run, and the same
+    command restarted (a requeue) resumes it (rank 1's path was held against rank 0's recorded
+    one, and refused)."""
     torch.save(paper_state(seed=5), tmp_path / "a.pt")
     torch.save(paper_state(seed=6), tmp_path / "b.pt")  # the same model, other values
-    wrapper = rank_1_differs(tmp_path, TRAIN, (f"model.weights={tmp_path / 'b.pt'}",))
-    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r",
-                     f"model.weights={tmp_path / 'a.pt'}", "parallel.timeout_s=30"])  # fmt: skip
+    shutil.copy(tmp_path / "a.pt", tmp_path / "a_copy.pt")
+    common = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=r",
+              f"model.weights={tmp_path / 'a.pt'}", "parallel.timeout_s=30"]  # fmt: skip
+    proc = torchrun([rank_1_differs(tmp_path, TRAIN, (f"model.weights={tmp_path / 'b.pt'}",)), *common])
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
     assert lines[0].startswith(f"error: the ranks read different model.weights (rank 0: {tmp_path / 'a.pt'} (weights ")
     assert lines[0].endswith("); every node needs the same file"), lines[0]
     assert not (tmp_path / "r" / "config.yaml").exists()
     assert proc.stderr.count("exitcode  : 2") == 2 or proc.stderr.count("exitcode: 2") == 2, proc.stderr[-3000:]
+    own_copy = rank_1_differs(tmp_path, TRAIN, (f"model.weights={tmp_path / 'a_copy.pt'}",))
+    check(torchrun([own_copy, *common, "train.max_steps=1"]))
+    again = check(torchrun([own_copy, *common, "train.max_steps=2"]))
+    assert "resumed from" in again.stderr
+    assert load_config(tmp_path / "r" / "config.yaml").model.weights == str(tmp_path / "a.pt")

@@ -128,3 +128,5 @@ def test_a_fork_safe_loader_closed_stops_its_persistent_workers():
     assert all(w.is_alive() for w in workers)
     loader.close()
     assert not any(w.is_alive() for w in workers) and all(w.exitcode == 0 for w in workers)  # left by themselves
+    assert len(list(loader)) == 4 and loader._iterator._workers[0] not in workers  # iterated again: new workers
+    loader.close()
