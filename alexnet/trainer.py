@@ -175,7 +175,9 @@ class Trainer:
             if env.is_main and self._resumes_own(resumed):  # the path config.yaml records is rank 0's
                 check_resumed_weights(resumed[0].get("config"), m.weights, plan.run_dir)
         elif m.weights:
-            self.start_weights = apply_start_weights(full, Path(m.weights).expanduser(), self.splits.folder_classes)
+            normalisation = (cfg.data.mean, cfg.data.std)
+            path = Path(m.weights).expanduser()
+            self.start_weights = apply_start_weights(full, path, self.splits.folder_classes, normalisation)
         return full, resumed
 
     # ---- run folder and checkpoints -------------------------------------------------------
@@ -296,6 +298,9 @@ class Trainer:
         )
         if start is not None:
             log.info(describe_start(start))
+            if start.other_inputs:
+                log.warning("model.weights: %s was trained on images normalised with %s: its weights expect other "
+                            "inputs than this run gives them", start.path, start.other_inputs)  # fmt: skip
 
     def _log_resume(self, payload: dict[str, Any], path: Path) -> None:
         p = self.progress

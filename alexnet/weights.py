@@ -42,16 +42,31 @@ class StartWeights:
     loaded: int  # tensors taken from the file
     fresh_head: str  # why fc8 kept its initialisation; "" when it came from the file too
     digest: str  # of the tensors taken: the same wherever the same weights are read
+    # A checkpoint's data.mean and data.std where this run normalises its images otherwise: the
+    # weights expect other inputs ("" when they are the same, or unknown: a file without a config).
+    other_inputs: str = ""
 
 
-def apply_start_weights(model: nn.Module, path: Path, classes: list[str] | None) -> StartWeights:
+@dataclass(frozen=True)
+class WeightsFile:
+    """What a weights file holds for a new run."""
+
+    state: dict[str, torch.Tensor]
+    classes: list[str] | None  # the class folders a checkpoint of this trainer was trained on
+    normalisation: tuple[list[float], list[float]] | None  # its data.mean and data.std
+
+
+def apply_start_weights(
+    model: nn.Module, path: Path, classes: list[str] | None, normalisation: tuple[list[float], list[float]]
+) -> StartWeights:
     """Load `path`'s weights into the single-device `model` (built and initialised). `classes`:
-    the training data's class folders (None for synthetic data), held against a checkpoint's."""
-    state, file_classes = read_state_dict(path)
+    the training data's class folders (None for synthetic data), held against a checkpoint's;
+    `normalisation`: this run's data.mean and data.std, likewise."""
+    found = read_state_dict(path)
     own = model.state_dict()
-    state = _without_holder_prefix(state, own)
+    state = _without_holder_prefix(found.state, own)
     head = frozenset(f"{piece}.{kind}" for piece in head_pieces(model)["fc8"] for kind in ("weight", "bias"))
-    fresh_head = _fresh_head_reason(state, own, head, file_classes, classes)
+    fresh_head = _fresh_head_reason(state, own, head, found.classes, classes)
     taken = {k: v for k, v in state.items() if not (fresh_head and k in head)}
     problems = state_mismatches(own, taken, may_lack=head if fresh_head else frozenset())
     if problems:
@@ -61,22 +76,24 @@ def apply_start_weights(model: nn.Module, path: Path, classes: list[str] | None)
         )
     _check_values(taken, path)
     model.load_state_dict(taken, strict=False)  # what it lacks is the fresh head alone (checked above)
-    return StartWeights(path, len(taken), fresh_head, weights_digest(taken))
+    return StartWeights(path, len(taken), fresh_head, weights_digest(taken), _other_inputs(found, normalisation))
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """The state dict in `path` and, for this trainer's checkpoints, the class folders it was
-    trained on. Loaded with weights_only=True: no code runs from the file (torchvision's
-    reference scripts store their arguments as an argparse.Namespace, allowed: it holds values)."""
+def read_state_dict(path: Path) -> WeightsFile:
+    """The state dict in `path` and, for this trainer's checkpoints, the class folders and the
+    normalisation it was trained with. Loaded with weights_only=True: no code runs from the file
+    (torchvision's reference scripts store their arguments as an argparse.Namespace, allowed: it
+    holds values)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             content = load_torch_file(path, noun="weights file", kind="PyTorch weights file")
     except CheckpointError as exc:
         raise ConfigError(f"config key 'model.weights': {exc}") from exc
-    classes = None
+    classes, normalisation = None, None
     if isinstance(content, dict) and content.get("format") == FORMAT_VERSION:  # this trainer's checkpoint
         saved = content.get("classes")
         classes = saved if isinstance(saved, list) else None
+        normalisation = _saved_normalisation(content.get("config"))
         content = content.get("model")
     elif isinstance(content, dict) and not _is_state_dict(content):
         content = next((content[k] for k in _NESTED_KEYS if _is_state_dict(content.get(k))), content)
@@ -86,7 +103,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | No
             f"{_not_tensors(content)}); give torchvision's AlexNet file, an export's .torchvision.pth or "
             "a checkpoint of this trainer"
         )
-    return _unwrapped(content), classes
+    return WeightsFile(_unwrapped(content), classes, normalisation)
 
 
 def check_resumed_weights(saved_config: Any, weights: str, run_dir: Path) -> None:
@@ -154,6 +171,27 @@ def _fresh_head_reason(
             return ""
     outputs = sum(state[k].shape[0] for k in weights)
     return f"the file's fc8 has {outputs} outputs, this model's {sum(own[k].shape[0] for k in weights)}"
+
+
+def _saved_normalisation(config: Any) -> tuple[list[float], list[float]] | None:
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("mean"), list) or not isinstance(data.get("std"), list):
+        return None
+    return [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+
+
+def _other_inputs(found: WeightsFile, normalisation: tuple[list[float], list[float]]) -> str:
+    if found.normalisation is None:
+        return ""
+    mine = ([float(v) for v in normalisation[0]], [float(v) for v in normalisation[1]])
+    if found.normalisation == mine:
+        return ""
+    (mean, std), (my_mean, my_std) = (map(_shown, pair) for pair in (found.normalisation, mine))
+    return f"data.mean {mean} and data.std {std}, where this run uses {my_mean} and {my_std}"
+
+
+def _shown(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"  # 57.12, not 57.120000000000005
 
 
 def _check_values(state: Mapping[str, torch.Tensor], path: Path) -> None:

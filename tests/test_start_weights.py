@@ -15,11 +15,12 @@ import torchvision
 from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, torchrun, train_tiny
 
 from alexnet.checkpoint import FORMAT_VERSION
-from alexnet.config import ConfigError, load_config
+from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, load_config
 from alexnet.model import build_model
 from alexnet.weights import apply_start_weights, check_resumed_weights, read_state_dict, recorded_weights
 
 CLASSES = [f"c{i}" for i in range(10)]
+NORM = (list(IMAGENET_MEAN), list(IMAGENET_STD))  # this run's data.mean and data.std
 
 
 def torchvision_file(tmp_path, num_classes=1000, seed=1):
@@ -48,7 +49,7 @@ def assert_same(a, b, names):
 def test_torchvision_weights_start_the_torchvision_variant_with_fc8_afresh_for_other_classes(tmp_path):
     path, file_state = torchvision_file(tmp_path)
     model, untouched = fresh("torchvision"), fresh("torchvision").state_dict()
-    start = apply_start_weights(model, path, CLASSES)
+    start = apply_start_weights(model, path, CLASSES, NORM)
     state = model.state_dict()
     body = [k for k in state if not k.startswith("classifier.6.")]
     assert_same(state, file_state, body)  # features, fc6, fc7 from the file
@@ -59,7 +60,7 @@ def test_torchvision_weights_start_the_torchvision_variant_with_fc8_afresh_for_o
 def test_a_file_with_this_many_classes_gives_fc8_too(tmp_path):
     path, file_state = torchvision_file(tmp_path, num_classes=10)
     model = fresh("torchvision")
-    start = apply_start_weights(model, path, CLASSES)
+    start = apply_start_weights(model, path, CLASSES, NORM)
     assert_same(model.state_dict(), file_state, list(file_state))
     assert start.loaded == 16 and start.fresh_head == ""
 
@@ -73,11 +74,28 @@ def test_a_checkpoint_gives_fc8_only_for_the_class_folders_it_was_trained_on(tmp
     path = tmp_path / "last.pt"
     torch.save({"format": FORMAT_VERSION, "model": saved, "classes": CLASSES, "progress": {"step": 9}}, path)
     model, untouched = fresh("paper", width=TINY_FC_WIDTH), fresh("paper", width=TINY_FC_WIDTH).state_dict()
-    start = apply_start_weights(model, path, classes)
+    start = apply_start_weights(model, path, classes, NORM)
     state = model.state_dict()
     assert_same(state, saved, [k for k in state if not k.startswith("fc8.")])
     assert_same(state, saved if head_from_file else untouched, ["fc8.0.weight", "fc8.1.bias"])
     assert start.fresh_head == ("" if head_from_file else "the checkpoint was trained on other class folders")
+
+
+@pytest.mark.parametrize("std", [list(IMAGENET_STD), [1.0, 1.0, 1.0]])
+def test_a_checkpoint_trained_on_otherwise_normalised_images_is_named(tmp_path, std):
+    """imagenet.yaml divides by 1 (the paper's), the default by ImageNet's std: a run started from
+    such a checkpoint feeds its weights inputs of another scale, which nothing said."""
+    path = tmp_path / "last.pt"
+    config = {"data": {"mean": list(IMAGENET_MEAN), "std": std}}
+    torch.save({"format": FORMAT_VERSION, "model": paper_state(), "classes": CLASSES, "config": config}, path)
+    start = apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), path, CLASSES, NORM)
+    if std == NORM[1]:
+        assert start.other_inputs == ""
+    else:
+        mean = "[123.675, 116.28, 103.53]"
+        assert start.other_inputs == (
+            f"data.mean {mean} and data.std [1, 1, 1], where this run uses {mean} and [58.395, 57.12, 57.375]"
+        )
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "compiled_ddp", "reference_script", "lightning"])
@@ -93,7 +111,7 @@ def test_state_dicts_saved_by_other_tools_are_read(tmp_path, wrap):
     }[wrap]
     torch.save(content, tmp_path / "w.pth")
     model = fresh("torchvision")
-    start = apply_start_weights(model, tmp_path / "w.pth", CLASSES)
+    start = apply_start_weights(model, tmp_path / "w.pth", CLASSES, NORM)
     assert start.loaded == 16 and start.fresh_head == ""
     assert_same(model.state_dict(), state, list(state))
 
@@ -101,13 +119,13 @@ def test_state_dicts_saved_by_other_tools_are_read(tmp_path, wrap):
 def test_weights_of_another_variant_or_width_are_refused_naming_the_key_and_the_file(tmp_path):
     path, _ = torchvision_file(tmp_path)
     with pytest.raises(ConfigError) as err:
-        apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), path, CLASSES)
+        apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), path, CLASSES, NORM)
     said = str(err.value)
     assert said.startswith(f"config key 'model.weights': {path} does not fit this model (missing conv1.0.bias")
     assert "unexpected classifier.1.bias" in said and "model.variant, model.fc_width" in said
     torch.save(paper_state(width=256), tmp_path / "narrow.pt")
     with pytest.raises(ConfigError, match=r"shape mismatch fc6\.0\.bias \(128,\) vs \(256,\)"):
-        apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), tmp_path / "narrow.pt", CLASSES)
+        apply_start_weights(fresh("paper", width=TINY_FC_WIDTH), tmp_path / "narrow.pt", CLASSES, NORM)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +161,7 @@ def test_weights_that_would_fail_later_are_refused_naming_the_tensor(tmp_path, c
         state["epoch"] = 5
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ConfigError) as err:
-        apply_start_weights(fresh("torchvision"), tmp_path / "w.pth", CLASSES)
+        apply_start_weights(fresh("torchvision"), tmp_path / "w.pth", CLASSES, NORM)
     assert str(err.value).startswith(f"config key 'model.weights': {tmp_path / 'w.pth'}") and said in str(err.value)
 
 
@@ -178,7 +196,7 @@ def test_files_that_hold_no_weights_are_named(tmp_path):
     }
     for name, said in expected.items():
         with pytest.raises(ConfigError) as err:
-            apply_start_weights(model, tmp_path / name, CLASSES)
+            apply_start_weights(model, tmp_path / name, CLASSES, NORM)
         assert str(err.value).startswith("config key 'model.weights': ") and said in str(err.value), err.value
     assert "does not exist" in str(pytest.raises(ConfigError, read_state_dict, tmp_path / "missing.pth").value)
 
