@@ -74,8 +74,9 @@ def remove_stale_powersgd_state(ckpt_dir: Path, world_size: int, in_use: bool) -
             return
         for entry in folder.iterdir():
             number = entry.name.removeprefix("rank")
-            stale = not in_use or (number.isdigit() and int(number) >= world_size)
-            if entry.name.startswith("rank") and number.isdigit() and entry.is_dir() and stale:
+            if not (entry.name.startswith("rank") and number.isdigit() and entry.is_dir()):
+                continue  # not a rank's state
+            if not in_use or int(number) >= world_size:
                 shutil.rmtree(entry, ignore_errors=True)
         if not in_use:
             with contextlib.suppress(OSError):
