@@ -96,6 +96,9 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = 90
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0 = no limit
+    # Batches whose gradients an optimizer step sums (gradient accumulation): the step of a batch
+    # accum_steps x data.batch_size per replica, with one batch's activations in memory.
+    accum_steps: int = 1
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where supported on GPU
     channels_last: bool = True  # NHWC activations: faster for cuDNN and oneDNN (CPU) convolutions alike
     host_memory: HostMemory = "retain"  # retain: freed CPU tensors stay in the heap (hostmem.py)
@@ -596,6 +599,8 @@ def _check_upper_bounds(cfg: Config) -> None:
         # wrote summary.json and the plot at a run's end (3 s sufficed on a quiet machine).
         # 10**7 s (about 115 days) is far inside datetime.timedelta's range.
         "parallel.timeout_s": (cfg.parallel.timeout_s, 10, 10**7),
+        # A step holds its batches on the device until the last is fetched (StepLoader).
+        "train.accum_steps": (cfg.train.accum_steps, 1, 1024),
     }
     for key, (value, low, high) in bounded.items():
         if not low <= value <= high:

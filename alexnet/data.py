@@ -206,16 +206,43 @@ def build_loader(
     device: torch.device,
     decoder: str,
     channels_last: bool,
+    accum_steps: int = 1,
 ) -> Loader:
-    shard = ShardSpec(mesh.data_rank, mesh.data_size, cfg.batch_size, cfg.seed)
+    """This rank's loader of `split`. Training's is a StepLoader: each item is an optimizer step's
+    `accum_steps` batches (train.accum_steps)."""
+    if split == "train":
+        from pipelines.steps import StepLoader
+
+        batches = build_batch_loader(cfg, split, splits, mesh, device, decoder, channels_last, accum_steps)
+        return StepLoader(batches, accum_steps)  # type: ignore[return-value]
+    return build_batch_loader(cfg, split, splits, mesh, device, decoder, channels_last)
+
+
+def build_batch_loader(
+    cfg: DataConfig,
+    split: Split,
+    splits: DataSplits,
+    mesh: Mesh,
+    device: torch.device,
+    decoder: str,
+    channels_last: bool,
+    batches_per_step: int = 1,
+) -> Loader:
+    """The loader of `split`'s batches of data.batch_size on this rank: a training epoch holds
+    whole steps of `batches_per_step` batches."""
+    shard = ShardSpec(mesh.data_rank, mesh.data_size, cfg.batch_size, cfg.seed, batches_per_step)
     if cfg.pipeline == "synthetic":
         from pipelines.synthetic import SyntheticLoader
 
-        return SyntheticLoader(split, cfg.crop, len(splits.classes), shard, cfg.synthetic_steps, device, channels_last)
+        steps = cfg.synthetic_steps * batches_per_step  # data.synthetic_steps counts optimizer steps
+        return SyntheticLoader(split, cfg.crop, len(splits.classes), shard, steps, device, channels_last)
     index = splits.train if split == "train" else splits.val
     assert index is not None
     if split == "train":
-        check_trainable(len(index), mesh.data_size, cfg.batch_size, "config key 'data.batch_size'")
+        where = "config key 'data.batch_size'"
+        if batches_per_step > 1:
+            where = "config keys 'data.batch_size' and 'train.accum_steps'"
+        check_trainable(len(index), mesh.data_size, cfg.batch_size, where, batches_per_step)
     elif cfg.pipeline != "torchvision":
         remedy = "add validation images, use fewer data-parallel ranks, or data.pipeline=torchvision"
         check_shardable(len(index), mesh.data_size, "the validation split", remedy)

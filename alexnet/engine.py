@@ -145,6 +145,15 @@ def _scaled_step(
     scaler.update()
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One of the batches whose gradients an optimizer step sums (gradient accumulation)."""
+
+    images: Tensor
+    labels: Tensor
+    dropout: DropoutContext  # its rows' places in the step's global batch
+
+
 def train_step(
     model: nn.Module,
     images: Tensor,
@@ -155,20 +164,53 @@ def train_step(
     grad_clip: float = 0.0,
     after_backward: StepSync | Callable[[], None] | None = None,
 ) -> StepResult:
-    """One optimizer step. `after_backward` is the layout's StepSync (`Layout.after_backward()`):
-    it finishes gradients the layout keeps outside DDP (the hybrid's FC slices) and says which
-    gradients this rank counts toward the global norm. A plain callable or None means every rank
-    holds the whole model (data parallelism, one process)."""
-    apply_dropout_context(model, dropout)
-    with amp.autocast():
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
+    """One optimizer step of one batch (`accumulated_step` of a single MicroBatch)."""
+    return accumulated_step(model, [MicroBatch(images, labels, dropout)], optimizer, amp, grad_clip, after_backward)
+
+
+def _deferred_sync(model: nn.Module):
+    """DDP's no_sync(): the batch's gradients are summed into .grad without an all-reduce, which
+    the step's last batch then makes of the sum (DDP built without static_graph: see
+    alexnet.parallel.apply). Other modules need nothing: their gradients are this rank's alone,
+    or the layout finishes them once per step (StepSync)."""
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
+
+
+def accumulated_step(
+    model: nn.Module,
+    batches: list[MicroBatch],
+    optimizer: torch.optim.Optimizer,
+    amp: AmpPolicy,
+    grad_clip: float = 0.0,
+    after_backward: StepSync | Callable[[], None] | None = None,
+) -> StepResult:
+    """One optimizer step over `batches`: the step of their concatenation, one batch's activations
+    at a time. Each batch's mean loss is weighted by its share of the step's rows, so the summed
+    gradient is the mean over all of them, as one large batch gives (AlexNet has no batch
+    statistics: the sum is the large batch's gradient up to rounding).
+
+    `after_backward` is the layout's StepSync (`Layout.after_backward()`): it finishes gradients
+    the layout keeps outside DDP (the hybrid's FC slices) and says which gradients this rank
+    counts toward the global norm. A plain callable or None means every rank holds the whole
+    model (data parallelism, one process)."""
     optimizer.zero_grad(set_to_none=True)
     scaler = amp.scaler if amp.scaler is not None and amp.scaler.is_enabled() else None
-    if scaler is not None:
-        scaler.scale(loss).backward()
-    else:
-        loss.backward()
+    rows = sum(b.labels.shape[0] for b in batches)
+    loss_sum = correct = None
+    for i, batch in enumerate(batches):
+        with nullcontext() if i == len(batches) - 1 else _deferred_sync(model):
+            apply_dropout_context(model, batch.dropout)
+            with amp.autocast():
+                logits = model(batch.images)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+            share = loss * (batch.labels.shape[0] / rows) if len(batches) > 1 else loss
+            (scaler.scale(share) if scaler is not None else share).backward()
+        with torch.no_grad():
+            part = loss.detach() * batch.labels.shape[0]
+            hits = topk_correct(logits.detach(), batch.labels)
+            loss_sum = part if loss_sum is None else loss_sum + part
+            correct = hits if correct is None else correct + hits
+    assert loss_sum is not None and correct is not None, "a step needs at least one batch"
     sync = after_backward if isinstance(after_backward, StepSync) else replicated_sync(model, after_backward)
     sync()
     flags: list[Tensor] = []
@@ -176,8 +218,9 @@ def train_step(
         # Unscaled before the check: the overflow flags and the norm are about the true gradients.
         scaler.unscale_(optimizer)
         flags = _found_inf(scaler, optimizer)
-    found_inf = torch.stack([f.to(loss.device) for f in flags]).sum() if flags else None
-    check = _check_world(loss, found_inf, _counted_norm_sq(model, sync) if grad_clip > 0 else None)
+    found_inf = torch.stack([f.to(loss_sum.device) for f in flags]).sum() if flags else None
+    # The summed loss is finite only where every batch's was.
+    check = _check_world(loss_sum, found_inf, _counted_norm_sq(model, sync) if grad_clip > 0 else None)
     applied = check.loss_finite and check.grads_finite
     overflow = scaler is not None and check.loss_finite and not applied and scaler.get_scale() > 1.0
     if applied and grad_clip > 0:
@@ -187,9 +230,7 @@ def train_step(
         _scaled_step(scaler, optimizer, flags, check)
     elif applied:
         optimizer.step()
-    with torch.no_grad():
-        correct = topk_correct(logits.detach(), labels)
-    return StepResult(loss.detach() * labels.shape[0], correct, labels.shape[0], applied, overflow)
+    return StepResult(loss_sum, correct, rows, applied, overflow)
 
 
 @torch.no_grad()

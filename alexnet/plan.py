@@ -57,7 +57,8 @@ def run_name(cfg: Config, config_path: str | None) -> str:
 
 def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -> RunPlan:
     run_dir = Path(cfg.run.root).expanduser() / run_name(cfg, config_path)
-    global_batch = cfg.data.batch_size * mesh.data_size
+    # An optimizer step's images: with gradient accumulation, accum_steps batches per replica.
+    global_batch = cfg.data.batch_size * mesh.data_size * cfg.train.accum_steps
     on_cuda = env.device.type == "cuda"
     # NHWC suits cuDNN and oneDNN (CPU) convolutions alike: at 227 pixels the paper model's CPU
     # step is about 10% faster in it.

@@ -37,6 +37,7 @@ from alexnet.parallel.layout import Layout, is_first_rank
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import EpochLayout, Loader, convert_position, train_steps
 from pipelines.index import DataError, some_names
+from pipelines.steps import accum_steps_of, describe_step_batch
 
 log = logging.getLogger("alexnet")
 
@@ -221,17 +222,21 @@ def batch_change(
     if not isinstance(before, int) or before == global_batch:
         return []
     saved = saved_config if isinstance(saved_config, dict) else {}
-    saved_optim = saved.get("optim") if isinstance(saved.get("optim"), dict) else {}
-    saved_data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    optim, batch = cfg.optim, cfg.data.batch_size
+    saved_optim, saved_data, saved_train = (saved.get(k) if isinstance(saved.get(k), dict) else {}
+                                            for k in ("optim", "data", "train"))  # fmt: skip
+    optim, batch, accum = cfg.optim, cfg.data.batch_size, cfg.train.accum_steps
     reference = saved_optim.get("lr_reference_batch", optim.lr_reference_batch)
     lr_before = scaled_lr(replace(optim, lr=saved_optim.get("lr", optim.lr), lr_reference_batch=reference), before)
     batch_before = under.get("batch_size", saved_data.get("batch_size", batch))
+    accum_before = under.get("accum_steps", saved_train.get("accum_steps", 1))  # 1: before accumulation existed
     causes = []
-    if before // batch_before != global_batch // batch:
-        causes.append(f"{before // batch_before} -> {global_batch // batch} data-parallel replicas")
+    if before // (batch_before * accum_before) != global_batch // (batch * accum):
+        causes.append(f"{before // (batch_before * accum_before)} -> {global_batch // (batch * accum)} "
+                      "data-parallel replicas")  # fmt: skip
     if batch_before != batch:
         causes.append(f"data.batch_size {batch_before} -> {batch}")
+    if accum_before != accum:
+        causes.append(f"train.accum_steps {accum_before} -> {accum}")
     return [f"global batch: {before} -> {global_batch} ({', '.join(causes)}), "
             f"its peak learning rate {lr_before:.4g} -> {scaled_lr(optim, global_batch):.4g}"]  # fmt: skip
 
@@ -283,7 +288,9 @@ def restore_loader(
     # Older states lack the list's fingerprint too; the synthetic loader has no list.
     same_files = any_state.get("files", current.get("files")) == current.get("files")
     same_list = saved_samples == loader.num_samples and same_files
-    if mine is not None and len(states) == mesh.data_size and old == new and same_list:
+    # A DALI reader's checkpoint is one of batches of its size: the same step of other batches is converted.
+    old_accum, new_accum = accum_steps_of(any_state), accum_steps_of(current)
+    if mine is not None and len(states) == mesh.data_size and old == new and old_accum == new_accum and same_list:
         loader.load_state_dict(mine)
         return None
     saved_pos = int(any_state["pos"])
@@ -307,12 +314,12 @@ def restore_loader(
             )  # fmt: skip
         else:
             log.warning(
-                "checkpoint %s was written with %d data shards of batch %d (%d steps per epoch), this run has %d "
-                "of batch %d (%d steps): the interrupted epoch goes on from step %d (was %d), its data order is "
+                "checkpoint %s was written with %d data shards of batch %s (%d steps per epoch), this run has %d "
+                "of batch %s (%d steps): the interrupted epoch goes on from step %d (was %d), its data order is "
                 "not replayed (with data.pipeline=dali some of its images are trained twice and others not at "
                 "all); later epochs are whole",
-                path, old.num_shards, old.batch_size, old.steps, new.num_shards, new.batch_size, new.steps,
-                pos, saved_pos,
+                path, old.num_shards, describe_step_batch(old.batch_size // old_accum, old_accum), old.steps,
+                new.num_shards, describe_step_batch(new.batch_size // new_accum, new_accum), new.steps, pos, saved_pos,
             )  # fmt: skip
     # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh
     # reader to `pos` itself, so that its epochs and the reader's coincide from then on.

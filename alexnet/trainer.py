@@ -17,7 +17,7 @@ from torch import nn
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save, same_file
 from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
 from alexnet.data import DataSplits, build_loader, build_splits
-from alexnet.engine import AmpPolicy, StepResult, build_amp, train_step
+from alexnet.engine import AmpPolicy, MicroBatch, StepResult, accumulated_step, build_amp
 from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
 from alexnet.metrics import Tally, Throughput
@@ -53,6 +53,7 @@ from alexnet.stop import StopRequest
 from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start, recorded_weights
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
+from pipelines.steps import describe_step_batch
 
 log = logging.getLogger("alexnet")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -118,7 +119,7 @@ class Trainer:
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote or resumed
         self.comm = CommCounter()
         example = example_batch(cfg.data.crop, env.device, plan.channels_last)
-        self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm, example)
+        self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm, example, cfg.train.accum_steps)
         self.model = self.par.local
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.optim, plan.peak_lr)
         self.schedule = LrSchedule(cfg.schedule, plan.peak_lr, len(self.train_loader), cfg.train.epochs)
@@ -148,8 +149,11 @@ class Trainer:
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
         self._comm_setup = comm_setup(cfg, env, mesh)
-        batch = cfg.data.batch_size
-        self._sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
+        # This rank's rows of each of a step's batches in the step's global batch (the dropout
+        # masks' sample positions): the same rows as one batch accum_steps times as large.
+        batch, accum = cfg.data.batch_size, cfg.train.accum_steps
+        first = torch.arange(batch, device=env.device) + mesh.data_rank * batch * accum
+        self._sample_rows = [first + i * batch for i in range(accum)]
 
     def _read_data_and_checkpoint(self) -> tuple[nn.Module, tuple[dict, Path] | None]:
         """Each rank's own reading: the data folders, its loaders, and the checkpoint to resume
@@ -160,7 +164,7 @@ class Trainer:
         self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
         loader_args = (self.splits, self.mesh, env.device, plan.decoder, plan.channels_last)
-        self.train_loader = build_loader(cfg.data, "train", *loader_args)
+        self.train_loader = build_loader(cfg.data, "train", *loader_args, cfg.train.accum_steps)
         self.val_loader = build_loader(cfg.data, "val", *loader_args)
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
@@ -533,16 +537,19 @@ class Trainer:
         tally, meter = Tally(self.env.device), Throughput()
         window, stop_reason = 0, ""
         batches = self.reporter.wrap_epoch(self.train_loader, epoch)
-        for (images, labels), stop, data_wait in self._agreed_batches(batches):
+        for step_batches, stop, data_wait in self._agreed_batches(batches):
             lr = self.schedule.apply(self.optimizer, p.step)
-            dropout = DropoutContext(cfg.train.seed, p.step, self._sample_base[: labels.shape[0]])
-            result = train_step(self.par.module, images, labels, self.optimizer, self.amp, dropout,
-                                cfg.train.grad_clip, self.after_backward)  # fmt: skip
+            micro = [
+                MicroBatch(images, labels, DropoutContext(cfg.train.seed, p.step, rows[: labels.shape[0]]))
+                for (images, labels), rows in zip(step_batches, self._sample_rows)
+            ]
+            result = accumulated_step(self.par.module, micro, self.optimizer, self.amp, cfg.train.grad_clip,
+                                      self.after_backward)  # fmt: skip
             p.step += 1
-            p.images += labels.shape[0] * self.mesh.data_size
+            p.images += result.count * self.mesh.data_size
             self._count_skips(result, lr)
             tally.add(result.loss_sum, result.correct, result.count)
-            meter.add(labels.shape[0] * self.mesh.data_size, data_wait)
+            meter.add(result.count * self.mesh.data_size, data_wait)
             window += 1
             if p.step % cfg.train.log_every == 0:
                 self._log_train(epoch, lr, tally, meter, window, batches)
@@ -704,13 +711,13 @@ class Trainer:
             self.amp.name,
         )
         log.info(
-            "data: %s pipeline (%s), %d train / %d val images, batch %d per replica (global %d), "
+            "data: %s pipeline (%s), %d train / %d val images, batch %s per replica (global %d), "
             "%d steps per epoch, peak lr %.4g",
             cfg.data.pipeline,
             "no decoding" if cfg.data.pipeline == "synthetic" else f"{plan.decoder} decoding",
             self.train_loader.num_samples,
             self.val_loader.num_samples,
-            cfg.data.batch_size,
+            describe_step_batch(cfg.data.batch_size, cfg.train.accum_steps),
             plan.global_batch,
             len(self.train_loader),
             plan.peak_lr,
@@ -723,6 +730,7 @@ class Trainer:
         return {
             "world_size": self.env.world_size,
             "batch_size": self.cfg.data.batch_size,  # per replica
+            "accum_steps": self.cfg.train.accum_steps,
             "global_batch": self.plan.global_batch,
             "parallel_mode": self.mesh.mode,
             "device": self.env.device.type,

@@ -204,7 +204,16 @@ def cmd_pipeline(args: argparse.Namespace) -> Report:
 
 
 def _config(args: argparse.Namespace, extra: list[str]):
-    return load_config(args.config, [*extra, *args.overrides])
+    cfg = load_config(args.config, [*extra, *args.overrides])
+    if cfg.train.accum_steps != 1:
+        # The step and e2e figures are images/s of one batch per step; an accumulated step of
+        # A batches costs A of them plus one fewer all-reduce per extra batch, which no
+        # figure here would show.
+        raise ConfigError(
+            f"config key 'train.accum_steps' is {cfg.train.accum_steps}: the benchmarks time steps of one batch "
+            "per replica; leave it at 1 (data.batch_size sets the batch)"
+        )
+    return cfg
 
 
 # Not compared across ranks: the overrides (compared as the config they make) and the legacy

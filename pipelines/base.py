@@ -43,6 +43,8 @@ class ShardSpec:
     num_shards: int
     batch_size: int
     seed: int
+    # Batches an optimizer step takes (train.accum_steps): a training epoch holds whole steps only.
+    batches_per_step: int = 1
 
 
 class Loader(Protocol):
@@ -65,9 +67,11 @@ def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int,
     return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
 
 
-def train_steps(num_samples: int, num_shards: int, batch_size: int) -> int:
-    """Whole batches in the smallest shard: the same on every rank."""
-    return (num_samples // num_shards) // batch_size
+def train_steps(num_samples: int, num_shards: int, batch_size: int, batches_per_step: int = 1) -> int:
+    """Whole batches in the smallest shard, the same on every rank: as many as make whole optimizer
+    steps of `batches_per_step` batches (the rest are left out, as an incomplete batch is)."""
+    batches = (num_samples // num_shards) // batch_size
+    return batches - batches % batches_per_step
 
 
 def val_steps(num_samples: int, num_shards: int, batch_size: int) -> int:
@@ -125,10 +129,16 @@ def check_shardable(num_samples: int, num_shards: int, where: str, remedy: str) 
         )
 
 
-def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: str) -> None:
-    """A DataError (what launch/train.py reports in one line) when no shard holds one whole batch."""
-    if train_steps(num_samples, num_shards, batch_size) == 0:
+def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: str, batches_per_step: int = 1) -> None:
+    """A DataError (what launch/train.py reports in one line) when no shard holds one whole
+    optimizer step's batches."""
+    if train_steps(num_samples, num_shards, batch_size, batches_per_step) == 0:
+        step = f"data.batch_size={batch_size}"
+        if batches_per_step > 1:
+            step = f"{batches_per_step} batches (train.accum_steps) of {step}"
+        else:
+            step = f"one batch of {step}"
         raise DataError(
             f"{where}: {num_samples} training images over {num_shards} data-parallel shard(s) leave "
-            f"{num_samples // num_shards} per shard, fewer than one batch of data.batch_size={batch_size}"
+            f"{num_samples // num_shards} per shard, fewer than {step}"
         )

@@ -195,7 +195,7 @@ class DaliLoader:
         # Batches in one pass of the reader over a padded shard; training uses only the whole
         # batches of real samples and skips the rest.
         self._reader_batches = val_steps(n, k, b)
-        self._steps = train_steps(n, k, b) if split == "train" else self._reader_batches
+        self._steps = train_steps(n, k, b, shard.batches_per_step) if split == "train" else self._reader_batches
         start, end = shard_bounds(n, shard.shard_id, k)
         self._real_in_shard = end - start
         self._pipe = None

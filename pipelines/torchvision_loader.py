@@ -135,7 +135,7 @@ class TorchvisionLoader:
         self._device = device
         self._channels_last = channels_last
         n, k, b = len(index), shard.num_shards, shard.batch_size
-        self._steps = train_steps(n, k, b) if split == "train" else val_steps(n, k, b)
+        self._steps = train_steps(n, k, b, shard.batches_per_step) if split == "train" else val_steps(n, k, b)
         self._epoch = 0
         self._pos = 0
         dataset = IndexedImages(index, build_transform(image, split), image.crop)

@@ -96,7 +96,12 @@ def test_layout_computes_the_single_device_function(layout_results, mode, world,
         # float64, 5 steps with dropout: the same trajectory.
         assert r["weights_moved"] > 1e-3  # the steps did change the weights
         assert r["weights_after_steps"] <= 1e-10, r["rank"]
+        # The same steps as accumulated one-row batches (train.accum_steps=2): the same weights,
+        # and one step's bytes (one gradient all-reduce: DDP's deferred by no_sync, the FC slices'
+        # once per step), the activations sent row by row; in float64, twice float32's bytes.
+        assert r["weights_after_accumulated_steps"] <= 1e-10, r["rank"]
         payload, sent = expected_bytes(mode, world, fc_group, r["rank"])
+        assert r["accumulated_payload"] == {k: 2 * v for k, v in payload.items()}, r["rank"]
         assert r["payload"] == payload, r["rank"]
         assert r["sent"] == sent, r["rank"]
     owner = results[0]

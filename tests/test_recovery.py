@@ -218,17 +218,17 @@ def test_a_stop_request_during_a_step_takes_effect_after_the_next_and_resumes_ex
     an uninterrupted one."""
     stop = tmp_path / "STOP"
     monkeypatch.setenv("ALEXNET_STOP_FILE", str(stop))
-    train_step, steps = trainer_module.train_step, []
+    accumulated_step, steps = trainer_module.accumulated_step, []
 
     def asked_during_step_3(*args):
         steps.append(1)
         if len(steps) == 3:
             stop.write_text("")
-        return train_step(*args)
+        return accumulated_step(*args)
 
     common = ("train.epochs=1", "checkpoint.every_steps=0")
     with monkeypatch.context() as patch:
-        patch.setattr(trainer_module, "train_step", asked_during_step_3)
+        patch.setattr(trainer_module, "accumulated_step", asked_during_step_3)
         summary = run_training(tiny_run(tiny_data, tmp_path, *common), None)
     assert (summary["stop_reason"], summary["steps"]) == ("preempted", 4)
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["progress"]["step"] == 4

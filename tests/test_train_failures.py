@@ -13,7 +13,7 @@ from _helpers import train_tiny as train
 
 import alexnet.trainer
 from alexnet.config import load_config
-from alexnet.engine import train_step
+from alexnet.engine import accumulated_step
 from alexnet.metrics import read_metrics
 from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
@@ -64,7 +64,7 @@ def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tm
     def poison_one_gradient(model, *args, **kwargs):
         calls.append(1)
         if len(calls) != poisoned_step:
-            return train_step(model, *args, **kwargs)
+            return accumulated_step(model, *args, **kwargs)
 
         def to_inf(param):
             param.grad.view(-1)[0] = float("inf")
@@ -72,11 +72,11 @@ def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tm
         weight = next(p for p in model.parameters() if p.ndim == 2)
         handle = weight.register_post_accumulate_grad_hook(to_inf)
         try:
-            return train_step(model, *args, **kwargs)
+            return accumulated_step(model, *args, **kwargs)
         finally:
             handle.remove()
 
-    monkeypatch.setattr(alexnet.trainer, "train_step", poison_one_gradient)
+    monkeypatch.setattr(alexnet.trainer, "accumulated_step", poison_one_gradient)
     cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=inf",
                                     "train.amp=off", "checkpoint.every_steps=2", "train.max_nonfinite=5"])  # fmt: skip
     with pytest.raises(NonFiniteLossError, match="^the weights are not finite at step 4: a step applied") as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -47,13 +48,16 @@ def apply_parallelism(
     cfg: ParallelConfig,
     counter: CommCounter,
     example: Tensor | None = None,
+    accum_steps: int = 1,
 ) -> ParallelModel:
     """`model` is the full single-device model, identical on every rank (same seed or same
     checkpoint); it is transformed in place where the layout splits it. `example`: an input batch
     (one image will do) that settles DDP's buckets before the first step, as an exact resume
-    needs (`alexnet.parallel.data_parallel.settle_buckets`)."""
+    needs (`alexnet.parallel.data_parallel.settle_buckets`). `accum_steps`: the batches of an
+    optimizer step (train.accum_steps), all but the last under DDP's no_sync()."""
     if env.is_main:
         warn_of_unused_settings(cfg, mesh)
+    cfg = ddp_settings(cfg, accum_steps, env.is_main and mesh.grad_group_size > 1)
     if mesh.mode == "towers":
         layout = apply_towers(model, mesh, counter)
         module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size,
@@ -66,6 +70,21 @@ def apply_parallelism(
         return ParallelModel(module, local, layout, hook)
     module, hook = apply_data_parallel(model, env.device, cfg, counter, None, mesh.world_size, example=example)
     return ParallelModel(module, model, Layout(model), hook)
+
+
+def ddp_settings(cfg: ParallelConfig, accum_steps: int, warn: bool) -> ParallelConfig:
+    """The settings DDP is built with. Gradient accumulation leaves out parallel.static_graph:
+    DDP's static graph fails under no_sync() (PyTorch up to at least 2.14: an INTERNAL ASSERT
+    "expect_autograd_hooks_" at the first backward; pytorch/pytorch#187732 on the gradients
+    that then stop being all-reduced), and no_sync's saving, one all-reduce per step instead
+    of one per batch, is the larger one."""
+    if accum_steps == 1 or not cfg.static_graph:
+        return cfg
+    if warn:
+        log.warning("parallel.static_graph=true is not applied with train.accum_steps=%d: DDP's static graph "
+                    "fails under no_sync(), which skips the all-reduce of all but a step's last batch "
+                    "(pytorch/pytorch#187732)", accum_steps)  # fmt: skip
+    return dataclasses.replace(cfg, static_graph=False)
 
 
 def warn_of_unused_settings(cfg: ParallelConfig, mesh: Mesh) -> None:

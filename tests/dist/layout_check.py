@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from alexnet.config import OptimConfig, ParallelConfig
-from alexnet.engine import build_amp, train_step
+from alexnet.engine import MicroBatch, accumulated_step, build_amp, train_step
 from alexnet.layers import DropoutContext, apply_dropout_context
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
@@ -120,6 +120,7 @@ def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_f
         )
     ref_state = par.layout.to_local(reference.state_dict())
     result["weights_after_steps"] = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
+    result.update(accumulated_steps(env, mesh, fmt, variant, ref_state))
     initial = fresh_model(variant=variant).state_dict()  # built once: a model per key took most of the check's time
     moved = max(max_diff(v, initial[k]) for k, v in reference.state_dict().items())
     result["weights_moved"] = moved
@@ -129,6 +130,30 @@ def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_f
         result["full_state_keys_match"] = sorted(full) == sorted(reference.state_dict())
     out_dir.mkdir(exist_ok=True)
     (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
+
+
+def accumulated_steps(env, mesh, fmt, variant, ref_state) -> dict:
+    """The same STEPS steps with gradient accumulation (train.accum_steps): each rank's rows as
+    one-row batches, each dropped at its row's place in the global batch, DDP's all-reduce
+    deferred to a step's last batch (no_sync). Ends at the reference's weights; the first step's
+    bytes are one step's (the activations of its rows, one gradient all-reduce)."""
+    accum, me = PER_REPLICA, mesh.data_rank
+    amp = build_amp("off", CPU)
+    counter = CommCounter()
+    par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), counter, accum_steps=accum)
+    opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
+    after_backward = par.layout.after_backward()
+    payload: dict = {}
+    for step in range(STEPS):
+        images, labels = batch(step, mesh.data_size, fmt)
+        rows = [me * PER_REPLICA + i for i in range(accum)]
+        micro = [MicroBatch(images[r : r + 1], labels[r : r + 1], DropoutContext(SEED, step, torch.tensor([r])))
+                 for r in rows]  # fmt: skip
+        accumulated_step(par.module, micro, opt, amp, after_backward=after_backward)
+        if step == 0:
+            payload = counter.take()[0]
+    diff = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
+    return {"weights_after_accumulated_steps": diff, "accumulated_payload": payload}
 
 
 def main(out_dir: str, cases: list[str]) -> None:
