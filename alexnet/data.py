@@ -22,6 +22,7 @@ from pipelines.index import (
     some_names,
 )
 from pipelines.lighting import Lighting, resolve_lighting_stats
+from pipelines.steps import StepLoader
 
 log = logging.getLogger("alexnet")
 
@@ -206,30 +207,10 @@ def build_loader(
     device: torch.device,
     decoder: str,
     channels_last: bool,
-    accum_steps: int = 1,
-) -> Loader:
-    """This rank's loader of `split`. Training's is a StepLoader: each item is an optimizer step's
-    `accum_steps` batches (train.accum_steps)."""
-    if split == "train":
-        from pipelines.steps import StepLoader
-
-        batches = build_batch_loader(cfg, split, splits, mesh, device, decoder, channels_last, accum_steps)
-        return StepLoader(batches, accum_steps)  # type: ignore[return-value]
-    return build_batch_loader(cfg, split, splits, mesh, device, decoder, channels_last)
-
-
-def build_batch_loader(
-    cfg: DataConfig,
-    split: Split,
-    splits: DataSplits,
-    mesh: Mesh,
-    device: torch.device,
-    decoder: str,
-    channels_last: bool,
     batches_per_step: int = 1,
 ) -> Loader:
-    """The loader of `split`'s batches of data.batch_size on this rank: a training epoch holds
-    whole steps of `batches_per_step` batches."""
+    """This rank's loader of `split`'s batches of data.batch_size: a training epoch holds whole
+    optimizer steps of `batches_per_step` batches."""
     shard = ShardSpec(mesh.data_rank, mesh.data_size, cfg.batch_size, cfg.seed, batches_per_step)
     if cfg.pipeline == "synthetic":
         from pipelines.synthetic import SyntheticLoader
@@ -252,3 +233,18 @@ def build_batch_loader(
     lighting = build_lighting(cfg) if split == "train" and cfg.pipeline != "torchvision" else None
     ten_crop = split == "val" and cfg.val_ten_crop
     return build_file_loader(index, split, image_spec(cfg), shard, device, read, ten_crop, lighting)
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    splits: DataSplits,
+    mesh: Mesh,
+    device: torch.device,
+    decoder: str,
+    channels_last: bool,
+    accum_steps: int,
+) -> StepLoader:
+    """This rank's training loader for the trainer: each item is one optimizer step's
+    `accum_steps` batches (train.accum_steps)."""
+    batches = build_loader(cfg, "train", splits, mesh, device, decoder, channels_last, accum_steps)
+    return StepLoader(batches, accum_steps)

@@ -313,12 +313,14 @@ def restore_loader(
                 path, written, loader.num_samples, pos, new.steps,
             )  # fmt: skip
         else:
+            shards = f"{old.num_shards} data shard{'s' if old.num_shards != 1 else ''}"
             log.warning(
-                "checkpoint %s was written with %d data shards of batch %s (%d steps per epoch), this run has %d "
-                "of batch %s (%d steps): the interrupted epoch goes on from step %d (was %d), its data order is "
-                "not replayed (with data.pipeline=dali some of its images are trained twice and others not at "
-                "all); later epochs are whole",
-                path, old.num_shards, describe_step_batch(old.batch_size // old_accum, old_accum), old.steps,
+                "checkpoint %s was written with %s of batch %s (%d steps per epoch), this run has %d of batch %s "
+                "(%d steps): the interrupted epoch goes on from step %d (was %d), counted by the images trained "
+                "(data.pipeline=torchvision goes on in the epoch's order, less than one step's images trained "
+                "twice; data.pipeline=dali's reader starts afresh, so some of its images are trained twice and "
+                "others not at all); later epochs are whole",
+                path, shards, describe_step_batch(old.batch_size // old_accum, old_accum), old.steps,
                 new.num_shards, describe_step_batch(new.batch_size // new_accum, new_accum), new.steps, pos, saved_pos,
             )  # fmt: skip
     # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh

@@ -16,7 +16,7 @@ from torch import nn
 
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save, same_file
 from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
-from alexnet.data import DataSplits, build_loader, build_splits
+from alexnet.data import DataSplits, build_loader, build_splits, build_train_loader
 from alexnet.engine import AmpPolicy, MicroBatch, StepResult, accumulated_step, build_amp
 from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext
@@ -53,10 +53,9 @@ from alexnet.stop import StopRequest
 from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start, recorded_weights
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
-from pipelines.steps import describe_step_batch
+from pipelines.steps import MicroBatches, describe_step_batch
 
 log = logging.getLogger("alexnet")
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,11 +74,13 @@ def _recorded_resume(config_yaml: Path) -> str | None:
 
 def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh) -> str:
     """What decides the bytes a step communicates: summary.json's totals carry over from earlier
-    sessions only while it stays the same."""
+    sessions only while it stays the same. The towers' and the hybrid's exchanges grow with a
+    step's images (data.batch_size x train.accum_steps)."""
     par = cfg.parallel
+    accum = f"x{cfg.train.accum_steps}" if cfg.train.accum_steps > 1 else ""  # as written before accumulation
     return (
         f"{mesh.mode} world {env.world_size} data {mesh.data_size} fc_group {par.fc_group} "
-        f"hook {par.comm_hook}/{par.powersgd_rank} batch {cfg.data.batch_size} crop {cfg.data.crop} "
+        f"hook {par.comm_hook}/{par.powersgd_rank} batch {cfg.data.batch_size}{accum} crop {cfg.data.crop} "
         f"amp {cfg.train.amp} model {cfg.model.variant}/{cfg.model.num_classes}"
     )
 
@@ -164,7 +165,7 @@ class Trainer:
         self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
         loader_args = (self.splits, self.mesh, env.device, plan.decoder, plan.channels_last)
-        self.train_loader = build_loader(cfg.data, "train", *loader_args, cfg.train.accum_steps)
+        self.train_loader = build_train_loader(cfg.data, *loader_args, cfg.train.accum_steps)
         self.val_loader = build_loader(cfg.data, "val", *loader_args)
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
@@ -486,13 +487,14 @@ class Trainer:
             self.save_checkpoint()
         return ""
 
-    def _agreed_batches(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool, float]]:
-        """(batch, stop, seconds waited for it) for each of the loader's batches, agreed on by every
-        rank before it is used, in the one all-reduce a step has for it: a stop request on any rank
-        or rank 0's records failing (stop: every rank stops, training after this batch's step,
-        with a checkpoint, validation before this batch), or a rank that could not read its batch
-        (every rank raises at once that rank's DataError, or a LoaderError naming it: the other
-        ranks' loaders have moved on, so no checkpoint of a training step can follow)."""
+    def _agreed_batches(self, batches: Iterable[MicroBatches]) -> Iterator[tuple[MicroBatches, bool, float]]:
+        """(batches, stop, seconds waited for them) for each optimizer step's batches (the
+        StepLoader's items), agreed on by every rank before they are used, in the one all-reduce a
+        step has for it: a stop request on any rank or rank 0's records failing (stop: every rank
+        stops, training after this step, with a checkpoint, validation before this step), or a
+        rank that could not read its batches (every rank raises at once that rank's DataError, or
+        a LoaderError naming it: the other ranks' loaders have moved on, so no checkpoint of a
+        training step can follow)."""
         for fetched in fetch_each(batches):
             stop = self.stop.agreed_on(fetched, failed_here=self.reporter.failure is not None)
             yield fetched.batch, stop, fetched.seconds  # type: ignore[misc] - a batch where no error

@@ -48,6 +48,8 @@ class StepLoader:
     def state_dict(self) -> dict[str, Any]:
         state = self.batches.state_dict()
         a = self.accum_steps
+        # Checkpoints are written between steps: a position inside one would lose its batches.
+        assert int(state["pos"]) % a == 0, f"batch {state['pos']} is inside a step of {a} batches"
         in_steps = {"pos": int(state["pos"]) // a, "accum_steps": a}
         if "steps" in state:
             in_steps["steps"] = int(state["steps"]) // a

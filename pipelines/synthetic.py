@@ -24,6 +24,7 @@ class SyntheticLoader:
         self.split = split
         self.num_samples = steps * shard.batch_size * shard.num_shards
         self._steps = steps
+        self._shard = shard
         g = torch.Generator().manual_seed(shard.seed * 1_000_003 + shard.shard_id)
         images = torch.randn(shard.batch_size, 3, crop, crop, generator=g)
         labels = torch.randint(0, num_classes, (shard.batch_size,), generator=g)
@@ -45,7 +46,11 @@ class SyntheticLoader:
         self._epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "pos": self._pos}
+        # What `pos` counts in, as the file loaders say it (pipelines.base.position_state), so
+        # that a resume under another batch or accumulation converts it.
+        shard = self._shard
+        return {"epoch": self._epoch, "pos": self._pos, "num_shards": shard.num_shards, "steps": self._steps,
+                "batch_size": shard.batch_size}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._epoch = int(state["epoch"])

@@ -5,6 +5,8 @@ against the single-device model in test_layouts.py."""
 
 import logging
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +20,12 @@ from alexnet.metrics import read_metrics
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import ddp_settings
-from alexnet.resume import batch_change
-from pipelines.base import check_trainable, train_steps
+from alexnet.resume import batch_change, restore_loader
+from alexnet.trainer import comm_setup
+from pipelines.base import ShardSpec, check_trainable, train_steps
 from pipelines.index import DataError
 from pipelines.steps import StepLoader, describe_step_batch
+from pipelines.synthetic import SyntheticLoader
 
 CPU = torch.device("cpu")
 AMP_OFF = AmpPolicy("cpu", None, None)
@@ -177,6 +181,36 @@ def test_a_resume_that_changes_the_accumulation_names_it_as_the_global_batch_s_c
     # The same global batch, accumulated: no change to name (the lr is the same).
     assert batch_change({"global_batch": 32, "batch_size": 16}, saved, cfg, 32) == []
     assert describe_step_batch(16, 1) == "16" and describe_step_batch(8, 2) == "16 (2 accumulated batches of 8)"
+
+
+def test_a_synthetic_run_resumed_under_another_accumulation_goes_on_by_images(caplog):
+    """The synthetic loader says what its position counts in, as the file loaders do: two steps
+    of 2 x 8 images (32) are one step of 4 x 8 in the resumed run."""
+
+    def synthetic(accum: int) -> StepLoader:
+        shard = ShardSpec(0, 1, 8, 0, accum)
+        return StepLoader(SyntheticLoader("train", 8, 3, shard, 4 * accum, CPU), accum)
+
+    old = synthetic(2)
+    steps = iter(old)
+    next(steps), next(steps)
+    new = synthetic(4)
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        pos = restore_loader(new, {"0": old.state_dict()}, SimpleNamespace(data_rank=0, data_size=1), Path("c.pt"), 8)
+    assert pos == 1 and new.batches.state_dict()["pos"] == 4
+    assert ("written with 1 data shard of batch 16 (2 accumulated batches of 8) (4 steps per epoch), this run has "
+            "1 of batch 32 (4 accumulated batches of 8) (4 steps): the interrupted epoch goes on from step 1 (was 2)"
+            in caplog.text)  # fmt: skip
+
+
+def test_summary_comm_totals_restart_when_a_step_s_images_change():
+    """Under towers and hybrid a step's exchanges grow with its images: the totals summary.json
+    carries over from earlier sessions restart when train.accum_steps changes."""
+    env, mesh, cfg = SimpleNamespace(world_size=2), SimpleNamespace(mode="hybrid", data_size=2), Config()
+    one = comm_setup(cfg, env, mesh)
+    assert " batch 128 crop " in one  # as before accumulation existed: an older run's totals go on
+    cfg.train.accum_steps = 2
+    assert " batch 128x2 crop " in comm_setup(cfg, env, mesh)
 
 
 def test_the_benchmarks_refuse_accumulation_they_would_not_time(tmp_path, capsys):

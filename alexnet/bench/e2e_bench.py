@@ -4,7 +4,7 @@ Why not run alexnet.trainer.Trainer and read its metrics.jsonl? Its throughput w
 the pipeline's start-up at each epoch, its data-wait share is all it can say about where a step's
 time goes, and two runs (real, synthetic) would be minutes apart on a machine whose
 load drifts. So this builds the trainer's parts with the trainer's own builders (the config,
-alexnet.data.build_splits/build_batch_loader, the model, apply_parallelism, the optimizer, train_step)
+alexnet.data.build_splits/build_loader, the model, apply_parallelism, the optimizer, train_step)
 and times the same step on each batch source in turns: the ratio of real to synthetic images/s is
 paired round by round, and the split of a step is the one the step benchmark measures. One model
 serves every contender (same layout; its weights do not change the time of a step).
@@ -33,7 +33,7 @@ from alexnet.bench.step_bench import (
 from alexnet.bench.timing import Schedule, paired_ratio, run_interleaved, wait_until_idle
 from alexnet.bench.training import TrainContender, endless, sync
 from alexnet.config import Config, config_to_dict
-from alexnet.data import build_batch_loader, build_splits
+from alexnet.data import build_loader, build_splits
 from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import build_mesh
@@ -84,8 +84,8 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
         splits = build_splits(cfg.data, cfg.model.num_classes)
         for pipeline in pipelines:
             data_cfg = dataclasses.replace(cfg.data, pipeline=pipeline)
-            loaders[pipeline] = build_batch_loader(data_cfg, "train", splits, mesh, env.device, plan.decoder,
-                                                   plan.channels_last)  # fmt: skip
+            loaders[pipeline] = build_loader(data_cfg, "train", splits, mesh, env.device, plan.decoder,
+                                             plan.channels_last)  # fmt: skip
     except SETUP_ERRORS as exc:
         failure = exc
     share_setup_failure(failure)
