@@ -599,7 +599,8 @@ def _check_upper_bounds(cfg: Config) -> None:
         # wrote summary.json and the plot at a run's end (3 s sufficed on a quiet machine).
         # 10**7 s (about 115 days) is far inside datetime.timedelta's range.
         "parallel.timeout_s": (cfg.parallel.timeout_s, 10, 10**7),
-        # A step holds its batches on the device until the last is fetched (StepLoader).
+        # A step's batches are held together, with the next step's decoded ahead (about 3 x A
+        # batches of input in memory): at 1024 that is gigabytes at any batch size worth accumulating.
         "train.accum_steps": (cfg.train.accum_steps, 1, 1024),
     }
     for key, (value, low, high) in bounded.items():

@@ -229,10 +229,21 @@ def build_loader(
         check_shardable(len(index), mesh.data_size, "the validation split", remedy)
     if cfg.pipeline == "torchvision" and split == "train" and cfg.lighting_std > 0:
         log.warning("data.lighting_std is set but PCA lighting exists only in the DALI pipeline: not applied")
-    read = ReadSettings(cfg.pipeline, decoder, cfg.num_threads, cfg.prefetch, cfg.hw_decoder_load, channels_last)
+    prefetch = step_prefetch(cfg, batches_per_step) if split == "train" else cfg.prefetch
+    read = ReadSettings(cfg.pipeline, decoder, cfg.num_threads, prefetch, cfg.hw_decoder_load, channels_last)
     lighting = build_lighting(cfg) if split == "train" and cfg.pipeline != "torchvision" else None
     ten_crop = split == "val" and cfg.val_ten_crop
     return build_file_loader(index, split, image_spec(cfg), shard, device, read, ten_crop, lighting)
+
+
+def step_prefetch(cfg: DataConfig, batches_per_step: int) -> int:
+    """data.prefetch, deepened so that a whole step's batches are decoded ahead: the trainer takes
+    a step's batches together before it computes, so with a queue shallower than the step, the
+    batches beyond it would be decoded while the device waits instead of during the previous
+    step. DALI's queue counts batches; a DataLoader's prefetch_factor counts them per worker."""
+    if cfg.pipeline == "torchvision":
+        return max(cfg.prefetch, -(-batches_per_step // max(cfg.num_threads, 1)))
+    return max(cfg.prefetch, batches_per_step)
 
 
 def build_train_loader(

@@ -1,4 +1,5 @@
-"""One training step and one evaluation step: pure per-batch functions.
+"""One training step (of one batch, or of several whose gradients it sums) and one evaluation
+step: pure functions of their batches.
 
 Mixed precision: bf16 autocast needs no loss scaling; fp16 uses a GradScaler (unscale before
 clipping). A step whose loss is not finite on any rank is skipped on every rank, and the caller
@@ -26,6 +27,7 @@ from torch.nn import functional as F
 
 from alexnet.layers import DropoutContext, apply_dropout_context
 from alexnet.metrics import topk_correct
+from alexnet.parallel.data_parallel import is_ddp
 from alexnet.parallel.layout import StepSync, replicated_sync
 from pipelines.base import PAD_LABEL
 
@@ -65,7 +67,7 @@ def build_amp(mode: Literal["auto", "bf16", "fp16", "off"], device: torch.device
 
 @dataclass(frozen=True)
 class StepResult:
-    loss_sum: Tensor  # summed over the batch's rows, on the device
+    loss_sum: Tensor  # summed over the step's rows (all its batches'), on the device
     correct: Tensor  # [top1, top5] counts
     count: Tensor | int
     applied: bool  # False when every rank skipped the step: a non-finite loss or an fp16 overflow
@@ -173,7 +175,7 @@ def _deferred_sync(model: nn.Module):
     the step's last batch then makes of the sum (DDP built without static_graph: see
     alexnet.parallel.apply). Other modules need nothing: their gradients are this rank's alone,
     or the layout finishes them once per step (StepSync)."""
-    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
+    return model.no_sync() if is_ddp(model) else nullcontext()
 
 
 def accumulated_step(
@@ -193,7 +195,11 @@ def accumulated_step(
     the layout keeps outside DDP (the hybrid's FC slices) and says which gradients this rank
     counts toward the global norm. A plain callable or None means every rank holds the whole
     model (data parallelism, one process)."""
-    optimizer.zero_grad(set_to_none=True)
+    # Several batches keep the gradients and zero them: under DDP's gradient_as_bucket_view they
+    # are then views of its buckets, which the batches under no_sync() accumulate into. Set to
+    # None, those batches would accumulate into fresh tensors beside the buckets (the paper
+    # model's 244 MB under dp) until the step's last all-reduce.
+    optimizer.zero_grad(set_to_none=len(batches) == 1)
     scaler = amp.scaler if amp.scaler is not None and amp.scaler.is_enabled() else None
     rows = sum(b.labels.shape[0] for b in batches)
     loss_sum = correct = None

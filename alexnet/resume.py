@@ -211,8 +211,8 @@ def batch_change(
 ) -> list[str]:
     """The global batch and the peak learning rate scaled with it, when a resume changes them:
     under another world size or layout no config key names that change (2 -> 4 towers ranks
-    doubled both, and only the data shards' line gave it away). The line names the cause: the
-    number of data-parallel replicas, data.batch_size, or both. The peak before is the
+    doubled both, and only the data shards' line gave it away). The line names the causes: the
+    number of data-parallel replicas, data.batch_size, train.accum_steps. The peak before is the
     checkpoint's own: its optim.lr at its batch (this run's optim.lr, where it changed too, made
     the line name a peak the run never had). `trained_under`: the setup of the run's last steps
     (Progress.trained_under; a session that took none, its config saved all the same, did not
@@ -228,7 +228,8 @@ def batch_change(
     reference = saved_optim.get("lr_reference_batch", optim.lr_reference_batch)
     lr_before = scaled_lr(replace(optim, lr=saved_optim.get("lr", optim.lr), lr_reference_batch=reference), before)
     batch_before = under.get("batch_size", saved_data.get("batch_size", batch))
-    accum_before = under.get("accum_steps", saved_train.get("accum_steps", 1))  # 1: before accumulation existed
+    # A setup recorded before accumulation existed (a batch_size and no accum_steps) had none.
+    accum_before = under.get("accum_steps", 1 if "batch_size" in under else saved_train.get("accum_steps", 1))
     causes = []
     if before // (batch_before * accum_before) != global_batch // (batch * accum):
         causes.append(f"{before // (batch_before * accum_before)} -> {global_batch // (batch * accum)} "
@@ -330,8 +331,8 @@ def restore_loader(
 
 
 def current_layout(loader: Loader, state: dict[str, Any], mesh: Mesh, saved_batch: int | None) -> EpochLayout:
-    """This run's epoch layout. A loader whose state does not name its batch (the synthetic
-    one) is taken to keep the checkpoint's."""
+    """This run's epoch layout. A loader whose state does not name its batch (every one of this
+    project's does) is taken to keep the checkpoint's."""
     batch = int(state.get("batch_size") or saved_batch or 1)
     return EpochLayout(int(state.get("num_shards", mesh.data_size)), batch, len(loader))
 

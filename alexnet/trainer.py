@@ -32,7 +32,7 @@ from alexnet.parallel.agree import (
     fetch_each,
     share_setup_failure,
 )
-from alexnet.parallel.apply import apply_parallelism, example_batch
+from alexnet.parallel.apply import apply_parallelism, ddp_settings, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
@@ -53,7 +53,7 @@ from alexnet.stop import StopRequest
 from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start, recorded_weights
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
-from pipelines.steps import MicroBatches, describe_step_batch
+from pipelines.steps import StepBatches, describe_step_batch
 
 log = logging.getLogger("alexnet")
 
@@ -120,7 +120,8 @@ class Trainer:
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote or resumed
         self.comm = CommCounter()
         example = example_batch(cfg.data.crop, env.device, plan.channels_last)
-        self.par = apply_parallelism(full, env, mesh, cfg.parallel, self.comm, example, cfg.train.accum_steps)
+        ddp = ddp_settings(cfg.parallel, cfg.train.accum_steps, env.is_main and mesh.grad_group_size > 1)
+        self.par = apply_parallelism(full, env, mesh, ddp, self.comm, example)
         self.model = self.par.local
         self.optimizer = build_optimizer(list(self.model.named_parameters()), cfg.optim, plan.peak_lr)
         self.schedule = LrSchedule(cfg.schedule, plan.peak_lr, len(self.train_loader), cfg.train.epochs)
@@ -487,7 +488,7 @@ class Trainer:
             self.save_checkpoint()
         return ""
 
-    def _agreed_batches(self, batches: Iterable[MicroBatches]) -> Iterator[tuple[MicroBatches, bool, float]]:
+    def _agreed_batches(self, batches: Iterable[StepBatches]) -> Iterator[tuple[StepBatches, bool, float]]:
         """(batches, stop, seconds waited for them) for each optimizer step's batches (the
         StepLoader's items), agreed on by every rank before they are used, in the one all-reduce a
         step has for it: a stop request on any rank or rank 0's records failing (stop: every rank

@@ -21,7 +21,8 @@ import torch
 
 from pipelines.base import Loader
 
-MicroBatches = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+# One optimizer step's batches, each (images, labels).
+StepBatches = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class StepLoader:
@@ -31,22 +32,22 @@ class StepLoader:
             raise ValueError(f"{len(loader)} batches per epoch are not whole steps of {accum_steps} batches")
         self.split = loader.split
         self.num_samples = loader.num_samples
-        self.batches = loader
+        self.batch_loader = loader
         self.accum_steps = accum_steps
 
     def __len__(self) -> int:
-        return len(self.batches) // self.accum_steps
+        return len(self.batch_loader) // self.accum_steps
 
-    def __iter__(self) -> Iterator[MicroBatches]:
+    def __iter__(self) -> Iterator[StepBatches]:
         step: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for batch in self.batches:
+        for batch in self.batch_loader:
             step.append(batch)
             if len(step) == self.accum_steps:
                 yield tuple(step)
                 step = []
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.batches.state_dict()
+        state = self.batch_loader.state_dict()
         a = self.accum_steps
         # Checkpoints are written between steps: a position inside one would lose its batches.
         assert int(state["pos"]) % a == 0, f"batch {state['pos']} is inside a step of {a} batches"
@@ -65,10 +66,10 @@ class StepLoader:
             in_batches["steps"] = int(state["steps"]) * a
         if "batch_size" in state:
             in_batches["batch_size"] = int(state["batch_size"]) // a
-        self.batches.load_state_dict({**state, **in_batches})
+        self.batch_loader.load_state_dict({**state, **in_batches})
 
     def close(self) -> None:
-        self.batches.close()
+        self.batch_loader.close()
 
 
 def accum_steps_of(state: dict[str, Any]) -> int:

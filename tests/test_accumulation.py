@@ -13,7 +13,8 @@ import torch
 from _helpers import REPO, check
 from _helpers import train_tiny as train
 
-from alexnet.config import Config, ConfigError, OptimConfig, ParallelConfig, TrainConfig, load_config
+from alexnet.config import Config, ConfigError, DataConfig, OptimConfig, ParallelConfig, TrainConfig, load_config
+from alexnet.data import step_prefetch
 from alexnet.engine import AmpPolicy, MicroBatch, accumulated_step, train_step
 from alexnet.layers import DropoutContext
 from alexnet.metrics import read_metrics
@@ -52,7 +53,9 @@ def micro_batches(images, labels, step: int, sizes: list[int]) -> list[MicroBatc
     return out
 
 
-@pytest.mark.parametrize(("sizes", "clip"), [([4, 4], 0.0), ([3, 5], 0.0), ([2, 2, 2, 2], 0.5)])
+# The gradient norms of the three steps are about 72, 147 and 212: a clip of 100 binds at the
+# last two, and the first would bind only on gradients summed wrongly (4 batches: 4 x 72).
+@pytest.mark.parametrize(("sizes", "clip"), [([4, 4], 0.0), ([3, 5], 0.0), ([2, 2, 2, 2], 100.0)])
 def test_an_accumulated_step_is_the_step_of_the_whole_batch(sizes, clip):
     """Three steps of SGD with momentum and dropout, in float64: the batches' summed gradients
     (each batch's mean loss weighted by its share of rows, also for batches of unequal size)
@@ -76,6 +79,13 @@ def test_an_accumulated_step_is_the_step_of_the_whole_batch(sizes, clip):
         assert max((w - initial[n]).abs().max() for n, w in whole.state_dict().items()) > 1e-3  # it did train
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_a_step_s_batches_are_decoded_ahead_while_the_step_before_computes():
+    """The trainer takes a step's batches together: the loaders' queues hold at least a step."""
+    dali, tv = DataConfig(prefetch=2), DataConfig(pipeline="torchvision", prefetch=2, num_threads=3)
+    assert [step_prefetch(dali, a) for a in (1, 2, 5)] == [2, 2, 5]
+    assert [step_prefetch(tv, a) for a in (1, 6, 7)] == [2, 2, 3]  # per worker: 3 workers x 3 >= 7
 
 
 def test_a_non_finite_batch_skips_the_whole_step():
@@ -129,7 +139,7 @@ def test_the_step_loader_yields_a_step_s_batches_together_and_counts_in_steps():
     assert state == {"epoch": 1, "pos": 1, "steps": 2, "batch_size": 12, "files": "f", "accum_steps": 3}
     again = StepLoader(ListLoader(6), 3)
     again.load_state_dict(state)
-    assert (again.batches.epoch, again.batches.pos) == (1, 3)  # back in batches
+    assert (again.batch_loader.epoch, again.batch_loader.pos) == (1, 3)  # back in batches
     assert [int(images) for images, _ in next(iter(again))] == [3, 4, 5]
     loader.close()
     assert batches.closed
@@ -178,8 +188,10 @@ def test_a_resume_that_changes_the_accumulation_names_it_as_the_global_batch_s_c
     cfg.data.batch_size = 4
     line = batch_change(before, saved, cfg, 4 * 4 * 2)[0]
     assert "(2 -> 4 data-parallel replicas, data.batch_size 8 -> 4, train.accum_steps 1 -> 2)" in line
-    # The same global batch, accumulated: no change to name (the lr is the same).
-    assert batch_change({"global_batch": 32, "batch_size": 16}, saved, cfg, 32) == []
+    # A setup recorded before accumulation existed had none, whatever a later config says.
+    later = {**saved, "train": {"accum_steps": 4}}
+    line = batch_change({"global_batch": 16, "batch_size": 8}, later, cfg, 4 * 4 * 2)[0]
+    assert "(2 -> 4 data-parallel replicas, data.batch_size 8 -> 4, train.accum_steps 1 -> 2)" in line
     assert describe_step_batch(16, 1) == "16" and describe_step_batch(8, 2) == "16 (2 accumulated batches of 8)"
 
 
@@ -197,7 +209,7 @@ def test_a_synthetic_run_resumed_under_another_accumulation_goes_on_by_images(ca
     new = synthetic(4)
     with caplog.at_level(logging.WARNING, logger="alexnet"):
         pos = restore_loader(new, {"0": old.state_dict()}, SimpleNamespace(data_rank=0, data_size=1), Path("c.pt"), 8)
-    assert pos == 1 and new.batches.state_dict()["pos"] == 4
+    assert pos == 1 and new.batch_loader.state_dict()["pos"] == 4
     assert ("written with 1 data shard of batch 16 (2 accumulated batches of 8) (4 steps per epoch), this run has "
             "1 of batch 32 (4 accumulated batches of 8) (4 steps): the interrupted epoch goes on from step 1 (was 2)"
             in caplog.text)  # fmt: skip

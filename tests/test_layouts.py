@@ -102,6 +102,8 @@ def test_layout_computes_the_single_device_function(layout_results, mode, world,
         assert r["weights_after_accumulated_steps"] <= 1e-10, r["rank"]
         payload, sent = expected_bytes(mode, world, fc_group, r["rank"])
         assert r["accumulated_payload"] == {k: 2 * v for k, v in payload.items()}, r["rank"]
+        # DDP (the hybrid's convolutions, towers of 2 replicas) accumulates in its buckets.
+        assert r["in_buckets"] is (None if (mode, world) == ("towers", 2) else True), r["rank"]
         assert r["payload"] == payload, r["rank"]
         assert r["sent"] == sent, r["rank"]
     owner = results[0]

@@ -36,6 +36,7 @@ from alexnet.engine import AmpPolicy, train_step
 from alexnet.layers import DropoutContext
 from alexnet.parallel.agree import fetch_each
 from alexnet.parallel.comm import CommCounter
+from alexnet.parallel.data_parallel import is_ddp
 from alexnet.stop import StopRequest
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -53,10 +54,6 @@ class TrainParts:
     sample_base: torch.Tensor  # this rank's rows in the global batch (dropout masks)
     seed: int
     grad_clip: float = 0.0  # train.grad_clip: clipping adds the global norm's arithmetic and all-reduce
-
-
-def is_ddp(module: nn.Module) -> bool:
-    return isinstance(module, nn.parallel.DistributedDataParallel)
 
 
 def sync(device: torch.device) -> None:

@@ -48,16 +48,13 @@ def apply_parallelism(
     cfg: ParallelConfig,
     counter: CommCounter,
     example: Tensor | None = None,
-    accum_steps: int = 1,
 ) -> ParallelModel:
     """`model` is the full single-device model, identical on every rank (same seed or same
     checkpoint); it is transformed in place where the layout splits it. `example`: an input batch
     (one image will do) that settles DDP's buckets before the first step, as an exact resume
-    needs (`alexnet.parallel.data_parallel.settle_buckets`). `accum_steps`: the batches of an
-    optimizer step (train.accum_steps), all but the last under DDP's no_sync()."""
+    needs (`alexnet.parallel.data_parallel.settle_buckets`)."""
     if env.is_main:
         warn_of_unused_settings(cfg, mesh)
-    cfg = ddp_settings(cfg, accum_steps, env.is_main and mesh.grad_group_size > 1)
     if mesh.mode == "towers":
         layout = apply_towers(model, mesh, counter)
         module, hook = apply_data_parallel(model, env.device, cfg, counter, mesh.grad_group, mesh.grad_group_size,
@@ -73,17 +70,20 @@ def apply_parallelism(
 
 
 def ddp_settings(cfg: ParallelConfig, accum_steps: int, warn: bool) -> ParallelConfig:
-    """The settings DDP is built with. Gradient accumulation leaves out parallel.static_graph:
-    DDP's static graph fails under no_sync() (PyTorch up to at least 2.14: an INTERNAL ASSERT
-    "expect_autograd_hooks_" at the first backward; pytorch/pytorch#187732 on the gradients
-    that then stop being all-reduced), and no_sync's saving, one all-reduce per step instead
-    of one per batch, is the larger one."""
+    """The settings DDP is built with: gradient accumulation (all but a step's last batch under
+    no_sync()) leaves out parallel.static_graph, as a precaution. DDP's static-graph reducer
+    counts its first iteration by backward passes, and under no_sync() that count is what
+    pytorch/pytorch#187732 (open in PyTorch 2.14.1) fixes: a wrapper whose first backward runs
+    under no_sync() stops at an INTERNAL ASSERT ("expect_autograd_hooks_"), and, past it, its
+    gradients are no longer all-reduced. This project's wrappers take two synced passes first
+    (settle_buckets), which avoids that case (checked on gloo, not on NCCL), but a silent loss
+    of the all-reduce is not worth static_graph's small saving. `warn`: say so (once)."""
     if accum_steps == 1 or not cfg.static_graph:
         return cfg
     if warn:
         log.warning("parallel.static_graph=true is not applied with train.accum_steps=%d: DDP's static graph "
-                    "fails under no_sync(), which skips the all-reduce of all but a step's last batch "
-                    "(pytorch/pytorch#187732)", accum_steps)  # fmt: skip
+                    "under no_sync() is what pytorch/pytorch#187732 fixes (an internal assert, or gradients no "
+                    "longer all-reduced); left out as a precaution", accum_steps)  # fmt: skip
     return dataclasses.replace(cfg, static_graph=False)
 
 

@@ -105,6 +105,10 @@ def _powersgd_hook(state: CommHookState, bucket):
     return fut
 
 
+def is_ddp(module: nn.Module) -> bool:
+    return isinstance(module, nn.parallel.DistributedDataParallel)
+
+
 def apply_data_parallel(
     model: nn.Module,
     device: torch.device,

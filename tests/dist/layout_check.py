@@ -25,6 +25,7 @@ from alexnet.model import build_model
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism
 from alexnet.parallel.comm import CommCounter
+from alexnet.parallel.data_parallel import is_ddp
 from alexnet.parallel.env import init_distributed, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 
@@ -136,24 +137,34 @@ def accumulated_steps(env, mesh, fmt, variant, ref_state) -> dict:
     """The same STEPS steps with gradient accumulation (train.accum_steps): each rank's rows as
     one-row batches, each dropped at its row's place in the global batch, DDP's all-reduce
     deferred to a step's last batch (no_sync). Ends at the reference's weights; the first step's
-    bytes are one step's (the activations of its rows, one gradient all-reduce)."""
+    bytes are one step's (the activations of its rows, one gradient all-reduce). Where DDP wraps
+    the convolutions, their gradients accumulate in DDP's buckets (gradient_as_bucket_view), not
+    in tensors beside them: `in_buckets` (None without DDP)."""
     accum, me = PER_REPLICA, mesh.data_rank
     amp = build_amp("off", CPU)
     counter = CommCounter()
-    par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), counter, accum_steps=accum)
+    par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), counter)
     opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
     after_backward = par.layout.after_backward()
+    conv = next(p for p in par.local.parameters() if p.ndim == 4)
+    seen: list[int] = []
+    conv.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.data_ptr()))
     payload: dict = {}
+    in_buckets = None
     for step in range(STEPS):
         images, labels = batch(step, mesh.data_size, fmt)
         rows = [me * PER_REPLICA + i for i in range(accum)]
         micro = [MicroBatch(images[r : r + 1], labels[r : r + 1], DropoutContext(SEED, step, torch.tensor([r])))
                  for r in rows]  # fmt: skip
+        if step == 2 and is_ddp(par.module):  # DDP rebuilds its buckets before its second iteration
+            bucket_view, seen[:] = conv.grad.data_ptr(), []
         accumulated_step(par.module, micro, opt, amp, after_backward=after_backward)
         if step == 0:
             payload = counter.take()[0]
+        if step == 2 and is_ddp(par.module):
+            in_buckets = len(seen) == accum and all(ptr == bucket_view for ptr in seen)
     diff = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
-    return {"weights_after_accumulated_steps": diff, "accumulated_payload": payload}
+    return {"weights_after_accumulated_steps": diff, "accumulated_payload": payload, "in_buckets": in_buckets}
 
 
 def main(out_dir: str, cases: list[str]) -> None:
