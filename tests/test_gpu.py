@@ -5,7 +5,7 @@ import torch
 from _helpers import TINY_TRAIN, TRAIN, check, torchrun
 
 from alexnet.config import OptimConfig
-from alexnet.engine import AmpPolicy, build_amp, train_step
+from alexnet.engine import AmpPolicy, MicroBatch, accumulated_step, build_amp, train_step
 from alexnet.layers import DropoutContext
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
@@ -156,3 +156,50 @@ def test_fp16_resume_mid_run_on_cuda_gives_identical_weights(tiny_data, tmp_path
         assert torch.equal(a["model"][name], b["model"][name]), name
     for name, buffer in a["optimizer"]["momentum"].items():
         assert torch.equal(buffer, b["optimizer"]["momentum"][name]), name
+
+
+def _halves(x, y, step: int) -> list[MicroBatch]:
+    """The batch of 16 as two batches of 8, each dropped at its rows' places in it."""
+    ids = torch.arange(len(y), device=x.device)
+    return [MicroBatch(x[r], y[r], DropoutContext(0, step, ids[r])) for r in (slice(0, 8), slice(8, 16))]
+
+
+def test_an_accumulated_fp16_step_on_cuda_is_the_whole_batch_s():
+    """The GradScaler over several backward passes (train.accum_steps): each batch's loss scaled,
+    one unscale and one check per step. Two batches of 8 against one of 16, four steps from the
+    same weights: the same updates to float16's rounding, and the same scale."""
+    runs = []
+    for accumulate in (False, True):
+        model, x, y = _cuda_model_and_batch()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.002)
+        amp = AmpPolicy("cuda", torch.float16, torch.amp.GradScaler("cuda", init_scale=256.0))
+        for step in range(4):
+            if accumulate:
+                assert accumulated_step(model, _halves(x, y, step), optimizer, amp).applied
+            else:
+                ids = torch.arange(len(y), device=x.device)
+                assert train_step(model, x, y, optimizer, amp, DropoutContext(0, step, ids)).applied
+        runs.append(({k: v - start[k] for k, v in model.state_dict().items()}, amp.scaler.get_scale()))
+    (whole, whole_scale), (parts, parts_scale) = runs
+    assert whole_scale == parts_scale == 256.0
+    for name, update in whole.items():
+        torch.testing.assert_close(parts[name], update, rtol=2e-2, atol=1e-5, msg=name)
+
+
+def test_an_fp16_overflow_in_a_step_s_last_batch_skips_the_step_and_halves_the_scale_once():
+    model, x, y = _cuda_model_and_batch()
+    optimizer = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.002)
+    amp = AmpPolicy("cuda", torch.float16, torch.amp.GradScaler("cuda", init_scale=256.0))
+    backward_passes = []
+
+    def overflow_in_the_second(p: torch.Tensor) -> None:
+        backward_passes.append(1)
+        if len(backward_passes) == 2:
+            p.grad.view(-1)[0] = float("inf")
+
+    dict(model.named_parameters())["fc8.0.weight"].register_post_accumulate_grad_hook(overflow_in_the_second)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = accumulated_step(model, _halves(x, y, 0), optimizer, amp)
+    assert (result.applied, result.overflow, amp.scaler.get_scale()) == (False, True, 128.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and optimizer.state == {}
