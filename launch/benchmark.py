@@ -206,9 +206,8 @@ def cmd_pipeline(args: argparse.Namespace) -> Report:
 def _config(args: argparse.Namespace, extra: list[str]):
     cfg = load_config(args.config, [*extra, *args.overrides])
     if cfg.train.accum_steps != 1:
-        # The step and e2e figures are images/s of one batch per step; an accumulated step of
-        # A batches costs A of them plus one fewer all-reduce per extra batch, which no
-        # figure here would show.
+        # The step and e2e figures are of steps of one batch; an accumulated step computes A
+        # batches and all-reduces once, which none of their figures would show.
         raise ConfigError(
             f"config key 'train.accum_steps' is {cfg.train.accum_steps}: the benchmarks time steps of one batch "
             "per replica; leave it at 1 (data.batch_size sets the batch)"

@@ -133,12 +133,8 @@ def check_trainable(num_samples: int, num_shards: int, batch_size: int, where: s
     """A DataError (what launch/train.py reports in one line) when no shard holds one whole
     optimizer step's batches."""
     if train_steps(num_samples, num_shards, batch_size, batches_per_step) == 0:
-        step = f"data.batch_size={batch_size}"
-        if batches_per_step > 1:
-            step = f"{batches_per_step} batches (train.accum_steps) of {step}"
-        else:
-            step = f"one batch of {step}"
+        step = "one batch" if batches_per_step == 1 else f"{batches_per_step} batches (train.accum_steps)"
         raise DataError(
             f"{where}: {num_samples} training images over {num_shards} data-parallel shard(s) leave "
-            f"{num_samples // num_shards} per shard, fewer than {step}"
+            f"{num_samples // num_shards} per shard, fewer than {step} of data.batch_size={batch_size}"
         )

@@ -26,6 +26,9 @@ StepBatches = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class StepLoader:
+    """The Loader protocol over a loader of batches, whose items are a step's `accum_steps`
+    batches (StepBatches) and whose state counts steps (the module's docstring)."""
+
     def __init__(self, loader: Loader, accum_steps: int) -> None:
         if accum_steps < 1 or len(loader) % accum_steps:
             # The loaders round a training epoch down to whole steps (ShardSpec.batches_per_step).
