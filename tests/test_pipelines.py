@@ -187,7 +187,7 @@ def test_synthetic_loader_contract():
     batches = list(loader)
     assert len(batches) == len(loader) == 3
     assert batches[0][0].shape == (4, 3, 67, 67) and batches[0][1].max() < 10
-    assert loader.state_dict() == {"epoch": 1, "pos": 0}
+    assert loader.state_dict() == {"epoch": 1, "pos": 0, "num_shards": 2, "steps": 3, "batch_size": 4}
     assert loader.num_samples == 3 * 4 * 2
 
 
