@@ -551,7 +551,9 @@ def test_timeout_must_be_a_positive_number_of_seconds(trained, capsys, value):
 def test_timeout_0_under_torchrun_is_one_line_per_rank(trained, tmp_path):
     proc = torchrun([EVALUATE, trained, "--timeout", "0", "--out", tmp_path / "e.json"], nproc=2)
     assert proc.returncode != 0 and "DistNetworkError" not in proc.stderr, proc.stderr[-4000:]
-    assert proc.stderr.count("error: argument --timeout: must be a positive number of seconds, got 0") == 2
+    # Each rank that gets to print says it in one line; torchrun may stop the second rank (SIGTERM)
+    # once the first has exited, before it prints (seen once in a fresh-clone run).
+    assert 1 <= proc.stderr.count("error: argument --timeout: must be a positive number of seconds, got 0") <= 2
     assert not (tmp_path / "e.json").exists()
 
 
