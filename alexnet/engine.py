@@ -209,6 +209,7 @@ def accumulated_step(
             with amp.autocast():
                 logits = model(batch.images)
             loss = F.cross_entropy(logits.float(), batch.labels)
+            # One batch: its loss as it is (the step of before accumulation, bitwise).
             share = loss * (batch.labels.shape[0] / rows) if len(batches) > 1 else loss
             (scaler.scale(share) if scaler is not None else share).backward()
         with torch.no_grad():

@@ -63,6 +63,13 @@ class DropoutContext:
     sample_ids: Tensor
 
 
+def step_sample_rows(batch: int, data_rank: int, accum_steps: int, device: torch.device) -> list[Tensor]:
+    """This data rank's rows of each of a step's `accum_steps` batches in the step's global batch
+    (DropoutContext.sample_ids): the same rows as one batch accum_steps times as large."""
+    first = torch.arange(batch, device=device) + data_rank * batch * accum_steps
+    return [first + i * batch for i in range(accum_steps)]
+
+
 class CounterDropout(nn.Module):
     """Inverted dropout (Krizhevsky et al. 2012, section 4.2) with a layout-independent mask.
 

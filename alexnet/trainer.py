@@ -19,7 +19,7 @@ from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict
 from alexnet.data import DataSplits, build_loader, build_splits, build_train_loader
 from alexnet.engine import AmpPolicy, MicroBatch, StepResult, accumulated_step, build_amp
 from alexnet.evaluate import eval_batch
-from alexnet.layers import DropoutContext
+from alexnet.layers import DropoutContext, step_sample_rows
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
 from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
@@ -151,11 +151,7 @@ class Trainer:
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
         self._comm_setup = comm_setup(cfg, env, mesh)
-        # This rank's rows of each of a step's batches in the step's global batch (the dropout
-        # masks' sample positions): the same rows as one batch accum_steps times as large.
-        batch, accum = cfg.data.batch_size, cfg.train.accum_steps
-        first = torch.arange(batch, device=env.device) + mesh.data_rank * batch * accum
-        self._sample_rows = [first + i * batch for i in range(accum)]
+        self._sample_rows = step_sample_rows(cfg.data.batch_size, mesh.data_rank, cfg.train.accum_steps, env.device)
 
     def _read_data_and_checkpoint(self) -> tuple[nn.Module, tuple[dict, Path] | None]:
         """Each rank's own reading: the data folders, its loaders, and the checkpoint to resume

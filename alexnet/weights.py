@@ -177,13 +177,18 @@ def _saved_normalisation(config: Any) -> tuple[list[float], list[float]] | None:
     data = config.get("data") if isinstance(config, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("mean"), list) or not isinstance(data.get("std"), list):
         return None
-    return [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+    return _as_floats((data["mean"], data["std"]))
+
+
+def _as_floats(normalisation: tuple[list[float], list[float]]) -> tuple[list[float], list[float]]:
+    mean, std = normalisation
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 def _other_inputs(found: WeightsFile, normalisation: tuple[list[float], list[float]]) -> str:
     if found.normalisation is None:
         return ""
-    mine = ([float(v) for v in normalisation[0]], [float(v) for v in normalisation[1]])
+    mine = _as_floats(normalisation)
     if found.normalisation == mine:
         return ""
     (mean, std), (my_mean, my_std) = (map(_shown, pair) for pair in (found.normalisation, mine))

@@ -26,6 +26,7 @@ from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved
 from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endless, step_split
 from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
+from alexnet.layers import step_sample_rows
 from alexnet.model import FC_WIDTH, build_model, fc_width_fits
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism, example_batch
@@ -88,7 +89,7 @@ def build_train_parts(model: nn.Module, cfg: Config, env: DistEnv, mesh: Mesh, p
     # cost of a step through denormal floats or skipped steps).
     optimizer = build_optimizer(list(par.local.named_parameters()), cfg.optim, lr=0.0)
     batch = cfg.data.batch_size
-    sample_base = torch.arange(batch, device=env.device) + mesh.data_rank * batch
+    (sample_base,) = step_sample_rows(batch, mesh.data_rank, 1, env.device)
     return TrainParts(
         par.module, optimizer, build_amp(cfg.train.amp, env.device), counter, par.layout.after_backward(),
         sample_base, cfg.train.seed, cfg.train.grad_clip,
