@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("alexnet")
+# TORCH_DISTRIBUTED_DEBUG=DETAIL on gloo (apply_debug_level), logged by rank 0.
+GLOO_DETAIL_NOTE = (
+    "TORCH_DISTRIBUTED_DEBUG=DETAIL lowered to INFO: on gloo, torch's DistributedDataParallel crashes "
+    "(SIGSEGV) under DETAIL's collective checker, taking the checker for the gloo group; INFO keeps "
+    "DDP's setup log, without the collective checks"
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     if world > 1 and not dist.is_initialized():
         if use_cuda:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        apply_debug_level(backend, rank)
         try:
             dist.init_process_group(
                 backend=backend,
@@ -108,6 +118,17 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
                 f"({exc}); start every rank (torchrun starts them all), with the same MASTER_ADDR and MASTER_PORT"
             ) from exc
     return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s)
+
+
+def apply_debug_level(backend: str, rank: int) -> None:
+    """TORCH_DISTRIBUTED_DEBUG as torch read it at import, made safe for `backend` before any
+    process group exists (the level decides how each group is built). DETAIL on gloo crashed
+    every DDP construction of torch 2.14.1 (GLOO_DETAIL_NOTE); NCCL takes another branch there
+    and keeps DETAIL."""
+    if backend == "gloo" and dist.get_debug_level() == dist.DebugLevel.DETAIL:
+        dist.set_debug_level(dist.DebugLevel.INFO)
+        if rank == 0:
+            log.warning(GLOO_DETAIL_NOTE)
 
 
 def check_launch(rank: int, world: int) -> None:
