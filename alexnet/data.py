@@ -14,6 +14,7 @@ from alexnet.parallel.mesh import Mesh
 from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_shardable, check_trainable
 from pipelines.demo import ensure_demo_dataset
 from pipelines.index import (
+    IMAGE_EXTENSIONS,
     DataError,
     FileIndex,
     build_file_index,
@@ -107,6 +108,11 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
             log.warning("%s: %d folder(s) inside class folders, none of whose files are read (only the images "
                         "directly in a class folder are; ImageFolder would read these too): %s", split_dir,
                         len(index.unread_folders), some_names(index.unread_folders))  # fmt: skip
+        if index.unread_files:
+            log.warning("%s: %d file(s) in class folders are not read, their extension being none of %s (as "
+                        "ImageFolder skips them; convert such images to JPEG to train on them): %s",
+                        split_dir, len(index.unread_files), " ".join(IMAGE_EXTENSIONS),
+                        some_names(index.unread_files))  # fmt: skip
     return DataSplits(train, val, train.classes)
 
 

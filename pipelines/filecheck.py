@@ -19,6 +19,8 @@ import itertools
 import os
 import re
 import stat
+import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +177,9 @@ def _check_image(path: str, fmt: str, limits: Limits) -> Finding | None:
             if im.format == "JPEG":
                 im.draft(mode, (max(1, w // 8), max(1, h // 8)))  # still reads every byte
             im.load()
+        broken = png_problem(path) if fmt == "PNG" else ""
+        if broken:
+            return Finding(path, "truncated", f"PNG data does not decode: {broken}")
     except Image.DecompressionBombError as exc:  # PIL refuses to open it at all
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(pixels.group(1)):,} pixels" if pixels else "a size"
@@ -203,11 +208,80 @@ FLOAT_PIXELS = (
 
 def _dali_refuses(im: Image.Image, fmt: str, suffix: str) -> str:
     """Why DALI's decoder fails on an image PIL has opened (its header read), "" when it does not:
-    a format it has no decoder for, or a TIFF sample layout its TIFF decoder rejects."""
+    a format it has no decoder for, a TIFF sample layout its TIFF decoder rejects, or a TIFF
+    whose colours it gets wrong."""
     if fmt not in DALI_FORMATS:
         return f"{fmt} data in a file named {suffix or 'without extension'}, which DALI cannot decode"
-    layout = _tiff_layout_refused(im) if isinstance(im, TiffImagePlugin.TiffImageFile) else ""
+    if not isinstance(im, TiffImagePlugin.TiffImageFile):
+        return ""
+    lab = _TIFF_LAB.get(im.tag_v2.get(TiffImagePlugin.PHOTOMETRIC_INTERPRETATION))
+    if lab:
+        return f"TIFF of {lab} colour, which DALI's TIFF decoder decodes as if it were RGB"
+    layout = _tiff_layout_refused(im)
     return f"{layout}, which DALI's TIFF decoder refuses" if layout else ""
+
+
+# PNG's colour types -> samples per pixel (grey, RGB, palette, grey + alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7's passes: first column, first row, column step, row step.
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_problem(path: str) -> str:
+    """Why a PNG that PIL decodes is damaged for DALI's decoder, "" when it is whole. PIL's load
+    neither checks the chunks' CRCs nor looks for IEND, the zlib stream's end (its Adler-32) or
+    whether the stream holds every row (it fills missing rows with black); DALI stops on each,
+    mostly without naming the file. So: every chunk whole with its CRC up to IEND, and the image
+    data one complete zlib stream of at least the size the header declares."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos, header, compressed = 8, None, []
+    while True:
+        if pos + 12 > len(data):
+            return "the file ends before its IEND chunk (truncated)"
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        name = kind.decode("latin-1")
+        if end > len(data):
+            return f"its {name} chunk is cut short (truncated)"
+        if zlib.crc32(data[pos + 4 : end - 4]) != struct.unpack(">I", data[end - 4 : end])[0]:
+            return f"its {name} chunk's checksum (CRC) does not match: the data is damaged"
+        if kind == b"IHDR":
+            if length != 13:
+                return f"its IHDR chunk holds {length} bytes, not 13"
+            header = struct.unpack(">IIBBBBB", data[pos + 8 : pos + 21])
+        elif kind == b"IDAT":
+            compressed.append(data[pos + 8 : end - 4])
+        elif kind == b"IEND":
+            break
+        pos = end
+    if header is None or not compressed:
+        return "it has no IHDR or no IDAT chunk"
+    stream = zlib.decompressobj()
+    try:
+        size = len(stream.decompress(b"".join(compressed)))
+    except zlib.error as exc:
+        return f"its image data does not decompress ({exc})"
+    if not stream.eof:
+        return "its image data stream ends early (no end of stream or checksum)"
+    expected = _png_raw_size(*header)
+    if size < expected:
+        return f"its image data holds {size:,} of the {expected:,} bytes its {header[0]}x{header[1]} header declares"
+    return ""
+
+
+def _png_raw_size(
+    width: int, height: int, depth: int, color: int, _compression: int, _filter: int, interlace: int
+) -> int:
+    """Bytes of a PNG's decompressed image data: each row's filter byte and samples, per pass."""
+    bits = depth * _PNG_CHANNELS.get(color, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if columns > 0 and rows > 0:
+            total += rows * (1 + (columns * bits + 7) // 8)
+    return total
 
 
 def _tiff_layout_refused(im: TiffImagePlugin.TiffImageFile) -> str:
@@ -225,6 +299,12 @@ def _tiff_layout_refused(im: TiffImagePlugin.TiffImageFile) -> str:
     if 3 in formats:
         return "" if bits == {32} else f"TIFF of {width}-bit floating-point samples"
     return "" if bits <= {1, 8, 16} else f"TIFF of {width}-bit integer samples"
+
+
+# PhotometricInterpretation values of L*a*b* colour. DALI 2.4's TIFF decoder refuses them and
+# falls back to a decoder that takes the three channels for RGB (a mean error of 12-14 of 255
+# against PIL's conversion); PIL converts them to RGB properly, so the scan's copies are right.
+_TIFF_LAB = {8: "CIELab", 9: "ICCLab", 10: "ITULab"}
 
 
 def _tag_values(value: object) -> tuple:
@@ -317,7 +397,9 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
     short ("nvImageCodec failure"), nor for some TIFF sample layouts it refuses: then the files (up
     to `sniff_limit` of them) are checked for leading bytes of no format DALI decodes, then for a
-    header PIL cannot parse (about 50 us a file), then for a TIFF layout DALI refuses.
+    header PIL cannot parse (about 50 us a file), then for a damaged PNG (its chunks and image data
+    are read: the other formats' files only to their first bytes), then for a TIFF layout DALI
+    refuses.
     """
     if not _DECODER_ERROR.search(message):
         return None
@@ -334,6 +416,7 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     suspects = (
         _first_five(candidates, _unrecognised)
         or _first_five(candidates, _header_unreadable)
+        or _first_five(candidates, _png_broken)
         or _first_five(candidates, _tiff_refused)
     )
     if suspects:
@@ -401,6 +484,17 @@ def _unrecognised(path: str) -> bool:
     except OSError:
         return True
     return sniff_format(head) not in DALI_FORMATS
+
+
+def _png_broken(path: str) -> bool:
+    """True for a PNG whose chunks or image data are damaged (png_problem)."""
+    try:
+        with open(path, "rb") as f:
+            if sniff_format(f.read(8)) != "PNG":
+                return False
+        return bool(png_problem(path))
+    except OSError:
+        return False
 
 
 def _tiff_refused(path: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +34,9 @@ class FileIndex:
     # Folders inside class folders ("<class>/<folder>"): nothing in them is read (ImageFolder
     # would read their images), which the caller says.
     unread_folders: tuple[str, ...] = ()
+    # Files of other extensions in class folders ("<class>/<name>"): skipped, as ImageFolder
+    # skips them, which the caller says too (a class of GIFs trained on its JPEGs alone).
+    unread_files: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -57,10 +61,35 @@ class FileIndex:
 def find_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise DataError(f"data folder {split_dir} does not exist or is not a folder")
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    classes, broken = split_entries(split_dir)
+    if broken:
+        raise DataError(
+            f"{broken[0]}; {BROKEN_CLASS_ADVICE}" + (f" ({len(broken)} such entries)" if len(broken) > 1 else "")
+        )
     if not classes:
         raise DataError(f"data folder {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
     return classes
+
+
+BROKEN_CLASS_ADVICE = "restore its target (a file system not mounted?) or remove the link"
+
+
+def split_entries(split_dir: Path) -> tuple[list[str], list[str]]:
+    """A split folder's class folders (sorted) and what in it may have been one: a symbolic link
+    whose target is gone, or a link loop ("<path>: <why>"). `DirEntry.is_dir()` is False for the
+    first and raises for the second; a class whose folder is missing from a mount was silently
+    dropped, training one class fewer."""
+    classes, broken = [], []
+    for entry in os.scandir(split_dir):
+        try:
+            if entry.is_dir():
+                classes.append(entry.name)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                target = printable(os.readlink(entry.path))
+                broken.append(f"{printable(entry.path)} is a symbolic link to {target}, which does not exist")
+        except OSError as exc:  # ELOOP: a link that leads back to itself
+            broken.append(f"{printable(entry.path)} cannot be read: {exc.strerror}")
+    return sorted(classes), sorted(broken)
 
 
 @dataclass(frozen=True)
@@ -79,14 +108,24 @@ def scan_class_folder(folder: Path) -> ClassFolder:
     images, folders, others = [], [], []
     for entry in os.scandir(folder):
         hidden = entry.name.startswith(".")
-        if entry.is_dir():
+        if _is_dir(entry):
             if not hidden:
                 folders.append(entry.name)
-        elif (entry.is_file() or entry.is_symlink()) and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+        # is_symlink first: it never follows the link, and is_file raises on a loop
+        elif (entry.is_symlink() or entry.is_file()) and entry.name.lower().endswith(IMAGE_EXTENSIONS):
             images.append(entry.name)  # hidden ones too (._x.jpg), as ImageFolder reads them
         elif not hidden:
             others.append(entry.name)
     return ClassFolder(sorted(images), sorted(folders), sorted(others))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """`entry.is_dir()`, False for a link loop (which raises): listed with the images, where the
+    scan and the decoders name it, instead of a traceback out of the index."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def is_utf8(name: str) -> bool:
@@ -160,22 +199,44 @@ def check_split_classes(split_dir: Path, found: list[str], classes: list[str]) -
     """A split indexed with the training split's classes may not bring classes of its own."""
     extra = sorted(set(found) - set(classes))
     if extra:
-        raise DataError(f"{split_dir} has class folders absent from the training data: {some_names(extra)}")
+        raise DataError(
+            f"{split_dir} has class folders absent from the training data: {some_names(extra)}"
+            + normalization_hint(extra, classes)
+        )
+
+
+def normalization_hint(names: list[str], other: list[str]) -> str:
+    """What to add to a message about class names of one side missing on the other, where some
+    differ only in Unicode normalisation (macOS writes "café" decomposed, most tools composed):
+    printed, the two spellings look the same."""
+    composed = {unicodedata.normalize("NFC", n): n for n in other}
+    twins = [(n, composed.get(unicodedata.normalize("NFC", n))) for n in names]
+    twins = [(n, twin) for n, twin in twins if twin is not None]
+    if not twins:
+        return ""
+    name, twin = twins[0]
+    return (
+        f" ({len(twins)} of them differ from a class of the other side only in Unicode normalisation, e.g. "
+        f"{ascii(name)} and {ascii(twin)}: rename one side's folders to the same form, NFC for most tools)"
+    )
 
 
 def check_val_covers_train(val_dir: Path, classes: list[str]) -> None:
     """Training validates on every training class: each needs a folder in the validation split."""
-    missing = sorted(set(classes) - set(find_classes(val_dir)))
+    found = find_classes(val_dir)
+    missing = sorted(set(classes) - set(found))
     if missing:
         raise DataError(
             f"{len(missing)} training class(es) have no folder in {val_dir}: {some_names(missing)}; "
             "every training class needs a validation folder (validation accuracy would leave them out)"
+            + normalization_hint(missing, found)
         )
 
 
 def read_list_lines(list_file: Path) -> list[str]:
     try:
-        return list_file.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a list saved by Notepad or PowerShell starts with a byte-order mark
+        return list_file.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise DataError(f"cannot read file list {list_file}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -191,7 +252,7 @@ def load_file_list(
     list labels its files exactly as the folder index would. `every_class`: each class folder of
     `split_dir` must have a listed file (a training list; a validation or evaluation list may name
     a few classes' files)."""
-    list_file, split_dir = Path(list_file), Path(split_dir)
+    list_file, split_dir = Path(list_file).expanduser(), Path(split_dir)
     lines = read_list_lines(list_file)
     check_list_split(list_file, lines[0] if lines else "", split_dir)
     found = find_classes(split_dir)
@@ -213,6 +274,7 @@ def load_file_list(
             raise DataError(
                 f"file list {list_file} line {number}: {entry} is line {seen}'s file again; list each file once"
             )
+        check_not_other_split(list_file, number, entry, path, split_dir)
         label = label_of.get(path.parent.name)
         if label is None:
             raise DataError(
@@ -226,6 +288,19 @@ def load_file_list(
     if every_class:
         check_every_class_listed(list_file, split_dir, found, [classes[i] for i in sorted(set(labels))])
     return FileIndex(files, labels, list(classes))
+
+
+def check_not_other_split(list_file: Path, number: int, entry: str, path: Path, split_dir: Path) -> None:
+    """A list of one split may not name the other split's files: a validation list of training
+    images (absolute paths, so no header tells) scored the images the model trained on."""
+    if split_dir.name not in SPLITS:
+        return
+    other = split_dir.parent / next(s for s in SPLITS if s != split_dir.name)
+    if os.path.abspath(path).startswith(os.path.join(os.path.abspath(other), "")):
+        raise DataError(
+            f"file list {list_file} line {number}: {entry} is a file of the {other.name} split ({other}), but the list "
+            f"is given for the {split_dir.name} split; list the {split_dir.name} split's files"
+        )
 
 
 def check_every_class_listed(list_file: Path, split_dir: Path, folders: list[str], listed: list[str]) -> None:
@@ -255,6 +330,7 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
     labels: list[int] = []
     empty: list[str] = []
     unread: list[str] = []
+    skipped: list[str] = []
     for label, name in enumerate(classes):
         folder = split_dir / name
         if not folder.is_dir():
@@ -265,9 +341,10 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
         files.extend(str(folder / n) for n in entries.images)
         labels.extend([label] * len(entries.images))
         unread.extend(f"{name}/{f}" for f in entries.folders)
+        skipped.extend(f"{name}/{f}" for f in entries.others)
     check_utf8_names(split_dir, files)
     if empty:
         raise DataError(
             f"class folders without images in {split_dir}: {', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else "")
         )
-    return FileIndex(files, labels, list(classes), tuple(unread))
+    return FileIndex(files, labels, list(classes), tuple(unread), tuple(skipped))

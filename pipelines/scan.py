@@ -36,13 +36,16 @@ from typing import Literal, TextIO
 
 from pipelines.filecheck import FIXABLE, JPEG_SUFFIXES, KINDS, Finding, Limits, check_file, convert_to_rgb_jpeg
 from pipelines.index import (
+    BROKEN_CLASS_ADVICE,
     IMAGE_EXTENSIONS,
     SPLITS,
     list_header,
     name_problem,
+    normalization_hint,
     printable,
     scan_class_folder,
     some_names,
+    split_entries,
 )
 from pipelines.outputs import OutputPathError, check_output_folder, write_text_atomic
 
@@ -100,7 +103,8 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
     if not split_dir.is_dir():
         problems.append(f"{split_dir} is missing (expected {split_dir}/<class>/<image>)")
         return None
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    classes, broken = split_entries(split_dir)
+    problems.extend(f"{entry}; {BROKEN_CLASS_ADVICE}" for entry in broken)
     if not classes:
         problems.append(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
         return None
@@ -124,9 +128,13 @@ def compare_classes(train: SplitListing, val: SplitListing, problems: list[str])
     if missing:
         problems.append(
             f"{len(missing)} class(es) of {train.split_dir} have no folder in {val.split_dir}: {some_names(missing)}"
+            + normalization_hint(missing, val.classes)
         )
     if extra:
-        problems.append(f"{val.split_dir} has class folder(s) absent from {train.split_dir}: {some_names(extra)}")
+        problems.append(
+            f"{val.split_dir} has class folder(s) absent from {train.split_dir}: {some_names(extra)}"
+            + normalization_hint(extra, train.classes)
+        )
 
 
 def _check(args: tuple[str, Limits]) -> Finding | None:
@@ -199,23 +207,34 @@ def _list_lines(
     listing: SplitListing, found: list[Finding | None], fixed_dir: Path, policy: Policy, result: ScanResult
 ) -> list[str]:
     lines = []
+    taken: set[str] = set()  # the copies' names so far
     for rel, finding in zip(listing.files, found):
         action = "kept" if finding is None else policy.action(finding)
         if action == "kept":
             lines.append(list_line(rel))
         elif action == "converted":
-            target = fixed_dir / converted_name(rel)
+            target = fixed_dir / converted_name(rel, taken)
             convert_to_rgb_jpeg(listing.split_dir / rel, target)
             result.converted += 1
             lines.append(str(target.resolve()))
     return lines
 
 
-def converted_name(rel: str) -> str:
+def converted_name(rel: str, taken: set[str]) -> str:
     """Where the RGB JPEG copy of `rel` goes: its own name where that is a JPEG name, else with
     ".jpg" added (gif.png -> gif.png.jpg), so that no tool trusting the extension takes the
-    copy for another format; added, not replaced, so that x.png and x.tif keep two copies."""
-    return rel if rel.lower().endswith(JPEG_SUFFIXES) else f"{rel}.jpg"
+    copy for another format; added, not replaced, so that x.png and x.tif keep two copies. A name
+    an earlier copy took (x.png's copy is x.png.jpg, the name of a CMYK x.png.jpg's) gets a
+    number before its ".jpg" (x.png.2.jpg): one copy overwrote the other, which the list then
+    named twice. `taken` (compared case-folded, for case-insensitive file systems) gets the name."""
+    name = rel if rel.lower().endswith(JPEG_SUFFIXES) else f"{rel}.jpg"
+    stem, suffix = os.path.splitext(name)
+    number = 1
+    while name.casefold() in taken:
+        number += 1
+        name = f"{stem}.{number}{suffix}"
+    taken.add(name.casefold())
+    return name
 
 
 def list_line(rel: str) -> str:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -544,3 +545,93 @@ def test_a_cmyk_tiff_is_named_a_cmyk_tiff(tmp_path):
     finding = check_file(tmp_path / "x.tif")
     assert (finding.kind, finding.detail) == ("cmyk", "CMYK TIFF (4 channels)")
     assert dali_decode(tmp_path / "x.tif").shape == (80, 96, 3)  # DALI decodes it: only reported
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def png_file(pixels: np.ndarray, interlaced: bool = False, cut: int = 0, adler: bool = True) -> bytes:
+    """An RGB PNG written by hand (PIL writes no interlaced PNG): Adam7's seven passes or one, each
+    row after its filter byte 0; `cut` bytes of the raw data left out, or the stream's Adler-32."""
+    h, w, _ = pixels.shape
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    raw = b"".join(
+        b"".join(b"\x00" + row.tobytes() for row in pixels[y0::dy, x0::dx])
+        for x0, y0, dx, dy in (passes if interlaced else ((0, 0, 1, 1),))
+        if pixels[y0::dy, x0::dx].size
+    )
+    data = zlib.compress(raw[: len(raw) - cut])
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, int(interlaced)])
+    idat = data if adler else data[:-4]
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def damaged_pngs(pixels: np.ndarray) -> dict[str, bytes]:
+    whole = png_file(pixels)
+    crc = bytearray(whole)
+    crc[whole.index(b"IEND") - 5] ^= 0xFF  # the IDAT chunk's CRC, just before IEND's length and type
+    row = 1 + 3 * pixels.shape[1]
+    return {
+        "no_iend": whole[:-12],
+        "bad_crc": bytes(crc),
+        "no_adler": png_file(pixels, adler=False),
+        # whole rows (filter byte + samples): PIL fills them black; a part of a row it refuses
+        "rows_missing": png_file(pixels, cut=4 * row),
+        "interlaced_rows_missing": png_file(pixels, interlaced=True, cut=2 * row),  # of the last pass
+    }
+
+
+def test_a_png_pil_decodes_but_dali_does_not_is_flagged_and_named_at_the_decoder(corpus, tmp_path):
+    """PIL's load checks no chunk CRC, no IEND, no end of the zlib stream, and fills missing rows
+    with black: the scan passed these PNGs, DALI stopped on each (on the cut IEND naming no file,
+    so its error sent the user back to the same scan), and the torchvision pipeline trained on a
+    partly black image."""
+    rng = np.random.default_rng(3)
+    pixels = (rng.random((29, 37, 3)) * 255).astype("uint8")
+    good = sorted(str(p) for p in (corpus[0] / "val" / "square").iterdir())[:3]
+    for name, data in damaged_pngs(pixels).items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(data)
+        Image.open(path).load()  # PIL decodes every one of them
+        with pytest.raises(RuntimeError):
+            dali_decode(path)
+        finding = check_file(path)
+        assert finding is not None and finding.kind == "truncated", (name, finding)
+        with pytest.raises(DataError) as info:
+            list(tiny_loader([*good, str(path)]))
+        assert f"{path} (PNG data does not decode: " in str(info.value), (name, str(info.value))
+
+
+@pytest.mark.parametrize("interlaced", [False, True])
+def test_whole_pngs_pass_the_png_check(tmp_path, interlaced):
+    """The size the check expects is each pass's rows of filter byte + samples: whole PNGs of every
+    colour type, bit depth and interlacing pass (the hand-written ones decode to their pixels)."""
+    rng = np.random.default_rng(4)
+    pixels = (rng.random((29, 37, 3)) * 255).astype("uint8")
+    path = tmp_path / "whole.png"
+    path.write_bytes(png_file(pixels, interlaced=interlaced))
+    assert check_file(path) is None
+    assert np.array_equal(dali_decode(path), pixels) and np.array_equal(np.asarray(Image.open(path)), pixels)
+    for mode in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16"):
+        other = tmp_path / f"{mode.replace(';', '')}.png"
+        image_of_mode(mode, size=(37, 29)).save(other)
+        finding = check_file(other)
+        assert finding is None or finding.kind == "grayscale", (mode, finding)
+
+
+def test_a_lab_tiff_is_converted_not_decoded_as_rgb(tmp_path):
+    """DALI's TIFF decoder refuses CIELab colour and falls back to reading the three channels as
+    RGB (a mean error of 12-14 of 255): the scan passed the file, so DALI trained on other colours
+    than the torchvision pipeline and evaluate.py saw. It is fixable: the copy is PIL's RGB."""
+    y, x = np.mgrid[0:30, 0:40]  # smooth, so that the JPEG copy's loss stays small
+    rgb = Image.fromarray(np.stack([x * 6, y * 8, (x + y) * 3], axis=-1).astype("uint8"))
+    path = tmp_path / "lab.tif"
+    rgb.convert("LAB").save(path)
+    dali = dali_decode(path).astype(float)
+    assert np.abs(dali - np.asarray(rgb, dtype=float)).mean() > 5  # what the flag is for
+    finding = check_file(path)
+    assert finding is not None and finding.kind == "wrong_format" and "CIELab" in finding.detail, finding
+    copy = tmp_path / "lab.tif.jpg"
+    convert_to_rgb_jpeg(path, copy)
+    assert np.abs(np.asarray(Image.open(copy), dtype=float) - np.asarray(rgb, dtype=float)).mean() < 3
