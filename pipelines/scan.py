@@ -113,7 +113,11 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
         classes.remove(name)
     listing = SplitListing(split_dir, classes)
     for name in classes:
-        entries = scan_class_folder(split_dir / name)
+        try:
+            entries = scan_class_folder(split_dir / name)
+        except OSError as exc:  # no permission to list it: the other folders are still scanned
+            problems.append(f"class folder {printable(str(split_dir / name))} cannot be read: {exc.strerror}")
+            continue
         if not entries.images:
             problems.append(f"class folder {split_dir / name} holds no images")
         listing.files.extend(f"{name}/{n}" for n in entries.images)

@@ -173,3 +173,19 @@ def test_files_of_other_extensions_are_named_when_training_skips_them(tmp_path, 
         "a/anim.gif, b/photo.jfif"
     ), warning
     assert os.path.isfile(root / "train" / "a" / "anim.gif")
+
+
+def test_a_class_folder_the_scan_cannot_list_is_a_problem_and_the_rest_is_scanned(tmp_path, monkeypatch):
+    """A folder without read permission (root, who runs these tests, reads any) raised out of the scan."""
+    root = two_classes(tmp_path / "data")
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path) == root / "train" / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = scan(root, tmp_path / "out", workers=1)
+    assert result.problems == [f"class folder {root / 'train' / 'b'} cannot be read: Permission denied"]
+    assert result.lists["train"] == ["a/0.JPEG", "a/1.JPEG"]
