@@ -97,6 +97,10 @@ fi
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "workers per node must be a positive integer; got '$nproc'"
 # CPU threads per worker: the task's CPUs shared among its workers.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
+# A fresh rendezvous store for each round of workers (hosted by rank 0), not the one torchrun's
+# agents share by default: each node's agent counts its own restarts, so with ALEXNET_MAX_RESTARTS
+# on several nodes a restarted group never formed again (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 export ALEXNET_STOP_FILE=${ALEXNET_STOP_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.alexnet-stop-$SLURM_JOB_ID}
 completed_marker=$ALEXNET_STOP_FILE.completed # rank 0 writes it when the run ends for good

@@ -2,11 +2,12 @@
 launchers' own reading of them and of the legacy launcher's --local-rank flag."""
 
 import importlib.util
+import logging
 
 import pytest
 from _helpers import REPO
 
-from alexnet.parallel.env import LaunchError, init_distributed
+from alexnet.parallel.env import SHARED_STORE_NOTE, LaunchError, _restart_safe_store, init_distributed
 
 
 @pytest.mark.parametrize(
@@ -99,3 +100,16 @@ def test_the_legacy_launchers_local_rank_flag_is_accepted_and_ignored(flag, caps
         with pytest.raises(SystemExit):
             module.parse_args([*words, "--help"])
         assert "local" not in capsys.readouterr().out  # hidden: torchrun, which passes none, is the launcher to use
+
+
+@pytest.mark.parametrize(("rank", "restarts", "said"), [(0, "1", True), (1, "1", False), (0, "0", False)])
+def test_restarts_over_several_nodes_with_the_shared_store_are_named(monkeypatch, caplog, rank, restarts, said):
+    """torchrun's agents count restarts per node, so a prefix per restart count split a restarted
+    group across nodes (tests/test_recovery.py restarts two nodes with torch's own fix); over
+    several nodes the store is left unprefixed and rank 0 names the fix where restarts are on."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        assert _restart_safe_store(rank, 2, 5.0) == {}
+    assert (SHARED_STORE_NOTE in caplog.text) == said

@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,62 @@ def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data
     steps = [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if r["split"] == "train"]
     assert steps == list(range(1, TOTAL_STEPS + 1)), steps
     assert_same_weights(tmp_path / "killed" / "checkpoints" / "last.pt", reference)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_on_one_of_two_nodes_restarts_the_group_across_nodes(tiny_data, tmp_path, reference):
+    """Two torchrun agents (two "nodes" on this machine, one worker each) under --max-restarts,
+    with torch's fresh store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as slurm/alexnet.sh
+    sets it): a worker SIGKILLed on either node is restarted with the other, and the run ends
+    with the uninterrupted run's weights. With the store shared among the rounds, the agents'
+    restart counts differed (0 on the node without a crash), the workers' per-restart prefixes
+    with them, and the group never met again."""
+    seed = int(os.environ.get("ALEXNET_TEST_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    kill_step, kill_node = rng.randint(3, 10), rng.randint(0, 1)
+    print(f"ALEXNET_TEST_SEED={seed}: SIGKILL the worker of node {kill_node} at step {kill_step}")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    agents, logs = [], []
+    try:
+        for node in (0, 1):
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                f"--rdzv-conf=is_host={int(node == 0)}", "--rdzv-id=two-nodes",
+                TRAIN, *RECIPE, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=nodes",
+                "checkpoint.every_steps=2", "parallel.timeout_s=60",
+            ]  # fmt: skip
+            logs.append(open(tmp_path / f"node{node}.log", "w"))  # noqa: SIM115 - closed below
+            agents.append(
+                subprocess.Popen(list(map(str, cmd)), stdout=logs[-1], stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            )
+        wait_for_step(tmp_path / "nodes" / "metrics.jsonl", kill_step, agents[0])
+        (pid,) = worker_pids(agents[kill_node].pid)
+        os.kill(pid, signal.SIGKILL)
+        for agent in agents:
+            agent.wait(timeout=300)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+        for log in logs:
+            log.close()
+    texts = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(t[-4000:] for t in texts)
+    assert "exitcode: -9" in texts[kill_node], texts[kill_node][-4000:]
+    last = tmp_path / "nodes" / "checkpoints" / "last.pt"
+    resumed = re.findall(rf"resumed from {re.escape(str(last))} after step \d+ ", "".join(texts))  # by rank 0
+    assert len(resumed) == 1, "\n".join(t[-4000:] for t in texts)
+    steps = [r["step"] for r in read_metrics(tmp_path / "nodes" / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, TOTAL_STEPS + 1)), steps
+    assert_same_weights(last, reference)
 
 
 def test_a_kill_at_any_point_of_a_checkpoint_write_leaves_loadable_checkpoints(tmp_path):

@@ -19,6 +19,12 @@ GLOO_DETAIL_NOTE = (
     "(SIGSEGV) under DETAIL's collective checker, taking the checker for the gloo group; INFO keeps "
     "DDP's setup log, without the collective checks"
 )
+# torchrun --max-restarts over several nodes with the agents' shared store (_restart_safe_store).
+SHARED_STORE_NOTE = (
+    "torchrun's --max-restarts over several nodes: a restarted worker group may fail to form again, as torchrun "
+    "shares one store among the rounds (pytorch/pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+    "torchrun's environment on every node (slurm/alexnet.sh does)"
+)
 
 
 @dataclass(frozen=True)
@@ -155,9 +161,18 @@ def check_launch(rank: int, world: int) -> None:
 def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
     """Under torchrun (which shares its rendezvous store with the workers since torch 2.5), a
     worker group restarted by --max-restarts would read the dead group's addresses from that
-    store and fail to connect about half the time (pytorch/pytorch#135712). Keys under a prefix
-    per restart keep every attempt to itself."""
+    store and fail to connect about half the time (pytorch/pytorch#135712). On one node, keys
+    under a prefix per restart keep every attempt to itself. Across nodes no such prefix exists:
+    each node's agent counts its own restarts (a node whose worker crashed is at 1, the others
+    still at 0), so prefixed groups never met again; there the store is left as torch uses it,
+    and the fix is torch's own, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment
+    (a fresh store each round, hosted by rank 0: slurm/alexnet.sh sets it). Rank 0 says so where
+    restarts are allowed without it."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    if env_int("GROUP_WORLD_SIZE", 1) > 1:
+        if rank == 0 and env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0:
+            log.warning(SHARED_STORE_NOTE)
         return {}
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
