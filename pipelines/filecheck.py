@@ -264,15 +264,14 @@ def png_problem(path: str) -> str:
         return f"its image data does not decompress ({exc})"
     if not stream.eof:
         return "its image data stream ends early (no end of stream or checksum)"
-    expected = _png_raw_size(*header)
+    width, height, depth, color, _compression, _filter, interlace = header
+    expected = _png_raw_size(width, height, depth, color, interlace)
     if size < expected:
-        return f"its image data holds {size:,} of the {expected:,} bytes its {header[0]}x{header[1]} header declares"
+        return f"its image data holds {size:,} of the {expected:,} bytes its {width}x{height} header declares"
     return ""
 
 
-def _png_raw_size(
-    width: int, height: int, depth: int, color: int, _compression: int, _filter: int, interlace: int
-) -> int:
+def _png_raw_size(width: int, height: int, depth: int, color: int, interlace: int) -> int:
     """Bytes of a PNG's decompressed image data: each row's filter byte and samples, per pass."""
     bits = depth * _PNG_CHANNELS.get(color, 4)
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)

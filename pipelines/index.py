@@ -75,10 +75,10 @@ BROKEN_CLASS_ADVICE = "restore its target (a file system not mounted?) or remove
 
 
 def split_entries(split_dir: Path) -> tuple[list[str], list[str]]:
-    """A split folder's class folders (sorted) and what in it may have been one: a symbolic link
-    whose target is gone, or a link loop ("<path>: <why>"). `DirEntry.is_dir()` is False for the
-    first and raises for the second; a class whose folder is missing from a mount was silently
-    dropped, training one class fewer."""
+    """A split folder's class folders (sorted), and what in it may have been one, each as a
+    sentence naming it: a symbolic link whose target is gone, or a link loop. `DirEntry.is_dir()`
+    is False for the first and raises for the second; a class whose folder is missing from a
+    mount was silently dropped, training one class fewer."""
     classes, broken = [], []
     for entry in os.scandir(split_dir):
         try:
