@@ -101,12 +101,13 @@ class MetricsWriter:
 
     A run that resumes from a checkpoint (its step and completed epochs: `start_step`,
     `start_epoch`) continues the record from there: what a crashed session wrote after that
-    checkpoint is dropped, from the file and from TensorBoard (purged from `start_step` on, the
-    kept records of that step written again), so the record holds each step once, as an
-    uninterrupted run's does. A checkpoint of another run (`history_here` False: a run started
-    from checkpoint.resume=<its file>) has none of this folder's records behind it: they were
-    written by an attempt that did not lead to it, and all go. TensorBoard turned on at a resume
-    gets the kept records first, so that its curves start where the run's do."""
+    checkpoint is dropped, so the record holds each step once, as an uninterrupted run's does.
+    A checkpoint of another run (`history_here` False: a run started from
+    checkpoint.resume=<its file>) has none of this folder's records behind it: they were
+    written by an attempt that did not lead to it, and all go. TensorBoard is made to show the
+    kept records at every start: its earlier events are purged and the kept records written
+    again (a session with TensorBoard off left steps out of it, which a purge from the
+    checkpoint's step on did not bring back; one turned on at a resume starts where the run does)."""
 
     def __init__(
         self,
@@ -122,10 +123,12 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            # Purged whole and written again from the kept records: events of earlier sessions
+            # may be missing (a session with TensorBoard off) or extra (a crashed session's
+            # after its checkpoint), and only the records say which steps the run holds.
             existed = (run_dir / "tensorboard").exists()
-            replay_from = start_step if existed and history_here else 0
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=replay_from if existed else None)
-            for record in (r for r in kept if r["step"] >= replay_from):
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=0 if existed else None)
+            for record in kept:
                 self._add_scalars(record)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -546,10 +546,16 @@ class Trainer:
                                       self.after_backward)  # fmt: skip
             p.step += 1
             p.images += result.count * self.mesh.data_size
-            self._count_skips(result, lr)
             tally.add(result.loss_sum, result.correct, result.count)
             meter.add(result.count * self.mesh.data_size, data_wait)
             window += 1
+            try:
+                self._count_skips(result, lr)
+            except NonFiniteLossError:
+                # Every rank raises it at this step (the skip and the weights' check are agreed):
+                # the open window's record, a collective, still says what the steps were.
+                self._log_train(epoch, lr, tally, meter, window, batches)
+                raise
             if p.step % cfg.train.log_every == 0:
                 self._log_train(epoch, lr, tally, meter, window, batches)
                 window = 0

@@ -87,6 +87,27 @@ def test_a_resumed_run_continues_the_record_from_its_checkpoint(tmp_path):
     ]
 
 
+def test_tensorboard_shows_every_record_after_a_session_without_it(tmp_path):
+    """Steps 1-2 with TensorBoard, 3-4 without, then a crash after step 6 written with it and a
+    resume from step 5: TensorBoard lost steps 3-4 (purged from the resumed step on, replayed from
+    there) and would have kept a crashed session's event below its purge step; it shows exactly
+    the records, as metrics.jsonl holds them."""
+
+    def session(tensorboard, start, steps, scale=1.0):
+        writer = MetricsWriter(tmp_path, tensorboard=tensorboard, start_step=start)
+        for step in steps:
+            writer.write({"split": "train", "epoch": 0, "step": step, "loss": scale * step})
+        writer.close()
+
+    session(True, 0, (1, 2))
+    session(False, 2, (3, 4))
+    session(True, 4, (5, 6))  # crashes after step 6: the resume below is from step 5's checkpoint
+    session(True, 5, (6, 7), scale=10.0)
+    expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0), (7, 70.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == expected
+    assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == expected
+
+
 def test_a_torn_line_is_skipped_not_fatal(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"split": "train", "step": 1}\n{"split": "tr\n[1, 2]\n{"split": "val", "step": 2}\n')

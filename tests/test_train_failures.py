@@ -39,6 +39,19 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     assert summary["error"].startswith("NonFiniteLossError: 3 consecutive steps with a non-finite loss")
 
 
+def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(tiny_data, tmp_path):
+    """The error was raised before the open log window's record was written: the steps since the
+    last record (the streak's among them) were in no record, though summary.json counted them."""
+    proc = train(tiny_data, tmp_path, "window", "optim.lr=100", "train.max_nonfinite=3", "train.log_every=3",
+                 "checkpoint.every_steps=0", nproc=1)  # fmt: skip
+    assert proc.returncode == 1 and "consecutive steps with a non-finite loss" in proc.stderr
+    summary = json.loads((tmp_path / "window" / "summary.json").read_text())
+    records = [r for r in read_metrics(tmp_path / "window" / "metrics.jsonl") if r["split"] == "train"]
+    assert summary["steps"] % 3, "the run should stop inside a log window"
+    assert records[-1]["step"] == summary["steps"] and sum(r["steps"] for r in records) == summary["steps"]
+    assert sum(r["count"] for r in records) == summary["train_images"]
+
+
 def test_a_run_whose_epochs_end_inside_a_streak_is_not_completed(tiny_data, tmp_path):
     """train.max_nonfinite above the steps left: the run "finished" with exit 0 and summary.json
     said completed, with no checkpoint of its last steps and a NaN-loss validation's top-1 (the
