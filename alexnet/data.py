@@ -18,6 +18,7 @@ from pipelines.index import (
     DataError,
     FileIndex,
     build_file_index,
+    check_disjoint,
     check_val_covers_train,
     load_file_list,
     some_names,
@@ -101,7 +102,9 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
         val = load_file_list(cfg.val_files, val_dir, classes=train.classes, every_class=False)
     else:
         val = build_file_index(val_dir, classes=train.classes)
-    check_enough_classes(train.classes, f"file list {cfg.train_files}" if cfg.train_files else f"{train_dir}")
+    train_source = f"file list {cfg.train_files}" if cfg.train_files else f"{train_dir}"
+    check_disjoint(train, val, train_source, f"file list {cfg.val_files}" if cfg.val_files else f"{val_dir}")
+    check_enough_classes(train.classes, train_source)
     check_num_classes(num_classes, len(train.classes), train_dir)
     for split_dir, index in ((train_dir, train), (val_dir, val)):
         if index.unread_folders:
@@ -110,7 +113,7 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
                         len(index.unread_folders), some_names(index.unread_folders))  # fmt: skip
         if index.unread_files:
             log.warning("%s: %d file(s) in class folders are not read, their extension being none of %s (as "
-                        "ImageFolder skips them; convert such images to JPEG to train on them): %s",
+                        "ImageFolder skips them): %s",
                         split_dir, len(index.unread_files), " ".join(IMAGE_EXTENSIONS),
                         some_names(index.unread_files))  # fmt: skip
     return DataSplits(train, val, train.classes)

@@ -93,7 +93,7 @@ class Throughput:
 
 # Record keys that place a record (split, epoch, step) or say what a training record covers (the
 # steps and images of its window, fewer at an epoch's end): bookkeeping, not curves to plot.
-NOT_PLOTTED = frozenset({"split", "epoch", "step", "steps", "count"})
+NOT_PLOTTED = frozenset({"split", "epoch", "step", "steps", "count", "time"})
 
 
 class MetricsWriter:
@@ -132,6 +132,9 @@ class MetricsWriter:
                 self._add_scalars(record)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record`, stamped with the time it is written ("time", Unix seconds: what
+        TensorBoard's wall-clock axes show for it, also when a later session writes it again)."""
+        record = {**record, "time": round(time.time(), 3)}
         with self.path.open("a") as f:
             f.write(strict_json(record) + "\n")
         self._add_scalars(record)
@@ -139,9 +142,10 @@ class MetricsWriter:
     def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._tb is not None:
             step = int(record["step"])
+            when = record.get("time")  # None (now) for a record written before records had it
             for key, value in record.items():
                 if key not in NOT_PLOTTED and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{record['split']}/{key}", value, step)
+                    self._tb.add_scalar(f"{record['split']}/{key}", value, step, walltime=when)
             self._tb.flush()
 
     def close(self) -> None:

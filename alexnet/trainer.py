@@ -552,9 +552,7 @@ class Trainer:
             try:
                 self._count_skips(result, lr)
             except NonFiniteLossError:
-                # Every rank raises it at this step (the skip and the weights' check are agreed):
-                # the open window's record, a collective, still says what the steps were.
-                self._log_train(epoch, lr, tally, meter, window, batches)
+                self._log_window_before_error(epoch, lr, tally, meter, window, batches)
                 raise
             if p.step % cfg.train.log_every == 0:
                 self._log_train(epoch, lr, tally, meter, window, batches)
@@ -577,6 +575,18 @@ class Trainer:
         if window:  # the last steps of the epoch (or before a stop) that did not fill a log window
             self._log_train(epoch, lr, tally, meter, window, batches)
         return stop_reason
+
+    def _log_window_before_error(self, epoch: int, lr: float, tally: Tally, meter: Throughput, steps: int,
+                                 batches) -> None:  # fmt: skip
+        """The open window's record before an error that every rank raises at the same step (the
+        non-finite losses: the skip and the weights' check are agreed), so that its steps are in
+        the records as summary.json counts them. Its own failure is logged, not raised: the
+        error the run reports is the one that stopped it."""
+        try:
+            self._log_train(epoch, lr, tally, meter, steps, batches)
+        except Exception:
+            log.exception("the record of steps %d-%d could not be written", self.progress.step - steps + 1,
+                          self.progress.step)  # fmt: skip
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict[str, float] | None:

@@ -231,37 +231,37 @@ def png_problem(path: str) -> str:
     """Why a PNG that PIL decodes is damaged for DALI's decoder, "" when it is whole. PIL's load
     neither checks the chunks' CRCs nor looks for IEND, the zlib stream's end (its Adler-32) or
     whether the stream holds every row (it fills missing rows with black); DALI stops on each,
-    mostly without naming the file. So: every chunk whole with its CRC up to IEND, and the image
-    data one complete zlib stream of at least the size the header declares."""
+    mostly without naming the file. So: every chunk whole up to IEND, the CRCs of those libpng
+    checks (IHDR, PLTE, IDAT: a bad one of an ancillary chunk, or of IEND, decodes), and the
+    image data one complete zlib stream of at least the size the header declares. Read a chunk
+    at a time and inflated in pieces, only counted: a large PNG costs no copy of its pixels."""
     with open(path, "rb") as f:
-        data = f.read()
-    pos, header, compressed = 8, None, []
-    while True:
-        if pos + 12 > len(data):
-            return "the file ends before its IEND chunk (truncated)"
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        end = pos + 12 + length
-        name = kind.decode("latin-1")
-        if end > len(data):
-            return f"its {name} chunk is cut short (truncated)"
-        if zlib.crc32(data[pos + 4 : end - 4]) != struct.unpack(">I", data[end - 4 : end])[0]:
-            return f"its {name} chunk's checksum (CRC) does not match: the data is damaged"
-        if kind == b"IHDR":
-            if length != 13:
-                return f"its IHDR chunk holds {length} bytes, not 13"
-            header = struct.unpack(">IIBBBBB", data[pos + 8 : pos + 21])
-        elif kind == b"IDAT":
-            compressed.append(data[pos + 8 : end - 4])
-        elif kind == b"IEND":
-            break
-        pos = end
-    if header is None or not compressed:
-        return "it has no IHDR or no IDAT chunk"
-    stream = zlib.decompressobj()
-    try:
-        size = len(stream.decompress(b"".join(compressed)))
-    except zlib.error as exc:
-        return f"its image data does not decompress ({exc})"
+        f.seek(8)
+        header, stream, size = None, zlib.decompressobj(), 0
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return "the file ends before its IEND chunk (truncated)"
+            length, kind = struct.unpack(">I4s", head)
+            name = kind.decode("latin-1")
+            body, crc = f.read(length), f.read(4)
+            if len(body) < length or len(crc) < 4:
+                return f"its {name} chunk is cut short (truncated)"
+            if kind in _PNG_CHECKED_CRC and zlib.crc32(body, zlib.crc32(kind)) != int.from_bytes(crc, "big"):
+                return f"its {name} chunk's checksum (CRC) does not match: the data is damaged"
+            if kind == b"IHDR":
+                if length != 13:
+                    return f"its IHDR chunk holds {length} bytes, not 13"
+                header = struct.unpack(">IIBBBBB", body)
+            elif kind == b"IDAT":
+                try:
+                    size += _inflated_size(stream, body)
+                except zlib.error as exc:
+                    return f"its image data does not decompress ({exc})"
+            elif kind == b"IEND":
+                break
+    if header is None or not size:
+        return "it has no IHDR or no image data"
     if not stream.eof:
         return "its image data stream ends early (no end of stream or checksum)"
     width, height, depth, color, _compression, _filter, interlace = header
@@ -269,6 +269,19 @@ def png_problem(path: str) -> str:
     if size < expected:
         return f"its image data holds {size:,} of the {expected:,} bytes its {width}x{height} header declares"
     return ""
+
+
+# The chunks whose CRC libpng (under DALI's decoder) checks before it decodes the image.
+_PNG_CHECKED_CRC = (b"IHDR", b"PLTE", b"IDAT")
+
+
+def _inflated_size(stream: zlib._Decompress, data: bytes) -> int:
+    """The bytes `data` inflates to in `stream`, a megabyte at a time."""
+    total = 0
+    while data:
+        total += len(stream.decompress(data, 1 << 20))
+        data = stream.unconsumed_tail
+    return total
 
 
 def _png_raw_size(width: int, height: int, depth: int, color: int, interlace: int) -> int:
@@ -396,9 +409,8 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
     short ("nvImageCodec failure"), nor for some TIFF sample layouts it refuses: then the files (up
     to `sniff_limit` of them) are checked for leading bytes of no format DALI decodes, then for a
-    header PIL cannot parse (about 50 us a file), then for a damaged PNG (its chunks and image data
-    are read: the other formats' files only to their first bytes), then for a TIFF layout DALI
-    refuses.
+    header PIL cannot parse (about 50 us a file), then for a TIFF layout DALI refuses, then for a
+    PNG cut short (its last bytes read; the whole file only where they are not its IEND chunk).
     """
     if not _DECODER_ERROR.search(message):
         return None
@@ -415,8 +427,8 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     suspects = (
         _first_five(candidates, _unrecognised)
         or _first_five(candidates, _header_unreadable)
-        or _first_five(candidates, _png_broken)
         or _first_five(candidates, _tiff_refused)
+        or _first_five(candidates, _png_cut_short)
     )
     if suspects:
         return DataError(
@@ -485,15 +497,20 @@ def _unrecognised(path: str) -> bool:
     return sniff_format(head) not in DALI_FORMATS
 
 
-def _png_broken(path: str) -> bool:
-    """True for a PNG whose chunks or image data are damaged (png_problem)."""
+def _png_cut_short(path: str) -> bool:
+    """True for a PNG that does not end with its IEND chunk and fails png_problem: DALI's message
+    names no file for a PNG cut short (the other damage png_problem finds, it names). The end is
+    read first (about as cheap as a header), so that the whole-file check runs on few files."""
     try:
         with open(path, "rb") as f:
             if sniff_format(f.read(8)) != "PNG":
                 return False
+            f.seek(-12, os.SEEK_END)
+            if f.read(12)[4:8] == b"IEND":
+                return False
         return bool(png_problem(path))
-    except OSError:
-        return False
+    except OSError:  # shorter than 12 bytes (a bad seek), or unreadable
+        return True
 
 
 def _tiff_refused(path: str) -> bool:

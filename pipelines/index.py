@@ -76,15 +76,16 @@ BROKEN_CLASS_ADVICE = "restore its target (a file system not mounted?) or remove
 
 def split_entries(split_dir: Path) -> tuple[list[str], list[str]]:
     """A split folder's class folders (sorted), and what in it may have been one, each as a
-    sentence naming it: a symbolic link whose target is gone, or a link loop. `DirEntry.is_dir()`
-    is False for the first and raises for the second; a class whose folder is missing from a
-    mount was silently dropped, training one class fewer."""
+    sentence naming it: a symbolic link whose target is gone (not a hidden one: an editor's lock
+    file, such as Emacs's .#name, is such a link), or a link loop. `DirEntry.is_dir()` is False
+    for the first and raises for the second; a class whose folder is missing from a mount was
+    silently dropped, training one class fewer."""
     classes, broken = [], []
     for entry in os.scandir(split_dir):
         try:
             if entry.is_dir():
                 classes.append(entry.name)
-            elif entry.is_symlink() and not os.path.exists(entry.path):
+            elif entry.is_symlink() and not entry.name.startswith(".") and not os.path.exists(entry.path):
                 target = printable(os.readlink(entry.path))
                 broken.append(f"{printable(entry.path)} is a symbolic link to {target}, which does not exist")
         except OSError as exc:  # ELOOP: a link that leads back to itself
@@ -274,7 +275,6 @@ def load_file_list(
             raise DataError(
                 f"file list {list_file} line {number}: {entry} is line {seen}'s file again; list each file once"
             )
-        check_not_other_split(list_file, number, entry, path, split_dir)
         label = label_of.get(path.parent.name)
         if label is None:
             raise DataError(
@@ -290,16 +290,19 @@ def load_file_list(
     return FileIndex(files, labels, list(classes))
 
 
-def check_not_other_split(list_file: Path, number: int, entry: str, path: Path, split_dir: Path) -> None:
-    """A list of one split may not name the other split's files: a validation list of training
-    images (absolute paths, so no header tells) scored the images the model trained on."""
-    if split_dir.name not in SPLITS:
-        return
-    other = split_dir.parent / next(s for s in SPLITS if s != split_dir.name)
-    if os.path.abspath(path).startswith(os.path.join(os.path.abspath(other), "")):
+def check_disjoint(train: FileIndex, val: FileIndex, train_source: str, val_source: str) -> None:
+    """No file may be both a training and a validation image: a validation list of training
+    images (absolute paths, so no header tells its split) scored the images the model trained
+    on. Paths are compared as written, made absolute: a file reached through two spellings of a
+    symbolic link is not found (resolving each of ImageNet's 1.3 M paths on a network file
+    system would take minutes). A list of training images that the training list leaves out
+    (a hold-out) is allowed."""
+    shared = set(map(os.path.abspath, train.files)).intersection(map(os.path.abspath, val.files))
+    if shared:
         raise DataError(
-            f"file list {list_file} line {number}: {entry} is a file of the {other.name} split ({other}), but the list "
-            f"is given for the {split_dir.name} split; list the {split_dir.name} split's files"
+            f"{len(shared)} file(s) are both training data ({train_source}) and validation data ({val_source}), "
+            f"e.g. {printable(min(shared))}: validation would score images the model trained on; validate on "
+            "other files"
         )
 
 

@@ -149,7 +149,8 @@ launch=(
     "$repo/launch/train.py" "$@"
 )
 if [[ -n ${ALEXNET_DRY_RUN:-} ]]; then
-    say "dry run (ALEXNET_DRY_RUN is set), OMP_NUM_THREADS=$OMP_NUM_THREADS:$(printf ' %q' "${launch[@]}")"
+    say "dry run (ALEXNET_DRY_RUN is set), OMP_NUM_THREADS=$OMP_NUM_THREADS" \
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE:$(printf ' %q' "${launch[@]}")"
     exit 0
 fi
 "${launch[@]}" &

@@ -77,6 +77,7 @@ def test_a_class_folder_link_that_leads_nowhere_stops_training_and_the_scan_name
     link = root / "train" / "zz"
     link.symlink_to("/nonexistent/mount/zz" if kind == "dangling" else link)
     why = "which does not exist" if kind == "dangling" else "Too many levels of symbolic links"
+    (root / "train" / ".#notes.txt").symlink_to("user@host.1234:1700000000")  # an editor's lock: not a class
     with pytest.raises(DataError, match=f"{link} .*{why}.*remove the link"):
         find_classes(root / "train")
     with pytest.raises(DataError, match=str(link)):
@@ -124,20 +125,27 @@ def test_a_list_saved_with_a_byte_order_mark_or_named_with_a_tilde_is_read(tmp_p
     assert len(splits.train) == 4 and splits.train.files == build_file_index(root / "train").files
 
 
-def test_a_validation_list_of_training_files_is_refused(tmp_path):
+def test_a_validation_list_of_training_files_is_refused_and_a_hold_out_is_not(tmp_path):
     """A list without scan's header, of absolute paths into train/, was accepted as the validation
-    list: the run "validated" on the images it trained on."""
+    list: the run "validated" on the images it trained on. Images of train/ that the training
+    list leaves out are a hold-out, and validate."""
     root = two_classes(tmp_path / "data")
+    for cls in ("a", "b"):
+        (root / "train" / cls / "2.JPEG").write_bytes(jpeg(2))
+    files = build_file_index(root / "train").files
     listing = tmp_path / "val.txt"
-    listing.write_text("".join(f"{p}\n" for p in build_file_index(root / "train").files))
+    listing.write_text("".join(f"{p}\n" for p in files))
     cfg = DataConfig(root=str(root), val_files=str(listing))
     with pytest.raises(DataError) as info:
         build_splits(cfg, 0)
-    assert f"file list {listing} line 1: {root / 'train' / 'a' / '0.JPEG'} is a file of the train split" in str(
-        info.value
-    )
-    listing.write_text("".join(f"{p}\n" for p in build_file_index(root / "val").files))  # the right split's
-    assert len(build_splits(cfg, 0).val) == 4
+    said = f"6 file(s) are both training data ({root / 'train'}) and validation data (file list {listing}), e.g. "
+    assert str(info.value).startswith(said + str(root / "train" / "a" / "0.JPEG")), str(info.value)
+    held_out = [p for p in files if p.endswith("2.JPEG")]
+    (tmp_path / "train.txt").write_text("".join(f"{p}\n" for p in files if p not in held_out))
+    listing.write_text("".join(f"{p}\n" for p in held_out))
+    hold_out = DataConfig(root=str(root), train_files=str(tmp_path / "train.txt"), val_files=str(listing))
+    splits = build_splits(hold_out, 0)
+    assert (len(splits.train), splits.val.files) == (4, held_out)
 
 
 def test_class_names_that_differ_in_unicode_normalisation_are_told_apart(tmp_path):

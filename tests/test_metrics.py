@@ -16,13 +16,17 @@ from pipelines.base import PAD_LABEL
 from pipelines.outputs import write_text_atomic
 
 
-def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag in a TensorBoard folder: (step, value) as TensorBoard shows them."""
+def tensorboard_scalars(folder: Path, wall_time: bool = False) -> dict[str, list[tuple]]:
+    """Every scalar tag in a TensorBoard folder: (step, value), and the wall time with
+    `wall_time`, as TensorBoard shows them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(folder))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {
+        tag: [(e.step, e.value, e.wall_time) if wall_time else (e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
 
 
 def test_topk_counts_skip_padding_rows():
@@ -54,10 +58,13 @@ def test_metrics_writer_appends_json_lines(tmp_path):
         {"split": "val", "epoch": 1, "step": 10, "loss": 1.5, "top1": 9.0},
     ]
     writer = MetricsWriter(tmp_path, tensorboard=True)
+    before = time.time()
     for record in records:
         writer.write(record)
     writer.close()
-    assert read_metrics(tmp_path / "metrics.jsonl") == records
+    written = read_metrics(tmp_path / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k != "time"} for r in written] == records
+    assert before - 0.01 <= written[0]["time"] <= written[1]["time"] <= time.time()  # when each was written
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars == {"train/loss": [(10, 2.0)], "train/top1": [(10, 5.0)], "val/loss": [(10, 1.5)],
                        "val/top1": [(10, 9.0)]}  # fmt: skip
@@ -104,8 +111,11 @@ def test_tensorboard_shows_every_record_after_a_session_without_it(tmp_path):
     session(True, 4, (5, 6))  # crashes after step 6: the resume below is from step 5's checkpoint
     session(True, 5, (6, 7), scale=10.0)
     expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0), (7, 70.0)]
-    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == expected
-    assert tensorboard_scalars(tmp_path / "tensorboard")["train/loss"] == expected
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == expected
+    # written again by each session, each event keeps the time its record was first written
+    shown = tensorboard_scalars(tmp_path / "tensorboard", wall_time=True)["train/loss"]
+    assert shown == [(r["step"], r["loss"], pytest.approx(r["time"], abs=1e-3)) for r in records]
 
 
 def test_a_torn_line_is_skipped_not_fatal(tmp_path, caplog):

@@ -613,6 +613,16 @@ def test_whole_pngs_pass_the_png_check(tmp_path, interlaced):
     path.write_bytes(png_file(pixels, interlaced=interlaced))
     assert check_file(path) is None
     assert np.array_equal(dali_decode(path), pixels) and np.array_equal(np.asarray(Image.open(path)), pixels)
+    # libpng checks no ancillary chunk's CRC (nor IEND's) before it decodes: neither is damage
+    whole = png_file(pixels)
+    end = whole.index(b"IEND") - 4
+    text = bytearray(png_chunk(b"tEXt", b"Comment\x00hello"))
+    text[-1] ^= 0xFF
+    iend = bytearray(whole[end:])
+    iend[-1] ^= 0xFF
+    lenient = tmp_path / "lenient.png"
+    lenient.write_bytes(whole[:end] + bytes(text) + bytes(iend))
+    assert check_file(lenient) is None and np.array_equal(dali_decode(lenient), pixels)
     for mode in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16"):
         other = tmp_path / f"{mode.replace(';', '')}.png"
         image_of_mode(mode, size=(37, 29)).save(other)

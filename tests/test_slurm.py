@@ -217,7 +217,8 @@ def test_workers_per_node_follow_the_gpus_slurm_gave(cluster, tmp_path):
     job = submit(env, tmp_path, ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2", "--time=5"], ["train.epochs=1"])
     log = assert_completed(wait_for_job(env, job, tmp_path, timeout=120), tmp_path, job)
     assert "on 2 node(s) ci-node1 ci-node2: 2 worker(s) per node" in log
-    assert "OMP_NUM_THREADS=1:" in log and "--nproc_per_node=2 " in log and "--nnodes=2 " in log
+    assert "OMP_NUM_THREADS=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1:" in log  # a fresh store for each restart
+    assert "--nproc_per_node=2 " in log and "--nnodes=2 " in log
     assert f"--rdzv_endpoint=ci-node1:{20000 + int(job) % 10000} " in log and " train.epochs=1" in log
 
 
