@@ -153,7 +153,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_recipe(Path(path))
-    for item in overrides:
+    for item in overrides:  # a key given twice takes its last value: a script appends to a common list
         key, value = _parse_override(item)
         values[key] = value
     cfg = _build(Config, values)
@@ -294,6 +294,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(_yaml_problem(path, exc)) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except RecursionError as exc:  # thousands of nested brackets: the parser's recursion, not a recipe
+        raise ConfigError(f"config file {path} is nested too deeply to be a recipe") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -582,6 +584,12 @@ def _check_ranges(cfg: Config) -> None:
 _MAX_SEED = 2**32 - 1
 
 
+# The most images per replica and batch (data.batch_size, evaluate.py's and the benchmark's).
+MAX_BATCH = 65536
+# The most DALI threads or DataLoader workers per rank (data.num_threads, the launchers' flags).
+MAX_THREADS = 1024
+
+
 def _check_upper_bounds(cfg: Config) -> None:
     """Numbers with an upper end too: past it a value wraps around, overflows an integer deep in a
     library at the first batch, or can never be met. After _check_ranges (finite numbers)."""
@@ -590,7 +598,7 @@ def _check_upper_bounds(cfg: Config) -> None:
         "data.seed": (cfg.data.seed, 0, _MAX_SEED),  # the order's torch.Generator, DALI's seed
         # DALI threads or DataLoader worker processes per rank: more than any node's cores only
         # contend; DALI's int32 arguments overflow (a TypeError at the first batch) past 2**31.
-        "data.num_threads": (cfg.data.num_threads, 1, 1024),
+        "data.num_threads": (cfg.data.num_threads, 1, MAX_THREADS),
         # Batches decoded ahead, each held in memory (DALI allocates them up front; DataLoader
         # holds workers x prefetch): the default 2 hides decoding, 1024 already costs gigabytes.
         "data.prefetch": (cfg.data.prefetch, 1, 1024),
@@ -602,6 +610,9 @@ def _check_upper_bounds(cfg: Config) -> None:
         # A step's batches are held together, with the next step's decoded ahead (about 3 x A
         # batches of input in memory): at 1024 that is gigabytes at any batch size worth accumulating.
         "train.accum_steps": (cfg.train.accum_steps, 1, 1024),
+        # Images per replica and batch: 10**8 ran out of memory inside DALI, reported as a bad file,
+        # and DALI's int32 arguments overflow past 2**31; 65536 of 227-pixel images are 40 GB.
+        "data.batch_size": (cfg.data.batch_size, 1, MAX_BATCH),
     }
     for key, (value, low, high) in bounded.items():
         if not low <= value <= high:
@@ -647,11 +658,14 @@ def _check_combinations(cfg: Config) -> None:
     name = cfg.run.name
     if name and not is_folder_name(name):
         raise ConfigError(
-            f"config key 'run.name' must be a folder name inside run.root, without path separators; got {name!r} "
+            f"config key 'run.name' must be a folder name inside run.root, without path separators or line "
+            f"breaks; got {name!r} "
             "(set run.root for another place)"
         )
     if not cfg.checkpoint.resume.strip():
         raise ConfigError("config key 'checkpoint.resume' is empty: use auto, none, or a checkpoint file")
+    if not cfg.run.root.strip():  # it put the run folder into the working directory, a checkout say
+        raise ConfigError("config key 'run.root' is empty: give a folder (. for the working directory)")
     if cfg.model.weights and cfg.checkpoint.resume not in ("auto", "none"):
         raise ConfigError(
             f"config keys 'model.weights' and 'checkpoint.resume' both name a file; checkpoint.resume="
@@ -664,8 +678,9 @@ def _check_combinations(cfg: Config) -> None:
 
 def is_folder_name(name: str) -> bool:
     """A run name that stays a folder inside run.root: no path separators, not . or .. (with them
-    the checkpoints would land in run.root itself or outside it)."""
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+    the checkpoints would land in run.root itself or outside it), and one printable line (a line
+    break made a folder that no log line or shell command shows whole)."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and name.isprintable()
 
 
 def _float_values(cfg: Config) -> Iterator[tuple[str, float]]:

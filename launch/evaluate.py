@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
-from alexnet.config import ConfigError
+from alexnet.config import MAX_BATCH, MAX_THREADS, ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
 from alexnet.parallel.agree import LoaderError, share_setup_failure
 from alexnet.parallel.env import (
@@ -43,12 +43,17 @@ from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, write_text_atomic
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: a count, 0 meaning "the run's"."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the run's own), got {value}")
-    return value
+def run_or_count(high: int):
+    """An argparse type: a count up to `high` (the trainer's own upper end for the setting: past
+    it DALI aborted without a message), 0 meaning "the run's"."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [0, {high}] (0: the run's own), got {value}")
+        return value
+
+    return parse
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,11 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "validated with ten crops (data.val_ten_crop)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=non_negative_int, default=0, help="images per rank and batch (default: the run's)"
+        "--batch-size", type=run_or_count(MAX_BATCH), default=0, help="images per rank and batch (default: the run's)"
     )
     parser.add_argument(
         "--num-threads",
-        type=non_negative_int,
+        type=run_or_count(MAX_THREADS),
         default=0,
         help="DALI threads, or torchvision DataLoader workers, per rank (default: the run's)",
     )

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
+from alexnet.config import is_folder_name
 from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
 from alexnet.parallel.env import LaunchError, env_int
 from pipelines.outputs import OutputPathError, check_output_folder
@@ -33,7 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--format", nargs="+", choices=FORMATS, default=None,
         help="default: all that can hold the model (torchvision: the torchvision variant at fc_width 4096)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.name and not is_folder_name(args.name):  # "../x" wrote outside --out; "" means the default
+        parser.error(f"--name {args.name!r}: expected a plain file name stem (no path separator, not '.' or '..')")
+    if args.format:
+        args.format = list(dict.fromkeys(args.format))  # each format once: "torchscript torchscript" exported twice
+    return args
 
 
 def default_name(checkpoint: Path) -> str:

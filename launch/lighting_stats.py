@@ -35,11 +35,19 @@ def alpha_std(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """An argparse type: numpy's seeds are 0 to 2**32 - 1 (-1 raised numpy's traceback)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {value}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="", help="dataset root with train/<class>/ (default: the demo dataset)")
     parser.add_argument("--images", type=int, default=5000, help="training images to sample (default 5000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0, help="the sample's seed, 0 to 2**32 - 1 (default 0)")
     parser.add_argument("--decode-size", type=int, default=256, help="JPEGs are decoded at no less than this")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default: <data>/{STATS_FILE})")

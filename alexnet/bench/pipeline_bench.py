@@ -11,6 +11,7 @@ when the window's last batch has arrived; the window counts only the batches in 
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -31,7 +32,7 @@ from alexnet.bench.envinfo import collect_environment
 from alexnet.bench.output import Column, Report
 from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved, summarize, wait_until_idle
 from alexnet.bench.training import endless
-from alexnet.config import IMAGENET_MEAN, IMAGENET_STD
+from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, MAX_BATCH, MAX_THREADS
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, stopped_by, without_worker_traceback
 from pipelines.index import DataError, FileIndex, build_file_index
@@ -98,14 +99,18 @@ class PipelineSettings:
     channels_last: bool = True  # what the trainer asks for by default (HWC out of DALI, no transpose)
 
     def __post_init__(self) -> None:
-        for flag, value in (
-            ("--batch-size", self.batch_size),
-            ("--threads", self.threads),
-            ("--prefetch", self.prefetch),
-            ("--batches", self.batches),
+        # The trainer's own upper ends (alexnet.config): past them DALI aborted without a message.
+        for flag, value, high in (
+            ("--batch-size", self.batch_size, MAX_BATCH),
+            ("--threads", self.threads, MAX_THREADS),
+            ("--prefetch", self.prefetch, MAX_THREADS),
+            ("--batches", self.batches, None),
         ):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
+            if value < 1 or (high is not None and value > high):
+                most = f" and at most {high}" if high else ""
+                raise ValueError(f"{flag} must be at least 1{most}, got {value}")
+        if not (math.isfinite(self.min_window_s) and self.min_window_s >= 0):
+            raise ValueError(f"--min-window must be a finite number of seconds >= 0, got {self.min_window_s}")
         if not 1 <= self.crop <= self.resize:
             raise ValueError(f"--crop must be between 1 and --resize ({self.resize}), got {self.crop}")
 
