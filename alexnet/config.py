@@ -393,7 +393,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         hint = hints[f.name]
         dotted = prefix + f.name
         if dataclasses.is_dataclass(hint):
-            if dotted in values:
+            # A YAML null (`train:` with every key below it commented out) is a section that sets nothing.
+            if dotted in values and values[dotted].value is not None:
                 raise ConfigError(
                     f"config key {dotted!r} is a section (set as a value in {values[dotted].source}); "
                     f"set its keys, e.g. {dotted}.<key>=..."
@@ -662,8 +663,14 @@ def _check_combinations(cfg: Config) -> None:
             f"breaks; got {name!r} "
             "(set run.root for another place)"
         )
-    if not cfg.checkpoint.resume.strip():
+    resume = cfg.checkpoint.resume
+    if not resume.strip():
         raise ConfigError("config key 'checkpoint.resume' is empty: use auto, none, or a checkpoint file")
+    if resume.lower() in ("auto", "none") and resume not in ("auto", "none") and not Path(resume).exists():
+        raise ConfigError(
+            f"config key 'checkpoint.resume' is {resume!r}: the choices are written lower case ({resume.lower()}); "
+            "any other value is a checkpoint file"
+        )
     if not cfg.run.root.strip():  # it put the run folder into the working directory, a checkout say
         raise ConfigError("config key 'run.root' is empty: give a folder (. for the working directory)")
     if cfg.model.weights and cfg.checkpoint.resume not in ("auto", "none"):

@@ -104,3 +104,23 @@ def test_the_pipeline_benchmark_refuses_what_dali_aborted_on(changes, said):
     PipelineSettings(**settings)  # the unchanged settings pass
     with pytest.raises(ValueError, match="^" + re.escape(said)):
         PipelineSettings(**{**settings, **changes})
+
+
+def test_a_yaml_section_whose_keys_are_all_commented_out_sets_nothing(tmp_path):
+    """`train:` with every key below commented out is a YAML null: it was refused as "a section set
+    as a value"; a value given to a section still is."""
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  epochs: 7\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntrain:\n  # epochs: 3\n")
+    assert load_config(child).train.epochs == 7
+    child.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="config key 'train' is a section"):
+        load_config(child)
+
+
+@pytest.mark.parametrize("value", ["AUTO", "None", "Auto"])
+def test_a_resume_choice_in_capitals_is_named_not_taken_for_a_file(value):
+    """checkpoint.resume=AUTO failed later with "checkpoint AUTO does not exist"."""
+    with pytest.raises(ConfigError, match=f"config key 'checkpoint.resume' is '{value}': the choices are written"):
+        load_config(None, [f"checkpoint.resume={value}"])
