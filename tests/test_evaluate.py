@@ -174,7 +174,7 @@ def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path):
     with pytest.raises(ConfigError, match=r"--decoder mixed decodes on the GPU and needs a CUDA device"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--batch-size: must be >= 0 (0: the run's own), got -3" in proc.stderr
+    assert proc.returncode == 2 and "--batch-size: must be in [0, 65536] (0: the run's own), got -3" in proc.stderr
 
 
 def test_evaluation_without_dali_says_so_and_reads_with_torchvision_when_asked(tiny_data, trained, tmp_path):
