@@ -589,6 +589,8 @@ _MAX_SEED = 2**32 - 1
 MAX_BATCH = 65536
 # The most DALI threads or DataLoader workers per rank (data.num_threads, the launchers' flags).
 MAX_THREADS = 1024
+# The most batches decoded ahead (data.prefetch, the pipeline benchmark's --prefetch).
+MAX_PREFETCH = 1024
 
 
 def _check_upper_bounds(cfg: Config) -> None:
@@ -602,7 +604,7 @@ def _check_upper_bounds(cfg: Config) -> None:
         "data.num_threads": (cfg.data.num_threads, 1, MAX_THREADS),
         # Batches decoded ahead, each held in memory (DALI allocates them up front; DataLoader
         # holds workers x prefetch): the default 2 hides decoding, 1024 already costs gigabytes.
-        "data.prefetch": (cfg.data.prefetch, 1, 1024),
+        "data.prefetch": (cfg.data.prefetch, 1, MAX_PREFETCH),
         # Every rank waits this long for the slowest: below a second the rendezvous itself timed
         # out ("timed out after 0ms" for 1e-9), and at 1 s the other ranks timed out while rank 0
         # wrote summary.json and the plot at a run's end (3 s sufficed on a quiet machine).

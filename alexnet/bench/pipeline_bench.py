@@ -32,7 +32,7 @@ from alexnet.bench.envinfo import collect_environment
 from alexnet.bench.output import Column, Report
 from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved, summarize, wait_until_idle
 from alexnet.bench.training import endless
-from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, MAX_BATCH, MAX_THREADS
+from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, MAX_BATCH, MAX_PREFETCH, MAX_THREADS
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, stopped_by, without_worker_traceback
 from pipelines.index import DataError, FileIndex, build_file_index
@@ -103,7 +103,7 @@ class PipelineSettings:
         for flag, value, high in (
             ("--batch-size", self.batch_size, MAX_BATCH),
             ("--threads", self.threads, MAX_THREADS),
-            ("--prefetch", self.prefetch, MAX_THREADS),
+            ("--prefetch", self.prefetch, MAX_PREFETCH),
             ("--batches", self.batches, None),
         ):
             if value < 1 or (high is not None and value > high):
