@@ -28,7 +28,16 @@ IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
 class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
+    """A config file or override is wrong; the message names the key. `key`: the dotted key a
+    check of values refused, so that load_config can add the file or command line that set it."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# The source of a `key=value` override, in messages ("config key 'x' (from the command line)").
+COMMAND_LINE = "the command line"
 
 
 @dataclass
@@ -157,7 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = _parse_override(item)
         values[key] = value
     cfg = _build(Config, values)
-    validate_config(cfg)
+    _validate_naming_sources(cfg, values)
     return cfg
 
 
@@ -189,10 +198,13 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, _Sourced]
     if real in seen:
         raise ConfigError(f"config file {real} extends itself through {' -> '.join(map(str, seen))}")
     tree = _read_yaml(path)
-    base = tree.pop("extends", None)
+    if "extends" not in tree:
+        return _flatten(tree, source=str(path))
+    base = tree.pop("extends")
     own = _flatten(tree, source=str(path))
-    if base is None:
-        return own
+    if (isinstance(base, _Number) and base.value is None) or (isinstance(base, str) and not base.strip()):
+        # blank, it read as the recipe's own folder ("cannot read config file .: Is a directory")
+        raise ConfigError(f"config key 'extends' in {path} is empty: name the recipe it extends, or remove the line")
     if not isinstance(base, str):
         raise ConfigError(f"config key 'extends' in {path} must be a file name; got {_plain(base)!r}")
     return {**_read_recipe(path.parent / Path(base).expanduser(), (*seen, real)), **own}
@@ -373,7 +385,7 @@ def _parse_override(item: str) -> tuple[str, _Sourced]:
         value = _setting(yaml.load(text, Loader=_RecipeLoader)) if text else ""  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         value = text
-    return key.strip(), _Sourced(value, "the command line", raw=text)
+    return key.strip(), _Sourced(value, COMMAND_LINE, raw=text)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -498,7 +510,7 @@ def _check_written(where: str, kind: str, sourced: _Sourced) -> None:
         return
     text = sourced.raw.strip()
     as_it_looks = _WHOLE_NUMBER_TEXT.fullmatch(text) if isinstance(sourced.value, int) else ":" not in text
-    if not as_it_looks:
+    if not as_it_looks or _STRAY_UNDERSCORE.search(text):
         raise ConfigError(f"{where} expects a {kind}; got {sourced.raw!r} (YAML reads it as {sourced.value})")
 
 
@@ -506,12 +518,33 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # Whole numbers as written: decimal, or hexadecimal with its 0x. Not YAML 1.1's octal (010 = 8)
 # and base-60 (1:30 = 90) forms, which read as other numbers than they look like.
 _WHOLE_NUMBER_TEXT = re.compile(r"[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)")
+# YAML 1.1 skips underscores anywhere in a number (`1_` is 1, `1__0` is 10, `1_.5` is 1.5): one is
+# taken as a digit separator only between two digits, as Python's own literals allow (1_000).
+_STRAY_UNDERSCORE = re.compile(r"(?<![0-9a-fA-F])_|_(?![0-9a-fA-F])")
 
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"a list of {typing.get_args(hint)[0].__name__}"
     return getattr(hint, "__name__", str(hint))
+
+
+def _validate_naming_sources(cfg: Config, values: dict[str, _Sourced]) -> None:
+    """validate_config, its message ending with where the refused value was set: the file (of a
+    recipe's chain, the one that sets it) or the command line, as the type checks name it."""
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        sourced = values.get(exc.key)
+        if sourced is None:  # a default, refused in combination with another setting
+            raise
+        where = "on the command line" if sourced.source == COMMAND_LINE else f"in {sourced.source}"
+        raise ConfigError(f"{exc} (set {where})", key=exc.key) from None
+
+
+def _refuse(key: str, problem: str) -> ConfigError:
+    """The error of a value outside what `key` allows: "config key '<key>' <problem>"."""
+    return ConfigError(f"config key {key!r} {problem}", key=key)
 
 
 def validate_config(cfg: Config) -> None:
@@ -543,7 +576,7 @@ def _check_ranges(cfg: Config) -> None:
     }
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"config key {key!r} must be > 0; got {value}")
+            raise _refuse(key, f"must be > 0; got {value}")
     non_negative = {
         "model.num_classes": cfg.model.num_classes,
         "train.max_steps": cfg.train.max_steps,
@@ -561,14 +594,14 @@ def _check_ranges(cfg: Config) -> None:
     }
     for key, value in non_negative.items():
         if value < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0; got {value}")
+            raise _refuse(key, f"must be >= 0; got {value}")
     for key, value in _float_values(cfg):
         if not math.isfinite(value):
-            raise ConfigError(f"config key {key!r} must be a finite number; got {value}")
+            raise _refuse(key, f"must be a finite number; got {value}")
     if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1); got {cfg.model.dropout}")
+        raise _refuse("model.dropout", f"must be in [0, 1); got {cfg.model.dropout}")
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
-        raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1]; got {cfg.data.hw_decoder_load}")
+        raise _refuse("data.hw_decoder_load", f"must be in [0, 1]; got {cfg.data.hw_decoder_load}")
     fractions = {
         "optim.momentum": (cfg.optim.momentum, "[0, 1)"),  # 1 or more: the velocity never decays
         "schedule.warmup_start_factor": (cfg.schedule.warmup_start_factor, "[0, 1]"),
@@ -576,9 +609,9 @@ def _check_ranges(cfg: Config) -> None:
     }
     for key, (value, bounds) in fractions.items():
         if value > 1.0 or (bounds.endswith(")") and value == 1.0):
-            raise ConfigError(f"config key {key!r} must be in {bounds}; got {value}")
+            raise _refuse(key, f"must be in {bounds}; got {value}")
     if not 0.0 < cfg.schedule.factor <= 1.0:
-        raise ConfigError(f"config key 'schedule.factor' must be in (0, 1]; got {cfg.schedule.factor}")
+        raise _refuse("schedule.factor", f"must be in (0, 1]; got {cfg.schedule.factor}")
 
 
 # torch's CPU generator (mt19937) and the dropout hash take 32 bits of a seed: 2**32 + 1 draws as 1.
@@ -616,73 +649,83 @@ def _check_upper_bounds(cfg: Config) -> None:
         # Images per replica and batch: 10**8 ran out of memory inside DALI, reported as a bad file,
         # and DALI's int32 arguments overflow past 2**31; 65536 of 227-pixel images are 40 GB.
         "data.batch_size": (cfg.data.batch_size, 1, MAX_BATCH),
+        # 10**14 classes: the synthetic pipeline's list of class names filled the memory until the
+        # kernel killed the run. ImageNet-21k has 21,841 classes; 2**20 at fc_width 4096 is a
+        # 17 GB fc8 already.
+        "model.num_classes": (cfg.model.num_classes, 0, 2**20),
+        # 4x the paper's 4096: fc7 (fc_width squared) is then 1.1 GB of float32 weights, x3 with
+        # gradients and momentum; a size the machine cannot allocate is named at the model's build.
+        "model.fc_width": (cfg.model.fc_width, 1, 16384),
+        # Steps per synthetic epoch: 10**23 overflowed len() (a traceback at the first epoch).
+        "data.synthetic_steps": (cfg.data.synthetic_steps, 1, 10**9),
     }
     for key, (value, low, high) in bounded.items():
         if not low <= value <= high:
-            raise ConfigError(f"config key {key!r} must be in [{low}, {high}]; got {value}")
+            raise _refuse(key, f"must be in [{low}, {high}]; got {value}")
     if cfg.schedule.min_delta >= 100:  # top-1 is a percentage: no validation could ever improve
-        raise ConfigError(
-            f"config key 'schedule.min_delta' must be below 100 (top-1 points); got {cfg.schedule.min_delta}"
-        )
+        raise _refuse("schedule.min_delta", f"must be below 100 (top-1 points); got {cfg.schedule.min_delta}")
 
 
 def _check_model_input(cfg: Config) -> None:
     """The model and the images it is given fit each other."""
     if cfg.model.num_classes == 1:
-        raise ConfigError("config key 'model.num_classes' must be 0 (from the data) or >= 2; got 1")
+        raise _refuse("model.num_classes", "must be 0 (from the data) or >= 2; got 1")
     if not fc_width_fits(cfg.model.variant, cfg.model.fc_width):
-        raise ConfigError(
-            f"config key 'model.fc_width' must be even for the paper variant (half in each tower); "
-            f"got {cfg.model.fc_width}"
+        raise _refuse(
+            "model.fc_width", f"must be even for the paper variant (half in each tower); got {cfg.model.fc_width}"
         )
     if cfg.data.crop > cfg.data.resize:
-        raise ConfigError(f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})")
+        raise _refuse("data.crop", f"({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})")
     smallest = min_input_size(cfg.model.variant)
     if cfg.data.crop < smallest:
-        raise ConfigError(
-            f"config key 'data.crop' is {cfg.data.crop}, below the smallest input the "
-            f"{cfg.model.variant} variant's pooling allows ({smallest})"
+        raise _refuse(
+            "data.crop",
+            f"is {cfg.data.crop}, below the smallest input the "
+            f"{cfg.model.variant} variant's pooling allows ({smallest})",
         )
     for key in ("data.mean", "data.std"):
         vals = getattr(cfg.data, key.split(".")[1])
         if len(vals) != 3:
-            raise ConfigError(f"config key {key!r} needs 3 values (R, G, B); got {len(vals)}")
+            raise _refuse(key, f"needs 3 values (R, G, B); got {len(vals)}")
     if any(s <= 0 for s in cfg.data.std):
-        raise ConfigError(f"config key 'data.std' must be > 0 per channel; got {cfg.data.std}")
+        raise _refuse("data.std", f"must be > 0 per channel; got {cfg.data.std}")
 
 
 def _check_combinations(cfg: Config) -> None:
     """Settings that only work together, and names the run folder and the resume need."""
     if cfg.parallel.mode == "towers" and cfg.model.variant != "paper":
-        raise ConfigError(
-            "config key 'parallel.mode' is 'towers', which splits the paper variant's two towers; "
-            f"model.variant is {cfg.model.variant!r}"
+        raise _refuse(
+            "parallel.mode",
+            f"is 'towers', which splits the paper variant's two towers; model.variant is {cfg.model.variant!r}",
         )
     name = cfg.run.name
     if name and not is_folder_name(name):
-        raise ConfigError(
-            f"config key 'run.name' must be a folder name inside run.root, without path separators or line "
+        raise _refuse(
+            "run.name",
+            f"must be a folder name inside run.root, without path separators or line "
             f"breaks; got {name!r} "
-            "(set run.root for another place)"
+            "(set run.root for another place)",
         )
     resume = cfg.checkpoint.resume
     if not resume.strip():
-        raise ConfigError("config key 'checkpoint.resume' is empty: use auto, none, or a checkpoint file")
+        raise _refuse("checkpoint.resume", "is empty: use auto, none, or a checkpoint file")
     if resume.lower() in ("auto", "none") and resume not in ("auto", "none") and not Path(resume).exists():
-        raise ConfigError(
-            f"config key 'checkpoint.resume' is {resume!r}: the choices are written lower case ({resume.lower()}); "
-            "any other value is a checkpoint file"
+        raise _refuse(
+            "checkpoint.resume",
+            f"is {resume!r}: the choices are written lower case ({resume.lower()}); "
+            "any other value is a checkpoint file",
         )
     if not cfg.run.root.strip():  # it put the run folder into the working directory, a checkout say
-        raise ConfigError("config key 'run.root' is empty: give a folder (. for the working directory)")
+        raise _refuse("run.root", "is empty: give a folder (. for the working directory)")
     if cfg.model.weights and cfg.checkpoint.resume not in ("auto", "none"):
         raise ConfigError(
             f"config keys 'model.weights' and 'checkpoint.resume' both name a file; checkpoint.resume="
             f"{cfg.checkpoint.resume} continues that run (its optimizer, schedule and data position), "
-            "model.weights starts a new run from a file's weights: give one of them"
+            "model.weights starts a new run from a file's weights: give one of them",
+            key="checkpoint.resume",
         )
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
-        raise ConfigError(f"config key 'data.val_ten_crop' needs data.pipeline=dali; got {cfg.data.pipeline!r}")
+        raise _refuse("data.val_ten_crop", f"needs data.pipeline=dali; got {cfg.data.pipeline!r}")
 
 
 def is_folder_name(name: str) -> bool:
@@ -707,6 +750,7 @@ def config_from_dict(tree: dict[str, Any], source: str) -> Config:
     """A Config from a nested dict such as a checkpoint's payload["config"]; errors name `source`."""
     if not isinstance(tree, dict):
         raise ConfigError(f"the config stored in {source} is not a mapping of sections")
-    cfg = _build(Config, _flatten(tree, source=source))
-    validate_config(cfg)
+    values = _flatten(tree, source=source)
+    cfg = _build(Config, values)
+    _validate_naming_sources(cfg, values)
     return cfg

@@ -23,7 +23,7 @@ from pipelines.index import (
     load_file_list,
     some_names,
 )
-from pipelines.lighting import Lighting, resolve_lighting_stats
+from pipelines.lighting import Lighting, LightingStatsError, resolve_lighting_stats
 from pipelines.steps import StepLoader
 
 log = logging.getLogger("alexnet")
@@ -93,13 +93,13 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
     root = resolve_data_root(cfg)
     train_dir, val_dir = split_folder(root, "train"), split_folder(root, "val")
     if cfg.train_files:
-        train = load_file_list(cfg.train_files, train_dir)
+        train = _load_named_list("data.train_files", cfg.train_files, train_dir)
     else:
         train = build_file_index(train_dir)
     check_val_covers_train(val_dir, train.classes)
     if cfg.val_files:
         # A validation list may cover some classes (the paper comparison then says it cannot compare).
-        val = load_file_list(cfg.val_files, val_dir, classes=train.classes, every_class=False)
+        val = _load_named_list("data.val_files", cfg.val_files, val_dir, classes=train.classes, every_class=False)
     else:
         val = build_file_index(val_dir, classes=train.classes)
     train_source = f"file list {cfg.train_files}" if cfg.train_files else f"{train_dir}"
@@ -141,6 +141,16 @@ def check_num_classes(num_classes: int, found: int, train_dir: Path) -> None:
                     num_classes, found, train_dir, num_classes - found)  # fmt: skip
 
 
+def _load_named_list(
+    key: str, list_file: str, split_dir: Path, classes: list[str] | None = None, every_class: bool = True
+) -> FileIndex:
+    """load_file_list, its errors starting with the config key that named the list."""
+    try:
+        return load_file_list(list_file, split_dir, classes=classes, every_class=every_class)
+    except DataError as exc:
+        raise DataError(f"config key {key!r}: {exc}") from exc
+
+
 def split_folder(root: Path, split: str) -> Path:
     """root/split, or a DataError that says which of the two is missing (before any work starts)."""
     if not root.is_dir():
@@ -160,7 +170,13 @@ def build_lighting(cfg: DataConfig) -> Lighting | None:
     """Section 4.1's PCA lighting for the training graph, or None when data.lighting_std is 0."""
     if cfg.lighting_std == 0.0:
         return None
-    return Lighting(cfg.lighting_std, resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg)))
+    try:
+        stats = resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg))
+    except LightingStatsError as exc:
+        if not cfg.lighting_stats:  # <data root>/pca_lighting.json, named by no key
+            raise
+        raise LightingStatsError(f"config key 'data.lighting_stats': {exc}") from exc
+    return Lighting(cfg.lighting_std, stats)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ Both expose ``forward_features`` (pixels -> flattened pool5, 9216 values at 227x
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -226,6 +227,10 @@ def head_dropout(model: nn.Module) -> dict[str, CounterDropout]:
     return {"fc6": model.classifier[0], "fc7": model.classifier[3]}
 
 
+class ModelSizeError(ValueError):
+    """The configured sizes (model.fc_width, model.num_classes) make a model this machine cannot allocate."""
+
+
 def build_model(
     variant: Variant,
     num_classes: int,
@@ -237,7 +242,31 @@ def build_model(
     """`input_size` sets the paper model's fc6 fan-in; torchvision's variant pools any input to
     6x6 (torchvision's own choice, kept for weight compatibility). `init`: "auto" is each
     variant's own (section 5's for the paper model, torchvision's for its variant); "paper" and
-    "kaiming" apply to either. `fc_width`: the neurons of fc6 and fc7 (4096 in both variants)."""
+    "kaiming" apply to either. `fc_width`: the neurons of fc6 and fc7 (4096 in both variants).
+    A model too large to allocate is a ModelSizeError naming the two sizes, not torch's traceback."""
+    try:
+        return _build_variant(variant, num_classes, dropout, input_size, init, fc_width)
+    except RuntimeError as exc:  # torch's CPU allocator ("can't allocate memory") or CUDA's out-of-memory
+        tried = re.search(r"(?i)tried to allocate ([\d.]+ \w+)", str(exc))
+        if tried is None:
+            raise
+        raise ModelSizeError(
+            f"the {variant} model with model.fc_width={fc_width} and {num_classes} classes cannot be allocated "
+            f"(one of its layers needs {_readable_size(tried.group(1))}): lower model.fc_width or model.num_classes"
+        ) from exc
+
+
+def _readable_size(amount: str) -> str:
+    """torch's "512000000000 bytes" as "512.0 GB"; a size already in units as it is."""
+    number, _, unit = amount.partition(" ")
+    if unit.lower() != "bytes":
+        return amount
+    return f"{float(number) / 1e9:.1f} GB"
+
+
+def _build_variant(
+    variant: Variant, num_classes: int, dropout: float, input_size: int, init: Init, fc_width: int
+) -> nn.Module:
     if variant == "paper":
         return PaperAlexNet(num_classes, dropout, input_size, init, fc_width)
     if variant == "torchvision":

@@ -9,7 +9,7 @@ import gc
 import math
 import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -45,6 +45,18 @@ def positive_seconds(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
+
+
+class StoreOnce(argparse.Action):
+    """A flag that may be given once: `--config a.yaml --config b.yaml` kept b.yaml and dropped
+    a.yaml without a word (a recipe that builds on another says so with `extends:`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        earlier = getattr(namespace, self.dest, self.default)
+        if earlier is not self.default:  # the default object itself until the flag is given (even if equal)
+            parser.error(f"{option_string} is given twice ({earlier} and {values}); give it once")
+        setattr(namespace, self.dest, values)
 
 
 def print_error(message: str) -> None:

@@ -138,8 +138,7 @@ def load_resume_checkpoint(
     candidates = resume_candidates(cfg, ckpt_dir)
     for i, path in enumerate(candidates):
         try:
-            payload = load_checkpoint(path)
-            check_training_sections(payload, path)
+            payload = _load_training_checkpoint(path, named=cfg.resume != "auto")
             check_same_classes(payload, path, classes)  # the data's fault, not the file's: no fallback
             try:
                 load_model_state(model, payload["model"], path)
@@ -151,6 +150,19 @@ def load_resume_checkpoint(
                 raise
             log.warning("%s; falling back to %s", exc, candidates[i + 1])
     return None
+
+
+def _load_training_checkpoint(path: Path, named: bool) -> dict[str, Any]:
+    """The checkpoint at `path`, which can continue a run. `named`: the user named the file
+    (checkpoint.resume=<file>), so a file missing or unusable names that key as well."""
+    try:
+        payload = load_checkpoint(path)
+        check_training_sections(payload, path)
+    except CheckpointError as exc:
+        if not named:
+            raise
+        raise CheckpointError(f"config key 'checkpoint.resume': {exc}") from exc
+    return payload
 
 
 def check_same_classes(payload: dict[str, Any], path: Path, classes: list[str] | None) -> None:

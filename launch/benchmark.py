@@ -27,13 +27,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alexnet.bench.output import Report, ReportError, format_ratios, format_table, prepare_out_dir, write_outputs
+from alexnet.bench.output import (
+    Report,
+    ReportError,
+    format_ratios,
+    format_table,
+    prepare_out_dir,
+    remove_unused_out_dir,
+    write_outputs,
+)
 from alexnet.bench.timing import Schedule
 from alexnet.config import ConfigError, config_to_dict, load_config
 from alexnet.parallel.agree import MAY_DIFFER, LoaderError, check_same_settings, flat_settings, option_settings
 from alexnet.parallel.env import accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import exit_process, positive_seconds, print_error
+from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error
 from pipelines.index import DataError
 
 HERE = Path(__file__).resolve()
@@ -103,7 +111,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _common(pipe)
 
     step = sub.add_parser("step", help="training steps on synthetic on-device data (under torchrun)")
-    step.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)")
+    step.add_argument(
+        "--config", action=StoreOnce, default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)"
+    )
     step.add_argument("--modes", type=_names, default=(), help="layouts (default: all the world size allows)")
     step.add_argument("--variants", type=_names, default=(), help="model variants (default: the config's)")
     step.add_argument(
@@ -121,7 +131,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _common(step)
 
     e2e = sub.add_parser("e2e", help="training steps on real files, next to synthetic data (under torchrun)")
-    e2e.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)")
+    e2e.add_argument(
+        "--config", action=StoreOnce, default=str(DEFAULT_CONFIG), help="training recipe (default: the demo)"
+    )
     # the trainer's loaders read <root>/train: a split folder alone is not a root
     _dataset(e2e, "ImageFolder data root with train/<class>/ folders, as data.root (not a split folder)")
     e2e.add_argument("--pipelines", type=_names, default=(), help="dali and/or torchvision (default: the config's)")
@@ -336,15 +348,18 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     merged: Path | None = None
+    created: Path | None = None
     try:
         if args.command == "merge":  # before --out is created: a refused merge writes nothing
             merged = merge_output(args.name, args.out, args.reports)
-        prepare_out_dir(args.out)
+        created = prepare_out_dir(args.out)
         report = commands[args.command](args)
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
+        remove_unused_out_dir(args.out, created)
         print_error(str(exc))
         return 2
     except (OSError, LoaderError) as exc:  # a data folder one rank cannot read, another rank's loader failing
+        remove_unused_out_dir(args.out, created)
         print_error(str(exc))
         return 1
     if report is None:  # ranks other than 0

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
+from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import LoaderError
 from alexnet.parallel.env import LaunchError, accept_legacy_local_rank
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import exit_process, print_error
+from alexnet.process import StoreOnce, exit_process, print_error
 from alexnet.reporting import MetricsWriteError
 from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
@@ -25,7 +26,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: the demo)")
+    parser.add_argument(
+        "--config", action=StoreOnce, default=str(DEFAULT_CONFIG), help="YAML recipe (default: the demo)"
+    )
     accept_legacy_local_rank(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
     return parser.parse_intermixed_args(argv)  # overrides before and after --config
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_training(cfg, args.config)
     except (
         ConfigError,
+        ModelSizeError,
         LayoutError,
         LaunchError,
         DataError,
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteLossError,
     ) as exc:
         print_error(str(exc))
-        return 2 if isinstance(exc, (ConfigError, LayoutError, LaunchError)) else 1
+        return 2 if isinstance(exc, (ConfigError, ModelSizeError, LayoutError, LaunchError)) else 1
     except OSError as exc:  # a run folder that filled up or went away: the file and the reason, no traceback
         print_error(str(exc))
         return 1

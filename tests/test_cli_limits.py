@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 from _helpers import REPO
 
+from alexnet import model as model_module
 from alexnet.bench.pipeline_bench import PipelineSettings
 from alexnet.bench.timing import Schedule
+from alexnet.checkpoint import CheckpointError
 from alexnet.config import MAX_BATCH, MAX_THREADS, ConfigError, load_config
+from alexnet.data import build_lighting, build_splits
+from alexnet.model import ModelSizeError, build_model
+from alexnet.resume import load_resume_checkpoint
+from pipelines.index import DataError
 
 
 def launcher(name: str):
@@ -124,3 +130,137 @@ def test_a_resume_choice_in_capitals_is_named_not_taken_for_a_file(value):
     """checkpoint.resume=AUTO failed later with "checkpoint AUTO does not exist"."""
     with pytest.raises(ConfigError, match=f"config key 'checkpoint.resume' is '{value}': the choices are written"):
         load_config(None, [f"checkpoint.resume={value}"])
+
+
+def test_a_range_error_names_where_the_value_was_set(tmp_path):
+    """Type errors named the file or the command line; range errors named only the key, so in a
+    chain of recipes (the 8-GPU ones extend imagenet.yaml) the user had to search for it."""
+    base = tmp_path / "base.yaml"
+    base.write_text("data:\n  crop: 300\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(child)
+    assert str(info.value).endswith(f"(set in {base})"), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(child, ["data.crop=400"])  # the command line's value is the one refused
+    assert str(info.value).endswith("(set on the command line)"), str(info.value)
+    # A default refused with another key's value: no source to name, and none made up.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.resize=200"])
+    assert "data.crop" in str(info.value) and "(set " not in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "read_as"), [("1_", 1), ("1__0", 10), ("_1", None), ("0x_1", 1)])
+def test_underscores_count_only_between_digits(text, read_as):
+    """YAML 1.1 drops underscores anywhere in a number: `train.epochs=1_` trained 1 epoch."""
+    with pytest.raises(ConfigError, match=re.escape(f"got {text!r}")):
+        load_config(None, [f"train.epochs={text}"])
+    with pytest.raises(ConfigError, match=re.escape("got '1_.5'")):
+        load_config(None, ["optim.lr=1_.5"])
+    assert load_config(None, ["train.epochs=1_000", "optim.lr=0.000_5"]).train.epochs == 1000
+    assert load_config(None, ["optim.lr=0.000_5"]).optim.lr == 0.0005
+
+
+@pytest.mark.parametrize("line", ["extends:", 'extends: ""', "extends: '  '"])
+def test_an_empty_extends_is_named(tmp_path, line):
+    """Blank, it was read as the recipe's own folder: "cannot read config file .: Is a directory"."""
+    path = tmp_path / "child.yaml"
+    path.write_text(f"{line}\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'extends' in {path} is empty: name the recipe")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key", ["data.train_files", "data.val_files", "data.lighting_stats", "checkpoint.resume"])
+def test_a_file_a_key_names_that_cannot_be_read_names_the_key(tiny_data, tmp_path, key):
+    """They said only "cannot read file list /x" or "checkpoint /x does not exist": with several
+    files in a recipe, which setting to fix was left to guess (data.root and model.weights named it)."""
+    missing = tmp_path / "missing.file"
+    cfg = load_config(None, [f"data.root={tiny_data}", "data.lighting_std=0.1", f"{key}={missing}"])
+    with pytest.raises((DataError, CheckpointError)) as info:
+        if key == "checkpoint.resume":
+            load_resume_checkpoint(cfg.checkpoint, tmp_path, build_model("paper", 10, fc_width=8))
+        elif key == "data.lighting_stats":
+            build_lighting(cfg.data)
+        else:
+            build_splits(cfg.data, 0)
+    assert str(info.value).startswith(f"config key {key!r}: "), str(info.value)
+    assert str(missing) in str(info.value)
+    # Found by default (beside the data, or the last checkpoint of the run folder): no key to name.
+    (tiny_data / "pca_lighting.json").write_text("{}")
+    try:
+        with pytest.raises(DataError) as info:
+            build_lighting(load_config(None, [f"data.root={tiny_data}", "data.lighting_std=0.1"]).data)
+    finally:
+        (tiny_data / "pca_lighting.json").unlink()
+    assert not str(info.value).startswith("config key"), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "high"),
+    [
+        (f"model.num_classes={10**14}", 2**20),
+        (f"data.synthetic_steps={10**23}", 10**9),
+        ("model.fc_width=16386", 16384),
+    ],
+)
+def test_sizes_past_what_a_run_can_hold_are_refused(override, high):
+    """model.num_classes=10**14 filled the memory until the kernel killed the run (the synthetic
+    pipeline's class names); data.synthetic_steps=10**23 overflowed len() at the first epoch."""
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError, match=re.escape(f"config key {key!r} must be in [")):
+        load_config(None, [f"{key}={value}"])
+    load_config(None, [f"{key}={high}"])
+
+
+def test_a_model_the_machine_cannot_allocate_names_its_sizes(monkeypatch):
+    """Within the bounds a model can still exceed the memory: torch's allocator traceback became one line."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 34359738368 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(model_module, "PaperAlexNet", refuse)
+    with pytest.raises(ModelSizeError, match=re.escape("model.fc_width=16384 and 1048576 classes cannot be allocated")):
+        build_model("paper", 2**20, fc_width=16384)
+    with pytest.raises(ModelSizeError, match=re.escape("needs 34.4 GB")):
+        build_model("paper", 2**20, fc_width=16384)
+
+    def fail_otherwise(*args, **kwargs):
+        raise RuntimeError("other")
+
+    monkeypatch.setattr(model_module, "PaperAlexNet", fail_otherwise)
+    with pytest.raises(RuntimeError, match="^other$"):  # any other failure is left as it was
+        build_model("paper", 10)
+
+
+def test_a_refused_benchmark_command_leaves_no_report_folder(tmp_path, capsys):
+    """--out is made before measuring (a path that cannot hold the report fails at once); a command
+    then refused left the empty folders behind, as if a benchmark had run there."""
+    benchmark = launcher("benchmark")
+    out = tmp_path / "new" / "out"
+    assert benchmark.main(["pipeline", "--out", str(out), "--threads", "100000"]) == 2
+    assert benchmark.main(["step", "--out", str(out), "train.epochs=0"]) == 2
+    assert not (tmp_path / "new").exists()
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    kept = tmp_path / "kept"
+    (kept / "sweep-points").mkdir(parents=True)  # a folder the user had, and one with content
+    assert benchmark.main(["pipeline", "--out", str(kept), "--data", str(tmp_path / "none")]) == 2
+    assert (
+        benchmark.main(["pipeline", "--out", str(kept / "sweep-points" / "x"), "--data", str(tmp_path / "none")]) == 2
+    )
+    assert sorted(p.name for p in kept.rglob("*")) == ["sweep-points"]
+
+
+def test_config_given_twice_is_refused(capsys):
+    """`--config a.yaml --config b.yaml` trained b.yaml's recipe and dropped a.yaml silently."""
+    train, benchmark = launcher("train"), launcher("benchmark")
+    for parse in (train.parse_args, lambda argv: benchmark.parse_args(["step", *argv])):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--config", "a.yaml", "train.epochs=1", "--config", "b.yaml"])
+        assert exit_info.value.code == 2
+        assert "error: --config is given twice (a.yaml and b.yaml); give it once" in capsys.readouterr().err
+    assert train.parse_args(["train.epochs=1", "--config", "a.yaml"]).config == "a.yaml"
+    assert train.parse_args([]).config.endswith("demo.yaml")

@@ -43,7 +43,10 @@ def test_a_config_file_that_is_not_text_is_named_in_one_line(tmp_path, content):
 @pytest.mark.parametrize("value", ["99999999999999999999", "4294967296", "4294967297", "-1"])
 def test_seeds_outside_32_bits_are_refused(key, value):
     """torch's CPU generator takes 32 bits of a seed (4294967297 drew as 1); 64 bits overflowed in the trainer."""
-    assert one_line_error(None, [f"{key}={value}"]) == f"config key {key!r} must be in [0, 4294967295]; got {value}"
+    assert (
+        one_line_error(None, [f"{key}={value}"])
+        == f"config key {key!r} must be in [0, 4294967295]; got {value} (set on the command line)"
+    )
     cfg = load_config(None, [f"{key}=4294967295"])
     assert (cfg.train.seed if key == "train.seed" else cfg.data.seed) == 2**32 - 1
 
@@ -51,7 +54,10 @@ def test_seeds_outside_32_bits_are_refused(key, value):
 @pytest.mark.parametrize("key", ["data.num_threads", "data.prefetch"])
 def test_threads_and_prefetch_have_an_upper_bound(key):
     for value in ("99999999999", "1025", "0"):
-        assert one_line_error(None, [f"{key}={value}"]) == f"config key {key!r} must be in [1, 1024]; got {value}"
+        assert (
+            one_line_error(None, [f"{key}={value}"])
+            == f"config key {key!r} must be in [1, 1024]; got {value} (set on the command line)"
+        )
     load_config(None, [f"{key}=1024"])
 
 
@@ -60,7 +66,9 @@ def test_threads_and_prefetch_have_an_upper_bound(key):
 )
 def test_a_collective_timeout_below_10_seconds_or_beyond_115_days_is_refused(value, shown):
     message = one_line_error(None, [f"parallel.timeout_s={value}"])
-    assert message == f"config key 'parallel.timeout_s' must be in [10, 10000000]; got {shown}"
+    assert (
+        message == f"config key 'parallel.timeout_s' must be in [10, 10000000]; got {shown} (set on the command line)"
+    )
     assert [load_config(None, [f"parallel.timeout_s={v}"]).parallel.timeout_s for v in ("10", "1e7")] == [10.0, 1e7]
 
 
@@ -220,7 +228,10 @@ def test_a_wrong_case_or_a_missing_section_is_refused_with_the_right_spelling(ov
 @pytest.mark.parametrize("value", ["100", "1000"])
 def test_a_min_delta_no_top1_improvement_can_reach_is_refused(value):
     message = one_line_error(None, [f"schedule.min_delta={value}"])
-    assert message == f"config key 'schedule.min_delta' must be below 100 (top-1 points); got {float(value)}"
+    assert message == (
+        f"config key 'schedule.min_delta' must be below 100 (top-1 points); got {float(value)} "
+        "(set on the command line)"
+    )
     assert load_config(None, ["schedule.min_delta=99.9"]).schedule.min_delta == 99.9
 
 

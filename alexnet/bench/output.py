@@ -105,17 +105,33 @@ def flatten(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
+def prepare_out_dir(out_dir: Path) -> Path | None:
     """Create the report folder before anything is measured: a path that cannot hold the report
-    fails at once, naming the flag, instead of after minutes of benchmarking with the figures lost."""
+    fails at once, naming the flag, instead of after minutes of benchmarking with the figures lost.
+    Returns the outermost folder it created (None when --out existed), for remove_unused_out_dir."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"--out {out_dir}: is a file, not a folder for the report")
+    outermost = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, no permission, read-only filesystem
         raise ReportError(f"--out {out_dir}: cannot create the report folder ({exc.strerror or exc})") from exc
-    return out_dir
+    return outermost
+
+
+def remove_unused_out_dir(out_dir: Path, outermost: Path | None) -> None:
+    """Undo prepare_out_dir for a command that failed before writing anything (a refused setting):
+    the folders it created, while they are empty. Every rank may try; the first one removes them."""
+    if outermost is None:
+        return
+    for folder in [Path(out_dir), *Path(out_dir).parents]:
+        try:
+            folder.rmdir()  # only an empty folder: a sweep's finished points stay
+        except OSError:
+            return
+        if folder == outermost:
+            return
 
 
 def write_json(report: Report, path: Path) -> Path:
