@@ -86,7 +86,10 @@ def resolve_data_root(cfg: DataConfig) -> Path:
     return Path(cfg.root).expanduser() if cfg.root else ensure_demo_dataset()
 
 
-def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
+def build_splits(cfg: DataConfig, num_classes: int, warn_unread: bool = True) -> DataSplits:
+    """The class folders and the files of both splits, checked. `warn_unread`: name the files and
+    folders in class folders that are not read (rank 0 only: every rank indexes the same folders,
+    and a job of 8 ranks printed each warning 8 times)."""
     if cfg.pipeline == "synthetic":
         n = num_classes or 1000
         return DataSplits(None, None, [f"class_{i}" for i in range(n)])
@@ -106,7 +109,7 @@ def build_splits(cfg: DataConfig, num_classes: int) -> DataSplits:
     check_disjoint(train, val, train_source, f"file list {cfg.val_files}" if cfg.val_files else f"{val_dir}")
     check_enough_classes(train.classes, train_source)
     check_num_classes(num_classes, len(train.classes), train_dir)
-    for split_dir, index in ((train_dir, train), (val_dir, val)):
+    for split_dir, index in ((train_dir, train), (val_dir, val)) if warn_unread else ():
         if index.unread_folders:
             log.warning("%s: %d folder(s) inside class folders, none of whose files are read (only the images "
                         "directly in a class folder are; ImageFolder would read these too): %s", split_dir,

@@ -159,7 +159,7 @@ class Trainer:
         checkpoint, before the layout takes this rank's part of it)."""
         cfg, env, plan = self.cfg, self.env, self.plan
         resume_from = self._check_run_dir()
-        self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes)
+        self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes, warn_unread=env.is_main)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
         loader_args = (self.splits, self.mesh, env.device, plan.decoder, plan.channels_last)
         self.train_loader = build_train_loader(cfg.data, *loader_args, cfg.train.accum_steps)

@@ -181,6 +181,10 @@ def test_files_of_other_extensions_are_named_when_training_skips_them(tmp_path, 
         "a/anim.gif, b/photo.jfif"
     ), warning
     assert os.path.isfile(root / "train" / "a" / "anim.gif")
+    caplog.clear()  # the other ranks index the same folders and stay quiet: 8 ranks printed it 8 times
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        assert len(build_splits(DataConfig(root=str(root)), 0, warn_unread=False).train) == 4
+    assert not [r for r in caplog.records if "are not read" in r.getMessage()]
 
 
 def test_a_class_folder_the_scan_cannot_list_is_a_problem_and_the_rest_is_scanned(tmp_path, monkeypatch):
