@@ -68,13 +68,28 @@ def _common(p: argparse.ArgumentParser, windows: int = 5, warmup: int = 1) -> No
 
 
 def _dataset(p: argparse.ArgumentParser, data_help: str) -> None:
-    p.add_argument("--data", type=Path, help=data_help)
-    p.add_argument(
+    named = p.add_mutually_exclusive_group()  # together, --data won and --dataset was dropped silently
+    named.add_argument("--data", type=Path, help=data_help)
+    named.add_argument(
         "--dataset", choices=("demo", "imagenet-like"), default=None,
         help="built-in data instead of --data: the demo set (the default where nothing else names data), or "
         "ImageNet-like ~500x375 JPEGs of ~110 KB (generated once into ~/.cache/alexnet-dist)",
     )  # fmt: skip
-    p.add_argument("--like-images", type=int, default=1000, help="training images of --dataset imagenet-like")
+    p.add_argument("--like-images", type=_like_images, default=None,
+                   help=f"training images of --dataset imagenet-like (default {LIKE_IMAGES})")  # fmt: skip
+
+
+LIKE_IMAGES = 1000
+
+
+def _like_images(text: str) -> int:
+    """At least one image per class: fewer became 10 (one per class) without a word."""
+    from pipelines.imagenet_like import ImageNetLikeSpec
+
+    value = int(text)
+    if value < ImageNetLikeSpec.classes:
+        raise argparse.ArgumentTypeError(f"must be at least {ImageNetLikeSpec.classes} (one per class), got {text}")
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -177,13 +192,18 @@ def apply_late_overrides(
     return args
 
 
+def _check_like_images(args: argparse.Namespace) -> None:
+    if args.like_images is not None and args.dataset != "imagenet-like":
+        raise ValueError("--like-images sizes --dataset imagenet-like, which is not given")
+
+
 def _data_root(args: argparse.Namespace) -> Path:
     if args.data is not None:
         return args.data
     if args.dataset == "imagenet-like":
         from pipelines.imagenet_like import ImageNetLikeSpec, ensure_imagenet_like
 
-        per_class = max(1, args.like_images // ImageNetLikeSpec.classes)
+        per_class = max(1, (args.like_images or LIKE_IMAGES) // ImageNetLikeSpec.classes)
         return ensure_imagenet_like(spec=ImageNetLikeSpec(train_per_class=per_class))
     from pipelines.demo import ensure_demo_dataset
 
@@ -203,6 +223,7 @@ def cmd_pipeline(args: argparse.Namespace) -> Report:
 
     from alexnet.bench.pipeline_bench import TABLE, PipelineSettings, run_pipeline_bench
 
+    _check_like_images(args)
     settings = PipelineSettings(
         data=_data_root(args), batch_size=args.batch_size, threads=_threads(args), prefetch=args.prefetch,
         resize=args.resize, crop=args.crop, batches=args.batches, min_window_s=args.min_window,
@@ -256,14 +277,34 @@ def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report 
     return report
 
 
-def cmd_step(args: argparse.Namespace) -> Report | None:
-    from alexnet.bench.step_bench import StepSettings, run_step_bench
+# Overrides the step benchmark cannot honour: it times synthetic on-device data in each layout of
+# --modes. Taken, they measured something else than the report's recorded config said.
+STEP_FIXED = {
+    "data.pipeline": "the step benchmark times synthetic on-device data; e2e times a pipeline on real files",
+    "parallel.mode": "the step benchmark times each layout of --modes; give --modes",
+}
 
+
+def _step_parts(args: argparse.Namespace):
+    """The config and settings of a step run, every check made: also the sweep's, before its points."""
+    from alexnet.bench.step_bench import StepSettings
+
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if key in STEP_FIXED:
+            raise ValueError(f"{item}: {STEP_FIXED[key]}")
     cfg = _config(args, ["data.pipeline=synthetic"])
     settings = StepSettings(
         modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
         schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown, profile=args.profile,
     )  # fmt: skip
+    return cfg, settings
+
+
+def cmd_step(args: argparse.Namespace) -> Report | None:
+    from alexnet.bench.step_bench import run_step_bench
+
+    cfg, settings = _step_parts(args)
     return _run_distributed(cfg, args, lambda env: run_step_bench(cfg, env, settings))
 
 
@@ -284,9 +325,11 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def cmd_e2e(args: argparse.Namespace) -> Report | None:
-    from alexnet.bench.e2e_bench import E2ESettings, run_e2e_bench
+def _e2e_parts(args: argparse.Namespace):
+    """The config and settings of an e2e run, every check made: also the sweep's, before its points."""
+    from alexnet.bench.e2e_bench import E2ESettings
 
+    _check_like_images(args)
     # --data/--dataset name the data; otherwise the config's data.root does (the demo when empty).
     named = args.data is not None or args.dataset is not None
     root = _data_root(args) if named else None
@@ -297,6 +340,13 @@ def cmd_e2e(args: argparse.Namespace) -> Report | None:
         pipelines=args.pipelines, synthetic=not args.no_synthetic, steps=args.steps,
         schedule=Schedule(args.warmup, args.windows), breakdown=not args.no_breakdown,
     )  # fmt: skip
+    return cfg, settings
+
+
+def cmd_e2e(args: argparse.Namespace) -> Report | None:
+    from alexnet.bench.e2e_bench import run_e2e_bench
+
+    cfg, settings = _e2e_parts(args)
     return _run_distributed(cfg, args, lambda env: run_e2e_bench(cfg, env, settings))
 
 
@@ -305,6 +355,7 @@ def cmd_sweep(args: argparse.Namespace) -> Report:
 
     passthrough = args.args[1:] if args.args[:1] == ["--"] else args.args
     passthrough = ["--windows", str(args.windows), "--warmup", str(args.warmup), *passthrough]
+    _check_point_options(args.mode, passthrough)
     settings = SweepSettings(
         nprocs=tuple(args.nproc), mode=args.mode, args=tuple(passthrough), entry=HERE,
         out=args.out / "sweep-points", timeout_s=args.timeout,
@@ -314,9 +365,22 @@ def cmd_sweep(args: argparse.Namespace) -> Report:
     return report
 
 
+def _check_point_options(mode: str, options: list[str]) -> None:
+    """A point's options, checked as the point would check them, before any torchrun starts: each
+    point failed on its own (one torchrun start per point, minutes on a GPU node) and the sweep
+    then wrote an empty report."""
+    try:
+        point = parse_args([mode, *options])
+    except SystemExit as exc:  # argparse has printed its usage line and the error
+        raise ValueError(f"sweep: the options for {mode} are refused (the line above)") from exc
+    (_step_parts if mode == "step" else _e2e_parts)(point)
+
+
 def merge_output(name: str, out: Path, inputs: list[Path]) -> Path:
     """<out>/<name>.json, the merged report; refused when it would land outside --out or replace one
-    of the reports it is merged from (read first, lost with the merge's own figures)."""
+    of the reports it is merged from (read first, lost with the merge's own figures). `--name
+    merged.json` means merged.json, not merged.json.json."""
+    name = name.removesuffix(".json")
     if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name):
         raise ValueError(f"--name {name!r}: expected a plain file name (no path separator, not '..' or empty)")
     target = out / f"{name}.json"

@@ -12,6 +12,7 @@ import csv
 import datetime
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,27 +66,64 @@ class Report:
         }
 
 
-def validate_report(data: dict[str, Any], where: str = "report") -> None:
+def validate_report(data: Any, where: str = "report") -> None:
+    """What merge and the sweep read from a report, each with its type: a report edited by hand or
+    written by another tool failed deep inside the merge with a traceback naming neither."""
+    if not isinstance(data, dict):
+        raise ReportError(f"{where}: a report is a JSON object, got {type(data).__name__}")
     for key in REQUIRED_TOP:
         if key not in data:
             raise ReportError(f"{where}: missing top-level key {key!r}")
     if data["schema"] != SCHEMA:
         raise ReportError(f"{where}: schema {data['schema']!r}, expected {SCHEMA!r}")
+    for key in ("environment", "settings", "summary"):
+        if not isinstance(data[key], dict):
+            raise ReportError(f"{where}: {key!r} must be an object, got {type(data[key]).__name__}")
     if not isinstance(data["results"], list):
         raise ReportError(f"{where}: 'results' must be a list")
     for i, entry in enumerate(data["results"]):
+        if not isinstance(entry, dict):
+            raise ReportError(f"{where}: results[{i}] must be an object, got {type(entry).__name__}")
         for key in REQUIRED_RESULT:
             if key not in entry:
                 raise ReportError(f"{where}: results[{i}] has no {key!r}")
+        if not isinstance(entry["name"], str):
+            raise ReportError(f"{where}: results[{i}]['name'] must be text, got {entry['name']!r}")
+        if not _is_number(entry["images_per_sec"]):
+            raise ReportError(
+                f"{where}: results[{i}]['images_per_sec'] must be a number, got {entry['images_per_sec']!r}"
+            )
+    _check_ratios(data["summary"], f"{where}: summary")
     for key in REQUIRED_ENVIRONMENT:
         if key not in data["environment"]:
             raise ReportError(f"{where}: environment has no {key!r}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ratios(tree: dict[str, Any], where: str) -> None:
+    """Every paired ratio ({median, min, max}) holds numbers: format_ratios prints them."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and "median" in value:
+            for part in ("median", "min", "max"):
+                if not _is_number(value.get(part)):
+                    raise ReportError(f"{where}[{key!r}][{part!r}] must be a number, got {value.get(part)!r}")
+        elif isinstance(value, dict):
+            _check_ratios(value, f"{where}[{key!r}]")
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_report(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        # NaN and Infinity are Python's extension of JSON: a merge would copy them into its own
+        # file, which other JSON readers (jq, JavaScript) then refuse.
+        data = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+    except (OSError, ValueError) as exc:  # ValueError: json.JSONDecodeError, NaN, bytes that are not UTF-8
         raise ReportError(f"cannot read benchmark report {path}: {exc}") from exc
     validate_report(data, str(path))
     return data
@@ -138,13 +176,26 @@ def write_json(report: Report, path: Path) -> Path:
     data = report.to_dict()
     validate_report(data, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")  # a failed write keeps the last
+    text = json.dumps(_without_nonfinite(data), indent=2, default=str, allow_nan=False)
+    write_text_atomic(path, text + "\n")  # a failed write keeps the last
     return path
+
+
+def _without_nonfinite(value: Any) -> Any:
+    """NaN and infinities as null: Python writes them as NaN/Infinity, which is not JSON (jq and
+    JavaScript refuse the file), and a merge copied them from a report that held them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nonfinite(v) for v in value]
+    return value
 
 
 def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
     rows = [flatten(r) for r in results]
-    columns: list[str] = []
+    columns: list[str] = list(REQUIRED_RESULT)  # a header even without results (a sweep whose points all failed)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     text = io.StringIO(newline="")
@@ -268,9 +319,16 @@ MERGE_TABLE = [
 
 
 def _sources(paths: Sequence[Path]) -> list[str]:
-    """A short label per report: its file name, or folder/file name where names repeat."""
-    stems = [Path(p).stem for p in paths]
-    return [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}" for p, s in zip(paths, stems)]
+    """A short label per report: its file name without .json, with as many of its folders in front
+    as it takes to tell the reports apart (runs/A/benchmark/step.json and runs/B/benchmark/step.json
+    are A/benchmark/step and B/benchmark/step: one label for both kept only one's summary)."""
+    parts = [Path(p).resolve().with_suffix("").parts for p in paths]
+    if len(set(parts)) < len(parts):
+        raise ReportError("merge: a report is given twice: " + ", ".join(str(p) for p in paths))
+    depth = 1
+    while len({q[-depth:] for q in parts}) < len(parts):
+        depth += 1
+    return ["/".join(q[-depth:]) for q in parts]
 
 
 def merge_reports(paths: Sequence[Path], checks: dict[str, str] | None = None) -> Report:

@@ -38,6 +38,9 @@ class SweepSettings:
     def __post_init__(self) -> None:
         if not self.nprocs or any(p < 1 for p in self.nprocs):
             raise ValueError(f"--nproc: process counts must be positive integers, got {list(self.nprocs)}")
+        twice = sorted({p for p in self.nprocs if self.nprocs.count(p) > 1})
+        if twice:  # the second run replaced the first's report, and was held against it as its baseline
+            raise ValueError(f"--nproc: {', '.join(map(str, twice))} given twice in {list(self.nprocs)}")
         if self.mode not in ("step", "e2e"):
             raise ValueError(f"--mode must be step or e2e, got {self.mode!r}")
         for arg in self.args:
@@ -70,12 +73,14 @@ def _baseline(results: list[dict[str, Any]], entry: dict[str, Any], p0: int) -> 
     return next((r for r in at_p0 if r.get("mode") == "dp" and r.get("variant") == variant), None)
 
 
-def add_efficiency(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def add_efficiency(results: list[dict[str, Any]], p0: int | None = None) -> list[dict[str, Any]]:
     """Each entry needs `nproc`, `name`, `images_per_sec` (and `mode`, `variant` for the dp
-    fallback); adds `baseline`, `baseline_nproc`, `baseline_per_proc`, `scaling_efficiency`."""
+    fallback); adds `baseline`, `baseline_nproc`, `baseline_per_proc`, `scaling_efficiency`.
+    `p0`: the sweep's smallest count (default: the smallest in `results`). When its point failed,
+    nothing has an efficiency: held against the next count instead, 2 processes read as 100%."""
     if not results:
         return results
-    p0 = min(r["nproc"] for r in results)
+    p0 = min(r["nproc"] for r in results) if p0 is None else p0
     for entry in results:
         base = _baseline(results, entry, p0)
         if base is None or base["images_per_sec"] <= 0:
@@ -189,7 +194,7 @@ def run_sweep(s: SweepSettings) -> Report:
             # per point: the environment block is the first point's (versions, devices), and
             # its thread count would be that point's alone
             results.append({"nproc": nproc, "torch_threads": report["environment"].get("torch_threads"), **r})
-    add_efficiency(results)
+    add_efficiency(results, min(s.nprocs))
     env = dict(environment or collect_environment())
     env["world_size"] = list(s.nprocs)
     env["layout"] = sorted({r.get("mode", "") for r in results})
@@ -198,7 +203,8 @@ def run_sweep(s: SweepSettings) -> Report:
     summary: dict[str, Any] = {"failed": failures} if failures else {}
     notes = [
         "scaling_efficiency = (images/s at P / P) / (images/s at P0 / P0), P0 = the smallest count; layouts "
-        "that need 2 processes are held against the dp run of the same variant at P0",
+        "that need 2 processes are held against the dp run of the same variant at P0; without a result at P0 "
+        "(its point failed) there is no efficiency",
         "on a CPU each process gets cores / P threads unless OMP_NUM_THREADS is set",
     ]
     return Report("sweep", results, env, settings, summary, notes)

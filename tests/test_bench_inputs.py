@@ -1,0 +1,177 @@
+"""What the benchmark reads and is told: reports given to merge (labels, malformed or repeated
+files, NaN), a sweep's options (checked before any point starts) and its baseline, and the
+flags and overrides that were silently ignored. Each was a defect a user met: a merge that kept
+one of two summaries, a traceback, a sweep of empty points, figures recorded under a config
+they were not measured with."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+from _helpers import REPO
+
+from alexnet.bench import output, sweep
+
+sys.path.insert(0, str(REPO / "launch"))
+import benchmark  # noqa: E402
+
+
+def report(command: str = "step", ratio: float = 2.0) -> output.Report:
+    results = [{"name": "dp/paper", "images_per_sec": 10.0}, {"name": "towers/paper", "images_per_sec": 5.0}]
+    environment = {k: None for k in output.REQUIRED_ENVIRONMENT}
+    summary = {"towers/paper / dp/paper": {"median": ratio, "min": ratio, "max": ratio}}
+    return output.Report(command, results, environment, {"batch": 4}, summary)
+
+
+def test_merge_tells_apart_reports_of_the_same_folder_and_file_name(tmp_path):
+    """runs/A/bench/step.json and runs/B/bench/step.json were both labelled bench/step: the merged
+    summary and settings kept only the second report's."""
+    first, second = tmp_path / "A" / "bench" / "step.json", tmp_path / "B" / "bench" / "step.json"
+    output.write_json(report(ratio=0.5), first)
+    output.write_json(report(ratio=0.7), second)
+    merged = output.merge_reports([first, second])
+    assert [r["source"] for r in merged.results] == ["A/bench/step"] * 2 + ["B/bench/step"] * 2
+    assert merged.summary["A/bench/step"]["towers/paper / dp/paper"]["median"] == 0.5
+    assert merged.summary["B/bench/step"]["towers/paper / dp/paper"]["median"] == 0.7
+    assert set(merged.settings) == {"A/bench/step", "B/bench/step"}
+    output.write_json(report(), tmp_path / "C" / "e2e.json")  # names that differ keep their short label
+    assert {r["source"] for r in output.merge_reports([first, tmp_path / "C" / "e2e.json"]).results} == {"step", "e2e"}
+
+
+def test_merge_refuses_a_report_given_twice(tmp_path):
+    """`merge P.json P.json` gave every row twice under one label."""
+    path = tmp_path / "p.json"
+    output.write_json(report(), path)
+    (tmp_path / "link.json").symlink_to(path)
+    (tmp_path / "sub").mkdir()
+    for again in (path, tmp_path / "link.json", tmp_path / "sub" / ".." / "p.json"):
+        with pytest.raises(output.ReportError, match="a report is given twice"):
+            output.merge_reports([path, again])
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda d: d.update(results=[1]), "results[0] must be an object, got int"),
+        (lambda d: d["results"][0].update(images_per_sec="fast"), "results[0]['images_per_sec'] must be a number"),
+        (lambda d: d["results"][1].update(name=7), "results[1]['name'] must be text, got 7"),
+        (lambda d: d.update(summary=[]), "'summary' must be an object, got list"),
+        (lambda d: d["summary"]["towers/paper / dp/paper"].update(median="x"), "['median'] must be a number"),
+        (lambda d: d["results"][0].update(images_per_sec=math.nan), "NaN is not a JSON number"),
+    ],
+)
+def test_merge_names_the_file_and_the_key_of_a_malformed_report(tmp_path, capsys, change, said):
+    """A TypeError traceback, or "Unknown format code 'f' for object of type 'str'" after the
+    table was printed, named neither; NaN was copied into the merged file, which is not JSON."""
+    data = report().to_dict()
+    change(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))  # json.dumps writes NaN as Python's extension does
+    with pytest.raises(output.ReportError) as info:
+        output.load_report(bad)
+    assert str(bad) in str(info.value) and said in str(info.value), str(info.value)
+    out = tmp_path / "merged"
+    assert benchmark.main(["merge", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr()
+    assert err.err.count("\n") == 1 and said in err.err and not out.exists() and err.out == ""
+
+
+def test_reports_are_written_as_strict_json(tmp_path):
+    """A value that is not a finite number is null: Python's NaN/Infinity are refused by other readers."""
+    written = report()
+    written.results[1]["images_per_sec_max"] = math.inf
+    written.settings["ratio"] = [1.0, math.nan]
+    path = output.write_json(written, tmp_path / "r.json")
+    data = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the report"))
+    assert data["results"][1]["images_per_sec_max"] is None and data["settings"]["ratio"] == [1.0, None]
+
+
+def test_merge_name_may_end_in_json(tmp_path):
+    """--name x.json wrote x.json.json."""
+    output.write_json(report(), tmp_path / "in" / "step.json")
+    assert (
+        benchmark.main(["merge", str(tmp_path / "in" / "step.json"), "--name", "all.json", "--out", str(tmp_path)]) == 0
+    )
+    assert (tmp_path / "all.json").is_file() and not (tmp_path / "all.json.json").exists()
+
+
+def test_a_csv_without_results_has_its_header(tmp_path):
+    """A sweep whose points all failed wrote a CSV of one empty line."""
+    with open(output.write_csv([], tmp_path / "s.csv"), newline="") as f:
+        assert next(csv.reader(f)) == ["name", "images_per_sec"]
+
+
+def test_a_sweep_refuses_a_process_count_given_twice(tmp_path):
+    """--nproc 2,2 ran the point twice; the second replaced the first's report and was held against it."""
+    with pytest.raises(ValueError, match=r"--nproc: 2 given twice in \[1, 2, 2\]"):
+        sweep.SweepSettings((1, 2, 2), "step", (), REPO / "launch" / "benchmark.py", tmp_path)
+
+
+def test_without_the_smallest_count_s_result_nothing_has_an_efficiency():
+    """The one-process point failed: the two-process results were held against themselves, 100%."""
+    results = [{"nproc": 2, "name": "towers/paper", "mode": "towers", "variant": "paper", "images_per_sec": 50.0}]
+    sweep.add_efficiency(results, p0=1)
+    assert results[0]["scaling_efficiency"] is None and results[0]["baseline"] is None
+    sweep.add_efficiency(results, p0=2)  # a sweep that starts at 2 processes
+    assert results[0]["scaling_efficiency"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--windows", "0"], "error: --windows must be at least 1, got 0"),
+        (["--", "--steps", "0"], "error: --steps must be at least 1, got 0"),
+        (["--", "--bogus"], "error: unrecognized arguments: --bogus"),
+        (["--", "train.epochs=0"], "error: config key 'train.epochs' must be > 0"),
+        (["--nproc", "1,1"], "error: --nproc: 1 given twice"),
+    ],
+)
+def test_a_sweep_checks_its_points_options_before_starting_any(tmp_path, capsys, monkeypatch, options, said):
+    """Each point was started through torchrun and failed alike; the sweep then wrote an empty report."""
+    monkeypatch.setattr(sweep, "run_point", lambda *a: pytest.fail("a point was started"))
+    nproc = [] if "--nproc" in options else ["--nproc", "1,2"]
+    out = tmp_path / "out"
+    assert benchmark.main(["sweep", *nproc, "--out", str(out), *options]) == 2
+    assert said in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        (
+            "data.pipeline=dali",
+            "the step benchmark times synthetic on-device data; e2e times a pipeline on real files",
+        ),
+        ("parallel.mode=hybrid", "the step benchmark times each layout of --modes; give --modes"),
+    ],
+)
+def test_the_step_benchmark_refuses_overrides_it_cannot_honour(tmp_path, capsys, override, said):
+    """They were taken into the report's config while synthetic data and --modes' layouts were timed."""
+    assert benchmark.main(["step", "--out", str(tmp_path / "out"), override]) == 2
+    assert capsys.readouterr().err == f"error: {override}: {said}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["pipeline", "--dataset", "imagenet-like", "--like-images", "5"],
+            "must be at least 10 (one per class), got 5",
+        ),
+        (["pipeline", "--like-images", "50"], "--like-images sizes --dataset imagenet-like, which is not given"),
+        (["e2e", "--like-images", "50"], "--like-images sizes --dataset imagenet-like, which is not given"),
+        (["pipeline", "--data", "x", "--dataset", "demo"], "argument --dataset: not allowed with argument --data"),
+    ],
+)
+def test_data_flags_that_were_ignored_are_refused(tmp_path, capsys, argv, said):
+    """--like-images 0 made 10 images, --like-images without --dataset imagenet-like did nothing,
+    and --data won over --dataset without a word."""
+    try:
+        code = benchmark.main([*argv, "--out", str(tmp_path / "out")])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    assert code == 2 and said in capsys.readouterr().err and not (tmp_path / "out").exists()
