@@ -325,10 +325,16 @@ def _sources(paths: Sequence[Path]) -> list[str]:
     parts = [Path(p).resolve().with_suffix("").parts for p in paths]
     if len(set(parts)) < len(parts):
         raise ReportError("merge: a report is given twice: " + ", ".join(str(p) for p in paths))
-    depth = 1
-    while len({q[-depth:] for q in parts}) < len(parts):
-        depth += 1
-    return ["/".join(q[-depth:]) for q in parts]
+    return ["/".join(_shortest_unique_suffix(i, parts)) for i in range(len(parts))]
+
+
+def _shortest_unique_suffix(i: int, parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The last path components of parts[i] that no other path ends with."""
+    for depth in range(1, len(parts[i]) + 1):
+        suffix = parts[i][-depth:]
+        if all(other[-depth:] != suffix for j, other in enumerate(parts) if j != i):
+            return suffix
+    return parts[i]
 
 
 def merge_reports(paths: Sequence[Path], checks: dict[str, str] | None = None) -> Report:
