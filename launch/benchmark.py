@@ -371,7 +371,9 @@ def _check_point_options(mode: str, options: list[str]) -> None:
     then wrote an empty report."""
     try:
         point = parse_args([mode, *options])
-    except SystemExit as exc:  # argparse has printed its usage line and the error
+    except SystemExit as exc:  # argparse has printed its usage line and the error (or the help)
+        if not exc.code:
+            raise
         raise ValueError(f"sweep: the options for {mode} are refused (the line above)") from exc
     (_step_parts if mode == "step" else _e2e_parts)(point)
 
@@ -426,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         remove_unused_out_dir(args.out, created)
         print_error(str(exc))
         return 1
+    except SystemExit:  # `sweep -- --help`: the points' help, printed by argparse
+        remove_unused_out_dir(args.out, created)
+        raise
     if report is None:  # ranks other than 0
         return 0
     try:
