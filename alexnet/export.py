@@ -177,11 +177,32 @@ def staged_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp{os.getpid()}-{threading.get_ident()}.partial")
 
 
+def remove_abandoned_stages(final: Path) -> None:
+    """The staged files of exports that were killed (SIGKILL, the node's out-of-memory killer) and
+    so never removed their own: hidden, each as large as the export, left for good. Those of a
+    process still running (an export into the same folder right now) are kept."""
+    for stage in final.parent.glob(f".{final.name}.tmp*-*.partial"):
+        pid = stage.name.removeprefix(f".{final.name}.tmp").partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            stage.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def staged_file(final: Path) -> Iterator[Path]:
     """A temporary path beside `final` that becomes `final` only if the block succeeds; it is
     removed whatever happens (an error, an interrupt)."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_stages(final)
     staged = staged_name(final)
     try:
         yield staged

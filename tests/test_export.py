@@ -2,7 +2,9 @@
 another batch size), and a torchvision-variant checkpoint straight into torchvision's AlexNet."""
 
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 import threading
 
@@ -241,3 +243,18 @@ def test_an_export_or_another_file_given_as_the_checkpoint_is_one_line(tmp_path,
         assert command.main([str(path), "--out", str(tmp_path / "again"), "--format", "torchscript"]) == 1
         assert capsys.readouterr().err == f"error: {path} is not a checkpoint of this trainer ({what})\n"
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+
+
+def test_a_killed_export_s_staged_file_is_removed_by_the_next_export(tmp_path, checkpoints):
+    """SIGKILL (or the out-of-memory killer) left `.m.torchscript.pt.tmp<pid>-<tid>.partial` for
+    good: hidden, as large as the export. A running export's staged file is not touched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = out / f".m.torchscript.pt.tmp{int(dead.stdout)}-1.partial"
+    running = out / f".m.torchscript.pt.tmp{os.getppid()}-1.partial"  # this test's parent process lives on
+    other = out / f".n.torchscript.pt.tmp{int(dead.stdout)}-1.partial"  # another export's name: not this one's
+    for stage in (abandoned, running, other):
+        stage.write_bytes(b"half")
+    (done,) = export_checkpoint(checkpoints["paper"], out, "m", ["torchscript"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, running.name, other.name])
