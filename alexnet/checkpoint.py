@@ -186,9 +186,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True (no code runs from the file); errors name the file, in one line.
     A file that is no checkpoint at all (an export, a text file) says what it is instead."""
     payload = load_torch_file(path)
+    if _is_state_dict(payload):  # an export's .torchvision.pth, torchvision's own file: weights alone
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this trainer but a weights file (a state dict: no optimizer, "
+            f"schedule or data position); start a new run from it with model.weights={path}"
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT_VERSION} checkpoint of this trainer")
     return payload
+
+
+def _is_state_dict(payload: Any) -> bool:
+    return isinstance(payload, dict) and bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
 
 
 def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoint of this trainer") -> Any:

@@ -728,6 +728,18 @@ def _check_combinations(cfg: Config) -> None:
         raise _refuse("data.val_ten_crop", f"needs data.pipeline=dali; got {cfg.data.pipeline!r}")
 
 
+def existing_file(key: str, value: str, noun: str, folder_hint: str = "") -> Path:
+    """The file `key` names (`~` expanded), or a ConfigError naming the key: a file that is not
+    there is a wrong value (exit 2), as a bad key is; what the file holds is its reader's to
+    check (a data or checkpoint error, exit 1). `folder_hint`: what to say when it is a folder."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config key {key!r}: {noun} {path} is a folder{folder_hint or ', not a file'}", key=key)
+    if not path.exists():
+        raise ConfigError(f"config key {key!r}: {noun} {path} does not exist", key=key)
+    return path
+
+
 def is_folder_name(name: str) -> bool:
     """A run name that stays a folder inside run.root: no path separators, not . or .. (with them
     the checkpoints would land in run.root itself or outside it), and one printable line (a line

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet.config import ConfigError, DataConfig
+from alexnet.config import ConfigError, DataConfig, existing_file
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_shardable, check_trainable
 from pipelines.demo import ensure_demo_dataset
@@ -148,17 +148,18 @@ def _load_named_list(
     key: str, list_file: str, split_dir: Path, classes: list[str] | None = None, every_class: bool = True
 ) -> FileIndex:
     """load_file_list, its errors starting with the config key that named the list."""
+    path = existing_file(key, list_file, "file list")
     try:
-        return load_file_list(list_file, split_dir, classes=classes, every_class=every_class)
+        return load_file_list(path, split_dir, classes=classes, every_class=every_class)
     except DataError as exc:
         raise DataError(f"config key {key!r}: {exc}") from exc
 
 
 def split_folder(root: Path, split: str) -> Path:
     """root/split, or a DataError that says which of the two is missing (before any work starts)."""
-    if not root.is_dir():
+    if not root.is_dir():  # a wrong value, as a missing file a key names is (exit 2)
         state = "is a file, not a folder" if root.exists() else "does not exist"
-        raise DataError(f"data folder {root} (config key 'data.root') {state}")
+        raise ConfigError(f"data folder {root} (config key 'data.root') {state}", key="data.root")
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data folder {root} has no {split}/ folder (expected {folder}/<class>/<image>)")
@@ -173,6 +174,8 @@ def build_lighting(cfg: DataConfig) -> Lighting | None:
     """Section 4.1's PCA lighting for the training graph, or None when data.lighting_std is 0."""
     if cfg.lighting_std == 0.0:
         return None
+    if cfg.lighting_stats:
+        existing_file("data.lighting_stats", cfg.lighting_stats, "lighting statistics")
     try:
         stats = resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg))
     except LightingStatsError as exc:

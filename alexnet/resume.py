@@ -30,7 +30,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, config_to_dict
+from alexnet.config import CheckpointConfig, Config, config_to_dict, existing_file
 from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
@@ -154,7 +154,12 @@ def load_resume_checkpoint(
 
 def _load_training_checkpoint(path: Path, named: bool) -> dict[str, Any]:
     """The checkpoint at `path`, which can continue a run. `named`: the user named the file
-    (checkpoint.resume=<file>), so a file missing or unusable names that key as well."""
+    (checkpoint.resume=<file>): a file that is not there is a wrong value (a ConfigError), and one
+    that cannot continue a run names the key as well."""
+    if named:
+        existing_file(
+            "checkpoint.resume", str(path), "checkpoint", f"; name a checkpoint file in it (e.g. {path / LAST})"
+        )
     try:
         payload = load_checkpoint(path)
         check_training_sections(payload, path)

@@ -192,20 +192,23 @@ class Trainer:
         resume = ckpt.resume
         if not (self.ckpt_dir / LAST).exists() or resume == "auto":
             return ckpt
+        # Both refusals are of the command (exit 2): its checkpoint.resume and run.name disagree.
         if resume == "none":
-            raise CheckpointError(
+            raise ConfigError(
                 f"run folder {self.plan.run_dir} already holds checkpoints; set checkpoint.resume=auto to "
-                "continue it, or run.name=<new name> to start another run (nothing was overwritten)"
+                "continue it, or run.name=<new name> to start another run (nothing was overwritten)",
+                key="checkpoint.resume",
             )
         if same_file(resume, self.ckpt_dir / Path(resume).name):
             return ckpt  # one of the run's own checkpoints
         if same_file(resume, _recorded_resume(self.plan.run_dir / "config.yaml")):
             log.info("this run started from %s; continuing from its own checkpoints", resume)
             return dataclasses.replace(ckpt, resume="auto")
-        raise CheckpointError(
+        raise ConfigError(
             f"run folder {self.plan.run_dir} already holds checkpoints of its own; to start from "
             f"checkpoint.resume={resume}, give this run a folder of its own with run.name=<new name> "
-            "(nothing was overwritten)"
+            "(nothing was overwritten)",
+            key="checkpoint.resume",
         )
 
     def _on_main_rank(self, work: Callable[[], object]) -> None:

@@ -86,6 +86,13 @@ def test_load_errors_name_the_file(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match=r"foreign\.pt is not a format-1 checkpoint"):
         load_checkpoint(foreign)
+    # An export's .torchvision.pth read as an outdated checkpoint ("not a format-1 checkpoint").
+    weights = tmp_path / "m.torchvision.pth"
+    torch.save({"features.0.weight": torch.zeros(2), "features.0.bias": torch.zeros(2)}, weights)
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{weights} is not a checkpoint of this trainer but a weights")
+    ):
+        load_checkpoint(weights)
 
 
 def test_a_file_that_is_no_checkpoint_says_what_it_is_in_one_line(tmp_path):

@@ -171,21 +171,37 @@ def test_an_empty_extends_is_named(tmp_path, line):
         load_config(path)
 
 
-@pytest.mark.parametrize("key", ["data.train_files", "data.val_files", "data.lighting_stats", "checkpoint.resume"])
-def test_a_file_a_key_names_that_cannot_be_read_names_the_key(tiny_data, tmp_path, key):
+@pytest.mark.parametrize(
+    ("key", "noun"),
+    [
+        ("data.train_files", "file list"),
+        ("data.val_files", "file list"),
+        ("data.lighting_stats", "lighting statistics"),
+        ("checkpoint.resume", "checkpoint"),
+    ],
+)
+def test_a_file_a_key_names_that_cannot_be_read_names_the_key(tiny_data, tmp_path, key, noun):
     """They said only "cannot read file list /x" or "checkpoint /x does not exist": with several
     files in a recipe, which setting to fix was left to guess (data.root and model.weights named it)."""
     missing = tmp_path / "missing.file"
     cfg = load_config(None, [f"data.root={tiny_data}", "data.lighting_std=0.1", f"{key}={missing}"])
-    with pytest.raises((DataError, CheckpointError)) as info:
+
+    def read_the_file() -> None:
         if key == "checkpoint.resume":
             load_resume_checkpoint(cfg.checkpoint, tmp_path, build_model("paper", 10, fc_width=8))
         elif key == "data.lighting_stats":
             build_lighting(cfg.data)
         else:
             build_splits(cfg.data, 0)
+
+    with pytest.raises(ConfigError) as info:  # a wrong value: exit 2, as a bad key and model.weights
+        read_the_file()
+    assert str(info.value) == f"config key {key!r}: {noun} {missing} does not exist", str(info.value)
+    # What the file holds is the data's or the checkpoint's problem (exit 1), the key named too.
+    missing.write_text("not what the key names\n")
+    with pytest.raises((DataError, CheckpointError)) as info:
+        read_the_file()
     assert str(info.value).startswith(f"config key {key!r}: "), str(info.value)
-    assert str(missing) in str(info.value)
     # Found by default (beside the data, or the last checkpoint of the run folder): no key to name.
     (tiny_data / "pca_lighting.json").write_text("{}")
     try:

@@ -8,6 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from alexnet.config import ConfigError
 from alexnet.data import split_folder
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader, decode_paper_window, decoder_args
@@ -195,7 +196,7 @@ def test_missing_and_empty_folders_are_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_file_index(tmp_path / "nope")
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(DataError, match=r"a_file \(config key 'data.root'\) is a file, not a folder"):
+    with pytest.raises(ConfigError, match=r"a_file \(config key 'data.root'\) is a file, not a folder"):
         split_folder(tmp_path / "a_file", "train")
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="without images.*cat"):

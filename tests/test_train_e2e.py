@@ -100,7 +100,7 @@ def test_fresh_start_refuses_to_overwrite_a_run(tiny_data, tmp_path):
     check(train(tiny_data, tmp_path, "keep", "train.max_steps=2", "train.epochs=1", nproc=1))
     before = (tmp_path / "keep" / "checkpoints" / "last.pt").read_bytes()
     proc = train(tiny_data, tmp_path, "keep", "checkpoint.resume=none", "train.epochs=1", nproc=1)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the command's settings disagree with the folder: a configuration error
     assert "already holds checkpoints" in proc.stderr
     assert (tmp_path / "keep" / "checkpoints" / "last.pt").read_bytes() == before
 
@@ -200,7 +200,7 @@ def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_conf
     elsewhere.write_bytes((run / "checkpoints" / "last.pt").read_bytes())
     kept = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     refused = train(tiny_data, tmp_path, "done", "train.epochs=2", f"checkpoint.resume={elsewhere}", nproc=1)
-    assert refused.returncode != 0 and "already holds checkpoints of its own" in refused.stderr
+    assert refused.returncode == 2 and "already holds checkpoints of its own" in refused.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == kept
     configs = {p.name: p.read_text() for p in run.glob("config*.yaml")}
     unfit = train(tiny_data, tmp_path, "done", "train.epochs=2", "model.num_classes=12", nproc=1)
