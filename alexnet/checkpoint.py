@@ -189,7 +189,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if _is_state_dict(payload):  # an export's .torchvision.pth, torchvision's own file: weights alone
         raise CheckpointError(
             f"{path} is not a checkpoint of this trainer but a weights file (a state dict: no optimizer, "
-            f"schedule or data position); start a new run from it with model.weights={path}"
+            f"schedule, data position or config); model.weights={path} starts a training run from it"
         )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT_VERSION} checkpoint of this trainer")

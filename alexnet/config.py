@@ -28,12 +28,13 @@ IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
 class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key. `key`: the dotted key a
-    check of values refused, so that load_config can add the file or command line that set it."""
+    """A config file or override is wrong; the message names the key. `keys`: the dotted keys a
+    check of values refused (two where they conflict), so that load_config can add the file or
+    command line that set each."""
 
-    def __init__(self, message: str, key: str = "") -> None:
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.key = key
+        self.keys = keys
 
 
 # The source of a `key=value` override, in messages ("config key 'x' (from the command line)").
@@ -166,7 +167,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = _parse_override(item)
         values[key] = value
     cfg = _build(Config, values)
-    _validate_naming_sources(cfg, values)
+    try:
+        validate_config(cfg)
+        _check_new_run_sizes(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{_where_set(exc.keys, values)}", exc.keys) from None
     return cfg
 
 
@@ -510,7 +515,8 @@ def _check_written(where: str, kind: str, sourced: _Sourced) -> None:
         return
     text = sourced.raw.strip()
     as_it_looks = _WHOLE_NUMBER_TEXT.fullmatch(text) if isinstance(sourced.value, int) else ":" not in text
-    if not as_it_looks or _STRAY_UNDERSCORE.search(text):
+    hexadecimal = text.lstrip("+-").lower().startswith("0x")
+    if not as_it_looks or (_STRAY_HEX_UNDERSCORE if hexadecimal else _STRAY_UNDERSCORE).search(text):
         raise ConfigError(f"{where} expects a {kind}; got {sourced.raw!r} (YAML reads it as {sourced.value})")
 
 
@@ -518,9 +524,11 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # Whole numbers as written: decimal, or hexadecimal with its 0x. Not YAML 1.1's octal (010 = 8)
 # and base-60 (1:30 = 90) forms, which read as other numbers than they look like.
 _WHOLE_NUMBER_TEXT = re.compile(r"[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)")
-# YAML 1.1 skips underscores anywhere in a number (`1_` is 1, `1__0` is 10, `1_.5` is 1.5): one is
-# taken as a digit separator only between two digits, as Python's own literals allow (1_000).
-_STRAY_UNDERSCORE = re.compile(r"(?<![0-9a-fA-F])_|_(?![0-9a-fA-F])")
+# YAML 1.1 skips underscores anywhere in a number (`1_` is 1, `1__0` is 10, `1_.5` is 1.5,
+# `1.0_e-3` is 0.001): one is taken as a digit separator only between two digits, as Python's
+# own literals allow (1_000; 0xFF_FF between hexadecimal digits).
+_STRAY_UNDERSCORE = re.compile(r"(?<![0-9])_|_(?![0-9])")
+_STRAY_HEX_UNDERSCORE = re.compile(r"(?<![0-9a-fA-F])_|_(?![0-9a-fA-F])")
 
 
 def _type_name(hint: Any) -> str:
@@ -529,22 +537,30 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _validate_naming_sources(cfg: Config, values: dict[str, _Sourced]) -> None:
-    """validate_config, its message ending with where the refused value was set: the file (of a
-    recipe's chain, the one that sets it) or the command line, as the type checks name it."""
-    try:
-        validate_config(cfg)
-    except ConfigError as exc:
-        sourced = values.get(exc.key)
-        if sourced is None:  # a default, refused in combination with another setting
-            raise
-        where = "on the command line" if sourced.source == COMMAND_LINE else f"in {sourced.source}"
-        raise ConfigError(f"{exc} (set {where})", key=exc.key) from None
+def _where_set(keys: tuple[str, ...], values: dict[str, _Sourced]) -> str:
+    """Where the refused values were set, as the type checks name it: " (set in FILE)" (of a
+    recipe's chain, the file that sets it) or " (set on the command line)"; for keys in conflict
+    set in different places each one's, " (data.crop set in c.yaml; data.resize set on the command
+    line)". A default has no place: nothing is said of it."""
+    places = {
+        key: "on the command line" if values[key].source == COMMAND_LINE else f"in {values[key].source}"
+        for key in keys
+        if key in values
+    }
+    if len(places) == len(keys) and len(set(places.values())) == 1:  # one key, or all set in one place
+        return f" (set {places[keys[0]]})"
+    return f" ({'; '.join(f'{key} set {where}' for key, where in places.items())})" if places else ""
 
 
 def _refuse(key: str, problem: str) -> ConfigError:
     """The error of a value outside what `key` allows: "config key '<key>' <problem>"."""
-    return ConfigError(f"config key {key!r} {problem}", key=key)
+    return ConfigError(f"config key {key!r} {problem}", (key,))
+
+
+def _conflict(keys: tuple[str, ...], problem: str) -> ConfigError:
+    """The error of values that do not go together, named by the first key; load_config says
+    where each of them was set (one may be a recipe's, the other the command line's)."""
+    return ConfigError(f"config key {keys[0]!r} {problem}", keys)
 
 
 def validate_config(cfg: Config) -> None:
@@ -649,15 +665,6 @@ def _check_upper_bounds(cfg: Config) -> None:
         # Images per replica and batch: 10**8 ran out of memory inside DALI, reported as a bad file,
         # and DALI's int32 arguments overflow past 2**31; 65536 of 227-pixel images are 40 GB.
         "data.batch_size": (cfg.data.batch_size, 1, MAX_BATCH),
-        # 10**14 classes: the synthetic pipeline's list of class names filled the memory until the
-        # kernel killed the run. ImageNet-21k has 21,841 classes; 2**20 at fc_width 4096 is a
-        # 17 GB fc8 already.
-        "model.num_classes": (cfg.model.num_classes, 0, 2**20),
-        # 4x the paper's 4096: fc7 (fc_width squared) is then 1.1 GB of float32 weights, x3 with
-        # gradients and momentum; a size the machine cannot allocate is named at the model's build.
-        "model.fc_width": (cfg.model.fc_width, 1, 16384),
-        # Steps per synthetic epoch: 10**23 overflowed len() (a traceback at the first epoch).
-        "data.synthetic_steps": (cfg.data.synthetic_steps, 1, 10**9),
     }
     for key, (value, low, high) in bounded.items():
         if not low <= value <= high:
@@ -666,20 +673,42 @@ def _check_upper_bounds(cfg: Config) -> None:
         raise _refuse("schedule.min_delta", f"must be below 100 (top-1 points); got {cfg.schedule.min_delta}")
 
 
+def _check_new_run_sizes(cfg: Config) -> None:
+    """Sizes past what any run can hold, refused for the configs a user writes (load_config) but
+    not for a checkpoint's stored config: a run trained at a size allowed then stays loadable."""
+    bounded = {
+        # 10**14 classes: the synthetic pipeline's list of class names filled the memory until the
+        # kernel killed the run. ImageNet-21k has 21,841 classes; 2**20 at fc_width 4096 is a
+        # 17 GB fc8 already.
+        "model.num_classes": (cfg.model.num_classes, 0, 2**20),
+        # 16x the paper's 4096: fc7 (fc_width squared) is then 17 GB of float32 weights; a size
+        # the machine cannot allocate is named at the model's build (ModelSizeError).
+        "model.fc_width": (cfg.model.fc_width, 1, 65536),
+        # Steps per synthetic epoch: 10**23 overflowed len() (a traceback at the first epoch).
+        "data.synthetic_steps": (cfg.data.synthetic_steps, 1, 10**9),
+    }
+    for key, (value, low, high) in bounded.items():
+        if not low <= value <= high:
+            raise _refuse(key, f"must be in [{low}, {high}]; got {value}")
+
+
 def _check_model_input(cfg: Config) -> None:
     """The model and the images it is given fit each other."""
     if cfg.model.num_classes == 1:
         raise _refuse("model.num_classes", "must be 0 (from the data) or >= 2; got 1")
     if not fc_width_fits(cfg.model.variant, cfg.model.fc_width):
-        raise _refuse(
-            "model.fc_width", f"must be even for the paper variant (half in each tower); got {cfg.model.fc_width}"
+        raise _conflict(
+            ("model.fc_width", "model.variant"),
+            f"must be even for the paper variant (half in each tower); got {cfg.model.fc_width}",
         )
     if cfg.data.crop > cfg.data.resize:
-        raise _refuse("data.crop", f"({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})")
+        raise _conflict(
+            ("data.crop", "data.resize"), f"({cfg.data.crop}) must not exceed 'data.resize' ({cfg.data.resize})"
+        )
     smallest = min_input_size(cfg.model.variant)
     if cfg.data.crop < smallest:
-        raise _refuse(
-            "data.crop",
+        raise _conflict(
+            ("data.crop", "model.variant"),
             f"is {cfg.data.crop}, below the smallest input the "
             f"{cfg.model.variant} variant's pooling allows ({smallest})",
         )
@@ -694,8 +723,8 @@ def _check_model_input(cfg: Config) -> None:
 def _check_combinations(cfg: Config) -> None:
     """Settings that only work together, and names the run folder and the resume need."""
     if cfg.parallel.mode == "towers" and cfg.model.variant != "paper":
-        raise _refuse(
-            "parallel.mode",
+        raise _conflict(
+            ("parallel.mode", "model.variant"),
             f"is 'towers', which splits the paper variant's two towers; model.variant is {cfg.model.variant!r}",
         )
     name = cfg.run.name
@@ -722,10 +751,10 @@ def _check_combinations(cfg: Config) -> None:
             f"config keys 'model.weights' and 'checkpoint.resume' both name a file; checkpoint.resume="
             f"{cfg.checkpoint.resume} continues that run (its optimizer, schedule and data position), "
             "model.weights starts a new run from a file's weights: give one of them",
-            key="checkpoint.resume",
+            ("model.weights", "checkpoint.resume"),
         )
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
-        raise _refuse("data.val_ten_crop", f"needs data.pipeline=dali; got {cfg.data.pipeline!r}")
+        raise _conflict(("data.val_ten_crop", "data.pipeline"), f"needs data.pipeline=dali; got {cfg.data.pipeline!r}")
 
 
 def existing_file(key: str, value: str, noun: str, folder_hint: str = "") -> Path:
@@ -734,9 +763,9 @@ def existing_file(key: str, value: str, noun: str, folder_hint: str = "") -> Pat
     check (a data or checkpoint error, exit 1). `folder_hint`: what to say when it is a folder."""
     path = Path(value).expanduser()
     if path.is_dir():
-        raise ConfigError(f"config key {key!r}: {noun} {path} is a folder{folder_hint or ', not a file'}", key=key)
+        raise ConfigError(f"config key {key!r}: {noun} {path} is a folder{folder_hint or ', not a file'}", (key,))
     if not path.exists():
-        raise ConfigError(f"config key {key!r}: {noun} {path} does not exist", key=key)
+        raise ConfigError(f"config key {key!r}: {noun} {path} does not exist", (key,))
     return path
 
 
@@ -762,7 +791,6 @@ def config_from_dict(tree: dict[str, Any], source: str) -> Config:
     """A Config from a nested dict such as a checkpoint's payload["config"]; errors name `source`."""
     if not isinstance(tree, dict):
         raise ConfigError(f"the config stored in {source} is not a mapping of sections")
-    values = _flatten(tree, source=source)
-    cfg = _build(Config, values)
-    _validate_naming_sources(cfg, values)
+    cfg = _build(Config, _flatten(tree, source=source))
+    validate_config(cfg)  # the sizes of a new run are not: a checkpoint's were allowed when it was written
     return cfg

@@ -109,17 +109,23 @@ def build_splits(cfg: DataConfig, num_classes: int, warn_unread: bool = True) ->
     check_disjoint(train, val, train_source, f"file list {cfg.val_files}" if cfg.val_files else f"{val_dir}")
     check_enough_classes(train.classes, train_source)
     check_num_classes(num_classes, len(train.classes), train_dir)
-    for split_dir, index in ((train_dir, train), (val_dir, val)) if warn_unread else ():
-        if index.unread_folders:
-            log.warning("%s: %d folder(s) inside class folders, none of whose files are read (only the images "
-                        "directly in a class folder are; ImageFolder would read these too): %s", split_dir,
-                        len(index.unread_folders), some_names(index.unread_folders))  # fmt: skip
-        if index.unread_files:
-            log.warning("%s: %d file(s) in class folders are not read, their extension being none of %s (as "
-                        "ImageFolder skips them): %s",
-                        split_dir, len(index.unread_files), " ".join(IMAGE_EXTENSIONS),
-                        some_names(index.unread_files))  # fmt: skip
+    if warn_unread:
+        warn_unread_files(train_dir, train)
+        warn_unread_files(val_dir, val)
     return DataSplits(train, val, train.classes)
+
+
+def warn_unread_files(split_dir: Path, index: FileIndex) -> None:
+    """Name the files and folders in class folders that training does not read."""
+    if index.unread_folders:
+        log.warning("%s: %d folder(s) inside class folders, none of whose files are read (only the images "
+                    "directly in a class folder are; ImageFolder would read these too): %s", split_dir,
+                    len(index.unread_folders), some_names(index.unread_folders))  # fmt: skip
+    if index.unread_files:
+        log.warning("%s: %d file(s) in class folders are not read, their extension being none of %s (as "
+                    "ImageFolder skips them): %s",
+                    split_dir, len(index.unread_files), " ".join(IMAGE_EXTENSIONS),
+                    some_names(index.unread_files))  # fmt: skip
 
 
 def check_enough_classes(classes: list[str], source: str) -> None:
@@ -159,7 +165,7 @@ def split_folder(root: Path, split: str) -> Path:
     """root/split, or a DataError that says which of the two is missing (before any work starts)."""
     if not root.is_dir():  # a wrong value, as a missing file a key names is (exit 2)
         state = "is a file, not a folder" if root.exists() else "does not exist"
-        raise ConfigError(f"data folder {root} (config key 'data.root') {state}", key="data.root")
+        raise ConfigError(f"data folder {root} (config key 'data.root') {state}", ("data.root",))
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data folder {root} has no {split}/ folder (expected {folder}/<class>/<image>)")

@@ -17,9 +17,11 @@ checkpoint's state dict loads there strictly, with nothing renamed.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import os
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -174,15 +176,22 @@ def staged_name(final: Path) -> Path:
     export raced: two exports into one folder overwrote, renamed and deleted each other's
     half-written file (a traceback, or no file at all). With a name each, every export checks
     its own file and the last rename wins, a complete file either way."""
-    return final.with_name(f".{final.name}.tmp{os.getpid()}-{threading.get_ident()}.partial")
+    return final.with_name(f".{final.name}.tmp{os.getpid()}-{threading.get_ident()}@{_host()}.partial")
+
+
+def _host() -> str:
+    """This machine's name as a file name can hold it: the staged files of several machines may
+    share an exports folder (a network file system), and process ids are only this machine's."""
+    return socket.gethostname().replace("/", "_") or "localhost"
 
 
 def remove_abandoned_stages(final: Path) -> None:
-    """The staged files of exports that were killed (SIGKILL, the node's out-of-memory killer) and
-    so never removed their own: hidden, each as large as the export, left for good. Those of a
-    process still running (an export into the same folder right now) are kept."""
-    for stage in final.parent.glob(f".{final.name}.tmp*-*.partial"):
-        pid = stage.name.removeprefix(f".{final.name}.tmp").partition("-")[0]
+    """The staged files of exports on this machine that were killed (SIGKILL, the out-of-memory
+    killer) and so never removed their own: hidden, each as large as the export, left for good.
+    Those of a process still running here, and every other machine's, are kept."""
+    prefix, suffix = f".{final.name}.tmp", f"@{_host()}.partial"
+    for stage in final.parent.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        pid = stage.name.removeprefix(prefix).removesuffix(suffix).partition("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             stage.unlink(missing_ok=True)
 
@@ -190,7 +199,7 @@ def remove_abandoned_stages(final: Path) -> None:
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # no signal: only whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process id is that large
         return False
     except PermissionError:  # another user's process
         return True

@@ -246,7 +246,7 @@ def build_model(
     A model too large to allocate is a ModelSizeError naming the two sizes, not torch's traceback."""
     try:
         return _build_variant(variant, num_classes, dropout, input_size, init, fc_width)
-    except RuntimeError as exc:  # torch's CPU allocator ("can't allocate memory") or CUDA's out-of-memory
+    except RuntimeError as exc:  # the CPU allocator's "can't allocate memory" (the model is built on the CPU)
         tried = re.search(r"(?i)tried to allocate ([\d.]+ \w+)", str(exc))
         if tried is None:
             raise

@@ -197,7 +197,7 @@ class Trainer:
             raise ConfigError(
                 f"run folder {self.plan.run_dir} already holds checkpoints; set checkpoint.resume=auto to "
                 "continue it, or run.name=<new name> to start another run (nothing was overwritten)",
-                key="checkpoint.resume",
+                ("checkpoint.resume",),
             )
         if same_file(resume, self.ckpt_dir / Path(resume).name):
             return ckpt  # one of the run's own checkpoints
@@ -208,7 +208,7 @@ class Trainer:
             f"run folder {self.plan.run_dir} already holds checkpoints of its own; to start from "
             f"checkpoint.resume={resume}, give this run a folder of its own with run.name=<new name> "
             "(nothing was overwritten)",
-            key="checkpoint.resume",
+            ("checkpoint.resume",),
         )
 
     def _on_main_rank(self, work: Callable[[], object]) -> None:

@@ -83,12 +83,16 @@ LIKE_IMAGES = 1000
 
 
 def _like_images(text: str) -> int:
-    """At least one image per class: fewer became 10 (one per class) without a word."""
+    """Whole images per class: 5 became 10 and 15 became 10 without a word."""
     from pipelines.imagenet_like import ImageNetLikeSpec
 
-    value = int(text)
-    if value < ImageNetLikeSpec.classes:
-        raise argparse.ArgumentTypeError(f"must be at least {ImageNetLikeSpec.classes} (one per class), got {text}")
+    classes = ImageNetLikeSpec.classes
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images, got {text!r}") from None
+    if value < classes or value % classes:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {classes} (the same images per class), got {text}")
     return value
 
 
@@ -290,9 +294,9 @@ def _step_parts(args: argparse.Namespace):
     from alexnet.bench.step_bench import StepSettings
 
     for item in args.overrides:
-        key = item.partition("=")[0].strip()
-        if key in STEP_FIXED:
-            raise ValueError(f"{item}: {STEP_FIXED[key]}")
+        key, _, value = item.partition("=")
+        if key.strip() in STEP_FIXED and (key.strip(), value.strip()) != ("data.pipeline", "synthetic"):
+            raise ValueError(f"{item}: {STEP_FIXED[key.strip()]}")
     cfg = _config(args, ["data.pipeline=synthetic"])
     settings = StepSettings(
         modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,

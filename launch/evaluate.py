@@ -29,6 +29,7 @@ from pathlib import Path
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import MAX_BATCH, MAX_THREADS, ConfigError
 from alexnet.evaluate import EvalOptions, format_result, run_evaluation
+from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import LoaderError, share_setup_failure
 from alexnet.parallel.env import (
     DistEnv,
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except OutputPathError as exc:
         print_error(str(exc))
         return 2
-    except (CheckpointError, ConfigError, DataError, LoaderError, OSError) as exc:  # OSError: a folder a rank lacks
+    # OSError: a folder a rank lacks; ModelSizeError: a checkpoint's model too large for this machine
+    except (CheckpointError, ConfigError, DataError, LoaderError, ModelSizeError, OSError) as exc:
         print_error(str(exc))
         return 1
     finally:

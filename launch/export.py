@@ -21,6 +21,7 @@ from pathlib import Path
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import is_folder_name
 from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
+from alexnet.model import ModelSizeError
 from alexnet.parallel.env import LaunchError, env_int
 from pipelines.outputs import OutputPathError, check_output_folder
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or default_name(args.checkpoint)
         for result in export_checkpoint(args.checkpoint, args.out, name, args.format):
             print(f"{result.path}: max |difference| from PyTorch {result.max_abs_diff:.3g} on {result.batch} images")
-    except (CheckpointError, ExportCheckError, ExportSetupError) as exc:
+    except (CheckpointError, ExportCheckError, ExportSetupError, ModelSizeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the folder turned unwritable, or the disk filled up: no file was kept

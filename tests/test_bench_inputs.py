@@ -49,9 +49,24 @@ def test_merge_refuses_a_report_given_twice(tmp_path):
     output.write_json(report(), path)
     (tmp_path / "link.json").symlink_to(path)
     (tmp_path / "sub").mkdir()
+    output.write_json(report(), tmp_path / "other.json")
     for again in (path, tmp_path / "link.json", tmp_path / "sub" / ".." / "p.json"):
-        with pytest.raises(output.ReportError, match="a report is given twice"):
-            output.merge_reports([path, again])
+        with pytest.raises(output.ReportError, match="a report is given twice: ") as info:
+            output.merge_reports([tmp_path / "other.json", path, again])
+        assert str(again) in str(info.value) and "other.json" not in str(info.value)  # only the repeated ones
+
+
+def test_merge_labels_are_the_paths_given(tmp_path):
+    """Labels came from the resolved path: a link's target's folder, and `step.json` with a
+    `step.old` beside it read as the same report given twice."""
+    output.write_json(report(), tmp_path / "runs" / "y" / "r.json")
+    (tmp_path / "latest").symlink_to(tmp_path / "runs" / "y")
+    output.write_json(report(), tmp_path / "x" / "r.json")
+    labels = output._sources([tmp_path / "latest" / "r.json", tmp_path / "x" / "r.json"])
+    assert labels == ["latest/r", "x/r"]
+    output.write_json(report(), tmp_path / "step.json")
+    (tmp_path / "step.old").write_bytes((tmp_path / "step.json").read_bytes())
+    assert output._sources([tmp_path / "step.json", tmp_path / "step.old"]) == ["step", "step.old"]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +78,7 @@ def test_merge_refuses_a_report_given_twice(tmp_path):
         (lambda d: d.update(summary=[]), "'summary' must be an object, got list"),
         (lambda d: d["summary"]["towers/paper / dp/paper"].update(median="x"), "['median'] must be a number"),
         (lambda d: d["results"][0].update(images_per_sec=math.nan), "NaN is not a JSON number"),
+        (lambda d: d["results"][0].update(images_per_sec=1e400), "Infinity is not a JSON number"),
     ],
 )
 def test_merge_names_the_file_and_the_key_of_a_malformed_report(tmp_path, capsys, change, said):
@@ -154,22 +170,29 @@ def test_the_step_benchmark_refuses_overrides_it_cannot_honour(tmp_path, capsys,
     """They were taken into the report's config while synthetic data and --modes' layouts were timed."""
     assert benchmark.main(["step", "--out", str(tmp_path / "out"), override]) == 2
     assert capsys.readouterr().err == f"error: {override}: {said}\n"
+    cfg, _ = benchmark._step_parts(benchmark.parse_args(["step", "data.pipeline=synthetic"]))  # what it times
+    assert cfg.data.pipeline == "synthetic"
+
+
+def test_a_sweep_takes_the_options_its_points_take(tmp_path):
+    """The check before the points refuses only what a point would: layouts, variants, overrides pass."""
+    benchmark._check_point_options("step", ["--modes", "towers,hybrid", "--variants", "paper", "data.batch_size=8"])
+    benchmark._check_point_options("e2e", ["--pipelines", "torchvision", "--steps", "2", "model.fc_width=64"])
 
 
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
-        (
-            ["pipeline", "--dataset", "imagenet-like", "--like-images", "5"],
-            "must be at least 10 (one per class), got 5",
-        ),
+        (["pipeline", "--dataset", "imagenet-like", "--like-images", "5"], "must be a multiple of 10"),
+        (["pipeline", "--dataset", "imagenet-like", "--like-images", "15"], "must be a multiple of 10"),
+        (["pipeline", "--dataset", "imagenet-like", "--like-images", "x"], "expected a whole number of images"),
         (["pipeline", "--like-images", "50"], "--like-images sizes --dataset imagenet-like, which is not given"),
         (["e2e", "--like-images", "50"], "--like-images sizes --dataset imagenet-like, which is not given"),
         (["pipeline", "--data", "x", "--dataset", "demo"], "argument --dataset: not allowed with argument --data"),
     ],
 )
 def test_data_flags_that_were_ignored_are_refused(tmp_path, capsys, argv, said):
-    """--like-images 0 made 10 images, --like-images without --dataset imagenet-like did nothing,
+    """--like-images 0 made 10 images (and 15 made 10), --like-images without --dataset imagenet-like did nothing,
     and --data won over --dataset without a word."""
     try:
         code = benchmark.main([*argv, "--out", str(tmp_path / "out")])

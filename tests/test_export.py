@@ -4,9 +4,9 @@ another batch size), and a torchvision-variant checkpoint straight into torchvis
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -247,14 +247,20 @@ def test_an_export_or_another_file_given_as_the_checkpoint_is_one_line(tmp_path,
 
 def test_a_killed_export_s_staged_file_is_removed_by_the_next_export(tmp_path, checkpoints):
     """SIGKILL (or the out-of-memory killer) left `.m.torchscript.pt.tmp<pid>-<tid>.partial` for
-    good: hidden, as large as the export. A running export's staged file is not touched."""
-    out = tmp_path / "out"
+    good: hidden, as large as the export. A running export's staged file is kept, and so is every
+    other machine's (an exports folder on a network file system: its process ids are not ours)."""
+    out = tmp_path / "out[1]"  # a glob's brackets in the name
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    abandoned = out / f".m.torchscript.pt.tmp{int(dead.stdout)}-1.partial"
-    running = out / f".m.torchscript.pt.tmp{os.getppid()}-1.partial"  # this test's parent process lives on
-    other = out / f".n.torchscript.pt.tmp{int(dead.stdout)}-1.partial"  # another export's name: not this one's
-    for stage in (abandoned, running, other):
-        stage.write_bytes(b"half")
+    host = export_module._host()
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # above any process id
+    stage = ".m.torchscript.pt.tmp{}-1@{}.partial"
+    abandoned = [out / stage.format(dead, host), out / stage.format(10**30, host)]
+    kept = [
+        out / stage.format(os.getppid(), host),  # this test's parent process lives on
+        out / stage.format(dead, "another-node"),
+        out / f".n.torchscript.pt.tmp{dead}-1@{host}.partial",  # another export's name
+    ]
+    for path in abandoned + kept:
+        path.write_bytes(b"half")
     (done,) = export_checkpoint(checkpoints["paper"], out, "m", ["torchscript"])
-    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, running.name, other.name])
+    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, *(p.name for p in kept)])

@@ -4,6 +4,7 @@ every rank stops with one line and what can be kept is kept."""
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -362,6 +363,8 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     proc = torchrun([per_rank_home(tmp_path), *TINY_TRAIN, "data.root=~/data", f"run.root={tmp_path}", "run.name=x",
                      "parallel.timeout_s=30"])  # fmt: skip
     assert proc.returncode != 0
+    # The workers' own status: one node's storage, not the command (on every node it would be 2).
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)) == {"1"}, proc.stderr[-4000:]
     missing = f"error: rank 1 (of 2): data folder {tmp_path / 'home1' / 'data'} (config key 'data.root') does not exist"
     assert proc.stderr.count(missing) == 2, proc.stderr[-4000:]
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no trace

@@ -13,6 +13,7 @@ import datetime
 import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,8 @@ def validate_report(data: Any, where: str = "report") -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number: NaN and infinities (1e400 reads as one) have no images/s or ratio to show."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_ratios(tree: dict[str, Any], where: str) -> None:
@@ -195,7 +197,7 @@ def _without_nonfinite(value: Any) -> Any:
 
 def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
     rows = [flatten(r) for r in results]
-    columns: list[str] = list(REQUIRED_RESULT)  # a header even without results (a sweep whose points all failed)
+    columns: list[str] = [] if rows else list(REQUIRED_RESULT)  # a header even without results (all points failed)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     text = io.StringIO(newline="")
@@ -322,9 +324,13 @@ def _sources(paths: Sequence[Path]) -> list[str]:
     """A short label per report: its file name without .json, with as many of its folders in front
     as it takes to tell the reports apart (runs/A/benchmark/step.json and runs/B/benchmark/step.json
     are A/benchmark/step and B/benchmark/step: one label for both kept only one's summary)."""
-    parts = [Path(p).resolve().with_suffix("").parts for p in paths]
-    if len(set(parts)) < len(parts):
-        raise ReportError("merge: a report is given twice: " + ", ".join(str(p) for p in paths))
+    real = [Path(p).resolve() for p in paths]  # the same file however it is spelled or linked
+    twice = sorted({str(p) for p, r in zip(paths, real) if real.count(r) > 1})
+    if twice:
+        raise ReportError(f"merge: a report is given twice: {', '.join(twice)}")
+    # Labelled as given (a link's own name, not its target's), without the file system's root.
+    parts = [Path(os.path.abspath(p)).parts[1:] for p in paths]
+    parts = [(*q[:-1], q[-1].removesuffix(".json")) for q in parts]
     return ["/".join(_shortest_unique_suffix(i, parts)) for i in range(len(parts))]
 
 

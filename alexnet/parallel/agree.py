@@ -133,9 +133,14 @@ def share_setup_failure(failure: Exception | None, kinds: tuple[type[Exception],
     if not failed:
         return
     rank, (kind, message) = failed[0]
+    error = kinds[kind]
     if len(failed) < len(gathered) or any(f != failed[0][1] for _, f in failed):
         message = f"rank {rank} (of {len(gathered)}): {message}"
-    raise kinds[kind](message)
+        if issubclass(error, ConfigError):
+            # A file or folder a key names missing on some nodes alone (node-local storage, a
+            # mount) is the node's problem, not the command's: exit 1 (a scheduler may retry), not 2.
+            error = DataError
+    raise error(message)
 
 
 # Settings that name paths: each node may spell them or mount the data its own way (a dataset
