@@ -21,7 +21,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 from alexnet.checkpoint import load_checkpoint
-from alexnet.config import DataConfig
+from alexnet.config import ConfigError, DataConfig
 from alexnet.data import build_splits
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.dali import DaliLoader
@@ -296,7 +296,7 @@ def test_folder_problems_are_named_before_any_work(tmp_path, tiny_data):
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
     cfg = DataConfig(root=str(root))
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"nowhere \(config key 'data.root'\) does not exist"):  # a wrong value
         build_splits(DataConfig(root=str(tmp_path / "nowhere")), 0)
     shutil.rmtree(root / "val" / "dots")
     with pytest.raises(DataError, match=r"1 training class\(es\) have no folder in .*val: dots"):
