@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipelines.base import PAD_LABEL
-from pipelines.outputs import write_text_atomic
+from pipelines.outputs import strict_json, write_text_atomic
 
 log = logging.getLogger("alexnet")
 
@@ -170,23 +169,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         else:
             log.warning("%s: line %d is not a metrics record; skipped", path, number)
     return records
-
-
-def without_non_finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float inside it replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: without_non_finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [without_non_finite(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, indent: int | None = None) -> str:
-    """JSON that strict readers accept: a diverged loss is written as null, not as Python's bare
-    NaN/Infinity tokens, which JavaScript, Go and jq refuse or misread."""
-    return json.dumps(without_non_finite(value), indent=indent, allow_nan=False)
 
 
 def _continue_records(path: Path, step: int, epoch: int, history_here: bool) -> list[dict[str, Any]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.config import ConfigError
-from alexnet.metrics import MetricsWriter, strict_json
+from alexnet.metrics import MetricsWriter
 from alexnet.report import RunSummary, write_run_report
-from pipelines.outputs import write_text_atomic
+from pipelines.outputs import strict_json, write_text_atomic
 
 log = logging.getLogger("alexnet")
 MB = 1e6

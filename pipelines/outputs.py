@@ -15,11 +15,13 @@ existing file is replaced only where it is an earlier output of the same command
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 class OutputPathError(Exception):
@@ -122,3 +124,20 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def copy_file_atomic(src: Path, dst: Path) -> None:
     """A copy of `src` (contents and times, as shutil.copy2) as `dst`."""
     _replace_with(dst, lambda tmp: shutil.copy2(src, tmp))
+
+
+def without_non_finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_non_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON that strict readers accept: a diverged loss is written as null, not as Python's bare
+    NaN/Infinity tokens, which JavaScript, Go and jq refuse or misread."""
+    return json.dumps(without_non_finite(value), indent=indent, allow_nan=False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.outputs import write_text_atomic
+from pipelines.outputs import without_non_finite, write_text_atomic
 
 SCHEMA = "alexnet-bench/1"
 REQUIRED_TOP = ("schema", "command", "created", "environment", "settings", "results", "summary")
@@ -178,21 +178,9 @@ def write_json(report: Report, path: Path) -> Path:
     data = report.to_dict()
     validate_report(data, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_without_nonfinite(data), indent=2, default=str, allow_nan=False)
-    write_text_atomic(path, text + "\n")  # a failed write keeps the last
+    # strict: a non-finite number is null (Python's NaN/Infinity tokens are not JSON; jq refuses them)
+    write_text_atomic(path, json.dumps(without_non_finite(data), indent=2, default=str, allow_nan=False) + "\n")
     return path
-
-
-def _without_nonfinite(value: Any) -> Any:
-    """NaN and infinities as null: Python writes them as NaN/Infinity, which is not JSON (jq and
-    JavaScript refuse the file), and a merge copied them from a report that held them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _without_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_without_nonfinite(v) for v in value]
-    return value
 
 
 def write_csv(results: Sequence[dict[str, Any]], path: Path) -> Path:
