@@ -364,7 +364,9 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
                      "parallel.timeout_s=30"])  # fmt: skip
     assert proc.returncode != 0
     # The workers' own status: one node's storage, not the command (on every node it would be 2).
-    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)) == {"1"}, proc.stderr[-4000:]
+    # The slower rank may be stopped by torchrun's SIGTERM once the first has exited (-15).
+    statuses = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))
+    assert "1" in statuses and statuses <= {"1", "-15"}, proc.stderr[-4000:]
     missing = f"error: rank 1 (of 2): data folder {tmp_path / 'home1' / 'data'} (config key 'data.root') does not exist"
     assert proc.stderr.count(missing) == 2, proc.stderr[-4000:]
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no trace
