@@ -73,7 +73,13 @@ find_repo() {
     done
     return 1
 }
+# A value given and wrong is said, not passed over for the submit folder's checkout.
+[[ -z ${ALEXNET_REPO:-} || -f $ALEXNET_REPO/launch/train.py ]] ||
+    die "ALEXNET_REPO=$ALEXNET_REPO holds no launch/train.py (set it to the checkout's root)"
 repo=$(find_repo) || die "cannot find the alexnet checkout: submit from its root or set ALEXNET_REPO=/path/to/checkout"
+# The checkout's own package, not an installed copy of another checkout: python puts only the
+# script's folder (launch/) on the path, so `alexnet` came from wherever pip had installed it.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 python=${ALEXNET_PYTHON:-python3}
 command -v "$python" >/dev/null || die "no Python interpreter '$python' on this node (set ALEXNET_PYTHON)"
@@ -84,6 +90,18 @@ mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_node=${nodes[0]}
 # Outside Linux's ephemeral range (32768-60999); a requeued job keeps its id and so its port.
 port=${ALEXNET_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+# Checked here: torchrun's traceback came once per node, and port 0 on several nodes hung.
+[[ $port =~ ^[1-9][0-9]{0,4}$ && $port -le 65535 ]] ||
+    die "ALEXNET_RDZV_PORT must be a port number in [1, 65535]; got '$port'"
+restarts=${ALEXNET_MAX_RESTARTS:-0}
+[[ $restarts =~ ^(0|[1-9][0-9]{0,5})$ ]] || die "ALEXNET_MAX_RESTARTS must be a whole number >= 0; got '$restarts'"
+# Only 1 (or yes, true) prints the launch instead of running it: a leftover ALEXNET_DRY_RUN=0,
+# passed on by sbatch from the submitting shell, made a job that trained nothing and COMPLETED.
+case ${ALEXNET_DRY_RUN:-} in
+"" | 0 | no | false) dry_run=no ;;
+1 | yes | true) dry_run=yes ;;
+*) die "ALEXNET_DRY_RUN must be 1 (print the launch and exit) or 0; got '$ALEXNET_DRY_RUN'" ;;
+esac
 
 cpus=${SLURM_CPUS_PER_TASK:-1}
 gpus=${SLURM_GPUS_ON_NODE:-0}
@@ -145,12 +163,13 @@ launch=(
     --rdzv_backend=c10d
     --rdzv_endpoint="$head_node:$port"
     --rdzv_id="$SLURM_JOB_ID"
-    --max-restarts="${ALEXNET_MAX_RESTARTS:-0}"
+    --max-restarts="$restarts"
     "$repo/launch/train.py" "$@"
 )
-if [[ -n ${ALEXNET_DRY_RUN:-} ]]; then
-    say "dry run (ALEXNET_DRY_RUN is set), OMP_NUM_THREADS=$OMP_NUM_THREADS" \
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE:$(printf ' %q' "${launch[@]}")"
+if [[ $dry_run == yes ]]; then
+    say "dry run (ALEXNET_DRY_RUN=$ALEXNET_DRY_RUN), OMP_NUM_THREADS=$OMP_NUM_THREADS" \
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" \
+        "PYTHONPATH=$(printf '%q' "$PYTHONPATH"):$(printf ' %q' "${launch[@]}")"
     exit 0
 fi
 "${launch[@]}" &

@@ -217,7 +217,8 @@ def test_workers_per_node_follow_the_gpus_slurm_gave(cluster, tmp_path):
     job = submit(env, tmp_path, ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=2", "--time=5"], ["train.epochs=1"])
     log = assert_completed(wait_for_job(env, job, tmp_path, timeout=120), tmp_path, job)
     assert "on 2 node(s) ci-node1 ci-node2: 2 worker(s) per node" in log
-    assert "OMP_NUM_THREADS=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1:" in log  # a fresh store for each restart
+    assert "OMP_NUM_THREADS=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in log  # a fresh store for each restart
+    assert f"PYTHONPATH={REPO}" in log  # the checkout's own package, whatever pip installed
     assert "--nproc_per_node=2 " in log and "--nnodes=2 " in log
     assert f"--rdzv_endpoint=ci-node1:{20000 + int(job) % 10000} " in log and " train.epochs=1" in log
 
@@ -338,3 +339,40 @@ def test_a_stop_file_that_cannot_be_made_stops_the_job_at_its_start(tmp_path):
     assert f"alexnet.sh: error: cannot create the stop file {tmp_path / 'missing' / 'stop'} (ALEXNET_STOP_FILE;" in (
         proc.stderr
     )
+
+
+RECORDING_SRUN = """#!/bin/bash
+# Stands in for srun: records that the launch ran, and its PYTHONPATH.
+echo "$PYTHONPATH" >"$FAKE_SRUN_RAN"
+"""
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("ALEXNET_RDZV_PORT", "abc", "ALEXNET_RDZV_PORT must be a port number in [1, 65535]; got 'abc'"),
+        ("ALEXNET_RDZV_PORT", "0", "ALEXNET_RDZV_PORT must be a port number in [1, 65535]; got '0'"),
+        ("ALEXNET_RDZV_PORT", "99999", "ALEXNET_RDZV_PORT must be a port number in [1, 65535]; got '99999'"),
+        ("ALEXNET_MAX_RESTARTS", "-1", "ALEXNET_MAX_RESTARTS must be a whole number >= 0; got '-1'"),
+        ("ALEXNET_MAX_RESTARTS", "$(id)", "ALEXNET_MAX_RESTARTS must be a whole number >= 0; got '$(id)'"),
+        ("ALEXNET_DRY_RUN", "maybe", "ALEXNET_DRY_RUN must be 1 (print the launch and exit) or 0; got 'maybe'"),
+        ("ALEXNET_REPO", "/no/such", "ALEXNET_REPO=/no/such holds no launch/train.py (set it to the checkout's root)"),
+    ],
+)
+def test_the_script_s_environment_is_checked_before_the_launch(tmp_path, variable, value, said):
+    """A bad port or restart count failed once per node inside torchrun (a traceback; port 0
+    hung on several nodes); ALEXNET_DRY_RUN=0 was a dry run; a wrong ALEXNET_REPO was passed
+    over for the submit folder's checkout. Each is now one line before srun, exit 2."""
+    env = fake_slurm(tmp_path, RECORDING_SRUN, FAKE_SRUN_RAN=str(tmp_path / "ran"), **{variable: value})
+    proc = subprocess.run(["bash", str(SCRIPT), "train.epochs=1"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(said), proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_launch_imports_the_checkout_s_own_package(tmp_path):
+    """Only launch/ was on the path: the workers imported whichever copy of `alexnet` pip had
+    installed, not the checkout the script named. And ALEXNET_DRY_RUN=0 launches."""
+    env = fake_slurm(tmp_path, RECORDING_SRUN, FAKE_SRUN_RAN=str(tmp_path / "ran"), ALEXNET_DRY_RUN="0",
+                     PYTHONPATH="/elsewhere")  # fmt: skip
+    subprocess.run(["bash", str(SCRIPT), "train.epochs=1"], capture_output=True, text=True, env=env, timeout=60)
+    assert (tmp_path / "ran").read_text() == f"{REPO}:/elsewhere\n"
