@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -755,6 +756,17 @@ def _check_combinations(cfg: Config) -> None:
         )
     if cfg.data.val_ten_crop and cfg.data.pipeline != "dali":
         raise _conflict(("data.val_ten_crop", "data.pipeline"), f"needs data.pipeline=dali; got {cfg.data.pipeline!r}")
+
+
+@contextmanager
+def naming_key(key: str, *errors: type[Exception]) -> Iterator[None]:
+    """Errors of `errors` raised while reading the file `key` names start with the key, and keep
+    their type: "config key 'data.train_files': file list x.txt line 3: ..." (a data error stays
+    one, exit 1; only the file's absence is the config's, existing_file)."""
+    try:
+        yield
+    except errors as exc:
+        raise type(exc)(f"config key {key!r}: {exc}") from exc
 
 
 def existing_file(key: str, value: str, noun: str, folder_hint: str = "") -> Path:

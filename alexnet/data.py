@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet.config import ConfigError, DataConfig, existing_file
+from alexnet.config import ConfigError, DataConfig, existing_file, naming_key
 from alexnet.parallel.mesh import Mesh
 from pipelines.base import ImageSpec, Loader, ShardSpec, Split, check_shardable, check_trainable
 from pipelines.demo import ensure_demo_dataset
@@ -155,10 +155,8 @@ def _load_named_list(
 ) -> FileIndex:
     """load_file_list, its errors starting with the config key that named the list."""
     path = existing_file(key, list_file, "file list")
-    try:
+    with naming_key(key, DataError):
         return load_file_list(path, split_dir, classes=classes, every_class=every_class)
-    except DataError as exc:
-        raise DataError(f"config key {key!r}: {exc}") from exc
 
 
 def split_folder(root: Path, split: str) -> Path:
@@ -180,15 +178,11 @@ def build_lighting(cfg: DataConfig) -> Lighting | None:
     """Section 4.1's PCA lighting for the training graph, or None when data.lighting_std is 0."""
     if cfg.lighting_std == 0.0:
         return None
-    if cfg.lighting_stats:
-        existing_file("data.lighting_stats", cfg.lighting_stats, "lighting statistics")
-    try:
-        stats = resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg))
-    except LightingStatsError as exc:
-        if not cfg.lighting_stats:  # <data root>/pca_lighting.json, named by no key
-            raise
-        raise LightingStatsError(f"config key 'data.lighting_stats': {exc}") from exc
-    return Lighting(cfg.lighting_std, stats)
+    if not cfg.lighting_stats:  # <data root>/pca_lighting.json or ImageNet's, named by no key
+        return Lighting(cfg.lighting_std, resolve_lighting_stats("", resolve_data_root(cfg)))
+    existing_file("data.lighting_stats", cfg.lighting_stats, "lighting statistics")
+    with naming_key("data.lighting_stats", LightingStatsError):
+        return Lighting(cfg.lighting_std, resolve_lighting_stats(cfg.lighting_stats, resolve_data_root(cfg)))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, config_to_dict, existing_file
+from alexnet.config import CheckpointConfig, Config, config_to_dict, existing_file, naming_key
 from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
@@ -160,13 +161,9 @@ def _load_training_checkpoint(path: Path, named: bool) -> dict[str, Any]:
         existing_file(
             "checkpoint.resume", str(path), "checkpoint", f"; name a checkpoint file in it (e.g. {path / LAST})"
         )
-    try:
+    with naming_key("checkpoint.resume", CheckpointError) if named else nullcontext():
         payload = load_checkpoint(path)
         check_training_sections(payload, path)
-    except CheckpointError as exc:
-        if not named:
-            raise
-        raise CheckpointError(f"config key 'checkpoint.resume': {exc}") from exc
     return payload
 
 

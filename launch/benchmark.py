@@ -32,8 +32,7 @@ from alexnet.bench.output import (
     ReportError,
     format_ratios,
     format_table,
-    prepare_out_dir,
-    remove_unused_out_dir,
+    report_folder,
     write_outputs,
 )
 from alexnet.bench.timing import Schedule
@@ -207,7 +206,7 @@ def _data_root(args: argparse.Namespace) -> Path:
     if args.dataset == "imagenet-like":
         from pipelines.imagenet_like import ImageNetLikeSpec, ensure_imagenet_like
 
-        per_class = max(1, (args.like_images or LIKE_IMAGES) // ImageNetLikeSpec.classes)
+        per_class = (args.like_images or LIKE_IMAGES) // ImageNetLikeSpec.classes
         return ensure_imagenet_like(spec=ImageNetLikeSpec(train_per_class=per_class))
     from pipelines.demo import ensure_demo_dataset
 
@@ -294,9 +293,9 @@ def _step_parts(args: argparse.Namespace):
     from alexnet.bench.step_bench import StepSettings
 
     for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key.strip() in STEP_FIXED and (key.strip(), value.strip()) != ("data.pipeline", "synthetic"):
-            raise ValueError(f"{item}: {STEP_FIXED[key.strip()]}")
+        key, value = (part.strip() for part in item.partition("=")[::2])
+        if key in STEP_FIXED and (key, value) != ("data.pipeline", "synthetic"):
+            raise ValueError(f"{item}: {STEP_FIXED[key]}")
     cfg = _config(args, ["data.pipeline=synthetic"])
     settings = StepSettings(
         modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
@@ -418,23 +417,17 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     merged: Path | None = None
-    created: Path | None = None
     try:
         if args.command == "merge":  # before --out is created: a refused merge writes nothing
             merged = merge_output(args.name, args.out, args.reports)
-        created = prepare_out_dir(args.out)
-        report = commands[args.command](args)
+        with report_folder(args.out):
+            report = commands[args.command](args)
     except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
-        remove_unused_out_dir(args.out, created)
         print_error(str(exc))
         return 2
     except (OSError, LoaderError) as exc:  # a data folder one rank cannot read, another rank's loader failing
-        remove_unused_out_dir(args.out, created)
         print_error(str(exc))
         return 1
-    except SystemExit:  # `sweep -- --help`: the points' help, printed by argparse
-        remove_unused_out_dir(args.out, created)
-        raise
     if report is None:  # ranks other than 0
         return 0
     try:

@@ -14,7 +14,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,18 @@ def prepare_out_dir(out_dir: Path) -> Path | None:
     except OSError as exc:  # a parent that is a file, no permission, read-only filesystem
         raise ReportError(f"--out {out_dir}: cannot create the report folder ({exc.strerror or exc})") from exc
     return outermost
+
+
+@contextmanager
+def report_folder(out_dir: Path) -> Iterator[None]:
+    """prepare_out_dir around a command: the folders it made are removed again (while empty) when
+    the command fails before writing anything (a refused setting, `sweep -- --help`)."""
+    outermost = prepare_out_dir(out_dir)
+    try:
+        yield
+    except BaseException:
+        remove_unused_out_dir(out_dir, outermost)
+        raise
 
 
 def remove_unused_out_dir(out_dir: Path, outermost: Path | None) -> None:
