@@ -1,5 +1,6 @@
 """Stopping on request: a signal (SIGUSR1 from Slurm's --signal, SIGTERM from torchrun or a
-scheduler, SIGINT from Ctrl-C) or a stop file, agreed across all ranks at the same step.
+scheduler, SIGINT from Ctrl-C), a stop file, or the end of the torchrun that started the worker
+and left it running (SIGKILL), agreed across all ranks at the same step.
 
 torchrun does not forward SIGUSR1 to its workers, so the Slurm script turns the signal into a
 stop file (ALEXNET_STOP_FILE) that every worker polls; a signal delivered to a worker directly
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from alexnet.parallel.agree import Fetched, shared_fetch_error
+from alexnet.parallel.env import LAUNCHER_ENV
 
 log = logging.getLogger("alexnet")
 STOP_FILE_ENV = "ALEXNET_STOP_FILE"
@@ -55,17 +57,20 @@ REQUESTED, FAILED, NO_BATCH = 1, 2, 3
 
 
 class StopRequest:
-    def __init__(self, device: torch.device, stop_file: str | None = None) -> None:
+    def __init__(self, device: torch.device, stop_file: str | None = None, launcher_pid: int | None = None) -> None:
         self.device = device
         self.stop_file = Path(stop_file) if stop_file else None
+        self.launcher_pid = launcher_pid  # the parent whose end is a stop request (torchrun's agent)
         self.signal_name: str | None = None
         self._interrupts = 0  # Ctrl-Cs so far
         self._flag = torch.zeros(1, device=device)
         self._agreed_level = 0  # the last agreement's: 0, REQUESTED, FAILED or NO_BATCH
 
     @classmethod
-    def from_environment(cls, device: torch.device) -> StopRequest:
-        return cls(device, os.environ.get(STOP_FILE_ENV) or None)
+    def from_environment(cls, device: torch.device, launcher_pid: int | None = None) -> StopRequest:
+        """The stop file from ALEXNET_STOP_FILE; `launcher_pid`: the torchrun agent whose end is a
+        stop request (DistEnv.launcher_pid)."""
+        return cls(device, os.environ.get(STOP_FILE_ENV) or None, launcher_pid)
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -79,11 +84,19 @@ class StopRequest:
                 raise KeyboardInterrupt
             if os.environ.get("RANK", "0") == "0":  # a validation can take minutes: say it was heard
                 # os.write, not logging: a handler may run inside a logging call
-                os.write(2, CTRL_C_TORCHRUN if "TORCHELASTIC_RUN_ID" in os.environ else CTRL_C_ALONE)
+                os.write(2, CTRL_C_TORCHRUN if LAUNCHER_ENV in os.environ else CTRL_C_ALONE)
         self.signal_name = signal.Signals(signum).name
 
     def requested_here(self) -> bool:
-        return self.signal_name is not None or (self.stop_file is not None and self.stop_file.exists())
+        return (
+            self.signal_name is not None
+            or self.launcher_gone()
+            or (self.stop_file is not None and self.stop_file.exists())
+        )
+
+    def launcher_gone(self) -> bool:
+        """True once the launcher has ended and left this process running (its parent pid changed)."""
+        return self.launcher_pid is not None and os.getppid() != self.launcher_pid
 
     def agreed(self, failed_here: bool = False, no_batch_here: bool = False) -> bool:
         """True on every rank as soon as any rank has been asked to stop, has failed in a way
@@ -146,6 +159,8 @@ class StopRequest:
     def reason(self) -> str:
         if self.signal_name:
             return f"signal {self.signal_name}"
+        if self.launcher_gone():
+            return f"the end of torchrun (pid {self.launcher_pid}), which left its workers running"
         if self.stop_file is not None and self.stop_file.exists():
             return f"stop file {self.stop_file}"
         return "a failure on another rank" if self._agreed_level == FAILED else "another rank was asked to stop"

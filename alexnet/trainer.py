@@ -142,7 +142,7 @@ class Trainer:
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  (p.step, p.epoch), p.unwritten_records, history_here)  # fmt: skip
         self._on_main_rank(self.reporter.open)
-        self.stop = StopRequest.from_environment(env.device)
+        self.stop = StopRequest.from_environment(env.device, env.launcher_pid)
         self.stop.install()
         self._session_start = time.perf_counter()
         self._seconds_before = p.train_seconds

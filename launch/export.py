@@ -22,7 +22,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import is_folder_name
 from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
 from alexnet.model import ModelSizeError
-from alexnet.parallel.env import LaunchError, env_int
+from alexnet.parallel.env import LAUNCHER_ENV, LaunchError, env_int
 from pipelines.outputs import OutputPathError, check_output_folder
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+    if rank != 0 and LAUNCHER_ENV in os.environ:
         # An export is one process's work: under torchrun every rank would trace, check and write
         # the same files (harmless with the per-process temporary names, but N times the time and
         # memory for one result), so rank 0 does it and the others are done. Only under torchrun

@@ -3,6 +3,7 @@ launchers' own reading of them and of the legacy launcher's --local-rank flag.""
 
 import importlib.util
 import logging
+import os
 
 import pytest
 from _helpers import REPO
@@ -34,8 +35,12 @@ def test_a_launch_torchrun_would_not_make_is_one_line(monkeypatch, env, said):
 def test_one_process_needs_none_of_them(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     env = init_distributed(5.0, force_cpu=True)
     assert (env.rank, env.world_size, env.backend, env.distributed) == (0, 1, "gloo", False)
+    assert env.launcher_pid is None  # no torchrun: a parent's end (nohup) is no stop request
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert init_distributed(5.0, force_cpu=True).launcher_pid == os.getppid()  # torchrun's agent
 
 
 def load_launcher(name):

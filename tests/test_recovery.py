@@ -115,6 +115,55 @@ def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data
     assert_same_weights(tmp_path / "killed" / "checkpoints" / "last.pt", reference)
 
 
+def running(pid: int) -> bool:
+    """Whether the process runs (not ended, nor a zombie waiting for its parent)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_sigkill_of_torchrun_stops_its_workers_with_a_checkpoint(tiny_data, tmp_path):
+    """torchrun starts its workers in sessions of their own: SIGKILLed (kill -9, the OOM killer),
+    it signalled none of them, and they trained on to the run's end, holding the run folder's
+    lock, so the same command was refused. They now stop after the next step, with a checkpoint,
+    as for any stop request."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        TRAIN, *RECIPE, "train.epochs=40", f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=orphaned",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "workers.log"
+    with open(out, "w") as log:
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        pids = []
+        try:
+            wait_for_step(tmp_path / "orphaned" / "metrics.jsonl", 2, proc)
+            pids = worker_pids(proc.pid)
+            assert len(pids) == 2, f"expected 2 workers under torchrun, found {pids}"
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 120
+            while any(map(running, pids)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = [pid for pid in pids if running(pid)]
+        finally:
+            for pid in pids:
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+    text = out.read_text()
+    assert not left, f"workers {left} outlived torchrun by 120 s\n{text[-4000:]}"
+    why = rf"stopping at step (\d+) on the end of torchrun \(pid {proc.pid}\), which left its workers running"
+    said = re.findall(why, text)
+    assert len(said) == 2 and len(set(said)) == 1, text[-4000:]  # each rank, at the same step
+    step = int(said[0])
+    assert 2 <= step < 40 * TOTAL_STEPS // 2, step
+    assert load_checkpoint(tmp_path / "orphaned" / "checkpoints" / "last.pt")["progress"]["step"] == step
+    summary = json.loads((tmp_path / "orphaned" / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["steps"], summary["completed"]) == ("preempted", step, False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

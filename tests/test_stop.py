@@ -69,3 +69,14 @@ def test_a_served_request_leaves_its_reason_for_the_slurm_script(restored_handle
     (tmp_path / "STOP.stopped").unlink()
     StopRequest(torch.device("cpu"), str(tmp_path / "STOP")).served(20)  # max_steps: nothing requested
     assert not (tmp_path / "STOP.stopped").exists()
+
+
+def test_the_end_of_the_launcher_is_a_stop_request():
+    """A torchrun killed by SIGKILL signals none of its workers (they run in sessions of their
+    own): its end shows as a changed parent pid, a request like a signal's."""
+    cpu = torch.device("cpu")
+    assert not StopRequest(cpu).requested_here()  # no launcher (one process)
+    assert not StopRequest(cpu, launcher_pid=os.getppid()).requested_here()  # the launcher is alive
+    gone = StopRequest(cpu, launcher_pid=os.getppid() + 1)  # reparented: the launcher has ended
+    assert gone.requested_here() and gone.agreed()
+    assert gone.reason() == f"the end of torchrun (pid {os.getppid() + 1}), which left its workers running"

@@ -27,6 +27,9 @@ SHARED_STORE_NOTE = (
 )
 
 
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"  # torchrun sets it in its workers' environment
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -38,6 +41,13 @@ class DistEnv:
     # parallel.timeout_s, for the process groups made after the world's (torch gives those its
     # own default, 30 minutes under gloo, whatever the world's timeout is).
     timeout_s: float = 1800.0
+    # The torchrun agent that started this process (its parent), None without torchrun. torchrun
+    # starts its workers in sessions of their own, so a torchrun killed by SIGKILL (kill -9, the
+    # OOM killer) signals none of them: they trained on unsupervised to the run's end, holding
+    # the run folder's lock (a relaunch was refused) and their devices. Orphaned, a worker's
+    # parent pid changes: alexnet.stop takes that as a stop request, with a checkpoint. Read at
+    # the start, not the parent of any process: one started with nohup outlives its shell by design.
+    launcher_pid: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -86,6 +96,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     CUDA: NCCL, device = cuda:LOCAL_RANK, set before init_process_group so NCCL binds the right
     GPU. Otherwise gloo on the CPU. The timeout is finite so that a dead rank ends the others.
     """
+    launcher_pid = os.getppid() if LAUNCHER_ENV in os.environ else None  # first: before it can end
     rank = env_int("RANK", 0)
     world = env_int("WORLD_SIZE", 1)
     local_rank = env_int("LOCAL_RANK", 0)
@@ -123,7 +134,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within parallel.timeout_s={timeout_s:g} s "
                 f"({exc}); start every rank (torchrun starts them all), with the same MASTER_ADDR and MASTER_PORT"
             ) from exc
-    return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s)
+    return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s, launcher_pid)
 
 
 def apply_debug_level(backend: str, rank: int) -> None:
