@@ -56,13 +56,14 @@ def image_graph(
     if training and image.train_crop == "random_resized":
         # Inception-style crop (Szegedy et al. 2015): decode only the sampled window.
         images = fn.decoders.image_random_crop(
-            jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10, **decode
-        )
+            headers_checked(jpegs), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10,
+            **decode,
+        )  # fmt: skip
         images = mirror_normalize(resize_patch(images, image), image, layout, lighting)
     elif training:
         images = mirror_normalize(paper_random_crop(jpegs, image, decode), image, layout, lighting)
     else:
-        images = fn.decoders.image(jpegs, **decode)
+        images = fn.decoders.image(headers_checked(jpegs), **decode)
         images = fn.resize(images, resize_shorter=image.resize)
         images = fn.crop_mirror_normalize(images, crop=(image.crop, image.crop), **normalize_args(image, layout))
     return images, label
@@ -97,6 +98,22 @@ def decoder_args(decoder: DecoderDevice, hw_decoder_load: float) -> dict[str, An
     return decode
 
 
+def headers_checked(jpegs):
+    """The encoded files, passed to a decoder only once every header of the batch has parsed.
+
+    DALI 2.4's image decoders parse a batch's headers in blocks on several threads; a header that
+    fails (a file that is no image: random bytes, text, a JPEG cut inside its header) can end
+    the batch while another thread still works on it, on freed memory: the process died of
+    SIGSEGV with no message in about half the tries at batch 64 with 2 threads, and in some at
+    batch 32 (pipelines.filecheck names the file once DALI's error is an exception).
+    fn.peek_image_shape parses each header on its own and fails cleanly, and a decoder that
+    depends on its output does not run on that batch. The reshape leaves the bytes as they are
+    (no copy; DALI's errors still name the file), only to carry that dependency. The header is
+    parsed twice: microseconds against a decode's milliseconds."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=ADJUST_ORIENTATION)
+    return fn.reshape(jpegs, shape=jpegs.shape(dtype=types.INT64) + shape[0] * 0)
+
+
 def paper_random_crop(jpegs, image: ImageSpec, decode: dict[str, Any]):
     """Sections 2 and 4.1: shorter side scaled to `resize`, the central resize x resize square,
     a random crop x crop patch of it; done in the original image's coordinates, so that only the
@@ -109,7 +126,8 @@ def decode_paper_window(jpegs, image: ImageSpec, decode: dict[str, Any]):
 
     The patch spans side * crop / resize original pixels (side = the shorter side) and is scaled
     by resize / side, as the resize-then-crop order would; the two orders differ only in how the
-    resampling filter treats the patch's border."""
+    resampling filter treats the patch's border. The decoder depends on the header's shape, so a
+    header that does not parse stops the batch before it (see `headers_checked`)."""
     # H, W, C from the header alone, in the decoder's (stored) orientation
     shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=ADJUST_ORIENTATION)
     height, width = shape[0], shape[1]

@@ -20,7 +20,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader, DecoderDevice, decoder_args
+from pipelines.dali import DaliLoader, DecoderDevice, decoder_args, headers_checked
 from pipelines.index import FileIndex
 
 READER_NAME = "TenCropReader"
@@ -49,7 +49,7 @@ def ten_crop_graph(
         stick_to_shard=True,
         name=READER_NAME,
     )
-    square = fn.decoders.image(jpegs, **decoder_args(decoder, hw_decoder_load))
+    square = fn.decoders.image(headers_checked(jpegs), **decoder_args(decoder, hw_decoder_load))
     square = fn.resize(square, resize_shorter=image.resize)
     square = fn.crop(square, crop=(image.resize, image.resize))
     normalize: dict[str, Any] = {
