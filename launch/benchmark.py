@@ -42,6 +42,7 @@ from alexnet.parallel.env import accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error
 from pipelines.index import DataError
+from pipelines.outputs import output_path
 
 HERE = Path(__file__).resolve()
 DEFAULT_CONFIG = HERE.parent / "configs" / "demo.yaml"
@@ -62,7 +63,9 @@ def _ints(text: str) -> list[int]:
 def _common(p: argparse.ArgumentParser, windows: int = 5, warmup: int = 1) -> None:
     p.add_argument("--windows", type=int, default=windows, help=f"timed windows per contender (default {windows})")
     p.add_argument("--warmup", type=int, default=warmup, help=f"untimed windows per contender first (default {warmup})")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for JSON/CSV/PNG (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--out", type=output_path, default=DEFAULT_OUT, help=f"folder for JSON/CSV/PNG (default {DEFAULT_OUT})"
+    )
     p.add_argument("--plot", action="store_true", help="also write a PNG")
 
 
@@ -175,7 +178,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--name", default="merged", help="file name in --out of the merged report, without .json (default merged)"
     )
     merge.add_argument("--check", action="append", default=[], metavar="NAME=STATUS", help="add a check's status")
-    merge.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    merge.add_argument("--out", type=output_path, default=DEFAULT_OUT)
     args, extra = parser.parse_known_args(argv)
     return apply_late_overrides(parser, args, extra)
 

@@ -41,7 +41,7 @@ from alexnet.parallel.env import (
 )
 from alexnet.process import exit_process, positive_seconds, print_error
 from pipelines.index import DataError
-from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, write_text_atomic
+from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_text, write_text_atomic
 
 
 def run_or_count(high: int):
@@ -95,7 +95,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--amp", choices=("run", "auto", "off", "bf16", "fp16"), default="run", help="autocast (default: the run's)"
     )
     parser.add_argument(
-        "--out", default=None, help="JSON file, or folder (existing, or ending in /) (default: beside the checkpoint)"
+        "--out",
+        type=output_text,
+        default=None,
+        help="JSON file, or folder (existing, or ending in /) (default: beside the checkpoint)",
     )
     parser.add_argument("--timeout", type=positive_seconds, default=600.0, help="collective timeout in seconds")
     return parser.parse_args(argv)

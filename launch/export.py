@@ -23,13 +23,13 @@ from alexnet.config import is_folder_name
 from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
 from alexnet.model import ModelSizeError
 from alexnet.parallel.env import LAUNCHER_ENV, LaunchError, env_int
-from pipelines.outputs import OutputPathError, check_output_folder
+from pipelines.outputs import OutputPathError, check_output_folder, output_path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("exports"), help="output folder (default: exports/)")
+    parser.add_argument("--out", type=output_path, default=Path("exports"), help="output folder (default: exports/)")
     parser.add_argument("--name", default="", help="file name stem (default: the run folder's name)")
     parser.add_argument(
         "--format", nargs="+", choices=FORMATS, default=None,

@@ -16,7 +16,6 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -24,7 +23,7 @@ from alexnet.config import DataConfig
 from alexnet.data import resolve_data_root
 from pipelines.index import DataError, build_file_index
 from pipelines.lighting import SAVED_KEYS, STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
-from pipelines.outputs import OutputPathError, check_output_file, check_replaceable
+from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_path
 
 
 def alpha_std(text: str) -> float:
@@ -50,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=seed, default=0, help="the sample's seed, 0 to 2**32 - 1 (default 0)")
     parser.add_argument("--decode-size", type=int, default=256, help="JPEGs are decoded at no less than this")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
-    parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default: <data>/{STATS_FILE})")
+    parser.add_argument("--out", type=output_path, default=None, help=f"output JSON (default: <data>/{STATS_FILE})")
     parser.add_argument("--alpha-std", type=alpha_std, default=0.1, help="for the printed summary only (default 0.1)")
     return parser.parse_args(argv)
 

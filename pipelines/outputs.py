@@ -14,6 +14,7 @@ existing file is replaced only where it is an earlier output of the same command
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -26,6 +27,19 @@ from typing import Any
 
 class OutputPathError(Exception):
     """An output path that cannot be written; the message names it and the option that gave it."""
+
+
+def output_text(text: str) -> str:
+    """An argparse type for output options: an empty value (`--out "$OUT"` with OUT unset) was
+    the current folder, where a command then wrote its files without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): name a path, or leave the option out")
+    return text
+
+
+def output_path(text: str) -> Path:
+    """`output_text` as a Path."""
+    return Path(output_text(text))
 
 
 def _can_create_in(folder: Path) -> bool:

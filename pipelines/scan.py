@@ -47,7 +47,7 @@ from pipelines.index import (
     some_names,
     split_entries,
 )
-from pipelines.outputs import OutputPathError, check_output_folder, write_text_atomic
+from pipelines.outputs import OutputPathError, check_output_folder, output_path, write_text_atomic
 
 Fixable = Literal["convert", "exclude", "keep"]
 Action = Literal["excluded", "converted", "kept"]
@@ -314,12 +314,32 @@ def unread_lines(result: ScanResult) -> list[str]:
     return lines
 
 
+def check_out_beside_data(out: Path, root: Path) -> None:
+    """The lists' folder must not be one training reads, and its path must fit in a list. Under
+    ROOT/train or ROOT/val it became a class folder (holding the lists and the converted copies),
+    and the next scan or run stopped on it; a line break in its path split the converted copies'
+    lines of the lists, and a name that is not UTF-8 failed when the lists were written."""
+    where = out.expanduser().absolute()
+    for split in SPLITS:
+        data = (root.expanduser() / split).absolute()
+        if where == data or data in where.parents:
+            raise OutputPathError(
+                f"--out {printable(str(out))} is {'' if where == data else 'inside '}{printable(str(data))}, where it "
+                "would be read as a class folder: put the lists beside the data folder, not in it"
+            )
+    problem = name_problem(str(where))
+    if problem:
+        raise OutputPathError(f"--out {printable(str(out))}: {problem.replace('the name', 'the path')}")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="launch/scan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("root", type=Path, help="data folder holding train/<class>/* and val/<class>/*")
-    p.add_argument("--out", type=Path, default=None, help="where the lists and report go (default runs/scan-<name>)")
+    p.add_argument(
+        "--out", type=output_path, default=None, help="where the lists and report go (default runs/scan-<name>)"
+    )
     p.add_argument("--workers", type=int, default=0, help="processes (default: all CPUs)")
     p.add_argument(
         "--fixable",
@@ -356,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy(args.fixable, args.grayscale)
     try:
         check_output_folder(out, f"--out {out}")  # before the scan, which a bad path would lose
+        check_out_beside_data(out, args.root)
     except OutputPathError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -86,6 +86,24 @@ def test_export_writes_only_into_its_out_folder(capsys, name):
     assert (args.name, args.format) == ("alexnet-v2", ["onnx", "torchscript"])  # each format once
 
 
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("evaluate", ["ckpt.pt", "--out", ""]),
+        ("export", ["ckpt.pt", "--out", ""]),
+        ("lighting_stats", ["--out", ""]),
+        ("benchmark", ["pipeline", "--out", ""]),
+        ("benchmark", ["merge", "--out", "", "a.json"]),
+    ],
+)
+def test_an_empty_out_is_refused_not_taken_for_the_working_directory(capsys, command, argv):
+    """`--out "$OUT"` with OUT unset: the files went into the working directory without a word
+    (evaluate's JSON into the checkout it was run from)."""
+    with pytest.raises(SystemExit) as info:
+        launcher(command).parse_args(argv)
+    assert info.value.code == 2 and "argument --out: is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
 def test_lighting_stats_refuses_a_seed_numpy_refuses(capsys):
     lighting = launcher("lighting_stats")
     with pytest.raises(SystemExit) as info:

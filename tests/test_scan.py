@@ -443,6 +443,38 @@ def test_an_out_path_that_is_a_file_is_refused_before_the_scan(tmp_path, tiny_da
     assert blocker.read_text() == "an earlier file"
 
 
+@pytest.mark.parametrize(
+    ("out", "said"),
+    [
+        ("train/scan", "inside {root}/train, where it would be read as a class folder"),
+        ("val", "is {root}/val, where it would be read as a class folder"),
+        ("../lists\nx", "the path holds a line break"),
+        ("../lists\udcff", "the path is not valid UTF-8"),
+    ],
+)
+def test_an_out_path_training_would_read_or_a_list_cannot_hold_is_refused_before_the_scan(
+    tmp_path, tiny_data, capsys, out, said
+):
+    """Inside a split folder the lists' folder became a class (the next scan and run stopped on
+    it, though this one said the lists were ready); a line break in its path split the converted
+    copies' lines; a path that is not UTF-8 failed with a traceback after the whole scan."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    before = sorted(str(p) for p in root.rglob("*"))
+    assert scan_main([str(root), "--out", str(root / out), "--workers", "1", "--progress", "off"]) == 2
+    printed, err = capsys.readouterr()
+    assert err.startswith("error: --out ") and said.format(root=root) in err and "checked" not in printed, err
+    assert sorted(str(p) for p in root.rglob("*")) == before and not (tmp_path / "lists").exists()
+
+
+def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, tiny_data, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        scan_main([str(tiny_data), "--out", "", "--workers", "1", "--progress", "off"])
+    assert info.value.code == 2 and "argument --out: is empty (an unset shell variable?)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
 @pytest.mark.parametrize("mode", ["1", "L", "P", "I;16", "I", "RGB", "RGBA", "CMYK", "LA"])
 def test_the_scan_flags_exactly_the_tiffs_dali_cannot_decode(tmp_path, mode, compression):
