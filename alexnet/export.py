@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ModelConfig
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import FC_WIDTH
+from pipelines.outputs import OutputPathError
 
 log = logging.getLogger("alexnet")
 FORMATS = ("torchscript", "onnx", "torchvision")
@@ -220,6 +222,38 @@ def staged_file(final: Path) -> Iterator[Path]:
         staged.unlink(missing_ok=True)
 
 
+def check_replaceable_export(final: Path, fmt: str) -> None:
+    """An existing file at `final` is replaced only where it is an earlier export of `fmt`: a
+    --name that matched another file (a checkpoint copied there as NAME.torchscript.pt, notes in
+    NAME.onnx) replaced it without a word. Raised before anything is exported."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_file() and _is_export(final, fmt):
+        return
+    raise OutputPathError(
+        f"{final} exists and is not an earlier {fmt} export of launch/export.py: name another --name or --out "
+        "(nothing was overwritten)"
+    )
+
+
+def _is_export(path: Path, fmt: str) -> bool:
+    """Whether `path` holds what export_checkpoint writes as `fmt` (read without running it)."""
+    try:
+        if fmt == "torchscript":  # a TorchScript archive holds its code; torch.save's archives do not
+            with zipfile.ZipFile(path) as archive:
+                return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+        if fmt == "onnx":
+            import onnx
+
+            return bool(onnx.load(str(path), load_external_data=False).graph.node)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.device("meta"):  # the names only: no weights allocated, none initialised
+            expected = torchvision.models.alexnet().state_dict().keys()
+        return isinstance(state, dict) and state.keys() == expected
+    except Exception:  # noqa: BLE001 - whatever fails to read as that format is not an export of it
+        return False
+
+
 def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck]) -> ExportCheck:
     """Run `export_and_check` on a staged path; the file is kept as `final` only if it passes."""
     with staged_file(final) as staged:
@@ -261,9 +295,12 @@ def export_checkpoint(
         )
     model, size = loaded.model, loaded.config.data.crop
     example, check = example_input(size, batch=2, seed=0), example_input(size, batch=3, seed=1)
+    finals = {fmt: out_dir / f"{name}{SUFFIXES[fmt]}" for fmt in formats}
+    for fmt, final in finals.items():
+        check_replaceable_export(final, fmt)
     steps: dict[str, Callable[[Path], ExportCheck]] = {
         "torchscript": lambda path: check_torchscript(export_torchscript(model, example, path), model, check),
         "onnx": lambda path: check_onnx(export_onnx(model, example, path), model, check),
         "torchvision": lambda path: export_torchvision(model, loaded.num_classes, path, check),
     }
-    return [export_checked(out_dir / f"{name}{SUFFIXES[fmt]}", steps[fmt]) for fmt in formats]
+    return [export_checked(finals[fmt], steps[fmt]) for fmt in formats]

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or default_name(args.checkpoint)
         for result in export_checkpoint(args.checkpoint, args.out, name, args.format):
             print(f"{result.path}: max |difference| from PyTorch {result.max_abs_diff:.3g} on {result.batch} images")
+    except OutputPathError as exc:  # a file of that name that is no earlier export: the command must change
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (CheckpointError, ExportCheckError, ExportSetupError, ModelSizeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -126,6 +126,40 @@ def test_export_command(tmp_path, checkpoints, capsys):
         assert torch.allclose(exported(x), model(x), rtol=1e-5, atol=1e-6)  # the checkpoint's function
 
 
+def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_export(tmp_path, checkpoints, capsys):
+    """`--name mine` over a folder holding mine.torchscript.pt (a checkpoint copied there) and
+    mine.onnx (notes): both were replaced, the checkpoint lost. An earlier export is replaced."""
+    out, ckpt = tmp_path / "out", checkpoints["torchvision"]
+    out.mkdir()
+    (out / "mine.torchscript.pt").write_bytes(ckpt.read_bytes())
+    (out / "mine.onnx").write_text("notes")
+    (out / "mine.torchvision.pth").write_bytes(ckpt.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = load_export_command()
+    for fmt, suffix in (("torchscript", ".torchscript.pt"), ("onnx", ".onnx"), ("torchvision", ".torchvision.pth")):
+        assert command.main([str(ckpt), "--out", str(out), "--name", "mine", "--format", fmt]) == 2
+        said = capsys.readouterr().err
+        assert said == (
+            f"error: {out / ('mine' + suffix)} exists and is not an earlier {fmt} export of launch/export.py: name "
+            "another --name or --out (nothing was overwritten)\n"
+        ), said
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    for p in out.iterdir():
+        p.unlink()
+    assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # all three formats
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(first) == ["mine.onnx", "mine.torchscript.pt", "mine.torchvision.pth"]
+    assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # earlier exports: replaced
+    assert all(p.stat().st_mtime_ns > first[p.name] for p in out.iterdir())
+
+
+def load_export_command():
+    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    return command
+
+
 def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tmp_path, checkpoints, monkeypatch):
     ckpt, out = checkpoints["paper"], tmp_path / "out"
     (good,) = export_checkpoint(ckpt, out, "m", ["torchscript"])
