@@ -229,6 +229,10 @@ def compute_lighting_stats(
                 used += 1
             if progress is not None:
                 progress(1)
+    if 0 < used < len(chosen):  # the lines above name each file; this says what the result rests on
+        log.warning("lighting statistics: %d of the %d sampled files could not be read and were skipped (not "
+                    "replaced by others); the statistics come from the other %d (launch/scan.py lists the bad files)",
+                    len(chosen) - used, len(chosen), used)  # fmt: skip
     return stats_from_moments(moments, used, source)
 
 

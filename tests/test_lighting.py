@@ -263,6 +263,9 @@ def test_statistics_skip_a_file_whose_header_declares_a_bomb_size(tmp_path, capl
         stats = compute_lighting_stats([*files, str(bomb)], num_images=10, workers=1, source="test")
     assert stats.num_images == 3 and stats.num_pixels == len(pixels)
     assert f"skipping {bomb}" in caplog.text
+    # what the result rests on, once: the skipped file is not replaced by another
+    assert "1 of the 4 sampled files could not be read and were skipped (not replaced by others); the statistics " \
+        "come from the other 3" in caplog.text  # fmt: skip
 
 
 def test_statistics_of_16_bit_grayscale_use_its_8_bit_values(tmp_path):
