@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pipelines.outputs import copy_file_atomic, write_bytes_atomic
+from pipelines.outputs import copy_file_atomic, staged_of, write_bytes_atomic
 
 try:
     from lzma import LZMAError
@@ -42,6 +42,7 @@ WNID = re.compile(r"^n\d{8}$")
 GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
 VAL_FILE = re.compile(r"^(ILSVRC2012_val_(\d{8}))\.JPEG$", re.IGNORECASE)
+VAL_ID = re.compile(r"^ILSVRC2012_val_(\d{8})$", re.IGNORECASE)
 Mode = Literal["symlink", "copy", "move"]
 # What tarfile lets through from a damaged archive besides its own errors: the decompressors'
 # (a cut gzip or xz stream raises EOFError, bad deflate data zlib.error, bad xz data LZMAError;
@@ -193,6 +194,13 @@ def read_devkit_ground_truth(devkit: Path) -> dict[str, str]:
     return truth
 
 
+def _image_id(text: str) -> str:
+    """An ImageId of the CSV as the ground truth's key: ILSVRC2012_val_00000001 whatever its case
+    (file names are matched case-insensitively, so the IDs are too); other text as it is."""
+    match = VAL_ID.match(text.strip())
+    return f"ILSVRC2012_val_{match.group(1)}" if match else text.strip()
+
+
 def read_loc_solution(path: Path) -> dict[str, str]:
     """File stem -> wnid from Kaggle's LOC_val_solution.csv (the first word of PredictionString).
     An image listed twice under two classes is refused: which row is right cannot be told, and a
@@ -200,15 +208,19 @@ def read_loc_solution(path: Path) -> dict[str, str]:
     truth: dict[str, str] = {}
     first_line: dict[str, int] = {}
     try:
-        with path.open(newline="") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would
+        # otherwise become part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            if reader.fieldnames is not None:  # "ImageId, PredictionString" as a spreadsheet may write it
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
             if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
                 raise ImageNetLayoutError(f"{path} needs the columns ImageId,PredictionString")
             for line, row in enumerate(reader, start=2):
                 words = (row["PredictionString"] or "").split()
                 if not words or not WNID.match(words[0]):
                     raise ImageNetLayoutError(f"{path}: line {line} has no wnid in PredictionString")
-                image = row["ImageId"]
+                image = _image_id(row["ImageId"] or "")
                 if truth.setdefault(image, words[0]) != words[0]:
                     raise ImageNetLayoutError(
                         f"{path}: line {line} gives {image} the class {words[0]}, "
@@ -230,6 +242,13 @@ def read_ground_truth(source: Path) -> dict[str, str]:
 
 
 # ---- layout conversion -------------------------------------------------------------------------
+def _val_id(name: str) -> str | None:
+    """The ground truth's key (ILSVRC2012_val_00000001) of an image file name, whatever the case of
+    its letters (ilsvrc2012_val_00000001.jpeg too); None for a name that is no validation image."""
+    match = VAL_FILE.match(name)
+    return f"ILSVRC2012_val_{match.group(2)}" if match else None
+
+
 @dataclass(frozen=True)
 class Conversion:
     images: int
@@ -250,16 +269,43 @@ def _check_coverage(stems: Iterable[str], truth: dict[str, str], where: Path) ->
         )
 
 
+def _same_image_twice(where: Path, stem: str, first: str, second: str) -> ImageNetLayoutError:
+    """Two files of one image: which one is meant cannot be told, and taking either is silent."""
+    both = f"{first} twice" if first == second else f"both {first} and {second}"
+    return ImageNetLayoutError(f"{where} holds {both}, two files of {stem}: keep one and run again")
+
+
 def _flat_files(val_dir: Path) -> dict[str, Path]:
     """Stem -> the folder's own entry. The entry is kept, not its resolved target: in a checkout of
     a content-addressed store (git-annex, datalad, a Hugging Face cache) the entries are symlinks
     to files named by their hash, and the output must keep the ILSVRC2012_val_*.JPEG name."""
-    files = {}
-    for entry in os.scandir(val_dir):
-        match = VAL_FILE.match(entry.name)
-        if entry.is_file() and match:  # follows a symlink: a dangling one is missing, not an image
-            files[match.group(1)] = Path(entry.path)
+    files: dict[str, Path] = {}
+    for entry in sorted(os.scandir(val_dir), key=lambda e: e.name):  # sorted: the same name in an error
+        stem = _val_id(entry.name)
+        if stem is None or not entry.is_file():  # follows a symlink: a dangling one is missing, not an image
+            continue
+        if stem in files:  # e.g. ILSVRC2012_val_00000001.JPEG beside ILSVRC2012_val_00000001.jpeg
+            raise _same_image_twice(val_dir, stem, files[stem].name, entry.name)
+        files[stem] = Path(entry.path)
     return files
+
+
+def _class_folders(out_dir: Path) -> list[Path]:
+    """The subfolders of out_dir, each a class to an ImageFolder over it (a link to a folder too)."""
+    if not out_dir.is_dir():
+        return []
+    try:
+        return sorted(Path(entry.path) for entry in os.scandir(out_dir) if entry.is_dir())
+    except OSError as exc:
+        raise ImageNetLayoutError(f"cannot read {out_dir}: {exc.strerror or exc}") from exc
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    """The entries of an output folder; one that cannot be listed is named as the output's."""
+    try:
+        return list(os.scandir(folder))
+    except OSError as exc:
+        raise ImageNetLayoutError(f"cannot read {folder}: {exc.strerror or exc}") from exc
 
 
 def _placed_files(out_dir: Path, truth: dict[str, str]) -> set[str]:
@@ -269,11 +315,90 @@ def _placed_files(out_dir: Path, truth: dict[str, str]) -> set[str]:
     for wnid in sorted(set(truth.values())):
         if not (out_dir / wnid).is_dir():
             continue
-        for entry in os.scandir(out_dir / wnid):
-            match = VAL_FILE.match(entry.name)
-            if match and entry.is_file() and truth.get(match.group(1)) == wnid:
-                placed.add(match.group(1))
+        for entry in _entries(out_dir / wnid):
+            stem = _val_id(entry.name)
+            if stem is not None and entry.is_file() and truth.get(stem) == wnid:
+                placed.add(stem)
     return placed
+
+
+def _misplaced_images(out_dir: Path, truth: dict[str, str]) -> list[tuple[Path, str]]:
+    """(entry, its ground-truth wnid) for each image of the ground truth in a class folder of
+    out_dir other than its own, a dangling link too (a loader would still list it there)."""
+    found = []
+    for folder in _class_folders(out_dir):
+        for entry in _entries(folder):
+            stem = _val_id(entry.name)
+            if stem is None or entry.is_dir(follow_symlinks=False):
+                continue
+            if truth.get(stem, folder.name) != folder.name:
+                found.append((Path(entry.path), truth[stem]))
+    return sorted(found)
+
+
+def _refuse_misplaced(out_dir: Path, truth: dict[str, str]) -> None:
+    """Images in another class than the ground truth's, left by an earlier run with other labels:
+    placing this run's beside them would give the same image two classes. Refused rather than
+    repaired, because which labels are right, the earlier run's or these, cannot be told (a wrong
+    --ground-truth now would otherwise scramble a right layout), and such an entry may be the only
+    copy of its image (after a move) or a file this tool never wrote: one command of the user's
+    costs less than an image silently mislabelled or lost."""
+    misplaced = _misplaced_images(out_dir, truth)
+    if misplaced:
+        path, wnid = misplaced[0]
+        raise ImageNetLayoutError(
+            f"{len(misplaced)} validation images under {out_dir} are not in their ground-truth class folder, "
+            f"e.g. {path} (ground truth: {wnid}), probably from an earlier run with other labels: remove them "
+            "(or, after a --mode move, move them back into the flat folder), then run again"
+        )
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (another user's too); when that cannot
+    be told, it is taken to run."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it exists
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
+        return False
+    except OSError:  # EPERM: it runs, under another user
+        return True
+    return True
+
+
+def _remove_stale_staged_files(out_dir: Path) -> None:
+    """Images a killed run had staged as .<name>.tmp<pid> (renamed to their name only once whole):
+    nothing renames them later, so each re-run would leave them. One whose process still runs is
+    another run's work in progress and stays. The pid is this machine's: with --out on a file
+    system shared by two machines running this tool at once, the other's may be taken as gone."""
+    for folder in _class_folders(out_dir):
+        for entry in _entries(folder):
+            staged = staged_of(entry.name)  # write_bytes_atomic and copy_file_atomic stage each image so
+            if staged is None or _val_id(staged[0]) is None or entry.is_dir(follow_symlinks=False):
+                continue
+            if _process_runs(staged[1]):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # another re-run removed it first
+            except OSError as exc:
+                raise _cannot_write(Path(entry.path), exc) from exc
+
+
+def _refuse_val_inside_out(val_dir: Path, out_dir: Path) -> None:
+    """A flat folder below --out would be one more class folder there, holding every image (an
+    ImageFolder over --out indexes each subfolder, through links too). The flat folder as --out
+    itself is fine: its images lie at the top, and only subfolders are classes. Compared through
+    the class folders themselves, resolved, so that a link to or from either place is caught."""
+    val_real = val_dir.resolve()
+    for folder in _class_folders(out_dir):
+        if val_real.is_relative_to(folder.resolve()):
+            raise ImageNetLayoutError(
+                f"{val_dir} is inside the output folder {out_dir} (as {folder}), which would make it one "
+                "more class holding every image: choose an output folder outside it, or the folder itself"
+            )
 
 
 def _links_to(dst: Path, src: Path) -> bool:
@@ -311,9 +436,20 @@ def _move(src: Path, dst: Path) -> None:
         src.unlink()
 
 
+def _earlier_dangling_link(src: Path, dst: Path) -> bool:
+    """Whether `dst` is a link of an earlier symlink run to a file that has since gone (the flat
+    folder moved or renamed): a link whose target has the name of `src` or of what `src` leads to
+    (a store's hash), pointing nowhere. Replacing it loses nothing."""
+    if not dst.is_symlink() or dst.exists():
+        return False
+    return Path(os.readlink(dst)).name in {src.name, src.resolve().name}
+
+
 def _place(src: Path, dst: Path, mode: Mode) -> bool:
     """`src` (an entry of the flat folder) as `dst`; False where an earlier run already did it."""
     try:
+        if _earlier_dangling_link(src, dst):
+            dst.unlink()  # placed anew below: a re-run after the flat folder moved
         if dst.is_symlink() or dst.exists():
             if os.path.samestat(os.lstat(src), os.lstat(dst)):
                 return False  # dst is src itself or a hard link of it: in place, nothing to remove
@@ -354,11 +490,14 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
     """Lay the flat ILSVRC-2012 validation folder out as out_dir/<wnid>/<file> (symlinks to the
     originals by default: no second copy of 6.4 GB). Running it again, after a complete or an
     interrupted run, finishes the same layout: the files already in place count as done."""
+    _refuse_val_inside_out(val_dir, out_dir)
     files = _flat_files(val_dir)
+    _refuse_misplaced(out_dir, truth)  # first: a move's misplaced image would read as a missing one
     placed = _placed_files(out_dir, truth) - set(files)
     if not files and not placed:
         raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
     _check_coverage(set(files) | placed, truth, val_dir)
+    _remove_stale_staged_files(out_dir)
     for wnid in sorted(set(truth.values())):
         try:
             (out_dir / wnid).mkdir(parents=True, exist_ok=True)
@@ -399,17 +538,34 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return b.exists() and filecmp.cmp(a, b, shallow=False)
 
 
+def _val_members(tar: tarfile.TarFile, archive: Path) -> dict[str, tarfile.TarInfo]:
+    """Stem -> the archive's file of that image, in archive order; two files of one image (in two
+    folders, or the same name twice) are refused, as an extraction would keep the later silently."""
+    members: dict[str, tarfile.TarInfo] = {}
+    for member in tar.getmembers():
+        stem = _val_id(Path(member.name).name)
+        if stem is None or not member.isfile():
+            continue
+        if stem in members:
+            raise _same_image_twice(archive, stem, members[stem].name, member.name)
+        members[stem] = member
+    return members
+
+
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:
     """ILSVRC2012_img_val.tar straight into out_dir/<wnid>/<file>, without a flat copy first."""
     with _open_tar(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and VAL_FILE.match(Path(m.name).name)]
-        stems = {VAL_FILE.match(Path(m.name).name).group(1): m for m in members}  # type: ignore[union-attr]
+        stems = _val_members(tar, archive)
         if set(truth) - set(stems):
             _refuse_if_cut(tar, archive)
         if not stems:  # e.g. the devkit given as --val
             raise ImageNetLayoutError(f"{archive} holds no ILSVRC2012_val_*.JPEG files")
         _check_coverage(stems, truth, archive)
-        for stem, member in sorted(stems.items()):
+        _refuse_misplaced(out_dir, truth)
+        _remove_stale_staged_files(out_dir)
+        # In archive order: a compressed archive reads forward only, and each step back decompresses
+        # it again from its start (quadratic time for an archive not in name order).
+        for stem, member in stems.items():
             source = tar.extractfile(member)
             assert source is not None
             with source:

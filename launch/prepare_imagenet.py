@@ -10,7 +10,10 @@ scipy) or Kaggle's LOC_val_solution.csv. From a folder, files are symlinked by d
 copy or move to change that; a tar is always extracted, so --mode with one is refused) and keep
 their names where the folder's entries are themselves symlinks (a git-annex or datalad checkout:
 a move moves the links, not the files they point to). Running it again is harmless, and after an
-interrupted run it finishes the layout: the images already in place count as done.
+interrupted run it finishes the layout: the images already in place count as done, links of an
+earlier run into a flat folder since moved are replaced, and what a killed run had half written
+goes. Images that an earlier run with other labels left in another class folder, a --val folder
+inside --out, or two files of one image stop it with one line, before anything is written.
 """
 
 from __future__ import annotations

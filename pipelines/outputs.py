@@ -114,8 +114,23 @@ def check_replaceable(path: Path, keys: frozenset[str], command: str, what: str,
         raise OutputPathError(f"{what}: {exc.strerror or exc}") from exc
 
 
+_STAGED = re.compile(r"^\.(.+)\.tmp(\d+)$")
+
+
+def staged_path(path: Path, pid: int | None = None) -> Path:
+    """Where `_replace_with` writes the new bytes of `path` (in process `pid`, this one by default)
+    before renaming them over it: hidden, beside it, named after it and the process."""
+    return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}")
+
+
+def staged_of(name: str) -> tuple[str, int] | None:
+    """(the final name, the writer's pid) of a file name `staged_path` gives; None for any other."""
+    match = _STAGED.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
 def _replace_with(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = staged_path(path)
     try:
         write(tmp)
         with tmp.open("rb") as f:

@@ -9,6 +9,7 @@ import io
 import lzma
 import os
 import shutil
+import subprocess
 import tarfile
 import zlib
 from pathlib import Path
@@ -29,6 +30,7 @@ from alexnet.imagenet import (
     read_ground_truth,
 )
 from pipelines.index import build_file_index
+from pipelines.outputs import staged_path
 
 # ILSVRC2012_IDs are not in wnid order in the real devkit either (ID 1 is n02119789, kit fox);
 # ID 4 is an inner synset (num_children > 0) that must not be taken for a class.
@@ -447,3 +449,166 @@ def test_a_mode_given_with_the_archive_is_refused(ilsvrc, capsys, command):
         == 0
     )
     assert all(p.is_symlink() for p in out.rglob("*.JPEG")) and indexed_pairs(out) == expected_pairs(out)
+
+
+# ---- earlier runs with other labels, folders in the wrong place, unusual names ------------------
+def relabelled_csv(ilsvrc, image, wnid):
+    """LOC_val_solution.csv with `image` (1-7) given the class `wnid` instead."""
+    right = f"ILSVRC2012_val_{image:08d},{EXPECTED[image]}"
+    path = ilsvrc / "relabelled.csv"
+    path.write_text((ilsvrc / "LOC_val_solution.csv").read_text().replace(right, f"ILSVRC2012_val_{image:08d},{wnid}"))
+    return path
+
+
+@pytest.mark.parametrize(
+    "source,mode",
+    [
+        ("ILSVRC2012_img_val", "symlink"),
+        ("ILSVRC2012_img_val", "copy"),
+        ("ILSVRC2012_img_val", "move"),
+        ("ILSVRC2012_img_val.tar", None),
+    ],
+)
+def test_an_image_left_in_another_class_by_an_earlier_run_is_refused(ilsvrc, capsys, command, source, mode):
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "out"
+    more = ["--out", str(out), *(["--mode", mode] if mode else [])]
+    assert (
+        command.main(
+            ["--val", str(ilsvrc / source), "--ground-truth", str(relabelled_csv(ilsvrc, 1, "n01443537")), *more]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    before, flat_before = layout(out), flat_images(flat)
+    code, err = run_command(command, capsys, ilsvrc / source, ilsvrc / "LOC_val_solution.csv", *more)
+    wrong = out / "n01443537" / "ILSVRC2012_val_00000001.JPEG"
+    assert code == 1
+    assert f"1 validation images under {out} are not in their ground-truth class folder, e.g. {wrong} " in err
+    assert "(ground truth: n01440764), probably from an earlier run with other labels: remove them" in err
+    assert layout(out) == before and flat_images(flat) == flat_before  # nothing written, nothing moved
+    if mode == "move":
+        wrong.rename(flat / wrong.name)  # what the message says to do
+    else:
+        wrong.unlink()
+    assert (
+        command.main(["--val", str(ilsvrc / source), "--ground-truth", str(ilsvrc / "LOC_val_solution.csv"), *more])
+        == 0
+    )
+    assert indexed_pairs(out) == expected_pairs(out)
+
+
+def test_a_compressed_archive_is_read_in_its_own_order(ilsvrc, monkeypatch):
+    # a gzip stream reads forward only: each member read out of archive order decompresses it again
+    archive, flat = ilsvrc / "reversed.tar.gz", ilsvrc / "ILSVRC2012_img_val"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(flat.iterdir(), reverse=True):
+            tar.add(path, arcname=path.name)
+    read, extractfile = [], tarfile.TarFile.extractfile
+
+    def recording(self, member):
+        read.append(member.name)
+        return extractfile(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", recording)
+    out = ilsvrc / "out"
+    extract_val_archive(archive, read_ground_truth(ilsvrc / "LOC_val_solution.csv"), out)
+    assert read == sorted(p.name for p in flat.iterdir())[::-1]
+    assert indexed_pairs(out) == expected_pairs(out)
+
+
+@pytest.mark.parametrize("how", ["moved into it", "a link in it", "given as a link into it"])
+def test_a_flat_folder_inside_the_output_folder_is_refused(ilsvrc, capsys, command, how):
+    # an ImageFolder over --out would take the flat folder for one more class holding every image
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "val"
+    out.mkdir()
+    inside = out / "flat"
+    if how == "moved into it":
+        flat.rename(inside)
+    else:
+        inside.symlink_to(flat)
+    val = inside if how != "given as a link into it" else ilsvrc / "link"
+    if how == "given as a link into it":
+        val.symlink_to(inside)
+    code, err = run_command(command, capsys, val, ilsvrc / "LOC_val_solution.csv", "--out", str(out), "--mode", "copy")
+    assert code == 1 and f"{val} is inside the output folder {out}" in err
+    assert [p.name for p in out.iterdir()] == ["flat"] and len(flat_images(inside)) == 7
+
+
+@pytest.mark.parametrize("header", ["\ufeffImageId,PredictionString", "ImageId, PredictionString"])
+def test_a_csv_saved_by_a_spreadsheet_is_read(ilsvrc, header):
+    # Excel's "CSV UTF-8" starts with a byte-order mark; a space after the comma is common too
+    csv = ilsvrc / "LOC_val_solution.csv"
+    rows = csv.read_text().splitlines()[1:]
+    csv.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    assert read_ground_truth(csv) == {f"ILSVRC2012_val_{i:08d}": wnid for i, wnid in EXPECTED.items()}
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_two_files_of_one_image_are_refused_naming_both(ilsvrc, source):
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "out"
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    if source == "folder":
+        shutil.copy(flat / "ILSVRC2012_val_00000001.JPEG", flat / "ILSVRC2012_val_00000001.jpeg")
+        both = "both ILSVRC2012_val_00000001.JPEG and ILSVRC2012_val_00000001.jpeg"
+        with pytest.raises(ImageNetLayoutError, match=f"{flat} holds {both}, two files of ILSVRC2012_val_00000001"):
+            convert_val_folder(flat, truth, out)
+    else:
+        archive = ilsvrc / "twice.tar"
+        with tarfile.open(archive, "w") as tar:
+            for path in sorted(flat.iterdir()):
+                tar.add(path, arcname=f"a/{path.name}")
+            tar.add(flat / "ILSVRC2012_val_00000001.JPEG", arcname="b/ILSVRC2012_val_00000001.JPEG")
+        both = "both a/ILSVRC2012_val_00000001.JPEG and b/ILSVRC2012_val_00000001.JPEG"
+        with pytest.raises(ImageNetLayoutError, match=f"twice.tar holds {both}, two files of ILSVRC2012_val_00000001"):
+            extract_val_archive(archive, truth, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_lower_case_file_names_find_their_ground_truth_and_keep_their_names(ilsvrc, source):
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "out"
+    for path in flat.iterdir():
+        path.rename(flat / path.name.lower())
+    truth = read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz")
+    if source == "folder":
+        convert_val_folder(flat, truth, out, mode="copy")
+    else:
+        with tarfile.open(ilsvrc / "lower.tar", "w") as tar:
+            for path in sorted(flat.iterdir()):
+                tar.add(path, arcname=path.name)
+        extract_val_archive(ilsvrc / "lower.tar", truth, out)
+    lower = [(str(out / wnid / f"ilsvrc2012_val_{i:08d}.jpeg"), wnid) for i, wnid in EXPECTED.items()]
+    assert indexed_pairs(out) == sorted(lower)
+
+
+def test_links_of_an_earlier_run_into_a_flat_folder_since_moved_are_replaced(ilsvrc):
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "out"
+    convert_val_folder(flat, truth, out)
+    moved = flat.rename(ilsvrc / "moved")  # the links made above now point nowhere
+    done = convert_val_folder(moved, truth, out)
+    assert (done.images, done.already_placed) == (7, 0)
+    assert indexed_pairs(out) == expected_pairs(out)
+    assert all(p.resolve() == (moved / p.name).resolve() for p in out.rglob("*.JPEG"))
+
+
+@pytest.mark.parametrize("source", ["ILSVRC2012_img_val", "ILSVRC2012_img_val.tar"])
+def test_files_staged_by_a_killed_run_are_removed_but_not_a_running_ones(ilsvrc, source):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs, as a killed run's
+    running = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)  # another run, still going
+    out = ilsvrc / "out"
+    (out / "n01440764").mkdir(parents=True)
+    killed = staged_path(out / "n01440764" / "ILSVRC2012_val_00000001.JPEG", gone.pid)
+    busy = staged_path(out / "n01440764" / "ILSVRC2012_val_00000004.JPEG", running.pid)
+    killed.write_bytes(b"half an image")
+    busy.write_bytes(b"half an image")
+    try:
+        truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+        convert = convert_val_folder if source == "ILSVRC2012_img_val" else extract_val_archive
+        convert(ilsvrc / source, truth, out)
+        assert not killed.exists() and busy.exists()
+        assert indexed_pairs(out) == expected_pairs(out)
+    finally:
+        running.stdin.close()
+        running.wait()
