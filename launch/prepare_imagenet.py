@@ -30,6 +30,7 @@ from alexnet.imagenet import (
     extract_val_archive,
     read_ground_truth,
 )
+from pipelines.outputs import output_path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         help="ILSVRC2012_devkit_t12.tar.gz (or its folder) or LOC_val_solution.csv",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. /data/imagenet/val")
+    parser.add_argument("--out", required=True, type=output_path, help="output folder, e.g. /data/imagenet/val")
     # default None, not "symlink": a --mode given with a tar (always extracted) can then be refused
     parser.add_argument("--mode", choices=("symlink", "copy", "move"), help="for a folder (default: symlink)")
     return parser.parse_args(argv)

@@ -94,6 +94,7 @@ def test_export_writes_only_into_its_out_folder(capsys, name):
         ("lighting_stats", ["--out", ""]),
         ("benchmark", ["pipeline", "--out", ""]),
         ("benchmark", ["merge", "--out", "", "a.json"]),
+        ("prepare_imagenet", ["--val", "v", "--ground-truth", "g.csv", "--out", ""]),
     ],
 )
 def test_an_empty_out_is_refused_not_taken_for_the_working_directory(capsys, command, argv):
