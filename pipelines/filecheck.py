@@ -398,7 +398,11 @@ def stopped_by(exc: Stopping, what_stopped: str) -> Stopping:
     return type(exc)(f"{str(exc).rstrip('.')}. {what_stopped}")
 
 
-_DECODER_ERROR = re.compile(r"decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed")
+# peek_image_shape first: where the header check fails, DALI's "Error in CPU operator ..." line is
+# the one to quote, not the pipeline's source line below it that names the decoder.
+_DECODER_ERROR = re.compile(
+    r"peek_image_shape|decoders|readers\.file|nvImageCodec|Failed to decode|File mapping failed"
+)
 
 
 def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 200_000) -> DataError | None:
@@ -409,8 +413,9 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
     short ("nvImageCodec failure"), nor for some TIFF sample layouts it refuses: then the files (up
     to `sniff_limit` of them) are checked for leading bytes of no format DALI decodes, then for a
-    header PIL cannot parse (about 50 us a file), then for a TIFF layout DALI refuses, then for a
-    PNG cut short (its last bytes read; the whole file only where they are not its IEND chunk).
+    header PIL cannot parse (about 50 us a file), then for a JPEG that ends before its first scan
+    (which PIL opens), then for a TIFF layout DALI refuses, then for a PNG cut short (its last
+    bytes read; the whole file only where they are not its IEND chunk).
     """
     if not _DECODER_ERROR.search(message):
         return None
@@ -427,16 +432,17 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
     suspects = (
         _first_five(candidates, _unrecognised)
         or _first_five(candidates, _header_unreadable)
+        or _first_five(candidates, _jpeg_without_scan)
         or _first_five(candidates, _tiff_refused)
         or _first_five(candidates, _png_cut_short)
     )
     if suspects:
         return DataError(
-            f"the image decoder failed ({dali_line}) without naming the file; these files hold no image "
+            f"DALI could not read an image ({dali_line}) and did not name the file; these files hold no image "
             f"data it can decode: {_with_reasons(suspects, dali_line)}. {how_to_exclude(suspects[0])}"
         )
     return DataError(
-        f"the image decoder failed on a file it does not name ({dali_line}). "
+        f"DALI could not read an image and did not name the file ({dali_line}). "
         + how_to_exclude(files[0] if files else "")
     )
 
@@ -511,6 +517,42 @@ def _png_cut_short(path: str) -> bool:
         return bool(png_problem(path))
     except OSError:  # shorter than 12 bytes (a bad seek), or unreadable
         return True
+
+
+def _jpeg_without_scan(path: str) -> bool:
+    """True for a JPEG that ends before its first scan (SOS): PIL opens it, as it reads the header
+    only as far as the frame (SOF), and no decoder can decode it. The markers are walked by their
+    lengths, so only the header's few KB are read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(2) != b"\xff\xd8":
+                return False
+            while True:
+                marker = f.read(2)
+                if len(marker) < 2:
+                    return True
+                if marker[0] != 0xFF:
+                    return False  # no marker where one must be: damage of another kind
+                if marker[1] == 0xDA:
+                    return False  # a scan begins: the header is whole
+                if marker[1] == 0xFF:  # a fill byte: the marker's code follows
+                    f.seek(-1, os.SEEK_CUR)
+                    continue
+                if marker[1] in _STANDALONE_MARKERS:
+                    continue
+                length = f.read(2)
+                if len(length) < 2:
+                    return True
+                f.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+                if f.tell() > size:
+                    return True
+    except OSError:
+        return False
+
+
+# JPEG markers without a length field: TEM, RST0-7, SOI, EOI.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})
 
 
 def _tiff_refused(path: str) -> bool:

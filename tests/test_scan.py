@@ -291,8 +291,29 @@ def test_a_jpeg_cut_inside_its_header_is_named_though_dali_does_not_name_it(corp
     with pytest.raises(DataError) as info:
         list(loader)
     message = str(info.value)
-    assert "without naming the file" in message, message  # the case DALI leaves to the header check
+    assert "did not name the file" in message, message  # the case DALI leaves to the header check
     assert f"{cut} (JPEG data does not decode" in message and not any(path in message for path in good)
+
+
+@pytest.mark.parametrize("loader_split", ["val", "train"])
+def test_a_jpeg_that_ends_before_its_first_scan_is_named(corpus, tmp_path, loader_split):
+    """Cut right after its frame header (SOF): PIL opens it (it reads no further), so the header
+    checks found nothing and the error named no file. Quoted is DALI's failing operator (the
+    header check), not the pipeline's source line below it."""
+    root, _ = corpus
+    good = sorted(str(p) for p in (root / "val" / "square").iterdir())[:3]
+    data = jpeg_bytes()
+    sof = data.index(b"\xff\xc0")
+    cut = tmp_path / "cut_after_sof.JPEG"
+    cut.write_bytes(data[: sof + 2 + int.from_bytes(data[sof + 2 : sof + 4], "big")])
+    index = FileIndex([*good, str(cut)], [0] * 4, ["a"])
+    image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
+    loader = DaliLoader(index, loader_split, image, ShardSpec(0, 1, 4, 0), torch.device("cpu"), 1, 1, "cpu")
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert f"these files hold no image data it can decode: {cut} (" in message, message
+    assert "peek_image_shape" in message and "headers_checked(" not in message, message
 
 
 def test_a_bad_file_whose_path_holds_dali_s_separator_is_named(corpus, tmp_path):
