@@ -277,7 +277,7 @@ def _dali_decode_batches(
         raise ValueError(f"pipeline stage {stage} resizes on the CPU and needs the CPU decoder")
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import decode_paper_window, decoder_args, resize_patch, run_checked
+    from pipelines.dali import decode_paper_window, decoder_args, headers_checked, resize_patch, run_checked
 
     decode = decoder_args(decoder, s.hw_decoder_load)  # type: ignore[arg-type]
     image = _image_spec(s)
@@ -286,8 +286,8 @@ def _dali_decode_batches(
     @pipeline_def
     def decode_graph():
         jpegs, _ = fn.readers.file(files=index.files, shuffle_after_epoch=True)
-        if stage is None:
-            return fn.decoders.image(jpegs, **decode)
+        if stage is None:  # after the header check every loader graph does: a file that is no image crashed DALI
+            return fn.decoders.image(headers_checked(jpegs), **decode)
         window = decode_paper_window(jpegs, image, decode)
         if stage in ("window-decode", "window-decode+torch-resize"):
             return window
@@ -480,7 +480,8 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     notes = [
         "images/s: median over timed windows; ratios: median over rounds of the within-round ratio "
         "(contenders interleaved, machine settled between turns)",
-        "decode-only: the same reader/files and threads, outputs discarded (DALI: fn.decoders.image; "
+        "decode-only: the same reader/files and threads, outputs discarded (DALI: fn.decoders.image after "
+        "the headers' check, fn.peek_image_shape, as in every loader graph; "
         "PIL: Image.open + convert('RGB') in DataLoader workers)",
     ]
     return Report("pipeline", results, collect_environment(1, "single process"), settings, summary, notes)
