@@ -299,11 +299,22 @@ def unread_lines(result: ScanResult) -> list[str]:
     """What the scan did not check because training does not read it: "checked N files" alone
     would read as every file in the class folders."""
     lines = []
-    if result.unread_files:
-        extensions = sorted({Path(f).suffix.lower() or "(none)" for f in result.unread_files})
+    # An entry of an image's name among them is no regular file (a FIFO, a socket, a device): the
+    # folder's index skips those too, and "whose extension training does not read (.jpg; it
+    # reads .jpg ...)" contradicted itself.
+    special = [f for f in result.unread_files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    other = [f for f in result.unread_files if f not in special]
+    if other:
+        extensions = sorted({Path(f).suffix.lower() or "(none)" for f in other})
         lines.append(
-            f"not checked: {len(result.unread_files)} file(s) in class folders whose extension training does not "
-            f"read ({', '.join(extensions)}; it reads {' '.join(IMAGE_EXTENSIONS)}): {some_names(result.unread_files)}"
+            f"not checked: {len(other)} file(s) in class folders whose extension training does not "
+            f"read ({', '.join(extensions)}; it reads {' '.join(IMAGE_EXTENSIONS)}): {some_names(other)}"
+        )
+    if special:
+        lines.append(
+            f"not checked: {len(special)} entr{'y' if len(special) == 1 else 'ies'} in class folders with an image's "
+            f"name that {'is' if len(special) == 1 else 'are'} no regular file (a FIFO, socket or device), which "
+            f"training skips: {some_names(special)}"
         )
     if result.unread_folders:
         lines.append(

@@ -598,6 +598,7 @@ def test_the_summary_names_what_training_does_not_read(tmp_path, capsys):
     (root / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: nobody's image
     (root / "train" / "a" / "sub").mkdir()
     (root / "train" / "a" / "sub" / "0.JPEG").write_bytes(jpeg_bytes())
+    os.mkfifo(root / "train" / "a" / "pipe.jpg")  # an image's name, no file: "extension .jpg; it reads .jpg"
     out = tmp_path / "out"
     assert scan_main([str(root), "--out", str(out), "--workers", "1", "--progress", "off"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -605,9 +606,13 @@ def test_the_summary_names_what_training_does_not_read(tmp_path, capsys):
     assert lines[1].startswith("not checked: 3 file(s) in class folders whose extension training does not read "
                                "(.gif, .heic, .jfif; it reads .jpg "), lines  # fmt: skip
     assert lines[1].endswith(": train/a/anim.gif, train/a/photo.jfif, val/b/phone.heic"), lines
-    assert lines[2].startswith("not checked: 1 folder(s) inside class folders") and lines[2].endswith(": train/a/sub")
+    assert lines[2] == (
+        "not checked: 1 entry in class folders with an image's name that is no regular file (a FIFO, socket or "
+        "device), which training skips: train/a/pipe.jpg"
+    ), lines
+    assert lines[3].startswith("not checked: 1 folder(s) inside class folders") and lines[3].endswith(": train/a/sub")
     report = json.loads((out / "report.json").read_text())
-    assert report["unread_files"] == ["train/a/anim.gif", "train/a/photo.jfif", "val/b/phone.heic"]
+    assert report["unread_files"] == ["train/a/anim.gif", "train/a/photo.jfif", "train/a/pipe.jpg", "val/b/phone.heic"]
     assert report["unread_folders"] == ["train/a/sub"]
 
 
