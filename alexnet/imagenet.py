@@ -308,17 +308,31 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
         raise ImageNetLayoutError(f"cannot read {folder}: {exc.strerror or exc}") from exc
 
 
-def _placed_files(out_dir: Path, truth: dict[str, str]) -> set[str]:
-    """Stems already at out_dir/<their wnid>/: a move moved them out of the flat folder, so an
-    interrupted or completed move is resumed, not refused as missing files."""
-    placed = set()
+@dataclass(frozen=True)
+class _Placed:
+    """An image's entry already in its ground-truth class folder."""
+
+    name: str  # as spelled there: a re-run writes to that name, whatever the case of its source's
+    is_file: bool  # a file, or a link to one (a dangling link is not an image in place)
+
+
+def _placed_entries(out_dir: Path, truth: dict[str, str]) -> dict[str, _Placed]:
+    """Stem -> its entry at out_dir/<its wnid>/. A move moved the images out of the flat folder,
+    so an interrupted or completed move is resumed, not refused as missing files; and a re-run
+    whose source spells a name in other letters (ilsvrc2012_val_00000001.jpeg) finds the image
+    in place instead of adding a second file of it. Two entries of one image in its folder are
+    refused: every loader would read it twice."""
+    placed: dict[str, _Placed] = {}
     for wnid in sorted(set(truth.values())):
         if not (out_dir / wnid).is_dir():
             continue
-        for entry in _entries(out_dir / wnid):
+        for entry in sorted(_entries(out_dir / wnid), key=lambda e: e.name):
             stem = _val_id(entry.name)
-            if stem is not None and entry.is_file() and truth.get(stem) == wnid:
-                placed.add(stem)
+            if stem is None or truth.get(stem) != wnid or entry.is_dir(follow_symlinks=False):
+                continue
+            if stem in placed:
+                raise _same_image_twice(out_dir / wnid, stem, placed[stem].name, entry.name)
+            placed[stem] = _Placed(entry.name, entry.is_file())
     return placed
 
 
@@ -374,7 +388,7 @@ def _remove_stale_staged_files(out_dir: Path) -> None:
     system shared by two machines running this tool at once, the other's may be taken as gone."""
     for folder in _class_folders(out_dir):
         for entry in _entries(folder):
-            staged = staged_of(entry.name)  # write_bytes_atomic and copy_file_atomic stage each image so
+            staged = staged_of(entry.name)  # how write_bytes_atomic and copy_file_atomic stage an image
             if staged is None or _val_id(staged[0]) is None or entry.is_dir(follow_symlinks=False):
                 continue
             if _process_runs(staged[1]):
@@ -438,11 +452,12 @@ def _move(src: Path, dst: Path) -> None:
 
 def _earlier_dangling_link(src: Path, dst: Path) -> bool:
     """Whether `dst` is a link of an earlier symlink run to a file that has since gone (the flat
-    folder moved or renamed): a link whose target has the name of `src` or of what `src` leads to
+    folder moved or renamed): a link whose target has the name of `src` (in any case) or of what `src` leads to
     (a store's hash), pointing nowhere. Replacing it loses nothing."""
     if not dst.is_symlink() or dst.exists():
         return False
-    return Path(os.readlink(dst)).name in {src.name, src.resolve().name}
+    target = Path(os.readlink(dst)).name
+    return target in {src.name, src.resolve().name} or _val_id(target) == _val_id(src.name)  # renamed in case
 
 
 def _place(src: Path, dst: Path, mode: Mode) -> bool:
@@ -493,7 +508,8 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
     _refuse_val_inside_out(val_dir, out_dir)
     files = _flat_files(val_dir)
     _refuse_misplaced(out_dir, truth)  # first: a move's misplaced image would read as a missing one
-    placed = _placed_files(out_dir, truth) - set(files)
+    entries = _placed_entries(out_dir, truth)
+    placed = {stem for stem, entry in entries.items() if entry.is_file} - set(files)
     if not files and not placed:
         raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
     _check_coverage(set(files) | placed, truth, val_dir)
@@ -508,7 +524,8 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
     linked = {stem: (src.name, src.resolve()) for stem, src in files.items() if src.is_symlink()}
     for stem in sorted(files):
         src = files[stem]
-        if not _place(src, out_dir / truth[stem] / src.name, mode):
+        name = entries[stem].name if stem in entries else src.name
+        if not _place(src, out_dir / truth[stem] / name, mode):
             already += 1
     _remove_copies_named_after_targets(out_dir, linked, truth)
     return Conversion(len(files) + len(placed), len(set(truth.values())), out_dir, already)
@@ -554,6 +571,8 @@ def _val_members(tar: tarfile.TarFile, archive: Path) -> dict[str, tarfile.TarIn
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:
     """ILSVRC2012_img_val.tar straight into out_dir/<wnid>/<file>, without a flat copy first."""
+    _refuse_misplaced(out_dir, truth)  # before the archive's listing, which decompresses all of it
+    entries = _placed_entries(out_dir, truth)
     with _open_tar(archive) as tar:
         stems = _val_members(tar, archive)
         if set(truth) - set(stems):
@@ -561,7 +580,6 @@ def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> 
         if not stems:  # e.g. the devkit given as --val
             raise ImageNetLayoutError(f"{archive} holds no ILSVRC2012_val_*.JPEG files")
         _check_coverage(stems, truth, archive)
-        _refuse_misplaced(out_dir, truth)
         _remove_stale_staged_files(out_dir)
         # In archive order: a compressed archive reads forward only, and each step back decompresses
         # it again from its start (quadratic time for an archive not in name order).
@@ -570,5 +588,6 @@ def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> 
             assert source is not None
             with source:
                 data = source.read()  # one image (~130 KB): read and write errors stay apart
-            _write_file(out_dir / truth[stem] / Path(member.name).name, data)
+            name = entries[stem].name if stem in entries else Path(member.name).name
+            _write_file(out_dir / truth[stem] / name, data)
     return Conversion(len(stems), len(set(truth.values())), out_dir)

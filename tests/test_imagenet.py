@@ -581,6 +581,28 @@ def test_lower_case_file_names_find_their_ground_truth_and_keep_their_names(ilsv
     assert indexed_pairs(out) == sorted(lower)
 
 
+@pytest.mark.parametrize("mode", ["copy", "symlink", "tar"])
+def test_a_re_run_from_names_in_other_letters_finds_the_images_in_place(ilsvrc, mode):
+    """The names matched whatever their case, but the output took the source's spelling: a copy
+    run, then a run from a flat folder renamed to lower case, left ILSVRC2012_val_00000001.JPEG
+    and ilsvrc2012_val_00000001.jpeg side by side (every image twice), saying nothing."""
+    truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
+    flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "out"
+    if mode == "tar":
+        extract_val_archive(ilsvrc / "ILSVRC2012_img_val.tar", truth, out)
+    else:
+        convert_val_folder(flat, truth, out, mode=mode)
+    for path in flat.iterdir():
+        path.rename(flat / path.name.lower())
+    done = convert_val_folder(flat, truth, out, mode="copy" if mode == "tar" else mode)
+    # in place: the same bytes, or for links (now dangling: their targets were renamed) linked anew
+    assert (done.images, done.already_placed) == (7, 0 if mode == "symlink" else 7)
+    assert indexed_pairs(out) == expected_pairs(out)  # the first run's names, each image once
+    (out / EXPECTED[1] / "ilsvrc2012_val_00000001.jpeg").write_bytes(b"")  # a second entry of one image
+    with pytest.raises(ImageNetLayoutError, match=r"holds both ILSVRC2012_val_00000001.JPEG and ilsvrc2012_val_0000"):
+        convert_val_folder(flat, truth, out, mode="copy")
+
+
 def test_links_of_an_earlier_run_into_a_flat_folder_since_moved_are_replaced(ilsvrc):
     truth = read_ground_truth(ilsvrc / "LOC_val_solution.csv")
     flat, out = ilsvrc / "ILSVRC2012_img_val", ilsvrc / "out"
