@@ -330,9 +330,9 @@ def check_out_beside_data(out: Path, root: Path) -> None:
     ROOT/train or ROOT/val it became a class folder (holding the lists and the converted copies),
     and the next scan or run stopped on it; a line break in its path split the converted copies'
     lines of the lists, and a name that is not UTF-8 failed when the lists were written."""
-    where = out.expanduser().absolute()
+    where = out.expanduser().resolve()  # resolved as the scan resolves the root: through links and ..
     for split in SPLITS:
-        data = (root.expanduser() / split).absolute()
+        data = (root.expanduser().resolve() / split).resolve()
         if where == data or data in where.parents:
             raise OutputPathError(
                 f"--out {printable(str(out))} is {'' if where == data else 'inside '}{printable(str(data))}, where it "

@@ -469,6 +469,8 @@ def test_an_out_path_that_is_a_file_is_refused_before_the_scan(tmp_path, tiny_da
     [
         ("train/scan", "inside {root}/train, where it would be read as a class folder"),
         ("val", "is {root}/val, where it would be read as a class folder"),
+        ("val/../train/lists", "inside {root}/train, where"),
+        ("link_to_train/lists", "inside {root}/train, where"),
         ("../lists\nx", "the path holds a line break"),
         ("../lists\udcff", "the path is not valid UTF-8"),
     ],
@@ -481,6 +483,7 @@ def test_an_out_path_training_would_read_or_a_list_cannot_hold_is_refused_before
     copies' lines; a path that is not UTF-8 failed with a traceback after the whole scan."""
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
+    (root / "link_to_train").symlink_to(root / "train")
     before = sorted(str(p) for p in root.rglob("*"))
     assert scan_main([str(root), "--out", str(root / out), "--workers", "1", "--progress", "off"]) == 2
     printed, err = capsys.readouterr()
