@@ -96,7 +96,9 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
     CUDA: NCCL, device = cuda:LOCAL_RANK, set before init_process_group so NCCL binds the right
     GPU. Otherwise gloo on the CPU. The timeout is finite so that a dead rank ends the others.
     """
-    launcher_pid = os.getppid() if LAUNCHER_ENV in os.environ else None  # first: before it can end
+    # First thing here; still a few seconds after the process started (its imports), and a
+    # torchrun that dies before this is not seen (its workers then run on, as before)
+    launcher_pid = os.getppid() if LAUNCHER_ENV in os.environ else None
     rank = env_int("RANK", 0)
     world = env_int("WORLD_SIZE", 1)
     local_rank = env_int("LOCAL_RANK", 0)
