@@ -223,35 +223,59 @@ def staged_file(final: Path) -> Iterator[Path]:
 
 
 def check_replaceable_export(final: Path, fmt: str) -> None:
-    """An existing file at `final` is replaced only where it is an earlier export of `fmt`: a
-    --name that matched another file (a checkpoint copied there as NAME.torchscript.pt, notes in
-    NAME.onnx) replaced it without a word. Raised before anything is exported."""
-    if not final.exists() and not final.is_symlink():
+    """An existing file at `final` is replaced only where it is what an earlier export of `fmt`
+    writes: a --name that matched another file (a checkpoint copied there as NAME.torchscript.pt,
+    notes in NAME.onnx) replaced it without a word. Raised before anything is exported."""
+    if final.is_symlink():  # the rename would replace the link, not what it points to
+        raise OutputPathError(
+            f"{final} is a symbolic link; exports are written as files: remove it, or name another --name or --out"
+        )
+    if not final.exists():
         return
-    if final.is_file() and _is_export(final, fmt):
+    if final.is_file() and _looks_exported(final, fmt):
         return
     raise OutputPathError(
-        f"{final} exists and is not an earlier {fmt} export of launch/export.py: name another --name or --out "
-        "(nothing was overwritten)"
+        f"{final} exists and is not what an earlier {fmt} export writes ({_EXPORT_KINDS[fmt]}): name another "
+        "--name or --out (nothing was overwritten)"
     )
 
 
-def _is_export(path: Path, fmt: str) -> bool:
-    """Whether `path` holds what export_checkpoint writes as `fmt` (read without running it)."""
+_EXPORT_KINDS = {
+    "torchscript": "a TorchScript archive",
+    "onnx": "an ONNX model of PyTorch's exporter",
+    "torchvision": "a state dict of torchvision's AlexNet",
+}
+
+
+def _looks_exported(path: Path, fmt: str) -> bool:
+    """Whether `path` is of `_EXPORT_KINDS[fmt]`, from its first bytes or its index: an export is
+    hundreds of MB, and none is read whole or run."""
     try:
         if fmt == "torchscript":  # a TorchScript archive holds its code; torch.save's archives do not
-            with zipfile.ZipFile(path) as archive:
+            with zipfile.ZipFile(path) as archive:  # reads the zip's directory only
                 return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
         if fmt == "onnx":
-            import onnx
-
-            return bool(onnx.load(str(path), load_external_data=False).graph.node)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return _onnx_from_pytorch(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped, not read
         with torch.device("meta"):  # the names only: no weights allocated, none initialised
             expected = torchvision.models.alexnet().state_dict().keys()
         return isinstance(state, dict) and state.keys() == expected
-    except Exception:  # noqa: BLE001 - whatever fails to read as that format is not an export of it
+    except Exception:  # noqa: BLE001 - whatever fails to read as that kind is not of it
         return False
+
+
+def _onnx_from_pytorch(path: Path) -> bool:
+    """An ONNX ModelProto as torch.onnx.export writes it: field 1 (ir_version, a varint), then
+    field 2 (producer_name) "pytorch"; read from its first bytes."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head.startswith(b"\x08"):
+        return False
+    end = 1
+    while end < len(head) and head[end] & 0x80:  # the varint's continuation bytes
+        end += 1
+    producer = b"\x12\x07pytorch"
+    return head[end + 1 : end + 1 + len(producer)] == producer
 
 
 def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck]) -> ExportCheck:

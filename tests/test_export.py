@@ -139,9 +139,8 @@ def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_expo
     for fmt, suffix in (("torchscript", ".torchscript.pt"), ("onnx", ".onnx"), ("torchvision", ".torchvision.pth")):
         assert command.main([str(ckpt), "--out", str(out), "--name", "mine", "--format", fmt]) == 2
         said = capsys.readouterr().err
-        assert said == (
-            f"error: {out / ('mine' + suffix)} exists and is not an earlier {fmt} export of launch/export.py: name "
-            "another --name or --out (nothing was overwritten)\n"
+        assert said.startswith(
+            f"error: {out / ('mine' + suffix)} exists and is not what an earlier {fmt} export writes ("
         ), said
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     for p in out.iterdir():
@@ -151,6 +150,15 @@ def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_expo
     assert sorted(first) == ["mine.onnx", "mine.torchscript.pt", "mine.torchvision.pth"]
     assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # earlier exports: replaced
     assert all(p.stat().st_mtime_ns > first[p.name] for p in out.iterdir())
+    # another tool's ONNX model, and a link (the rename would replace the link, not its target)
+    import onnx
+
+    graph = onnx.helper.make_graph([], "g", [], [])
+    onnx.save(onnx.helper.make_model(graph, producer_name="tf2onnx"), out / "theirs.onnx")
+    (out / "link.onnx").symlink_to(out / "mine.onnx")
+    for name, said in (("theirs", "is not what an earlier onnx export writes"), ("link", "is a symbolic link")):
+        assert command.main([str(ckpt), "--out", str(out), "--name", name, "--format", "onnx"]) == 2
+        assert said in capsys.readouterr().err
 
 
 def load_export_command():
