@@ -527,7 +527,7 @@ from pipelines.index import DataError, build_file_index
 root = Path(sys.argv[1])
 index = build_file_index(root / "train")
 s = PipelineSettings(data=root, batch_size=64, threads=2, prefetch=1, resize=40, crop=32)
-for round in range(4):
+for round in range(8):
     batches, _ = _batches_of("decode-only/dali-cpu", index, s, torch.device("cpu"))
     try:
         for _ in range(4):
@@ -550,7 +550,7 @@ def test_the_decode_only_ceiling_names_a_file_that_is_no_image_instead_of_crashi
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     proc = subprocess.run([sys.executable, "-c", _CEILING_ON_A_BAD_FILE, str(root), str(bad)], capture_output=True,
                           text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout == "named\n" * 4, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    assert proc.returncode == 0 and proc.stdout == "named\n" * 8, (proc.returncode, proc.stdout, proc.stderr[-3000:])
 
 
 def test_every_decoding_contender_names_a_file_it_cannot_decode(folder_with_a_cut_file):
