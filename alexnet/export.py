@@ -39,7 +39,7 @@ from alexnet.checkpoint import CheckpointError
 from alexnet.config import ModelConfig
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import FC_WIDTH
-from pipelines.outputs import OutputPathError
+from pipelines.outputs import OutputPathError, process_runs
 
 log = logging.getLogger("alexnet")
 FORMATS = ("torchscript", "onnx", "torchvision")
@@ -194,18 +194,8 @@ def remove_abandoned_stages(final: Path) -> None:
     prefix, suffix = f".{final.name}.tmp", f"@{_host()}.partial"
     for stage in final.parent.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
         pid = stage.name.removeprefix(prefix).removesuffix(suffix).partition("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_runs(int(pid)):
             stage.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # no signal: only whether the process exists
-    except (ProcessLookupError, OverflowError):  # OverflowError: no process id is that large
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextmanager

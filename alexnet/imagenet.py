@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pipelines.outputs import copy_file_atomic, staged_of, write_bytes_atomic
+from pipelines.outputs import copy_file_atomic, process_runs, staged_of, write_bytes_atomic
 
 try:
     from lzma import LZMAError
@@ -308,6 +308,15 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
         raise ImageNetLayoutError(f"cannot read {folder}: {exc.strerror or exc}") from exc
 
 
+Listing = dict[Path, list[os.DirEntry[str]]]
+
+
+def _output_listing(out_dir: Path) -> Listing:
+    """Each class folder of out_dir with its entries, listed once for the checks a run makes
+    before it writes (misplaced images, images in place, staged files of a killed run)."""
+    return {folder: _entries(folder) for folder in _class_folders(out_dir)}
+
+
 @dataclass(frozen=True)
 class _Placed:
     """An image's entry already in its ground-truth class folder."""
@@ -316,32 +325,30 @@ class _Placed:
     is_file: bool  # a file, or a link to one (a dangling link is not an image in place)
 
 
-def _placed_entries(out_dir: Path, truth: dict[str, str]) -> dict[str, _Placed]:
+def _placed_entries(listing: Listing, truth: dict[str, str]) -> dict[str, _Placed]:
     """Stem -> its entry at out_dir/<its wnid>/. A move moved the images out of the flat folder,
     so an interrupted or completed move is resumed, not refused as missing files; and a re-run
     whose source spells a name in other letters (ilsvrc2012_val_00000001.jpeg) finds the image
     in place instead of adding a second file of it. Two entries of one image in its folder are
     refused: every loader would read it twice."""
     placed: dict[str, _Placed] = {}
-    for wnid in sorted(set(truth.values())):
-        if not (out_dir / wnid).is_dir():
-            continue
-        for entry in sorted(_entries(out_dir / wnid), key=lambda e: e.name):
+    for folder, entries in listing.items():
+        for entry in sorted(entries, key=lambda e: e.name):
             stem = _val_id(entry.name)
-            if stem is None or truth.get(stem) != wnid or entry.is_dir(follow_symlinks=False):
+            if stem is None or truth.get(stem) != folder.name or entry.is_dir(follow_symlinks=False):
                 continue
             if stem in placed:
-                raise _same_image_twice(out_dir / wnid, stem, placed[stem].name, entry.name)
+                raise _same_image_twice(folder, stem, placed[stem].name, entry.name)
             placed[stem] = _Placed(entry.name, entry.is_file())
     return placed
 
 
-def _misplaced_images(out_dir: Path, truth: dict[str, str]) -> list[tuple[Path, str]]:
+def _misplaced_images(listing: Listing, truth: dict[str, str]) -> list[tuple[Path, str]]:
     """(entry, its ground-truth wnid) for each image of the ground truth in a class folder of
-    out_dir other than its own, a dangling link too (a loader would still list it there)."""
+    the output other than its own, a dangling link too (a loader would still list it there)."""
     found = []
-    for folder in _class_folders(out_dir):
-        for entry in _entries(folder):
+    for folder, entries in listing.items():
+        for entry in entries:
             stem = _val_id(entry.name)
             if stem is None or entry.is_dir(follow_symlinks=False):
                 continue
@@ -350,14 +357,14 @@ def _misplaced_images(out_dir: Path, truth: dict[str, str]) -> list[tuple[Path, 
     return sorted(found)
 
 
-def _refuse_misplaced(out_dir: Path, truth: dict[str, str]) -> None:
+def _refuse_misplaced(out_dir: Path, listing: Listing, truth: dict[str, str]) -> None:
     """Images in another class than the ground truth's, left by an earlier run with other labels:
     placing this run's beside them would give the same image two classes. Refused rather than
     repaired, because which labels are right, the earlier run's or these, cannot be told (a wrong
     --ground-truth now would otherwise scramble a right layout), and such an entry may be the only
     copy of its image (after a move) or a file this tool never wrote: one command of the user's
     costs less than an image silently mislabelled or lost."""
-    misplaced = _misplaced_images(out_dir, truth)
+    misplaced = _misplaced_images(listing, truth)
     if misplaced:
         path, wnid = misplaced[0]
         raise ImageNetLayoutError(
@@ -367,31 +374,17 @@ def _refuse_misplaced(out_dir: Path, truth: dict[str, str]) -> None:
         )
 
 
-def _process_runs(pid: int) -> bool:
-    """Whether a process of this pid runs on this machine (another user's too); when that cannot
-    be told, it is taken to run."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only whether it exists
-    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
-        return False
-    except OSError:  # EPERM: it runs, under another user
-        return True
-    return True
-
-
-def _remove_stale_staged_files(out_dir: Path) -> None:
+def _remove_stale_staged_files(listing: Listing) -> None:
     """Images a killed run had staged as .<name>.tmp<pid> (renamed to their name only once whole):
     nothing renames them later, so each re-run would leave them. One whose process still runs is
     another run's work in progress and stays. The pid is this machine's: with --out on a file
     system shared by two machines running this tool at once, the other's may be taken as gone."""
-    for folder in _class_folders(out_dir):
-        for entry in _entries(folder):
+    for entries in listing.values():
+        for entry in entries:
             staged = staged_of(entry.name)  # how write_bytes_atomic and copy_file_atomic stage an image
             if staged is None or _val_id(staged[0]) is None or entry.is_dir(follow_symlinks=False):
                 continue
-            if _process_runs(staged[1]):
+            if process_runs(staged[1]):
                 continue
             try:
                 os.unlink(entry.path)
@@ -401,13 +394,13 @@ def _remove_stale_staged_files(out_dir: Path) -> None:
                 raise _cannot_write(Path(entry.path), exc) from exc
 
 
-def _refuse_val_inside_out(val_dir: Path, out_dir: Path) -> None:
+def _refuse_val_inside_out(val_dir: Path, out_dir: Path, listing: Listing) -> None:
     """A flat folder below --out would be one more class folder there, holding every image (an
     ImageFolder over --out indexes each subfolder, through links too). The flat folder as --out
     itself is fine: its images lie at the top, and only subfolders are classes. Compared through
     the class folders themselves, resolved, so that a link to or from either place is caught."""
     val_real = val_dir.resolve()
-    for folder in _class_folders(out_dir):
+    for folder in listing:
         if val_real.is_relative_to(folder.resolve()):
             raise ImageNetLayoutError(
                 f"{val_dir} is inside the output folder {out_dir} (as {folder}), which would make it one "
@@ -505,15 +498,16 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
     """Lay the flat ILSVRC-2012 validation folder out as out_dir/<wnid>/<file> (symlinks to the
     originals by default: no second copy of 6.4 GB). Running it again, after a complete or an
     interrupted run, finishes the same layout: the files already in place count as done."""
-    _refuse_val_inside_out(val_dir, out_dir)
+    listing = _output_listing(out_dir)
+    _refuse_val_inside_out(val_dir, out_dir, listing)
     files = _flat_files(val_dir)
-    _refuse_misplaced(out_dir, truth)  # first: a move's misplaced image would read as a missing one
-    entries = _placed_entries(out_dir, truth)
+    _refuse_misplaced(out_dir, listing, truth)  # first: a move's misplaced image would read as a missing one
+    entries = _placed_entries(listing, truth)
     placed = {stem for stem, entry in entries.items() if entry.is_file} - set(files)
     if not files and not placed:
         raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
     _check_coverage(set(files) | placed, truth, val_dir)
-    _remove_stale_staged_files(out_dir)
+    _remove_stale_staged_files(listing)
     for wnid in sorted(set(truth.values())):
         try:
             (out_dir / wnid).mkdir(parents=True, exist_ok=True)
@@ -571,8 +565,9 @@ def _val_members(tar: tarfile.TarFile, archive: Path) -> dict[str, tarfile.TarIn
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:
     """ILSVRC2012_img_val.tar straight into out_dir/<wnid>/<file>, without a flat copy first."""
-    _refuse_misplaced(out_dir, truth)  # before the archive's listing, which decompresses all of it
-    entries = _placed_entries(out_dir, truth)
+    listing = _output_listing(out_dir)
+    _refuse_misplaced(out_dir, listing, truth)  # before the archive's listing, which decompresses all of it
+    entries = _placed_entries(listing, truth)
     with _open_tar(archive) as tar:
         stems = _val_members(tar, archive)
         if set(truth) - set(stems):
@@ -580,7 +575,7 @@ def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> 
         if not stems:  # e.g. the devkit given as --val
             raise ImageNetLayoutError(f"{archive} holds no ILSVRC2012_val_*.JPEG files")
         _check_coverage(stems, truth, archive)
-        _remove_stale_staged_files(out_dir)
+        _remove_stale_staged_files(listing)
         # In archive order: a compressed archive reads forward only, and each step back decompresses
         # it again from its start (quadratic time for an archive not in name order).
         for stem, member in stems.items():

@@ -129,6 +129,18 @@ def staged_of(name: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
+def process_runs(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (another user's too): the staged file of
+    one that does not is abandoned."""
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process id is that large
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _replace_with(path: Path, write) -> None:
     tmp = staged_path(path)
     try:

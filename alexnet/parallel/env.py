@@ -45,8 +45,8 @@ class DistEnv:
     # starts its workers in sessions of their own, so a torchrun killed by SIGKILL (kill -9, the
     # OOM killer) signals none of them: they trained on unsupervised to the run's end, holding
     # the run folder's lock (a relaunch was refused) and their devices. Orphaned, a worker's
-    # parent pid changes: alexnet.stop takes that as a stop request, with a checkpoint. Read at
-    # the start, not the parent of any process: one started with nohup outlives its shell by design.
+    # parent pid changes: alexnet.stop takes that as a stop request, with a checkpoint. Only under
+    # torchrun: a process started with nohup outlives its shell by design.
     launcher_pid: int | None = None
 
     @property
