@@ -298,12 +298,14 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     amp = resolve_eval_amp(cfg, setup.opts.amp, env.device)
     tally = ClassTally(loaded.num_classes, env.device)
     start = time.perf_counter()
-    with torch.no_grad():
-        for images, labels in agreed_batches(setup.loader, env.device):  # a bad file on one rank stops every rank
-            tally.add(predict_log_probs(model, images, amp), labels)
+    try:
+        with torch.no_grad():
+            for images, labels in agreed_batches(setup.loader, env.device):  # a bad file on one rank stops every rank
+                tally.add(predict_log_probs(model, images, amp), labels)
+    finally:  # also after a bad file: workers left to the interpreter's exit leave their /tmp/pymp-* folders
+        setup.loader.close()
     sums, loss_sum = tally.reduce()
     seconds = time.perf_counter() - start
-    setup.loader.close()
     return build_result(setup.opts, loaded.progress, cfg, setup.index, setup.split_dir, setup.files, amp, sums,
                         loss_sum, env, seconds)  # fmt: skip
 

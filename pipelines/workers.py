@@ -9,6 +9,10 @@ timeout by default; pytorch/pytorch#21554). The benchmark runs DALI and torchvis
 one process, and a test process runs them one test after another (tests/test_workers.py
 reproduces both outcomes).
 
+A worker also leaves the run's stop signals to the training process (`keep_run_signals_to_the_parent`):
+a SIGTERM to the whole process group killed the workers and failed the run before its stop's
+checkpoint.
+
 Why not the `forkserver` or `spawn` start method, which copy nothing: every worker would import torch
 and torchvision afresh (seconds per worker on a small machine) and the dataset would have to be
 pickled; one collection before the fork keeps DataLoader's default and costs a fraction of a second.
@@ -17,10 +21,39 @@ pickled; one collection before the fork keeps DataLoader's default and costs a f
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
+
+
+def keep_run_signals_to_the_parent(worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn's signature
+    """A worker's signal handling, set as it starts: the training process alone acts on a stop.
+
+    A signal sent to the whole process group (torchrun passes SIGTERM and SIGINT on so; `kill
+    -TERM -PGID`) or to every process of a Slurm job step also reaches the workers. torch's own
+    SIGTERM handler in a worker exits quietly only where the parent sent it, and anyone else's
+    kills the worker: the training process then failed with "DataLoader worker ... is killed by
+    signal: Terminated" in the middle of a step, before its stop's checkpoint. Here SIGTERM from
+    the parent (DataLoader's shutdown, multiprocessing's at exit) still ends the worker at once,
+    and anyone else's is ignored; SIGINT and SIGUSR1 are ignored (the worker had inherited the
+    stop handler and said "Ctrl-C: stopping ..." once for each worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    # The worker's threads block SIGTERM (threads started later inherit the mask); one thread
+    # takes each with its sender's pid, which a Python signal handler does not get.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def exit_on_the_parent_s() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # as torch's handler exits on its parent's SIGTERM
+
+    threading.Thread(target=exit_on_the_parent_s, name="sigterm-from-parent", daemon=True).start()
 
 
 class ForkSafeDataLoader(DataLoader):
@@ -33,6 +66,10 @@ class ForkSafeDataLoader(DataLoader):
     workers, the first one with them (later epochs reuse the workers; DataLoader keeps them in
     `_iterator`, and without that attribute every epoch collects, which is safe, only slower).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("worker_init_fn", keep_run_signals_to_the_parent)
+        super().__init__(*args, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
         reuses_workers = self.persistent_workers and getattr(self, "_iterator", None) is not None

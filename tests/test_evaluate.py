@@ -18,6 +18,7 @@ from _helpers import (
     TINY_TRAIN,
     check,
     loader_failing_on_rank_1,
+    one_process,
     rank_1_differs,
     rank_1_sees,
     torchrun,
@@ -320,6 +321,21 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data
     assert len(named) == 2, proc.stderr[-4000:]  # one line from each rank, neither run into the other
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_a_bad_file_leaves_no_worker_folders_behind(tiny_data, trained, tmp_path):
+    """The torchvision loader's workers were closed only after a whole evaluation: stopped by a
+    bad file, they were left to the interpreter's exit, which kills them before they remove their
+    /tmp/pymp-* folders (one per evaluation)."""
+    data, private_tmp = tmp_path / "data", tmp_path / "tmp"
+    shutil.copytree(tiny_data, data)
+    private_tmp.mkdir()
+    bad = data / "val" / "circle" / "circle_0001.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    args = [EVALUATE, trained, "--data", data, "--pipeline", "torchvision", "--num-threads", "2", "--out", tmp_path]
+    proc = one_process(args, env={"TMPDIR": str(private_tmp)})  # multiprocessing's folders go there
+    assert proc.returncode == 1 and str(bad) in proc.stderr, proc.stderr[-3000:]
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, trained, tmp_path):

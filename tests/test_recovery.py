@@ -164,6 +164,47 @@ def test_sigkill_of_torchrun_stops_its_workers_with_a_checkpoint(tiny_data, tmp_
     assert (summary["stop_reason"], summary["steps"], summary["completed"]) == ("preempted", step, False)
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_a_torchvision_pipeline_run_with_a_checkpoint(tiny_data, tmp_path):
+    """torchrun passes SIGTERM on to each worker's process group, and Slurm to every process of a
+    step: the DataLoader workers got it too, died of it, and the run failed ("DataLoader worker
+    ... is killed by signal: Terminated") before its stop's checkpoint. The workers now leave it
+    to the training process, which stops as on any SIGTERM."""
+    cmd = [sys.executable, TRAIN, *RECIPE, "train.epochs=40", "data.pipeline=torchvision", "data.num_threads=2",
+           f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=tv"]  # fmt: skip
+    out = tmp_path / "train.log"
+    with open(out, "w") as log:
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)  # fmt: skip
+        try:
+            wait_for_step(tmp_path / "tv" / "metrics.jsonl", 2, proc)
+            workers = [pid for pid in child_pids(proc.pid) if running(pid)]
+            assert len(workers) >= 2, workers  # the persistent training workers at least
+            os.killpg(proc.pid, signal.SIGTERM)  # the group: the training process and its workers
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    said = re.findall(r"stopping at step (\d+) on signal SIGTERM: writing a checkpoint", text)
+    assert len(said) == 1 and "Traceback" not in text and "killed by signal" not in text, text[-4000:]
+    assert load_checkpoint(tmp_path / "tv" / "checkpoints" / "last.pt")["progress"]["step"] == int(said[0])
+    assert json.loads((tmp_path / "tv" / "summary.json").read_text())["stop_reason"] == "preempted"
+    assert not [pid for pid in workers if running(pid)]
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
