@@ -41,7 +41,6 @@ except ImportError:  # pragma: no cover - a Python built without lzma opens no .
 WNID = re.compile(r"^n\d{8}$")
 GROUND_TRUTH_TXT = "ILSVRC2012_validation_ground_truth.txt"
 META_MAT = "meta.mat"
-VAL_FILE = re.compile(r"^(ILSVRC2012_val_(\d{8}))\.JPEG$", re.IGNORECASE)
 VAL_ID = re.compile(r"^ILSVRC2012_val_(\d{8})$", re.IGNORECASE)
 Mode = Literal["symlink", "copy", "move"]
 # What tarfile lets through from a damaged archive besides its own errors: the decompressors'
@@ -194,11 +193,17 @@ def read_devkit_ground_truth(devkit: Path) -> dict[str, str]:
     return truth
 
 
+def _canonical_id(text: str) -> str | None:
+    """ILSVRC2012_val_00000001 as the ground truth spells it, from that ID in any case of its
+    letters; None for other text."""
+    match = VAL_ID.match(text)
+    return f"ILSVRC2012_val_{match.group(1)}" if match else None
+
+
 def _image_id(text: str) -> str:
     """An ImageId of the CSV as the ground truth's key: ILSVRC2012_val_00000001 whatever its case
     (file names are matched case-insensitively, so the IDs are too); other text as it is."""
-    match = VAL_ID.match(text.strip())
-    return f"ILSVRC2012_val_{match.group(1)}" if match else text.strip()
+    return _canonical_id(text.strip()) or text.strip()
 
 
 def read_loc_solution(path: Path) -> dict[str, str]:
@@ -245,8 +250,8 @@ def read_ground_truth(source: Path) -> dict[str, str]:
 def _val_id(name: str) -> str | None:
     """The ground truth's key (ILSVRC2012_val_00000001) of an image file name, whatever the case of
     its letters (ilsvrc2012_val_00000001.jpeg too); None for a name that is no validation image."""
-    match = VAL_FILE.match(name)
-    return f"ILSVRC2012_val_{match.group(2)}" if match else None
+    stem, dot, extension = name.rpartition(".")
+    return _canonical_id(stem) if dot and extension.lower() == "jpeg" else None
 
 
 @dataclass(frozen=True)
