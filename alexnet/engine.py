@@ -70,12 +70,15 @@ class StepResult:
     loss_sum: Tensor  # summed over the step's rows (all its batches'), on the device
     correct: Tensor  # [top1, top5] counts
     count: Tensor | int
-    applied: bool  # False when every rank skipped the step: a non-finite loss or an fp16 overflow
+    applied: bool  # False when every rank skipped the step: a non-finite loss or gradient, an fp16 overflow
     # Skipped as a routine fp16 overflow: a finite loss whose scaled gradients overflowed while
     # the loss scale was above 1, so the scaler backs off and tries again. GradScaler starts at
     # 65536 and probes a higher scale every 2000 steps: such skips are expected, not a sign of
     # divergence (at a scale of 1 or below an overflow is the gradient's own).
     overflow: bool = False
+    # False when a rank's loss was not finite; a step skipped with finite losses had a non-finite
+    # gradient (or, with train.grad_clip, a global norm beyond float32's range).
+    loss_finite: bool = True
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ def accumulated_step(
         _scaled_step(scaler, optimizer, flags, check)
     elif applied:
         optimizer.step()
-    return StepResult(loss_sum, correct, rows, applied, overflow)
+    return StepResult(loss_sum, correct, rows, applied, overflow, check.loss_finite)
 
 
 @torch.no_grad()

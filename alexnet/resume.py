@@ -64,6 +64,7 @@ class Progress:
     last_top1: float | None = None
     last_top5: float | None = None
     nonfinite_streak: int = 0
+    nonfinite_losses: int = 0  # the streak's steps whose loss was not finite (the others': the gradient)
     # For summary.json, over all sessions: bytes handed to / sent by this rank's collectives in
     # the logged steps, by kind, and the steps they cover; and GPU-seconds (each session's world
     # size x its wall seconds on CUDA; None in checkpoints written before it was counted).

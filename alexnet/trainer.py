@@ -380,11 +380,12 @@ class Trainer:
         """The run of skipped steps, and its end of the run at train.max_nonfinite."""
         p = self.progress
         if result.applied:
-            p.nonfinite_streak = 0
+            p.nonfinite_streak = p.nonfinite_losses = 0
             return
         self.par.forget_skipped_step()
         if not result.overflow:  # the scaler's own back-off is not a diverging run
             p.nonfinite_streak += 1
+            p.nonfinite_losses += not result.loss_finite
             if p.nonfinite_streak == 1 and not self._weights_finite():
                 raise NonFiniteLossError(self._poisoned_message())  # no later step can recover
         if p.nonfinite_streak >= self.cfg.train.max_nonfinite:
@@ -408,10 +409,25 @@ class Trainer:
         return "No checkpoint was written before these steps."
 
     def _nonfinite_message(self, lr: float) -> str:
-        p = self.progress
+        """Names what was not finite: with train.grad_clip (or fp16's scaler) a step whose losses
+        were all finite is skipped on its gradients (their global norm, squared in float32,
+        overflows above about 1.8e19, as clip_grad_norm_'s does); "a non-finite loss" and "set
+        train.grad_clip", with it set, misled there."""
+        p, train = self.progress, self.cfg.train
+        if p.nonfinite_losses == p.nonfinite_streak:
+            what = "a non-finite loss"
+        elif p.nonfinite_losses == 0:
+            what = "finite losses but non-finite gradients"
+        else:
+            what = f"a non-finite loss ({p.nonfinite_losses}) or gradients ({p.nonfinite_streak - p.nonfinite_losses})"
+        levers = ["lower optim.lr"]
+        if train.grad_clip <= 0:
+            levers.append("set train.grad_clip")
+        if self.amp.dtype == torch.float16:
+            levers.append("use train.amp=bf16/off")
+        advice = levers[0] if len(levers) == 1 else f"{', '.join(levers[:-1])} or {levers[-1]}"
         return (
-            f"{p.nonfinite_streak} consecutive steps with a non-finite loss at step {p.step} (lr {lr:.3g}); "
-            "lower optim.lr, set train.grad_clip, or use train.amp=bf16/off. "
+            f"{p.nonfinite_streak} consecutive steps with {what} at step {p.step} (lr {lr:.3g}); {advice}. "
             + self._kept_checkpoints("a skipped step changes nothing, and no checkpoint is written during them")
         )
 

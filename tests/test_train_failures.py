@@ -3,6 +3,7 @@ write, a bad file or a failing loader on one rank, ranks that see different fold
 every rank stops with one line and what can be kept is kept."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,20 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())  # a failed session says so
     assert (summary["completed"], summary["stop_reason"], summary["steps"]) == (False, "error", stopped)
     assert summary["error"].startswith("NonFiniteLossError: 3 consecutive steps with a non-finite loss")
+
+
+def test_steps_skipped_on_their_gradients_are_not_blamed_on_the_loss(tiny_data, tmp_path):
+    """With train.grad_clip a step whose losses were finite is skipped when its gradients' norm is
+    not (squared in float32 it overflows above about 1.8e19): the stop said "non-finite loss"
+    beside the finite losses the log had just printed, and told to set train.grad_clip, set."""
+    proc = train(tiny_data, tmp_path, "grads", "optim.lr=1e7", "train.grad_clip=1",
+                 "schedule.warmup_epochs=0", "train.max_nonfinite=3", "train.log_every=1", nproc=1)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "grads" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(losses) >= 3 and all(map(math.isfinite, losses[-3:]))  # the skipped steps' losses
+    (line,) = [ln for ln in proc.stderr.splitlines() if "consecutive steps" in ln]
+    assert "3 consecutive steps with finite losses but non-finite gradients at step" in line
+    assert "lower optim.lr." in line and "train.grad_clip" not in line and "non-finite loss" not in line
 
 
 def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(tiny_data, tmp_path):
