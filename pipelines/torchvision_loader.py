@@ -98,6 +98,23 @@ class IndexedImages(Dataset):
             return self.transform(rgb), self.index.labels[i]
 
 
+def step_major_share(order: list[int], shard: ShardSpec, batches: int) -> list[int]:
+    """This rank's `batches` batches of an epoch's `order`, taken one optimizer step at a time:
+    each step takes the next world x accum_steps x batch entries, and rank r the r-th run of
+    accum_steps x batch of them. A step's global batch is then `order`'s next entries in the
+    order of its rows (rank, then batch: the sample ids counter-based dropout masks by), as for
+    one process reading the whole global batch, so a data-parallel or accumulated run takes the
+    same steps as that process, dropout included. (Every k-th entry, DistributedSampler's
+    scheme, put the same images at other rows, so other units were dropped.) The entries read
+    after any number of steps are `order`'s first ones, whatever the world size, which is what
+    a resume under another world size converts the position by."""
+    per_rank = shard.batches_per_step * shard.batch_size
+    per_step = shard.num_shards * per_rank
+    first = shard.shard_id * per_rank
+    steps = batches // shard.batches_per_step
+    return [i for s in range(steps) for i in order[s * per_step + first : s * per_step + first + per_rank]]
+
+
 class _EpochBatches:
     """Batch sampler over this shard, starting at the loader's current position."""
 
@@ -154,10 +171,9 @@ class TorchvisionLoader:
     def _shard_order(self, epoch: int) -> list[int]:
         n, k, b = self.num_samples, self._shard.num_shards, self._shard.batch_size
         if self.split == "train":
-            # One permutation per epoch, shared by all ranks (DistributedSampler's scheme).
+            # One permutation per epoch, shared by all ranks.
             g = torch.Generator().manual_seed(self._shard.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=g).tolist()
-            return perm[self._shard.shard_id :: k][: self._steps * b]
+            return step_major_share(torch.randperm(n, generator=g).tolist(), self._shard, self._steps)
         start, end = shard_bounds(n, self._shard.shard_id, k)
         return list(range(start, end)) + [PAD_LABEL] * (self._steps * b - (end - start))
 

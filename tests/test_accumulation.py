@@ -242,7 +242,9 @@ def test_accumulated_runs_train_as_the_whole_batch_and_resume_exactly(tiny_data,
     """2 ranks of 60 tiny images, 2 epochs of 3 steps of 32 images:
     - batch 8 x 2 accumulated (torchvision: each image's augmentation is its own, whatever the
       batch) trains as batch 16 does, also resumed mid-epoch as batch 16 (the position converted
-      from the step's batches);
+      from the step's batches), and as one process at batch 32 does, dropout included (the
+      ranks' shards read every other image of the epoch's order before, so one image was at
+      another row of the global batch and other units were dropped);
     - DALI, batch 8 x 2, stopped mid-epoch and resumed: bitwise the uninterrupted run."""
     common = ("train.epochs=2", "schedule.name=cosine", "checkpoint.every_steps=0")
     tv = ("data.pipeline=torchvision", *common)
@@ -255,9 +257,11 @@ def test_accumulated_runs_train_as_the_whole_batch_and_resume_exactly(tiny_data,
     said = mixed.stderr + mixed.stdout
     assert "data.batch_size: 8 -> 16;" in said and "train.accum_steps: 2 -> 1" in said and "global batch:" not in said
     assert "of batch 16 (2 accumulated batches of 8) (3 steps per epoch), this run has 2 of batch 16 (3 steps)" in said
+    check(train(tiny_data, tmp_path, "one", *tv, "data.batch_size=32", nproc=1))
     reference = weights(tmp_path / "whole")
-    for name, w in weights(tmp_path / "mixed").items():
-        assert (w - reference[name]).abs().max() <= 1e-5 * max(reference[name].abs().max(), 1.0), name
+    for run in ("mixed", "one"):
+        for name, w in weights(tmp_path / run).items():
+            assert (w - reference[name]).abs().max() <= 1e-5 * max(reference[name].abs().max(), 1.0), (run, name)
     for run in ("whole", "mixed"):
         train_records = [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["split"] == "train"]
         assert sum(r["count"] for r in train_records) == 6 * 32 and train_records[-1]["step"] == 6
