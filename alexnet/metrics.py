@@ -118,6 +118,7 @@ class MetricsWriter:
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
         kept = _continue_records(self.path, start_step, start_epoch, history_here)
+        self.kept_keys = {record_key(r) for r in kept}
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -139,17 +140,43 @@ class MetricsWriter:
         self._add_scalars(record)
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
-        if self._tb is not None:
-            step = int(record["step"])
-            when = record.get("time")  # None (now) for a record written before records had it
+        if self._tb is None:
+            return
+        step = int(record["step"])
+        when = record.get("time")  # None (now) for a record written before records had it
+        try:
             for key, value in record.items():
                 if key not in NOT_PLOTTED and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, step, walltime=when)
             self._tb.flush()
+        except OSError as exc:
+            self._stop_tensorboard(exc)
+
+    def _stop_tensorboard(self, exc: OSError) -> None:
+        """TensorBoard shows metrics.jsonl's records, and every session writes it again from them:
+        a failed event write (its own full disk or quota) costs this session's view only. It was
+        taken for metrics.jsonl's failure, so the record, already in the file, was also kept for
+        the resumed session to write, which wrote it twice."""
+        tb, self._tb = self._tb, None
+        log.warning("cannot write TensorBoard's events in %s (%s): TensorBoard stops for this session; "
+                    "metrics.jsonl goes on, and a resumed session writes TensorBoard again from it",
+                    tb.log_dir, exc.strerror or exc)  # fmt: skip
+        try:
+            tb.close()
+        except OSError:
+            pass  # the writer's thread already failed, and its events are lost either way
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as exc:
+                self._stop_tensorboard(exc)
+
+
+def record_key(record: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What places a record in a run: one per split, epoch and step."""
+    return record.get("split"), record.get("epoch"), record.get("step")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.config import ConfigError
-from alexnet.metrics import MetricsWriter
+from alexnet.metrics import MetricsWriter, record_key
 from alexnet.report import RunSummary, write_run_report
 from pipelines.outputs import strict_json, write_text_atomic
 
@@ -93,8 +93,10 @@ class Reporter:
             return
         self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start, history_here=self._history_here)
         if self.unwritten:  # they belong before this session's: the checkpoint's steps
+            # Those a session that failed here before wrote are in the file already.
             for record in self.unwritten:
-                self.writer.write(record)
+                if record_key(record) not in self.writer.kept_keys:
+                    self.writer.write(record)
             log.info("wrote the %d metrics record(s) an earlier session could not write", len(self.unwritten))
             self.unwritten.clear()
         if self.bar:  # here, not at the first step: there the other ranks would be in its collectives

@@ -1,3 +1,4 @@
+import errno
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from _helpers import TINY_TRAIN
 
 from alexnet.config import ConfigError, load_config
 from alexnet.metrics import MetricsWriter, Tally, read_metrics, strict_json, topk_correct
+from alexnet.reporting import Reporter
 from alexnet.run import run_training
 from pipelines.base import PAD_LABEL
 from pipelines.outputs import write_text_atomic
@@ -284,3 +286,48 @@ def test_a_rerun_that_starts_over_says_it_replaces_the_earlier_attempt_s_records
         MetricsWriter(tmp_path, tensorboard=False)
     assert read_metrics(tmp_path / "metrics.jsonl") == []
     assert "dropped 1 record(s) of an earlier attempt that left no checkpoint: this run starts over" in caplog.text
+
+
+# TensorBoard's writer thread dies of the OSError (and prints it); the writer's next call raises it.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_tensorboard_that_cannot_write_stops_alone_and_the_record_is_written_once(tmp_path, caplog, monkeypatch):
+    """TensorBoard's events on a full disk of their own: the failure was taken for metrics.jsonl's,
+    so the record, already in the file, was also kept for the resumed session, which wrote it
+    again (steps 12, 13, 13, 14), and the run stopped naming metrics.jsonl."""
+    from tensorboard.summary.writer import record_writer
+
+    reporter = Reporter(tmp_path, is_main=True, tensorboard=True, progress="log", epochs=1)
+    reporter.open()
+    reporter.train(train_record(1), batches=None)
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        for step in (2, 3):
+            reporter.train(train_record(step), batches=None)
+        reporter.close()
+    assert reporter.failure is None and reporter.unwritten == []  # the run goes on, nothing to write again
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert caplog.text.count("cannot write TensorBoard's events in") == 1
+    assert "TensorBoard stops for this session; metrics.jsonl goes on" in caplog.text
+
+
+def test_records_a_failed_start_wrote_before_its_error_are_not_written_again(tmp_path):
+    """A resumed session writes the records an earlier one could not; when the disk failed again
+    after the first of them, that one was in the file (behind the checkpoint) and in the
+    checkpoint's list, and the next resume wrote it a second time."""
+    MetricsWriter(tmp_path, tensorboard=False).write(train_record(1))
+    carried = [train_record(2), train_record(3)]
+    MetricsWriter(tmp_path, tensorboard=False, start_step=3).write(carried[0])  # then the disk failed
+    reporter = Reporter(tmp_path, is_main=True, tensorboard=False, progress="log", epochs=1, start=(3, 0),
+                        unwritten=[dict(r) for r in carried])  # fmt: skip
+    reporter.open()
+    reporter.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def train_record(step: int) -> dict:
+    return {"split": "train", "epoch": 0, "step": step, "steps": 1, "count": 8, "loss": 1.0, "top1": 10.0,
+            "lr": 0.01, "images_per_sec": 100.0, "data_wait_share": 0.0}  # fmt: skip
