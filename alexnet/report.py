@@ -12,6 +12,7 @@ classes or synthetic data gets no comparison, and says so.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 from alexnet.imagenet import is_ilsvrc_2012
 from alexnet.metrics import read_metrics
+from pipelines.outputs import write_bytes_atomic
 
 log = logging.getLogger("alexnet")
 PLOT_FILE = "training_curves.png"
@@ -255,18 +257,28 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: s
     metrics_path, out_png = Path(metrics_path), Path(out_png)
     fig = build_training_figure(_read_records(metrics_path), title or metrics_path.parent.name)
     try:
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
     finally:
         plt.close(fig)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    # Renamed into place: a plot drawn while another is written (launch/plot_run.py beside a
+    # session's end) or a write cut short never leaves a torn PNG.
+    write_bytes_atomic(out_png, png.getvalue())
     return out_png
 
 
 def write_run_report(run_dir: Path, final: RunSummary) -> Path | None:
-    """For the main rank at the end of a run: log the summary and draw <run_dir>/training_curves.png
-    from metrics.jsonl. A plot that cannot be drawn is a warning, never an error: the run and its
-    checkpoints are safe by then."""
+    """For the main rank at the end of a run: log the summary and draw its curves."""
     log.info("%s", format_summary(final))
+    return draw_run_curves(run_dir)
+
+
+def draw_run_curves(run_dir: Path) -> Path | None:
+    """<run_dir>/training_curves.png from metrics.jsonl, at the end of every session (one that
+    ended in an error too: a diverging run's is the plot that marks its non-finite losses). A plot
+    that cannot be drawn is a warning, never an error: the run and its checkpoints are safe by
+    then."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         log.warning("no %s yet: no %s drawn", metrics, PLOT_FILE)

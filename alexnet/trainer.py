@@ -38,7 +38,7 @@ from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
 from alexnet.plan import RunPlan
 from alexnet.powersgd_checkpoint import remove_stale_powersgd_state, restore_powersgd_state, save_powersgd_state
-from alexnet.report import session_gpu_seconds, summarize_run
+from alexnet.report import draw_run_curves, session_gpu_seconds, summarize_run
 from alexnet.reporting import MetricsWriteError, Reporter, comm_per_step
 from alexnet.resume import (
     Progress,
@@ -456,6 +456,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         self._log_start()
+        self._on_main_rank(self._summarize_start)
         stop_reason = self._run_epochs()
         if stop_reason:
             self.save_checkpoint()
@@ -779,6 +780,13 @@ class Trainer:
         if self.progress.step > self._first_step:
             self.progress.trained_under = self._training_setup()
 
+    def _summarize_start(self) -> None:
+        """Rank 0: summary.json says that a session runs, with the figures it starts from. The
+        session before's stayed until this one's end: a rerun with more epochs killed by SIGKILL
+        (the OOM killer, a node lost) left "completed": true beside its new epochs' records, and
+        a scheduler reading it did not requeue the run."""
+        self.reporter.write_summary(self._summary("running", 0.0))
+
     def _summarize_failure(self, exc: Exception) -> None:
         """Rank 0: summary.json of a session that ended in an error says so. It kept the session
         before's "completed", next to the failed session's records in metrics.jsonl. The figures
@@ -791,6 +799,7 @@ class Trainer:
             self.reporter.write_summary(summary)
         except Exception as unwritten:  # the error itself is what the run reports
             log.warning("summary.json could not be updated after the error (%s)", unwritten)
+        draw_run_curves(self.plan.run_dir)  # its failures are warnings
 
     def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:
         p = self.progress

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import TINY_TRAIN
+from _helpers import REPO, TINY_TRAIN
 from PIL import Image
 
 from alexnet.config import load_config
@@ -306,3 +306,26 @@ def test_a_slow_run_s_images_per_second_is_not_rounded_to_0(caplog):
     with caplog.at_level(logging.INFO, logger="alexnet"):
         assert "0.22 images/s" in format_summary(summarize_run(None, None, 72.0, 16, 1, "cpu", TEN))
         assert "139 images/s" in format_summary(summarize_run(None, None, 7200.0, 1_000_000, 1, "cpu", TEN))
+
+
+def test_plot_run_draws_a_run_s_curves_and_replaces_only_a_png(tmp_path, capsys):
+    """launch/plot_run.py: the curves of a run still training or killed before its session's end
+    (no other way to draw them than Python)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    from plot_run import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_metrics(run / "metrics.jsonl")
+    assert main([str(run)]) == 0 and f"written to {run / PLOT_FILE}" in capsys.readouterr().out
+    with Image.open(run / PLOT_FILE) as img:
+        assert img.size == (1200, 800) and len(img.getcolors(maxcolors=1_000_000)) > 50
+    assert main([str(run)]) == 0  # an earlier plot is replaced
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no staged file left
+
+    metrics = (run / "metrics.jsonl").read_bytes()
+    assert main([str(run), "--out", str(run / "metrics.jsonl")]) == 2
+    assert "exists and is no PNG image" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert main([str(tmp_path)]) == 1
+    assert f"{tmp_path / 'metrics.jsonl'}: no such file" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())  # a failed session says so
     assert (summary["completed"], summary["stop_reason"], summary["steps"]) == (False, "error", stopped)
     assert summary["error"].startswith("NonFiniteLossError: 3 consecutive steps with a non-finite loss")
+    # The plot that marks a diverging run's non-finite losses was drawn only for runs that ended well.
+    assert (tmp_path / "nan" / "training_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_steps_skipped_on_their_gradients_are_not_blamed_on_the_loss(tiny_data, tmp_path):

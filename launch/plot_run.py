@@ -1,0 +1,65 @@
+"""Draw a run's training curves from its metrics.jsonl: while it trains, or after a session that
+ended without drawing them (killed, or a machine lost).
+
+    python launch/plot_run.py runs/demo                     # runs/demo/training_curves.png
+    python launch/plot_run.py runs/demo --out curves.png
+
+The trainer draws the same figure at the end of every session. An existing --out file is replaced
+only where it is a PNG image (an earlier plot), never a checkpoint or metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alexnet.process import exit_process, print_error
+from alexnet.report import PLOT_FILE, plot_training_curves
+from pipelines.outputs import OutputPathError, check_output_file, output_path
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run folder (holds metrics.jsonl)")
+    parser.add_argument("--out", type=output_path, default=None, help=f"the PNG (default: RUN_DIR/{PLOT_FILE})")
+    return parser.parse_args(argv)
+
+
+def check_png_out(path: Path) -> None:
+    """`path` can be written, and an existing file there is a PNG image."""
+    check_output_file(path, f"--out {path}")
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                raise OutputPathError(f"--out {path}: exists and is no PNG image; name a new file (nothing was written)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    metrics = args.run_dir / "metrics.jsonl"
+    out = args.out if args.out is not None else args.run_dir / PLOT_FILE
+    try:
+        check_png_out(out)
+    except OutputPathError as exc:
+        print_error(str(exc))
+        return 2
+    if not metrics.is_file():
+        print_error(f"{metrics}: no such file (is {args.run_dir} a run folder?)")
+        return 1
+    try:
+        plot_training_curves(metrics, out)
+    except ImportError as exc:
+        print_error(f"matplotlib cannot be imported ({exc}; pip install matplotlib)")
+        return 1
+    except OSError as exc:
+        print_error(f"cannot write {out}: {exc.strerror or exc}")
+        return 1
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_process(main())
