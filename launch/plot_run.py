@@ -34,7 +34,7 @@ def check_png_out(path: Path) -> None:
     if path.is_file():
         with path.open("rb") as f:
             if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
-                raise OutputPathError(f"--out {path}: exists and is no PNG image; name a new file (nothing was written)")
+                raise OutputPathError(f"--out {path}: exists and is no PNG image; name a new file (nothing written)")
 
 
 def main(argv: list[str] | None = None) -> int:
