@@ -109,8 +109,8 @@ def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data
     checkpoint_steps = {s for s in range(1, TOTAL_STEPS) if s % 2 == 0 or s == TOTAL_STEPS // 2}
     assert len(resumed) == 1 and resumed[0] in checkpoint_steps, (resumed, text[-6000:])
     assert kill_step - 2 <= resumed[0] < TOTAL_STEPS, (kill_step, resumed)
-    running = (running_summary["stop_reason"], running_summary["completed"], running_summary["steps"])
-    assert running == ("running", False, 0)
+    said = (running_summary["stop_reason"], running_summary["completed"], running_summary["steps"])
+    assert said == ("running", False, 0)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == TOTAL_STEPS
     # Rank 0 appends a record every step: the second session carried on from a checkpoint, and
