@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,14 @@ class Throughput:
 NOT_PLOTTED = frozenset({"split", "epoch", "step", "steps", "count", "time"})
 
 
+def is_scalar(value: Any) -> bool:
+    """A record's value TensorBoard draws: a finite number. A non-finite one is null in
+    metrics.jsonl (strict JSON), so a later session's rewrite from the file has no point there:
+    drawn live, it was a point that a resume took away. A flag (a validation's ten_crop) is no
+    curve."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard scalars.
 
@@ -146,7 +155,7 @@ class MetricsWriter:
         when = record.get("time")  # None (now) for a record written before records had it
         try:
             for key, value in record.items():
-                if key not in NOT_PLOTTED and isinstance(value, (int, float)):
+                if key not in NOT_PLOTTED and is_scalar(value):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, step, walltime=when)
             self._tb.flush()
         except OSError as exc:

@@ -93,9 +93,13 @@ class LrSchedule:
         epochs) into its schedule: epochs done * steps_per_epoch + batches done in this one."""
         self.step_offset = position - step
 
+    def position(self, step: int) -> int:
+        """Where global step `step` stands in this schedule's epochs (epochs x steps_per_epoch)."""
+        return step + self.step_offset
+
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
-        step = step + self.step_offset  # the position in the schedule's epochs
+        step = self.position(step)
         warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
         warm = 1.0
         if step < warmup_steps:

@@ -43,7 +43,8 @@ def paper_comparison(top1: float, top5: float, classes: Sequence[str], ten_crop:
     ILSVRC-2012 classes (a 1000-way model validated on a few classes' images, or any other
     1000-class data, is not comparable); `ten_crop`: whether those figures average ten crops, as
     the paper's do."""
-    top1_error, top5_error = 100.0 - top1, 100.0 - top5
+    # Percentages of counts: rounded to 1e-6 points, so that summary.json says 0.4, not 0.4000000000000057.
+    top1_error, top5_error = round(100.0 - top1, 6), round(100.0 - top5, 6)
     result: dict[str, Any] = {
         "paper_top1_error": PAPER_TOP1_ERROR,
         "paper_top5_error": PAPER_TOP5_ERROR,
@@ -64,8 +65,8 @@ def paper_comparison(top1: float, top5: float, classes: Sequence[str], ten_crop:
             )
         )
         return result
-    result["top1_error_gap"] = top1_error - PAPER_TOP1_ERROR
-    result["top5_error_gap"] = top5_error - PAPER_TOP5_ERROR
+    result["top1_error_gap"] = round(top1_error - PAPER_TOP1_ERROR, 6)
+    result["top5_error_gap"] = round(top5_error - PAPER_TOP5_ERROR, 6)
     result["note"] = (
         f"top-1 error {top1_error:.2f}% vs the paper's {PAPER_TOP1_ERROR}% ({result['top1_error_gap']:+.2f} points), "
         f"top-5 error {top5_error:.2f}% vs {PAPER_TOP5_ERROR}% ({result['top5_error_gap']:+.2f}); "
@@ -188,6 +189,14 @@ def _finish_loss_axis(ax, records: list[dict[str, Any]]) -> None:
         ax.set_yscale("log")
 
 
+def _plot(ax, steps: list[float], values: list[float], **style: Any) -> None:
+    """A curve; one point alone (a run stopped after its first log window) as a dot, which a
+    line of one point does not show."""
+    if len(steps) == 1:
+        style.setdefault("marker", "o")
+    ax.plot(steps, values, **style)
+
+
 def _pyplot():
     import matplotlib
 
@@ -207,26 +216,26 @@ def build_training_figure(records: list[dict[str, Any]], title: str):
     for split, style in styles.items():
         steps, loss = _series(records, split, "loss")
         if steps:
-            ax_loss.plot(steps, loss, label=f"{split} loss", **style)
+            _plot(ax_loss, steps, loss, label=f"{split} loss", **style)
         for key, dash in (("top1", "-"), ("top5", "--")):
             steps, acc = _series(records, split, key)
             if steps:
-                ax_acc.plot(steps, acc, linestyle=dash, label=f"{split} {key.replace('top', 'top-')}", **style)
+                _plot(ax_acc, steps, acc, linestyle=dash, label=f"{split} {key.replace('top', 'top-')}", **style)
     _finish_loss_axis(ax_loss, records)
     steps, lr = _series(records, "train", "lr")
     if steps:
         # A train record's lr is the rate of the last step of the window that ends at its step:
         # drawn over that window (steps-pre), a change shows where it happened, not a window late.
-        ax_lr.plot(steps, lr, color="tab:green", drawstyle="steps-pre", label="learning rate")
+        _plot(ax_lr, steps, lr, color="tab:green", drawstyle="steps-pre", label="learning rate")
         if min(lr) > 0:
             ax_lr.set_yscale("log")
     steps, speed = _series(records, "train", "images_per_sec")
     if steps:
-        ax_speed.plot(steps, speed, color="tab:purple", label="train images/s")
+        _plot(ax_speed, steps, speed, color="tab:purple", label="train images/s")
     steps, wait = _series(records, "train", "data_wait_share")
     if steps:
         ax_wait = ax_speed.twinx()
-        ax_wait.plot(steps, [100 * w for w in wait], color="tab:gray", linestyle=":", label="data wait %")
+        _plot(ax_wait, steps, [100 * w for w in wait], color="tab:gray", linestyle=":", label="data wait %")
         ax_wait.set_ylabel("data wait (% of step time)")
         ax_wait.set_ylim(0, 100)
         ax_wait.legend(loc="upper right")  # and images/s upper left: "best" put the two on each other

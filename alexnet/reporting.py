@@ -122,14 +122,16 @@ class Reporter:
             )
             log.error("%s: training stops with a checkpoint", self.failure)
 
-    def wrap_epoch(self, loader, epoch: int):
-        """The loader itself, or a tqdm bar around it on rank 0 when it writes to a terminal."""
+    def wrap_epoch(self, loader, epoch: int, done: int = 0):
+        """The loader itself, or a tqdm bar around it on rank 0 when it writes to a terminal;
+        `done`: the epoch's steps taken before (a resume mid-epoch, whose loader yields the rest:
+        counted from 0, the bar ended a resumed epoch at "10/20 50%")."""
         if not self.bar:
             return loader
         from tqdm import tqdm
 
         desc = f"epoch {epoch + 1}/{self.epochs}"
-        return tqdm(loader, total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(loader, total=len(loader), initial=done, desc=desc, leave=False, dynamic_ncols=True)
 
     def train(self, record: dict[str, Any], batches) -> None:
         self._record(record)

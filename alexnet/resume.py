@@ -332,12 +332,14 @@ def restore_loader(
             shards = f"{old.num_shards} data shard{'s' if old.num_shards != 1 else ''}"
             log.warning(
                 "checkpoint %s was written with %s of batch %s (%d steps per epoch), this run has %d of batch %s "
-                "(%d steps): the interrupted epoch goes on from step %d (was %d), counted by the images trained "
+                "(%d steps): the interrupted epoch goes on after its step %d of %d (%d of %d before; the run's step "
+                "count goes on), counted by the images trained "
                 "(data.pipeline=torchvision goes on in the epoch's order, less than one step's images trained "
                 "twice; data.pipeline=dali's reader starts afresh, so some of its images are trained twice and "
                 "others not at all); later epochs are whole",
                 path, shards, describe_step_batch(old.batch_size // old_accum, old_accum), old.steps,
-                new.num_shards, describe_step_batch(new.batch_size // new_accum, new_accum), new.steps, pos, saved_pos,
+                new.num_shards, describe_step_batch(new.batch_size // new_accum, new_accum), new.steps, pos, new.steps,
+                saved_pos, old.steps,
             )  # fmt: skip
     # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh
     # reader to `pos` itself, so that its epochs and the reader's coincide from then on.

@@ -555,7 +555,9 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         tally, meter = Tally(self.env.device), Throughput()
         window, stop_reason = 0, ""
-        batches = self.reporter.wrap_epoch(self.train_loader, epoch)
+        steps = len(self.train_loader)
+        done = min(max(self.schedule.position(p.step) - epoch * steps, 0), steps)  # a resume mid-epoch
+        batches = self.reporter.wrap_epoch(self.train_loader, epoch, done)
         for step_batches, stop, data_wait in self._agreed_batches(batches):
             lr = self.schedule.apply(self.optimizer, p.step)
             micro = [

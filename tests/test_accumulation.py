@@ -211,7 +211,8 @@ def test_a_synthetic_run_resumed_under_another_accumulation_goes_on_by_images(ca
         pos = restore_loader(new, {"0": old.state_dict()}, SimpleNamespace(data_rank=0, data_size=1), Path("c.pt"), 8)
     assert pos == 1 and new.batch_loader.state_dict()["pos"] == 4
     assert ("written with 1 data shard of batch 16 (2 accumulated batches of 8) (4 steps per epoch), this run has "
-            "1 of batch 32 (4 accumulated batches of 8) (4 steps): the interrupted epoch goes on from step 1 (was 2)"
+            "1 of batch 32 (4 accumulated batches of 8) (4 steps): the interrupted epoch goes on after its step 1 "
+            "of 4 (2 of 4 before; "
             in caplog.text)  # fmt: skip
 
 

@@ -331,3 +331,17 @@ def test_records_a_failed_start_wrote_before_its_error_are_not_written_again(tmp
 def train_record(step: int) -> dict:
     return {"split": "train", "epoch": 0, "step": step, "steps": 1, "count": 8, "loss": 1.0, "top1": 10.0,
             "lr": 0.01, "images_per_sec": 100.0, "data_wait_share": 0.0}  # fmt: skip
+
+
+def test_tensorboard_shows_the_same_points_live_and_after_a_resume(tmp_path):
+    """A NaN loss was a point live but null in metrics.jsonl, so a resume's rewrite took it away;
+    a validation's ten_crop flag was drawn as a 0/1 curve."""
+    first = MetricsWriter(tmp_path, tensorboard=True)
+    first.write({"split": "train", "epoch": 0, "step": 1, "loss": 2.0})
+    first.write({"split": "train", "epoch": 0, "step": 2, "loss": float("nan")})
+    first.write({"split": "val", "epoch": 1, "step": 2, "loss": 1.5, "ten_crop": False})
+    first.close()
+    live = tensorboard_scalars(tmp_path / "tensorboard")
+    MetricsWriter(tmp_path, tensorboard=True, start_step=2, start_epoch=1).close()
+    assert tensorboard_scalars(tmp_path / "tensorboard") == live
+    assert live == {"train/loss": [(1, 2.0)], "val/loss": [(2, 1.5)]}

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import sys
 
 import pytest
@@ -89,6 +90,18 @@ def test_figure_holds_the_records_curves(tmp_path):
     fig.clf()
 
 
+def test_a_run_with_one_training_record_shows_its_points():
+    """A run stopped after its first log window: lines of one point draw nothing, and the four
+    panels looked empty."""
+    fig = build_training_figure(write_metrics_records()[:1], "run")
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 6 and all(line.get_marker() == "o" for line in lines)  # loss, top-1/5, lr, images/s, wait
+    fig.clf()
+    fig = build_training_figure(write_metrics_records(), "run")
+    assert {line.get_marker() for line in fig.axes[0].get_lines()} == {"None", "o"}  # train lines, val dots
+    fig.clf()
+
+
 def test_empty_and_missing_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "empty.png")
@@ -115,6 +128,13 @@ def test_summary_on_imagenet_compares_with_the_paper():
     assert s.paper["top5_error"] == pytest.approx(20.0) and s.paper["top5_error_gap"] == pytest.approx(1.8)
     assert "+2.30 points" in s.paper["note"] and "ten crops" in s.paper["note"]
     assert json.loads(json.dumps(s.as_dict()))["gpu_hours"] == 80.0
+
+
+def test_the_errors_are_written_without_float_noise():
+    """100 - 99.6 is 0.4000000000000057 in floating point, which summary.json showed."""
+    paper = paper_comparison(99.6, 81.8, ILSVRC)
+    assert (paper["top1_error"], paper["top5_error"]) == (0.4, 18.2) and paper["top5_error_gap"] == 0.0
+    assert json.dumps(paper["top1_error_gap"]) == "-40.3"
 
 
 def test_summary_elsewhere_says_there_is_no_comparison():
@@ -329,3 +349,15 @@ def test_plot_run_draws_a_run_s_curves_and_replaces_only_a_png(tmp_path, capsys)
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert main([str(tmp_path)]) == 1
     assert f"{tmp_path / 'metrics.jsonl'}: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_progress_bar_of_a_resumed_epoch_counts_its_steps_taken_before(tiny_data, tmp_path):
+    """Resumed at step 3 of an epoch, the bar counted from 0 against the whole epoch's steps, and
+    the epoch ended at "N-3/N"."""
+    from _helpers import check, train_tiny
+
+    check(train_tiny(tiny_data, tmp_path, "bar", "train.max_steps=3", "train.epochs=1", nproc=1))
+    proc = check(train_tiny(tiny_data, tmp_path, "bar", "train.epochs=1", "run.progress=bar", nproc=1))
+    counts = [(int(n), int(total)) for n, total in re.findall(r"epoch 1/1:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", proc.stderr)]
+    assert counts and counts[0] == (3, 15) and counts[-1][0] >= 14, proc.stderr[-2000:]  # 0/15 before
