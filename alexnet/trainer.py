@@ -72,16 +72,18 @@ def _recorded_resume(config_yaml: Path) -> str | None:
     return value if isinstance(value, str) and value not in ("auto", "none") else None
 
 
-def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh) -> str:
+def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh, amp: str) -> str:
     """What decides the bytes a step communicates: summary.json's totals carry over from earlier
     sessions only while it stays the same. The towers' and the hybrid's exchanges grow with a
-    step's images (data.batch_size x train.accum_steps)."""
+    step's images (data.batch_size x train.accum_steps), the hybrid's with the ranks of its FC
+    groups. Those ranks and the precision (`amp`) are the ones in use: parallel.fc_group=0 and
+    train.amp=auto mean other ones on other machines, whose totals were averaged together."""
     par = cfg.parallel
     accum = f"x{cfg.train.accum_steps}" if cfg.train.accum_steps > 1 else ""  # as written before accumulation
     return (
-        f"{mesh.mode} world {env.world_size} data {mesh.data_size} fc_group {par.fc_group} "
+        f"{mesh.mode} world {env.world_size} data {mesh.data_size} fc_group {mesh.shape.model_size} "
         f"hook {par.comm_hook}/{par.powersgd_rank} batch {cfg.data.batch_size}{accum} crop {cfg.data.crop} "
-        f"amp {cfg.train.amp} model {cfg.model.variant}/{cfg.model.num_classes}"
+        f"amp {amp} model {cfg.model.variant}/{cfg.model.num_classes}"
     )
 
 
@@ -150,7 +152,7 @@ class Trainer:
         if p.gpu_seconds is None:  # a checkpoint from before GPU-seconds were counted: as this session
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
-        self._comm_setup = comm_setup(cfg, env, mesh)
+        self._comm_setup = comm_setup(cfg, env, mesh, self.amp.name)
         self._sample_rows = step_sample_rows(cfg.data.batch_size, mesh.data_rank, cfg.train.accum_steps, env.device)
 
     def _read_data_and_checkpoint(self) -> tuple[nn.Module, tuple[dict, Path] | None]:

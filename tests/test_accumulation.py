@@ -219,11 +219,25 @@ def test_a_synthetic_run_resumed_under_another_accumulation_goes_on_by_images(ca
 def test_summary_comm_totals_restart_when_a_step_s_images_change():
     """Under towers and hybrid a step's exchanges grow with its images: the totals summary.json
     carries over from earlier sessions restart when train.accum_steps changes."""
-    env, mesh, cfg = SimpleNamespace(world_size=2), SimpleNamespace(mode="hybrid", data_size=2), Config()
-    one = comm_setup(cfg, env, mesh)
+    env, cfg = SimpleNamespace(world_size=4), Config()
+    mesh = SimpleNamespace(mode="hybrid", data_size=4, shape=SimpleNamespace(model_size=4))
+    one = comm_setup(cfg, env, mesh, "off")
     assert " batch 128 crop " in one  # as before accumulation existed: an older run's totals go on
     cfg.train.accum_steps = 2
-    assert " batch 128x2 crop " in comm_setup(cfg, env, mesh)
+    assert " batch 128x2 crop " in comm_setup(cfg, env, mesh, "off")
+
+
+def test_summary_comm_totals_restart_when_the_fc_groups_or_the_precision_in_use_change():
+    """parallel.fc_group=0 (a node's ranks) and train.amp=auto name other settings on other
+    machines: a hybrid run of 4 ranks on one node, resumed on two nodes of 2, averaged the
+    bytes per step of FC groups of 4 and of 2."""
+    env, cfg = SimpleNamespace(world_size=4), Config()
+    # The hybrid's convolutions are data-parallel over the whole world: 4 data shards either way.
+    one_node = SimpleNamespace(mode="hybrid", data_size=4, shape=SimpleNamespace(model_size=4))
+    two_nodes = SimpleNamespace(mode="hybrid", data_size=4, shape=SimpleNamespace(model_size=2))
+    assert cfg.parallel.fc_group == 0 and cfg.train.amp == "auto"
+    assert comm_setup(cfg, env, one_node, "off") != comm_setup(cfg, env, two_nodes, "off")
+    assert comm_setup(cfg, env, one_node, "off") != comm_setup(cfg, env, one_node, "bf16")
 
 
 def test_the_benchmarks_refuse_accumulation_they_would_not_time(tmp_path, capsys):

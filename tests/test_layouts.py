@@ -151,6 +151,8 @@ def test_world_sizes_a_layout_cannot_use_show_the_arithmetic():
         plan_mesh("hybrid", 0, 6, 6, fc_group=4)
     with pytest.raises(LayoutError, match=r"hybrid splits the FC layers over several ranks, but the world has 1 rank"):
         plan_mesh("hybrid", 0, 1, 1)  # its FC collectives need a group: it crashed at the first step
+    with pytest.raises(LayoutError, match=r"the world has 1 rank: 1 = 0 x 2 \+ 1"):  # not "1 ranks"
+        plan_mesh("towers", 0, 1, 1)
     shape = plan_mesh("towers", 5, 8, 8)
     assert (shape.data_rank, shape.data_size, shape.model_rank) == (2, 4, 1)
     shape = plan_mesh("hybrid", 5, 8, 4)  # two nodes of 4: FC group = the node

@@ -86,7 +86,8 @@ def plan_mesh(mode: str, rank: int, world: int, local_world: int, fc_group: int 
         if world % TOWER_DEGREE:
             raise LayoutError(
                 f"parallel.mode=towers splits every replica over {TOWER_DEGREE} ranks, but the world has {world} "
-                f"ranks: {world} = {world // TOWER_DEGREE} x {TOWER_DEGREE} + {world % TOWER_DEGREE}; "
+                f"rank{'s' if world != 1 else ''}: "
+                f"{world} = {world // TOWER_DEGREE} x {TOWER_DEGREE} + {world % TOWER_DEGREE}; "
                 f"use an even number of processes"
             )
         if local_world % TOWER_DEGREE:
