@@ -88,7 +88,8 @@ class Progress:
         top-5 (both figures of one validation, as the paper's are of one model; the first
         validation of a tied top-1 used to keep its top-5, however much better a later one was).
         A validation with a non-finite loss is never the best: its top-1 is the share of the
-        class that NaN logits pick (argmax of NaN is the first), and a diverged run reported it."""
+        class that NaN logits pick (whichever topk returns for a row of NaN), and a diverged run
+        reported it."""
         self.last_top1, self.last_top5 = top1, top5
         if not math.isfinite(loss):
             return
