@@ -101,7 +101,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="JSON file, or folder (existing, or ending in /) (default: beside the checkpoint)",
     )
     parser.add_argument("--timeout", type=positive_seconds, default=600.0, help="collective timeout in seconds")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Options that contradict each other are a usage error (exit 2, as argparse's own), known
+    # before a checkpoint is read.
+    if args.pipeline == "torchvision" and args.ten_crop:
+        parser.error("--ten-crop reads the images with DALI; use --pipeline dali (or run)")
+    if args.pipeline == "torchvision" and args.decoder != "auto":
+        parser.error("--decoder sets DALI's decoder; --pipeline torchvision decodes with PIL")
+    return args
 
 
 def default_out(checkpoint: Path, ten_crop: bool) -> Path:

@@ -447,9 +447,7 @@ def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_nam
 
 
 def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_command", EVALUATE)
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    command = evaluate_command()
     ckpt = tmp_path / "run" / "last.pt"
     assert command.resolve_out(f"{tmp_path}/results/", ckpt, False) == tmp_path / "results" / "last.pt.eval-centre.json"
     assert command.resolve_out(f"{tmp_path}/results", ckpt, True) == tmp_path / "results"  # a file name
@@ -619,3 +617,16 @@ def test_a_run_s_data_folder_that_is_not_here_says_to_pass_data(tiny_data, train
         == run_evaluation(EvalOptions(gone, data=str(tiny_data)), ONE)["images"]
         == 50
     )
+
+
+def test_options_that_contradict_each_other_are_a_usage_error(tmp_path, capsys):
+    """--pipeline torchvision with --ten-crop or a DALI decoder exited 1 (as a bad checkpoint or
+    data would) after the checkpoint was read; a usage error is argparse's exit 2, at once."""
+    parse_args = evaluate_command().parse_args
+    missing = str(tmp_path / "never_read.pt")
+    for flags, said in ((["--ten-crop"], "--ten-crop reads the images with DALI"),
+                        (["--decoder", "cpu"], "--decoder sets DALI's decoder")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            parse_args([missing, "--pipeline", "torchvision", *flags])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert parse_args([missing, "--pipeline", "dali", "--ten-crop", "--decoder", "cpu"]).ten_crop
