@@ -45,7 +45,7 @@ from alexnet.parallel.agree import (
     share_setup_failure,
 )
 from alexnet.parallel.env import DistEnv
-from alexnet.report import paper_comparison
+from alexnet.report import error_pct, paper_comparison
 from pipelines.base import PAD_LABEL, Loader, ShardSpec, check_shardable
 from pipelines.index import DataError, FileIndex, build_file_index, find_classes, load_file_list
 
@@ -359,8 +359,8 @@ def build_result(
         "classes_evaluated": len(evaluated),
         "top1": top1,
         "top5": top5,
-        "top1_error": 100.0 - top1,
-        "top5_error": 100.0 - top5,
+        "top1_error": error_pct(top1),
+        "top5_error": error_pct(top5),
         "loss": loss_sum / total,
         "paper": paper_comparison(top1, top5, evaluated, opts.ten_crop),
         "world_size": env.world_size,

@@ -37,14 +37,18 @@ NO_VALIDATION: dict[str, Any] = {"comparable": False, "note": "no validation ran
 SYNTHETIC: dict[str, Any] = {"comparable": False, "note": "synthetic data (random labels): not compared with the paper"}
 
 
+def error_pct(accuracy: float) -> float:
+    """100 - accuracy (%), rounded to 1e-6 points: the JSON says 0.4, not 0.4000000000000057."""
+    return round(100.0 - accuracy, 6)
+
+
 def paper_comparison(top1: float, top5: float, classes: Sequence[str], ten_crop: bool = False) -> dict[str, Any]:
     """Our error minus the paper's, in percentage points (positive: worse than the paper).
     `classes`: the class folders the evaluated images cover, which must be the paper's 1000
     ILSVRC-2012 classes (a 1000-way model validated on a few classes' images, or any other
     1000-class data, is not comparable); `ten_crop`: whether those figures average ten crops, as
     the paper's do."""
-    # Percentages of counts: rounded to 1e-6 points, so that summary.json says 0.4, not 0.4000000000000057.
-    top1_error, top5_error = round(100.0 - top1, 6), round(100.0 - top5, 6)
+    top1_error, top5_error = error_pct(top1), error_pct(top5)
     result: dict[str, Any] = {
         "paper_top1_error": PAPER_TOP1_ERROR,
         "paper_top5_error": PAPER_TOP5_ERROR,
@@ -166,13 +170,14 @@ def _read_records(metrics_path: Path) -> list[dict[str, Any]]:
 
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:
-    rows = [r for r in records if r.get("split") == split and _finite(r.get(key))]
+    # A record whose step is no number (a file edited by hand) has no place on the axis.
+    rows = [r for r in records if r.get("split") == split and _finite(r.get(key)) and _finite(r.get("step"))]
     rows.sort(key=lambda r: r["step"])
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finish_loss_axis(ax, records: list[dict[str, Any]]) -> None:
@@ -298,6 +303,6 @@ def draw_run_curves(run_dir: Path) -> Path | None:
         log.warning("could not draw %s: matplotlib cannot be imported (%s; pip install matplotlib)",
                     run_dir / PLOT_FILE, exc)  # fmt: skip
         return None
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # anything: it runs on the way out of a failed session too
         log.warning("could not draw %s: %s", run_dir / PLOT_FILE, exc)
         return None

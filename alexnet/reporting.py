@@ -94,10 +94,10 @@ class Reporter:
         self.writer = MetricsWriter(self.run_dir, self._tensorboard, *self._start, history_here=self._history_here)
         if self.unwritten:  # they belong before this session's: the checkpoint's steps
             # Those a session that failed here before wrote are in the file already.
-            for record in self.unwritten:
-                if record_key(record) not in self.writer.kept_keys:
-                    self.writer.write(record)
-            log.info("wrote the %d metrics record(s) an earlier session could not write", len(self.unwritten))
+            missing = [r for r in self.unwritten if record_key(r) not in self.writer.kept_keys]
+            for record in missing:
+                self.writer.write(record)
+            log.info("wrote the %d metrics record(s) an earlier session could not write", len(missing))
             self.unwritten.clear()
         if self.bar:  # here, not at the first step: there the other ranks would be in its collectives
             try:

@@ -324,7 +324,7 @@ def restore_loader(
                 else f"another list of {saved_samples} training images (files renamed, moved or replaced)"
             )  # fmt: skip
             log.warning(
-                "checkpoint %s was written with %s, this run has %d: the interrupted epoch goes on from step %d "
+                "checkpoint %s was written with %s, this run has %d: the interrupted epoch goes on after its step %d "
                 "of %d with the new list's order (some of its images are trained twice this epoch, others not "
                 "at all); later epochs are whole",
                 path, written, loader.num_samples, pos, new.steps,

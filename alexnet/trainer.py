@@ -79,7 +79,9 @@ def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh, amp: str) -> str:
     groups. Those ranks and the precision (`amp`) are the ones in use: parallel.fc_group=0 and
     train.amp=auto mean other ones on other machines, whose totals were averaged together."""
     par = cfg.parallel
-    accum = f"x{cfg.train.accum_steps}" if cfg.train.accum_steps > 1 else ""  # as written before accumulation
+    # Written as before accumulation existed where it is off. (A checkpoint keyed by the configured
+    # fc_group and amp, as earlier versions keyed it, restarts its totals once.)
+    accum = f"x{cfg.train.accum_steps}" if cfg.train.accum_steps > 1 else ""
     return (
         f"{mesh.mode} world {env.world_size} data {mesh.data_size} fc_group {mesh.shape.model_size} "
         f"hook {par.comm_hook}/{par.powersgd_rank} batch {cfg.data.batch_size}{accum} crop {cfg.data.crop} "
@@ -421,7 +423,7 @@ class Trainer:
         elif p.nonfinite_losses == 0:
             what = "finite losses but non-finite gradients"
         else:
-            what = f"a non-finite loss ({p.nonfinite_losses}) or gradients ({p.nonfinite_streak - p.nonfinite_losses})"
+            what = f"non-finite losses ({p.nonfinite_losses}) or gradients ({p.nonfinite_streak - p.nonfinite_losses})"
         levers = ["lower optim.lr"]
         if train.grad_clip <= 0:
             levers.append("set train.grad_clip")
@@ -538,7 +540,7 @@ class Trainer:
     def _epoch_done(self, epoch: int) -> bool:
         """Whether the steps taken complete `epoch`: the schedule counts epoch progress in steps of
         the loader's epochs, also after a resume under another number of steps per epoch."""
-        return self.progress.step + self.schedule.step_offset >= (epoch + 1) * len(self.train_loader)
+        return self.schedule.position(self.progress.step) >= (epoch + 1) * len(self.train_loader)
 
     def _train_epoch(self, epoch: int) -> str:
         """Run the rest of this epoch; returns why it stopped early ("" when it did not)."""

@@ -11,6 +11,7 @@ only where it is a PNG image (an earlier plot), never a checkpoint or metrics.js
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -29,16 +30,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_png_out(path: Path) -> None:
-    """`path` can be written, and an existing file there is a PNG image."""
+    """`path` can be written, and an existing file there is a PNG image (or the start of one: an
+    empty or cut plot of an interrupted write is replaced too)."""
     check_output_file(path, f"--out {path}")
     if path.is_file():
         with path.open("rb") as f:
-            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
-                raise OutputPathError(f"--out {path}: exists and is no PNG image; name a new file (nothing written)")
+            head = f.read(len(PNG_SIGNATURE))
+        if not PNG_SIGNATURE.startswith(head):
+            raise OutputPathError(f"--out {path}: exists and is no PNG image; name a new file (nothing written)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # A torn last line is normal while the run writes it: said as a warning, not a traceback.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    if args.run_dir.is_file():
+        print_error(f"{args.run_dir} is a file: name the run folder, the one that holds metrics.jsonl")
+        return 2
     metrics = args.run_dir / "metrics.jsonl"
     out = args.out if args.out is not None else args.run_dir / PLOT_FILE
     try:

@@ -222,7 +222,7 @@ def test_summary_comm_totals_restart_when_a_step_s_images_change():
     env, cfg = SimpleNamespace(world_size=4), Config()
     mesh = SimpleNamespace(mode="hybrid", data_size=4, shape=SimpleNamespace(model_size=4))
     one = comm_setup(cfg, env, mesh, "off")
-    assert " batch 128 crop " in one  # as before accumulation existed: an older run's totals go on
+    assert " batch 128 crop " in one  # as before accumulation existed
     cfg.train.accum_steps = 2
     assert " batch 128x2 crop " in comm_setup(cfg, env, mesh, "off")
 

@@ -314,7 +314,7 @@ def test_tensorboard_that_cannot_write_stops_alone_and_the_record_is_written_onc
     assert "TensorBoard stops for this session; metrics.jsonl goes on" in caplog.text
 
 
-def test_records_a_failed_start_wrote_before_its_error_are_not_written_again(tmp_path):
+def test_records_a_failed_start_wrote_before_its_error_are_not_written_again(tmp_path, caplog):
     """A resumed session writes the records an earlier one could not; when the disk failed again
     after the first of them, that one was in the file (behind the checkpoint) and in the
     checkpoint's list, and the next resume wrote it a second time."""
@@ -323,9 +323,11 @@ def test_records_a_failed_start_wrote_before_its_error_are_not_written_again(tmp
     MetricsWriter(tmp_path, tensorboard=False, start_step=3).write(carried[0])  # then the disk failed
     reporter = Reporter(tmp_path, is_main=True, tensorboard=False, progress="log", epochs=1, start=(3, 0),
                         unwritten=[dict(r) for r in carried])  # fmt: skip
-    reporter.open()
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        reporter.open()
     reporter.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert "wrote the 1 metrics record(s) an earlier session could not write" in caplog.text
 
 
 def train_record(step: int) -> dict:

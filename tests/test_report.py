@@ -16,6 +16,7 @@ from alexnet.imagenet import load_imagenet_classes
 from alexnet.report import (
     PLOT_FILE,
     build_training_figure,
+    draw_run_curves,
     format_summary,
     paper_comparison,
     plot_training_curves,
@@ -349,6 +350,29 @@ def test_plot_run_draws_a_run_s_curves_and_replaces_only_a_png(tmp_path, capsys)
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert main([str(tmp_path)]) == 1
     assert f"{tmp_path / 'metrics.jsonl'}: no such file" in capsys.readouterr().err
+    assert main([str(run / "metrics.jsonl")]) == 2  # the file, not its folder
+    assert "metrics.jsonl is a file: name the run folder" in capsys.readouterr().err
+    (run / "cut.png").write_bytes(b"\x89PNG")  # an interrupted write of an earlier plot is replaced
+    assert main([str(run), "--out", str(run / "cut.png")]) == 0
+
+
+def test_a_record_whose_step_is_no_number_is_not_drawn_and_a_plot_never_raises(tmp_path, caplog, monkeypatch):
+    """On the way out of a failed session the plot's own error (a TypeError from sorting a step
+    written as text) replaced the session's."""
+    records = write_metrics_records()
+    records[3]["step"] = "40"
+    fig = build_training_figure(records, "run")
+    assert lines_by_label(fig.axes[0])["train loss"][0] == [10, 20, 30, 50, 60, 70, 80, 90, 100]
+    fig.clf()
+    write_metrics(tmp_path / "metrics.jsonl")
+
+    def broken(*_):
+        raise TypeError("'<' not supported between instances of 'str' and 'int'")
+
+    monkeypatch.setattr("alexnet.report.build_training_figure", broken)
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        assert draw_run_curves(tmp_path) is None
+    assert f"could not draw {tmp_path / PLOT_FILE}: '<' not supported" in caplog.text
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, check_trainable, train_steps, val_steps
 from pipelines.dali import DaliLoader
 from pipelines.index import DataError, FileIndex, build_file_index
-from pipelines.torchvision_loader import TorchvisionLoader
+from pipelines.torchvision_loader import TorchvisionLoader, step_major_share
 
 CPU = torch.device("cpu")
 IMAGE = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
@@ -142,3 +142,25 @@ def test_fewer_validation_images_than_dali_shards_is_a_data_error_before_trainin
         for r in range(shards)
     ]
     assert sorted(sum((epoch_labels(loader)[0] for loader in tv), [])) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [7, 60, 61, 129])
+def test_each_step_of_the_torchvision_shards_is_one_process_s_batch_rank_after_rank(n):
+    """Every k-th image per rank put an image at another row of the step's global batch than one
+    process at the whole batch gives it, and counter-based dropout masks by that row: a
+    data-parallel run dropped other units. Each step's global batch, in row order (rank, then
+    accumulated batch), is now the order's next images, and what any number of steps has read
+    is a prefix of the order (what a resume under another world size converts by)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+    for world in (1, 2, 3, 4):
+        for batch in (1, 2, 5):
+            for accum in (1, 3):
+                batches = train_steps(n, world, batch, accum)
+                shares = [step_major_share(order, ShardSpec(r, world, batch, 0, accum), batches) for r in range(world)]
+                per_rank = batch * accum
+                assert all(len(s) == batches * batch for s in shares)
+                steps = [sum((s[i * per_rank : (i + 1) * per_rank] for s in shares), [])
+                         for i in range(batches // accum)]  # fmt: skip
+                one_process = world * per_rank
+                assert steps == [order[i * one_process : (i + 1) * one_process] for i in range(len(steps))]
+                assert train_steps(n, 1, one_process) == len(steps)  # as many steps as one process takes
