@@ -13,6 +13,7 @@ from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan, with_run_name
 from alexnet.process import apply_process_settings
 from alexnet.reporting import check_tensorboard_installed
+from alexnet.stop import put_back_handlers, stop_handlers
 from alexnet.trainer import Trainer
 
 
@@ -25,10 +26,14 @@ def init_logging(rank: int) -> None:
     )
 
 
-def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
+def run_training(cfg: Config, config_path: str | None, keep_stop_handlers: bool = False) -> dict[str, Any]:
+    """The run; the signal handlers it installs are put back as they were unless
+    `keep_stop_handlers` (launch/train.py, whose process ends with the run: `exit_process`
+    ignores the signals then, and until then a late SIGTERM must not kill a completed run)."""
     init_logging(log_rank())
     cfg = with_run_name(cfg, config_path)
     apply_process_settings(cfg.train)
+    handlers = stop_handlers()
     env = init_distributed(cfg.parallel.timeout_s)
     try:
         check_same_settings(flat_settings(config_to_dict(cfg)), "settings")
@@ -39,3 +44,5 @@ def run_training(cfg: Config, config_path: str | None) -> dict[str, Any]:
         return Trainer(cfg, env, mesh, plan).fit()
     finally:
         shutdown_distributed()
+        if not keep_stop_handlers:
+            put_back_handlers(handlers)

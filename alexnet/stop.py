@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,18 @@ STOPPED_SUFFIX = ".stopped"
 # ranks that did not fail say why they stop); NO_BATCH stops every rank before it: a rank could not
 # read its batch (alexnet.parallel.agree).
 REQUESTED, FAILED, NO_BATCH = 1, 2, 3
+
+
+def stop_handlers() -> dict[int, Any]:
+    """The handlers of the stop signals now, for `put_back_handlers`."""
+    return {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+
+def put_back_handlers(handlers: dict[int, Any]) -> None:
+    """After a run in a process that goes on (a notebook, a script of several runs): the ended
+    run's handler only took note of a SIGTERM or Ctrl-C, so neither stopped the process any more."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
 
 
 class StopRequest:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = run_training(cfg, args.config)
+        summary = run_training(cfg, args.config, keep_stop_handlers=True)
     except (
         ConfigError,
         ModelSizeError,

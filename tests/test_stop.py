@@ -80,3 +80,26 @@ def test_the_end_of_the_launcher_is_a_stop_request():
     gone = StopRequest(cpu, launcher_pid=os.getppid() + 1)  # reparented: the launcher has ended
     assert gone.requested_here() and gone.agreed()
     assert gone.reason() == f"the end of torchrun (pid {os.getppid() + 1}), which left its workers running"
+
+
+@pytest.mark.slow
+def test_a_run_in_a_process_that_goes_on_puts_its_signal_handlers_back(restored_handlers, tiny_data, tmp_path):
+    """A notebook after run_training: SIGTERM and Ctrl-C reached the ended run's handler, which
+    only took note of them (and printed "Ctrl-C: stopping with a checkpoint ..."), so neither
+    stopped the process any more."""
+    from _helpers import TINY_TRAIN
+
+    from alexnet.config import load_config
+    from alexnet.run import run_training
+
+    def callers(signum, frame):  # noqa: ARG001
+        pass
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, callers)
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=nb",
+                             "train.max_steps=1"])  # fmt: skip
+    run_training(cfg, None)
+    assert all(signal.getsignal(sig) is callers for sig in STOP_SIGNALS)
+    run_training(cfg, None, keep_stop_handlers=True)  # launch/train.py: its exit ignores them
+    assert all(getattr(signal.getsignal(sig), "__self__", None).__class__ is StopRequest for sig in STOP_SIGNALS)
