@@ -305,9 +305,13 @@ def restore_loader(
     # Older states lack the list's fingerprint too; the synthetic loader has no list.
     same_files = any_state.get("files", current.get("files")) == current.get("files")
     same_list = saved_samples == loader.num_samples and same_files
+    # Another data.seed orders every epoch differently too, and a DALI reader's checkpoint holds
+    # the old seed's random state (crops and mirrors went on drawing from it for good).
+    saved_seed = any_state.get("seed", current.get("seed"))  # older states lack it
+    same_order = same_list and saved_seed == current.get("seed")
     # A DALI reader's checkpoint is one of batches of its size: the same step of other batches is converted.
     old_accum, new_accum = accum_steps_of(any_state), accum_steps_of(current)
-    if mine is not None and len(states) == mesh.data_size and old == new and old_accum == new_accum and same_list:
+    if mine is not None and len(states) == mesh.data_size and old == new and old_accum == new_accum and same_order:
         loader.load_state_dict(mine)
         return None
     saved_pos = int(any_state["pos"])
@@ -328,6 +332,13 @@ def restore_loader(
                 "of %d with the new list's order (some of its images are trained twice this epoch, others not "
                 "at all); later epochs are whole",
                 path, written, loader.num_samples, pos, new.steps,
+            )  # fmt: skip
+        elif not same_order:
+            log.warning(
+                "checkpoint %s was written with data.seed %s, this run has %s: the interrupted epoch goes on "
+                "after its step %d of %d in the new seed's order (some of its images are trained twice this "
+                "epoch, others not at all); later epochs are whole",
+                path, saved_seed, current.get("seed"), pos, new.steps,
             )  # fmt: skip
         else:
             shards = f"{old.num_shards} data shard{'s' if old.num_shards != 1 else ''}"

@@ -111,10 +111,10 @@ def position_state(epoch: int, pos: int, shard: ShardSpec, steps: int, index: Fi
     what `pos` counts in, so that a resume under another sharding or batch can convert it
     (alexnet.resume.saved_layout reads them); `num_samples` and `files` (the list's fingerprint)
     tell a resume over another file list (bad files left out, files renamed), whose epoch order
-    differs, from an exact one."""
+    differs, from an exact one; `seed` (data.seed) one under another order of the same list."""
     return {
         "epoch": epoch, "pos": pos, "num_shards": shard.num_shards, "steps": steps,
-        "batch_size": shard.batch_size, "num_samples": len(index), "files": index.fingerprint,
+        "batch_size": shard.batch_size, "num_samples": len(index), "files": index.fingerprint, "seed": shard.seed,
     }  # fmt: skip
 
 

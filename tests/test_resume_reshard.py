@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from _helpers import TINY_TRAIN, TRAIN, check, torchrun
 from test_sharding import build, epoch_labels, numbered
 
@@ -235,3 +236,24 @@ def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tin
     assert summary["completed"] and summary["steps"] == 34
     # bytes per step are the last layout's: one process sends nothing (not the 2 ranks' average)
     assert summary["world_size"] == 1 and summary["comm_sent_mb_per_step"] == {}
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_another_data_seed_mid_epoch_is_said_and_takes_its_augmentation_too(tiny_data, kind, caplog):
+    """The position was restored as if the order were the same, without a word, and DALI's
+    checkpoint brought back the old seed's random state: crops and mirrors went on drawing from
+    it for the rest of the run. Now the new seed's order goes on from the step (said, as for
+    another file list), read by a fresh reader that draws from the new seed."""
+    index = numbered(tiny_data, N)
+    old = build(kind, index, "train", 0, 1, BATCH, seed=0)
+    batches = iter(old)
+    next(batches), next(batches)
+    resumed = build(kind, index, "train", 0, 1, BATCH, seed=5)
+    with caplog.at_level("WARNING", logger="alexnet"):
+        restore_loader(resumed, {"0": old.state_dict()}, SimpleNamespace(data_rank=0, data_size=1), Path("last.pt"))
+    said = "written with data.seed 0, this run has 5: the interrupted epoch goes on after its step 2 of 12"
+    assert said in caplog.text
+    fresh = iter(build(kind, index, "train", 0, 1, BATCH, seed=5))
+    next(fresh), next(fresh)
+    for (images, labels), (fresh_images, fresh_labels) in zip(resumed, fresh):
+        assert labels.tolist() == fresh_labels.tolist() and torch.equal(images, fresh_images)
