@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import signal
 import sys
 from typing import Any, NoReturn
@@ -17,11 +18,17 @@ from alexnet.config import TrainConfig
 from alexnet.hostmem import apply_host_memory
 from alexnet.stop import STOP_SIGNALS
 
+# cuBLAS is deterministic only with a fixed workspace (NVIDIA's cuBLAS docs, "Results
+# reproducibility"); torch only warns without it. Read when cuBLAS starts: before any CUDA work.
+CUBLAS_DETERMINISTIC = ":4096:8"
+
 
 def set_determinism(enabled: bool) -> None:
     """Deterministic kernels, or cuDNN's autotuner (which picks each convolution's fastest
     algorithm for its shapes once, then reuses it: the step's speed on a GPU depends on it)."""
     if enabled:
+        # A value the user set (":16:8", less memory) is theirs.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:

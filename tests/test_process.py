@@ -1,5 +1,6 @@
 """The process-wide settings the trainer and the benchmark apply (alexnet/process.py)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,11 +12,17 @@ from alexnet.config import TrainConfig
 from alexnet.process import apply_process_settings
 
 
-def test_determinism_switches_the_cudnn_autotuner_both_ways():
+def test_determinism_switches_the_cudnn_autotuner_both_ways(monkeypatch):
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
         apply_process_settings(TrainConfig(deterministic=True, host_memory="system"))
         assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        # cuBLAS is deterministic only with a fixed workspace, which torch merely warned about
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own is kept
+        apply_process_settings(TrainConfig(deterministic=True, host_memory="system"))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
         # a later run in the same process that is not deterministic gets the autotuner back
         apply_process_settings(TrainConfig(deterministic=False, host_memory="system"))
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
