@@ -278,6 +278,12 @@ def restore_training(
         amp.scaler.load_state_dict(payload["scaler"])
     saved_batch = payload.get("config", {}).get("data", {}).get("batch_size")
     progress = progress_from_checkpoint(payload["progress"], path)
+    # torch's global generator, as every rank has it (seeded alike, drawn from alike: the model's
+    # init). The run's own randomness comes from seeds and counters (dropout, the loaders); this
+    # keeps anything else that draws from it after a resume on the uninterrupted run's numbers.
+    rng = payload.get("rng", {}).get("torch")
+    if isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8:
+        torch.set_rng_state(rng)
     pos = restore_loader(train_loader, payload["loaders"]["train"], mesh, path, saved_batch)
     if pos is not None:
         # Epochs of another length: the global step no longer says how far into the run we are,

@@ -361,3 +361,22 @@ def test_progress_fields_of_a_newer_version_are_named_and_left_out(tmp_path, cap
         progress = progress_from_checkpoint(saved, tmp_path / "last.pt")
     assert (progress.epoch, progress.step, progress.epoch_trained) == (3, 60, True)
     assert "left out: future_counter" in caplog.text and str(tmp_path / "last.pt") in caplog.text
+
+
+def test_a_resume_puts_back_torch_s_generator_as_the_checkpoint_has_it(tiny_data, tmp_path):
+    """The checkpoint held torch's RNG state, which no resume read (the run's own randomness comes
+    from seeds and counters, so it showed only where the model's init drew otherwise: another
+    train.seed)."""
+    from _helpers import TINY_TRAIN
+
+    from alexnet.config import load_config
+    from alexnet.run import run_training
+
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=rng",
+                             "train.max_steps=2"])  # fmt: skip
+    run_training(cfg, None)
+    saved = torch.load(tmp_path / "rng" / "checkpoints" / "last.pt", weights_only=True)["rng"]["torch"]
+    again = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=rng",
+                               "train.max_steps=2", "train.seed=7"])  # fmt: skip
+    run_training(again, None)  # resumed at step 2, nothing to train
+    assert torch.equal(torch.get_rng_state(), saved)
