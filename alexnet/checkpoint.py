@@ -38,6 +38,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and the reason."""
 
 
+class CheckpointUnusableHere(CheckpointError):
+    """A checkpoint that need not be damaged but that this process cannot use: a read refused to
+    this user, a format this version does not know (a newer one's), a link to a place not there
+    (storage not mounted). A resume does not fall back past it to an older checkpoint, whose
+    run's next write would replace it."""
+
+
 def optimizer_hyperparams(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
     """Each parameter group's settings, keyed by the group's name ("weights", "biases")."""
     return {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
@@ -191,6 +198,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is not a checkpoint of this trainer but a weights file (a state dict: no optimizer, "
             f"schedule, data position or config); model.weights={path} starts a training run from it"
         )
+    if isinstance(payload, dict) and isinstance(payload.get("format"), int) and payload["format"] > FORMAT_VERSION:
+        raise CheckpointUnusableHere(
+            f"checkpoint {path} is of format {payload['format']}, written by a newer version of this trainer "
+            f"(this one reads format {FORMAT_VERSION})"
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT_VERSION} checkpoint of this trainer")
     return payload
@@ -206,6 +218,8 @@ def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoin
     file torch.save did not write (an export, a text file)."""
     if path.is_dir():
         raise CheckpointError(f"{noun} {path} is a folder; name a checkpoint file in it (e.g. {path / LAST})")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointUnusableHere(f"{noun} {path} is a link to {os.readlink(path)}, which is not there")
     if not path.is_file():
         raise CheckpointError(f"{noun} {path} does not exist")
     head = _read_head(path, noun)
@@ -236,7 +250,7 @@ def _read_head(path: Path, noun: str) -> bytes:
         with open(path, "rb") as f:
             return f.read(_HEAD_BYTES)
     except OSError as exc:
-        raise CheckpointError(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
+        raise CheckpointUnusableHere(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
 
 
 def _zip_kind(path: Path) -> str | None:

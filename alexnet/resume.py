@@ -25,6 +25,7 @@ from alexnet.checkpoint import (
     LAST,
     PREVIOUS,
     CheckpointError,
+    CheckpointUnusableHere,
     load_checkpoint,
     load_model_state,
     load_optimizer_state,
@@ -112,7 +113,8 @@ def resume_candidates(cfg: CheckpointConfig, ckpt_dir: Path) -> list[Path]:
     if cfg.resume == "none":
         return []
     if cfg.resume == "auto":
-        return [p for p in (ckpt_dir / LAST, ckpt_dir / PREVIOUS) if p.exists()]
+        # A link whose target is not there (storage not mounted) is a checkpoint all the same.
+        return [p for p in (ckpt_dir / LAST, ckpt_dir / PREVIOUS) if p.exists() or p.is_symlink()]
     return [Path(cfg.resume).expanduser()]
 
 
@@ -141,6 +143,8 @@ def load_resume_checkpoint(
     candidates = resume_candidates(cfg, ckpt_dir)
     for i, path in enumerate(candidates):
         try:
+            if cfg.resume == "auto" and path.is_dir():  # the run's first write would fail on it
+                raise CheckpointUnusableHere(f"{path} is a folder, where the run writes its checkpoint file")
             payload = _load_training_checkpoint(path, named=cfg.resume != "auto")
             check_same_classes(payload, path, classes)  # the data's fault, not the file's: no fallback
             try:
@@ -148,6 +152,14 @@ def load_resume_checkpoint(
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}{_shape_changes(payload, settings)}") from exc
             return payload, path
+        except CheckpointUnusableHere as exc:
+            if cfg.resume != "auto" or i == len(candidates) - 1:
+                raise
+            # Its run's next checkpoint would replace it: rolled back a whole checkpoint interval.
+            raise CheckpointUnusableHere(
+                f"{exc}; not resuming from {candidates[i + 1]} instead, whose run would replace it at its next "
+                f"checkpoint: make it usable, or move it aside to resume from {candidates[i + 1].name}"
+            ) from exc
         except CheckpointError as exc:
             if cfg.resume != "auto" or i == len(candidates) - 1:
                 raise

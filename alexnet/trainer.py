@@ -72,6 +72,14 @@ def _recorded_resume(config_yaml: Path) -> str | None:
     return value if isinstance(value, str) and value not in ("auto", "none") else None
 
 
+def _written_after(path: Path, other: Path) -> bool:
+    """Whether `path` was modified after `other` (False where either cannot be read)."""
+    try:
+        return path.stat().st_mtime > other.stat().st_mtime
+    except OSError:
+        return False
+
+
 def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh, amp: str) -> str:
     """What decides the bytes a step communicates: summary.json's totals carry over from earlier
     sessions only while it stays the same. The towers' and the hybrid's exchanges grow with a
@@ -194,7 +202,8 @@ class Trainer:
         torchrun restart) continues its own checkpoints."""
         ckpt = self.cfg.checkpoint
         resume = ckpt.resume
-        if not (self.ckpt_dir / LAST).exists() or resume == "auto":
+        last = self.ckpt_dir / LAST
+        if not (last.exists() or last.is_symlink()) or resume == "auto":  # a link to storage not mounted counts
             return ckpt
         # Both refusals are of the command (exit 2): its checkpoint.resume and run.name disagree.
         if resume == "none":
@@ -203,9 +212,17 @@ class Trainer:
                 "continue it, or run.name=<new name> to start another run (nothing was overwritten)",
                 ("checkpoint.resume",),
             )
-        if same_file(resume, self.ckpt_dir / Path(resume).name):
-            return ckpt  # one of the run's own checkpoints
-        if same_file(resume, _recorded_resume(self.plan.run_dir / "config.yaml")):
+        config_yaml = self.plan.run_dir / "config.yaml"
+        recorded = _recorded_resume(config_yaml)
+        if same_file(resume, self.ckpt_dir / Path(resume).name):  # one of the run's own checkpoints
+            if same_file(resume, recorded) and _written_after(last, config_yaml):
+                # The last session went back to it too and has checkpointed since: this is its
+                # restart (torchrun's, a Slurm requeue), which went back again at every restart.
+                log.info("the last session resumed from %s too and has checkpointed since; continuing from "
+                         "the run's latest checkpoint", resume)  # fmt: skip
+                return dataclasses.replace(ckpt, resume="auto")
+            return ckpt
+        if same_file(resume, recorded):
             log.info("this run started from %s; continuing from its own checkpoints", resume)
             return dataclasses.replace(ckpt, resume="auto")
         raise ConfigError(

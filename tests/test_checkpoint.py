@@ -10,6 +10,7 @@ import torch
 
 from alexnet.checkpoint import (
     CheckpointError,
+    CheckpointUnusableHere,
     atomic_save,
     load_checkpoint,
     load_model_state,
@@ -380,3 +381,66 @@ def test_a_resume_puts_back_torch_s_generator_as_the_checkpoint_has_it(tiny_data
                                "train.max_steps=2", "train.seed=7"])  # fmt: skip
     run_training(again, None)  # resumed at step 2, nothing to train
     assert torch.equal(torch.get_rng_state(), saved)
+
+
+def test_a_last_pt_that_may_be_whole_is_not_passed_over_for_previous_pt(tmp_path, monkeypatch):
+    """Auto resume fell back to previous.pt from a last.pt this user may not read, one of a newer
+    format, a link into storage not mounted, or a folder, and its run's first write replaced the
+    intact newer checkpoint (or, for the folder, failed a checkpoint interval later)."""
+    atomic_save(payload(1.0), tmp_path)
+    atomic_save(payload(2.0), tmp_path)
+    last, auto = tmp_path / "last.pt", CheckpointConfig(resume="auto")
+    refused = "; not resuming from {} instead, whose run would replace it at its next checkpoint".format(
+        tmp_path / "previous.pt"
+    )
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    with monkeypatch.context() as patch:  # root reads any file: the refusal is made for it
+        patch.setattr("builtins.open", unreadable)
+        with pytest.raises(CheckpointUnusableHere, match=re.escape(f"{last} cannot be read: Permission denied")) as e:
+            load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+    assert refused in str(e.value)
+    newer = {**payload(2.0), "format": 2}
+    torch.save(newer, last)
+    with pytest.raises(CheckpointUnusableHere, match="is of format 2, written by a newer version") as e:
+        load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+    assert refused in str(e.value)
+    last.unlink()
+    last.symlink_to(tmp_path / "unmounted" / "last.pt")
+    with pytest.raises(CheckpointUnusableHere, match=r"last\.pt is a link to .*unmounted/last\.pt, which is not there"):
+        load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+    (tmp_path / "previous.pt").unlink()  # alone, the link is still a checkpoint: no fresh start over it
+    with pytest.raises(CheckpointUnusableHere, match="which is not there"):
+        load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+    last.unlink()
+    last.mkdir()
+    with pytest.raises(CheckpointUnusableHere, match=r"last\.pt is a folder, where the run writes its checkpoint"):
+        load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+
+
+def test_a_restart_of_a_session_sent_back_to_its_own_previous_pt_continues(tiny_data, tmp_path, capfd):
+    """checkpoint.resume=<the run's own previous.pt> goes back one checkpoint; the same command
+    again (torchrun's restart, a Slurm requeue) went back again each time, losing a checkpoint
+    interval and its records at every restart."""
+    from _helpers import TINY_TRAIN
+
+    from alexnet.run import run_training
+
+    def run(*extra: str) -> None:
+        run_training(load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}",
+                                        "run.name=back", "checkpoint.every_steps=2", *extra]), None)  # fmt: skip
+
+    def step(name: str) -> int:
+        return torch.load(tmp_path / "back" / "checkpoints" / name, weights_only=True)["progress"]["step"]
+
+    run("train.max_steps=4")
+    back = f"checkpoint.resume={tmp_path / 'back' / 'checkpoints' / 'previous.pt'}"
+    capfd.readouterr()
+    run(back, "train.max_steps=6")  # from step 2, as asked (the run's log goes to stderr)
+    assert "after step 2 " in capfd.readouterr().err and (step("last.pt"), step("previous.pt")) == (6, 4)
+    run(back, "train.max_steps=8")  # the same command again: from step 6, not 4
+    said = capfd.readouterr().err
+    assert "the last session resumed from" in said and "after step 6 " in said
+    assert (step("last.pt"), step("previous.pt")) == (8, 6)
