@@ -8,6 +8,7 @@ sees a half-written dataset and an interrupted generation is simply redone.
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -65,8 +66,11 @@ def _generate(root: Path, write: Callable[[Path], None], what: str) -> Path:
         if not (root / READY).exists():  # another process may have finished while we waited
             refuse_foreign_folder(root, what)
             logging.getLogger("alexnet").info("generating %s into %s (first use only)", what, root)
+            # Under the lock no other generation runs: earlier ones' folders are of killed ones
+            # (only the process's own was removed; each kill left up to 50 MB, hidden, for good).
+            for stale in root.parent.glob(f".{glob.escape(root.name)}.tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             try:
                 write(tmp)
                 (tmp / READY).write_text("ok\n")

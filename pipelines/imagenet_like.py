@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipelines.generated import cache_root, ensure_generated
+from pipelines.workers import end_with_the_parent
 
 VERSION = "imagenet-like-v1"
 
@@ -91,7 +92,7 @@ def write_imagenet_like(root: Path, spec: ImageNetLikeSpec, workers: int | None 
         for job in jobs:
             _write_one(job, spec)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=end_with_the_parent, initargs=(os.getpid(),)) as pool:
         list(pool.map(_write_one, jobs, [spec] * len(jobs), chunksize=16))
 
 

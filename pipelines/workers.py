@@ -24,6 +24,7 @@ import gc
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,6 +55,21 @@ def keep_run_signals_to_the_parent(worker_id: int) -> None:  # noqa: ARG001 - wo
         os._exit(0)  # as torch's handler exits on its parent's SIGTERM
 
     threading.Thread(target=exit_on_the_parent_s, name="sigterm-from-parent", daemon=True).start()
+
+
+def end_with_the_parent(parent: int) -> None:
+    """A process pool's `initializer` (with initargs=(os.getpid(),)): the worker ends within a
+    second of its parent. A forked worker holds copies of the parent's descriptors, a lock file's
+    among them: a generation SIGKILLed (the OOM killer, torchrun's last kill) left its workers
+    waiting for tasks forever, holding the cache's lock, and every later run hung on it without a
+    word."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-the-parent", daemon=True).start()
 
 
 class ForkSafeDataLoader(DataLoader):

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +114,53 @@ def test_a_generation_that_fails_midway_leaves_no_temporary_folder(tmp_path):
     with pytest.raises(DataError, match=rf"cannot write the test data into {root}: No space left on device \("):
         ensure_generated(root, disk_full, "the test data")
     assert sorted(p.name for p in root.parent.iterdir()) == [".demo.lock"]
+
+
+def test_a_killed_generation_leaves_no_worker_and_no_folder_behind(tmp_path):
+    """An ImageNet-like generation SIGKILLed (the OOM killer, torchrun's last kill) left its pool's
+    workers waiting for tasks forever, holding the cache's lock: every later run hung without a
+    word. And each killed generation's hidden temporary folder stayed for good."""
+    root = tmp_path / "like"
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from pipelines.imagenet_like import ImageNetLikeSpec, ensure_imagenet_like\n"
+        "ensure_imagenet_like(Path(sys.argv[1]), ImageNetLikeSpec(classes=2, train_per_class=600, val_per_class=1), "
+        "workers=2)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(root)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(children(proc.pid)) < 2 or not list(tmp_path.glob(".like.tmp*/train/*/*.JPEG")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.05)
+        workers = children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers), "the pool's workers outlived their parent"
+    finally:
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert list(tmp_path.glob(".like.tmp*"))  # what the kill left
+    ensure_generated(root, write_one_file, "the test data")  # the lock is free: not a hang
+    assert not list(tmp_path.glob(".like.tmp*"))
+
+
+def children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
