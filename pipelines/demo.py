@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.generated import cache_root, ensure_generated
+from pipelines.generated import cache_root, encode_jpeg, ensure_generated
 
 DEMO_VERSION = "demo-v1"
 CLASSES = (
@@ -71,7 +71,9 @@ def write_demo_dataset(root: Path, spec: DemoSpec) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 img = draw_sample(label, rng, spec)
-                img.save(folder / f"{name}_{i:04d}.jpg", quality=spec.quality)
+                # Encoded first, then written: PIL saving to a path ignores a short write (a
+                # file-size limit, a quota), and a generation "succeeded" with cut files.
+                (folder / f"{name}_{i:04d}.jpg").write_bytes(encode_jpeg(img, spec.quality))
 
 
 def _hue_rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import io
 import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from PIL import Image
 
 from pipelines.index import DataError
 
@@ -24,6 +27,14 @@ READY = ".complete"
 CACHE_HINT = (
     "set XDG_CACHE_HOME to a writable folder, or use your own data (data.root=, or --data for launch/benchmark.py)"
 )
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """The JPEG's bytes, for `Path.write_bytes`, which raises on a short write (PIL saving to a
+    path does not)."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)  # 4:2:0 subsampling, as most camera JPEGs
+    return buf.getvalue()
 
 
 def cache_root() -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipelines.generated import cache_root, ensure_generated
+from pipelines.generated import cache_root, encode_jpeg, ensure_generated
 from pipelines.workers import end_with_the_parent
 
 VERSION = "imagenet-like-v1"
@@ -94,12 +93,6 @@ def write_imagenet_like(root: Path, spec: ImageNetLikeSpec, workers: int | None 
         return
     with ProcessPoolExecutor(max_workers=workers, initializer=end_with_the_parent, initargs=(os.getpid(),)) as pool:
         list(pool.map(_write_one, jobs, [spec] * len(jobs), chunksize=16))
-
-
-def encode_jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)  # 4:2:0 subsampling, as most camera JPEGs
-    return buf.getvalue()
 
 
 def image_size(spec: ImageNetLikeSpec, rng: np.random.Generator) -> tuple[int, int]:

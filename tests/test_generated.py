@@ -164,3 +164,17 @@ def alive(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
     except (OSError, IndexError):
         return False
+
+
+def test_a_file_size_limit_fails_the_demo_generation_instead_of_cutting_its_files(tmp_path):
+    """PIL saving to a path ignores a short write: under a file-size limit (or a quota) the demo
+    was marked complete with 3,041 of its 3,100 JPEGs cut at the limit."""
+    script = (
+        "import resource, sys\nfrom pathlib import Path\n"
+        "from pipelines.demo import ensure_demo_dataset\nfrom pipelines.index import DataError\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"  # Python ignores SIGXFSZ: writes fail
+        "try:\n    ensure_demo_dataset(Path(sys.argv[1]))\nexcept DataError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "demo")], capture_output=True, text=True)
+    assert f"cannot write the demo dataset into {tmp_path / 'demo'}: File too large" in out.stdout, out.stderr
+    assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp*"))
