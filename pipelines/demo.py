@@ -52,9 +52,10 @@ DEMO_HINT = (
 
 def default_demo_dir() -> Path:
     """ALEXNET_DEMO_DIR, or the cache's folder where it is unset or empty (an empty one named the
-    current folder: a stray lock file there, and the current folder refused as not the dataset)."""
+    current folder: a stray lock file there, and the current folder refused as not the dataset).
+    A leading ~ is the home folder, as in data.root (quoted, it made a folder named "~" here)."""
     named = os.environ.get("ALEXNET_DEMO_DIR", "")
-    return Path(named) if named else cache_root() / DEMO_VERSION
+    return Path(named).expanduser() if named else cache_root() / DEMO_VERSION
 
 
 def ensure_demo_dataset(root: Path | None = None, spec: DemoSpec = DemoSpec()) -> Path:
