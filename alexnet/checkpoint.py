@@ -212,12 +212,19 @@ def _is_state_dict(payload: Any) -> bool:
     return isinstance(payload, dict) and bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
 
 
+def checkpoint_in(folder: Path) -> Path:
+    """The checkpoint a folder's name points to: a run folder's latest (the run folder was given
+    for its checkpoints/ folder, and the hint named RUN/last.pt, which no run has), else its own."""
+    in_run = folder / "checkpoints" / LAST
+    return in_run if in_run.is_file() else folder / LAST
+
+
 def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoint of this trainer") -> Any:
     """What torch.save wrote to `path`, loaded with weights_only=True. Errors are CheckpointErrors
     in one line: "<noun> <path> cannot be loaded (...)", or "<path> is not a <kind> (...)" for a
     file torch.save did not write (an export, a text file)."""
     if path.is_dir():
-        raise CheckpointError(f"{noun} {path} is a folder; name a checkpoint file in it (e.g. {path / LAST})")
+        raise CheckpointError(f"{noun} {path} is a folder; name a checkpoint file in it (e.g. {checkpoint_in(path)})")
     if path.is_symlink() and not path.exists():
         raise CheckpointUnusableHere(f"{noun} {path} is a link to {os.readlink(path)}, which is not there")
     if not path.is_file():

@@ -26,6 +26,7 @@ from alexnet.checkpoint import (
     PREVIOUS,
     CheckpointError,
     CheckpointUnusableHere,
+    checkpoint_in,
     load_checkpoint,
     load_model_state,
     load_optimizer_state,
@@ -173,7 +174,7 @@ def _load_training_checkpoint(path: Path, named: bool) -> dict[str, Any]:
     that cannot continue a run names the key as well."""
     if named:
         existing_file(
-            "checkpoint.resume", str(path), "checkpoint", f"; name a checkpoint file in it (e.g. {path / LAST})"
+            "checkpoint.resume", str(path), "checkpoint", f"; name a checkpoint file in it (e.g. {checkpoint_in(path)})"
         )
     with naming_key("checkpoint.resume", CheckpointError) if named else nullcontext():
         payload = load_checkpoint(path)

@@ -43,7 +43,13 @@ def cache_root() -> Path:
     empty or relative: the XDG Base Directory spec ignores such a value (taken as it was, an empty
     one put the cache in the current folder)."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "alexnet-dist"
+    if os.path.isabs(xdg):
+        return Path(xdg) / "alexnet-dist"
+    try:
+        home = Path.home()
+    except RuntimeError as exc:  # no HOME and no passwd entry (a container's anonymous user): a traceback
+        raise DataError(f"no cache folder for the generated data ({exc}); {CACHE_HINT}") from exc
+    return home / ".cache" / "alexnet-dist"
 
 
 def refuse_foreign_folder(root: Path, what: str) -> None:

@@ -18,7 +18,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, DataConfig, OptimConfig, config_to_dict, load_config
+from alexnet.config import CheckpointConfig, Config, ConfigError, DataConfig, OptimConfig, config_to_dict, load_config
 from alexnet.export import export_torchscript
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
@@ -251,6 +251,12 @@ def test_a_write_after_a_bad_last_pt_keeps_the_good_previous_pt(tmp_path):
 def test_a_folder_or_an_incomplete_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a folder; name a checkpoint file in it \(e\.g\. .*last\.pt\)"):
         load_checkpoint(tmp_path)
+    run = tmp_path / "run"  # a run folder: its checkpoints/last.pt, not run/last.pt, which no run has
+    atomic_save(payload(1.0), run / "checkpoints")
+    with pytest.raises(ConfigError, match=re.escape(f"(e.g. {run / 'checkpoints' / 'last.pt'})")):
+        load_resume_checkpoint(CheckpointConfig(resume=str(run)), tmp_path, torch.nn.Linear(1, 1))
+    with pytest.raises(CheckpointError, match=re.escape(f"(e.g. {run / 'checkpoints' / 'last.pt'})")):
+        load_checkpoint(run)
     model = PaperAlexNet(10, input_size=67)
     sections = {"progress": {}, "optimizer": {}, "schedule": {}, "config": {}}
     atomic_save({"format": 1, "model": model.state_dict(), **sections}, tmp_path / "ck")
