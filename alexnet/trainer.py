@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -285,8 +286,12 @@ class Trainer:
                     "up, and holds its checkpoints now; set run.name=<new name> for another run, or "
                     "checkpoint.resume=auto to continue that one (nothing was overwritten)"
                 )
-        # Made now: a file named `checkpoints` failed at the first checkpoint, maybe an epoch in.
+        # Made and probed now: a file named `checkpoints`, or a read-only folder, failed at the
+        # first checkpoint, maybe an epoch in.
         self.ckpt_dir.mkdir(exist_ok=True)
+        probe = self.ckpt_dir / f".write-probe{os.getpid()}"
+        probe.touch()
+        probe.unlink()
         before = path.read_bytes() if path.exists() else None  # bytes: kept as they are, whatever they hold
         write_config(self.cfg, path)
         if before is not None and path.read_bytes() != before:

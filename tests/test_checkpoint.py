@@ -4,6 +4,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -450,3 +451,25 @@ def test_a_restart_of_a_session_sent_back_to_its_own_previous_pt_continues(tiny_
     said = capfd.readouterr().err
     assert "the last session resumed from" in said and "after step 6 " in said
     assert (step("last.pt"), step("previous.pt")) == (8, 6)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_stops_the_run_at_its_start(tiny_data, tmp_path, monkeypatch):
+    """A read-only checkpoints/ was found at the first checkpoint write, checkpoint.every_steps
+    steps (maybe an epoch) of training later, and stopped the run with exit 1."""
+    from _helpers import TINY_TRAIN
+
+    from alexnet.run import run_training
+
+    real_touch = Path.touch
+
+    def read_only(path, *args, **kwargs):
+        if path.parent.name == "checkpoints":  # root writes anywhere: the refusal is made for it
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=ro"])
+    with pytest.raises(ConfigError, match=r"config key 'run\.root': cannot write the run folder .*/ro \(.*checkpoints"
+                                          r"/\.write-probe\d+: Permission denied\)"):  # fmt: skip
+        run_training(cfg, None)
+    assert not (tmp_path / "ro" / "metrics.jsonl").exists()  # no step was trained
