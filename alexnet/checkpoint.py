@@ -100,8 +100,10 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        if rotate and final.exists():
-            _rotate(final, folder)
+        # The last.pt being replaced is kept under a link first and becomes previous.pt only once
+        # the new one is in place: renamed over previous.pt first, a write that failed or died
+        # between the two renames left previous.pt a second name of last.pt, the older one lost.
+        kept_last = _keep_a_link(final, folder) if rotate and final.exists() else None
         os.replace(tmp, final)
     except (OSError, RuntimeError) as exc:  # torch.save's zip writer reports a full disk as RuntimeError
         # A full disk stays full with a partial checkpoint (or previous.pt's copy) on it.
@@ -110,6 +112,8 @@ def atomic_save(payload: dict[str, Any], folder: Path, rotate: bool = True) -> P
                 partial.unlink(missing_ok=True)
         kept = f"; {final} from before is kept" if os.path.exists(final) else ""  # never raises
         raise CheckpointError(f"cannot write checkpoint {final}: {os_reason(exc)}{kept}") from exc
+    if kept_last is not None:
+        _make_previous(kept_last, folder)
     try:
         _sync_folder(folder)
     except OSError as exc:
@@ -123,16 +127,29 @@ def _rotation_link(folder: Path) -> Path:
     return folder / f".{PREVIOUS}.tmp{os.getpid()}"
 
 
-def _rotate(final: Path, folder: Path) -> None:
-    """previous.pt <- last.pt through a hard link, so last.pt exists at every instant."""
+def _keep_a_link(final: Path, folder: Path) -> Path:
+    """A second name (a hard link, or a copy) of the last.pt about to be replaced."""
     link = _rotation_link(folder)
     if link.exists():
         link.unlink()
     _link_or_copy(final, link)
-    os.replace(link, folder / PREVIOUS)
-    # rename(2) does nothing when both names are links to one file (previous.pt and last.pt
-    # after a write that died between its two renames): the link would stay behind.
-    link.unlink(missing_ok=True)
+    return link
+
+
+def _make_previous(link: Path, folder: Path) -> None:
+    """The replaced last.pt, kept by `_keep_a_link`, becomes previous.pt. The new last.pt is in
+    place by then: a failure here is a warning (previous.pt stays the one before), not a failed
+    checkpoint."""
+    try:
+        os.replace(link, folder / PREVIOUS)
+        # rename(2) does nothing when both names are links to one file (previous.pt and the old
+        # last.pt, as an interrupted rotation of earlier versions left them): the link would stay.
+        link.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("checkpoint %s was written, but %s was not updated (%s)", folder / LAST, folder / PREVIOUS,
+                    os_reason(exc))  # fmt: skip
+        with contextlib.suppress(OSError):
+            link.unlink(missing_ok=True)
 
 
 def _sync_folder(folder: Path) -> None:

@@ -38,6 +38,36 @@ def test_atomic_save_keeps_previous_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
 
 
+def test_a_write_that_fails_between_its_renames_keeps_the_older_previous_pt(tmp_path, monkeypatch):
+    """last.pt was renamed over previous.pt before the new file was renamed over last.pt: a write
+    that failed (or was killed) between the two left previous.pt a second name of last.pt, and the
+    older checkpoint, the one to go back to, was gone."""
+    atomic_save(payload(1.0), tmp_path)
+    atomic_save(payload(2.0), tmp_path)
+    real_replace = os.replace
+
+    def fails_on_last_pt(source, target):
+        if str(target).endswith("last.pt"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", fails_on_last_pt)
+        with pytest.raises(CheckpointError, match="Input/output error"):
+            atomic_save(payload(3.0), tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["w"][0] == 2.0
+    assert load_checkpoint(tmp_path / "previous.pt")["model"]["w"][0] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+    atomic_save(payload(3.0), tmp_path)  # and the next write rotates as usual
+    assert load_checkpoint(tmp_path / "previous.pt")["model"]["w"][0] == 2.0
+    # An interrupted rotation of earlier versions left previous.pt and last.pt one file: no link stays
+    (tmp_path / "previous.pt").unlink()
+    os.link(tmp_path / "last.pt", tmp_path / "previous.pt")
+    atomic_save(payload(4.0), tmp_path)
+    assert load_checkpoint(tmp_path / "previous.pt")["model"]["w"][0] == 3.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+
+
 def test_a_full_disk_during_a_write_is_one_error_that_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     """torch.save's zip writer turns ENOSPC into "RuntimeError: [enforce fail ...] unexpected pos";
     that reached the user as a traceback, and the partial file stayed, keeping the disk full."""
