@@ -269,12 +269,18 @@ _ONNX_SECOND_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
 _EXPORTED = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
 
 
+_NOT_DAMAGE = {errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOTCONN}
+
+
 def _read_head(path: Path, noun: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read(_HEAD_BYTES)
     except OSError as exc:
-        raise CheckpointUnusableHere(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
+        # Refused to this user, or on storage gone (a lost NFS handle or FUSE mount): the file
+        # may be whole. A read error of the disk (EIO) is damage, as a cut file is.
+        kind = CheckpointUnusableHere if exc.errno in _NOT_DAMAGE else CheckpointError
+        raise kind(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
 
 
 def _zip_kind(path: Path) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,12 +73,15 @@ def _recorded_resume(config_yaml: Path) -> str | None:
     return value if isinstance(value, str) and value not in ("auto", "none") else None
 
 
-def _written_after(path: Path, other: Path) -> bool:
-    """Whether `path` was modified after `other` (False where either cannot be read)."""
+def _resume_of(checkpoint: Path) -> str | None:
+    """checkpoint.resume as the session that wrote `checkpoint` had it (None where it cannot be
+    read: the resume itself then says why). Memory-mapped: the weights are not read."""
     try:
-        return path.stat().st_mtime > other.stat().st_mtime
-    except OSError:
-        return False
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        value = payload["config"]["checkpoint"]["resume"]
+    except Exception:  # any file that does not load, or a payload without the key
+        return None
+    return value if isinstance(value, str) else None
 
 
 def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh, amp: str) -> str:
@@ -213,14 +216,13 @@ class Trainer:
                 "continue it, or run.name=<new name> to start another run (nothing was overwritten)",
                 ("checkpoint.resume",),
             )
-        config_yaml = self.plan.run_dir / "config.yaml"
-        recorded = _recorded_resume(config_yaml)
+        recorded = _recorded_resume(self.plan.run_dir / "config.yaml")
         if same_file(resume, self.ckpt_dir / Path(resume).name):  # one of the run's own checkpoints
-            if same_file(resume, recorded) and _written_after(last, config_yaml):
-                # The last session went back to it too and has checkpointed since: this is its
-                # restart (torchrun's, a Slurm requeue), which went back again at every restart.
-                log.info("the last session resumed from %s too and has checkpointed since; continuing from "
-                         "the run's latest checkpoint", resume)  # fmt: skip
+            if same_file(resume, _resume_of(last)):
+                # The latest checkpoint was written by a session sent back to that file: this is a
+                # restart of it (torchrun's, a Slurm requeue), which went back again every time.
+                log.info("the run's latest checkpoint was written after going back to %s; continuing from it",
+                         resume)  # fmt: skip
                 return dataclasses.replace(ckpt, resume="auto")
             return ckpt
         if same_file(resume, recorded):
@@ -289,9 +291,8 @@ class Trainer:
         # Made and probed now: a file named `checkpoints`, or a read-only folder, failed at the
         # first checkpoint, maybe an epoch in.
         self.ckpt_dir.mkdir(exist_ok=True)
-        probe = self.ckpt_dir / f".write-probe{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=self.ckpt_dir):  # nameless where it can be: a kill leaves nothing
+            pass
         before = path.read_bytes() if path.exists() else None  # bytes: kept as they are, whatever they hold
         write_config(self.cfg, path)
         if before is not None and path.read_bytes() != before:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -91,7 +92,10 @@ def write_imagenet_like(root: Path, spec: ImageNetLikeSpec, workers: int | None 
         for job in jobs:
             _write_one(job, spec)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=end_with_the_parent, initargs=(os.getpid(),)) as pool:
+    # fork, whatever the default (forkserver from Python 3.14): cheap, and a forked worker's parent
+    # is this process, which end_with_the_parent watches (a fork server's worker ended at once).
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, fork, initializer=end_with_the_parent, initargs=(os.getpid(),)) as pool:
         list(pool.map(_write_one, jobs, [spec] * len(jobs), chunksize=16))
 
 

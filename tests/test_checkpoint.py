@@ -2,6 +2,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -439,6 +440,17 @@ def test_a_last_pt_that_may_be_whole_is_not_passed_over_for_previous_pt(tmp_path
         with pytest.raises(CheckpointUnusableHere, match=re.escape(f"{last} cannot be read: Permission denied")) as e:
             load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
     assert refused in str(e.value)
+
+    def disk_error(path, *args, **kwargs):
+        if str(path) == str(last):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_open(path, *args, **kwargs)
+
+    real_open = open
+    with monkeypatch.context() as patch:  # a read error of the disk is damage: previous.pt is used
+        patch.setattr("builtins.open", disk_error)
+        with pytest.raises(CheckpointError, match=r"previous\.pt has no optimizer"):
+            load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
     newer = {**payload(2.0), "format": 2}
     torch.save(newer, last)
     with pytest.raises(CheckpointUnusableHere, match="is of format 2, written by a newer version") as e:
@@ -479,8 +491,14 @@ def test_a_restart_of_a_session_sent_back_to_its_own_previous_pt_continues(tiny_
     assert "after step 2 " in capfd.readouterr().err and (step("last.pt"), step("previous.pt")) == (6, 4)
     run(back, "train.max_steps=8")  # the same command again: from step 6, not 4
     said = capfd.readouterr().err
-    assert "the last session resumed from" in said and "after step 6 " in said
+    assert "the run's latest checkpoint was written after going back to" in said and "after step 6 " in said
     assert (step("last.pt"), step("previous.pt")) == (8, 6)
+    # A restart that died before its first checkpoint had rewritten config.yaml, newer than last.pt:
+    # told by the files' times, the next restart went back again. The checkpoint's own config tells.
+    later = (tmp_path / "back" / "config.yaml").stat().st_mtime + 60
+    os.utime(tmp_path / "back" / "config.yaml", (later, later))
+    run(back, "train.max_steps=10")
+    assert "after step 8 " in capfd.readouterr().err and (step("last.pt"), step("previous.pt")) == (10, 8)
 
 
 def test_a_checkpoint_folder_that_cannot_be_written_stops_the_run_at_its_start(tiny_data, tmp_path, monkeypatch):
@@ -490,16 +508,16 @@ def test_a_checkpoint_folder_that_cannot_be_written_stops_the_run_at_its_start(t
 
     from alexnet.run import run_training
 
-    real_touch = Path.touch
+    real_temporary_file = tempfile.TemporaryFile
 
-    def read_only(path, *args, **kwargs):
-        if path.parent.name == "checkpoints":  # root writes anywhere: the refusal is made for it
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_touch(path, *args, **kwargs)
+    def read_only(*args, dir=None, **kwargs):  # noqa: A002 - TemporaryFile's own keyword
+        if dir is not None and Path(dir).name == "checkpoints":  # root writes anywhere: refused for it
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_temporary_file(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(Path, "touch", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=ro"])
-    with pytest.raises(ConfigError, match=r"config key 'run\.root': cannot write the run folder .*/ro \(.*checkpoints"
-                                          r"/\.write-probe\d+: Permission denied\)"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"config key 'run\.root': cannot write the run folder .*/ro \(.*/ro/"
+                                          r"checkpoints: Permission denied\)"):  # fmt: skip
         run_training(cfg, None)
     assert not (tmp_path / "ro" / "metrics.jsonl").exists()  # no step was trained

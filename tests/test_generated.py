@@ -131,6 +131,7 @@ def test_a_killed_generation_leaves_no_worker_and_no_folder_behind(tmp_path):
         "workers=2)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(root)])
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while len(children(proc.pid)) < 2 or not list(tmp_path.glob(".like.tmp*/train/*/*.JPEG")):
@@ -143,9 +144,10 @@ def test_a_killed_generation_leaves_no_worker_and_no_folder_behind(tmp_path):
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(alive(pid) for pid in workers), "the pool's workers outlived their parent"
-    finally:
-        for pid in children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+    finally:  # the workers found before the kill (reparented since: no longer its children)
+        for pid in workers or children(proc.pid):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert list(tmp_path.glob(".like.tmp*"))  # what the kill left
     ensure_generated(root, write_one_file, "the test data")  # the lock is free: not a hang
     assert not list(tmp_path.glob(".like.tmp*"))
