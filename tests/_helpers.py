@@ -143,3 +143,23 @@ def loader_failing_on_rank_1(tmp_path: Path, script: Path, split: str, at_batch:
         f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
     )
     return wrapper
+
+
+def running(pid: int) -> bool:
+    """Whether the process runs (not ended, nor a zombie waiting for its parent)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` now."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids

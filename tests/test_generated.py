@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import child_pids, running
 
 from pipelines.demo import DEMO_VERSION, default_demo_dir, ensure_demo_dataset
 from pipelines.generated import IN_PLACE_LOCK, IN_PLACE_MOVING, IN_PLACE_TMP, READY, cache_root, ensure_generated
@@ -134,41 +135,23 @@ def test_a_killed_generation_leaves_no_worker_and_no_folder_behind(tmp_path):
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        while len(children(proc.pid)) < 2 or not list(tmp_path.glob(".like.tmp*/train/*/*.JPEG")):
+        while len(child_pids(proc.pid)) < 2 or not list(tmp_path.glob(".like.tmp*/train/*/*.JPEG")):
             assert proc.poll() is None and time.monotonic() < deadline, "the generation did not start"
             time.sleep(0.05)
-        workers = children(proc.pid)
+        workers = child_pids(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(pid) for pid in workers), "the pool's workers outlived their parent"
+        assert not any(running(pid) for pid in workers), "the pool's workers outlived their parent"
     finally:  # the workers found before the kill (reparented since: no longer its children)
-        for pid in workers or children(proc.pid):
-            if alive(pid):
+        for pid in workers or child_pids(proc.pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
     assert list(tmp_path.glob(".like.tmp*"))  # what the kill left
     ensure_generated(root, write_one_file, "the test data")  # the lock is free: not a hang
     assert not list(tmp_path.glob(".like.tmp*"))
-
-
-def children(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        return False
 
 
 def test_a_file_size_limit_fails_the_demo_generation_instead_of_cutting_its_files(tmp_path):

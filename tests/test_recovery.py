@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, torchrun
+from _helpers import REPO, TINY_TRAIN, TRAIN, child_pids, running, torchrun
 from dist.reference import RECIPE, TOTAL_STEPS, assert_same_weights, reference_run, reference_weights
 
 from alexnet import trainer as trainer_module
@@ -120,14 +120,6 @@ def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data
     assert_same_weights(tmp_path / "killed" / "checkpoints" / "last.pt", reference)
 
 
-def running(pid: int) -> bool:
-    """Whether the process runs (not ended, nor a zombie waiting for its parent)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.mark.slow
 def test_sigkill_of_torchrun_stops_its_workers_with_a_checkpoint(tiny_data, tmp_path):
     """torchrun starts its workers in sessions of their own: SIGKILLed (kill -9, the OOM killer),
@@ -197,17 +189,6 @@ def test_sigterm_to_the_process_group_stops_a_torchvision_pipeline_run_with_a_ch
     assert load_checkpoint(tmp_path / "tv" / "checkpoints" / "last.pt")["progress"]["step"] == int(said[0])
     assert json.loads((tmp_path / "tv" / "summary.json").read_text())["stop_reason"] == "preempted"
     assert not [pid for pid in workers if running(pid)]
-
-
-def child_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                pids.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return pids
 
 
 def free_port() -> int:
