@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from alexnet.imagenet import is_ilsvrc_2012
-from alexnet.metrics import read_metrics
+from alexnet.metrics import is_scalar, read_metrics
 from pipelines.outputs import write_bytes_atomic
 
 log = logging.getLogger("alexnet")
@@ -171,13 +170,9 @@ def _read_records(metrics_path: Path) -> list[dict[str, Any]]:
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[float], list[float]]:
     # A record whose step is no number (a file edited by hand) has no place on the axis.
-    rows = [r for r in records if r.get("split") == split and _finite(r.get(key)) and _finite(r.get("step"))]
+    rows = [r for r in records if r.get("split") == split and is_scalar(r.get(key)) and is_scalar(r.get("step"))]
     rows.sort(key=lambda r: r["step"])
     return [r["step"] for r in rows], [r[key] for r in rows]
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finish_loss_axis(ax, records: list[dict[str, Any]]) -> None:
@@ -185,11 +180,11 @@ def _finish_loss_axis(ax, records: list[dict[str, Any]]) -> None:
     which the panel says, and losses over more than three decades get a log axis (on a linear
     one a single huge loss flattens every other)."""
     logged = [r for r in records if r.get("split") in ("train", "val") and "loss" in r]
-    missing = sum(1 for r in logged if not _finite(r["loss"]))
+    missing = sum(1 for r in logged if not is_scalar(r["loss"]))
     if missing:
         ax.text(0.02, 0.02, f"{missing} of {len(logged)} records have no finite loss (not drawn)",
                 transform=ax.transAxes, color="tab:red", fontsize=9)  # fmt: skip
-    losses = [r["loss"] for r in logged if _finite(r["loss"])]
+    losses = [r["loss"] for r in logged if is_scalar(r["loss"])]
     if losses and min(losses) > 0 and max(losses) > 1000 * min(losses):
         ax.set_yscale("log")
 
