@@ -3,6 +3,7 @@ after a stop request, with the plateau schedule), reruns and the run folder's ru
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,7 +154,12 @@ def test_a_run_folder_takes_one_session_at_a_time(tiny_data, tmp_path):
             lock_run_folder(run)
         second = train(tiny_data, tmp_path, "busy", "train.epochs=51")
         refusal = f"error: run folder {run} is in use by another training session (pid {first.pid} on "
-        assert second.returncode != 0 and second.stderr.count(refusal) == 2, second.stderr[-4000:]  # both ranks
+        # Both ranks refuse; the slower may be stopped by torchrun's SIGTERM (-15) once the first has
+        # exited with it, before its own line (one fresh-clone run under load).
+        statuses = set(re.findall(r"exitcode\s*:\s*(-?\d+)", second.stderr))
+        said = second.stderr.count(refusal)
+        assert second.returncode != 0 and said in (1, 2) and statuses <= {"1", "-15"}, second.stderr[-4000:]
+        assert said == 2 or "-15" in statuses, second.stderr[-4000:]  # a rank silent only where killed
         assert (run / "config.yaml").read_bytes() == config_before and not (run / "config.1.yaml").exists()
         stop.write_text("")
         first.wait(timeout=120)
