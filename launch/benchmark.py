@@ -425,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             merged = merge_output(args.name, args.out, args.reports)
         with report_folder(args.out):
             report = commands[args.command](args)
-    except (ConfigError, LayoutError, DataError, ReportError, ValueError) as exc:
+    except (ConfigError, LayoutError, ReportError, ValueError) as exc:  # the command must change
         print_error(str(exc))
         return 2
-    except (OSError, LoaderError) as exc:  # a data folder one rank cannot read, another rank's loader failing
+    except (OSError, DataError, LoaderError) as exc:  # what a file holds (as for train.py), a rank's loader failing
         print_error(str(exc))
         return 1
     if report is None:  # ranks other than 0

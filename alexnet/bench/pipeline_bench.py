@@ -146,7 +146,7 @@ def resolve_split_dir(path: Path) -> Path:
     """`path/train` when it exists (a dataset root), else `path` itself (a split folder)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise DataError(f"--data: {path} does not exist or is not a folder")
+        raise ValueError(f"--data: {path} does not exist or is not a folder")  # a usage error: exit 2
     return path / "train" if (path / "train").is_dir() else path
 
 
@@ -212,7 +212,7 @@ class BatchStream:
 
 def _endless(loader):
     if len(loader) == 0:
-        raise DataError("the data holds fewer images than one batch of --batch-size")
+        raise ValueError("the data holds fewer images than one batch of --batch-size")
     return endless(loader)
 
 
