@@ -38,7 +38,7 @@ class ConfigError(ValueError):
         self.keys = keys
 
 
-# The source of a `key=value` override, in messages ("config key 'x' (from the command line)").
+# The source of a `key=value` override, in messages ("config key 'x' ... (set on the command line)").
 COMMAND_LINE = "the command line"
 
 
@@ -460,7 +460,8 @@ def _closest(word: str, candidates: list[str], cutoff: float) -> list[str]:
 def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     value = sourced.value
     origin = typing.get_origin(hint)
-    where = f"config key {key!r} (from {sourced.source})"
+    where = f"config key {key!r}"
+    at = f" (set {_place(sourced.source)})"  # at the message's end, as the value checks say it
     if hint is str:
         if sourced.raw is not None:  # as typed on the command line, or a YAML number's text
             return sourced.raw
@@ -473,11 +474,11 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            _check_written(where, "decimal whole number", sourced)
+            _check_written(where, "decimal whole number", sourced, at)
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            _check_written(where, "decimal number", sourced)
+            _check_written(where, "decimal number", sourced, at)
             return float(value)
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             # YAML 1.1 reads 1e-3 and 5e-4 (no dot in the mantissa) as strings; they are floats.
@@ -495,7 +496,7 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
             return value
         shown = sourced.raw if sourced.raw is not None else value  # `yes`, not the True YAML makes of it
         raise ConfigError(
-            f"{where} must be one of {', '.join(map(str, choices))}; got {shown!r}{_closest_choice(shown, choices)}"
+            f"{where} must be one of {', '.join(map(str, choices))}; got {shown!r}{_closest_choice(shown, choices)}{at}"
         )
     elif origin is list:
         (item_type,) = typing.get_args(hint)
@@ -504,10 +505,10 @@ def _coerce(key: str, hint: Any, sourced: _Sourced) -> Any:
     elif origin in (typing.Union, types.UnionType):
         raise TypeError(f"union types are not supported in Config ({key})")
     value = _plain(value)  # a list's numbers shown as numbers
-    raise ConfigError(f"{where} expects {_type_name(hint)}; got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where} expects {_type_name(hint)}; got {value!r} ({type(value).__name__}){at}")
 
 
-def _check_written(where: str, kind: str, sourced: _Sourced) -> None:
+def _check_written(where: str, kind: str, sourced: _Sourced, at: str) -> None:
     """Refuses a number written in YAML 1.1's octal (010 = 8) or base-60 (1:30 = 90) form, which
     reads as another number than it looks like; a float key given a whole number follows the
     whole-number rule (0600 is 384), a fraction only the base-60 one (YAML reads 0600.5 as 600.5).
@@ -518,7 +519,7 @@ def _check_written(where: str, kind: str, sourced: _Sourced) -> None:
     as_it_looks = _WHOLE_NUMBER_TEXT.fullmatch(text) if isinstance(sourced.value, int) else ":" not in text
     hexadecimal = text.lstrip("+-").lower().startswith("0x")
     if not as_it_looks or (_STRAY_HEX_UNDERSCORE if hexadecimal else _STRAY_UNDERSCORE).search(text):
-        raise ConfigError(f"{where} expects a {kind}; got {sourced.raw!r} (YAML reads it as {sourced.value})")
+        raise ConfigError(f"{where} expects a {kind}; got {sourced.raw!r} (YAML reads it as {sourced.value}){at}")
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -543,14 +544,14 @@ def _where_set(keys: tuple[str, ...], values: dict[str, _Sourced]) -> str:
     recipe's chain, the file that sets it) or " (set on the command line)"; for keys in conflict
     set in different places each one's, " (data.crop set in c.yaml; data.resize set on the command
     line)". A default has no place: nothing is said of it."""
-    places = {
-        key: "on the command line" if values[key].source == COMMAND_LINE else f"in {values[key].source}"
-        for key in keys
-        if key in values
-    }
+    places = {key: _place(values[key].source) for key in keys if key in values}
     if len(places) == len(keys) and len(set(places.values())) == 1:  # one key, or all set in one place
         return f" (set {places[keys[0]]})"
     return f" ({'; '.join(f'{key} set {where}' for key, where in places.items())})" if places else ""
+
+
+def _place(source: str) -> str:
+    return "on the command line" if source == COMMAND_LINE else f"in {source}"
 
 
 def _refuse(key: str, problem: str) -> ConfigError:

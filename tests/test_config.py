@@ -214,7 +214,7 @@ def test_text_keys_keep_the_text_yaml_would_read_as_a_number(tmp_path):
     )
     assert cfg.run.name == "1.10" and cfg.data.root == "0755"  # not 1.1 and 493 (octal)
     assert cfg.data.mean == [1.0, 2.5, 30.0] and cfg.data.batch_size == 16  # numbers stay numbers
-    with pytest.raises(ConfigError, match=r"'data\.mean\[0\]' \(from .*\) expects float; got \{'a': 1\} \(dict\)$"):
+    with pytest.raises(ConfigError, match=r"'data\.mean\[0\]' expects float; got \{'a': 1\} \(dict\) \(set in .*\)$"):
         load_config(write(tmp_path, "data:\n  mean: [{a: 1}, 2, 3]\n"))  # numbers inside shown as numbers
     with pytest.raises(ConfigError, match=r"'extends' in .* must be a file name; got 2024$"):
         load_config(write(tmp_path, "extends: 2024\n"))
@@ -252,7 +252,7 @@ def test_text_keys_keep_dates_booleans_and_blanks_as_written(tmp_path):
 
 @pytest.mark.parametrize("text, read_as", [("010", 8), ("1:30", 90)])
 def test_whole_numbers_yaml_would_read_as_octal_or_base_60_are_refused(tmp_path, text, read_as):
-    message = rf"'train\.epochs' .* expects a decimal whole number; got '{text}' \(YAML reads it as {read_as}\)"
+    message = rf"'train\.epochs' expects a decimal whole number; got '{text}' \(YAML reads it as {read_as}\)"
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"train.epochs={text}"])
     with pytest.raises(ConfigError, match=message):

@@ -86,10 +86,10 @@ def test_a_collective_timeout_below_10_seconds_or_beyond_115_days_is_refused(val
 def test_floats_yaml_would_read_as_octal_or_base_60_are_refused(tmp_path, key, written, named, text, read_as):
     """As whole-number keys are: YAML 1.1 reads them as other numbers than they look like."""
     problem = f"expects a decimal number; got {text!r} (YAML reads it as {read_as})"
-    assert one_line_error(None, [f"{key}={written}"]) == f"config key {named!r} (from the command line) {problem}"
+    assert one_line_error(None, [f"{key}={written}"]) == f"config key {named!r} {problem} (set on the command line)"
     section, leaf = key.split(".")
     path = write(tmp_path, f"{section}:\n  {leaf}: {written}\n")
-    assert one_line_error(path) == f"config key {named!r} (from {path}) {problem}"
+    assert one_line_error(path) == f"config key {named!r} {problem} (set in {path})"
 
 
 def test_floats_as_they_look_still_load(tmp_path):
@@ -138,7 +138,7 @@ def test_text_keys_in_a_file_keep_yaml_s_null_and_round_trip_as_typed(tmp_path):
         ),
         (
             "train: {epochs: ten}\n",
-            r"^config key 'train\.epochs' \(from .*base\.yaml\) expects int; got 'ten' \(str\)$",
+            r"^config key 'train\.epochs' expects int; got 'ten' \(str\) \(set in .*base\.yaml\)$",
         ),
         ("train: 5\n", r"^config key 'train' is a section \(set as a value in .*base\.yaml\)"),
     ],
@@ -210,11 +210,11 @@ def test_extends_expands_the_home_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override, suggestion",
     [
-        ("train.amp=BF16", "got 'BF16' (did you mean 'bf16'?)"),
-        ("model.variant=Paper", "got 'Paper' (did you mean 'paper'?)"),
-        ("data.pipeline=DALI", "got 'DALI' (did you mean 'dali'?)"),
-        ("train.host_memory=SYSTEM", "got 'SYSTEM' (did you mean 'system'?)"),
-        ("parallel.comm_hook=None", "got 'None' (did you mean 'none'?)"),
+        ("train.amp=BF16", "got 'BF16' (did you mean 'bf16'?) (set on the command line)"),
+        ("model.variant=Paper", "got 'Paper' (did you mean 'paper'?) (set on the command line)"),
+        ("data.pipeline=DALI", "got 'DALI' (did you mean 'dali'?) (set on the command line)"),
+        ("train.host_memory=SYSTEM", "got 'SYSTEM' (did you mean 'system'?) (set on the command line)"),
+        ("parallel.comm_hook=None", "got 'None' (did you mean 'none'?) (set on the command line)"),
         ("TRAIN.EPOCHS=3", "'TRAIN.EPOCHS' from the command line (did you mean 'train.epochs'?)"),
         ("train.EPOCHS=3", "(did you mean 'train.epochs'?)"),
         ("lr=0.1", "'lr' from the command line (did you mean 'optim.lr'?)"),
