@@ -62,6 +62,64 @@ class PlateauState:
     best_top1: float = -math.inf
     bad_evals: int = 0
     reductions: int = 0
+    # The product of the factors of the reductions made: a schedule.factor changed on resume
+    # applies to the reductions still to come, not again to those made (0.1 then 0.5 had put the
+    # rate back up fivefold in the middle of an epoch).
+    multiplier: float = 1.0
+
+
+# A top-1 gain (percentage points) this close below schedule.min_delta counts as reaching it:
+# 12.3 -> 13.3 is exactly one point (ten images of 1000), which 12.3 + 1.0 > 13.3 in floats refused.
+_MIN_DELTA_SLACK = 1e-9
+
+
+# The keys each schedule reads besides the warm-up's: a key set for another schedule is ignored.
+_SCHEDULE_KEYS = {
+    "plateau": ("factor", "patience", "min_delta", "max_reductions"),
+    "step": ("factor", "step_epochs"),
+    "cosine": ("min_lr_factor",),
+    "constant": (),
+}
+
+
+def ignored_schedule_keys(cfg: ScheduleConfig) -> list[str]:
+    """The schedule keys set to other than their defaults that `cfg.name` does not read (a
+    `min_lr_factor` given to the plateau schedule, say): said at the start, as nothing uses them."""
+    default = ScheduleConfig()
+    read = set(_SCHEDULE_KEYS[cfg.name])
+    return [
+        f"schedule.{key}"
+        for keys in _SCHEDULE_KEYS.values()
+        for key in keys
+        if key not in read and getattr(cfg, key) != getattr(default, key)
+    ]
+
+
+def schedule_problems(cfg: ScheduleConfig, epochs: int, peak_lr: float) -> list[str]:
+    """What in the schedule's settings does not do what it looks like it does: a warm-up as long
+    as the run, a step schedule that never steps, keys the chosen schedule does not read."""
+    problems = [warmup_problem(cfg, epochs, peak_lr)]
+    if cfg.name == "step" and cfg.step_epochs >= epochs:
+        problems.append(f"schedule.step_epochs ({cfg.step_epochs}) is not below train.epochs ({epochs}): the step "
+                        "schedule never divides the rate")  # fmt: skip
+    ignored = sorted(dict.fromkeys(ignored_schedule_keys(cfg)))  # factor is read by two schedules
+    if ignored:
+        one = len(ignored) == 1
+        problems.append(f"{', '.join(ignored)} {'is' if one else 'are'} not read by schedule.name={cfg.name}: "
+                        f"{'it has' if one else 'they have'} no effect")  # fmt: skip
+    return [p for p in problems if p]
+
+
+def rate_change(
+    saved: ScheduleConfig, saved_epochs: int, schedule: LrSchedule, step: int
+) -> tuple[float, float] | None:
+    """(the checkpoint's rate, this run's) for step index `step` where the schedule's settings or
+    train.epochs changed on resume move it (a cosine re-spread over more epochs goes back up);
+    None where they do not. Both at this run's peak rate: a changed global batch is said apart."""
+    before = LrSchedule(saved, schedule.peak_lr, schedule.steps_per_epoch, saved_epochs)
+    before.load_state_dict(schedule.state_dict())
+    was, now = before.lr_at(step), schedule.lr_at(step)
+    return None if math.isclose(was, now, rel_tol=1e-6, abs_tol=0.0) else (was, now)
 
 
 def warmup_problem(cfg: ScheduleConfig, epochs: int, peak_lr: float) -> str:
@@ -113,7 +171,7 @@ class LrSchedule:
             t = min(max(step - warmup_steps, 0) / span, 1.0)
             policy = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
         else:
-            policy = cfg.factor**self.plateau.reductions
+            policy = self.plateau.multiplier
         return self.peak_lr * warm * policy
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
@@ -127,13 +185,15 @@ class LrSchedule:
         if self.cfg.name != "plateau":
             return False
         p = self.plateau
-        if top1 > p.best_top1 + self.cfg.min_delta:
+        gain = top1 - p.best_top1
+        if gain > 0 and gain >= self.cfg.min_delta - _MIN_DELTA_SLACK:  # an equal top-1 is no gain
             p.best_top1 = top1
             p.bad_evals = 0
             return False
         p.bad_evals += 1
         if p.bad_evals >= self.cfg.patience and p.reductions < self.cfg.max_reductions:
             p.reductions += 1
+            p.multiplier *= self.cfg.factor
             p.bad_evals = 0
             return True
         return False
@@ -143,9 +203,14 @@ class LrSchedule:
             "best_top1": self.plateau.best_top1,
             "bad_evals": self.plateau.bad_evals,
             "reductions": self.plateau.reductions,
+            "multiplier": self.plateau.multiplier,
             "step_offset": self.step_offset,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.plateau = PlateauState(float(state["best_top1"]), int(state["bad_evals"]), int(state["reductions"]))
+        reductions = int(state["reductions"])
+        # Older checkpoints have no multiplier: their reductions were all made with this factor, or
+        # (changed on resume) the rate moves, which the resume's log says.
+        multiplier = float(state.get("multiplier", self.cfg.factor**reductions))
+        self.plateau = PlateauState(float(state["best_top1"]), int(state["bad_evals"]), reductions, multiplier)
         self.step_offset = int(state.get("step_offset", 0))  # absent from older checkpoints

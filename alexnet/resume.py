@@ -63,6 +63,7 @@ class Progress:
     # and the paper comparison names the kind of figure it holds (None: a checkpoint from before
     # this was kept, or no validation yet).
     best_ten_crop: bool | None = None
+    best_epoch: int | None = None  # the epoch (1-based) of the best validation
     last_top1: float | None = None
     last_top5: float | None = None
     nonfinite_streak: int = 0
@@ -85,7 +86,7 @@ class Progress:
     # checkpoints written before it was kept: then the session's own).
     trained_under: dict[str, Any] | None = None
 
-    def record_validation(self, top1: float, top5: float, loss: float, ten_crop: bool) -> None:
+    def record_validation(self, top1: float, top5: float, loss: float, ten_crop: bool, epoch: int) -> None:
         """The latest validation, and the best one: the highest top-1, a tie going to the higher
         top-5 (both figures of one validation, as the paper's are of one model; the first
         validation of a tied top-1 used to keep its top-5, however much better a later one was).
@@ -96,7 +97,7 @@ class Progress:
         if not math.isfinite(loss):
             return
         if self.best_top1 is None or self.best_top5 is None or (top1, top5) > (self.best_top1, self.best_top5):
-            self.best_top1, self.best_top5, self.best_ten_crop = top1, top5, ten_crop
+            self.best_top1, self.best_top5, self.best_ten_crop, self.best_epoch = top1, top5, ten_crop, epoch
 
 
 def progress_from_checkpoint(saved: dict[str, Any], path: Path) -> Progress:

@@ -16,14 +16,14 @@ import yaml
 from torch import nn
 
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save, same_file
-from alexnet.config import CheckpointConfig, Config, ConfigError, config_to_dict, write_config
+from alexnet.config import CheckpointConfig, Config, ConfigError, config_from_dict, config_to_dict, write_config
 from alexnet.data import DataSplits, build_loader, build_splits, build_train_loader
 from alexnet.engine import AmpPolicy, MicroBatch, StepResult, accumulated_step, build_amp
 from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext, step_sample_rows
 from alexnet.metrics import Tally, Throughput
 from alexnet.model import FC_WIDTH, build_model
-from alexnet.optim import LrSchedule, build_optimizer, warmup_problem
+from alexnet.optim import LrSchedule, build_optimizer, rate_change, schedule_problems
 from alexnet.parallel.agree import (
     SETUP_ERRORS,
     LoaderError,
@@ -348,10 +348,26 @@ class Trainer:
         if changes:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
                         "; ".join(changes))  # fmt: skip
+            self._log_rate_change(payload)
         if p.epoch >= self.cfg.train.epochs:
             log.warning("the run in %s has already trained its %d epochs: nothing to train (raise "
                         "train.epochs to go on, or set run.name=<new name> for a new run)",
                         self.plan.run_dir, self.cfg.train.epochs)  # fmt: skip
+
+    def _log_rate_change(self, payload: dict[str, Any]) -> None:
+        """Where the changed settings move the learning rate itself (train.epochs raised on a cosine
+        run, another warm-up or schedule), its value before and after: the key's change alone did
+        not tell that the rate jumps, e.g. 200-fold back up on a finished cosine run extended."""
+        try:
+            saved = config_from_dict(payload["config"], "the checkpoint")
+        except (ConfigError, TypeError):  # a config this version cannot build: the changes are listed
+            return
+        step = self.progress.step
+        moved = rate_change(saved.schedule, saved.train.epochs, self.schedule, step)
+        if moved:
+            why = " (a cosine spreads over train.epochs)" if self.cfg.schedule.name == "cosine" else ""
+            log.warning("the learning rate of step %d is %.4g under these settings, %.4g under the checkpoint's%s",
+                        step + 1, moved[1], moved[0], why)  # fmt: skip
 
     def _update_clock(self) -> None:
         elapsed = time.perf_counter() - self._session_start
@@ -698,7 +714,7 @@ class Trainer:
         next step's, after the plateau's decision, and a cosine run's last validation said 0)."""
         p = self.progress
         ten_crop = self.cfg.data.val_ten_crop
-        p.record_validation(stats["top1"], stats["top5"], stats["loss"], ten_crop)
+        p.record_validation(stats["top1"], stats["top5"], stats["loss"], ten_crop, epoch + 1)
         self.reporter.validation(
             {
                 "split": "val",
@@ -713,11 +729,16 @@ class Trainer:
                 "lr": self.schedule.lr_at(max(p.step - 1, 0)),
             }
         )
-        if self.schedule.observe_validation(stats["top1"]):
+        # The plateau counts the validations of its cadence (every train.eval_every epochs) only:
+        # the last epoch's, also run off it, had a 10-epoch run at eval_every=3 count epoch 10's
+        # validation one epoch after epoch 9's, so that the run extended to 12 epochs trained its
+        # last two at a tenth of the rate of a 12-epoch run.
+        if (epoch + 1) % self.cfg.train.eval_every == 0 and self.schedule.observe_validation(stats["top1"]):
             log.info(
-                "validation top-1 stopped improving: learning rate divided (reduction %d of %d)",
+                "validation top-1 stopped improving: learning rate divided (reduction %d of %d)%s",
                 self.schedule.plateau.reductions,
                 self.cfg.schedule.max_reductions,
+                ", for the epochs of a longer run" if epoch + 1 == self.cfg.train.epochs else "",
             )
 
     # ---- reporting ------------------------------------------------------------------------
@@ -786,9 +807,9 @@ class Trainer:
             len(self.train_loader),
             plan.peak_lr,
         )
-        problem = warmup_problem(cfg.schedule, cfg.train.epochs, plan.peak_lr)
-        if problem and self.env.is_main:
-            log.warning("%s", problem)
+        if self.env.is_main:
+            for problem in schedule_problems(cfg.schedule, cfg.train.epochs, plan.peak_lr):
+                log.warning("%s", problem)
 
     def _training_setup(self) -> dict[str, Any]:
         return {
@@ -841,6 +862,7 @@ class Trainer:
             "best_top1": p.best_top1,
             "best_top5": p.best_top5,
             "best_ten_crop": p.best_ten_crop,  # None: no validation, or one from before this was kept
+            "best_epoch": p.best_epoch,  # the epoch of the best validation (None: as best_ten_crop)
             "final_top1": p.last_top1,
             "final_top5": p.last_top5,
             "train_images": p.images,

@@ -5,7 +5,7 @@ from torch import nn
 from alexnet.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from alexnet.engine import build_amp
 from alexnet.model import PaperAlexNet
-from alexnet.optim import LrSchedule, build_optimizer, scaled_lr, warmup_problem
+from alexnet.optim import LrSchedule, build_optimizer, rate_change, scaled_lr, schedule_problems, warmup_problem
 
 
 def test_linear_scaling_of_the_learning_rate():
@@ -178,3 +178,58 @@ def test_a_warmup_as_long_as_the_run_is_named_and_a_negative_min_delta_refused()
     assert max(schedule.lr_at(step) for step in range(20)) < 0.08  # what the warning is about
     with pytest.raises(ConfigError, match=r"'schedule.min_delta' must be >= 0; got -0.5"):
         load_config(None, ["schedule.min_delta=-0.5"])  # a fall in top-1 counted as an improvement
+
+
+def test_a_factor_changed_on_resume_applies_to_the_reductions_still_to_come():
+    """The rate was peak * factor**reductions with the current factor: a plateau run reduced once
+    at 0.1 and resumed with 0.5 trained its next step at five times the rate of its last."""
+    s = schedule(name="plateau", patience=1, factor=0.1)
+    assert [s.observe_validation(v) for v in (10.0, 9.0)] == [False, True]
+    resumed = schedule(name="plateau", patience=1, factor=0.5)
+    resumed.load_state_dict(s.state_dict())
+    assert resumed.lr_at(0) == pytest.approx(0.1)  # the rate reached stays
+    assert resumed.observe_validation(8.0) is True and resumed.lr_at(0) == pytest.approx(0.05)  # 0.1 x 0.5
+    older = {k: v for k, v in s.state_dict().items() if k != "multiplier"}  # a checkpoint from before it was kept
+    restored = schedule(name="plateau", factor=0.1)
+    restored.load_state_dict(older)
+    assert restored.lr_at(0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("min_delta, reached", [(1.0, True), (1.5, False), (0.0, True)])
+def test_a_gain_of_exactly_min_delta_counts_as_an_improvement(min_delta, reached):
+    """12.3% -> 13.3% is one point (ten images of 1000); 12.3 + 1.0 > 13.3 in floats called it none."""
+    s = schedule(name="plateau", patience=1, min_delta=min_delta)
+    assert s.observe_validation(12.3) is False
+    assert s.observe_validation(13.3) is (not reached)
+    assert s.plateau.best_top1 == (13.3 if reached else 12.3)
+    assert s.observe_validation(13.3 if reached else 12.3) is True  # an equal top-1 is no gain, also with 0
+
+
+def test_settings_the_schedule_does_not_read_are_named():
+    assert schedule_problems(ScheduleConfig(name="plateau"), 90, 0.01) == []  # imagenet.yaml's
+    assert schedule_problems(ScheduleConfig(name="cosine", warmup_epochs=2), 8, 0.01) == []
+    assert schedule_problems(ScheduleConfig(name="plateau", min_lr_factor=0.1, step_epochs=5), 90, 0.01) == [
+        "schedule.min_lr_factor, schedule.step_epochs are not read by schedule.name=plateau: they have no effect"
+    ]
+    assert schedule_problems(ScheduleConfig(name="cosine", factor=0.5, patience=3), 90, 0.01) == [
+        "schedule.factor, schedule.patience are not read by schedule.name=cosine: they have no effect"
+    ]
+    assert schedule_problems(ScheduleConfig(name="step", step_epochs=30), 30, 0.01) == [
+        "schedule.step_epochs (30) is not below train.epochs (30): the step schedule never divides the rate"
+    ]
+
+
+def test_a_resume_says_where_changed_settings_move_the_rate():
+    """A finished 8-epoch cosine run extended to 16: its step 33 trained at half the peak, 200
+    times the rate of step 32, and only 'train.epochs: 8 -> 16' was said."""
+    cosine = ScheduleConfig(name="cosine")
+    extended = LrSchedule(cosine, 1.0, 4, 16)
+    moved = rate_change(cosine, 8, extended, 32)
+    assert moved == (0.0, pytest.approx(0.5))  # 8 epochs: past the end (the floor, 0); 16: the middle
+    assert rate_change(cosine, 16, extended, 32) is None  # nothing that moves it
+    plateau = LrSchedule(ScheduleConfig(name="plateau", factor=0.5), 1.0, 4, 16)
+    plateau.observe_validation(10.0)
+    plateau.observe_validation(9.0)  # one reduction at 0.5
+    assert rate_change(ScheduleConfig(name="plateau", factor=0.1), 16, plateau, 40) is None  # factor: later ones
+    warm = LrSchedule(ScheduleConfig(name="constant", warmup_epochs=4), 1.0, 4, 16)
+    assert rate_change(ScheduleConfig(name="constant"), 16, warm, 8) == (pytest.approx(1.0), pytest.approx(0.55))

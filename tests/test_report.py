@@ -254,12 +254,12 @@ def test_the_best_validation_is_the_highest_top1_and_a_tie_goes_to_the_higher_to
     from alexnet.resume import Progress
 
     p = Progress()
-    for top1, top5 in ((40.0, 90.0), (46.0, 82.0), (46.0, 94.0), (44.0, 99.0), (46.0, 90.0)):
-        p.record_validation(top1, top5, loss=2.0, ten_crop=False)
-    assert (p.best_top1, p.best_top5) == (46.0, 94.0)
+    for epoch, (top1, top5) in enumerate(((40.0, 90.0), (46.0, 82.0), (46.0, 94.0), (44.0, 99.0), (46.0, 90.0)), 1):
+        p.record_validation(top1, top5, loss=2.0, ten_crop=False, epoch=epoch)
+    assert (p.best_top1, p.best_top5, p.best_epoch) == (46.0, 94.0, 3)
     assert (p.last_top1, p.last_top5) == (46.0, 90.0)
-    p.record_validation(50.0, 95.0, loss=float("nan"), ten_crop=False)  # a diverged model's: NaN logits' class
-    assert (p.best_top1, p.best_top5, p.last_top1) == (46.0, 94.0, 50.0)
+    p.record_validation(50.0, 95.0, loss=float("nan"), ten_crop=False, epoch=6)  # a diverged model's: NaN logits' class
+    assert (p.best_top1, p.best_top5, p.best_epoch, p.last_top1) == (46.0, 94.0, 3, 50.0)
 
 
 def test_the_best_validation_keeps_whether_it_averaged_ten_crops():
@@ -269,10 +269,10 @@ def test_the_best_validation_keeps_whether_it_averaged_ten_crops():
 
     p = Progress()
     assert p.best_ten_crop is None
-    p.record_validation(10.0, 60.0, loss=2.0, ten_crop=False)
-    p.record_validation(0.0, 10.0, loss=2.0, ten_crop=True)
+    p.record_validation(10.0, 60.0, loss=2.0, ten_crop=False, epoch=1)
+    p.record_validation(0.0, 10.0, loss=2.0, ten_crop=True, epoch=2)
     assert (p.best_top1, p.best_ten_crop) == (10.0, False)
-    p.record_validation(12.0, 50.0, loss=2.0, ten_crop=True)
+    p.record_validation(12.0, 50.0, loss=2.0, ten_crop=True, epoch=3)
     assert (p.best_top1, p.best_ten_crop) == (12.0, True)
 
 

@@ -1,0 +1,87 @@
+"""The learning-rate schedules inside training runs: which validations the plateau counts, what a
+resume that changes the schedule says, and where summary.json puts the best validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alexnet.config import load_config
+from alexnet.metrics import read_metrics
+from alexnet.run import run_training
+
+# Synthetic data: 2 steps of 4 images per epoch, seconds per run on a CPU.
+SYNTHETIC = [
+    "data.pipeline=synthetic",
+    "data.synthetic_steps=2",
+    "data.batch_size=4",
+    "data.resize=67",
+    "data.crop=67",
+    "model.fc_width=16",
+    "model.num_classes=10",
+    "model.init=kaiming",
+    "checkpoint.every_steps=0",
+    "run.progress=log",
+]
+
+
+def run(tmp_path, name: str, *overrides: str) -> dict:
+    cfg = load_config(None, [*SYNTHETIC, f"run.root={tmp_path}", f"run.name={name}", *overrides])
+    return run_training(cfg, None)
+
+
+def saved_schedule(tmp_path, name: str) -> dict:
+    return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["schedule"]
+
+
+# min_delta 99.9: no validation after the first can count as an improvement, so each one the
+# plateau counts (patience 1) divides the rate.
+NEVER_IMPROVES = ["schedule.name=plateau", "schedule.patience=1", "schedule.min_delta=99.9"]
+
+
+def test_the_plateau_counts_only_the_validations_of_its_cadence(tmp_path, capfd):
+    """The last epoch is validated also off the cadence of train.eval_every: a 4-epoch run at
+    eval_every=3 validates epochs 3 and 4. The plateau counted epoch 4's, one epoch after epoch
+    3's, so that the run extended to 6 epochs trained its last two at a tenth of the rate of a
+    6-epoch run, which validates epochs 3 and 6 only."""
+    summary = run(tmp_path, "cadence", *NEVER_IMPROVES, "train.epochs=4", "train.eval_every=3")
+    val = [r["epoch"] for r in read_metrics(tmp_path / "cadence" / "metrics.jsonl") if r["split"] == "val"]
+    assert val == [3, 4]
+    assert saved_schedule(tmp_path, "cadence")["reductions"] == 0
+    assert "learning rate divided" not in capfd.readouterr().err
+    assert summary["best_epoch"] in (3, 4) and summary["best_top1"] is not None
+
+
+def test_a_validation_on_the_cadence_is_counted_also_at_the_run_s_end(tmp_path, capfd):
+    """The last epoch's validation on the cadence counts, as it would in a longer run (which an
+    extension of this one must equal); the log says that no epoch of this run is left for it."""
+    run(tmp_path, "end", *NEVER_IMPROVES, "train.epochs=2")
+    assert saved_schedule(tmp_path, "end")["reductions"] == 1
+    err = capfd.readouterr().err
+    assert "learning rate divided (reduction 1 of 3), for the epochs of a longer run" in err
+
+
+def test_a_resume_that_moves_the_rate_says_by_how_much(tmp_path, capfd):
+    """A finished 2-epoch cosine run (4 steps) extended to 4 epochs: step 5 trains at half the
+    peak (0.01 x 4 / 128 = 3.125e-4), where the 2-epoch schedule had reached 0; only the key's
+    change was said."""
+    run(tmp_path, "cos", "schedule.name=cosine", "train.epochs=2")
+    capfd.readouterr()
+    run(tmp_path, "cos", "schedule.name=cosine", "train.epochs=4")
+    err = capfd.readouterr().err
+    assert "train.epochs: 2 -> 4" in err
+    assert "the learning rate of step 5 is 0.0001563 under these settings, 0 under the checkpoint's (a cosine " \
+           "spreads over train.epochs)" in err  # fmt: skip
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "cos" / "metrics.jsonl") if r["split"] == "train"]
+    assert lrs[-1] < 0.00015625  # the rate decays again from there (the records' rate: each window's last step)
+    capfd.readouterr()
+    run(tmp_path, "cos", "schedule.name=cosine", "train.epochs=4", "train.log_every=1")  # nothing changes it
+    assert "the learning rate of step" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_summary_names_the_epoch_of_the_best_validation(tmp_path, schedule):
+    summary = run(tmp_path, schedule, f"schedule.name={schedule}", "train.epochs=3")
+    val = [r for r in read_metrics(tmp_path / schedule / "metrics.jsonl") if r["split"] == "val"]
+    best = max(val, key=lambda r: (r["top1"], r["top5"], -r["epoch"]))  # a tie: the first
+    assert summary["best_epoch"] == best["epoch"] and summary["best_top1"] == best["top1"]
