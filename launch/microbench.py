@@ -124,21 +124,39 @@ def lrn_pass(lrn: nn.Module, inputs: list[Tensor], grads: list[Tensor]) -> Calla
     return run
 
 
+def chunk_budgets(inputs: list[Tensor]) -> dict[str, int]:
+    """The budgets to time, named with the samples per chunk they give each LRN layer's input;
+    budgets that chunk both alike are one row (one conv1 sample is 1.16 MB: 512 KiB and 1 MiB
+    both give chunks of one sample, and at batch 1 every budget gives the whole batch)."""
+    rows: dict[tuple[int, ...], list[str]] = {}
+    sizes: dict[tuple[int, ...], int] = {}
+    budgets = {f"{b >> 10} KiB": b for b in (1 << 19, 1 << 20, 2 << 20, 4 << 20, 8 << 20)}
+    budgets["whole batch"] = 1 << 62
+    for name, budget in budgets.items():
+        chunk: list[int] = []
+        swapped(layers, "CPU_CHUNK_BYTES", budget, lambda out=chunk: out.extend(map(layers.lrn_batch_chunk, inputs)))()
+        chunks = tuple(min(c, len(x)) for c, x in zip(chunk, inputs))
+        rows.setdefault(chunks, []).append(name)
+        sizes.setdefault(chunks, budget)
+    return {f"{' = '.join(names)} ({'/'.join(map(str, chunks))})": sizes[chunks] for chunks, names in rows.items()}
+
+
 def lrn_chunks(batch: int, rounds: int) -> None:
     torch.manual_seed(0)
     shapes = [(batch, c, side, side) for c, side in LRN_SHAPES]
     inputs = [(torch.randn(s) * 30).relu_().contiguous(memory_format=torch.channels_last) for s in shapes]
     grads = [torch.randn_like(x) for x in inputs]
     lrn = layers.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
-    budgets = {f"{b >> 10} KiB": b for b in (1 << 19, 1 << 20, 2 << 20, 4 << 20, 8 << 20)}
-    budgets["whole batch"] = 1 << 62
+    budgets = chunk_budgets(inputs)
     chosen = layers.CPU_CHUNK_BYTES
 
     run = lrn_pass(lrn, inputs, grads)
     times = interleave({name: swapped(layers, "CPU_CHUNK_BYTES", b, run) for name, b in budgets.items()}, rounds, 1)
-    print(f"LRN forward + backward, both layers, batch {batch}, channels_last (chosen: {chosen >> 10} KiB)")
+    print(f"LRN forward + backward, both layers, batch {batch}, channels_last (chosen: {chosen >> 10} KiB); "
+          "in brackets: samples per chunk of the conv1/conv2 LRN")  # fmt: skip
+    width = max(map(len, times))
     for name, values in times.items():
-        print(f"  {name:12s} {1e3 * statistics.median(values):8.1f} ms (min {1e3 * min(values):.1f})")
+        print(f"  {name:{width}s} {1e3 * statistics.median(values):8.1f} ms (min {1e3 * min(values):.1f})")
 
 
 def load_layers(path: Path, needed: str):
@@ -149,7 +167,12 @@ def load_layers(path: Path, needed: str):
         raise ReferenceLayersError(f"--reference-layers {path}: no such Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)  # runs the file's top level, as importing it would
+    except (Exception, SystemExit) as exc:  # a syntax error, a script that is no module
+        raise ReferenceLayersError(
+            f"--reference-layers {path}: cannot be loaded as a module ({type(exc).__name__}: {exc})"
+        ) from exc
     if not hasattr(module, needed):
         raise ReferenceLayersError(f"--reference-layers {path}: defines no {needed} (not an alexnet/layers.py?)")
     return module
@@ -246,7 +269,7 @@ def sgd_step(batch: int, rounds: int) -> None:
         report_ab(times, *contenders)
 
 
-# Each command's one-line description and default rounds (lrn-chunks times six cheap contenders).
+# Each command's one-line description and default rounds (lrn-chunks times up to six cheap contenders).
 COMMANDS = {
     "lrn-chunks": ("both LRN layers, forward + backward, for several CPU chunk budgets", 13),
     "lrn-step": ("paper-model training steps with this checkout's LRN and with another version's", 9),

@@ -161,3 +161,30 @@ def test_lrn_floor_runs_the_paper_model_without_its_lrn_only_in_that_contender(m
     assert out.count("as fast as torchvision.models.alexnet") == 2
     x = torch.rand(2, 4, 3, 3)
     assert microbench.IdentityLRN()(x, 2) is x
+
+
+def test_budgets_that_chunk_alike_are_one_row_named_with_their_chunks():
+    """512 KiB and 1 MiB both chunk conv1's LRN input (1.16 MB a sample) one sample at a time:
+    two rows timed the same thing, and at batch 1 all six did, without a word."""
+
+    def inputs(batch):
+        return [torch.zeros(batch, c, side, side) for c, side in microbench.LRN_SHAPES]
+
+    assert list(microbench.chunk_budgets(inputs(1))) == [
+        "512 KiB = 1024 KiB = 2048 KiB = 4096 KiB = 8192 KiB = whole batch (1/1)"
+    ]
+    rows = microbench.chunk_budgets(inputs(32))
+    # conv2's input is 256 x 27 x 27 x 4 bytes = 746,496 a sample
+    assert rows == {"512 KiB = 1024 KiB (1/1)": 1 << 19, "2048 KiB (1/2)": 2 << 20, "4096 KiB (3/5)": 4 << 20,
+                    "8192 KiB (7/11)": 8 << 20, "whole batch (32/32)": 1 << 62}  # fmt: skip
+    assert layers.CPU_CHUNK_BYTES == 2 << 20  # put back
+
+
+@pytest.mark.parametrize("text, said", [("def (\n", "SyntaxError: invalid syntax"), ("import sys\nsys.exit(3)\n",
+                                                                                    "SystemExit: 3")])  # fmt: skip
+def test_a_reference_file_that_does_not_load_is_refused_in_one_line(tmp_path, text, said):
+    """A syntax error, or a script that exits or fails at its top level, ended in a traceback."""
+    other = tmp_path / "script.py"
+    other.write_text(text)
+    with pytest.raises(microbench.ReferenceLayersError, match=f"script.py: cannot be loaded as a module \\({said}"):
+        microbench.load_layers(other, "LocalResponseNorm")
