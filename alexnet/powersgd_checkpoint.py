@@ -97,10 +97,34 @@ def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict
         return None, str(exc)
     if payload.get("step") != step:
         return None, f"{path} is of step {payload.get('step')}, the checkpoint of step {step}"
-    if payload.get("setup") != setup:
-        return None, f"{path} was written under {payload.get('setup')}, this run is {setup}"
+    saved = payload.get("setup")
+    if isinstance(saved, dict) and "amp" not in saved:  # written before the precision was kept: taken as this one
+        saved = {**saved, "amp": setup.get("amp")}
+    if saved != setup:
+        return None, _setup_change(saved, setup)
     problem = hook.carry.problem(hook.powersgd, payload.get("state"))
     return (None, f"{path} does not fit this model: {problem}") if problem else (payload["state"], "")
+
+
+def _setup_change(saved: Any, setup: dict) -> str:
+    """'written under fc_group 0 and amp 'fp16'; this run has 2 and 'off'': the keys that differ,
+    the same words on every rank whose setup changed (they are said once for all of them)."""
+    if not isinstance(saved, dict):
+        return f"its state was written under {saved!r}"
+    keys = [k for k in dict.fromkeys([*saved, *setup]) if saved.get(k) != setup.get(k)]
+    return (f"its state was written under {' and '.join(f'{k} {saved.get(k)!r}' for k in keys)}; this run has "
+            f"{' and '.join(repr(setup.get(k)) for k in keys)}")  # fmt: skip
+
+
+def _by_reason(reasons: list[str]) -> str:
+    """Each rank's reason, ranks with the same one named together ("every rank" where all share it)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, why in enumerate(reasons):
+        if why:
+            ranks.setdefault(why, []).append(rank)
+    if len(ranks) == 1 and len(next(iter(ranks.values()))) == len(reasons) > 1:
+        return f"every rank: {next(iter(ranks))}"
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {why}" for why, rs in ranks.items())
 
 
 def restore_powersgd_state(
@@ -111,13 +135,13 @@ def restore_powersgd_state(
     if hook is None or hook.powersgd is None or hook.carry is None:
         return False
     state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup)
-    failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
-    if failed:
+    reasons = _gather(why)
+    if any(reasons):
         # The warm-start factors must be the same on every rank (each step all-reduces products
         # with them), so one rank without its state restarts every rank's.
         if rank == 0:
             log.warning("PowerSGD starts afresh (not an exact resume: two plain all-reduces, then a zero "
-                        "error-feedback residual and new factors): %s", "; ".join(failed))  # fmt: skip
+                        "error-feedback residual and new factors): %s", _by_reason(reasons))  # fmt: skip
         return False
     assert state is not None
     hook.carry.load_state_dict(hook.powersgd, state, device)  # `problem` found nothing it could fail on

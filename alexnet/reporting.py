@@ -141,8 +141,9 @@ class Reporter:
             )
             return
         comm = sum(record.get("comm_sent_mb", {}).values())
+        skipped = record.get("skipped_steps", 0)
         log.info(
-            "epoch %d  step %d  loss %.4f  top-1 %.2f%%  lr %.4g  %.0f img/s  data wait %.0f%%%s",
+            "epoch %d  step %d  loss %.4f  top-1 %.2f%%  lr %.4g  %.0f img/s  data wait %.0f%%%s%s",
             record["epoch"],
             record["step"],
             record["loss"],
@@ -151,6 +152,7 @@ class Reporter:
             record["images_per_sec"],
             100 * record["data_wait_share"],
             f"  sent {comm:.1f} MB/step" if comm else "",
+            f"  {skipped} of {record['steps']} skipped" if skipped else "",
         )
 
     def validation(self, record: dict[str, Any]) -> None:

@@ -66,6 +66,7 @@ class Progress:
     best_epoch: int | None = None  # the epoch (1-based) of the best validation
     last_top1: float | None = None
     last_top5: float | None = None
+    skipped_steps: int = 0  # steps whose update was not applied (fp16's overflows, non-finite), in total
     nonfinite_streak: int = 0
     nonfinite_losses: int = 0  # the streak's steps whose loss was not finite (the others': the gradient)
     # For summary.json, over all sessions: bytes handed to / sent by this rank's collectives in

@@ -163,6 +163,7 @@ class Trainer:
         self._session_start = time.perf_counter()
         self._seconds_before = p.train_seconds
         self._first_step = p.step  # where this session started: has it trained since?
+        self._window_skipped = 0  # steps of the open log window not applied (fp16 overflow, non-finite)
         if p.gpu_seconds is None:  # a checkpoint from before GPU-seconds were counted: as this session
             p.gpu_seconds = session_gpu_seconds(env.world_size, env.device.type, p.train_seconds)
         self._gpu_seconds_before = p.gpu_seconds
@@ -349,6 +350,10 @@ class Trainer:
             log.warning("this run changes the checkpoint's settings (the new values apply from here on): %s",
                         "; ".join(changes))  # fmt: skip
             self._log_rate_change(payload)
+        before = (p.trained_under or {}).get("amp")
+        if before and before != self.amp.name and not any(c.startswith("train.amp:") for c in changes):
+            log.warning("the run trained in precision %s, this session in %s (train.amp=%s resolves to what this "
+                        "machine runs best)", before, self.amp.name, self.cfg.train.amp)  # fmt: skip
         if p.epoch >= self.cfg.train.epochs:
             log.warning("the run in %s has already trained its %d epochs: nothing to train (raise "
                         "train.epochs to go on, or set run.name=<new name> for a new run)",
@@ -414,10 +419,16 @@ class Trainer:
 
     def _rank_setup(self) -> dict[str, Any]:
         """What a rank's own checkpoint state (PowerSGD's) belongs to: a resume under another
-        world, layout, factor rank or memory format (PowerSGD's residual is in the gradients'
-        memory order) starts that state afresh."""
-        return {"world_size": self.env.world_size, "mode": self.mesh.mode, "fc_group": self.cfg.parallel.fc_group,
-                "powersgd_rank": self.cfg.parallel.powersgd_rank, "channels_last": self.plan.channels_last}  # fmt: skip
+        world, layout, factor rank, memory format (PowerSGD's residual is in the gradients'
+        memory order) or precision starts that state afresh. The precision in use, not
+        train.amp: under fp16 the hook compresses the loss-scaled gradients, so the residual is
+        scaled too (by 1024 to 65536), and resumed under bf16 or off it made the first step's
+        updates 12-200 times too large. The FC group is the hybrid's resolved one (0 = a node's
+        ranks; other layouts have none), so that parallel.fc_group=2 on a node of 2 is no change."""
+        fc_group = self.mesh.shape.model_size if self.mesh.mode == "hybrid" else 0
+        return {"world_size": self.env.world_size, "mode": self.mesh.mode, "fc_group": fc_group,
+                "powersgd_rank": self.cfg.parallel.powersgd_rank, "channels_last": self.plan.channels_last,
+                "amp": self.amp.name}  # fmt: skip
 
     def _count_skips(self, result: StepResult, lr: float) -> None:
         """The run of skipped steps, and its end of the run at train.max_nonfinite."""
@@ -425,6 +436,8 @@ class Trainer:
         if result.applied:
             p.nonfinite_streak = p.nonfinite_losses = 0
             return
+        p.skipped_steps += 1
+        self._window_skipped += 1
         self.par.forget_skipped_step()
         if not result.overflow:  # the scaler's own back-off is not a diverging run
             p.nonfinite_streak += 1
@@ -769,6 +782,9 @@ class Trainer:
                 "images_per_sec": speed["images_per_sec"],
                 "data_wait_share": speed["data_wait_share"],
                 "lr": lr,
+                # Of `steps`, those whose update was not applied: fp16's overflows (the scaler backs
+                # off) and non-finite ones; counted as steps all the same (the lr and dropout counters).
+                "skipped_steps": self._window_skipped,
                 "comm_payload_mb": comm_per_step(payload, steps),
                 "comm_sent_mb": comm_per_step(sent, steps),
             },
@@ -776,6 +792,7 @@ class Trainer:
         )
         tally.reset()
         meter.reset()
+        self._window_skipped = 0
 
     def _log_start(self) -> None:
         cfg, plan = self.cfg, self.plan
@@ -859,6 +876,7 @@ class Trainer:
             "stop_reason": stop_reason or "completed",
             "epochs": p.epoch,
             "steps": p.step,
+            "skipped_steps": p.skipped_steps,  # of `steps`, not applied (fp16 overflows, non-finite)
             "best_top1": p.best_top1,
             "best_top5": p.best_top5,
             "best_ten_crop": p.best_ten_crop,  # None: no validation, or one from before this was kept

@@ -842,7 +842,8 @@ def test_a_point_past_its_timeout_is_stopped_with_all_its_processes(tmp_path):
         f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); "
         "sys.stderr.write('started'); sys.stderr.flush(); time.sleep(60)"
     )
-    code, stderr = sweep.run_process_group([sys.executable, "-c", launcher], dict(os.environ), 3.0, grace_s=1.0)
+    # 8 s for two interpreters to start and write the pids: 3 s could run out on a loaded 2-core machine
+    code, stderr = sweep.run_process_group([sys.executable, "-c", launcher], dict(os.environ), 8.0, grace_s=1.0)
     assert code is None and stderr == "started"
     launcher_pid, worker_pid = map(int, pids.read_text().split())
     # SIGKILL cannot be ignored, but on a loaded machine the kernel takes a moment to finish it.

@@ -312,3 +312,14 @@ def test_config_given_twice_is_refused(capsys):
         assert "error: --config is given twice (a.yaml and b.yaml); give it once" in capsys.readouterr().err
     assert train.parse_args(["train.epochs=1", "--config", "a.yaml"]).config == "a.yaml"
     assert train.parse_args([]).config.endswith("demo.yaml")
+
+
+def test_a_bucket_too_large_for_ddp_s_byte_count_is_refused_before_any_work():
+    """parallel.bucket_cap_mb=1e13: its bytes overflow the int64 of DDP's Reducer, a TypeError
+    after the run folder was written (8e12 still went through)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["parallel.bucket_cap_mb=1e13"])
+    assert str(info.value) == (
+        "config key 'parallel.bucket_cap_mb' must be at most 1000000 (MB); got 1e+13 (set on the command line)"
+    )
+    assert load_config(None, ["parallel.bucket_cap_mb=1e6"]).parallel.bucket_cap_mb == 1e6

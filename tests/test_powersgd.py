@@ -124,10 +124,13 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
     assert sorted(p.name for p in (tmp_path / "lost" / "checkpoints" / "powersgd").iterdir()) == ["rank0", "rank1"]
 
     # The residual is in the gradients' memory order (NHWC under channels_last): another memory
-    # format would add each conv's residual to the wrong elements, so it starts afresh instead.
+    # format would add each conv's residual to the wrong elements, so it starts afresh instead;
+    # so does another precision (under fp16 the residual is loss-scaled), said once for both ranks.
     flipped = check(torchrun_or_fail([TRAIN, *common, "run.name=flipped", "train.max_steps=5",
-                                      "train.channels_last=false"], tmp_path))  # fmt: skip
-    assert "PowerSGD starts afresh" in flipped.stderr and "'channels_last': True}, this run is" in flipped.stderr
+                                      "train.channels_last=false", "train.amp=bf16"], tmp_path))  # fmt: skip
+    assert "PowerSGD starts afresh" in flipped.stderr
+    assert ("every rank: its state was written under channels_last True and amp 'off'; this run has False and "
+            "'bf16'") in flipped.stderr  # fmt: skip
 
 
 def test_state_files_no_resume_can_take_are_removed_after_a_checkpoint(tmp_path):
@@ -290,3 +293,24 @@ def test_a_checkpoint_leaves_powersgds_generator_where_an_uninterrupted_run_has_
         dist.destroy_process_group()
     assert saved_pos == straight_pos
     assert all(torch.equal(a, b) for a, b in zip(straight, saved))
+
+
+def test_a_state_of_another_setup_is_named_by_what_changed_and_an_older_one_lacks_the_precision(tmp_path):
+    """The warning printed both whole setups once per rank (two dicts x 64 lines at 64 ranks);
+    states written before the precision was kept are taken as of this run's precision."""
+    from types import SimpleNamespace
+
+    from alexnet.powersgd_checkpoint import _by_reason, _read
+
+    setup = {"world_size": 2, "mode": "hybrid", "fc_group": 2, "powersgd_rank": 4, "channels_last": True,
+             "amp": "off"}  # fmt: skip
+    hook = SimpleNamespace(powersgd=object(), carry=SimpleNamespace(problem=lambda powersgd, state: ""))
+    path = tmp_path / "last.pt"
+    older = {k: v for k, v in setup.items() if k != "amp"}
+    torch.save({"format": 1, "step": 4, "setup": older, "state": {"iter": 4}}, path)
+    assert _read(hook, path, 4, setup) == ({"iter": 4}, "")
+    torch.save({"format": 1, "step": 4, "setup": {**setup, "amp": "fp16", "fc_group": 0}, "state": {}}, path)
+    state, why = _read(hook, path, 4, setup)
+    assert state is None and why == "its state was written under fc_group 0 and amp 'fp16'; this run has 2 and 'off'"
+    assert _by_reason([why, why, why]) == f"every rank: {why}"
+    assert _by_reason(["", "gone", "gone", "x"]) == "ranks 1, 2: gone; rank 3: x"

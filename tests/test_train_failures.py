@@ -68,6 +68,11 @@ def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(
     assert summary["steps"] % 3, "the run should stop inside a log window"
     assert records[-1]["step"] == summary["steps"] and sum(r["steps"] for r in records) == summary["steps"]
     assert sum(r["count"] for r in records) == summary["train_images"]
+    # The skipped steps were in no record nor in summary.json: counted as trained.
+    assert summary["skipped_steps"] >= 3 and sum(r["skipped_steps"] for r in records) == summary["skipped_steps"]
+    assert all(0 <= r["skipped_steps"] <= r["steps"] for r in records) and records[-1]["skipped_steps"] >= 1
+    said = re.findall(r"step (\d+) .* (\d+) of (\d+) skipped", proc.stderr)
+    assert said and said[-1] == (str(summary["steps"]), str(records[-1]["skipped_steps"]), str(records[-1]["steps"]))
 
 
 def test_a_run_whose_epochs_end_inside_a_streak_is_not_completed(tiny_data, tmp_path):
