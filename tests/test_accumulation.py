@@ -16,7 +16,7 @@ from _helpers import train_tiny as train
 from alexnet.config import Config, ConfigError, DataConfig, OptimConfig, ParallelConfig, TrainConfig, load_config
 from alexnet.data import step_prefetch
 from alexnet.engine import AmpPolicy, MicroBatch, accumulated_step, train_step
-from alexnet.layers import DropoutContext
+from alexnet.layers import DropoutContext, apply_dropout_context
 from alexnet.metrics import read_metrics
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
@@ -79,6 +79,32 @@ def test_an_accumulated_step_is_the_step_of_the_whole_batch(sizes, clip):
         assert max((w - initial[n]).abs().max() for n, w in whole.state_dict().items()) > 1e-3  # it did train
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_a_training_step_minimises_the_plain_cross_entropy_of_its_batch():
+    """The step's loss and gradients against the softmax cross-entropy written out, mean over
+    the batch of logsumexp(logits) - logits[label] (section 4's objective: the log-probability of
+    the correct label, no label smoothing), differentiated by autograd on a twin of the model
+    dropped with the same context. Every other engine test compared two paths of the engine
+    itself, so a changed loss (label smoothing, a sum instead of a mean) passed all of them."""
+    model, twin = fresh_model(), fresh_model()
+    images, labels = step_batch(0)
+    dropout = DropoutContext(SEED, 0, torch.arange(8))
+    apply_dropout_context(twin, dropout)
+    logits = twin(images)
+    picked = logits.gather(1, labels[:, None]).squeeze(1)
+    loss = (torch.logsumexp(logits, 1) - picked).mean()
+    grads = dict(zip([n for n, _ in twin.named_parameters()], torch.autograd.grad(loss, list(twin.parameters()))))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # plain SGD: the step leaves .grad as it was
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_step(model, images, labels, opt, AMP_OFF, dropout)
+    assert result.applied and result.count == 8
+    torch.testing.assert_close(result.loss_sum, loss.detach() * 8, rtol=1e-5, atol=1e-5)  # summed over rows
+    assert result.correct[0].item() == (logits.argmax(1) == labels).sum().item()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.detach(), before[name] - 0.1 * grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert max(g.abs().max().item() for g in grads.values()) > 1e-3  # gradients the comparison can see
 
 
 def test_a_step_s_batches_are_decoded_ahead_while_the_step_before_computes():

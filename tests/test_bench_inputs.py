@@ -174,10 +174,20 @@ def test_the_step_benchmark_refuses_overrides_it_cannot_honour(tmp_path, capsys,
     assert cfg.data.pipeline == "synthetic"
 
 
-def test_a_sweep_takes_the_options_its_points_take(tmp_path):
-    """The check before the points refuses only what a point would: layouts, variants, overrides pass."""
+def test_a_sweep_takes_the_options_its_points_take(tmp_path, capsys):
+    """The check before the points refuses only what a point would: layouts, variants, overrides
+    pass; each command's own flags and overrides are refused to the other, as its points would
+    refuse them (a check that refused nothing passed the accepting half alone)."""
     benchmark._check_point_options("step", ["--modes", "towers,hybrid", "--variants", "paper", "data.batch_size=8"])
     benchmark._check_point_options("e2e", ["--pipelines", "torchvision", "--steps", "2", "model.fc_width=64"])
+    benchmark._check_point_options("e2e", ["data.pipeline=dali"])  # e2e times a pipeline: it takes one
+    for mode, flag in (("step", "--pipelines"), ("e2e", "--modes")):  # e2e's flag to step, step's to e2e
+        with pytest.raises(ValueError, match=rf"^sweep: the options for {mode} are refused \(the line above\)$"):
+            benchmark._check_point_options(mode, [flag, "towers"])
+        assert f"error: unrecognized arguments: {flag}" in capsys.readouterr().err  # argparse's line above
+    said = "the step benchmark times synthetic on-device data; e2e times a pipeline on real files"
+    with pytest.raises(ValueError, match=rf"^data\.pipeline=dali: {said}$"):  # step's own check, past argparse
+        benchmark._check_point_options("step", ["data.pipeline=dali"])
 
 
 @pytest.mark.parametrize(

@@ -335,6 +335,19 @@ def test_model_init_is_no_changed_setting_on_resume():
     assert changed_settings(saved, current) == ["train.epochs: 1 -> 2"]
 
 
+def test_run_name_resume_and_init_are_no_changed_settings_on_resume():
+    """Whole configs as the trainer compares them (config_to_dict): run.name names the run's
+    folder, which configs written before it was resolved saved as ""; checkpoint.resume names
+    this very checkpoint; model.init's weights come from it. A resume differing only in those
+    reports nothing; one that also doubles the epochs reports exactly that."""
+    saved = config_to_dict(load_config(None, ["run.name=", "checkpoint.resume=auto", "model.init=paper"]))
+    overrides = ["run.name=imagenet-8gpu", "checkpoint.resume=runs/x/checkpoints/last.pt", "model.init=auto"]
+    assert changed_settings(saved, config_to_dict(load_config(None, overrides))) == []
+    saved["train"]["epochs"] = 2
+    current = config_to_dict(load_config(None, [*overrides, "train.epochs=4"]))
+    assert changed_settings(saved, current) == ["train.epochs: 2 -> 4"]
+
+
 def test_a_key_the_checkpoints_config_lacks_counts_as_its_default():
     """A checkpoint written before a key existed ran with its default: "model.fc_width: None ->
     4096" was reported as a change on every resume of such a checkpoint."""

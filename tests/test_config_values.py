@@ -245,3 +245,30 @@ def test_a_run_name_made_from_a_config_file_s_name_stays_inside_run_root(tmp_pat
     with pytest.raises(ConfigError, match=message + r" inside run\.root; set run\.name$"):
         with_run_name(cfg, str(path))
     assert with_run_name(cfg, str(tmp_path / "x.yaml")).run.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        # dividing by a zero std makes the channel inf or NaN at the first batch
+        (["data.std=[58,0,57]"], "config key 'data.std' must be > 0 per channel; got [58.0, 0.0, 57.0]"),
+        (["data.std=[58,57,-1]"], "config key 'data.std' must be > 0 per channel; got [58.0, 57.0, -1.0]"),
+        # a factor of 0 sets the rate to 0 at the first reduction: training stops learning
+        (["schedule.factor=0"], "config key 'schedule.factor' must be in (0, 1]; got 0.0"),
+        (["schedule.factor=1.5"], "config key 'schedule.factor' must be in (0, 1]; got 1.5"),
+        (["data.crop=225", "data.resize=224"], "config key 'data.crop' (225) must not exceed 'data.resize' (224)"),
+    ],
+)
+def test_values_at_the_edge_of_their_range_are_refused(overrides, said):
+    """0 itself lies outside data.std's and schedule.factor's ranges: only negative stds and
+    factors above 1 were tested, so checks that let 0 through passed."""
+    assert one_line_error(None, overrides) == f"{said} (set on the command line)"
+
+
+@pytest.mark.parametrize("side", [67, 224])
+def test_a_crop_as_large_as_the_resize_and_a_factor_of_1_load(side):
+    """The other side of those edges: a crop equal to the resized shorter side (the whole central
+    square, the smallest paper input among them) and a factor of 1 (a plateau that never lowers
+    the rate) are allowed; only what lies past them is refused."""
+    cfg = load_config(None, [f"data.crop={side}", f"data.resize={side}", "schedule.factor=1"])
+    assert (cfg.data.crop, cfg.data.resize, cfg.schedule.factor) == (side, side, 1.0)

@@ -439,3 +439,67 @@ def test_fused_single_device_path_equals_the_written_out_towers():
     (g_towers,) = torch.autograd.grad(towers.square().sum(), model.conv2[1].weight)
     torch.testing.assert_close(fused, towers, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_towers, rtol=1e-4, atol=1e-4)
+
+
+def test_lrn_constants_are_section_3_3s():
+    """Section 3.3 of Krizhevsky et al. 2012: "k = 2, n = 5, alpha = 10^-4, and beta = 0.75"."""
+    assert (LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K) == (5, 1e-4, 0.75, 2.0)
+    model = PaperAlexNet(10, input_size=67, fc_width=16)
+    assert model.lrn.constants == LRNConstants(5, 1e-4, 0.75, 2.0)  # what the model's layer holds
+
+
+def paper_lrn(a: torch.Tensor) -> torch.Tensor:
+    """Section 3.3 written out: b_i = a_i / (k + alpha * sum_{j = max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2)^beta
+    with the paper's literals k = 2, n = 5, alpha = 1e-4, beta = 0.75 (alpha not divided by n:
+    torch.nn.functional.local_response_norm divides it, so it would need alpha = 5e-4 to match)."""
+    channels = a.shape[1]
+    out = torch.empty_like(a)
+    for i in range(channels):
+        window = a[:, max(0, i - 2) : min(channels, i + 3)]
+        out[:, i] = a[:, i] / (2.0 + 1e-4 * window.square().sum(1)) ** 0.75
+    return out
+
+
+def paper_logits(model: PaperAlexNet, x: torch.Tensor) -> torch.Tensor:
+    """Figure 2 and sections 3.3-3.5 in functional ops, from the model's parameters: each tower's
+    conv1 (11x11, stride 4) and conv2 (5x5) see their own tower, each followed by ReLU, LRN and
+    overlapping max pooling (z = 3, s = 2); conv3 reads both towers; conv4 and conv5 (3x3) their
+    own; pool5; fc6 and fc7 read both towers' halves, fc8 both. Paddings 2 (conv2) and 1 (conv3-5)
+    keep the map sizes of section 3.5 (27 and 13 at 227 px)."""
+
+    def conv(layer, h, **kw):
+        return F.relu(F.conv2d(h, layer.weight, layer.bias, **kw))
+
+    def pool(h):
+        return F.max_pool2d(h, kernel_size=3, stride=2)
+
+    towers = (0, 1)
+    h = [pool(paper_lrn(conv(model.conv1[t], x, stride=4))) for t in towers]
+    h = [pool(paper_lrn(conv(model.conv2[t], h[t], padding=2))) for t in towers]
+    both = torch.cat(h, 1)
+    h = [conv(model.conv3[t], both, padding=1) for t in towers]
+    h = [conv(model.conv4[t], h[t], padding=1) for t in towers]
+    z = torch.cat([pool(conv(model.conv5[t], h[t], padding=1)).flatten(1) for t in towers], 1)
+    f6 = torch.cat([F.relu(F.linear(z, m.weight, m.bias)) for m in model.fc6], 1)
+    f7 = torch.cat([F.relu(F.linear(f6, m.weight, m.bias)) for m in model.fc7], 1)
+    return torch.cat([F.linear(f7, m.weight, m.bias) for m in model.fc8], 1)
+
+
+def test_paper_model_computes_the_papers_network():
+    """The model's logits against figure 2 written out in functional ops with the paper's literal
+    constants (paper_logits). Pooling with kernel 2 instead of section 3.4's overlapping 3 gives
+    the same map sizes at 67, 99 and 227 pixels, so the shape tests could not tell them apart;
+    nor did any test notice other LRN constants than section 3.3's, or a ReLU left out. Both the
+    fused single-device path and the written-out towers are checked, in float64. The input is
+    scaled so that alpha * sum(a^2) is about 5 after conv1 (He init, pixels of std 100), where LRN
+    really divides, not the near-constant 2^-0.75 it is on small activations."""
+    torch.manual_seed(0)
+    model = PaperAlexNet(10, input_size=67, init="kaiming", fc_width=16).double().eval()
+    x = torch.randn(2, 3, 67, 67, dtype=torch.float64) * 100
+    with torch.no_grad():
+        expected = paper_logits(model, x)
+        assert expected.std() > 1.0  # logits that differ between classes, not a constant the check would miss
+        torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-9)
+        model.exchange = lambda parts, point: torch.cat(list(parts), dim=1)  # tower by tower
+        assert not model._both_towers_here()
+        torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-9)

@@ -76,6 +76,21 @@ def test_cosine_reaches_the_floor():
     assert s.lr_at(100) == pytest.approx(0.1)
 
 
+def test_cosine_after_a_warmup_starts_at_the_peak_and_spans_the_rest_of_the_run():
+    """The cosine runs from the end of the warm-up to the end of the run: at the warm-up's last
+    step the rate is the peak, half-way through the 80 steps left it is halfway between the peak
+    and the floor. Every cosine test ran without a warm-up, so a cosine timed from step 0 (the
+    warm-up's steps counted as its own) went unnoticed."""
+    s = schedule(name="cosine", warmup_epochs=2, min_lr_factor=0.1)  # 100 steps, 20 of them warm-up
+    assert s.lr_at(20) == pytest.approx(1.0, rel=1e-12)  # cos(0) = 1: the peak, 1.0
+    # half-way through steps 20..100 (step 60): cos(pi / 2) = 0, so floor + (peak - floor) / 2
+    assert s.lr_at(60) == pytest.approx((1 + 0.1) / 2, rel=1e-12)
+    # a quarter of the way (step 40): floor + (peak - floor) * (1 + cos(pi / 4)) / 2
+    assert s.lr_at(40) == pytest.approx(0.1 + 0.9 * (1 + 2**-0.5) / 2, rel=1e-12)
+    assert s.lr_at(100) == pytest.approx(0.1, rel=1e-12)  # the floor at the run's end, not before
+    assert s.lr_at(90) > s.lr_at(100)
+
+
 def test_plateau_divides_when_validation_stops_improving_at_most_three_times():
     s = schedule(name="plateau", patience=1, factor=0.1, max_reductions=3)
     assert [s.observe_validation(v) for v in (10.0, 20.0, 30.0)] == [False, False, False]
@@ -87,6 +102,25 @@ def test_plateau_divides_when_validation_stops_improving_at_most_three_times():
     restored = schedule(name="plateau")
     restored.load_state_dict(s.state_dict())
     assert restored.lr_at(0) == s.lr_at(0)
+
+
+def test_plateau_with_patience_counts_again_after_each_reduction():
+    """patience=3: three validations without a gain divide the rate, and the count starts over
+    from the reduction, so the next division needs three more. Every plateau test used patience 1,
+    where a count left at 3 after a reduction looked the same as one reset to 0."""
+    s = schedule(name="plateau", patience=3, factor=0.1, max_reductions=3)
+    assert s.observe_validation(10.0) is False  # the best so far
+    # no gain, three times: counts 1, 2, 3 -> the third divides (1.0 -> 0.1) and resets the count
+    assert [s.observe_validation(v) for v in (9.0, 10.0, 8.0)] == [False, False, True]
+    assert s.plateau.bad_evals == 0 and s.lr_at(0) == pytest.approx(0.1)
+    # counts 1, 2: not yet (a count kept at 3 would divide at each of these)
+    assert [s.observe_validation(v) for v in (9.5, 9.0)] == [False, False]
+    assert s.plateau.bad_evals == 2 and s.lr_at(0) == pytest.approx(0.1)
+    assert s.observe_validation(7.0) is True and s.lr_at(0) == pytest.approx(0.01)  # count 3: the second division
+    # count 1, then a gain (12 > 10) resets it: the third division needs three misses after the gain
+    assert [s.observe_validation(v) for v in (6.0, 12.0)] == [False, False] and s.plateau.bad_evals == 0
+    assert [s.observe_validation(v) for v in (11.0, 10.0, 9.0)] == [False, False, True]
+    assert s.plateau.reductions == 3 and s.lr_at(0) == pytest.approx(0.001)
 
 
 def test_apply_sets_every_group():

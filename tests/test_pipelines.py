@@ -320,3 +320,58 @@ def test_folders_inside_class_folders_are_not_read_and_training_says_so(tiny_dat
         build_splits(load_config(None, [f"data.root={root}"]).data, 0)
     assert f"{root / 'train'}: 1 folder(s) inside class folders" in caplog.text and f"{first.name}/more" in caplog.text
     assert str(root / "val") not in caplog.text
+
+
+@pytest.mark.parametrize("train_crop", ["paper", "random_resized"])
+def test_the_torchvision_training_transform_mirrors_about_half_the_patches(train_crop):
+    """Section 4.1: patches and their horizontal reflections. An image bright on the left and
+    dark on the right (a ramp) keeps its left half brighter in any crop of it, unless mirrored.
+    100 draws of the transform under seeds 0..99 (as IndexedImages seeds each sample): a fair coin
+    gives 50 +- 5 mirrored ones; 20..80 is six standard deviations either side (Hoeffding: a fair
+    coin leaves it with probability below 2 exp(-2 * 100 * 0.3^2) = 3e-8), and a transform
+    without the flip gives 0. The flip was dropped from the paper crop's transform unnoticed: the
+    tests compared augmentations with themselves."""
+    from pipelines.torchvision_loader import build_transform
+
+    ramp = np.linspace(255, 0, 60)[None, :, None].repeat(50, 0).repeat(3, 2)  # 60 wide, 50 high
+    img = Image.fromarray(ramp.round().astype(np.uint8))
+    transform = build_transform(ImageSpec(40, 50, train_crop, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)), "train")
+    mirrored = 0
+    for seed in range(100):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            patch = transform(img)
+        assert patch.shape == (3, 40, 40)
+        left, right = patch[:, :, :20].mean().item(), patch[:, :, 20:].mean().item()
+        assert left != right  # every patch spans part of the ramp: one side is brighter
+        mirrored += left < right
+    assert 20 <= mirrored <= 80, mirrored
+
+
+@pytest.mark.parametrize(("width", "height"), [(333, 500), (500, 333)])
+def test_resize_shorter_rounds_the_longer_side_to_nearest_as_dali_does(width, height):
+    """333 x 500 with the shorter side to 77: the longer becomes 500 * 77 / 333 = 38500 / 333 =
+    115.6 pixels, 116 rounded to nearest, 115 truncated (torchvision's Resize truncates). DALI's
+    fn.resize(resize_shorter=...) gives 116, checked here on the same shape; its documentation
+    states the rounding only for tensor_resize (size_rounding='round'), so the check is
+    DALI's behaviour itself."""
+    from fractions import Fraction
+
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.torchvision_loader import ResizeShorter
+
+    longer = round(Fraction(max(width, height) * 77, min(width, height)))  # exact: 38500/333, not a tie
+    assert longer == 116 and int(Fraction(38500, 333)) == 115  # where rounding and truncating differ
+    expected = (77, longer) if width < height else (longer, 77)  # PIL's (width, height)
+    resized = ResizeShorter(77)(Image.new("RGB", (width, height)))
+    assert resized.size == expected
+
+    @pipeline_def
+    def resize_shorter():
+        blank = fn.external_source(source=lambda: [np.zeros((height, width, 3), np.uint8)], batch=True, layout="HWC")
+        return fn.resize(blank, resize_shorter=77)
+
+    pipe = resize_shorter(batch_size=1, num_threads=1, device_id=None)
+    pipe.build()
+    assert np.array(pipe.run()[0].as_tensor()).shape == (1, expected[1], expected[0], 3)  # HWC
