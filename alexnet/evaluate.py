@@ -40,6 +40,7 @@ from alexnet.parallel.agree import (
     SETUP_ERRORS,
     agreed_batches,
     check_same_checkpoint,
+    check_same_contents,
     check_same_settings,
     option_settings,
     share_setup_failure,
@@ -293,6 +294,11 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
         failure = exc
     share_setup_failure(failure)
     assert setup is not None  # else that raised
+    index = setup.index  # each node may read its own copy (--data): the same files, or the counts would differ
+    check_same_contents((str(setup.split_dir), (index.classes, index.fingerprint),
+                         f"{len(index.classes)} classes, {len(index)} images, file list {index.fingerprint[:8]}"),
+                        "read different data", "every node's copy of the data must hold the same class folders and "
+                        "files", DataError)  # fmt: skip
     loaded, cfg = setup.loaded, setup.loaded.config
     model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
     amp = resolve_eval_amp(cfg, setup.opts.amp, env.device)

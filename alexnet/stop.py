@@ -130,16 +130,37 @@ class StopRequest:
             raise shared_fetch_error(fetched.error)
         return stop
 
-    def served(self, step: int) -> None:
-        """After the checkpoint of a stop (rank 0): a request's reason is left beside the stop file
-        for the Slurm script (which requeues after a SIGUSR1 that reached only the workers), and
-        the stop file, whose request is served, is removed. Left in place, it stopped every later
-        session of the same command after one step, each saying that the same command resumes. The
-        Slurm script removes it too, when the requeued job starts."""
+    def requests(self) -> str:
+        """Collective, after a stop every rank agreed on: what the ranks that were asked to stop
+        were asked by ("signal SIGUSR1 on rank 1"; "" for a stop no rank was asked for, at
+        train.max_steps or on a failure). Each rank's own: Slurm delivers a signal to the job step
+        through each node's slurmd, so rank 0 may get it after the stop or never, and knew only
+        that "another rank was asked to stop"; its marker then said nothing and the job ended
+        with exit 0 unfinished and not requeued."""
+        own = self.reason() if self.requested_here() else ""
+        reasons = [own]
+        if dist.is_available() and dist.is_initialized():
+            reasons = [""] * dist.get_world_size()
+            dist.all_gather_object(reasons, own)
+        ranks: dict[str, list[int]] = {}
+        for rank, why in enumerate(reasons):
+            if why:
+                ranks.setdefault(why, []).append(rank)
+        if len(reasons) == 1 or all(len(rs) == len(reasons) for rs in ranks.values()):
+            return "; ".join(ranks)  # one process, or every rank alike (a stop file, a signal to all)
+        return "; ".join(f"{why} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                         for why, rs in ranks.items())  # fmt: skip
+
+    def served(self, step: int, requests: str) -> None:
+        """After the checkpoint of a stop (rank 0): the requests (`requests()`) are left beside
+        the stop file for the Slurm script (which requeues after a SIGUSR1 that reached only the
+        workers), and the stop file, whose request is served, is removed. Left in place, it stopped
+        every later session of the same command after one step, each saying that the same command
+        resumes. The Slurm script removes it too, when the requeued job starts."""
         if self.stop_file is None:
             return
-        if self.requested_here():  # not for a stop at train.max_steps
-            why = f"stopped at step {step} by {self.reason()}\n"
+        if requests:  # not for a stop at train.max_steps
+            why = f"stopped at step {step} by {requests}\n"
             self._write_marker(STOPPED_SUFFIX, why, "a Slurm job stopped by a signal to its step is not requeued")
         try:
             self.stop_file.unlink(missing_ok=True)

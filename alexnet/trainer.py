@@ -122,6 +122,7 @@ class Trainer:
             full, resumed, failure = None, None, exc
         share_setup_failure(failure)
         assert full is not None  # else that raised
+        self._agree_on_data()
         self._agree_on_resume(resumed)
         self._agree_on_start_weights()
         if resumed is not None and self._resumes_own(resumed):
@@ -320,6 +321,21 @@ class Trainer:
         by checkpoint.resume=<file>)."""
         return same_file(resumed[1].parent, self.ckpt_dir)
 
+    def _agree_on_data(self) -> None:
+        """Collective: every node's data (data.root may name each node's own copy) holds the same
+        class folders and files. Nothing compared them: with a class folder missing on one node
+        the labels meant other classes on each rank (one rank warned), and a copy short of a few
+        files had the ranks take different numbers of steps until a collective broke an epoch later."""
+        s = self.splits
+        if s.train is None or s.val is None:  # synthetic data: generated alike from the seeds
+            return
+        identity = (s.classes, s.train.fingerprint, s.val.fingerprint)
+        words = f"{len(s.classes)} classes, {len(s.train)} train / {len(s.val)} val images, "
+        words += f"file lists {s.train.fingerprint[:8]}/{s.val.fingerprint[:8]}"
+        advice = "every node's copy of the data must hold the same class folders and files"
+        check_same_contents((self.cfg.data.root or "the demo data", identity, words), "read different data", advice,
+                            DataError)  # fmt: skip
+
     def _agree_on_start_weights(self) -> None:
         """A new run's ranks start from the same model.weights, read from each node's own path."""
         start = self.start_weights
@@ -516,8 +532,9 @@ class Trainer:
         stop_reason = self._run_epochs()
         if stop_reason:
             self.save_checkpoint()
+            requests = self.stop.requests()  # every rank's, where only some were asked
             if self.env.is_main:
-                self.stop.served(self.progress.step)
+                self.stop.served(self.progress.step, requests)
         elif self.progress.nonfinite_streak:
             # Its last steps were skipped and are in no checkpoint (none is written during them):
             # a run that "finished" there reported itself completed with nothing to resume from.

@@ -49,6 +49,7 @@ die() {
 say() { echo "alexnet.sh: $(date '+%F %T') $*" >&2; }
 
 [[ -n ${SLURM_JOB_ID:-} ]] || die "submit me with sbatch (SLURM_JOB_ID is not set)"
+[[ $SLURM_JOB_ID =~ ^[0-9]+$ ]] || die "SLURM_JOB_ID must be a job number; got '$SLURM_JOB_ID'"
 
 # sbatch runs a copy of this script from its spool folder, so the checkout is found through the
 # environment, the submit folder, or the path the job was submitted with.
@@ -84,6 +85,8 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 python=${ALEXNET_PYTHON:-python3}
 command -v "$python" >/dev/null || die "no Python interpreter '$python' on this node (set ALEXNET_PYTHON)"
 
+# sbatch, salloc and srun set it; a script run outside Slurm gets one line, not `set -u`'s.
+[[ -n ${SLURM_JOB_NODELIST:-} ]] || die "SLURM_JOB_NODELIST is not set: submit with sbatch (or run inside salloc)"
 # The rendezvous host is the allocation's first node, never a silent localhost.
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 [[ ${#nodes[@]} -ge 1 && -n ${nodes[0]} ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no node"

@@ -363,6 +363,22 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "e.json").exists()
 
 
+def test_a_node_whose_copy_of_the_data_differs_stops_every_rank_naming_both(tiny_data, trained, tmp_path):
+    """--data may be each node's own copy; one a file short was evaluated into figures of two
+    different image sets (the ranks' shards), or its ranks took different numbers of batches."""
+    short = tmp_path / "short"
+    shutil.copytree(tiny_data, short)
+    next((short / "val" / "circle").iterdir()).unlink()
+    wrapper = rank_1_sees(tmp_path, EVALUATE, "--data", short)
+    proc = torchrun([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: the ranks read different data")]
+    assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert f"(rank 0: {tiny_data / 'val'} (10 classes, 50 images, file list " in named[0]
+    assert f"; rank 1: {short / 'val'} (10 classes, 49 images, file list " in named[0]
+    assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "e.json").exists()
+
+
 def test_an_unusable_out_stops_every_rank_also_without_torchrun_s_agent(trained, tmp_path):
     """Ranks started by hand (or by another launcher): rank 0 checked --out alone and stopped,
     and rank 1 waited for it at the process group's start until the timeout. Rank 0 still checks

@@ -357,6 +357,9 @@ echo "$PYTHONPATH" >"$FAKE_SRUN_RAN"
         ("ALEXNET_MAX_RESTARTS", "$(id)", "ALEXNET_MAX_RESTARTS must be a whole number >= 0; got '$(id)'"),
         ("ALEXNET_DRY_RUN", "maybe", "ALEXNET_DRY_RUN must be 1 (print the launch and exit) or 0; got 'maybe'"),
         ("ALEXNET_REPO", "/no/such", "ALEXNET_REPO=/no/such holds no launch/train.py (set it to the checkout's root)"),
+        # Outside Slurm: `set -u`'s "unbound variable", exit 1 ("abc: unbound variable" of a job id abc).
+        ("SLURM_JOB_ID", "abc", "SLURM_JOB_ID must be a job number; got 'abc'"),
+        ("SLURM_JOB_NODELIST", "", "SLURM_JOB_NODELIST is not set: submit with sbatch (or run inside salloc)"),
     ],
 )
 def test_the_script_s_environment_is_checked_before_the_launch(tmp_path, variable, value, said):

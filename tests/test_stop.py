@@ -63,11 +63,12 @@ def test_a_served_request_leaves_its_reason_for_the_slurm_script(restored_handle
     stop.install()
     (tmp_path / "STOP").write_text("")
     os.kill(os.getpid(), signal.SIGUSR1)
-    stop.served(12)
+    stop.served(12, stop.requests())
     assert (tmp_path / "STOP.stopped").read_text() == "stopped at step 12 by signal SIGUSR1\n"
     assert not (tmp_path / "STOP").exists()
     (tmp_path / "STOP.stopped").unlink()
-    StopRequest(torch.device("cpu"), str(tmp_path / "STOP")).served(20)  # max_steps: nothing requested
+    unasked = StopRequest(torch.device("cpu"), str(tmp_path / "STOP"))
+    unasked.served(20, unasked.requests())  # max_steps: nothing requested
     assert not (tmp_path / "STOP.stopped").exists()
 
 

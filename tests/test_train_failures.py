@@ -394,6 +394,31 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no trace
 
 
+def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_path):
+    """data.root on node-local disks, one copy a file short: nothing compared the copies, so the
+    ranks took different numbers of steps until a collective broke an epoch later (a class
+    folder missing, with model.num_classes set, trained each rank's labels as other classes).
+    Identical copies at other paths still train."""
+    (tmp_path / "home0").mkdir()
+    (tmp_path / "home0" / "data").symlink_to(tiny_data)
+    (tmp_path / "home1").mkdir()
+    shutil.copytree(tiny_data, tmp_path / "home1" / "data")
+    common = [per_rank_home(tmp_path), *TINY_TRAIN, "data.root=~/data", f"run.root={tmp_path}",
+              "parallel.timeout_s=30", "train.max_steps=1"]  # fmt: skip
+    check(torchrun([*common, "run.name=same"]))
+    short = sorted((tmp_path / "home1" / "data" / "train" / "circle").iterdir())[0]
+    short.unlink()
+    proc = torchrun([*common, "run.name=short"])
+    assert proc.returncode != 0
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: the ranks read different data")]
+    assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert "(rank 0: ~/data (10 classes, 120 train / 50 val images, file lists " in named[0]
+    assert "; rank 1: ~/data (10 classes, 119 train / 50 val images, file lists " in named[0]
+    assert named[0].endswith("every node's copy of the data must hold the same class folders and files")
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert not (tmp_path / "short").exists()
+
+
 def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -421,3 +446,7 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     assert flags == [(False, True, True, False), (False, True, True, True)]
     assert ranks[1]["failed_reason"] == "a failure on another rank"
     assert [r["reason"] for r in ranks] == ["another rank was asked to stop", "signal SIGUSR1"]
+    # Rank 0's .stopped marker had only its own reason: none, so a Slurm job whose step signal
+    # reached rank 1 alone ended with exit 0, unfinished and not requeued.
+    assert [r["requests"] for r in ranks] == ["signal SIGUSR1 on rank 1"] * 2
+    assert [r["failed_requests"] for r in ranks] == ["", ""]

@@ -133,6 +133,18 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
     its own node's process count: where the nodes run different numbers, a rank whose arithmetic
     failed stopped alone while the others waited in new_group for 30 minutes, and ranks that all
     passed could plan FC groups of different sizes."""
+    if env.distributed and mode == "hybrid" and not fc_group:
+        # Each node's own count is its FC group size: said first, as the cause, where one rank's
+        # arithmetic would fail ("fc_group=2 ... the world has 3 ranks", of a key never set).
+        counts: list[Any] = [None] * env.world_size
+        dist.all_gather_object(counts, env.local_world_size)
+        if len(set(counts)) > 1:
+            found = "; ".join(f"{n} on {ranks_text(counts, n)}'s node" for n in sorted(set(counts)))
+            raise LayoutError(
+                "parallel.mode=hybrid shares the FC layers among the processes of a node (parallel.fc_group=0), "
+                f"but the nodes run different numbers of processes ({found}); run the same --nproc_per_node on "
+                "every node, or set parallel.fc_group"
+            )
     try:
         shape, failure = plan_mesh(mode, env.rank, env.world_size, env.local_world_size, fc_group), None
     except LayoutError as exc:
