@@ -9,7 +9,6 @@ batches, so no rank waits for another at a collective.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -177,6 +176,11 @@ def run_checked(pipe, files: list[str]):
         raise error from exc
 
 
+# Steps the seeds of the reader's order and of the augmentation by the loader epoch a fresh
+# pipeline starts at (a large odd number: no nearby data.seed, shard or epoch gives another's).
+_EPOCH_SEED_STRIDE = 998_244_353
+
+
 class DaliLoader:
     """The Loader protocol over a DALI pipeline, built once and reused every epoch (rebuilding
     pipelines leaks their memory pools)."""
@@ -220,6 +224,12 @@ class DaliLoader:
         self._restore: str | None = None
         self._epoch = 0
         self._pos = 0
+        # The loader epoch the pipeline's reader starts at: its order and the augmentation's seed
+        # derive from it (_reader_order, _graph). A fresh pipeline built at epoch e > 0 (a resume
+        # without a DALI checkpoint: another layout or batch, another graph) replayed epoch 0's
+        # images, crops, flips and lighting, then epoch 1's, bit for bit. A restored DALI
+        # checkpoint needs the graph it was written by: the epoch its pipeline was built at.
+        self._reader_epoch = 0
         # True while the pipeline to be built starts its reader at the top of an epoch although
         # `_pos` batches of the loader's epoch are done (a state without a DALI checkpoint).
         self._reader_behind = False
@@ -243,14 +253,16 @@ class DaliLoader:
                     str(exc).strip().splitlines()[-1][:200], self._pos,
                 )  # fmt: skip
                 self._restore = None
+                self._reader_epoch = self._epoch
                 self._reader_behind = self._pos > 0
                 self._pipe = self._built_graph()
         return self._pipe
 
     def _built_graph(self):
+        reader = self._reader_order(self._reader_epoch)
         pipe = self._graph(
-            files=self._reader_index.files,
-            labels=self._reader_index.labels,
+            files=reader.files,
+            labels=reader.labels,
             image=self._image,
             shard=self._shard,
             decoder=self._decoder,
@@ -264,22 +276,24 @@ class DaliLoader:
         pipe.build()
         return pipe
 
-    @functools.cached_property
-    def _reader_index(self) -> FileIndex:
-        """The files in the order the reader gets them. Training: permuted by data.seed, the same
-        permutation on every rank (each epoch's shards stay disjoint). DALI's shuffle_after_epoch
-        draws its permutations from a seed of its own that no pipeline or reader seed reaches, so
-        without this every data.seed would train on the same batches in the same order."""
+    def _reader_order(self, epoch: int) -> FileIndex:
+        """The files in the order a reader started at loader epoch `epoch` gets them. Training:
+        permuted by data.seed, the same permutation on every rank (each epoch's shards stay
+        disjoint), and by the epoch where it is not 0. DALI's shuffle_after_epoch draws its
+        permutations from a seed of its own that no pipeline or reader seed reaches, so without
+        this every data.seed would train on the same batches in the same order."""
         if self.split != "train":
             return self._index  # validation reads fixed shards in file order
-        generator = torch.Generator().manual_seed(self._shard.seed)
+        generator = torch.Generator().manual_seed(self._shard.seed + epoch * _EPOCH_SEED_STRIDE)
         return self._index.subset(torch.randperm(len(self._index), generator=generator).tolist())
 
     def _graph(self, **common: Any):
         """The DALI graph this loader runs; `common` holds what every graph of the project takes."""
         training = self.split == "train"
-        # The reader's shuffle is shared by all ranks; augmentation differs per shard.
-        aug_seed = (self._shard.seed * 1_000_003 + self._shard.shard_id * 2 + int(training)) % (2**31)
+        # The reader's shuffle is shared by all ranks; augmentation differs per shard, and per
+        # reader start (0 for a run that never rebuilt its pipeline: its seeds as before).
+        aug_seed = self._shard.seed * 1_000_003 + self._shard.shard_id * 2 + int(training)
+        aug_seed = (aug_seed + self._reader_epoch * _EPOCH_SEED_STRIDE) % (2**31)
         return image_graph(
             training=training,
             lighting=self._lighting,
@@ -346,6 +360,8 @@ class DaliLoader:
             state["dali"] = self._pipe.checkpoint()
         elif self._restore is not None:
             state["dali"] = self._restore
+        if "dali" in state:
+            state["reader_epoch"] = self._reader_epoch  # the graph the DALI checkpoint belongs to
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -354,7 +370,9 @@ class DaliLoader:
         self._epoch = int(state["epoch"])
         self._pos = int(state["pos"])
         self._restore = state.get("dali")
-        # Without a DALI checkpoint the pipeline starts fresh, its reader at the top of an epoch.
+        # A DALI checkpoint goes back into the graph that wrote it (older states: built at epoch
+        # 0); without one the pipeline starts fresh, its reader at the top of this epoch.
+        self._reader_epoch = int(state.get("reader_epoch", 0)) if self._restore is not None else self._epoch
         self._reader_behind = self._restore is None and self._pos > 0
 
     def close(self) -> None:

@@ -183,6 +183,37 @@ def test_a_dali_checkpoint_of_another_graph_resumes_with_a_fresh_reader(tiny_dat
     assert sorted(int(v) for _, y in resumed for v in y) == sorted(index.labels)
 
 
+def test_a_fresh_dali_reader_at_a_later_epoch_does_not_replay_the_first_epochs(tiny_data):
+    """A resume without a DALI checkpoint (another layout, batch or graph) builds a fresh pipeline
+    at the saved epoch: its reader's order and its crops, flips and lighting came from seeds that
+    did not depend on the epoch, so epochs 2 and 3 were epochs 0 and 1 again, bit for bit. Each
+    later epoch still reads every file once, and a DALI checkpoint that such a pipeline writes
+    goes back into the same graph (the epoch it started at is saved with it)."""
+    index = build_file_index(tiny_data / "train")  # 120 files: 15 batches of 8
+    straight = dali(index, "train", batch=8, seed=5)
+    epochs = [[(x.clone(), y.clone()) for x, y in straight] for _ in range(2)]
+    state = straight.state_dict()
+    assert (state["epoch"], state["pos"], state["reader_epoch"]) == (2, 0, 0)
+    del state["dali"], state["reader_epoch"]  # what a resume under another layout passes on
+    fresh = dali(index, "train", batch=8, seed=5)
+    fresh.load_state_dict(state)
+    for epoch in range(2):
+        got = list(fresh)
+        assert sorted(int(v) for _, y in got for v in y) == sorted(index.labels)  # every file once
+        assert not any(torch.equal(x, ex) for (x, _), (ex, _) in zip(got, epochs[epoch]))
+        assert [y.tolist() for _, y in got] != [y.tolist() for _, y in epochs[epoch]]  # another order too
+    it = iter(fresh)
+    [next(it) for _ in range(3)]
+    mid = fresh.state_dict()
+    assert mid["reader_epoch"] == 2 and mid["dali"]
+    rest = [(x.clone(), y.clone()) for x, y in it]
+    restored = dali(index, "train", batch=8, seed=5)
+    restored.load_state_dict(mid)
+    again = list(restored)
+    assert len(again) == len(rest) == 12
+    assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(again, rest))
+
+
 def test_synthetic_loader_contract():
     loader = SyntheticLoader("train", 67, 10, ShardSpec(1, 2, 4, 0), steps=3, device=CPU)
     batches = list(loader)
