@@ -292,28 +292,37 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
         setup = read_eval_setup(opts, env, channels_last)
     except SETUP_ERRORS as exc:  # one rank's alone, maybe: a checkpoint or data folder its node lacks
         failure = exc
-    share_setup_failure(failure)
-    assert setup is not None  # else that raised
-    index = setup.index  # each node may read its own copy (--data): the same files, or the counts would differ
-    check_same_contents((str(setup.split_dir), (index.classes, index.fingerprint),
-                         f"{len(index.classes)} classes, {len(index)} images, file list {index.fingerprint[:8]}"),
-                        "read different data", "every node's copy of the data must hold the same class folders and "
-                        "files", DataError)  # fmt: skip
-    loaded, cfg = setup.loaded, setup.loaded.config
-    model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
-    amp = resolve_eval_amp(cfg, setup.opts.amp, env.device)
-    tally = ClassTally(loaded.num_classes, env.device)
-    start = time.perf_counter()
     try:
+        share_setup_failure(failure)
+        assert setup is not None  # else that raised
+        check_same_data(setup, env)
+        loaded, cfg = setup.loaded, setup.loaded.config
+        model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
+        amp = resolve_eval_amp(cfg, setup.opts.amp, env.device)
+        tally = ClassTally(loaded.num_classes, env.device)
+        start = time.perf_counter()
         with torch.no_grad():
             for images, labels in agreed_batches(setup.loader, env.device):  # a bad file on one rank stops every rank
                 tally.add(predict_log_probs(model, images, amp), labels)
-    finally:  # also after a bad file: workers left to the interpreter's exit leave their /tmp/pymp-* folders
-        setup.loader.close()
+    finally:  # also after a bad file or another rank's failure: workers left to the interpreter's exit
+        if setup is not None:  # leave their /tmp/pymp-* folders
+            setup.loader.close()
     sums, loss_sum = tally.reduce()
     seconds = time.perf_counter() - start
     return build_result(setup.opts, loaded.progress, cfg, setup.index, setup.split_dir, setup.files, amp, sums,
                         loss_sum, env, seconds)  # fmt: skip
+
+
+def check_same_data(setup: EvalSetup, env: DistEnv) -> None:
+    """Collective: every node's --data (each may read its own copy) holds the same class folders
+    and files; a copy a file short was evaluated into figures of two image sets."""
+    if not env.distributed:
+        return  # nothing to compare: the file list's fingerprint is not computed
+    index = setup.index
+    words = f"{len(index.classes)} classes, {len(index)} images, file list {index.fingerprint[:8]}"
+    advice = "every node's copy of the data must hold the same class folders and files"
+    check_same_contents((str(setup.split_dir), (index.classes, index.fingerprint), words), "read different data",
+                        advice, DataError)  # fmt: skip
 
 
 def build_result(

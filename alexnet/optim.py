@@ -95,13 +95,27 @@ def ignored_schedule_keys(cfg: ScheduleConfig) -> list[str]:
     ]
 
 
-def schedule_problems(cfg: ScheduleConfig, epochs: int, peak_lr: float) -> list[str]:
+def schedule_problems(cfg: ScheduleConfig, epochs: int, peak_lr: float, eval_every: int = 1) -> list[str]:
     """What in the schedule's settings does not do what it looks like it does: a warm-up as long
-    as the run, a step schedule that never steps, keys the chosen schedule does not read."""
+    as the run, a step or plateau schedule that can never divide the rate within the run, keys
+    the chosen schedule does not read."""
     problems = [warmup_problem(cfg, epochs, peak_lr)]
     if cfg.name == "step" and cfg.step_epochs >= epochs:
         problems.append(f"schedule.step_epochs ({cfg.step_epochs}) is not below train.epochs ({epochs}): the step "
                         "schedule never divides the rate")  # fmt: skip
+    # The plateau's first division follows its (patience + 1)-th validation of the cadence: the
+    # first sets the best, `patience` more without a gain divide. From the run's last epoch on,
+    # no step is left to train at the divided rate.
+    first = eval_every * (cfg.patience + 1)
+    if cfg.name == "plateau" and cfg.max_reductions > 0 and first >= epochs:
+        problems.append(f"the plateau schedule can first divide the rate after the validation of epoch {first} "
+                        f"(train.eval_every {eval_every} x (schedule.patience {cfg.patience} + 1)), not before "
+                        f"train.epochs ({epochs}): the rate never changes in this run")  # fmt: skip
+    if cfg.name == "plateau" and cfg.max_reductions == 0:
+        problems.append("schedule.max_reductions is 0: the plateau schedule never divides the rate")
+    if cfg.warmup_epochs == 0 and cfg.warmup_start_factor != ScheduleConfig().warmup_start_factor:
+        problems.append("schedule.warmup_start_factor is set, but schedule.warmup_epochs is 0: there is no warm-up "
+                        "for it to start")  # fmt: skip
     ignored = sorted(dict.fromkeys(ignored_schedule_keys(cfg)))  # factor is read by two schedules
     if ignored:
         one = len(ignored) == 1
@@ -209,8 +223,8 @@ class LrSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         reductions = int(state["reductions"])
-        # Older checkpoints have no multiplier: their reductions were all made with this factor, or
-        # (changed on resume) the rate moves, which the resume's log says.
+        # Older checkpoints have no multiplier: restore_training gives them the checkpoint's own
+        # factor's (resume.with_plateau_multiplier); this factor's where no config is at hand.
         multiplier = float(state.get("multiplier", self.cfg.factor**reductions))
         self.plateau = PlateauState(float(state["best_top1"]), int(state["bad_evals"]), reductions, multiplier)
         self.step_offset = int(state.get("step_offset", 0))  # absent from older checkpoints

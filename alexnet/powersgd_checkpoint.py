@@ -85,9 +85,12 @@ def remove_stale_powersgd_state(ckpt_dir: Path, world_size: int, in_use: bool) -
         log.warning("could not remove PowerSGD state files no resume can take in %s: %s", folder, exc)
 
 
-def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict[str, Any] | None, str]:
+def _read(
+    hook: CommHookState, path: Path, step: int, setup: dict, older_amp: str | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """The state in `path` if it belongs to the checkpoint of `step` under `setup` and fits
-    `hook`'s model, else why not."""
+    `hook`'s model, else why not. `older_amp`: the precision the checkpoint's steps were taken
+    in, for a state file written before its setup recorded one."""
     assert hook.powersgd is not None and hook.carry is not None
     if not path.is_file():
         return None, f"{path} does not exist"
@@ -98,12 +101,23 @@ def _read(hook: CommHookState, path: Path, step: int, setup: dict) -> tuple[dict
     if payload.get("step") != step:
         return None, f"{path} is of step {payload.get('step')}, the checkpoint of step {step}"
     saved = payload.get("setup")
-    if isinstance(saved, dict) and "amp" not in saved:  # written before the precision was kept: taken as this one
-        saved = {**saved, "amp": setup.get("amp")}
+    if isinstance(saved, dict) and "amp" not in saved:
+        saved = _older_setup(saved, setup, older_amp)
     if saved != setup:
         return None, _setup_change(saved, setup)
     problem = hook.carry.problem(hook.powersgd, payload.get("state"))
     return (None, f"{path} does not fit this model: {problem}") if problem else (payload["state"], "")
+
+
+def _older_setup(saved: dict, setup: dict, older_amp: str | None) -> dict:
+    """A setup written before the precision and the resolved FC group were kept, in today's
+    terms: its precision is the one the checkpoint's steps were taken in (unknown: this run's),
+    and its fc_group the configured one, 0 meaning a node's processes (this run resolves it, as
+    that run did on the same world) and ignored outside the hybrid (today's setup says 0)."""
+    older = {**saved, "amp": older_amp or setup.get("amp")}
+    if saved.get("mode") != "hybrid" or saved.get("fc_group") == 0:
+        older["fc_group"] = setup.get("fc_group")
+    return older
 
 
 def _setup_change(saved: Any, setup: dict) -> str:
@@ -128,13 +142,20 @@ def _by_reason(reasons: list[str]) -> str:
 
 
 def restore_powersgd_state(
-    hook: CommHookState | None, checkpoint: Path, step: int, rank: int, setup: dict, device: torch.device
+    hook: CommHookState | None,
+    checkpoint: Path,
+    step: int,
+    rank: int,
+    setup: dict,
+    device: torch.device,
+    older_amp: str | None = None,
 ) -> bool:
     """Collective where PowerSGD runs (on every rank alike): put back every rank's PowerSGD state
-    saved beside `checkpoint` (of `step`), or none of them. Returns whether they were restored."""
+    saved beside `checkpoint` (of `step`), or none of them. Returns whether they were restored.
+    `older_amp`: the precision the checkpoint's steps were taken in (see _read)."""
     if hook is None or hook.powersgd is None or hook.carry is None:
         return False
-    state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup)
+    state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup, older_amp)
     reasons = _gather(why)
     if any(reasons):
         # The warm-start factors must be the same on every rank (each step all-reduces products

@@ -135,13 +135,13 @@ class Reporter:
 
     def train(self, record: dict[str, Any], batches) -> None:
         self._record(record)
+        skipped = record.get("skipped_steps", 0)
         if hasattr(batches, "set_postfix"):
-            batches.set_postfix(
-                loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}", img_s=f"{record['images_per_sec']:.0f}"
-            )
+            shown = {"loss": f"{record['loss']:.3f}", "top1": f"{record['top1']:.1f}",
+                     "img_s": f"{record['images_per_sec']:.0f}"}  # fmt: skip
+            batches.set_postfix(shown | ({"skipped": f"{skipped}/{record['steps']}"} if skipped else {}))
             return
         comm = sum(record.get("comm_sent_mb", {}).values())
-        skipped = record.get("skipped_steps", 0)
         log.info(
             "epoch %d  step %d  loss %.4f  top-1 %.2f%%  lr %.4g  %.0f img/s  data wait %.0f%%%s%s",
             record["epoch"],

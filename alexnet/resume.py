@@ -33,7 +33,7 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, config_to_dict, existing_file, naming_key
+from alexnet.config import CheckpointConfig, Config, ScheduleConfig, config_to_dict, existing_file, naming_key
 from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
@@ -99,6 +99,17 @@ class Progress:
             return
         if self.best_top1 is None or self.best_top5 is None or (top1, top5) > (self.best_top1, self.best_top5):
             self.best_top1, self.best_top5, self.best_ten_crop, self.best_epoch = top1, top5, ten_crop, epoch
+
+
+def with_plateau_multiplier(state: dict[str, Any], saved_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The schedule's state with the plateau's multiplier, which checkpoints written before it
+    was kept lack: the checkpoint's own factor to the power of its reductions (this run's factor
+    would apply a changed schedule.factor to the reductions already made, and say nothing)."""
+    if "multiplier" in state:
+        return state
+    schedule = (saved_config or {}).get("schedule") or {}
+    factor = float(schedule.get("factor", ScheduleConfig().factor))
+    return {**state, "multiplier": factor ** int(state.get("reductions", 0))}
 
 
 def progress_from_checkpoint(saved: dict[str, Any], path: Path) -> Progress:
@@ -288,7 +299,7 @@ def restore_training(
     optim = payload["optimizer"]
     momentum = layout.to_local(optim["momentum"])
     load_optimizer_state(optimizer, optim["groups"], momentum, dict(local_model.named_parameters()))
-    schedule.load_state_dict(payload["schedule"])
+    schedule.load_state_dict(with_plateau_multiplier(payload["schedule"], payload.get("config")))
     if amp.scaler is not None and payload.get("scaler"):
         amp.scaler.load_state_dict(payload["scaler"])
     saved_batch = payload.get("config", {}).get("data", {}).get("batch_size")

@@ -151,7 +151,7 @@ class Trainer:
             self._log_resume(payload, path)
             self._saved_step = self.progress.step
             restore_powersgd_state(self.par.comm_hook, path, self.progress.step, env.rank, self._rank_setup(),
-                                   env.device)  # fmt: skip
+                                   env.device, (self.progress.trained_under or {}).get("amp"))  # fmt: skip
         self.after_backward = self.par.layout.after_backward()
         p = self.progress
         # A checkpoint of another run (checkpoint.resume=<its file>) continues none of this folder's records.
@@ -327,7 +327,7 @@ class Trainer:
         the labels meant other classes on each rank (one rank warned), and a copy short of a few
         files had the ranks take different numbers of steps until a collective broke an epoch later."""
         s = self.splits
-        if s.train is None or s.val is None:  # synthetic data: generated alike from the seeds
+        if not self.env.distributed or s.train is None or s.val is None:  # one process; synthetic data
             return
         identity = (s.classes, s.train.fingerprint, s.val.fingerprint)
         words = f"{len(s.classes)} classes, {len(s.train)} train / {len(s.val)} val images, "
@@ -368,8 +368,9 @@ class Trainer:
             self._log_rate_change(payload)
         before = (p.trained_under or {}).get("amp")
         if before and before != self.amp.name and not any(c.startswith("train.amp:") for c in changes):
-            log.warning("the run trained in precision %s, this session in %s (train.amp=%s resolves to what this "
-                        "machine runs best)", before, self.amp.name, self.cfg.train.amp)  # fmt: skip
+            why = "resolves to what this machine runs best" if self.cfg.train.amp == "auto" else "set"
+            log.warning("the run trained in precision %s, this session in %s (train.amp=%s %s)", before,
+                        self.amp.name, self.cfg.train.amp, why)  # fmt: skip
         if p.epoch >= self.cfg.train.epochs:
             log.warning("the run in %s has already trained its %d epochs: nothing to train (raise "
                         "train.epochs to go on, or set run.name=<new name> for a new run)",
@@ -842,7 +843,7 @@ class Trainer:
             plan.peak_lr,
         )
         if self.env.is_main:
-            for problem in schedule_problems(cfg.schedule, cfg.train.epochs, plan.peak_lr):
+            for problem in schedule_problems(cfg.schedule, cfg.train.epochs, plan.peak_lr, cfg.train.eval_every):
                 log.warning("%s", problem)
 
     def _training_setup(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ die() {
 say() { echo "alexnet.sh: $(date '+%F %T') $*" >&2; }
 
 [[ -n ${SLURM_JOB_ID:-} ]] || die "submit me with sbatch (SLURM_JOB_ID is not set)"
-[[ $SLURM_JOB_ID =~ ^[0-9]+$ ]] || die "SLURM_JOB_ID must be a job number; got '$SLURM_JOB_ID'"
+[[ $SLURM_JOB_ID =~ ^[1-9][0-9]*$ ]] || die "SLURM_JOB_ID must be a job number; got '$SLURM_JOB_ID'"
 
 # sbatch runs a copy of this script from its spool folder, so the checkout is found through the
 # environment, the submit folder, or the path the job was submitted with.

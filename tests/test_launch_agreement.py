@@ -50,8 +50,8 @@ def test_ranks_started_with_different_settings_stop_at_once_naming_them(tiny_dat
         # fc_group 2 and 1 from the nodes' process counts: the cause is said, also where one rank's
         # arithmetic fails (nodes of 1 and 2 processes: "fc_group=2 ... the world has 3 ranks").
         ("hybrid", "error: parallel.mode=hybrid shares the FC layers among the processes of a node "
-                   "(parallel.fc_group=0), but the nodes run different numbers of processes (1 on rank 1's node; "
-                   "2 on rank 0's node); run the same --nproc_per_node on every node, or set parallel.fc_group"),
+                   "(parallel.fc_group=0), but the nodes run different numbers of processes (1 per node for rank 1; "
+                   "2 per node for rank 0); run the same --nproc_per_node on every node, or set parallel.fc_group"),
     ],
 )  # fmt: skip
 def test_a_node_that_runs_another_number_of_processes_stops_every_rank(tiny_data, tmp_path, mode, said):

@@ -251,6 +251,18 @@ def test_settings_the_schedule_does_not_read_are_named():
     assert schedule_problems(ScheduleConfig(name="step", step_epochs=30), 30, 0.01) == [
         "schedule.step_epochs (30) is not below train.epochs (30): the step schedule never divides the rate"
     ]
+    # The plateau's first division follows the validation of epoch eval_every x (patience + 1).
+    assert schedule_problems(ScheduleConfig(name="plateau", patience=1), 5, 0.01, eval_every=2) == []  # epoch 4
+    assert schedule_problems(ScheduleConfig(name="plateau", patience=1), 4, 0.01, eval_every=2) == [
+        "the plateau schedule can first divide the rate after the validation of epoch 4 (train.eval_every 2 x "
+        "(schedule.patience 1 + 1)), not before train.epochs (4): the rate never changes in this run"
+    ]
+    assert schedule_problems(ScheduleConfig(name="plateau", max_reductions=0), 90, 0.01) == [
+        "schedule.max_reductions is 0: the plateau schedule never divides the rate"
+    ]
+    assert schedule_problems(ScheduleConfig(name="cosine", warmup_start_factor=0.5), 90, 0.01) == [
+        "schedule.warmup_start_factor is set, but schedule.warmup_epochs is 0: there is no warm-up for it to start"
+    ]
 
 
 def test_a_resume_says_where_changed_settings_move_the_rate():

@@ -296,8 +296,10 @@ def test_a_checkpoint_leaves_powersgds_generator_where_an_uninterrupted_run_has_
 
 
 def test_a_state_of_another_setup_is_named_by_what_changed_and_an_older_one_lacks_the_precision(tmp_path):
-    """The warning printed both whole setups once per rank (two dicts x 64 lines at 64 ranks);
-    states written before the precision was kept are taken as of this run's precision."""
+    """The warning printed both whole setups once per rank (two dicts x 64 lines at 64 ranks).
+    States written before the precision and the resolved FC group were kept are of the precision
+    the checkpoint's steps were taken in, and their configured fc_group 0 is the resolved group
+    (read as written, every hybrid run's first resume after the upgrade started afresh)."""
     from types import SimpleNamespace
 
     from alexnet.powersgd_checkpoint import _by_reason, _read
@@ -306,9 +308,18 @@ def test_a_state_of_another_setup_is_named_by_what_changed_and_an_older_one_lack
              "amp": "off"}  # fmt: skip
     hook = SimpleNamespace(powersgd=object(), carry=SimpleNamespace(problem=lambda powersgd, state: ""))
     path = tmp_path / "last.pt"
-    older = {k: v for k, v in setup.items() if k != "amp"}
+    # Written before: the configured fc_group (0: a node's processes, resolved to 2 here), no precision.
+    older = {**{k: v for k, v in setup.items() if k != "amp"}, "fc_group": 0}
     torch.save({"format": 1, "step": 4, "setup": older, "state": {"iter": 4}}, path)
-    assert _read(hook, path, 4, setup) == ({"iter": 4}, "")
+    assert _read(hook, path, 4, setup) == ({"iter": 4}, "")  # the checkpoint's precision unknown: this one
+    assert _read(hook, path, 4, setup, older_amp="off") == ({"iter": 4}, "")
+    assert _read(hook, path, 4, setup, older_amp="fp16") == (  # loss-scaled: not taken into amp off
+        None,
+        "its state was written under amp 'fp16'; this run has 'off'",
+    )
+    dp = {**setup, "mode": "dp", "fc_group": 0}  # outside the hybrid the configured fc_group meant nothing
+    torch.save({"format": 1, "step": 4, "setup": {**older, "mode": "dp", "fc_group": 4}, "state": {"iter": 4}}, path)
+    assert _read(hook, path, 4, dp) == ({"iter": 4}, "")
     torch.save({"format": 1, "step": 4, "setup": {**setup, "amp": "fp16", "fc_group": 0}, "state": {}}, path)
     state, why = _read(hook, path, 4, setup)
     assert state is None and why == "its state was written under fc_group 0 and amp 'fp16'; this run has 2 and 'off'"

@@ -237,6 +237,30 @@ def test_a_synthetic_data_run_says_it_decodes_nothing_and_is_not_compared(tmp_pa
     assert summary["completed"] and summary["paper"]["comparable"] is False
 
 
+def test_skipped_steps_are_said_in_the_log_line_and_on_the_progress_bar(tmp_path, caplog):
+    """A window's steps that were not applied (fp16 overflows, non-finite steps) were counted as
+    trained without a word; under a progress bar the log line is not printed, so the bar says it."""
+
+    class Bar:
+        def set_postfix(self, shown):
+            self.shown = shown
+
+    reporter = Reporter(tmp_path, is_main=True, tensorboard=False, progress="log", epochs=1)
+    reporter.open()
+    record = {"split": "train", "epoch": 1, "step": 10, "steps": 5, "count": 40, "loss": 2.0, "top1": 10.0,
+              "top5": 50.0, "images_per_sec": 100.0, "data_wait_share": 0.0, "lr": 0.01,
+              "skipped_steps": 2}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        reporter.train(record, [])
+    assert re.search(r"epoch 1  step 10  .*  2 of 5 skipped$", caplog.text.splitlines()[-1])
+    bar = Bar()
+    reporter.train({**record, "step": 15}, bar)
+    assert bar.shown["skipped"] == "2/5"
+    reporter.train({**record, "step": 20, "skipped_steps": 0}, bar)
+    assert "skipped" not in bar.shown
+    reporter.close()
+
+
 def test_a_progress_bar_without_tqdm_falls_back_to_log_lines(tmp_path, monkeypatch, caplog):
     """tqdm was imported at the first step, by rank 0 alone: a broken install failed it there,
     with the other ranks in the step's collectives."""

@@ -85,3 +85,19 @@ def test_summary_names_the_epoch_of_the_best_validation(tmp_path, schedule):
     val = [r for r in read_metrics(tmp_path / schedule / "metrics.jsonl") if r["split"] == "val"]
     best = max(val, key=lambda r: (r["top1"], r["top5"], -r["epoch"]))  # a tie: the first
     assert summary["best_epoch"] == best["epoch"] and summary["best_top1"] == best["top1"]
+
+
+def test_a_checkpoint_from_before_the_multiplier_keeps_its_rate_under_a_changed_factor(tmp_path, capfd):
+    """A checkpoint written before the plateau's multiplier was kept, resumed with another
+    schedule.factor: the multiplier was rebuilt from this run's factor (0.5 ** 1 for a reduction
+    made at 0.1), so the rate went up fivefold, and the rate-change check, given the same state
+    for both schedules, said nothing."""
+    run(tmp_path, "old", *NEVER_IMPROVES, "train.epochs=2")  # one reduction, at the end of epoch 2
+    path = tmp_path / "old" / "checkpoints" / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["schedule"]["reductions"] == 1 and payload["schedule"].pop("multiplier") == pytest.approx(0.1)
+    torch.save(payload, path)
+    run(tmp_path, "old", *NEVER_IMPROVES, "train.epochs=3", "schedule.factor=0.5", "train.log_every=1")
+    epoch_3 = [r["lr"] for r in read_metrics(tmp_path / "old" / "metrics.jsonl") if r["split"] == "train"][-2:]
+    assert epoch_3 == pytest.approx([0.01 * 4 / 128 * 0.1] * 2)  # the rate reached, not 0.5 of the peak
+    assert "schedule.factor: 0.1 -> 0.5" in capfd.readouterr().err

@@ -212,15 +212,22 @@ def check_same_contents(
 ) -> None:
     """Collective: every rank read the same contents (`found`: the path it read, an identity of
     what it holds, and that identity in a few words; None: this rank read nothing), whatever the
-    paths. Else every rank raises `error`: "the ranks <what> (each rank's path and words);
-    <advice>"."""
+    paths. Else every rank raises `error`: "the ranks <what> (the ranks of each identity, with
+    the first one's path and words); <advice>"."""
     if not _distributed():
         return
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, found)
     identities = [g[1] if g else None for g in gathered]
     if any(identity != identities[0] for identity in identities):
-        seen = "; ".join(f"rank {r}: " + (f"{g[0]} ({g[2]})" if g else "none") for r, g in enumerate(gathered))
+        # Ranks that read the same are named together, with the first one's path and words: one
+        # line per rank made 64 lines of one error at 64 ranks.
+        leaders = [r for r, identity in enumerate(identities) if identities.index(identity) == r]
+        seen = "; ".join(
+            f"{ranks_text(identities, identities[r])}: "
+            + (f"{gathered[r][0]} ({gathered[r][2]})" if gathered[r] else "none")
+            for r in leaders
+        )
         raise error(f"the ranks {what} ({seen}); {advice}")
 
 

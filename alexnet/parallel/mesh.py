@@ -132,14 +132,16 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
     """plan_mesh on every rank, agreed on before any process group is made. Each rank plans from
     its own node's process count: where the nodes run different numbers, a rank whose arithmetic
     failed stopped alone while the others waited in new_group for 30 minutes, and ranks that all
-    passed could plan FC groups of different sizes."""
+    passed could plan FC groups of different sizes. Only the hybrid's default groups (a node's
+    processes) depend on that count, so the counts are compared for it first; towers pairs and
+    an explicit fc_group are the same size on every rank."""
     if env.distributed and mode == "hybrid" and not fc_group:
         # Each node's own count is its FC group size: said first, as the cause, where one rank's
         # arithmetic would fail ("fc_group=2 ... the world has 3 ranks", of a key never set).
         counts: list[Any] = [None] * env.world_size
         dist.all_gather_object(counts, env.local_world_size)
         if len(set(counts)) > 1:
-            found = "; ".join(f"{n} on {ranks_text(counts, n)}'s node" for n in sorted(set(counts)))
+            found = "; ".join(f"{n} per node for {ranks_text(counts, n)}" for n in sorted(set(counts)))
             raise LayoutError(
                 "parallel.mode=hybrid shares the FC layers among the processes of a node (parallel.fc_group=0), "
                 f"but the nodes run different numbers of processes ({found}); run the same --nproc_per_node on "
@@ -151,16 +153,6 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
         shape, failure = None, exc
     share_setup_failure(failure, (LayoutError,))
     assert shape is not None  # else that raised
-    if not env.distributed:
-        return shape
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, shape.model_size)
-    if len(set(gathered)) > 1:
-        sizes = "; ".join(f"{size} on {ranks_text(gathered, size)}" for size in sorted(set(gathered)))
-        raise LayoutError(
-            f"parallel.mode={mode}: the ranks plan groups of different sizes ({sizes}), as their nodes run "
-            "different numbers of processes; run the same --nproc_per_node on every node, or set parallel.fc_group"
-        )
     return shape
 
 
