@@ -183,5 +183,7 @@ class Reporter:
         write_text_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def close(self) -> None:
+        """Idempotent: a run closes it at its end, and again (as a failed run) on the way out."""
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            writer.close()

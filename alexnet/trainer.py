@@ -516,16 +516,23 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         try:
             return self._fit()
-        except Exception as exc:
+        except BaseException as exc:  # a second Ctrl-C too: summary.json went on saying "running"
             if self.env.is_main:
                 self._summarize_failure(exc)
             raise
         finally:
             try:
+                self._close_reporter()  # a failed run left TensorBoard's writer thread running
                 for loader in (self.train_loader, self.val_loader):
                     loader.close()
             finally:
                 self._lock.release()
+
+    def _close_reporter(self) -> None:
+        try:
+            self.reporter.close()
+        except Exception as exc:  # never in place of the run's own error
+            log.warning("the run's TensorBoard writer could not be closed: %s", exc)
 
     def _fit(self) -> dict[str, Any]:
         self._log_start()
@@ -872,7 +879,7 @@ class Trainer:
         a scheduler reading it did not requeue the run."""
         self.reporter.write_summary(self._summary("running", 0.0))
 
-    def _summarize_failure(self, exc: Exception) -> None:
+    def _summarize_failure(self, exc: BaseException) -> None:
         """Rank 0: summary.json of a session that ended in an error says so. It kept the session
         before's "completed", next to the failed session's records in metrics.jsonl. The figures
         are this session's at the failure (the steps after the last checkpoint included: the

@@ -125,3 +125,28 @@ def test_a_master_port_that_is_no_port_is_named(hand_launch, port, said):
     hand_launch.setenv("MASTER_PORT", port)
     with pytest.raises(LaunchError, match=said):
         init_distributed(2.0, force_cpu=True)
+
+
+TRAIN_TWICE = """
+import sys
+from alexnet.config import load_config
+from alexnet.run import run_training
+root = sys.argv[1]
+for name in ("first", "second"):
+    cfg = load_config(None, ["data.pipeline=synthetic", "data.synthetic_steps=2", "data.batch_size=2",
+                             "data.resize=67", "data.crop=67", "model.fc_width=16", "model.num_classes=10",
+                             "train.epochs=1", "checkpoint.every_steps=0", "parallel.timeout_s=20",
+                             f"run.root={root}", f"run.name={name}"])
+    print(name, run_training(cfg, None)["steps"], flush=True)
+"""
+
+
+def test_a_worker_that_trains_twice_meets_its_peers_again(tmp_path):
+    """A script (or notebook) under torchrun that calls run_training twice: the second process
+    group read the first one's keys in torchrun's store, hung for parallel.timeout_s, then failed
+    in gloo ("Connection reset by peer")."""
+    script = tmp_path / "train_twice.py"
+    script.write_text(TRAIN_TWICE)
+    proc = torchrun([script, tmp_path])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("first 2\n") == 2 and proc.stdout.count("second 2\n") == 2, proc.stdout

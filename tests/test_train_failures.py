@@ -450,3 +450,35 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     # reached rank 1 alone ended with exit 0, unfinished and not requeued.
     assert [r["requests"] for r in ranks] == ["signal SIGUSR1 on rank 1"] * 2
     assert [r["failed_requests"] for r in ranks] == ["", ""]
+
+
+def test_a_failed_run_in_a_process_that_goes_on_leaves_no_tensorboard_thread(tiny_data, tmp_path):
+    """Only a run that ended well closed its TensorBoard writer: each failed one (a diverged loss,
+    a bad image, Ctrl-C) left the writer's thread running for the life of a notebook's process."""
+    import threading
+
+    def writer_threads() -> int:
+        return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
+
+    before = writer_threads()
+    for name in ("a", "b"):
+        cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}",
+                                 "run.tensorboard=true", "optim.lr=1e12", "train.max_nonfinite=1"])  # fmt: skip
+        with pytest.raises(alexnet.trainer.NonFiniteLossError):
+            run_training(cfg, None)
+    assert writer_threads() == before
+
+
+def test_a_second_ctrl_c_is_recorded_in_summary_json(tiny_data, tmp_path, monkeypatch):
+    """A KeyboardInterrupt (Ctrl-C twice) passed the failure's summary by: summary.json went on
+    saying "running" for a session that had ended."""
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alexnet.trainer.Trainer, "_run_epochs", interrupted)
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=c"])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, None)
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert (summary["stop_reason"], summary["completed"], summary["error"]) == ("error", False, "KeyboardInterrupt")

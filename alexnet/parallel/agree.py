@@ -97,7 +97,7 @@ def shared_fetch_error(mine: Exception | None) -> Exception:
     return error
 
 
-def describe_error(exc: Exception) -> str:
+def describe_error(exc: BaseException) -> str:
     """A DataError's message (it says what is wrong); anything else's type and first line, and
     for a DALI error the line that says what went wrong in its operator (its first line says
     only "Critical error in pipeline:")."""

@@ -195,7 +195,13 @@ def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"alexnet-attempt-{attempt}", store), "rank": rank, "world_size": world}
+    # And per process group of the attempt: a second run in the same worker (a script or notebook
+    # that trains twice) read the first group's keys and hung for parallel.timeout_s, then failed
+    # in gloo. Every rank creates its groups in the same order, so its own count agrees with the
+    # others' (kept in the store: nothing per process to reset).
+    session = store.add(f"alexnet-attempt-{attempt}-rank-{rank}-groups", 1)
+    prefix = f"alexnet-attempt-{attempt}-group-{session}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
 
 
 def shutdown_distributed() -> None:
