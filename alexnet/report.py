@@ -197,20 +197,15 @@ def _plot(ax, steps: list[float], values: list[float], **style: Any) -> None:
     ax.plot(steps, values, **style)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: cluster nodes have no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def build_training_figure(records: list[dict[str, Any]], title: str):
     """A 2x2 matplotlib figure: loss; top-1/top-5 accuracy; learning rate; images/s with the
     data-wait share. Train and val are drawn against the optimizer step."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    # A Figure of its own, not pyplot's: no backend switched and no figure kept in the calling
+    # process (matplotlib.use("Agg") turned a notebook's inline plots off).
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2, sharex=True)
     (ax_loss, ax_acc), (ax_lr, ax_speed) = axes
     styles = {"train": {"color": "tab:blue", "lw": 1.2}, "val": {"color": "tab:orange", "lw": 1.8, "marker": "o"}}
     for split, style in styles.items():
@@ -262,14 +257,10 @@ def build_training_figure(records: list[dict[str, Any]], title: str):
 
 def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
     """Read metrics.jsonl and write the training curves as a PNG (1200 x 800 pixels)."""
-    plt = _pyplot()
     metrics_path, out_png = Path(metrics_path), Path(out_png)
     fig = build_training_figure(_read_records(metrics_path), title or metrics_path.parent.name)
-    try:
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     # Renamed into place: a plot drawn while another is written (launch/plot_run.py beside a
     # session's end) or a write cut short never leaves a torn PNG.

@@ -17,13 +17,22 @@ from alexnet.stop import put_back_handlers, stop_handlers
 from alexnet.trainer import Trainer
 
 
+class _RunLogHandler(logging.StreamHandler):
+    """The run's own handler on the "alexnet" logger (one: a run after a run replaces it)."""
+
+
 def init_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    """The run's log lines, "HH:MM:SS [rank R] ...", INFO on rank 0 and warnings elsewhere, on the
+    "alexnet" logger alone: logging.basicConfig(force=True) removed and closed the handlers of the
+    calling process's root logger (a notebook's log file) and set its level. The lines still
+    propagate, so a root handler the caller set up sees them too."""
+    logger = logging.getLogger("alexnet")
+    for handler in [h for h in logger.handlers if isinstance(h, _RunLogHandler)]:
+        logger.removeHandler(handler)
+    handler = _RunLogHandler()  # the sys.stderr of the moment (a test's captured one too)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def run_training(cfg: Config, config_path: str | None, keep_stop_handlers: bool = False) -> dict[str, Any]:

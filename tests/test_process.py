@@ -1,5 +1,7 @@
-"""The process-wide settings the trainer and the benchmark apply (alexnet/process.py)."""
+"""The process-wide settings the trainer and the benchmark apply (alexnet/process.py), and what a
+run leaves of the calling process's own (its logging)."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -8,8 +10,14 @@ import sys
 import pytest
 import torch
 
-from alexnet.config import TrainConfig
+from alexnet.config import TrainConfig, load_config
 from alexnet.process import apply_process_settings
+from alexnet.run import run_training
+
+# One epoch of synthetic data, 2 steps of 4 images: a second of training.
+SYNTHETIC = ["data.pipeline=synthetic", "data.synthetic_steps=2", "data.batch_size=4", "data.resize=67",
+             "data.crop=67", "model.fc_width=16", "model.num_classes=10", "train.epochs=1",
+             "checkpoint.every_steps=0", "run.progress=log"]  # fmt: skip
 
 
 def test_determinism_switches_the_cudnn_autotuner_both_ways(monkeypatch):
@@ -88,3 +96,31 @@ def test_a_stop_signal_in_the_last_moment_of_a_completed_run_s_exit_keeps_its_st
     )
     proc = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
     assert proc.returncode == (0 if code == 0 else -signal.SIGTERM), proc.stderr
+
+
+def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
+    """A notebook's own logging: logging.basicConfig(force=True) removed and closed its root
+    handlers and set the root level. The run's lines now have a handler of their own on the
+    "alexnet" logger (one, however many runs), and still reach the caller's handler."""
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    root = logging.getLogger()
+    kept, level = Kept(), root.level
+    root.addHandler(kept)
+    try:
+        for name in ("one", "two"):
+            run_training(load_config(None, [*SYNTHETIC, f"run.root={tmp_path}", f"run.name={name}"]), None)
+        assert kept in root.handlers and root.level == level
+        assert sum("finished after 1 epochs" in line for line in kept.lines) == 2
+        own = [h for h in logging.getLogger("alexnet").handlers if type(h).__name__ == "_RunLogHandler"]
+        assert len(own) == 1
+        assert capfd.readouterr().err.count("[rank 0] finished after 1 epochs") == 2  # once per run, not twice
+    finally:
+        root.removeHandler(kept)

@@ -409,3 +409,21 @@ def test_the_progress_bar_of_a_resumed_epoch_counts_its_steps_taken_before(tiny_
     proc = check(train_tiny(tiny_data, tmp_path, "bar", "train.epochs=1", "run.progress=bar", nproc=1))
     counts = [(int(n), int(total)) for n, total in re.findall(r"epoch 1/1:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", proc.stderr)]
     assert counts and counts[0] == (3, 15) and counts[-1][0] >= 14, proc.stderr[-2000:]  # 0/15 before
+
+
+def test_drawing_the_curves_leaves_the_caller_s_matplotlib_as_it_was(tmp_path):
+    """matplotlib.use("Agg") switched a notebook's backend (its inline plots stopped showing), and
+    pyplot kept each figure until closed: the figures are now matplotlib.figure.Figure objects of
+    their own."""
+    import matplotlib
+
+    kept = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend
+    try:
+        write_metrics(tmp_path / "metrics.jsonl")
+        png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+        assert png.read_bytes().startswith(b"\x89PNG") and matplotlib.get_backend() == "svg"
+        if "matplotlib.pyplot" in sys.modules:
+            assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+    finally:
+        matplotlib.use(kept)

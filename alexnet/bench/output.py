@@ -243,23 +243,22 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
     return "\n".join(out)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A Figure of its own, not pyplot's: no backend switched and no figure kept in the calling
+    process (a notebook's inline plots stay on)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def plot_throughput(results: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Bars of median images/s per result, with the min-max range of the windows."""
-    plt = _pyplot()
     names = [r["name"] for r in results]
     medians = [r["images_per_sec"] for r in results]
     lows = [r["images_per_sec"] - r.get("images_per_sec_min", r["images_per_sec"]) for r in results]
     highs = [r.get("images_per_sec_max", r["images_per_sec"]) - r["images_per_sec"] for r in results]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.0))
+    fig = _figure(max(6.0, 1.1 * len(names) + 2), 4.0)
+    ax = fig.subplots()
     ax.bar(range(len(names)), medians, yerr=[lows, highs], capsize=4, color="#4C72B0")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("images/s (median of windows)")
@@ -267,14 +266,13 @@ def plot_throughput(results: Sequence[dict[str, Any]], path: Path, title: str) -
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_scaling(results: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Images/s against processes for each name, with the ideal line from its baseline."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    fig = _figure(6.5, 4.0)
+    ax = fig.subplots()
     for name in dict.fromkeys(r["name"] for r in results):
         points = sorted(
             (r["nproc"], r["images_per_sec"], r.get("baseline_per_proc")) for r in results if r["name"] == name
@@ -292,7 +290,6 @@ def plot_scaling(results: Sequence[dict[str, Any]], path: Path, title: str) -> P
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
