@@ -9,15 +9,11 @@ import sys
 
 import pytest
 import torch
+from _helpers import SYNTHETIC_TRAIN
 
 from alexnet.config import TrainConfig, load_config
 from alexnet.process import apply_process_settings
 from alexnet.run import run_training
-
-# One epoch of synthetic data, 2 steps of 4 images: a second of training.
-SYNTHETIC = ["data.pipeline=synthetic", "data.synthetic_steps=2", "data.batch_size=4", "data.resize=67",
-             "data.crop=67", "model.fc_width=16", "model.num_classes=10", "train.epochs=1",
-             "checkpoint.every_steps=0", "run.progress=log"]  # fmt: skip
 
 
 def test_determinism_switches_the_cudnn_autotuner_both_ways(monkeypatch):
@@ -116,7 +112,8 @@ def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
     root.addHandler(kept)
     try:
         for name in ("one", "two"):
-            run_training(load_config(None, [*SYNTHETIC, f"run.root={tmp_path}", f"run.name={name}"]), None)
+            cfg = load_config(None, [*SYNTHETIC_TRAIN, "train.epochs=1", f"run.root={tmp_path}", f"run.name={name}"])
+            run_training(cfg, None)
         assert kept in root.handlers and root.level == level
         assert sum("finished after 1 epochs" in line for line in kept.lines) == 2
         own = [h for h in logging.getLogger("alexnet").handlers if type(h).__name__ == "_RunLogHandler"]

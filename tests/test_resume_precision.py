@@ -3,29 +3,18 @@ key is (that PowerSGD's loss-scaled residual is then not carried over: tests/tes
 
 from __future__ import annotations
 
+from _helpers import SYNTHETIC_TRAIN
+
 import alexnet.trainer
 from alexnet.config import load_config
 from alexnet.engine import build_amp
 from alexnet.run import run_training
 
-SYNTHETIC = [
-    "data.pipeline=synthetic",
-    "data.synthetic_steps=2",
-    "data.batch_size=4",
-    "data.resize=67",
-    "data.crop=67",
-    "model.fc_width=16",
-    "model.num_classes=10",
-    "model.init=kaiming",
-    "checkpoint.every_steps=0",
-    "run.progress=log",
-]
-
 
 def test_a_resume_under_another_resolved_precision_says_so(tmp_path, monkeypatch, capfd):
     """train.amp=auto trained in bf16 (a GPU that runs it) and resumed where auto means off (a
     CPU, a V100's fp16): the key did not change, so nothing was said."""
-    overrides = [*SYNTHETIC, f"run.root={tmp_path}", "run.name=auto", "train.amp=auto"]
+    overrides = [*SYNTHETIC_TRAIN, f"run.root={tmp_path}", "run.name=auto", "train.amp=auto"]
     with monkeypatch.context() as m:  # the first machine: auto resolves to bf16 (the CPU runs bf16 autocast)
         m.setattr(alexnet.trainer, "build_amp", lambda mode, device: build_amp("bf16" if mode == "auto" else mode,
                                                                               device))  # fmt: skip

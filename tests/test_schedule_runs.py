@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import SYNTHETIC_TRAIN
 
 from alexnet.config import load_config
 from alexnet.metrics import read_metrics
 from alexnet.run import run_training
 
-# Synthetic data: 2 steps of 4 images per epoch, seconds per run on a CPU.
-SYNTHETIC = [
-    "data.pipeline=synthetic",
-    "data.synthetic_steps=2",
-    "data.batch_size=4",
-    "data.resize=67",
-    "data.crop=67",
-    "model.fc_width=16",
-    "model.num_classes=10",
-    "model.init=kaiming",
-    "checkpoint.every_steps=0",
-    "run.progress=log",
-]
-
 
 def run(tmp_path, name: str, *overrides: str) -> dict:
-    cfg = load_config(None, [*SYNTHETIC, f"run.root={tmp_path}", f"run.name={name}", *overrides])
+    cfg = load_config(None, [*SYNTHETIC_TRAIN, f"run.root={tmp_path}", f"run.name={name}", *overrides])
     return run_training(cfg, None)
 
 
