@@ -408,7 +408,10 @@ def test_the_progress_bar_of_a_resumed_epoch_counts_its_steps_taken_before(tiny_
     check(train_tiny(tiny_data, tmp_path, "bar", "train.max_steps=3", "train.epochs=1", nproc=1))
     proc = check(train_tiny(tiny_data, tmp_path, "bar", "train.epochs=1", "run.progress=bar", nproc=1))
     counts = [(int(n), int(total)) for n, total in re.findall(r"epoch 1/1:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", proc.stderr)]
-    assert counts and counts[0] == (3, 15) and counts[-1][0] >= 14, proc.stderr[-2000:]  # 0/15 before
+    assert counts and counts[0] == (3, 15), proc.stderr[-2000:]  # 0/15 before
+    # tqdm redraws at most every 0.1 s and clears the bar at the epoch's end, so the last count
+    # drawn depends on the machine's load (11/15 once in CI): only its order and total are fixed.
+    assert [n for n, _ in counts] == sorted(n for n, _ in counts) and {t for _, t in counts} == {15}
 
 
 def test_drawing_the_curves_leaves_the_caller_s_matplotlib_as_it_was(tmp_path):
