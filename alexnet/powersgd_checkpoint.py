@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from alexnet.checkpoint import FORMAT_VERSION, LAST, CheckpointError, atomic_save, load_checkpoint
+from alexnet.parallel.agree import gather_from_ranks, rank_groups
 from alexnet.parallel.data_parallel import CommHookState
 
 log = logging.getLogger("alexnet")
@@ -31,15 +31,6 @@ FOLDER = "powersgd"
 
 def rank_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / FOLDER / f"rank{rank}" / LAST
-
-
-def _gather(text: str) -> list[str]:
-    """Every rank's `text`, by rank (a collective)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [text]
-    texts = [""] * dist.get_world_size()
-    dist.all_gather_object(texts, text)
-    return texts
 
 
 def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, rank: int, setup: dict) -> None:
@@ -55,7 +46,7 @@ def save_powersgd_state(hook: CommHookState | None, ckpt_dir: Path, step: int, r
         atomic_save(payload, rank_file(ckpt_dir, rank).parent, rotate=False)
     except (CheckpointError, OSError) as exc:  # whatever it is, every rank must reach the gather below
         why = str(exc)
-    failed = [f"rank {r}: {w}" for r, w in enumerate(_gather(why)) if w]
+    failed = [f"rank {r}: {w}" for r, w in enumerate(gather_from_ranks(why)) if w]
     if failed:
         raise CheckpointError(f"PowerSGD's state could not be written ({'; '.join(failed)})")
 
@@ -132,13 +123,9 @@ def _setup_change(saved: Any, setup: dict) -> str:
 
 def _by_reason(reasons: list[str]) -> str:
     """Each rank's reason, ranks with the same one named together ("every rank" where all share it)."""
-    ranks: dict[str, list[int]] = {}
-    for rank, why in enumerate(reasons):
-        if why:
-            ranks.setdefault(why, []).append(rank)
-    if len(ranks) == 1 and len(next(iter(ranks.values()))) == len(reasons) > 1:
-        return f"every rank: {next(iter(ranks))}"
-    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {why}" for why, rs in ranks.items())
+    if len(reasons) > 1 and reasons.count(reasons[0]) == len(reasons):
+        return f"every rank: {reasons[0]}"
+    return "; ".join(f"{ranks}: {reasons[r]}" for r, ranks in rank_groups(reasons) if reasons[r])
 
 
 def restore_powersgd_state(
@@ -156,7 +143,7 @@ def restore_powersgd_state(
     if hook is None or hook.powersgd is None or hook.carry is None:
         return False
     state, why = _read(hook, rank_file(checkpoint.parent, rank), step, setup, older_amp)
-    reasons = _gather(why)
+    reasons = gather_from_ranks(why)
     if any(reasons):
         # The warm-start factors must be the same on every rank (each step all-reduces products
         # with them), so one rank without its state restarts every rank's.

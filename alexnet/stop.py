@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alexnet.parallel.agree import Fetched, shared_fetch_error
+from alexnet.parallel.agree import Fetched, gather_from_ranks, rank_groups, shared_fetch_error
 from alexnet.parallel.env import LAUNCHER_ENV
 
 log = logging.getLogger("alexnet")
@@ -137,19 +137,10 @@ class StopRequest:
         through each node's slurmd, so rank 0 may get it after the stop or never, and knew only
         that "another rank was asked to stop"; its marker then said nothing and the job ended
         with exit 0 unfinished and not requeued."""
-        own = self.reason() if self.requested_here() else ""
-        reasons = [own]
-        if dist.is_available() and dist.is_initialized():
-            reasons = [""] * dist.get_world_size()
-            dist.all_gather_object(reasons, own)
-        ranks: dict[str, list[int]] = {}
-        for rank, why in enumerate(reasons):
-            if why:
-                ranks.setdefault(why, []).append(rank)
-        if len(reasons) == 1 or all(len(rs) == len(reasons) for rs in ranks.values()):
-            return "; ".join(ranks)  # one process, or every rank alike (a stop file, a signal to all)
-        return "; ".join(f"{why} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
-                         for why, rs in ranks.items())  # fmt: skip
+        reasons = gather_from_ranks(self.reason() if self.requested_here() else "")
+        if reasons.count(reasons[0]) == len(reasons):  # one process, or every rank alike (a stop file)
+            return reasons[0]
+        return "; ".join(f"{reasons[r]} on {ranks}" for r, ranks in rank_groups(reasons) if reasons[r])
 
     def served(self, step: int, requests: str) -> None:
         """After the checkpoint of a stop (rank 0): the requests (`requests()`) are left beside

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError
 from pipelines.filecheck import dali_cause
-from pipelines.index import DataError
+from pipelines.index import DataError, FileIndex
 
 T = TypeVar("T")
 log = logging.getLogger("alexnet")
@@ -222,18 +222,48 @@ def check_same_contents(
     if any(identity != identities[0] for identity in identities):
         # Ranks that read the same are named together, with the first one's path and words: one
         # line per rank made 64 lines of one error at 64 ranks.
-        leaders = [r for r, identity in enumerate(identities) if identities.index(identity) == r]
         seen = "; ".join(
-            f"{ranks_text(identities, identities[r])}: "
-            + (f"{gathered[r][0]} ({gathered[r][2]})" if gathered[r] else "none")
-            for r in leaders
+            f"{ranks}: " + (f"{gathered[r][0]} ({gathered[r][2]})" if gathered[r] else "none")
+            for r, ranks in rank_groups(identities)
         )
         raise error(f"the ranks {what} ({seen}); {advice}")
+
+
+def check_same_files(where: str, indexes: dict[str, FileIndex]) -> None:
+    """Collective: every node's copy of the data (each may read its own: data.root, --data) holds
+    the same class folders and files, told by the lists' fingerprints; `indexes` by split name
+    ("" for one unnamed split). Nothing compared them: a copy a few files short had the ranks take
+    different numbers of steps until a collective broke an epoch later, or evaluated two image
+    sets into one figure."""
+    if not _distributed():
+        return  # nothing to compare: the fingerprints are not computed
+    classes = next(iter(indexes.values())).classes
+    prints = [index.fingerprint for index in indexes.values()]
+    counts = " / ".join(f"{len(index)}{' ' + name if name else ''}" for name, index in indexes.items())
+    words = f"{len(classes)} classes, {counts} images, file list{'s' if len(prints) > 1 else ''} "
+    words += "/".join(fp[:8] for fp in prints)
+    advice = "every node's copy of the data must hold the same class folders and files"
+    check_same_contents((where, (classes, *prints), words), "read different data", advice, DataError)
 
 
 def checkpoint_identity(progress: dict[str, Any]) -> tuple[Any, str]:
     """(step, the run's clock to the last bit): the same for one checkpoint wherever it is read."""
     return int(progress.get("step", 0)), repr(progress.get("train_seconds"))
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Every rank's `value`, by rank (a collective); [value] alone without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def rank_groups(values: list[Any]) -> list[tuple[int, str]]:
+    """(the first rank, "ranks 0, 1, 3") for each distinct value of `values` (by rank), in rank
+    order: what ranks said alike is said once for them (one line per rank made 64 lines at 64)."""
+    return [(r, ranks_text(values, v)) for r, v in enumerate(values) if values.index(v) == r]
 
 
 def ranks_text(values: list[Any], value: Any) -> str:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any
 
 import torch.distributed as dist
 
-from alexnet.parallel.agree import ranks_text, share_setup_failure
+from alexnet.parallel.agree import gather_from_ranks, ranks_text, share_setup_failure
 from alexnet.parallel.env import DistEnv
 
 TOWER_DEGREE = 2
@@ -138,8 +137,7 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
     if env.distributed and mode == "hybrid" and not fc_group:
         # Each node's own count is its FC group size: said first, as the cause, where one rank's
         # arithmetic would fail ("fc_group=2 ... the world has 3 ranks", of a key never set).
-        counts: list[Any] = [None] * env.world_size
-        dist.all_gather_object(counts, env.local_world_size)
+        counts = gather_from_ranks(env.local_world_size)
         if len(set(counts)) > 1:
             found = "; ".join(f"{n} per node for {ranks_text(counts, n)}" for n in sorted(set(counts)))
             raise LayoutError(
