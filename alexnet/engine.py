@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from alexnet.config import ConfigError
 from alexnet.layers import DropoutContext, apply_dropout_context
 from alexnet.metrics import topk_correct
 from alexnet.parallel.data_parallel import is_ddp
@@ -61,7 +62,9 @@ def build_amp(mode: Literal["auto", "bf16", "fp16", "off"], device: torch.device
     if mode == "bf16":
         return AmpPolicy(device.type, torch.bfloat16, None)
     if device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on the CPU")
+        raise ConfigError(
+            "config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off on the CPU", ("train.amp",)
+        )
     return AmpPolicy(device.type, torch.float16, torch.amp.GradScaler("cuda"))
 
 

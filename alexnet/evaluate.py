@@ -249,25 +249,30 @@ def build_eval_loader(cfg: Config, index: FileIndex, opts: EvalOptions, env: Dis
 
 
 @dataclass
-class EvalSetup:
-    """What each rank reads on its own before the evaluation: the checkpoint, the files, a loader."""
+class EvalInputs:
+    """What each rank reads on its own, and can fail at alone (a checkpoint or data folder its
+    node lacks): the checkpoint, the files and the precision."""
 
     loaded: LoadedModel
     opts: EvalOptions
     index: FileIndex
     split_dir: Path
     files: str
+    amp: AmpPolicy
+
+
+@dataclass
+class EvalSetup:
+    """The agreed inputs and each rank's loader."""
+
+    inputs: EvalInputs
     loader: Loader
 
 
-def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> EvalSetup:
-    # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
-    check_same_settings(option_settings(asdict(opts)), "evaluate.py options", may_differ=EVAL_MAY_DIFFER)
+def read_eval_inputs(opts: EvalOptions, env: DistEnv) -> EvalInputs:
+    """No collectives: a rank that fails here alone must reach share_setup_failure with the others
+    (a rank that raised out of a collective met the others' next one: tracebacks on every rank)."""
     loaded = build_model_from_checkpoint(opts.checkpoint, env.device)
-    # --checkpoint may be a node's own copy, but of the same checkpoint
-    check_same_checkpoint(
-        (loaded.path, loaded.progress), "loaded different checkpoints", "give every rank the same one"
-    )
     cfg = loaded.config
     opts = replace(opts, pipeline=resolve_eval_pipeline(cfg, opts))
     if cfg.data.val_ten_crop and not opts.ten_crop and env.rank == 0:
@@ -280,37 +285,62 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> Eva
         raise DataError(
             f"{split_dir}: {len(index.classes)} classes, but checkpoint {opts.checkpoint} predicts {loaded.num_classes}"
         )
-    loader = build_eval_loader(cfg, index, opts, env, channels_last)
-    return EvalSetup(loaded, opts, index, split_dir, files, loader)
+    amp = resolve_eval_amp(cfg, opts.amp, env.device)
+    return EvalInputs(loaded, opts, index, split_dir, files, amp)
+
+
+def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> EvalSetup:
+    """Collective: every rank's inputs, checked to be the same, and its loader; any rank's failure
+    is every rank's error."""
+    # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
+    check_same_settings(option_settings(asdict(opts)), "evaluate.py options", may_differ=EVAL_MAY_DIFFER)
+    inputs, failure = None, None
+    try:
+        inputs = read_eval_inputs(opts, env)
+    except SETUP_ERRORS as exc:
+        failure = exc
+    share_setup_failure(failure)
+    assert inputs is not None  # else that raised
+    # --checkpoint and --data may be a node's own copies, but of the same checkpoint and files
+    loaded = inputs.loaded
+    check_same_checkpoint(
+        (loaded.path, loaded.progress), "loaded different checkpoints", "give every rank the same one"
+    )
+    check_same_files(str(inputs.split_dir), {"": inputs.index})
+    loader, failure = None, None
+    try:
+        loader = build_eval_loader(loaded.config, inputs.index, inputs.opts, env, channels_last)
+    except SETUP_ERRORS as exc:
+        failure = exc
+    try:
+        share_setup_failure(failure)
+    except BaseException:
+        if loader is not None:  # its workers would leave their /tmp/pymp-* folders
+            loader.close()
+        raise
+    assert loader is not None  # else that raised
+    return EvalSetup(inputs, loader)
 
 
 def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
     channels_last = env.device.type == "cuda"
-    setup, failure = None, None
+    setup = read_eval_setup(opts, env, channels_last)
+    inputs = setup.inputs
+    loaded, cfg = inputs.loaded, inputs.loaded.config
     try:
-        setup = read_eval_setup(opts, env, channels_last)
-    except SETUP_ERRORS as exc:  # one rank's alone, maybe: a checkpoint or data folder its node lacks
-        failure = exc
-    try:
-        share_setup_failure(failure)
-        assert setup is not None  # else that raised
-        check_same_files(str(setup.split_dir), {"": setup.index})
-        loaded, cfg = setup.loaded, setup.loaded.config
         model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
-        amp = resolve_eval_amp(cfg, setup.opts.amp, env.device)
         tally = ClassTally(loaded.num_classes, env.device)
         start = time.perf_counter()
         with torch.no_grad():
             for images, labels in agreed_batches(setup.loader, env.device):  # a bad file on one rank stops every rank
-                tally.add(predict_log_probs(model, images, amp), labels)
+                tally.add(predict_log_probs(model, images, inputs.amp), labels)
     finally:  # also after a bad file or another rank's failure: workers left to the interpreter's exit
-        if setup is not None:  # leave their /tmp/pymp-* folders
-            setup.loader.close()
+        setup.loader.close()  # leave their /tmp/pymp-* folders
     sums, loss_sum = tally.reduce()
     seconds = time.perf_counter() - start
-    return build_result(setup.opts, loaded.progress, cfg, setup.index, setup.split_dir, setup.files, amp, sums,
-                        loss_sum, env, seconds)  # fmt: skip
+    return build_result(inputs.opts, loaded.progress, cfg, inputs.index, inputs.split_dir, inputs.files, inputs.amp,
+                        sums, loss_sum, env, seconds)  # fmt: skip
 
 
 def build_result(

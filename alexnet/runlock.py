@@ -32,6 +32,7 @@ import weakref
 from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
+from pipelines.outputs import process_runs
 
 log = logging.getLogger("alexnet")
 LOCK_FILE = ".lock"
@@ -68,15 +69,7 @@ def holder_is_alive_here(holder: str) -> bool:
     if match is None:
         return True  # it has not said who it is: take it for a live session
     pid, host = int(match.group(1)), match.group(2)
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
+    return host == socket.gethostname() and process_runs(pid)
 
 
 def lock_run_folder(run_dir: Path, wait_elsewhere_s: float = HOLDER_ELSEWHERE_WAIT_S) -> RunFolderLock:

@@ -70,7 +70,8 @@ def _recorded_resume(config_yaml: Path) -> str | None:
         recorded = yaml.safe_load(config_yaml.read_bytes())  # bytes: whatever they hold, a YAMLError at worst
     except (OSError, yaml.YAMLError):
         return None
-    value = recorded.get("checkpoint", {}).get("resume") if isinstance(recorded, dict) else None
+    section = recorded.get("checkpoint") if isinstance(recorded, dict) else None
+    value = section.get("resume") if isinstance(section, dict) else None  # a hand-edited file may hold anything
     return value if isinstance(value, str) and value not in ("auto", "none") else None
 
 

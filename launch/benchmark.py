@@ -35,10 +35,11 @@ from alexnet.bench.output import (
     report_folder,
     write_outputs,
 )
-from alexnet.bench.timing import Schedule
+from alexnet.bench.timing import BenchSettingsError, Schedule
 from alexnet.config import ConfigError, config_to_dict, load_config
+from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import MAY_DIFFER, LoaderError, check_same_settings, flat_settings, option_settings
-from alexnet.parallel.env import accept_legacy_local_rank, log_rank
+from alexnet.parallel.env import LaunchError, accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error
 from pipelines.index import DataError
@@ -200,7 +201,7 @@ def apply_late_overrides(
 
 def _check_like_images(args: argparse.Namespace) -> None:
     if args.like_images is not None and args.dataset != "imagenet-like":
-        raise ValueError("--like-images sizes --dataset imagenet-like, which is not given")
+        raise BenchSettingsError("--like-images sizes --dataset imagenet-like, which is not given")
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -298,7 +299,7 @@ def _step_parts(args: argparse.Namespace):
     for item in args.overrides:
         key, value = (part.strip() for part in item.partition("=")[::2])
         if key in STEP_FIXED and (key, value) != ("data.pipeline", "synthetic"):
-            raise ValueError(f"{item}: {STEP_FIXED[key]}")
+            raise BenchSettingsError(f"{item}: {STEP_FIXED[key]}")
     cfg = _config(args, ["data.pipeline=synthetic"])
     settings = StepSettings(
         modes=args.modes, variants=args.variants, compare_torchvision=args.compare_torchvision, steps=args.steps,
@@ -324,7 +325,7 @@ def check_root_override(flag: str, root: Path, overrides: list[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         if sep and key.strip() == "data.root" and not _same_path(value.strip(), root):
-            raise ValueError(f"{flag} and data.root={value.strip()} name different data: give one of them")
+            raise BenchSettingsError(f"{flag} and data.root={value.strip()} name different data: give one of them")
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
@@ -380,7 +381,7 @@ def _check_point_options(mode: str, options: list[str]) -> None:
     except SystemExit as exc:  # argparse has printed its usage line and the error (or the help)
         if not exc.code:
             raise
-        raise ValueError(f"sweep: the options for {mode} are refused (the line above)") from exc
+        raise BenchSettingsError(f"sweep: the options for {mode} are refused (the line above)") from exc
     (_step_parts if mode == "step" else _e2e_parts)(point)
 
 
@@ -390,10 +391,10 @@ def merge_output(name: str, out: Path, inputs: list[Path]) -> Path:
     merged.json` means merged.json, not merged.json.json."""
     name = name.removesuffix(".json")
     if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name):
-        raise ValueError(f"--name {name!r}: expected a plain file name (no path separator, not '..' or empty)")
+        raise BenchSettingsError(f"--name {name!r}: expected a plain file name (no path separator, not '..' or empty)")
     target = out / f"{name}.json"
     if any(_same_path(target, report) for report in inputs):
-        raise ValueError(f"merge: {target} is one of the reports to merge; choose another --name or --out")
+        raise BenchSettingsError(f"merge: {target} is one of the reports to merge; choose another --name or --out")
     return target
 
 
@@ -404,7 +405,7 @@ def cmd_merge(args: argparse.Namespace) -> Report:
     for item in args.check:
         name, sep, status = item.partition("=")
         if not sep:
-            raise ValueError(f"--check {item!r}: expected NAME=STATUS")
+            raise BenchSettingsError(f"--check {item!r}: expected NAME=STATUS")
         checks[name] = status
     report = merge_reports(args.reports, checks)
     print(format_table(report.results, MERGE_TABLE))
@@ -425,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             merged = merge_output(args.name, args.out, args.reports)
         with report_folder(args.out):
             report = commands[args.command](args)
-    except (ConfigError, LayoutError, ReportError, ValueError) as exc:  # the command must change
+    # The command must change (as train.py's 2). Only the project's own errors: a bare ValueError
+    # is a bug, whose traceback says where.
+    except (ConfigError, LayoutError, LaunchError, ModelSizeError, ReportError, BenchSettingsError) as exc:
         print_error(str(exc))
         return 2
     except (OSError, DataError, LoaderError) as exc:  # what a file holds (as for train.py), a rank's loader failing

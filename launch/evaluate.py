@@ -196,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
                 print_error(f"cannot write {out}: {exc.strerror}")
                 return 1
             print(f"written to {out}")
-    except OutputPathError as exc:
+    # The command must change (as train.py's 2): an --out that cannot be written, options this
+    # machine cannot run (--amp fp16 or --decoder mixed without CUDA, DALI not installed), ranks
+    # started with different options. A ConfigError of some nodes only arrives as a DataError.
+    except (OutputPathError, ConfigError) as exc:
         print_error(str(exc))
         return 2
     # OSError: a folder a rank lacks; ModelSizeError: a checkpoint's model too large for this machine
-    except (CheckpointError, ConfigError, DataError, LoaderError, ModelSizeError, OSError) as exc:
+    except (CheckpointError, DataError, LoaderError, ModelSizeError, OSError) as exc:
         print_error(str(exc))
         return 1
     finally:

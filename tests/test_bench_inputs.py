@@ -174,6 +174,23 @@ def test_the_step_benchmark_refuses_overrides_it_cannot_honour(tmp_path, capsys,
     assert cfg.data.pipeline == "synthetic"
 
 
+def test_an_option_this_machine_cannot_run_is_a_usage_error_and_a_bug_is_not(tmp_path, capsys, monkeypatch):
+    """fp16 on a CPU was a ValueError traceback once the benchmark stopped reading every ValueError
+    as the command's fault, which had turned programming errors into "error: <message>", exit 2."""
+    out = tmp_path / "out"
+    argv = ["step", "--out", str(out), "--windows", "1", "--warmup", "0", "--steps", "1", "--modes", "dp"]
+    assert benchmark.main([*argv, "train.amp=fp16"]) == 2
+    assert capsys.readouterr().err.endswith("config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 "
+                                            "or off on the CPU\n")  # fmt: skip
+
+    def broken(args):
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setitem(benchmark.cmd_step.__globals__, "cmd_step", broken)
+    with pytest.raises(ValueError, match="too many values"):
+        benchmark.main(argv)
+
+
 def test_a_sweep_takes_the_options_its_points_take(tmp_path, capsys):
     """The check before the points refuses only what a point would: layouts, variants, overrides
     pass; each command's own flags and overrides are refused to the other, as its points would

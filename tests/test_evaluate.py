@@ -174,6 +174,10 @@ def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path):
     assert f"checkpoint . is a folder; name a checkpoint file in it (e.g. {Path('last.pt')})" in here.stderr
     with pytest.raises(ConfigError, match=r"--decoder mixed decodes on the GPU and needs a CUDA device"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
+    # a usage error, as train.py's data.decoder=mixed without CUDA: exit 2 (it exited 1)
+    mixed = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--decoder", "mixed"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert mixed.returncode == 2 and mixed.stderr.startswith("error: --decoder mixed decodes on the GPU"), mixed.stderr
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--batch-size: must be in [0, 65536] (0: the run's own), got -3" in proc.stderr
 
@@ -305,6 +309,25 @@ def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_pat
     assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
     assert named[0] == (f"error: the ranks loaded different checkpoints (rank 0: {trained} (step {step - 1}); "
                         f"rank 1: {other} (step {step})); give every rank the same one")  # fmt: skip
+
+
+def test_a_checkpoint_missing_on_one_rank_s_node_stops_every_rank_naming_it(trained, tmp_path):
+    """Rank 1 failed to load its checkpoint and met rank 0 in the checkpoint comparison's gather:
+    a ValueError traceback on rank 1, an IndexError on rank 0. Both now stop with rank 1's error."""
+    missing = tmp_path / "elsewhere" / "last.pt"
+    wrapper = tmp_path / "rank_1_missing.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.environ['RANK'] == '1': sys.argv[1] = {str(missing)!r}\n"
+        f"sys.argv[0] = {str(EVALUATE)!r}\n"
+        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
+    )
+    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "ValueError" not in proc.stderr and "IndexError" not in proc.stderr, proc.stderr[-4000:]
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert named[0].startswith(f"error: rank 1 (of 2): checkpoint {missing}"), named[0]
 
 
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data, trained, tmp_path):

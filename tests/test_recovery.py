@@ -430,3 +430,22 @@ def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_w
     assert load_checkpoint(tmp_path / "halved" / "checkpoints" / "last.pt")["schedule"]["step_offset"] == 15
     records = read_metrics(tmp_path / "halved" / "metrics.jsonl")
     assert [(r["epoch"], r["step"]) for r in records if r["split"] == "val"] == [(1, 15), (2, 45)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("checkpoint: {resume: /runs/a/last.pt}\n", "/runs/a/last.pt"),
+        ("checkpoint: {resume: auto}\n", None),
+        ("checkpoint: auto\n", None),  # AttributeError: 'str' object has no attribute 'get', on every rank
+        ("checkpoint: [1, 2]\n", None),
+        ("- a list\n", None),
+        ("{unclosed\n", None),
+    ],
+)
+def test_the_recorded_resume_of_a_hand_edited_config_yaml_is_read_or_left(tmp_path, text, expected):
+    """A run's config.yaml, read when checkpoint.resume names a file and the run has a last.pt, may
+    hold anything after a hand edit: what is not a recorded file is no record."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert trainer_module._recorded_resume(config) == expected

@@ -161,3 +161,5 @@ def test_which_holders_are_live_sessions_of_this_host():
     assert runlock.holder_is_alive_here("")
     assert not runlock.holder_is_alive_here(f"pid {os.getpid()} on elsewhere{since}")
     assert not runlock.holder_is_alive_here(f"pid {dead.pid} on {here}{since}")
+    # A damaged .lock: "rank 0 failed: OverflowError" before
+    assert not runlock.holder_is_alive_here(f"pid 99999999999999999999 on {here}{since}")

@@ -30,7 +30,7 @@ from alexnet.bench.step_bench import (
     synthetic_batches,
     train_result,
 )
-from alexnet.bench.timing import Schedule, paired_ratio, run_interleaved, wait_until_idle
+from alexnet.bench.timing import BenchSettingsError, Schedule, paired_ratio, run_interleaved, wait_until_idle
 from alexnet.bench.training import TrainContender, endless, sync
 from alexnet.config import Config, config_to_dict
 from alexnet.data import build_loader, build_splits
@@ -54,17 +54,21 @@ class E2ESettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+            raise BenchSettingsError(f"--steps must be at least 1, got {self.steps}")
         for name in self.pipelines:
             if name not in REAL_PIPELINES:
-                raise ValueError(f"--pipelines: {name!r} is not a real-data pipeline (choose dali or torchvision)")
+                raise BenchSettingsError(
+                    f"--pipelines: {name!r} is not a real-data pipeline (choose dali or torchvision)"
+                )
 
 
 def _pipelines(cfg: Config, s: E2ESettings) -> tuple[str, ...]:
     if s.pipelines:
         return s.pipelines
     if cfg.data.pipeline not in REAL_PIPELINES:
-        raise ValueError("the e2e benchmark reads real files: set data.pipeline=dali or torchvision, or --pipelines")
+        raise BenchSettingsError(
+            "the e2e benchmark reads real files: set data.pipeline=dali or torchvision, or --pipelines"
+        )
     return (cfg.data.pipeline,)
 
 

@@ -30,7 +30,15 @@ from torch.utils.data import Dataset
 
 from alexnet.bench.envinfo import collect_environment
 from alexnet.bench.output import Column, Report
-from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved, summarize, wait_until_idle
+from alexnet.bench.timing import (
+    BenchSettingsError,
+    Schedule,
+    Window,
+    paired_ratio,
+    run_interleaved,
+    summarize,
+    wait_until_idle,
+)
 from alexnet.bench.training import endless
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, MAX_BATCH, MAX_PREFETCH, MAX_THREADS
 from pipelines.base import ImageSpec, ShardSpec
@@ -108,11 +116,11 @@ class PipelineSettings:
         ):
             if value < 1 or (high is not None and value > high):
                 most = f" and at most {high}" if high else ""
-                raise ValueError(f"{flag} must be at least 1{most}, got {value}")
+                raise BenchSettingsError(f"{flag} must be at least 1{most}, got {value}")
         if not (math.isfinite(self.min_window_s) and self.min_window_s >= 0):
-            raise ValueError(f"--min-window must be a finite number of seconds >= 0, got {self.min_window_s}")
+            raise BenchSettingsError(f"--min-window must be a finite number of seconds >= 0, got {self.min_window_s}")
         if not 1 <= self.crop <= self.resize:
-            raise ValueError(f"--crop must be between 1 and --resize ({self.resize}), got {self.crop}")
+            raise BenchSettingsError(f"--crop must be between 1 and --resize ({self.resize}), got {self.crop}")
 
 
 def chosen_pipelines(
@@ -137,16 +145,16 @@ def check_pipelines(requested: tuple[str, ...], cuda: bool) -> None:
     known = (*LOADERS, *GRAPH_OF.values(), *(n for names in STAGES_OF.values() for n in names), *CEILINGS)
     for name in requested:
         if name not in known:
-            raise ValueError(f"--pipelines: unknown pipeline {name!r} (choose from {', '.join(known)})")
+            raise BenchSettingsError(f"--pipelines: unknown pipeline {name!r} (choose from {', '.join(known)})")
         if "mixed" in name and not cuda:
-            raise ValueError(f"--pipelines: {name} decodes on the GPU and needs a CUDA device")
+            raise BenchSettingsError(f"--pipelines: {name} decodes on the GPU and needs a CUDA device")
 
 
 def resolve_split_dir(path: Path) -> Path:
     """`path/train` when it exists (a dataset root), else `path` itself (a split folder)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ValueError(f"--data: {path} does not exist or is not a folder")  # a usage error: exit 2
+        raise BenchSettingsError(f"--data: {path} does not exist or is not a folder")  # a usage error: exit 2
     return path / "train" if (path / "train").is_dir() else path
 
 
@@ -212,7 +220,7 @@ class BatchStream:
 
 def _endless(loader):
     if len(loader) == 0:
-        raise ValueError("the data holds fewer images than one batch of --batch-size")
+        raise BenchSettingsError("the data holds fewer images than one batch of --batch-size")
     return endless(loader)
 
 
@@ -259,7 +267,7 @@ def _pil_decode_batches(index: FileIndex, s: PipelineSettings) -> Iterator[int]:
 def _graph_batches(loader) -> Iterator[int]:
     """The loader's own pipeline (built exactly as the loader builds it) run by itself."""
     if not hasattr(loader, "_build"):
-        raise ValueError("--graph-only: pipelines.dali.DaliLoader no longer has _build(); update pipeline_bench")
+        raise RuntimeError("--graph-only: pipelines.dali.DaliLoader no longer has _build(); update pipeline_bench")
     pipe = loader._build()
     while True:
         images, _ = pipe.run()
@@ -271,10 +279,10 @@ def _dali_decode_batches(
 ) -> Iterator[int]:
     """The decode-only ceiling (`stage` None), or the training graph cut after `stage`."""
     if stage is not None and stage not in STAGES:
-        raise ValueError(f"unknown pipeline stage {stage!r} (choose from {', '.join(STAGES)})")
+        raise BenchSettingsError(f"unknown pipeline stage {stage!r} (choose from {', '.join(STAGES)})")
     torch_resize = stage == "window-decode+torch-resize"
     if torch_resize and decoder != "cpu":
-        raise ValueError(f"pipeline stage {stage} resizes on the CPU and needs the CPU decoder")
+        raise BenchSettingsError(f"pipeline stage {stage} resizes on the CPU and needs the CPU decoder")
     from nvidia.dali import fn, pipeline_def
 
     from pipelines.dali import decode_paper_window, decoder_args, headers_checked, resize_patch, run_checked
@@ -447,7 +455,9 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     check_pipelines(names, cuda)
     index = build_file_index(resolve_split_dir(s.data))
     if len(index) < s.batch_size:  # before the bad-file handling below, which this is not
-        raise ValueError(f"--batch-size {s.batch_size}: {s.data} holds {len(index)} images, fewer than one batch")
+        raise BenchSettingsError(
+            f"--batch-size {s.batch_size}: {s.data} holds {len(index)} images, fewer than one batch"
+        )
 
     def progress(rnd: int, name: str, w: Window) -> None:
         tag = "warm-up" if rnd < s.schedule.warmup else f"window {rnd - s.schedule.warmup + 1}"

@@ -22,7 +22,7 @@ from alexnet.bench.envinfo import collect_environment, device_name
 from alexnet.bench.flops import count_train_flops, mfu, peak_flops, precision_of
 from alexnet.bench.output import Column, Report
 from alexnet.bench.profile import profile_steps
-from alexnet.bench.timing import Schedule, Window, paired_ratio, run_interleaved, summarize
+from alexnet.bench.timing import BenchSettingsError, Schedule, Window, paired_ratio, run_interleaved, summarize
 from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endless, step_split
 from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
@@ -53,15 +53,15 @@ class StepSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+            raise BenchSettingsError(f"--steps must be at least 1, got {self.steps}")
         if self.profile < 0:
-            raise ValueError(f"--profile must be 0 (off) or a number of steps, got {self.profile}")
+            raise BenchSettingsError(f"--profile must be 0 (off) or a number of steps, got {self.profile}")
         for mode in self.modes:
             if mode not in MODES:
-                raise ValueError(f"--modes: unknown layout {mode!r} (choose from {', '.join(MODES)})")
+                raise BenchSettingsError(f"--modes: unknown layout {mode!r} (choose from {', '.join(MODES)})")
         for variant in self.variants:
             if variant not in ("paper", "torchvision"):
-                raise ValueError(f"--variants: unknown variant {variant!r} (choose paper or torchvision)")
+                raise BenchSettingsError(f"--variants: unknown variant {variant!r} (choose paper or torchvision)")
 
 
 def default_modes(world: int) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from alexnet.bench.envinfo import collect_environment, usable_cores
 from alexnet.bench.output import Column, Report, ReportError, load_report
+from alexnet.bench.timing import BenchSettingsError
 
 KILL_GRACE_S = 10.0  # from SIGTERM to SIGKILL when a point outlives --timeout
 
@@ -37,15 +38,15 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         if not self.nprocs or any(p < 1 for p in self.nprocs):
-            raise ValueError(f"--nproc: process counts must be positive integers, got {list(self.nprocs)}")
+            raise BenchSettingsError(f"--nproc: process counts must be positive integers, got {list(self.nprocs)}")
         twice = sorted({p for p in self.nprocs if self.nprocs.count(p) > 1})
         if twice:  # the second run replaced the first's report, and was held against it as its baseline
-            raise ValueError(f"--nproc: {', '.join(map(str, twice))} given twice in {list(self.nprocs)}")
+            raise BenchSettingsError(f"--nproc: {', '.join(map(str, twice))} given twice in {list(self.nprocs)}")
         if self.mode not in ("step", "e2e"):
-            raise ValueError(f"--mode must be step or e2e, got {self.mode!r}")
+            raise BenchSettingsError(f"--mode must be step or e2e, got {self.mode!r}")
         for arg in self.args:
             if arg == "--out" or arg.startswith("--out="):
-                raise ValueError("options after --: --out is set by the sweep (use the sweep's own --out)")
+                raise BenchSettingsError("options after --: --out is set by the sweep (use the sweep's own --out)")
 
 
 def point_command(s: SweepSettings, nproc: int, out: Path) -> list[str]:

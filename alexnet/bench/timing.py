@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Protocol
 
 
+class BenchSettingsError(ValueError):
+    """A benchmark option or input the command must change (exit 2). Its own type: benchmark.py
+    caught every ValueError as one, so a programming error read as advice to change the command."""
+
+
 @dataclass(frozen=True)
 class Window:
     """One timed turn: `images` processed in `seconds`, plus contender-specific seconds/bytes."""
@@ -44,9 +49,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.windows < 1:
-            raise ValueError(f"--windows must be at least 1, got {self.windows}")
+            raise BenchSettingsError(f"--windows must be at least 1, got {self.windows}")
         if self.warmup < 0:
-            raise ValueError(f"--warmup must be at least 0, got {self.warmup}")
+            raise BenchSettingsError(f"--warmup must be at least 0, got {self.warmup}")
 
 
 def interleaved_order(names: Sequence[str], schedule: Schedule) -> list[tuple[int, str]]:

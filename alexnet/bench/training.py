@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from alexnet.bench.timing import Window, summarize
+from alexnet.bench.timing import BenchSettingsError, Window, summarize
 from alexnet.engine import AmpPolicy, train_step
 from alexnet.layers import DropoutContext
 from alexnet.parallel.agree import fetch_each
@@ -196,6 +196,6 @@ def comm_bytes(windows: list[Window]) -> dict[str, Any]:
 def endless(loader) -> Batches:
     """Batches across epoch boundaries, each epoch run to StopIteration as training runs it."""
     if len(loader) == 0:
-        raise ValueError("the loader has no batches (fewer images than one batch)")
+        raise BenchSettingsError("the loader has no batches (fewer images than one batch)")
     while True:
         yield from loader
