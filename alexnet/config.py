@@ -23,6 +23,7 @@ import yaml
 
 from alexnet.hostmem import HostMemory
 from alexnet.model import fc_width_fits, min_input_size
+from pipelines.outputs import write_text_atomic
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -180,8 +181,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def write_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Atomically: a write cut short (a full disk) keeps the earlier file, a run's only record of
+    its earlier session's settings."""
+    write_text_atomic(path, config_yaml(cfg))
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:

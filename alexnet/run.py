@@ -7,7 +7,7 @@ from typing import Any
 
 from alexnet.config import Config, config_to_dict
 from alexnet.data import check_pipeline_installed
-from alexnet.parallel.agree import check_same_settings, flat_settings
+from alexnet.parallel.agree import SETUP_ERRORS, check_same_settings, flat_settings, share_setup_failure
 from alexnet.parallel.env import init_distributed, log_rank, shutdown_distributed
 from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan, with_run_name
@@ -47,9 +47,15 @@ def run_training(cfg: Config, config_path: str | None, keep_stop_handlers: bool 
     try:
         check_same_settings(flat_settings(config_to_dict(cfg)), "settings")
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
-        plan = build_plan(cfg, env, mesh, config_path)
-        check_pipeline_installed(cfg.data)  # before the run folder, with the config's key
-        check_tensorboard_installed(cfg.run.tensorboard)
+        plan, failure = None, None
+        try:  # what this machine has: a node's own decoder (data.decoder may differ), its installs
+            plan = build_plan(cfg, env, mesh, config_path)
+            check_pipeline_installed(cfg.data)  # before the run folder, with the config's key
+            check_tensorboard_installed(cfg.run.tensorboard)
+        except SETUP_ERRORS as exc:  # one node's alone: the others would wait for it in the next collective
+            failure = exc
+        share_setup_failure(failure)
+        assert plan is not None  # else that raised
         return Trainer(cfg, env, mesh, plan).fit()
     finally:
         shutdown_distributed()

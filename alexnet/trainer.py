@@ -16,7 +16,15 @@ import yaml
 from torch import nn
 
 from alexnet.checkpoint import LAST, PREVIOUS, CheckpointError, atomic_save, same_file
-from alexnet.config import CheckpointConfig, Config, ConfigError, config_from_dict, config_to_dict, write_config
+from alexnet.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    config_yaml,
+    write_config,
+)
 from alexnet.data import DataSplits, build_loader, build_splits, build_train_loader
 from alexnet.engine import AmpPolicy, MicroBatch, StepResult, accumulated_step, build_amp
 from alexnet.evaluate import eval_batch
@@ -55,6 +63,7 @@ from alexnet.stop import StopRequest
 from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start, recorded_weights
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
+from pipelines.outputs import write_bytes_atomic
 from pipelines.steps import StepBatches, describe_step_batch
 
 log = logging.getLogger("alexnet")
@@ -298,13 +307,13 @@ class Trainer:
         with tempfile.TemporaryFile(dir=self.ckpt_dir):  # nameless where it can be: a kill leaves nothing
             pass
         before = path.read_bytes() if path.exists() else None  # bytes: kept as they are, whatever they hold
-        write_config(self.cfg, path)
-        if before is not None and path.read_bytes() != before:
+        if before is not None and config_yaml(self.cfg).encode("utf-8") != before:
             n = 1
             while (self.plan.run_dir / f"config.{n}.yaml").exists():
                 n += 1
-            (self.plan.run_dir / f"config.{n}.yaml").write_bytes(before)
+            write_bytes_atomic(self.plan.run_dir / f"config.{n}.yaml", before)  # kept before it is replaced
             log.info("this session's config differs from the run's earlier one, kept as config.%d.yaml", n)
+        write_config(self.cfg, path)
 
     def _agree_on_resume(self, resumed: tuple[dict, Path] | None) -> None:
         """Every rank must continue from the same checkpoint. Ranks that read run.root from disks

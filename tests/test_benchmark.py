@@ -163,8 +163,10 @@ def test_sweep_settings_and_commands_are_argument_lists(tmp_path):
         assert sweep.point_env(2, cuda=False)["OMP_NUM_THREADS"] == "7"  # the user's setting wins
     with pytest.raises(ValueError, match="--nproc"):
         sweep.SweepSettings((0,), "step", (), BENCH, tmp_path)
-    with pytest.raises(ValueError, match="--out"):
-        sweep.SweepSettings((1,), "step", ("--out", "x"), BENCH, tmp_path)
+    for given in (("--out", "x"), ("--out=x",), ("--ou", "x"), ("--o=x",)):  # argparse's abbreviations too
+        with pytest.raises(sweep.BenchSettingsError, match="--out is set by the sweep"):
+            sweep.SweepSettings((1,), "step", given, BENCH, tmp_path)
+    sweep.SweepSettings((1,), "step", ("--", "--modes", "dp"), BENCH, tmp_path)  # "--" itself is no --out
     args = benchmark.parse_args(["sweep", "--nproc", "1,2,4", "--", "--modes", "dp", "data.batch_size=8"])
     assert args.nproc == [1, 2, 4] and args.args[-3:] == ["--modes", "dp", "data.batch_size=8"]
 

@@ -464,6 +464,17 @@ def test_a_last_pt_that_may_be_whole_is_not_passed_over_for_previous_pt(tmp_path
         patch.setattr("builtins.open", disk_error)
         with pytest.raises(CheckpointError, match=r"previous\.pt has no optimizer"):
             load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+
+    def lost_mid_read(*args, **kwargs):  # the head read, then the storage went (a lost NFS handle)
+        raise OSError(errno.ESTALE, "Stale file handle", str(last))
+
+    with monkeypatch.context() as patch:  # fell back to previous.pt: a damaged last.pt, it said
+        patch.setattr(torch, "load", lost_mid_read)
+        with pytest.raises(CheckpointUnusableHere, match=re.escape(f"{last} cannot be read: Stale file handle")):
+            load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
+        patch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+        with pytest.raises(MemoryError):
+            load_resume_checkpoint(auto, tmp_path, torch.nn.Linear(1, 1))
     newer = {**payload(2.0), "format": 2}
     torch.save(newer, last)
     with pytest.raises(CheckpointUnusableHere, match="is of format 2, written by a newer version") as e:

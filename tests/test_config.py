@@ -114,6 +114,24 @@ def test_written_config_round_trips(tmp_path):
     assert yaml.safe_load(out.read_text())["data"]["root"] == "/data/imagenet"
 
 
+def test_a_config_write_cut_short_keeps_the_earlier_file(tmp_path, monkeypatch):
+    """config.yaml was written in place: a full disk left a run's record of its settings cut."""
+    out = tmp_path / "config.yaml"
+    write_config(load_config(None, ["run.name=first"]), out)
+    earlier = out.read_bytes()
+
+    def full_disk(self, text, *args, **kwargs):
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_config(load_config(None, ["run.name=second"]), out)
+    monkeypatch.undo()
+    assert out.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
 def test_every_recipe_loads():
     recipes = sorted((REPO / "launch" / "configs").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"demo", "imagenet"}

@@ -61,6 +61,19 @@ def test_a_node_that_runs_another_number_of_processes_stops_every_rank(tiny_data
     assert the_error_of_every_rank(proc).startswith(said)
 
 
+def test_a_node_that_cannot_run_its_own_decoder_stops_every_rank_naming_it(tiny_data, tmp_path):
+    """data.decoder may differ by node; rank 1's mixed decoder on a node without CUDA stopped it
+    alone, and rank 0 went on into the run's setup, to wait for it in the next collective."""
+    wrapper = rank_1_differs(tmp_path, TRAIN, ("data.decoder=mixed",))
+    proc = torchrun([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=d",
+                     "parallel.timeout_s=30"])  # fmt: skip
+    assert the_error_of_every_rank(proc) == (
+        "error: rank 1 (of 2): config key 'data.decoder' is 'mixed' (GPU decoding) but no CUDA device is in use; "
+        "use cpu or auto"
+    )
+    assert not (tmp_path / "d").exists()  # stopped before the run folder
+
+
 def test_a_pair_s_process_group_keeps_the_collective_timeout(tmp_path):
     """Rank 1 sleeps 7 s; rank 0's all-reduce over the pair ends by the 1 s timeout ("Timed out
     waiting 1000ms"), not when rank 1 exits ("Connection closed by peer": the group had torch's

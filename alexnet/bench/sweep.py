@@ -45,7 +45,8 @@ class SweepSettings:
         if self.mode not in ("step", "e2e"):
             raise BenchSettingsError(f"--mode must be step or e2e, got {self.mode!r}")
         for arg in self.args:
-            if arg == "--out" or arg.startswith("--out="):
+            name = arg.split("=", 1)[0]
+            if len(name) > 2 and "--out".startswith(name):  # argparse takes "--ou" for --out too
                 raise BenchSettingsError("options after --: --out is set by the sweep (use the sweep's own --out)")
 
 
