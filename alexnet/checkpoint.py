@@ -210,7 +210,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True (no code runs from the file); errors name the file, in one line.
     A file that is no checkpoint at all (an export, a text file) says what it is instead."""
     payload = load_torch_file(path)
-    if _is_state_dict(payload):  # an export's .torchvision.pth, torchvision's own file: weights alone
+    if is_state_dict(payload):  # an export's .torchvision.pth, torchvision's own file: weights alone
         raise CheckpointError(
             f"{path} is not a checkpoint of this trainer but a weights file (a state dict: no optimizer, "
             f"schedule, data position or config); model.weights={path} starts a training run from it"
@@ -225,8 +225,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _is_state_dict(payload: Any) -> bool:
-    return isinstance(payload, dict) and bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
+def is_state_dict(value: Any) -> bool:
+    """Parameter names mapped to tensors: a weights file (model.weights takes one), no checkpoint."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
 
 
 def checkpoint_in(folder: Path) -> Path:

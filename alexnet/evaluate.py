@@ -267,6 +267,7 @@ class EvalSetup:
 
     inputs: EvalInputs
     loader: Loader
+    channels_last: bool  # the run's train.channels_last: its layout is faster on GPUs and CPUs alike
 
 
 def read_eval_inputs(opts: EvalOptions, env: DistEnv) -> EvalInputs:
@@ -289,7 +290,7 @@ def read_eval_inputs(opts: EvalOptions, env: DistEnv) -> EvalInputs:
     return EvalInputs(loaded, opts, index, split_dir, files, amp)
 
 
-def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> EvalSetup:
+def read_eval_setup(opts: EvalOptions, env: DistEnv) -> EvalSetup:
     """Collective: every rank's inputs, checked to be the same, and its loader; any rank's failure
     is every rank's error."""
     # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
@@ -307,6 +308,7 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> Eva
         (loaded.path, loaded.progress), "loaded different checkpoints", "give every rank the same one"
     )
     check_same_files(str(inputs.split_dir), {"": inputs.index})
+    channels_last = loaded.config.train.channels_last
     loader, failure = None, None
     try:
         loader = build_eval_loader(loaded.config, inputs.index, inputs.opts, env, channels_last)
@@ -319,17 +321,16 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv, channels_last: bool) -> Eva
             loader.close()
         raise
     assert loader is not None  # else that raised
-    return EvalSetup(inputs, loader)
+    return EvalSetup(inputs, loader, channels_last)
 
 
 def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     """Evaluate on every rank; every rank returns the same result (rank 0 writes it)."""
-    channels_last = env.device.type == "cuda"
-    setup = read_eval_setup(opts, env, channels_last)
+    setup = read_eval_setup(opts, env)
     inputs = setup.inputs
     loaded, cfg = inputs.loaded, inputs.loaded.config
     try:
-        model = loaded.model.to(memory_format=torch.channels_last) if channels_last else loaded.model
+        model = loaded.model.to(memory_format=torch.channels_last) if setup.channels_last else loaded.model
         tally = ClassTally(loaded.num_classes, env.device)
         start = time.perf_counter()
         with torch.no_grad():

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from alexnet.checkpoint import FORMAT_VERSION, CheckpointError, load_torch_file, same_file, state_mismatches
+from alexnet.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    is_state_dict,
+    load_torch_file,
+    same_file,
+    state_mismatches,
+)
 from alexnet.config import ConfigError
 from alexnet.model import head_pieces
 
@@ -95,9 +102,9 @@ def read_state_dict(path: Path) -> WeightsFile:
         classes = saved if isinstance(saved, list) else None
         normalisation = _saved_normalisation(content.get("config"))
         content = content.get("model")
-    elif isinstance(content, dict) and not _is_state_dict(content):
-        content = next((content[k] for k in _NESTED_KEYS if _is_state_dict(content.get(k))), content)
-    if not _is_state_dict(content):
+    elif isinstance(content, dict) and not is_state_dict(content):
+        content = next((content[k] for k in _NESTED_KEYS if is_state_dict(content.get(k))), content)
+    if not is_state_dict(content):
         raise ConfigError(
             f"config key 'model.weights': {path} holds no state dict (parameter names mapped to tensors"
             f"{_not_tensors(content)}); give torchvision's AlexNet file, an export's .torchvision.pth or "
@@ -207,14 +214,6 @@ def _check_values(state: Mapping[str, torch.Tensor], path: Path) -> None:
             raise ConfigError(f"config key 'model.weights': {path}: {name} holds no values (a meta tensor)")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ConfigError(f"config key 'model.weights': {path}: {name} holds NaN or infinite values")
-
-
-def _is_state_dict(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and bool(value)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-    )
 
 
 def _not_tensors(content: Any) -> str:

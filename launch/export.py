@@ -23,6 +23,7 @@ from alexnet.config import is_folder_name
 from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
 from alexnet.model import ModelSizeError
 from alexnet.parallel.env import LAUNCHER_ENV, LaunchError, env_int
+from alexnet.process import exit_process, print_error
 from pipelines.outputs import OutputPathError, check_output_folder, output_path
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rank = env_int("RANK", 0)  # empty (`export RANK=$SLURM_PROCID` outside Slurm) counts as unset
     except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     if rank != 0 and LAUNCHER_ENV in os.environ:
         # An export is one process's work: under torchrun every rank would trace, check and write
@@ -67,23 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_output_folder(args.out, f"--out {args.out}")
     except OutputPathError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     try:
         name = args.name or default_name(args.checkpoint)
         for result in export_checkpoint(args.checkpoint, args.out, name, args.format):
             print(f"{result.path}: max |difference| from PyTorch {result.max_abs_diff:.3g} on {result.batch} images")
     except OutputPathError as exc:  # a file of that name that is no earlier export: the command must change
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     except (CheckpointError, ExportCheckError, ExportSetupError, ModelSizeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
     except OSError as exc:  # the folder turned unwritable, or the disk filled up: no file was kept
-        print(f"error: cannot write into {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        print_error(f"cannot write into {args.out}: {exc.strerror or exc}")
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

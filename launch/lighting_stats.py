@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from alexnet.config import DataConfig
 from alexnet.data import resolve_data_root
+from alexnet.process import exit_process, print_error
 from pipelines.index import DataError, build_file_index
 from pipelines.lighting import SAVED_KEYS, STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_path
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     for flag, value in (("--images", args.images), ("--decode-size", args.decode_size), ("--workers", args.workers)):
         if value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            print_error(f"{flag} must be >= 1, got {value}")
             return 2
     root = resolve_data_root(DataConfig(root=args.data))
     out = args.out or root / STATS_FILE
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(out, f"--out {out}")  # before the measurement, which a bad path would lose
         check_replaceable(out, SAVED_KEYS, "launch/lighting_stats.py", f"--out {out}")  # a checkpoint was replaced
     except OutputPathError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     try:
         files = build_file_index(root / "train").files
@@ -76,13 +77,17 @@ def main(argv: list[str] | None = None) -> int:
                 files, args.images, args.seed, args.decode_size, args.workers, bar.update, source=str(root / "train")
             )
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
-    out = save_lighting_stats(stats, out)
+    print(describe(stats, args.alpha_std))  # first: a failed write below still shows the statistics
+    try:
+        out = save_lighting_stats(stats, out)  # a failed write keeps an earlier file
+    except OSError as exc:  # a full disk: a traceback, after minutes of decoding
+        print_error(f"cannot write {out}: {exc.strerror or exc} (the statistics above are not saved)")
+        return 1
     print(f"{stats.num_images} images, {stats.num_pixels:,} pixels -> {out}")
-    print(describe(stats, args.alpha_std))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -214,6 +214,25 @@ def test_lighting_stats_command_writes_the_file_and_reports_the_mean_pixel(tmp_p
     assert capsys.readouterr().err == "error: --decode-size must be >= 1, got 0\n"
 
 
+def test_a_full_disk_keeps_the_earlier_statistics_and_prints_the_new_ones(tmp_path, capsys, monkeypatch):
+    """save_lighting_stats was outside any error handling: a traceback after minutes of decoding."""
+    write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=2)
+    command, data = lighting_stats_command(), ["--data", str(tmp_path / "data"), "--workers", "1"]
+    assert command.main(data) == 0
+    capsys.readouterr()
+    out = tmp_path / "data" / STATS_FILE
+    earlier = out.read_bytes()
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipelines.lighting.write_text_atomic", full_disk)
+    assert command.main([*data, "--seed", "1"]) == 1
+    said = capsys.readouterr()
+    assert said.err == f"error: cannot write {out}: No space left on device (the statistics above are not saved)\n"
+    assert "mean pixel (for data.mean)" in said.out and out.read_bytes() == earlier
+
+
 def lighting_stats_command():
     spec = importlib.util.spec_from_file_location("lighting_stats", REPO / "launch" / "lighting_stats.py")
     command = importlib.util.module_from_spec(spec)

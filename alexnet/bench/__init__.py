@@ -6,6 +6,7 @@
 * step_bench.py: training steps on synthetic on-device data for each parallel layout;
 * e2e_bench.py: training steps on real files, next to the same steps on synthetic data;
 * sweep.py: one torchrun per process count, scaling efficiency against the smallest;
+* profile.py: which operations a step's time goes to (torch.profiler, after the timed windows);
 * flops.py: counted FLOPs and peak FLOPS for MFU; envinfo.py: versions, devices, commit;
 * output.py: the report (JSON, CSV, table, PNG).
 """

@@ -79,7 +79,7 @@ def add_efficiency(results: list[dict[str, Any]], p0: int | None = None) -> list
     """Each entry needs `nproc`, `name`, `images_per_sec` (and `mode`, `variant` for the dp
     fallback); adds `baseline`, `baseline_nproc`, `baseline_per_proc`, `scaling_efficiency`.
     `p0`: the sweep's smallest count (default: the smallest in `results`). When its point failed,
-    nothing has an efficiency: held against the next count instead, 2 processes read as 100%."""
+    nothing has an efficiency (held against the next count instead, 2 processes would read as 100%)."""
     if not results:
         return results
     p0 = min(r["nproc"] for r in results) if p0 is None else p0

@@ -37,6 +37,7 @@ from alexnet.layers import DropoutContext
 from alexnet.parallel.agree import fetch_each
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.data_parallel import is_ddp
+from alexnet.parallel.layout import StepSync
 from alexnet.stop import StopRequest
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -50,7 +51,7 @@ class TrainParts:
     optimizer: torch.optim.Optimizer
     amp: AmpPolicy
     counter: CommCounter
-    after_backward: Callable[[], None] | None
+    after_backward: StepSync | Callable[[], None] | None
     sample_base: torch.Tensor  # this rank's rows in the global batch (dropout masks)
     seed: int
     grad_clip: float = 0.0  # train.grad_clip: clipping adds the global norm's arithmetic and all-reduce

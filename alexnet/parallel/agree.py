@@ -1,6 +1,6 @@
 """Batches every rank agrees on before it uses them, and setups every rank agrees have worked.
 
-DALI cannot drop a bad file from a batch (PITFALLS 6): a rank whose shard holds one gets a
+DALI cannot drop a bad file from a batch: a rank whose shard holds one gets a
 DataError instead of its batch, while the other ranks, holding theirs, go on into the step's
 collectives and wait there until their connection to it breaks (a gloo traceback) or their
 timeout ends (NCCL). The same holds for a loader that fails in a way nobody foresaw (a DALI

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from alexnet.model import TOWERS
 from alexnet.parallel.agree import gather_from_ranks, ranks_text, share_setup_failure
 from alexnet.parallel.env import DistEnv
 
-TOWER_DEGREE = 2
+TOWER_DEGREE = len(TOWERS)  # a replica's ranks under parallel.mode=towers: one per tower (section 3.2)
 
 
 class LayoutError(ValueError):
