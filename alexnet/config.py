@@ -644,6 +644,8 @@ _MAX_SEED = 2**32 - 1
 
 
 # The most images per replica and batch (data.batch_size, evaluate.py's and the benchmark's).
+# parallel.timeout_s's, and evaluate.py's --timeout (see _check_upper_bounds for why).
+TIMEOUT_RANGE_S = (10, 10**7)
 MAX_BATCH = 65536
 # The most DALI threads or DataLoader workers per rank (data.num_threads, the launchers' flags).
 MAX_THREADS = 1024
@@ -667,7 +669,7 @@ def _check_upper_bounds(cfg: Config) -> None:
         # out ("timed out after 0ms" for 1e-9), and at 1 s the other ranks timed out while rank 0
         # wrote summary.json and the plot at a run's end (3 s sufficed on a quiet machine).
         # 10**7 s (about 115 days) is far inside datetime.timedelta's range.
-        "parallel.timeout_s": (cfg.parallel.timeout_s, 10, 10**7),
+        "parallel.timeout_s": (cfg.parallel.timeout_s, *TIMEOUT_RANGE_S),
         # A step's batches are held together, with the next step's decoded ahead (about 3 x A
         # batches of input in memory): at 1024 that is gigabytes at any batch size worth accumulating.
         "train.accum_steps": (cfg.train.accum_steps, 1, 1024),

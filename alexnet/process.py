@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from alexnet.config import TrainConfig
+from alexnet.config import TIMEOUT_RANGE_S, TrainConfig
 from alexnet.hostmem import apply_host_memory
 from alexnet.stop import STOP_SIGNALS
 
@@ -51,6 +51,16 @@ def positive_seconds(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def collective_seconds(text: str) -> float:
+    """An argparse type for a collective timeout, held to parallel.timeout_s's range: 0.001 s
+    timed the rendezvous out with C++ stack frames and an error naming parallel.timeout_s."""
+    value = positive_seconds(text)
+    low, high = TIMEOUT_RANGE_S
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [{low}, {high}] seconds (as parallel.timeout_s), got {text}")
     return value
 
 

@@ -13,7 +13,7 @@ from alexnet.parallel.mesh import build_mesh
 from alexnet.plan import build_plan, with_run_name
 from alexnet.process import apply_process_settings
 from alexnet.reporting import check_tensorboard_installed
-from alexnet.stop import put_back_handlers, stop_handlers
+from alexnet.stop import StopRequest, put_back_handlers, stop_handlers
 from alexnet.trainer import Trainer
 
 
@@ -44,6 +44,8 @@ def run_training(cfg: Config, config_path: str | None, keep_stop_handlers: bool 
     apply_process_settings(cfg.train)
     handlers = stop_handlers()
     env = init_distributed(cfg.parallel.timeout_s)
+    stop = StopRequest.from_environment(env.device, env.launcher_pid)
+    stop.install()  # before the setup, which can take minutes
     try:
         check_same_settings(flat_settings(config_to_dict(cfg)), "settings")
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
@@ -56,7 +58,7 @@ def run_training(cfg: Config, config_path: str | None, keep_stop_handlers: bool 
             failure = exc
         share_setup_failure(failure)
         assert plan is not None  # else that raised
-        return Trainer(cfg, env, mesh, plan).fit()
+        return Trainer(cfg, env, mesh, plan, stop).fit()
     finally:
         shutdown_distributed()
         if not keep_stop_handlers:

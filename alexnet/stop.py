@@ -153,6 +153,8 @@ class StopRequest:
         if requests:  # not for a stop at train.max_steps
             why = f"stopped at step {step} by {requests}\n"
             self._write_marker(STOPPED_SUFFIX, why, "a Slurm job stopped by a signal to its step is not requeued")
+        else:  # an earlier session's would tell of a request this session's end did not have
+            self._remove_marker(STOPPED_SUFFIX)
         try:
             self.stop_file.unlink(missing_ok=True)
         except OSError as exc:
@@ -173,13 +175,27 @@ class StopRequest:
         )
 
     def _write_marker(self, suffix: str, text: str, if_missed: str) -> None:
+        """`text` as the marker of `suffix`; the other marker, an earlier session's, is removed: a
+        .stopped left beside the .completed of the session that resumed and finished the run
+        told a scheduler that reads it to requeue a finished run."""
         marker = self.marker(suffix)
         if marker is None:
             return
+        self._remove_marker(STOPPED_SUFFIX if suffix == COMPLETED_SUFFIX else COMPLETED_SUFFIX)
         try:
             marker.write_text(text)
         except OSError as exc:
             log.warning("could not write %s (%s): %s", marker, exc.strerror or exc, if_missed)
+
+    def _remove_marker(self, suffix: str) -> None:
+        marker = self.marker(suffix)
+        if marker is None:
+            return
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s (%s), an earlier session's: it does not tell of this one",
+                        marker, exc.strerror or exc)  # fmt: skip
 
     def reason(self) -> str:
         if self.signal_name:

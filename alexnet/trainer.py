@@ -113,8 +113,11 @@ def comm_setup(cfg: Config, env: DistEnv, mesh: Mesh, amp: str) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan) -> None:
-        self.cfg, self.env, self.mesh, self.plan = cfg, env, mesh, plan
+    def __init__(self, cfg: Config, env: DistEnv, mesh: Mesh, plan: RunPlan, stop: StopRequest) -> None:
+        """`stop`: the run's stop request, its handlers installed before this setup (which can
+        take minutes: indexing ImageNet, loading a checkpoint), so that a signal during it is
+        heard and served after the first step, as any other, not a traceback or death by it."""
+        self.cfg, self.env, self.mesh, self.plan, self.stop = cfg, env, mesh, plan, stop
         self.ckpt_dir = plan.run_dir / "checkpoints"
         self._lock = RunFolderLock(None)  # the main rank's hold on the run folder
         self._on_main_rank(self._lock_existing_run_folder)  # before its checkpoints are read
@@ -170,8 +173,6 @@ class Trainer:
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
                                  (p.step, p.epoch), p.unwritten_records, history_here)  # fmt: skip
         self._on_main_rank(self.reporter.open)
-        self.stop = StopRequest.from_environment(env.device, env.launcher_pid)
-        self.stop.install()
         self._session_start = time.perf_counter()
         self._seconds_before = p.train_seconds
         self._first_step = p.step  # where this session started: has it trained since?

@@ -39,7 +39,7 @@ from alexnet.parallel.env import (
     log_rank,
     shutdown_distributed,
 )
-from alexnet.process import exit_process, positive_seconds, print_error
+from alexnet.process import collective_seconds, exit_process, print_error
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_text, write_text_atomic
 
@@ -100,7 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="JSON file, or folder (existing, or ending in /) (default: beside the checkpoint)",
     )
-    parser.add_argument("--timeout", type=positive_seconds, default=600.0, help="collective timeout in seconds")
+    parser.add_argument("--timeout", type=collective_seconds, default=600.0,
+                        help="collective timeout in seconds, 10 to 10**7 (default 600)")  # fmt: skip
     args = parser.parse_args(argv)
     # Options that contradict each other are a usage error (exit 2, as argparse's own), known
     # before a checkpoint is read.
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline=args.pipeline,
     )
     try:
-        env = init_distributed(args.timeout)
+        env = init_distributed(args.timeout, timeout_setting="--timeout")
     except LaunchError as exc:
         print_error(str(exc))
         return 2

@@ -594,14 +594,19 @@ def test_a_refused_out_stops_every_rank_under_torchrun(trained, tmp_path):
     assert metrics.read_text() == '{"split": "val", "step": 7}\n'
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
-def test_timeout_must_be_a_positive_number_of_seconds(trained, capsys, value):
-    """--timeout 0 under torchrun ended in a 100-line DistNetworkError traceback ("timed out after 0ms")."""
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [(v, "must be a positive number of seconds") for v in ("0", "-5", "nan", "inf")]
+    + [(v, "must be in [10, 10000000] seconds (as parallel.timeout_s)") for v in ("0.001", "9.9", "1e8")],
+)
+def test_timeout_is_held_to_the_range_of_parallel_timeout_s(trained, capsys, value, said):
+    """--timeout 0 under torchrun ended in a 100-line DistNetworkError traceback ("timed out after
+    0ms"); 0.001 in C++ stack frames and an error that named parallel.timeout_s."""
     with pytest.raises(SystemExit) as exc:
         evaluate_command().parse_args([str(trained), "--timeout", value])
     assert exc.value.code == 2
-    assert f"argument --timeout: must be a positive number of seconds, got {value}\n" in capsys.readouterr().err
-    assert evaluate_command().parse_args([str(trained), "--timeout", "0.5"]).timeout == 0.5
+    assert f"argument --timeout: {said}, got {value}\n" in capsys.readouterr().err
+    assert evaluate_command().parse_args([str(trained), "--timeout", "10"]).timeout == 10.0
 
 
 def test_timeout_0_under_torchrun_is_one_line_per_rank(trained, tmp_path):

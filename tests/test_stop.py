@@ -66,10 +66,15 @@ def test_a_served_request_leaves_its_reason_for_the_slurm_script(restored_handle
     stop.served(12, stop.requests())
     assert (tmp_path / "STOP.stopped").read_text() == "stopped at step 12 by signal SIGUSR1\n"
     assert not (tmp_path / "STOP").exists()
-    (tmp_path / "STOP.stopped").unlink()
     unasked = StopRequest(torch.device("cpu"), str(tmp_path / "STOP"))
-    unasked.served(20, unasked.requests())  # max_steps: nothing requested
+    unasked.served(20, unasked.requests())  # max_steps: nothing requested, and the earlier session's marker goes
     assert not (tmp_path / "STOP.stopped").exists()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    stop.served(30, stop.requests())
+    unasked.mark_completed(40)  # a later session finished the run: a scheduler would requeue it by the .stopped
+    assert [p.name for p in tmp_path.iterdir()] == ["STOP.completed"]
+    stop.served(50, stop.requests())  # a longer run (train.epochs raised) stopped again
+    assert [p.name for p in tmp_path.iterdir()] == ["STOP.stopped"]
 
 
 def test_the_end_of_the_launcher_is_a_stop_request():
@@ -104,3 +109,28 @@ def test_a_run_in_a_process_that_goes_on_puts_its_signal_handlers_back(restored_
     assert all(signal.getsignal(sig) is callers for sig in STOP_SIGNALS)
     run_training(cfg, None, keep_stop_handlers=True)  # launch/train.py: its exit ignores them
     assert all(getattr(signal.getsignal(sig), "__self__", None).__class__ is StopRequest for sig in STOP_SIGNALS)
+
+
+def test_a_signal_during_the_setup_is_served_after_the_first_step(restored_handlers, tmp_path, monkeypatch):
+    """The handlers came after the setup (indexing the data, loading a checkpoint: minutes on
+    ImageNet): a SIGTERM there killed the process with nothing said, Ctrl-C was a traceback."""
+    import json
+
+    from _helpers import SYNTHETIC_TRAIN
+
+    from alexnet.config import load_config
+    from alexnet.run import run_training
+    from alexnet.trainer import Trainer
+
+    reading = Trainer._read_data_and_checkpoint
+
+    def signalled_while_reading(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return reading(self)
+
+    monkeypatch.setattr(Trainer, "_read_data_and_checkpoint", signalled_while_reading)
+    cfg = load_config(None, [*SYNTHETIC_TRAIN, f"run.root={tmp_path}", "run.name=s", "train.epochs=2"])
+    summary = run_training(cfg, None)
+    assert (summary["steps"], summary["stop_reason"], summary["completed"]) == (1, "preempted", False)
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["stop_reason"] == "preempted"
+    assert (tmp_path / "s" / "checkpoints" / "last.pt").is_file()

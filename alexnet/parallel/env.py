@@ -89,7 +89,7 @@ def accept_legacy_local_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-rank", "--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
+def init_distributed(timeout_s: float, force_cpu: bool = False, timeout_setting: str = "parallel.timeout_s") -> DistEnv:
     """Read torchrun's variables (LOCAL_RANK from the environment: the --local-rank flag changed
     in PyTorch 2.0), pick the device, and start the process group when WORLD_SIZE > 1.
 
@@ -133,7 +133,7 @@ def init_distributed(timeout_s: float, force_cpu: bool = False) -> DistEnv:
         except (dist.DistStoreError, dist.DistNetworkError) as exc:  # torch's 30-line traceback otherwise
             raise LaunchError(
                 f"rank {rank} of WORLD_SIZE={world} could not meet the other ranks at "
-                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within parallel.timeout_s={timeout_s:g} s "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_setting}={timeout_s:g} s "
                 f"({exc}); start every rank (torchrun starts them all), with the same MASTER_ADDR and MASTER_PORT"
             ) from exc
     return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s, launcher_pid)
