@@ -317,3 +317,18 @@ def test_accumulated_runs_train_as_the_whole_batch_and_resume_exactly(tiny_data,
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(w, resumed[name]) for name, w in straight.items())
     assert not torch.equal(straight["fc8.0.weight"], half["model"]["fc8.0.weight"])
+
+
+def test_the_first_step_s_batches_accumulate_in_ddp_s_buckets(tmp_path):
+    """The settling pass left every gradient None, and the first step's batches under no_sync()
+    summed into fresh tensors beside the buckets (a second copy of the gradients, 244 MB for the
+    paper model under dp) until its all-reduce: every session's first step, where the peak is set."""
+    import json
+
+    from _helpers import torchrun
+
+    out = tmp_path / "grads.json"
+    check(torchrun([REPO / "tests" / "dist" / "accum_grads.py", out], nproc=2, timeout=120))
+    result = json.loads(out.read_text())
+    assert result["bucket_view"] == [True, True, True], result
+    assert result["own_grads"] == [True, True, True], result  # zeroed in place from the second step: kept

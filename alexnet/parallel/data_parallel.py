@@ -163,7 +163,10 @@ def settle_buckets(ddp: nn.parallel.DistributedDataParallel, example: torch.Tens
             ddp(example).float().sum().backward()
     finally:
         ddp.train(was_training)
-        ddp.module.zero_grad(set_to_none=True)
+        # Kept as zeros where they are views of the buckets (no memory of their own), which the
+        # rebuild re-points at the new buckets: set to None, the first step's batches under
+        # no_sync() (gradient accumulation) summed into fresh tensors beside the buckets.
+        ddp.module.zero_grad(set_to_none=not ddp.gradient_as_bucket_view)
 
 
 def apply_comm_hook(
