@@ -373,22 +373,38 @@ def restore_loader(
                 path, saved_seed, current.get("seed"), pos, new.steps,
             )  # fmt: skip
         else:
-            shards = f"{old.num_shards} data shard{'s' if old.num_shards != 1 else ''}"
-            log.warning(
-                "checkpoint %s was written with %s of batch %s (%d steps per epoch), this run has %d of batch %s "
-                "(%d steps): the interrupted epoch goes on after its step %d of %d (%d of %d before; the run's step "
-                "count goes on), counted by the images trained "
-                "(data.pipeline=torchvision goes on in the epoch's order, less than one step's images trained "
-                "twice; data.pipeline=dali's reader starts afresh, so some of its images are trained twice and "
-                "others not at all); later epochs are whole",
-                path, shards, describe_step_batch(old.batch_size // old_accum, old_accum), old.steps,
-                new.num_shards, describe_step_batch(new.batch_size // new_accum, new_accum), new.steps, pos, new.steps,
-                saved_pos, old.steps,
-            )  # fmt: skip
+            _log_converted_position(path, loader, old, new, (old_accum, new_accum), saved_pos, pos)
     # No DALI checkpoint: a reader's state belongs to its shard. The loader advances a fresh
     # reader to `pos` itself, so that its epochs and the reader's coincide from then on.
     loader.load_state_dict({**current, "epoch": int(any_state["epoch"]), "pos": pos, "dali": None})
     return pos
+
+
+def _log_converted_position(
+    path: Path, loader: Loader, old: EpochLayout, new: EpochLayout, accums: tuple[int, int], saved_pos: int, pos: int
+) -> None:
+    """What a position converted to another layout costs the interrupted epoch, for the pipeline in
+    use: nothing where the torchvision loader's order goes on at a whole step (an info line), the
+    images of less than one step trained twice where it does not, and for DALI's fresh reader some
+    images trained twice and others not at all. The same global batch said "trained twice" and
+    spoke of both pipelines, of a resume that went on exactly."""
+    shards = f"{old.num_shards} data shard{'s' if old.num_shards != 1 else ''}"
+    # A stop after an epoch's last step (before its validation) has trained it whole: nothing again.
+    again = 0 if saved_pos >= old.steps else saved_pos * old.global_batch - pos * new.global_batch
+    if not loader.keeps_epoch_order:
+        cost = "DALI's reader starts afresh, so some of its images are trained twice and others not at all"
+    elif again:
+        cost = f"in the epoch's order, {again} images trained twice"
+    else:
+        cost = "in the epoch's order, no image trained twice"
+    (log.info if loader.keeps_epoch_order and not again else log.warning)(
+        "checkpoint %s was written with %s of batch %s (%d steps per epoch), this run has %d of batch %s "
+        "(%d steps): the interrupted epoch goes on after its step %d of %d (%d of %d before; the run's step "
+        "count goes on), %s; later epochs are whole",
+        path, shards, describe_step_batch(old.batch_size // accums[0], accums[0]), old.steps, new.num_shards,
+        describe_step_batch(new.batch_size // accums[1], accums[1]), new.steps, pos, new.steps, saved_pos, old.steps,
+        cost,
+    )  # fmt: skip
 
 
 def current_layout(loader: Loader, state: dict[str, Any], mesh: Mesh, saved_batch: int | None) -> EpochLayout:

@@ -50,6 +50,7 @@ class ShardSpec:
 class Loader(Protocol):
     split: Split
     num_samples: int  # real samples in the whole split (all shards)
+    keeps_epoch_order: bool  # whether a position converted to another layout goes on in the epoch's order
 
     def __len__(self) -> int: ...
 

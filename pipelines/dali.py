@@ -185,6 +185,9 @@ class DaliLoader:
     """The Loader protocol over a DALI pipeline, built once and reused every epoch (rebuilding
     pipelines leaks their memory pools)."""
 
+    # A position converted to another layout starts a fresh reader, whose epoch order is its own.
+    keeps_epoch_order = False
+
     def __init__(
         self,
         index: FileIndex,

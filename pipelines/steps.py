@@ -35,6 +35,7 @@ class StepLoader:
             raise ValueError(f"{len(loader)} batches per epoch are not whole steps of {accum_steps} batches")
         self.split = loader.split
         self.num_samples = loader.num_samples
+        self.keeps_epoch_order = loader.keeps_epoch_order
         self.batch_loader = loader
         self.accum_steps = accum_steps
 

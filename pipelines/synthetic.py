@@ -11,6 +11,8 @@ from pipelines.base import ShardSpec, Split
 
 
 class SyntheticLoader:
+    keeps_epoch_order = True  # its batches have no order to lose
+
     def __init__(
         self,
         split: Split,

@@ -134,6 +134,9 @@ class _EpochBatches:
 
 
 class TorchvisionLoader:
+    # One permutation per epoch for every shard count: a converted position goes on in its order.
+    keeps_epoch_order = True
+
     def __init__(
         self,
         index: FileIndex,
