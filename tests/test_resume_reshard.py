@@ -181,8 +181,10 @@ def test_a_checkpoint_at_an_epoch_s_end_resumes_under_another_layout_without_a_w
         restore_loader(build(kind, index, "train", 0, 1, BATCH), run_old_ranks(kind, index, 2, 3)["states"], mesh,
                        Path("last.pt"))  # fmt: skip
     # Of the pipeline in use alone; the same images in the torchvision loader's order are no warning
-    said = {"torchvision": ("INFO", "in the epoch's order, no image trained twice; later epochs are whole"),
-            "dali": ("WARNING", "DALI's reader starts afresh, so some of its images are trained twice")}[kind]  # fmt: skip
+    said = {
+        "torchvision": ("INFO", "in the epoch's order, no image trained twice; later epochs are whole"),
+        "dali": ("WARNING", "DALI's reader starts afresh, so some of its images are trained twice"),
+    }[kind]
     assert [r.levelname for r in caplog.records] == [said[0]] and said[1] in caplog.text
     assert "the interrupted epoch goes on after its step 6 of " in caplog.text
     if kind == "torchvision":  # 6 batches' images over 4 shards: one step of 4 batches, the other 2 trained again
