@@ -13,12 +13,18 @@ replaces an earlier good one, and exports into one folder at once each keep a co
 
 The torchvision variant's parameter names are those of `torchvision.models.alexnet`, so its
 checkpoint's state dict loads there strictly, with nothing renamed.
+
+Every export carries `ExportMetadata` (the class names in output order, validation's preprocessing,
+the source checkpoint): in the ONNX model's metadata_props, in the TorchScript archive's extra file
+`alexnet.json`, and in `<name>.json` beside the exports (the only place for the `.torchvision.pth`,
+which stays a bare state dict). `read_export_metadata` reads it back from any of them.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -27,17 +33,17 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from alexnet.checkpoint import CheckpointError
 from alexnet.config import ModelConfig
-from alexnet.inference import build_model_from_checkpoint
+from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.model import FC_WIDTH
 from pipelines.outputs import OutputPathError, process_runs
 
@@ -45,10 +51,28 @@ log = logging.getLogger("alexnet")
 FORMATS = ("torchscript", "onnx", "torchvision")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "torchvision": ".torchvision.pth"}
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the [export] extra: exporter, its dynamo backend, the check
+METADATA_FILE = "alexnet.json"  # the TorchScript archive's extra file
+SIDECAR = "sidecar"  # the kind of `<name>.json` for check_replaceable_export
+SIDECAR_SUFFIX = ".json"
+METADATA_VERSION = 1
+# Validation's centre-crop preprocessing (pipelines/torchvision_loader.py: ResizeShorter,
+# CenterCropHalfUp, Normalize; DALI's resize_shorter and crop round alike), said in the metadata
+# itself, so that a file passed on without the README still says how to feed it.
+PREPROCESS = (
+    "RGB; shorter side resized to resize (bilinear; the longer side to int(longer * resize / shorter + 0.5)); "
+    "the centre input_size x input_size square, at offset (length - input_size + 1) // 2 along each axis; "
+    "pixel values on the 0-255 scale minus mean, divided by std, per channel; NCHW float32. Outputs: logits, "
+    "in the order of classes"
+)
 
 
 class ExportSetupError(RuntimeError):
     """A requested format whose packages are not installed; raised before anything is exported."""
+
+
+class ExportFormatError(ValueError):
+    """A requested format that cannot hold the checkpoint's model (torchvision's AlexNet for the
+    paper variant, or another fc_width): the command must change; raised before anything is exported."""
 
 
 class ExportCheckError(RuntimeError):
@@ -65,6 +89,87 @@ class ExportCheck:
     max_abs_diff: float
     max_abs_output: float
     batch: int
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What an export's user needs beside the graph, the same in every export of one checkpoint:
+    which output is which class, and how validation turned an image into the input. As JSON: an
+    object of these fields (in ONNX, one metadata_props entry per field, its value JSON text)."""
+
+    variant: str  # model.variant
+    num_classes: int
+    classes: list[str] | None  # the class folder names in output order; None: a checkpoint from before they were kept
+    input_size: int  # data.crop: the input is [N, 3, input_size, input_size]
+    resize: int  # data.resize: validation resized the shorter side to it before the centre crop
+    mean: list[float]  # data.mean, subtracted from pixel values on the 0-255 scale
+    std: list[float]  # data.std, on the same scale
+    checkpoint: str  # the source checkpoint, as an absolute path
+    step: int | None  # its optimizer steps taken (None where its progress does not say)
+    epoch: int | None  # its epochs completed
+    channels: str = "RGB"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    pixel_range: tuple[int, int] = (0, 255)  # the scale of the pixel values mean and std apply to
+    preprocess: str = PREPROCESS
+    alexnet_export: int = METADATA_VERSION  # this layout's version; marks an export's sidecar
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields as JSON holds them (the tuple as a list): what each export's copy reads back as."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def export_metadata(loaded: LoadedModel) -> ExportMetadata:
+    cfg, progress = loaded.config, loaded.progress
+    step, epoch = progress.get("step"), progress.get("epoch")
+    return ExportMetadata(
+        variant=cfg.model.variant,
+        num_classes=loaded.num_classes,
+        classes=list(loaded.classes) if loaded.classes is not None else None,
+        input_size=cfg.data.crop,
+        resize=cfg.data.resize,
+        mean=[float(v) for v in cfg.data.mean],
+        std=[float(v) for v in cfg.data.std],
+        checkpoint=os.path.abspath(loaded.path),  # absolute: the export is read from elsewhere
+        step=step if isinstance(step, int) else None,
+        epoch=epoch if isinstance(epoch, int) else None,
+    )
+
+
+def metadata_props(metadata: ExportMetadata) -> dict[str, str]:
+    """The ONNX model's metadata_props: string keys, JSON text values."""
+    return {key: json.dumps(value) for key, value in metadata.as_json().items()}
+
+
+_METADATA_KEYS = frozenset(f.name for f in fields(ExportMetadata))
+
+
+def read_export_metadata(path: Path) -> dict[str, Any]:
+    """The metadata an export carries (ExportMetadata's fields as JSON), from an ONNX model, a
+    TorchScript archive, a sidecar `<name>.json`, or for a `.torchvision.pth` its sidecar."""
+    path = Path(path)
+    if path.name.endswith(SUFFIXES["onnx"]):
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return {p.key: json.loads(p.value) for p in model.metadata_props if p.key in _METADATA_KEYS}
+    if path.name.endswith(SUFFIXES["torchscript"]):
+        files = {METADATA_FILE: ""}
+        load_torchscript(path, files)
+        return json.loads(files[METADATA_FILE])
+    if path.name.endswith(SUFFIXES["torchvision"]):
+        path = sidecar_path(path.parent, path.name.removesuffix(SUFFIXES["torchvision"]))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def sidecar_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}{SIDECAR_SUFFIX}"
+
+
+def _check_metadata(path: Path, found: Any, metadata: ExportMetadata) -> None:
+    """The metadata read back from a staged export is the metadata written into it."""
+    if found != metadata.as_json():
+        raise ExportCheckError(path, f"its metadata reads back as {str(found)[:200]}, not as written")
 
 
 def example_input(input_size: int, batch: int = 2, seed: int = 0) -> Tensor:
@@ -88,7 +193,7 @@ def compare_outputs(expected: Tensor, got: Tensor | np.ndarray, path: Path, rtol
 
 
 @torch.no_grad()
-def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> Path:
+def export_torchscript(model: nn.Module, example: Tensor, path: Path, metadata: ExportMetadata | None = None) -> Path:
     model.eval()
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export, but TorchScript is still what C++
@@ -98,47 +203,73 @@ def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> Path:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.jit.save(traced, str(path))
+        extra = {METADATA_FILE: json.dumps(metadata.as_json(), indent=2)} if metadata is not None else {}
+        torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
 
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+def load_torchscript(path: Path, extra_files: dict[str, Any] | None = None) -> torch.jit.ScriptModule:
+    """The archive at `path`; `extra_files`' names are filled in with the archive's files of those
+    names (as torch.jit.load does: "" where the archive has none)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
-        return torch.jit.load(str(path), map_location="cpu")
+        return torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
 
 
 @torch.no_grad()
 def check_torchscript(
-    path: Path, model: nn.Module, check: Tensor, rtol: float = 1e-4, atol: float = 1e-5
+    path: Path,
+    model: nn.Module,
+    check: Tensor,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    metadata: ExportMetadata | None = None,
 ) -> ExportCheck:
-    return compare_outputs(model.eval()(check), load_torchscript(path)(check), path, rtol, atol)
+    files = {METADATA_FILE: ""}
+    loaded = load_torchscript(path, files)
+    if metadata is not None:
+        _check_metadata(path, json.loads(files[METADATA_FILE] or "null"), metadata)
+    return compare_outputs(model.eval()(check), loaded(check), path, rtol, atol)
 
 
 @torch.no_grad()  # inference graph only: no autograd.Function (the paper model's LRN) to record
-def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
+def export_onnx(model: nn.Module, example: Tensor, path: Path, metadata: ExportMetadata | None = None) -> Path:
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(
+    # The program first, saved once its metadata is added: saved at once, the file would be
+    # loaded and written a second time for the metadata (244 MB each way at ImageNet's shapes).
+    program = torch.onnx.export(
         model,
         (example,),
-        str(path),
         dynamo=True,
         input_names=["images"],
         output_names=["logits"],
         dynamic_shapes=({0: batch},),
-        external_data=False,  # one self-contained file (AlexNet's 244 MB is under protobuf's 2 GB)
         verbose=False,
     )
+    assert program is not None  # the dynamo exporter returns its program
+    if metadata is not None:  # added to what the exporter keeps there, if anything
+        program.model.metadata_props.update(metadata_props(metadata))
+    program.save(str(path), external_data=False)  # one self-contained file (AlexNet's 244 MB is under protobuf's 2 GB)
     return path
 
 
 @torch.no_grad()
-def check_onnx(path: Path, model: nn.Module, check: Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> ExportCheck:
+def check_onnx(
+    path: Path,
+    model: nn.Module,
+    check: Tensor,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    metadata: ExportMetadata | None = None,
+) -> ExportCheck:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if metadata is not None:  # onnxruntime reads metadata_props as the model's custom metadata
+        props = session.get_modelmeta().custom_metadata_map
+        _check_metadata(path, {k: json.loads(v) for k, v in props.items() if k in _METADATA_KEYS}, metadata)
     (got,) = session.run(None, {session.get_inputs()[0].name: check.numpy()})
     return compare_outputs(model.eval()(check), got, path, rtol, atol)
 
@@ -224,8 +355,9 @@ def check_replaceable_export(final: Path, fmt: str) -> None:
         return
     if final.is_file() and _looks_exported(final, fmt):
         return
+    earlier = f"an earlier {fmt} export" if fmt in FORMATS else "an earlier export"
     raise OutputPathError(
-        f"{final} exists and is not what an earlier {fmt} export writes ({_EXPORT_KINDS[fmt]}): name another "
+        f"{final} exists and is not what {earlier} writes ({_EXPORT_KINDS[fmt]}): name another "
         "--name or --out (nothing was overwritten)"
     )
 
@@ -234,7 +366,11 @@ _EXPORT_KINDS = {
     "torchscript": "a TorchScript archive",
     "onnx": "an ONNX model of PyTorch's exporter",
     "torchvision": "a state dict of torchvision's AlexNet",
+    SIDECAR: "the JSON of an export's classes and preprocessing",
 }
+# A sidecar is a few KB (60 KB with ImageNet's 1000 class names); a larger file of its name is
+# something else, and is not read whole to find that out.
+_SIDECAR_MAX_BYTES = 64 << 20
 
 
 def _looks_exported(path: Path, fmt: str) -> bool:
@@ -246,6 +382,11 @@ def _looks_exported(path: Path, fmt: str) -> bool:
                 return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
         if fmt == "onnx":
             return _onnx_from_pytorch(path)
+        if fmt == SIDECAR:
+            if path.stat().st_size > _SIDECAR_MAX_BYTES:
+                return False
+            content = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(content, dict) and "alexnet_export" in content
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped, not read
         with torch.device("meta"):  # the names only: no weights allocated, none initialised
             expected = torchvision.models.alexnet().state_dict().keys()
@@ -268,6 +409,17 @@ def _onnx_from_pytorch(path: Path) -> bool:
     return head[end + 1 : end + 1 + len(producer)] == producer
 
 
+def write_sidecar(final: Path, metadata: ExportMetadata) -> Path:
+    """`metadata` as `final`, written as the exports are: staged under a name of its own, synced,
+    and renamed into place, so a reader finds the earlier file or the whole new one."""
+    with staged_file(final) as staged:
+        with staged.open("w", encoding="utf-8") as f:
+            f.write(json.dumps(metadata.as_json(), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return final
+
+
 def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck]) -> ExportCheck:
     """Run `export_and_check` on a staged path; the file is kept as `final` only if it passes."""
     with staged_file(final) as staged:
@@ -281,15 +433,28 @@ def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck])
 def export_checkpoint(
     checkpoint: Path, out_dir: Path, name: str, formats: list[str] | tuple[str, ...] | None = None
 ) -> list[ExportCheck]:
-    """Every requested format (default: `default_formats`), each checked
-    on a batch of 3 after tracing with a batch of 2 (so a batch size baked into the graph fails)."""
+    """Every requested format (default: `default_formats`), each checked on a batch of 3 after
+    tracing with a batch of 2 (so a batch size baked into the graph fails), and `<name>.json`, the
+    exports' metadata, written once the first export is kept (a failed export leaves nothing)."""
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant
     asked = bool(formats)
     formats = list(formats) if formats else default_formats(loaded.config.model)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
-        raise ValueError(f"unknown export format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+        raise ExportFormatError(f"unknown export format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+    # A format the checkpoint cannot hold is the command's to change (exit 2), said before the
+    # packages a format needs.
+    if "torchvision" in formats and variant != "torchvision":
+        raise ExportFormatError(
+            f"--format torchvision: checkpoint {checkpoint} is the {variant!r} variant; only 'torchvision' checkpoints "
+            "load into torchvision.models.alexnet (the paper's two towers and LRN have no counterpart there)"
+        )
+    if "torchvision" in formats and loaded.config.model.fc_width != FC_WIDTH:
+        raise ExportFormatError(
+            f"--format torchvision: checkpoint {checkpoint} has fc6 and fc7 {loaded.config.model.fc_width} wide "
+            f"(model.fc_width); torchvision.models.alexnet's are {FC_WIDTH}"
+        )
     missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None] if "onnx" in formats else []
     if missing:  # checked first: an ONNX export that fails on an import would come after the others
         hint = f'ONNX export needs {", ".join(missing)}: pip install -e ".[export]"'
@@ -297,24 +462,22 @@ def export_checkpoint(
             raise ExportSetupError(f"{hint} (or leave onnx out of --format)")
         log.warning("%s; exporting the other formats", hint)
         formats.remove("onnx")
-    if "torchvision" in formats and variant != "torchvision":
-        raise CheckpointError(
-            f"checkpoint {checkpoint} is the {variant!r} variant; only 'torchvision' checkpoints load into "
-            "torchvision.models.alexnet (the paper's two towers and LRN have no counterpart there)"
-        )
-    if "torchvision" in formats and loaded.config.model.fc_width != FC_WIDTH:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} has fc6 and fc7 {loaded.config.model.fc_width} wide (model.fc_width); "
-            f"torchvision.models.alexnet's are {FC_WIDTH}"
-        )
-    model, size = loaded.model, loaded.config.data.crop
+    model, size, metadata = loaded.model, loaded.config.data.crop, export_metadata(loaded)
     example, check = example_input(size, batch=2, seed=0), example_input(size, batch=3, seed=1)
     finals = {fmt: out_dir / f"{name}{SUFFIXES[fmt]}" for fmt in formats}
-    for fmt, final in finals.items():
+    sidecar = sidecar_path(out_dir, name)
+    for fmt, final in [*finals.items(), (SIDECAR, sidecar)]:
         check_replaceable_export(final, fmt)
     steps: dict[str, Callable[[Path], ExportCheck]] = {
-        "torchscript": lambda path: check_torchscript(export_torchscript(model, example, path), model, check),
-        "onnx": lambda path: check_onnx(export_onnx(model, example, path), model, check),
+        "torchscript": lambda path: check_torchscript(
+            export_torchscript(model, example, path, metadata), model, check, metadata=metadata
+        ),
+        "onnx": lambda path: check_onnx(export_onnx(model, example, path, metadata), model, check, metadata=metadata),
         "torchvision": lambda path: export_torchvision(model, loaded.num_classes, path, check),
     }
-    return [export_checked(finals[fmt], steps[fmt]) for fmt in formats]
+    results = []
+    for fmt in formats:
+        results.append(export_checked(finals[fmt], steps[fmt]))
+        if len(results) == 1:  # every kept export has its metadata beside it, the .torchvision.pth its only copy
+            write_sidecar(sidecar, metadata)
+    return results

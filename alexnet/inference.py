@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from alexnet.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from alexnet.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state
 from alexnet.config import Config, ConfigError, config_from_dict
 from alexnet.model import build_model
+from alexnet.powersgd_checkpoint import FOLDER
 
 # The bias of the last layer: its length is the number of classes (the paper's fc8 is split
 # over the two towers).
@@ -41,12 +42,33 @@ def num_classes_in_state(variant: str, state: dict[str, torch.Tensor], path: Pat
 
 
 def load_config_of_checkpoint(payload: dict[str, Any], path: Path) -> Config:
+    if "config" not in payload and _is_powersgd_state(payload):
+        # Of the same format as a checkpoint (alexnet.powersgd_checkpoint), so it loads as one;
+        # "holds no config" sent users looking for a config that such a file never has.
+        raise CheckpointError(
+            f"{path} is PowerSGD state of a run (one rank's error feedback, kept beside its checkpoint), not a "
+            f"checkpoint: name the run's checkpoints/{LAST} instead{_run_checkpoint_hint(path)}"
+        )
     if "config" not in payload:
         raise CheckpointError(f"checkpoint {path} holds no config (key 'config')")
     try:
         return config_from_dict(payload["config"], source=f"checkpoint {path}")
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path}: its stored config does not load: {exc}") from exc
+
+
+def _is_powersgd_state(payload: dict[str, Any]) -> bool:
+    """What `alexnet.powersgd_checkpoint.save_powersgd_state` writes: step, setup and state, no model."""
+    return {"step", "setup", "state"} <= payload.keys() and "model" not in payload
+
+
+def _run_checkpoint_hint(path: Path) -> str:
+    """The run's checkpoint in brackets (runs/a/checkpoints/last.pt for
+    runs/a/checkpoints/powersgd/rank0/last.pt), or "" for a file kept elsewhere."""
+    rank_folder = path.parent
+    if rank_folder.parent.name != FOLDER or not rank_folder.name.startswith("rank"):
+        return ""
+    return f" ({rank_folder.parent.parent / LAST})"
 
 
 def build_model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

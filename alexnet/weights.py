@@ -90,12 +90,17 @@ def read_state_dict(path: Path) -> WeightsFile:
     """The state dict in `path` and, for this trainer's checkpoints, the class folders and the
     normalisation it was trained with. Loaded with weights_only=True: no code runs from the file
     (torchvision's reference scripts store their arguments as an argparse.Namespace, allowed: it
-    holds values)."""
+    holds values). Raises ConfigError where `path` names no file, CheckpointError where the file
+    cannot be read or holds no state dict (launch/train.py: exit 2 and 1)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             content = load_torch_file(path, noun="weights file", kind="PyTorch weights file")
     except CheckpointError as exc:
-        raise ConfigError(f"config key 'model.weights': {exc}") from exc
+        # No file at that path (or a folder) is the command's to change (exit 2); a file that is
+        # there but damaged, or of another kind (an export, a text file), is the file's problem
+        # (exit 1), as the same file given to checkpoint.resume= is.
+        kind = ConfigError if not (path.is_file() or path.is_symlink()) else type(exc)
+        raise kind(f"config key 'model.weights': {exc}") from exc
     classes, normalisation = None, None
     if isinstance(content, dict) and content.get("format") == FORMAT_VERSION:  # this trainer's checkpoint
         saved = content.get("classes")
@@ -104,8 +109,8 @@ def read_state_dict(path: Path) -> WeightsFile:
         content = content.get("model")
     elif isinstance(content, dict) and not is_state_dict(content):
         content = next((content[k] for k in _NESTED_KEYS if is_state_dict(content.get(k))), content)
-    if not is_state_dict(content):
-        raise ConfigError(
+    if not is_state_dict(content):  # a file of another kind: what it holds is the problem
+        raise CheckpointError(
             f"config key 'model.weights': {path} holds no state dict (parameter names mapped to tensors"
             f"{_not_tensors(content)}); give torchvision's AlexNet file, an export's .torchvision.pth or "
             "a checkpoint of this trainer"
@@ -208,12 +213,13 @@ def _shown(values: list[float]) -> str:
 
 def _check_values(state: Mapping[str, torch.Tensor], path: Path) -> None:
     """Tensors without data (saved from a model on the meta device) or with NaN or infinite
-    values would fail at the first step with a message about gradients."""
+    values would fail at the first step with a message about gradients. They fit the model: what
+    the file holds is bad, not the command (a CheckpointError, exit 1)."""
     for name, tensor in state.items():
         if tensor.is_meta:
-            raise ConfigError(f"config key 'model.weights': {path}: {name} holds no values (a meta tensor)")
+            raise CheckpointError(f"config key 'model.weights': {path}: {name} holds no values (a meta tensor)")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ConfigError(f"config key 'model.weights': {path}: {name} holds NaN or infinite values")
+            raise CheckpointError(f"config key 'model.weights': {path}: {name} holds NaN or infinite values")
 
 
 def _not_tensors(content: Any) -> str:

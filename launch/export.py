@@ -3,11 +3,16 @@
     python launch/export.py runs/imagenet/checkpoints/last.pt --out exports/ [--format torchscript onnx torchvision]
 
 Writes <out>/<name>.torchscript.pt, <out>/<name>.onnx and <out>/<name>.torchvision.pth, where
-<name> is the run folder's name; each export is run on a fresh batch (of another size than the
-one it was traced with) and compared with PyTorch's output before the command reports success.
-The input is a float32 [N, 3, crop, crop] batch normalized as in training (data.mean, data.std of
-the run's config.yaml); the output is N x num_classes logits. Under torchrun only rank 0 exports;
-the other ranks say so and exit 0.
+<name> is the run folder's name, and <out>/<name>.json: the class names in output order, the
+preprocessing and the source checkpoint, which the ONNX and TorchScript files also carry. Each
+export is run on a fresh batch (of another size than the one it was traced with) and compared
+with PyTorch's output before the command reports success. The input is a float32
+[N, 3, crop, crop] batch preprocessed as validation does (README, "Export"); the output is
+N x num_classes logits. Under torchrun only rank 0 exports; the other ranks say so and exit 0.
+
+Exit status: 0 exported; 2 the command must change (a bad option, an --out or --name whose file
+is no earlier export, a --format the checkpoint cannot hold); 1 anything else (a checkpoint
+missing, damaged or of another kind, an export that fails its check, a write that fails).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import is_folder_name
-from alexnet.export import FORMATS, ExportCheckError, ExportSetupError, export_checkpoint
+from alexnet.export import FORMATS, ExportCheckError, ExportFormatError, ExportSetupError, export_checkpoint
 from alexnet.model import ModelSizeError
 from alexnet.parallel.env import LAUNCHER_ENV, LaunchError, env_int
 from alexnet.process import exit_process, print_error
@@ -74,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or default_name(args.checkpoint)
         for result in export_checkpoint(args.checkpoint, args.out, name, args.format):
             print(f"{result.path}: max |difference| from PyTorch {result.max_abs_diff:.3g} on {result.batch} images")
-    except OutputPathError as exc:  # a file of that name that is no earlier export: the command must change
+    except (OutputPathError, ExportFormatError) as exc:
+        # A file of that name that is no earlier export, or a format the checkpoint cannot hold:
+        # the same command would fail again, so it must change.
         print_error(str(exc))
         return 2
     except (CheckpointError, ExportCheckError, ExportSetupError, ModelSizeError) as exc:

@@ -677,3 +677,21 @@ def test_options_that_contradict_each_other_are_a_usage_error(tmp_path, capsys):
             parse_args([missing, "--pipeline", "torchvision", *flags])
         assert exit_.value.code == 2 and said in capsys.readouterr().err
     assert parse_args([missing, "--pipeline", "dali", "--ten-crop", "--decoder", "cpu"]).ten_crop
+
+
+def test_powersgd_state_given_as_the_checkpoint_names_the_run_s_checkpoint(tmp_path):
+    """A rank's PowerSGD state file has the checkpoint format and no config: it was refused as a
+    checkpoint that "holds no config (key 'config')"."""
+    from alexnet.checkpoint import FORMAT_VERSION
+    from alexnet.powersgd_checkpoint import rank_file
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    # As save_powersgd_state writes it: the step, the setup a resume must match, the rank's state.
+    payload = {"format": FORMAT_VERSION, "step": 4, "setup": {"mode": "data"}, "state": {"fc6": torch.zeros(2)}}
+    state = atomic_save(payload, rank_file(ckpt_dir, 1).parent, rotate=False)
+    with pytest.raises(CheckpointError) as err:
+        run_evaluation(EvalOptions(state), ONE)
+    assert str(err.value) == (
+        f"{state} is PowerSGD state of a run (one rank's error feedback, kept beside its checkpoint), not a "
+        f"checkpoint: name the run's checkpoints/last.pt instead ({ckpt_dir / 'last.pt'})"
+    )

@@ -2,6 +2,7 @@
 another batch size), and a torchvision-variant checkpoint straight into torchvision's AlexNet."""
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -16,16 +17,18 @@ import torchvision
 from _helpers import REPO
 
 from alexnet import export as export_module
-from alexnet.checkpoint import CheckpointError, atomic_save
+from alexnet.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save
 from alexnet.config import config_to_dict, load_config
 from alexnet.export import (
     FORMATS,
     ExportCheckError,
+    ExportFormatError,
     ExportSetupError,
     compare_outputs,
     default_formats,
     export_checkpoint,
     load_torchscript,
+    read_export_metadata,
 )
 from alexnet.inference import build_model_from_checkpoint
 from alexnet.model import build_model
@@ -89,7 +92,7 @@ def test_torchvision_checkpoint_loads_into_torchvision_alexnet(tmp_path, checkpo
 
 def test_paper_checkpoint_is_refused_for_torchvision_and_bad_outputs_fail(tmp_path, checkpoints):
     ckpt = checkpoints["paper"]
-    with pytest.raises(CheckpointError, match="'paper' variant; only 'torchvision' checkpoints"):
+    with pytest.raises(ExportFormatError, match="'paper' variant; only 'torchvision' checkpoints"):
         export_checkpoint(ckpt, tmp_path / "out", "m", ["torchvision"])
     expected = torch.ones(3, 10)
     with pytest.raises(ExportCheckError, match="differ from PyTorch by up to 0.01"):
@@ -104,7 +107,7 @@ def test_a_torchvision_checkpoint_of_another_fc_width_exports_to_all_but_torchvi
     assert default_formats(config.model) == ["torchscript", "onnx"]
     assert default_formats(load_config(None, ["model.variant=torchvision"]).model) == list(FORMATS)
     with pytest.raises(
-        CheckpointError, match=r"fc6 and fc7 64 wide \(model\.fc_width\); torchvision\.models\.alexnet's are 4096"
+        ExportFormatError, match=r"fc6 and fc7 64 wide \(model\.fc_width\); torchvision\.models\.alexnet's are 4096"
     ):
         export_checkpoint(narrow, tmp_path / "out", "n", ["torchvision"])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -147,7 +150,7 @@ def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_expo
         p.unlink()
     assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # all three formats
     first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sorted(first) == ["mine.onnx", "mine.torchscript.pt", "mine.torchvision.pth"]
+    assert sorted(first) == ["mine.json", "mine.onnx", "mine.torchscript.pt", "mine.torchvision.pth"]
     assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # earlier exports: replaced
     assert all(p.stat().st_mtime_ns > first[p.name] for p in out.iterdir())
     # another tool's ONNX model, and a link (the rename would replace the link, not its target)
@@ -174,14 +177,14 @@ def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tm
     kept = good.path.read_bytes()
     real_load = export_module.load_torchscript
 
-    def off_by_one(path):
-        model = real_load(path)
+    def off_by_one(path, *extra_files):
+        model = real_load(path, *extra_files)
         return lambda x: model(x) + 1.0  # an export whose outputs are wrong
 
     monkeypatch.setattr(export_module, "load_torchscript", off_by_one)
     with pytest.raises(ExportCheckError, match=rf"^{re.escape(str(out / 'm.torchscript.pt'))}: outputs differ"):
         export_checkpoint(ckpt, out, "m", ["torchscript"])
-    assert good.path.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == ["m.torchscript.pt"]
+    assert good.path.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == ["m.json", "m.torchscript.pt"]
     with pytest.raises(ExportCheckError):
         export_checkpoint(ckpt, tmp_path / "fresh", "m", ["torchscript"])
     assert list((tmp_path / "fresh").iterdir()) == []  # nothing left behind
@@ -197,9 +200,9 @@ def test_two_exports_into_one_folder_at_once_each_keep_a_complete_file(tmp_path,
     real_load = export_module.load_torchscript
     both_written = threading.Barrier(2, timeout=120)
 
-    def load_once_both_are_written(path):
+    def load_once_both_are_written(path, *extra_files):
         both_written.wait()  # both exports have written their file; neither has renamed it yet
-        return real_load(path)
+        return real_load(path, *extra_files)
 
     monkeypatch.setattr(export_module, "load_torchscript", load_once_both_are_written)
     results, failures = [], []
@@ -216,7 +219,7 @@ def test_two_exports_into_one_folder_at_once_each_keep_a_complete_file(tmp_path,
     for thread in threads:
         thread.join()
     assert failures == [] and [r.path for r in results] == [out / "m.torchscript.pt"] * 2
-    assert sorted(p.name for p in out.iterdir()) == ["m.torchscript.pt"]  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.torchscript.pt"]  # no temporary file left
     x = batch("paper", 3, seed=5)
     with torch.no_grad():
         assert torch.allclose(real_load(out / "m.torchscript.pt")(x), build_model_from_checkpoint(ckpt).model(x))
@@ -305,4 +308,114 @@ def test_a_killed_export_s_staged_file_is_removed_by_the_next_export(tmp_path, c
     for path in abandoned + kept:
         path.write_bytes(b"half")
     (done,) = export_checkpoint(checkpoints["paper"], out, "m", ["torchscript"])
-    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, *(p.name for p in kept)])
+    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, "m.json", *(p.name for p in kept)])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load's deprecation notice
+def test_every_export_carries_the_class_names_the_preprocessing_and_its_checkpoint(tmp_path, checkpoints):
+    """An export said neither which output is which class nor how to preprocess an image: each
+    format carries them (ONNX metadata_props, the TorchScript archive's alexnet.json, and
+    <name>.json beside the exports, the .torchvision.pth's only copy), read back as the
+    checkpoint has them."""
+    import onnx
+
+    size = SIZES["paper"]
+    cfg = load_config(None, ["model.variant=paper", f"data.crop={size}", "data.resize=80", "model.fc_width=64",
+                             "data.mean=[120.0, 115.5, 100.25]", "data.std=[60.0, 59.0, 58.5]"])  # fmt: skip
+    torch.manual_seed(2)
+    model = build_model("paper", 3, 0.5, size, "kaiming", 64)
+    classes = ["tulip", "daisy", "rose"]  # the output order, not sorted
+    progress = {"epoch": 3, "epoch_trained": False, "step": 120, "images": 960}
+    payload = {"format": FORMAT_VERSION, "model": model.state_dict(), "config": config_to_dict(cfg),
+               "classes": classes, "progress": progress}  # fmt: skip
+    ckpt = atomic_save(payload, tmp_path / "flowers" / "checkpoints")
+    out = tmp_path / "out"
+    export_checkpoint(ckpt, out, "f", ["torchscript", "onnx"])
+    expected = {
+        "variant": "paper", "num_classes": 3, "classes": classes, "input_size": size, "resize": 80,
+        "mean": [120.0, 115.5, 100.25], "std": [60.0, 59.0, 58.5], "pixel_range": [0, 255], "channels": "RGB",
+        "layout": "NCHW", "dtype": "float32", "checkpoint": str(ckpt.absolute()), "step": 120, "epoch": 3,
+    }  # fmt: skip
+    in_onnx = {p.key: json.loads(p.value) for p in onnx.load(out / "f.onnx").metadata_props}
+    extra = {"alexnet.json": ""}
+    torch.jit.load(out / "f.torchscript.pt", _extra_files=extra)
+    in_torchscript = json.loads(extra["alexnet.json"])
+    beside = json.loads((out / "f.json").read_text())
+    for found in (in_onnx, in_torchscript, beside):
+        assert {k: found.get(k) for k in expected} == expected
+    assert in_onnx == in_torchscript == beside == read_export_metadata(out / "f.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["f.json", "f.onnx", "f.torchscript.pt"]
+    # A checkpoint written before class names were kept, with no progress: said as null.
+    tv = checkpoints["torchvision"]
+    (check,) = export_checkpoint(tv, out, "tv", ["torchvision"])
+    sidecar = read_export_metadata(check.path)  # tv.json
+    assert sidecar == json.loads((out / "tv.json").read_text())
+    assert (sidecar["classes"], sidecar["step"], sidecar["epoch"]) == (None, None, None)
+    shape = ("torchvision", 10, SIZES["torchvision"], 76)
+    assert (sidecar["variant"], sidecar["num_classes"], sidecar["input_size"], sidecar["resize"]) == shape
+    assert sidecar["checkpoint"] == str(tv.absolute())
+    state = torch.load(check.path, weights_only=True)  # still the bare state dict
+    assert set(state) == set(torchvision.models.alexnet(num_classes=10).state_dict())
+
+
+def test_a_sidecar_name_holding_another_file_is_refused_and_an_earlier_sidecar_replaced(tmp_path, checkpoints, capsys):
+    out, ckpt, command = tmp_path / "out", checkpoints["paper"], load_export_command()
+    out.mkdir()
+    notes = '{"top1": 0.57}\n'  # an evaluation's result, say
+    (out / "m.json").write_text(notes)
+    args = [str(ckpt), "--out", str(out), "--name", "m", "--format", "torchscript"]
+    assert command.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out / 'm.json'} exists and is not what an earlier export writes (the JSON of an export's classes "
+        "and preprocessing): name another --name or --out (nothing was overwritten)\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["m.json"] and (out / "m.json").read_text() == notes
+    (out / "m.json").unlink()
+    (out / "m.json").symlink_to(tmp_path / "elsewhere.json")
+    assert command.main(args) == 2 and "is a symbolic link" in capsys.readouterr().err
+    (out / "m.json").unlink()
+    assert command.main(args) == 0
+    written = json.loads((out / "m.json").read_text())
+    (out / "m.json").write_text(json.dumps({**written, "classes": ["stale"]}))  # an earlier export's
+    assert command.main(args) == 0
+    assert json.loads((out / "m.json").read_text()) == written
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.torchscript.pt"]  # no staged file left
+
+
+def test_a_format_the_checkpoint_cannot_hold_is_a_command_to_change(tmp_path, checkpoints, capsys):
+    """--format torchvision for the paper variant, or for another fc_width, exited 1, as for a
+    damaged checkpoint; the same command can never succeed: exit 2, one line, nothing written."""
+    narrow = make_checkpoint(tmp_path / "narrow" / "checkpoints", "torchvision", fc_width=64)
+    command, out = load_export_command(), tmp_path / "out"
+    for ckpt, said in (
+        (checkpoints["paper"], "is the 'paper' variant; only 'torchvision' checkpoints load into"),
+        (narrow, "has fc6 and fc7 64 wide (model.fc_width); torchvision.models.alexnet's are 4096"),
+    ):
+        assert command.main([str(ckpt), "--out", str(out), "--format", "torchscript", "torchvision"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --format torchvision: checkpoint {ckpt} ") and err.count("\n") == 1, err
+        assert said in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_powersgd_state_given_as_the_checkpoint_names_the_run_s_checkpoint(tmp_path, capsys):
+    """A rank's PowerSGD state file has the checkpoint format and no config: it was refused as a
+    checkpoint that "holds no config (key 'config')"."""
+    from alexnet.powersgd_checkpoint import rank_file
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    # As save_powersgd_state writes it: the step, the setup a resume must match, the rank's state.
+    payload = {"format": FORMAT_VERSION, "step": 4, "setup": {"mode": "data"}, "state": {"fc6": torch.zeros(2)}}
+    state = atomic_save(payload, rank_file(ckpt_dir, 0).parent, rotate=False)
+    assert command_output(state, tmp_path, capsys) == (
+        1,
+        f"error: {state} is PowerSGD state of a run (one rank's error feedback, kept beside its checkpoint), not a "
+        f"checkpoint: name the run's checkpoints/last.pt instead ({ckpt_dir / 'last.pt'})\n",
+    )
+    with pytest.raises(CheckpointError, match="holds no config"):  # a file of the format that is neither
+        build_model_from_checkpoint(atomic_save({"format": FORMAT_VERSION, "model": {}}, tmp_path / "other"))
+
+
+def command_output(checkpoint, tmp_path, capsys):
+    status = load_export_command().main([str(checkpoint), "--out", str(tmp_path / "out")])
+    return status, capsys.readouterr().err

@@ -5,6 +5,7 @@ classes; a resume continues its own checkpoint; every rank must read the same we
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -12,11 +13,12 @@ import shutil
 import pytest
 import torch
 import torchvision
-from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, torchrun, train_tiny
+from _helpers import SYNTHETIC_TRAIN, TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, torchrun, train_tiny
 
-from alexnet.checkpoint import FORMAT_VERSION
+from alexnet.checkpoint import FORMAT_VERSION, CheckpointError
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, load_config
 from alexnet.model import build_model
+from alexnet.run import run_training
 from alexnet.weights import apply_start_weights, check_resumed_weights, read_state_dict, recorded_weights
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -129,21 +131,22 @@ def test_weights_of_another_variant_or_width_are_refused_naming_the_key_and_the_
 
 
 @pytest.mark.parametrize(
-    ("change", "said"),
+    ("change", "error", "said"),
     [
-        ("nan", "classifier.4.bias holds NaN or infinite values"),
-        ("inf", "features.0.weight holds NaN or infinite values"),
-        ("meta", "features.0.weight holds no values (a meta tensor)"),
-        ("fc8_rows", "shape mismatch classifier.6.weight (12, 4096) vs (10, 4096)"),
-        ("fc8_inputs", "shape mismatch classifier.6.weight (10, 100) vs (10, 4096)"),
-        ("fc8_no_bias", "missing classifier.6.bias"),
-        ("not_a_tensor", "holds no state dict (parameter names mapped to tensors; not tensors: epoch)"),
+        ("nan", CheckpointError, "classifier.4.bias holds NaN or infinite values"),
+        ("inf", CheckpointError, "features.0.weight holds NaN or infinite values"),
+        ("meta", CheckpointError, "features.0.weight holds no values (a meta tensor)"),
+        ("fc8_rows", ConfigError, "shape mismatch classifier.6.weight (12, 4096) vs (10, 4096)"),
+        ("fc8_inputs", ConfigError, "shape mismatch classifier.6.weight (10, 100) vs (10, 4096)"),
+        ("fc8_no_bias", ConfigError, "missing classifier.6.bias"),
+        ("not_a_tensor", CheckpointError, "no state dict (parameter names mapped to tensors; not tensors: epoch)"),
     ],
 )
-def test_weights_that_would_fail_later_are_refused_naming_the_tensor(tmp_path, change, said):
+def test_weights_that_would_fail_later_are_refused_naming_the_tensor(tmp_path, change, error, said):
     """NaN weights trained into an error about gradients; a meta tensor into a traceback; a
     malformed fc8 was dropped as 'another number of outputs' (12 weight rows, 10 biases: "10
-    outputs, this model's 10")."""
+    outputs, this model's 10"). Values a file should not hold are the file's problem
+    (CheckpointError: exit 1); tensors that do not fit this model, the command's (ConfigError: 2)."""
     _, state = torchvision_file(tmp_path, num_classes=10)
     if change == "nan":
         state["classifier.4.bias"][3] = float("nan")
@@ -160,7 +163,7 @@ def test_weights_that_would_fail_later_are_refused_naming_the_tensor(tmp_path, c
     else:
         state["epoch"] = 5
     torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(error) as err:
         apply_start_weights(fresh("torchvision"), tmp_path / "w.pth", CLASSES, NORM)
     assert str(err.value).startswith(f"config key 'model.weights': {tmp_path / 'w.pth'}") and said in str(err.value)
 
@@ -189,16 +192,64 @@ def test_files_that_hold_no_weights_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("not weights\n")
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "net.torchscript.pt")
     expected = {
-        "list.pt": "holds no state dict (parameter names mapped to tensors); give torchvision's AlexNet file",
-        "notes.txt": "is not a PyTorch weights file (not a PyTorch file)",
-        "net.torchscript.pt": "is not a PyTorch weights file (a TorchScript archive",
-        "missing.pth": "weights file",
+        "list.pt": (CheckpointError, "holds no state dict (parameter names mapped to tensors); give torchvision's"),
+        "notes.txt": (CheckpointError, "is not a PyTorch weights file (not a PyTorch file)"),
+        "net.torchscript.pt": (CheckpointError, "is not a PyTorch weights file (a TorchScript archive"),
+        "missing.pth": (ConfigError, "weights file"),
     }
-    for name, said in expected.items():
-        with pytest.raises(ConfigError) as err:
+    for name, (error, said) in expected.items():
+        with pytest.raises(error) as err:
             apply_start_weights(model, tmp_path / name, CLASSES, NORM)
         assert str(err.value).startswith("config key 'model.weights': ") and said in str(err.value), err.value
     assert "does not exist" in str(pytest.raises(ConfigError, read_state_dict, tmp_path / "missing.pth").value)
+
+
+def test_a_damaged_or_exported_weights_file_is_the_file_s_problem_a_missing_one_the_command_s(tmp_path):
+    """A truncated model.weights (or an ONNX export given as one) was a ConfigError, exit 2 as
+    for a bad key, where checkpoint.resume= the same file exits 1: what the file holds is bad."""
+    import onnx
+
+    path, _ = torchvision_file(tmp_path, num_classes=10)
+    whole = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # a copy that stopped halfway
+    graph = onnx.helper.make_graph([], "g", [], [])
+    onnx.save(onnx.helper.make_model(graph, producer_name="pytorch"), tmp_path / "m.onnx")
+    (tmp_path / "folder").mkdir()
+    expected = {
+        "cut.pth": (CheckpointError, f"weights file {tmp_path / 'cut.pth'} cannot be loaded ("),
+        "m.onnx": (CheckpointError, f"{tmp_path / 'm.onnx'} is not a PyTorch weights file (an ONNX model"),
+        "missing.pth": (ConfigError, f"weights file {tmp_path / 'missing.pth'} does not exist"),
+        "folder": (ConfigError, f"weights file {tmp_path / 'folder'} is a folder"),
+    }
+    for name, (error, said) in expected.items():
+        with pytest.raises((CheckpointError, ConfigError)) as err:
+            read_state_dict(tmp_path / name)
+        assert type(err.value) is error and str(err.value).startswith(f"config key 'model.weights': {said}"), name
+
+
+def test_train_py_exits_1_for_a_damaged_weights_file_and_2_for_a_missing_or_unfitting_one(tmp_path, capsys):
+    """launch/train.py in this process (synthetic data: the weights are read before any step)."""
+    spec = importlib.util.spec_from_file_location("train_command", TRAIN)
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    # As train.py runs it, but putting back the signal handlers it installs (this process goes on).
+    command.run_training = lambda cfg, config_path, keep_stop_handlers: run_training(cfg, config_path)
+    torch.save(build_model("paper", 10, input_size=67, init="kaiming", fc_width=16).state_dict(), tmp_path / "w.pt")
+    whole = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    torch.save(paper_state(width=32), tmp_path / "wide.pt")  # fc6 32 wide, the run's 16
+    for name, status, said in (
+        ("cut.pt", 1, "cannot be loaded ("),
+        ("missing.pt", 2, "does not exist"),
+        ("wide.pt", 2, "does not fit this model (shape mismatch fc6.0.bias (16,) vs (8,)"),  # per tower
+    ):
+        weights = tmp_path / name
+        overrides = [*SYNTHETIC_TRAIN, f"run.root={tmp_path / 'runs'}", f"run.name={name}", f"model.weights={weights}"]
+        assert command.main(overrides) == status, name
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: config key 'model.weights': "), errors
+        assert said in errors[0] and str(weights) in errors[0], errors[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
 
 
 def test_weights_and_a_checkpoint_to_resume_from_are_one_too_many():
