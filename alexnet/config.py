@@ -683,7 +683,7 @@ def _check_upper_bounds(cfg: Config) -> None:
     # DDP's bucket bytes (MB x 2**20) are an int64 in its Reducer: 1e13 failed there with a
     # TypeError after the run folder was written. 10**6 MB holds any model's gradients in one bucket.
     if cfg.parallel.bucket_cap_mb > 10**6:
-        raise _refuse("parallel.bucket_cap_mb", f"must be at most 1000000 (MB); got {cfg.parallel.bucket_cap_mb:g}")
+        raise _refuse("parallel.bucket_cap_mb", f"must be at most 1000000 (MB); got {cfg.parallel.bucket_cap_mb:.15g}")
     if cfg.schedule.min_delta >= 100:  # top-1 is a percentage: no validation could ever improve
         raise _refuse("schedule.min_delta", f"must be below 100 (top-1 points); got {cfg.schedule.min_delta}")
 

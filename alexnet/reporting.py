@@ -172,8 +172,10 @@ class Reporter:
         if not self.is_main:
             return
         self.write_summary(summary)
-        log.info("%s after %d epochs / %d steps (%s); run folder %s", stop_state(summary), summary["epochs"],
-                 summary["steps"], final_accuracy(summary["final_top1"]), summary["run_dir"])  # fmt: skip
+        epochs, steps = summary["epochs"], summary["steps"]
+        log.info("%s after %d epoch%s / %d step%s (%s); run folder %s", stop_state(summary), epochs,
+                 "" if epochs == 1 else "s", steps, "" if steps == 1 else "s", final_accuracy(summary["final_top1"]),
+                 summary["run_dir"])  # fmt: skip
         if summary.get("comm_sent_mb_per_step"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in summary["comm_sent_mb_per_step"].items())
             log.info("sent per rank per step (MB): %s", parts)

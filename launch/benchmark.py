@@ -179,7 +179,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--name", default="merged", help="file name in --out of the merged report, without .json (default merged)"
     )
     merge.add_argument("--check", action="append", default=[], metavar="NAME=STATUS", help="add a check's status")
-    merge.add_argument("--out", type=output_path, default=DEFAULT_OUT)
+    merge.add_argument("--out", type=output_path, default=DEFAULT_OUT,
+                       help=f"folder of the merged report (default {DEFAULT_OUT})")  # fmt: skip
     args, extra = parser.parse_known_args(argv)
     return apply_late_overrides(parser, args, extra)
 

@@ -10,8 +10,8 @@
 # gpu_check.log (all output) and gpu_tests.xml; each step's own report stays in runs/gpu_check/.
 #
 # Where `import nvidia.dali` fails, it sources .daliN/install.sh of the highest N present, the
-# wheels that ../shared/device/stage_dali.sh staged beside the checkout (installed into /tmp/site;
-# no network needed). Sizes can be changed through GPU_CHECK_{BATCH,THREADS,E2E_THREADS,IMAGES,CROP,RESIZE};
+# wheels staged beside the checkout, each .daliN/ folder holding part of them (installed into
+# /tmp/site; no network needed). Sizes can be changed through GPU_CHECK_{BATCH,THREADS,E2E_THREADS,IMAGES,CROP,RESIZE};
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without a GPU (a dry run of this script,
 # small sizes, the fp16 step skipped).
 set -uo pipefail

@@ -115,9 +115,9 @@ def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
             cfg = load_config(None, [*SYNTHETIC_TRAIN, "train.epochs=1", f"run.root={tmp_path}", f"run.name={name}"])
             run_training(cfg, None)
         assert kept in root.handlers and root.level == level
-        assert sum("finished after 1 epochs" in line for line in kept.lines) == 2
+        assert sum("finished after 1 epoch" in line for line in kept.lines) == 2
         own = [h for h in logging.getLogger("alexnet").handlers if type(h).__name__ == "_RunLogHandler"]
         assert len(own) == 1
-        assert capfd.readouterr().err.count("[rank 0] finished after 1 epochs") == 2  # once per run, not twice
+        assert capfd.readouterr().err.count("[rank 0] finished after 1 epoch") == 2  # once per run, not twice
     finally:
         root.removeHandler(kept)
