@@ -35,15 +35,18 @@ def init_logging(rank: int) -> None:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def run_training(cfg: Config, config_path: str | None, keep_stop_handlers: bool = False) -> dict[str, Any]:
+def run_training(
+    cfg: Config, config_path: str | None, keep_stop_handlers: bool = False, started_under: int | None = None
+) -> dict[str, Any]:
     """The run; the signal handlers it installs are put back as they were unless
     `keep_stop_handlers` (launch/train.py, whose process ends with the run: `exit_process`
-    ignores the signals then, and until then a late SIGTERM must not kill a completed run)."""
+    ignores the signals then, and until then a late SIGTERM must not kill a completed run).
+    `started_under`: the process's parent at its start (init_distributed)."""
     init_logging(log_rank())
     cfg = with_run_name(cfg, config_path)
     apply_process_settings(cfg.train)
     handlers = stop_handlers()
-    env = init_distributed(cfg.parallel.timeout_s)
+    env = init_distributed(cfg.parallel.timeout_s, started_under=started_under)
     stop = StopRequest.from_environment(env.device, env.launcher_pid)
     stop.install()  # before the setup, which can take minutes
     try:

@@ -2,8 +2,15 @@
 
 Without --config it trains on the built-in demo dataset (launch/configs/demo.yaml).
 """
+# ruff: noqa: E402 - the parent pid is read before the imports
 
 from __future__ import annotations
+
+import os
+
+# Before the imports below (torch's take seconds): the torchrun agent this worker started under,
+# whose end is a stop request, and whose end before the process group exists ends the worker.
+STARTED_UNDER = os.getppid()
 
 import argparse
 import sys
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = run_training(cfg, args.config, keep_stop_handlers=True)
+        summary = run_training(cfg, args.config, keep_stop_handlers=True, started_under=STARTED_UNDER)
     except (
         ConfigError,
         ModelSizeError,

@@ -4,6 +4,8 @@ launchers' own reading of them and of the legacy launcher's --local-rank flag.""
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 from _helpers import REPO
@@ -41,6 +43,18 @@ def test_one_process_needs_none_of_them(monkeypatch):
     assert env.launcher_pid is None  # no torchrun: a parent's end (nohup) is no stop request
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert init_distributed(5.0, force_cpu=True).launcher_pid == os.getppid()  # torchrun's agent
+    assert init_distributed(5.0, force_cpu=True, started_under=os.getppid()).launcher_pid == os.getppid()
+
+
+def test_a_worker_whose_torchrun_ended_during_its_imports_ends(monkeypatch):
+    """Its parent read after torch's imports was already the reaper: the orphan waited for the
+    store for twice the timeout, or (a fixed --master_port) joined the next torchrun's store and
+    trained the run without one."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # the agent it started under, ended (its pid is no parent of this process)
+    with pytest.raises(LaunchError, match=rf"^torchrun \(pid {gone.pid}\), which started this worker, has ended"):
+        init_distributed(5.0, force_cpu=True, started_under=gone.pid)
 
 
 def load_launcher(name):

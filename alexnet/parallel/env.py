@@ -89,16 +89,26 @@ def accept_legacy_local_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-rank", "--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def init_distributed(timeout_s: float, force_cpu: bool = False, timeout_setting: str = "parallel.timeout_s") -> DistEnv:
+def init_distributed(
+    timeout_s: float,
+    force_cpu: bool = False,
+    timeout_setting: str = "parallel.timeout_s",
+    started_under: int | None = None,
+) -> DistEnv:
     """Read torchrun's variables (LOCAL_RANK from the environment: the --local-rank flag changed
     in PyTorch 2.0), pick the device, and start the process group when WORLD_SIZE > 1.
 
     CUDA: NCCL, device = cuda:LOCAL_RANK, set before init_process_group so NCCL binds the right
     GPU. Otherwise gloo on the CPU. The timeout is finite so that a dead rank ends the others.
+    `started_under`: the parent pid as the launcher read it before its imports (launch/train.py).
     """
-    # First thing here; still a few seconds after the process started (its imports), and a
-    # torchrun that dies before this is not seen (its workers then run on, as before)
-    launcher_pid = os.getppid() if LAUNCHER_ENV in os.environ else None
+    # The parent this worker started under, read as early as its launcher could: a few seconds of
+    # imports after its start, torchrun may have died already, and its pid would not be known.
+    launcher_pid = (started_under or os.getppid()) if LAUNCHER_ENV in os.environ else None
+    if launcher_pid is not None and os.getppid() != launcher_pid:
+        # Its workers, left running, waited for the store for twice the timeout, or (a fixed
+        # --master_port) joined the next torchrun's store and trained the run without it.
+        raise LaunchError(f"torchrun (pid {launcher_pid}), which started this worker, has ended: nothing to do")
     rank = env_int("RANK", 0)
     world = env_int("WORLD_SIZE", 1)
     local_rank = env_int("LOCAL_RANK", 0)
