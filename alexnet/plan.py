@@ -6,7 +6,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from alexnet.config import Config, ConfigError, is_folder_name
+from alexnet.model import build_model
 from alexnet.optim import scaled_lr
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
@@ -73,3 +77,13 @@ def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -
     if cfg.train.amp == "fp16" and not on_cuda:
         raise ConfigError("config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off on the CPU")
     return RunPlan(run_dir, global_batch, scaled_lr(cfg.optim, global_batch), channels_last, decoder)
+
+
+def build_run_model(cfg: Config, num_classes: int, plan: RunPlan, device: torch.device, variant: str = "") -> nn.Module:
+    """The single-device model every rank starts from, seeded alike on every rank (identical
+    everywhere before any layout splits it), on `device` in the run's memory format. `variant`:
+    another than model.variant (the step benchmark times both)."""
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    model = build_model(variant or m.variant, num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)  # type: ignore[arg-type]
+    return model.to(device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)

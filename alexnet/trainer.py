@@ -30,7 +30,7 @@ from alexnet.engine import AmpPolicy, MicroBatch, StepResult, accumulated_step, 
 from alexnet.evaluate import eval_batch
 from alexnet.layers import DropoutContext, step_sample_rows
 from alexnet.metrics import Tally, Throughput
-from alexnet.model import FC_WIDTH, build_model
+from alexnet.model import FC_WIDTH
 from alexnet.optim import LrSchedule, build_optimizer, rate_change, schedule_problems
 from alexnet.parallel.agree import (
     SETUP_ERRORS,
@@ -46,7 +46,7 @@ from alexnet.parallel.apply import apply_parallelism, ddp_settings, example_batc
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
-from alexnet.plan import RunPlan
+from alexnet.plan import RunPlan, build_run_model
 from alexnet.powersgd_checkpoint import remove_stale_powersgd_state, restore_powersgd_state, save_powersgd_state
 from alexnet.report import draw_run_curves, session_gpu_seconds, summarize_run
 from alexnet.reporting import MetricsWriteError, Reporter, comm_per_step
@@ -194,10 +194,7 @@ class Trainer:
         loader_args = (self.splits, self.mesh, env.device, plan.decoder, plan.channels_last)
         self.train_loader = build_train_loader(cfg.data, *loader_args, cfg.train.accum_steps)
         self.val_loader = build_loader(cfg.data, "val", *loader_args)
-        torch.manual_seed(cfg.train.seed)
-        m = cfg.model
-        full = build_model(m.variant, self.num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)
-        full = full.to(env.device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
+        full = build_run_model(cfg, self.num_classes, plan, env.device)
         self.full_parameters = sum(p.numel() for p in full.parameters())
         resumed = load_resume_checkpoint(
             resume_from, self.ckpt_dir, full, config_to_dict(cfg), self.splits.folder_classes
@@ -205,10 +202,10 @@ class Trainer:
         self.start_weights: StartWeights | None = None
         if resumed is not None:  # a resume continues the run's own weights, whatever model.weights names
             if env.is_main and self._resumes_own(resumed):  # the path config.yaml records is rank 0's
-                check_resumed_weights(resumed[0].get("config"), m.weights, plan.run_dir)
-        elif m.weights:
+                check_resumed_weights(resumed[0].get("config"), cfg.model.weights, plan.run_dir)
+        elif cfg.model.weights:
             normalisation = (cfg.data.mean, cfg.data.std)
-            path = Path(m.weights).expanduser()
+            path = Path(cfg.model.weights).expanduser()
             self.start_weights = apply_start_weights(full, path, self.splits.folder_classes, normalisation)
         return full, resumed
 

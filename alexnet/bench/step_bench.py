@@ -27,13 +27,13 @@ from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endle
 from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
 from alexnet.layers import step_sample_rows
-from alexnet.model import FC_WIDTH, build_model, fc_width_fits
+from alexnet.model import FC_WIDTH, fc_width_fits
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import LayoutError, Mesh, build_mesh
-from alexnet.plan import RunPlan, build_plan
+from alexnet.plan import RunPlan, build_plan, build_run_model
 from pipelines.base import ShardSpec
 from pipelines.synthetic import SyntheticLoader
 
@@ -98,14 +98,11 @@ def build_train_parts(model: nn.Module, cfg: Config, env: DistEnv, mesh: Mesh, p
 
 def build_full_model(variant: str, cfg: Config, num_classes: int, plan: RunPlan, device: torch.device) -> nn.Module:
     """The single-device model every rank starts from (same seed: identical on every rank)."""
+    if variant != REFERENCE:  # as the trainer builds it
+        return build_run_model(cfg, num_classes, plan, device, variant)
     torch.manual_seed(cfg.train.seed)
-    if variant == REFERENCE:
-        model: nn.Module = torchvision.models.alexnet(num_classes=num_classes, dropout=cfg.model.dropout)
-    else:
-        m = cfg.model
-        model = build_model(variant, num_classes, m.dropout, cfg.data.crop, m.init, m.fc_width)  # type: ignore[arg-type]
-    fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-    return model.to(device, memory_format=fmt)
+    model = torchvision.models.alexnet(num_classes=num_classes, dropout=cfg.model.dropout)
+    return model.to(device, memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
 
 
 def synthetic_batches(cfg: Config, num_classes: int, mesh: Mesh, plan: RunPlan, device: torch.device):
