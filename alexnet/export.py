@@ -16,8 +16,10 @@ checkpoint's state dict loads there strictly, with nothing renamed.
 
 Every export carries `ExportMetadata` (the class names in output order, validation's preprocessing,
 the source checkpoint): in the ONNX model's metadata_props, in the TorchScript archive's extra file
-`alexnet.json`, and in `<name>.json` beside the exports (the only place for the `.torchvision.pth`,
-which stays a bare state dict). `read_export_metadata` reads it back from any of them.
+`alexnet.json`, and for the `.torchvision.pth`, which stays a bare state dict, in
+`<name>.torchvision.json` beside it, written with it (one sidecar for all formats described the
+latest export of that name, not the other formats' files of earlier exports left beside it).
+`read_export_metadata` reads it back from any of them.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ FORMATS = ("torchscript", "onnx", "torchvision")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "torchvision": ".torchvision.pth"}
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the [export] extra: exporter, its dynamo backend, the check
 METADATA_FILE = "alexnet.json"  # the TorchScript archive's extra file
-SIDECAR = "sidecar"  # the kind of `<name>.json` for check_replaceable_export
-SIDECAR_SUFFIX = ".json"
+SIDECAR = "sidecar"  # the kind of `<name>.torchvision.json` for check_replaceable_export
+SIDECAR_SUFFIX = ".torchvision.json"
 METADATA_VERSION = 1
 # Validation's centre-crop preprocessing (pipelines/torchvision_loader.py: ResizeShorter,
 # CenterCropHalfUp, Normalize; DALI's resize_shorter and crop round alike), said in the metadata
@@ -112,7 +114,7 @@ class ExportMetadata:
     dtype: str = "float32"
     pixel_range: tuple[int, int] = (0, 255)  # the scale of the pixel values mean and std apply to
     preprocess: str = PREPROCESS
-    alexnet_export: int = METADATA_VERSION  # this layout's version; marks an export's sidecar
+    alexnet_export: int = METADATA_VERSION  # this layout's version; marks a sidecar
 
     def as_json(self) -> dict[str, Any]:
         """The fields as JSON holds them (the tuple as a list): what each export's copy reads back as."""
@@ -144,22 +146,34 @@ def metadata_props(metadata: ExportMetadata) -> dict[str, str]:
 _METADATA_KEYS = frozenset(f.name for f in fields(ExportMetadata))
 
 
+class ExportMetadataError(RuntimeError):
+    """An export without its metadata: one written before exports carried it, or another file."""
+
+
 def read_export_metadata(path: Path) -> dict[str, Any]:
     """The metadata an export carries (ExportMetadata's fields as JSON), from an ONNX model, a
-    TorchScript archive, a sidecar `<name>.json`, or for a `.torchvision.pth` its sidecar."""
+    TorchScript archive, or for a `.torchvision.pth` its sidecar (or the sidecar itself). An
+    export without it raises ExportMetadataError."""
     path = Path(path)
     if path.name.endswith(SUFFIXES["onnx"]):
         import onnx
 
         model = onnx.load(str(path), load_external_data=False)
-        return {p.key: json.loads(p.value) for p in model.metadata_props if p.key in _METADATA_KEYS}
-    if path.name.endswith(SUFFIXES["torchscript"]):
+        found = {p.key: json.loads(p.value) for p in model.metadata_props if p.key in _METADATA_KEYS}
+    elif path.name.endswith(SUFFIXES["torchscript"]):
         files = {METADATA_FILE: ""}
         load_torchscript(path, files)
-        return json.loads(files[METADATA_FILE])
-    if path.name.endswith(SUFFIXES["torchvision"]):
-        path = sidecar_path(path.parent, path.name.removesuffix(SUFFIXES["torchvision"]))
-    return json.loads(path.read_text(encoding="utf-8"))
+        found = json.loads(files[METADATA_FILE] or "{}")
+    else:
+        if path.name.endswith(SUFFIXES["torchvision"]):
+            path = sidecar_path(path.parent, path.name.removesuffix(SUFFIXES["torchvision"]))
+        found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not isinstance(found, dict) or "alexnet_export" not in found:
+        raise ExportMetadataError(
+            f"{path} carries no export metadata (exported before exports carried it, or not an export): "
+            "export its checkpoint again"
+        )
+    return found
 
 
 def sidecar_path(out_dir: Path, name: str) -> Path:
@@ -366,7 +380,7 @@ _EXPORT_KINDS = {
     "torchscript": "a TorchScript archive",
     "onnx": "an ONNX model of PyTorch's exporter",
     "torchvision": "a state dict of torchvision's AlexNet",
-    SIDECAR: "the JSON of an export's classes and preprocessing",
+    SIDECAR: "the JSON of a .torchvision.pth export's classes and preprocessing",
 }
 # A sidecar is a few KB (60 KB with ImageNet's 1000 class names); a larger file of its name is
 # something else, and is not read whole to find that out.
@@ -434,8 +448,8 @@ def export_checkpoint(
     checkpoint: Path, out_dir: Path, name: str, formats: list[str] | tuple[str, ...] | None = None
 ) -> list[ExportCheck]:
     """Every requested format (default: `default_formats`), each checked on a batch of 3 after
-    tracing with a batch of 2 (so a batch size baked into the graph fails), and `<name>.json`, the
-    exports' metadata, written once the first export is kept (a failed export leaves nothing)."""
+    tracing with a batch of 2 (so a batch size baked into the graph fails); the `.torchvision.pth`
+    with its sidecar, written once it is kept (a failed export leaves nothing)."""
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant
     asked = bool(formats)
@@ -466,7 +480,7 @@ def export_checkpoint(
     example, check = example_input(size, batch=2, seed=0), example_input(size, batch=3, seed=1)
     finals = {fmt: out_dir / f"{name}{SUFFIXES[fmt]}" for fmt in formats}
     sidecar = sidecar_path(out_dir, name)
-    for fmt, final in [*finals.items(), (SIDECAR, sidecar)]:
+    for fmt, final in [*finals.items(), *([(SIDECAR, sidecar)] if "torchvision" in formats else [])]:
         check_replaceable_export(final, fmt)
     steps: dict[str, Callable[[Path], ExportCheck]] = {
         "torchscript": lambda path: check_torchscript(
@@ -478,6 +492,6 @@ def export_checkpoint(
     results = []
     for fmt in formats:
         results.append(export_checked(finals[fmt], steps[fmt]))
-        if len(results) == 1:  # every kept export has its metadata beside it, the .torchvision.pth its only copy
+        if fmt == "torchvision":  # its only copy of the metadata, at once: the file beside it is this export's
             write_sidecar(sidecar, metadata)
     return results

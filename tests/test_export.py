@@ -23,6 +23,7 @@ from alexnet.export import (
     FORMATS,
     ExportCheckError,
     ExportFormatError,
+    ExportMetadataError,
     ExportSetupError,
     compare_outputs,
     default_formats,
@@ -150,7 +151,7 @@ def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_expo
         p.unlink()
     assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # all three formats
     first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sorted(first) == ["mine.json", "mine.onnx", "mine.torchscript.pt", "mine.torchvision.pth"]
+    assert sorted(first) == ["mine.onnx", "mine.torchscript.pt", "mine.torchvision.json", "mine.torchvision.pth"]
     assert command.main([str(ckpt), "--out", str(out), "--name", "mine"]) == 0  # earlier exports: replaced
     assert all(p.stat().st_mtime_ns > first[p.name] for p in out.iterdir())
     # another tool's ONNX model, and a link (the rename would replace the link, not its target)
@@ -184,7 +185,7 @@ def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tm
     monkeypatch.setattr(export_module, "load_torchscript", off_by_one)
     with pytest.raises(ExportCheckError, match=rf"^{re.escape(str(out / 'm.torchscript.pt'))}: outputs differ"):
         export_checkpoint(ckpt, out, "m", ["torchscript"])
-    assert good.path.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == ["m.json", "m.torchscript.pt"]
+    assert good.path.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == ["m.torchscript.pt"]
     with pytest.raises(ExportCheckError):
         export_checkpoint(ckpt, tmp_path / "fresh", "m", ["torchscript"])
     assert list((tmp_path / "fresh").iterdir()) == []  # nothing left behind
@@ -219,7 +220,7 @@ def test_two_exports_into_one_folder_at_once_each_keep_a_complete_file(tmp_path,
     for thread in threads:
         thread.join()
     assert failures == [] and [r.path for r in results] == [out / "m.torchscript.pt"] * 2
-    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.torchscript.pt"]  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == ["m.torchscript.pt"]  # no temporary file left
     x = batch("paper", 3, seed=5)
     with torch.no_grad():
         assert torch.allclose(real_load(out / "m.torchscript.pt")(x), build_model_from_checkpoint(ckpt).model(x))
@@ -308,14 +309,14 @@ def test_a_killed_export_s_staged_file_is_removed_by_the_next_export(tmp_path, c
     for path in abandoned + kept:
         path.write_bytes(b"half")
     (done,) = export_checkpoint(checkpoints["paper"], out, "m", ["torchscript"])
-    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, "m.json", *(p.name for p in kept)])
+    assert sorted(p.name for p in out.iterdir()) == sorted([done.path.name, *(p.name for p in kept)])
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load's deprecation notice
 def test_every_export_carries_the_class_names_the_preprocessing_and_its_checkpoint(tmp_path, checkpoints):
     """An export said neither which output is which class nor how to preprocess an image: each
     format carries them (ONNX metadata_props, the TorchScript archive's alexnet.json, and
-    <name>.json beside the exports, the .torchvision.pth's only copy), read back as the
+    <name>.torchvision.json beside the .torchvision.pth, its only copy), read back as the
     checkpoint has them."""
     import onnx
 
@@ -340,16 +341,15 @@ def test_every_export_carries_the_class_names_the_preprocessing_and_its_checkpoi
     extra = {"alexnet.json": ""}
     torch.jit.load(out / "f.torchscript.pt", _extra_files=extra)
     in_torchscript = json.loads(extra["alexnet.json"])
-    beside = json.loads((out / "f.json").read_text())
-    for found in (in_onnx, in_torchscript, beside):
+    for found in (in_onnx, in_torchscript):
         assert {k: found.get(k) for k in expected} == expected
-    assert in_onnx == in_torchscript == beside == read_export_metadata(out / "f.onnx")
-    assert sorted(p.name for p in out.iterdir()) == ["f.json", "f.onnx", "f.torchscript.pt"]
+    assert in_onnx == in_torchscript == read_export_metadata(out / "f.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["f.onnx", "f.torchscript.pt"]  # no sidecar: none needed
     # A checkpoint written before class names were kept, with no progress: said as null.
     tv = checkpoints["torchvision"]
     (check,) = export_checkpoint(tv, out, "tv", ["torchvision"])
-    sidecar = read_export_metadata(check.path)  # tv.json
-    assert sidecar == json.loads((out / "tv.json").read_text())
+    sidecar = read_export_metadata(check.path)  # tv.torchvision.json
+    assert sidecar == json.loads((out / "tv.torchvision.json").read_text())
     assert (sidecar["classes"], sidecar["step"], sidecar["epoch"]) == (None, None, None)
     shape = ("torchvision", 10, SIZES["torchvision"], 76)
     assert (sidecar["variant"], sidecar["num_classes"], sidecar["input_size"], sidecar["resize"]) == shape
@@ -359,27 +359,45 @@ def test_every_export_carries_the_class_names_the_preprocessing_and_its_checkpoi
 
 
 def test_a_sidecar_name_holding_another_file_is_refused_and_an_earlier_sidecar_replaced(tmp_path, checkpoints, capsys):
-    out, ckpt, command = tmp_path / "out", checkpoints["paper"], load_export_command()
+    out, ckpt, command = tmp_path / "out", checkpoints["torchvision"], load_export_command()
     out.mkdir()
+    side = out / "m.torchvision.json"
     notes = '{"top1": 0.57}\n'  # an evaluation's result, say
-    (out / "m.json").write_text(notes)
-    args = [str(ckpt), "--out", str(out), "--name", "m", "--format", "torchscript"]
+    side.write_text(notes)
+    args = [str(ckpt), "--out", str(out), "--name", "m", "--format", "torchvision"]
     assert command.main(args) == 2
     assert capsys.readouterr().err == (
-        f"error: {out / 'm.json'} exists and is not what an earlier export writes (the JSON of an export's classes "
-        "and preprocessing): name another --name or --out (nothing was overwritten)\n"
+        f"error: {side} exists and is not what an earlier export writes (the JSON of a .torchvision.pth export's "
+        "classes and preprocessing): name another --name or --out (nothing was overwritten)\n"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["m.json"] and (out / "m.json").read_text() == notes
-    (out / "m.json").unlink()
-    (out / "m.json").symlink_to(tmp_path / "elsewhere.json")
+    assert sorted(p.name for p in out.iterdir()) == ["m.torchvision.json"] and side.read_text() == notes
+    side.unlink()
+    side.symlink_to(tmp_path / "elsewhere.json")
     assert command.main(args) == 2 and "is a symbolic link" in capsys.readouterr().err
-    (out / "m.json").unlink()
+    side.unlink()
     assert command.main(args) == 0
-    written = json.loads((out / "m.json").read_text())
-    (out / "m.json").write_text(json.dumps({**written, "classes": ["stale"]}))  # an earlier export's
+    written = json.loads(side.read_text())
+    side.write_text(json.dumps({**written, "classes": ["stale"]}))  # an earlier export's
     assert command.main(args) == 0
-    assert json.loads((out / "m.json").read_text()) == written
-    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.torchscript.pt"]  # no staged file left
+    assert json.loads(side.read_text()) == written
+    assert sorted(p.name for p in out.iterdir()) == ["m.torchvision.json", "m.torchvision.pth"]  # no staged file
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load's deprecation notice
+def test_each_export_s_metadata_is_its_own_and_an_older_export_says_it_has_none(tmp_path, checkpoints):
+    """One <name>.json for every format described the latest export of that name: a TorchScript
+    export of another checkpoint rewrote the metadata of the .torchvision.pth left beside it."""
+    out = tmp_path / "out"
+    (tv,) = export_checkpoint(checkpoints["torchvision"], out, "m", ["torchvision"])
+    (ts,) = export_checkpoint(checkpoints["paper"], out, "m", ["torchscript"])
+    assert read_export_metadata(tv.path)["variant"] == "torchvision"
+    assert read_export_metadata(ts.path)["variant"] == "paper"
+    (out / "m.torchvision.json").unlink()  # as an export from before exports carried metadata
+    with pytest.raises(ExportMetadataError, match=r"m\.torchvision\.json carries no export metadata"):
+        read_export_metadata(tv.path)
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(out / "old.torchscript.pt"))
+    with pytest.raises(ExportMetadataError, match=r"old\.torchscript\.pt carries no export metadata"):
+        read_export_metadata(out / "old.torchscript.pt")
 
 
 def test_a_format_the_checkpoint_cannot_hold_is_a_command_to_change(tmp_path, checkpoints, capsys):
