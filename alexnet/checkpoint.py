@@ -260,10 +260,11 @@ def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoin
         return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:  # a whole file this machine cannot hold: not damage to fall back past
         raise
-    except OSError as exc:  # storage lost while the file is read (ESTALE, ENOTCONN) is not damage either
-        kind = CheckpointUnusableHere if exc.errno in _NOT_DAMAGE else CheckpointError
-        raise kind(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
     except Exception as exc:  # truncated, unsafe pickle, or no PyTorch file at all
+        if isinstance(exc, OSError) and exc.errno in _NOT_DAMAGE:
+            # Storage lost while the file is read (ESTALE, ENOTCONN), or refused to this user: not
+            # damage. (A cut file's seek gives EINVAL: damage, below.)
+            raise CheckpointUnusableHere(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
         if not _pytorch_like(head):
             raise CheckpointError(f"{path} is not a {kind} ({_foreign_kind(head)})") from exc
         raise CheckpointError(f"{noun} {path} cannot be loaded ({_load_failure(exc, head)})") from exc

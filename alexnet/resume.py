@@ -389,8 +389,9 @@ def _log_converted_position(
     images trained twice and others not at all. The same global batch said "trained twice" and
     spoke of both pipelines, of a resume that went on exactly."""
     shards = f"{old.num_shards} data shard{'s' if old.num_shards != 1 else ''}"
-    # A stop after an epoch's last step (before its validation) has trained it whole: nothing again.
-    again = 0 if saved_pos >= old.steps else saved_pos * old.global_batch - pos * new.global_batch
+    # Of the images the old layout had trained this epoch, those the new one trains again; none
+    # where the converted position ends the new layout's (shorter) epoch, or the epoch was whole.
+    again = max(0, min(saved_pos * old.global_batch, new.steps * new.global_batch) - pos * new.global_batch)
     if not loader.keeps_epoch_order:
         cost = "DALI's reader starts afresh, so some of its images are trained twice and others not at all"
     elif again:

@@ -191,6 +191,24 @@ def test_an_option_this_machine_cannot_run_is_a_usage_error_and_a_bug_is_not(tmp
         benchmark.main(argv)
 
 
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--modes", "dp,dp"], "error: --modes: dp given twice\n"),  # a ValueError traceback after building both
+        (["--variants", "paper,paper"], "error: --variants: paper given twice\n"),
+        (
+            ["--variants", "paper", "model.variant=torchvision", "data.crop=63", "data.resize=63"],
+            "error: nothing to measure on 1 process(es): dp/paper skipped: data.crop=63 is below the smallest input "
+            "its pooling allows (67)\n",
+        ),  # a ValueError traceback from the model  # fmt: skip
+    ],
+)
+def test_step_contenders_that_cannot_be_timed_are_refused_in_one_line(tmp_path, capsys, options, said):
+    argv = ["step", "--out", str(tmp_path / "out"), "--windows", "1", "--warmup", "0", "--steps", "1", *options]
+    assert benchmark.main(argv) == 2
+    assert capsys.readouterr().err == said
+
+
 def test_a_sweep_takes_the_options_its_points_take(tmp_path, capsys):
     """The check before the points refuses only what a point would: layouts, variants, overrides
     pass; each command's own flags and overrides are refused to the other, as its points would

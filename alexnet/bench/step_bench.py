@@ -27,7 +27,7 @@ from alexnet.bench.training import TrainContender, TrainParts, comm_bytes, endle
 from alexnet.config import Config, config_to_dict
 from alexnet.engine import build_amp
 from alexnet.layers import step_sample_rows
-from alexnet.model import FC_WIDTH, fc_width_fits
+from alexnet.model import FC_WIDTH, fc_width_fits, min_input_size
 from alexnet.optim import build_optimizer
 from alexnet.parallel.apply import apply_parallelism, example_batch
 from alexnet.parallel.comm import CommCounter
@@ -62,6 +62,10 @@ class StepSettings:
         for variant in self.variants:
             if variant not in ("paper", "torchvision"):
                 raise BenchSettingsError(f"--variants: unknown variant {variant!r} (choose paper or torchvision)")
+        for flag, names in (("--modes", self.modes), ("--variants", self.variants)):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # each is one contender: a second one of the same name is refused by the timing
+                raise BenchSettingsError(f"{flag}: {', '.join(twice)} given twice")
 
 
 def default_modes(world: int) -> tuple[str, ...]:
@@ -199,6 +203,9 @@ def _plan_contenders(s: StepSettings, cfg: Config, world: int) -> tuple[list[tup
         for mode in modes:
             if not fc_width_fits(variant, width):
                 notes.append(f"{mode}/paper skipped: model.fc_width={width} is odd, and its towers hold half each")
+            elif cfg.data.crop < min_input_size(variant):  # type: ignore[arg-type]
+                notes.append(f"{mode}/{variant} skipped: data.crop={cfg.data.crop} is below the smallest input its "
+                             f"pooling allows ({min_input_size(variant)})")  # type: ignore[arg-type]  # fmt: skip
             elif mode == "towers" and variant != "paper":
                 notes.append(f"towers/{variant} skipped: the tower split exists only for the paper variant")
             elif mode in ("towers", "hybrid") and world == 1:
