@@ -47,9 +47,9 @@ def run_training(
     apply_process_settings(cfg.train)
     handlers = stop_handlers()
     env = init_distributed(cfg.parallel.timeout_s, started_under=started_under)
-    stop = StopRequest.from_environment(env.device, env.launcher_pid)
-    stop.install()  # before the setup, which can take minutes
     try:
+        stop = StopRequest.from_environment(env.device, env.launcher_pid)
+        stop.install()  # before the setup, which can take minutes
         check_same_settings(flat_settings(config_to_dict(cfg)), "settings")
         mesh = build_mesh(env, cfg.parallel.mode, cfg.parallel.fc_group)
         plan, failure = None, None

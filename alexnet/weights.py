@@ -99,7 +99,8 @@ def read_state_dict(path: Path) -> WeightsFile:
         # No file at that path (or a folder) is the command's to change (exit 2); a file that is
         # there but damaged, or of another kind (an export, a text file), is the file's problem
         # (exit 1), as the same file given to checkpoint.resume= is.
-        kind = ConfigError if not (path.is_file() or path.is_symlink()) else type(exc)
+        # A link to nothing is missing too, as for checkpoint.resume.
+        kind = ConfigError if not path.is_file() else type(exc)
         raise kind(f"config key 'model.weights': {exc}") from exc
     classes, normalisation = None, None
     if isinstance(content, dict) and content.get("format") == FORMAT_VERSION:  # this trainer's checkpoint
