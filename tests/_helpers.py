@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -88,6 +90,29 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
     )
     return proc
+
+
+# The reason of a test marked `dali` where this Python has no DALI (tests/conftest.py skips it).
+NEEDS_DALI = "needs NVIDIA DALI (x86-64 Linux)"
+
+
+@functools.cache
+def dali_missing() -> str | None:
+    """Why this Python cannot import NVIDIA DALI (`pip install -e .` installs it on x86-64 Linux
+    only; an ARM Mac or aarch64 Linux trains with data.pipeline=torchvision), or None where it can.
+    Not installed is NEEDS_DALI; installed but failing to import adds the error to it, so a broken
+    install that turns the DALI tests into skips says why. Asked only where a test needs the
+    answer: importing DALI takes a second or more."""
+    try:
+        if importlib.util.find_spec("nvidia.dali") is None:
+            return NEEDS_DALI
+    except ImportError:  # no `nvidia` package, or an import hook that hides DALI (without_dali's)
+        return NEEDS_DALI
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as err:
+        return f"{NEEDS_DALI}: it is installed but `import nvidia.dali` failed: {err}"
+    return None
 
 
 def without_dali(folder: Path) -> dict[str, str]:

@@ -280,6 +280,7 @@ def weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_accumulated_runs_train_as_the_whole_batch_and_resume_exactly(tiny_data, tmp_path):
     """2 ranks of 60 tiny images, 2 epochs of 3 steps of 32 images:

@@ -355,6 +355,7 @@ def test_imagenet_like_files_layout_determinism_and_size(tmp_path):
 
 
 # ---- the commands end to end, tiny --------------------------------------------------------
+@pytest.mark.dali
 def test_a_report_that_cannot_be_written_is_one_line_after_the_table(tiny_data, tmp_path, capsys):
     """Written after the measurement: the figures stay on screen and the last report stays whole."""
     (tmp_path / "pipeline.json").mkdir()
@@ -368,6 +369,7 @@ def test_a_report_that_cannot_be_written_is_one_line_after_the_table(tiny_data, 
     assert not list(tmp_path.glob(".pipeline.json.tmp*"))
 
 
+@pytest.mark.dali
 def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     argv = ["pipeline", "--data", str(tiny_data), "--batch-size", "4", "--threads", "1", "--prefetch", "1",
             "--resize", "40", "--crop", "32", "--batches", "2", "--min-window", "0", "--windows", "2",
@@ -391,6 +393,7 @@ def test_pipeline_command_writes_all_outputs(tiny_data, tmp_path, capsys):
     assert "dali-cpu" in capsys.readouterr().out
 
 
+@pytest.mark.dali
 def test_torch_resize_stage_scales_each_window_as_pil_does():
     from nvidia.dali.tensors import TensorListCPU
 
@@ -406,6 +409,7 @@ def test_torch_resize_stage_scales_each_window_as_pil_does():
     assert not out[3].any()
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("layout", ["HWC", "CHW"])
 def test_output_stages_mirror_and_normalise_as_the_loader_does(layout):
     """The uint8 stage is each patch or its mirror image, unchanged; the float16 stage is the
@@ -539,6 +543,7 @@ for round in range(8):
 """
 
 
+@pytest.mark.dali
 def test_the_decode_only_ceiling_names_a_file_that_is_no_image_instead_of_crashing(tiny_data, tmp_path):
     """The ceiling decoded without the header check of the loaders' graphs: a file of random bytes
     among 64 made DALI 2.4 die of SIGSEGV, printing nothing, in about half the tries (the loader's
@@ -555,6 +560,7 @@ def test_the_decode_only_ceiling_names_a_file_that_is_no_image_instead_of_crashi
     assert proc.returncode == 0 and proc.stdout == "named\n" * 8, (proc.returncode, proc.stdout, proc.stderr[-3000:])
 
 
+@pytest.mark.dali
 def test_every_decoding_contender_names_a_file_it_cannot_decode(folder_with_a_cut_file):
     """The ceilings and stages run their own DALI graphs and PIL workers: a bad file met there is
     named as the loaders name it, in one line."""
@@ -575,6 +581,7 @@ def test_every_decoding_contender_names_a_file_it_cannot_decode(folder_with_a_cu
         assert str(bad) in message and "launch/scan.py" in message and "\n" not in message, (name, message)
 
 
+@pytest.mark.dali
 def test_e2e_command_names_a_bad_file_and_says_the_benchmark_stopped(
     folder_with_a_cut_file, tiny_data, tmp_path, capsys
 ):
@@ -612,6 +619,7 @@ def test_the_help_of_data_says_what_each_command_accepts(capsys):
     assert "not a split folder" in helps["e2e"] and "or a split folder of class folders" in helps["pipeline"]
 
 
+@pytest.mark.dali
 def test_a_data_folder_one_rank_lacks_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):
     """Node-local data missing on rank 1's node: both ranks stop with rank 1's error, naming it."""
     missing = tmp_path / "not_on_this_node"
@@ -625,6 +633,7 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_of_the_e2e_benchmark(tiny
     assert "[rank0]: Traceback" not in proc.stderr
 
 
+@pytest.mark.dali
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(folder_with_a_cut_file, tiny_data,
                                                                                 tmp_path):  # fmt: skip
     """The rank whose shard held it stopped with its name; the other died in the step's all-reduce
@@ -658,6 +667,7 @@ def test_ranks_of_the_step_benchmark_started_differently_stop_naming_it(tmp_path
     assert not (tmp_path / "out" / "step.json").exists()
 
 
+@pytest.mark.dali
 def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank_of_the_e2e_benchmark(tiny_data, tmp_path):
     """A DALI internal error on rank 1 alone: rank 0 died in the step's all-reduce with a gloo
     traceback. Both now stop with one line naming rank 1 and its error."""
@@ -688,6 +698,7 @@ def test_an_out_path_that_cannot_hold_the_report_fails_before_measuring(tmp_path
     assert measured == ["step"] and (tmp_path / "new" / "dir").is_dir()
 
 
+@pytest.mark.dali
 def test_e2e_command_one_process(tiny_data, tmp_path):
     argv = ["e2e", "--data", str(tiny_data), "--pipelines", "dali,torchvision", "--windows", "1", "--warmup", "0",
             "--steps", "1", "--out", str(tmp_path), "data.batch_size=4", "data.num_threads=1", "data.prefetch=1",

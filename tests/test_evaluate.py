@@ -17,6 +17,7 @@ from _helpers import (
     REPO,
     TINY_TRAIN,
     check,
+    dali_missing,
     loader_failing_on_rank_1,
     one_process,
     rank_1_differs,
@@ -35,9 +36,12 @@ from alexnet.model import build_model
 from alexnet.parallel.env import DistEnv
 from alexnet.run import run_training
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader
 from pipelines.index import DataError, build_file_index
 from pipelines.outputs import OutputPathError
+from pipelines.torchvision_loader import TorchvisionLoader
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
 ONE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=CPU, backend="gloo")
@@ -73,7 +77,11 @@ def trained(tiny_data, tmp_path_factory):
     model = build_model("paper", 10, 0.5, 67, "kaiming")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
-    loader = DaliLoader(build_file_index(tiny_data / "train"), "train", image, ShardSpec(0, 1, 20, 0), CPU, 1, 2, "cpu")
+    index, shard = build_file_index(tiny_data / "train"), ShardSpec(0, 1, 20, 0)
+    if dali_missing():  # the tests that read without DALI still run: read with torchvision's loader
+        loader = TorchvisionLoader(index, "train", image, shard, CPU, 0, 2)
+    else:
+        loader = DaliLoader(index, "train", image, shard, CPU, 1, 2, "cpu")
     model.train()
     for _ in range(4):
         for images, labels in loader:
@@ -90,6 +98,7 @@ def test_model_is_rebuilt_from_the_checkpoint_config(trained):
     assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
 
 
+@pytest.mark.dali
 def test_centre_crop_counts_equal_a_direct_computation(tiny_data, trained):
     result = run_evaluation(EvalOptions(trained, data=str(tiny_data)), ONE)
     # direct: the val loader, the model, top-k by hand
@@ -115,6 +124,7 @@ def test_centre_crop_counts_equal_a_direct_computation(tiny_data, trained):
     assert result["epoch"] == 4
 
 
+@pytest.mark.dali
 def test_a_checkpoint_of_a_stop_during_validation_reports_the_epochs_its_weights_trained(tiny_data, trained, tmp_path):
     """A stop during epoch 5's validation saves epoch 4 (validated) with epoch_trained: the
     weights have trained 5 epochs, and the report said 4."""
@@ -125,6 +135,7 @@ def test_a_checkpoint_of_a_stop_during_validation_reports_the_epochs_its_weights
     assert (result["epoch"], result["step"]) == (5, 70)
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, tmp_path):
     """2 gloo ranks, shards of 25 images padded to 4 batches of 8: the same counts, class by class."""
@@ -147,6 +158,7 @@ def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, tmp_path
     assert centre["loss"] != one["loss"]  # ten crops are not the centre crop
 
 
+@pytest.mark.dali
 def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_path):
     for k in range(11):  # more classes than outputs (fewer are allowed: the tests below)
         (tmp_path / "val" / f"class{k}").mkdir(parents=True)
@@ -160,6 +172,7 @@ def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_
         build_model_from_checkpoint(tmp_path / "noconfig.pt")
 
 
+@pytest.mark.dali
 def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path):
     with pytest.raises(DataError, match=r"nosuch does not exist: --split names a subfolder of"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), split="nosuch"), ONE)
@@ -197,6 +210,7 @@ def test_evaluation_without_dali_says_so_and_reads_with_torchvision_when_asked(t
     assert result["pipeline"] == "torchvision" and result["images"] == 50 and "read by torchvision" in proc.stdout
 
 
+@pytest.mark.dali
 def test_a_run_is_evaluated_as_it_validated_also_with_torchvision_and_a_wider_head(tiny_data, tmp_path):
     """A run that read its images with torchvision and has 12 outputs for 10 class folders (a
     1000-way head on a subset): evaluating its checkpoint gives its own last validation's figures.
@@ -242,6 +256,7 @@ def checkpoint_with(trained, folder, **config_changes):
     return atomic_save(payload, folder)
 
 
+@pytest.mark.dali
 def test_the_run_s_val_file_list_leaves_out_bad_files(tiny_data, trained, tmp_path):
     """A run trained on launch/scan.py's lists is evaluated on its val list by default; --files names
     one for any folder; without a list the bad file stops the evaluation with a hint to --files."""
@@ -262,6 +277,7 @@ def test_the_run_s_val_file_list_leaves_out_bad_files(tiny_data, trained, tmp_pa
         run_evaluation(EvalOptions(trained, data=str(data)), ONE)  # another dataset: the run's list does not apply
 
 
+@pytest.mark.dali
 def test_a_run_validated_with_ten_crops_is_told_its_centre_crop_figures_are_not_its_own(trained, tmp_path, caplog):
     """evaluate.py without --ten-crop gave centre-crop figures that differ from the run's logged
     validation (data.val_ten_crop) without a word."""
@@ -289,6 +305,7 @@ def test_ranks_started_with_different_options_stop_naming_them(trained, tmp_path
     assert not (tmp_path / "eval.json").exists()
 
 
+@pytest.mark.dali
 def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_path):
     """--checkpoint may be a node's own copy, but one of another step was evaluated into a blend of
     two models' figures without a word."""
@@ -311,6 +328,7 @@ def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_pat
                         f"rank 1: {other} (step {step})); give every rank the same one")  # fmt: skip
 
 
+@pytest.mark.dali
 def test_a_checkpoint_missing_on_one_rank_s_node_stops_every_rank_naming_it(trained, tmp_path):
     """Rank 1 failed to load its checkpoint and met rank 0 in the checkpoint comparison's gather:
     a ValueError traceback on rank 1, an IndexError on rank 0. Both now stop with rank 1's error."""
@@ -330,6 +348,7 @@ def test_a_checkpoint_missing_on_one_rank_s_node_stops_every_rank_naming_it(trai
     assert named[0].startswith(f"error: rank 1 (of 2): checkpoint {missing}"), named[0]
 
 
+@pytest.mark.dali
 def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data, trained, tmp_path):
     """The rank that read it stopped with its name; the other died in the final all-reduce with a
     gloo traceback. The ranks now agree on each batch, and both stop with the file's name."""
@@ -364,6 +383,7 @@ def test_a_bad_file_leaves_no_worker_folders_behind(tiny_data, trained, tmp_path
     assert [p.name for p in private_tmp.iterdir() if p.name.startswith("pymp-")] == []
 
 
+@pytest.mark.dali
 def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, trained, tmp_path):
     """A DALI internal error on rank 1 alone: rank 0 died in the final all-reduce with a gloo
     traceback. Both now stop with one line naming rank 1 and its error."""
@@ -378,6 +398,7 @@ def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, tra
     assert not out.exists()
 
 
+@pytest.mark.dali
 def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_data, trained, tmp_path):
     """Node-local data missing on rank 1's node: rank 1 stopped with its error and rank 0 died in
     the first all-reduce with a gloo traceback. Both now stop with rank 1's error, naming it."""
@@ -389,6 +410,7 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.dali
 def test_a_node_whose_copy_of_the_data_differs_stops_every_rank_naming_both(tiny_data, trained, tmp_path):
     """--data may be each node's own copy; one a file short was evaluated into figures of two
     different image sets (the ranks' shards), or its ranks took different numbers of batches."""
@@ -429,6 +451,7 @@ def test_an_unusable_out_stops_every_rank_also_without_torchrun_s_agent(trained,
     assert all(said in e for e in errors), errors
 
 
+@pytest.mark.dali
 def test_precision_is_the_run_s_unless_asked_and_fp16_falls_back_on_a_cpu(tiny_data, trained, tmp_path):
     fp32 = run_evaluation(EvalOptions(trained, data=str(tiny_data), amp="off"), ONE)
     fp16_run = checkpoint_with(trained, tmp_path / "fp16", train__amp="fp16")
@@ -451,6 +474,7 @@ def test_a_synthetic_data_run_needs_data(tiny_data, trained, tmp_path):
     assert run_evaluation(EvalOptions(ckpt, data=str(tiny_data)), ONE)["images"] == 50  # stores no class names
 
 
+@pytest.mark.dali
 def test_a_checkpoint_without_class_names_and_a_wider_head_is_labelled_by_the_roots_train_folder(tiny_data, tmp_path):
     """Checkpoints written before they stored their class names: 12 outputs for the 10 folders
     of <root>/train, which labelled its training, are evaluated as before (fewer folders than
@@ -463,6 +487,7 @@ def test_a_checkpoint_without_class_names_and_a_wider_head_is_labelled_by_the_ro
     assert result["images"] == 50 and result["num_classes"] == 10 and len(result["per_class"]) == 10
 
 
+@pytest.mark.dali
 def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(tiny_data, trained, tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
@@ -532,6 +557,7 @@ def test_out_never_replaces_the_checkpoint_it_evaluates(tiny_data, trained, tmp_
     assert ckpt.read_bytes() == before
 
 
+@pytest.mark.dali
 def test_out_replaces_an_earlier_result_and_no_other_file(tiny_data, trained, tmp_path):
     """metrics.jsonl, a config, an export: each was replaced by the result. An earlier result still is."""
     out = tmp_path / "eval.json"
@@ -644,6 +670,7 @@ def test_a_folder_of_classes_may_have_a_class_named_like_a_split(tiny_data, tmp_
     assert split_dir == folder and len(index) == 50 and name in index.classes and len(index.classes) == 10
 
 
+@pytest.mark.dali
 def test_a_run_s_data_folder_that_is_not_here_says_to_pass_data(tiny_data, trained, tmp_path, monkeypatch):
     """A relative data.root is relative to the folder the run started in: evaluate.py run from
     another folder says so, and --data evaluates the same files."""

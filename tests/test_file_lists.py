@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import dali_missing
 
 from alexnet.config import DataConfig
 from alexnet.data import build_splits
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader
 from pipelines.filecheck import check_file
 from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
 from pipelines.scan import Policy, print_report, scan
 from pipelines.torchvision_loader import TorchvisionLoader
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from pipelines.dali import DaliLoader
 
 IMAGE = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
 
@@ -96,7 +99,7 @@ def test_a_validation_list_may_cover_some_classes(lists, tiny_data, tmp_path):
     assert len(splits.val) == 5 and splits.validated_classes == ["ring"] and len(splits.classes) == 10
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_a_listed_file_that_does_not_exist_is_named_as_gone_with_the_scan_that_rewrites_the_list(
     tmp_path, tiny_data, kind
 ):
@@ -161,6 +164,7 @@ def test_a_class_folder_starting_with_a_hash_is_not_read_back_as_a_comment(tmp_p
     assert len(train) == len(build_file_index(root / "train"))
 
 
+@pytest.mark.dali
 def test_training_from_the_folder_reads_a_name_with_a_line_break(tmp_path, tiny_data):
     """DALI's reader takes the names as a list, not as lines: the folder index keeps the file."""
     odd = tmp_path / "circle" / "a\nb.jpg"

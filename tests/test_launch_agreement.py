@@ -61,6 +61,7 @@ def test_a_node_that_runs_another_number_of_processes_stops_every_rank(tiny_data
     assert the_error_of_every_rank(proc).startswith(said)
 
 
+@pytest.mark.dali
 def test_a_node_that_cannot_run_its_own_decoder_stops_every_rank_naming_it(tiny_data, tmp_path):
     """data.decoder may differ by node; rank 1's mixed decoder on a node without CUDA stopped it
     alone, and rank 0 went on into the run's setup, to wait for it in the next collective."""
@@ -83,6 +84,7 @@ def test_a_pair_s_process_group_keeps_the_collective_timeout(tmp_path):
     assert "Timed out waiting 1000ms" in result["error"], (result, proc.stderr[-3000:])
 
 
+@pytest.mark.dali
 def test_a_checkpoint_reached_through_another_spelling_of_run_root_is_the_same_one(tiny_data, tmp_path):
     """Rank 1's node reaches the run folder through a symbolic link: the resume was refused with
     "the ranks found different checkpoints" (the same file, the same step) and a hint at shared

@@ -49,6 +49,7 @@ def assert_same_trajectory(a, b, start):
         assert (value - b["model"][name]).norm() <= 0.01 * moved, name
 
 
+@pytest.mark.dali
 def test_towers_checkpoint_resumes_under_dp_and_back(tiny_data, tmp_path):
     """2 replicas either way: towers with 4 ranks (2 pairs) or dp with 2 ranks read the same data
     shards, so a checkpoint of one continues in the other. Each switching run is held against
@@ -80,6 +81,7 @@ def test_a_world_the_layout_cannot_use_is_refused(tiny_data, tmp_path):
     assert "3 ranks: 3 = 1 x 2 + 1" in proc.stderr
 
 
+@pytest.mark.dali
 def test_hybrid_resumes_its_fc_slices_exactly(tiny_data, tmp_path):
     """hybrid with 2 ranks (one FC group of 2): each rank trains half of fc6-fc8's neurons. The
     checkpoint holds the whole single-device model, and 5 steps + resume + 5 end bit for bit as

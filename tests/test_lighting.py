@@ -9,12 +9,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO
-from nvidia.dali import fn, pipeline_def, types
+from _helpers import REPO, dali_missing
 from PIL import Image
 
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader
 from pipelines.index import build_file_index
 from pipelines.lighting import (
     IMAGENET_DEFAULT,
@@ -29,6 +27,11 @@ from pipelines.lighting import (
     resolve_lighting_stats,
     save_lighting_stats,
 )
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
 GPU = torch.cuda.is_available()
@@ -56,6 +59,7 @@ def test_imagenet_defaults_are_fb_resnet_values_in_0_255_units():
     assert np.allclose(p.T @ p, np.eye(3), atol=2e-4)
 
 
+@pytest.mark.dali
 def test_shift_has_zero_mean_and_the_computed_spread():
     shifts = run_shifts(LIGHT, batch=2000, runs=2)  # 4000 images
     n = len(shifts)
@@ -72,12 +76,14 @@ def test_shift_has_zero_mean_and_the_computed_spread():
     assert np.allclose(np.corrcoef(along.T), np.eye(3), atol=0.06)  # independent coefficients
 
 
+@pytest.mark.dali
 def test_shift_scales_with_alpha_std():
     small = run_shifts(Lighting(0.05, IMAGENET_DEFAULT), batch=500, runs=1)
     large = run_shifts(Lighting(0.1, IMAGENET_DEFAULT), batch=500, runs=1)
     assert np.allclose(large, 2 * small, rtol=1e-5, atol=1e-5)  # same seed: the same a, doubled std
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("layout", ["HWC", "CHW"])
 def test_apply_lighting_adds_the_same_shift_to_every_pixel(layout):
     @pipeline_def
@@ -98,6 +104,7 @@ def test_apply_lighting_adds_the_same_shift_to_every_pixel(layout):
     assert np.all(np.abs(shift).max(axis=1) > 0)
 
 
+@pytest.mark.dali
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
 def test_apply_lighting_in_a_gpu_graph():
@@ -114,6 +121,7 @@ def test_apply_lighting_in_a_gpu_graph():
     assert np.allclose(out, image + shift[:, None, None, :], atol=1e-4)
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize(
     "decoder", ["cpu", pytest.param("mixed", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="CUDA")])]
 )

@@ -173,6 +173,7 @@ def test_a_diverged_loss_is_written_as_null_for_strict_json_readers(tmp_path):
     assert strict_json({"best": float("-inf")}, indent=2) == '{\n  "best": null\n}'
 
 
+@pytest.mark.dali
 def test_tensorboard_requested_but_missing_stops_the_run_before_it_starts(tiny_data, tmp_path, monkeypatch):
     """A ConfigError naming the key on every rank, before the run folder is made (it was a
     ModuleNotFoundError traceback on rank 0 in the middle of the setup, config.yaml already
@@ -186,6 +187,7 @@ def test_tensorboard_requested_but_missing_stops_the_run_before_it_starts(tiny_d
     assert not (tmp_path / "tb").exists()
 
 
+@pytest.mark.dali
 def test_a_checkpoint_write_is_left_out_of_the_training_throughput(tiny_data, tmp_path, monkeypatch):
     """Checkpoints every 2 steps, each taking 1000 s on the clock: the records' images/s and
     data-wait shares are the training's (a window holding a write read about 0.016 images/s)."""
@@ -208,6 +210,7 @@ def test_a_checkpoint_write_is_left_out_of_the_training_throughput(tiny_data, tm
     assert all(r["images_per_sec"] > 1.0 and r["data_wait_share"] <= 1.0 for r in train), train
 
 
+@pytest.mark.dali
 def test_every_step_is_in_one_training_record_also_at_an_epoch_end_and_a_stop(tiny_data, tmp_path):
     """120 images at batch 8 on one process: 15 steps per epoch. Logged every 4 steps, epoch 1
     ends 3 steps after the record at step 12 and the run stops (max_steps) 1 step after the one

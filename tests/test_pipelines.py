@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from _helpers import dali_missing
 from PIL import Image
 
 from alexnet.config import ConfigError
 from alexnet.data import split_folder
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader, decode_paper_window, decoder_args
 from pipelines.index import DataError, build_file_index
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torchvision_loader import TorchvisionLoader
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from pipelines.dali import DaliLoader, decode_paper_window, decoder_args
 
 CPU = torch.device("cpu")
 MEAN = (124.0, 116.0, 104.0)
@@ -58,6 +61,7 @@ def test_file_index_matches_imagefolder(tiny_data):
     assert list(zip(index.files, index.labels)) == [(p, y) for p, y in folder.samples]
 
 
+@pytest.mark.dali
 def test_dali_cpu_batches_shapes_dtype_and_labels(tiny_data):
     index = build_file_index(tiny_data / "val")
     loader = dali(index, "val", batch=8)
@@ -77,6 +81,7 @@ def test_dali_cpu_batches_shapes_dtype_and_labels(tiny_data):
     assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # whole 8-bit values, normalised once
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("orientation", [None, 6])
 def test_dali_val_matches_torchvision_on_a_real_jpeg(tmp_path, orientation):
     """Both decode with libjpeg-turbo (bit-identical pixels, asserted below); they differ only in
@@ -109,6 +114,7 @@ def test_dali_val_matches_torchvision_on_a_real_jpeg(tmp_path, orientation):
     assert np.array_equal(dali_pixels, pil_pixels)
 
 
+@pytest.mark.dali
 def test_dali_train_window_is_taken_in_the_stored_orientation(tmp_path):
     """The paper crop's window is placed from the header's shape and decoded; both must read the
     file as stored (with crop = resize the window is the central square, as PIL sees it)."""
@@ -131,7 +137,7 @@ def test_dali_train_window_is_taken_in_the_stored_orientation(tmp_path):
     assert min(np.abs(got - pil[:, x : x + 375]).mean() for x in (62, 63)) < 1.0
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_train_augmentation_varies_and_is_reproducible(tiny_data, kind):
     index = build_file_index(tiny_data / "train")
     make = dali if kind == "dali" else tv
@@ -142,7 +148,7 @@ def test_train_augmentation_varies_and_is_reproducible(tiny_data, kind):
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_mid_epoch_resume_replays_the_same_batches(tiny_data, kind):
     index = build_file_index(tiny_data / "train")
     make = dali if kind == "dali" else tv
@@ -162,6 +168,7 @@ def test_mid_epoch_resume_replays_the_same_batches(tiny_data, kind):
         assert torch.equal(y, ey) and torch.equal(x, ex)
 
 
+@pytest.mark.dali
 def test_a_dali_checkpoint_of_another_graph_resumes_with_a_fresh_reader(tiny_data, caplog):
     """Resumed with data.lighting_std turned on, the saved DALI checkpoint names operators this
     graph lacks; DALI refuses it. The loader warns, catches a fresh reader up to the position
@@ -183,6 +190,7 @@ def test_a_dali_checkpoint_of_another_graph_resumes_with_a_fresh_reader(tiny_dat
     assert sorted(int(v) for _, y in resumed for v in y) == sorted(index.labels)
 
 
+@pytest.mark.dali
 def test_a_fresh_dali_reader_at_a_later_epoch_does_not_replay_the_first_epochs(tiny_data):
     """A resume without a DALI checkpoint (another layout, batch or graph) builds a fresh pipeline
     at the saved epoch: its reader's order and its crops, flips and lighting came from seeds that
@@ -234,6 +242,7 @@ def test_missing_and_empty_folders_are_named(tmp_path):
         build_file_index(tmp_path / "train")
 
 
+@pytest.mark.dali
 def test_paper_crop_is_a_random_patch_of_the_central_square(tmp_path):
     """A 200x100 image whose red channel encodes x and green encodes y: with resize 50 and crop 40,
     every patch lies in the central 100x100 square, spans 80 original pixels (side * 40 / 50),
@@ -259,6 +268,7 @@ def test_paper_crop_is_a_random_patch_of_the_central_square(tmp_path):
     assert max(starts) - min(starts) > 5 * px  # random positions, not one fixed crop
 
 
+@pytest.mark.dali  # both kinds: the test imports DaliLoader
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
 def test_random_resized_crops_zoom_in_where_the_paper_crop_does_not(tmp_path, kind):
     """Images whose left half is black and right half white. The paper's crop (227/256 of the
@@ -314,6 +324,7 @@ def test_torchvision_loader_takes_a_date_as_data_seed(tiny_data):
     assert sample_seed(42, 3, 7) == (42 * 1_000_003 + 3) * 10_000_019 + 7  # small seeds unchanged
 
 
+@pytest.mark.dali
 def test_a_dangling_symlink_is_listed_and_named_not_dropped(tiny_data, tmp_path):
     """A class folder's link whose target is gone (prepare_imagenet.py symlinks by default) is in
     the index, as in ImageFolder's, so the decoder names it instead of the split losing it."""
@@ -379,6 +390,7 @@ def test_the_torchvision_training_transform_mirrors_about_half_the_patches(train
     assert 20 <= mirrored <= 80, mirrored
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize(("width", "height"), [(333, 500), (500, 333)])
 def test_resize_shorter_rounds_the_longer_side_to_nearest_as_dali_does(width, height):
     """333 x 500 with the shorter side to 77: the longer becomes 500 * 77 / 333 = 38500 / 333 =

@@ -51,6 +51,7 @@ def train_records(tiny_data, tmp_path, name, hook):
     return records
 
 
+@pytest.mark.dali
 def test_powersgd_compresses_from_step_3_and_finishes(tiny_data, tmp_path):
     plain = train_records(tiny_data, tmp_path, "plain", "none")
     psgd = train_records(tiny_data, tmp_path, "powersgd", "powersgd")
@@ -84,6 +85,7 @@ def test_a_skipped_step_does_not_poison_powersgd(tmp_path):
         assert not r["keep"]["finite"] and r["keep"]["applied"][6:] == [False, False]  # the hazard
 
 
+@pytest.mark.dali
 def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(tiny_data, tmp_path):
     """9 steps straight against 4, a stop, and 5 more, two steps into compression at the cut:
     each rank's error-feedback residual and factors go into its own file beside the checkpoint
@@ -164,6 +166,7 @@ def test_a_resumed_session_all_reduces_as_the_straight_run_on_4_ranks(tmp_path):
             assert result[case] == {"equal": True, "max_diff": 0.0}, (rank, case, result)
 
 
+@pytest.mark.dali
 def test_a_powersgd_state_that_one_rank_cannot_write_stops_every_rank_with_its_reason(tiny_data, tmp_path):
     """Rank 1's folder for its state cannot be made (a file stands in its place): rank 1 failed
     alone, with its own error, while rank 0 waited in the checkpoint's gather (until torchrun

@@ -66,6 +66,7 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"no training record reached step {step} in {timeout} s")
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data, tmp_path, reference):
     """A worker SIGKILLed at a random step (and rank): torchrun restarts the group, the run
@@ -120,6 +121,7 @@ def test_sigkill_of_a_worker_restarts_the_group_and_ends_bitwise_equal(tiny_data
     assert_same_weights(tmp_path / "killed" / "checkpoints" / "last.pt", reference)
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_sigkill_of_torchrun_stops_its_workers_with_a_checkpoint(tiny_data, tmp_path):
     """torchrun starts its workers in sessions of their own: SIGKILLed (kill -9, the OOM killer),
@@ -197,6 +199,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_sigkill_of_a_worker_on_one_of_two_nodes_restarts_the_group_across_nodes(tiny_data, tmp_path, reference):
     """Two torchrun agents (two "nodes" on this machine, one worker each) under --max-restarts,
@@ -279,6 +282,7 @@ def test_a_kill_at_any_point_of_a_checkpoint_write_leaves_loadable_checkpoints(t
     assert operations[switch - 1] == "replace"
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_auto_resume_falls_back_to_previous_when_last_is_truncated(tiny_data, tmp_path, tmp_path_factory, reference):
     """The uninterrupted run's folder, rewound: last.pt (step 14) cut in half as a crash of the
@@ -312,6 +316,7 @@ def crash_back_to_previous(run: Path) -> None:
     os.replace(ckpts / "previous.pt", ckpts / "last.pt")
 
 
+@pytest.mark.dali
 def test_a_crash_between_a_checkpoint_and_the_next_record_loses_no_step_from_the_records(tiny_data, tmp_path):
     """Logged every 3 steps, checkpointed every 4: the checkpoint at step 4 fell inside the window
     of steps 4-6. Resumed from it, the run dropped that window's record (written after the
@@ -326,6 +331,7 @@ def test_a_crash_between_a_checkpoint_and_the_next_record_loses_no_step_from_the
     assert sum(r["count"] for r in train) == summary["train_images"] == 9 * 8
 
 
+@pytest.mark.dali
 def test_a_run_stopped_at_an_epochs_last_step_validates_that_epoch_when_resumed(tiny_data, tmp_path, monkeypatch):
     """train.max_steps = one epoch, with a checkpoint at that step written before the epoch's
     validation, and a crash during the validation: the resumed run validated nothing and ended
@@ -346,6 +352,7 @@ def test_a_run_stopped_at_an_epochs_last_step_validates_that_epoch_when_resumed(
     assert summary["final_top1"] == val[0]["top1"]
 
 
+@pytest.mark.dali
 def test_a_stop_request_during_a_step_takes_effect_after_the_next_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     """The ranks agree on each batch before its step, so a request that comes during step 3 is
     seen with batch 4, which is trained before the stop: the checkpoint (step 4) holds each
@@ -375,6 +382,7 @@ def test_a_stop_request_during_a_step_takes_effect_after_the_next_and_resumes_ex
     assert all(torch.equal(straight[k], v) for k, v in resumed.items())
 
 
+@pytest.mark.dali
 def test_a_stop_during_a_validation_checkpoints_there_and_the_resume_validates_without_training(
     tiny_data, tmp_path, monkeypatch
 ):

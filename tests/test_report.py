@@ -210,6 +210,7 @@ def test_gpu_hours_count_each_session_with_its_own_world_size():
     assert summarize_run(57.0, 80.0, 3_600.0, 1, 8, "cuda", ILSVRC).gpu_hours == 8.0  # one session: as before
 
 
+@pytest.mark.dali
 def test_the_trainer_adds_each_sessions_gpu_seconds(tiny_data, tmp_path, monkeypatch):
     """A session's own GPU-seconds (counted as on 8 GPUs here) are added to the checkpoint's: a
     resume after an earlier session's GPU-hour reports that hour plus its own."""
@@ -399,6 +400,7 @@ def test_a_record_whose_step_is_no_number_is_not_drawn_and_a_plot_never_raises(t
     assert f"could not draw {tmp_path / PLOT_FILE}: '<' not supported" in caplog.text
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_the_progress_bar_of_a_resumed_epoch_counts_its_steps_taken_before(tiny_data, tmp_path):
     """Resumed at step 3 of an epoch, the bar counted from 0 against the whole epoch's steps, and

@@ -66,7 +66,7 @@ def restored_ranks(kind: str, index, states: dict, shards: int) -> list:
 RESHARDS = [(2, 3, 1), (1, 5, 2), (3, 2, 2), (2, 6, 1)]  # (old shards, batches done, new shards)
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 @pytest.mark.parametrize(("old_shards", "pos", "new_shards"), RESHARDS)
 def test_interrupted_epoch_goes_on_for_the_converted_number_of_steps(tiny_data, kind, old_shards, pos, new_shards):
     index = numbered(tiny_data, N)
@@ -80,7 +80,7 @@ def test_interrupted_epoch_goes_on_for_the_converted_number_of_steps(tiny_data, 
     assert len(set(resumed)) == len(resumed) == left * new_shards * BATCH
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 @pytest.mark.parametrize(("old_shards", "pos", "new_shards"), RESHARDS)
 def test_epochs_after_the_interrupted_one_read_each_file_once(tiny_data, kind, old_shards, pos, new_shards):
     index = numbered(tiny_data, N)
@@ -107,7 +107,7 @@ def test_torchvision_interrupted_epoch_skips_no_sample(tiny_data, old_shards, po
     assert len(set(old["consumed"]) & set(resumed)) < new_shards * BATCH  # under one global batch again
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_a_converted_state_saved_again_before_any_batch_still_resumes_whole_epochs(tiny_data, kind):
     """A converted state carries no DALI checkpoint; saved again before the loader ran (a
     checkpoint right at the resume) and restored under the same sharding, the fresh reader is
@@ -123,7 +123,7 @@ def test_a_converted_state_saved_again_before_any_batch_still_resumes_whole_epoc
         assert sorted(epoch_labels(loader)[0]) == list(range(N))
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_a_checkpoint_over_another_file_list_is_converted_not_replayed(tiny_data, kind, caplog):
     """Bad files left out after a crash (data.train_files): the same shards and batch, but each
     epoch's order is a permutation of another list. The saved position (and DALI's reader
@@ -142,7 +142,7 @@ def test_a_checkpoint_over_another_file_list_is_converted_not_replayed(tiny_data
         assert sorted(epoch_labels(loader)[0]) == list(range(N - BATCH))
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_a_list_of_as_many_files_that_is_not_the_same_is_converted_not_replayed(tiny_data, tmp_path, kind, caplog):
     """A file renamed (or moved to another class) between sessions keeps the count: the resume was
     taken as exact, and the saved position then named other files (7 of the rest of an epoch
@@ -165,7 +165,7 @@ def test_a_list_of_as_many_files_that_is_not_the_same_is_converted_not_replayed(
     assert epoch_labels(exact)[1] == N // BATCH - 3 and sorted(epoch_labels(exact)[0]) == list(range(N))
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_a_checkpoint_at_an_epoch_s_end_resumes_under_another_layout_without_a_warning(tiny_data, kind, caplog):
     """No epoch was interrupted: the warning that its order is not replayed (printed by every
     rank, at every such resume, also with nothing left to train) said something false."""
@@ -223,6 +223,7 @@ def test_lr_of_an_unchanged_layout_is_the_global_step_schedule():
     assert [resumed.lr_at(s) for s in range(90)] == [fresh.lr_at(s) for s in range(90)]
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tiny_data, tmp_path):
     """120 images of batch 8: 7 steps per epoch on 2 ranks, 15 on 1. Stopped at step 10 (epoch 2,
@@ -251,7 +252,7 @@ def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tin
     assert summary["world_size"] == 1 and summary["comm_sent_mb_per_step"] == {}
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_another_data_seed_mid_epoch_is_said_and_takes_its_augmentation_too(tiny_data, kind, caplog):
     """The position was restored as if the order were the same, without a word, and DALI's
     checkpoint brought back the old seed's random state: crops and mirrors went on drawing from
@@ -270,3 +271,19 @@ def test_another_data_seed_mid_epoch_is_said_and_takes_its_augmentation_too(tiny
     next(fresh), next(fresh)
     for (images, labels), (fresh_images, fresh_labels) in zip(resumed, fresh):
         assert labels.tolist() == fresh_labels.tolist() and torch.equal(images, fresh_images)
+
+
+def test_a_converted_position_at_the_end_of_the_shorter_epoch_trains_nothing_again(caplog):
+    """Stopped after step 14 of 15 (1 shard, batch 8), resumed on 4 shards (3 steps of 32): the
+    position is the epoch's end, so none of its images is trained again; "16 images trained
+    twice" was said. Otherwise, those of the last partial step are."""
+    from alexnet.resume import _log_converted_position
+    from pipelines.base import EpochLayout, convert_position
+
+    loader = SimpleNamespace(keeps_epoch_order=True)
+    old, new = EpochLayout(1, 8, 15), EpochLayout(4, 8, 3)
+    for saved, said in ((14, "no image trained twice"), (5, "8 images trained twice")):  # 40 = 32 + 8
+        caplog.clear()
+        with caplog.at_level("INFO", logger="alexnet"):
+            _log_converted_position(Path("c.pt"), loader, old, new, (1, 1), saved, convert_position(saved, old, new))
+        assert f"in the epoch's order, {said}; later" in caplog.text

@@ -64,6 +64,7 @@ def test_a_killed_holder_frees_the_folder_though_its_forked_child_lives_on(tmp_p
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.dali
 def test_a_busy_folder_is_refused_before_its_checkpoints_are_read(tiny_data, tmp_path):
     """The second session takes the lock before it reads checkpoints (a session ending meanwhile
     would write a newer one): with an unreadable last.pt, the refusal is about the lock, and
@@ -85,6 +86,7 @@ def test_a_busy_folder_is_refused_before_its_checkpoints_are_read(tiny_data, tmp
     assert "last.pt" not in proc.stderr and sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints"]
 
 
+@pytest.mark.dali
 def test_a_setup_that_fails_frees_the_folder(tiny_data, tmp_path, monkeypatch):
     """A session whose setup fails after it took the folder (here: building the optimizer)
     releases it, also for a caller that goes on in the same process."""
@@ -119,6 +121,7 @@ def test_a_holder_on_another_host_is_waited_for_one_here_is_not(tmp_path, caplog
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.dali
 def test_a_new_folder_another_session_trained_in_meanwhile_is_refused(tiny_data, tmp_path, monkeypatch):
     """The folder did not exist when this session started (so there was nothing to lock yet),
     and another session created it and wrote checkpoints while this one loaded its data: this
@@ -139,6 +142,7 @@ def test_a_new_folder_another_session_trained_in_meanwhile_is_refused(tiny_data,
     assert (run / "checkpoints" / "last.pt").read_bytes() == b"theirs" and not (run / "config.yaml").exists()
 
 
+@pytest.mark.dali
 def test_a_file_system_without_locks_warns_once_and_trains(tiny_data, tmp_path, monkeypatch, capsys):
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -16,20 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, torchrun
-from nvidia.dali import fn, pipeline_def, types
+from _helpers import REPO, TINY_TRAIN, TRAIN, dali_missing, torchrun
 from PIL import Image
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.config import ConfigError, DataConfig
 from alexnet.data import build_splits
 from pipelines.base import ImageSpec, ShardSpec
-from pipelines.dali import DaliLoader
 from pipelines.filecheck import Finding, check_file, convert_to_rgb_jpeg, open_rgb
 from pipelines.index import DataError, FileIndex, build_file_index, load_file_list
 from pipelines.scan import Policy, print_report, scan
 from pipelines.scan import main as scan_main
 from pipelines.torchvision_loader import TorchvisionLoader
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipelines.dali import DaliLoader
 
 SCAN = REPO / "launch" / "scan.py"
 # A decoder fails on these (on the CPU as well as the GPU); the others decode but are reported.
@@ -174,6 +177,7 @@ def test_scan_reports_every_bad_file_and_writes_lists_training_accepts(corpus, s
         assert im.format == "JPEG" and im.mode == "RGB"
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_training_reads_only_good_files_from_the_lists_and_names_a_bad_file_otherwise(corpus, scanned, tmp_path):
     root, expected = corpus
@@ -214,6 +218,7 @@ def tiny_loader(files: list[str]) -> DaliLoader:
     return DaliLoader(index, "val", image, ShardSpec(0, 1, len(files), 0), torch.device("cpu"), 1, 1, "cpu")
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize(
     "bad", ["train/ring/zz_truncated.JPEG", "train/circle/zz_empty.JPEG", "train/circle/zz_html.JPEG"]
 )
@@ -258,6 +263,7 @@ for round in range(ROUNDS):
 """
 
 
+@pytest.mark.dali
 def test_a_file_that_is_no_image_among_many_threads_work_is_an_error_not_a_crash(tmp_path):
     """DALI 2.4's decoders parse a batch's headers in blocks on several threads; a header that
     fails to parse in one block could leave another thread on freed memory: SIGSEGV, no message,
@@ -280,6 +286,7 @@ def test_a_file_that_is_no_image_among_many_threads_work_is_an_error_not_a_crash
     ), proc.stdout
 
 
+@pytest.mark.dali
 def test_a_jpeg_cut_inside_its_header_is_named_though_dali_does_not_name_it(corpus, tmp_path):
     """A download cut short in its first bytes: JPEG magic, so sniffing the format finds nothing,
     and DALI's parser fails without a file name; the header check finds it."""
@@ -295,6 +302,7 @@ def test_a_jpeg_cut_inside_its_header_is_named_though_dali_does_not_name_it(corp
     assert f"{cut} (JPEG data does not decode" in message and not any(path in message for path in good)
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("loader_split", ["val", "train"])
 def test_a_jpeg_that_ends_before_its_first_scan_is_named(corpus, tmp_path, loader_split):
     """Cut right after its frame header (SOF): PIL opens it (it reads no further), so the header
@@ -316,6 +324,7 @@ def test_a_jpeg_that_ends_before_its_first_scan_is_named(corpus, tmp_path, loade
     assert "peek_image_shape" in message and "headers_checked(" not in message, message
 
 
+@pytest.mark.dali
 def test_a_bad_file_whose_path_holds_dali_s_separator_is_named(corpus, tmp_path):
     """DALI writes "Failed to decode sample #i : PATH"; a path holding " : " itself is still found."""
     root, _ = corpus
@@ -412,6 +421,7 @@ def test_grayscale_policy_is_decided_by_grayscale_alone(fixable):
     assert Policy(fixable=fixable).action(Finding("c.JPEG", "truncated", "")) == "excluded"
 
 
+@pytest.mark.dali
 def test_16_bit_grayscale_reads_as_dali_decodes_it(tmp_path):
     """PIL's convert("RGB") clips 16-bit values at 255 (a white image); the torchvision pipeline
     and the scanner's conversion must see what DALI's decoder sees."""
@@ -499,6 +509,7 @@ def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, tiny_data, cap
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
 @pytest.mark.parametrize("mode", ["1", "L", "P", "I;16", "I", "RGB", "RGBA", "CMYK", "LA"])
 def test_the_scan_flags_exactly_the_tiffs_dali_cannot_decode(tmp_path, mode, compression):
@@ -519,6 +530,7 @@ def test_the_scan_flags_exactly_the_tiffs_dali_cannot_decode(tmp_path, mode, com
         assert "DALI's TIFF decoder refuses" in finding.detail, finding
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("mode", ["1", "I"])
 def test_a_tiff_dali_refuses_is_named_at_the_decoder(corpus, tmp_path, mode):
     """DALI's message names neither file ("nvImageCodec failure: '#3'", "Invalid sample_type"):
@@ -544,6 +556,7 @@ def test_gif_data_is_flagged_whatever_its_name(tmp_path, suffix):
     assert finding.detail.startswith(f"GIF data in a file named {suffix}"), finding
 
 
+@pytest.mark.dali
 def test_the_scan_s_lists_hold_only_images_dali_decodes(tmp_path):
     """GIF data under other image names and the TIFFs DALI refuses are converted to RGB JPEG copies
     (--fixable convert, the default), so DALI decodes every file of the lists; by default the
@@ -636,6 +649,7 @@ def test_the_summary_counts_in_plural_and_an_empty_class_folder_once(tmp_path):
     assert summary in out.getvalue(), out.getvalue()
 
 
+@pytest.mark.dali
 def test_avif_data_under_a_jpeg_name_is_named(tmp_path):
     """No magic bytes of the formats DALI reads: reported as "unknown data" where PIL knows it."""
     if "AVIF" not in Image.registered_extensions().values():
@@ -649,6 +663,7 @@ def test_avif_data_under_a_jpeg_name_is_named(tmp_path):
     assert finding.detail == "AVIF data in a file named .jpg, which DALI cannot decode", finding
 
 
+@pytest.mark.dali
 def test_a_cmyk_tiff_is_named_a_cmyk_tiff(tmp_path):
     """It was reported as "CMYK JPEG (4 channels)"."""
     image_of_mode("CMYK").save(tmp_path / "x.tif")
@@ -692,6 +707,7 @@ def damaged_pngs(pixels: np.ndarray) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.dali
 def test_a_png_pil_decodes_but_dali_does_not_is_flagged_and_named_at_the_decoder(corpus, tmp_path):
     """PIL's load checks no chunk CRC, no IEND, no end of the zlib stream, and fills missing rows
     with black: the scan passed these PNGs, DALI stopped on each (on the cut IEND naming no file,
@@ -713,6 +729,7 @@ def test_a_png_pil_decodes_but_dali_does_not_is_flagged_and_named_at_the_decoder
         assert f"{path} (PNG data does not decode: " in str(info.value), (name, str(info.value))
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("interlaced", [False, True])
 def test_whole_pngs_pass_the_png_check(tmp_path, interlaced):
     """The size the check expects is each pass's rows of filter byte + samples: whole PNGs of every
@@ -740,6 +757,7 @@ def test_whole_pngs_pass_the_png_check(tmp_path, interlaced):
         assert finding is None or finding.kind == "grayscale", (mode, finding)
 
 
+@pytest.mark.dali
 def test_a_lab_tiff_is_converted_not_decoded_as_rgb(tmp_path):
     """DALI's TIFF decoder refuses CIELab colour and falls back to reading the three channels as
     RGB (a mean error of 12-14 of 255): the scan passed the file, so DALI trained on other colours

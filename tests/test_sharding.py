@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from _helpers import dali_missing
 
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, check_trainable, train_steps, val_steps
-from pipelines.dali import DaliLoader
 from pipelines.index import DataError, FileIndex, build_file_index
 from pipelines.torchvision_loader import TorchvisionLoader, step_major_share
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
 IMAGE = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
@@ -30,7 +33,7 @@ def epoch_labels(loader) -> tuple[list[int], int]:
     return [int(v) for y in labels for v in y if v != PAD_LABEL], len(labels)
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_two_ranks_train_epochs_are_disjoint_and_cover(tiny_data, kind):
     n, batch = 64, 8  # 32 per rank: whole batches, nothing dropped
     index = numbered(tiny_data, n)
@@ -47,7 +50,7 @@ def test_two_ranks_train_epochs_are_disjoint_and_cover(tiny_data, kind):
     assert epoch_labels(second_loader)[0] != first
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 def test_data_seed_sets_the_training_order(tiny_data, kind):
     """data.seed reaches the order of the batches (DALI's own shuffle ignores every seed); the same
     seed gives the same order, and each epoch still reads every file once."""
@@ -62,7 +65,7 @@ def test_data_seed_sets_the_training_order(tiny_data, kind):
     assert all(sorted(epoch) == list(range(24)) for epoch in first + other)
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 @pytest.mark.parametrize("n", [61, 63, 64, 71])
 def test_unequal_shards_give_equal_step_counts(tiny_data, kind, n):
     """Whole batches of the smallest shard on every rank (n // 2 // 8: 30, 31, 32 and 35 per
@@ -80,7 +83,7 @@ def test_unequal_shards_give_equal_step_counts(tiny_data, kind, n):
         assert len(labels) == len(set(labels)) == expected * batch * shards  # none twice, across ranks
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", [pytest.param("dali", marks=pytest.mark.dali), "torchvision"])
 @pytest.mark.parametrize("shards", [2, 3])
 def test_validation_counts_every_image_exactly_once(tiny_data, kind, shards):
     n, batch = 50, 8  # 50 = 25+25 or 16+17+17: the last batch of each shard is padded
@@ -118,6 +121,7 @@ def test_too_few_images_for_one_batch_per_shard_is_a_data_error():
     check_trainable(32, 4, 8, "config key 'data.batch_size'")  # one whole batch each: fine
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize(("n", "shards"), [(3, 4), (2, 3)])
 def test_fewer_validation_images_than_dali_shards_is_a_data_error_before_training(tiny_data, n, shards):
     """DALI's reader asserts when it has fewer samples than shards, and the validation pipeline is

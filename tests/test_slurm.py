@@ -126,6 +126,7 @@ def train_steps(metrics: Path) -> list[int]:
         return []
 
 
+@pytest.mark.dali
 def test_two_process_cpu_job_completes_with_metrics_and_checkpoint(cluster, tiny_data, tmp_path, reference):
     """One node, 2 CPUs, no GPUs: 2 gloo workers; the run folder is named after the job id."""
     args = [*RECIPE, f"data.root={tiny_data}", f"run.root={tmp_path}"]
@@ -142,6 +143,7 @@ def test_two_process_cpu_job_completes_with_metrics_and_checkpoint(cluster, tiny
     assert not list(tmp_path.glob(".alexnet-stop-*")), "the stop file was not removed"
 
 
+@pytest.mark.dali
 def test_two_node_job_meets_at_the_first_node(cluster, tiny_data, tmp_path, reference):
     """Two emulated nodes, one worker each: the torchruns on ci-node1 and ci-node2 meet at the
     c10d rendezvous on ci-node1 and train as one world of 2."""
@@ -156,6 +158,7 @@ def test_two_node_job_meets_at_the_first_node(cluster, tiny_data, tmp_path, refe
     assert_same_weights(tmp_path / "two-nodes" / "checkpoints" / "last.pt", reference)
 
 
+@pytest.mark.dali
 def test_usr1_checkpoints_requeues_resumes_and_ends_as_if_never_stopped(cluster, tiny_data, tmp_path, reference):
     """SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit): every
     rank stops at the same step and checkpoints, the job requeues itself, keeps its id and run

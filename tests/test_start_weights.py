@@ -215,11 +215,13 @@ def test_a_damaged_or_exported_weights_file_is_the_file_s_problem_a_missing_one_
     graph = onnx.helper.make_graph([], "g", [], [])
     onnx.save(onnx.helper.make_model(graph, producer_name="pytorch"), tmp_path / "m.onnx")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "dangling.pth").symlink_to(tmp_path / "unmounted" / "w.pth")
     expected = {
         "cut.pth": (CheckpointError, f"weights file {tmp_path / 'cut.pth'} cannot be loaded ("),
         "m.onnx": (CheckpointError, f"{tmp_path / 'm.onnx'} is not a PyTorch weights file (an ONNX model"),
         "missing.pth": (ConfigError, f"weights file {tmp_path / 'missing.pth'} does not exist"),
         "folder": (ConfigError, f"weights file {tmp_path / 'folder'} is a folder"),
+        "dangling.pth": (ConfigError, f"weights file {tmp_path / 'dangling.pth'} is a link to "),  # exit 1 before
     }
     for name, (error, said) in expected.items():
         with pytest.raises((CheckpointError, ConfigError)) as err:
@@ -233,7 +235,7 @@ def test_train_py_exits_1_for_a_damaged_weights_file_and_2_for_a_missing_or_unfi
     command = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(command)
     # As train.py runs it, but putting back the signal handlers it installs (this process goes on).
-    command.run_training = lambda cfg, config_path, keep_stop_handlers: run_training(cfg, config_path)
+    command.run_training = lambda cfg, config_path, **_: run_training(cfg, config_path)
     torch.save(build_model("paper", 10, input_size=67, init="kaiming", fc_width=16).state_dict(), tmp_path / "w.pt")
     whole = (tmp_path / "w.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
@@ -258,6 +260,7 @@ def test_weights_and_a_checkpoint_to_resume_from_are_one_too_many():
     assert load_config(None, ["model.weights=/w.pth", "checkpoint.resume=none"]).model.weights == "/w.pth"
 
 
+@pytest.mark.dali
 def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(tiny_data, tmp_path):
     saved = paper_state(seed=5)
     weights = tmp_path / "start.pt"
@@ -288,6 +291,7 @@ def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(t
     assert (tmp_path / "ft" / "config.yaml").read_text() == config
 
 
+@pytest.mark.dali
 def test_each_node_reads_its_own_copy_and_ranks_that_read_different_weights_stop(tiny_data, tmp_path):
     """Rank 1 reads model.weights from a path of its own: other weights stop every rank before
     the run folder (exit status 2); a copy of the same weights starts the run, and the same

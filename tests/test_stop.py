@@ -88,6 +88,7 @@ def test_the_end_of_the_launcher_is_a_stop_request():
     assert gone.reason() == f"the end of torchrun (pid {os.getppid() + 1}), which left its workers running"
 
 
+@pytest.mark.dali
 @pytest.mark.slow
 def test_a_run_in_a_process_that_goes_on_puts_its_signal_handlers_back(restored_handlers, tiny_data, tmp_path):
     """A notebook after run_training: SIGTERM and Ctrl-C reached the ended run's handler, which

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import dali_missing
 from torch.nn import functional as F
 
 from alexnet.engine import build_amp, eval_step
@@ -13,7 +14,9 @@ from alexnet.evaluate import eval_batch, predict_log_probs
 from alexnet.model import build_model
 from pipelines.base import PAD_LABEL, ImageSpec, ShardSpec, val_steps
 from pipelines.index import FileIndex, build_file_index
-from pipelines.tencrop import TenCropLoader, crop_offsets, ten_crop_graph, ten_crop_reference
+
+if not dali_missing():  # for the tests marked dali (skipped where DALI is not installed)
+    from pipelines.tencrop import TenCropLoader, crop_offsets, ten_crop_graph, ten_crop_reference
 
 CPU = torch.device("cpu")
 ON_GPU = pytest.param(
@@ -23,11 +26,13 @@ MEAN = (124.0, 116.0, 104.0)
 STD = (58.0, 57.0, 57.0)
 
 
+@pytest.mark.dali
 def test_crop_offsets_round_like_dali():
     assert crop_offsets(76, 67) == [(0, 0), (0, 9), (9, 0), (9, 9), (5, 5)]  # 4.5 rounds up
     assert crop_offsets(256, 224) == [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]  # the paper's sizes
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("decoder", ["cpu", ON_GPU])
 @pytest.mark.parametrize("crop,resize", [(67, 76), (64, 75)])
 def test_dali_ten_crops_equal_the_torch_reference(tiny_data, crop, resize, decoder):
@@ -72,6 +77,7 @@ def numbered(tiny_data, n):
     return FileIndex(files, list(range(n)), [str(i) for i in range(n)])
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("shards", [1, 2])
 def test_loader_counts_every_image_once_with_equal_steps(tiny_data, shards):
     n, batch = 37, 8  # shards of 37 or 18 + 19: padded last batches
@@ -91,6 +97,7 @@ def test_loader_counts_every_image_once_with_equal_steps(tiny_data, shards):
     assert seen[0] == seen[1]
 
 
+@pytest.mark.dali
 def test_channels_last_loader_gives_the_same_values(tiny_data):
     index = build_file_index(tiny_data / "val")
     image = ImageSpec(67, 76, "paper", MEAN, STD)
@@ -101,6 +108,7 @@ def test_channels_last_loader_gives_the_same_values(tiny_data):
     assert last.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.dali
 def test_eval_batch_averages_the_softmax_over_the_crops(tiny_data):
     index = build_file_index(tiny_data / "val")
     image = ImageSpec(67, 76, "paper", MEAN, STD)

@@ -19,7 +19,7 @@ from alexnet.config import load_config
 from alexnet.metrics import read_metrics
 from alexnet.runlock import lock_run_folder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dali]  # every run here trains with the default data.pipeline=dali
 
 
 def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):

@@ -23,6 +23,7 @@ from alexnet.trainer import NonFiniteLossError
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.dali
 def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_data, tmp_path):
     """optim.lr=100 sends the loss to inf/nan within a few steps; after train.max_nonfinite skipped
     steps in a row the run stops with a one-line error, and checkpoint.every_steps=1 wrote no
@@ -43,6 +44,7 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     assert (tmp_path / "nan" / "training_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.dali
 def test_steps_skipped_on_their_gradients_are_not_blamed_on_the_loss(tiny_data, tmp_path):
     """With train.grad_clip a step whose losses were finite is skipped when its gradients' norm is
     not (squared in float32 it overflows above about 1.8e19): the stop said "non-finite loss"
@@ -57,6 +59,7 @@ def test_steps_skipped_on_their_gradients_are_not_blamed_on_the_loss(tiny_data, 
     assert "lower optim.lr." in line and "train.grad_clip" not in line and "non-finite loss" not in line
 
 
+@pytest.mark.dali
 def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(tiny_data, tmp_path):
     """The error was raised before the open log window's record was written: the steps since the
     last record (the streak's among them) were in no record, though summary.json counted them."""
@@ -75,6 +78,7 @@ def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(
     assert said and said[-1] == (str(summary["steps"]), str(records[-1]["skipped_steps"]), str(records[-1]["steps"]))
 
 
+@pytest.mark.dali
 def test_a_run_whose_epochs_end_inside_a_streak_is_not_completed(tiny_data, tmp_path):
     """train.max_nonfinite above the steps left: the run "finished" with exit 0 and summary.json
     said completed, with no checkpoint of its last steps and a NaN-loss validation's top-1 (the
@@ -89,6 +93,7 @@ def test_a_run_whose_epochs_end_inside_a_streak_is_not_completed(tiny_data, tmp_
     assert val["loss"] is None and summary["final_top1"] == val["top1"] and summary["best_top1"] is None
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("poisoned_step", [3, 4])
 def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tmp_path, monkeypatch, poisoned_step):
     """Without clipping or fp16's scaler the gradients are not checked, so an inf gradient whose
@@ -122,6 +127,7 @@ def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tm
     assert last["progress"]["step"] == 2 and all(torch.isfinite(w).all() for w in last["model"].values())
 
 
+@pytest.mark.dali
 def test_a_streak_across_an_epoch_end_writes_no_checkpoint(tiny_data, tmp_path):
     """The epoch-end checkpoint is held back during a streak as the periodic ones are: last.pt is
     the last applied step and previous.pt the one before (15 steps per epoch, 1 process)."""
@@ -136,6 +142,7 @@ def test_a_streak_across_an_epoch_end_writes_no_checkpoint(tiny_data, tmp_path):
     assert previous["step"] == last["step"] - 1
 
 
+@pytest.mark.dali
 def test_a_run_that_diverges_before_any_checkpoint_says_there_is_none(tiny_data, tmp_path):
     proc = train(tiny_data, tmp_path, "early", "optim.lr=1e30", "checkpoint.every_steps=0",
                  "train.max_nonfinite=2", nproc=1)  # fmt: skip
@@ -144,6 +151,7 @@ def test_a_run_that_diverges_before_any_checkpoint_says_there_is_none(tiny_data,
     assert not (tmp_path / "early" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.dali
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_reason(tiny_data, tmp_path):
     """Rank 0 writes last.pt; where it could not (here a folder stands where the write clears a
     temporary file, as a full disk would stop it), rank 0 printed its error and rank 1 crashed in
@@ -188,6 +196,7 @@ def full_disk_run(tiny_data, tmp_path, epochs, full_from):
     return torchrun([wrapper, *args], env={**os.environ, "FULL_FROM": str(full_from)}), args
 
 
+@pytest.mark.dali
 def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(tiny_data, tmp_path):
     """Rank 0 alone writes metrics.jsonl. A record it could not write (a full disk) ended rank 0
     with the error and rank 1 with a gloo traceback, and lost the steps since the last checkpoint.
@@ -224,6 +233,7 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
     assert proc.stderr.count("train.epochs: 2 -> 3") == 1  # the resume's warnings come from rank 0 alone
 
 
+@pytest.mark.dali
 def test_a_last_validation_record_rank_0_cannot_write_is_written_by_the_rerun(tiny_data, tmp_path):
     """The run's very last record (its final validation) not written: the run has trained all its
     epochs and still stops with the error; the rerun trains nothing, writes the record and ends
@@ -257,6 +267,7 @@ runpy.run_path({str(TRAIN)!r}, run_name="__main__")
 """
 
 
+@pytest.mark.dali
 def test_an_unforeseen_failure_of_rank_0_s_share_of_the_work_stops_every_rank(tiny_data, tmp_path):
     """What rank 0 does alone while the others wait for its result (the run folder, checkpoints,
     records) shared only the failures it knew of: any other exception left the other ranks
@@ -289,6 +300,7 @@ def one_line_per_rank(proc, ending):
     assert "Connection closed" not in proc.stderr
 
 
+@pytest.mark.dali
 def test_a_bad_file_in_one_rank_s_training_shard_stops_every_rank_with_its_name(tiny_data, tmp_path):
     """DALI cannot leave a bad file out of a batch. The rank whose shard held it stopped with its
     name; the other rank, holding its own batch, went on into the step's all-reduce and died there
@@ -301,6 +313,7 @@ def test_a_bad_file_in_one_rank_s_training_shard_stops_every_rank_with_its_name(
     assert not (tmp_path / "cut" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.dali
 def test_a_bad_file_in_validation_stops_every_rank_after_a_checkpoint_of_the_epoch(tiny_data, tmp_path):
     """A bad file in one rank's validation shard: every rank stops with its name, after a
     checkpoint of the epoch's training (it was lost with the rest of the session); once the file
@@ -326,6 +339,7 @@ LOADER_FAILED = "rank 1 (of 2) could not load its batch: RuntimeError: Critical 
 LOADER_FAILED += "logged its traceback)."
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize(
     ("split", "stopped"),
     [
@@ -361,6 +375,7 @@ def per_rank_home(tmp_path):
     return wrapper
 
 
+@pytest.mark.dali
 def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
     """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
     with a one-line error instead of training from different steps."""
@@ -375,6 +390,7 @@ def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tm
     assert "CheckpointError" not in proc.stderr
 
 
+@pytest.mark.dali
 def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_data, tmp_path):
     """data.root on node-local disks, missing on rank 1's: rank 1 stopped with its error, and rank
     0 waited for it in the next collective (killed by torchrun's agent on one node; on another
@@ -394,6 +410,7 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     assert not (tmp_path / "x").exists()  # a run that cannot start leaves no trace
 
 
+@pytest.mark.dali
 def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_path):
     """data.root on node-local disks, one copy a file short: nothing compared the copies, so the
     ranks took different numbers of steps until a collective broke an epoch later (a class
@@ -419,6 +436,7 @@ def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_p
     assert not (tmp_path / "short").exists()
 
 
+@pytest.mark.dali
 def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -452,6 +470,7 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     assert [r["failed_requests"] for r in ranks] == ["", ""]
 
 
+@pytest.mark.dali
 def test_a_failed_run_in_a_process_that_goes_on_leaves_no_tensorboard_thread(tiny_data, tmp_path):
     """Only a run that ended well closed its TensorBoard writer: each failed one (a diverged loss,
     a bad image, Ctrl-C) left the writer's thread running for the life of a notebook's process."""
@@ -469,6 +488,7 @@ def test_a_failed_run_in_a_process_that_goes_on_leaves_no_tensorboard_thread(tin
     assert writer_threads() == before
 
 
+@pytest.mark.dali
 def test_a_second_ctrl_c_is_recorded_in_summary_json(tiny_data, tmp_path, monkeypatch):
     """A KeyboardInterrupt (Ctrl-C twice) passed the failure's summary by: summary.json went on
     saying "running" for a session that had ended."""

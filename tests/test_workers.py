@@ -12,8 +12,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines.workers import ForkSafeDataLoader
 
-pytest.importorskip("nvidia.dali")
-
 
 class _CollectsGarbageInTheWorker(Dataset):
     """Runs a full collection in the worker before each sample, as a worker's allocations sooner
@@ -61,6 +59,7 @@ def _batches(loader_class: type[DataLoader], folder: Path, timeout: float) -> li
         gc.enable()
 
 
+@pytest.mark.dali
 def test_a_plain_dataloader_worker_breaks_on_an_uncollected_dali_pipeline(tmp_path):
     """The hazard itself: the worker hangs (DataLoader's timeout) or aborts, depending on what the
     process's DALI did before. If this stops failing, a DALI pipeline can be destroyed in a forked
@@ -69,6 +68,7 @@ def test_a_plain_dataloader_worker_breaks_on_an_uncollected_dali_pipeline(tmp_pa
         _batches(DataLoader, tmp_path, timeout=5)
 
 
+@pytest.mark.dali
 def test_fork_safe_dataloader_collects_the_pipeline_before_its_workers_start(tmp_path):
     assert _batches(ForkSafeDataLoader, tmp_path, timeout=60) == [[0, 1], [2, 3]]
 
