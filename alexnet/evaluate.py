@@ -267,7 +267,6 @@ class EvalSetup:
 
     inputs: EvalInputs
     loader: Loader
-    channels_last: bool  # the run's train.channels_last: its layout is faster on GPUs and CPUs alike
 
 
 def read_eval_inputs(opts: EvalOptions, env: DistEnv) -> EvalInputs:
@@ -308,10 +307,9 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv) -> EvalSetup:
         (loaded.path, loaded.progress), "loaded different checkpoints", "give every rank the same one"
     )
     check_same_files(str(inputs.split_dir), {"": inputs.index})
-    channels_last = loaded.config.train.channels_last
     loader, failure = None, None
-    try:
-        loader = build_eval_loader(loaded.config, inputs.index, inputs.opts, env, channels_last)
+    try:  # in the run's train.channels_last: its layout is faster on GPUs and CPUs alike
+        loader = build_eval_loader(loaded.config, inputs.index, inputs.opts, env, loaded.config.train.channels_last)
     except SETUP_ERRORS as exc:
         failure = exc
     try:
@@ -321,7 +319,7 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv) -> EvalSetup:
             loader.close()
         raise
     assert loader is not None  # else that raised
-    return EvalSetup(inputs, loader, channels_last)
+    return EvalSetup(inputs, loader)
 
 
 def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
@@ -330,7 +328,7 @@ def run_evaluation(opts: EvalOptions, env: DistEnv) -> dict[str, Any]:
     inputs = setup.inputs
     loaded, cfg = inputs.loaded, inputs.loaded.config
     try:
-        model = loaded.model.to(memory_format=torch.channels_last) if setup.channels_last else loaded.model
+        model = loaded.model.to(memory_format=torch.channels_last) if cfg.train.channels_last else loaded.model
         tally = ClassTally(loaded.num_classes, env.device)
         start = time.perf_counter()
         with torch.no_grad():

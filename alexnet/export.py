@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from alexnet.config import ModelConfig
 from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.model import FC_WIDTH
-from pipelines.outputs import OutputPathError, process_runs
+from pipelines.outputs import OutputPathError, process_runs, write_text_atomic
 
 log = logging.getLogger("alexnet")
 FORMATS = ("torchscript", "onnx", "torchvision")
@@ -161,9 +161,7 @@ def read_export_metadata(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
         found = {p.key: json.loads(p.value) for p in model.metadata_props if p.key in _METADATA_KEYS}
     elif path.name.endswith(SUFFIXES["torchscript"]):
-        files = {METADATA_FILE: ""}
-        load_torchscript(path, files)
-        found = json.loads(files[METADATA_FILE] or "{}")
+        found = load_torchscript_with_metadata(path)[1] or {}
     else:
         if path.name.endswith(SUFFIXES["torchvision"]):
             path = sidecar_path(path.parent, path.name.removesuffix(SUFFIXES["torchvision"]))
@@ -230,6 +228,13 @@ def load_torchscript(path: Path, extra_files: dict[str, Any] | None = None) -> t
         return torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
 
 
+def load_torchscript_with_metadata(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any] | None]:
+    """The archive and the metadata in its extra file (None where it has none: an older export)."""
+    files = {METADATA_FILE: ""}
+    module = load_torchscript(path, files)
+    return module, json.loads(files[METADATA_FILE]) if files[METADATA_FILE] else None
+
+
 @torch.no_grad()
 def check_torchscript(
     path: Path,
@@ -239,10 +244,9 @@ def check_torchscript(
     atol: float = 1e-5,
     metadata: ExportMetadata | None = None,
 ) -> ExportCheck:
-    files = {METADATA_FILE: ""}
-    loaded = load_torchscript(path, files)
+    loaded, found = load_torchscript_with_metadata(path)
     if metadata is not None:
-        _check_metadata(path, json.loads(files[METADATA_FILE] or "null"), metadata)
+        _check_metadata(path, found, metadata)
     return compare_outputs(model.eval()(check), loaded(check), path, rtol, atol)
 
 
@@ -424,13 +428,8 @@ def _onnx_from_pytorch(path: Path) -> bool:
 
 
 def write_sidecar(final: Path, metadata: ExportMetadata) -> Path:
-    """`metadata` as `final`, written as the exports are: staged under a name of its own, synced,
-    and renamed into place, so a reader finds the earlier file or the whole new one."""
-    with staged_file(final) as staged:
-        with staged.open("w", encoding="utf-8") as f:
-            f.write(json.dumps(metadata.as_json(), indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    """`metadata` as `final`, written whole or not at all (a reader finds the earlier file or the new one)."""
+    write_text_atomic(final, json.dumps(metadata.as_json(), indent=2) + "\n")
     return final
 
 
