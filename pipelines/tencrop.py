@@ -50,7 +50,8 @@ def ten_crop_graph(
         name=READER_NAME,
     )
     square = fn.decoders.image(headers_checked(jpegs), **decoder_args(decoder, hw_decoder_load))
-    square = fn.resize(square, resize_shorter=image.resize)
+    # subpixel_scale=False: each axis scaled by output / input size, as in the val graph (pipelines/dali.py)
+    square = fn.resize(square, resize_shorter=image.resize, subpixel_scale=False)
     square = fn.crop(square, crop=(image.resize, image.resize))
     normalize: dict[str, Any] = {
         "crop": (image.crop, image.crop),
