@@ -354,6 +354,20 @@ def test_a_device_failure_inside_the_decoder_is_not_blamed_on_the_data(tiny_data
     assert isinstance(other, DataError) and "Unsupported sample type" in str(other)
 
 
+def test_a_file_of_no_image_format_is_named_past_the_header_checks_bound(tiny_data, tmp_path):
+    """The leading-bytes check reads every file (16 bytes each), not only the first `sniff_limit`
+    that the costlier header checks parse: on ImageNet, 84% of the training files lay past the
+    bound, and a web page saved as .JPEG there gave the error that names no file."""
+    from pipelines.filecheck import explain_decode_failure
+
+    files = build_file_index(tiny_data / "val").files
+    page = tmp_path / "n0_page.JPEG"
+    page.write_bytes(b"<!DOCTYPE html><html>Too many requests</html>")
+    message = "Error in CPU operator `nvidia.dali.fn.peek_image_shape`\n\nencountered:\n\nnvImageCodec failure\n"
+    error = explain_decode_failure(message, [*files, str(page)], sniff_limit=len(files) // 2)
+    assert isinstance(error, DataError) and f"decode: {page} (" in str(error), str(error)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_torchvision_pipeline_names_a_file_pil_cannot_decode(corpus, workers):
     """In the main process and through a DataLoader worker (whose traceback DataLoader would
