@@ -15,6 +15,7 @@ ILSVRC-2012's training set holds one PNG named .JPEG (n02105855_2933.JPEG) and 2
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import re
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image, TiffImagePlugin
 
 from pipelines.index import DataError, is_utf8, name_problem, printable
+from pipelines.outputs import write_bytes_atomic
 
 Item = TypeVar("Item")
 Stopping = TypeVar("Stopping", bound=RuntimeError)  # an error whose constructor takes its message
@@ -355,10 +357,14 @@ def as_rgb(im: Image.Image) -> Image.Image:
 
 
 def convert_to_rgb_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> None:
-    """Write an RGB JPEG of `src` (PNG, CMYK or grayscale) to `dst`."""
+    """Write an RGB JPEG of `src` (PNG, CMYK or grayscale) to `dst`, atomically: a scan run
+    again rewrites its copies while the earlier lists still name them, so a scan stopped
+    mid-write must leave the earlier copy whole."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    encoded = io.BytesIO()
     with Image.open(src) as im:
-        as_rgb(im).save(dst, "JPEG", quality=quality)
+        as_rgb(im).save(encoded, "JPEG", quality=quality)
+    write_bytes_atomic(Path(dst), encoded.getvalue())
 
 
 # ---- a decoder failure while reading ----------------------------------------------------------

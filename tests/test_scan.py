@@ -452,6 +452,29 @@ def test_16_bit_grayscale_reads_as_dali_decodes_it(tmp_path):
     assert 100 < dali.mean() < 140  # the gradient, not white
 
 
+def test_a_conversion_that_fails_midway_leaves_the_earlier_copy_whole(tmp_path, monkeypatch):
+    """A scan run again rewrites its converted copies, which the earlier lists name: one stopped
+    while writing (here the JPEG encoder fails after its first bytes) keeps the earlier copy."""
+    from PIL import JpegImagePlugin
+
+    src = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (40, 30), (10, 200, 30, 5)).save(src)
+    copy = tmp_path / "fixed" / "cmyk.jpg.JPEG"
+    convert_to_rgb_jpeg(src, copy)
+    before = copy.read_bytes()
+
+    def fails_midway(im, fp, filename):
+        fp.write(b"\xff\xd8\xff")
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(JpegImagePlugin, "_save", fails_midway)
+    monkeypatch.setitem(Image.SAVE, "JPEG", fails_midway)
+    with pytest.raises(OSError, match="disk went away"):
+        convert_to_rgb_jpeg(src, copy)
+    assert copy.read_bytes() == before
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]
+
+
 def test_names_that_are_not_utf8_are_reported_and_left_out(tmp_path):
     """A latin-1 name (an old archive, a Samba share) reaches Python as lone surrogates, which DALI
     and a UTF-8 file list refuse: the scanner reports it, the index names it."""
