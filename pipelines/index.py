@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tarfile
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -320,6 +321,34 @@ def check_every_class_listed(list_file: Path, split_dir: Path, folders: list[str
         )
 
 
+def unfinished_extractions(split_dir: Path, counts: dict[str, int]) -> list[str]:
+    """A sentence for each class whose archive `<class>.tar` lies beside its folder holding more
+    images than the folder (`counts`: class -> images in its folder): the README's extraction
+    loop removes each archive after extracting it, so a killed loop leaves one beside a
+    half-filled folder, which would otherwise train as a class with a fraction of its images.
+    Only the archives' headers are read."""
+    found = []
+    for name, count in counts.items():
+        archive = split_dir / f"{name}.tar"
+        if not archive.is_file():
+            continue
+        try:
+            with tarfile.open(archive) as tar:
+                held = sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
+        except (OSError, tarfile.TarError) as exc:
+            found.append(f"{printable(str(archive))} lies beside class folder {name} and cannot be read ({exc})")
+            continue
+        if held > count:
+            found.append(
+                f"class folder {printable(str(split_dir / name))} holds {count} image(s), the archive "
+                f"{printable(str(archive))} beside it {held}: its extraction did not finish"
+            )
+    return found
+
+
+UNFINISHED_ADVICE = "extract the archive again into its folder and remove it, or move it out of the split folder"
+
+
 def build_file_index(split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:
     """Index `split_dir/<class>/<image>`. Pass `classes` (from the training split) to index a
     validation split with the training split's class indices."""
@@ -334,13 +363,16 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
     empty: list[str] = []
     unread: list[str] = []
     skipped: list[str] = []
+    counts: dict[str, int] = {}
     for label, name in enumerate(classes):
         folder = split_dir / name
         if not folder.is_dir():
             continue
         entries = scan_class_folder(folder)
+        counts[name] = len(entries.images)
         if not entries.images:
-            empty.append(name)
+            # a layout of class/images/*.JPEG (Tiny ImageNet's): say where the images are
+            empty.append(f"{name} (only folder(s) {', '.join(entries.folders[:3])})" if entries.folders else name)
         files.extend(str(folder / n) for n in entries.images)
         labels.extend([label] * len(entries.images))
         unread.extend(f"{name}/{f}" for f in entries.folders)
@@ -348,6 +380,11 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
     check_utf8_names(split_dir, files)
     if empty:
         raise DataError(
-            f"class folders without images in {split_dir}: {', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else "")
+            f"class folders without images in {split_dir}: {', '.join(empty[:5])}"
+            + (" ..." if len(empty) > 5 else "")
+            + " (a class folder holds its images itself; images in its subfolders are not read)"
         )
+    unfinished = unfinished_extractions(split_dir, counts)
+    if unfinished:
+        raise DataError(f"{'; '.join(unfinished[:3])}: {UNFINISHED_ADVICE}")
     return FileIndex(files, labels, list(classes), tuple(unread), tuple(skipped))

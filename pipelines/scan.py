@@ -39,6 +39,7 @@ from pipelines.index import (
     BROKEN_CLASS_ADVICE,
     IMAGE_EXTENSIONS,
     SPLITS,
+    UNFINISHED_ADVICE,
     list_header,
     name_problem,
     normalization_hint,
@@ -46,6 +47,7 @@ from pipelines.index import (
     scan_class_folder,
     some_names,
     split_entries,
+    unfinished_extractions,
 )
 from pipelines.outputs import OutputPathError, check_output_folder, output_path, write_text_atomic
 
@@ -112,17 +114,20 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
         problems.append(f"class folder {printable(str(split_dir / name))}: {name_problem(name)}")
         classes.remove(name)
     listing = SplitListing(split_dir, classes)
+    counts: dict[str, int] = {}
     for name in classes:
         try:
             entries = scan_class_folder(split_dir / name)
         except OSError as exc:  # no permission to list it: the other folders are still scanned
             problems.append(f"class folder {printable(str(split_dir / name))} cannot be read: {exc.strerror}")
             continue
+        counts[name] = len(entries.images)
         if not entries.images:
             problems.append(f"class folder {split_dir / name} holds no images")
         listing.files.extend(f"{name}/{n}" for n in entries.images)
         listing.unread_files.extend(f"{name}/{n}" for n in entries.others)
         listing.unread_folders.extend(f"{name}/{n}" for n in entries.folders)
+    problems.extend(f"{sentence}: {UNFINISHED_ADVICE}" for sentence in unfinished_extractions(split_dir, counts))
     return listing
 
 

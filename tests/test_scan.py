@@ -669,6 +669,41 @@ def test_the_summary_names_what_training_does_not_read(tmp_path, capsys):
     assert report["unread_folders"] == ["train/a/sub"]
 
 
+def test_an_extraction_that_did_not_finish_stops_training_and_the_scan(tmp_path):
+    """The README's loop extracts each class archive into its folder and then removes it; killed
+    midway, it left train/<class>.tar beside a half-filled folder, which trained silently as a
+    class with a fraction of its images. An archive whose images are all in the folder is fine."""
+    import tarfile
+
+    root = two_class_root(tmp_path / "data")
+    folder = root / "train" / "a"
+    extracted = sorted(os.listdir(folder))
+    with tarfile.open(root / "train" / "a.tar", "w") as tar:
+        for name in extracted:
+            tar.add(folder / name, name)
+        tar.add(folder / extracted[0], "zz_not_yet_extracted.JPEG")
+    held = len(extracted)
+    with pytest.raises(DataError, match=rf"holds {held} image\(s\), the archive .*a\.tar beside it {held + 1}: its ex"):
+        build_file_index(root / "train")
+    problems = scan(root, tmp_path / "out", workers=1).problems
+    assert len(problems) == 1 and "its extraction did not finish" in problems[0], problems
+    with tarfile.open(root / "train" / "a.tar", "w") as tar:  # every image extracted: not a problem
+        for name in sorted(os.listdir(folder)):
+            tar.add(folder / name, name)
+    assert len(build_file_index(root / "train").files) == len(os.listdir(folder)) + len(os.listdir(root / "train/b"))
+
+
+def test_a_class_folder_holding_only_subfolders_says_where_its_images_are(tmp_path):
+    """Tiny ImageNet's layout, train/<class>/images/*.JPEG: the error names the subfolder."""
+    root = two_class_root(tmp_path / "data")
+    sub = root / "train" / "a" / "images"
+    sub.mkdir()
+    for path in list((root / "train" / "a").glob("*.*")):
+        path.rename(sub / path.name)
+    with pytest.raises(DataError, match=r"without images in .*train: a \(only folder\(s\) images\) \(a class folder"):
+        build_file_index(root / "train")
+
+
 def test_the_summary_counts_in_plural_and_an_empty_class_folder_once(tmp_path):
     """ "3 grayscale image" read wrong; an empty class folder was one problem as "holds no images"
     and a second as "class(es) with no usable image left"."""
