@@ -33,7 +33,15 @@ from alexnet.checkpoint import (
     optimizer_hyperparams,
     optimizer_momentum,
 )
-from alexnet.config import CheckpointConfig, Config, ScheduleConfig, config_to_dict, existing_file, naming_key
+from alexnet.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    ScheduleConfig,
+    config_to_dict,
+    existing_file,
+    naming_key,
+)
 from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
@@ -164,7 +172,14 @@ def load_resume_checkpoint(
             try:
                 load_model_state(model, payload["model"], path)
             except CheckpointError as exc:
-                raise CheckpointError(f"{exc}{_shape_changes(payload, settings)}") from exc
+                changes = _shape_changes(payload, settings)
+                if changes:  # the command's fault, not the file's: no fallback to previous.pt
+                    raise ConfigError(
+                        f"{exc} (this run changes {', '.join(changes)}; a resume keeps the checkpoint's model: "
+                        "resume with the checkpoint's settings, or start a new run with run.name=<new name>)",
+                        tuple(dict.fromkeys(change.split(":")[0] for change in changes)),
+                    ) from exc
+                raise
             return payload, path
         except CheckpointUnusableHere as exc:
             if cfg.resume != "auto" or i == len(candidates) - 1:
@@ -218,12 +233,12 @@ def check_same_classes(payload: dict[str, Any], path: Path, classes: list[str] |
 SHAPE_SETTINGS = ("model.variant", "model.num_classes", "model.fc_width", "data.crop")
 
 
-def _shape_changes(payload: dict[str, Any], settings: dict[str, Any] | None) -> str:
+def _shape_changes(payload: dict[str, Any], settings: dict[str, Any] | None) -> list[str]:
+    """'key: saved -> current' for each setting of SHAPE_SETTINGS this run changes."""
     saved = payload.get("config")
     if settings is None or not isinstance(saved, dict):
-        return ""
-    changes = [c for c in changed_settings(saved, settings) if c.split(":")[0] in SHAPE_SETTINGS]
-    return f" (this run changes {', '.join(changes)}; a resume keeps the checkpoint's model)" if changes else ""
+        return []
+    return [c for c in changed_settings(saved, settings) if c.split(":")[0] in SHAPE_SETTINGS]
 
 
 def changed_settings(

@@ -1,4 +1,5 @@
 import errno
+import logging
 import os
 import re
 import shutil
@@ -370,8 +371,23 @@ def test_weights_that_do_not_fit_name_the_settings_this_run_changes(tmp_path):
     narrow = PaperAlexNet(10, input_size=67, fc_width=512)
     resume = CheckpointConfig(resume=str(tmp_path / "ck" / "last.pt"))
     named = r"does not fit this model: shape mismatch fc6\.0\.bias .*\(this run changes model\.fc_width: 4096 -> 512; "
-    with pytest.raises(CheckpointError, match=named):
+    with pytest.raises(ConfigError, match=named) as info:  # the command's fault (exit 2)
         load_resume_checkpoint(resume, tmp_path, narrow, config_to_dict(run))
+    assert info.value.keys == ("model.fc_width",)
+
+
+def test_a_model_changed_by_the_command_does_not_fall_back_to_previous_pt(tmp_path, caplog):
+    """resume=auto with another model.fc_width: last.pt was called unusable and previous.pt tried
+    (the same mismatch), then the run exited 1 as if its checkpoints were damaged."""
+    saved = load_config(None, ["data.crop=67", "data.resize=76"])
+    sections = {"progress": {}, "optimizer": {}, "schedule": {}, "loaders": {}, "config": config_to_dict(saved)}
+    for _ in range(2):
+        atomic_save({"format": 1, "model": PaperAlexNet(10, input_size=67).state_dict(), **sections}, tmp_path)
+    run = load_config(None, ["data.crop=67", "data.resize=76", "model.fc_width=512"])
+    narrow = PaperAlexNet(10, input_size=67, fc_width=512)
+    with caplog.at_level(logging.WARNING, logger="alexnet"), pytest.raises(ConfigError, match=r"last\.pt does not fit"):
+        load_resume_checkpoint(CheckpointConfig(resume="auto"), tmp_path, narrow, config_to_dict(run))
+    assert "falling back" not in caplog.text
 
 
 def test_previous_pt_is_copied_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):

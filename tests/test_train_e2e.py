@@ -210,7 +210,7 @@ def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_conf
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == kept
     configs = {p.name: p.read_text() for p in run.glob("config*.yaml")}
     unfit = train(tiny_data, tmp_path, "done", "train.epochs=2", "model.num_classes=12", nproc=1)
-    assert unfit.returncode != 0 and "does not fit this model" in unfit.stderr
+    assert unfit.returncode == 2 and "does not fit this model" in unfit.stderr  # the command must change
     assert {p.name: p.read_text() for p in run.glob("config*.yaml")} == configs  # a failed start changes nothing
     # A run started from another run's checkpoint, restarted with the same arguments (a Slurm
     # requeue, a torchrun restart), continues from its own checkpoints.
