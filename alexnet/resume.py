@@ -14,7 +14,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -32,11 +32,13 @@ from alexnet.checkpoint import (
     load_optimizer_state,
     optimizer_hyperparams,
     optimizer_momentum,
+    same_file,
 )
 from alexnet.config import (
     CheckpointConfig,
     Config,
     ConfigError,
+    ModelConfig,
     ScheduleConfig,
     config_to_dict,
     existing_file,
@@ -46,6 +48,7 @@ from alexnet.engine import AmpPolicy
 from alexnet.optim import LrSchedule, scaled_lr
 from alexnet.parallel.layout import Layout, is_first_rank
 from alexnet.parallel.mesh import Mesh
+from alexnet.weights import recorded_weights
 from pipelines.base import EpochLayout, Loader, convert_position, train_steps
 from pipelines.index import DataError, some_names
 from pipelines.steps import accum_steps_of, describe_step_batch
@@ -194,6 +197,33 @@ def load_resume_checkpoint(
                 raise
             log.warning("%s; falling back to %s", exc, candidates[i + 1])
     return None
+
+
+def kept_on_resume(cfg: Config, saved: Any, ckpt_dir: Path) -> Config:
+    """`cfg` with what a resume of the run's own checkpoint (`saved`: its config) keeps whatever
+    the command says, so that config.yaml and the next checkpoints describe the run trained:
+    model.weights and model.init, how its weights began (the checkpoint's weights replace both;
+    a config.yaml saying otherwise would, run again under a new name, start another model), and,
+    in a session resuming `auto`, the other run's checkpoint the run started from: recorded
+    as `auto`, the run's own start command, given again (a requeue), was refused as a new run."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    init = model.get("init") if isinstance(model, dict) else None
+    if init not in get_args(get_type_hints(ModelConfig)["init"]):  # a hand-edited or older record
+        init = cfg.model.init
+    elif init != cfg.model.init:
+        log.info("model.init=%s is not applied: a resume continues the checkpoint's weights (model.init=%s)",
+                 cfg.model.init, init)  # fmt: skip
+    kept = replace(cfg, model=replace(cfg.model, weights=recorded_weights(saved), init=init))
+    section = saved.get("checkpoint") if isinstance(saved, dict) else None
+    start = section.get("resume") if isinstance(section, dict) else None
+    if (
+        cfg.checkpoint.resume == "auto"
+        and isinstance(start, str)
+        and start not in ("auto", "none")
+        and not same_file(start, ckpt_dir / Path(start).name)  # not one of the run's own
+    ):
+        kept = replace(kept, checkpoint=replace(cfg.checkpoint, resume=start))
+    return kept
 
 
 def _load_training_checkpoint(path: Path, named: bool) -> dict[str, Any]:

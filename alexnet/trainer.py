@@ -55,12 +55,13 @@ from alexnet.resume import (
     batch_change,
     build_payload,
     changed_settings,
+    kept_on_resume,
     load_resume_checkpoint,
     restore_training,
 )
 from alexnet.runlock import HOLDER_ELSEWHERE_WAIT_S, RunFolderLock, lock_run_folder
 from alexnet.stop import StopRequest
-from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start, recorded_weights
+from alexnet.weights import StartWeights, apply_start_weights, check_resumed_weights, describe_start
 from pipelines.filecheck import stopped_by
 from pipelines.index import DataError
 from pipelines.outputs import write_bytes_atomic
@@ -140,10 +141,9 @@ class Trainer:
         self._agree_on_resume(resumed)
         self._agree_on_start_weights()
         if resumed is not None and self._resumes_own(resumed):
-            # config.yaml and the checkpoints go on naming the file the run started from (a
-            # command that resumes may leave model.weights out, or spell it its own way).
-            recorded = dataclasses.replace(cfg.model, weights=recorded_weights(resumed[0].get("config")))
-            self.cfg = cfg = dataclasses.replace(cfg, model=recorded)
+            # config.yaml and the checkpoints go on naming how the run began (a command that
+            # resumes may leave model.weights out, or spell it its own way).
+            self.cfg = cfg = kept_on_resume(cfg, resumed[0].get("config"), self.ckpt_dir)
         self._write_run_config()  # after the data and checkpoint checks: a run that cannot start leaves no trace
         # After a last.pt that did not load, the first write replaces it instead of rotating it
         # into previous.pt, which holds the good checkpoint this run resumed from.

@@ -25,7 +25,7 @@ from alexnet.config import CheckpointConfig, Config, ConfigError, DataConfig, Op
 from alexnet.export import export_torchscript
 from alexnet.model import PaperAlexNet
 from alexnet.optim import build_optimizer
-from alexnet.resume import batch_change, changed_settings, load_resume_checkpoint
+from alexnet.resume import batch_change, changed_settings, kept_on_resume, load_resume_checkpoint
 
 
 def payload(value: float) -> dict:
@@ -359,6 +359,23 @@ def test_a_key_the_checkpoints_config_lacks_counts_as_its_default():
     saved = {"model": {"variant": "paper"}, "train": {"epochs": 1}}
     assert changed_settings(saved, {"model": {"variant": "paper", "fc_width": 4096}, "train": {"epochs": 1}}) == []
     assert changed_settings(saved, {"model": {"variant": "paper", "fc_width": 512}}) == ["model.fc_width: 4096 -> 512"]
+
+
+def test_a_resume_of_the_run_s_own_checkpoint_keeps_how_the_run_began(tmp_path):
+    """model.init (and model.weights) of the checkpoint, whatever the command says: a resume with
+    model.init=paper recorded `paper` for weights initialised with kaiming. A session resuming
+    `auto` keeps the other run's checkpoint the run started from; one of the run's own is not
+    a start (a session sent back to previous.pt)."""
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    started = config_to_dict(load_config(None, ["model.init=kaiming", f"checkpoint.resume={tmp_path / 'a.pt'}"]))
+    now = load_config(None, ["model.init=paper"])
+    kept = kept_on_resume(now, started, ckpt_dir)
+    assert (kept.model.init, kept.checkpoint.resume) == ("kaiming", str(tmp_path / "a.pt"))
+    went_back = config_to_dict(load_config(None, [f"checkpoint.resume={ckpt_dir / 'previous.pt'}"]))
+    assert kept_on_resume(now, went_back, ckpt_dir).checkpoint.resume == "auto"
+    named = load_config(None, [f"checkpoint.resume={ckpt_dir / 'previous.pt'}"])  # the command's own choice
+    assert kept_on_resume(named, started, ckpt_dir).checkpoint.resume == str(ckpt_dir / "previous.pt")
+    assert kept_on_resume(now, {"model": {"init": "bogus"}}, ckpt_dir).model.init == "paper"
 
 
 def test_weights_that_do_not_fit_name_the_settings_this_run_changes(tmp_path):

@@ -230,6 +230,12 @@ def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_conf
         in again.stderr
     )
     assert [r["step"] for r in read_metrics(tmp_path / "tuned" / "metrics.jsonl")] == first_steps  # its own, kept
+    # A session resuming with the default (auto) keeps the start file in config.yaml and its
+    # checkpoint: the start command given again (a requeue) was refused as another run's start.
+    check(train(tiny_data, tmp_path, "tuned", "train.epochs=2", "train.max_steps=18", nproc=1))
+    assert load_config(tmp_path / "tuned" / "config.yaml").checkpoint.resume == str(elsewhere)
+    requeued = check(train(tiny_data, tmp_path, "tuned", *tuned[:1], "train.max_steps=18", tuned[2], nproc=1))
+    assert "continuing from its own checkpoints" in requeued.stderr
 
 
 def test_the_best_validation_keeps_its_kind_when_a_resume_changes_data_val_ten_crop(tiny_data, tmp_path):
