@@ -254,7 +254,9 @@ def _scalar_with_text(base: Any) -> Any:
     def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Number | str:
         try:
             return _Number(base(loader, node), node.value)
-        except ValueError:  # looks like a date YAML cannot read (2024-13-45): it is text
+        # A date YAML cannot read (2024-13-45), or an explicit tag on text it does not fit (`!!float`
+        # with no value, `!!bool x`: PyYAML's constructors fail with these): it is text.
+        except (ValueError, IndexError, KeyError, AttributeError):
             return node.value
 
     return construct
@@ -325,7 +327,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(_plain(data)).__name__}")
-    return _keep_leaf_text(data)
+    try:
+        return _keep_leaf_text(data)
+    except RecursionError as exc:  # an anchor used inside itself (`&a [*a]`): a structure without end
+        raise ConfigError(
+            f"config file {path} holds a value that contains itself (a YAML alias inside its anchor)"
+        ) from exc
 
 
 def _read_text(path: Path) -> str:
@@ -396,7 +403,7 @@ def _parse_override(item: str) -> tuple[str, _Sourced]:
         raise ConfigError(f"override {item!r} is not of the form key=value (for example train.epochs=10)")
     try:
         value = _setting(yaml.load(text, Loader=_RecipeLoader)) if text else ""  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: an alias inside its anchor (`&a [*a]`)
         value = text
     return key.strip(), _Sourced(value, COMMAND_LINE, raw=text)
 

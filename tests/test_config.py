@@ -95,6 +95,31 @@ def test_values_that_would_fail_later_name_their_key(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=!!float", r"'optim.lr' expects float; got ''"),  # IndexError inside PyYAML
+        ("train.epochs=!!int", r"'train.epochs' expects int; got ''"),
+        ("train.channels_last=!!bool x", r"'train.channels_last' expects bool; got 'x'"),  # KeyError
+        ("data.mean=&a [*a]", r"'data.mean' expects a list of float; got '&a \[\*a\]'"),  # RecursionError
+    ],
+)
+def test_explicit_yaml_tags_and_self_containing_anchors_are_config_errors(override, message, tmp_path):
+    """An explicit tag on text it does not fit, or an alias inside its own anchor, ended in a
+    traceback (IndexError, KeyError, AttributeError, RecursionError); on the command line and
+    in a file alike, they are config errors naming the key or the file."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    key, _, value = override.partition("=")
+    section, name = key.split(".")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"{section}:\n  {name}: {value}\n")
+    expected = message if "&a" not in value else r"r\.yaml holds a value that contains itself"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(recipe, [])
+    assert load_config(None, ["run.name=!!timestamp x"]).run.name == "!!timestamp x"  # AttributeError: text kept
+
+
 def test_cross_key_validation():
     with pytest.raises(ConfigError, match=r"'data\.crop' \(300\) must not exceed 'data\.resize' \(256\)"):
         load_config(None, ["data.crop=300"])
