@@ -205,7 +205,8 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
 def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, _Sourced]:
     """A YAML recipe as flat keys, each with the file that sets it (an error in imagenet.yaml names
     imagenet.yaml, not the 8-GPU recipe that extends it). `extends: other.yaml` (relative to the
-    file, `~` for the home folder as in run.root) starts from another recipe and overrides it key
+    file, the one a symbolic link leads to; `~` for the home folder as in run.root) starts from
+    another recipe and overrides it key
     by key, so the 8-GPU recipes restate only what differs from imagenet.yaml."""
     real = path.resolve()
     if real in seen:
@@ -220,7 +221,11 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, _Sourced]
         raise ConfigError(f"config key 'extends' in {path} is empty: name the recipe it extends, or remove the line")
     if not isinstance(base, str):
         raise ConfigError(f"config key 'extends' in {path} must be a file name; got {_plain(base)!r}")
-    return {**_read_recipe(path.parent / Path(base).expanduser(), (*seen, real)), **own}
+    # relative to the recipe itself: through a symbolic link, to the folder of the file it leads to
+    parent = real.parent / Path(base).expanduser()
+    if not (parent.exists() or parent.is_symlink()):
+        raise ConfigError(f"config key 'extends' in {path} names {base}, and {parent} does not exist")
+    return {**_read_recipe(parent, (*seen, real)), **own}
 
 
 @dataclass(frozen=True)
@@ -754,7 +759,7 @@ def _check_combinations(cfg: Config) -> None:
         raise _refuse(
             "run.name",
             f"must be a folder name inside run.root, without path separators or line "
-            f"breaks; got {name!r} "
+            f"breaks, at most {NAME_MAX} bytes; got {name!r} "
             "(set run.root for another place)",
         )
     resume = cfg.checkpoint.resume
@@ -806,7 +811,19 @@ def is_folder_name(name: str) -> bool:
     """A run name that stays a folder inside run.root: no path separators, not . or .. (with them
     the checkpoints would land in run.root itself or outside it), and one printable line (a line
     break made a folder that no log line or shell command shows whole)."""
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and name.isprintable()
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and name.isprintable()
+        and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
+    )
+
+
+# The longest file name (in bytes) of Linux's file systems: a longer run.name failed only after
+# the data setup, blamed on run.root ("File name too long").
+NAME_MAX = 255
 
 
 def _float_values(cfg: Config) -> Iterator[tuple[str, float]]:

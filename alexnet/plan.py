@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,7 +77,14 @@ def build_plan(cfg: Config, env: DistEnv, mesh: Mesh, config_path: str | None) -
         )
     if cfg.train.amp == "fp16" and not on_cuda:
         raise ConfigError("config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off on the CPU")
-    return RunPlan(run_dir, global_batch, scaled_lr(cfg.optim, global_batch), channels_last, decoder)
+    peak_lr = scaled_lr(cfg.optim, global_batch)
+    if not math.isfinite(peak_lr):  # optim.lr is finite, but not once scaled (1.7e308 x 2)
+        raise ConfigError(
+            f"config key 'optim.lr' is {cfg.optim.lr:g}, which scaled to the global batch {global_batch} "
+            f"(x {global_batch} / optim.lr_reference_batch {cfg.optim.lr_reference_batch}) is not a finite number",
+            ("optim.lr",),
+        )
+    return RunPlan(run_dir, global_batch, peak_lr, channels_last, decoder)
 
 
 def build_run_model(cfg: Config, num_classes: int, plan: RunPlan, device: torch.device, variant: str = "") -> nn.Module:

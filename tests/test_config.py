@@ -211,6 +211,31 @@ def test_extends_starts_from_another_recipe(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
+def test_extends_is_read_from_the_recipe_s_own_folder_and_a_missing_one_names_the_asking_file(tmp_path):
+    """A recipe reached through a symbolic link extends relative to the file it leads to (a link
+    to recipes/sub/child.yaml, which extends ../base.yaml, looked for base.yaml beside the link);
+    a parent that does not exist is named with the recipe and key that ask for it."""
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    (tmp_path / "recipes" / "base.yaml").write_text("train:\n  epochs: 5\n")
+    (tmp_path / "recipes" / "sub" / "child.yaml").write_text("extends: ../base.yaml\ndata:\n  crop: 83\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "link.yaml").symlink_to(tmp_path / "recipes" / "sub" / "child.yaml")
+    cfg = load_config(tmp_path / "mine" / "link.yaml")
+    assert (cfg.train.epochs, cfg.data.crop) == (5, 83)
+    (tmp_path / "recipes" / "base.yaml").unlink()
+    with pytest.raises(
+        ConfigError, match=r"config key 'extends' in .*link\.yaml names \.\./base\.yaml, and .* does not exist"
+    ):
+        load_config(tmp_path / "mine" / "link.yaml")
+
+
+def test_a_run_name_longer_than_a_file_name_is_refused_at_once():
+    """300 characters failed after the data setup, blamed on run.root ("File name too long")."""
+    with pytest.raises(ConfigError, match=r"'run.name' must be a folder name .* at most 255 bytes"):
+        load_config(None, ["run.name=" + "x" * 256])
+    assert load_config(None, ["run.name=" + "é" * 127]).run.name == "é" * 127  # 254 bytes
+
+
 def test_eight_gpu_recipes_set_the_layout_over_the_paper_recipe():
     base = load_config(REPO / "launch" / "configs" / "imagenet.yaml")
     for mode in ("dp", "towers", "hybrid"):
@@ -244,6 +269,20 @@ def test_gpu_only_values_on_a_cpu_stop_before_the_run_folder_is_made(override, m
     )
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
     assert not (tmp_path / "gpu_only").exists()
+
+
+def test_a_learning_rate_that_overflows_once_scaled_stops_before_the_run_folder(tmp_path):
+    """optim.lr=1.7e308 is finite; scaled to a global batch of 256 (x 256 / 128) it is not, and
+    the run trained with an infinite peak rate."""
+    proc = subprocess.run(
+        [sys.executable, TRAIN, f"run.root={tmp_path}", "run.name=huge", "optim.lr=1.7e308", "data.batch_size=256"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    message = "error: config key 'optim.lr' is 1.7e+308, which scaled to the global batch 256 (x 256 / optim.lr_ref"
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "huge").exists()
 
 
 def test_the_dali_pipeline_without_dali_is_a_config_error_before_the_run_folder(tmp_path):
