@@ -7,10 +7,18 @@ Without --config it trains on the built-in demo dataset (launch/configs/demo.yam
 from __future__ import annotations
 
 import os
+import signal
 
 # Before the imports below (torch's take seconds): the torchrun agent this worker started under,
 # whose end is a stop request, and whose end before the process group exists ends the worker.
 STARTED_UNDER = os.getppid()
+# slurm/alexnet.sh has torchrun ignore SIGUSR1, and its workers inherited that: a SIGUSR1 sent to
+# the job step while they imported torch and formed the process group was discarded, and the job
+# ran into its time limit, not requeued. Blocked (with its default action: an ignored signal is
+# discarded even while blocked), it waits until alexnet.stop.StopRequest.install unblocks it under
+# its handler, and is served after the first step as any request during the setup.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 import argparse
 import sys

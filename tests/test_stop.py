@@ -135,3 +135,37 @@ def test_a_signal_during_the_setup_is_served_after_the_first_step(restored_handl
     assert (summary["steps"], summary["stop_reason"], summary["completed"]) == (1, "preempted", False)
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["stop_reason"] == "preempted"
     assert (tmp_path / "s" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_sigusr1_while_the_worker_imports_is_kept_for_its_handler(tmp_path):
+    """slurm/alexnet.sh has torchrun ignore SIGUSR1 and the workers inherit that: a SIGUSR1 to
+    the job step while they imported torch was discarded, and the run trained to its end (a job
+    then runs into its time limit, not requeued). launch/train.py blocks it from its first lines;
+    the signal is sent once the block shows in /proc, seconds before the handler exists."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from _helpers import SYNTHETIC_TRAIN, TRAIN
+
+    args = [*SYNTHETIC_TRAIN, f"run.root={tmp_path}", "run.name=s", "train.epochs=3"]
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN), *args],
+        preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),  # as torchrun's workers start
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status = open(f"/proc/{proc.pid}/status").read()
+        if int(status.split("SigBlk:")[1].split()[0], 16) & usr1:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert proc.returncode == 0 and (summary["steps"], summary["stop_reason"]) == (1, "preempted"), err
