@@ -374,10 +374,28 @@ class Trainer:
             why = "resolves to what this machine runs best" if self.cfg.train.amp == "auto" else "set"
             log.warning("the run trained in precision %s, this session in %s (train.amp=%s %s)", before,
                         self.amp.name, self.cfg.train.amp, why)  # fmt: skip
+        self._log_fc_group_change(p.trained_under or {}, changes)
         if p.epoch >= self.cfg.train.epochs:
             log.warning("the run in %s has already trained its %d epochs: nothing to train (raise "
                         "train.epochs to go on, or set run.name=<new name> for a new run)",
                         self.plan.run_dir, self.cfg.train.epochs)  # fmt: skip
+
+    def _log_fc_group_change(self, under: dict[str, Any], changes: list[str]) -> None:
+        """The hybrid's FC layers split over another number of ranks than the run's last steps,
+        where no key changed (parallel.fc_group=0 follows the processes per node: a requeue onto
+        another node shape): the run goes on, to float32 rounding, where it was exact."""
+        before, now = under.get("fc_group"), self.mesh.shape.model_size
+        if (
+            self.mesh.mode != "hybrid"
+            or under.get("parallel_mode") != "hybrid"
+            or not isinstance(before, int)
+            or before == now
+            or any(c.startswith(("parallel.fc_group:", "parallel.mode:")) for c in changes)
+        ):
+            return
+        log.warning("the run's FC layers were split over %d ranks, this session's over %d (parallel.fc_group=0 "
+                    "follows the processes per node): the run goes on to float32 rounding, not bit for bit; set "
+                    "parallel.fc_group=%d to keep a resume exact", before, now, before)  # fmt: skip
 
     def _log_rate_change(self, payload: dict[str, Any]) -> None:
         """Where the changed settings move the learning rate itself (train.epochs raised on a cosine
@@ -863,6 +881,7 @@ class Trainer:
             "accum_steps": self.cfg.train.accum_steps,
             "global_batch": self.plan.global_batch,
             "parallel_mode": self.mesh.mode,
+            "fc_group": self.mesh.shape.model_size,  # ranks per model: the hybrid's resolved parallel.fc_group
             "device": self.env.device.type,
             "amp": self.amp.name,
             "pipeline": self.cfg.data.pipeline,

@@ -90,6 +90,7 @@ def test_hybrid_resumes_its_fc_slices_exactly(tiny_data, tmp_path):
     check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=5"))
     half = weights(tmp_path, "split")
     assert half["world"] == {"world_size": 2, "data_size": 2, "mode": "hybrid"}
+    assert half["progress"]["trained_under"]["fc_group"] == 2  # parallel.fc_group=0 resolved: a resume compares it
     assert half["model"]["fc6.0.weight"].shape[0] + half["model"]["fc6.1.weight"].shape[0] == TINY_FC_WIDTH
     proc = check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=10"))
     assert "after step 5 (0 epochs completed)" in proc.stderr
@@ -99,3 +100,26 @@ def test_hybrid_resumes_its_fc_slices_exactly(tiny_data, tmp_path):
     momentum_a, momentum_b = a["optimizer"]["momentum"], b["optimizer"]["momentum"]
     assert set(momentum_a) == set(momentum_b) == set(a["model"])  # by name, in the single-device layout
     assert all(torch.equal(momentum_a[k], momentum_b[k]) for k in momentum_a)
+
+
+def test_a_resume_under_another_resolved_fc_group_says_it_is_no_longer_exact(caplog):
+    """parallel.fc_group=0 follows the processes per node: a requeue from 2 x 2 onto 1 x 4 split
+    the FC layers over 4 ranks instead of 2, and the run went on to float32 rounding with no word
+    (no key changed, the global batch neither)."""
+    from types import SimpleNamespace
+
+    from alexnet.trainer import Trainer
+
+    def resumed(now: int, under: dict, changes: list[str]) -> str:
+        caplog.clear()
+        mesh = SimpleNamespace(mode="hybrid", shape=SimpleNamespace(model_size=now))
+        with caplog.at_level("WARNING", logger="alexnet"):
+            Trainer._log_fc_group_change(SimpleNamespace(mesh=mesh), under, changes)
+        return caplog.text
+
+    said = resumed(4, {"parallel_mode": "hybrid", "fc_group": 2}, [])
+    assert "FC layers were split over 2 ranks, this session's over 4" in said and "parallel.fc_group=2" in said
+    assert resumed(2, {"parallel_mode": "hybrid", "fc_group": 2}, []) == ""
+    assert resumed(4, {"parallel_mode": "hybrid"}, []) == ""  # a checkpoint from before it was recorded
+    assert resumed(4, {"parallel_mode": "hybrid", "fc_group": 2}, ["parallel.fc_group: 2 -> 4"]) == ""  # said
+    assert resumed(4, {"parallel_mode": "towers", "fc_group": 2}, ["parallel.mode: 'towers' -> 'hybrid'"]) == ""
