@@ -38,6 +38,7 @@ from alexnet.inference import LoadedModel, build_model_from_checkpoint
 from alexnet.metrics import topk_correct
 from alexnet.parallel.agree import (
     SETUP_ERRORS,
+    CheckpointChangedError,
     agreed_batches,
     check_same_checkpoint,
     check_same_files,
@@ -289,11 +290,26 @@ def read_eval_inputs(opts: EvalOptions, env: DistEnv) -> EvalInputs:
     return EvalInputs(loaded, opts, index, split_dir, files, amp)
 
 
-def read_eval_setup(opts: EvalOptions, env: DistEnv) -> EvalSetup:
-    """Collective: every rank's inputs, checked to be the same, and its loader; any rank's failure
-    is every rank's error."""
-    # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
-    check_same_settings(option_settings(asdict(opts)), "evaluate.py options", may_differ=EVAL_MAY_DIFFER)
+# Reads of a checkpoint that a run still training replaces (its last.pt) before the ranks give up.
+CHECKPOINT_READS = 3
+
+
+def read_same_checkpoint(opts: EvalOptions, env: DistEnv) -> EvalInputs:
+    """Collective: every rank's inputs, of one checkpoint (--checkpoint may name a node's own copy,
+    but of the same one). Where every rank read the same path and found different checkpoints, a
+    run still training most likely replaced it between their reads: they read it again, together
+    (the comparison's collectives line them up), up to CHECKPOINT_READS times in all."""
+    for _ in range(CHECKPOINT_READS - 1):
+        try:
+            return _read_checked_inputs(opts, env)
+        except CheckpointChangedError:
+            if env.rank == 0:
+                log.warning("the ranks read different checkpoints from %s (replaced by a run still training?); "
+                            "reading it again", opts.checkpoint)  # fmt: skip
+    return _read_checked_inputs(opts, env)
+
+
+def _read_checked_inputs(opts: EvalOptions, env: DistEnv) -> EvalInputs:
     inputs, failure = None, None
     try:
         inputs = read_eval_inputs(opts, env)
@@ -301,12 +317,21 @@ def read_eval_setup(opts: EvalOptions, env: DistEnv) -> EvalSetup:
         failure = exc
     share_setup_failure(failure)
     assert inputs is not None  # else that raised
-    # --checkpoint and --data may be a node's own copies, but of the same checkpoint and files
     loaded = inputs.loaded
     check_same_checkpoint(
         (loaded.path, loaded.progress), "loaded different checkpoints", "give every rank the same one"
     )
+    return inputs
+
+
+def read_eval_setup(opts: EvalOptions, env: DistEnv) -> EvalSetup:
+    """Collective: every rank's inputs, checked to be the same, and its loader; any rank's failure
+    is every rank's error."""
+    # --ten-crop on one node only printed a blend of centre and ten-crop figures, exit 0.
+    check_same_settings(option_settings(asdict(opts)), "evaluate.py options", may_differ=EVAL_MAY_DIFFER)
+    inputs = read_same_checkpoint(opts, env)
     check_same_files(str(inputs.split_dir), {"": inputs.index})
+    loaded = inputs.loaded
     loader, failure = None, None
     try:  # in the run's train.channels_last: its layout is faster on GPUs and CPUs alike
         loader = build_eval_loader(loaded.config, inputs.index, inputs.opts, env, loaded.config.train.channels_last)

@@ -323,6 +323,7 @@ class Trainer:
             None if resumed is None else (resumed[1], resumed[0]["progress"]),
             "found different checkpoints to resume from",
             f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)",
+            may_be_written=resumed is not None and not self._resumes_own(resumed),  # another run's, maybe live
         )
 
     def _resumes_own(self, resumed: tuple[dict, Path]) -> bool:

@@ -329,6 +329,43 @@ def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_pat
 
 
 @pytest.mark.dali
+@pytest.mark.parametrize("replaced_reads", [1, 3])
+def test_a_checkpoint_replaced_while_the_ranks_read_it_is_read_again(trained, tmp_path, replaced_reads):
+    """A run still training replaces its last.pt: ranks that read it moments apart loaded two
+    steps, and the error told the user to give every rank the same file, which they had. Rank 1
+    here finds another step under the same path on its first `replaced_reads` reads: once, the
+    ranks read again and evaluate; every time (3 reads), the error says what may have happened."""
+    payload = torch.load(trained, weights_only=True)
+    payload["progress"]["step"] = payload["progress"].get("step", 0) + 1
+    other = atomic_save(payload, tmp_path / "other")
+    wrapper = tmp_path / "rank_1_replaced.py"
+    wrapper.write_text(
+        "import dataclasses, os, runpy, sys\n"
+        "import alexnet.evaluate as ev\n"
+        "real, reads = ev.build_model_from_checkpoint, []\n"
+        "def build(path, device):\n"
+        "    reads.append(path)\n"
+        f"    if os.environ['RANK'] == '1' and len(reads) <= {replaced_reads}:\n"
+        f"        return dataclasses.replace(real({str(other)!r}, device), path=real(path, device).path)\n"
+        "    return real(path, device)\n"
+        "ev.build_model_from_checkpoint = build\n"
+        f"sys.argv[0] = {str(EVALUATE)!r}\n"
+        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
+    )
+    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "60"], nproc=2)
+    if replaced_reads == 1:
+        assert proc.returncode == 0 and (tmp_path / "eval.json").is_file(), proc.stderr[-3000:]
+        assert proc.stderr.count("replaced by a run still training?); reading it again") == 1
+        return
+    named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
+    assert named[0].endswith("give every rank the same one; every rank read the same path: if a run is still "
+                             "training into it, it replaced the file between the ranks' reads (run again, or use a "
+                             "copy of the file)"), named[0]  # fmt: skip
+    assert proc.stderr.count("reading it again") == 2
+
+
+@pytest.mark.dali
 def test_a_checkpoint_missing_on_one_rank_s_node_stops_every_rank_naming_it(trained, tmp_path):
     """Rank 1 failed to load its checkpoint and met rank 0 in the checkpoint comparison's gather:
     a ValueError traceback on rank 1, an IndexError on rank 0. Both now stop with rank 1's error."""

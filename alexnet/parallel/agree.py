@@ -194,17 +194,38 @@ def option_settings(options: dict[str, Any]) -> dict[str, Any]:
     return {f"--{name.replace('_', '-')}": value for name, value in options.items()}
 
 
-def check_same_checkpoint(found: tuple[Path, dict[str, Any]] | None, what: str, advice: str) -> None:
+class CheckpointChangedError(CheckpointError):
+    """The ranks read one path and found different checkpoints: a run still training may have
+    replaced the file between their reads (or each node has a copy of its own)."""
+
+
+# Said with the error above: which of the two cases it is cannot be told from the files.
+CHANGED_ADVICE = (
+    "every rank read the same path: if a run is still training into it, it replaced the file between the ranks' "
+    "reads (run again, or use a copy of the file)"
+)
+
+
+def check_same_checkpoint(
+    found: tuple[Path, dict[str, Any]] | None, what: str, advice: str, may_be_written: bool = True
+) -> None:
     """Collective: every rank has the same checkpoint (`found`: its path and progress; None: this
     rank found none), told by its progress (the run's step and its clock, which no other
     checkpoint shares), not by its path: nodes may spell the folder their own way (a symbolic
     link, a relative path, a copy under another name). Ranks that read node-local copies of other
-    steps, or none, raise a CheckpointError: "the ranks <what> (what each found); <advice>"."""
-    if found is None:
-        check_same_contents(None, what, advice)
-        return
-    identity = checkpoint_identity(found[1])
-    check_same_contents((str(found[0]), identity, f"step {identity[0]}"), what, advice)
+    steps, or none, raise a CheckpointError: "the ranks <what> (what each found); <advice>"; a
+    CheckpointChangedError where every rank found one under the same path (a live run's last.pt
+    replaced between the ranks' reads looks the same), unless no run may be writing it
+    (`may_be_written`: a run's own checkpoints, which its lock keeps from any other session)."""
+    path = None if found is None else str(found[0])
+    identity = None if found is None else checkpoint_identity(found[1])
+    try:
+        check_same_contents(None if found is None else (path, identity, f"step {identity[0]}"), what, advice)
+    except CheckpointError as exc:
+        paths = gather_from_ranks(path)  # every rank is here: the check raises on all alike
+        if may_be_written and paths[0] is not None and all(p == paths[0] for p in paths):
+            raise CheckpointChangedError(f"{exc}; {CHANGED_ADVICE}") from None
+        raise
 
 
 def check_same_contents(
