@@ -126,7 +126,8 @@ def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
         path = path / default_out(checkpoint, ten_crop).name
     check_not_overwriting(path, checkpoint)
-    check_output_file(path, f"--out {path}")
+    # the default place beside the checkpoint may be read-only (a shared model store)
+    check_output_file(path, f"--out {path}" if out is not None else f"the default output {path} (--out for another)")
     return path
 
 

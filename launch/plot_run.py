@@ -29,15 +29,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_png_out(path: Path) -> None:
+def check_png_out(path: Path, given: bool = True) -> None:
     """`path` can be written, and an existing file there is a PNG image (or the start of one: an
-    empty or cut plot of an interrupted write is replaced too)."""
-    check_output_file(path, f"--out {path}")
+    empty or cut plot of an interrupted write is replaced too). `given`: by --out, else the
+    default place in the run folder (which may be read-only)."""
+    what = f"--out {path}" if given else f"the default output {path} (--out for another)"
+    check_output_file(path, what)
     if path.is_file():
         with path.open("rb") as f:
             head = f.read(len(PNG_SIGNATURE))
         if not PNG_SIGNATURE.startswith(head):
-            raise OutputPathError(f"--out {path}: exists and is no PNG image; name a new file (nothing written)")
+            raise OutputPathError(f"{what}: exists and is no PNG image; name a new file (nothing written)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = args.run_dir / "metrics.jsonl"
     out = args.out if args.out is not None else args.run_dir / PLOT_FILE
     try:
-        check_png_out(out)
+        check_png_out(out, given=args.out is not None)
     except OutputPathError as exc:
         print_error(str(exc))
         return 2

@@ -561,6 +561,10 @@ def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
     if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: the bits allow it; no file can be made
         with pytest.raises(OutputPathError, match="--out /proc/eval.json: /proc is not a writable folder"):
             command.resolve_out("/proc/eval.json", ckpt, False)
+        # a checkpoint in a read-only place: the error named an --out never given, and not how to go on
+        default = "the default output /proc/last.pt.eval-centre.json (--out for another): /proc is not a writable"
+        with pytest.raises(OutputPathError, match=re.escape(default)):
+            command.resolve_out(None, Path("/proc/last.pt"), False)
 
 
 def evaluate_command():

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import sys
 
@@ -379,6 +380,10 @@ def test_plot_run_draws_a_run_s_curves_and_replaces_only_a_png(tmp_path, capsys)
     assert "metrics.jsonl is a file: name the run folder" in capsys.readouterr().err
     (run / "cut.png").write_bytes(b"\x89PNG")  # an interrupted write of an earlier plot is replaced
     assert main([str(run), "--out", str(run / "cut.png")]) == 0
+    if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: the bits allow it; no file can be made
+        assert main(["/proc/run"]) == 2  # a run folder on a read-only mount: its default place is named as such
+        said = capsys.readouterr().err
+        assert said.startswith("error: the default output /proc/run/training_curves.png (--out for another): "), said
 
 
 def test_a_record_whose_step_is_no_number_is_not_drawn_and_a_plot_never_raises(tmp_path, caplog, monkeypatch):
