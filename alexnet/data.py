@@ -34,6 +34,9 @@ class DataSplits:
     train: FileIndex | None  # None for the synthetic pipeline
     val: FileIndex | None
     classes: list[str]
+    # Section 4.1's PCA lighting of the DALI training graph (None where off, or not DALI's): read
+    # with the data, once, so that the trainer can check that every rank read the same numbers.
+    lighting: Lighting | None = None
 
     @property
     def folder_classes(self) -> list[str] | None:
@@ -112,7 +115,7 @@ def build_splits(cfg: DataConfig, num_classes: int, warn_unread: bool = True) ->
     if warn_unread:
         warn_unread_files(train_dir, train)
         warn_unread_files(val_dir, val)
-    return DataSplits(train, val, train.classes)
+    return DataSplits(train, val, train.classes, build_lighting(cfg) if cfg.pipeline == "dali" else None)
 
 
 def warn_unread_files(split_dir: Path, index: FileIndex) -> None:
@@ -262,7 +265,9 @@ def build_loader(
         log.warning("data.lighting_std is set but PCA lighting exists only in the DALI pipeline: not applied")
     prefetch = step_prefetch(cfg, batches_per_step) if split == "train" else cfg.prefetch
     read = ReadSettings(cfg.pipeline, decoder, cfg.num_threads, prefetch, cfg.hw_decoder_load, channels_last)
-    lighting = build_lighting(cfg) if split == "train" and cfg.pipeline != "torchvision" else None
+    lighting = splits.lighting if split == "train" and cfg.pipeline == "dali" else None
+    if split == "train" and cfg.pipeline == "dali" and cfg.lighting_std > 0 and lighting is None:
+        raise ValueError("the data splits were read for another pipeline than DALI's: without its PCA lighting")
     ten_crop = split == "val" and cfg.val_ten_crop
     return build_file_loader(index, split, image_spec(cfg), shard, device, read, ten_crop, lighting)
 

@@ -339,6 +339,29 @@ class Trainer:
         s = self.splits
         if s.train is not None and s.val is not None:  # synthetic data: generated alike from the seeds
             check_same_files(self.cfg.data.root or "the demo data", {"train": s.train, "val": s.val})
+        self._agree_on_lighting()
+
+    def _agree_on_lighting(self) -> None:
+        """Collective: every rank lights its images with the same PCA statistics (section 4.1).
+        Each reads <data root>/pca_lighting.json (or data.lighting_stats) on its own: a node whose
+        copy lacked the file, or a file measured while the run started, gave the ranks different
+        statistics without a word."""
+        lighting = self.splits.lighting
+        stats = None if lighting is None else lighting.stats
+        check_same_contents(
+            None
+            if stats is None
+            else (
+                stats.source,
+                (stats.eigval, stats.eigvec),
+                "eigenvalues " + ", ".join(f"{v:.1f}" for v in stats.eigval),
+            ),
+            "read different PCA lighting statistics",
+            "every node needs the same statistics: the same <data root>/pca_lighting.json, or data.lighting_stats",
+            DataError,
+        )
+        if stats is not None and self.env.is_main:
+            log.info("PCA lighting (alpha std %g): %s", lighting.alpha_std, stats.source)
 
     def _agree_on_start_weights(self) -> None:
         """A new run's ranks start from the same model.weights, read from each node's own path."""

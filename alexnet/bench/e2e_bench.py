@@ -85,7 +85,9 @@ def run_e2e_bench(cfg: Config, env: DistEnv, s: E2ESettings) -> Report | None:
     plan = build_plan(cfg, env, mesh, None)
     splits, loaders, failure = None, {}, None
     try:  # each rank reads the data on its own, and can fail alone (a data folder its node lacks)
-        splits = build_splits(cfg.data, cfg.model.num_classes, warn_unread=env.is_main)
+        # read for DALI where it is measured: its PCA lighting (data.lighting_std) comes with the splits
+        read_as = dataclasses.replace(cfg.data, pipeline="dali") if "dali" in pipelines else cfg.data
+        splits = build_splits(read_as, cfg.model.num_classes, warn_unread=env.is_main)
         for pipeline in pipelines:
             data_cfg = dataclasses.replace(cfg.data, pipeline=pipeline)
             loaders[pipeline] = build_loader(data_cfg, "train", splits, mesh, env.device, plan.decoder,
