@@ -118,7 +118,7 @@ IN_PLACE_MOVING = ".generating.moving"  # the names being moved in, for a killed
 def _fill_in_place(root: Path, write: Callable[[Path], None], what: str) -> Path:
     if (root / READY).exists():  # finished by another process since ensure_generated looked
         return root
-    _refuse_foreign_entries(root, what)  # before the lock file: nothing is written into a user's folder
+    _refuse_foreign_entries(root, what, before_lock=True)  # nothing is written into a user's folder
     with open(root / IN_PLACE_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / READY).exists():  # another process finished while we waited
@@ -140,14 +140,19 @@ def _fill_in_place(root: Path, write: Callable[[Path], None], what: str) -> Path
     return root
 
 
-def _refuse_foreign_entries(root: Path, what: str) -> None:
-    """refuse_foreign_folder for a folder being filled in place: its own entries are not foreign."""
+def _refuse_foreign_entries(root: Path, what: str, before_lock: bool = False) -> None:
+    """refuse_foreign_folder for a folder being filled in place: its own entries are not foreign.
+    `before_lock`: without the lock, a filler may be moving its entries in meanwhile (its list of
+    them read before it was written, the folder listed after): where its lock file is there, a
+    filler of ours is or was at work, and the check under the lock decides."""
     try:
         moved = (root / IN_PLACE_MOVING).read_text().split()
     except FileNotFoundError:  # none, or removed by a filler finishing now
         moved = []
     ours = {IN_PLACE_LOCK, IN_PLACE_MOVING, READY, *moved}
     if any(p.name not in ours and not p.name.startswith(IN_PLACE_TMP) for p in root.iterdir()):
+        if before_lock and (root / IN_PLACE_LOCK).exists():
+            return
         raise _foreign_folder(root, what)
 
 

@@ -184,6 +184,36 @@ def test_an_empty_folder_behind_a_link_is_filled_in_place(tmp_path):
     assert ensure_generated(link, write_one_file, "the test data") == link
 
 
+def test_a_fill_in_place_finishing_while_another_process_looks_is_not_taken_for_a_users_folder(tmp_path):
+    """A second process looked before the lock at the moment the first moved its entries in (its
+    list of them not yet written, or already removed, the folder listed with them): it refused a
+    finished dataset as a user's folder, about once in a hundred starts of two ranks. Here the
+    first holds the lock with its entries in place; the second waits for it and takes the result."""
+    import fcntl
+    import threading
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "train.txt").write_text("generated\n")  # moved in; its list already gone
+    result: list = []
+    with open(root / IN_PLACE_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        late = threading.Thread(target=lambda: result.append(_outcome(root)))
+        late.start()
+        late.join(timeout=1.0)
+        assert late.is_alive(), result  # waiting for the lock, not refused
+        (root / READY).write_text("ok\n")
+    late.join(timeout=30)
+    assert result == [root]
+
+
+def _outcome(root):
+    try:
+        return ensure_generated(root, write_one_file, "the test data")
+    except DataError as exc:
+        return exc
+
+
 def test_a_fill_in_place_killed_while_moving_its_files_in_is_redone(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()
