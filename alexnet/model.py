@@ -56,7 +56,8 @@ def concat_towers(parts: Sequence[Tensor], point: str) -> Tensor:  # noqa: ARG00
 
 def pool5_size(input_size: int) -> int:
     """Side of the paper model's pool5 map: 6 at 227, the input at which conv1 gives the 55x55
-    maps of section 3.5 (the paper says 224, which gives 54 and a 5x5 pool5). fc6's fan-in follows it, so a
+    maps of section 3.5 (the paper says 224: 55 in cuda-convnet, which rounds sizes up, 54 and a 5x5
+    pool5 in PyTorch, which rounds down). fc6's fan-in follows it, so a
     smaller input gives a smaller fc6 instead of features copied up to 6x6 (which would multiply
     fc6's effective learning rate by the number of copies)."""
     side = (input_size - 11) // 4 + 1  # conv1: 11x11, stride 4, no padding

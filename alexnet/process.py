@@ -43,6 +43,10 @@ def apply_process_settings(train: TrainConfig) -> None:
     """Call first: before the first big tensor (host memory) and before loaders fork."""
     apply_host_memory(train.host_memory)
     set_determinism(train.deterministic)
+    # train.amp=off is float32 throughout, the paper's precision: torch lets cuDNN run float32
+    # convolutions in TF32 (a 10-bit mantissa) on Ampere and later by default. Matrix products
+    # are float32 by default already (torch.backends.cuda.matmul.allow_tf32 is False).
+    torch.backends.cudnn.allow_tf32 = train.amp != "off"
 
 
 def positive_seconds(text: str) -> float:

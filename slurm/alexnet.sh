@@ -3,7 +3,7 @@
 # on the first node of the allocation.
 #
 #   sbatch slurm/alexnet.sh [--config FILE] [key=value ...]
-#   sbatch --nodes=4 slurm/alexnet.sh --config launch/configs/imagenet.yaml data.root=/data/imagenet
+#   sbatch --nodes=4 slurm/alexnet.sh --config launch/configs/imagenet_8gpu_dp.yaml data.root=/data/imagenet
 #
 # Submit from the repository root (or set ALEXNET_REPO). The #SBATCH lines below are defaults;
 # options on the sbatch command line override them, e.g. a CPU-only partition:

@@ -35,6 +35,20 @@ def test_determinism_switches_the_cudnn_autotuner_both_ways(monkeypatch):
         torch.backends.cudnn.benchmark = before[1]
 
 
+def test_amp_off_turns_off_cudnn_s_tf32_convolutions_and_a_later_run_gets_them_back():
+    """train.amp=off is documented as the paper's float32, but torch lets cuDNN run float32
+    convolutions in TF32 on Ampere and later GPUs unless told otherwise."""
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        apply_process_settings(TrainConfig(amp="off", host_memory="system"))
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # torch's default: float32 products
+        apply_process_settings(TrainConfig(amp="auto", host_memory="system"))
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def test_the_default_settings_and_the_paper_model_leave_the_heavy_modules_unloaded():
     """Switching determinism imports torch._inductor and importing torchvision loads torch._dynamo,
     about a second each in every process (rank, evaluation, export) that does neither."""

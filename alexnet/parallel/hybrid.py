@@ -1,10 +1,11 @@
 """Krizhevsky 2014, "One weird trick for parallelizing convolutional neural networks".
 
-Convolutions hold 4% of AlexNet's parameters and 95% of its compute: they run data-parallel on
-every rank (gradients all-reduced over the world). The FC layers hold the other 96%: each rank of
-an FC group of K ranks keeps 1/K of the neurons of fc6, fc7 and fc8 and computes them for the K
-batches of its group (all-gathered conv features), so FC weights never cross the wire inside a
-group; only ranks holding the same slice in different groups all-reduce its gradient.
+Convolutions hold 4% of AlexNet's parameters and 92% of its compute (the 2014 paper: 90-95%):
+they run data-parallel on every rank (gradients all-reduced over the world). The FC layers hold
+the other 96%: each rank of an FC group of K ranks keeps 1/K of the neurons of fc6, fc7 and fc8
+and computes them for the K batches of its group (all-gathered conv features), so FC weights
+never cross the wire inside a group; only ranks holding the same slice in different groups
+all-reduce its gradient.
 
 Every rank's loss covers its own batch. Each gather's backward is a reduce-scatter, so a slice's
 gradient sums over the K batches it served; summed again over the groups and divided by the
