@@ -773,7 +773,7 @@ def _check_combinations(cfg: Config) -> None:
         )
     if not cfg.run.root.strip():  # it put the run folder into the working directory, a checkout say
         raise _refuse("run.root", "is empty: give a folder (. for the working directory)")
-    if cfg.model.weights and cfg.checkpoint.resume not in ("auto", "none"):
+    if cfg.model.weights and cfg.checkpoint.resume not in ("auto", "none") and not _resumes_own_checkpoint(cfg):
         raise ConfigError(
             f"config keys 'model.weights' and 'checkpoint.resume' both name a file; checkpoint.resume="
             f"{cfg.checkpoint.resume} continues that run (its optimizer, schedule and data position), "
@@ -805,6 +805,19 @@ def existing_file(key: str, value: str, noun: str, folder_hint: str = "") -> Pat
     if not path.exists():
         raise ConfigError(f"config key {key!r}: {noun} {path} does not exist", (key,))
     return path
+
+
+def _resumes_own_checkpoint(cfg: Config) -> bool:
+    """checkpoint.resume names a file of the run's own checkpoints folder: a run started from
+    model.weights and sent back to its previous.pt, whose config.yaml and checkpoints go on naming
+    the weights it began from (a config.yaml that did not load back)."""
+    if not cfg.run.name:
+        return False
+    own = Path(cfg.run.root).expanduser() / cfg.run.name / "checkpoints"
+    try:
+        return Path(cfg.checkpoint.resume).expanduser().parent.resolve() == own.resolve()
+    except (OSError, RuntimeError):  # a path that cannot be resolved (a link loop) is not the run's
+        return False
 
 
 def is_folder_name(name: str) -> bool:

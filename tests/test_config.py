@@ -182,6 +182,17 @@ def test_every_documented_imagenet_command_warms_up_a_batch_larger_than_the_pape
             assert cfg.schedule.warmup_epochs > 0, m.group(0)
 
 
+def test_model_weights_with_a_checkpoint_of_the_run_s_own_loads_back(tmp_path):
+    """A run started from model.weights and sent back to its own previous.pt records both (the
+    weights it began from, the checkpoint it went back to): its config.yaml did not load back, so
+    evaluate.py and export.py refused its checkpoints. Another run's checkpoint is still refused."""
+    own = tmp_path / "b" / "checkpoints" / "previous.pt"
+    args = ["model.weights=w.pth", f"run.root={tmp_path}", "run.name=b"]
+    assert load_config(None, [*args, f"checkpoint.resume={own}"]).checkpoint.resume == str(own)
+    with pytest.raises(ConfigError, match="'model.weights' and 'checkpoint.resume' both name a file"):
+        load_config(None, [*args, f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"])
+
+
 def test_every_recipe_loads():
     recipes = sorted((REPO / "launch" / "configs").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"demo", "imagenet"}
