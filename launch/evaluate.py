@@ -125,9 +125,10 @@ def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
     path = default_out(checkpoint, ten_crop) if out is None else Path(out)
     if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
         path = path / default_out(checkpoint, ten_crop).name
-    check_not_overwriting(path, checkpoint)
-    # the default place beside the checkpoint may be read-only (a shared model store)
-    check_output_file(path, f"--out {path}" if out is not None else f"the default output {path} (--out for another)")
+    # the default place beside the checkpoint may be read-only (a shared model store), or hold another file
+    what = f"--out {path}" if out is not None else f"the default output {path} (--out for another)"
+    check_not_overwriting(path, checkpoint, what)
+    check_output_file(path, what)
     return path
 
 
@@ -136,20 +137,20 @@ def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
 RESULT_KEYS = frozenset({"checkpoint", "crops", "images", "top1", "top5"})
 
 
-def check_not_overwriting(path: Path, checkpoint: Path) -> None:
+def check_not_overwriting(path: Path, checkpoint: Path, what: str) -> None:
     """--out replaces an earlier result, but nothing else: a mistyped --out (the checkpoint itself,
-    metrics.jsonl, /dev/null) was replaced by a few KB of JSON."""
+    metrics.jsonl, /dev/null) was replaced by a few KB of JSON. `what` names the output in errors."""
     if not path.exists():
         return
     try:
         if checkpoint.exists() and os.path.samefile(path, checkpoint):  # also through a link or another path
             raise OutputPathError(
-                f"--out {path}: that is the checkpoint being evaluated; name a JSON file or a folder "
+                f"{what}: that is the checkpoint being evaluated; name a JSON file or a folder "
                 "(nothing was overwritten)"
             )
     except OSError as exc:  # a file this user may not read
-        raise OutputPathError(f"--out {path}: {exc.strerror or exc}") from exc
-    check_replaceable(path, RESULT_KEYS, "launch/evaluate.py", f"--out {path}", "name a new file or a folder")
+        raise OutputPathError(f"{what}: {exc.strerror or exc}") from exc
+    check_replaceable(path, RESULT_KEYS, "launch/evaluate.py", what, "name a new file or a folder")
 
 
 def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:

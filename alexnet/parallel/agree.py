@@ -201,8 +201,8 @@ class CheckpointChangedError(CheckpointError):
 
 # Said with the error above: which of the two cases it is cannot be told from the files.
 CHANGED_ADVICE = (
-    "every rank read the same path: if a run is still training into it, it replaced the file between the ranks' "
-    "reads (run again, or use a copy of the file)"
+    "every rank read the same path: a run still training into it replaced the file between the ranks' reads (run "
+    "again, or use a copy of the file), or each node has a copy of its own there, and they differ"
 )
 
 
@@ -224,7 +224,7 @@ def check_same_checkpoint(
     except CheckpointError as exc:
         paths = gather_from_ranks(path)  # every rank is here: the check raises on all alike
         if may_be_written and paths[0] is not None and all(p == paths[0] for p in paths):
-            raise CheckpointChangedError(f"{exc}; {CHANGED_ADVICE}") from None
+            raise CheckpointChangedError(f"{str(exc).removesuffix(advice)}{CHANGED_ADVICE}") from None
         raise
 
 
