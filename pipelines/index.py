@@ -12,7 +12,7 @@ import os
 import re
 import tarfile
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -288,6 +288,7 @@ def load_file_list(
         raise DataError(f"file list {list_file} names no files")
     if every_class:
         check_every_class_listed(list_file, split_dir, found, [classes[i] for i in sorted(set(labels))])
+    check_extractions_finished(split_dir, found)  # a list names what a half-filled folder held at its scan
     return FileIndex(files, labels, list(classes))
 
 
@@ -321,32 +322,49 @@ def check_every_class_listed(list_file: Path, split_dir: Path, folders: list[str
         )
 
 
-def unfinished_extractions(split_dir: Path, counts: dict[str, int]) -> list[str]:
+def unfinished_extractions(
+    split_dir: Path, classes: Iterable[str], counts: Mapping[str, int] | None = None
+) -> list[str]:
     """A sentence for each class whose archive `<class>.tar` lies beside its folder holding more
-    images than the folder (`counts`: class -> images in its folder): the README's extraction
-    loop removes each archive after extracting it, so a killed loop leaves one beside a
-    half-filled folder, which would otherwise train as a class with a fraction of its images.
-    Only the archives' headers are read."""
+    images than the folder (`counts`: class -> images in its folder, where already counted): the
+    README's extraction loop removes each archive after extracting it, so a killed loop leaves one
+    beside a half-filled folder, which would otherwise train as a class with a fraction of its
+    images. A stat per class; a folder is listed and an archive's headers read only where an
+    archive lies."""
     found = []
-    for name, count in counts.items():
+    for name in classes:
         archive = split_dir / f"{name}.tar"
-        if not archive.is_file():
+        if not os.path.isfile(archive):  # False for a name too long to have an archive beside it, too
             continue
+        folder = split_dir / name
         try:
             with tarfile.open(archive) as tar:
                 held = sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
+            if counts is not None:
+                count = counts[name]
+            else:
+                count = len(scan_class_folder(folder).images) if folder.is_dir() else 0
         except (OSError, tarfile.TarError) as exc:
             found.append(f"{printable(str(archive))} lies beside class folder {name} and cannot be read ({exc})")
             continue
         if held > count:
             found.append(
-                f"class folder {printable(str(split_dir / name))} holds {count} image(s), the archive "
+                f"class folder {printable(str(folder))} holds {count} image(s), the archive "
                 f"{printable(str(archive))} beside it {held}: its extraction did not finish"
             )
     return found
 
 
 UNFINISHED_ADVICE = "extract the archive again into its folder and remove it, or move it out of the split folder"
+
+
+def check_extractions_finished(
+    split_dir: Path, classes: Iterable[str], counts: Mapping[str, int] | None = None
+) -> None:
+    """A DataError naming the classes of `unfinished_extractions`, with what to do."""
+    unfinished = unfinished_extractions(split_dir, classes, counts)
+    if unfinished:
+        raise DataError(f"{'; '.join(unfinished[:3])}: {UNFINISHED_ADVICE}")
 
 
 def build_file_index(split_dir: str | Path, classes: list[str] | None = None) -> FileIndex:
@@ -378,13 +396,11 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
         unread.extend(f"{name}/{f}" for f in entries.folders)
         skipped.extend(f"{name}/{f}" for f in entries.others)
     check_utf8_names(split_dir, files)
+    check_extractions_finished(split_dir, counts, counts)  # an empty folder beside its archive: this says why
     if empty:
         raise DataError(
             f"class folders without images in {split_dir}: {', '.join(empty[:5])}"
             + (" ..." if len(empty) > 5 else "")
             + " (a class folder holds its images itself; images in its subfolders are not read)"
         )
-    unfinished = unfinished_extractions(split_dir, counts)
-    if unfinished:
-        raise DataError(f"{'; '.join(unfinished[:3])}: {UNFINISHED_ADVICE}")
     return FileIndex(files, labels, list(classes), tuple(unread), tuple(skipped))

@@ -127,7 +127,9 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
         listing.files.extend(f"{name}/{n}" for n in entries.images)
         listing.unread_files.extend(f"{name}/{n}" for n in entries.others)
         listing.unread_folders.extend(f"{name}/{n}" for n in entries.folders)
-    problems.extend(f"{sentence}: {UNFINISHED_ADVICE}" for sentence in unfinished_extractions(split_dir, counts))
+    problems.extend(
+        f"{sentence}: {UNFINISHED_ADVICE}" for sentence in unfinished_extractions(split_dir, counts, counts)
+    )
     return listing
 
 
@@ -294,8 +296,9 @@ def print_report(result: ScanResult, out: Path, policy: Policy, stream: TextIO |
     for problem in result.problems:
         print(f"problem: {problem}", file=stream)
     if result.lists:
+        then = "fix the folder problems above, then train" if result.problems else "train"
         print(
-            f"file lists in {out}: train with data.train_files={out / 'train.txt'} data.val_files={out / 'val.txt'}",
+            f"file lists in {out}: {then} with data.train_files={out / 'train.txt'} data.val_files={out / 'val.txt'}",
             file=stream,
         )
 

@@ -685,8 +685,25 @@ def test_an_extraction_that_did_not_finish_stops_training_and_the_scan(tmp_path)
     held = len(extracted)
     with pytest.raises(DataError, match=rf"holds {held} image\(s\), the archive .*a\.tar beside it {held + 1}: its ex"):
         build_file_index(root / "train")
-    problems = scan(root, tmp_path / "out", workers=1).problems
-    assert len(problems) == 1 and "its extraction did not finish" in problems[0], problems
+    result = scan(root, tmp_path / "out", workers=1)
+    assert len(result.problems) == 1 and "its extraction did not finish" in result.problems[0], result.problems
+    said = io.StringIO()
+    print_report(result, tmp_path / "out", Policy(), stream=said)
+    assert "fix the folder problems above, then train with data.train_files=" in said.getvalue()
+    # its lists name what the half-filled folder held: refused too (training from them did not look)
+    with pytest.raises(DataError, match=r"holds 2 image\(s\), the archive .*a\.tar beside it 3"):
+        load_file_list(tmp_path / "out" / "train.txt", root / "train")
+    for name in extracted:  # the loop killed right after its mkdir: an empty folder says why too
+        (folder / name).rename(tmp_path / name)
+    with pytest.raises(DataError, match=r"holds 0 image\(s\), the archive"):
+        build_file_index(root / "train")
+    for name in extracted:
+        (tmp_path / name).rename(folder / name)
+    from pipelines.index import unfinished_extractions
+
+    assert (
+        unfinished_extractions(root / "train", ["x" * 255]) == []
+    )  # "<255 bytes>.tar" is no file name: none lies there
     with tarfile.open(root / "train" / "a.tar", "w") as tar:  # every image extracted: not a problem
         for name in sorted(os.listdir(folder)):
             tar.add(folder / name, name)
