@@ -701,9 +701,7 @@ def test_an_extraction_that_did_not_finish_stops_training_and_the_scan(tmp_path)
         (tmp_path / name).rename(folder / name)
     from pipelines.index import unfinished_extractions
 
-    assert (
-        unfinished_extractions(root / "train", ["x" * 255]) == []
-    )  # "<255 bytes>.tar" is no file name: none lies there
+    assert unfinished_extractions(root / "train", ["x" * 255]) == []  # "<255 bytes>.tar" cannot exist
     with tarfile.open(root / "train" / "a.tar", "w") as tar:  # every image extracted: not a problem
         for name in sorted(os.listdir(folder)):
             tar.add(folder / name, name)
