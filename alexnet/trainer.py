@@ -905,10 +905,11 @@ class Trainer:
             "accum_steps": self.cfg.train.accum_steps,
             "global_batch": self.plan.global_batch,
             "parallel_mode": self.mesh.mode,
-            "fc_group": self.mesh.shape.model_size,  # ranks per model: the hybrid's resolved parallel.fc_group
             "device": self.env.device.type,
             "amp": self.amp.name,
             "pipeline": self.cfg.data.pipeline,
+            # the hybrid's parallel.fc_group as resolved (0: the processes per node); a resume compares it
+            **({"fc_group": self.mesh.shape.model_size} if self.mesh.mode == "hybrid" else {}),
         }
 
     def _note_training_setup(self) -> None:
