@@ -88,8 +88,9 @@ class StopRequest:
     def install(self) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
-        # launch/train.py blocks SIGUSR1 at its start: one sent since then is heard now
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # launch/train.py blocks SIGUSR1 at its start: one sent since then is heard now (only that
+        # one: a notebook's own mask of the others stays as it is)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
     def _on_signal(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         if signum == signal.SIGINT:

@@ -14,9 +14,10 @@ import signal
 STARTED_UNDER = os.getppid()
 # slurm/alexnet.sh has torchrun ignore SIGUSR1, and its workers inherited that: a SIGUSR1 sent to
 # the job step while they imported torch and formed the process group was discarded, and the job
-# ran into its time limit, not requeued. Blocked (with its default action: an ignored signal is
-# discarded even while blocked), it waits until alexnet.stop.StopRequest.install unblocks it under
-# its handler, and is served after the first step as any request during the setup.
+# ran into its time limit, not requeued. Blocked, it stays pending until alexnet.stop.StopRequest.
+# install unblocks it under its handler, and is served after the first step as any request during
+# the setup. Its action is set to the default too: POSIX leaves it open whether a blocked signal
+# whose action is "ignore" is kept (Linux keeps it).
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 

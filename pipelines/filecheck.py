@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -417,14 +418,14 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
 
     DALI names the file for data truncated after its header ("Failed to decode sample #i : PATH")
     and empty files ("File mapping failed: PATH"), not for data it cannot identify or a header cut
-    short ("nvImageCodec failure"), nor for some TIFF sample layouts it refuses: then every file
-    is checked for leading bytes of no format DALI decodes (16 bytes a file: the commonest damage,
-    a web page or an empty download saved as .JPEG, is found wherever it lies in ImageNet's 1.28
-    million files), then the first `sniff_limit` files for a header PIL cannot parse (about 50 us
-    a file), for a JPEG that ends before its first scan (which PIL opens), for a TIFF layout DALI
-    refuses, for a PNG cut short (its last bytes read; the whole file only where they are not its
-    IEND chunk). The bound keeps a failing rank from parsing a million headers while the others
-    wait for it in a collective.
+    short ("nvImageCodec failure"), nor for some TIFF sample layouts it refuses: then the files
+    are checked for leading bytes of no format DALI decodes (16 bytes a file, for up to
+    LEADING_BYTES_SECONDS: the commonest damage, a web page or an empty download saved as .JPEG,
+    is found wherever it lies in ImageNet's 1.28 million files on a local disk), then the first
+    `sniff_limit` files for a header PIL cannot parse (about 50 us a file), for a JPEG that ends
+    before its first scan (which PIL opens), for a TIFF layout DALI refuses, for a PNG cut short
+    (its last bytes read; the whole file only where they are not its IEND chunk). The bounds keep
+    a failing rank from reading a million files while the others wait for it in a collective.
     """
     if not _DECODER_ERROR.search(message):
         return None
@@ -439,7 +440,7 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
         return DataError(f"cannot decode {_with_reasons(bad, dali_line)}. {how_to_exclude(bad[0])}")
     candidates = files[:sniff_limit]
     suspects = (
-        _first_five(files, _unrecognised)
+        _first_five(_for_at_most(files, LEADING_BYTES_SECONDS), _unrecognised)
         or _first_five(candidates, _header_unreadable)
         or _first_five(candidates, _jpeg_without_scan)
         or _first_five(candidates, _tiff_refused)
@@ -454,6 +455,21 @@ def explain_decode_failure(message: str, files: list[str], sniff_limit: int = 20
         f"DALI could not read an image and did not name the file ({dali_line}). "
         + how_to_exclude(files[0] if files else "")
     )
+
+
+# The leading-bytes check's time on a failing rank, which the other ranks wait out in a collective
+# (parallel.timeout_s): ImageNet's 1.28 M files take about 35 s on a local disk, minutes on a
+# network file system (0.3-1 ms an open).
+LEADING_BYTES_SECONDS = 90.0
+
+
+def _for_at_most(items: list[str], seconds: float) -> Iterator[str]:
+    """`items` until `seconds` have passed."""
+    end = time.monotonic() + seconds
+    for item in items:
+        if time.monotonic() > end:
+            return
+        yield item
 
 
 # Failures inside a decoder operator that are about the machine, not the file being decoded.
