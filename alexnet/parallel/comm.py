@@ -117,11 +117,26 @@ class _GatherCat(torch.autograd.Function):
         chunks = [_pad_to(g, dim, biggest) for g in grad.split(sizes, dim=dim)]
         out = torch.empty_like(chunks[ctx.rank])
         with ctx.counter.timing(ctx.kind, grad.device) if ctx.counter is not None else nullcontext():
-            dist.reduce_scatter(out, chunks, group=ctx.group)
+            reduce_scatter(out, chunks, ctx.group)
         if ctx.counter is not None:
             nbytes = out.numel() * out.element_size()
             ctx.counter.add(ctx.kind, nbytes * len(sizes), nbytes * (len(sizes) - 1))
         return out.narrow(dim, 0, sizes[ctx.rank]), None, None, None, None, None
+
+
+def reduce_scatter(out: Tensor, chunks: list[Tensor], group) -> None:
+    """dist.reduce_scatter: `out` = the sum over the group's ranks of their chunks[this rank]. The
+    gloo backend (CPU runs) has it only from torch 2.8; before, each rank raises at once, without
+    communicating, and the chunks (all of `out`'s shape) go laid end to end through
+    reduce_scatter_tensor, which gloo had (torch 2.14 deprecates it, and reaches the first form)."""
+    try:
+        dist.reduce_scatter(out, chunks, group=group)
+    except RuntimeError as exc:
+        if "does not support reduce_scatter" not in str(exc):
+            raise
+        part = torch.empty(out.numel(), dtype=out.dtype, device=out.device)
+        dist.reduce_scatter_tensor(part, torch.cat([c.reshape(-1) for c in chunks]), group=group)
+        out.copy_(part.view(out.shape))
 
 
 def gather_cat(

@@ -1,0 +1,39 @@
+"""torchrun --nproc_per_node=2: alexnet.parallel.comm.reduce_scatter where gloo lacks
+dist.reduce_scatter (torch before 2.8) gives what it gives where gloo has it. Prints one JSON line
+per rank: whether both results are equal."""
+
+import json
+
+import torch
+import torch.distributed as dist
+
+from alexnet.parallel.comm import reduce_scatter
+
+
+def results() -> tuple[torch.Tensor, torch.Tensor]:
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(rank)
+    # chunks of a channels split (not contiguous), as _GatherCat's backward gives them
+    grad = torch.randn(3, 2 * 5, 4, generator=gen)
+    chunks = list(grad.split(5, dim=1))
+    native = torch.empty(3, 5, 4)
+    reduce_scatter(native, chunks, None)
+    real = dist.reduce_scatter
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+    dist.reduce_scatter = unsupported
+    try:
+        fallback = torch.empty(3, 5, 4)
+        reduce_scatter(fallback, chunks, None)
+    finally:
+        dist.reduce_scatter = real
+    return native, fallback
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    native, fallback = results()
+    print(json.dumps({"rank": dist.get_rank(), "equal": torch.equal(native, fallback), "norm": native.norm().item()}))
+    dist.destroy_process_group()
