@@ -348,14 +348,15 @@ class Trainer:
         statistics without a word."""
         lighting = self.splits.lighting
         stats = None if lighting is None else lighting.stats
-        check_same_contents(
-            None
-            if stats is None
-            else (
+        found = None
+        if stats is not None:
+            found = (
                 stats.source,
                 (stats.eigval, stats.eigvec),
                 "eigenvalues " + ", ".join(f"{v:.1f}" for v in stats.eigval),
-            ),
+            )
+        check_same_contents(
+            found,
             "read different PCA lighting statistics",
             "every node needs the same statistics: the same <data root>/pca_lighting.json, or data.lighting_stats",
             DataError,
