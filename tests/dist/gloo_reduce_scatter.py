@@ -1,8 +1,10 @@
-"""torchrun --nproc_per_node=2: alexnet.parallel.comm.reduce_scatter where gloo lacks
-dist.reduce_scatter (torch before 2.8) gives what it gives where gloo has it. Prints one JSON line
-per rank: whether both results are equal."""
+"""torchrun --nproc_per_node=2 gloo_reduce_scatter.py OUT_DIR: alexnet.parallel.comm.reduce_scatter
+where gloo lacks dist.reduce_scatter (torch before 2.8) gives what it gives where gloo has it.
+Writes OUT_DIR/rank<r>.json: whether both results are equal."""
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,5 +37,6 @@ def results() -> tuple[torch.Tensor, torch.Tensor]:
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     native, fallback = results()
-    print(json.dumps({"rank": dist.get_rank(), "equal": torch.equal(native, fallback), "norm": native.norm().item()}))
+    result = {"equal": torch.equal(native, fallback), "norm": native.norm().item()}
+    Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
