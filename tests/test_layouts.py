@@ -145,7 +145,8 @@ def test_hybrid_fc_slices_go_over_the_wire_in_the_comm_hooks_half_precision(tmp_
 def test_reduce_scatter_where_gloo_lacks_it_gives_the_same_sums(tmp_path):
     """gloo has dist.reduce_scatter only from torch 2.8 (setup.cfg admits 2.6): towers and hybrid
     stopped at their first backward on the CPU ("ProcessGroupGloo does not support
-    reduce_scatter"). Here that error is raised on purpose and the fallback's sums are compared."""
+    reduce_scatter"). Here that error is raised on purpose and the fallback's sums are compared
+    (on torch 2.8 and later; before, both are the fallback's, and the layout tests above check it)."""
     check(torchrun([REPO / "tests" / "dist" / "gloo_reduce_scatter.py", tmp_path], nproc=2))
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert all(r["equal"] and r["norm"] > 0 for r in results), results
