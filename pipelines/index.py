@@ -322,11 +322,9 @@ def check_every_class_listed(list_file: Path, split_dir: Path, folders: list[str
         )
 
 
-def unfinished_extractions(
-    split_dir: Path, classes: Iterable[str], counts: Mapping[str, int] | None = None
-) -> list[str]:
+def unfinished_extractions(split_dir: Path, classes: Iterable[str] | Mapping[str, int]) -> list[str]:
     """A sentence for each class whose archive `<class>.tar` lies beside its folder holding more
-    images than the folder (`counts`: class -> images in its folder, where already counted): the
+    images than the folder (`classes` a mapping: class -> images in its folder, already counted): the
     README's extraction loop removes each archive after extracting it, so a killed loop leaves one
     beside a half-filled folder, which would otherwise train as a class with a fraction of its
     images. A stat per class; a folder is listed and an archive's headers read only where an
@@ -340,8 +338,8 @@ def unfinished_extractions(
         try:
             with tarfile.open(archive) as tar:
                 held = sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
-            if counts is not None:
-                count = counts[name]
+            if isinstance(classes, Mapping):
+                count = classes[name]
             else:
                 count = len(scan_class_folder(folder).images) if folder.is_dir() else 0
         except (OSError, tarfile.TarError) as exc:
@@ -358,11 +356,9 @@ def unfinished_extractions(
 UNFINISHED_ADVICE = "extract the archive again into its folder and remove it, or move it out of the split folder"
 
 
-def check_extractions_finished(
-    split_dir: Path, classes: Iterable[str], counts: Mapping[str, int] | None = None
-) -> None:
+def check_extractions_finished(split_dir: Path, classes: Iterable[str] | Mapping[str, int]) -> None:
     """A DataError naming the classes of `unfinished_extractions`, with what to do."""
-    unfinished = unfinished_extractions(split_dir, classes, counts)
+    unfinished = unfinished_extractions(split_dir, classes)
     if unfinished:
         raise DataError(f"{'; '.join(unfinished[:3])}: {UNFINISHED_ADVICE}")
 
@@ -396,7 +392,7 @@ def build_file_index(split_dir: str | Path, classes: list[str] | None = None) ->
         unread.extend(f"{name}/{f}" for f in entries.folders)
         skipped.extend(f"{name}/{f}" for f in entries.others)
     check_utf8_names(split_dir, files)
-    check_extractions_finished(split_dir, counts, counts)  # an empty folder beside its archive: this says why
+    check_extractions_finished(split_dir, counts)  # an empty folder beside its archive: this says why
     if empty:
         raise DataError(
             f"class folders without images in {split_dir}: {', '.join(empty[:5])}"

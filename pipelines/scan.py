@@ -127,9 +127,7 @@ def list_split(split_dir: Path, problems: list[str]) -> SplitListing | None:
         listing.files.extend(f"{name}/{n}" for n in entries.images)
         listing.unread_files.extend(f"{name}/{n}" for n in entries.others)
         listing.unread_folders.extend(f"{name}/{n}" for n in entries.folders)
-    problems.extend(
-        f"{sentence}: {UNFINISHED_ADVICE}" for sentence in unfinished_extractions(split_dir, counts, counts)
-    )
+    problems.extend(f"{sentence}: {UNFINISHED_ADVICE}" for sentence in unfinished_extractions(split_dir, counts))
     return listing
 
 
