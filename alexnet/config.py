@@ -162,6 +162,8 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `key=value` overrides, then validation."""
+    if isinstance(overrides, str):  # iterated, "optim.lr=0.5" was the override 'o'
+        raise ConfigError(f"overrides must be a list of key=value strings; got the string {overrides!r}")
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_recipe(Path(path))
@@ -175,6 +177,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError as exc:
         raise ConfigError(f"{exc}{_where_set(exc.keys, values)}", exc.keys) from None
     return cfg
+
+
+def check_config(cfg: Config) -> Config:
+    """A Config built or changed in Python (its dataclasses are mutable), checked as load_config
+    checks a file's: types, choices, ranges and a new run's sizes. A run trained from an unchecked
+    one (optim.momentum=1.5) wrote a config.yaml that neither its resume nor evaluate.py loaded."""
+    checked = config_from_dict(config_to_dict(cfg), "the Config given")
+    _check_new_run_sizes(checked)
+    return checked
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -61,6 +61,8 @@ def build_amp(mode: Literal["auto", "bf16", "fp16", "off"], device: torch.device
         return AmpPolicy(device.type, None, None)
     if mode == "bf16":
         return AmpPolicy(device.type, torch.bfloat16, None)
+    if mode != "fp16":  # a Config edited in Python ("BF16") took the fp16 branch below
+        raise ConfigError(f"config key 'train.amp' must be auto, bf16, fp16 or off; got {mode!r}", ("train.amp",))
     if device.type != "cuda":
         raise ConfigError(
             "config key 'train.amp' is 'fp16', which needs a CUDA device; use bf16 or off on the CPU", ("train.amp",)
@@ -209,20 +211,25 @@ def accumulated_step(
     scaler = amp.scaler if amp.scaler is not None and amp.scaler.is_enabled() else None
     rows = sum(b.labels.shape[0] for b in batches)
     loss_sum = correct = None
-    for i, batch in enumerate(batches):
-        with nullcontext() if i == len(batches) - 1 else _deferred_sync(model):
-            apply_dropout_context(model, batch.dropout)
-            with amp.autocast():
-                logits = model(batch.images)
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            # One batch: its loss as it is (the step of before accumulation, bitwise).
-            share = loss * (batch.labels.shape[0] / rows) if len(batches) > 1 else loss
-            (scaler.scale(share) if scaler is not None else share).backward()
-        with torch.no_grad():
-            part = loss.detach() * batch.labels.shape[0]
-            hits = topk_correct(logits.detach(), batch.labels)
-            loss_sum = part if loss_sum is None else loss_sum + part
-            correct = hits if correct is None else correct + hits
+    try:
+        for i, batch in enumerate(batches):
+            with nullcontext() if i == len(batches) - 1 else _deferred_sync(model):
+                apply_dropout_context(model, batch.dropout)
+                with amp.autocast():
+                    logits = model(batch.images)
+                loss = F.cross_entropy(logits.float(), batch.labels)
+                # One batch: its loss as it is (the step of before accumulation, bitwise).
+                share = loss * (batch.labels.shape[0] / rows) if len(batches) > 1 else loss
+                (scaler.scale(share) if scaler is not None else share).backward()
+            with torch.no_grad():
+                part = loss.detach() * batch.labels.shape[0]
+                hits = topk_correct(logits.detach(), batch.labels)
+                loss_sum = part if loss_sum is None else loss_sum + part
+                correct = hits if correct is None else correct + hits
+    finally:
+        # Plain dropout again: a later forward in train mode outside a step (a user's own loop
+        # over the model) reused the last batch's masks, or failed at another batch size.
+        apply_dropout_context(model, None)
     assert loss_sum is not None and correct is not None, "a step needs at least one batch"
     sync = after_backward if isinstance(after_backward, StepSync) else replicated_sync(model, after_backward)
     sync()

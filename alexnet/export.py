@@ -444,11 +444,14 @@ def export_checked(final: Path, export_and_check: Callable[[Path], ExportCheck])
 
 
 def export_checkpoint(
-    checkpoint: Path, out_dir: Path, name: str, formats: list[str] | tuple[str, ...] | None = None
+    checkpoint: str | Path, out_dir: str | Path, name: str, formats: list[str] | tuple[str, ...] | None = None
 ) -> list[ExportCheck]:
     """Every requested format (default: `default_formats`), each checked on a batch of 3 after
     tracing with a batch of 2 (so a batch size baked into the graph fails); the `.torchvision.pth`
     with its sidecar, written once it is kept (a failed export leaves nothing)."""
+    if isinstance(formats, str):  # iterated, "torchscript" was the unknown format 't'
+        formats = [formats]
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     loaded = build_model_from_checkpoint(checkpoint)
     variant = loaded.config.model.variant
     asked = bool(formats)

@@ -196,6 +196,36 @@ def _lrn_scale(
     return s, _pow_neg(s, c.beta, out=inv_out)
 
 
+def _lrn_out_of_place(x: Tensor, c: LRNConstants, groups: int, band: Tensor | None) -> Tensor:
+    """x * s^-beta by _lrn_scale's operations in its order (so the same values), without its
+    in-place steps and out= arguments: what a tracer recording with gradients on can take
+    (torch.jit.trace recorded _LRNFunction's batch-dependent loop and could not save its Python
+    call; torch.export refused out= under autograd)."""
+    scaled_sq = (x * c.root_alpha).square()
+    if band is None:
+        width = x.shape[1] // groups
+        source = scaled_sq.unflatten(1, (groups, width))
+        s = source + c.k
+        for d in range(1, min(c.size // 2, width - 1) + 1):  # _window_sum_shifted's adds, zero-padded
+            s = s + F.pad(source.narrow(2, 0, width - d), (0, 0, 0, 0, d, 0))
+            s = s + F.pad(source.narrow(2, d, width - d), (0, 0, 0, 0, 0, d))
+        s = s.flatten(1, 2)
+    else:
+        s = _window_sum_banded(scaled_sq, band, groups) + c.k
+    if c.beta != 0.75:
+        return x * s.pow(-c.beta)
+    if s.dtype == torch.float16:
+        r = s.rsqrt()
+        return x * (r * r.sqrt())
+    return x * (s.sqrt() * s).rsqrt()
+
+
+def _tracing() -> bool:
+    """Whether torch.jit.trace or torch.export is recording (torch.compiler.is_exporting: torch 2.5+)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or (is_exporting is not None and is_exporting())
+
+
 # Samples per LRN chunk on a CPU: as many as fit in about this many bytes per tensor, so a chunk's
 # intermediate tensors stay in the cache between the element-wise passes instead of each pass
 # streaming the whole batch through memory (the conv1 LRN input is 37 MB at batch 32). Measured
@@ -279,10 +309,11 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: Tensor, groups: int = 1) -> Tensor:
         band = self.window_band(x, groups)
+        if _tracing():
+            return _lrn_out_of_place(x, self.constants, groups, band)
         if not (torch.is_grad_enabled() and x.requires_grad):
-            # Inference (evaluation, TorchScript and ONNX export): the same arithmetic as
-            # _LRNFunction.forward in plain tensor ops, which tracing and torch.export can record
-            # (a Python autograd.Function cannot be exported); the Function only serves backward.
+            # Inference (evaluation): the same arithmetic as _LRNFunction.forward, the whole batch
+            # at once and without the tensors backward keeps; the Function only serves backward.
             return x * _lrn_scale(x, self.constants, groups, band)[1]
         return _LRNFunction.apply(x, self.constants, groups, band, lrn_batch_chunk(x))
 

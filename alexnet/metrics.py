@@ -188,9 +188,10 @@ def record_key(record: dict[str, Any]) -> tuple[Any, Any, Any]:
     return record.get("split"), record.get("epoch"), record.get("step")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl. A line that is not a JSON object (a write cut short by a
     crash) is skipped with a warning: one torn line does not cost the rest of the record."""
+    path = Path(path)
     records = []
     # The trainer writes ASCII JSON; bytes that are not UTF-8 (a damaged file) fail their line only.
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):

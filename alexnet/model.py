@@ -154,7 +154,20 @@ class PaperAlexNet(nn.Module):
         h = F.relu(self.conv4[t](h))
         return torch.flatten(self.pool(F.relu(self.conv5[t](h))), 1)
 
+    def check_input(self, x: Tensor) -> None:
+        """fc6's fan-in is fixed by input_size: a batch of another size (224 for a model of 227)
+        failed in fc6 with "mat1 and mat2 shapes cannot be multiplied", an unbatched image in the
+        LRN. Sizes giving the same pool5 (227 to 230) are all right."""
+        side = pool5_size(self.input_size)
+        if x.dim() != 4 or x.shape[1] != 3 or any(n < 67 or pool5_size(n) != side for n in x.shape[-2:]):
+            raise ValueError(
+                f"the paper model built for input_size={self.input_size} (its data.crop) takes batches "
+                f"[N, 3, H, W] with H and W giving a {side}x{side} pool5, as {self.input_size} does; "
+                f"got {tuple(x.shape)}"
+            )
+
     def forward_features(self, x: Tensor) -> Tensor:
+        self.check_input(x)
         if self._both_towers_here():
             return self._fused_features(x)
         x3 = self.exchange([self._conv1_2(t, x) for t in self.towers], "conv3_input")
@@ -210,6 +223,8 @@ def init_weights(model: nn.Module, init: Init) -> None:
         init_paper_weights(model)
     elif init == "kaiming":
         init_kaiming_weights(model)
+    elif init != "auto":  # "xavier" left PyTorch's default init, silently
+        raise ValueError(f"init must be paper, kaiming or auto; got {init!r}")
 
 
 def head_pieces(model: nn.Module) -> dict[str, list[str]]:

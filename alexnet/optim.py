@@ -8,6 +8,7 @@ batch and scaled linearly with the actual global batch (Goyal et al. 2017), with
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 IMPLEMENTATION_KEYS = frozenset({"foreach", "fused", "differentiable", "capturable"})
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig, lr: float) -> torch.optim.SGD:
     """Weight decay on weights only: cuda-convnet, which trained the paper's model, sets no decay
     on biases.
 
@@ -37,6 +38,7 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimConf
     is the same formula. Elsewhere (a device without the kernel, a non-float parameter) it is
     PyTorch's default path: the fused kernel checks its parameters only at its first step, so the
     choice is made here, not by catching that step's error."""
+    named_params = list(named_params)  # read twice below: model.named_parameters() is a generator
     decay = [p for n, p in named_params if p.ndim > 1]
     no_decay = [p for n, p in named_params if p.ndim <= 1]
     groups = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from alexnet.config import Config, config_to_dict
+from alexnet.config import Config, check_config, config_to_dict
 from alexnet.data import check_pipeline_installed
 from alexnet.parallel.agree import SETUP_ERRORS, check_same_settings, flat_settings, share_setup_failure
 from alexnet.parallel.env import init_distributed, log_rank, shutdown_distributed
@@ -41,9 +41,10 @@ def run_training(
     """The run; the signal handlers it installs are put back as they were unless
     `keep_stop_handlers` (launch/train.py, whose process ends with the run: `exit_process`
     ignores the signals then, and until then a late SIGTERM must not kill a completed run).
-    `started_under`: the process's parent at its start (init_distributed)."""
+    `started_under`: the process's parent at its start (init_distributed). A process group the
+    caller started is left to the caller."""
     init_logging(log_rank())
-    cfg = with_run_name(cfg, config_path)
+    cfg = with_run_name(check_config(cfg), config_path)
     apply_process_settings(cfg.train)
     handlers = stop_handlers()
     env = init_distributed(cfg.parallel.timeout_s, started_under=started_under)
@@ -63,6 +64,6 @@ def run_training(
         assert plan is not None  # else that raised
         return Trainer(cfg, env, mesh, plan, stop).fit()
     finally:
-        shutdown_distributed()
+        shutdown_distributed(env)
         if not keep_stop_handlers:
             put_back_handlers(handlers)

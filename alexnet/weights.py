@@ -64,12 +64,12 @@ class WeightsFile:
 
 
 def apply_start_weights(
-    model: nn.Module, path: Path, classes: list[str] | None, normalisation: tuple[list[float], list[float]]
+    model: nn.Module, path: str | Path, classes: list[str] | None, normalisation: tuple[list[float], list[float]]
 ) -> StartWeights:
     """Load `path`'s weights into the single-device `model` (built and initialised). `classes`:
     the training data's class folders (None for synthetic data), held against a checkpoint's;
     `normalisation`: this run's data.mean and data.std, likewise."""
-    found = read_state_dict(path)
+    found = read_state_dict(Path(path))
     own = model.state_dict()
     state = _without_holder_prefix(found.state, own)
     head = frozenset(f"{piece}.{kind}" for piece in head_pieces(model)["fc8"] for kind in ("weight", "bias"))

@@ -279,7 +279,7 @@ def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report 
         check_same_settings({**flat_settings(config_to_dict(cfg)), **options}, "settings", BENCH_MAY_DIFFER)
         report = run(env)
     finally:
-        shutdown_distributed()
+        shutdown_distributed(env)
     if report is not None:
         print(format_table(report.results, TABLE))
     return report

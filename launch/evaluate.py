@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(exc))
         return 1
     finally:
-        shutdown_distributed()
+        shutdown_distributed(env)
     return 0
 
 

@@ -335,3 +335,15 @@ def test_the_first_step_s_batches_accumulate_in_ddp_s_buckets(tmp_path):
     result = json.loads(out.read_text())
     assert result["bucket_view"] == [True, True, True], result
     assert result["own_grads"] == [True, True, True], result  # zeroed in place from the second step: kept
+
+
+def test_a_step_leaves_the_model_s_dropout_plain():
+    """The step's dropout context stayed on the model: a later forward in train mode outside a step
+    (a user's own loop) drew the same mask every call, and another batch size failed."""
+    torch.manual_seed(0)
+    model = build_model("paper", 10, input_size=67, fc_width=16)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(), 0.01)
+    images, labels = torch.randn(8, 3, 67, 67), torch.randint(0, 10, (8,))
+    accumulated_step(model, micro_batches(images, labels, 0, [4, 4]), opt, AMP_OFF)
+    x = torch.randn(3, 3, 67, 67)
+    assert not torch.equal(model(x), model(x))  # fresh masks, at a batch size the step did not use

@@ -503,3 +503,53 @@ def test_paper_model_computes_the_papers_network():
         model.exchange = lambda parts, point: torch.cat(list(parts), dim=1)  # tower by tower
         assert not model._both_towers_here()
         torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_batch_of_another_size_than_the_model_s_is_refused_by_name():
+    """224 images into a model built for 227 failed in fc6 ("mat1 and mat2 shapes cannot be
+    multiplied (1x6400 and 9216x2048)"), an unbatched image inside the LRN."""
+    model = build_model("paper", 10, fc_width=16).eval()
+    assert model(torch.randn(1, 3, 230, 229)).shape == (1, 10)  # the same 6x6 pool5
+    for shape in [(1, 3, 224, 224), (3, 227, 227), (1, 1, 227, 227), (1, 3, 227, 66)]:
+        with pytest.raises(ValueError, match=r"input_size=227 \(its data.crop\).*got \(" + ", ".join(map(str, shape))):
+            model(torch.randn(shape))
+
+
+def test_an_unknown_init_is_refused():
+    for variant in ("paper", "torchvision"):
+        with pytest.raises(ValueError, match="init must be paper, kaiming or auto; got 'xavier'"):
+            build_model(variant, 10, input_size=67, init="xavier")
+
+
+@pytest.mark.parametrize("record", ["trace", "export"])
+def test_the_paper_model_is_recorded_by_trace_and_export_with_gradients_on(record, tmp_path):
+    """PyTorch's recipes trace or export a model in eval mode without torch.no_grad(): the LRN's
+    autograd Function was recorded with its batch-dependent loop (trace: "Graphs differed across
+    invocations"; saving: "Could not export Python function call") or refused (export: out=
+    arguments under autograd). The recorded graph now computes the model's own values."""
+    torch.manual_seed(0)
+    model = build_model("paper", 10, input_size=67, fc_width=16).eval()
+    x = torch.randn(4, 3, 67, 67)
+    with torch.no_grad():
+        expected = model(x)
+    if record == "trace":
+        traced = torch.jit.trace(model, x)
+        torch.jit.save(traced, tmp_path / "m.pt")
+        recorded = torch.jit.load(tmp_path / "m.pt")
+    else:
+        batch = torch.export.Dim("batch")
+        recorded = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}}).module()
+    with torch.no_grad():
+        assert torch.equal(recorded(x), expected)
+        assert torch.allclose(recorded(x[:3]), expected[:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_lrn_for_tracers_is_the_inference_arithmetic_bitwise(dtype, memory_format):
+    from alexnet.layers import _lrn_out_of_place, _lrn_scale
+
+    torch.manual_seed(0)
+    a = (torch.randn(3, 96, 9, 9).abs() * 30).to(dtype).contiguous(memory_format=memory_format)
+    for groups in (1, 2):
+        assert torch.equal(_lrn_out_of_place(a, PAPER_LRN, groups, None), a * _lrn_scale(a, PAPER_LRN, groups, None)[1])

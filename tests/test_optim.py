@@ -279,3 +279,19 @@ def test_a_resume_says_where_changed_settings_move_the_rate():
     assert rate_change(ScheduleConfig(name="plateau", factor=0.1), 16, plateau, 40) is None  # factor: later ones
     warm = LrSchedule(ScheduleConfig(name="constant", warmup_epochs=4), 1.0, 4, 16)
     assert rate_change(ScheduleConfig(name="constant"), 16, warm, 8) == (pytest.approx(1.0), pytest.approx(0.55))
+
+
+def test_build_optimizer_takes_named_parameters_as_a_generator():
+    """named_params was read twice: given model.named_parameters() itself, the biases' group was
+    empty and every bias stayed at its initial value."""
+    model = PaperAlexNet(10, input_size=67, fc_width=16)
+    opt = build_optimizer(model.named_parameters(), OptimConfig(), lr=0.01)
+    sizes = {g["name"]: len(g["params"]) for g in opt.param_groups}
+    assert sizes == {"weights": 16, "biases": 16}
+
+
+@pytest.mark.parametrize("mode", ["BF16", "bf-16", "fp32"])
+def test_build_amp_refuses_an_unknown_mode(mode):
+    """Anything not auto, bf16 or off took the fp16 branch: fp16 with a loss scaler on a GPU."""
+    with pytest.raises(ConfigError, match=f"'train.amp' must be auto, bf16, fp16 or off; got '{mode}'"):
+        build_amp(mode, torch.device("cpu"))

@@ -135,3 +135,33 @@ def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
         assert capfd.readouterr().err.count("[rank 0] finished after 1 epoch") == 2  # once per run, not twice
     finally:
         root.removeHandler(kept)
+
+
+def test_a_run_leaves_the_caller_s_process_group_and_refuses_an_unchecked_config(tmp_path):
+    """A script's or notebook's own process group: the run destroyed it at its end (a later
+    barrier failed: "Default process group has not been initialized"). And a Config changed in
+    Python after load_config was trained unchecked: momentum 1.5 ran, and wrote a config.yaml
+    that neither its resume nor evaluate.py could load."""
+    code_text = (
+        "import torch.distributed as dist\n"
+        "from alexnet.config import ConfigError, load_config\n"
+        "from alexnet.run import run_training\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
+        f"cfg = load_config(None, {[*SYNTHETIC_TRAIN, 'train.epochs=1', f'run.root={tmp_path}', 'run.name=kept']!r})\n"
+        "run_training(cfg, None)\n"
+        "assert dist.is_initialized()\n"
+        "dist.barrier()\n"
+        "cfg.optim.momentum = 1.5\n"
+        "cfg.run.name = 'unchecked'\n"
+        "try:\n"
+        "    run_training(cfg, None)\n"
+        "except ConfigError as exc:\n"
+        "    print('refused:', exc)\n"
+        "assert dist.is_initialized()\n"
+        "dist.destroy_process_group()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: config key 'optim.momentum' must be in [0, 1); got 1.5" in proc.stdout
+    assert (tmp_path / "kept" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "unchecked").exists()

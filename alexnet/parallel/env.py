@@ -48,6 +48,9 @@ class DistEnv:
     # parent pid changes: alexnet.stop takes that as a stop request, with a checkpoint. Only under
     # torchrun: a process started with nohup outlives its shell by design.
     launcher_pid: int | None = None
+    # Whether init_distributed started the world's process group: one the caller started (a
+    # script, a notebook, a test harness) is the caller's to destroy, not the run's.
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -129,7 +132,8 @@ def init_distributed(
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         if use_cuda:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         apply_debug_level(backend, rank)
@@ -146,7 +150,7 @@ def init_distributed(
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_setting}={timeout_s:g} s "
                 f"({exc}); start every rank (torchrun starts them all), with the same MASTER_ADDR and MASTER_PORT"
             ) from exc
-    return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s, launcher_pid)
+    return DistEnv(rank, local_rank, world, local_world, device, backend, timeout_s, launcher_pid, owns_group)
 
 
 def apply_debug_level(backend: str, rank: int) -> None:
@@ -214,12 +218,15 @@ def _restart_safe_store(rank: int, world: int, timeout_s: float) -> dict:
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
 
 
-def shutdown_distributed() -> None:
-    """Destroy the process group, after the DDP wrappers that are garbage. A wrapper in a
+def shutdown_distributed(env: DistEnv | None = None) -> None:
+    """Destroy the process group (with `env`: only one its init_distributed started), after the
+    DDP wrappers that are garbage. A wrapper in a
     reference cycle otherwise outlived it, to be destroyed by the interpreter's own shutdown,
     which then aborted now and then ("terminate called without an active exception", SIGABRT
     after a run that had finished: 4 of 45 runs of tests/dist/powersgd_skip.py, none of 40
     with this collection)."""
+    if env is not None and not env.owns_group:
+        return
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
