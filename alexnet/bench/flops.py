@@ -12,6 +12,7 @@ grouped convolutions, so the count here divides that term by `groups`.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
@@ -19,18 +20,23 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense (no structured sparsity) peak TFLOPS per GPU from NVIDIA's datasheets, by precision.
-# More specific names come first: the first entry whose key is in the device name wins.
+# More specific names come first: the first entry whose key is in the device name as a word of
+# its own wins (a plain substring took the L4's figures for an L40, the B200's for a GB200).
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
     ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H800 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
     ("H800", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
     ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("GH200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("GB200", {"bf16": 2500.0, "fp16": 2500.0, "tf32": 1250.0, "fp32": 80.0}),
     ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
     ("A800", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
     ("L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5}),
     ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
     ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
     ("A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
@@ -86,7 +92,7 @@ def precision_of(amp_name: str) -> str:
 def peak_flops(device_name: str, precision: str) -> float | None:
     """Peak FLOPS of one device at `precision`, or None for devices not in the table (CPUs)."""
     for key, peaks in PEAK_TFLOPS:
-        if key in device_name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
             tflops = peaks.get(precision) or peaks.get("fp32")
             return tflops * 1e12 if tflops else None
     return None
