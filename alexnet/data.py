@@ -56,21 +56,35 @@ class DataSplits:
 DALI_INSTALL_HINT = "`pip install nvidia-dali-cuda130`; `pip install -e .` installs it on x86-64 Linux only"
 
 
-def dali_installed() -> bool:
+def dali_problem() -> str | None:
+    """Why NVIDIA DALI cannot be used here ("NVIDIA DALI is not installed (...)"), or None. Found
+    is not enough: a DALI whose library fails to load, or an empty nvidia/dali folder an uninstall
+    left behind, passed a find_spec and failed at the first batch with a traceback."""
     try:
-        return importlib.util.find_spec("nvidia.dali") is not None
-    except ModuleNotFoundError:  # no `nvidia` package at all
-        return False
+        if importlib.util.find_spec("nvidia.dali") is None:
+            return f"NVIDIA DALI is not installed ({DALI_INSTALL_HINT})"
+    except ImportError:  # no `nvidia` package at all
+        return f"NVIDIA DALI is not installed ({DALI_INSTALL_HINT})"
+    try:
+        import nvidia.dali.fn  # noqa: F401  (what the pipelines import; a bare namespace folder lacks it)
+    except (ImportError, OSError) as exc:
+        return f"NVIDIA DALI is installed but does not import ({type(exc).__name__}: {exc}; {DALI_INSTALL_HINT})"
+    return None
+
+
+def dali_installed() -> bool:
+    return dali_problem() is None
 
 
 def check_pipeline_installed(cfg: DataConfig) -> None:
     """Before a run starts: the pipeline it trains with can be imported (`pip install -e .`
     installs DALI on x86-64 Linux only)."""
-    if cfg.pipeline == "dali" and not dali_installed():
-        raise ConfigError(
-            f"config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed ({DALI_INSTALL_HINT}); "
-            "use data.pipeline=torchvision"
-        )
+    problem = dali_problem() if cfg.pipeline == "dali" else None
+    if problem is not None:
+        # Ten crops exist in DALI only: "use data.pipeline=torchvision" alone led to the error that
+        # data.val_ten_crop needs data.pipeline=dali.
+        way_out = "data.pipeline=torchvision" + (" data.val_ten_crop=false" if cfg.val_ten_crop else "")
+        raise ConfigError(f"config key 'data.pipeline' is 'dali' but {problem}; use {way_out}")
 
 
 # data.root of a recipe that leaves it to the command line (OmegaConf's and Hydra's mark for a value

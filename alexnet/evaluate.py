@@ -25,10 +25,10 @@ from torch.nn import functional as F
 
 from alexnet.config import Config, ConfigError
 from alexnet.data import (
-    DALI_INSTALL_HINT,
     ReadSettings,
     build_file_loader,
     dali_installed,
+    dali_problem,
     image_spec,
     resolve_data_root,
 )
@@ -225,12 +225,17 @@ def resolve_eval_pipeline(cfg: Config, opts: EvalOptions) -> str:
         pipeline = "dali" if dali_installed() else "torchvision"
     else:
         pipeline = cfg.data.pipeline
+    problem = dali_problem() if pipeline == "dali" or opts.ten_crop else None
+    if problem is not None and opts.ten_crop:  # each hint led to the other's error
+        raise ConfigError(
+            f"--ten-crop reads the images with DALI, and {problem}; without --ten-crop, "
+            "--pipeline torchvision gives the centre crop's figures"
+        )
     if pipeline == "torchvision" and opts.ten_crop:
         raise ConfigError("--ten-crop reads the images with DALI; use --pipeline dali (or run)")
-    if pipeline == "dali" and not dali_installed():
+    if problem is not None:
         raise ConfigError(
-            f"evaluation reads images with NVIDIA DALI, which is not installed ({DALI_INSTALL_HINT}); "
-            "--pipeline torchvision reads them with PIL"
+            f"evaluation reads images with DALI, and {problem}; --pipeline torchvision reads them with PIL"
         )
     return pipeline
 

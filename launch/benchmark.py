@@ -229,9 +229,12 @@ def _threads(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> Report:
     import torch
 
-    from alexnet.bench.pipeline_bench import TABLE, PipelineSettings, run_pipeline_bench
+    from alexnet.bench.pipeline_bench import TABLE, PipelineSettings, checked_pipelines, run_pipeline_bench
 
     _check_like_images(args)
+    # Before --dataset imagenet-like generates its images (a DALI row without DALI, say).
+    checked_pipelines(args.pipelines, torch.cuda.is_available() and not args.cpu, not args.no_ceiling,
+                      args.graph_only, args.stages)  # fmt: skip
     settings = PipelineSettings(
         data=_data_root(args), batch_size=args.batch_size, threads=_threads(args), prefetch=args.prefetch,
         resize=args.resize, crop=args.crop, batches=args.batches, min_window_s=args.min_window,
@@ -335,9 +338,10 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
 
 def _e2e_parts(args: argparse.Namespace):
     """The config and settings of an e2e run, every check made: also the sweep's, before its points."""
-    from alexnet.bench.e2e_bench import E2ESettings
+    from alexnet.bench.e2e_bench import E2ESettings, check_e2e_installed
 
     _check_like_images(args)
+    check_e2e_installed(args.pipelines or (_config(args, []).data.pipeline,))  # before --dataset generates
     # --data/--dataset name the data; otherwise the config's data.root does (the demo when empty).
     named = args.data is not None or args.dataset is not None
     root = _data_root(args) if named else None

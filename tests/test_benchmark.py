@@ -932,3 +932,51 @@ def test_e2e_of_the_torchvision_loader_runs_without_dali(tiny_data, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["name"] for r in output.load_report(out / "e2e.json")["results"]] == ["e2e/torchvision"]
+
+
+def test_the_pipeline_and_e2e_benchmarks_without_dali_leave_dali_out_or_refuse_in_one_line(tiny_data, tmp_path):
+    """Without DALI the README's `pipeline` (no arguments) and `e2e` (the demo recipe reads with
+    DALI) commands died in an import traceback, after --dataset imagenet-like had generated its
+    images. Now the default pipeline run times what the machine has and says what it left out;
+    a DALI row or loader asked for is refused with one line, exit 2, before any data is made."""
+    env = without_dali(tmp_path)
+    out = tmp_path / "out"
+    common = ["--windows", "1", "--warmup", "0", "--batch-size", "4", "--threads", "1", "--batches", "1",
+              "--resize", "76", "--crop", "67"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(BENCH), "pipeline", "--data", str(tiny_data), *common, "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = output.load_report(out / "pipeline.json")
+    assert [r["name"] for r in report["results"]] == ["torchvision", "decode-only/pil"]
+    assert any(note.startswith("DALI's pipelines left out: NVIDIA DALI is not installed") for note in report["notes"])
+    like = tmp_path / "cache"  # where --dataset imagenet-like would generate its images
+    env["XDG_CACHE_HOME"] = str(like)
+    refused = {
+        "pipeline": ["pipeline", "--pipelines", "dali-cpu", "--dataset", "imagenet-like"],
+        "stages": ["pipeline", "--stages", "--data", str(tiny_data)],
+        "e2e": ["e2e", "--dataset", "imagenet-like"],
+    }
+    for name, argv in refused.items():
+        proc = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (name, proc.stderr[-3000:])
+        assert "NVIDIA DALI is not installed" in proc.stderr, (name, proc.stderr)
+        assert not like.exists(), name
+    assert "use --pipelines torchvision" in proc.stderr
+
+
+def test_a_dali_that_does_not_import_is_named_before_the_run(tmp_path):
+    """find_spec alone passed a DALI whose library fails to load: training then died at its first
+    batch in an import traceback."""
+    broken = tmp_path / "site" / "nvidia" / "dali"
+    broken.mkdir(parents=True)
+    (broken.parent / "__init__.py").write_text("")  # ahead of the installed `nvidia` package
+    (broken / "__init__.py").write_text("raise ImportError('libdali.so: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), f"run.root={tmp_path}", "run.name=x"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(
+        "error: config key 'data.pipeline' is 'dali' but NVIDIA DALI is installed but does not import "
+        "(ImportError: libdali.so: cannot open shared object file;"
+    ), proc.stderr
+    assert not (tmp_path / "x").exists()

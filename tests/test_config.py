@@ -333,6 +333,15 @@ def test_the_dali_pipeline_without_dali_is_a_config_error_before_the_run_folder(
     message = "error: config key 'data.pipeline' is 'dali' but NVIDIA DALI is not installed"
     assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
     assert "use data.pipeline=torchvision" in proc.stderr and not (tmp_path / "no_dali").exists()
+    # With ten-crop validation the way out drops it too (alone, the hint led to "data.val_ten_crop
+    # needs data.pipeline=dali").
+    proc = subprocess.run(
+        [sys.executable, TRAIN, f"run.root={tmp_path}", "run.name=no_dali", "data.val_ten_crop=true"],
+        capture_output=True,
+        text=True,
+        env=without_dali(tmp_path),
+    )
+    assert proc.returncode == 2 and "; use data.pipeline=torchvision data.val_ten_crop=false" in proc.stderr
 
 
 def test_text_keys_keep_the_text_yaml_would_read_as_a_number(tmp_path):

@@ -200,8 +200,15 @@ def test_evaluation_without_dali_says_so_and_reads_with_torchvision_when_asked(t
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data], capture_output=True, text=True,
                           env=env)  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "error: evaluation reads images with NVIDIA DALI, which is not installed" in proc.stderr
+    assert "error: evaluation reads images with DALI, and NVIDIA DALI is not installed" in proc.stderr
     assert "--pipeline torchvision reads them with PIL" in proc.stderr
+    # Ten crops: the hint was --pipeline torchvision, whose error then said to use --pipeline dali.
+    proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--ten-crop"], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "error: --ten-crop reads the images with DALI, and NVIDIA DALI is not installed"
+    ), proc.stderr[-3000:]
+    assert "without --ten-crop, --pipeline torchvision gives the centre crop's figures" in proc.stderr
     out = tmp_path / "tv.json"
     proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--pipeline", "torchvision",
                            "--out", out], capture_output=True, text=True, env=env)  # fmt: skip

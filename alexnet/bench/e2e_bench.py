@@ -33,7 +33,7 @@ from alexnet.bench.step_bench import (
 from alexnet.bench.timing import BenchSettingsError, Schedule, paired_ratio, run_interleaved, wait_until_idle
 from alexnet.bench.training import TrainContender, endless, sync
 from alexnet.config import Config, config_to_dict
-from alexnet.data import build_loader, build_splits
+from alexnet.data import build_loader, build_splits, dali_problem
 from alexnet.parallel.agree import SETUP_ERRORS, LoaderError, share_setup_failure
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import build_mesh
@@ -70,6 +70,18 @@ def _pipelines(cfg: Config, s: E2ESettings) -> tuple[str, ...]:
             "the e2e benchmark reads real files: set data.pipeline=dali or torchvision, or --pipelines"
         )
     return (cfg.data.pipeline,)
+
+
+def check_e2e_installed(pipelines: tuple[str, ...]) -> None:
+    """The libraries of the loaders to be timed: without DALI, every rank of the README's e2e
+    command (the demo recipe reads with DALI) died in an import traceback, after generating
+    --dataset's images, and a sweep of it named only a line of torchrun's own traceback."""
+    problem = dali_problem() if "dali" in pipelines else None
+    if problem is not None:
+        raise BenchSettingsError(
+            f"the e2e benchmark would read with DALI (--pipelines, or the config's data.pipeline), and {problem}; "
+            "use --pipelines torchvision"
+        )
 
 
 def lead_in_steps(cfg: Config, pipeline: str) -> int:

@@ -41,6 +41,7 @@ from alexnet.bench.timing import (
 )
 from alexnet.bench.training import endless
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, MAX_BATCH, MAX_PREFETCH, MAX_THREADS
+from alexnet.data import dali_problem
 from pipelines.base import ImageSpec, ShardSpec
 from pipelines.filecheck import PIL_READ_ERRORS, how_to_exclude, open_rgb, stopped_by, without_worker_traceback
 from pipelines.index import DataError, FileIndex, build_file_index
@@ -124,13 +125,22 @@ class PipelineSettings:
 
 
 def chosen_pipelines(
-    requested: tuple[str, ...], cuda: bool, ceilings: bool, graph_only: bool = False, stages: bool = False
+    requested: tuple[str, ...],
+    cuda: bool,
+    ceilings: bool,
+    graph_only: bool = False,
+    stages: bool = False,
+    no_dali: str | None = None,
 ) -> tuple[str, ...]:
     """The contenders: `requested` (every loader this machine runs when empty), each loader among
     them with its decode-only ceiling (unless --no-ceiling) and the diagnostics asked for;
     ceilings and diagnostics named in `requested` run as named. (A list of loaders used to drop
-    the ceilings and the --graph-only and --stages rows without a word.)"""
-    loaders = [n for n in requested if n in LOADERS] if requested else [n for n in LOADERS if cuda or n != "dali-mixed"]
+    the ceilings and the --graph-only and --stages rows without a word.) `no_dali`: why DALI
+    cannot run here (alexnet.data.dali_problem), which leaves its loaders out of the default."""
+    if no_dali is not None and (graph_only or stages):
+        raise BenchSettingsError(f"--graph-only and --stages time DALI's graphs, and {no_dali}")
+    runs_here = [n for n in LOADERS if (cuda or n != "dali-mixed") and (no_dali is None or "dali" not in n)]
+    loaders = [n for n in requested if n in LOADERS] if requested else runs_here
     names = list(requested or loaders)
     if graph_only:
         names += [GRAPH_OF[n] for n in loaders if n in GRAPH_OF]
@@ -141,13 +151,28 @@ def chosen_pipelines(
     return tuple(dict.fromkeys(names))  # once each, in order
 
 
-def check_pipelines(requested: tuple[str, ...], cuda: bool) -> None:
+def check_pipelines(requested: tuple[str, ...], cuda: bool, no_dali: str | None = None) -> None:
     known = (*LOADERS, *GRAPH_OF.values(), *(n for names in STAGES_OF.values() for n in names), *CEILINGS)
     for name in requested:
         if name not in known:
             raise BenchSettingsError(f"--pipelines: unknown pipeline {name!r} (choose from {', '.join(known)})")
         if "mixed" in name and not cuda:
             raise BenchSettingsError(f"--pipelines: {name} decodes on the GPU and needs a CUDA device")
+        if "dali" in name and no_dali is not None:
+            raise BenchSettingsError(
+                f"--pipelines: {name} runs DALI, and {no_dali}; --pipelines torchvision times "
+                "torchvision's DataLoader alone"
+            )
+
+
+def checked_pipelines(
+    requested: tuple[str, ...], cuda: bool, ceilings: bool, graph_only: bool = False, stages: bool = False
+) -> tuple[str, ...]:
+    """The contenders on this machine (chosen_pipelines), checked: before any data is generated."""
+    problem = dali_problem()
+    names = chosen_pipelines(requested, cuda, ceilings, graph_only, stages, problem)
+    check_pipelines(names, cuda, problem)
+    return names
 
 
 def resolve_split_dir(path: Path) -> Path:
@@ -451,8 +476,7 @@ TABLE = [
 
 def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
     cuda = device.type == "cuda"
-    names = chosen_pipelines(s.pipelines, cuda, s.ceilings, s.graph_only, s.stages)
-    check_pipelines(names, cuda)
+    names = checked_pipelines(s.pipelines, cuda, s.ceilings, s.graph_only, s.stages)
     index = build_file_index(resolve_split_dir(s.data))
     if len(index) < s.batch_size:  # before the bad-file handling below, which this is not
         raise BenchSettingsError(
@@ -494,4 +518,6 @@ def run_pipeline_bench(s: PipelineSettings, device: torch.device) -> Report:
         "the headers' check, fn.peek_image_shape, as in every loader graph; "
         "PIL: Image.open + convert('RGB') in DataLoader workers)",
     ]
+    if not s.pipelines and not any("dali" in name for name in names):
+        notes.append(f"DALI's pipelines left out: {dali_problem()}")
     return Report("pipeline", results, collect_environment(1, "single process"), settings, summary, notes)
