@@ -43,7 +43,7 @@ from alexnet.parallel.env import LaunchError, accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error
 from pipelines.index import DataError
-from pipelines.outputs import output_path
+from pipelines.outputs import OutputPathError, check_replaceable, output_path
 
 HERE = Path(__file__).resolve()
 DEFAULT_CONFIG = HERE.parent / "configs" / "demo.yaml"
@@ -390,6 +390,11 @@ def _check_point_options(mode: str, options: list[str]) -> None:
     (_step_parts if mode == "step" else _e2e_parts)(point)
 
 
+# The commands that are not torchrun's (step and e2e are), and the keys every report has.
+ONE_PROCESS = ("pipeline", "sweep", "merge")
+REPORT_KEYS = frozenset({"schema", "results"})
+
+
 def merge_output(name: str, out: Path, inputs: list[Path]) -> Path:
     """<out>/<name>.json, the merged report; refused when it would land outside --out or replace one
     of the reports it is merged from (read first, lost with the merge's own figures). `--name
@@ -400,6 +405,10 @@ def merge_output(name: str, out: Path, inputs: list[Path]) -> Path:
     target = out / f"{name}.json"
     if any(_same_path(target, report) for report in inputs):
         raise BenchSettingsError(f"merge: {target} is one of the reports to merge; choose another --name or --out")
+    try:  # an earlier report only: `--name summary --out runs/demo` replaced the run's summary.json
+        check_replaceable(target, REPORT_KEYS, "launch/benchmark.py", f"--name {name}", "choose another --name")
+    except OutputPathError as exc:
+        raise BenchSettingsError(str(exc)) from exc
     return target
 
 
@@ -426,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     merged: Path | None = None
+    if args.command in ONE_PROCESS and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # Under torchrun each worker ran the whole command: competing benchmarks writing one report.
+        print_error(f"benchmark {args.command} runs in one process: python launch/benchmark.py {args.command} ...")
+        return 2
     try:
         if args.command == "merge":  # before --out is created: a refused merge writes nothing
             merged = merge_output(args.name, args.out, args.reports)

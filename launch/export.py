@@ -3,8 +3,9 @@
     python launch/export.py runs/imagenet/checkpoints/last.pt --out exports/ [--format torchscript onnx torchvision]
 
 Writes <out>/<name>.torchscript.pt, <out>/<name>.onnx and <out>/<name>.torchvision.pth, where
-<name> is the run folder's name, and <out>/<name>.json: the class names in output order, the
-preprocessing and the source checkpoint, which the ONNX and TorchScript files also carry. Each
+<name> is the run folder's name. Each carries the class names in output order, the preprocessing
+and the source checkpoint: the ONNX and TorchScript files inside, the bare state dict in
+<out>/<name>.torchvision.json beside it (alexnet.export.read_export_metadata reads any of them). Each
 export is run on a fresh batch (of another size than the one it was traced with) and compared
 with PyTorch's output before the command reports success. The input is a float32
 [N, 3, crop, crop] batch preprocessed as validation does (README, "Export"); the output is

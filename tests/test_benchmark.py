@@ -299,6 +299,35 @@ def test_merge_refuses_to_overwrite_an_input_or_write_outside_out(tmp_path, caps
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["bench", "pipeline.csv", "pipeline.json"]  # nothing new
     assert benchmark.main(["merge", str(written[0]), "--name", "pipeline", "--out", str(tmp_path / "bm")]) == 0
     assert output.load_report(tmp_path / "bm" / "pipeline.json")["command"] == "merge"
+    # An earlier report is replaced (above, again here); another file is not: `--name summary --out
+    # runs/demo` replaced the run's summary.json.
+    assert benchmark.main(["merge", str(written[0]), "--name", "pipeline", "--out", str(tmp_path / "bm")]) == 0
+    (tmp_path / "bm" / "summary.json").write_text('{"best_top1": 50.0}\n')
+    assert benchmark.main(["merge", str(written[0]), "--name", "summary", "--out", str(tmp_path / "bm")]) == 2
+    assert "error: --name summary: the file exists and is not an earlier result" in capsys.readouterr().err
+    assert (tmp_path / "bm" / "summary.json").read_text() == '{"best_top1": 50.0}\n'
+
+
+def test_an_out_folder_that_cannot_be_written_and_a_torchrun_of_a_one_process_command_are_refused_at_once(
+    tmp_path, capsys, monkeypatch
+):
+    """A read-only --out that exists was found only when the report was written, after the whole
+    measurement (and named the hidden staging file); under torchrun each worker ran its own
+    pipeline benchmark, competing for the cores and writing one report."""
+    import pipelines.outputs
+
+    monkeypatch.setattr(pipelines.outputs, "_can_create_in", lambda folder: False)  # a read-only mount (root)
+    (tmp_path / "ro").mkdir()
+    assert benchmark.main(["pipeline", "--out", str(tmp_path / "ro")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'ro'}: {tmp_path / 'ro'} is not a writable folder\n"
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in ("pipeline", "sweep"):
+        assert benchmark.main([command, "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err == (
+            f"error: benchmark {command} runs in one process: python launch/benchmark.py {command} ...\n"
+        )
+    assert not (tmp_path / "x").exists()
 
 
 # ---- FLOPs and MFU ------------------------------------------------------------------------

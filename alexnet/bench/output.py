@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.outputs import without_non_finite, write_text_atomic
+from pipelines.outputs import OutputPathError, check_output_folder, without_non_finite, write_text_atomic
 
 SCHEMA = "alexnet-bench/1"
 REQUIRED_TOP = ("schema", "command", "created", "environment", "settings", "results", "summary")
@@ -158,6 +158,11 @@ def prepare_out_dir(out_dir: Path) -> Path | None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, no permission, read-only filesystem
         raise ReportError(f"--out {out_dir}: cannot create the report folder ({exc.strerror or exc})") from exc
+    try:  # an existing folder this user cannot write in (a read-only mount) failed after the measuring
+        check_output_folder(out_dir, f"--out {out_dir}")
+    except OutputPathError as exc:
+        remove_unused_out_dir(out_dir, outermost)
+        raise ReportError(str(exc)) from exc
     return outermost
 
 
