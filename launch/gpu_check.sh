@@ -15,12 +15,20 @@
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a machine without a GPU (a dry run of this script,
 # small sizes, the fp16 step skipped).
 set -uo pipefail
+usage="usage: bash launch/gpu_check.sh [OUT_DIR]"
+case ${1:-} in  # `--help` was taken for the output folder, and every step ran
+  -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_check: unknown option $1 ($usage)" >&2; exit 2 ;;
+esac
+[ $# -le 1 ] || { echo "gpu_check: one OUT_DIR at most ($usage)" >&2; exit 2; }
+out=${1:-${OUT:-}}
+[ -z "$out" ] || out=$(realpath -m -- "$out")  # where it was started, not the checkout it moves to
 cd "$(dirname "$0")/.."
 work=runs/gpu_check
-out=${1:-${OUT:-$work}}
+out=${out:-$work}
+# An OUT_DIR that is a file, or cannot be written: every step ran, and the script ended with exit 0.
+mkdir -p -- "$out" "$work" && : >"$out/gpu_check.log" || { echo "gpu_check: cannot write into $out" >&2; exit 2; }
 rm -rf "$work"/pipeline "$work"/e2e_bf16 "$work"/e2e_fp16 "$work"/step  # never merge a stale report
-mkdir -p "$out" "$work"
-: >"$out/gpu_check.log"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 py=python3
 started=$(date +%s)
@@ -118,8 +126,9 @@ for f in "$work"/pipeline/pipeline.json "$work"/e2e_bf16/e2e.json "$work"/e2e_fp
 done
 checks=()
 for s in "${status[@]}"; do checks+=(--check "$s"); done
-if [ ${#reports[@]} -gt 0 ]; then
-  $py "${bench[@]}" merge "${reports[@]}" "${checks[@]}" --name gpu_check --out "$out" 2>&1 | tee -a "$out/gpu_check.log"
+if [ ${#reports[@]} -gt 0 ] && ! $py "${bench[@]}" merge "${reports[@]}" "${checks[@]}" --name gpu_check --out "$out" 2>&1 |
+  tee -a "$out/gpu_check.log"; then
+  status+=("merge=failed")  # no gpu_check.json: not a success
 fi
 log "done: ${status[*]}"
 case " ${status[*]} " in *failed*) exit 1 ;; esac
