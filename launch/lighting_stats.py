@@ -62,15 +62,20 @@ def main(argv: list[str] | None = None) -> int:
             print_error(f"{flag} must be >= 1, got {value}")
             return 2
     root = resolve_data_root(DataConfig(root=args.data))
+    try:  # first: a mistyped --data was reported as an --out (its default) that cannot be written
+        files = build_file_index(root / "train").files
+    except DataError as exc:
+        print_error(str(exc))
+        return 1
     out = args.out or root / STATS_FILE
+    what = f"--out {out}" if args.out else f"the default output {out} (--out for another)"  # read-only data
     try:
-        check_output_file(out, f"--out {out}")  # before the measurement, which a bad path would lose
-        check_replaceable(out, SAVED_KEYS, "launch/lighting_stats.py", f"--out {out}")  # a checkpoint was replaced
+        check_output_file(out, what)  # before the measurement, which a bad path would lose
+        check_replaceable(out, SAVED_KEYS, "launch/lighting_stats.py", what)  # a checkpoint was replaced
     except OutputPathError as exc:
         print_error(str(exc))
         return 2
     try:
-        files = build_file_index(root / "train").files
         count = min(args.images, len(files))
         with tqdm(total=count, desc="lighting statistics", unit="img", disable=None) as bar:
             stats = compute_lighting_stats(

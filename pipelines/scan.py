@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -357,7 +359,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--out", type=output_path, default=None, help="where the lists and report go (default runs/scan-<name>)"
     )
-    p.add_argument("--workers", type=int, default=0, help="processes (default: all CPUs)")
+    p.add_argument("--workers", type=whole_number(0), default=0, help="processes (default 0: all CPUs)")
     p.add_argument(
         "--fixable",
         choices=("convert", "exclude", "keep"),
@@ -369,20 +371,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--grayscale", choices=("keep", "convert"), default="keep", help="grayscale images: keep (default) or convert"
     )
     p.add_argument(
-        "--min-side", type=int, default=Limits.min_side,
+        "--min-side", type=whole_number(1), default=Limits.min_side,
         help=f"pixels: a shorter side is reported as absurd dimensions (default {Limits.min_side})",
     )  # fmt: skip
-    p.add_argument("--max-side", type=int, default=Limits.max_side, help=f"pixels (default {Limits.max_side})")
     p.add_argument(
-        "--max-aspect", type=float, default=Limits.max_aspect,
+        "--max-side", type=whole_number(1), default=Limits.max_side, help=f"pixels (default {Limits.max_side})"
+    )
+    p.add_argument(
+        "--max-aspect", type=aspect_ratio, default=Limits.max_aspect,
         help=f"long side / short side (default {Limits.max_aspect:g})",
     )  # fmt: skip
     p.add_argument(
-        "--max-pixels", type=int, default=Limits.max_pixels,
+        "--max-pixels", type=whole_number(1), default=Limits.max_pixels,
         help=f"width x height: the decoder allocates them all before the resize (default {Limits.max_pixels:,})",
     )  # fmt: skip
     p.add_argument("--progress", choices=("auto", "bar", "off"), default="auto")
     return p.parse_args(argv)
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum` (`--max-pixels 0` excluded every image, and the
+    report blamed the data)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def aspect_ratio(text: str) -> float:
+    """An argparse type: a finite ratio >= 1 (`nan` turned the check off without a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 (long side / short side), got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

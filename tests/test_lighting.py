@@ -334,3 +334,21 @@ def test_ranks_that_read_different_lighting_statistics_stop_naming_them(tiny_dat
     assert "; rank 1: m (eigenvalues 900.0, 40.0, 2.0)); every node needs the same statistics" in named[0]
     same = torchrun([TRAIN, *args, f"data.lighting_stats={path}", "run.name=same", "train.max_steps=1"])
     assert same.returncode == 0 and "PCA lighting (alpha std 0.1): m" in same.stderr, same.stderr[-3000:]
+
+
+def test_a_missing_data_folder_and_an_unwritable_default_output_are_named_as_such(tmp_path, capsys, monkeypatch):
+    """A mistyped --data, or a read-only dataset (the usual shared mount), was reported as
+    "error: --out <data>/pca_lighting.json: ... is not a writable folder", an --out never given."""
+    import pipelines.outputs
+
+    command = lighting_stats_command()
+    assert command.main(["--data", str(tmp_path / "missing"), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--out" not in err and str(tmp_path / "missing" / "train") in err, err
+    write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=2)
+    monkeypatch.setattr(pipelines.outputs, "_can_create_in", lambda folder: False)  # read-only (root passes the bits)
+    assert command.main(["--data", str(tmp_path / "data"), "--workers", "1"]) == 2
+    out = tmp_path / "data" / "pca_lighting.json"
+    assert capsys.readouterr().err == (
+        f"error: the default output {out} (--out for another): {tmp_path / 'data'} is not a writable folder\n"
+    )

@@ -860,3 +860,21 @@ def test_a_lab_tiff_is_converted_not_decoded_as_rgb(tmp_path):
     copy = tmp_path / "lab.tif.jpg"
     convert_to_rgb_jpeg(path, copy)
     assert np.abs(np.asarray(Image.open(copy), dtype=float) - np.asarray(rgb, dtype=float)).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-aspect", "nan", "must be a finite number >= 1 (long side / short side), got nan"),  # the check off
+        ("--max-aspect", "-1", "must be a finite number >= 1 (long side / short side), got -1"),
+        ("--max-pixels", "0", "must be >= 1, got 0"),  # every image excluded, the data blamed
+        ("--min-side", "-5", "must be >= 1, got -5"),
+        ("--workers", "-5", "must be >= 0, got -5"),
+        ("--max-side", "x", "expected a whole number >= 1, got 'x'"),
+    ],
+)
+def test_the_scan_s_limits_are_checked_as_options(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        scan_main([str(tmp_path), flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {flag}: {message}\n")
