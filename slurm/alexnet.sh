@@ -106,6 +106,24 @@ case ${ALEXNET_DRY_RUN:-} in
 *) die "ALEXNET_DRY_RUN must be 1 (print the launch and exit) or 0; got '$ALEXNET_DRY_RUN'" ;;
 esac
 
+# The config file, found here: a wrong path (a relative one, submitted from another folder) failed
+# on every node after the queue wait, each with torchrun's report.
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[$i]} in
+    --config) config=${args[$((i + 1))]:-} ;;
+    --config=*) config=${args[$i]#--config=} ;;
+    *) continue ;;
+    esac
+    if [[ -n $config && ! -f $config ]]; then
+        hint=""
+        if [[ $config != /* && -f $repo/$config ]]; then
+            hint="; the checkout has $repo/$config: give that path, or submit from the checkout's root"
+        fi
+        die "--config $config: no such file (relative to $PWD, the submit folder)$hint"
+    fi
+done
+
 cpus=${SLURM_CPUS_PER_TASK:-1}
 gpus=${SLURM_GPUS_ON_NODE:-0}
 if [[ -n ${ALEXNET_NPROC_PER_NODE:-} ]]; then

@@ -382,3 +382,20 @@ def test_the_launch_imports_the_checkout_s_own_package(tmp_path):
                      PYTHONPATH="/elsewhere")  # fmt: skip
     subprocess.run(["bash", str(SCRIPT), "train.epochs=1"], capture_output=True, text=True, env=env, timeout=60)
     assert (tmp_path / "ran").read_text() == f"{REPO}:/elsewhere\n"
+
+
+def test_a_config_file_that_is_not_there_is_named_before_the_launch(tmp_path):
+    """`--config launch/configs/...` submitted from another folder than the checkout's root was
+    read from the submit folder on every node, after the queue wait: torchrun's report per node."""
+    env = fake_slurm(tmp_path, RECORDING_SRUN, FAKE_SRUN_RAN=str(tmp_path / "ran"))
+    for args in (["--config", "launch/configs/demo.yaml"], ["--config=launch/configs/demo.yaml"]):
+        proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60,
+                              cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 2 and not (tmp_path / "ran").exists(), proc.stderr
+        assert proc.stderr.strip().endswith(
+            f"--config launch/configs/demo.yaml: no such file (relative to {tmp_path}, the submit folder); the "
+            f"checkout has {REPO}/launch/configs/demo.yaml: give that path, or submit from the checkout's root"
+        ), proc.stderr
+    proc = subprocess.run(["bash", str(SCRIPT), "--config", str(REPO / "launch/configs/demo.yaml")],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert (tmp_path / "ran").exists(), proc.stderr
