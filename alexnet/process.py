@@ -88,6 +88,26 @@ def print_error(message: str) -> None:
     sys.stderr.flush()
 
 
+def print_result(text: str) -> bool:
+    """`text` and a newline on stdout, for a result that is also written to a file: a stdout that
+    fails (a full log disk, a closed pipe) no longer stops the command before its file is written.
+    After a failure stdout goes to /dev/null, so that the interpreter's last flush fails quietly.
+    Returns whether it was printed."""
+    try:
+        sys.stdout.write(f"{text}\n")
+        sys.stdout.flush()
+        return True
+    except OSError as exc:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor (captured)
+            pass
+        print_error(f"stdout failed ({exc.strerror or exc}); the result goes to its file only")
+        return False
+
+
 def exit_process(code: int) -> NoReturn:
     """`sys.exit(code)` without the interpreter's final garbage collections, for the launchers'
     last line.

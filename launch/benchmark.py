@@ -41,7 +41,7 @@ from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import MAY_DIFFER, LoaderError, check_same_settings, flat_settings, option_settings
 from alexnet.parallel.env import LaunchError, accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error
+from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error, print_result
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_replaceable, output_path
 
@@ -243,7 +243,7 @@ def cmd_pipeline(args: argparse.Namespace) -> Report:
     )  # fmt: skip
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
     report = run_pipeline_bench(settings, device)
-    print(format_table(report.results, TABLE))
+    print_result(format_table(report.results, TABLE))
     return report
 
 
@@ -284,7 +284,7 @@ def _run_distributed(cfg, args: argparse.Namespace, run: Callable[[Any], Report 
     finally:
         shutdown_distributed(env)
     if report is not None:
-        print(format_table(report.results, TABLE))
+        print_result(format_table(report.results, TABLE))
     return report
 
 
@@ -373,7 +373,7 @@ def cmd_sweep(args: argparse.Namespace) -> Report:
         out=args.out / "sweep-points", timeout_s=args.timeout,
     )  # fmt: skip
     report = run_sweep(settings)
-    print(format_table(report.results, TABLE))
+    print_result(format_table(report.results, TABLE))
     return report
 
 
@@ -422,10 +422,10 @@ def cmd_merge(args: argparse.Namespace) -> Report:
             raise BenchSettingsError(f"--check {item!r}: expected NAME=STATUS")
         checks[name] = status
     report = merge_reports(args.reports, checks)
-    print(format_table(report.results, MERGE_TABLE))
-    print(format_ratios({k: v for k, v in report.summary.items() if k != "checks"}))
+    print_result(format_table(report.results, MERGE_TABLE))
+    print_result(format_ratios({k: v for k, v in report.summary.items() if k != "checks"}))
     if checks:
-        print("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()))
+        print_result("checks: " + ", ".join(f"{k} {v}" for k, v in checks.items()))
     return report
 
 
@@ -458,13 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         if merged is not None:
             from alexnet.bench.output import write_json
 
-            print(f"wrote {write_json(report, merged)}")
+            print_result(f"wrote {write_json(report, merged)}")
             return 0
         ratios = format_ratios(report.summary)
         if ratios:
-            print(ratios)
+            print_result(ratios)
         for path in write_outputs(report, args.out, plot=getattr(args, "plot", False)):
-            print(f"wrote {path}")
+            print_result(f"wrote {path}")
     except OSError as exc:  # a full disk after the measurement: the table above keeps the figures
         where = exc.filename2 or exc.filename or f"the report into {args.out}"  # a full disk names no file
         print_error(f"cannot write {where}: {exc.strerror or exc} (the table above holds the figures)")

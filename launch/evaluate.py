@@ -39,7 +39,7 @@ from alexnet.parallel.env import (
     log_rank,
     shutdown_distributed,
 )
-from alexnet.process import collective_seconds, exit_process, print_error
+from alexnet.process import collective_seconds, exit_process, print_error, print_result
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_text, write_text_atomic
 
@@ -191,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         out = checked_out(args, env)
         result = run_evaluation(opts, env)
         if out is not None:
-            print(format_result(result))  # first: a failed write below still shows the result
+            print_result(format_result(result))  # first: a failed write below still shows the result
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # a failed write keeps the last
             except OSError as exc:
                 print_error(f"cannot write {out}: {exc.strerror}")
                 return 1
-            print(f"written to {out}")
+            print_result(f"written to {out}")
     # The command must change (as train.py's 2): an --out that cannot be written, options this
     # machine cannot run (--amp fp16 or --decoder mixed without CUDA, DALI not installed), ranks
     # started with different options. A ConfigError of some nodes only arrives as a DataError.

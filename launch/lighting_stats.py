@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from alexnet.config import DataConfig
 from alexnet.data import resolve_data_root
-from alexnet.process import exit_process, print_error
+from alexnet.process import exit_process, print_error, print_result
 from pipelines.index import DataError, build_file_index
 from pipelines.lighting import SAVED_KEYS, STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_path
@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print_error(str(exc))
         return 1
-    print(describe(stats, args.alpha_std))  # first: a failed write below still shows the statistics
+    print_result(describe(stats, args.alpha_std))  # first: a failed write below still shows the statistics
     try:
         out = save_lighting_stats(stats, out)  # a failed write keeps an earlier file
     except OSError as exc:  # a full disk: a traceback, after minutes of decoding
         print_error(f"cannot write {out}: {exc.strerror or exc} (the statistics above are not saved)")
         return 1
-    print(f"{stats.num_images} images, {stats.num_pixels:,} pixels -> {out}")
+    print_result(f"{stats.num_images} images, {stats.num_pixels:,} pixels -> {out}")
     return 0
 
 

@@ -774,3 +774,16 @@ def test_powersgd_state_given_as_the_checkpoint_names_the_run_s_checkpoint(tmp_p
         f"{state} is PowerSGD state of a run (one rank's error feedback, kept beside its checkpoint), not a "
         f"checkpoint: name the run's checkpoints/last.pt instead ({ckpt_dir / 'last.pt'})"
     )
+
+
+def test_a_stdout_that_fails_keeps_the_result_file(tiny_data, trained, tmp_path):
+    """With PYTHONUNBUFFERED=1 (containers, gpu_check.sh) a full log disk or a closed pipe on stdout
+    failed the result's print: exit 1 naming "No space left on device", and no JSON written."""
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", out], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.endswith("error: stdout failed (No space left on device); the result goes to its file only\n")
+    assert json.loads(out.read_text())["images"] == 50

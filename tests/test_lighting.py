@@ -3,7 +3,10 @@ measured eigen statistics."""
 
 import importlib.util
 import logging
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -352,3 +355,17 @@ def test_a_missing_data_folder_and_an_unwritable_default_output_are_named_as_suc
     assert capsys.readouterr().err == (
         f"error: the default output {out} (--out for another): {tmp_path / 'data'} is not a writable folder\n"
     )
+
+
+def test_statistics_are_saved_when_stdout_fails(tmp_path):
+    """The printed summary came first, outside any handler: a stdout on a full disk ended the
+    command in a traceback and the statistics were not saved."""
+    write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=2)
+    out = tmp_path / "stats.json"
+    script = REPO / "launch" / "lighting_stats.py"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "data"), "--workers", "1",
+                               "--out", str(out)], stdout=full, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert load_lighting_stats(out).num_images == 2
