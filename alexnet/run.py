@@ -9,7 +9,7 @@ from alexnet.config import Config, check_config, config_to_dict
 from alexnet.data import check_pipeline_installed
 from alexnet.parallel.agree import SETUP_ERRORS, check_same_settings, flat_settings, share_setup_failure
 from alexnet.parallel.env import init_distributed, log_rank, shutdown_distributed
-from alexnet.parallel.mesh import build_mesh
+from alexnet.parallel.mesh import Mesh, build_mesh, release_mesh
 from alexnet.plan import build_plan, with_run_name
 from alexnet.process import apply_process_settings
 from alexnet.reporting import check_tensorboard_installed
@@ -48,6 +48,7 @@ def run_training(
     apply_process_settings(cfg.train)
     handlers = stop_handlers()
     env = init_distributed(cfg.parallel.timeout_s, started_under=started_under)
+    mesh: Mesh | None = None
     try:
         stop = StopRequest.from_environment(env.device, env.launcher_pid)
         stop.install()  # before the setup, which can take minutes
@@ -64,6 +65,8 @@ def run_training(
         assert plan is not None  # else that raised
         return Trainer(cfg, env, mesh, plan, stop).fit()
     finally:
+        if mesh is not None:
+            release_mesh(mesh, env)  # its groups: the caller's world group outlives the run
         shutdown_distributed(env)
         if not keep_stop_handlers:
             put_back_handlers(handlers)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import SYNTHETIC_TRAIN
+from _helpers import REPO, SYNTHETIC_TRAIN, torchrun
 
 from alexnet.config import TrainConfig, load_config
 from alexnet.process import apply_process_settings
@@ -165,3 +165,29 @@ def test_a_run_leaves_the_caller_s_process_group_and_refuses_an_unchecked_config
     assert "refused: config key 'optim.momentum' must be in [0, 1); got 1.5" in proc.stdout
     assert (tmp_path / "kept" / "checkpoints" / "last.pt").exists()
     assert not (tmp_path / "unchecked").exists()
+
+
+def test_runs_in_a_caller_s_process_group_leave_no_groups_of_their_own(tmp_path):
+    """With the world group the caller's, the towers' pair and slice groups a run made outlived it:
+    two more gloo or NCCL groups per run in a worker that trains many times."""
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from torch.distributed import distributed_c10d as c10d\n"
+        "from alexnet.config import load_config\n"
+        "from alexnet.run import run_training\n"
+        "dist.init_process_group('gloo')\n"
+        "for name in ('one', 'two'):\n"
+        f"    overrides = {[*SYNTHETIC_TRAIN, 'train.epochs=1', 'parallel.mode=towers', f'run.root={tmp_path}']!r}\n"
+        "    run_training(load_config(None, [*overrides, f'run.name={name}']), None)\n"
+        "    print(f'rank {dist.get_rank()} groups after {name}: {len(c10d._world.pg_map)}', flush=True)\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n"
+    )
+    proc = torchrun([script], env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        for name in ("one", "two"):
+            assert f"rank {rank} groups after {name}: 1" in proc.stdout, proc.stdout
+    assert all((tmp_path / name / "checkpoints" / "last.pt").exists() for name in ("one", "two"))

@@ -15,6 +15,7 @@ exists twice and would read the same shard twice.
 from __future__ import annotations
 
 import datetime
+import gc
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -153,6 +154,18 @@ def agreed_shape(env: DistEnv, mode: str, fc_group: int = 0) -> MeshShape:
     share_setup_failure(failure, (LayoutError,))
     assert shape is not None  # else that raised
     return shape
+
+
+def release_mesh(mesh: Mesh, env: DistEnv) -> None:
+    """Destroy the groups build_mesh made, where the world group outlives the run (one its caller
+    started: shutdown_distributed destroys every group with the world's): a worker that trains
+    many times kept two more gloo or NCCL groups per run."""
+    if env.owns_group or not env.distributed:
+        return
+    groups = (mesh.metric_group, mesh.grad_group, mesh.model_group, mesh.fc_replica_group)
+    gc.collect()  # the DDP wrappers that use them first (as shutdown_distributed does)
+    for group in {id(g): g for g in groups if g is not None}.values():
+        dist.destroy_process_group(group)
 
 
 def build_mesh(env: DistEnv, mode: str, fc_group: int = 0) -> Mesh:
