@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch
@@ -106,6 +107,19 @@ def print_result(text: str) -> bool:
             pass
         print_error(f"stdout failed ({exc.strerror or exc}); the result goes to its file only")
         return False
+
+
+def run_command(main: Callable[[], int]) -> NoReturn:
+    """A launcher's `main`, its status the process's. Ctrl-C (SIGINT) ends it with one line and
+    130, the shell's status for it, instead of a KeyboardInterrupt traceback (the commands stage
+    their files and rename them into place, so nothing is left half-written). launch/train.py
+    has its own: a stop request with a checkpoint."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        code = 130
+    exit_process(code)
 
 
 def exit_process(code: int) -> NoReturn:

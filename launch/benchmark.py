@@ -41,7 +41,7 @@ from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import MAY_DIFFER, LoaderError, check_same_settings, flat_settings, option_settings
 from alexnet.parallel.env import LaunchError, accept_legacy_local_rank, log_rank
 from alexnet.parallel.mesh import LayoutError
-from alexnet.process import StoreOnce, exit_process, positive_seconds, print_error, print_result
+from alexnet.process import StoreOnce, positive_seconds, print_error, print_result, run_command
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_replaceable, output_path
 
@@ -473,4 +473,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main)

@@ -39,7 +39,7 @@ from alexnet.parallel.env import (
     log_rank,
     shutdown_distributed,
 )
-from alexnet.process import collective_seconds, exit_process, print_error, print_result
+from alexnet.process import collective_seconds, print_error, print_result, run_command
 from pipelines.index import DataError
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_text, write_text_atomic
 
@@ -215,4 +215,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main)

@@ -29,7 +29,7 @@ from alexnet.config import is_folder_name
 from alexnet.export import FORMATS, ExportCheckError, ExportFormatError, ExportSetupError, export_checkpoint
 from alexnet.model import ModelSizeError
 from alexnet.parallel.env import LAUNCHER_ENV, LaunchError, env_int
-from alexnet.process import exit_process, print_error
+from alexnet.process import print_error, run_command
 from pipelines.outputs import OutputPathError, check_output_folder, output_path
 
 
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main)

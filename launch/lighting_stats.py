@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from alexnet.config import DataConfig
 from alexnet.data import resolve_data_root
-from alexnet.process import exit_process, print_error, print_result
+from alexnet.process import print_error, print_result, run_command
 from pipelines.index import DataError, build_file_index
 from pipelines.lighting import SAVED_KEYS, STATS_FILE, compute_lighting_stats, describe, save_lighting_stats
 from pipelines.outputs import OutputPathError, check_output_file, check_replaceable, output_path
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main)

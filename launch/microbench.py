@@ -39,7 +39,7 @@ from alexnet import layers
 from alexnet.config import OptimConfig, TrainConfig
 from alexnet.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PAPER_INPUT, build_model
 from alexnet.optim import IMPLEMENTATION_KEYS, build_optimizer
-from alexnet.process import apply_process_settings, exit_process, print_error
+from alexnet.process import apply_process_settings, print_error, run_command
 
 # The paper model's LRN inputs: conv1's ReLU (96 x 55 x 55) and conv2's (256 x 27 x 27), two towers.
 LRN_SHAPES = ((96, 55), (256, 27))
@@ -321,4 +321,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main)

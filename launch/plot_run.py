@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from alexnet.process import exit_process, print_error
+from alexnet.process import print_error, run_command
 from alexnet.report import PLOT_FILE, plot_training_curves
 from pipelines.outputs import OutputPathError, check_output_file, output_path
 
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main)

@@ -191,3 +191,10 @@ def test_runs_in_a_caller_s_process_group_leave_no_groups_of_their_own(tmp_path)
         for name in ("one", "two"):
             assert f"rank {rank} groups after {name}: 1" in proc.stdout, proc.stdout
     assert all((tmp_path / name / "checkpoints" / "last.pt").exists() for name in ("one", "two"))
+
+
+def test_a_command_interrupted_by_ctrl_c_ends_with_one_line_and_130():
+    """evaluate.py, export.py, benchmark.py ... printed a KeyboardInterrupt traceback."""
+    code_text = "from alexnet.process import run_command\ndef main():\n    raise KeyboardInterrupt\nrun_command(main)\n"
+    proc = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (130, "error: interrupted\n")
