@@ -203,7 +203,7 @@ class TorchvisionLoader:
         self._pos = int(state["pos"])
 
     def close(self) -> None:
-        """Stops the worker processes now (ForkSafeDataLoader.close)."""
-        if self._loader is not None:
-            self._loader.close()
-        self._loader = None
+        """Stops the worker processes now (ForkSafeDataLoader.close); iterated again, the loader
+        starts new ones, as a DaliLoader rebuilds its pipeline (it failed: "'NoneType' object is
+        not iterable")."""
+        self._loader.close()

@@ -440,3 +440,13 @@ def test_resize_shorter_rounds_the_longer_side_to_nearest_as_dali_does(width, he
     pipe = resize_shorter(batch_size=1, num_threads=1, device_id=None)
     pipe.build()
     assert np.array(pipe.run()[0].as_tensor()).shape == (1, expected[1], expected[0], 3)  # HWC
+
+
+def test_a_closed_torchvision_loader_iterates_again_with_new_workers(tiny_data):
+    """close() stops the workers now; the loader failed afterwards ("'NoneType' object is not
+    iterable") where a closed DaliLoader rebuilds its pipeline."""
+    loader = tv(build_file_index(tiny_data / "val"), "val", workers=1)
+    first = [labels.tolist() for _, labels in loader]
+    loader.close()
+    assert [labels.tolist() for _, labels in loader] == first
+    loader.close()
