@@ -89,15 +89,13 @@ def print_error(message: str) -> None:
     sys.stderr.flush()
 
 
-def print_result(text: str) -> bool:
+def print_result(text: str) -> None:
     """`text` and a newline on stdout, for a result that is also written to a file: a stdout that
     fails (a full log disk, a closed pipe) no longer stops the command before its file is written.
-    After a failure stdout goes to /dev/null, so that the interpreter's last flush fails quietly.
-    Returns whether it was printed."""
+    After a failure stdout goes to /dev/null, so that the interpreter's last flush fails quietly."""
     try:
         sys.stdout.write(f"{text}\n")
         sys.stdout.flush()
-        return True
     except OSError as exc:
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -106,7 +104,6 @@ def print_result(text: str) -> bool:
         except (OSError, ValueError):  # a stdout without a file descriptor (captured)
             pass
         print_error(f"stdout failed ({exc.strerror or exc}); the result goes to its file only")
-        return False
 
 
 def run_command(main: Callable[[], int]) -> NoReturn:
