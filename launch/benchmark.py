@@ -39,7 +39,7 @@ from alexnet.bench.timing import BenchSettingsError, Schedule
 from alexnet.config import ConfigError, config_to_dict, load_config
 from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import MAY_DIFFER, LoaderError, check_same_settings, flat_settings, option_settings
-from alexnet.parallel.env import LaunchError, accept_legacy_local_rank, log_rank
+from alexnet.parallel.env import LaunchError, accept_legacy_local_rank, env_int, log_rank
 from alexnet.parallel.mesh import LayoutError
 from alexnet.process import StoreOnce, positive_seconds, print_error, print_result, run_command
 from pipelines.index import DataError
@@ -435,11 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     commands = {"pipeline": cmd_pipeline, "step": cmd_step, "e2e": cmd_e2e, "sweep": cmd_sweep, "merge": cmd_merge}
     merged: Path | None = None
-    if args.command in ONE_PROCESS and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        # Under torchrun each worker ran the whole command: competing benchmarks writing one report.
-        print_error(f"benchmark {args.command} runs in one process: python launch/benchmark.py {args.command} ...")
-        return 2
     try:
+        if args.command in ONE_PROCESS and env_int("WORLD_SIZE", 1) > 1:
+            # Under torchrun each worker ran the whole command: competing benchmarks writing one report.
+            raise BenchSettingsError(
+                f"benchmark {args.command} runs in one process: python launch/benchmark.py {args.command} ..."
+            )
         if args.command == "merge":  # before --out is created: a refused merge writes nothing
             merged = merge_output(args.name, args.out, args.reports)
         with report_folder(args.out):
