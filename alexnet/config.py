@@ -145,6 +145,9 @@ class RunConfig:
     root: str = "runs"
     name: str = ""  # "" = the config file's name (plus the job id under Slurm)
     tensorboard: bool = False
+    # training_curves.png at every session's end: 1-2 s of a CPU on rank 0 while the other ranks
+    # wait, which a sweep of many short runs may skip (launch/plot_run.py draws it at any time).
+    plot: bool = True
     progress: Literal["auto", "bar", "log"] = "auto"  # auto: a bar only on a terminal
 
 

@@ -268,10 +268,11 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: s
     return out_png
 
 
-def write_run_report(run_dir: Path, final: RunSummary) -> Path | None:
-    """For the main rank at the end of a run: log the summary and draw its curves."""
+def write_run_report(run_dir: Path, final: RunSummary, plot: bool = True) -> Path | None:
+    """For the main rank at the end of a run: log the summary and draw its curves (unless `plot`
+    is false, run.plot=false)."""
     log.info("%s", format_summary(final))
-    return draw_run_curves(run_dir)
+    return draw_run_curves(run_dir) if plot else None
 
 
 def draw_run_curves(run_dir: Path) -> Path | None:

@@ -76,11 +76,13 @@ class Reporter:
         start: tuple[int, int] = (0, 0),  # the resumed checkpoint's (step, completed epochs)
         unwritten: list[dict[str, Any]] | None = None,  # records an earlier session could not write
         history_here: bool = True,  # False: the resumed checkpoint is another run's (see MetricsWriter)
+        plot: bool = True,  # draw training_curves.png at the end (run.plot)
     ) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.epochs = epochs
         self._tensorboard, self._start, self._history_here = tensorboard, start, history_here
+        self._plot = plot
         self.writer: MetricsWriter | None = None
         self.failure: str | None = None  # why a record could not be written (rank 0)
         self.unwritten: list[dict[str, Any]] = [] if unwritten is None else unwritten
@@ -168,7 +170,7 @@ class Reporter:
         )
 
     def summary(self, summary: dict[str, Any], final: RunSummary) -> None:
-        """summary.json, the closing log lines, and training_curves.png (rank 0)."""
+        """summary.json, the closing log lines, and training_curves.png unless run.plot=false (rank 0)."""
         if not self.is_main:
             return
         self.write_summary(summary)
@@ -179,7 +181,7 @@ class Reporter:
         if summary.get("comm_sent_mb_per_step"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in summary["comm_sent_mb_per_step"].items())
             log.info("sent per rank per step (MB): %s", parts)
-        write_run_report(self.run_dir, final)
+        write_run_report(self.run_dir, final, self._plot)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomic(self.run_dir / "summary.json", strict_json(summary, indent=2) + "\n")

@@ -171,7 +171,7 @@ class Trainer:
         # A checkpoint of another run (checkpoint.resume=<its file>) continues none of this folder's records.
         history_here = resumed is None or self._resumes_own(resumed)
         self.reporter = Reporter(plan.run_dir, env.is_main, cfg.run.tensorboard, cfg.run.progress, cfg.train.epochs,
-                                 (p.step, p.epoch), p.unwritten_records, history_here)  # fmt: skip
+                                 (p.step, p.epoch), p.unwritten_records, history_here, cfg.run.plot)  # fmt: skip
         self._on_main_rank(self.reporter.open)
         self._session_start = time.perf_counter()
         self._seconds_before = p.train_seconds

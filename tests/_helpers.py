@@ -27,6 +27,9 @@ TINY_TRAIN = [
     "model.init=kaiming",
     "train.log_every=2",
     "run.progress=log",
+    # training_curves.png is 1-2 s of rank 0 at every session's end, with the other ranks waiting:
+    # drawn only by the tests that look at it (run.plot=true after these).
+    "run.plot=false",
 ]
 # Synthetic data, 2 steps of 4 images per epoch: seconds per in-process run (each epoch validates
 # the same batch, which the model soon predicts: no accuracy to read anything from).
@@ -41,6 +44,7 @@ SYNTHETIC_TRAIN = [
     "model.init=kaiming",
     "checkpoint.every_steps=0",
     "run.progress=log",
+    "run.plot=false",
 ]
 
 

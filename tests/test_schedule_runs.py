@@ -88,3 +88,14 @@ def test_a_checkpoint_from_before_the_multiplier_keeps_its_rate_under_a_changed_
     epoch_3 = [r["lr"] for r in read_metrics(tmp_path / "old" / "metrics.jsonl") if r["split"] == "train"][-2:]
     assert epoch_3 == pytest.approx([0.01 * 4 / 128 * 0.1] * 2)  # the rate reached, not 0.5 of the peak
     assert "schedule.factor: 0.1 -> 0.5" in capfd.readouterr().err
+
+
+def test_run_plot_false_leaves_the_curves_to_plot_run(tmp_path):
+    """run.plot=false: summary.json and the closing lines, no training_curves.png (a sweep of
+    short runs saves the plot's 1-2 s per session); the default draws it."""
+    from alexnet.report import PLOT_FILE
+
+    run(tmp_path, "quiet", "train.epochs=1")
+    assert (tmp_path / "quiet" / "summary.json").is_file() and not (tmp_path / "quiet" / PLOT_FILE).exists()
+    run(tmp_path, "drawn", "train.epochs=1", "run.plot=true")
+    assert (tmp_path / "drawn" / PLOT_FILE).read_bytes().startswith(b"\x89PNG")

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.dali]  # every run here trains with 
 
 
 def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
-    proc = check(train(tiny_data, tmp_path, "e2e", "train.epochs=2", "checkpoint.every_steps=3"))
+    proc = check(train(tiny_data, tmp_path, "e2e", "train.epochs=2", "checkpoint.every_steps=3", "run.plot=true"))
     run = tmp_path / "e2e"
     # 120 train images over 2 ranks at batch 8: 7 steps per epoch
     records = read_metrics(run / "metrics.jsonl")
@@ -47,6 +47,7 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
             "run.name=e2e",
             "train.epochs=2",
             "checkpoint.every_steps=3",
+            "run.plot=true",
         ],
     )
     payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -63,7 +64,7 @@ def test_two_rank_run_writes_metrics_config_and_checkpoint(tiny_data, tmp_path):
     # The same command again (a Slurm requeue that missed the .completed marker) finds nothing to
     # train and rewrites the same summary: the figures are the run's, not this empty session's.
     assert summary["comm_sent_mb_per_step"]["grad_allreduce"] > 0
-    again = check(train(tiny_data, tmp_path, "e2e", "train.epochs=2", "checkpoint.every_steps=3"))
+    again = check(train(tiny_data, tmp_path, "e2e", "train.epochs=2", "checkpoint.every_steps=3", "run.plot=true"))
     assert "nothing to train" in again.stderr
     rewritten = json.loads((run / "summary.json").read_text())
     assert rewritten.pop("session_seconds") < summary.pop("session_seconds")  # only this one is the session's

@@ -29,7 +29,7 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     steps in a row the run stops with a one-line error, and checkpoint.every_steps=1 wrote no
     checkpoint during the streak: last.pt is from the last applied step."""
     proc = train(tiny_data, tmp_path, "nan", "optim.lr=100", "checkpoint.every_steps=1",
-                 "train.max_nonfinite=3", "train.log_every=1", nproc=1)  # fmt: skip
+                 "train.max_nonfinite=3", "train.log_every=1", "run.plot=true", nproc=1)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "NonFiniteLossError" not in out  # said, not a traceback
     stopped = int(out.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])

@@ -162,7 +162,7 @@ PATH_KEYS = frozenset(
 # collective timeout each rank waits.
 LOCAL_KEYS = frozenset(
     {"data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.decoder", "train.host_memory",
-     "run.progress", "run.tensorboard", "parallel.timeout_s"}
+     "run.progress", "run.tensorboard", "run.plot", "parallel.timeout_s"}
 )  # fmt: skip
 MAY_DIFFER = PATH_KEYS | LOCAL_KEYS
 
