@@ -127,23 +127,6 @@ def train_steps(metrics: Path) -> list[int]:
 
 
 @pytest.mark.dali
-def test_two_process_cpu_job_completes_with_metrics_and_checkpoint(cluster, tiny_data, tmp_path, reference):
-    """One node, 2 CPUs, no GPUs: 2 gloo workers; the run folder is named after the job id."""
-    args = [*RECIPE, f"data.root={tiny_data}", f"run.root={tmp_path}"]
-    job = submit(cluster, tmp_path, ["--nodes=1", "--cpus-per-task=2", *CPU_JOB], args)
-    log = assert_completed(wait_for_job(cluster, job, tmp_path), tmp_path, job)
-    assert "2 worker(s) per node" in log and "training ended with exit status 0" in log
-    run = tmp_path / f"demo-{job}"  # default run name: the config's name and the job id
-    records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, TOTAL_STEPS + 1))
-    assert [r["count"] for r in records if r["split"] == "val"] == [50, 50]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["completed"] and summary["world_size"] == 2
-    assert_same_weights(run / "checkpoints" / "last.pt", reference)
-    assert not list(tmp_path.glob(".alexnet-stop-*")), "the stop file was not removed"
-
-
-@pytest.mark.dali
 def test_two_node_job_meets_at_the_first_node(cluster, tiny_data, tmp_path, reference):
     """Two emulated nodes, one worker each: the torchruns on ci-node1 and ci-node2 meet at the
     c10d rendezvous on ci-node1 and train as one world of 2."""
@@ -163,10 +146,15 @@ def test_usr1_checkpoints_requeues_resumes_and_ends_as_if_never_stopped(cluster,
     """SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit): every
     rank stops at the same step and checkpoints, the job requeues itself, keeps its id and run
     folder, resumes from the checkpoint and ends with the uninterrupted run's weights. Prints the
-    cost of the preemption."""
+    cost of the preemption.
+
+    Also what a one-node job of its own, the same submission left uninterrupted, checked (a whole
+    Slurm job less; the two-node job is the uninterrupted one): one node, 2 CPUs, no GPUs: 2 gloo
+    workers; the run folder named after the job id; every step's and epoch's metrics; the stop
+    file removed at the end."""
     args = [*RECIPE, f"data.root={tiny_data}", f"run.root={tmp_path}", "checkpoint.every_steps=0"]
     job = submit(cluster, tmp_path, ["--nodes=1", "--cpus-per-task=2", *CPU_JOB], args)
-    run = tmp_path / f"demo-{job}"
+    run = tmp_path / f"demo-{job}"  # default run name: the config's name and the job id
     deadline = time.monotonic() + 240
     while max(train_steps(run / "metrics.jsonl"), default=0) < 3:
         assert job_state(cluster, job) in ("PENDING", "RUNNING", "CONFIGURING"), job_log(tmp_path, job)
@@ -196,15 +184,19 @@ def test_usr1_checkpoints_requeues_resumes_and_ends_as_if_never_stopped(cluster,
     log = assert_completed(info, tmp_path, job)
 
     assert info["Restarts"] == "1" and states & {"PENDING", "REQUEUED"}, (info, states)
+    assert "2 worker(s) per node" in log and "training ended with exit status 0" in log
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log and f"job {job} (restart 1)" in log
     last = re.escape(str(run / "checkpoints" / "last.pt"))
     resume_line = rf"resumed from {last} after step {stop_step} \(\d epochs? completed\)\n"  # the stop's checkpoint
     assert re.search(resume_line, log), log[-4000:]
-    steps = train_steps(run / "metrics.jsonl")
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r["step"] for r in records if r["split"] == "train"]
     assert steps == list(range(1, TOTAL_STEPS + 1)), "the requeued job resumed at the next step"
+    assert [r["count"] for r in records if r["split"] == "val"] == [50, 50]
     summary = json.loads(summary_path.read_text())
-    assert summary["completed"] and summary["steps"] == TOTAL_STEPS
+    assert summary["completed"] and summary["steps"] == TOTAL_STEPS and summary["world_size"] == 2
     assert_same_weights(run / "checkpoints" / "last.pt", reference)
+    assert not list(tmp_path.glob(".alexnet-stop-*")), "the stop file was not removed"
     print(
         f"\npreemption cost (SIGUSR1 at step {stop_step}): {checkpointed - signalled:.1f} s to the checkpoint, "
         f"{resumed - signalled:.1f} s until the requeued job finished its first step "
