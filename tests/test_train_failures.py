@@ -14,13 +14,25 @@ from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, check, loader_failing
 from _helpers import train_tiny as train
 
 import alexnet.trainer
-from alexnet.config import load_config
+from alexnet.config import ConfigError, load_config
 from alexnet.engine import accumulated_step
 from alexnet.metrics import read_metrics
 from alexnet.run import run_training
 from alexnet.trainer import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
+
+
+def diverge_here(tiny_data, tmp_path, name, *extra):
+    """The 1-process run of `train(..., nproc=1)` in this process, stopped by NonFiniteLossError:
+    its message (what launch/train.py prints after "error: "). A launch's start, importing torch
+    and DALI, took longer than such a run; test_a_diverging_run_stops_with_one_line_and_checkpoints_
+    from_before keeps the command's own one line and exit status."""
+    cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}",
+                                    *extra])  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as err:
+        run_training(cfg, str(DEMO_CONFIG))
+    return str(err.value)
 
 
 @pytest.mark.dali
@@ -31,7 +43,7 @@ def test_a_diverging_run_stops_with_one_line_and_checkpoints_from_before(tiny_da
     proc = train(tiny_data, tmp_path, "nan", "optim.lr=100", "checkpoint.every_steps=1",
                  "train.max_nonfinite=3", "train.log_every=1", "run.plot=true", nproc=1)  # fmt: skip
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "NonFiniteLossError" not in out  # said, not a traceback
+    assert proc.returncode == 1 and "NonFiniteLossError" not in out  # said, not a traceback
     stopped = int(out.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])
     assert "error: 3 consecutive steps" in out and "hold weights from before these steps" in out
     assert out.count("no checkpoint during") == 2  # the streak's first two steps
@@ -49,24 +61,31 @@ def test_steps_skipped_on_their_gradients_are_not_blamed_on_the_loss(tiny_data, 
     """With train.grad_clip a step whose losses were finite is skipped when its gradients' norm is
     not (squared in float32 it overflows above about 1.8e19): the stop said "non-finite loss"
     beside the finite losses the log had just printed, and told to set train.grad_clip, set."""
-    proc = train(tiny_data, tmp_path, "grads", "optim.lr=1e7", "train.grad_clip=1",
-                 "schedule.warmup_epochs=0", "train.max_nonfinite=3", "train.log_every=1", nproc=1)  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = diverge_here(tiny_data, tmp_path, "grads", "optim.lr=1e7", "train.grad_clip=1",
+                        "schedule.warmup_epochs=0", "train.max_nonfinite=3", "train.log_every=1")  # fmt: skip
     losses = [r["loss"] for r in read_metrics(tmp_path / "grads" / "metrics.jsonl") if r["split"] == "train"]
     assert len(losses) >= 3 and all(map(math.isfinite, losses[-3:]))  # the skipped steps' losses
-    (line,) = [ln for ln in proc.stderr.splitlines() if "consecutive steps" in ln]
+    assert "\n" not in line  # the one line launch/train.py prints
     assert "3 consecutive steps with finite losses but non-finite gradients at step" in line
     assert "lower optim.lr." in line and "train.grad_clip" not in line and "non-finite loss" not in line
 
 
 @pytest.mark.dali
-def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(tiny_data, tmp_path):
+def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(tiny_data, tmp_path, capsys):
     """The error was raised before the open log window's record was written: the steps since the
-    last record (the streak's among them) were in no record, though summary.json counted them."""
-    proc = train(tiny_data, tmp_path, "window", "optim.lr=100", "train.max_nonfinite=3", "train.log_every=3",
-                 "checkpoint.every_steps=0", nproc=1)  # fmt: skip
-    assert proc.returncode == 1 and "consecutive steps with a non-finite loss" in proc.stderr
+    last record (the streak's among them) were in no record, though summary.json counted them.
+    The run diverges inside its first epoch with checkpoint.every_steps=0, before any checkpoint
+    (the first is the epoch's end, step 15): its error says there is none."""
+    error = diverge_here(tiny_data, tmp_path, "window", "optim.lr=100", "train.max_nonfinite=3",
+                         "train.log_every=3", "checkpoint.every_steps=0")  # fmt: skip
+    log = capsys.readouterr().err  # the run's log lines
+    assert "consecutive steps with a non-finite loss" in error
     summary = json.loads((tmp_path / "window" / "summary.json").read_text())
+    # Before any checkpoint (merged from a test of its own, which took a launch of its own for it).
+    assert summary["steps"] < 15, "the run should diverge before the first epoch's end"
+    assert "No checkpoint was written before these steps." in error
+    assert "hold weights from before" not in error
+    assert not (tmp_path / "window" / "checkpoints" / "last.pt").exists()
     records = [r for r in read_metrics(tmp_path / "window" / "metrics.jsonl") if r["split"] == "train"]
     assert summary["steps"] % 3, "the run should stop inside a log window"
     assert records[-1]["step"] == summary["steps"] and sum(r["steps"] for r in records) == summary["steps"]
@@ -74,7 +93,7 @@ def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(
     # The skipped steps were in no record nor in summary.json: counted as trained.
     assert summary["skipped_steps"] >= 3 and sum(r["skipped_steps"] for r in records) == summary["skipped_steps"]
     assert all(0 <= r["skipped_steps"] <= r["steps"] for r in records) and records[-1]["skipped_steps"] >= 1
-    said = re.findall(r"step (\d+) .* (\d+) of (\d+) skipped", proc.stderr)
+    said = re.findall(r"step (\d+) .* (\d+) of (\d+) skipped", log)
     assert said and said[-1] == (str(summary["steps"]), str(records[-1]["skipped_steps"]), str(records[-1]["steps"]))
 
 
@@ -83,10 +102,10 @@ def test_a_run_whose_epochs_end_inside_a_streak_is_not_completed(tiny_data, tmp_
     """train.max_nonfinite above the steps left: the run "finished" with exit 0 and summary.json
     said completed, with no checkpoint of its last steps and a NaN-loss validation's top-1 (the
     class NaN logits pick) as its best."""
-    proc = train(tiny_data, tmp_path, "late", "optim.lr=100", "train.max_nonfinite=1000", "train.epochs=1",
-                 "checkpoint.every_steps=0", nproc=1)  # fmt: skip
-    assert proc.returncode == 1 and "error: the run's epochs ended inside " in proc.stderr
-    assert "consecutive steps with a non-finite loss at step 15" in proc.stderr
+    error = diverge_here(tiny_data, tmp_path, "late", "optim.lr=100", "train.max_nonfinite=1000", "train.epochs=1",
+                         "checkpoint.every_steps=0")  # fmt: skip
+    assert error.startswith("the run's epochs ended inside ")  # NonFiniteLossError: exit status 1, not 0
+    assert "consecutive steps with a non-finite loss at step 15" in error
     summary = json.loads((tmp_path / "late" / "summary.json").read_text())
     assert (summary["completed"], summary["stop_reason"], summary["steps"]) == (False, "error", 15)
     (val,) = [r for r in read_metrics(tmp_path / "late" / "metrics.jsonl") if r["split"] == "val"]
@@ -130,25 +149,16 @@ def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tm
 @pytest.mark.dali
 def test_a_streak_across_an_epoch_end_writes_no_checkpoint(tiny_data, tmp_path):
     """The epoch-end checkpoint is held back during a streak as the periodic ones are: last.pt is
-    the last applied step and previous.pt the one before (15 steps per epoch, 1 process)."""
-    proc = train(tiny_data, tmp_path, "streak", "optim.lr=100", "checkpoint.every_steps=1", "train.epochs=4",
-                 "train.max_nonfinite=20", "train.log_every=1", nproc=1)  # fmt: skip
-    out = proc.stdout + proc.stderr
-    stopped = int(out.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])
+    the last applied step and previous.pt the one before (15 steps per epoch, 1 process, run in
+    this process)."""
+    error = diverge_here(tiny_data, tmp_path, "streak", "optim.lr=100", "checkpoint.every_steps=1",
+                         "train.epochs=4", "train.max_nonfinite=20", "train.log_every=1")  # fmt: skip
+    stopped = int(error.split(" consecutive steps with a non-finite loss at step ")[1].split()[0])
     assert stopped - 20 < 15 < stopped, "the streak should cross the first epoch's end"
     ckpt = tmp_path / "streak" / "checkpoints"
     last, previous = (torch.load(ckpt / f, weights_only=True)["progress"] for f in ("last.pt", "previous.pt"))
     assert (last["step"], last["nonfinite_streak"], last["epoch"]) == (stopped - 20, 0, 0)
     assert previous["step"] == last["step"] - 1
-
-
-@pytest.mark.dali
-def test_a_run_that_diverges_before_any_checkpoint_says_there_is_none(tiny_data, tmp_path):
-    proc = train(tiny_data, tmp_path, "early", "optim.lr=1e30", "checkpoint.every_steps=0",
-                 "train.max_nonfinite=2", nproc=1)  # fmt: skip
-    assert proc.returncode == 1 and "No checkpoint was written before these steps." in proc.stderr
-    assert "hold weights from before" not in proc.stderr
-    assert not (tmp_path / "early" / "checkpoints" / "last.pt").exists()
 
 
 @pytest.mark.dali
@@ -188,11 +198,12 @@ runpy.run_path({str(TRAIN)!r}, run_name="__main__")
 """
 
 
-def full_disk_run(tiny_data, tmp_path, epochs, full_from):
+def full_disk_run(tiny_data, tmp_path, full_from, *extra):
+    """launch/train.py under FULL_DISK_FROM, 2 epochs; the command's arguments, without the wrapper."""
     wrapper = tmp_path / "full_disk.py"
     wrapper.write_text(FULL_DISK_FROM)
-    args = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=full", f"train.epochs={epochs}",
-            "parallel.timeout_s=30"]  # fmt: skip
+    args = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=full", "train.epochs=2",
+            "parallel.timeout_s=30", *extra]  # fmt: skip
     return torchrun([wrapper, *args], env={**os.environ, "FULL_FROM": str(full_from)}), args
 
 
@@ -201,9 +212,12 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
     """Rank 0 alone writes metrics.jsonl. A record it could not write (a full disk) ended rank 0
     with the error and rank 1 with a gloo traceback, and lost the steps since the last checkpoint.
     Every rank now stops after the next step with a checkpoint, which keeps the records not
-    written, and rank 0's reason; the same command resumes and writes them."""
+    written, and rank 0's reason; the same command resumes and writes them. The resumed session
+    then finds the disk full again at the run's very last record (its final validation): it has
+    trained all its epochs and still stops with the error; the next rerun trains nothing, writes
+    the record and ends the run as completed (that case had a test and two launches of its own)."""
     run = tmp_path / "full"
-    proc, args = full_disk_run(tiny_data, tmp_path, epochs=2, full_from=3)
+    proc, args = full_disk_run(tiny_data, tmp_path, 3)
     assert proc.returncode != 0
     # 7 steps per epoch, a record every 2: the third is step 6's; the ranks agree on it with batch 7
     reason = (f"error: cannot write metrics file {run / 'metrics.jsonl'} (No space left on device; the record of "
@@ -215,12 +229,24 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
     assert progress["step"] == 7 and [r["step"] for r in progress["unwritten_records"]] == [6, 7]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 4]
 
-    check(torchrun([TRAIN, *args]))  # room on the disk again
+    # Room on the disk again, up to the last record: train 6 and 7 (the kept ones), val 7, train
+    # 8, 10, 12 and 14 are written, and the 8th, val 14, is not.
+    proc, _ = full_disk_run(tiny_data, tmp_path, 8)
+    assert proc.stderr.count("training stopped at step 14 with a checkpoint") == 2, proc.stderr[-4000:]
+    assert proc.returncode != 0
+    written = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
+    everything = [("train", 2), ("train", 4), ("train", 6), ("train", 7), ("val", 7), ("train", 8), ("train", 10),
+                  ("train", 12), ("train", 14), ("val", 14)]  # fmt: skip
+    assert written == everything[:-1]
+    failed = json.loads((run / "summary.json").read_text())  # the session that failed says so
+    assert (failed["completed"], failed["stop_reason"], failed["steps"]) == (False, "error", 14)
+    assert failed["error"].startswith("MetricsWriteError: ")
+
+    check(torchrun([TRAIN, *args]))  # room on the disk for good
     records = read_metrics(run / "metrics.jsonl")
-    assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("train", 6), ("train", 7),
-                                                          ("val", 7), ("train", 8), ("train", 10), ("train", 12),
-                                                          ("train", 14), ("val", 14)]  # fmt: skip
+    assert [(r["split"], r["step"]) for r in records] == everything  # nothing trained twice
     assert sum(r["count"] for r in records if r["split"] == "train") == 14 * 16  # each step in one record
+    assert json.loads((run / "summary.json").read_text())["completed"]
 
     # A metrics file rank 0 cannot even open stops every rank before training, naming it.
     (run / "metrics.jsonl").unlink()
@@ -231,25 +257,6 @@ def test_a_metrics_file_rank_0_cannot_write_stops_every_rank_with_a_checkpoint(t
     assert proc.stderr.count(reason) == 2, proc.stderr[-4000:]
     assert "[rank1]: Traceback" not in proc.stderr
     assert proc.stderr.count("train.epochs: 2 -> 3") == 1  # the resume's warnings come from rank 0 alone
-
-
-@pytest.mark.dali
-def test_a_last_validation_record_rank_0_cannot_write_is_written_by_the_rerun(tiny_data, tmp_path):
-    """The run's very last record (its final validation) not written: the run has trained all its
-    epochs and still stops with the error; the rerun trains nothing, writes the record and ends
-    the run as completed."""
-    run = tmp_path / "full"
-    proc, args = full_disk_run(tiny_data, tmp_path, epochs=1, full_from=5)  # train 2, 4, 6, 7, then val 7
-    assert proc.returncode != 0
-    assert proc.stderr.count("training stopped at step 7 with a checkpoint") == 2, proc.stderr[-4000:]
-    written = [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")]
-    assert written == [("train", 2), ("train", 4), ("train", 6), ("train", 7)]
-    failed = json.loads((run / "summary.json").read_text())  # the session that failed says so
-    assert (failed["completed"], failed["stop_reason"], failed["steps"]) == (False, "error", 7)
-    assert failed["error"].startswith("MetricsWriteError: ")
-    check(torchrun([TRAIN, *args]))
-    assert [(r["split"], r["step"]) for r in read_metrics(run / "metrics.jsonl")][-1] == ("val", 7)
-    assert json.loads((run / "summary.json").read_text())["completed"]
 
 
 # Rank 0 fails, writing config.yaml, in a way nothing foresees (fault injection around launch/train.py).
@@ -375,17 +382,36 @@ def per_rank_home(tmp_path):
     return wrapper
 
 
+@pytest.fixture(scope="module")
+def node_local(tmp_path_factory, tiny_data):
+    """Two "nodes" with disks of their own (HOME per rank): identical copies of the data at other
+    paths (rank 0's a link to tiny_data, rank 1's a copy) and run.root=~/runs, trained 1 step.
+    Rank 0 alone writes the run folder, so its checkpoint is on node 0's disk only. The homes'
+    folder, the command and its process; made once for the two tests that read it (each made a
+    launch of its own: a 1-step run, and a 1-process run for a checkpoint on rank 0's disk)."""
+    root = tmp_path_factory.mktemp("node_local")
+    (root / "home0").mkdir()
+    (root / "home0" / "data").symlink_to(tiny_data)
+    (root / "home1").mkdir()
+    shutil.copytree(tiny_data, root / "home1" / "data")
+    command = [per_rank_home(root), *TINY_TRAIN, "data.root=~/data", "run.root=~/runs", "run.name=local",
+               "parallel.timeout_s=30", "train.max_steps=1"]  # fmt: skip
+    return root, command, torchrun(command)
+
+
 @pytest.mark.dali
-def test_ranks_that_see_different_checkpoints_stop_before_training(tiny_data, tmp_path):
+def test_ranks_that_see_different_checkpoints_stop_before_training(node_local):
     """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
     with a one-line error instead of training from different steps."""
-    check(train(tiny_data, tmp_path / "home0" / "runs", "local", "train.epochs=1", "train.max_steps=2", nproc=1))
-    (tmp_path / "home1").mkdir()
-    proc = torchrun([per_rank_home(tmp_path), *TINY_TRAIN, f"data.root={tiny_data}", "run.root=~/runs",
-                     "run.name=local", "train.epochs=1"])  # fmt: skip
+    root, command, first = node_local
+    check(first)
+    last = torch.load(root / "home0" / "runs" / "local" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["progress"]["step"] == 1
+    assert not (root / "home1" / "runs").exists()
+    proc = torchrun([*command, "train.max_steps=2"])  # the same run, one step further
     assert proc.returncode != 0
     assert "the ranks found different checkpoints to resume from (rank 0: " in proc.stderr
-    assert "(step 2); rank 1: none); run.root (~/runs) must be a folder that every rank sees" in proc.stderr
+    assert "(step 1); rank 1: none); run.root (~/runs) must be a folder that every rank sees" in proc.stderr
     assert proc.stderr.count("error: the ranks found different checkpoints") == 2  # said by both, no traceback
     assert "CheckpointError" not in proc.stderr
 
@@ -411,21 +437,20 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
 
 
 @pytest.mark.dali
-def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_path):
+def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_path, node_local):
     """data.root on node-local disks, one copy a file short: nothing compared the copies, so the
     ranks took different numbers of steps until a collective broke an epoch later (a class
     folder missing, with model.num_classes set, trained each rank's labels as other classes).
-    Identical copies at other paths still train."""
+    Identical copies at other paths still train (node_local's run)."""
+    check(node_local[2])
     (tmp_path / "home0").mkdir()
     (tmp_path / "home0" / "data").symlink_to(tiny_data)
     (tmp_path / "home1").mkdir()
     shutil.copytree(tiny_data, tmp_path / "home1" / "data")
-    common = [per_rank_home(tmp_path), *TINY_TRAIN, "data.root=~/data", f"run.root={tmp_path}",
-              "parallel.timeout_s=30", "train.max_steps=1"]  # fmt: skip
-    check(torchrun([*common, "run.name=same"]))
     short = sorted((tmp_path / "home1" / "data" / "train" / "circle").iterdir())[0]
     short.unlink()
-    proc = torchrun([*common, "run.name=short"])
+    proc = torchrun([per_rank_home(tmp_path), *TINY_TRAIN, "data.root=~/data", f"run.root={tmp_path}",
+                     "parallel.timeout_s=30", "train.max_steps=1", "run.name=short"])  # fmt: skip
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: the ranks read different data")]
     assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
@@ -437,21 +462,27 @@ def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_p
 
 
 @pytest.mark.dali
-def test_an_unusable_run_root_is_named(tiny_data, tmp_path):
+def test_an_unusable_run_root_is_named(tiny_data, tmp_path, capsys):
+    """In this process, where each launch of launch/train.py took longer than its failure: the
+    command prints the error's message after "error: " (as test_a_metrics_file_rank_0_cannot_write_
+    stops_every_rank_with_a_checkpoint sees of this same error)."""
+
+    def run(root, name):
+        cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={root}", f"run.name={name}"])
+        with pytest.raises(ConfigError) as err:
+            run_training(cfg, str(DEMO_CONFIG))
+        return str(err.value)
+
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = train(tiny_data, blocker, "x", nproc=1)
-    assert proc.returncode != 0 and f"error: config key 'run.root': cannot write the run folder {blocker / 'x'}" in (
-        proc.stderr
-    )
+    assert run(blocker, "x").startswith(f"config key 'run.root': cannot write the run folder {blocker / 'x'}")
     # a file where the run's checkpoints go: named at the start, not at the first checkpoint
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "checkpoints").write_text("")
-    proc = train(tiny_data, tmp_path, "y", nproc=1)
-    assert (
-        f"cannot write the run folder {tmp_path / 'y'} ({tmp_path / 'y' / 'checkpoints'}: File exists)" in proc.stderr
-    )
-    assert proc.returncode != 0 and "step 1" not in proc.stderr and not (tmp_path / "y" / "config.yaml").exists()
+    capsys.readouterr()
+    error = run(tmp_path, "y")
+    assert f"cannot write the run folder {tmp_path / 'y'} ({tmp_path / 'y' / 'checkpoints'}: File exists)" in error
+    assert "step 1" not in capsys.readouterr().err and not (tmp_path / "y" / "config.yaml").exists()
 
 
 def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
