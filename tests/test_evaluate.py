@@ -15,6 +15,7 @@ import pytest
 import torch
 from _helpers import (
     REPO,
+    TINY_FC_WIDTH,
     TINY_TRAIN,
     check,
     dali_missing,
@@ -60,6 +61,7 @@ def tiny_config(tiny_data):
             "data.mean=[124.0, 116.0, 104.0]",
             "data.std=[58.0, 57.0, 57.0]",
             "model.init=kaiming",
+            f"model.fc_width={TINY_FC_WIDTH}",
         ],
     )
 
@@ -71,10 +73,12 @@ def save_checkpoint(model, cfg, folder):
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    """The paper model after 4 quick epochs on the tiny data: predictions that differ by class."""
+    """The paper model after 4 quick epochs on the tiny data: predictions that differ by class.
+    fc6 and fc7 TINY_FC_WIDTH wide: at 4096 the checkpoint is 80 MB, trained here and read by
+    every evaluation, process and rank of this file."""
     cfg = tiny_config(tiny_data)
     torch.manual_seed(0)
-    model = build_model("paper", 10, 0.5, 67, "kaiming")
+    model = build_model("paper", 10, 0.5, 67, "kaiming", TINY_FC_WIDTH)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     image = ImageSpec(67, 76, "paper", (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
     index, shard = build_file_index(tiny_data / "train"), ShardSpec(0, 1, 20, 0)
@@ -135,15 +139,52 @@ def test_a_checkpoint_of_a_stop_during_validation_reports_the_epochs_its_weights
     assert (result["epoch"], result["step"]) == (5, 70)
 
 
+def replaced_on_rank_1(trained, folder, replaced_reads):
+    """A wrapper that runs evaluate.py with rank 1 finding another step of the checkpoint (the
+    same weights) under the same path on its first `replaced_reads` reads, as a run still training
+    that replaces its last.pt between the ranks' reads would have it."""
+    payload = torch.load(trained, weights_only=True)
+    payload["progress"]["step"] = payload["progress"].get("step", 0) + 1
+    other = atomic_save(payload, folder / "other")
+    wrapper = folder / "rank_1_replaced.py"
+    wrapper.write_text(
+        "import dataclasses, os, runpy, sys\n"
+        "import alexnet.evaluate as ev\n"
+        "real, reads = ev.build_model_from_checkpoint, []\n"
+        "def build(path, device):\n"
+        "    reads.append(path)\n"
+        f"    if os.environ['RANK'] == '1' and len(reads) <= {replaced_reads}:\n"
+        f"        return dataclasses.replace(real({str(other)!r}, device), path=real(path, device).path)\n"
+        "    return real(path, device)\n"
+        "ev.build_model_from_checkpoint = build\n"
+        f"sys.argv[0] = {str(EVALUATE)!r}\n"
+        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
+    )
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def ten_crop_on_two_ranks(tiny_data, trained, tmp_path_factory):
+    """One torchrun launch, two tests' claims: the ten-crop evaluation on 2 gloo ranks, with rank 1
+    finding another step of the checkpoint on its first read (the ranks read it again, and then
+    evaluate the same checkpoint). The launch's start costs more than its evaluation; it returns
+    the finished process and the result file it wrote."""
+    folder = tmp_path_factory.mktemp("ten_crop_two_ranks")
+    out = folder / "eval.json"
+    wrapper = replaced_on_rank_1(trained, folder, 1)
+    proc = torchrun([wrapper, trained, "--data", tiny_data, "--ten-crop", "--batch-size", "8", "--out", out,
+                     "--timeout", "60"], nproc=2)  # fmt: skip
+    return proc, out
+
+
 @pytest.mark.dali
 @pytest.mark.slow
-def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, tmp_path):
-    """2 gloo ranks, shards of 25 images padded to 4 batches of 8: the same counts, class by class."""
+def test_ten_crop_under_torchrun_equals_one_process(tiny_data, trained, ten_crop_on_two_ranks):
+    """2 gloo ranks, shards of 25 images padded to 4 batches of 8: the same counts, class by class
+    (the launch test_a_checkpoint_replaced_while_the_ranks_read_it_is_read_again[1] reads too)."""
     one = run_evaluation(EvalOptions(trained, data=str(tiny_data), ten_crop=True), ONE)
-    out = tmp_path / "eval.json"
-    proc = check(
-        torchrun([EVALUATE, trained, "--data", tiny_data, "--ten-crop", "--batch-size", "8", "--out", out], nproc=2)
-    )
+    proc, out = ten_crop_on_two_ranks
+    check(proc)
     two = json.loads(out.read_text())
     assert "ten-crop" in proc.stdout and two["world_size"] == 2 and two["crops"] == "ten"
     assert two["images"] == one["images"] == 50
@@ -173,7 +214,7 @@ def test_wrong_class_count_and_missing_config_are_named(tiny_data, trained, tmp_
 
 
 @pytest.mark.dali
-def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path):
+def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path, capsys, monkeypatch):
     with pytest.raises(DataError, match=r"nosuch does not exist: --split names a subfolder of"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), split="nosuch"), ONE)
     flat = tmp_path / "flat"  # val/ as ILSVRC2012_img_val.tar unpacks: files, no class folders
@@ -182,17 +223,18 @@ def test_bad_flags_and_a_missing_split_are_named(tiny_data, trained, tmp_path):
     shutil.copy(next((tiny_data / "val").rglob("*.*")), flat / "val" / "ILSVRC2012_val_00000001.JPEG")
     with pytest.raises(DataError, match=r"flat/val holds no class folders: .*launch/prepare_imagenet\.py"):
         run_evaluation(EvalOptions(trained, data=str(flat)), ONE)
-    here = subprocess.run([sys.executable, EVALUATE, "."], capture_output=True, text=True, cwd=trained.parent)
-    assert here.returncode == 1 and "Traceback" not in here.stderr, here.stderr[-3000:]
-    assert f"checkpoint . is a folder; name a checkpoint file in it (e.g. {Path('last.pt')})" in here.stderr
+    with monkeypatch.context() as here:
+        here.chdir(trained.parent)
+        status, _, err = evaluate_main(capsys, ".")
+    assert status == 1 and "Traceback" not in err, err[-3000:]
+    assert f"checkpoint . is a folder; name a checkpoint file in it (e.g. {Path('last.pt')})" in err
     with pytest.raises(ConfigError, match=r"--decoder mixed decodes on the GPU and needs a CUDA device"):
         run_evaluation(EvalOptions(trained, data=str(tiny_data), decoder="mixed"), ONE)
     # a usage error, as train.py's data.decoder=mixed without CUDA: exit 2 (it exited 1)
-    mixed = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--decoder", "mixed"],
-                           capture_output=True, text=True)  # fmt: skip
-    assert mixed.returncode == 2 and mixed.stderr.startswith("error: --decoder mixed decodes on the GPU"), mixed.stderr
-    proc = subprocess.run([sys.executable, EVALUATE, trained, "--batch-size", "-3"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--batch-size: must be in [0, 65536] (0: the run's own), got -3" in proc.stderr
+    status, _, err = evaluate_main(capsys, trained, "--data", tiny_data, "--decoder", "mixed")
+    assert status == 2 and err.startswith("error: --decoder mixed decodes on the GPU"), err
+    status, _, err = evaluate_main(capsys, trained, "--batch-size", "-3")
+    assert status == 2 and "--batch-size: must be in [0, 65536] (0: the run's own), got -3" in err
 
 
 def test_evaluation_without_dali_says_so_and_reads_with_torchvision_when_asked(tiny_data, trained, tmp_path):
@@ -337,33 +379,19 @@ def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_pat
 
 @pytest.mark.dali
 @pytest.mark.parametrize("replaced_reads", [1, 3])
-def test_a_checkpoint_replaced_while_the_ranks_read_it_is_read_again(trained, tmp_path, replaced_reads):
+def test_a_checkpoint_replaced_while_the_ranks_read_it_is_read_again(trained, tmp_path, replaced_reads, request):
     """A run still training replaces its last.pt: ranks that read it moments apart loaded two
     steps, and the error told the user to give every rank the same file, which they had. Rank 1
     here finds another step under the same path on its first `replaced_reads` reads: once, the
-    ranks read again and evaluate; every time (3 reads), the error says what may have happened."""
-    payload = torch.load(trained, weights_only=True)
-    payload["progress"]["step"] = payload["progress"].get("step", 0) + 1
-    other = atomic_save(payload, tmp_path / "other")
-    wrapper = tmp_path / "rank_1_replaced.py"
-    wrapper.write_text(
-        "import dataclasses, os, runpy, sys\n"
-        "import alexnet.evaluate as ev\n"
-        "real, reads = ev.build_model_from_checkpoint, []\n"
-        "def build(path, device):\n"
-        "    reads.append(path)\n"
-        f"    if os.environ['RANK'] == '1' and len(reads) <= {replaced_reads}:\n"
-        f"        return dataclasses.replace(real({str(other)!r}, device), path=real(path, device).path)\n"
-        "    return real(path, device)\n"
-        "ev.build_model_from_checkpoint = build\n"
-        f"sys.argv[0] = {str(EVALUATE)!r}\n"
-        f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
-    )
-    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "60"], nproc=2)
+    ranks read again and evaluate (the ten-crop launch of test_ten_crop_under_torchrun_equals_one_process,
+    whose figures are the checkpoint's); every time (3 reads), the error says what may have happened."""
     if replaced_reads == 1:
-        assert proc.returncode == 0 and (tmp_path / "eval.json").is_file(), proc.stderr[-3000:]
+        proc, out = request.getfixturevalue("ten_crop_on_two_ranks")
+        assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
         assert proc.stderr.count("replaced by a run still training?); reading it again") == 1
         return
+    wrapper = replaced_on_rank_1(trained, tmp_path, replaced_reads)
+    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "60"], nproc=2)
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
     assert named[0].endswith(")); every rank read the same path: a run still training into it replaced the "
@@ -525,35 +553,29 @@ def test_a_checkpoint_without_class_names_and_a_wider_head_is_labelled_by_the_ro
     outputs allowed, more refused)."""
     cfg = tiny_config(tiny_data)
     torch.manual_seed(0)
-    ckpt = save_checkpoint(build_model("paper", 12, 0.5, 67, "kaiming").eval(), cfg, tmp_path / "wide")
+    ckpt = save_checkpoint(build_model("paper", 12, 0.5, 67, "kaiming", TINY_FC_WIDTH).eval(), cfg, tmp_path / "wide")
     assert "classes" not in torch.load(ckpt, weights_only=True)
     result = run_evaluation(EvalOptions(ckpt, data=str(tiny_data)), ONE)
     assert result["images"] == 50 and result["num_classes"] == 10 and len(result["per_class"]) == 10
 
 
 @pytest.mark.dali
-def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(tiny_data, trained, tmp_path):
+def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(tiny_data, trained, tmp_path, capsys):
     folder = tmp_path / "results"
     folder.mkdir()
-    ok = subprocess.run(
-        [sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", folder], capture_output=True, text=True
-    )
-    assert ok.returncode == 0, ok.stderr
+    status, out, err = evaluate_main(capsys, trained, "--data", tiny_data, "--out", folder)
+    assert status == 0, err
     written = json.loads((folder / f"{trained.name}.eval-centre.json").read_text())
-    assert written["images"] == 50 and f"written to {folder / trained.name}.eval-centre.json" in ok.stdout
+    assert written["images"] == 50 and f"written to {folder / trained.name}.eval-centre.json" in out
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    bad = subprocess.run(
-        [sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", blocker / "eval.json"],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2
-    assert f"error: --out {blocker / 'eval.json'}: {blocker} is a file, not a folder" in bad.stderr
-    assert "Traceback" not in bad.stderr and "images" not in bad.stdout  # stopped before evaluating
+    status, out, err = evaluate_main(capsys, trained, "--data", tiny_data, "--out", blocker / "eval.json")
+    assert status == 2
+    assert f"error: --out {blocker / 'eval.json'}: {blocker} is a file, not a folder" in err
+    assert "Traceback" not in err and "images" not in out  # stopped before evaluating
     typo = tmp_path / "typo" / "sub" / "last.pt"
-    missing = subprocess.run([sys.executable, EVALUATE, typo], capture_output=True, text=True)
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    status, _, err = evaluate_main(capsys, typo)
+    assert status == 1 and "does not exist" in err
     assert not (tmp_path / "typo").exists()  # the default --out beside it was not created
 
 
@@ -585,17 +607,28 @@ def evaluate_command():
     return command
 
 
-def test_out_never_replaces_the_checkpoint_it_evaluates(tiny_data, trained, tmp_path):
+def evaluate_main(capsys, *args):
+    """launch/evaluate.py's main in this process: its exit status (what run_command exits with,
+    or argparse's SystemExit code), stdout and stderr. A launch of its own imports torch and DALI
+    anew, seconds each, for a check of what the command says and returns."""
+    try:
+        status = evaluate_command().main([str(a) for a in args])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_out_never_replaces_the_checkpoint_it_evaluates(tiny_data, trained, tmp_path, capsys):
     """--out naming the checkpoint printed "written to" and left 2 KB of JSON in its place."""
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     ckpt.parent.mkdir(parents=True)
     shutil.copy(trained, ckpt)
     before = ckpt.read_bytes()
-    proc = subprocess.run([sys.executable, EVALUATE, ckpt, "--data", tiny_data, "--out", ckpt], capture_output=True,
-                          text=True)  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "images" not in proc.stdout
+    status, out, err = evaluate_main(capsys, ckpt, "--data", tiny_data, "--out", ckpt)
+    assert status == 2 and "Traceback" not in err and "images" not in out
     said = f"error: --out {ckpt}: that is the checkpoint being evaluated; name a JSON file or a folder"
-    assert proc.stderr == f"{said} (nothing was overwritten)\n"
+    assert err == f"{said} (nothing was overwritten)\n"
     assert ckpt.read_bytes() == before
     # the same file by another name: a symbolic link, a hard link, another spelling of its path
     (tmp_path / "sym.pt").symlink_to(ckpt)
@@ -610,12 +643,12 @@ def test_out_never_replaces_the_checkpoint_it_evaluates(tiny_data, trained, tmp_
 
 
 @pytest.mark.dali
-def test_out_replaces_an_earlier_result_and_no_other_file(tiny_data, trained, tmp_path):
-    """metrics.jsonl, a config, an export: each was replaced by the result. An earlier result still is."""
+def test_out_replaces_an_earlier_result_and_no_other_file(tiny_data, trained, tmp_path, capsys):
+    """metrics.jsonl, a config, an export: each was replaced by the result. An earlier result still is
+    (the replacing evaluation a process of its own, the other two in this one)."""
     out = tmp_path / "eval.json"
-    first = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", out], capture_output=True,
-                           text=True)  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
+    status, _, err = evaluate_main(capsys, trained, "--data", tiny_data, "--out", out)
+    assert status == 0, err[-3000:]
     earlier = json.loads(out.read_text())
     out.write_text(json.dumps({**earlier, "marker": 1}, indent=2) + "\n")
     again = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", out], capture_output=True,
@@ -624,11 +657,10 @@ def test_out_replaces_an_earlier_result_and_no_other_file(tiny_data, trained, tm
     assert "marker" not in json.loads(out.read_text()) and f"written to {out}" in again.stdout
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"split": "train", "step": 1, "loss": 2.3}\n')
-    refused = subprocess.run([sys.executable, EVALUATE, trained, "--data", tiny_data, "--out", metrics],
-                             capture_output=True, text=True)  # fmt: skip
-    assert refused.returncode == 2 and "images" not in refused.stdout
+    status, refused_out, refused_err = evaluate_main(capsys, trained, "--data", tiny_data, "--out", metrics)
+    assert status == 2 and "images" not in refused_out
     said = f"error: --out {metrics}: the file exists and is not an earlier result of launch/evaluate.py"
-    assert refused.stderr == f"{said}; name a new file or a folder (nothing was overwritten)\n"
+    assert refused_err == f"{said}; name a new file or a folder (nothing was overwritten)\n"
     assert metrics.read_text() == '{"split": "train", "step": 1, "loss": 2.3}\n'
 
 
@@ -696,7 +728,7 @@ def test_timeout_0_under_torchrun_is_one_line_per_rank(trained, tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
-def test_files_that_are_not_checkpoints_are_named_in_one_line(trained, tmp_path):
+def test_files_that_are_not_checkpoints_are_named_in_one_line(trained, tmp_path, capsys):
     """An export, or any other file, given as the checkpoint: torch's advice to load with
     weights_only=False (running the file's code), or a KeyError, in 6 lines."""
     from alexnet.export import export_checkpoint
@@ -707,9 +739,9 @@ def test_files_that_are_not_checkpoints_are_named_in_one_line(trained, tmp_path)
     exported = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
     for path, what in ((onnx, f"an ONNX model: {exported}"), (script, f"a TorchScript archive: {exported}"),
                        (text, "not a PyTorch file")):  # fmt: skip
-        proc = subprocess.run([sys.executable, EVALUATE, path], capture_output=True, text=True)
-        assert proc.returncode == 1, proc.stderr[-3000:]
-        assert proc.stderr == f"error: {path} is not a checkpoint of this trainer ({what})\n"
+        status, _, err = evaluate_main(capsys, path)
+        assert status == 1, err[-3000:]
+        assert err == f"error: {path} is not a checkpoint of this trainer ({what})\n"
         assert not list(tmp_path.glob("*.eval-centre.json"))
 
 

@@ -231,11 +231,7 @@ def test_a_damaged_or_exported_weights_file_is_the_file_s_problem_a_missing_one_
 
 def test_train_py_exits_1_for_a_damaged_weights_file_and_2_for_a_missing_or_unfitting_one(tmp_path, capsys):
     """launch/train.py in this process (synthetic data: the weights are read before any step)."""
-    spec = importlib.util.spec_from_file_location("train_command", TRAIN)
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
-    # As train.py runs it, but putting back the signal handlers it installs (this process goes on).
-    command.run_training = lambda cfg, config_path, **_: run_training(cfg, config_path)
+    command = train_command()
     torch.save(build_model("paper", 10, input_size=67, init="kaiming", fc_width=16).state_dict(), tmp_path / "w.pt")
     whole = (tmp_path / "w.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
@@ -260,8 +256,21 @@ def test_weights_and_a_checkpoint_to_resume_from_are_one_too_many():
     assert load_config(None, ["model.weights=/w.pth", "checkpoint.resume=none"]).model.weights == "/w.pth"
 
 
+def train_command():
+    """launch/train.py, loaded into this process, with run_training as train.py runs it but
+    putting back the signal handlers it installs (this process goes on)."""
+    spec = importlib.util.spec_from_file_location("train_command", TRAIN)
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    command.run_training = lambda cfg, config_path, **_: run_training(cfg, config_path)
+    return command
+
+
 @pytest.mark.dali
-def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(tiny_data, tmp_path):
+def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(tiny_data, tmp_path, capsys):
+    """The start and the resume are launches of their own; the other run continuing the first's
+    checkpoint, and the refused command, are train.py in this process (a launch imports torch and
+    DALI anew: seconds each)."""
     saved = paper_state(seed=5)
     weights = tmp_path / "start.pt"
     torch.save(saved, weights)
@@ -277,8 +286,10 @@ def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(t
     # Another run continuing this one's checkpoint records no model.weights of its own: with both
     # keys its config.yaml and checkpoints would not load again (evaluate.py, --config).
     other_run = tmp_path / "ft" / "checkpoints" / "last.pt"
-    check(train_tiny(tiny_data, tmp_path, "next", f"checkpoint.resume={other_run}", "optim.lr=1e-9",
-                     "train.max_steps=2", nproc=1))  # fmt: skip
+    command = train_command()
+    tiny = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}"]
+    assert command.main([*tiny, "run.name=next", f"checkpoint.resume={other_run}", "optim.lr=1e-9",
+                         "train.max_steps=2"]) == 0, capsys.readouterr().err[-3000:]  # fmt: skip
     assert load_config(tmp_path / "next" / "config.yaml").model.weights == ""
     weights.unlink()  # a resume continues the run's own checkpoint: the file is not read again
     proc = check(train_tiny(tiny_data, tmp_path, "ft", "optim.lr=1e-9", "train.max_steps=2", nproc=1))
@@ -286,8 +297,9 @@ def test_a_run_starts_from_the_weights_and_its_resume_does_not_read_them_again(t
     config = (tmp_path / "ft" / "config.yaml").read_text()
     assert load_config(tmp_path / "ft" / "config.yaml").model.weights == str(weights)  # still the run's start
     assert json.loads((tmp_path / "ft" / "summary.json").read_text())["steps"] == 2
-    other = train_tiny(tiny_data, tmp_path, "ft", f"model.weights={tmp_path / 'b.pt'}", "train.max_steps=3", nproc=1)
-    assert other.returncode == 2 and f"holds a run started from the weights in {weights}, " in other.stderr
+    capsys.readouterr()
+    status = command.main([*tiny, "run.name=ft", f"model.weights={tmp_path / 'b.pt'}", "train.max_steps=3"])
+    assert status == 2 and f"holds a run started from the weights in {weights}, " in capsys.readouterr().err
     assert (tmp_path / "ft" / "config.yaml").read_text() == config
 
 
