@@ -6,7 +6,7 @@ import math
 import sys
 
 import pytest
-from _helpers import REPO, check, launch_per_world, torchrun
+from _helpers import REPO, launch_per_world
 
 from alexnet.model import build_model
 from alexnet.parallel.mesh import LayoutError, plan_mesh
@@ -25,6 +25,9 @@ CASES = [
     ("hybrid", 4, 2, "nchw"),
 ]
 TORCHVISION_CASE = ("hybrid", 2, 0, "nchw", "torchvision")
+# Checks of other scripts (layout_check.OTHER_CHECKS) by world size, run in the launch of the
+# layouts' cases of that size: a launch's start took longer than each of them.
+OTHER_CHECKS = {2: ["gloo_reduce_scatter"], 4: ["hybrid_hook"]}
 SCRIPT = REPO / "tests" / "dist" / "layout_check.py"
 
 
@@ -35,8 +38,9 @@ def case_name(mode: str, world: int, fc_group: int, fmt: str, variant: str = "pa
 
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory):
-    """The ranks' results of a case; the cases of a world size share one launch."""
-    cases = {}
+    """The ranks' results of a case (or of an OTHER_CHECKS name); the cases of a world size share
+    one launch."""
+    cases = {world: list(names) for world, names in OTHER_CHECKS.items()}
     for case in (*CASES, TORCHVISION_CASE):
         cases.setdefault(case[1], []).append(case_name(*case))
     launches = launch_per_world(tmp_path_factory, SCRIPT, cases)
@@ -122,14 +126,12 @@ def test_hybrid_splits_the_torchvision_variant_as_one_device_computes_it(layout_
         assert any(name.startswith("trunk.features.") for name in r["local_names"])  # the torchvision trunk
 
 
-def test_hybrid_fc_slices_go_over_the_wire_in_the_comm_hooks_half_precision(tmp_path):
+def test_hybrid_fc_slices_go_over_the_wire_in_the_comm_hooks_half_precision(layout_results):
     """4 ranks in 2 FC groups: each FC slice is all-reduced between the groups. Under
     comm_hook=bf16/fp16 that all-reduce hands over half the bytes (it sent float32 whatever the
     hook) and the gradients stay within half precision's rounding; powersgd, which is DDP's own
-    scheme, leaves it float32 and says so once."""
-    check(torchrun([REPO / "tests" / "dist" / "hybrid_hook.py", tmp_path], nproc=4))
-    for rank in range(4):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    scheme, leaves it float32 and says so once (tests/dist/hybrid_hook.py)."""
+    for rank, r in enumerate(layout_results(4, "hybrid_hook")):
         fp32 = r["none"]["payload"]["fc_grad_allreduce"]
         assert fp32 > 0 and r["powersgd"]["payload"]["fc_grad_allreduce"] == fp32
         for hook, eps in (("bf16", 2**-8), ("fp16", 2**-11)):
@@ -142,13 +144,13 @@ def test_hybrid_fc_slices_go_over_the_wire_in_the_comm_hooks_half_precision(tmp_
         assert r["powersgd"]["warnings"] == expected, rank
 
 
-def test_reduce_scatter_where_gloo_lacks_it_gives_the_same_sums(tmp_path):
+def test_reduce_scatter_where_gloo_lacks_it_gives_the_same_sums(layout_results):
     """gloo has dist.reduce_scatter only from torch 2.8 (setup.cfg admits 2.6): towers and hybrid
     stopped at their first backward on the CPU ("ProcessGroupGloo does not support
     reduce_scatter"). Here that error is raised on purpose and the fallback's sums are compared
-    (on torch 2.8 and later; before, both are the fallback's, and the layout tests above check it)."""
-    check(torchrun([REPO / "tests" / "dist" / "gloo_reduce_scatter.py", tmp_path], nproc=2))
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    (on torch 2.8 and later; before, both are the fallback's, and the layout tests above check it)
+    (tests/dist/gloo_reduce_scatter.py)."""
+    results = layout_results(2, "gloo_reduce_scatter")
     assert all(r["equal"] and r["norm"] > 0 for r in results), results
 
 

@@ -12,7 +12,13 @@ pytestmark = pytest.mark.slow
 # subgradients that grows to a few percent of the weights' movement in 10 steps; in NCHW both
 # layouts stay within 0.1% of it. (The layouts' arithmetic is checked to 1e-10 in float64 by
 # tests/test_layouts.py, in both memory formats.)
-COMMON = ("train.epochs=2", "checkpoint.every_steps=0", "schedule.name=cosine", "train.channels_last=false")
+# 7 steps, the first epoch (2 data shards of 60 images, batch 8): an uninterrupted run checkpoints
+# at step CUT too, which its epoch-end checkpoint at step 7 rotates into previous.pt; a second run
+# resumes from that file (checkpoint.resume=) mid-epoch and crosses the epoch's end. The
+# uninterrupted run's first 4 steps are thereby also the resumed run's: a launch less per resume.
+STEPS, CUT = 7, 4
+COMMON = ("train.epochs=2", f"train.max_steps={STEPS}", f"checkpoint.every_steps={CUT}", "schedule.name=cosine",
+          "train.channels_last=false")  # fmt: skip
 
 
 def train(tiny_data, tmp_path, name, mode, nproc, *extra):
@@ -29,8 +35,13 @@ def train(tiny_data, tmp_path, name, mode, nproc, *extra):
     return torchrun(args, nproc=nproc)
 
 
-def weights(tmp_path, name):
-    return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+def resume_from_cut(tmp_path, name):
+    """checkpoint.resume= the step-CUT checkpoint of run `name`."""
+    return f"checkpoint.resume={tmp_path / name / 'checkpoints' / 'previous.pt'}"
+
+
+def weights(tmp_path, name, file="last.pt"):
+    return torch.load(tmp_path / name / "checkpoints" / file, weights_only=True)
 
 
 def initial_weights():
@@ -53,24 +64,26 @@ def assert_same_trajectory(a, b, start):
 def test_towers_checkpoint_resumes_under_dp_and_back(tiny_data, tmp_path):
     """2 replicas either way: towers with 4 ranks (2 pairs) or dp with 2 ranks read the same data
     shards, so a checkpoint of one continues in the other. Each switching run is held against
-    the run that stays in its first layout: the first 5 steps are the same computation, and the
-    layouts' float32 roundoff (1e-8 a step) is left 5 steps to grow. (Held against the other
-    layout's run from step 0, the roundoff of 10 steps can cross a max-pooling or ReLU tie on the
-    tiny images' flat regions and grow to a few percent for some data orders.)"""
-    check(train(tiny_data, tmp_path, "dp", "dp", 2, "train.max_steps=10"))
-    check(train(tiny_data, tmp_path, "towers", "towers", 4, "train.max_steps=10"))
-    check(train(tiny_data, tmp_path, "t2d", "towers", 4, "train.max_steps=5"))
-    half = weights(tmp_path, "t2d")
+    the run that stays in its first layout, from whose step-4 checkpoint it resumed: the first 4
+    steps are the same computation, and the layouts' float32 roundoff (1e-8 a step) is left 3
+    steps to grow. (Held against the other layout's run from step 0, the roundoff of 10 steps can
+    cross a max-pooling or ReLU tie on the tiny images' flat regions and grow to a few percent
+    for some data orders.)"""
+    check(train(tiny_data, tmp_path, "dp", "dp", 2))
+    check(train(tiny_data, tmp_path, "towers", "towers", 4))
+    half = weights(tmp_path, "towers", "previous.pt")
+    assert half["progress"]["step"] == CUT
     assert half["world"] == {"world_size": 4, "data_size": 2, "mode": "towers"}
     assert "fc6.1.weight" in half["model"] and "fc6.0.weight" in half["model"]  # the whole model, one file
-    check(train(tiny_data, tmp_path, "t2d", "dp", 2, "train.max_steps=10"))
-    check(train(tiny_data, tmp_path, "d2t", "dp", 2, "train.max_steps=5"))
-    proc = check(train(tiny_data, tmp_path, "d2t", "towers", 4, "train.max_steps=10"))
+    check(train(tiny_data, tmp_path, "t2d", "dp", 2, resume_from_cut(tmp_path, "towers")))
+    assert weights(tmp_path, "dp", "previous.pt")["progress"]["step"] == CUT
+    proc = check(train(tiny_data, tmp_path, "d2t", "towers", 4, resume_from_cut(tmp_path, "dp")))
     assert "resumed from" in proc.stderr
     start = initial_weights()
     for name, stayed in (("t2d", "towers"), ("d2t", "dp")):
         other = weights(tmp_path, name)
-        assert other["progress"]["step"] == 10 and other["world"]["mode"] != weights(tmp_path, stayed)["world"]["mode"]
+        assert other["progress"]["step"] == STEPS
+        assert other["world"]["mode"] != weights(tmp_path, stayed)["world"]["mode"]
         assert_same_trajectory(weights(tmp_path, stayed), other, start)
     assert not torch.equal(weights(tmp_path, "dp")["model"]["fc8.0.weight"], half["model"]["fc8.0.weight"])
 
@@ -84,18 +97,18 @@ def test_a_world_the_layout_cannot_use_is_refused(tiny_data, tmp_path):
 @pytest.mark.dali
 def test_hybrid_resumes_its_fc_slices_exactly(tiny_data, tmp_path):
     """hybrid with 2 ranks (one FC group of 2): each rank trains half of fc6-fc8's neurons. The
-    checkpoint holds the whole single-device model, and 5 steps + resume + 5 end bit for bit as
-    10 straight steps: the FC slices, their momentum and the convolutions' go back where they were."""
-    check(train(tiny_data, tmp_path, "straight", "hybrid", 2, "train.max_steps=10"))
-    check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=5"))
-    half = weights(tmp_path, "split")
+    checkpoint holds the whole single-device model, and 4 steps + resume + 3 end bit for bit as
+    7 straight steps: the FC slices, their momentum and the convolutions' go back where they were."""
+    check(train(tiny_data, tmp_path, "straight", "hybrid", 2))
+    half = weights(tmp_path, "straight", "previous.pt")
+    assert half["progress"]["step"] == CUT
     assert half["world"] == {"world_size": 2, "data_size": 2, "mode": "hybrid"}
     assert half["progress"]["trained_under"]["fc_group"] == 2  # parallel.fc_group=0 resolved: a resume compares it
     assert half["model"]["fc6.0.weight"].shape[0] + half["model"]["fc6.1.weight"].shape[0] == TINY_FC_WIDTH
-    proc = check(train(tiny_data, tmp_path, "split", "hybrid", 2, "train.max_steps=10"))
-    assert "after step 5 (0 epochs completed)" in proc.stderr
+    proc = check(train(tiny_data, tmp_path, "split", "hybrid", 2, resume_from_cut(tmp_path, "straight")))
+    assert f"after step {CUT} (0 epochs completed)" in proc.stderr
     a, b = weights(tmp_path, "straight"), weights(tmp_path, "split")
-    assert a["progress"]["step"] == b["progress"]["step"] == 10
+    assert a["progress"]["step"] == b["progress"]["step"] == STEPS
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     momentum_a, momentum_b = a["optimizer"]["momentum"], b["optimizer"]["momentum"]
     assert set(momentum_a) == set(momentum_b) == set(a["model"])  # by name, in the single-device layout

@@ -1,4 +1,6 @@
-"""Run under torchrun (2 ranks): where an accumulated step's batches sum their gradients.
+"""Where an accumulated step's batches sum their gradients: tests/test_accumulation.py calls
+`same_storage_per_step` in a gloo group of its own process; under torchrun (any number of ranks)
+this script writes the same result.
 
 Usage: torchrun --nproc_per_node=2 tests/dist/accum_grads.py OUT_JSON
 

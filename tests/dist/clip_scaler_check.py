@@ -5,8 +5,9 @@ with RUN = MODE:FC_GROUP, e.g. hybrid:2 (the runs of one world size share a laun
 took longer than a run).
 
 Writes OUT_DIR/RUN/rank<R>.json with
-* clip: MODE against the single-device model, both through engine.train_step with gradient
-  clipping that bites on every step (float64, so the only differences are summation orders);
+* clip: MODE against the single-device model (computed on rank 0 alone and handed to the
+  others), both through engine.train_step with gradient clipping that bites on every step
+  (float64, so the only differences are summation orders);
 * scaler_clip<C>: a GradScaler("cpu") run of four steps (normal; an overflow in one parameter's
   gradient on rank 1 only; a NaN image on rank 1 only; normal) with clipping C, recording what
   every rank decided;
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from layout_check import batch, fresh_model, max_diff
+from layout_check import batch, fresh_model, from_rank_0, max_diff
 
 from alexnet.config import OptimConfig, ParallelConfig
 from alexnet.engine import AmpPolicy, build_amp, train_step
@@ -43,33 +44,50 @@ def rows_of(mesh: Mesh, per_replica: int) -> slice:
     return slice(mesh.data_rank * per_replica, (mesh.data_rank + 1) * per_replica)
 
 
-def check_clip(env, mesh: Mesh) -> dict:
-    """Weights after CLIP_STEPS clipped steps, against the single-device model's."""
+def clipped_reference(replicas: int) -> dict:
+    """The single-device model's weights after CLIP_STEPS clipped steps on the global batch of
+    `replicas` replicas (float64), how far they moved, and its gradient norm after each clip."""
     torch.set_default_dtype(torch.float64)
     try:
         amp = build_amp("off", CPU)
         reference = fresh_model()
         ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=CLIP_LR)
+        clipped_norms = []
+        for step in range(CLIP_STEPS):
+            images, labels = batch(step, replicas)
+            everyone = torch.arange(len(labels))
+            train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, everyone), CLIP)
+            # After clipping, the reference's norm is CLIP exactly when the clip bit.
+            clipped_norms.append(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item())
+        start = fresh_model().state_dict()
+        state = reference.state_dict()
+        moved = max(max_diff(v, start[k]) for k, v in state.items())
+        return {"state": state, "weights_moved": moved, "clipped_norms": clipped_norms}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def check_clip(env, mesh: Mesh) -> dict:
+    """Weights after CLIP_STEPS clipped steps, against the single-device model's (computed on
+    rank 0 and handed to every rank: the same on each)."""
+    reference = from_rank_0(lambda: clipped_reference(mesh.data_size))
+    torch.set_default_dtype(torch.float64)
+    try:
+        amp = build_amp("off", CPU)
         par = apply_parallelism(fresh_model(), env, mesh, ParallelConfig(), CommCounter())
         opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=CLIP_LR)
         after_backward = par.layout.after_backward()
         rows = rows_of(mesh, 2)
         ids = torch.arange(rows.start, rows.stop)
-        clipped_norms = []
         for step in range(CLIP_STEPS):
             images, labels = batch(step, mesh.data_size)
-            everyone = torch.arange(len(labels))
-            train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, everyone), CLIP)
-            # After clipping, the reference's norm is CLIP exactly when the clip bit.
-            clipped_norms.append(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item())
             dropout = DropoutContext(SEED, step, ids)
             train_step(par.module, images[rows], labels[rows], opt, amp, dropout, CLIP, after_backward)
-        ref_state = par.layout.to_local(reference.state_dict())
-        start = fresh_model().state_dict()
+        ref_state = par.layout.to_local(reference["state"])
         return {
             "weights_after_steps": max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items()),
-            "weights_moved": max(max_diff(v, start[k]) for k, v in reference.state_dict().items()),
-            "clipped_norms": clipped_norms,
+            "weights_moved": reference["weights_moved"],
+            "clipped_norms": reference["clipped_norms"],
         }
     finally:
         torch.set_default_dtype(torch.float32)

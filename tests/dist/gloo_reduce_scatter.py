@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node=2 gloo_reduce_scatter.py OUT_DIR: alexnet.parallel.comm.reduce_scatter
 where gloo lacks dist.reduce_scatter (torch before 2.8) gives what it gives where gloo has it.
-Writes OUT_DIR/rank<r>.json: whether both results are equal."""
+Writes OUT_DIR/rank<r>.json: whether both results are equal. (tests/test_layouts.py runs `run` in
+layout_check.py's launch of 2 ranks instead: CASE gloo_reduce_scatter.)"""
 
 import json
 import sys
@@ -34,9 +35,14 @@ def results() -> tuple[torch.Tensor, torch.Tensor]:
     return native, fallback
 
 
-if __name__ == "__main__":
-    dist.init_process_group("gloo")
+def run(env, out_dir: Path) -> None:
     native, fallback = results()
     result = {"equal": torch.equal(native, fallback), "norm": native.norm().item()}
-    Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    run(None, Path(sys.argv[1]))
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Run under torchrun (4 ranks): hybrid's FC-slice gradient all-reduce under parallel.comm_hook.
 
 Usage: torchrun --nproc_per_node=4 tests/dist/hybrid_hook.py OUT_DIR
+(tests/test_layouts.py runs `run` in layout_check.py's launch of 4 ranks instead: CASE hybrid_hook.)
 
 Two FC groups of 2 (so each FC slice is all-reduced between the groups). For each hook (none,
 bf16, fp16, powersgd) one step from the same model and batch; writes OUT_DIR/rank<R>.json with
@@ -49,24 +50,32 @@ def one_step(env, mesh, hook: str) -> tuple[dict[str, int], dict[str, torch.Tens
     return payload, {n: p.grad.clone() for n, p in par.local.named_parameters() if n.startswith("head.")}
 
 
-def main(out_dir: str) -> None:
-    env = init_distributed(timeout_s=120)
+def run(env, out_dir: Path) -> None:
     warnings = Warnings()
     logging.getLogger("alexnet").addHandler(warnings)
-    mesh = build_mesh(env, "hybrid", 2)
-    result = {}
-    reference = None
-    for hook in HOOKS:
-        before = len(warnings.messages)
-        payload, grads = one_step(env, mesh, hook)
-        reference = reference or grads
-        result[hook] = {
-            "payload": payload,
-            "fc_grad_diff": max((grads[n] - reference[n]).abs().max().item() for n in grads),
-            "fc_grad_scale": max(g.abs().max().item() for g in reference.values()),
-            "warnings": warnings.messages[before:],
-        }
-    Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    try:
+        mesh = build_mesh(env, "hybrid", 2)
+        result = {}
+        reference = None
+        for hook in HOOKS:
+            before = len(warnings.messages)
+            payload, grads = one_step(env, mesh, hook)
+            reference = reference or grads
+            result[hook] = {
+                "payload": payload,
+                "fc_grad_diff": max((grads[n] - reference[n]).abs().max().item() for n in grads),
+                "fc_grad_scale": max(g.abs().max().item() for g in reference.values()),
+                "warnings": warnings.messages[before:],
+            }
+    finally:
+        logging.getLogger("alexnet").removeHandler(warnings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
+
+
+def main(out_dir: str) -> None:
+    env = init_distributed(timeout_s=120)
+    run(env, Path(out_dir))
     shutdown_distributed()
 
 

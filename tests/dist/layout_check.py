@@ -1,21 +1,26 @@
 """Run under torchrun: layouts against the single-device model on the same global batch.
 
 Usage: torchrun --nproc_per_node=N tests/dist/layout_check.py OUT_DIR CASE [CASE ...]
-with CASE = MODE:FC_GROUP:FORMAT:VARIANT (FORMAT nchw or cl), e.g. hybrid:2:nchw:paper.
+with CASE = MODE:FC_GROUP:FORMAT:VARIANT (FORMAT nchw or cl), e.g. hybrid:2:nchw:paper, or the
+name of another script of this folder (OTHER_CHECKS), whose check writes OUT_DIR/CASE.
 
-For each case every rank computes the single-device reference itself (same seed, the whole
-global batch), then its own part under MODE, and writes OUT_DIR/CASE/rank<R>.json with the
-largest differences: one float32 step (logits, loss, every gradient) with dropout on, the bytes
-that step sent, and the weights after STEPS (5) optimizer steps (float64). The cases of one
-world size share a launch: each launch's start (every rank importing torch) took longer than
-a case's checks.
+For each case rank 0 computes the single-device reference (same seed, the whole global batch)
+and hands it to every rank; each rank computes its own part under MODE and writes
+OUT_DIR/CASE/rank<R>.json with the largest differences: one float32 step (logits, loss, every
+gradient) with dropout on, the bytes that step sent, and the weights after STEPS (5) optimizer
+steps (float64). The cases of one world size share a launch: each launch's start (every rank
+importing torch) took longer than a case's checks.
 """
 
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from alexnet.config import OptimConfig, ParallelConfig
@@ -41,6 +46,9 @@ CPU = torch.device("cpu")
 
 
 MEMORY_FORMAT = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+# Other scripts of this folder whose `run(env, out_dir)` a CASE may name: tests/test_layouts.py
+# runs their checks in the launch of their world size, whose start took longer than they do.
+OTHER_CHECKS = ("hybrid_hook", "gloo_reduce_scatter")
 
 
 def batch(step: int, replicas: int, fmt=torch.contiguous_format):
@@ -62,20 +70,63 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_format, variant: str) -> None:
+def from_rank_0(compute: Callable[[], Any]) -> Any:
+    """`compute()` run on rank 0 alone, as one process outside the world, and handed to every
+    rank. For the single-device reference, which is the same on every rank: computed by each, it
+    was most of a case's time (4 ranks sharing 2 cores of a CI machine computed it four times
+    over). Outside the world: engine.train_step agrees its skip and clip decisions with every
+    rank of an initialized world, where the other ranks take no such step; a single device has
+    no world to agree with."""
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        world = dist.is_initialized
+        dist.is_initialized = lambda: False
+        try:
+            box[0] = compute()
+        finally:
+            dist.is_initialized = world
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reference_run(replicas: int, fmt: torch.memory_format, variant: str) -> dict:
+    """The single-device model on the whole global batch of `replicas` replicas: one float32
+    step with dropout on (its logits and gradients), and its weights after STEPS float64 steps
+    with dropout, with how far they moved from the initial ones."""
     torch.set_default_dtype(torch.float32)  # the float64 steps of the case before set it
+    reference = fresh_model(fmt, variant)
+    images, labels = batch(0, replicas, fmt)
+    apply_dropout_context(reference, DropoutContext(SEED, 0, torch.arange(len(labels))))
+    logits = reference(images)
+    F.cross_entropy(logits, labels).backward()
+    result = {"logits": logits.detach(), "grads": {n: p.grad for n, p in reference.named_parameters()}}
+
+    # Optimizer steps with dropout on, on both sides, from fresh models, in float64: in float32
+    # the two sides' rounding differences (~1e-7) can flip a ReLU or a max-pool choice within a
+    # few steps, which says nothing about the layout; in float64 they match to ~1e-12.
+    torch.set_default_dtype(torch.float64)
+    amp = build_amp("off", CPU)
+    reference = fresh_model(fmt, variant)
+    ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.002)
+    for step in range(STEPS):
+        images, labels = batch(step, replicas, fmt)
+        train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, torch.arange(len(labels))))
+    result["state"] = reference.state_dict()
+    initial = fresh_model(variant=variant).state_dict()  # built once: a model per key took most of the check's time
+    result["moved"] = max(max_diff(v, initial[k]) for k, v in result["state"].items())
+    return result
+
+
+def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_format, variant: str) -> None:
     mesh = build_mesh(env, mode, fc_group)
     replicas, me = mesh.data_size, mesh.data_rank
     rows = slice(me * PER_REPLICA, (me + 1) * PER_REPLICA)
     ids = torch.arange(rows.start, rows.stop)
+    reference = from_rank_0(lambda: reference_run(replicas, fmt, variant))
+    ref_logits, ref_grads = reference["logits"], reference["grads"]
 
-    reference = fresh_model(fmt, variant)
+    torch.set_default_dtype(torch.float32)
     images, labels = batch(0, replicas, fmt)
-    apply_dropout_context(reference, DropoutContext(SEED, 0, torch.arange(len(labels))))
-    ref_logits = reference(images)
-    F.cross_entropy(ref_logits, labels).backward()
-    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
-
     counter = CommCounter()
     par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), counter)
     apply_dropout_context(par.local, DropoutContext(SEED, 0, ids))
@@ -100,19 +151,14 @@ def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_f
         "sent": sent,
     }
 
-    # Optimizer steps with dropout on, on both sides, from fresh models, in float64: in float32
-    # the two sides' rounding differences (~1e-7) can flip a ReLU or a max-pool choice within a
-    # few steps, which says nothing about the layout; in float64 they match to ~1e-12.
+    # The reference's float64 steps, under the layout (see reference_run).
     torch.set_default_dtype(torch.float64)
     amp = build_amp("off", CPU)
-    reference = fresh_model(fmt, variant)
-    ref_opt = build_optimizer(list(reference.named_parameters()), OptimConfig(), lr=0.002)
     par = apply_parallelism(fresh_model(fmt, variant), env, mesh, ParallelConfig(), CommCounter())
     opt = build_optimizer(list(par.local.named_parameters()), OptimConfig(), lr=0.002)
     after_backward = par.layout.after_backward()
     for step in range(STEPS):
         images, labels = batch(step, replicas, fmt)
-        train_step(reference, images, labels, ref_opt, amp, DropoutContext(SEED, step, torch.arange(len(labels))))
         train_step(
             par.module,
             images[rows],
@@ -122,16 +168,14 @@ def check_case(env, out_dir: Path, mode: str, fc_group: int, fmt: torch.memory_f
             DropoutContext(SEED, step, ids),
             after_backward=after_backward,
         )
-    ref_state = par.layout.to_local(reference.state_dict())
+    ref_state = par.layout.to_local(reference["state"])
     result["weights_after_steps"] = max(max_diff(v, ref_state[k]) for k, v in par.local.state_dict().items())
     result.update(accumulated_steps(env, mesh, fmt, variant, ref_state))
-    initial = fresh_model(variant=variant).state_dict()  # built once: a model per key took most of the check's time
-    moved = max(max_diff(v, initial[k]) for k, v in reference.state_dict().items())
-    result["weights_moved"] = moved
+    result["weights_moved"] = reference["moved"]
     full = par.layout.to_full(par.local.state_dict())
     if full is not None:
-        result["full_state_diff"] = max(max_diff(v, reference.state_dict()[k]) for k, v in full.items())
-        result["full_state_keys_match"] = sorted(full) == sorted(reference.state_dict())
+        result["full_state_diff"] = max(max_diff(v, reference["state"][k]) for k, v in full.items())
+        result["full_state_keys_match"] = sorted(full) == sorted(reference["state"])
     out_dir.mkdir(exist_ok=True)
     (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
 
@@ -173,6 +217,9 @@ def accumulated_steps(env, mesh, fmt, variant, ref_state) -> dict:
 def main(out_dir: str, cases: list[str]) -> None:
     env = init_distributed(timeout_s=120)
     for case in cases:
+        if case in OTHER_CHECKS:
+            importlib.import_module(case).run(env, Path(out_dir, case))
+            continue
         mode, fc_group, fmt, variant = case.split(":")
         check_case(env, Path(out_dir, case), mode, int(fc_group), MEMORY_FORMAT[fmt], variant)
     shutdown_distributed()
