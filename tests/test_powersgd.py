@@ -18,6 +18,7 @@ from alexnet.powersgd_checkpoint import remove_stale_powersgd_state
 
 pytestmark = pytest.mark.slow
 STEPS = 6  # PowerSGD starts compressing at step 3 (start_powerSGD_iter=2)
+RESUMED_STEPS = 9  # the resume's runs: 4 steps, a stop, 5 more (across the epoch's end at step 7)
 
 
 def torchrun_or_fail(args, run_root, timeout=90):
@@ -38,23 +39,38 @@ def torchrun_or_fail(args, run_root, timeout=90):
         pytest.fail(f"no result within {timeout} s: a hung collective")
 
 
-def train_records(tiny_data, tmp_path, name, hook):
-    # 1 MB buckets: 8 buckets per step, so several compressed chains would be in flight at
-    # once without the fix (on gloo that aborted on mismatched all-reduces, or hung for good).
-    run = [f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}", "train.log_every=1"]
-    steps = ["train.epochs=1", f"train.max_steps={STEPS}", "checkpoint.every_steps=0"]
-    ddp = ["parallel.bucket_cap_mb=1", "parallel.timeout_s=30", f"parallel.comm_hook={hook}"]
-    args = [TRAIN, *TINY_TRAIN, *run, *steps, *ddp]
-    check(torchrun_or_fail(args, tmp_path))
-    records = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+# The settings of every training run below: 1 MB buckets make 8 buckets per step, so several
+# compressed chains would be in flight at once without the fix (on gloo that aborted on mismatched
+# all-reduces, or hung for good); every step logged, for the per-step records; 2 epochs of 7 steps.
+COMMON = ["train.epochs=2", "train.log_every=1", "checkpoint.every_steps=0", "parallel.bucket_cap_mb=1",
+          "parallel.timeout_s=30"]  # fmt: skip
+
+
+def train_run(tiny_data, run_root, name, steps, *extra):
+    run = [f"data.root={tiny_data}", f"run.root={run_root}", f"run.name={name}", f"train.max_steps={steps}"]
+    return check(torchrun_or_fail([TRAIN, *TINY_TRAIN, *COMMON, *run, *extra], run_root))
+
+
+def train_records(run_root, name, steps):
+    records = [r for r in read_metrics(run_root / name / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     return records
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory) -> Path:
+    """The run root of PowerSGD's uninterrupted run of RESUMED_STEPS steps ("straight"): the
+    compressed steps of the first test and the reference of the resume's (one launch, not two)."""
+    root = tmp_path_factory.mktemp("powersgd_straight")
+    train_run(tiny_data, root, "straight", RESUMED_STEPS, "parallel.comm_hook=powersgd")
+    return root
+
+
 @pytest.mark.dali
-def test_powersgd_compresses_from_step_3_and_finishes(tiny_data, tmp_path):
-    plain = train_records(tiny_data, tmp_path, "plain", "none")
-    psgd = train_records(tiny_data, tmp_path, "powersgd", "powersgd")
+def test_powersgd_compresses_from_step_3_and_finishes(tiny_data, tmp_path, straight):
+    train_run(tiny_data, tmp_path, "plain", STEPS, "parallel.comm_hook=none")
+    plain = train_records(tmp_path, "plain", STEPS)
+    psgd = train_records(straight, "straight", RESUMED_STEPS)
     assert all(math.isfinite(r["loss"]) for r in psgd)
 
     sent = [r["comm_sent_mb"]["grad_allreduce"] for r in psgd]
@@ -64,10 +80,10 @@ def test_powersgd_compresses_from_step_3_and_finishes(tiny_data, tmp_path):
 
     # Steps 1-2 all-reduce exactly as the plain hook does, so the losses up to step 3 (computed
     # before its update) are bitwise those of the plain run; step 3's compressed gradient then
-    # moves the weights elsewhere, which shows the compressed path really ran.
+    # moves the weights elsewhere, which shows the compressed path really ran (steps 4-6).
     losses = [r["loss"] for r in psgd]
     assert losses[:3] == [r["loss"] for r in plain[:3]]
-    assert all(a != b for a, b in zip(losses[3:], (r["loss"] for r in plain[3:]))), losses
+    assert all(a != b for a, b in zip(losses[3:STEPS], (r["loss"] for r in plain[3:]))), losses
 
 
 def test_a_skipped_step_does_not_poison_powersgd(tmp_path):
@@ -86,21 +102,18 @@ def test_a_skipped_step_does_not_poison_powersgd(tmp_path):
 
 
 @pytest.mark.dali
-def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(tiny_data, tmp_path):
-    """9 steps straight against 4, a stop, and 5 more, two steps into compression at the cut:
-    each rank's error-feedback residual and factors go into its own file beside the checkpoint
-    and come back, so the weights are bitwise those of the straight run. Without one rank's file
-    every rank starts PowerSGD afresh, says so, and trains elsewhere."""
-    common = ["train.epochs=2", "checkpoint.every_steps=0", "parallel.bucket_cap_mb=1", "parallel.comm_hook=powersgd",
-              "parallel.timeout_s=30", f"data.root={tiny_data}", f"run.root={tmp_path}", *TINY_TRAIN]  # fmt: skip
+def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(tiny_data, tmp_path, straight):
+    """9 steps straight (the module's run) against 4, a stop, and 5 more, two steps into
+    compression at the cut: each rank's error-feedback residual and factors go into its own file
+    beside the checkpoint and come back, so the weights are bitwise those of the straight run.
+    Without one rank's file every rank starts PowerSGD afresh, says so, and trains elsewhere."""
 
-    def train(name, steps):
-        return check(torchrun_or_fail([TRAIN, *common, f"run.name={name}", f"train.max_steps={steps}"], tmp_path))
+    def train(name, steps, *extra):
+        return train_run(tiny_data, tmp_path, name, steps, "parallel.comm_hook=powersgd", *extra)
 
-    def weights(name):
-        return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+    def weights(name, root=tmp_path):
+        return torch.load(root / name / "checkpoints" / "last.pt", weights_only=True)["model"]
 
-    train("straight", 9)
     train("resumed", 4)
     for rank in (0, 1):
         saved = torch.load(tmp_path / "resumed" / "checkpoints" / "powersgd" / f"rank{rank}" / "last.pt",
@@ -115,21 +128,20 @@ def test_a_resume_with_powersgd_carries_its_state_and_equals_the_straight_run(ti
                     / "powersgd" / "rank3")  # fmt: skip
     shutil.copytree(tmp_path / "resumed", tmp_path / "flipped")
 
-    resumed = train("resumed", 9)
+    resumed = train("resumed", RESUMED_STEPS)
     assert "PowerSGD starts afresh" not in resumed.stderr
-    straight = weights("straight")
-    assert all(torch.equal(straight[k], v) for k, v in weights("resumed").items())
+    reference = weights("straight", straight)
+    assert all(torch.equal(reference[k], v) for k, v in weights("resumed").items())
 
-    lost = train("lost", 9)
+    lost = train("lost", RESUMED_STEPS)
     assert "PowerSGD starts afresh" in lost.stderr and "rank 1: " in lost.stderr and "does not exist" in lost.stderr
-    assert not torch.equal(straight["fc6.0.weight"], weights("lost")["fc6.0.weight"])
+    assert not torch.equal(reference["fc6.0.weight"], weights("lost")["fc6.0.weight"])
     assert sorted(p.name for p in (tmp_path / "lost" / "checkpoints" / "powersgd").iterdir()) == ["rank0", "rank1"]
 
     # The residual is in the gradients' memory order (NHWC under channels_last): another memory
     # format would add each conv's residual to the wrong elements, so it starts afresh instead;
     # so does another precision (under fp16 the residual is loss-scaled), said once for both ranks.
-    flipped = check(torchrun_or_fail([TRAIN, *common, "run.name=flipped", "train.max_steps=5",
-                                      "train.channels_last=false", "train.amp=bf16"], tmp_path))  # fmt: skip
+    flipped = train("flipped", 5, "train.channels_last=false", "train.amp=bf16")
     assert "PowerSGD starts afresh" in flipped.stderr
     assert ("every rank: its state was written under channels_last True and amp 'off'; this run has False and "
             "'bf16'") in flipped.stderr  # fmt: skip
