@@ -67,6 +67,15 @@ def one_process(args: list[str], timeout: float = 300, env: dict | None = None) 
     )
 
 
+def launcher(name: str):
+    """launch/<name>.py loaded into this process as a module (the launchers are scripts, not a
+    package): its main() and helpers, for a check that needs no process of its own."""
+    spec = importlib.util.spec_from_file_location(f"{name}_command", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def train_tiny(tiny_data: Path, run_root: Path, name: str, *extra: str, nproc: int = 2, env: dict | None = None):
     """launch/train.py on the tiny dataset with TINY_TRAIN, run folder `run_root/name`; one process
     runs without torchrun."""

@@ -4,12 +4,11 @@ directory or outside its output folder, or a traceback came out of numpy or the 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
-from _helpers import REPO
+from _helpers import launcher
 
 from alexnet import model as model_module
 from alexnet.bench.pipeline_bench import PipelineSettings
@@ -20,14 +19,6 @@ from alexnet.data import build_lighting, build_splits
 from alexnet.model import ModelSizeError, build_model
 from alexnet.resume import load_resume_checkpoint
 from pipelines.index import DataError
-
-
-def launcher(name: str):
-    """launch/<name>.py as a module (the launchers are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_limits", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(

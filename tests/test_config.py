@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import re
 import shutil
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _helpers import without_dali
+from _helpers import launcher, without_dali
 
 from alexnet.config import Config, ConfigError, load_config, valid_keys, write_config
 
@@ -417,10 +416,7 @@ def test_values_out_of_their_range_name_their_key(override, message):
 
 
 def test_train_py_takes_overrides_on_both_sides_of_config():
-    spec = importlib.util.spec_from_file_location("train_command", TRAIN)
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
-    args = command.parse_args(["train.epochs=3", "--config", "f.yaml", "run.name=x"])
+    args = launcher("train").parse_args(["train.epochs=3", "--config", "f.yaml", "run.name=x"])
     assert args.config == "f.yaml" and args.overrides == ["train.epochs=3", "run.name=x"]
 
 

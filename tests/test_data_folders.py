@@ -6,7 +6,6 @@ where they can."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import REPO
+from _helpers import launcher
 from PIL import Image
 
 from alexnet.config import DataConfig
@@ -27,10 +26,7 @@ from pipelines.scan import scan
 
 def lighting_main(argv: list[str]) -> int:
     """launch/lighting_stats.py's main (the launchers are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("lighting_stats_command", REPO / "launch" / "lighting_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return launcher("lighting_stats").main(argv)
 
 
 def jpeg(seed: int = 0, mode: str = "RGB") -> bytes:

@@ -1,14 +1,13 @@
 """alexnet/parallel/env.py: a hand-made launch's variables, checked before any process group; the
 launchers' own reading of them and of the legacy launcher's --local-rank flag."""
 
-import importlib.util
 import logging
 import os
 import subprocess
 import sys
 
 import pytest
-from _helpers import REPO
+from _helpers import launcher
 
 from alexnet.parallel.env import SHARED_STORE_NOTE, LaunchError, _restart_safe_store, init_distributed
 
@@ -57,14 +56,6 @@ def test_a_worker_whose_torchrun_ended_during_its_imports_ends(monkeypatch):
         init_distributed(5.0, force_cpu=True, started_under=gone.pid)
 
 
-def load_launcher(name):
-    """launch/<name>.py as a module (the launchers are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_command", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("rank", "code", "said"),
     [
@@ -78,7 +69,7 @@ def test_evaluate_takes_an_empty_or_malformed_rank_without_a_traceback(tmp_path,
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RANK", rank)
-    evaluate = load_launcher("evaluate")
+    evaluate = launcher("evaluate")
     assert evaluate.main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out.json")]) == code
     err = capsys.readouterr().err
     assert err.startswith(said) and err.count("\n") == 1
@@ -87,7 +78,7 @@ def test_evaluate_takes_an_empty_or_malformed_rank_without_a_traceback(tmp_path,
 def test_benchmark_takes_a_malformed_rank_without_a_traceback(tmp_path, monkeypatch, capsys):
     """Its logging set-up read int(RANK) before any command ran."""
     monkeypatch.setenv("RANK", "abc")
-    benchmark = load_launcher("benchmark")
+    benchmark = launcher("benchmark")
     assert benchmark.main(["merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.json" in err and err.count("\n") == 1
@@ -102,14 +93,14 @@ def test_the_legacy_launchers_local_rank_flag_is_accepted_and_ignored(flag, caps
     """`python -m torch.distributed.launch` (without --use-env) puts --local-rank=N before the
     script's arguments: "error: unrecognized arguments: --local-rank=0". LOCAL_RANK, which it sets
     too, is what init_distributed reads."""
-    train = load_launcher("train")
+    train = launcher("train")
     words = ["train.epochs=3", "--config", "f.yaml", "run.name=x"]
     assert without_local_rank(train.parse_args([*flag, *words])) == vars(train.parse_args(words))
     assert train.parse_args([*flag, *words]).overrides == ["train.epochs=3", "run.name=x"]
-    evaluate = load_launcher("evaluate")
+    evaluate = launcher("evaluate")
     words = ["ckpt.pt", "--ten-crop", "--batch-size", "4"]
     assert without_local_rank(evaluate.parse_args([*flag, *words])) == vars(evaluate.parse_args(words))
-    benchmark = load_launcher("benchmark")
+    benchmark = launcher("benchmark")
     for words in (["step", "a.b=1", "--steps", "2", "c.d=2"], ["e2e", "a.b=1", "--windows", "2", "c.d=2"]):
         expected = vars(benchmark.parse_args(words))
         assert expected["overrides"] == ["a.b=1", "c.d=2"]

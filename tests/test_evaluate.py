@@ -1,7 +1,6 @@
 """launch/evaluate.py and alexnet/evaluate.py: a checkpoint rebuilt from its own config, exact
 top-1/top-5 and per-class counts, the same numbers on one process and under torchrun."""
 
-import importlib.util
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from _helpers import (
     TINY_TRAIN,
     check,
     dali_missing,
+    launcher,
     loader_failing_on_rank_1,
     one_process,
     rank_1_differs,
@@ -580,7 +580,7 @@ def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_nam
 
 
 def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
-    command = evaluate_command()
+    command = launcher("evaluate")
     ckpt = tmp_path / "run" / "last.pt"
     assert command.resolve_out(f"{tmp_path}/results/", ckpt, False) == tmp_path / "results" / "last.pt.eval-centre.json"
     assert command.resolve_out(f"{tmp_path}/results", ckpt, True) == tmp_path / "results"  # a file name
@@ -600,19 +600,12 @@ def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
         command.resolve_out(None, ckpt, False)
 
 
-def evaluate_command():
-    spec = importlib.util.spec_from_file_location("evaluate_command", EVALUATE)
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
-    return command
-
-
 def evaluate_main(capsys, *args):
     """launch/evaluate.py's main in this process: its exit status (what run_command exits with,
     or argparse's SystemExit code), stdout and stderr. A launch of its own imports torch and DALI
     anew, seconds each, for a check of what the command says and returns."""
     try:
-        status = evaluate_command().main([str(a) for a in args])
+        status = launcher("evaluate").main([str(a) for a in args])
     except SystemExit as exc:
         status = exc.code
     out, err = capsys.readouterr()
@@ -633,7 +626,7 @@ def test_out_never_replaces_the_checkpoint_it_evaluates(tiny_data, trained, tmp_
     # the same file by another name: a symbolic link, a hard link, another spelling of its path
     (tmp_path / "sym.pt").symlink_to(ckpt)
     os.link(ckpt, tmp_path / "hard.pt")
-    command = evaluate_command()
+    command = launcher("evaluate")
     for other in (tmp_path / "sym.pt", tmp_path / "hard.pt", ckpt.parent / ".." / "checkpoints" / "last.pt"):
         with pytest.raises(OutputPathError, match=rf"^--out {re.escape(str(other))}: that is the checkpoint being"):
             command.resolve_out(str(other), ckpt, False)
@@ -665,7 +658,7 @@ def test_out_replaces_an_earlier_result_and_no_other_file(tiny_data, trained, tm
 
 
 def test_an_earlier_result_is_told_from_other_files_by_a_bounded_read(trained, tmp_path):
-    command = evaluate_command()
+    command = launcher("evaluate")
     result = {"checkpoint": str(trained), "crops": "centre", "images": 50000, "top1": 57.1, "top5": 80.2,
               "per_class": [{"name": f"n{i:08d}", "folder": f"n{i:08d}", "images": 50, "top1": 50.0, "top5": 80.0}
                             for i in range(1000)]}  # fmt: skip
@@ -713,10 +706,10 @@ def test_timeout_is_held_to_the_range_of_parallel_timeout_s(trained, capsys, val
     """--timeout 0 under torchrun ended in a 100-line DistNetworkError traceback ("timed out after
     0ms"); 0.001 in C++ stack frames and an error that named parallel.timeout_s."""
     with pytest.raises(SystemExit) as exc:
-        evaluate_command().parse_args([str(trained), "--timeout", value])
+        launcher("evaluate").parse_args([str(trained), "--timeout", value])
     assert exc.value.code == 2
     assert f"argument --timeout: {said}, got {value}\n" in capsys.readouterr().err
-    assert evaluate_command().parse_args([str(trained), "--timeout", "10"]).timeout == 10.0
+    assert launcher("evaluate").parse_args([str(trained), "--timeout", "10"]).timeout == 10.0
 
 
 def test_timeout_0_under_torchrun_is_one_line_per_rank(trained, tmp_path):
@@ -780,7 +773,7 @@ def test_a_run_s_data_folder_that_is_not_here_says_to_pass_data(tiny_data, train
 def test_options_that_contradict_each_other_are_a_usage_error(tmp_path, capsys):
     """--pipeline torchvision with --ten-crop or a DALI decoder exited 1 (as a bad checkpoint or
     data would) after the checkpoint was read; a usage error is argparse's exit 2, at once."""
-    parse_args = evaluate_command().parse_args
+    parse_args = launcher("evaluate").parse_args
     missing = str(tmp_path / "never_read.pt")
     for flags, said in ((["--ten-crop"], "--ten-crop reads the images with DALI"),
                         (["--decoder", "cpu"], "--decoder sets DALI's decoder")):  # fmt: skip

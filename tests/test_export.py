@@ -1,7 +1,6 @@
 """Export round trips: TorchScript and ONNX for both variants (output checked against PyTorch on
 another batch size), and a torchvision-variant checkpoint straight into torchvision's AlexNet."""
 
-import importlib.util
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import onnxruntime
 import pytest
 import torch
 import torchvision
-from _helpers import REPO, TINY_FC_WIDTH
+from _helpers import TINY_FC_WIDTH, launcher
 
 from alexnet import export as export_module
 from alexnet.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save
@@ -135,9 +134,7 @@ def test_a_torchvision_checkpoint_of_another_fc_width_exports_to_all_but_torchvi
 
 def test_export_command(tmp_path, checkpoints, capsys):
     ckpt = checkpoints["paper"]  # <root>/paper/checkpoints/last.pt
-    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    command = launcher("export")
     assert command.main([str(ckpt), "--out", str(tmp_path / "exports"), "--format", "torchscript"]) == 0
     assert "max |difference| from PyTorch" in capsys.readouterr().out
     exported = load_torchscript(tmp_path / "exports" / "paper.torchscript.pt")  # named after the run folder
@@ -159,7 +156,7 @@ def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_expo
     (out / "mine.onnx").write_text("notes")
     (out / "mine.torchvision.pth").write_bytes(ckpt.read_bytes())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    command = load_export_command()
+    command = launcher("export")
     for fmt, suffix in (("torchscript", ".torchscript.pt"), ("onnx", ".onnx"), ("torchvision", ".torchvision.pth")):
         assert command.main([str(ckpt), "--out", str(out), "--name", "mine", "--format", fmt]) == 2
         said = capsys.readouterr().err
@@ -184,13 +181,6 @@ def test_a_file_of_an_export_s_name_is_replaced_only_where_it_is_an_earlier_expo
     for name, said in (("theirs", "is not what an earlier onnx export writes"), ("link", "is a symbolic link")):
         assert command.main([str(ckpt), "--out", str(out), "--name", name, "--format", "onnx"]) == 2
         assert said in capsys.readouterr().err
-
-
-def load_export_command():
-    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
-    return command
 
 
 def test_an_export_that_fails_its_check_is_not_kept_and_keeps_the_earlier_one(tmp_path, checkpoints, monkeypatch):
@@ -247,16 +237,9 @@ def test_two_exports_into_one_folder_at_once_each_keep_a_complete_file(tmp_path,
         assert torch.allclose(real_load(out / "m.torchscript.pt")(x), build_model_from_checkpoint(ckpt).model(x))
 
 
-def load_command():
-    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
-    return command
-
-
 def test_under_torchrun_only_rank_0_exports(tmp_path, checkpoints, monkeypatch, capsys):
     """Every rank exported into the same folder at once (torchrun --nproc_per_node=2)."""
-    command, ckpt = load_command(), checkpoints["paper"]
+    command, ckpt = launcher("export"), checkpoints["paper"]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun's
     assert command.main([str(ckpt), "--out", str(tmp_path / "ranks"), "--format", "torchscript"]) == 0
@@ -276,9 +259,7 @@ def test_under_torchrun_only_rank_0_exports(tmp_path, checkpoints, monkeypatch, 
 def test_export_into_a_file_is_a_one_line_error(tmp_path, checkpoints, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    command = launcher("export")
     assert command.main([str(checkpoints["paper"]), "--out", str(blocker), "--format", "torchscript"]) == 2
     assert capsys.readouterr().err == f"error: --out {blocker}: {blocker} is a file, not a folder\n"
     under_a_file = blocker / "exports"  # a path no folder can be made at: refused before the checkpoint loads
@@ -301,9 +282,7 @@ def test_an_export_or_another_file_given_as_the_checkpoint_is_one_line(tmp_path,
     script, onnx = (c.path for c in made)
     text = tmp_path / "notes.txt"
     text.write_text("top-1 57%\n")
-    spec = importlib.util.spec_from_file_location("export_command", REPO / "launch" / "export.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    command = launcher("export")
     exported = "launch/export.py writes those from a checkpoint; name the checkpoint itself"
     for path, what in ((script, f"a TorchScript archive: {exported}"), (onnx, f"an ONNX model: {exported}"),
                        (text, "not a PyTorch file")):  # fmt: skip
@@ -381,7 +360,7 @@ def test_every_export_carries_the_class_names_the_preprocessing_and_its_checkpoi
 
 
 def test_a_sidecar_name_holding_another_file_is_refused_and_an_earlier_sidecar_replaced(tmp_path, checkpoints, capsys):
-    out, ckpt, command = tmp_path / "out", checkpoints["torchvision"], load_export_command()
+    out, ckpt, command = tmp_path / "out", checkpoints["torchvision"], launcher("export")
     out.mkdir()
     side = out / "m.torchvision.json"
     notes = '{"top1": 0.57}\n'  # an evaluation's result, say
@@ -426,7 +405,7 @@ def test_a_format_the_checkpoint_cannot_hold_is_a_command_to_change(tmp_path, ch
     """--format torchvision for the paper variant, or for another fc_width, exited 1, as for a
     damaged checkpoint; the same command can never succeed: exit 2, one line, nothing written."""
     narrow = make_checkpoint(tmp_path / "narrow" / "checkpoints", "torchvision", fc_width=64)
-    command, out = load_export_command(), tmp_path / "out"
+    command, out = launcher("export"), tmp_path / "out"
     for ckpt, said in (
         (checkpoints["paper"], "is the 'paper' variant; only 'torchvision' checkpoints load into"),
         (narrow, "has fc6 and fc7 64 wide (model.fc_width); torchvision.models.alexnet's are 4096"),
@@ -457,5 +436,5 @@ def test_powersgd_state_given_as_the_checkpoint_names_the_run_s_checkpoint(tmp_p
 
 
 def command_output(checkpoint, tmp_path, capsys):
-    status = load_export_command().main([str(checkpoint), "--out", str(tmp_path / "out")])
+    status = launcher("export").main([str(checkpoint), "--out", str(tmp_path / "out")])
     return status, capsys.readouterr().err

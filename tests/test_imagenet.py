@@ -4,7 +4,6 @@ official files (flat val folder and archive, devkit meta.mat + ground truth, Kag
 import errno
 import gzip
 import hashlib
-import importlib.util
 import io
 import lzma
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from _helpers import REPO
+from _helpers import launcher
 from PIL import Image
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
@@ -144,10 +143,7 @@ def test_incomplete_inputs_are_named(ilsvrc):
 @pytest.fixture
 def command():
     """launch/prepare_imagenet.py as a module: its main(argv) returns the exit code."""
-    spec = importlib.util.spec_from_file_location("prepare_imagenet", REPO / "launch" / "prepare_imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launcher("prepare_imagenet")
 
 
 def test_prepare_command(ilsvrc, capsys, command):

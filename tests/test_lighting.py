@@ -1,7 +1,6 @@
 """PCA lighting (section 4.1): the shift's statistics, its place in the training graph, and the
 measured eigen statistics."""
 
-import importlib.util
 import logging
 import os
 import struct
@@ -12,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, dali_missing
+from _helpers import REPO, dali_missing, launcher
 from PIL import Image
 
 from pipelines.base import ImageSpec, ShardSpec
@@ -207,9 +206,7 @@ def test_resolving_statistics_beside_the_data_or_the_defaults(tmp_path, caplog):
 
 def test_lighting_stats_command_writes_the_file_and_reports_the_mean_pixel(tmp_path, capsys, caplog):
     files, pixels = write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=4)
-    spec = importlib.util.spec_from_file_location("lighting_stats", REPO / "launch" / "lighting_stats.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    command = launcher("lighting_stats")
     assert command.main(["--data", str(tmp_path / "data"), "--images", "10", "--workers", "1"]) == 0
     stats = load_lighting_stats(tmp_path / "data" / STATS_FILE)
     assert stats.num_images == 4 and stats.num_pixels == len(pixels)
@@ -228,7 +225,7 @@ def test_lighting_stats_command_writes_the_file_and_reports_the_mean_pixel(tmp_p
 def test_a_full_disk_keeps_the_earlier_statistics_and_prints_the_new_ones(tmp_path, capsys, monkeypatch):
     """save_lighting_stats was outside any error handling: a traceback after minutes of decoding."""
     write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=2)
-    command, data = lighting_stats_command(), ["--data", str(tmp_path / "data"), "--workers", "1"]
+    command, data = launcher("lighting_stats"), ["--data", str(tmp_path / "data"), "--workers", "1"]
     assert command.main(data) == 0
     capsys.readouterr()
     out = tmp_path / "data" / STATS_FILE
@@ -244,17 +241,10 @@ def test_a_full_disk_keeps_the_earlier_statistics_and_prints_the_new_ones(tmp_pa
     assert "mean pixel (for data.mean)" in said.out and out.read_bytes() == earlier
 
 
-def lighting_stats_command():
-    spec = importlib.util.spec_from_file_location("lighting_stats", REPO / "launch" / "lighting_stats.py")
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
-    return command
-
-
 def test_out_replaces_earlier_statistics_and_no_other_file(tmp_path, capsys):
     """--out naming a checkpoint printed "120 images ... -> last.pt" and left the JSON in its place."""
     write_gaussian_pngs(tmp_path / "data" / "train" / "a", count=2)
-    command, data = lighting_stats_command(), ["--data", str(tmp_path / "data"), "--workers", "1"]
+    command, data = launcher("lighting_stats"), ["--data", str(tmp_path / "data"), "--workers", "1"]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     checkpoint.parent.mkdir(parents=True)
     torch.save({"model": {"w": torch.zeros(3)}, "progress": {"epoch": 4}}, checkpoint)
@@ -275,7 +265,7 @@ def test_out_replaces_earlier_statistics_and_no_other_file(tmp_path, capsys):
 
 def test_alpha_std_must_not_be_negative(capsys):
     """--alpha-std -1 printed negative standard deviations; 0 (no lighting) is one of the values training takes."""
-    command = lighting_stats_command()
+    command = launcher("lighting_stats")
     assert command.parse_args(["--alpha-std", "0"]).alpha_std == 0.0
     for bad in ("-1", "nan"):
         with pytest.raises(SystemExit) as stopped:
@@ -344,7 +334,7 @@ def test_a_missing_data_folder_and_an_unwritable_default_output_are_named_as_suc
     "error: --out <data>/pca_lighting.json: ... is not a writable folder", an --out never given."""
     import pipelines.outputs
 
-    command = lighting_stats_command()
+    command = launcher("lighting_stats")
     assert command.main(["--data", str(tmp_path / "missing"), "--workers", "1"]) == 1
     err = capsys.readouterr().err
     assert "--out" not in err and str(tmp_path / "missing" / "train") in err, err

@@ -5,7 +5,6 @@ classes; a resume continues its own checkpoint; every rank must read the same we
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shutil
@@ -13,7 +12,17 @@ import shutil
 import pytest
 import torch
 import torchvision
-from _helpers import SYNTHETIC_TRAIN, TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, rank_1_differs, torchrun, train_tiny
+from _helpers import (
+    SYNTHETIC_TRAIN,
+    TINY_FC_WIDTH,
+    TINY_TRAIN,
+    TRAIN,
+    check,
+    launcher,
+    rank_1_differs,
+    torchrun,
+    train_tiny,
+)
 
 from alexnet.checkpoint import FORMAT_VERSION, CheckpointError
 from alexnet.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, load_config
@@ -259,9 +268,7 @@ def test_weights_and_a_checkpoint_to_resume_from_are_one_too_many():
 def train_command():
     """launch/train.py, loaded into this process, with run_training as train.py runs it but
     putting back the signal handlers it installs (this process goes on)."""
-    spec = importlib.util.spec_from_file_location("train_command", TRAIN)
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    command = launcher("train")
     command.run_training = lambda cfg, config_path, **_: run_training(cfg, config_path)
     return command
 
