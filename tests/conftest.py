@@ -36,27 +36,6 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-# The modules that start the most training processes, heaviest first (test time in CI's run at
-# 2436bbb, 2026-12-07: 324 s down to 79 s), collected before the others: the README's
-# `pytest -n 2 --dist loadfile` hands modules to its two workers in collection order, so the
-# quick modules fill both workers' ends. In xdist's own order (most tests first), three of
-# these came late and one worker ran on alone (about 40 s of a 20-minute budget).
-HEAVY_MODULES_FIRST = (
-    "test_train_e2e.py",
-    "test_train_failures.py",
-    "test_benchmark.py",
-    "test_evaluate.py",
-    "test_powersgd.py",
-    "test_recovery.py",
-    "test_slurm.py",
-    "test_layouts_e2e.py",
-    "test_start_weights.py",
-    "test_launch_agreement.py",
-    "test_layouts.py",
-    "test_accumulation.py",
-)
-
-
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "dali: needs NVIDIA DALI, which `pip install -e .` installs on x86-64 Linux only (else skipped)"
@@ -64,13 +43,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """HEAVY_MODULES_FIRST first. Tests marked `dali` are skipped, with the reason, where this
-    Python cannot import DALI (an ARM Mac, aarch64 Linux): the README's test command runs the rest
-    there. DALI is imported to
+    """Tests marked `dali` are skipped, with the reason, where this Python cannot import DALI (an
+    ARM Mac, aarch64 Linux): the README's test command runs the rest there. DALI is imported to
     tell (0.2-1 s, once per process) only where a collected test is marked, and most such modules
     have imported it already."""
-    rank = {name: i for i, name in enumerate(HEAVY_MODULES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     marked = [item for item in items if item.get_closest_marker("dali")]
     reason = dali_missing() if marked else None
     if reason:
