@@ -83,6 +83,17 @@ def train_tiny(tiny_data: Path, run_root: Path, name: str, *extra: str, nproc: i
     return torchrun(args, nproc=nproc, env=env) if nproc > 1 else one_process(args, env=env)
 
 
+def tiny_run_config(tiny_data: Path, run_root: Path, name: str, *extra: str):
+    """The Config that train_tiny's command trains (train.py's default demo recipe), for a run in
+    this process: its interpreter has torch, DALI and the model imported already, which a launch
+    of its own takes longer to do than a tiny run's failure or a few steps."""
+    from alexnet.config import load_config
+
+    return load_config(
+        DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={run_root}", f"run.name={name}", *extra]
+    )
+
+
 def launch_per_world(tmp_path_factory, script: Path, cases: dict[int, list[str]]) -> Callable[[int], Path]:
     """The output folder of a world size's cases (`script OUT_DIR CASE ...`, which writes each
     case's results into OUT_DIR/CASE), all of them run in one torchrun launch on first use: a

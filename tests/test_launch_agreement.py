@@ -10,9 +10,8 @@ import json
 import socket
 
 import pytest
-from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, one_process, rank_1_differs, torchrun
+from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, one_process, rank_1_differs, tiny_run_config, torchrun
 
-from alexnet.config import load_config
 from alexnet.parallel.env import LaunchError, init_distributed
 from alexnet.run import run_training
 
@@ -95,7 +94,7 @@ def test_a_checkpoint_reached_through_another_spelling_of_run_root_is_the_same_o
     common = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path / 'runs'}", "run.name=l"]
     # The checkpoint: any session's will do, so this test's own process trains it (a launch less:
     # its interpreter has torch, DALI and the model imported already).
-    first = run_training(load_config(str(DEMO_CONFIG), [*common, "train.max_steps=2"]), str(DEMO_CONFIG))
+    first = run_training(tiny_run_config(tiny_data, tmp_path / "runs", "l", "train.max_steps=2"), str(DEMO_CONFIG))
     assert first["steps"] == 2
     wrapper = rank_1_differs(tmp_path, TRAIN, (f"run.root={tmp_path / 'link'}",))
     again = torchrun([wrapper, *common, "train.max_steps=3", "parallel.timeout_s=30"])

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, check, loader_failing_on_rank_1, torchrun
+from _helpers import DEMO_CONFIG, REPO, TINY_TRAIN, TRAIN, check, loader_failing_on_rank_1, tiny_run_config, torchrun
 from _helpers import train_tiny as train
 
 import alexnet.trainer
@@ -28,8 +28,7 @@ def diverge_here(tiny_data, tmp_path, name, *extra):
     its message (what launch/train.py prints after "error: "). A launch's start, importing torch
     and DALI, took longer than such a run; test_a_diverging_run_stops_with_one_line_and_checkpoints_
     from_before keeps the command's own one line and exit status."""
-    cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", f"run.name={name}",
-                                    *extra])  # fmt: skip
+    cfg = tiny_run_config(tiny_data, tmp_path, name, *extra)
     with pytest.raises(NonFiniteLossError) as err:
         run_training(cfg, str(DEMO_CONFIG))
     return str(err.value)
@@ -137,8 +136,9 @@ def test_an_applied_non_finite_gradient_never_reaches_a_checkpoint(tiny_data, tm
             handle.remove()
 
     monkeypatch.setattr(alexnet.trainer, "accumulated_step", poison_one_gradient)
-    cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=inf",
-                                    "train.amp=off", "checkpoint.every_steps=2", "train.max_nonfinite=5"])  # fmt: skip
+    cfg = tiny_run_config(
+        tiny_data, tmp_path, "inf", "train.amp=off", "checkpoint.every_steps=2", "train.max_nonfinite=5"
+    )
     with pytest.raises(NonFiniteLossError, match="^the weights are not finite at step 4: a step applied") as err:
         run_training(cfg, str(DEMO_CONFIG))
     assert "hold weights from before these steps (non-finite weights are never written)" in str(err.value)
@@ -468,7 +468,7 @@ def test_an_unusable_run_root_is_named(tiny_data, tmp_path, capsys):
     stops_every_rank_with_a_checkpoint sees of this same error)."""
 
     def run(root, name):
-        cfg = load_config(DEMO_CONFIG, [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={root}", f"run.name={name}"])
+        cfg = tiny_run_config(tiny_data, root, name)
         with pytest.raises(ConfigError) as err:
             run_training(cfg, str(DEMO_CONFIG))
         return str(err.value)
