@@ -330,22 +330,17 @@ def test_accumulated_runs_train_as_the_whole_batch_and_resume_exactly(tiny_data,
     assert not torch.equal(straight["fc8.0.weight"], half["model"]["fc8.0.weight"])
 
 
-def test_the_first_step_s_batches_accumulate_in_ddp_s_buckets(tmp_path):
+@pytest.mark.usefixtures("gloo_world_of_one")
+def test_the_first_step_s_batches_accumulate_in_ddp_s_buckets():
     """The settling pass left every gradient None, and the first step's batches under no_sync()
     summed into fresh tensors beside the buckets (a second copy of the gradients, 244 MB for the
     paper model under dp) until its all-reduce: every session's first step, where the peak is set.
     DDP's buckets and no_sync() are the same for any number of ranks: checked here in a gloo group
     of this one process, with no launch of its own."""
-    import torch.distributed as dist
-
     sys.path.insert(0, str(REPO / "tests" / "dist"))
     from accum_grads import same_storage_per_step
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        result = {"bucket_view": same_storage_per_step(True), "own_grads": same_storage_per_step(False)}
-    finally:
-        dist.destroy_process_group()
+    result = {"bucket_view": same_storage_per_step(True), "own_grads": same_storage_per_step(False)}
     assert result["bucket_view"] == [True, True, True], result
     assert result["own_grads"] == [True, True, True], result  # zeroed in place from the second step: kept
 

@@ -240,11 +240,11 @@ def test_a_saved_powersgd_state_is_checked_before_any_rank_loads_it():
     assert broken(lambda s: s["rng"].update(keys=torch.zeros(3, dtype=torch.int64))).startswith("a malformed state")
 
 
-def test_a_rank_too_high_to_compress_anything_is_named_once(tmp_path, caplog):
+@pytest.mark.usefixtures("gloo_world_of_one")
+def test_a_rank_too_high_to_compress_anything_is_named_once(caplog):
     """parallel.powersgd_rank=1000000 ran without a word while PowerSGD sent every gradient whole
     (a matrix's factors must be 2x smaller than it). The hook now says so; a rank that compresses
     one matrix (fc 64 x 32 at rank 4: 384 values against 2048) says nothing."""
-    import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 
     from alexnet.config import ParallelConfig
@@ -260,25 +260,20 @@ def test_a_rank_too_high_to_compress_anything_is_named_once(tmp_path, caplog):
     assert compression_problem(PowerSGDState(None, matrix_approximation_rank=1), shapes[1:2]) == ""  # nothing to say
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        for rank in (4, 1_000_000):
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            with caplog.at_level("WARNING", logger="alexnet"):
-                apply_comm_hook(ddp, ParallelConfig(comm_hook="powersgd", powersgd_rank=rank), CommCounter(), None, 1)
-    finally:
-        dist.destroy_process_group()
+    for rank in (4, 1_000_000):
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with caplog.at_level("WARNING", logger="alexnet"):
+            apply_comm_hook(ddp, ParallelConfig(comm_hook="powersgd", powersgd_rank=rank), CommCounter(), None, 1)
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "parallel.powersgd_rank=1000000 compresses none of the gradients"
     ]
 
 
-def test_a_checkpoint_leaves_powersgds_generator_where_an_uninterrupted_run_has_it(tmp_path):
+@pytest.mark.usefixtures("gloo_world_of_one")
+def test_a_checkpoint_leaves_powersgds_generator_where_an_uninterrupted_run_has_it():
     """Cutting the state into pieces for a checkpoint dropped the empty factor memory of a bucket
     with nothing to compress (biases alone): the hook took the bucket for a new one and drew from
     PowerSGD's generator, so after a later skipped step (new factors drawn) the run went elsewhere."""
-    import torch.distributed as dist
-
     from alexnet.config import ParallelConfig
     from alexnet.parallel.comm import CommCounter
     from alexnet.parallel.data_parallel import apply_comm_hook, settle_buckets
@@ -301,11 +296,7 @@ def test_a_checkpoint_leaves_powersgds_generator_where_an_uninterrupted_run_has_
                 hook.forget_skipped_step()
         return hook.powersgd.rng.get_state()[2], [p.detach().clone() for p in model.parameters()]
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        (straight_pos, straight), (saved_pos, saved) = run(None), run(3)
-    finally:
-        dist.destroy_process_group()
+    (straight_pos, straight), (saved_pos, saved) = run(None), run(3)
     assert saved_pos == straight_pos
     assert all(torch.equal(a, b) for a, b in zip(straight, saved))
 
