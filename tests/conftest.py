@@ -11,6 +11,13 @@ from _helpers import dali_missing
 
 from pipelines.demo import DemoSpec, write_demo_dataset
 
+try:  # the README's test command runs pytest-xdist; a plain `pytest` run may be without it
+    # A hook: registered by being a name of this conftest, it gives `--dist loadfile` a scheduling
+    # that recovers a crashed worker instead of hanging the run (see the module).
+    from _xdist_scheduling import pytest_xdist_make_scheduler  # noqa: F401
+except ImportError:
+    pass
+
 # The processes the tests start (torchrun workers, launch/*.py, Slurm jobs) import this checkout,
 # not whichever `alexnet` the interpreter has installed: a script's sys.path[0] is its own folder,
 # so without this a second checkout's editable install would be the code under test.
