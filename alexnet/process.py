@@ -17,6 +17,7 @@ import torch
 
 from alexnet.config import TIMEOUT_RANGE_S, TrainConfig
 from alexnet.hostmem import apply_host_memory
+from alexnet.interrupt import print_error, status_of
 from alexnet.stop import STOP_SIGNALS
 
 # cuBLAS is deterministic only with a fixed workspace (NVIDIA's cuBLAS docs, "Results
@@ -81,14 +82,6 @@ class StoreOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def print_error(message: str) -> None:
-    """`error: <message>` on stderr in one write. The ranks of a job that all stop with the same
-    error share torchrun's stderr, and print() writes the text and its newline apart: two ranks'
-    lines ran into one."""
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
-
-
 def print_result(text: str) -> None:
     """`text` and a newline on stdout, for a result that is also written to a file: a stdout that
     fails (a full log disk, a closed pipe) no longer stops the command before its file is written.
@@ -107,16 +100,9 @@ def print_result(text: str) -> None:
 
 
 def run_command(main: Callable[[], int]) -> NoReturn:
-    """A launcher's `main`, its status the process's. Ctrl-C (SIGINT) ends it with one line and
-    130, the shell's status for it, instead of a KeyboardInterrupt traceback (the commands stage
-    their files and rename them into place, so nothing is left half-written). launch/train.py
-    has its own: a stop request with a checkpoint."""
-    try:
-        code = main()
-    except KeyboardInterrupt:
-        print_error("interrupted")
-        code = 130
-    exit_process(code)
+    """A launcher's `main`, its status the process's; Ctrl-C (SIGINT) ends it with one line and
+    130 (alexnet.interrupt). launch/train.py has its own: a stop request with a checkpoint."""
+    exit_process(status_of(main))
 
 
 def exit_process(code: int) -> NoReturn:

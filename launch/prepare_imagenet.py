@@ -30,6 +30,7 @@ from alexnet.imagenet import (
     extract_val_archive,
     read_ground_truth,
 )
+from alexnet.interrupt import status_of
 from pipelines.outputs import output_path
 
 
@@ -90,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(status_of(main))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from alexnet.interrupt import status_of
 from pipelines.scan import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(status_of(main))

@@ -198,3 +198,28 @@ def test_a_command_interrupted_by_ctrl_c_ends_with_one_line_and_130():
     code_text = "from alexnet.process import run_command\ndef main():\n    raise KeyboardInterrupt\nrun_command(main)\n"
     proc = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr) == (130, "error: interrupted\n")
+
+
+# Ctrl-C while the launcher runs: its argument parsing (inside `main`) raises KeyboardInterrupt.
+INTERRUPTED_LAUNCH = """
+import argparse, runpy, sys
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+argparse.ArgumentParser.parse_args = interrupt
+sys.argv = [sys.argv[1]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("torch imported" if "torch" in sys.modules else "no torch")
+"""
+
+
+@pytest.mark.parametrize("launcher", ["scan.py", "prepare_imagenet.py"])
+def test_the_tools_without_torch_end_a_ctrl_c_with_one_line_and_130_and_stay_without_it(launcher):
+    """They printed a 25-line KeyboardInterrupt traceback (a scan's ProcessPoolExecutor among it)
+    and died of SIGINT; alexnet.process's run_command, which the other launchers use, would have
+    added torch's import (2-3 s) to their start."""
+    script = str(REPO / "launch" / launcher)
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_LAUNCH, script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "error: interrupted\n", "no torch\n")
