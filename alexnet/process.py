@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -49,6 +50,43 @@ def apply_process_settings(train: TrainConfig) -> None:
     # convolutions in TF32 (a 10-bit mantissa) on Ampere and later by default. Matrix products
     # are float32 by default already (torch.backends.cuda.matmul.allow_tf32 is False).
     torch.backends.cudnn.allow_tf32 = train.amp != "off"
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """What a run changes of its process beyond its own objects: the settings
+    apply_process_settings makes and torch's CPU generator, which the run seeds (alexnet.plan)
+    and a resume sets. The allocator's policy is not in it: each run applies its own
+    (alexnet.hostmem), and a trim at a run's end would hand back the heap the next run reuses."""
+
+    cudnn_benchmark: bool
+    cudnn_allow_tf32: bool
+    deterministic: bool
+    deterministic_warn_only: bool
+    cpu_rng: torch.Tensor
+
+
+def read_process_state() -> ProcessState:
+    return ProcessState(
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_rng_state(),
+    )
+
+
+def put_back_process_state(state: ProcessState) -> None:
+    """For a run in a process that goes on (a notebook): after it, the caller's random numbers
+    are those it would have drawn without the run, and its cuDNN and determinism settings stay
+    its own. CUDA's generators stay as the run left them (reading them would start CUDA in a
+    process that had not)."""
+    torch.backends.cudnn.benchmark = state.cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = state.cudnn_allow_tf32
+    switched = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if switched != (state.deterministic, state.deterministic_warn_only):  # a switch imports torch._inductor
+        torch.use_deterministic_algorithms(state.deterministic, warn_only=state.deterministic_warn_only)
+    torch.set_rng_state(state.cpu_rng)
 
 
 def positive_seconds(text: str) -> float:

@@ -11,7 +11,7 @@ from alexnet.parallel.agree import SETUP_ERRORS, check_same_settings, flat_setti
 from alexnet.parallel.env import init_distributed, log_rank, shutdown_distributed
 from alexnet.parallel.mesh import Mesh, build_mesh, release_mesh
 from alexnet.plan import build_plan, with_run_name
-from alexnet.process import apply_process_settings
+from alexnet.process import apply_process_settings, put_back_process_state, read_process_state
 from alexnet.reporting import check_tensorboard_installed
 from alexnet.stop import StopRequest, put_back_handlers, stop_handlers
 from alexnet.trainer import Trainer
@@ -38,13 +38,23 @@ def init_logging(rank: int) -> None:
 def run_training(
     cfg: Config, config_path: str | None, keep_stop_handlers: bool = False, started_under: int | None = None
 ) -> dict[str, Any]:
-    """The run; the signal handlers it installs are put back as they were unless
+    """The run; the signal handlers it installs, the process-wide settings it applies and torch's
+    CPU generator (alexnet.process.ProcessState) are put back as they were unless
     `keep_stop_handlers` (launch/train.py, whose process ends with the run: `exit_process`
     ignores the signals then, and until then a late SIGTERM must not kill a completed run).
     `started_under`: the process's parent at its start (init_distributed). A process group the
     caller started is left to the caller."""
     init_logging(log_rank())
     cfg = with_run_name(check_config(cfg), config_path)
+    caller_state = None if keep_stop_handlers else read_process_state()
+    try:
+        return _train(cfg, config_path, keep_stop_handlers, started_under)
+    finally:
+        if caller_state is not None:
+            put_back_process_state(caller_state)
+
+
+def _train(cfg: Config, config_path: str | None, keep_stop_handlers: bool, started_under: int | None) -> dict[str, Any]:
     apply_process_settings(cfg.train)
     handlers = stop_handlers()
     env = init_distributed(cfg.parallel.timeout_s, started_under=started_under)

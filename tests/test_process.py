@@ -137,6 +137,34 @@ def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
         root.removeHandler(kept)
 
 
+def test_a_run_leaves_the_caller_s_process_settings_and_random_numbers_as_they_were(tmp_path):
+    """A notebook kept the run's cuDNN autotuner, TF32 and deterministic-kernel settings, and its
+    next torch.rand went on from where the run's seeded generator had stopped."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+
+    def settings():
+        cudnn = torch.backends.cudnn
+        return cudnn.benchmark, cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled()
+
+    found = settings()
+    # The caller's: each differs from what one of the runs sets (the default train.amp turns TF32 on).
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, False
+    assert not torch.are_deterministic_algorithms_enabled()
+    caller = settings()
+    try:
+        # Deterministic kernels on, then the autotuner on (the settings of a run without them).
+        for name, deterministic in (("det", "true"), ("tuned", "false")):
+            cfg = load_config(None, [*SYNTHETIC_TRAIN, "train.epochs=1", f"run.root={tmp_path}", f"run.name={name}",
+                                     f"train.deterministic={deterministic}"])  # fmt: skip
+            run_training(cfg, None)
+            assert settings() == caller, name
+        assert torch.equal(torch.rand(3), expected)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = found[:2]
+
+
 def test_a_run_leaves_the_caller_s_process_group_and_refuses_an_unchecked_config(tmp_path):
     """A script's or notebook's own process group: the run destroyed it at its end (a later
     barrier failed: "Default process group has not been initialized"). And a Config changed in
