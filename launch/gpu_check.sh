@@ -79,14 +79,35 @@ EOF
 } 2>&1 | tee -a "$out/gpu_check.log"
 
 status=()
+step_pid=
+# Ctrl-C (or a SIGTERM) ends the check. A step runs under `timeout`, which moves itself and the
+# step into a process group of their own, out of the terminal's reach: Ctrl-C stopped nothing,
+# and each step after the one running still ran. The step is stopped here, and no other starts.
+interrupted() {  # interrupted STATUS
+  trap - INT TERM
+  if [ -n "$step_pid" ]; then
+    kill -TERM -- "-$step_pid" 2>/dev/null  # timeout's group: the step and what it started
+    wait "$step_pid" 2>/dev/null
+  fi
+  log "interrupted: the step running was stopped and no later step run; no gpu_check.json"
+  exit "$1"
+}
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
+
 run_step() {  # run_step NAME SECONDS COMMAND... : records NAME=ok|failed(rc)
   local name=$1 limit=$2
   shift 2
   local t0=$(date +%s)
   log "$name: $*"
   # SIGABRT at the limit: with PYTHONFAULTHANDLER set, a step that hangs prints every thread's stack.
-  timeout -s ABRT -k 10 "$limit" "$@" 2>&1 | tee -a "$out/gpu_check.log"
-  local rc=${PIPESTATUS[0]}
+  # In the background, waited for: a trap runs during `wait`, not only after the step.
+  timeout -s ABRT -k 10 "$limit" "$@" > >(tee -a "$out/gpu_check.log") 2>&1 &
+  step_pid=$!
+  wait "$step_pid"
+  local rc=$?
+  step_pid=
+  wait  # for the tee of its output too (a process substitution: bash 5.1 and later wait for it here)
   log "$name: exit $rc after $(($(date +%s) - t0)) s (limit $limit s)"
   if [ "$rc" = 0 ]; then
     status+=("$name=ok")
