@@ -86,7 +86,8 @@ step_pid=
 interrupted() {  # interrupted STATUS
   trap - INT TERM
   if [ -n "$step_pid" ]; then
-    kill -TERM -- "-$step_pid" 2>/dev/null  # timeout's group: the step and what it started
+    # timeout's group (the step and what it started); timeout itself if it has no group yet.
+    kill -TERM -- "-$step_pid" 2>/dev/null || kill -TERM "$step_pid" 2>/dev/null
     wait "$step_pid" 2>/dev/null
   fi
   log "interrupted: the step running was stopped and no later step run; no gpu_check.json"

@@ -30,11 +30,11 @@ class RecoveringLoadFileScheduling(LoadFileScheduling):
             return None  # a worker that ended normally
         # A worker runs its tests in the order it was given them: the first unfinished one is the
         # one it was running.
-        crashed = next(nodeid for tests in unfinished.values() for nodeid, done in tests.items() if not done)
-        for tests in unfinished.values():
-            if crashed in tests:
-                tests[crashed] = True
-        self.workqueue.update({scope: tests for scope, tests in unfinished.items() if not all(tests.values())})
+        scope, crashed = next(
+            (scope, nodeid) for scope, tests in unfinished.items() for nodeid, done in tests.items() if not done
+        )
+        unfinished[scope][crashed] = True
+        self.workqueue.update({other: tests for other, tests in unfinished.items() if not all(tests.values())})
         for other in self.assigned_work:
             self._reschedule(other)
         return crashed
