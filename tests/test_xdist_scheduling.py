@@ -14,8 +14,10 @@ def files(how_it_ends: str) -> dict[str, str]:
         # Two files the worker finishes before it ends: xdist 3.8.0 handed them out again, empty.
         "test_a_first.py": "def test_one():\n    pass\n\n\ndef test_two():\n    pass\n",
         "test_b_second.py": "def test_three():\n    pass\n",
-        "test_c_ends.py": f"import ctypes, os\n\n\ndef test_ends_its_worker():\n    {how_it_ends}\n\n\n"
-        "def test_after_it():\n    pass\n",
+        # pytest-timeout at 1 s for this test alone: a test of the others slowed that long by a
+        # busy machine would end its worker too.
+        "test_c_ends.py": f"import ctypes, os\n\nimport pytest\n\n\n@pytest.mark.timeout(1, method='thread')\n"
+        f"def test_ends_its_worker():\n    {how_it_ends}\n\n\ndef test_after_it():\n    pass\n",
         # A file of one test for the replacement worker: alone, xdist's worker never started it.
         "test_d_last.py": "def test_last():\n    pass\n",
     }
@@ -55,10 +57,9 @@ def test_a_crashed_worker_s_file_finishes_on_its_replacement_and_the_run_ends(tm
 def test_a_test_stuck_with_the_gil_held_ends_its_worker_and_the_run_ends(tmp_path):
     """The guard in setup.cfg: a native call that never returns with the GIL held (libc's sleep
     through ctypes.PyDLL here; a deadlocked destructor in real life) keeps pytest-timeout's
-    thread from running, even at a 1-second timeout; faulthandler's watchdog ends the worker."""
+    thread from running, even at its 1-second timeout; faulthandler's watchdog ends the worker."""
     stuck = "ctypes.PyDLL(None).sleep(600)"
-    guard = ["-o", "timeout=1", "-o", "timeout_method=thread"]
-    guard += ["-o", "faulthandler_timeout=3", "-o", "faulthandler_exit_on_timeout=true"]
+    guard = ["-o", "faulthandler_timeout=4", "-o", "faulthandler_exit_on_timeout=true"]
     proc = run_nested_pytest(tmp_path / "stuck", stuck, *guard, "-n", "2", "--dist", "loadfile")
     assert_the_run_ended_with_one_failure(proc)
-    assert "Timeout (0:00:03)!" in proc.stderr, proc.stderr  # faulthandler's, with every thread's stack
+    assert "Timeout (0:00:04)!" in proc.stderr, proc.stderr  # faulthandler's, with every thread's stack
