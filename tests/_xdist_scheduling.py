@@ -8,8 +8,8 @@ goes to a worker as an empty batch that never reports back, so no more work is h
 replacement worker given a file of one test waits for a second one that never comes (#1327): a
 worker runs a test only once it holds the next one, or its shutdown. One worker that aborted at
 95% of a CI run (gloo's "Resource deadlock avoided") left every worker waiting until CI's own
-90-minute limit, with no summary. Both pytest-timeout's thread method and the faulthandler
-timeout (setup.cfg) end a stuck test by ending its worker, so they too led into this hang.
+90-minute limit, with no summary. pytest-timeout's thread method and the faulthandler timeout
+(setup.cfg) end a stuck test by ending its worker: without this scheduling, into the same hang.
 """
 
 from __future__ import annotations
