@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import glob
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,11 +55,114 @@ SYNTHETIC_TRAIN = [
 def torchrun(
     args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=nproc ARGS` with this interpreter; output captured."""
+    """`torchrun --standalone --nproc_per_node=nproc ARGS` with this interpreter; output captured.
+    Past the timeout torchrun gets SIGTERM, on which its agent stops the workers (SIGTERM, then
+    SIGKILL 30 s later): killed itself, it would leave them running, in sessions of their own."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
-    return proc
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with subprocess.Popen(cmd, text=True, env=full_env, cwd=REPO, **pipes) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def launch(
+    args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc SCRIPT ARGS` as its ranks see it, output
+    captured, with the ranks forked from tests/_rank_server.py, which has imported torch and the
+    project already: 0.1 s a launch instead of about 6 s. Exits 1 where a rank failed, as torchrun
+    does. A launch whose environment changes what a process reads as it starts (PYTHONPATH,
+    OMP_NUM_THREADS ...) runs under torchrun itself, as does every launch on a machine with a GPU
+    (rank_server); the tests of torchrun's own behaviour (restarts, signals to its agent) call
+    torchrun()."""
+    script, *rest = map(str, args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    server = rank_server()
+    if server is None or server.starts_differently(full_env):
+        proc = torchrun(args, nproc=nproc, timeout=timeout, env=env)
+        return Launched(proc.args, proc.returncode, proc.stdout, proc.stderr, reported_statuses(proc.stderr, nproc))
+    return server.launch(script, rest, nproc, full_env, timeout)
+
+
+def reported_statuses(stderr: str, nproc: int) -> list[int]:
+    """Each rank's exit status from torchrun's report of a failed launch, which lists the ranks
+    that failed (`rank : 1 (local_rank: 1)` then `exitcode : 2 (pid: ...)`); 0 for the others."""
+    statuses = [0] * nproc
+    for rank, status in re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", stderr):
+        statuses[int(rank)] = int(status)
+    return statuses
+
+
+class RankServer:
+    """The client of one tests/_rank_server.py process (one per pytest worker, started on first
+    use, ended with the worker: it stops at the end of its stdin)."""
+
+    SCRIPT = REPO / "tests" / "_rank_server.py"
+    # What a process reads as it starts, which a fork cannot change (torch.distributed's debug
+    # level it can: the server sets it again in each rank).
+    STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_", "TORCH", "CUDA", "NCCL", "DALI")
+    RESET_IN_RANK = ("TORCH_DISTRIBUTED_DEBUG",)
+
+    def __init__(self) -> None:
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(self.SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+        )
+
+    def starts_differently(self, env: dict[str, str]) -> bool:
+        keys = {k for k in {*env, *self.env} if k.startswith(self.STARTUP_PREFIXES) and k not in self.RESET_IN_RANK}
+        return any(env.get(k) != self.env.get(k) for k in keys)
+
+    def launch(self, script: str, args: list[str], nproc: int, env: dict, timeout: float):
+        cmd = [sys.executable, "-u", script, *args]
+        with tempfile.TemporaryDirectory(prefix="launch_") as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            out.touch()
+            err.touch()
+            request = {"script": script, "args": args, "nproc": nproc, "env": env, "cwd": str(REPO),
+                       "stdout": str(out), "stderr": str(err), "timeout": timeout}  # fmt: skip
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.SCRIPT.name} ended (status {self.proc.wait()}): see the worker's stderr")
+            reply = json.loads(line)
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        return Launched(cmd, 1 if any(reply["statuses"]) else 0, stdout, stderr, reply["statuses"])
+
+
+class Launched(subprocess.CompletedProcess):
+    """A launch's result with each rank's exit status (-N: ended by signal N), which torchrun
+    prints in its report of a failed launch."""
+
+    def __init__(self, args, returncode: int, stdout: str, stderr: str, statuses: list[int]) -> None:
+        super().__init__(args, returncode, stdout, stderr)
+        self.statuses = statuses
+
+
+@functools.cache
+def rank_server() -> RankServer | None:
+    """This worker's rank server; None on a machine with an NVIDIA GPU, where launch runs
+    torchrun: CUDA does not work in a process forked after its parent initialized it, and
+    importing DALI may initialize it."""
+    return None if glob.glob("/dev/nvidia[0-9]*") else RankServer()
 
 
 def one_process(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,7 +187,7 @@ def train_tiny(tiny_data: Path, run_root: Path, name: str, *extra: str, nproc: i
     """launch/train.py on the tiny dataset with TINY_TRAIN, run folder `run_root/name`; one process
     runs without torchrun."""
     args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={run_root}", f"run.name={name}", *extra]
-    return torchrun(args, nproc=nproc, env=env) if nproc > 1 else one_process(args, env=env)
+    return launch(args, nproc=nproc, env=env) if nproc > 1 else one_process(args, env=env)
 
 
 def tiny_run_config(tiny_data: Path, run_root: Path, name: str, *extra: str):
@@ -103,7 +210,7 @@ def launch_per_world(tmp_path_factory, script: Path, cases: dict[int, list[str]]
     def folder(world: int) -> Path:
         if world not in folders:
             folders[world] = tmp_path_factory.mktemp(f"{script.stem}_{world}_ranks")
-            check(torchrun([script, folders[world], *cases[world]], nproc=world))
+            check(launch([script, folders[world], *cases[world]], nproc=world))
         return folders[world]
 
     return folder

@@ -14,6 +14,7 @@ worker runs a test only once it holds the next one, or its shutdown. One worker 
 
 from __future__ import annotations
 
+import pytest
 from xdist.scheduler import LoadFileScheduling
 
 
@@ -52,6 +53,7 @@ class RecoveringLoadFileScheduling(LoadFileScheduling):
             self._assign_work_unit(node)
 
 
+@pytest.hookimpl(optionalhook=True)  # unknown to a run with `-p no:xdist`
 def pytest_xdist_make_scheduler(config, log):
     """Ours for `--dist loadfile`; xdist's own for every other mode."""
     if config.getvalue("dist") == "loadfile":

@@ -4,7 +4,7 @@ stops every rank, with the failing rank's error."""
 import json
 
 import pytest
-from _helpers import REPO, check, torchrun
+from _helpers import REPO, check, launch
 
 from alexnet.parallel.agree import describe_error, fetch_each, shared_fetch_error
 from pipelines.index import DataError
@@ -48,7 +48,7 @@ def test_an_error_is_described_in_one_line_with_dali_s_cause():
 @pytest.fixture(scope="module")
 def fetch_agree(tmp_path_factory):
     out = tmp_path_factory.mktemp("fetch_agree")
-    proc = check(torchrun([REPO / "tests" / "dist" / "fetch_agree.py", out], nproc=2, timeout=120))
+    proc = check(launch([REPO / "tests" / "dist" / "fetch_agree.py", out], nproc=2, timeout=120))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], proc
 
 

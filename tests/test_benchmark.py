@@ -18,7 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, check, loader_failing_on_rank_1, rank_1_differs, rank_1_sees, torchrun, without_dali
+from _helpers import REPO, check, launch, loader_failing_on_rank_1, rank_1_differs, rank_1_sees, without_dali
 from PIL import Image
 from torch import nn
 
@@ -660,9 +660,9 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_of_the_e2e_benchmark(tiny
     """Node-local data missing on rank 1's node: both ranks stop with rank 1's error, naming it."""
     missing = tmp_path / "not_on_this_node"
     wrapper = rank_1_sees(tmp_path, BENCH, "--data", missing)
-    proc = torchrun([wrapper, "e2e", "--data", tiny_data, "--no-synthetic", "--windows", "1", "--warmup", "0",
-                     "--steps", "1", "--out", tmp_path / "out", "data.batch_size=2", "model.fc_width=512",
-                     "parallel.timeout_s=30"])  # fmt: skip
+    proc = launch([wrapper, "e2e", "--data", tiny_data, "--no-synthetic", "--windows", "1", "--warmup", "0",
+                   "--steps", "1", "--out", tmp_path / "out", "data.batch_size=2", "model.fc_width=512",
+                   "parallel.timeout_s=30"])  # fmt: skip
     assert proc.returncode != 0
     missing_line = f"error: rank 1 (of 2): data folder {missing} (config key 'data.root') does not exist"
     assert proc.stderr.count(missing_line) == 2, proc.stderr[-4000:]
@@ -677,10 +677,10 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(fo
     root, bad = folder_with_a_cut_file
     for cls in ("circle", "square"):
         shutil.copytree(tiny_data / "val" / cls, root / "val" / cls)
-    proc = torchrun([BENCH, "e2e", "--data", root, "--pipelines", "dali", "--no-synthetic", "--windows", "1",
-                     "--warmup", "0", "--steps", "4", "--out", tmp_path / "out", "data.batch_size=2",
-                     "data.num_threads=1", "data.prefetch=1", "data.crop=67", "data.resize=76", "model.fc_width=512",
-                     "parallel.timeout_s=30"])  # fmt: skip
+    proc = launch([BENCH, "e2e", "--data", root, "--pipelines", "dali", "--no-synthetic", "--windows", "1",
+                   "--warmup", "0", "--steps", "4", "--out", tmp_path / "out", "data.batch_size=2",
+                   "data.num_threads=1", "data.prefetch=1", "data.crop=67", "data.resize=76", "model.fc_width=512",
+                   "parallel.timeout_s=30"])  # fmt: skip
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if f"cannot decode {bad}" in line]
     assert len(named) == 2 and all("The e2e benchmark stopped." in line for line in named), proc.stderr[-4000:]
@@ -691,8 +691,8 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_of_the_e2e_benchmark(fo
 def test_ranks_of_the_step_benchmark_started_differently_stop_naming_it(tmp_path):
     """Other options on one agent had the ranks time different steps until a collective failed."""
     wrapper = rank_1_differs(tmp_path, BENCH, ("--steps", "3", "data.batch_size=4"))
-    proc = torchrun([wrapper, "step", "--modes", "dp", "--windows", "1", "--warmup", "0", "--steps", "2",
-                     "--out", tmp_path / "out", "data.batch_size=2", "parallel.timeout_s=30"])  # fmt: skip
+    proc = launch([wrapper, "step", "--modes", "dp", "--windows", "1", "--warmup", "0", "--steps", "2",
+                   "--out", tmp_path / "out", "data.batch_size=2", "parallel.timeout_s=30"])  # fmt: skip
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
@@ -708,10 +708,10 @@ def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank_of_the_e2e_ben
     """A DALI internal error on rank 1 alone: rank 0 died in the step's all-reduce with a gloo
     traceback. Both now stop with one line naming rank 1 and its error."""
     wrapper = loader_failing_on_rank_1(tmp_path, BENCH, "train")
-    proc = torchrun([wrapper, "e2e", "--data", tiny_data, "--pipelines", "dali", "--no-synthetic", "--windows", "1",
-                     "--warmup", "0", "--steps", "4", "--out", tmp_path / "out", "data.batch_size=2",
-                     "data.num_threads=1", "data.prefetch=1", "data.crop=67", "data.resize=76", "model.fc_width=512",
-                     "parallel.timeout_s=30"])  # fmt: skip
+    proc = launch([wrapper, "e2e", "--data", tiny_data, "--pipelines", "dali", "--no-synthetic", "--windows", "1",
+                   "--warmup", "0", "--steps", "4", "--out", tmp_path / "out", "data.batch_size=2",
+                   "data.num_threads=1", "data.prefetch=1", "data.crop=67", "data.resize=76", "model.fc_width=512",
+                   "parallel.timeout_s=30"])  # fmt: skip
     assert proc.returncode == 1
     said = "error: rank 1 (of 2) could not load its batch: RuntimeError: Critical error in pipeline: injected (rank 1 "
     said += "logged its traceback). The e2e benchmark stopped."
@@ -851,9 +851,9 @@ def test_step_contenders_at_another_fc_width_say_what_they_compare():
 
 @pytest.mark.slow
 def test_step_command_two_ranks_every_layout(tmp_path):
-    proc = torchrun([BENCH, "step", "--compare-torchvision", "--variants", "paper", "--windows", "1", "--warmup",
-                     "0", "--steps", "1", "--out", tmp_path, "data.batch_size=2", "data.crop=67",
-                     "model.num_classes=10"], nproc=2)  # fmt: skip
+    proc = launch([BENCH, "step", "--compare-torchvision", "--variants", "paper", "--windows", "1", "--warmup",
+                   "0", "--steps", "1", "--out", tmp_path, "data.batch_size=2", "data.crop=67",
+                   "model.num_classes=10"], nproc=2)  # fmt: skip
     check(proc)
     data = output.load_report(tmp_path / "step.json")
     by_name = {r["name"]: r for r in data["results"]}

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from _helpers import REPO, check, torchrun
+from _helpers import REPO, check, launch
 
 from alexnet.parallel.env import GLOO_DETAIL_NOTE, apply_debug_level
 
@@ -19,7 +19,7 @@ def test_two_rank_step_equals_single_process_step(tmp_path, debug):
     """TORCH_DISTRIBUTED_DEBUG=DETAIL, what torch's documentation suggests for a hang, made every
     DDP construction on gloo die of SIGSEGV (torch 2.14.1): the ranks now run it as INFO, and say so."""
     out = tmp_path / "ddp.pt"
-    proc = torchrun([REPO / "tests" / "dist" / "ddp_step.py", out], nproc=2, env={"TORCH_DISTRIBUTED_DEBUG": debug})
+    proc = launch([REPO / "tests" / "dist" / "ddp_step.py", out], nproc=2, env={"TORCH_DISTRIBUTED_DEBUG": debug})
     check(proc)
     assert (GLOO_DETAIL_NOTE in proc.stderr) == (debug == "DETAIL")
     ddp_weights = torch.load(out, weights_only=True)

@@ -18,12 +18,12 @@ from _helpers import (
     TINY_TRAIN,
     check,
     dali_missing,
+    launch,
     launcher,
     loader_failing_on_rank_1,
     one_process,
     rank_1_differs,
     rank_1_sees,
-    torchrun,
     without_dali,
 )
 from torch.nn import functional as F
@@ -172,8 +172,8 @@ def ten_crop_on_two_ranks(tiny_data, trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ten_crop_two_ranks")
     out = folder / "eval.json"
     wrapper = replaced_on_rank_1(trained, folder, 1)
-    proc = torchrun([wrapper, trained, "--data", tiny_data, "--ten-crop", "--batch-size", "8", "--out", out,
-                     "--timeout", "60"], nproc=2)  # fmt: skip
+    proc = launch([wrapper, trained, "--data", tiny_data, "--ten-crop", "--batch-size", "8", "--out", out,
+                   "--timeout", "60"], nproc=2)  # fmt: skip
     return proc, out
 
 
@@ -344,7 +344,7 @@ def test_a_run_validated_with_ten_crops_is_told_its_centre_crop_figures_are_not_
 def test_ranks_started_with_different_options_stop_naming_them(trained, tmp_path):
     """--ten-crop on one node only printed a blend of centre-crop and ten-crop figures, exit 0."""
     wrapper = rank_1_differs(tmp_path, EVALUATE, ("--ten-crop", "--data", str(tmp_path)))
-    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
+    proc = launch([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
@@ -369,7 +369,7 @@ def test_ranks_that_load_different_checkpoints_stop_naming_them(trained, tmp_pat
         f"sys.argv[0] = {str(EVALUATE)!r}\n"
         f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
     )
-    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
+    proc = launch([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
@@ -391,7 +391,7 @@ def test_a_checkpoint_replaced_while_the_ranks_read_it_is_read_again(trained, tm
         assert proc.stderr.count("replaced by a run still training?); reading it again") == 1
         return
     wrapper = replaced_on_rank_1(trained, tmp_path, replaced_reads)
-    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "60"], nproc=2)
+    proc = launch([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "60"], nproc=2)
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
     assert named[0].endswith(")); every rank read the same path: a run still training into it replaced the "
@@ -412,7 +412,7 @@ def test_a_checkpoint_missing_on_one_rank_s_node_stops_every_rank_naming_it(trai
         f"sys.argv[0] = {str(EVALUATE)!r}\n"
         f"runpy.run_path({str(EVALUATE)!r}, run_name='__main__')\n"
     )
-    proc = torchrun([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
+    proc = launch([wrapper, trained, "--out", tmp_path / "eval.json", "--timeout", "30"], nproc=2)
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "ValueError" not in proc.stderr and "IndexError" not in proc.stderr, proc.stderr[-4000:]
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -429,7 +429,7 @@ def test_a_bad_file_in_one_rank_s_shard_stops_every_rank_with_its_name(tiny_data
     bad = data / "val" / "circle" / "circle_0001.jpg"
     bad.write_bytes(bad.read_bytes()[:300])
     out = tmp_path / "eval.json"
-    proc = torchrun([EVALUATE, trained, "--data", data, "--out", out, "--timeout", "30"], nproc=2)
+    proc = launch([EVALUATE, trained, "--data", data, "--out", out, "--timeout", "30"], nproc=2)
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if "error: " in line and str(bad) in line]
     assert len(named) == 2, proc.stderr[-4000:]  # one line from each rank, neither run into the other
@@ -461,8 +461,8 @@ def test_a_loader_failing_unforeseen_on_one_rank_stops_every_rank(tiny_data, tra
     traceback. Both now stop with one line naming rank 1 and its error."""
     wrapper = loader_failing_on_rank_1(tmp_path, EVALUATE, "val", at_batch=2)
     out = tmp_path / "eval.json"
-    proc = torchrun([wrapper, trained, "--data", tiny_data, "--batch-size", "4", "--out", out, "--timeout", "30"],
-                    nproc=2)  # fmt: skip
+    proc = launch([wrapper, trained, "--data", tiny_data, "--batch-size", "4", "--out", out, "--timeout", "30"],
+                  nproc=2)  # fmt: skip
     assert proc.returncode != 0
     said = "error: rank 1 (of 2) could not load its batch: RuntimeError: Critical error in pipeline: injected"
     assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
@@ -476,7 +476,7 @@ def test_a_data_folder_one_rank_lacks_stops_every_rank_naming_that_rank(tiny_dat
     the first all-reduce with a gloo traceback. Both now stop with rank 1's error, naming it."""
     missing = tmp_path / "not_on_this_node"
     wrapper = rank_1_sees(tmp_path, EVALUATE, "--data", missing)
-    proc = torchrun([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
+    proc = launch([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
     assert proc.returncode != 0
     assert proc.stderr.count(f"error: rank 1 (of 2): data folder {missing} does not exist") == 2, proc.stderr[-4000:]
     assert "[rank0]: Traceback" not in proc.stderr and not (tmp_path / "e.json").exists()
@@ -490,7 +490,7 @@ def test_a_node_whose_copy_of_the_data_differs_stops_every_rank_naming_both(tiny
     shutil.copytree(tiny_data, short)
     next((short / "val" / "circle").iterdir()).unlink()
     wrapper = rank_1_sees(tmp_path, EVALUATE, "--data", short)
-    proc = torchrun([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
+    proc = launch([wrapper, trained, "--data", tiny_data, "--out", tmp_path / "e.json", "--timeout", "30"], nproc=2)
     assert proc.returncode != 0
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: the ranks read different data")]
     assert len(named) == 2 and named[0] == named[1], proc.stderr[-4000:]
@@ -689,7 +689,7 @@ def test_a_refused_out_stops_every_rank_under_torchrun(trained, tmp_path):
     """Rank 0 checks --out and shares the refusal: both ranks stop with its line, nothing written."""
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"split": "val", "step": 7}\n')
-    proc = torchrun([EVALUATE, trained, "--out", metrics, "--timeout", "60"], nproc=2)
+    proc = launch([EVALUATE, trained, "--out", metrics, "--timeout", "60"], nproc=2)
     assert proc.returncode != 0
     said = f"error: rank 0 (of 2): --out {metrics}: the file exists and is not an earlier result"
     assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
@@ -713,7 +713,7 @@ def test_timeout_is_held_to_the_range_of_parallel_timeout_s(trained, capsys, val
 
 
 def test_timeout_0_under_torchrun_is_one_line_per_rank(trained, tmp_path):
-    proc = torchrun([EVALUATE, trained, "--timeout", "0", "--out", tmp_path / "e.json"], nproc=2)
+    proc = launch([EVALUATE, trained, "--timeout", "0", "--out", tmp_path / "e.json"], nproc=2)
     assert proc.returncode != 0 and "DistNetworkError" not in proc.stderr, proc.stderr[-4000:]
     # Each rank that gets to print says it in one line; torchrun may stop the second rank (SIGTERM)
     # once the first has exited, before it prints (seen once in a fresh-clone run).

@@ -155,7 +155,8 @@ for name in ("first", "second"):
                              "data.resize=67", "data.crop=67", "model.fc_width=16", "model.num_classes=10",
                              "train.epochs=1", "checkpoint.every_steps=0", "parallel.timeout_s=20",
                              f"run.root={root}", f"run.name={name}"])
-    print(name, run_training(cfg, None)["steps"], flush=True)
+    steps = run_training(cfg, None)["steps"]
+    sys.stdout.write(f"{name} {steps}\\n")  # one write: both ranks share torchrun's stdout, unbuffered in CI
 """
 
 

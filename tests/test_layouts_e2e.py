@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, launch
 
 from alexnet.model import build_model
 
@@ -32,7 +32,7 @@ def train(tiny_data, tmp_path, name, mode, nproc, *extra):
         *COMMON,
         *extra,
     ]
-    return torchrun(args, nproc=nproc)
+    return launch(args, nproc=nproc)
 
 
 def resume_from_cut(tmp_path, name):

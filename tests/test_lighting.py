@@ -314,18 +314,18 @@ def test_ranks_that_read_different_lighting_statistics_stop_naming_them(tiny_dat
     """Each rank reads the statistics on its own (data.lighting_stats may name a node's own copy):
     a node whose copy of the data lacked pca_lighting.json, or a file measured while the run
     started, lit the ranks' images with different numbers, without a word."""
-    from _helpers import TINY_TRAIN, TRAIN, rank_1_differs, torchrun
+    from _helpers import TINY_TRAIN, TRAIN, launch, rank_1_differs
 
     measured = LightingStats((900.0, 40.0, 2.0), ((0.6, 0.8, 0.0), (0.8, -0.6, 0.0), (0.0, 0.0, 1.0)), source="m")
     path = save_lighting_stats(measured, tmp_path / "measured.json")
     wrapper = rank_1_differs(tmp_path, TRAIN, (f"data.lighting_stats={path}",))
     args = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=lit", "data.lighting_std=0.1"]
-    proc = torchrun([wrapper, *args, "train.max_steps=1"])
+    proc = launch([wrapper, *args, "train.max_steps=1"])
     named = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(named) == 2 and named[0] == named[1], proc.stderr[-3000:]
     assert named[0].startswith("error: the ranks read different PCA lighting statistics (rank 0: ImageNet defaults")
     assert "; rank 1: m (eigenvalues 900.0, 40.0, 2.0)); every node needs the same statistics" in named[0]
-    same = torchrun([TRAIN, *args, f"data.lighting_stats={path}", "run.name=same", "train.max_steps=1"])
+    same = launch([TRAIN, *args, f"data.lighting_stats={path}", "run.name=same", "train.max_steps=1"])
     assert same.returncode == 0 and "PCA lighting (alpha std 0.1): m" in same.stderr, same.stderr[-3000:]
 
 

@@ -3,15 +3,13 @@ less, and change the trajectory only from the first compressed step on."""
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import REPO, TINY_TRAIN, TRAIN, check, launch
 
 from alexnet.metrics import read_metrics
 from alexnet.powersgd_checkpoint import remove_stale_powersgd_state
@@ -21,21 +19,11 @@ STEPS = 6  # PowerSGD starts compressing at step 3 (start_powerSGD_iter=2)
 RESUMED_STEPS = 9  # the resume's runs: 4 steps, a stop, 5 more (across the epoch's end at step 7)
 
 
-def torchrun_or_fail(args, run_root, timeout=90):
-    """`torchrun` that fails on a hang without leaving workers behind: the timeout kills
-    torchrun alone, while its workers (sessions of their own) stay blocked in a collective and
-    ignore SIGTERM there (the trainer turns it into a stop request). They are found by this
-    test's own run.root in their command line."""
+def launch_or_fail(args, timeout=90):
+    """`launch` that fails on a hang (its timeout kills the ranks, blocked in a collective)."""
     try:
-        return torchrun(args, timeout=timeout)
+        return launch(args, timeout=timeout)
     except subprocess.TimeoutExpired:
-        marker = f"run.root={run_root}".encode()
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                pass  # gone meanwhile, or not ours to read
         pytest.fail(f"no result within {timeout} s: a hung collective")
 
 
@@ -48,7 +36,7 @@ COMMON = ["train.epochs=2", "train.log_every=1", "checkpoint.every_steps=0", "pa
 
 def train_run(tiny_data, run_root, name, steps, *extra):
     run = [f"data.root={tiny_data}", f"run.root={run_root}", f"run.name={name}", f"train.max_steps={steps}"]
-    return check(torchrun_or_fail([TRAIN, *TINY_TRAIN, *COMMON, *run, *extra], run_root))
+    return check(launch_or_fail([TRAIN, *TINY_TRAIN, *COMMON, *run, *extra]))
 
 
 def train_records(run_root, name, steps):
@@ -92,7 +80,7 @@ def test_a_skipped_step_does_not_poison_powersgd(tmp_path):
     steps apply with finite weights; kept, the next step's gradients are NaN (applied: without a
     loss scaler or clipping nothing checks gradients), the weights turn NaN, and every later
     loss is non-finite until max_nonfinite ends the run."""
-    check(torchrun([REPO / "tests" / "dist" / "powersgd_skip.py", tmp_path], nproc=2))
+    check(launch([REPO / "tests" / "dist" / "powersgd_skip.py", tmp_path], nproc=2))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["forget"]["compressed"]
@@ -171,7 +159,7 @@ def test_a_resumed_session_all_reduces_as_the_straight_run_on_4_ranks(tmp_path):
     settles its buckets first (the trainer does; twice under parallel.static_graph), and equals
     the straight run bitwise with a plain all-reduce and with PowerSGD's state carried over (dp
     and hybrid)."""
-    check(torchrun([REPO / "tests" / "dist" / "resume_buckets.py", tmp_path], nproc=4, timeout=240))
+    check(launch([REPO / "tests" / "dist" / "resume_buckets.py", tmp_path], nproc=4, timeout=240))
     for rank in range(4):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case in ("plain_static_graph", "powersgd", "hybrid_powersgd"):
@@ -190,7 +178,7 @@ def test_a_powersgd_state_that_one_rank_cannot_write_stops_every_rank_with_its_r
     args = [TRAIN, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=blocked",
             "train.epochs=1", "train.max_steps=3", "checkpoint.every_steps=2", "parallel.comm_hook=powersgd",
             "parallel.timeout_s=30"]  # fmt: skip
-    proc = torchrun_or_fail(args, tmp_path)
+    proc = launch_or_fail(args)
     assert proc.returncode != 0
     assert "PowerSGD's state could not be written (rank 1: cannot write" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "blocked" / "checkpoints" / "last.pt").exists()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers import TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import TINY_TRAIN, TRAIN, check, launch
 from test_sharding import build, epoch_labels, numbered
 
 from alexnet.config import ScheduleConfig
@@ -232,8 +232,8 @@ def test_torchrun_two_ranks_resumed_on_one_keeps_the_lr_and_the_epoch_length(tin
     common = [*TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=reshard",
               "train.epochs=3", "train.log_every=1", "schedule.name=cosine", "optim.lr=0.01",
               "optim.lr_reference_batch=8"]  # fmt: skip
-    check(torchrun([TRAIN, *common, "train.max_steps=10"], nproc=2))
-    resumed = check(torchrun([TRAIN, *common, "checkpoint.resume=auto"], nproc=1))
+    check(launch([TRAIN, *common, "train.max_steps=10"], nproc=2))
+    resumed = check(launch([TRAIN, *common, "checkpoint.resume=auto"], nproc=1))
     # no config key changes, but the batch and its rate do: named with the changed settings
     said = "global batch: 16 -> 8 (2 -> 1 data-parallel replicas), its peak learning rate 0.02 -> 0.01"
     assert said in resumed.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO, TINY_TRAIN, TRAIN, dali_missing, torchrun
+from _helpers import REPO, TINY_TRAIN, TRAIN, dali_missing, launch
 from PIL import Image
 
 from alexnet.checkpoint import load_checkpoint
@@ -183,13 +183,13 @@ def test_training_reads_only_good_files_from_the_lists_and_names_a_bad_file_othe
     root, expected = corpus
     out, _ = scanned
     common = [TRAIN, *TINY_TRAIN, f"data.root={root}", f"run.root={tmp_path}", "train.epochs=1"]
-    good = torchrun([*common, "run.name=lists", f"data.train_files={out / 'train.txt'}",
-                     f"data.val_files={out / 'val.txt'}"])  # fmt: skip
+    good = launch([*common, "run.name=lists", f"data.train_files={out / 'train.txt'}",
+                   f"data.val_files={out / 'val.txt'}"])  # fmt: skip
     assert good.returncode == 0, good.stderr[-4000:]
     summary = json.loads((tmp_path / "lists" / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == (124 // 2) // 8
 
-    raw = torchrun([*common, "run.name=raw", "checkpoint.every_steps=1"], timeout=300)
+    raw = launch([*common, "run.name=raw", "checkpoint.every_steps=1"], timeout=300)
     assert raw.returncode != 0
     # Looked for anywhere in a line: DALI's threads log the same failure to the same stderr, and
     # one full-suite run found no line that began with the error (the two writes interleaved).

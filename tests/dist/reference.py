@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from _helpers import TINY_TRAIN, TRAIN, check, torchrun
+from _helpers import TINY_TRAIN, TRAIN, check, launch
 
 # 120 training images, 2 ranks of batch 8: 7 steps per epoch, 14 in all.
 RECIPE = [*TINY_TRAIN, "train.epochs=2", "train.log_every=1"]
@@ -23,7 +23,7 @@ def reference_run(base_temp: Path, tiny_data: Path) -> Path:
     checkpoints/previous.pt at the end of epoch 1."""
     run = base_temp / "reference-run" / "ref"
     if not (run / "checkpoints" / "last.pt").exists():
-        check(torchrun([TRAIN, *RECIPE, f"data.root={tiny_data}", f"run.root={run.parent}", "run.name=ref"]))
+        check(launch([TRAIN, *RECIPE, f"data.root={tiny_data}", f"run.root={run.parent}", "run.name=ref"]))
     return run
 
 
