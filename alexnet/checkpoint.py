@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,12 @@ def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoin
     foreign = _zip_kind(path) if head.startswith(ZIP_MAGIC) else None
     if foreign is not None:
         raise CheckpointError(f"{path} is not a {kind} ({foreign})")
+    damaged = _damaged_member(path, noun) if head.startswith(ZIP_MAGIC) else None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{noun} {path} cannot be loaded (its member {damaged} does not match the CRC-32 stored with it: "
+            "the file changed on disk or in a copy after it was written)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:  # a whole file this machine cannot hold: not damage to fall back past
@@ -307,6 +314,21 @@ def _zip_kind(path: Path) -> str | None:
     if "data.pkl" not in names:
         return "a zip archive that torch.save did not write"
     return None
+
+
+def _damaged_member(path: Path, noun: str) -> str | None:
+    """The first member of torch.save's zip whose bytes do not match their CRC-32, else None (also
+    for an archive whose directory does not read: torch.load names that). torch.load does not
+    check these checksums: a flipped bit (a disk, a copy between clusters) loaded as a changed
+    weight without a word, where a resume can fall back to previous.pt."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error):
+        return None
+    except OSError as exc:
+        kind = CheckpointUnusableHere if exc.errno in _NOT_DAMAGE else CheckpointError
+        raise kind(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
 
 
 def _pytorch_like(head: bytes) -> bool:

@@ -178,6 +178,29 @@ def test_a_damaged_checkpoint_stays_one_that_cannot_be_loaded(tmp_path, caplog):
         assert said in caplog.text and f"; falling back to {tmp_path / 'previous.pt'}" in caplog.text
 
 
+def test_a_checkpoint_whose_bytes_changed_after_the_write_is_damaged(tmp_path, caplog):
+    """One flipped bit in a tensor's bytes (a disk, a copy between clusters): torch.load does not
+    check the zip's CRC-32s and loaded the changed weight without a word. It is now a damaged
+    checkpoint, which auto resume falls back from to previous.pt."""
+    for value in (1.0, 2.0):
+        atomic_save({"format": 1, "model": {"w": torch.full((1000,), value)}}, tmp_path)
+    last = tmp_path / "last.pt"
+    with zipfile.ZipFile(last) as archive:
+        (member,) = [info for info in archive.infolist() if info.filename.endswith("/data/0")]  # w's bytes
+        start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data = bytearray(last.read_bytes())
+    data[start + member.file_size // 2] ^= 0x10
+    last.write_bytes(bytes(data))
+    said = (f"checkpoint {last} cannot be loaded (its member {member.filename} does not match the CRC-32 stored "
+            "with it: the file changed on disk or in a copy after it was written)")  # fmt: skip
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(last)
+    assert str(exc.value) == said
+    with pytest.raises(CheckpointError, match=r"previous\.pt has no optimizer"):  # reached: it fell back
+        load_resume_checkpoint(CheckpointConfig(resume="auto"), tmp_path, torch.nn.Linear(1, 1))
+    assert f"{said}; falling back to {tmp_path / 'previous.pt'}" in caplog.text
+
+
 def test_weights_only_refuses_pickled_code(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": 1, "obj": torch.nn.ReLU()}, evil)  # a module needs code to unpickle
