@@ -8,9 +8,11 @@ import importlib.util
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,7 +85,7 @@ def launch(
     project already: 0.1 s a launch instead of about 6 s. Exits 1 where a rank failed, as torchrun
     does. A launch whose environment changes what a process reads as it starts (PYTHONPATH,
     OMP_NUM_THREADS ...) runs under torchrun itself, as does every launch on a machine with a GPU
-    (rank_server); the tests of torchrun's own behaviour (restarts, signals to its agent) call
+    (forks_ranks); the tests of torchrun's own behaviour (restarts, signals to its agent) call
     torchrun()."""
     script, *rest = map(str, args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -110,19 +112,20 @@ class RankServer:
     SCRIPT = REPO / "tests" / "_rank_server.py"
     # What a process reads as it starts, which a fork cannot change (torch.distributed's debug
     # level it can: the server sets it again in each rank).
-    STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_", "TORCH", "CUDA", "NCCL", "DALI")
+    STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "MALLOC_", "TORCH", "PYTORCH",
+                        "CUDA", "NCCL", "DALI", "LANG", "LC_")  # fmt: skip
     RESET_IN_RANK = ("TORCH_DISTRIBUTED_DEBUG",)
 
     def __init__(self) -> None:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(self.SCRIPT)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=self.env,
-            cwd=REPO,
-        )
+        self.lock = threading.Lock()  # one launch at a time
+        self.proc = self.start()
+
+    def start(self) -> subprocess.Popen:
+        """In pytest's process group, as torchrun's agent is in its caller's: a Ctrl-C ends the
+        launch in progress (its ranks' sessions and store killed) and the server."""
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        return subprocess.Popen([sys.executable, "-u", str(self.SCRIPT)], text=True, env=self.env, cwd=REPO, **pipes)
 
     def starts_differently(self, env: dict[str, str]) -> bool:
         keys = {k for k in {*env, *self.env} if k.startswith(self.STARTUP_PREFIXES) and k not in self.RESET_IN_RANK}
@@ -136,16 +139,25 @@ class RankServer:
             err.touch()
             request = {"script": script, "args": args, "nproc": nproc, "env": env, "cwd": str(REPO),
                        "stdout": str(out), "stderr": str(err), "timeout": timeout}  # fmt: skip
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.SCRIPT.name} ended (status {self.proc.wait()}): see the worker's stderr")
-            reply = json.loads(line)
+            with self.lock:
+                reply = self.ask(request, timeout)
             stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if reply["timed_out"]:
             raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
         return Launched(cmd, 1 if any(reply["statuses"]) else 0, stdout, stderr, reply["statuses"])
+
+    def ask(self, request: dict, timeout: float) -> dict:
+        if self.proc.poll() is not None:  # ended (killed, out of memory): a new one
+            self.proc = self.start()
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        # The server ends a launch at its timeout, and its ranks' sessions 30 s after a failure.
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout + 120)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            raise RuntimeError(f"{self.SCRIPT.name} gave no reply (status {self.proc.wait()}): see the worker's stderr")
+        return json.loads(line)
 
 
 class Launched(subprocess.CompletedProcess):
@@ -159,10 +171,14 @@ class Launched(subprocess.CompletedProcess):
 
 @functools.cache
 def rank_server() -> RankServer | None:
-    """This worker's rank server; None on a machine with an NVIDIA GPU, where launch runs
-    torchrun: CUDA does not work in a process forked after its parent initialized it, and
-    importing DALI may initialize it."""
-    return None if glob.glob("/dev/nvidia[0-9]*") else RankServer()
+    """This worker's rank server, started on first use; None where forks_ranks() is False."""
+    return RankServer() if forks_ranks() else None
+
+
+def forks_ranks() -> bool:
+    """False on a machine with an NVIDIA GPU, where launch runs torchrun: CUDA does not work in a
+    process forked after its parent initialized it, and importing DALI may initialize it."""
+    return not glob.glob("/dev/nvidia[0-9]*")
 
 
 def one_process(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

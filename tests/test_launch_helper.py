@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import launch, rank_server, reported_statuses, torchrun
+from _helpers import forks_ranks, launch, reported_statuses, torchrun
 
-pytestmark = pytest.mark.skipif(rank_server() is None, reason="a machine with a GPU launches with torchrun itself")
+pytestmark = pytest.mark.skipif(not forks_ranks(), reason="a machine with a GPU launches with torchrun itself")
 
 # torchrun's variables that describe its agent, not the worker: an error file the agent reads
 # and the signals the agent itself handles.
@@ -61,22 +61,61 @@ def test_a_launch_gives_each_rank_what_torchrun_gives_its_workers(tmp_path):
 
 
 FAILING = """
-import os, sys, time
+import os, signal, subprocess, sys, time
 if os.environ["RANK"] == "1":
+    time.sleep(1)
     sys.exit(3)
+# A child in rank 0's session (a DataLoader worker, say) that says whether it got SIGTERM.
+child = (
+    "import signal, sys, time\\n"
+    "def said(*_):\\n"
+    "    open(sys.argv[1], 'w').write('SIGTERM')\\n"
+    "    sys.exit(0)\\n"
+    "signal.signal(signal.SIGTERM, said)\\n"
+    "time.sleep(120)\\n"
+)
+subprocess.Popen([sys.executable, "-c", child, sys.argv[1]])
 time.sleep(120)
 """
 
 
-def test_a_failed_rank_stops_the_others_and_the_launch_exits_1(tmp_path):
-    """As under torchrun: the first rank to fail gets the others a SIGTERM, and the launch exits 1
-    (with the statuses that torchrun reports, which launch reads where it runs torchrun)."""
+def test_a_failed_rank_stops_the_others_sessions_and_the_launch_exits_1(tmp_path):
+    """As under torchrun: the first rank to fail gets the others' sessions a SIGTERM (their
+    children too), and the launch exits 1 (with the statuses that torchrun reports, which launch
+    reads where it runs torchrun)."""
     script = tmp_path / "fail.py"
     script.write_text(FAILING)
-    real = torchrun([script], timeout=100)
+    real = torchrun([script, tmp_path / "torchrun_child"], timeout=100)
     assert (real.returncode, reported_statuses(real.stderr, 2)) == (1, [-15, 3]), real.stderr[-3000:]
-    proc = launch([script], timeout=100)
+    proc = launch([script, tmp_path / "launch_child"], timeout=100)
     assert (proc.returncode, proc.statuses) == (1, [-15, 3])
+    for name in ("torchrun_child", "launch_child"):
+        assert (tmp_path / name).read_text() == "SIGTERM"
+
+
+def test_a_launch_ends_with_the_last_process_that_holds_its_output(tmp_path):
+    """A rank's child that outlives it keeps a torchrun launch's captured output open: its lines
+    are the launch's, and the launch ends after it (a process left behind shows, as under torchrun)."""
+    script = tmp_path / "leaves.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(2); print(\"late\", flush=True)'])\n"
+    )
+    proc = launch([script])
+    assert (proc.returncode, proc.stdout.count("late\n")) == (0, 2), proc.stderr[-3000:]
+
+
+def test_a_server_killed_during_a_launch_fails_it_and_the_next_launch_starts_another(tmp_path):
+    """A server killed (out of memory, say) holds no pipe open through its store or ranks: the
+    launch fails at once instead of waiting for pytest's timeout, and the next one works."""
+    kills = tmp_path / "kills_server.py"
+    kills.write_text("import os, signal\nif os.environ['RANK'] == '0':\n    os.kill(os.getppid(), signal.SIGKILL)\n")
+    with pytest.raises(RuntimeError, match="gave no reply"):
+        launch([kills], timeout=60)
+    fine = tmp_path / "fine.py"
+    fine.write_text("import os\nprint('rank', os.environ['RANK'])\n")
+    proc = launch([fine])
+    assert proc.returncode == 0 and sorted(proc.stdout.splitlines()) == ["rank 0", "rank 1"]
 
 
 def test_an_uncaught_exception_is_the_interpreter_s_own_report(tmp_path):
