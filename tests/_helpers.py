@@ -77,9 +77,7 @@ def torchrun(
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def launch(
-    args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None) -> Launched:
     """`torchrun --standalone --nproc_per_node=nproc SCRIPT ARGS` as its ranks see it, output
     captured, with the ranks forked from tests/_rank_server.py, which has imported torch and the
     project already: 0.1 s a launch instead of about 6 s. Exits 1 where a rank failed, as torchrun
@@ -131,12 +129,10 @@ class RankServer:
         keys = {k for k in {*env, *self.env} if k.startswith(self.STARTUP_PREFIXES) and k not in self.RESET_IN_RANK}
         return any(env.get(k) != self.env.get(k) for k in keys)
 
-    def launch(self, script: str, args: list[str], nproc: int, env: dict, timeout: float):
+    def launch(self, script: str, args: list[str], nproc: int, env: dict, timeout: float) -> Launched:
         cmd = [sys.executable, "-u", script, *args]
         with tempfile.TemporaryDirectory(prefix="launch_") as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            out.touch()
-            err.touch()
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"  # the server appends to them
             request = {"script": script, "args": args, "nproc": nproc, "env": env, "cwd": str(REPO),
                        "stdout": str(out), "stderr": str(err), "timeout": timeout}  # fmt: skip
             with self.lock:
