@@ -99,7 +99,7 @@ def test_a_launch_ends_with_the_last_process_that_holds_its_output(tmp_path):
     script = tmp_path / "leaves.py"
     script.write_text(
         "import subprocess, sys\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(2); print(\"late\", flush=True)'])\n"
+        "subprocess.Popen([sys.executable, '-c', 'import sys, time; time.sleep(2); sys.stdout.write(\"late\\\\n\")'])\n"
     )
     proc = launch([script])
     assert (proc.returncode, proc.stdout.count("late\n")) == (0, 2), proc.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_a_server_killed_during_a_launch_fails_it_and_the_next_launch_starts_ano
     with pytest.raises(RuntimeError, match="gave no reply"):
         launch([kills], timeout=60)
     fine = tmp_path / "fine.py"
-    fine.write_text("import os\nprint('rank', os.environ['RANK'])\n")
+    fine.write_text("import os, sys\nsys.stdout.write(f\"rank {os.environ['RANK']}\\n\")\n")
     proc = launch([fine])
     assert proc.returncode == 0 and sorted(proc.stdout.splitlines()) == ["rank 0", "rank 1"]
 
@@ -157,7 +157,8 @@ def test_a_launch_that_changes_what_a_process_reads_as_it_starts_runs_under_torc
     (tmp_path / "extra").mkdir()
     (tmp_path / "extra" / "marker_module.py").write_text("VALUE = 7\n")
     script = tmp_path / "uses_path.py"
-    script.write_text("import marker_module\nprint('value', marker_module.VALUE)\n")
+    # One write per line: the ranks share stdout, unbuffered (`python -u`), and print() writes each part.
+    script.write_text("import marker_module, sys\nsys.stdout.write(f'value {marker_module.VALUE}\\n')\n")
     proc = launch([script], env={"PYTHONPATH": f"{tmp_path / 'extra'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("value 7\n") == 2 and proc.args[1:3] == ["-m", "torch.distributed.run"]
