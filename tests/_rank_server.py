@@ -61,7 +61,6 @@ class Rank:
     """What a forked rank runs, once it has left the server's loop."""
 
     request: Request
-    rank: int
 
 
 def preload() -> None:
@@ -275,7 +274,7 @@ def run_launch(request: Request) -> dict | Rank:
             pid = os.fork()
             if pid == 0:
                 become_rank(request, rank, port, run_id, pipes)
-                return Rank(request, rank)
+                return Rank(request)
             pids.append(pid)
         pipes.start_copying()
         statuses, timed_out = supervise(pids, pipes, request.timeout)
