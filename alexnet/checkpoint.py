@@ -254,10 +254,9 @@ def load_torch_file(path: Path, noun: str = "checkpoint", kind: str = "checkpoin
         raise CheckpointError(f"{noun} {path} does not exist")
     head = _read_head(path, noun)
     # Told apart before torch.load, which would hand a TorchScript archive to torch.jit.load, warning first.
-    foreign = _zip_kind(path) if head.startswith(ZIP_MAGIC) else None
+    foreign, damaged = _read_zip(path, noun) if head.startswith(ZIP_MAGIC) else (None, None)
     if foreign is not None:
         raise CheckpointError(f"{path} is not a {kind} ({foreign})")
-    damaged = _damaged_member(path, noun) if head.startswith(ZIP_MAGIC) else None
     if damaged is not None:
         raise CheckpointError(
             f"{noun} {path} cannot be loaded (its member {damaged} does not match the CRC-32 stored with it: "
@@ -295,40 +294,38 @@ def _read_head(path: Path, noun: str) -> bytes:
         with open(path, "rb") as f:
             return f.read(_HEAD_BYTES)
     except OSError as exc:
-        # Refused to this user, or on storage gone (a lost NFS handle or FUSE mount): the file
-        # may be whole. A read error of the disk (EIO) is damage, as a cut file is.
-        kind = CheckpointUnusableHere if exc.errno in _NOT_DAMAGE else CheckpointError
-        raise kind(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
+        raise _read_failure(exc, path, noun) from exc
 
 
-def _zip_kind(path: Path) -> str | None:
-    """What a complete zip archive holds if it is not torch.save's; None for torch.save's, and for
-    an archive whose directory (at its end) does not read: a torn write, for torch.load to name."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [name.split("/", 1)[-1] for name in archive.namelist()]  # below the archive's own folder
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
-    if "constants.pkl" in names:  # what torch.jit.save adds and torch.save does not write
-        return f"a TorchScript archive: {_EXPORTED}"
-    if "data.pkl" not in names:
-        return "a zip archive that torch.save did not write"
-    return None
+def _read_failure(exc: OSError, path: Path, noun: str) -> CheckpointError:
+    """Refused to this user, or on storage gone (a lost NFS handle or FUSE mount): the file may
+    be whole. A read error of the disk (EIO) is damage, as a cut file is."""
+    kind = CheckpointUnusableHere if exc.errno in _NOT_DAMAGE else CheckpointError
+    return kind(f"{noun} {path} cannot be read: {os_reason(exc)}")
 
 
-def _damaged_member(path: Path, noun: str) -> str | None:
-    """The first member of torch.save's zip whose bytes do not match their CRC-32, else None (also
-    for an archive whose directory does not read: torch.load names that). torch.load does not
-    check these checksums: a flipped bit (a disk, a copy between clusters) loaded as a changed
+def _read_zip(path: Path, noun: str) -> tuple[str | None, str | None]:
+    """(What a complete zip archive holds if it is not torch.save's, the first member whose bytes
+    do not match their CRC-32); (None, None) for a sound torch.save archive, and for one whose
+    directory (at its end) does not read: a torn write, for torch.load to name. torch.load does
+    not check the checksums: a flipped bit (a disk, a copy between clusters) loaded as a changed
     weight without a word, where a resume can fall back to previous.pt."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error):
-        return None
-    except OSError as exc:
-        kind = CheckpointUnusableHere if exc.errno in _NOT_DAMAGE else CheckpointError
-        raise kind(f"{noun} {path} cannot be read: {os_reason(exc)}") from exc
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None, None
+    with archive:
+        names = [name.split("/", 1)[-1] for name in archive.namelist()]  # below the archive's own folder
+        if "constants.pkl" in names:  # what torch.jit.save adds and torch.save does not write
+            return f"a TorchScript archive: {_EXPORTED}", None
+        if "data.pkl" not in names:
+            return "a zip archive that torch.save did not write", None
+        try:
+            return None, archive.testzip()
+        except (zipfile.BadZipFile, ValueError, EOFError, zlib.error):
+            return None, None
+        except OSError as exc:
+            raise _read_failure(exc, path, noun) from exc
 
 
 def _pytorch_like(head: bytes) -> bool:

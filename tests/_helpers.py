@@ -54,6 +54,12 @@ SYNTHETIC_TRAIN = [
 ]
 
 
+def launch_env(env: dict | None = None) -> dict[str, str]:
+    """This process's environment with `env` over it, and one intra-op thread per process (as
+    torchrun sets for more than one worker) unless `env` says otherwise."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def torchrun(
     args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -61,7 +67,7 @@ def torchrun(
     Past the timeout torchrun gets SIGTERM, on which its agent stops the workers (SIGTERM, then
     SIGKILL 30 s later): killed itself, it would leave them running, in sessions of their own."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = launch_env(env)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     with subprocess.Popen(cmd, text=True, env=full_env, cwd=REPO, **pipes) as proc:
         try:
@@ -86,7 +92,7 @@ def launch(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | No
     (forks_ranks); the tests of torchrun's own behaviour (restarts, signals to its agent) call
     torchrun()."""
     script, *rest = map(str, args)
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = launch_env(env)
     server = rank_server()
     if server is None or server.starts_differently(full_env):
         proc = torchrun(args, nproc=nproc, timeout=timeout, env=env)
@@ -115,7 +121,7 @@ class RankServer:
     RESET_IN_RANK = ("TORCH_DISTRIBUTED_DEBUG",)
 
     def __init__(self) -> None:
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.env = launch_env()
         self.lock = threading.Lock()  # one launch at a time
         self.proc = self.start()
 
@@ -180,7 +186,7 @@ def forks_ranks() -> bool:
 def one_process(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python ARGS`: one process without torchrun's agent, whose own import of torch is 1.5-2 s of
     every launch; output captured."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = launch_env(env)
     return subprocess.run(
         [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -56,16 +57,7 @@ class Request:
     timeout: float
 
 
-@dataclasses.dataclass(frozen=True)
-class Rank:
-    """What a forked rank runs, once it has left the server's loop."""
-
-    request: Request
-
-
 def preload() -> None:
-    import importlib
-
     for name in PRELOAD:
         importlib.import_module(name)
     try:
@@ -161,10 +153,10 @@ def become_rank(request: Request, rank: int, port: int, run_id: str, pipes: Pipe
     sys.path[0] = os.path.dirname(os.path.abspath(request.script))
 
 
-def run_rank(rank: Rank) -> None:
+def run_rank(request: Request) -> None:
     """`python -u SCRIPT`: its exit status and an uncaught exception's traceback are the
     interpreter's own, at the top of this process."""
-    runpy.run_path(rank.request.script, run_name="__main__")
+    runpy.run_path(request.script, run_name="__main__")
 
 
 class Pipes:
@@ -251,20 +243,21 @@ def signal_sessions(pids: list[int], sig: signal.Signals) -> None:
             pass  # the session has ended
 
 
-def serve() -> Rank | None:
-    """Answer requests until stdin closes (None); returns a Rank in each forked child."""
+def serve() -> Request | None:
+    """Answer requests until stdin closes (None); returns its Request in each forked rank."""
     preload()
     for line in sys.stdin:
         reply = run_launch(Request(**json.loads(line)))
-        if isinstance(reply, Rank):
+        if isinstance(reply, Request):
             return reply
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     return None
 
 
-def run_launch(request: Request) -> dict | Rank:
-    """The launch's reply, in this process; its Rank, in each forked child."""
+def run_launch(request: Request) -> dict | Request:
+    """The launch's reply, in this process; the request, in each forked rank (which leaves the
+    server's loop to run it)."""
     server = os.getpid()
     store_pid, port = start_store(request.nproc)
     pipes, pids = Pipes(request), []
@@ -274,7 +267,7 @@ def run_launch(request: Request) -> dict | Rank:
             pid = os.fork()
             if pid == 0:
                 become_rank(request, rank, port, run_id, pipes)
-                return Rank(request)
+                return request
             pids.append(pid)
         pipes.start_copying()
         statuses, timed_out = supervise(pids, pipes, request.timeout)
