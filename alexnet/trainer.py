@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ from alexnet.parallel.apply import apply_parallelism, ddp_settings, example_batc
 from alexnet.parallel.comm import CommCounter
 from alexnet.parallel.env import DistEnv
 from alexnet.parallel.mesh import Mesh
+from alexnet.parallel.shared_root import check_probe_seen, make_probe, remove_probe
 from alexnet.plan import RunPlan, build_run_model
 from alexnet.powersgd_checkpoint import remove_stale_powersgd_state, restore_powersgd_state, save_powersgd_state
 from alexnet.report import draw_run_curves, session_gpu_seconds, summarize_run
@@ -68,6 +69,7 @@ from pipelines.outputs import write_bytes_atomic
 from pipelines.steps import StepBatches, describe_step_batch
 
 log = logging.getLogger("alexnet")
+R = TypeVar("R")  # what a piece of work on the main rank returns
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,6 +123,7 @@ class Trainer:
         self.cfg, self.env, self.mesh, self.plan, self.stop = cfg, env, mesh, plan, stop
         self.ckpt_dir = plan.run_dir / "checkpoints"
         self._lock = RunFolderLock(None)  # the main rank's hold on the run folder
+        self._agree_on_run_root()
         self._on_main_rank(self._lock_existing_run_folder)  # before its checkpoints are read
         try:
             self._build()
@@ -246,13 +249,15 @@ class Trainer:
             ("checkpoint.resume",),
         )
 
-    def _on_main_rank(self, work: Callable[[], object]) -> None:
+    def _on_main_rank(self, work: Callable[[], R]) -> R | None:
         """Collective: `work` runs on the main rank, and every rank raises its error, so that the
-        others stop with it instead of in a broken collective."""
+        others stop with it instead of in a broken collective; else every rank gets what it
+        returned (None from most: it is sent to every rank)."""
         failure: Exception | None = None
+        result: R | None = None
         if self.env.is_main:
             try:
-                work()
+                result = work()
             except OSError as exc:
                 named = exc.filename2 or exc.filename  # a rename's target, not its temporary file
                 where = f"{named}: " if named else ""
@@ -265,11 +270,25 @@ class Trainer:
                 log.exception("rank 0 failed")
                 failure = RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")
         if self.env.distributed:
-            shared: list[Any] = [failure]
+            shared: list[Any] = [failure, result]
             dist.broadcast_object_list(shared, src=0)
-            failure = shared[0]
+            failure, result = shared
         if failure is not None:
             raise failure
+        return result
+
+    def _agree_on_run_root(self) -> None:
+        """Collective, before anything is read from the run folder or trained: every rank sees
+        the folder rank 0 writes (alexnet.parallel.shared_root)."""
+        if not self.env.distributed:
+            return
+        probe = self._on_main_rank(lambda: make_probe(self.plan.run_dir))
+        assert probe is not None  # else that raised
+        try:
+            check_probe_seen(probe, self.plan.run_dir)
+        finally:
+            if self.env.is_main:
+                remove_probe(probe)
 
     def _lock_existing_run_folder(self) -> None:
         """A folder that exists may be another session's: its lock comes before its checkpoints
@@ -314,15 +333,21 @@ class Trainer:
         write_config(self.cfg, path)
 
     def _agree_on_resume(self, resumed: tuple[dict, Path] | None) -> None:
-        """Every rank must continue from the same checkpoint. Ranks that read run.root from disks
-        of their own (node-local storage) would each find another one, or none, and train on from
-        different steps until their collectives stop matching. The same checkpoint is told by its
-        progress, not by its path: nodes may spell run.root their own way (a symbolic link, a
-        relative path)."""
+        """Every rank must continue from the same checkpoint. Ranks that read it from disks of
+        their own (each node's copy of checkpoint.resume's file; a run.root of their own is
+        stopped before, by _agree_on_run_root) would each find another one, or none, and train on
+        from different steps until their collectives stop matching. The same checkpoint is told
+        by its progress, not by its path: nodes may spell a path their own way (a symbolic link,
+        a relative path)."""
+        resume = self.cfg.checkpoint.resume
+        advice = f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)"
+        if resume not in ("auto", "none"):
+            advice = (f"checkpoint.resume ({resume}) must lead every rank to the same checkpoint (each node's "
+                      "copy the same file)")  # fmt: skip
         check_same_checkpoint(
             None if resumed is None else (resumed[1], resumed[0]["progress"]),
             "found different checkpoints to resume from",
-            f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)",
+            advice,
             may_be_written=resumed is not None and not self._resumes_own(resumed),  # another run's, maybe live
         )
 

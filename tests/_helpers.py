@@ -92,8 +92,8 @@ def launch(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | No
     (forks_ranks); the tests of torchrun's own behaviour (restarts, signals to its agent) call
     torchrun()."""
     script, *rest = map(str, args)
+    server = rank_server()  # first: starting it can set a variable of this process (RankServer)
     full_env = launch_env(env)
-    server = rank_server()
     if server is None or server.starts_differently(full_env):
         proc = torchrun(args, nproc=nproc, timeout=timeout, env=env)
         return Launched(proc.args, proc.returncode, proc.stdout, proc.stderr, reported_statuses(proc.stderr, nproc))
@@ -121,6 +121,10 @@ class RankServer:
     RESET_IN_RANK = ("TORCH_DISTRIBUTED_DEBUG",)
 
     def __init__(self) -> None:
+        # Importing torch._dynamo (building an optimizer does) sets TORCHINDUCTOR_CACHE_DIR in
+        # os.environ: set first by a test's in-process run after this server started, it sent
+        # every later launch of the pytest worker to torchrun (a test file run alone).
+        importlib.import_module("torch._dynamo")
         self.env = launch_env()
         self.lock = threading.Lock()  # one launch at a time
         self.proc = self.start()

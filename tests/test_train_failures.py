@@ -7,6 +7,8 @@ import math
 import os
 import re
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,38 +384,92 @@ def per_rank_home(tmp_path):
     return wrapper
 
 
-@pytest.fixture(scope="module")
-def node_local(tmp_path_factory, tiny_data):
-    """Two "nodes" with disks of their own (HOME per rank): identical copies of the data at other
-    paths (rank 0's a link to tiny_data, rank 1's a copy) and run.root=~/runs, trained 1 step.
-    Rank 0 alone writes the run folder, so its checkpoint is on node 0's disk only. The homes'
-    folder, the command and its process; made once for the two tests that read it (each made a
-    launch of its own: a 1-step run, and a 1-process run for a checkpoint on rank 0's disk)."""
-    root = tmp_path_factory.mktemp("node_local")
+def two_homes(root, tiny_data):
+    """Two "nodes" with disks of their own under `root` (HOME per rank): identical copies of the
+    data at other paths, rank 0's a link to tiny_data, rank 1's a copy."""
     (root / "home0").mkdir()
     (root / "home0" / "data").symlink_to(tiny_data)
     (root / "home1").mkdir()
     shutil.copytree(tiny_data, root / "home1" / "data")
-    command = [per_rank_home(root), *TINY_TRAIN, "data.root=~/data", "run.root=~/runs", "run.name=local",
+    return root
+
+
+@pytest.fixture(scope="module")
+def node_local(tmp_path_factory, tiny_data):
+    """Two nodes' own copies of the data (data.root=~/data) and a shared run.root, trained 1
+    step: the homes' folder, the command and its process (made once for the tests that read it)."""
+    root = two_homes(tmp_path_factory.mktemp("node_local"), tiny_data)
+    command = [per_rank_home(root), *TINY_TRAIN, "data.root=~/data", f"run.root={root / 'runs'}", "run.name=local",
                "parallel.timeout_s=30", "train.max_steps=1"]  # fmt: skip
     return root, command, launch(command)
 
 
+def probe_error(proc, root, folder):
+    """The one line each rank stops with when rank 1 cannot see the file rank 0 made in `folder`;
+    no such file is left behind."""
+    assert proc.returncode != 0 and set(proc.statuses) <= {2, -15}, (proc.statuses, proc.stderr[-4000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
+    said = re.fullmatch(
+        r"error: config key 'run.root': rank 1 \(of 2; host (\S+)\) cannot see the file (\S+) that rank 0 "
+        r"\(host (\S+)\) made; run.root must be a folder every rank sees \(a shared file system\): rank 0 alone "
+        r"writes the checkpoints, and a resume on other nodes would not find them \(nothing was trained\)",
+        lines[0],
+    )
+    assert said is not None, lines[0]
+    assert said.group(1) == said.group(3) == socket.gethostname()
+    made = Path(said.group(2))
+    assert made.parent == root / "home0" / folder and made.name.startswith(".shared-check-")
+    assert not made.exists()
+    assert "ConfigError" not in proc.stderr  # said, not a traceback
+
+
 @pytest.mark.dali
-def test_ranks_that_see_different_checkpoints_stop_before_training(node_local):
-    """run.root on node-local disks: rank 0 finds a checkpoint, rank 1 none. Both stop at once
-    with a one-line error instead of training from different steps."""
+def test_a_run_root_on_node_local_disks_stops_every_rank_before_training(tiny_data, tmp_path):
+    """run.root=~/runs on each node's own disk: the run trained with its checkpoints on rank 0's
+    node alone, and the loss showed at the resume, as different checkpoints found or none. It
+    now stops at the start, naming the rank that cannot see rank 0's folder, and trains nothing."""
+    root = two_homes(tmp_path, tiny_data)
+    proc = launch([per_rank_home(root), *TINY_TRAIN, "data.root=~/data", "run.root=~/runs", "run.name=local",
+                   "parallel.timeout_s=30", "train.max_steps=1"])  # fmt: skip
+    probe_error(proc, root, "runs")
+    assert list((root / "home0" / "runs").iterdir()) == []  # no run folder: it cannot start
+    assert not (root / "home1" / "runs").exists()
+
+
+@pytest.mark.dali
+def test_a_resume_whose_run_folder_is_on_rank_0s_disk_alone_stops_naming_it(tiny_data, tmp_path):
+    """The run folder rank 0's node has, with a checkpoint, and rank 1's lacks: the ranks said they
+    found different checkpoints (rank 1: none). The file rank 0 makes in its run folder, which
+    rank 1 cannot see, now says where the trouble is. The checkpoint is kept as it was."""
+    root = two_homes(tmp_path, tiny_data)
+    run_training(tiny_run_config(tiny_data, root / "home0" / "runs", "local", "train.max_steps=1"), str(DEMO_CONFIG))
+    last = root / "home0" / "runs" / "local" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    proc = launch([per_rank_home(root), *TINY_TRAIN, "data.root=~/data", "run.root=~/runs", "run.name=local",
+                   "parallel.timeout_s=30", "train.max_steps=2"])  # fmt: skip
+    probe_error(proc, root, "runs/local")
+    assert last.read_bytes() == before
+
+
+@pytest.mark.dali
+def test_ranks_that_resume_from_different_copies_of_a_checkpoint_stop_before_training(node_local, tmp_path):
+    """checkpoint.resume=~/start.pt, each node's copy of another step: both stop at once with a
+    one-line error instead of training from different steps."""
     root, command, first = node_local
     check(first)
-    last = torch.load(root / "home0" / "runs" / "local" / "checkpoints" / "last.pt", weights_only=True)
-    assert last["progress"]["step"] == 1
-    assert not (root / "home1" / "runs").exists()
-    proc = launch([*command, "train.max_steps=2"])  # the same run, one step further
+    checkpoints = root / "runs" / "local" / "checkpoints"
+    shutil.copy(checkpoints / "last.pt", root / "home0" / "start.pt")
+    check(launch([*command, "train.max_steps=2", "run.name=two"]))  # step 2's checkpoint for rank 1's copy
+    shutil.copy(root / "runs" / "two" / "checkpoints" / "last.pt", root / "home1" / "start.pt")
+    proc = launch([*command, "run.name=from_copies", "checkpoint.resume=~/start.pt", "train.max_steps=3"])
     assert proc.returncode != 0
-    assert "the ranks found different checkpoints to resume from (rank 0: " in proc.stderr
-    assert "(step 1); rank 1: none); run.root (~/runs) must be a folder that every rank sees" in proc.stderr
-    assert proc.stderr.count("error: the ranks found different checkpoints") == 2  # said by both, no traceback
+    said = (f"error: the ranks found different checkpoints to resume from (rank 0: {root / 'home0' / 'start.pt'} "
+            f"(step 1); rank 1: {root / 'home1' / 'start.pt'} (step 2)); checkpoint.resume (~/start.pt) must lead "
+            "every rank to the same checkpoint (each node's copy the same file)")  # fmt: skip
+    assert proc.stderr.count(said + "\n") == 2, proc.stderr[-4000:]  # said by both, no traceback
     assert "CheckpointError" not in proc.stderr
+    assert not (root / "runs" / "from_copies").exists()
 
 
 @pytest.mark.dali
@@ -442,10 +498,7 @@ def test_nodes_whose_copies_of_the_data_differ_stop_naming_them(tiny_data, tmp_p
     folder missing, with model.num_classes set, trained each rank's labels as other classes).
     Identical copies at other paths still train (node_local's run)."""
     check(node_local[2])
-    (tmp_path / "home0").mkdir()
-    (tmp_path / "home0" / "data").symlink_to(tiny_data)
-    (tmp_path / "home1").mkdir()
-    shutil.copytree(tiny_data, tmp_path / "home1" / "data")
+    two_homes(tmp_path, tiny_data)
     short = sorted((tmp_path / "home1" / "data" / "train" / "circle").iterdir())[0]
     short.unlink()
     proc = launch([per_rank_home(tmp_path), *TINY_TRAIN, "data.root=~/data", f"run.root={tmp_path}",
