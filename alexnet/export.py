@@ -161,7 +161,7 @@ def read_export_metadata(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
         found = {p.key: json.loads(p.value) for p in model.metadata_props if p.key in _METADATA_KEYS}
     elif path.name.endswith(SUFFIXES["torchscript"]):
-        found = load_torchscript_with_metadata(path)[1] or {}
+        found = torchscript_metadata(path) or {}
     else:
         if path.name.endswith(SUFFIXES["torchvision"]):
             path = sidecar_path(path.parent, path.name.removesuffix(SUFFIXES["torchvision"]))
@@ -226,6 +226,16 @@ def load_torchscript(path: Path, extra_files: dict[str, Any] | None = None) -> t
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         return torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
+
+
+def torchscript_metadata(path: Path) -> dict[str, Any] | None:
+    """The metadata in a TorchScript archive's extra file, read from the zip (the archive is not
+    loaded: hundreds of MB, and torch.jit.load warns of its deprecation); None where it has none."""
+    with zipfile.ZipFile(path) as archive:
+        for entry in archive.namelist():
+            if entry.split("/", 1)[-1] == f"extra/{METADATA_FILE}":
+                return json.loads(archive.read(entry))
+    return None
 
 
 def load_torchscript_with_metadata(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any] | None]:
@@ -496,4 +506,38 @@ def export_checkpoint(
         results.append(export_checked(finals[fmt], steps[fmt]))
         if fmt == "torchvision":  # its only copy of the metadata, at once: the file beside it is this export's
             write_sidecar(sidecar, metadata)
+    warn_of_other_sources(out_dir, name, formats, metadata)
     return results
+
+
+def warn_of_other_sources(out_dir: Path, name: str, written: list[str], metadata: ExportMetadata) -> None:
+    """A warning for each earlier export of `name` in a format not written now whose source is
+    another checkpoint (or another step of it): `--format onnx` of a newer checkpoint left the
+    .torchscript.pt of an older one under the same name without a word. Left as they are (an
+    export deletes nothing it did not write)."""
+    this = _source_text(metadata.checkpoint, metadata.step)
+    for fmt in FORMATS:
+        path = out_dir / f"{name}{SUFFIXES[fmt]}"
+        if fmt in written or not path.is_file() or not _looks_exported(path, fmt):
+            continue
+        source = export_source(path)
+        if source == (metadata.checkpoint, metadata.step):
+            continue
+        said = f"an export of {_source_text(*source)}" if source else "an export that does not say of which checkpoint"
+        log.warning("%s, beside this export of %s, is %s; it was left as it was: export --format %s again, or "
+                    "remove it", path, this, said, fmt)  # fmt: skip
+
+
+def export_source(path: Path) -> tuple[str, int | None] | None:
+    """The checkpoint and step an export was made from, from its metadata; None where it carries
+    none (an export from before exports carried it) or it cannot be read (ONNX without its package)."""
+    try:
+        found = read_export_metadata(path)
+    except (ExportMetadataError, ImportError, OSError, ValueError):
+        return None
+    step = found.get("step")
+    return str(found.get("checkpoint")), step if isinstance(step, int) else None
+
+
+def _source_text(checkpoint: str, step: int | None) -> str:
+    return f"{checkpoint}" + (f" (step {step})" if step is not None else "")

@@ -438,3 +438,24 @@ def test_powersgd_state_given_as_the_checkpoint_names_the_run_s_checkpoint(tmp_p
 def command_output(checkpoint, tmp_path, capsys):
     status = launcher("export").main([str(checkpoint), "--out", str(tmp_path / "out")])
     return status, capsys.readouterr().err
+
+
+def test_an_earlier_export_of_another_checkpoint_left_under_the_name_is_warned_of(tmp_path, checkpoints, caplog):
+    """`--format onnx` of a newer checkpoint under the name of an older one's export left the
+    older .torchscript.pt beside it without a word: two checkpoints under one name. It is left as
+    it is (an export deletes nothing it did not write), with a warning that names both sources."""
+    out, older = tmp_path / "out", checkpoints["paper"]
+    export_checkpoint(older, out, "m")  # torchscript and onnx
+    export_checkpoint(older, out, "m", ["onnx"])  # the same checkpoint again: nothing to say
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+    newer = make_checkpoint(tmp_path / "newer" / "checkpoints", "paper", TINY_FC_WIDTH)
+    payload = torch.load(newer, weights_only=True)
+    atomic_save({**payload, "progress": {"step": 40, "epoch": 2}}, newer.parent, rotate=False)
+    export_checkpoint(newer, out, "m", ["onnx"])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning == (
+        f"{out / 'm.torchscript.pt'}, beside this export of {newer} (step 40), is an export of {older}; it was "
+        "left as it was: export --format torchscript again, or remove it"
+    )
+    assert read_export_metadata(out / "m.torchscript.pt")["checkpoint"] == str(older)  # left as it was
+    assert read_export_metadata(out / "m.onnx")["step"] == 40
