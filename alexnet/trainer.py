@@ -40,6 +40,7 @@ from alexnet.parallel.agree import (
     check_same_files,
     describe_error,
     fetch_each,
+    least_on_any_rank,
     share_setup_failure,
 )
 from alexnet.parallel.apply import apply_parallelism, ddp_settings, example_batch
@@ -123,6 +124,9 @@ class Trainer:
         self.cfg, self.env, self.mesh, self.plan, self.stop = cfg, env, mesh, plan, stop
         self.ckpt_dir = plan.run_dir / "checkpoints"
         self._lock = RunFolderLock(None)  # the main rank's hold on the run folder
+        # Each rank waits in a collective for its own parallel.timeout_s (a node's own tuning):
+        # rank 0's waits for the folder's lock stay inside the shortest.
+        self._shortest_timeout_s = least_on_any_rank(cfg.parallel.timeout_s, env.device)
         self._agree_on_run_root()
         self._on_main_rank(self._lock_existing_run_folder)  # before its checkpoints are read
         try:
@@ -298,8 +302,8 @@ class Trainer:
             self._lock = self._lock_run_folder()
 
     def _lock_run_folder(self) -> RunFolderLock:
-        # The other ranks wait in a collective meanwhile: the wait stays well inside its timeout.
-        wait = min(HOLDER_ELSEWHERE_WAIT_S, self.cfg.parallel.timeout_s / 2)
+        # The other ranks wait in a collective meanwhile: the wait stays well inside their timeouts.
+        wait = min(HOLDER_ELSEWHERE_WAIT_S, self._shortest_timeout_s / 2)
         return lock_run_folder(self.plan.run_dir, wait_elsewhere_s=wait)
 
     def _write_run_config(self) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import REPO, TINY_TRAIN, TRAIN
+from _helpers import REPO, TINY_TRAIN, TRAIN, launch, rank_1_differs
 
 import alexnet.trainer
 from alexnet import runlock
@@ -119,6 +119,30 @@ def test_a_holder_on_another_host_is_waited_for_one_here_is_not(tmp_path, caplog
     finally:
         holder.kill()
         os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.dali
+def test_the_wait_for_a_holder_elsewhere_stays_inside_every_ranks_timeout(tiny_data, tmp_path):
+    """Rank 0 waits for a holder on another host while the other ranks wait for it in a
+    collective, each for its own parallel.timeout_s (a node's own tuning): the wait took rank 0's
+    (600 s: 150 s of waiting), and rank 1, at 12 s, died of its collective's timeout. The wait now
+    takes the shortest, and both stop with the holder named."""
+    run = tmp_path / "held"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), "60", "gone-node"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(holder.stdout.readline())
+    try:
+        wrapper = rank_1_differs(tmp_path, TRAIN, ("parallel.timeout_s=12",))
+        proc = launch([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path}", "run.name=held"])
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)
+    refusal = f"error: run folder {run} is in use by another training session (pid {holder.pid} on gone-node, since "
+    assert [line.startswith(refusal) for line in proc.stderr.splitlines() if line.startswith("error: ")] == [True] * 2
+    # Rank 0 may be stopped by the launcher's SIGTERM once rank 1 has exited, after its line (-15).
+    assert 1 in proc.statuses and set(proc.statuses) <= {1, -15}, (proc.statuses, proc.stderr[-3000:])
+    assert proc.stderr.count("is held by a session on another node") == 1  # rank 0 waited, and said so
 
 
 @pytest.mark.dali

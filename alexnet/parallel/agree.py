@@ -73,6 +73,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def least_on_any_rank(value: float, device: torch.device) -> float:
+    """The smallest of every rank's `value` (a collective; `value` itself in one process)."""
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
 def shared_fetch_error(mine: Exception | None) -> Exception:
     """Collective, once every rank knows that some rank has no batch: the error to raise here.
     One process raises its loader's own error. Across processes a bad file is a DataError naming
