@@ -512,31 +512,36 @@ def export_checkpoint(
 
 def warn_of_other_sources(out_dir: Path, name: str, written: list[str], metadata: ExportMetadata) -> None:
     """A warning for each earlier export of `name` in a format not written now whose source is
-    another checkpoint (or another step of it): `--format onnx` of a newer checkpoint left the
-    .torchscript.pt of an older one under the same name without a word. Left as they are (an
-    export deletes nothing it did not write)."""
+    another checkpoint (or another step of it), or cannot be told: `--format onnx` of a newer
+    checkpoint left the .torchscript.pt of an older one under the same name without a word. Left
+    as they are (an export deletes nothing it did not write)."""
     this = _source_text(metadata.checkpoint, metadata.step)
     for fmt in FORMATS:
         path = out_dir / f"{name}{SUFFIXES[fmt]}"
         if fmt in written or not path.is_file() or not _looks_exported(path, fmt):
             continue
-        source = export_source(path)
-        if source == (metadata.checkpoint, metadata.step):
-            continue
-        said = f"an export of {_source_text(*source)}" if source else "an export that does not say of which checkpoint"
-        log.warning("%s, beside this export of %s, is %s; it was left as it was: export --format %s again, or "
-                    "remove it", path, this, said, fmt)  # fmt: skip
+        said = other_source(path, metadata)
+        if said is not None:
+            log.warning("%s, beside this export of %s, is %s; it was left as it was: export --format %s again, or "
+                        "remove it", path, this, said, fmt)  # fmt: skip
 
 
-def export_source(path: Path) -> tuple[str, int | None] | None:
-    """The checkpoint and step an export was made from, from its metadata; None where it carries
-    none (an export from before exports carried it) or it cannot be read (ONNX without its package)."""
+def other_source(path: Path, metadata: ExportMetadata) -> str | None:
+    """None where the export at `path` is of the checkpoint and step `metadata` names (the same
+    file, however reached); else what it is, in a few words. Never raises: a warning must not
+    cost an export already written (a damaged file beside it, ONNX without its package)."""
     try:
         found = read_export_metadata(path)
-    except (ExportMetadataError, ImportError, OSError, ValueError):
+    except ExportMetadataError:
+        return "an export that does not say of which checkpoint"
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the file's source cannot be read here
+        return f"an export whose source cannot be read here ({type(exc).__name__}: {exc})"
+    checkpoint, step = found.get("checkpoint"), found.get("step")
+    if not isinstance(checkpoint, str):
+        return "an export that does not say of which checkpoint"
+    if os.path.realpath(checkpoint) == os.path.realpath(metadata.checkpoint) and step == metadata.step:
         return None
-    step = found.get("step")
-    return str(found.get("checkpoint")), step if isinstance(step, int) else None
+    return f"an export of {_source_text(checkpoint, step if isinstance(step, int) else None)}"
 
 
 def _source_text(checkpoint: str, step: int | None) -> str:

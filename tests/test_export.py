@@ -459,3 +459,30 @@ def test_an_earlier_export_of_another_checkpoint_left_under_the_name_is_warned_o
     )
     assert read_export_metadata(out / "m.torchscript.pt")["checkpoint"] == str(older)  # left as it was
     assert read_export_metadata(out / "m.onnx")["step"] == 40
+
+
+def test_the_warning_never_costs_an_export_and_a_checkpoint_reached_by_a_link_is_the_same(
+    tmp_path, checkpoints, caplog, monkeypatch
+):
+    """A damaged file beside the export (a half-copied .onnx whose first bytes are an export's)
+    raised from the warning after the export was written; ONNX's metadata cannot be read where
+    its package is missing. Both are warned of as unreadable, and the export is kept."""
+    out, ckpt = tmp_path / "out", checkpoints["paper"]
+    export_checkpoint(ckpt, out, "m")
+    (tmp_path / "link").symlink_to(ckpt.parent, target_is_directory=True)
+    export_checkpoint(tmp_path / "link" / ckpt.name, out, "m", ["torchscript"])  # the same file
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+    onnx_file = out / "m.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:4000])  # cut short
+    (result,) = export_checkpoint(ckpt, out, "m", ["torchscript"])
+    assert result.path == out / "m.torchscript.pt"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    unreadable = f"{onnx_file}, beside this export of {ckpt}, is an export whose source cannot be read here ("
+    assert warning.startswith(unreadable)
+    assert warning.endswith("); it was left as it was: export --format onnx again, or remove it")
+    caplog.clear()
+    export_checkpoint(ckpt, out, "m", ["onnx"])
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as where the [export] extra is not installed
+    export_checkpoint(ckpt, out, "m", ["torchscript"])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "is an export whose source cannot be read here (ModuleNotFoundError: " in warning

@@ -404,22 +404,24 @@ def node_local(tmp_path_factory, tiny_data):
     return root, command, launch(command)
 
 
-def probe_error(proc, root, folder):
-    """The one line each rank stops with when rank 1 cannot see the file rank 0 made in `folder`;
-    no such file is left behind."""
+def probe_error(proc, folder, why):
+    """The one line each rank stops with when rank 1 cannot see the file rank 0 made in `folder`
+    (`why`: the reason rank 1 gives); no such file is left behind."""
     assert proc.returncode != 0 and set(proc.statuses) <= {2, -15}, (proc.statuses, proc.stderr[-4000:])
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-4000:]
     said = re.fullmatch(
         r"error: config key 'run.root': rank 1 \(of 2; host (\S+)\) cannot see the file (\S+) that rank 0 "
-        r"\(host (\S+)\) made; run.root must be a folder every rank sees \(a shared file system\): rank 0 alone "
-        r"writes the checkpoints, and a resume on other nodes would not find them \(nothing was trained\)",
+        r"\(host (\S+)\) made \(rank 1: (.+)\); run.root must be a folder every rank sees \(a shared file "
+        r"system\): rank 0 alone writes the checkpoints, and a resume on other nodes would not find them \(nothing "
+        r"was trained\)",
         lines[0],
     )
     assert said is not None, lines[0]
     assert said.group(1) == said.group(3) == socket.gethostname()
     made = Path(said.group(2))
-    assert made.parent == root / "home0" / folder and made.name.startswith(".shared-check-")
+    assert made.parent == folder and made.name.startswith(".shared-check-")
+    assert said.group(4) == why.format(made=made)
     assert not made.exists()
     assert "ConfigError" not in proc.stderr  # said, not a traceback
 
@@ -428,13 +430,15 @@ def probe_error(proc, root, folder):
 def test_a_run_root_on_node_local_disks_stops_every_rank_before_training(tiny_data, tmp_path):
     """run.root=~/runs on each node's own disk: the run trained with its checkpoints on rank 0's
     node alone, and the loss showed at the resume, as different checkpoints found or none. It
-    now stops at the start, naming the rank that cannot see rank 0's folder, and trains nothing."""
+    now stops at the start, naming the rank that cannot see rank 0's folder, trains nothing and
+    makes no folder (the file goes into the deepest one that exists: the home)."""
     root = two_homes(tmp_path, tiny_data)
     proc = launch([per_rank_home(root), *TINY_TRAIN, "data.root=~/data", "run.root=~/runs", "run.name=local",
                    "parallel.timeout_s=30", "train.max_steps=1"])  # fmt: skip
-    probe_error(proc, root, "runs")
-    assert list((root / "home0" / "runs").iterdir()) == []  # no run folder: it cannot start
-    assert not (root / "home1" / "runs").exists()
+    probe_error(proc, root / "home0", "no such file")
+    assert sorted(p.name for p in root.iterdir()) == ["home0", "home1", "per_rank_home.py"]
+    assert sorted(p.name for p in (root / "home0").iterdir()) == ["data"]
+    assert sorted(p.name for p in (root / "home1").iterdir()) == ["data"]
 
 
 @pytest.mark.dali
@@ -448,8 +452,33 @@ def test_a_resume_whose_run_folder_is_on_rank_0s_disk_alone_stops_naming_it(tiny
     before = last.read_bytes()
     proc = launch([per_rank_home(root), *TINY_TRAIN, "data.root=~/data", "run.root=~/runs", "run.name=local",
                    "parallel.timeout_s=30", "train.max_steps=2"])  # fmt: skip
-    probe_error(proc, root, "runs/local")
+    missing = f"{root / 'home1' / 'runs' / 'local'}: No such file or directory"  # rank 1's listing of it
+    probe_error(proc, root / "home0" / "runs" / "local", missing)
     assert last.read_bytes() == before
+
+
+@pytest.mark.dali
+def test_a_rank_that_cannot_look_for_the_file_stops_every_rank_with_its_reason(tiny_data, tmp_path):
+    """Looking for the file can raise (EACCES on a folder of run.root's path a node's user may not
+    enter, ESTALE): rank 1 exited with its traceback while rank 0 waited for it in the collective
+    (a gloo traceback here; with NCCL, until the timeout). Every rank now stops with its reason."""
+    wrapper = tmp_path / "no_access_on_rank_1.py"
+    wrapper.write_text(
+        "import os, pathlib, runpy, sys\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    exists = pathlib.Path.exists\n"
+        "    def denied(self, *args, **kwargs):\n"
+        "        if self.name.startswith('.shared-check-'):\n"
+        "            raise PermissionError(13, 'Permission denied', str(self))\n"
+        "        return exists(self, *args, **kwargs)\n"
+        "    pathlib.Path.exists = denied\n"
+        f"sys.argv[0] = {str(TRAIN)!r}\n"
+        f"runpy.run_path({str(TRAIN)!r}, run_name='__main__')\n"
+    )
+    proc = launch([wrapper, *TINY_TRAIN, f"data.root={tiny_data}", f"run.root={tmp_path / 'runs'}", "run.name=x",
+                   "parallel.timeout_s=30", "train.max_steps=1"])  # fmt: skip
+    probe_error(proc, tmp_path, "{made}: Permission denied")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.dali

@@ -5,10 +5,13 @@ Rank 0 alone writes a run's checkpoints, metrics and summary. With run.root on n
 0's node alone; the loss showed only at the resume, hours later: ranks that found different
 checkpoints stopped (rank 0's node among them), or, on a fresh set of nodes, none found any and
 the run started over from step 0 without a word. So at the start rank 0 makes a file of a new
-name in the folder and every rank looks for it.
+name in the run folder and every rank looks for it.
 
-A new name: a file system that caches lookups (NFS keeps "no such file" answers for a while)
-answers a name nobody has asked for from the server.
+For a new run the file goes into the deepest folder above the run folder that exists: the run
+folder and run.root are made on the same storage once the run starts, and a run that cannot
+start leaves no folders behind. A rank that does not find the file lists its folder before it
+says so: a file system that caches lookups (NFS keeps "no such file" answers for a while) reads
+a listing from the server.
 """
 
 from __future__ import annotations
@@ -30,57 +33,81 @@ _HOSTS_SHOWN = 4
 
 @dataclass(frozen=True)
 class Probe:
-    """The file rank 0 made: its name, whether it is in the run folder (a folder that exists,
-    which a resume reads) or in run.root (a new run's folder is not made yet: a run that cannot
-    start leaves none), and where rank 0 sees it (for the message)."""
+    """The file rank 0 made: its name, its folder as the run folder's `up`-th parent (0: the run
+    folder itself; each rank finds that folder in its own spelling of run.root, which nodes may
+    spell their own way), and where rank 0 sees it (for the message)."""
 
     name: str
-    in_run_dir: bool
+    up: int
     path: str
     host: str
 
 
+def probe_folder(run_dir: Path, up: int) -> Path:
+    """The run folder's `up`-th parent, of its absolute form (a relative run.root has few)."""
+    run_dir = run_dir.absolute()
+    return run_dir if up == 0 else run_dir.parents[up - 1]
+
+
 def make_probe(run_dir: Path) -> Probe:
-    """Rank 0: a new empty file in the run folder where it exists, else in run.root (made if
-    missing, as the run would make it)."""
-    in_run_dir = run_dir.is_dir()
-    folder = run_dir if in_run_dir else run_dir.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+    """Rank 0: a new empty file in the deepest folder of the run folder's path that exists."""
+    up = 0
+    while not probe_folder(run_dir, up).is_dir() and up < len(run_dir.absolute().parents):
+        up += 1
+    folder = probe_folder(run_dir, up)
+    try:
+        fd, path = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+    except OSError as exc:  # named by its folder: the file's random name means nothing to anyone
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
     os.close(fd)
-    return Probe(Path(path).name, in_run_dir, path, socket.gethostname())
+    return Probe(Path(path).name, up, path, socket.gethostname())
 
 
 def remove_probe(probe: Probe) -> None:
     Path(probe.path).unlink(missing_ok=True)
 
 
+def why_unseen(probe: Probe, run_dir: Path) -> str | None:
+    """None where this rank sees `probe`; else why not, in a few words. Never raises: a rank
+    that raised here would leave the others waiting in the collective that follows."""
+    try:
+        folder = probe_folder(run_dir, probe.up)
+        if (folder / probe.name).exists() or probe.name in os.listdir(folder):  # the listing: the server's own
+            return None
+        return "no such file"
+    except IndexError:
+        return f"its run folder {run_dir} has fewer than {probe.up} folders above it"
+    except OSError as exc:
+        named = f"{exc.filename}: " if exc.filename else ""
+        return f"{named}{exc.strerror or exc}"
+
+
 def check_probe_seen(probe: Probe, run_dir: Path) -> None:
-    """Collective: every rank finds `probe` in its own spelling of the folder (run.root may name
-    a node's mount its own way), else every rank raises a ConfigError naming the ranks and hosts
-    that do not."""
+    """Collective: every rank finds `probe` in its own spelling of the folder, else every rank
+    raises a ConfigError naming the ranks and hosts that do not."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    folder = run_dir if probe.in_run_dir else run_dir.parent
-    gathered: list[tuple[bool, str]] = [(True, "")] * dist.get_world_size()
-    dist.all_gather_object(gathered, ((folder / probe.name).exists(), socket.gethostname()))
+    gathered: list[tuple[str | None, str]] = [(None, "")] * dist.get_world_size()
+    dist.all_gather_object(gathered, (why_unseen(probe, run_dir), socket.gethostname()))
     unseen = unseen_message(probe, gathered)
     if unseen is not None:
         raise ConfigError(unseen, ("run.root",))
 
 
-def unseen_message(probe: Probe, gathered: list[tuple[bool, str]]) -> str | None:
-    """The error where some rank did not see `probe` (`gathered`: by rank, whether it did and its
-    host), else None: the ranks and their hosts said once (a node of 8 ranks is one host)."""
-    seen = [s for s, _ in gathered]
+def unseen_message(probe: Probe, gathered: list[tuple[str | None, str]]) -> str | None:
+    """The error where some rank did not see `probe` (`gathered`: by rank, why not, None where it
+    did, and its host), else None: the ranks and their hosts said once (a node of 8 ranks is one
+    host), with the first one's reason."""
+    seen = [why is None for why, _ in gathered]
     if all(seen):
         return None
-    hosts = list(dict.fromkeys(host for s, host in gathered if not s))
+    hosts = list(dict.fromkeys(host for why, host in gathered if why is not None))
     shown = f"host{'s' if len(hosts) > 1 else ''} " + ", ".join(hosts[:_HOSTS_SHOWN])
     shown += " ..." if len(hosts) > _HOSTS_SHOWN else ""
+    first = seen.index(False)
     return (
         f"config key 'run.root': {ranks_text(seen, False)} (of {len(gathered)}; {shown}) cannot see the file "
-        f"{probe.path} that rank 0 (host {probe.host}) made; run.root must be a folder every rank sees (a shared "
-        "file system): rank 0 alone writes the checkpoints, and a resume on other nodes would not find them "
-        "(nothing was trained)"
+        f"{probe.path} that rank 0 (host {probe.host}) made (rank {first}: {gathered[first][0]}); run.root must "
+        "be a folder every rank sees (a shared file system): rank 0 alone writes the checkpoints, and a resume "
+        "on other nodes would not find them (nothing was trained)"
     )
