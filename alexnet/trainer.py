@@ -196,6 +196,7 @@ class Trainer:
         checkpoint, before the layout takes this rank's part of it)."""
         cfg, env, plan = self.cfg, self.env, self.plan
         resume_from = self._check_run_dir()
+        self._resume_setting = resume_from.resume  # "auto" where the run continues its own checkpoints
         self.splits: DataSplits = build_splits(cfg.data, cfg.model.num_classes, warn_unread=env.is_main)
         self.num_classes = cfg.model.num_classes or len(self.splits.classes)
         loader_args = (self.splits, self.mesh, env.device, plan.decoder, plan.channels_last)
@@ -343,7 +344,7 @@ class Trainer:
         from different steps until their collectives stop matching. The same checkpoint is told
         by its progress, not by its path: nodes may spell a path their own way (a symbolic link,
         a relative path)."""
-        resume = self.cfg.checkpoint.resume
+        resume = self._resume_setting
         advice = f"run.root ({self.cfg.run.root}) must be a folder that every rank sees (a shared file system)"
         if resume not in ("auto", "none"):
             advice = (f"checkpoint.resume ({resume}) must lead every rank to the same checkpoint (each node's "
