@@ -156,6 +156,7 @@ class Trainer:
         # into previous.pt, which holds the good checkpoint this run resumed from.
         self._rotate_previous = resumed is None or not same_file(resumed[1], self.ckpt_dir / PREVIOUS)
         self._saved_step: int | None = None  # the step of the last checkpoint this session wrote or resumed
+        self._saved_position: tuple[int, int, bool] | None = None  # and its _position
         self.comm = CommCounter()
         example = example_batch(cfg.data.crop, env.device, plan.channels_last)
         ddp = ddp_settings(cfg.parallel, cfg.train.accum_steps, env.is_main and mesh.grad_group_size > 1)
@@ -171,6 +172,8 @@ class Trainer:
                                              self.schedule, self.amp, self.train_loader, mesh)  # fmt: skip
             self._log_resume(payload, path)
             self._saved_step = self.progress.step
+            if same_file(path, self.ckpt_dir / LAST):  # else last.pt is another's, or damaged: written anew
+                self._saved_position = self._position()
             restore_powersgd_state(self.par.comm_hook, path, self.progress.step, env.rank, self._rank_setup(),
                                    env.device, (self.progress.trained_under or {}).get("amp"))  # fmt: skip
         self.after_backward = self.par.layout.after_backward()
@@ -482,8 +485,11 @@ class Trainer:
         previous.pt away, which is the file to go back to when the loss exploded before it turned
         non-finite. A second write at the same step (an epoch's end right after a periodic
         checkpoint, then a stop) replaces last.pt without rotating, so that previous.pt keeps an
-        earlier step instead of becoming a copy of last.pt."""
+        earlier step instead of becoming a copy of last.pt. Nothing is written where the
+        checkpoint this session resumed or wrote holds the run as it is (`_saved_position`)."""
         p = self.progress
+        if self._saved_position == self._position():
+            return
         if p.nonfinite_streak:
             log.warning("step %d: no checkpoint during %d non-finite step(s) in a row", p.step, p.nonfinite_streak)
             return
@@ -501,7 +507,15 @@ class Trainer:
         # be (a full disk), every rank stops with the reason instead of in a broken collective.
         self._on_main_rank(lambda: self._write_checkpoint(payload, rotate))
         self._rotate_previous = True
-        self._saved_step = p.step
+        self._saved_step, self._saved_position = p.step, self._position()
+
+    def _position(self) -> tuple[int, int, bool]:
+        """Where the run stands: its step, epoch, and whether that epoch's steps are all taken.
+        A session that moved none of them (a rerun past train.max_steps, a stop before its first
+        step) rewrote last.pt with its own settings, which the next resume reported as the
+        checkpoint's (a learning rate no step was taken at)."""
+        p = self.progress
+        return p.step, p.epoch, p.epoch_trained
 
     def _write_checkpoint(self, payload: dict[str, Any], rotate: bool) -> None:
         """Rank 0's part: last.pt, then the PowerSGD state files no resume can take any more."""

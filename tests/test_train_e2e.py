@@ -12,12 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers import DEMO_CONFIG, REPO, TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, launch, one_process
+from _helpers import DEMO_CONFIG, REPO, TINY_FC_WIDTH, TINY_TRAIN, TRAIN, check, launch, one_process, tiny_run_config
 from _helpers import train_tiny as train
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import load_config
 from alexnet.metrics import read_metrics
+from alexnet.run import run_training
 from alexnet.runlock import lock_run_folder
 from pipelines.demo import DemoSpec, write_demo_dataset
 
@@ -226,6 +227,29 @@ def test_max_steps_at_an_epoch_end_ends_the_epoch_and_previous_pt_keeps_an_earli
     assert (last["step"], last["epoch"], previous["step"]) == (15, 1, 10)
     check(train(tiny_data, tmp_path, "max", "train.epochs=1", "train.max_steps=15", nproc=1))  # nothing left
     assert json.loads((tmp_path / "max" / "summary.json").read_text())["completed"] is True
+
+
+def test_a_session_that_takes_no_step_leaves_the_checkpoint_as_it_was(tiny_data, tmp_path, caplog):
+    """A rerun past train.max_steps with another learning rate rewrote last.pt with its settings:
+    the next resume said the checkpoint's optim.lr was 0.1 and its peak learning rate 10x the one
+    every step was taken at. In this process: three sessions, each seconds shorter than a launch."""
+
+    def session(*extra):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="alexnet"):
+            run_training(tiny_run_config(tiny_data, tmp_path, "idle", *extra), str(DEMO_CONFIG))
+        return caplog.text
+
+    session("train.max_steps=2")
+    checkpoints = tmp_path / "idle" / "checkpoints"
+    before = (checkpoints / "last.pt").read_bytes()
+    idle = session("train.max_steps=2", "optim.lr=0.1")
+    assert "optim.lr: 0.01 -> 0.1" in idle  # the change is said, and nothing is trained with it
+    assert (checkpoints / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt"]  # nothing rotated
+    resumed = session("train.max_steps=3")
+    assert "resumed from" in resumed and "optim.lr" not in resumed  # the settings its steps were taken with
+    assert torch.load(checkpoints / "last.pt", weights_only=True)["progress"]["step"] == 3
 
 
 def test_resuming_a_finished_run_with_other_settings_says_so_and_keeps_both_configs(tiny_data, tmp_path, one_epoch):
