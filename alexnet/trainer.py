@@ -983,7 +983,8 @@ class Trainer:
             self.reporter.write_summary(summary)
         except Exception as unwritten:  # the error itself is what the run reports
             log.warning("summary.json could not be updated after the error (%s)", unwritten)
-        draw_run_curves(self.plan.run_dir)  # its failures are warnings
+        if self.cfg.run.plot:
+            draw_run_curves(self.plan.run_dir)  # its failures are warnings
 
     def _summary(self, stop_reason: str, session_seconds: float) -> dict[str, Any]:
         p = self.progress

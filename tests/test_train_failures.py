@@ -87,6 +87,7 @@ def test_the_steps_of_a_run_stopped_by_non_finite_losses_are_all_in_its_records(
     assert "No checkpoint was written before these steps." in error
     assert "hold weights from before" not in error
     assert not (tmp_path / "window" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "window" / "training_curves.png").exists()  # run.plot=false (TINY_TRAIN), also here
     records = [r for r in read_metrics(tmp_path / "window" / "metrics.jsonl") if r["split"] == "train"]
     assert summary["steps"] % 3, "the run should stop inside a log window"
     assert records[-1]["step"] == summary["steps"] and sum(r["steps"] for r in records) == summary["steps"]
