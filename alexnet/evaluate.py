@@ -129,7 +129,7 @@ class EvalOptions:
     batch_size: int = 0  # 0 = the run's data.batch_size
     num_threads: int = 0  # 0 = the run's data.num_threads
     decoder: str = "auto"  # auto: mixed (GPU) on CUDA, else cpu
-    files: str = ""  # a file list of the split (launch/scan.py); "" = the run's data.val_files for its own val
+    files: str = ""  # a file list of the split (launch/scan.py); "" = the run's own list of its own split
     amp: str = "run"  # run: the checkpoint's train.amp (fp16 falls back to off without CUDA)
     pipeline: str = "run"  # run: the checkpoint's data.pipeline (DALI for ten crops); dali; torchvision
 
@@ -140,12 +140,12 @@ EVAL_MAY_DIFFER = frozenset({"--checkpoint", "--data", "--files", "--num-threads
 
 
 def eval_file_list(cfg: Config, opts: EvalOptions) -> str:
-    """The file list to evaluate: --files, else the run's own data.val_files when the run's own
-    validation split is evaluated (it leaves out the files launch/scan.py found bad); a list of
-    another dataset's files would not name the files of --data."""
-    if opts.files:
+    """The file list to evaluate: --files, else the run's own list of the split evaluated when it
+    is one of the run's own (data.val_files, data.train_files: they leave out the files
+    launch/scan.py found bad); a list of another dataset's files would not name the files of --data."""
+    if opts.files or opts.data:
         return opts.files
-    return cfg.data.val_files if not opts.data and opts.split == "val" else ""
+    return {"val": cfg.data.val_files, "train": cfg.data.train_files}.get(opts.split, "")
 
 
 def holds_class_folders(folder: Path) -> bool:
@@ -175,7 +175,7 @@ def resolve_eval_index(
     synthetic data), <root>/train's classes when it exists, else the evaluated folder's own
     class folders, in sorted order."""
     if not opts.data and cfg.data.pipeline == "synthetic":
-        raise DataError(
+        raise ConfigError(  # the command must change (exit 2)
             f"checkpoint {opts.checkpoint} was trained on synthetic data (data.pipeline=synthetic): "
             "pass --data with the folder to evaluate"
         )

@@ -6,15 +6,17 @@
 The model, input size, resize and normalization come from the checkpoint's stored config. --data
 is a dataset root holding val/<class>/ or a folder of class folders, with some or all of the
 trained classes (labelled by the class names the checkpoint stores; an older checkpoint's by the
-root's train/ folder, or the folders' sorted order); without it, the run's own data.root. --files evaluates the
-files of a list written by launch/scan.py (the run's own data.val_files by default, when the run's
-own val split is evaluated). --ten-crop averages the softmax over the four corners, the centre and
-their mirrors (Krizhevsky et al. 2012, section 4.1). --pipeline reads the images with DALI or
-torchvision (default: the run's data.pipeline, whose figures its validation logged). --amp sets
-the autocast precision (default: the run's train.amp). Rank 0 prints the result and writes it as
-JSON (default: beside the checkpoint, <checkpoint>.eval-centre.json or .eval-tencrop.json; a
-folder given to --out gets that name inside it). An existing file is replaced only where it is an
-earlier result of this command: --out never replaces the checkpoint, metrics.jsonl or the like.
+root's train/ folder, or the folders' sorted order); without it, the run's own data.root.
+--files evaluates the files of a list written by launch/scan.py (the run's own data.val_files
+by default, when the run's own val split is evaluated; data.train_files for its train split).
+--ten-crop averages the softmax over the four corners, the centre and their mirrors (Krizhevsky
+et al. 2012, section 4.1). --pipeline reads the images with DALI or torchvision (default: the
+run's data.pipeline, whose figures its validation logged). --amp sets the autocast precision
+(default: the run's train.amp). Rank 0 prints the result and writes it as JSON (default: beside
+the checkpoint, <checkpoint>.eval-centre.json or .eval-tencrop.json, with the split's name for
+another split than val: .eval-train-centre.json; a folder given to --out gets that name inside
+it; replacing a result on other images says so). An existing file is replaced only where it is
+an earlier result of this command: --out never replaces the checkpoint, metrics.jsonl or the like.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="DALI threads, or torchvision DataLoader workers, per rank (default: the run's)",
     )
     parser.add_argument(
-        "--files", default="", help="file list of the split from launch/scan.py (default: the run's data.val_files)"
+        "--files",
+        default="",
+        help="file list of the split from launch/scan.py (default: the run's data.val_files or train_files)",
     )
     parser.add_argument(
         "--pipeline",
@@ -112,19 +116,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_out(checkpoint: Path, ten_crop: bool) -> Path:
+def default_out(checkpoint: Path, ten_crop: bool, split: str = "val") -> Path:
+    """<checkpoint>.eval-centre.json (or -tencrop) for the validation split, and with another
+    split's name in it (.eval-train-centre.json): --split train replaced the validation's result."""
     checkpoint = checkpoint.absolute()  # "." has no name to build on; the checkpoint check names it
-    return checkpoint.with_name(f"{checkpoint.name}.eval-{'tencrop' if ten_crop else 'centre'}.json")
+    crops = "tencrop" if ten_crop else "centre"
+    split_part = "" if split == "val" else f"{split.strip('/').replace('/', '_')}-"
+    return checkpoint.with_name(f"{checkpoint.name}.eval-{split_part}{crops}.json")
 
 
-def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool) -> Path:
+def resolve_out(out: str | None, checkpoint: Path, ten_crop: bool, split: str = "val") -> Path:
     """Where the JSON goes, checked before the evaluation runs, so that an evaluation is not lost
     to an output path that cannot be written (a folder, existing or written with a trailing
     slash, gets the default name inside it). Nothing is created yet: the checkpoint may still
     turn out not to exist."""
-    path = default_out(checkpoint, ten_crop) if out is None else Path(out)
+    path = default_out(checkpoint, ten_crop, split) if out is None else Path(out)
     if path.is_dir() or (out is not None and out.endswith(("/", os.sep))):
-        path = path / default_out(checkpoint, ten_crop).name
+        path = path / default_out(checkpoint, ten_crop, split).name
     # the default place beside the checkpoint may be read-only (a shared model store), or hold another file
     what = f"--out {path}" if out is not None else f"the default output {path} (--out for another)"
     check_not_overwriting(path, checkpoint, what)
@@ -153,6 +161,21 @@ def check_not_overwriting(path: Path, checkpoint: Path, what: str) -> None:
     check_replaceable(path, RESULT_KEYS, "launch/evaluate.py", what, "name a new file or a folder")
 
 
+def other_images(path: Path, result: dict) -> str | None:
+    """The images an earlier result at `path` was of ("<data> (files <list>)"), where they are
+    not this result's: a second dataset given with --data replaced the first one's result."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # none, or not readable: nothing to say
+    if not isinstance(earlier, dict):
+        return None
+    said = (earlier.get("data"), earlier.get("files"))
+    if said == (result["data"], result["files"]):
+        return None
+    return str(said[0]) + (f" (files {said[1]})" if said[1] else "")
+
+
 def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:
     """Rank 0's output path, checked by rank 0 (which writes it; another node may not see its
     folder), and the outcome shared: a rank 0 that failed alone before the process group formed
@@ -160,7 +183,7 @@ def checked_out(args: argparse.Namespace, env: DistEnv) -> Path | None:
     out, failure = None, None
     if env.is_main:
         try:
-            out = resolve_out(args.out, args.checkpoint, args.ten_crop)
+            out = resolve_out(args.out, args.checkpoint, args.ten_crop, args.split)
         except OutputPathError as exc:
             failure = exc
     share_setup_failure(failure, (OutputPathError,))
@@ -192,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_evaluation(opts, env)
         if out is not None:
             print_result(format_result(result))  # first: a failed write below still shows the result
+            replaced = other_images(out, result)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # a failed write keeps the last
@@ -199,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 print_error(f"cannot write {out}: {exc.strerror}")
                 return 1
             print_result(f"written to {out}")
+            if replaced:
+                logging.getLogger("alexnet").warning(
+                    "it replaces the result on %s that %s held (--out for a file of its own)", replaced, out.name
+                )
     # The command must change (as train.py's 2): an --out that cannot be written, options this
     # machine cannot run (--amp fp16 or --decoder mixed without CUDA, DALI not installed), ranks
     # started with different options. A ConfigError of some nodes only arrives as a DataError.

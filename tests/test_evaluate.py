@@ -324,6 +324,14 @@ def test_the_run_s_val_file_list_leaves_out_bad_files(tiny_data, trained, tmp_pa
     assert named["images"] == 49 and named["top1"] == own["top1"] and named["files"] == str(listing)
     with pytest.raises(DataError, match=r"broken\.JPEG(.|\n)*launch/evaluate\.py: --files SCAN_DIR/val\.txt"):
         run_evaluation(EvalOptions(trained, data=str(data)), ONE)  # another dataset: the run's list does not apply
+    # The run's train split with its own list: --split train read the whole folder, bad file and all.
+    train_good = sorted(p.relative_to(data / "train").as_posix() for p in (data / "train").rglob("*.*"))
+    (data / "train" / train_good[0]).write_bytes(b"not a JPEG")
+    train_listing = tmp_path / "train.txt"
+    train_listing.write_text("\n".join(train_good[1:]) + "\n")
+    ckpt = checkpoint_with(trained, tmp_path / "ck2", data__root=str(data), data__train_files=str(train_listing))
+    train = run_evaluation(EvalOptions(ckpt, split="train"), ONE)
+    assert train["images"] == 119 and train["files"] == str(train_listing)
 
 
 @pytest.mark.dali
@@ -539,10 +547,14 @@ def test_precision_is_the_run_s_unless_asked_and_fp16_falls_back_on_a_cpu(tiny_d
         run_evaluation(EvalOptions(trained, data=str(tiny_data), amp="fp16"), ONE)
 
 
-def test_a_synthetic_data_run_needs_data(tiny_data, trained, tmp_path):
+def test_a_synthetic_data_run_needs_data(tiny_data, trained, tmp_path, capsys):
+    """Without --data the command must change: exit 2 (it was 1, as for a failure of the data)."""
     ckpt = checkpoint_with(trained, tmp_path / "syn", data__pipeline="synthetic")
-    with pytest.raises(DataError, match=r"trained on synthetic data .*pass --data"):
+    with pytest.raises(ConfigError, match=r"trained on synthetic data .*pass --data"):
         run_evaluation(EvalOptions(ckpt), ONE)
+    assert launcher("evaluate").main([str(ckpt)]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: checkpoint {ckpt} was trained on synthetic data") and said.count("\n") == 1
     assert run_evaluation(EvalOptions(ckpt, data=str(tiny_data)), ONE)["images"] == 50  # stores no class names
 
 
@@ -560,13 +572,30 @@ def test_a_checkpoint_without_class_names_and_a_wider_head_is_labelled_by_the_ro
 
 
 @pytest.mark.dali
-def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(tiny_data, trained, tmp_path, capsys):
+def test_out_is_checked_before_the_evaluation_and_a_folder_takes_the_default_name(
+    tiny_data, trained, tmp_path, capsys, caplog
+):
     folder = tmp_path / "results"
     folder.mkdir()
     status, out, err = evaluate_main(capsys, trained, "--data", tiny_data, "--out", folder)
     assert status == 0, err
     written = json.loads((folder / f"{trained.name}.eval-centre.json").read_text())
     assert written["images"] == 50 and f"written to {folder / trained.name}.eval-centre.json" in out
+    # Another split has a name of its own: --split train replaced the validation's result.
+    status, out, err = evaluate_main(capsys, trained, "--data", tiny_data, "--split", "train", "--out", folder)
+    assert status == 0 and f"written to {folder / trained.name}.eval-train-centre.json" in out, err
+    assert json.loads((folder / f"{trained.name}.eval-train-centre.json").read_text())["images"] == 120
+    assert json.loads((folder / f"{trained.name}.eval-centre.json").read_text()) == written
+    # Other images under the same name: replaced, and said (it was not).
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data / "val", other / "val")
+    with caplog.at_level("WARNING", logger="alexnet"):
+        status, out, err = evaluate_main(capsys, trained, "--data", other, "--out", folder)
+    assert status == 0 and json.loads((folder / f"{trained.name}.eval-centre.json").read_text())["data"] == str(
+        other / "val"
+    )
+    replaced = f"it replaces the result on {tiny_data / 'val'} that {trained.name}.eval-centre.json held"
+    assert caplog.text.count(replaced) == 1
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     status, out, err = evaluate_main(capsys, trained, "--data", tiny_data, "--out", blocker / "eval.json")
@@ -585,6 +614,7 @@ def test_out_with_a_trailing_slash_is_a_folder_to_create(tmp_path):
     assert command.resolve_out(f"{tmp_path}/results/", ckpt, False) == tmp_path / "results" / "last.pt.eval-centre.json"
     assert command.resolve_out(f"{tmp_path}/results", ckpt, True) == tmp_path / "results"  # a file name
     assert command.resolve_out(None, ckpt, True) == tmp_path / "run" / "last.pt.eval-tencrop.json"
+    assert command.resolve_out(None, ckpt, True, "train") == tmp_path / "run" / "last.pt.eval-train-tencrop.json"
     assert not (tmp_path / "results").exists()  # created only when the result is written
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the writability probe left nothing
     if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: the bits allow it; no file can be made
