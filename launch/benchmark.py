@@ -16,8 +16,14 @@ Every measuring command prints a table and writes <out>/<command>.json and .csv 
 --plot); merge writes <out>/<name>.json.
 key=value arguments override the training config (as for launch/train.py), e.g. data.batch_size=32.
 """
+# ruff: noqa: E402 - Ctrl-C is made quiet before the imports
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import argparse
 import logging

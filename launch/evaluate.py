@@ -18,8 +18,14 @@ another split than val: .eval-train-centre.json; a folder given to --out gets th
 it; replacing a result on other images says so). An existing file is replaced only where it is
 an earlier result of this command: --out never replaces the checkpoint, metrics.jsonl or the like.
 """
+# ruff: noqa: E402 - Ctrl-C is made quiet before the imports
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import argparse
 import json

@@ -15,8 +15,14 @@ Exit status: 0 exported; 2 the command must change (a bad option, an --out or --
 is no earlier export, a --format the checkpoint cannot hold); 1 anything else (a checkpoint
 missing, damaged or of another kind, an export that fails its check, a write that fails).
 """
+# ruff: noqa: E402 - Ctrl-C is made quiet before the imports
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import argparse
 import logging

@@ -9,8 +9,14 @@ otherwise. An existing file is replaced only where it is an earlier output of th
 never replaces a checkpoint, metrics.jsonl or the like. With --data omitted it measures the
 built-in demo dataset.
 """
+# ruff: noqa: E402 - Ctrl-C is made quiet before the imports
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import argparse
 import math

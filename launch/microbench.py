@@ -19,8 +19,14 @@ from the ratio of the two medians printed above it. Host memory and cuDNN/oneDNN
 the trainer's (alexnet.process). Times are wall-clock on whatever else the machine is doing:
 compare only figures from one run.
 """
+# ruff: noqa: E402 - Ctrl-C is made quiet before the imports
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import argparse
 import importlib.util

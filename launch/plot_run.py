@@ -7,8 +7,14 @@ ended without drawing them (killed, or a machine lost).
 The trainer draws the same figure at the end of every session. An existing --out file is replaced
 only where it is a PNG image (an earlier plot), never a checkpoint or metrics.jsonl.
 """
+# ruff: noqa: E402 - Ctrl-C is made quiet before the imports
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import argparse
 import logging

@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 import signal
 
+if __name__ == "__main__":  # the imports below take seconds, and a Ctrl-C during them is one line too
+    from alexnet.interrupt import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 # Before the imports below (torch's take seconds): the torchrun agent this worker started under,
 # whose end is a stop request, and whose end before the process group exists ends the worker.
 STARTED_UNDER = os.getppid()
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from alexnet.checkpoint import CheckpointError
 from alexnet.config import ConfigError, load_config
+from alexnet.interrupt import status_of
 from alexnet.model import ModelSizeError
 from alexnet.parallel.agree import LoaderError
 from alexnet.parallel.env import LaunchError, accept_legacy_local_rank
@@ -75,4 +80,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    # status_of: a second Ctrl-C (the first asks for a stop with a checkpoint) interrupts at once,
+    # with one line and 130 instead of a traceback of wherever the step was.
+    exit_process(status_of(main))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import REPO, SYNTHETIC_TRAIN, torchrun
+from _helpers import REPO, SYNTHETIC_TRAIN, TRAIN, torchrun
 
 from alexnet.config import TrainConfig, load_config
 from alexnet.process import apply_process_settings
@@ -240,6 +240,52 @@ try:
 finally:
     print("torch imported" if "torch" in sys.modules else "no torch")
 """
+
+
+# Ctrl-C while the launcher imports: the first import after the launcher's first lines (argparse,
+# which every launcher imports next) sends SIGINT and waits for it to end the process.
+INTERRUPTED_IMPORT = """
+import importlib.abc, os, runpy, signal, sys, time
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "argparse":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "launcher", ["train.py", "evaluate.py", "export.py", "benchmark.py", "lighting_stats.py", "plot_run.py",
+                 "microbench.py"]
+)  # fmt: skip
+def test_a_ctrl_c_while_a_launcher_imports_is_one_line_and_130(launcher):
+    """The launchers import torch (and DALI, matplotlib) for 3-5 s before `main` runs: a Ctrl-C
+    then printed a KeyboardInterrupt traceback of 10 to 60 lines from importlib's and torch's
+    frames, and the process died of SIGINT."""
+    assert "argparse" not in subprocess.run([sys.executable, "-c", "import sys; print(*sys.modules)"],
+                                            capture_output=True, text=True).stdout.split()  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, str(REPO / "launch" / launcher)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "error: interrupted\n", "")
+
+
+def test_a_second_ctrl_c_in_training_is_one_line_and_130():
+    """The first Ctrl-C asks for a stop with a checkpoint; the second interrupts at once, and
+    printed a traceback of wherever the step was (the LRN's loop, a DALI call)."""
+    code_text = (
+        "import runpy, sys, alexnet.run\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "alexnet.run.run_training = interrupted\n"
+        f"sys.argv = [{str(TRAIN)!r}]\n"
+        f"runpy.run_path({str(TRAIN)!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (130, "error: interrupted\n")
 
 
 @pytest.mark.parametrize("launcher", ["scan.py", "prepare_imagenet.py"])
