@@ -3,6 +3,7 @@ ended without drawing them (killed, or a machine lost).
 
     python launch/plot_run.py runs/demo                     # runs/demo/training_curves.png
     python launch/plot_run.py runs/demo --out curves.png
+    python launch/plot_run.py runs/demo --out plots/         # plots/training_curves.png
 
 The trainer draws the same figure at the end of every session. An existing --out file is replaced
 only where it is a PNG image (an earlier plot), never a checkpoint or metrics.jsonl.
@@ -18,12 +19,13 @@ if __name__ == "__main__":  # first: the imports below take seconds, and a Ctrl-
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from alexnet.process import print_error, run_command
 from alexnet.report import PLOT_FILE, plot_training_curves
-from pipelines.outputs import OutputPathError, check_output_file, output_path
+from pipelines.outputs import OutputPathError, check_output_file, output_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,8 +33,23 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the run folder (holds metrics.jsonl)")
-    parser.add_argument("--out", type=output_path, default=None, help=f"the PNG (default: RUN_DIR/{PLOT_FILE})")
+    where = f"the PNG, or a folder for {PLOT_FILE} (existing, or ending in /) (default: RUN_DIR)"
+    parser.add_argument("--out", type=output_text, default=None, help=where)
     return parser.parse_args(argv)
+
+
+def resolve_png_out(out: str | None, run_dir: Path) -> Path:
+    """Where the plot goes: --out, a folder (existing, or a path ending in /, as evaluate.py's and
+    export.py's --out) getting PLOT_FILE inside it; else the run folder's. The name must end in
+    .png: the file is a PNG whatever its name (curves.jpg held PNG data)."""
+    if out is None:
+        return run_dir / PLOT_FILE
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return path / PLOT_FILE
+    if path.suffix.lower() != ".png":
+        raise OutputPathError(f"--out {out}: the plot is a PNG image; name a .png file or a folder")
+    return path
 
 
 def check_png_out(path: Path, given: bool = True) -> None:
@@ -56,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"{args.run_dir} is a file: name the run folder, the one that holds metrics.jsonl")
         return 2
     metrics = args.run_dir / "metrics.jsonl"
-    out = args.out if args.out is not None else args.run_dir / PLOT_FILE
     try:
+        out = resolve_png_out(args.out, args.run_dir)
         check_png_out(out, given=args.out is not None)
     except OutputPathError as exc:
         print_error(str(exc))

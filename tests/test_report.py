@@ -372,14 +372,30 @@ def test_plot_run_draws_a_run_s_curves_and_replaces_only_a_png(tmp_path, capsys)
 
     metrics = (run / "metrics.jsonl").read_bytes()
     assert main([str(run), "--out", str(run / "metrics.jsonl")]) == 2
-    assert "exists and is no PNG image" in capsys.readouterr().err
+    assert "the plot is a PNG image; name a .png file or a folder" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_bytes() == metrics
+    (run / "notes.png").write_text("not an image")
+    assert main([str(run), "--out", str(run / "notes.png")]) == 2
+    assert "exists and is no PNG image" in capsys.readouterr().err
+    assert (run / "notes.png").read_text() == "not an image"
     assert main([str(tmp_path)]) == 1
     assert f"{tmp_path / 'metrics.jsonl'}: no such file" in capsys.readouterr().err
     assert main([str(run / "metrics.jsonl")]) == 2  # the file, not its folder
     assert "metrics.jsonl is a file: name the run folder" in capsys.readouterr().err
     (run / "cut.png").write_bytes(b"\x89PNG")  # an interrupted write of an earlier plot is replaced
     assert main([str(run), "--out", str(run / "cut.png")]) == 0
+    # A folder, as evaluate.py's and export.py's --out take one: a new one ending in / was a PNG file
+    # named after it, an existing one refused; another name than .png held PNG data all the same.
+    capsys.readouterr()
+    assert main([str(run), "--out", f"{tmp_path / 'plots'}/"]) == 0
+    assert f"written to {tmp_path / 'plots' / PLOT_FILE}" in capsys.readouterr().out
+    assert main([str(run), "--out", str(tmp_path / "plots")]) == 0  # existing now
+    assert (tmp_path / "plots" / PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+    assert main([str(run), "--out", str(tmp_path / "curves.jpg")]) == 2
+    assert "--out " + str(tmp_path / "curves.jpg") + ": the plot is a PNG image; name a .png file or a folder" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "curves.jpg").exists()
     if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: the bits allow it; no file can be made
         assert main(["/proc/run"]) == 2  # a run folder on a read-only mount: its default place is named as such
         said = capsys.readouterr().err
