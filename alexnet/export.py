@@ -101,7 +101,10 @@ class ExportMetadata:
 
     variant: str  # model.variant
     num_classes: int
-    classes: list[str] | None  # the class folder names in output order; None: a checkpoint from before they were kept
+    # The class folder names in output order, one per output: None for an output no folder
+    # trained (model.num_classes above the folders' count); None for all: a checkpoint from
+    # before they were kept.
+    classes: list[str | None] | None
     input_size: int  # data.crop: the input is [N, 3, input_size, input_size]
     resize: int  # data.resize: validation resized the shorter side to it before the centre crop
     mean: list[float]  # data.mean, subtracted from pixel values on the 0-255 scale
@@ -127,7 +130,7 @@ def export_metadata(loaded: LoadedModel) -> ExportMetadata:
     return ExportMetadata(
         variant=cfg.model.variant,
         num_classes=loaded.num_classes,
-        classes=list(loaded.classes) if loaded.classes is not None else None,
+        classes=output_classes(loaded),
         input_size=cfg.data.crop,
         resize=cfg.data.resize,
         mean=[float(v) for v in cfg.data.mean],
@@ -136,6 +139,15 @@ def export_metadata(loaded: LoadedModel) -> ExportMetadata:
         step=step if isinstance(step, int) else None,
         epoch=epoch if isinstance(epoch, int) else None,
     )
+
+
+def output_classes(loaded: LoadedModel) -> list[str | None] | None:
+    """The class of each output column: the checkpoint's folder names, then None for the outputs
+    no folder trained, so that `classes[argmax]` never falls off the list (it named 10 classes
+    for a model of 20 outputs)."""
+    if loaded.classes is None:
+        return None
+    return [*loaded.classes, *[None] * (loaded.num_classes - len(loaded.classes))]
 
 
 def metadata_props(metadata: ExportMetadata) -> dict[str, str]:

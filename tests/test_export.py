@@ -347,6 +347,14 @@ def test_every_export_carries_the_class_names_the_preprocessing_and_its_checkpoi
         assert {k: found.get(k) for k in expected} == expected
     assert in_onnx == in_torchscript == read_export_metadata(out / "f.onnx")
     assert sorted(p.name for p in out.iterdir()) == ["f.onnx", "f.torchscript.pt"]  # no sidecar: none needed
+    # model.num_classes above the folders' count: the outputs no folder trained are null, one
+    # entry per output (10 names for 20 outputs made classes[argmax] an IndexError).
+    wider = build_model("paper", 5, 0.5, size, "kaiming", 64)
+    wide_cfg = {**config_to_dict(cfg), "model": {**config_to_dict(cfg)["model"], "num_classes": 5}}
+    wide = atomic_save({**payload, "model": wider.state_dict(), "config": wide_cfg}, tmp_path / "wide" / "checkpoints")
+    (wide_ts,) = export_checkpoint(wide, out, "w", ["torchscript"])
+    found = read_export_metadata(wide_ts.path)
+    assert (found["num_classes"], found["classes"]) == (5, [*classes, None, None])
     # A checkpoint written before class names were kept, with no progress: said as null.
     tv, check = checkpoints["torchvision"], torchvision_export[2]
     sidecar = read_export_metadata(check.path)  # mine.torchvision.json
