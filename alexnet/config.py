@@ -186,6 +186,8 @@ def check_config(cfg: Config) -> Config:
     """A Config built or changed in Python (its dataclasses are mutable), checked as load_config
     checks a file's: types, choices, ranges and a new run's sizes. A run trained from an unchecked
     one (optim.momentum=1.5) wrote a config.yaml that neither its resume nor evaluate.py loaded."""
+    if not isinstance(cfg, Config):  # a dict failed inside dataclasses.asdict, naming neither
+        raise TypeError(f"expected a Config (alexnet.config.load_config builds one), got {type(cfg).__name__}")
     checked = config_from_dict(config_to_dict(cfg), "the Config given")
     _check_new_run_sizes(checked)
     return checked

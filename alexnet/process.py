@@ -64,6 +64,7 @@ class ProcessState:
     deterministic: bool
     deterministic_warn_only: bool
     cpu_rng: torch.Tensor
+    cublas_workspace: str | None  # CUBLAS_WORKSPACE_CONFIG, which train.deterministic sets
 
 
 def read_process_state() -> ProcessState:
@@ -73,6 +74,7 @@ def read_process_state() -> ProcessState:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.get_rng_state(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     )
 
 
@@ -87,6 +89,10 @@ def put_back_process_state(state: ProcessState) -> None:
     if switched != (state.deterministic, state.deterministic_warn_only):  # a switch imports torch._inductor
         torch.use_deterministic_algorithms(state.deterministic, warn_only=state.deterministic_warn_only)
     torch.set_rng_state(state.cpu_rng)
+    if state.cublas_workspace is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = state.cublas_workspace
 
 
 def positive_seconds(text: str) -> float:

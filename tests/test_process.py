@@ -146,12 +146,14 @@ def test_a_run_leaves_the_caller_s_process_settings_and_random_numbers_as_they_w
 
     def settings():
         cudnn = torch.backends.cudnn
-        return cudnn.benchmark, cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled()
+        # CUBLAS_WORKSPACE_CONFIG: set by deterministic kernels, and kept in os.environ after the run
+        cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        return cudnn.benchmark, cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled(), cublas
 
     found = settings()
     # The caller's: each differs from what one of the runs sets (the default train.amp turns TF32 on).
     torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, False
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     caller = settings()
     try:
         # Deterministic kernels on, then the autotuner on (the settings of a run without them).
@@ -163,6 +165,13 @@ def test_a_run_leaves_the_caller_s_process_settings_and_random_numbers_as_they_w
         assert torch.equal(torch.rand(3), expected)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = found[:2]
+
+
+def test_a_run_given_no_config_says_what_it_expects():
+    """A dict (a config read by hand) failed inside dataclasses.asdict: "asdict() should be called
+    on dataclass instances"."""
+    with pytest.raises(TypeError, match=r"^expected a Config \(alexnet.config.load_config builds one\), got dict$"):
+        run_training({"data": {}}, None)
 
 
 def test_a_run_leaves_the_caller_s_process_group_and_refuses_an_unchecked_config(tmp_path):
