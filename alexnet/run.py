@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from alexnet.config import Config, check_config, config_to_dict
@@ -25,14 +26,30 @@ def init_logging(rank: int) -> None:
     """The run's log lines, "HH:MM:SS [rank R] ...", INFO on rank 0 and warnings elsewhere, on the
     "alexnet" logger alone: logging.basicConfig(force=True) removed and closed the handlers of the
     calling process's root logger (a notebook's log file) and set its level. The lines still
-    propagate, so a root handler the caller set up sees them too."""
+    propagate, so a root handler the caller set up sees them too; where one of them writes to the
+    console already (a notebook's logging.basicConfig), the run adds none of its own, which
+    printed every line twice."""
     logger = logging.getLogger("alexnet")
-    for handler in [h for h in logger.handlers if isinstance(h, _RunLogHandler)]:
-        logger.removeHandler(handler)
+    put_back_logging(logger.level)  # an earlier run's handler, if any
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if any(_writes_to_console(h) for h in logging.getLogger().handlers):
+        return
     handler = _RunLogHandler()  # the sys.stderr of the moment (a test's captured one too)
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _writes_to_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout)
+
+
+def put_back_logging(level: int) -> None:
+    """The "alexnet" logger as a run found it: its own handler removed, its level `level` (a
+    notebook's logger went on at INFO, with the run's handler, after the run)."""
+    logger = logging.getLogger("alexnet")
+    for handler in [h for h in logger.handlers if isinstance(h, _RunLogHandler)]:
+        logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def run_training(
@@ -44,14 +61,16 @@ def run_training(
     ignores the signals then, and until then a late SIGTERM must not kill a completed run).
     `started_under`: the process's parent at its start (init_distributed). A process group the
     caller started is left to the caller."""
+    caller_level = logging.getLogger("alexnet").level
     init_logging(log_rank())
-    cfg = with_run_name(check_config(cfg), config_path)
     caller_state = None if keep_stop_handlers else read_process_state()
     try:
+        cfg = with_run_name(check_config(cfg), config_path)
         return _train(cfg, config_path, keep_stop_handlers, started_under)
     finally:
         if caller_state is not None:
             put_back_process_state(caller_state)
+            put_back_logging(caller_level)
 
 
 def _train(cfg: Config, config_path: str | None, keep_stop_handlers: bool, started_under: int | None) -> dict[str, Any]:

@@ -111,7 +111,10 @@ def test_a_stop_signal_in_the_last_moment_of_a_completed_run_s_exit_keeps_its_st
 def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
     """A notebook's own logging: logging.basicConfig(force=True) removed and closed its root
     handlers and set the root level. The run's lines now have a handler of their own on the
-    "alexnet" logger (one, however many runs), and still reach the caller's handler."""
+    "alexnet" logger while it runs, and still reach the caller's handler; after the run the
+    logger is as it was (it went on at INFO, with the run's handler). Where the caller's own
+    handler writes to the console (logging.basicConfig), the run adds none: every line was
+    printed twice."""
 
     class Kept(logging.Handler):
         def __init__(self):
@@ -121,18 +124,25 @@ def test_a_run_leaves_the_caller_s_logging_as_it_was(tmp_path, capfd):
         def emit(self, record):
             self.lines.append(record.getMessage())
 
-    root = logging.getLogger()
-    kept, level = Kept(), root.level
+    root, ours = logging.getLogger(), logging.getLogger("alexnet")
+    kept, level, our_level = Kept(), root.level, ours.level
     root.addHandler(kept)
     try:
         for name in ("one", "two"):
             cfg = load_config(None, [*SYNTHETIC_TRAIN, "train.epochs=1", f"run.root={tmp_path}", f"run.name={name}"])
             run_training(cfg, None)
+            assert not [h for h in ours.handlers if type(h).__name__ == "_RunLogHandler"] and ours.level == our_level
         assert kept in root.handlers and root.level == level
         assert sum("finished after 1 epoch" in line for line in kept.lines) == 2
-        own = [h for h in logging.getLogger("alexnet").handlers if type(h).__name__ == "_RunLogHandler"]
-        assert len(own) == 1
         assert capfd.readouterr().err.count("[rank 0] finished after 1 epoch") == 2  # once per run, not twice
+        console = logging.StreamHandler(sys.stderr)  # as logging.basicConfig makes it
+        root.addHandler(console)
+        try:
+            cfg = load_config(None, [*SYNTHETIC_TRAIN, "train.epochs=1", f"run.root={tmp_path}", "run.name=three"])
+            run_training(cfg, None)
+        finally:
+            root.removeHandler(console)
+        assert capfd.readouterr().err.count("finished after 1 epoch") == 1  # the caller's handler alone
     finally:
         root.removeHandler(kept)
 
@@ -153,7 +163,8 @@ def test_a_run_leaves_the_caller_s_process_settings_and_random_numbers_as_they_w
     found = settings()
     # The caller's: each differs from what one of the runs sets (the default train.amp turns TF32 on).
     torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, False
-    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert not torch.are_deterministic_algorithms_enabled()
+    cublas = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)  # unset, as a caller's may be (a test before set it)
     caller = settings()
     try:
         # Deterministic kernels on, then the autotuner on (the settings of a run without them).
@@ -165,6 +176,8 @@ def test_a_run_leaves_the_caller_s_process_settings_and_random_numbers_as_they_w
         assert torch.equal(torch.rand(3), expected)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = found[:2]
+        if cublas is not None:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 def test_a_run_given_no_config_says_what_it_expects():
