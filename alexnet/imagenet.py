@@ -510,7 +510,7 @@ def convert_val_folder(val_dir: Path, truth: dict[str, str], out_dir: Path, mode
     entries = _placed_entries(listing, truth)
     placed = {stem for stem, entry in entries.items() if entry.is_file} - set(files)
     if not files and not placed:
-        raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files")
+        raise ImageNetLayoutError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files{_subfolder_hint(val_dir)}")
     _check_coverage(set(files) | placed, truth, val_dir)
     _remove_stale_staged_files(listing)
     for wnid in sorted(set(truth.values())):
@@ -566,6 +566,16 @@ def _val_members(tar: tarfile.TarFile, archive: Path) -> dict[str, tarfile.TarIn
             raise _same_image_twice(archive, stem, members[stem].name, member.name)
         members[stem] = member
     return members
+
+
+def _subfolder_hint(val_dir: Path) -> str:
+    """Where the images are one folder down (a tar unpacked into a folder of its own, as
+    nest/ILSVRC2012_img_val/): that folder, to pass instead."""
+    try:
+        holding = [d for d in sorted(val_dir.iterdir()) if d.is_dir() and _flat_files(d)]
+    except (OSError, ImageNetLayoutError):  # a hint, never an error of its own
+        return ""
+    return f"; its subfolder {holding[0]} does: pass that as --val" if holding else ""
 
 
 def extract_val_archive(archive: Path, truth: dict[str, str], out_dir: Path) -> Conversion:

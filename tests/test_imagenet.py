@@ -7,6 +7,7 @@ import hashlib
 import io
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -138,6 +139,21 @@ def test_incomplete_inputs_are_named(ilsvrc):
     (ilsvrc / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n9\n")
     with pytest.raises(ImageNetLayoutError, match=r"line 2 of ILSVRC2012_validation_ground_truth\.txt is '9'"):
         read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12")
+
+
+def test_a_folder_whose_images_are_one_folder_down_names_that_folder(ilsvrc):
+    """A tar unpacked into a folder of its own (nest/ILSVRC2012_img_val/*.JPEG): the tar of that
+    layout is read, the folder said only that it held no images."""
+    truth = read_ground_truth(ilsvrc / "ILSVRC2012_devkit_t12")
+    (ilsvrc / "nest").mkdir()
+    shutil.move(ilsvrc / "ILSVRC2012_img_val", ilsvrc / "nest" / "ILSVRC2012_img_val")
+    hint = f"; its subfolder {ilsvrc / 'nest' / 'ILSVRC2012_img_val'} does: pass that as --val"
+    said = re.escape(f"{ilsvrc / 'nest'} holds no ILSVRC2012_val_*.JPEG files{hint}")
+    with pytest.raises(ImageNetLayoutError, match=said):
+        convert_val_folder(ilsvrc / "nest", truth, ilsvrc / "out")
+    (ilsvrc / "empty").mkdir()
+    with pytest.raises(ImageNetLayoutError, match=r"empty holds no ILSVRC2012_val_\*\.JPEG files$"):
+        convert_val_folder(ilsvrc / "empty", truth, ilsvrc / "out")
 
 
 @pytest.fixture
