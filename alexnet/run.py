@@ -30,7 +30,7 @@ def init_logging(rank: int) -> None:
     console already (a notebook's logging.basicConfig), the run adds none of its own, which
     printed every line twice."""
     logger = logging.getLogger("alexnet")
-    put_back_logging(logger.level)  # an earlier run's handler, if any
+    _remove_run_handlers(logger)  # an earlier run's (launch/train.py keeps it), if any
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if any(_writes_to_console(h) for h in logging.getLogger().handlers):
         return
@@ -47,9 +47,13 @@ def put_back_logging(level: int) -> None:
     """The "alexnet" logger as a run found it: its own handler removed, its level `level` (a
     notebook's logger went on at INFO, with the run's handler, after the run)."""
     logger = logging.getLogger("alexnet")
+    _remove_run_handlers(logger)
+    logger.setLevel(level)
+
+
+def _remove_run_handlers(logger: logging.Logger) -> None:
     for handler in [h for h in logger.handlers if isinstance(h, _RunLogHandler)]:
         logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def run_training(

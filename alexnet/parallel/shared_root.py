@@ -22,10 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from alexnet.config import ConfigError
-from alexnet.parallel.agree import ranks_text
+from alexnet.parallel.agree import gather_from_ranks, ranks_text
 
 PROBE_PREFIX = ".shared-check-"
 _HOSTS_SHOWN = 4
@@ -51,10 +49,8 @@ def probe_folder(run_dir: Path, up: int) -> Path:
 
 def make_probe(run_dir: Path) -> Probe:
     """Rank 0: a new empty file in the deepest folder of the run folder's path that exists."""
-    up = 0
-    while not probe_folder(run_dir, up).is_dir() and up < len(run_dir.absolute().parents):
-        up += 1
-    folder = probe_folder(run_dir, up)
+    chain = [run_dir.absolute(), *run_dir.absolute().parents]  # ends at "/", which exists
+    up, folder = next((i, f) for i, f in enumerate(chain) if f.is_dir())
     try:
         fd, path = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
     except OSError as exc:  # named by its folder: the file's random name means nothing to anyone
@@ -85,11 +81,7 @@ def why_unseen(probe: Probe, run_dir: Path) -> str | None:
 def check_probe_seen(probe: Probe, run_dir: Path) -> None:
     """Collective: every rank finds `probe` in its own spelling of the folder, else every rank
     raises a ConfigError naming the ranks and hosts that do not."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gathered: list[tuple[str | None, str]] = [(None, "")] * dist.get_world_size()
-    dist.all_gather_object(gathered, (why_unseen(probe, run_dir), socket.gethostname()))
-    unseen = unseen_message(probe, gathered)
+    unseen = unseen_message(probe, gather_from_ranks((why_unseen(probe, run_dir), socket.gethostname())))
     if unseen is not None:
         raise ConfigError(unseen, ("run.root",))
 
